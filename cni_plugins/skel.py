@@ -1,0 +1,284 @@
+"""The plugin side of the CNI contract: environment, stdin, dispatch, errors.
+
+Every plugin hands ``plugin_main`` a ``PluginFuncs`` of plain functions that
+take a ``CmdArgs`` and return a ``Result`` (or nothing). ``dispatch`` does the
+validation the spec and the reference skeleton do and turns every failure
+into the spec's error object, so it can also serve requests in-process.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from .errors import (ERR_DECODE, ERR_INCOMPATIBLE_VERSION, ERR_INTERNAL, ERR_INVALID_CONFIG,
+                     ERR_INVALID_ENV, ERR_INVALID_NETNS, ERR_IO, ERR_UNKNOWN_CONTAINER, CNIError)
+from .version import (CURRENT_VERSION, SUPPORTED_VERSIONS, at_least, config_version,
+                      require_supported, version_info)
+
+log = logging.getLogger("pycni")
+
+COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
+# Which environment variables each command needs (the spec's table).
+_REQUIRED_ENV: dict[str, tuple[str, ...]] = {
+    "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
+    "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
+    "DEL": ("CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH"),
+    "GC": ("CNI_PATH",),
+    "STATUS": ("CNI_PATH",),
+    "VERSION": (),
+}
+# The minimum configuration version that allows a command.
+_MIN_VERSION = {"CHECK": "0.4.0", "GC": "1.1.0", "STATUS": "1.1.0"}
+
+_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
+GC_ATTACHMENT_KEYS = ("cni.dev/valid-attachments", "cni.dev/attachments")
+
+
+@dataclass
+class CmdArgs:
+    """One CNI request: the environment plus the parsed configuration."""
+
+    command: str
+    container_id: str = ""
+    netns: str = ""
+    ifname: str = ""
+    args: str = ""
+    path: str = ""
+    stdin_data: bytes = b""
+    conf: dict[str, Any] = field(default_factory=dict)
+    cni_version: str = CURRENT_VERSION
+    netns_override: bool = False
+
+    @property
+    def network_name(self) -> str:
+        return self.conf.get("name", "")
+
+    @property
+    def path_dirs(self) -> list[str]:
+        return [d for d in self.path.split(os.pathsep) if d]
+
+
+PluginFunc = Callable[[CmdArgs], Any]
+
+
+@dataclass
+class PluginFuncs:
+    add: PluginFunc
+    delete: PluginFunc
+    check: PluginFunc | None = None
+    gc: PluginFunc | None = None
+    status: PluginFunc | None = None
+    supported_versions: tuple[str, ...] = SUPPORTED_VERSIONS
+
+
+# ---- validation ----------------------------------------------------------
+
+def validate_container_id(container_id: str) -> None:
+    if not container_id:
+        raise CNIError(ERR_UNKNOWN_CONTAINER, "missing containerID",
+                       "set CNI_CONTAINERID to the container's ID")
+    if not _NAME_RE.match(container_id):
+        raise CNIError(ERR_INVALID_ENV, "invalid characters in containerID", container_id)
+
+
+def validate_network_name(name: Any) -> None:
+    if not name:
+        raise CNIError(ERR_INVALID_CONFIG, "missing network name",
+                       "the network configuration needs a 'name'")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise CNIError(ERR_INVALID_CONFIG, "invalid characters found in network name", str(name))
+
+
+def validate_interface_name(ifname: str) -> None:
+    if not ifname:
+        raise CNIError(ERR_INVALID_ENV, "interface name is empty", "set CNI_IFNAME, e.g. eth0")
+    if len(ifname) > 15:
+        raise CNIError(ERR_INVALID_ENV, "interface name is too long",
+                       f"{ifname!r} has {len(ifname)} characters; the kernel allows 15")
+    if ifname in (".", ".."):
+        raise CNIError(ERR_INVALID_ENV, "interface name is . or ..", ifname)
+    if any(c in "/:" or c.isspace() for c in ifname):
+        raise CNIError(ERR_INVALID_ENV, "interface name contains / or : or whitespace characters", ifname)
+
+
+def parse_config(stdin_data: bytes) -> dict[str, Any]:
+    try:
+        conf = json.loads(stdin_data or b"")
+    except ValueError as exc:
+        raise CNIError(ERR_DECODE, f"error decoding network config: {exc}",
+                       "stdin must hold the network configuration as a JSON object") from None
+    if not isinstance(conf, dict):
+        raise CNIError(ERR_DECODE, "error decoding network config: expected a JSON object",
+                       f"got {type(conf).__name__}")
+    return conf
+
+
+def gc_attachments(conf: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The valid attachments of a GC request, as (containerID, ifname) pairs."""
+    for key in GC_ATTACHMENT_KEYS:
+        if key in conf:
+            raw = conf[key]
+            break
+    else:
+        return []
+    if not isinstance(raw, list):
+        raise CNIError(ERR_INVALID_CONFIG, f"{key} must be a list of attachments")
+    out = []
+    for n, item in enumerate(raw):
+        if (not isinstance(item, dict) or not isinstance(item.get("containerID"), str)
+                or not isinstance(item.get("ifname"), str)):
+            raise CNIError(ERR_INVALID_CONFIG, f"{key}[{n}] must be an object with string "
+                           "'containerID' and 'ifname'")
+        out.append((item["containerID"], item["ifname"]))
+    return out
+
+
+def _same_netns_as_plugin(path: str) -> bool:
+    try:
+        target = os.stat(path)
+        mine = os.stat("/proc/thread-self/ns/net")
+    except OSError:
+        return False
+    return (target.st_dev, target.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+# ---- dispatch -----------------------------------------------------------
+
+@dataclass
+class Outcome:
+    exit_code: int
+    stdout: str
+    stderr: str = ""
+
+
+def read_request(environ: Mapping[str, str], stdin_data: bytes) -> CmdArgs:
+    """Turn the environment and stdin into a validated CmdArgs (or raise CNIError)."""
+    command = environ.get("CNI_COMMAND", "")
+    if not command:
+        raise CNIError(ERR_INVALID_ENV, "required env variables [CNI_COMMAND] missing",
+                       f"set CNI_COMMAND to one of {', '.join(COMMANDS)}")
+    if command not in COMMANDS:
+        raise CNIError(ERR_INVALID_ENV, f"unknown CNI_COMMAND: {command}",
+                       f"CNI_COMMAND must be one of {', '.join(COMMANDS)}")
+    missing = [name for name in _REQUIRED_ENV[command] if not environ.get(name)]
+    if missing:
+        raise CNIError(ERR_INVALID_ENV, f"required env variables [{','.join(missing)}] missing",
+                       f"{command} needs {', '.join(_REQUIRED_ENV[command])}")
+    override = environ.get("CNI_NETNS_OVERRIDE", "").lower() in ("1", "true")
+    req = CmdArgs(
+        command=command,
+        container_id=environ.get("CNI_CONTAINERID", ""),
+        netns=environ.get("CNI_NETNS", ""),
+        ifname=environ.get("CNI_IFNAME", ""),
+        args=environ.get("CNI_ARGS", ""),
+        path=environ.get("CNI_PATH", ""),
+        stdin_data=stdin_data,
+        netns_override=override,
+    )
+    if command == "VERSION":
+        return req
+    req.conf = parse_config(stdin_data)
+    validate_network_name(req.conf.get("name"))
+    if command in ("ADD", "DEL", "CHECK"):
+        validate_container_id(req.container_id)
+        validate_interface_name(req.ifname)
+    req.cni_version = config_version(req.conf)
+    return req
+
+
+def _check_version(req: CmdArgs, funcs: PluginFuncs) -> None:
+    minimum = _MIN_VERSION.get(req.command)
+    if minimum and not at_least(req.cni_version, minimum):
+        raise CNIError(ERR_INCOMPATIBLE_VERSION, f"config version does not allow {req.command}",
+                       f"{req.command} needs cniVersion {minimum} or later; the config has {req.cni_version}")
+    require_supported(req.cni_version, funcs.supported_versions)
+
+
+def handle(req: CmdArgs, funcs: PluginFuncs) -> str:
+    """Run one validated request; return what goes to stdout."""
+    if req.command == "VERSION":
+        return json.dumps(version_info(funcs.supported_versions))
+    _check_version(req, funcs)
+    if req.command in ("ADD", "CHECK") and not req.netns_override and _same_netns_as_plugin(req.netns):
+        raise CNIError(ERR_INVALID_NETNS, "plugin's netns and netns from CNI_NETNS should not be the same",
+                       f"CNI_NETNS={req.netns} is the namespace the plugin runs in; give the container's")
+    func = {"ADD": funcs.add, "DEL": funcs.delete, "CHECK": funcs.check,
+            "GC": funcs.gc, "STATUS": funcs.status}[req.command]
+    if func is None:
+        if req.command in ("GC", "STATUS", "CHECK"):
+            return ""  # nothing to collect, check or report: success
+        raise CNIError(ERR_INTERNAL, f"plugin does not implement {req.command}")
+    result = func(req)
+    if result is None:
+        return ""
+    if isinstance(result, dict):
+        return json.dumps(result, indent=4)
+    return result.to_json(req.cni_version)
+
+
+def dispatch(funcs: PluginFuncs, environ: Mapping[str, str], stdin_data: bytes) -> Outcome:
+    """Validate and run one request; never raises, always returns an Outcome."""
+    version = CURRENT_VERSION
+    try:
+        req = read_request(environ, stdin_data)
+        version = req.cni_version
+        return Outcome(0, handle(req, funcs))
+    except CNIError as err:
+        log.debug("CNI error %d: %s", err.code, err)
+        return Outcome(1, err.to_json(version) + "\n")
+    except OSError as exc:
+        err = CNIError(ERR_IO, str(exc))
+        return Outcome(1, err.to_json(version) + "\n", traceback.format_exc())
+    except Exception as exc:  # a bug: report it as the spec's internal error, trace on stderr
+        err = CNIError(ERR_INTERNAL, f"{type(exc).__name__}: {exc}")
+        return Outcome(1, err.to_json(version) + "\n", traceback.format_exc())
+
+
+def setup_logging() -> None:
+    """Diagnostics go to stderr, or to PYCNI_LOG_FILE when set; never stdout."""
+    level = os.environ.get("PYCNI_LOG_LEVEL", "WARNING").upper()
+    target = os.environ.get("PYCNI_LOG_FILE")
+    handler: logging.Handler = logging.FileHandler(target) if target else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(getattr(logging, level, logging.WARNING))
+
+
+def plugin_main(funcs: PluginFuncs, about: str) -> None:
+    """Entry point of a plugin executable: serve one request and exit."""
+    setup_logging()
+    environ = os.environ
+    if not environ.get("CNI_COMMAND"):
+        # Run by hand with no command: say what this is, like the reference does.
+        sys.stderr.write(f"{about}\nCNI protocol versions supported: {', '.join(funcs.supported_versions)}\n")
+        sys.exit(0)
+    if environ.get("CNI_COMMAND") == "VERSION":
+        stdin_data = b""
+    else:
+        try:
+            stdin_data = sys.stdin.buffer.read()
+        except OSError as exc:
+            sys.stdout.write(CNIError(ERR_IO, f"error reading from stdin: {exc}").to_json(CURRENT_VERSION) + "\n")
+            sys.exit(1)
+    outcome = dispatch(funcs, environ, stdin_data)
+    if outcome.stderr:
+        sys.stderr.write(outcome.stderr)
+    if outcome.stdout:
+        sys.stdout.write(outcome.stdout if outcome.stdout.endswith("\n") else outcome.stdout + "\n")
+    sys.stdout.flush()
+    sys.exit(outcome.exit_code)
+
+
+def prev_result(req: CmdArgs):
+    """The prevResult of a chained request, read in the configuration's version (or None)."""
+    raw = req.conf.get("prevResult")
+    if raw is None:
+        return None
+    from .types import Result
+    return Result.from_dict(raw, req.cni_version)
