@@ -1,0 +1,217 @@
+"""The `pycni` command line (click's test runner; fake plugins, no namespaces)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from pycni.cli import cli, derived_container_id, netns_path
+
+# A plugin that answers ADD with a fixed result, fails when told to, else succeeds.
+FAKE = """#!/bin/sh
+conf=$(cat)
+echo "$CNI_COMMAND $CNI_CONTAINERID $CNI_IFNAME $CNI_NETNS" >> "$FAKE_LOG"
+case "$conf" in *'"failme"'*)
+  echo '{"cniVersion":"1.0.0","code":7,"msg":"bad bridge name","details":"use 15 chars"}'; exit 1;;
+esac
+if [ "$CNI_COMMAND" = ADD ]; then
+  echo '{"cniVersion":"1.0.0","ips":[{"address":"10.7.0.2/24"}],"dns":{}}'
+fi
+"""
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    bin_dir, conf_dir, cache_dir = tmp_path / "bin", tmp_path / "net.d", tmp_path / "cache"
+    bin_dir.mkdir()
+    conf_dir.mkdir()
+    plugin = bin_dir / "fake"
+    plugin.write_text(FAKE)
+    plugin.chmod(0o755)
+    log = tmp_path / "log"
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    for name in ("CNI_ARGS", "CAP_ARGS", "CNI_IFNAME", "CNI_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETCONFPATH", str(conf_dir))
+    monkeypatch.setenv("CNI_PATH", str(bin_dir))
+    monkeypatch.setenv("CNI_CACHE_DIR", str(cache_dir))
+
+    def network(name="clinet", version="1.0.0", **plugin_extra):
+        (conf_dir / f"{name}.conflist").write_text(json.dumps(
+            {"cniVersion": version, "name": name, "plugins": [{"type": "fake", **plugin_extra}]}))
+
+    def log_lines():
+        return log.read_text().splitlines() if log.exists() else []
+
+    return {"network": network, "log": log_lines, "cache": cache_dir, "conf": conf_dir, "bin": bin_dir}
+
+
+def run(*args, **kwargs):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False, **kwargs)
+
+
+def test_container_id_matches_cnitool():
+    path = "/var/run/netns/testing"
+    assert derived_container_id(path) == "cnitool-" + hashlib.sha512(path.encode()).hexdigest()[:20]
+    assert len(derived_container_id(path)) == len("cnitool-") + 20
+
+
+def test_netns_name_or_path():
+    assert netns_path("pod1") == "/var/run/netns/pod1"
+    assert netns_path("/proc/1/ns/net") == "/proc/1/ns/net"
+    assert netns_path("./ns") == os.path.abspath("ns")
+
+
+def test_add_check_del(setup):
+    setup["network"]()
+    result = run("add", "clinet", "pod1")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["ips"][0]["address"] == "10.7.0.2/24"
+    assert result.stdout.startswith("{\n    ")
+    cid = derived_container_id("/var/run/netns/pod1")
+    assert setup["log"]() == [f"ADD {cid} eth0 /var/run/netns/pod1"]
+    assert (setup["cache"] / "results" / f"clinet-{cid}-eth0").exists()
+    assert run("check", "clinet", "pod1").exit_code == 0
+    assert run("del", "clinet", "pod1").exit_code == 0
+    assert run("del", "clinet", "pod1").exit_code == 0
+    assert [line.split()[0] for line in setup["log"]()] == ["ADD", "CHECK", "DEL", "DEL"]
+    assert not (setup["cache"] / "results" / f"clinet-{cid}-eth0").exists()
+
+
+def test_options_and_environment(setup, monkeypatch):
+    setup["network"]()
+    monkeypatch.setenv("CNI_IFNAME", "net5")
+    result = run("add", "clinet", "/proc/1/ns/net", "--container-id", "abc")
+    assert result.exit_code == 0, result.stderr
+    assert setup["log"]() == ["ADD abc net5 /proc/1/ns/net"]
+    result = run("del", "clinet", "/proc/1/ns/net", "--container-id", "abc", "-i", "net5")
+    assert result.exit_code == 0
+
+
+def test_plugin_error_goes_to_stderr_with_code(setup):
+    setup["network"](bridge="failme")
+    result = run("add", "clinet", "pod1")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert "Error: plugin 'fake' failed (ADD): bad bridge name; use 15 chars (CNI code 7)" in result.stderr
+
+
+def test_config_errors_are_reported(setup):
+    (setup["conf"] / "bad.conflist").write_text(json.dumps(
+        {"cniVersion": "1.0.0", "name": "badnet", "plugins": [{"type": "../../bin/sh"}]}))
+    result = run("add", "badnet", "pod1")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert "field 'plugins[0].type'" in result.stderr and "(CNI code 7)" in result.stderr
+    assert setup["log"]() == []
+    result = run("add", "nonet", "pod1")
+    assert result.exit_code == 1 and "no network named 'nonet'" in result.stderr
+
+
+def test_bad_cap_args_and_cni_args(setup):
+    setup["network"]()
+    result = run("add", "clinet", "pod1", env={"CAP_ARGS": "{nope"})
+    assert result.exit_code == 1 and "CAP_ARGS is not valid JSON" in result.stderr
+    result = run("add", "clinet", "pod1", env={"CAP_ARGS": "[1]"})
+    assert result.exit_code == 1 and "JSON object" in result.stderr
+    result = run("add", "clinet", "pod1", env={"CNI_ARGS": "A=1;broken"})
+    assert result.exit_code == 1 and "invalid CNI_ARGS pair 'broken'" in result.stderr
+    assert setup["log"]() == []
+
+
+def test_check_without_add_fails(setup):
+    setup["network"]()
+    result = run("check", "clinet", "pod1")
+    assert result.exit_code == 1 and "could not retrieve cached result" in result.stderr
+
+
+def test_gc_and_status(setup):
+    setup["network"](version="1.1.0")
+    assert run("add", "clinet", "pod1").exit_code == 0
+    assert run("add", "clinet", "pod2").exit_code == 0
+    keep = derived_container_id("/var/run/netns/pod1")
+    result = run("gc", "clinet", "--valid", keep)
+    assert result.exit_code == 0, result.stderr
+    assert f"deleted stale attachment {derived_container_id('/var/run/netns/pod2')} eth0" in result.stdout
+    assert "GC sent to fake with 1 valid attachment(s)" in result.stdout
+    assert os.listdir(setup["cache"] / "results") == [f"clinet-{keep}-eth0"]
+    result = run("status", "clinet")
+    assert result.exit_code == 0 and "ready" in result.stdout
+    # NETNS is accepted for cnitool compatibility.
+    assert run("status", "clinet", "pod1").exit_code == 0
+
+
+def test_help_texts_explain_environment():
+    for command in ("add", "check", "del"):
+        text = run(command, "--help").stdout
+        for word in ("NETCONFPATH", "CNI_PATH", "CNI_ARGS", "CAP_ARGS", "CNI_IFNAME", "--container-id"):
+            assert word in text
+    assert "CONTAINER_ID[:IFNAME]" in run("gc", "--help").stdout
+    top = run("--help").stdout
+    for command in ("add", "check", "del", "gc", "status", "netns", "install", "version"):
+        assert command in top
+    assert "exec" in run("netns", "--help").stdout
+
+
+def test_version():
+    result = run("version")
+    assert result.exit_code == 0
+    assert "1.1.0" in result.stdout and "loopback" in result.stdout and result.stdout.startswith("pycni ")
+
+
+# ---- install -------------------------------------------------------------
+
+def test_install_writes_executable_wrappers(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    target = tmp_path / "cni" / "bin"
+    result = run("install", "--cni-bin-dir", str(target))
+    assert result.exit_code == 0, result.stderr
+    loopback = target / "loopback"
+    assert f"wrote {loopback}" in result.stdout
+    assert stat.S_IMODE(loopback.stat().st_mode) == 0o755
+    first_line = loopback.read_text().splitlines()[0]
+    assert first_line == f"#!{sys.executable} -I"
+    assert not [n for n in os.listdir(target) if n.startswith(".")]
+    # The wrapper is a working plugin: VERSION needs no namespace.
+    proc = subprocess.run([str(loopback)], input=b"{}", env={"CNI_COMMAND": "VERSION"}, capture_output=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "1.1.0" in json.loads(proc.stdout)["supportedVersions"]
+    # Installing again replaces our own files.
+    assert run("install", "--cni-bin-dir", str(target)).exit_code == 0
+
+
+def test_install_refuses_path_dirs_and_foreign_files(tmp_path, monkeypatch):
+    on_path = tmp_path / "onpath"
+    on_path.mkdir()
+    monkeypatch.setenv("PATH", f"/usr/bin:{on_path}")
+    result = run("install", "--cni-bin-dir", str(on_path))
+    assert result.exit_code == 1 and "on $PATH" in result.stderr
+    assert os.listdir(on_path) == []
+
+    foreign = tmp_path / "bin"
+    foreign.mkdir()
+    (foreign / "loopback").write_text("#!/bin/sh\necho reference\n")
+    result = run("install", "--cni-bin-dir", str(foreign))
+    assert result.exit_code == 1 and "loopback" in result.stderr and "--force" in result.stderr
+    assert (foreign / "loopback").read_text().endswith("reference\n")
+    assert run("install", "--cni-bin-dir", str(foreign), "--force").exit_code == 0
+    assert "pycni install" in (foreign / "loopback").read_text()
+
+
+def test_del_uses_cached_config_when_file_is_gone(setup):
+    setup["network"]()
+    assert run("add", "clinet", "pod1").exit_code == 0
+    os.unlink(setup["conf"] / "clinet.conflist")
+    result = run("del", "clinet", "pod1")
+    assert result.exit_code == 0, result.stderr
+    assert "using the configuration ADD cached" in result.stderr
+    assert [line.split()[0] for line in setup["log"]()] == ["ADD", "DEL"]
+    # Nothing cached any more: now the missing network is an error.
+    result = run("del", "clinet", "pod1")
+    assert result.exit_code == 1 and "no network named 'clinet'" in result.stderr
