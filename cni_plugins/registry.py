@@ -1,5 +1,5 @@
-"""Every plugin this suite provides: CNI type name -> "module:function" entry point."""
 
 PLUGINS: dict[str, str] = {
+    "host-local": "ipam.host_local:main",
     "loopback": "cni_plugins.loopback:main",
 }
