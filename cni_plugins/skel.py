@@ -8,11 +8,9 @@ into the spec's error object, so it can also serve requests in-process.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import sys
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -20,8 +18,6 @@ from .errors import (ERR_DECODE, ERR_INCOMPATIBLE_VERSION, ERR_INTERNAL, ERR_INV
                      ERR_INVALID_ENV, ERR_INVALID_NETNS, ERR_IO, ERR_UNKNOWN_CONTAINER, CNIError)
 from .version import (CURRENT_VERSION, SUPPORTED_VERSIONS, at_least, config_version,
                       require_supported, version_info)
-
-log = logging.getLogger("pycni")
 
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
 # Which environment variables each command needs (the spec's table).
@@ -230,18 +226,33 @@ def dispatch(funcs: PluginFuncs, environ: Mapping[str, str], stdin_data: bytes) 
         version = req.cni_version
         return Outcome(0, handle(req, funcs))
     except CNIError as err:
-        log.debug("CNI error %d: %s", err.code, err)
         return Outcome(1, err.to_json(version) + "\n")
     except OSError as exc:
         err = CNIError(ERR_IO, str(exc))
-        return Outcome(1, err.to_json(version) + "\n", traceback.format_exc())
+        return Outcome(1, err.to_json(version) + "\n", _trace())
     except Exception as exc:  # a bug: report it as the spec's internal error, trace on stderr
         err = CNIError(ERR_INTERNAL, f"{type(exc).__name__}: {exc}")
-        return Outcome(1, err.to_json(version) + "\n", traceback.format_exc())
+        return Outcome(1, err.to_json(version) + "\n", _trace())
+
+
+def _trace() -> str:
+    import traceback  # only on the failure path: it is slow to import
+
+    return traceback.format_exc()
 
 
 def setup_logging() -> None:
-    """Diagnostics go to stderr, or to PYCNI_LOG_FILE when set; never stdout."""
+    """Diagnostics go to stderr, or to PYCNI_LOG_FILE when set; never stdout.
+
+    Plugins log through logging.getLogger("pycni..."); logging is only
+    imported when PYCNI_LOG_LEVEL or PYCNI_LOG_FILE asks for it, or when a
+    plugin module imports it itself (then warnings still reach stderr).
+    """
+    if not (os.environ.get("PYCNI_LOG_LEVEL") or os.environ.get("PYCNI_LOG_FILE")):
+        return
+    import logging
+
+    log = logging.getLogger("pycni")
     level = os.environ.get("PYCNI_LOG_LEVEL", "WARNING").upper()
     target = os.environ.get("PYCNI_LOG_FILE")
     handler: logging.Handler = logging.FileHandler(target) if target else logging.StreamHandler(sys.stderr)
