@@ -2,4 +2,5 @@
 PLUGINS: dict[str, str] = {
     "host-local": "ipam.host_local:main",
     "loopback": "cni_plugins.loopback:main",
+    "bandwidth": "cni_plugins.bandwidth:main",
 }
