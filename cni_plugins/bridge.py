@@ -1,0 +1,819 @@
+"""bridge: attach a container to a Linux bridge on the node through a veth pair.
+
+ADD makes sure the bridge exists, creates a veth pair with one end in the
+container, gets addresses from the IPAM plugin the configuration names and
+configures them in the container, optionally makes the bridge the pods'
+gateway (its address, IP forwarding, default routes) and masquerades pod
+traffic leaving the pod network. DEL undoes it and is idempotent; CHECK
+compares prevResult with the live state; GC and STATUS pass on to IPAM.
+
+Same options, defaults and results as the reference bridge plugin
+(containernetworking/plugins); the netlink work lives in ``ip``, the
+delegation to IPAM in ``ipam_exec`` and the masquerading in ``masq``.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import (ERR_DECODE, ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_INVALID_NETNS, ERR_UNSUPPORTED_FIELD,
+                     CNIError)
+from .nsutil import check_netns, netns_gone
+from .skel import CmdArgs, PluginFuncs, gc_attachments, plugin_main
+from .types import DNS, Interface, Result, Route
+
+DEFAULT_BRIDGE = "cni0"
+MASQ_BACKENDS = ("nftables", "iptables")
+DEFAULT_MASQ_BACKEND = "nftables"
+BRIDGE_INDEX, HOST_INDEX, CONTAINER_INDEX = 0, 1, 2
+
+
+# ---- configuration ------------------------------------------------------------
+
+@dataclass
+class BridgeConf:
+    name: str
+    bridge: str = DEFAULT_BRIDGE
+    is_gateway: bool = False
+    is_default_gateway: bool = False
+    force_address: bool = False
+    ip_masq: bool = False
+    ip_masq_backend: str = DEFAULT_MASQ_BACKEND
+    mtu: int = 0
+    hairpin_mode: bool = False
+    promisc_mode: bool = False
+    vlan: int = 0
+    vlans: list[int] = field(default_factory=list)   # the expanded vlanTrunk
+    vlan_trunk_set: bool = False
+    preserve_default_vlan: bool = False
+    enable_dad: bool = False
+    mac_spoof_check: bool = False
+    disable_container_interface: bool = False
+    port_isolation: bool = False
+    ipam_type: str = ""
+    dns: DNS = field(default_factory=DNS)
+    mac: str = ""
+
+    @property
+    def is_layer3(self) -> bool:
+        return bool(self.ipam_type)
+
+    @property
+    def vlan_filtering(self) -> bool:
+        return self.vlan != 0 or self.vlan_trunk_set
+
+
+def _get(conf: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    value = conf.get(key, default)
+    if value is None:
+        return default
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise CNIError(ERR_DECODE, f"failed to load netconf: {key} must be an integer, got {value!r}")
+    if kind is bool and not isinstance(value, bool):
+        raise CNIError(ERR_DECODE, f"failed to load netconf: {key} must be true or false, got {value!r}")
+    if kind is str and not isinstance(value, str):
+        raise CNIError(ERR_DECODE, f"failed to load netconf: {key} must be a string, got {value!r}")
+    return value
+
+
+def _trunk_vlans(trunk: Any) -> list[int]:
+    """Expand vlanTrunk ([{id}, {minID, maxID}]) into a sorted list of VLAN IDs."""
+    if not isinstance(trunk, list):
+        raise CNIError(ERR_DECODE, "failed to load netconf: vlanTrunk must be a list of objects")
+    found: set[int] = set()
+    for item in trunk:
+        if not isinstance(item, dict):
+            raise CNIError(ERR_DECODE, "failed to load netconf: vlanTrunk entries must be objects")
+        low, high, single = (_get(item, k, int, None) for k in ("minID", "maxID", "id"))
+        if low is not None and high is not None:
+            if not 0 < low <= 4094:
+                raise CNIError(ERR_INVALID_CONFIG, "incorrect trunk minID parameter", "VLAN IDs are 1..4094")
+            if not 0 < high <= 4094:
+                raise CNIError(ERR_INVALID_CONFIG, "incorrect trunk maxID parameter", "VLAN IDs are 1..4094")
+            if high < low:
+                raise CNIError(ERR_INVALID_CONFIG, "minID is greater than maxID in trunk parameter")
+            found.update(range(low, high + 1))
+        elif low is None and high is not None:
+            raise CNIError(ERR_INVALID_CONFIG, "minID and maxID should be configured simultaneously, minID is missing")
+        elif low is not None and high is None:
+            raise CNIError(ERR_INVALID_CONFIG, "minID and maxID should be configured simultaneously, maxID is missing")
+        if single is not None:
+            if not 0 < single <= 4094:
+                raise CNIError(ERR_INVALID_CONFIG, "incorrect trunk id parameter", "VLAN IDs are 1..4094")
+            found.add(single)
+    return sorted(found)
+
+
+def _mac(value: str, where: str) -> str:
+    parts = value.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p) for p in parts):
+        raise CNIError(ERR_INVALID_CONFIG, f"invalid MAC address {value!r} in {where}",
+                       "write it as six hex pairs, e.g. 0a:58:0a:f4:00:05")
+    if int(parts[0], 16) & 1:
+        raise CNIError(ERR_INVALID_CONFIG, f"MAC address {value!r} in {where} is a multicast address",
+                       "the first octet must be even")
+    return value.lower()
+
+
+def load_conf(conf: dict[str, Any], cni_args: str) -> BridgeConf:
+    """Read and validate the bridge options of a network configuration."""
+    from .args import load_args
+    from .ipam_exec import ipam_type
+
+    n = BridgeConf(name=conf.get("name", ""))
+    n.bridge = _get(conf, "bridge", str, DEFAULT_BRIDGE) or DEFAULT_BRIDGE
+    n.is_gateway = _get(conf, "isGateway", bool, False)
+    n.is_default_gateway = _get(conf, "isDefaultGateway", bool, False)
+    n.force_address = _get(conf, "forceAddress", bool, False)
+    n.ip_masq = _get(conf, "ipMasq", bool, False)
+    n.ip_masq_backend = _get(conf, "ipMasqBackend", str, DEFAULT_MASQ_BACKEND) or DEFAULT_MASQ_BACKEND
+    n.mtu = _get(conf, "mtu", int, 0)
+    n.hairpin_mode = _get(conf, "hairpinMode", bool, False)
+    n.promisc_mode = _get(conf, "promiscMode", bool, False)
+    n.vlan = _get(conf, "vlan", int, 0)
+    n.preserve_default_vlan = _get(conf, "preserveDefaultVlan", bool, False)
+    n.enable_dad = _get(conf, "enabledad", bool, False)
+    n.mac_spoof_check = _get(conf, "macspoofchk", bool, False)
+    n.disable_container_interface = _get(conf, "disableContainerInterface", bool, False)
+    n.port_isolation = _get(conf, "portIsolation", bool, False)
+    n.ipam_type = ipam_type(conf)
+    n.dns = DNS.from_dict(conf.get("dns"))
+
+    if len(n.bridge) > 15 or "/" in n.bridge or any(c.isspace() for c in n.bridge):
+        raise CNIError(ERR_INVALID_CONFIG, f"invalid bridge name {n.bridge!r}",
+                       "an interface name has at most 15 characters and no '/' or spaces")
+    if not 0 <= n.vlan <= 4094:
+        raise CNIError(ERR_INVALID_CONFIG, f"invalid VLAN ID {n.vlan} (must be between 0 and 4094)")
+    if conf.get("vlanTrunk") is not None:
+        n.vlans = _trunk_vlans(conf["vlanTrunk"])
+        n.vlan_trunk_set = True
+    if n.vlan and n.vlans:
+        raise CNIError(ERR_INVALID_CONFIG, "cannot set vlan and vlanTrunk at the same time",
+                       "a port is either an access port (vlan) or a trunk (vlanTrunk)")
+    if n.mtu and not 68 <= n.mtu <= 65535:
+        raise CNIError(ERR_INVALID_CONFIG, f"invalid MTU {n.mtu}", "an MTU is between 68 and 65535")
+    if n.ip_masq_backend not in MASQ_BACKENDS:
+        raise CNIError(ERR_INVALID_CONFIG, f"unknown ipmasq backend {n.ip_masq_backend!r}",
+                       f"ipMasqBackend must be one of {', '.join(MASQ_BACKENDS)}")
+
+    # MAC precedence as in the reference: CNI_ARGS MAC < args.cni.mac < runtimeConfig.mac.
+    if cni_args:
+        env_mac = load_args(cni_args, {"MAC"}).get("MAC", "")
+        if env_mac:
+            n.mac = _mac(env_mac, "CNI_ARGS MAC")
+    args_cni = (conf.get("args") or {}).get("cni") if isinstance(conf.get("args"), dict) else None
+    if isinstance(args_cni, dict) and args_cni.get("mac"):
+        n.mac = _mac(_get(args_cni, "mac", str, ""), "args.cni.mac")
+    runtime = conf.get("runtimeConfig")
+    if isinstance(runtime, dict) and runtime.get("mac"):
+        n.mac = _mac(_get(runtime, "mac", str, ""), "runtimeConfig.mac")
+
+    if n.is_default_gateway:
+        n.is_gateway = True
+    return n
+
+
+def _validate_for_add(n: BridgeConf) -> None:
+    if n.is_layer3 and n.disable_container_interface:
+        raise CNIError(ERR_INVALID_CONFIG, "cannot use IPAM when DisableContainerInterface flag is set",
+                       "drop 'ipam' for a layer-2 only attachment, or enable the container interface")
+    if n.hairpin_mode and n.promisc_mode:
+        raise CNIError(ERR_INVALID_CONFIG, "cannot set hairpin mode and promiscuous mode at the same time",
+                       "choose hairpinMode or promiscMode")
+
+
+# ---- ADD --------------------------------------------------------------------------
+
+@dataclass
+class Gateways:
+    """Gateway addresses (CIDR with the pod prefix) the bridge takes, per family."""
+
+    v4: list[str] = field(default_factory=list)
+    v6: list[str] = field(default_factory=list)
+
+
+def gateway_ip(address: str) -> str:
+    """The first address of the pod's subnet: the gateway when IPAM named none."""
+    net = ipaddress.ip_interface(address).network
+    return str(net.network_address + 1)
+
+
+def plan_gateways(result: Result, n: BridgeConf) -> Gateways:
+    """Point every IP at the container interface, fill in gateways and default routes (calcGateways)."""
+    gws = Gateways()
+    default_found = {4: False, 6: False}
+    for ipc in result.ips:
+        family = ipc.family
+        ipc.interface = CONTAINER_INDEX
+        if ipc.gateway is None and n.is_gateway:
+            ipc.gateway = gateway_ip(ipc.address)
+        if n.is_default_gateway:
+            default_dst = "0.0.0.0/0" if family == 4 else "::/0"
+            if not default_found[family]:
+                default_found[family] = any(r.gw and _same_net(r.dst, default_dst) for r in result.routes)
+            if not default_found[family]:
+                result.routes.append(Route(dst=default_dst, gw=ipc.gateway))
+                default_found[family] = True
+        if n.is_gateway:
+            prefix = ipaddress.ip_interface(ipc.address).network.prefixlen
+            (gws.v4 if family == 4 else gws.v6).append(f"{ipc.gateway}/{prefix}")
+    return gws
+
+
+def _same_net(a: str, b: str) -> bool:
+    return ipaddress.ip_network(a, strict=False) == ipaddress.ip_network(b, strict=False)
+
+
+class Undo:
+    """What a failing ADD must take back, newest first."""
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[str, Callable[[], Any]]] = []
+
+    def push(self, what: str, fn: Callable[[], Any]) -> None:
+        self._steps.append((what, fn))
+
+    def run(self) -> None:
+        for what, fn in reversed(self._steps):
+            try:
+                fn()
+            except Exception as exc:  # keep undoing; the original error is what the caller reports
+                sys.stderr.write(f"bridge: rollback: {what} failed: {exc}\n")
+        self._steps.clear()
+
+
+def cmd_add(req: CmdArgs) -> Result:
+    n = load_conf(req.conf, req.args)
+    _validate_for_add(n)
+    if n.ip_masq and n.is_layer3:
+        _masq_module()  # fail before touching anything if masquerading cannot be done
+    check_netns(req.netns)
+    undo = Undo()
+    try:
+        result = _add(req, n, undo)
+        result.to_dict(req.cni_version)  # a result the runtime cannot read is a failed ADD: undo it too
+    except BaseException:
+        undo.run()
+        raise
+    return result
+
+
+def _add(req: CmdArgs, n: BridgeConf, undo: Undo) -> Result:
+    import netns
+
+    from . import ip
+
+    with ip.open_netlink() as ipr:
+        bridge = ip.ensure_bridge(ipr, n.bridge, n.mtu, n.promisc_mode, n.vlan_filtering)
+        host_name, container = _create_veth(req, n)
+        undo.push(f"delete veth {host_name}", lambda: _delete_host_link(host_name))
+        host = _attach_host_veth(ipr, n, host_name, bridge.index)
+        # MTUs show only in 1.1.0 results (the first spec version with interface MTUs).
+        result = Result(cni_version=req.cni_version, interfaces=[
+            Interface(name=bridge.name, mac=bridge.mac, mtu=bridge.mtu),
+            Interface(name=host.name, mac=host.mac, mtu=host.mtu),
+            Interface(name=container.name, mac=container.mac, mtu=container.mtu, sandbox=req.netns),
+        ])
+
+        if n.mac_spoof_check:
+            spoof = SpoofCheck(host.name, container.mac, f"{req.container_id}-{req.ifname}")
+            spoof.setup()
+            undo.push("remove mac spoof check", spoof.teardown)
+
+        if n.is_layer3:
+            _add_layer3(req, n, ipr, bridge, result, undo)
+        elif not n.disable_container_interface:
+            netns.run_in(req.netns, _set_container_up, req.ifname)
+
+        if not n.disable_container_interface:
+            host = ip.wait_oper_up(ipr, host.name)
+        # The host end's MAC and the bridge's MAC can change as ports come and go.
+        result.interfaces[HOST_INDEX].mac = ip.get_link(ipr, host.name, "host veth").mac
+        final_bridge = ip.get_link(ipr, n.bridge, "bridge")
+        result.interfaces[BRIDGE_INDEX].mac, result.interfaces[BRIDGE_INDEX].mtu = final_bridge.mac, final_bridge.mtu
+
+    if not n.dns.is_empty():
+        result.dns = n.dns
+    return result
+
+
+def _add_layer3(req: CmdArgs, n: BridgeConf, ipr: Any, bridge: Any, result: Result, undo: Undo) -> None:
+    """Addresses from IPAM into the container, the gateway onto the bridge, masquerading."""
+    import netns
+
+    from . import ipam_exec
+
+    ipam_result = ipam_exec.exec_add(req)
+    undo.push("release IPAM lease", lambda: ipam_exec.exec_del(req))
+    result.ips, result.routes, result.dns = ipam_result.ips, ipam_result.routes, ipam_result.dns
+    if not result.ips:
+        raise CNIError(ERR_INTERNAL, "IPAM plugin returned missing IP config",
+                       f"{n.ipam_type} answered ADD without an address")
+    gateways = plan_gateways(result, n)
+    netns.run_in(req.netns, _configure_container, req.ifname, result, n.enable_dad)
+    if n.is_gateway:
+        vlan_iface = _configure_gateways(ipr, n, bridge, gateways)
+        if vlan_iface is not None:
+            result.interfaces.append(vlan_iface)
+    if n.ip_masq:
+        masq = _masq_module()
+        addresses = [ipc.address for ipc in result.ips]
+        undo.push("remove masquerading", lambda: masq.teardown_masq(
+            req.network_name, req.container_id, req.ifname, backend=n.ip_masq_backend, addresses=addresses))
+        masq.setup_masq(req.network_name, req.container_id, req.ifname, addresses, backend=n.ip_masq_backend)
+
+
+def _create_veth(req: CmdArgs, n: BridgeConf) -> tuple[str, Any]:
+    """Create the pair from inside the container; the host end lands in this (the node) namespace."""
+    import netns
+
+    from . import ip
+
+    host_fd = os.open(netns.current_path(), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        def create() -> tuple[str, Any]:
+            with ip.open_netlink() as cipr:
+                return ip.create_veth_in_container(cipr, req.ifname, host_fd, n.mtu, n.mac)
+        return netns.run_in(req.netns, create)
+    finally:
+        os.close(host_fd)
+
+
+def _attach_host_veth(ipr: Any, n: BridgeConf, host_name: str, bridge_index: int) -> Any:
+    from . import ip
+
+    host = ip.get_link(ipr, host_name, "host veth")
+    ip.set_up(ipr, host.index)
+    ip.write_sysctl(f"net/ipv6/conf/{host_name}/accept_ra", "0", ignore_errors=True)
+    try:
+        ip.attach_port(ipr, host.index, bridge_index, n.hairpin_mode, n.port_isolation)
+    except Exception as exc:
+        raise CNIError(ERR_INTERNAL, f"failed to connect {host_name!r} to bridge {n.bridge!r}: "
+                       f"{ip.describe(exc)}") from None
+    _setup_port_vlans(ipr, n, host.index, host_name)
+    return ip.get_link(ipr, host_name, "host veth")
+
+
+def _setup_port_vlans(ipr: Any, n: BridgeConf, port: int, port_name: str) -> None:
+    """Access port (vlan: PVID, untagged) or trunk (vlanTrunk: tagged), as the reference does."""
+    from . import ip
+
+    if not (n.vlan or n.vlans):
+        return
+    try:
+        if not n.preserve_default_vlan:
+            ip.remove_port_vlans(ipr, port)
+        if n.vlan:
+            ip.bridge_vlan_add(ipr, port, n.vlan, pvid=True, untagged=True)
+        for vid in n.vlans:
+            ip.bridge_vlan_add(ipr, port, vid)
+        if not n.vlan and n.vlans:
+            ip.bridge_vlan_add(ipr, port, 1, pvid=True, untagged=True)  # the trunk's native VLAN
+    except CNIError:
+        raise
+    except Exception as exc:
+        raise CNIError(ERR_INTERNAL, f"failed to setup vlan tag on interface {port_name!r}: "
+                       f"{ip.describe(exc)}") from None
+
+
+def _delete_host_link(name: str) -> None:
+    from . import ip
+
+    with ip.open_netlink() as ipr:
+        ip.delete_link_by_name(ipr, name)
+
+
+def _set_container_up(ifname: str) -> None:
+    from . import ip
+
+    with ip.open_netlink() as ipr:
+        link = ip.find_link(ipr, ifname)
+        if link is None:
+            raise CNIError(ERR_INTERNAL, f"failed to retrieve link: {ifname!r} not found in the container")
+        ip.set_up(ipr, link.index)
+
+
+def _configure_container(ifname: str, result: Result, enable_dad: bool) -> None:
+    """Inside the container: DAD/ARP sysctls, then addresses, link up and routes (ConfigureIface)."""
+    from . import ip
+
+    if enable_dad:
+        ip.write_sysctl(f"net/ipv6/conf/{ifname}/enhanced_dad", "1", ignore_errors=True)
+        ip.write_sysctl(f"net/ipv6/conf/{ifname}/accept_dad", "1", ignore_errors=True)
+    else:
+        ip.write_sysctl(f"net/ipv6/conf/{ifname}/accept_dad", "0", ignore_errors=True)
+    ip.write_sysctl(f"net/ipv4/conf/{ifname}/arp_notify", "1", ignore_errors=True)
+
+    with ip.open_netlink() as ipr:
+        link = ip.find_link(ipr, ifname)
+        if link is None:
+            raise CNIError(ERR_INTERNAL, f"failed to lookup {ifname!r} in the container")
+        gateway_of: dict[int, str] = {}
+        ipv6_enabled = False
+        for ipc in result.ips:
+            if ipc.interface is None:
+                continue
+            if not 0 <= ipc.interface < len(result.interfaces) or result.interfaces[ipc.interface].name != ifname:
+                raise CNIError(ERR_INTERNAL, f"failed to add IP addr {ipc.address} to {ifname!r}: "
+                               "invalid interface index")
+            if ipc.family == 6 and not ipv6_enabled:
+                _enable_ipv6(ifname)
+                ipv6_enabled = True
+            try:
+                ip.add_address(ipr, link.index, ipc.address)
+            except Exception as exc:
+                raise CNIError(ERR_INTERNAL, f"failed to add IP addr {ipc.address} to {ifname!r}: "
+                               f"{ip.describe(exc)}") from None
+            if ipc.gateway:
+                gateway_of.setdefault(ipaddress.ip_address(ipc.gateway).version, ipc.gateway)
+        ip.set_up(ipr, link.index)
+        if 6 in gateway_of:
+            ip.settle_addresses(ipr, link)
+        for route in result.routes:
+            gw = route.gw or gateway_of.get(route.family)
+            try:
+                ip.add_route(ipr, link.index, ip.RouteSpec(route.dst, gw, route.priority, route.table, route.scope))
+            except Exception as exc:
+                raise CNIError(ERR_INTERNAL, f"failed to add route '{route.dst} via {gw} dev {ifname}': "
+                               f"{ip.describe(exc)}",
+                               "check the routes that IPAM returned") from None
+
+
+def _enable_ipv6(ifname: str) -> None:
+    """IPv6 addresses need disable_ipv6=0 on lo and the interface; keep them across link down."""
+    from . import ip
+
+    for dev in ("lo", ifname):
+        key = f"net/ipv6/conf/{dev}/disable_ipv6"
+        try:
+            current = ip.read_sysctl(key)
+        except OSError:
+            continue
+        if current != "0":
+            try:
+                ip.write_sysctl(key, "0")
+            except OSError as exc:
+                raise CNIError(ERR_INTERNAL, f"failed to enable IPv6 for interface {dev!r} ({key}={current}): "
+                               f"{exc.strerror}") from None
+    ip.write_sysctl(f"net/ipv6/conf/{ifname}/keep_addr_on_down", "1", ignore_errors=True)
+
+
+def _configure_gateways(ipr: Any, n: BridgeConf, bridge: Any, gws: Gateways) -> Interface | None:
+    """Gateway addresses on the bridge (or its VLAN gateway port) and forwarding on the node."""
+    from . import ip
+
+    vlan_iface: Interface | None = None
+    target = bridge
+    for family, cidrs in ((4, gws.v4), (6, gws.v6)):
+        for cidr in cidrs:
+            if n.vlan:
+                target = _ensure_vlan_gateway(ipr, n, bridge)
+                if vlan_iface is None:
+                    vlan_iface = Interface(name=target.name, mac=target.mac)
+            ensure_gateway_address(ipr, target, family, cidr, n.force_address)
+        if cidrs:
+            try:
+                ip.enable_forwarding([family])
+            except OSError as exc:
+                raise CNIError(ERR_INTERNAL, f"failed to enable forwarding: {exc.strerror}") from None
+    return vlan_iface
+
+
+def ensure_gateway_address(ipr: Any, link: Any, family: int, cidr: str, force: bool) -> None:
+    """Put ``cidr`` on the bridge. Another IPv4 address (or an overlapping IPv6 one)
+    is replaced when ``force`` is set, an error otherwise (ensureAddr)."""
+    from . import ip
+
+    wanted = ipaddress.ip_interface(cidr)
+    for existing, _flags in ip.addresses(ipr, link.index, family):
+        if existing == wanted:
+            return
+        if family == 4 or wanted.ip in existing.network or existing.ip in wanted.network:
+            if not force:
+                raise CNIError(ERR_INTERNAL, f"failed to set bridge addr: {link.name!r} already has an IP "
+                               f"address different from {cidr}",
+                               f"it has {existing}; set forceAddress to replace it")
+            ip.del_address(ipr, link.index, str(existing))
+    try:
+        ip.add_address(ipr, link.index, cidr)
+    except Exception as exc:
+        if ip.netlink_errno(exc) != ip.EEXIST:
+            raise CNIError(ERR_INTERNAL, f"could not add IP address {cidr} to {link.name!r}: "
+                           f"{ip.describe(exc)}") from None
+    # Pin the bridge's MAC to the one it had before this ADD attached a port: otherwise
+    # it follows the lowest port MAC and changes as pods come and go.
+    ip.set_mac(ipr, link.index, link.mac)
+
+
+def _ensure_vlan_gateway(ipr: Any, n: BridgeConf, bridge: Any) -> Any:
+    """A veth port "<bridge>.<vlan>" on the VLAN that carries the gateway address."""
+    import netns
+
+    from . import ip
+
+    name = f"{n.bridge}.{n.vlan}"
+    existing = ip.find_link(ipr, name)
+    if existing is not None:
+        return existing
+    host_fd = os.open(netns.current_path(), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        peer, _own = ip.create_veth_in_container(ipr, name, host_fd, bridge.mtu)
+    finally:
+        os.close(host_fd)
+    peer_link = ip.get_link(ipr, peer)
+    ip.set_up(ipr, peer_link.index)
+    ip.attach_port(ipr, peer_link.index, bridge.index)
+    vlan_conf = BridgeConf(name=n.name, vlan=n.vlan, preserve_default_vlan=n.preserve_default_vlan)
+    _setup_port_vlans(ipr, vlan_conf, peer_link.index, peer)
+    gw = ip.get_link(ipr, name)
+    ip.set_up(ipr, gw.index)
+    return ip.get_link(ipr, name)
+
+
+# ---- DEL --------------------------------------------------------------------------
+
+def cmd_del(req: CmdArgs) -> None:
+    """Remove the container's interface, its lease, spoof check and masquerading.
+
+    Every step runs even when an earlier one failed (DEL must leave as little
+    behind as it can); the first failure is reported afterwards.
+    """
+    n = load_conf(req.conf, req.args)
+    addresses: list[str] | None = None
+    if req.netns and not netns_gone(req.netns):
+        addresses = _delete_container_link(req)
+    failures: list[CNIError] = []
+
+    def attempt(step: Callable[[], Any]) -> None:
+        try:
+            step()
+        except CNIError as err:
+            failures.append(err)
+
+    if n.is_layer3:
+        from . import ipam_exec
+
+        attempt(lambda: ipam_exec.exec_del(req))
+    if n.mac_spoof_check:
+        attempt(SpoofCheck("", "", f"{req.container_id}-{req.ifname}").teardown)
+    if n.is_layer3 and n.ip_masq:
+        # Without the namespace the masquerade state is found by network and container ID.
+        attempt(lambda: _masq_module().teardown_masq(req.network_name, req.container_id, req.ifname,
+                                                     backend=n.ip_masq_backend, addresses=addresses or None))
+    if failures:
+        raise failures[0]
+    return None
+
+
+def _delete_container_link(req: CmdArgs) -> list[str] | None:
+    import netns
+
+    from . import ip
+
+    def delete() -> list[str] | None:
+        with ip.open_netlink() as ipr:
+            return ip.delete_link_by_name(ipr, req.ifname)
+
+    try:
+        return netns.run_in(req.netns, delete)
+    except netns.NetnsNotFoundError:
+        return None  # gone between our look and our entry: nothing left to delete there
+    except netns.NetnsError as exc:
+        raise CNIError(ERR_INVALID_NETNS, f"failed to open netns {req.netns!r}", exc.msg) from None
+
+
+# ---- CHECK ------------------------------------------------------------------------
+
+def cmd_check(req: CmdArgs) -> None:
+    import netns
+
+    from . import ip
+    from .skel import prev_result
+
+    n = load_conf(req.conf, req.args)
+    check_netns(req.netns)
+    if n.is_layer3:
+        from . import ipam_exec
+
+        ipam_exec.exec_check(req)
+    if req.conf.get("prevResult") is None:
+        raise CNIError(ERR_INVALID_CONFIG, "Required prevResult missing", "CHECK needs the result of ADD")
+    result = prev_result(req)
+    assert result is not None
+
+    bridge_entry = next((i for i in result.interfaces if i.name == n.bridge), Interface(name=""))
+    container_entry = next((i for i in result.interfaces if i.name == req.ifname and i.sandbox == req.netns),
+                           Interface(name=""))
+    with ip.open_netlink() as ipr:
+        bridge = _check_bridge(ipr, bridge_entry, n)
+        if req.netns != container_entry.sandbox:
+            raise CNIError(ERR_INTERNAL, f"Sandbox in prevResult {container_entry.sandbox} doesn't match "
+                           f"configured netns: {req.netns}")
+        container = netns.run_in(req.netns, _check_container_interface, container_entry)
+        veth_found = False
+        for entry in result.interfaces:
+            if entry.name in (bridge_entry.name, container_entry.name):
+                continue
+            if _check_host_veth(ipr, entry, bridge, container):
+                veth_found = True
+                break
+    if not veth_found:
+        raise CNIError(ERR_INTERNAL, f"CNI veth created for bridge {n.bridge} was not found")
+    netns.run_in(req.netns, _check_container_state, req.ifname, result)
+    if n.is_layer3 and n.ip_masq:
+        _masq_module().check_masq(req.network_name, req.container_id, req.ifname,
+                                  [ipc.address for ipc in result.ips], backend=n.ip_masq_backend)
+    return None
+
+
+def _check_bridge(ipr: Any, entry: Interface, n: BridgeConf) -> Any:
+    from . import ip
+
+    if not entry.name:
+        raise CNIError(ERR_INTERNAL, f"CNI created bridge {n.bridge} in host namespace was not found",
+                       "prevResult lists no interface named after the configured bridge")
+    if entry.sandbox:
+        raise CNIError(ERR_INTERNAL, f"Interface {entry.name} should not be in sandbox")
+    link = ip.find_link(ipr, entry.name)
+    if link is None:
+        raise CNIError(ERR_INTERNAL, f"Interface name {entry.name} not found")
+    if link.kind != "bridge":
+        raise CNIError(ERR_INTERNAL, f"Interface {entry.name} does not have link type of bridge")
+    if entry.mac and entry.mac.lower() != link.mac.lower():
+        raise CNIError(ERR_INTERNAL, f"Bridge interface {entry.name} Mac doesn't match: {entry.mac}")
+    promisc = link.promisc
+    if promisc != n.promisc_mode:
+        raise CNIError(ERR_INTERNAL, f"Bridge interface {entry.name} configured Promisc Mode {n.promisc_mode} "
+                       f"doesn't match current state: {promisc}")
+    return link
+
+
+def _check_container_interface(entry: Interface) -> Any:
+    from . import ip
+
+    if not entry.name:
+        raise CNIError(ERR_INTERNAL, "Interface name missing", "prevResult lists no container interface")
+    with ip.open_netlink() as ipr:
+        link = ip.find_link(ipr, entry.name)
+    if link is None:
+        raise CNIError(ERR_INTERNAL, f"Interface name {entry.name} not found")
+    if link.kind != "veth":
+        raise CNIError(ERR_INTERNAL, f"Error: Container interface {entry.name} not of type veth")
+    if entry.mac and entry.mac.lower() != link.mac.lower():
+        raise CNIError(ERR_INTERNAL, f"Interface {entry.name} Mac {entry.mac} doesn't match container Mac: "
+                       f"{link.mac}")
+    return link
+
+
+def _check_host_veth(ipr: Any, entry: Interface, bridge: Any, container: Any) -> bool:
+    """True when ``entry`` is the container's peer, enslaved to the bridge."""
+    from . import ip
+
+    if not entry.name:
+        raise CNIError(ERR_INTERNAL, "Interface name missing")
+    if entry.sandbox:
+        raise CNIError(ERR_INTERNAL, f"Interface {entry.name} should not be in sandbox")
+    link = ip.find_link(ipr, entry.name)
+    if link is None:
+        raise CNIError(ERR_INTERNAL, f"Interface name {entry.name} not found")
+    if link.kind != "veth":
+        return False  # not something this plugin created
+    if link.index != container.peer_index or container.index != link.peer_index or link.master != bridge.index:
+        return False
+    if entry.mac and entry.mac.lower() != link.mac.lower():
+        raise CNIError(ERR_INTERNAL, f"Interface {entry.name} Mac doesn't match: {entry.mac} not found")
+    return True
+
+
+def _check_container_state(ifname: str, result: Result) -> None:
+    """Every prevResult address on the interface (with a route to its subnet), every route present."""
+    from . import ip
+
+    with ip.open_netlink() as ipr:
+        link = ip.find_link(ipr, ifname)
+        if link is None:
+            raise CNIError(ERR_INTERNAL, f"Cannot find container link {ifname}")
+        present = {a for a, _flags in ip.addresses(ipr, link.index)}
+        tables = {4: ip.routes(ipr, 4), 6: ip.routes(ipr, 6)}
+        for ipc in result.ips:
+            address = ipaddress.ip_interface(ipc.address)
+            if address not in present:
+                raise CNIError(ERR_INTERNAL, f"Failed to match addr {ipc.address} on interface {ifname}")
+            if not any(r.dst == address.network for r in tables[address.version]):
+                raise CNIError(ERR_INTERNAL, f"Failed to find Gateway {ipc.gateway} for interface {ifname}")
+        for route in result.routes:
+            dst = ipaddress.ip_network(route.dst, strict=False)
+            wanted_gw = ipaddress.ip_address(route.gw) if route.gw else None
+            if not any(r.dst == dst and (wanted_gw is None or (r.gw and ipaddress.ip_address(r.gw) == wanted_gw))
+                       for r in tables[dst.version]):
+                raise CNIError(ERR_INTERNAL, f"Expected Route {route.to_dict('1.1.0')} not found in routing table")
+
+
+# ---- GC and STATUS ----------------------------------------------------------------
+
+def cmd_gc(req: CmdArgs) -> None:
+    n = load_conf(req.conf, "")
+    valid = gc_attachments(req.conf)
+    if n.ip_masq:
+        _masq_module().gc_masq(req.network_name, valid, backend=n.ip_masq_backend)
+    if n.is_layer3:
+        from . import ipam_exec
+
+        ipam_exec.exec_gc(req, valid)
+    return None
+
+
+def cmd_status(req: CmdArgs) -> None:
+    from .ipam_exec import exec_status, ipam_type
+
+    if ipam_type(req.conf):
+        exec_status(req)
+    return None
+
+
+# ---- helpers ----------------------------------------------------------------------
+
+def _masq_module() -> Any:
+    try:
+        from . import masq  # type: ignore[attr-defined]
+    except ImportError:
+        raise CNIError(ERR_UNSUPPORTED_FIELD, "ipMasq is not available in this build of pycni",
+                       "the cni_plugins.masq module is missing; set ipMasq to false or install a "
+                       "complete pycni") from None
+    return masq
+
+
+class SpoofCheck:
+    """macspoofchk: drop frames from the host veth whose source MAC is not the container's.
+
+    nftables in the node namespace, laid out like the reference: table
+    ``bridge nat``, base chain PREROUTING (filter hook, priority -300) jumping
+    to a per-attachment chain that returns for the allowed MAC and drops the rest.
+    Chain names derive from a hash of containerID-ifname so any ID fits.
+    """
+
+    TABLE = "nat"
+    BASE = "PREROUTING"
+
+    def __init__(self, iface: str, mac: str, ref_id: str) -> None:
+        import hashlib
+
+        self.iface = iface
+        self.mac = mac
+        digest = hashlib.sha256(ref_id.encode()).hexdigest()[:16]
+        self.chain = f"cni_br_iface_{digest}"
+        self.mac_chain = f"{self.chain}_mac"
+        self.comment = f"macspoofchk-{digest}"
+
+    def setup(self) -> None:
+        from . import nft
+
+        iface = self.iface
+        if not iface or any(c in iface for c in '"\\;{}#$ \t\n') or len(iface) > 15:
+            raise CNIError(ERR_INTERNAL, f"invalid interface name {iface!r} for the spoof check")
+        _mac(self.mac, "the container interface")
+        note = nft.comment(self.comment)
+        nft.apply(
+            f"table bridge {self.TABLE} {{\n"
+            f"  chain {self.BASE} {{ type filter hook prerouting priority -300; policy accept; }}\n"
+            f"  chain {self.chain} {{ }}\n"
+            f"  chain {self.mac_chain} {{ }}\n"
+            f"}}\n"
+            f"flush chain bridge {self.TABLE} {self.chain}\n"
+            f"flush chain bridge {self.TABLE} {self.mac_chain}\n"
+            f"add rule bridge {self.TABLE} {self.BASE} iifname \"{iface}\" jump {self.chain} comment {note}\n"
+            f"add rule bridge {self.TABLE} {self.chain} jump {self.mac_chain} comment {note}\n"
+            f"add rule bridge {self.TABLE} {self.mac_chain} ether saddr {self.mac} return comment {note}\n"
+            f"add rule bridge {self.TABLE} {self.mac_chain} drop comment {note}\n")
+
+    def teardown(self) -> None:
+        from . import nft
+
+        listed = nft.list_json("chain", "bridge", self.TABLE, self.BASE)
+        if listed is None:
+            return  # no table or base chain: nothing was set up
+        ops = []
+        for obj in listed:
+            rule = obj.get("rule")
+            if rule and any(stmt.get("jump", {}).get("target") == self.chain for stmt in rule.get("expr", [])):
+                ops.append(f"delete rule bridge {self.TABLE} {self.BASE} handle {int(rule['handle'])}\n")
+        chains = nft.list_json("table", "bridge", self.TABLE) or []
+        names = {obj["chain"]["name"] for obj in chains if "chain" in obj}
+        ours = [chain for chain in (self.chain, self.mac_chain) if chain in names]
+        ops += [f"flush chain bridge {self.TABLE} {chain}\n" for chain in ours]
+        ops += [f"delete chain bridge {self.TABLE} {chain}\n" for chain in ours]
+        nft.apply("".join(ops))
+
+
+FUNCS = PluginFuncs(add=cmd_add, delete=cmd_del, check=cmd_check, gc=cmd_gc, status=cmd_status)
+
+
+def main() -> None:
+    plugin_main(FUNCS, "CNI bridge plugin (pycni)")
+
+
+if __name__ == "__main__":
+    main()

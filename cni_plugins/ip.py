@@ -1,0 +1,483 @@
+"""Netlink and sysctl mechanics shared by the plugins (the reference's pkg/ip).
+
+Every function acts in the network namespace of the calling thread: a
+netlink socket belongs to the namespace it was opened in, so open one with
+``open_netlink()`` after entering the namespace you mean and pass it in.
+pyroute2 is imported on first use; importing this module costs nothing.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from .errors import ERR_INTERNAL, CNIError
+
+IFF_UP = 0x1
+IFF_PROMISC = 0x100
+IFA_F_DADFAILED = 0x08
+IFA_F_TENTATIVE = 0x40
+ENODEV = 19
+EEXIST = 17
+ENOENT = 2
+EADDRNOTAVAIL = 99
+ESRCH = 3
+RTPROT_BOOT = 3  # what `ip route add` and the reference use; pyroute2 would say "static"
+
+# Bridge VLAN entry flags (linux/if_bridge.h).
+BRIDGE_VLAN_INFO_PVID = 0x2
+BRIDGE_VLAN_INFO_UNTAGGED = 0x4
+
+# How long the reference waits between looks at a new bridge port (ms).
+PORT_UP_DELAYS_MS = (0, 50, 500, 1000, 1000)
+DAD_SETTLE_TIMEOUT = 5.0
+DAD_SETTLE_INTERVAL = 0.05
+
+
+def open_netlink() -> Any:
+    """An IPRoute socket in the calling thread's network namespace (close it when done)."""
+    from pyroute2 import IPRoute
+
+    return IPRoute()
+
+
+def netlink_errno(exc: BaseException) -> int | None:
+    """The errno of a pyroute2 NetlinkError (or OSError), None for anything else."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, int):
+        return code
+    if isinstance(exc, OSError):
+        return exc.errno
+    return None
+
+
+def describe(exc: BaseException) -> str:
+    """A netlink failure as a short message ("invalid argument"), like the reference prints it."""
+    code = netlink_errno(exc)
+    if code:
+        return os.strerror(code)[:1].lower() + os.strerror(code)[1:]
+    return str(exc)
+
+
+def random_veth_name() -> str:
+    """"veth" + 8 hex digits, the reference's host-side name (NetworkManager ignores veth*)."""
+    return "veth" + secrets.token_hex(4)
+
+
+# ---- links ----------------------------------------------------------------
+
+@dataclass
+class Link:
+    """What the plugins need to know about one network interface."""
+
+    name: str
+    index: int
+    mac: str
+    mtu: int
+    kind: str
+    master: int
+    peer_index: int      # IFLA_LINK: for a veth, the peer's index in the peer's namespace
+    oper_state: str
+    flags: int
+    promiscuity: int
+
+    @property
+    def is_up(self) -> bool:
+        return bool(self.flags & IFF_UP)
+
+    @property
+    def promisc(self) -> bool:
+        return bool(self.flags & IFF_PROMISC)
+
+
+def _link_from_msg(msg: Any) -> Link:
+    info = msg.get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else ""
+    return Link(
+        name=msg.get_attr("IFLA_IFNAME"),
+        index=msg["index"],
+        mac=msg.get_attr("IFLA_ADDRESS") or "",
+        mtu=msg.get_attr("IFLA_MTU") or 0,
+        kind=kind or "",
+        master=msg.get_attr("IFLA_MASTER") or 0,
+        peer_index=msg.get_attr("IFLA_LINK") or 0,
+        oper_state=msg.get_attr("IFLA_OPERSTATE") or "UNKNOWN",
+        flags=msg["flags"],
+        promiscuity=msg.get_attr("IFLA_PROMISCUITY") or 0,
+    )
+
+
+def find_link(ipr: Any, name: str) -> Link | None:
+    """The link called ``name``, or None when there is none."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        msgs = ipr.link("get", ifname=name)
+    except NetlinkError as exc:
+        if exc.code == ENODEV:
+            return None
+        raise
+    return _link_from_msg(msgs[0]) if msgs else None
+
+
+def link_by_index(ipr: Any, index: int) -> Link | None:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        msgs = ipr.link("get", index=index)
+    except NetlinkError as exc:
+        if exc.code == ENODEV:
+            return None
+        raise
+    return _link_from_msg(msgs[0]) if msgs else None
+
+
+def get_link(ipr: Any, name: str, what: str = "interface") -> Link:
+    """The link called ``name``; a CNI error naming ``what`` when it is missing."""
+    link = find_link(ipr, name)
+    if link is None:
+        raise CNIError(ERR_INTERNAL, f"{what} {name!r} not found")
+    return link
+
+
+def set_up(ipr: Any, index: int) -> None:
+    ipr.link("set", index=index, state="up")
+
+
+def set_promisc(ipr: Any, index: int, on: bool = True) -> None:
+    ipr.link("set", index=index, flags=IFF_PROMISC if on else 0, mask=IFF_PROMISC)
+
+
+def set_mac(ipr: Any, index: int, mac: str) -> None:
+    ipr.link("set", index=index, address=mac)
+
+
+def delete_link(ipr: Any, index: int) -> None:
+    ipr.link("del", index=index)
+
+
+def is_global_unicast(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Go's net.IP.IsGlobalUnicast: private ranges count, link-local and loopback do not."""
+    return not (ip.is_unspecified or ip.is_loopback or ip.is_multicast or ip.is_link_local
+                or (ip.version == 4 and int(ip) == 0xFFFFFFFF))
+
+
+def delete_link_by_name(ipr: Any, name: str) -> list[str] | None:
+    """Delete a link; return its global unicast addresses (CIDR), or None if it did not exist."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    link = find_link(ipr, name)
+    if link is None:
+        return None
+    global_addrs = [str(a) for a, _flags in addresses(ipr, link.index) if is_global_unicast(a.ip)]
+    try:
+        ipr.link("del", index=link.index)
+    except NetlinkError as exc:
+        if exc.code != ENODEV:
+            raise
+    return global_addrs
+
+
+# ---- veth -----------------------------------------------------------------
+
+def create_veth_in_container(ipr: Any, container_ifname: str, host_ns_fd: int, mtu: int = 0,
+                             mac: str = "", host_ifname: str = "") -> tuple[str, Link]:
+    """Create a veth pair from inside the container's namespace, host end in ``host_ns_fd``.
+
+    Returns the host end's name and the container end. A random host name
+    that collides with an existing interface is retried, as the reference does.
+    """
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    for _attempt in range(10):
+        peer_name = host_ifname or random_veth_name()
+        peer: dict[str, Any] = {"ifname": peer_name, "net_ns_fd": host_ns_fd}
+        spec: dict[str, Any] = {"ifname": container_ifname, "kind": "veth", "peer": peer}
+        if mtu:
+            spec["mtu"] = mtu
+            peer["mtu"] = mtu
+        if mac:
+            spec["address"] = mac
+        try:
+            ipr.link("add", **spec)
+        except NetlinkError as exc:
+            if exc.code == EEXIST:
+                if find_link(ipr, container_ifname) is not None:
+                    raise CNIError(ERR_INTERNAL, f"container veth name {container_ifname!r} already exists",
+                                   "an interface of that name is already in the container; "
+                                   "use another CNI_IFNAME or remove it (DEL)") from None
+                if host_ifname:
+                    raise CNIError(ERR_INTERNAL, f"host veth name {host_ifname!r} already exists") from None
+                continue  # the random host name is taken on the host: draw another one
+            raise CNIError(ERR_INTERNAL, f"failed to make veth pair: {describe(exc)}",
+                           f"creating {container_ifname} (mtu {mtu or 'default'}, mac {mac or 'random'})") from None
+        return peer_name, get_link(ipr, container_ifname, "container veth")
+    raise CNIError(ERR_INTERNAL, "failed to find a unique veth name", "10 random names were all taken")
+
+
+# ---- bridges ----------------------------------------------------------------
+
+def ensure_bridge(ipr: Any, name: str, mtu: int = 0, promisc: bool = False,
+                  vlan_filtering: bool = False) -> Link:
+    """Create the bridge unless it exists; make sure it is a bridge and up."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    spec: dict[str, Any] = {"ifname": name, "kind": "bridge"}
+    if mtu:
+        spec["mtu"] = mtu
+    if vlan_filtering:
+        spec["br_vlan_filtering"] = 1
+    try:
+        ipr.link("add", **spec)
+    except NetlinkError as exc:
+        if exc.code != EEXIST:
+            raise CNIError(ERR_INTERNAL, f"failed to create bridge {name!r}: could not add {name!r}: "
+                           f"{describe(exc)}",
+                           "vlan filtering needs a kernel with CONFIG_BRIDGE_VLAN_FILTERING"
+                           if vlan_filtering and exc.code == 95 else "") from None
+    bridge = get_link(ipr, name, "bridge")
+    if bridge.kind != "bridge":
+        raise CNIError(ERR_INTERNAL, f"failed to create bridge {name!r}: {name!r} already exists but is not a bridge",
+                       "pick another 'bridge' name or remove that interface")
+    if vlan_filtering and not bridge_vlan_filtering(ipr, bridge.index):
+        try:
+            ipr.link("set", index=bridge.index, kind="bridge", br_vlan_filtering=1)
+        except NetlinkError as exc:
+            raise CNIError(ERR_INTERNAL, f"failed to enable vlan filtering on bridge {name!r}: "
+                           f"{describe(exc)}") from None
+    if promisc and not bridge.promisc:
+        set_promisc(ipr, bridge.index)
+    # We own the routes on this interface, so router advertisements must not add any.
+    write_sysctl(f"net/ipv6/conf/{name}/accept_ra", "0", ignore_errors=True)
+    if not bridge.is_up:
+        set_up(ipr, bridge.index)
+    return get_link(ipr, name, "bridge")
+
+
+def bridge_vlan_filtering(ipr: Any, index: int) -> bool:
+    msg = ipr.link("get", index=index)[0]
+    info = msg.get_attr("IFLA_LINKINFO")
+    data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
+    return bool(data.get_attr("IFLA_BR_VLAN_FILTERING")) if data is not None else False
+
+
+def attach_port(ipr: Any, port: int, bridge: int, hairpin: bool = False, isolated: bool = False) -> None:
+    """Enslave ``port`` to ``bridge`` and set its hairpin and isolation flags."""
+    ipr.link("set", index=port, master=bridge)
+    ipr.brport("set", index=port, mode=int(hairpin), isolated=int(isolated))
+
+
+@dataclass
+class PortState:
+    hairpin: bool
+    isolated: bool
+
+
+def port_state(ipr: Any, port: int) -> PortState:
+    msg = ipr.brport("show", index=port)[0]
+    info = msg.get_attr("IFLA_PROTINFO")
+    return PortState(hairpin=bool(info.get_attr("IFLA_BRPORT_MODE")),
+                     isolated=bool(info.get_attr("IFLA_BRPORT_ISOLATED")))
+
+
+def bridge_vlan_add(ipr: Any, port: int, vid: int, pvid: bool = False, untagged: bool = False) -> None:
+    flags = (BRIDGE_VLAN_INFO_PVID if pvid else 0) | (BRIDGE_VLAN_INFO_UNTAGGED if untagged else 0)
+    ipr.vlan_filter("add", index=port, vlan_info={"vid": vid, "flags": flags})
+
+
+def bridge_vlan_del(ipr: Any, port: int, vid: int) -> None:
+    ipr.vlan_filter("del", index=port, vlan_info={"vid": vid})
+
+
+def bridge_vlans(ipr: Any, port: int) -> list[int]:
+    """The VLAN IDs configured on one bridge port."""
+    out: list[int] = []
+    for msg in ipr.get_vlans(index=port):
+        if msg["index"] != port:
+            continue
+        spec = msg.get_attr("IFLA_AF_SPEC")
+        if spec is None:
+            continue
+        for name, value in spec["attrs"]:
+            if name == "IFLA_BRIDGE_VLAN_INFO":
+                out.append(value["vid"])
+    return out
+
+
+def remove_port_vlans(ipr: Any, port: int) -> None:
+    """Drop every VLAN entry of a port (the default VLAN 1 included)."""
+    for vid in bridge_vlans(ipr, port):
+        bridge_vlan_del(ipr, port, vid)
+
+
+# ---- addresses ----------------------------------------------------------------
+
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
+def addresses(ipr: Any, index: int, family: int = 0) -> list[tuple[IPInterface, int]]:
+    """(address, flags) of a link; family 0 for both, 4 or 6 for one."""
+    kwargs: dict[str, Any] = {"index": index}
+    if family:
+        kwargs["family"] = 2 if family == 4 else 10
+    out = []
+    for msg in ipr.get_addr(**kwargs):
+        if msg["index"] != index:
+            continue
+        address = msg.get_attr("IFA_ADDRESS") or msg.get_attr("IFA_LOCAL")
+        if address is None:
+            continue
+        flags = msg.get_attr("IFA_FLAGS") or msg["flags"]
+        out.append((ipaddress.ip_interface(f"{address}/{msg['prefixlen']}"), flags))
+    return out
+
+
+def add_address(ipr: Any, index: int, cidr: str) -> None:
+    """Add an address; IPv4 ones get their subnet's broadcast address, as `ip addr add ... brd +` does."""
+    iface = ipaddress.ip_interface(cidr)
+    spec: dict[str, Any] = {"index": index, "address": str(iface.ip), "prefixlen": iface.network.prefixlen}
+    if iface.version == 4 and iface.network.prefixlen < 31:
+        spec["broadcast"] = str(iface.network.broadcast_address)
+    ipr.addr("add", **spec)
+
+
+def del_address(ipr: Any, index: int, cidr: str) -> None:
+    iface = ipaddress.ip_interface(cidr)
+    ipr.addr("del", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+
+
+def settle_addresses(ipr: Any, link: Link, timeout: float = DAD_SETTLE_TIMEOUT) -> None:
+    """Wait until no IPv6 address of ``link`` is tentative (DAD done); fail on DADFAILED."""
+    deadline = time.monotonic() + timeout
+    while True:
+        tentative = False
+        for address, flags in addresses(ipr, link.index, 6):
+            if flags & IFA_F_DADFAILED:
+                raise CNIError(ERR_INTERNAL, f"failed to settle addresses for {link.name!r}: "
+                               f"link {link.name} has address {address.ip} in DADFAILED state",
+                               "another host on the link already uses this address")
+            if flags & IFA_F_TENTATIVE:
+                tentative = True
+        if not tentative:
+            return
+        if time.monotonic() >= deadline:
+            current = link_by_index(ipr, link.index)
+            if current is not None and current.oper_state == "UP":
+                raise CNIError(ERR_INTERNAL, f"failed to settle addresses for {link.name!r}: link "
+                               f"{link.name} still has tentative addresses after {timeout:g} seconds")
+            return
+        time.sleep(DAD_SETTLE_INTERVAL)
+
+
+# ---- routes ---------------------------------------------------------------
+
+@dataclass
+class RouteSpec:
+    dst: str                 # CIDR
+    gw: str | None = None
+    priority: int | None = None
+    table: int | None = None
+    scope: int | None = None
+
+
+def add_route(ipr: Any, index: int, route: RouteSpec) -> None:
+    """Add a route through ``index``; a route to the same destination gets appended (ECMP-style)."""
+    net = ipaddress.ip_network(route.dst, strict=False)
+    spec: dict[str, Any] = {"dst": f"{net.network_address}/{net.prefixlen}", "oif": index,
+                            "family": 2 if net.version == 4 else 10, "proto": RTPROT_BOOT}
+    if route.gw:
+        spec["gateway"] = route.gw
+    if route.priority is not None:
+        spec["priority"] = route.priority
+    if route.table is not None:
+        spec["table"] = route.table
+    if route.scope is not None:
+        spec["scope"] = route.scope
+    ipr.route("append", **spec)
+
+
+@dataclass
+class RouteEntry:
+    dst: ipaddress.IPv4Network | ipaddress.IPv6Network
+    gw: str | None
+    oif: int | None
+    table: int
+
+
+def routes(ipr: Any, family: int) -> list[RouteEntry]:
+    """Every route of a family (4 or 6) in every table, multipath gateways flattened."""
+    out = []
+    for msg in ipr.get_routes(family=2 if family == 4 else 10):
+        dst = msg.get_attr("RTA_DST") or ("0.0.0.0" if family == 4 else "::")
+        net = ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False)
+        table = msg.get_attr("RTA_TABLE") or msg["table"]
+        hops = msg.get_attr("RTA_MULTIPATH")
+        if hops:
+            for hop in hops:
+                out.append(RouteEntry(net, hop.get_attr("RTA_GATEWAY"), hop["oif"], table))
+        else:
+            out.append(RouteEntry(net, msg.get_attr("RTA_GATEWAY"), msg.get_attr("RTA_OIF"), table))
+    return out
+
+
+# ---- sysctl -----------------------------------------------------------------
+
+def _sysctl_path(name: str) -> str:
+    # Slash-separated keys keep interface names with dots (VLANs) intact.
+    return "/proc/sys/" + name.strip("/")
+
+
+def read_sysctl(name: str) -> str:
+    with open(_sysctl_path(name)) as fh:
+        return fh.read().strip()
+
+
+def write_sysctl(name: str, value: str, ignore_errors: bool = False) -> None:
+    """Write a sysctl of the calling thread's network namespace (net/...)."""
+    try:
+        fd = os.open(_sysctl_path(name), os.O_WRONLY)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+    except OSError:
+        if not ignore_errors:
+            raise
+
+
+def ensure_sysctl(name: str, value: str) -> None:
+    """Write only when the value differs (a read is cheaper and keeps audit logs quiet)."""
+    try:
+        if read_sysctl(name) == value:
+            return
+    except OSError:
+        pass
+    write_sysctl(name, value)
+
+
+def enable_forwarding(families: Iterable[int]) -> None:
+    """Turn on IP forwarding for each family (4/6) in the calling thread's namespace."""
+    for family in sorted(set(families)):
+        if family == 4:
+            ensure_sysctl("net/ipv4/ip_forward", "1")
+        else:
+            ensure_sysctl("net/ipv6/conf/all/forwarding", "1")
+
+
+# ---- waits -----------------------------------------------------------------
+
+def wait_oper_up(ipr: Any, name: str, delays_ms: Iterable[int] = PORT_UP_DELAYS_MS) -> Link:
+    """Wait (bounded) until ``name`` is operationally up, as a new bridge port becomes."""
+    link: Link | None = None
+    for delay in delays_ms:
+        if delay:
+            time.sleep(delay / 1000)
+        link = get_link(ipr, name, "host veth")
+        if link.oper_state == "UP":
+            return link
+    state = link.oper_state if link else "missing"
+    raise CNIError(ERR_INTERNAL, f"bridge port in error state: {state}",
+                   f"host veth {name} did not come up; is the container end up?")

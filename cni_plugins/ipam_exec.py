@@ -1,0 +1,170 @@
+"""Delegating to the IPAM plugin a configuration names (the reference's pkg/ipam).
+
+The plugin named by ``ipam.type`` is looked up in CNI_PATH and executed with
+the same environment and stdin as the calling plugin, only CNI_COMMAND set
+to the delegated command. Its result is read in the configuration's
+cniVersion; an error object it prints is passed on with its code.
+
+When ``ipam.type`` is "host-local" and the executable CNI_PATH finds is this
+suite's own host-local, the request is served in-process instead (same code,
+same on-disk store, no fork/exec), provided the in-process API is available.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from .errors import ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_TRY_AGAIN, CNIError
+from .skel import CmdArgs
+from .types import Result
+
+# A delegated plugin may wait on a lock held by a concurrent ADD; bound the wait anyway.
+EXEC_TIMEOUT = 120.0
+# Marker that our own executables carry (see their launcher scripts).
+_OWN_HOST_LOCAL_MARKERS = (b"ipam.host_local", b"ipam/host_local")
+
+
+def ipam_type(conf: dict[str, Any]) -> str:
+    ipam = conf.get("ipam")
+    if ipam is None:
+        return ""
+    if not isinstance(ipam, dict):
+        raise CNIError(ERR_INVALID_CONFIG, "ipam must be an object", f"got {type(ipam).__name__}")
+    value = ipam.get("type", "") or ""
+    if not isinstance(value, str):
+        raise CNIError(ERR_INVALID_CONFIG, "ipam.type must be a string", f"got {value!r}")
+    return value
+
+
+def find_plugin(name: str, path_dirs: list[str]) -> str:
+    """The executable called ``name`` in the first CNI_PATH directory that has it."""
+    if not name or "/" in name or name in (".", ".."):
+        raise CNIError(ERR_INVALID_CONFIG, f"invalid plugin name {name!r}", "ipam.type must be a plain file name")
+    if not path_dirs:
+        raise CNIError(ERR_INVALID_CONFIG, f"failed to find plugin {name!r}: CNI_PATH is empty")
+    for directory in path_dirs:
+        candidate = os.path.join(directory, name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise CNIError(ERR_INVALID_CONFIG, f"failed to find plugin {name!r} in path {path_dirs}",
+                   "install the IPAM plugin into a CNI_PATH directory or fix ipam.type")
+
+
+def delegate_env(req: CmdArgs, command: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": req.container_id,
+        "CNI_NETNS": req.netns,
+        "CNI_IFNAME": req.ifname,
+        "CNI_ARGS": req.args,
+        "CNI_PATH": req.path,
+    })
+    return env
+
+
+def exec_plugin(plugin: str, command: str, req: CmdArgs) -> bytes:
+    """Run ``plugin`` for ``command``; return its stdout or raise its error."""
+    import subprocess
+
+    try:
+        proc = subprocess.run([plugin], input=req.stdin_data, env=delegate_env(req, command),
+                              capture_output=True, timeout=EXEC_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        raise CNIError(ERR_TRY_AGAIN, f"IPAM plugin {plugin} did not answer {command} within "
+                       f"{EXEC_TIMEOUT:g} s", "it may be waiting on its store lock; try again") from None
+    except OSError as exc:
+        raise CNIError(ERR_INTERNAL, f"failed to execute IPAM plugin {plugin}: {exc.strerror}") from None
+    if proc.returncode == 0:
+        return proc.stdout
+    raise _plugin_error(plugin, command, proc.stdout, proc.stderr)
+
+
+def _plugin_error(plugin: str, command: str, stdout: bytes, stderr: bytes) -> CNIError:
+    try:
+        obj = json.loads(stdout)
+    except ValueError:
+        obj = None
+    if isinstance(obj, dict) and isinstance(obj.get("code"), int) and "msg" in obj:
+        return CNIError(obj["code"], str(obj.get("msg", "")), str(obj.get("details", "") or ""))
+    text = (stderr or stdout).decode(errors="replace").strip()
+    return CNIError(ERR_INTERNAL, f"netplugin failed: {text!r}" if text else
+                    f"IPAM plugin {os.path.basename(plugin)} failed {command} without an error object")
+
+
+# ---- in-process host-local ------------------------------------------------
+
+def _own_host_local(plugin: str) -> Any:
+    """The in-process host-local module if ``plugin`` is this suite's executable, else None."""
+    if os.environ.get("PYCNI_IPAM_NO_INPROCESS"):
+        return None
+    try:
+        with open(plugin, "rb") as fh:
+            head = fh.read(512)
+    except OSError:
+        return None
+    if not head.startswith(b"#!") or not any(marker in head for marker in _OWN_HOST_LOCAL_MARKERS):
+        return None
+    try:
+        from ipam import host_local  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    if not all(hasattr(host_local, fn) for fn in ("allocate", "release", "check", "gc", "status")):
+        return None
+    return host_local
+
+
+def _in_process(req: CmdArgs) -> tuple[str, Any]:
+    """(path of the IPAM executable, in-process module or None)."""
+    name = ipam_type(req.conf)
+    plugin = find_plugin(name, req.path_dirs)
+    module = _own_host_local(plugin) if name == "host-local" else None
+    return plugin, module
+
+
+# ---- the pkg/ipam surface -----------------------------------------------------
+
+def exec_add(req: CmdArgs) -> Result:
+    plugin, module = _in_process(req)
+    if module is not None:
+        result = module.allocate(req.conf, req.container_id, req.ifname, req.args)
+        # Read it as a delegated result would be read: in the configuration's version.
+        return result.convert(req.cni_version) if isinstance(result, Result) else \
+            Result.from_dict(result, req.cni_version)
+    out = exec_plugin(plugin, "ADD", req)
+    return Result.from_json(out, req.cni_version)
+
+
+def exec_del(req: CmdArgs) -> None:
+    plugin, module = _in_process(req)
+    if module is not None:
+        module.release(req.conf, req.container_id, req.ifname, req.args)
+        return
+    exec_plugin(plugin, "DEL", req)
+
+
+def exec_check(req: CmdArgs) -> None:
+    plugin, module = _in_process(req)
+    if module is not None:
+        module.check(req.conf, req.container_id, req.ifname, req.args)
+        return
+    exec_plugin(plugin, "CHECK", req)
+
+
+def exec_gc(req: CmdArgs, valid: list[tuple[str, str]] | None = None) -> None:
+    plugin, module = _in_process(req)
+    if module is not None:
+        from .skel import gc_attachments
+
+        module.gc(req.conf, valid if valid is not None else gc_attachments(req.conf))
+        return
+    exec_plugin(plugin, "GC", req)
+
+
+def exec_status(req: CmdArgs) -> None:
+    plugin, module = _in_process(req)
+    if module is not None:
+        module.status(req.conf)
+        return
+    exec_plugin(plugin, "STATUS", req)
