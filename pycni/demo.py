@@ -1,0 +1,246 @@
+"""`pycni demo`: a live bridge network in throwaway namespaces, then cleaned away.
+
+A node namespace stands in for the host; pod namespaces are attached to it
+with the example bridge network from conf/examples, driven exactly as a
+runtime would drive it (plugin processes, result cache). The demo shows the
+pods' addresses, pings between pods and from the node, a TCP exchange, a
+port mapping, and removes everything it made, also when interrupted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from importlib import resources
+
+import click
+
+EXAMPLE = "10-pycni-bridge.conflist"
+HOST_PORT = 18080
+POD_PORT = 8080
+# The "outside" network behind the node (TEST-NET-2, only ever inside the demo's namespaces).
+NODE_UPLINK = "198.51.100.1"
+OUTSIDE_ADDR = "198.51.100.2"
+
+
+@dataclass
+class Pod:
+    name: str
+    path: str
+    container_id: str
+    address: str = ""
+    gateway: str = ""
+
+
+@dataclass
+class Scorecard:
+    passed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    def record(self, label: str, ok: bool, detail: str = "") -> None:
+        mark = click.style("ok  ", fg="green") if ok else click.style("FAIL", fg="red")
+        click.echo(f"  [{mark}] {label}{'  ' + detail if detail else ''}")
+        (self.passed if ok else self.failed).append(label)
+
+
+def _example_conflist(data_dir: str) -> dict:
+    text = resources.files("conf").joinpath("examples", EXAMPLE).read_text()
+    conflist = json.loads(text)
+    for plugin in conflist["plugins"]:
+        if "ipam" in plugin:
+            plugin["ipam"]["dataDir"] = data_dir  # keep leases out of the machine's /var/lib/cni
+    return conflist
+
+
+def _ping(ns_name: str, address: str) -> tuple[bool, str]:
+    proc = subprocess.run(["ip", "netns", "exec", ns_name, "ping", "-c", "1", "-W", "2", address],
+                          capture_output=True, text=True, timeout=10)
+    rtt = ""
+    for line in proc.stdout.splitlines():
+        if "time=" in line:
+            rtt = line.split("time=", 1)[1]
+    return proc.returncode == 0, rtt
+
+
+def _tcp_exchange(server_ns: str, client_ns: str, connect_to: str, port: int, listen_port: int) -> tuple[bool, str]:
+    """One TCP round trip: a listener in server_ns, a client in client_ns."""
+    import netns
+
+    with netns.enter(server_ns):
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("0.0.0.0", listen_port))
+    listener.listen(1)
+    listener.settimeout(5)
+    reply: list[bytes] = []
+
+    def serve() -> None:
+        try:
+            conn, peer = listener.accept()
+            with conn:
+                conn.settimeout(5)
+                data = conn.recv(1024)
+                conn.sendall(data + b", seen from " + peer[0].encode())
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with netns.enter(client_ns):
+            client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        with client:
+            client.settimeout(5)
+            client.connect((connect_to, port))
+            client.sendall(b"hello")
+            reply.append(client.recv(1024))
+    except OSError as exc:
+        return False, str(exc)
+    finally:
+        thread.join(timeout=6)
+        listener.close()
+    return True, reply[0].decode(errors="replace") if reply else ""
+
+
+def run_demo(pod_count: int) -> int:
+    import netns
+    from conf import parse_conflist
+    from pycni.install import install_plugins
+    from pycni.runtime import CNIRuntime, RuntimeConf
+
+    tag = secrets.token_hex(3)
+    score = Scorecard()
+    with ExitStack() as cleanup:
+        workdir = tempfile.mkdtemp(prefix="pycni-demo-")
+        cleanup.callback(shutil.rmtree, workdir, True)
+        bin_dir = os.path.join(workdir, "bin")
+        install_plugins(bin_dir)
+        conflist = _example_conflist(os.path.join(workdir, "leases"))
+        netlist = parse_conflist(json.dumps(conflist).encode(), f"conf/examples/{EXAMPLE}")
+        runtime = CNIRuntime(bin_dir, os.path.join(workdir, "cache"))
+        click.echo(f"pycni demo: network {netlist.name!r} ({', '.join(p['type'] for p in netlist.plugins)}), "
+                   f"work dir {workdir}")
+
+        node = netns.create(f"pycni-demo-node-{tag}")
+        cleanup.callback(netns.delete, node)
+        node_name = os.path.basename(node)
+        subprocess.run(["ip", "-n", node_name, "link", "set", "lo", "up"], check=True)
+        click.echo(f"node namespace: {node_name}")
+
+        pods: list[Pod] = []
+        for n in range(1, pod_count + 1):
+            path = netns.create(f"pycni-demo-pod{n}-{tag}")
+            cleanup.callback(netns.delete, path)
+            pods.append(Pod(os.path.basename(path), path, f"demo-{tag}-pod{n}"))
+
+        for n, pod in enumerate(pods):
+            caps = {}
+            if n == 0:
+                caps["portMappings"] = [{"hostPort": HOST_PORT, "containerPort": POD_PORT, "protocol": "tcp"}]
+            rt = RuntimeConf(container_id=pod.container_id, netns=pod.path, ifname="eth0", capability_args=caps)
+            with netns.enter(node):  # plugin processes inherit the node namespace
+                result = runtime.add(netlist, rt)
+            cleanup.callback(_delete_quietly, runtime, netlist, rt, node)
+            ip = result["ips"][0]
+            pod.address, pod.gateway = ip["address"].split("/")[0], ip.get("gateway", "")
+            click.echo(f"  ADD {pod.name}: eth0 {ip['address']} via {pod.gateway}"
+                       + (f", hostPort {HOST_PORT} -> {POD_PORT}" if caps else ""))
+
+        click.echo("reachability:")
+        for src, dst in zip(pods, pods[1:] + pods[:1]):
+            ok, rtt = _ping(src.name, dst.address)
+            score.record(f"ping {src.name} -> {dst.name} ({dst.address})", ok, rtt)
+        ok, rtt = _ping(pods[0].name, pods[0].gateway)
+        score.record(f"ping {pods[0].name} -> gateway {pods[0].gateway}", ok, rtt)
+        for pod in pods:
+            ok, rtt = _ping(node_name, pod.address)
+            score.record(f"ping node -> {pod.name} ({pod.address})", ok, rtt)
+
+        click.echo("TCP:")
+        ok, detail = _tcp_exchange(pods[1].path, pods[0].path, pods[1].address, POD_PORT, POD_PORT)
+        score.record(f"TCP {pods[0].name} -> {pods[1].name}:{POD_PORT}", ok, detail)
+        if any(p["type"] == "portmap" for p in netlist.plugins):
+            ok, detail = _tcp_exchange(pods[0].path, pods[1].path, pods[0].gateway, HOST_PORT, POD_PORT)
+            score.record(f"TCP {pods[1].name} -> node {pods[0].gateway}:{HOST_PORT} (portmap to "
+                         f"{pods[0].name}:{POD_PORT})", ok, detail)
+
+        outside = netns.create(f"pycni-demo-outside-{tag}")
+        cleanup.callback(netns.delete, outside)
+        _link_outside(node_name, os.path.basename(outside))
+        click.echo(f"masquerade (ipMasq): pods -> {OUTSIDE_ADDR} in a namespace behind the node:")
+        client, server = pods[-1], pods[0]
+        ok, detail = _tcp_exchange(outside, client.path, OUTSIDE_ADDR, POD_PORT, POD_PORT)
+        score.record(f"TCP {client.name} -> outside {OUTSIDE_ADDR}:{POD_PORT} arrives from the node",
+                     ok and detail.endswith(NODE_UPLINK), detail)
+        ok, detail = _tcp_exchange(server.path, client.path, server.address, POD_PORT, POD_PORT)
+        score.record(f"TCP {client.name} -> {server.name} keeps the pod address",
+                     ok and detail.endswith(client.address), detail)
+
+        click.echo("cleaning up: DEL every pod, remove namespaces and the work dir")
+    leftovers = [n for n in netns.list_names() if n.endswith(tag)]
+    score.record("nothing left behind", not leftovers, ", ".join(leftovers))
+    total = len(score.passed) + len(score.failed)
+    click.echo(f"{len(score.passed)} of {total} checks passed")
+    return 0 if not score.failed else 1
+
+
+def _link_outside(node: str, outside: str) -> None:
+    """A veth pair from the node to an 'outside' namespace, with addresses on both ends."""
+    steps = [
+        ["ip", "-n", node, "link", "add", "uplink0", "type", "veth", "peer", "name", "eth0", "netns", outside],
+        ["ip", "-n", node, "addr", "add", f"{NODE_UPLINK}/24", "dev", "uplink0"],
+        ["ip", "-n", node, "link", "set", "uplink0", "up"],
+        ["ip", "-n", outside, "addr", "add", f"{OUTSIDE_ADDR}/24", "dev", "eth0"],
+        ["ip", "-n", outside, "link", "set", "eth0", "up"],
+        ["ip", "-n", outside, "link", "set", "lo", "up"],
+    ]
+    for step in steps:
+        subprocess.run(step, check=True, capture_output=True)
+
+
+def _delete_quietly(runtime, netlist, rt, node) -> None:
+    import netns
+
+    try:
+        with netns.enter(node):
+            runtime.delete(netlist, rt)
+    except Exception as exc:  # cleanup goes on; say what could not be removed
+        click.echo(f"  warning: DEL {rt.container_id} failed: {exc}", err=True)
+
+
+@click.command("demo")
+@click.option("--pods", "pod_count", default=3, show_default=True, type=click.IntRange(2, 8),
+              help="How many pod namespaces to attach.")
+def demo(pod_count: int) -> None:
+    """Build a live demo network in throwaway namespaces, test it, remove it.
+
+    Creates a node namespace and POD_COUNT pod namespaces, attaches the pods with
+    the example bridge network (bridge + host-local + portmap + bandwidth from
+    conf/examples), then shows their addresses, pings between pods and from the
+    node, a TCP exchange, a port mapping, and masquerading toward an "outside"
+    namespace behind the node. Everything is removed at the end,
+    also on Ctrl-C. Needs root; never touches the machine's own network.
+    """
+    if os.geteuid() != 0:
+        raise click.ClickException("the demo creates network namespaces: run it as root")
+
+    def stop(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        code = run_demo(pod_count)
+    except KeyboardInterrupt:
+        click.echo("interrupted: everything the demo made has been removed", err=True)
+        code = 130
+    except Exception as exc:
+        raise click.ClickException(f"demo failed: {exc} (everything it made has been removed)") from None
+    raise SystemExit(code)
