@@ -279,9 +279,11 @@ def _add(req: CmdArgs, n: BridgeConf, undo: Undo) -> Result:
         ])
 
         if n.mac_spoof_check:
-            spoof = SpoofCheck(host.name, container.mac, f"{req.container_id}-{req.ifname}")
-            spoof.setup()
-            undo.push("remove mac spoof check", spoof.teardown)
+            from . import spoofchk
+
+            spoofchk.setup(req.network_name, req.container_id, req.ifname, host.name, container.mac)
+            undo.push("remove mac spoof check",
+                      lambda: spoofchk.teardown(req.network_name, req.container_id, req.ifname))
 
         if n.is_layer3:
             _add_layer3(req, n, ipr, bridge, result, undo)
@@ -558,7 +560,9 @@ def cmd_del(req: CmdArgs) -> None:
 
         attempt(lambda: ipam_exec.exec_del(req))
     if n.mac_spoof_check:
-        attempt(SpoofCheck("", "", f"{req.container_id}-{req.ifname}").teardown)
+        from . import spoofchk
+
+        attempt(lambda: spoofchk.teardown(req.network_name, req.container_id, req.ifname))
     if n.is_layer3 and n.ip_masq:
         # Without the namespace the masquerade state is found by network and container ID.
         attempt(lambda: _masq_module().teardown_masq(req.network_name, req.container_id, req.ifname,
@@ -717,6 +721,10 @@ def _check_container_state(ifname: str, result: Result) -> None:
 def cmd_gc(req: CmdArgs) -> None:
     n = load_conf(req.conf, "")
     valid = gc_attachments(req.conf)
+    if n.mac_spoof_check:
+        from . import spoofchk
+
+        spoofchk.gc(req.network_name, valid)
     if n.ip_masq:
         _masq_module().gc_masq(req.network_name, valid, backend=n.ip_masq_backend)
     if n.is_layer3:
@@ -744,68 +752,6 @@ def _masq_module() -> Any:
                        "the cni_plugins.masq module is missing; set ipMasq to false or install a "
                        "complete pycni") from None
     return masq
-
-
-class SpoofCheck:
-    """macspoofchk: drop frames from the host veth whose source MAC is not the container's.
-
-    nftables in the node namespace, laid out like the reference: table
-    ``bridge nat``, base chain PREROUTING (filter hook, priority -300) jumping
-    to a per-attachment chain that returns for the allowed MAC and drops the rest.
-    Chain names derive from a hash of containerID-ifname so any ID fits.
-    """
-
-    TABLE = "nat"
-    BASE = "PREROUTING"
-
-    def __init__(self, iface: str, mac: str, ref_id: str) -> None:
-        import hashlib
-
-        self.iface = iface
-        self.mac = mac
-        digest = hashlib.sha256(ref_id.encode()).hexdigest()[:16]
-        self.chain = f"cni_br_iface_{digest}"
-        self.mac_chain = f"{self.chain}_mac"
-        self.comment = f"macspoofchk-{digest}"
-
-    def setup(self) -> None:
-        from . import nft
-
-        iface = self.iface
-        if not iface or any(c in iface for c in '"\\;{}#$ \t\n') or len(iface) > 15:
-            raise CNIError(ERR_INTERNAL, f"invalid interface name {iface!r} for the spoof check")
-        _mac(self.mac, "the container interface")
-        note = nft.comment(self.comment)
-        nft.apply(
-            f"table bridge {self.TABLE} {{\n"
-            f"  chain {self.BASE} {{ type filter hook prerouting priority -300; policy accept; }}\n"
-            f"  chain {self.chain} {{ }}\n"
-            f"  chain {self.mac_chain} {{ }}\n"
-            f"}}\n"
-            f"flush chain bridge {self.TABLE} {self.chain}\n"
-            f"flush chain bridge {self.TABLE} {self.mac_chain}\n"
-            f"add rule bridge {self.TABLE} {self.BASE} iifname \"{iface}\" jump {self.chain} comment {note}\n"
-            f"add rule bridge {self.TABLE} {self.chain} jump {self.mac_chain} comment {note}\n"
-            f"add rule bridge {self.TABLE} {self.mac_chain} ether saddr {self.mac} return comment {note}\n"
-            f"add rule bridge {self.TABLE} {self.mac_chain} drop comment {note}\n")
-
-    def teardown(self) -> None:
-        from . import nft
-
-        listed = nft.list_json("chain", "bridge", self.TABLE, self.BASE)
-        if listed is None:
-            return  # no table or base chain: nothing was set up
-        ops = []
-        for obj in listed:
-            rule = obj.get("rule")
-            if rule and any(stmt.get("jump", {}).get("target") == self.chain for stmt in rule.get("expr", [])):
-                ops.append(f"delete rule bridge {self.TABLE} {self.BASE} handle {int(rule['handle'])}\n")
-        chains = nft.list_json("table", "bridge", self.TABLE) or []
-        names = {obj["chain"]["name"] for obj in chains if "chain" in obj}
-        ours = [chain for chain in (self.chain, self.mac_chain) if chain in names]
-        ops += [f"flush chain bridge {self.TABLE} {chain}\n" for chain in ours]
-        ops += [f"delete chain bridge {self.TABLE} {chain}\n" for chain in ours]
-        nft.apply("".join(ops))
 
 
 FUNCS = PluginFuncs(add=cmd_add, delete=cmd_del, check=cmd_check, gc=cmd_gc, status=cmd_status)

@@ -30,21 +30,16 @@ pytestmark = [pytest.mark.integration,
 REF_DIR = "/usr/lib/cni"
 REF_BRIDGE = os.path.join(REF_DIR, "bridge")
 VERSIONS = ["0.2.0", "0.3.1", "0.4.0", "1.0.0"]
-HAVE_MASQ = importlib.util.find_spec("cni_plugins.masq") is not None
-HAVE_OWN_HOST_LOCAL = importlib.util.find_spec("ipam.host_local") is not None
 
 
 # ---- harness ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def bin_dir(tmp_path_factory):
-    """pycni's plugins installed as executables; host-local: ours if present, else the reference's."""
+    """pycni's plugins installed as executables (host-local included)."""
     path = tmp_path_factory.mktemp("cni-bin")
     subprocess.run([shutil.which("pycni") or os.path.join(os.path.dirname(sys.executable), "pycni"),
                     "install", "--cni-bin-dir", str(path)], check=True, capture_output=True)
-    if not HAVE_OWN_HOST_LOCAL:
-        os.unlink(path / "host-local")
-        os.symlink(os.path.join(REF_DIR, "host-local"), path / "host-local")
     return str(path)
 
 
@@ -453,7 +448,7 @@ def test_failed_add_rolls_back(make_node):
     node.sh("ip", "link", "add", "cni0", "type", "bridge")
     node.sh("ip", "addr", "add", "10.99.0.1/24", "dev", "cni0")
     pod = node.pod()
-    conf = bridge_conf(node, isGateway=True, ipMasq=HAVE_MASQ)
+    conf = bridge_conf(node, isGateway=True, ipMasq=True)
     before = node.sh("nft", "list", "ruleset").stdout
     add = node.run("ADD", conf, pod, "rb1")
     assert add.rc != 0 and "already has an IP address" in add.out["msg"], add.out
@@ -587,13 +582,45 @@ def test_macspoofchk(make_node):
     assert "cni_br_iface" not in chains
 
 
+def spoof_chains(node: Node) -> str:
+    return node.sh("nft", "list", "table", "bridge", "nat", check=False).stdout.decode()
+
+
+def spoof_checked_ports(node: Node) -> int:
+    """How many host veths the base chain sends to a per-attachment spoof check."""
+    return spoof_chains(node).count("iifname ")
+
+
+def test_macspoofchk_del_without_netns_and_gc_remove_exactly_the_stale(make_node):
+    node = make_node("ours")
+    pods = [node.pod(), node.pod(), node.pod()]
+    conf = bridge_conf(node, "1.1.0", macspoofchk=True)
+    adds = [node.run("ADD", conf, pod, f"sg{n}") for n, pod in enumerate(pods)]
+    assert all(a.rc == 0 for a in adds), [a.out for a in adds]
+    assert spoof_checked_ports(node) == 3
+    # A second DEL without a namespace (containerd does this) still finds the rules.
+    assert node.run("DEL", conf, None, "sg0", netns_path="").rc == 0
+    assert spoof_checked_ports(node) == 2
+    # Another network's GC leaves this network's checks alone.
+    other = dict(conf, name="othernet", **{"cni.dev/valid-attachments": []})
+    assert node.run("GC", other).rc == 0
+    assert spoof_checked_ports(node) == 2
+    valid = [{"containerID": "sg1", "ifname": "eth0"}]
+    assert node.run("GC", dict(conf, **{"cni.dev/valid-attachments": valid})).rc == 0
+    rules = spoof_chains(node)
+    assert spoof_checked_ports(node) == 1
+    assert adds[1].out["interfaces"][1]["name"] in rules
+    for n, pod in enumerate(pods):
+        assert node.run("DEL", conf, pod, f"sg{n}").rc == 0
+    assert "cni_br_iface" not in spoof_chains(node)
+
+
 def firewall(node: Node, backend: str) -> str:
     if backend == "nftables":
         return node.sh("nft", "list", "ruleset").stdout.decode()
     return node.sh("iptables-save", "-t", "nat").stdout.decode()
 
 
-@pytest.mark.skipif(not HAVE_MASQ, reason="cni_plugins.masq is not installed yet")
 @pytest.mark.parametrize("backend", ["nftables", "iptables"])
 def test_ip_masq_rules_follow_the_pod(make_node, backend):
     node = make_node("ours")
@@ -608,14 +635,13 @@ def test_ip_masq_rules_follow_the_pod(make_node, backend):
     assert node.run("DEL", conf, None, "masq0", netns_path="").rc == 0
     assert "10.22.0.2" not in firewall(node, backend)
     assert node.run("DEL", conf, pods[0], "masq0").rc == 0
-    if HAVE_OWN_HOST_LOCAL:  # GC reaches IPAM too, which must speak 1.1.0
-        assert node.run("GC", dict(conf, **{"cni.dev/valid-attachments": []})).rc == 0
-        assert "10.22.0.3" not in firewall(node, backend)
-        assert node.leases("podnet") == []
+    # GC reaches IPAM too (pycni's host-local speaks 1.1.0).
+    assert node.run("GC", dict(conf, **{"cni.dev/valid-attachments": []})).rc == 0
+    assert "10.22.0.3" not in firewall(node, backend)
+    assert node.leases("podnet") == []
     assert node.run("DEL", conf, pods[1], "masq1").rc == 0
 
 
-@pytest.mark.skipif(not HAVE_OWN_HOST_LOCAL, reason="pycni host-local (GC, STATUS) is not installed yet")
 def test_gc_and_status_pass_on_to_ipam(make_node):
     node = make_node("ours")
     conf = bridge_conf(node, "1.1.0")
