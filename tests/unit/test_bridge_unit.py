@@ -276,16 +276,20 @@ def test_no_vlan_no_calls(vlan_calls):
     assert vlan_calls == []
 
 
-def test_spoof_check_ruleset(monkeypatch):
-    from cni_plugins import nft
+def test_spoof_check_names_are_per_network_and_attachment():
+    from cni_plugins import spoofchk
 
-    applied = []
-    monkeypatch.setattr(nft, "apply", applied.append)
-    check = bridge.SpoofCheck("veth1234abcd", "0a:58:00:00:00:01", "ctr-eth0")
-    check.setup()
-    text = applied[0]
-    assert "type filter hook prerouting priority -300" in text
-    assert f'iifname "veth1234abcd" jump {check.chain}' in text
-    assert f"ether saddr 0a:58:00:00:00:01 return" in text and f"{check.mac_chain} drop" in text
+    ids = {spoofchk.attachment_id(net, cid, ifname)
+           for net in ("a", "b") for cid in ("c1", "c2") for ifname in ("eth0", "net1")}
+    assert len(ids) == 8
+    assert spoofchk.network_tag("a") != spoofchk.network_tag("b")
+
+
+@pytest.mark.parametrize("iface,mac", [('veth" drop', "0a:58:00:00:00:01"), ("veth1;", "0a:58:00:00:00:01"),
+                                       ("", "0a:58:00:00:00:01"), ("veth1", "0a:58:00:00:00:01 drop"),
+                                       ("veth1", "zz:58:00:00:00:01")])
+def test_spoof_check_refuses_rule_syntax_before_touching_nftables(iface, mac):
+    from cni_plugins import spoofchk
+
     with pytest.raises(CNIError):
-        bridge.SpoofCheck('veth" drop', "0a:58:00:00:00:01", "x").setup()
+        spoofchk.setup("net", "ctr", "eth0", iface, mac)
