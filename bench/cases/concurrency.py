@@ -1,0 +1,121 @@
+"""100 ADDs on one network, 10 running at a time: wall time, failures, duplicates.
+
+The runtime-like scheduler starts plugin processes without threads and reaps
+them with wait4(), so a new ADD starts the moment one finishes. Duplicates
+are addresses handed to more than one container (must be zero: host-local's
+lock file is the only thing between concurrent ADDs).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from .. import configs
+from ..context import Context
+from ..sides import Call, Side, start
+from ..spawn import Outcome
+from ..stats import pair
+
+NET = "benchconc"
+NETWORKS = [
+    ("host-local", ["host-local"]),
+    ("bridge+host-local", ["bridge", "host-local"]),
+]
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    for label, needs in NETWORKS:
+        if label not in ctx.settings.concurrency_networks:
+            continue
+        missing = ctx.missing(needs)
+        if missing:
+            ctx.note(f"concurrency/{label}: skipped, pycni has no {', '.join(missing)} plugin yet")
+            figures[label] = {"skipped": f"missing plugin(s): {', '.join(missing)}"}
+            continue
+        print(f"  concurrency: {label}, {ctx.settings.concurrency_total} ADDs, "
+              f"{ctx.settings.concurrency_parallel} at a time", flush=True)
+        try:
+            figures[label] = _measure(ctx, label)
+        except Exception as exc:
+            ctx.note(f"concurrency/{label}: failed: {exc}")
+            figures[label] = {"error": str(exc)}
+    return figures
+
+
+def _measure(ctx: Context, label: str) -> dict[str, Any]:
+    walls: dict[str, list[float]] = {"pycni": [], "reference": []}
+    per_add: dict[str, list[float]] = {"pycni": [], "reference": []}
+    per_add_cpu: dict[str, list[float]] = {"pycni": [], "reference": []}
+    duplicates = {"pycni": 0, "reference": 0}
+    failures: dict[str, int] = {"pycni": 0, "reference": 0}
+    first_failure: dict[str, str] = {}
+    for round_no in range(ctx.settings.concurrency_rounds):
+        for side in ctx.both(round_no):
+            wall, done, dups, failed, why = _round(ctx, side, label, round_no)
+            walls[side.name].append(wall)
+            per_add[side.name].extend(o.wall_s for o in done)
+            per_add_cpu[side.name].extend(o.cpu_s for o in done)
+            duplicates[side.name] += dups
+            failures[side.name] += failed
+            if why and side.name not in first_failure:
+                first_failure[side.name] = why
+    out = {"wall": pair(walls["pycni"], walls["reference"], "s"),
+           "per_add": pair(per_add["pycni"], per_add["reference"], "ms", 1000),
+           "per_add_cpu": pair(per_add_cpu["pycni"], per_add_cpu["reference"], "ms", 1000),
+           "duplicates": duplicates, "failures": failures,
+           "adds": ctx.settings.concurrency_total, "parallel": ctx.settings.concurrency_parallel}
+    if first_failure:
+        out["first_failure"] = first_failure
+    return out
+
+
+def _round(ctx: Context, side: Side, label: str, round_no: int) -> tuple[float, list[Outcome], int, int, str]:
+    cleanup, settings = ctx.cleanup, ctx.settings
+    node = cleanup.namespace("node")
+    data_dir = cleanup.directory(side.name)
+    bridged = label.startswith("bridge")
+    pods: list[str] = []
+    try:
+        if bridged:
+            pods = [cleanup.namespace("pod") for _ in range(settings.concurrency_total)]
+        else:  # host-local never enters the namespace; one is enough for a valid CNI_NETNS
+            pods = [cleanup.namespace("pod")]
+        conf = configs.bridge(NET, data_dir) if bridged else configs.host_local(NET, data_dir)
+        plugin = conf["type"]
+        calls = [Call("ADD", conf, f"conc-{round_no}-{i}", f"/var/run/netns/{pods[i % len(pods)]}")
+                 for i in range(settings.concurrency_total)]
+        outcomes, wall = _run_parallel(side, plugin, calls, node, settings.concurrency_parallel)
+        addresses: list[str] = []
+        failed, why = 0, ""
+        for outcome in outcomes:
+            if not outcome.ok:
+                failed += 1
+                why = why or outcome.describe()
+                continue
+            addresses += [ip["address"].split("/")[0] for ip in (outcome.json() or {}).get("ips", [])]
+        duplicates = len(addresses) - len(set(addresses))
+        return wall, [o for o in outcomes if o.ok], duplicates, failed, why
+    finally:
+        for name in [*pods, node]:
+            cleanup.drop_namespace(name)
+        cleanup.drop_directory(data_dir)
+
+
+def _run_parallel(side: Side, plugin: str, calls: list[Call], node: str,
+                  parallel: int) -> tuple[list[Outcome], float]:
+    """Run all calls, at most `parallel` at once; return the outcomes and the total wall time."""
+    pending = list(calls)
+    running = {}
+    done: list[Outcome] = []
+    started = time.perf_counter()
+    while pending or running:
+        while pending and len(running) < parallel:
+            proc = start(side, plugin, pending.pop(0), node)
+            running[proc.proc.pid] = proc
+        pid, status, usage = os.wait4(-1, 0)
+        proc = running.pop(pid, None)
+        if proc is not None:
+            done.append(proc.finished(status, usage))
+    return done, time.perf_counter() - started

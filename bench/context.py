@@ -1,0 +1,69 @@
+"""Run modes and the state every case shares."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .cleanup import Cleanup
+from .sides import Side
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: str
+    iterations: int            # timed ADD/DEL pairs per side and latency case
+    warmup: int                # untimed iterations per side before them
+    scale_checkpoints: tuple[int, ...]
+    scale_samples: int         # ADDs timed at each checkpoint
+    concurrency_networks: tuple[str, ...]  # which of concurrency.NETWORKS to run
+    concurrency_total: int
+    concurrency_parallel: int
+    concurrency_rounds: int
+    iperf_seconds: int
+    iperf_omit: int            # seconds iperf3 leaves out at the start (TCP ramp, tbf burst)
+    dataplane_rounds: int
+    rates_mbit: tuple[int, ...]
+    startup_iterations: int
+    memory_iterations: int
+
+
+BOTH_NETWORKS = ("host-local", "bridge+host-local")
+
+MODES = {
+    "smoke": Settings("smoke", iterations=2, warmup=0, scale_checkpoints=(3,), scale_samples=2,
+                      concurrency_networks=BOTH_NETWORKS, concurrency_total=20, concurrency_parallel=5,
+                      concurrency_rounds=1, iperf_seconds=1, iperf_omit=0, dataplane_rounds=1,
+                      rates_mbit=(8,), startup_iterations=3, memory_iterations=1),
+    # quick keeps under two minutes on a 2-core machine: concurrency on host-local only.
+    "quick": Settings("quick", iterations=5, warmup=1, scale_checkpoints=(10, 50), scale_samples=3,
+                      concurrency_networks=("host-local",), concurrency_total=100, concurrency_parallel=10,
+                      concurrency_rounds=1, iperf_seconds=2, iperf_omit=0, dataplane_rounds=1,
+                      rates_mbit=(8, 50), startup_iterations=10, memory_iterations=3),
+    "full": Settings("full", iterations=20, warmup=2, scale_checkpoints=(10, 100, 500, 1000), scale_samples=5,
+                     concurrency_networks=BOTH_NETWORKS, concurrency_total=100, concurrency_parallel=10,
+                     concurrency_rounds=3, iperf_seconds=5, iperf_omit=1, dataplane_rounds=3,
+                     rates_mbit=(8, 50), startup_iterations=40, memory_iterations=5),
+}
+
+
+@dataclass
+class Context:
+    settings: Settings
+    cleanup: Cleanup
+    pycni: Side
+    reference: Side
+    notes: list[str] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        print(f"  note: {text}", flush=True)
+        self.notes.append(text)
+
+    def both(self, index: int) -> tuple[Side, Side]:
+        """Both sides, in alternating order so that neither always goes first."""
+        return (self.pycni, self.reference) if index % 2 == 0 else (self.reference, self.pycni)
+
+    def missing(self, plugins: list[str]) -> list[str]:
+        return [p for p in plugins if not self.pycni.has(p) or not self.reference.has(p)]
+
+    def settings_dict(self) -> dict[str, Any]:
+        return asdict(self.settings)
