@@ -403,6 +403,20 @@ def test_del_without_prev_result_or_netns(env):
     assert ask(env.outside, NODE_V4, 8080) is None
 
 
+def test_del_without_mappings_still_removes_the_containers_elements(env):
+    a, b = env.pods[0], env.pods[1]
+    assert pm_add(env, a, TCP_UDP)[0] == 0
+    assert pm_add(env, b, [{"hostPort": 9090, "containerPort": 9000, "protocol": "tcp"}])[0] == 0
+    conf = env.portmap_conf(a, [])  # a runtime that forgot the mappings on DEL
+    del conf["prevResult"]
+    rc, out = env.run_plugin(OURS, "DEL", conf, a.container_id, "")
+    assert rc == 0, out
+    assert not owner_comment_present(env, "ctrA")
+    assert ask(env.outside, NODE_V4, 8080) is None
+    assert owner_comment_present(env, "ctrB")  # the other pod keeps its mapping
+    assert pm_del(env, b, [{"hostPort": 9090, "containerPort": 9000, "protocol": "tcp"}])[0] == 0
+
+
 def test_no_mappings_passes_through_and_installs_nothing(env):
     a = env.pods[0]
     rc, out = pm_add(env, a, [])
