@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import ERR_INTERNAL, ERR_INVALID_CONFIG, CNIError
 from .skel import CmdArgs, PluginFuncs, gc_attachments, plugin_main, prev_result
 from .types import Interface, Result
+from . import netlink as _netlink  # noqa: F401  (before any pyroute2 import: skips its package __init__)
 
 if TYPE_CHECKING:
     from .tc import Link, TokenBucket
@@ -219,7 +220,7 @@ class ContainerLink:
 
 
 def _container_link(ifname: str) -> ContainerLink | None:
-    from pyroute2 import IPRoute
+    from .netlink import IPRoute
 
     from . import tc
 
@@ -322,7 +323,7 @@ def cmd_add(req: CmdArgs) -> Result:
                        "list bandwidth after bridge (or ptp) in a .conflist so it receives prevResult")
     ingress, egress = token_buckets(bw)
 
-    from pyroute2 import IPRoute
+    from .netlink import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
     from . import tc
@@ -364,7 +365,7 @@ def _host_index_for_del(ipr: Any, req: CmdArgs) -> int | None:
 
 
 def cmd_del(req: CmdArgs) -> None:
-    from pyroute2 import IPRoute
+    from .netlink import IPRoute
 
     with IPRoute() as ipr:
         teardown(ipr, ifb_name(req.network_name, req.container_id), _host_index_for_del(ipr, req))
@@ -427,7 +428,7 @@ def cmd_check(req: CmdArgs) -> None:
         validate_subnets(bw)
     ingress, egress = token_buckets(bw) if bw is not None else (None, None)
 
-    from pyroute2 import IPRoute
+    from .netlink import IPRoute
 
     from . import tc
 
@@ -451,7 +452,7 @@ def cmd_check(req: CmdArgs) -> None:
 
 
 def cmd_gc(req: CmdArgs) -> None:
-    from pyroute2 import IPRoute
+    from .netlink import IPRoute
 
     from . import tc
 

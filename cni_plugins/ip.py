@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from .errors import ERR_INTERNAL, CNIError
+from . import netlink as _netlink  # noqa: F401  (before any pyroute2 import: skips its package __init__)
 
 IFF_UP = 0x1
 IFF_PROMISC = 0x100
@@ -39,7 +40,7 @@ DAD_SETTLE_INTERVAL = 0.05
 
 def open_netlink() -> Any:
     """An IPRoute socket in the calling thread's network namespace (close it when done)."""
-    from pyroute2 import IPRoute
+    from .netlink import IPRoute
 
     return IPRoute()
 
