@@ -11,11 +11,12 @@ import base64
 import binascii
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 from cni_plugins.errors import ERR_DECODE, ERR_IO, CNIError
+
+from .fileutil import write_atomically
 
 DEFAULT_CACHE_DIR = "/var/lib/cni"
 CACHE_KIND = "cniCacheV1"
@@ -103,17 +104,7 @@ class ResultCache:
         data = json.dumps(entry.to_dict()).encode()
         try:
             os.makedirs(self.results_dir, mode=0o700, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.results_dir)
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.chmod(tmp, 0o600)
-                os.replace(tmp, target)
-            except BaseException:
-                _remove_quietly(tmp)
-                raise
+            write_atomically(target, data, 0o600)
         except OSError as exc:
             raise CNIError(ERR_IO, f"cannot write cache entry {target}: {exc.strerror}",
                            "check that --cache-dir / CNI_CACHE_DIR is writable") from None
