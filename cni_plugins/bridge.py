@@ -42,6 +42,7 @@ class BridgeConf:
     force_address: bool = False
     ip_masq: bool = False
     ip_masq_backend: str = DEFAULT_MASQ_BACKEND
+    ip_masq_backend_chosen: bool = False  # ipMasqBackend given in the config
     mtu: int = 0
     hairpin_mode: bool = False
     promisc_mode: bool = False
@@ -130,6 +131,7 @@ def load_conf(conf: dict[str, Any], cni_args: str) -> BridgeConf:
     n.force_address = _get(conf, "forceAddress", bool, False)
     n.ip_masq = _get(conf, "ipMasq", bool, False)
     n.ip_masq_backend = _get(conf, "ipMasqBackend", str, DEFAULT_MASQ_BACKEND) or DEFAULT_MASQ_BACKEND
+    n.ip_masq_backend_chosen = bool(conf.get("ipMasqBackend"))
     n.mtu = _get(conf, "mtu", int, 0)
     n.hairpin_mode = _get(conf, "hairpinMode", bool, False)
     n.promisc_mode = _get(conf, "promiscMode", bool, False)
@@ -565,8 +567,9 @@ def cmd_del(req: CmdArgs) -> None:
         attempt(lambda: spoofchk.teardown(req.network_name, req.container_id, req.ifname))
     if n.is_layer3 and n.ip_masq:
         # Without the namespace the masquerade state is found by network and container ID.
-        attempt(lambda: _masq_module().teardown_masq(req.network_name, req.container_id, req.ifname,
-                                                     backend=n.ip_masq_backend, addresses=addresses or None))
+        for backend in _masq_backends_to_clean(n):
+            attempt(lambda backend=backend: _masq_module().teardown_masq(
+                req.network_name, req.container_id, req.ifname, backend=backend, addresses=addresses or None))
     if failures:
         raise failures[0]
     return None
@@ -726,7 +729,8 @@ def cmd_gc(req: CmdArgs) -> None:
 
         spoofchk.gc(req.network_name, valid)
     if n.ip_masq:
-        _masq_module().gc_masq(req.network_name, valid, backend=n.ip_masq_backend)
+        for backend in _masq_backends_to_clean(n):
+            _masq_module().gc_masq(req.network_name, valid, backend=backend)
     if n.is_layer3:
         from . import ipam_exec
 
@@ -743,6 +747,18 @@ def cmd_status(req: CmdArgs) -> None:
 
 
 # ---- helpers ----------------------------------------------------------------------
+
+def _masq_backends_to_clean(n: BridgeConf) -> list[str]:
+    """The backends whose masquerade state DEL and GC remove.
+
+    Without ipMasqBackend in the config, both: the reference bridge defaults to
+    iptables, so a node moving from it to pycni (nftables by default) with the
+    same config would otherwise keep the reference's rules for ever.
+    """
+    if n.ip_masq_backend_chosen:
+        return [n.ip_masq_backend]
+    return [n.ip_masq_backend] + [b for b in MASQ_BACKENDS if b != n.ip_masq_backend]
+
 
 def _masq_module() -> Any:
     try:

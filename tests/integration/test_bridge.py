@@ -689,3 +689,22 @@ def test_spec_1_1_0_result_carries_mtus(make_node):
     assert add.out["cniVersion"] == "1.1.0" and "version" not in add.out["ips"][0]
     assert node.run("CHECK", with_prev(conf, add.out), pod, "v110").rc == 0
     assert node.run("DEL", conf, pod, "v110").rc == 0
+
+
+def test_del_cleans_the_reference_iptables_masquerade_when_no_backend_is_named(make_node, bin_dir):
+    """A node moving from the reference bridge (iptables by default) to pycni (nftables by
+    default) with an unchanged config: pycni's DEL still removes the reference's rules."""
+    node = make_node("ref")
+    pod = node.pod()
+    conf = bridge_conf(node, isGateway=True, ipMasq=True)
+    add = node.run("ADD", conf, pod, "mig0")
+    assert add.rc == 0, add.out
+    assert "CNI-" in firewall(node, "iptables")
+    node.plugin, node.cni_path = os.path.join(bin_dir, "bridge"), bin_dir
+    assert node.run("DEL", conf, pod, "mig0").rc == 0
+    rules = firewall(node, "iptables")
+    assert "CNI-" not in rules and "10.22.0.2" not in rules
+    assert node.leases("podnet") == []
+    # Naming the backend limits DEL to it.
+    named = dict(conf, ipMasqBackend="nftables")
+    assert node.run("DEL", named, pod, "mig0").rc == 0
