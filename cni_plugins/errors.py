@@ -45,6 +45,3 @@ class CNIError(Exception):
             return f"{self.msg}; {self.details}"
         return self.msg
 
-
-def invalid_config(msg: str, details: str = "") -> CNIError:
-    return CNIError(ERR_INVALID_CONFIG, msg, details)

@@ -16,7 +16,6 @@ SIOCSIFFLAGS = 0x8914
 SIOCGIFADDR = 0x8915
 SIOCGIFNETMASK = 0x891B
 IFF_UP = 0x1
-_IFREQ = "16sH14s"
 
 
 def _ifreq_flags(ifname: str, flags: int = 0) -> bytes:

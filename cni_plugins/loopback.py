@@ -7,7 +7,7 @@ ever works on `lo`.
 """
 from __future__ import annotations
 
-from .errors import CNIError
+from .errors import ERR_INTERNAL, CNIError
 from .nsutil import in_netns, netns_gone
 from .skel import CmdArgs, PluginFuncs, plugin_main, prev_result
 from .types import Interface, IPConfig, Result
@@ -23,7 +23,7 @@ def _bring_up() -> tuple[str | None, str | None]:
     v6 = ifioctl.ipv6_addresses(LOOPBACK)
     for addr in ([v4] if v4 else []) + v6:
         if not addr.ip.is_loopback:
-            raise CNIError(999, f"loopback interface found with non-loopback address {addr.ip}",
+            raise CNIError(ERR_INTERNAL, f"loopback interface found with non-loopback address {addr.ip}",
                            "remove the address from lo in the container")
     return (str(v4) if v4 else None), (str(v6[0]) if v6 else None)
 
@@ -58,7 +58,7 @@ def _check_up() -> None:
     from . import ifioctl
 
     if not ifioctl.is_up(LOOPBACK):
-        raise CNIError(999, "loopback interface is down", "run ADD again or bring lo up in the container")
+        raise CNIError(ERR_INTERNAL, "loopback interface is down", "run ADD again or bring lo up in the container")
 
 
 def cmd_check(req: CmdArgs) -> None:

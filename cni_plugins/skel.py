@@ -207,9 +207,7 @@ def handle(req: CmdArgs, funcs: PluginFuncs) -> str:
     func = {"ADD": funcs.add, "DEL": funcs.delete, "CHECK": funcs.check,
             "GC": funcs.gc, "STATUS": funcs.status}[req.command]
     if func is None:
-        if req.command in ("GC", "STATUS", "CHECK"):
-            return ""  # nothing to collect, check or report: success
-        raise CNIError(ERR_INTERNAL, f"plugin does not implement {req.command}")
+        return ""  # an optional command the plugin has nothing to do for (add and delete are required)
     result = func(req)
     if result is None:
         return ""
