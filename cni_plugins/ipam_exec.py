@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 from .errors import ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_TRY_AGAIN, CNIError
 from .skel import CmdArgs
@@ -37,16 +37,24 @@ def ipam_type(conf: dict[str, Any]) -> str:
     return value
 
 
-def find_plugin(name: str, path_dirs: list[str]) -> str:
-    """The executable called ``name`` in the first CNI_PATH directory that has it."""
-    if not name or "/" in name or name in (".", ".."):
-        raise CNIError(ERR_INVALID_CONFIG, f"invalid plugin name {name!r}", "ipam.type must be a plain file name")
-    if not path_dirs:
-        raise CNIError(ERR_INVALID_CONFIG, f"failed to find plugin {name!r}: CNI_PATH is empty")
+def find_executable(name: str, path_dirs: list[str]) -> str | None:
+    """The executable called ``name`` in the first directory of ``path_dirs`` that has it."""
     for directory in path_dirs:
         candidate = os.path.join(directory, name)
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
+    return None
+
+
+def find_plugin(name: str, path_dirs: list[str]) -> str:
+    """The IPAM executable called ``name`` in CNI_PATH."""
+    if not name or "/" in name or name in (".", ".."):
+        raise CNIError(ERR_INVALID_CONFIG, f"invalid plugin name {name!r}", "ipam.type must be a plain file name")
+    if not path_dirs:
+        raise CNIError(ERR_INVALID_CONFIG, f"failed to find plugin {name!r}: CNI_PATH is empty")
+    found = find_executable(name, path_dirs)
+    if found:
+        return found
     raise CNIError(ERR_INVALID_CONFIG, f"failed to find plugin {name!r} in path {path_dirs}",
                    "install the IPAM plugin into a CNI_PATH directory or fix ipam.type")
 
@@ -137,34 +145,26 @@ def exec_add(req: CmdArgs) -> Result:
 
 
 def exec_del(req: CmdArgs) -> None:
-    plugin, module = _in_process(req)
-    if module is not None:
-        module.release(req.conf, req.container_id, req.ifname, req.args)
-        return
-    exec_plugin(plugin, "DEL", req)
+    _delegate(req, "DEL", lambda module: module.release(req.conf, req.container_id, req.ifname, req.args))
 
 
 def exec_check(req: CmdArgs) -> None:
-    plugin, module = _in_process(req)
-    if module is not None:
-        module.check(req.conf, req.container_id, req.ifname, req.args)
-        return
-    exec_plugin(plugin, "CHECK", req)
+    _delegate(req, "CHECK", lambda module: module.check(req.conf, req.container_id, req.ifname, req.args))
 
 
-def exec_gc(req: CmdArgs, valid: list[tuple[str, str]] | None = None) -> None:
-    plugin, module = _in_process(req)
-    if module is not None:
-        from .skel import gc_attachments
-
-        module.gc(req.conf, valid if valid is not None else gc_attachments(req.conf))
-        return
-    exec_plugin(plugin, "GC", req)
+def exec_gc(req: CmdArgs, valid: list[tuple[str, str]]) -> None:
+    """GC with ``valid``, the (container ID, ifname) pairs the runtime still uses."""
+    _delegate(req, "GC", lambda module: module.gc(req.conf, valid))
 
 
 def exec_status(req: CmdArgs) -> None:
+    _delegate(req, "STATUS", lambda module: module.status(req.conf))
+
+
+def _delegate(req: CmdArgs, command: str, serve_in_process: Callable[[Any], Any]) -> None:
+    """Serve a command whose answer is only success or an error: in-process or through the executable."""
     plugin, module = _in_process(req)
     if module is not None:
-        module.status(req.conf)
-        return
-    exec_plugin(plugin, "STATUS", req)
+        serve_in_process(module)
+    else:
+        exec_plugin(plugin, command, req)

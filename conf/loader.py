@@ -15,22 +15,25 @@ from typing import Callable, Iterable
 from cni_plugins.errors import ERR_INVALID_CONFIG, ERR_IO
 
 from .errors import ConfError, NetworkNotFoundError
-from .netconf import NETWORK_NAME_RE, NetworkConfigList, decode_json, parse_conflist, parse_single_conf
+from .netconf import NetworkConfigList, check_network_name, decode_json, parse_conflist, parse_single_conf
 
 DEFAULT_CONF_DIR = "/etc/cni/net.d"
 CONFLIST_EXTENSIONS = (".conflist",)
 SINGLE_CONF_EXTENSIONS = (".conf", ".json")
 
 
+def dir_list(value: str | Iterable[str] | None, env_var: str, default: str) -> list[str]:
+    """Directories from ``value`` (a ':'-separated string or an iterable), else from
+    ``$env_var``, else ``[default]``; empty entries are dropped."""
+    if value is None:
+        value = os.environ.get(env_var, "")
+    parts = value.split(":") if isinstance(value, str) else value
+    return [d for d in parts if d] or [default]
+
+
 def conf_dirs(value: str | Iterable[str] | None = None) -> list[str]:
     """The directories to search: ``value``, else $NETCONFPATH, else /etc/cni/net.d."""
-    if value is None:
-        value = os.environ.get("NETCONFPATH", "")
-    if isinstance(value, str):
-        dirs = [d for d in value.split(":") if d]
-    else:
-        dirs = [d for d in value if d]
-    return dirs or [DEFAULT_CONF_DIR]
+    return dir_list(value, "NETCONFPATH", DEFAULT_CONF_DIR)
 
 
 def conf_files(directory: str, extensions: tuple[str, ...]) -> list[str]:
@@ -77,9 +80,7 @@ def _search(directory: str, extensions: tuple[str, ...], name: str,
 
 def load_conflist(name: str, dirs: str | Iterable[str] | None = None) -> NetworkConfigList:
     """Load and validate the network called ``name`` (see the module docstring)."""
-    if not isinstance(name, str) or not NETWORK_NAME_RE.match(name):
-        raise ConfError(f"{name!r} is not a valid network name: use letters, digits, '_', '.' "
-                        "and '-', starting with a letter or digit")
+    check_network_name(name, None, None)
     searched = conf_dirs(dirs)
     seen: list[str] = []
     for directory in searched:

@@ -9,17 +9,14 @@ checked here, before any plugin runs.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from cni_plugins.errors import ERR_DECODE, ERR_INCOMPATIBLE_VERSION
+from cni_plugins.errors import ERR_DECODE, ERR_INCOMPATIBLE_VERSION, CNIError
+from cni_plugins.skel import validate_network_name
 from cni_plugins.version import IMPLICIT_VERSION, SUPPORTED_VERSIONS, parse_version
 
 from .errors import ConfError
-
-NETWORK_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
-
 
 @dataclass
 class NetworkConfigList:
@@ -56,13 +53,16 @@ def check_plugin_type(plugin_type: Any, path: str | None, field_name: str) -> st
     return plugin_type
 
 
-def check_network_name(name: Any, path: str | None) -> str:
+def check_network_name(name: Any, path: str | None, field_name: str | None = "name") -> str:
+    """The rule every plugin applies (skel.validate_network_name), reported with file and field."""
     if not isinstance(name, str) or not name:
-        raise ConfError("required: a non-empty string", path, "name")
-    if not NETWORK_NAME_RE.match(name):
+        raise ConfError("required: a non-empty string naming the network", path, field_name)
+    try:
+        validate_network_name(name)
+    except CNIError:
         raise ConfError(
             f"{name!r} is not a valid network name: use letters, digits, '_', '.' and '-', "
-            "starting with a letter or digit", path, "name")
+            "starting with a letter or digit", path, field_name) from None
     return name
 
 
@@ -183,8 +183,3 @@ def parse_single_conf(data: bytes, path: str | None = None) -> NetworkConfigList
     listed: dict[str, Any] = {"cniVersion": IMPLICIT_VERSION if version in (None, "") else version,
                               "name": raw.get("name"), "plugins": [raw]}
     return conflist_from_dict(listed, path, json.dumps(listed).encode())
-
-
-def peek_name(data: bytes, path: str | None) -> Any:
-    """The ``name`` a file declares, decoding only as far as needed."""
-    return decode_json(data, path).get("name")

@@ -140,8 +140,8 @@ class ResultCache:
     def remove(self, network: str, container_id: str, ifname: str) -> None:
         _remove_quietly(self.path(network, container_id, ifname))
 
-    def list(self, network: str | None = None, container_id: str | None = None) -> list[CachedAttachment]:
-        """All readable cniCacheV1 entries, optionally for one network / container.
+    def list(self, network: str | None = None) -> list[CachedAttachment]:
+        """All readable cniCacheV1 entries, optionally for one network only.
 
         Unreadable or foreign files are skipped, as libcni's GetCachedAttachments does.
         """
@@ -167,8 +167,6 @@ class ResultCache:
             if not entry.network_name or not entry.ifname or not entry.container_id:
                 continue
             if network is not None and entry.network_name != network:
-                continue
-            if container_id is not None and entry.container_id != container_id:
                 continue
             found.append(entry)
         return found

@@ -18,7 +18,6 @@ import click
 
 from cni_plugins.errors import ERR_INVALID_ENV, CNIError
 
-NETNS_RUN_DIR = "/var/run/netns"
 DEFAULT_IFNAME = "eth0"
 
 # command name -> "module:attribute" of a click command defined elsewhere.
@@ -93,13 +92,17 @@ def cli() -> None:
 
 # ---- network commands (cnitool equivalents) ------------------------------
 
-NETWORK_ENV_HELP = """
+_ENV_HEADER = """
 \b
 Environment (each also settable by the option named in brackets):
+"""
+_PATHS_ENV = """\
   NETCONFPATH   ':'-separated directories holding *.conflist / *.conf
                 files (default /etc/cni/net.d)            [--netconf-path]
   CNI_PATH      ':'-separated directories holding the plugin executables
                 (default /opt/cni/bin)                    [--cni-path]
+"""
+_ATTACHMENT_ENV = """\
   CNI_ARGS      extra arguments for the plugins, KEY=VALUE;KEY=VALUE
                                                           [--cni-args]
   CAP_ARGS      capability arguments as a JSON object, e.g.
@@ -108,59 +111,57 @@ Environment (each also settable by the option named in brackets):
                 a plugin receives a key only if its config declares
                 that capability                           [--cap-args]
   CNI_IFNAME    interface name inside the namespace (default eth0) [--ifname]
+"""
+_CACHE_ENV = """\
   CNI_CACHE_DIR where results are cached (default /var/lib/cni) [--cache-dir]
-
+"""
+_NETNS_HELP = """
 NETNS is a namespace name (as in `ip netns`, meaning /var/run/netns/NAME)
 or a path containing '/' (e.g. /proc/1234/ns/net). Unless --container-id
 is given, the container ID is derived from the namespace path the way
 cnitool does, so the two tools share cache entries.
 """
-
-CLUSTER_ENV_HELP = """
-\b
-Environment (each also settable by the option named in brackets):
-  NETCONFPATH   ':'-separated directories holding *.conflist / *.conf
-                files (default /etc/cni/net.d)            [--netconf-path]
-  CNI_PATH      ':'-separated directories holding the plugin executables
-                (default /opt/cni/bin)                    [--cni-path]
-  CNI_CACHE_DIR where results are cached (default /var/lib/cni) [--cache-dir]
-"""
+# add / check / del take a namespace; gc / status work on the whole network.
+NETWORK_ENV_HELP = _ENV_HEADER + _PATHS_ENV + _ATTACHMENT_ENV + _CACHE_ENV + _NETNS_HELP
+CLUSTER_ENV_HELP = _ENV_HEADER + _PATHS_ENV + _CACHE_ENV
 
 
-def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option("--netconf-path", envvar="NETCONFPATH", default="", show_envvar=False,
-                     help="Directories with network configurations (env NETCONFPATH)."),
-        click.option("--cni-path", envvar="CNI_PATH", default="",
-                     help="Directories with plugin executables (env CNI_PATH)."),
-        click.option("--cache-dir", envvar="CNI_CACHE_DIR", default="/var/lib/cni", show_default=True,
-                     help="Result cache directory (env CNI_CACHE_DIR)."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+def _option_group(*options: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Callable[..., Any]:
+    """One decorator applying ``options`` in the order listed (as if stacked top to bottom)."""
+    def apply(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return apply
 
 
-def _attachment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option("--container-id", default=None,
-                     help="Container ID passed to the plugins (default: derived from NETNS)."),
-        click.option("-i", "--ifname", envvar="CNI_IFNAME", default=DEFAULT_IFNAME, show_default=True,
-                     help="Interface name inside the namespace (env CNI_IFNAME)."),
-        click.option("--cni-args", envvar="CNI_ARGS", default="",
-                     help="KEY=VALUE;... arguments for the plugins (env CNI_ARGS)."),
-        click.option("--cap-args", envvar="CAP_ARGS", default="",
-                     help="Capability arguments as a JSON object (env CAP_ARGS)."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+_common_options = _option_group(
+    click.option("--netconf-path", envvar="NETCONFPATH", default="", show_envvar=False,
+                 help="Directories with network configurations (env NETCONFPATH)."),
+    click.option("--cni-path", envvar="CNI_PATH", default="",
+                 help="Directories with plugin executables (env CNI_PATH)."),
+    click.option("--cache-dir", envvar="CNI_CACHE_DIR", default="/var/lib/cni", show_default=True,
+                 help="Result cache directory (env CNI_CACHE_DIR)."),
+)
+
+_attachment_options = _option_group(
+    click.option("--container-id", default=None,
+                 help="Container ID passed to the plugins (default: derived from NETNS)."),
+    click.option("-i", "--ifname", envvar="CNI_IFNAME", default=DEFAULT_IFNAME, show_default=True,
+                 help="Interface name inside the namespace (env CNI_IFNAME)."),
+    click.option("--cni-args", envvar="CNI_ARGS", default="",
+                 help="KEY=VALUE;... arguments for the plugins (env CNI_ARGS)."),
+    click.option("--cap-args", envvar="CAP_ARGS", default="",
+                 help="Capability arguments as a JSON object (env CAP_ARGS)."),
+)
 
 
 def netns_path(netns: str) -> str:
     """A namespace name means /var/run/netns/NAME; anything with '/' is a path."""
     if "/" not in netns:
-        return os.path.join(NETNS_RUN_DIR, netns)
+        from netns import RUN_DIR
+
+        return os.path.join(RUN_DIR, netns)
     return os.path.abspath(netns)
 
 
@@ -410,21 +411,12 @@ def netns_exec(name: str, command: tuple[str, ...]) -> None:
 # ---- version and install -------------------------------------------------
 
 def _pycni_version() -> str:
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         return version("pycni")
-    except Exception:
+    except PackageNotFoundError:
         return "unknown"
-
-
-def _registry() -> dict[str, str] | None:
-    from .install import plugin_registry
-
-    try:
-        return plugin_registry()
-    except ImportError:
-        return None
 
 
 @cli.command("version")
@@ -432,10 +424,11 @@ def version_cmd() -> None:
     """Show the pycni version, CNI spec versions and plugins."""
     from cni_plugins.version import SUPPORTED_VERSIONS
 
+    from .install import plugin_registry
+
     click.echo(f"pycni {_pycni_version()}")
     click.echo(f"CNI spec versions: {', '.join(SUPPORTED_VERSIONS)}")
-    plugins = _registry()
-    click.echo(f"plugins: {', '.join(sorted(plugins)) if plugins is not None else '(registry not available)'}")
+    click.echo(f"plugins: {', '.join(sorted(plugin_registry()))}")
 
 
 @cli.command("install")
@@ -452,10 +445,7 @@ def install_cmd(cni_bin_dir: str, force: bool) -> None:
     """
     from .install import install_plugins
 
-    plugins = _registry()
-    if plugins is None:
-        fail(CNIError(999, "pycni's plugin registry (cni_plugins.registry) is not available"))
-    for item in run_reporting_errors(lambda: install_plugins(cni_bin_dir, plugins, force=force)):
+    for item in run_reporting_errors(lambda: install_plugins(cni_bin_dir, force=force)):
         click.echo(f"wrote {item.path} ({item.target})")
 
 

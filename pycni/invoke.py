@@ -56,24 +56,20 @@ class PluginRequest:
 
 def split_cni_path(value: str | list[str] | None) -> list[str]:
     """CNI_PATH as a list of directories (default /opt/cni/bin when unset)."""
-    if value is None:
-        value = os.environ.get("CNI_PATH", "")
-    if isinstance(value, str):
-        dirs = [d for d in value.split(":") if d]
-    else:
-        dirs = [d for d in value if d]
-    return dirs or [DEFAULT_CNI_PATH]
+    from conf.loader import dir_list
+
+    return dir_list(value, "CNI_PATH", DEFAULT_CNI_PATH)
 
 
 def find_plugin(plugin_type: str, cni_path: list[str]) -> str:
     """The executable called ``plugin_type`` in the first CNI_PATH directory that has it."""
+    from cni_plugins.ipam_exec import find_executable
     from conf import check_plugin_type
 
     check_plugin_type(plugin_type, None, "type")
-    for directory in cni_path:
-        candidate = os.path.join(directory, plugin_type)
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
+    found = find_executable(plugin_type, cni_path)
+    if found:
+        return found
     raise CNIError(ERR_INVALID_CONFIG, f"plugin {plugin_type!r} not found in CNI_PATH ({':'.join(cni_path)})",
                    "set CNI_PATH to the directories holding the plugin executables, "
                    "or install pycni's plugins with `pycni install --cni-bin-dir DIR`")

@@ -7,20 +7,18 @@ CHECK replays the cached result through every plugin; GC and STATUS (spec
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from cni_plugins.errors import (ERR_INCOMPATIBLE_VERSION, ERR_INVALID_CONFIG, ERR_INVALID_ENV,
                                 ERR_UNKNOWN_CONTAINER, CNIError)
+from cni_plugins.skel import validate_container_id, validate_interface_name
 from cni_plugins.version import at_least
 from conf import NetworkConfigList, build_plugin_config
 
 from .cache import CachedAttachment, ResultCache
 from .invoke import PluginRequest, exec_plugin, find_plugin, split_cni_path
 
-_CONTAINER_ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
-IFNAME_MAX = 15  # IFNAMSIZ - 1
 VALID_ATTACHMENTS_KEY = "cni.dev/valid-attachments"
 
 
@@ -36,10 +34,9 @@ class RuntimeConf:
 
     def validate(self) -> None:
         """Refuse values that would break CNI_ARGS or escape the cache directory."""
-        if not isinstance(self.container_id, str) or not _CONTAINER_ID_RE.match(self.container_id):
-            raise CNIError(ERR_INVALID_ENV, f"invalid container ID {self.container_id!r}",
-                           "use letters, digits, '_', '.' and '-', starting with a letter or digit")
-        check_ifname(self.ifname)
+        # The same rules a plugin applies to CNI_CONTAINERID / CNI_IFNAME (libcni's too).
+        validate_container_id(self.container_id)
+        validate_interface_name(self.ifname)
         for key, value in self.args:
             if not key or any(c in key + value for c in ";=") or not value:
                 raise CNIError(ERR_INVALID_ENV, f"invalid CNI_ARGS pair {key!r}={value!r}",
@@ -48,15 +45,6 @@ class RuntimeConf:
     @property
     def args_string(self) -> str:
         return ";".join(f"{key}={value}" for key, value in self.args)
-
-
-def check_ifname(ifname: str) -> None:
-    if not ifname or ifname in (".", "..") or len(ifname) > IFNAME_MAX:
-        raise CNIError(ERR_INVALID_ENV, f"invalid interface name {ifname!r}",
-                       f"an interface name has 1 to {IFNAME_MAX} characters and is not '.' or '..'")
-    if any(c in "/:" or c.isspace() for c in ifname):
-        raise CNIError(ERR_INVALID_ENV, f"invalid interface name {ifname!r}",
-                       "an interface name must not contain '/', ':' or whitespace")
 
 
 def parse_cni_args(raw: str) -> list[tuple[str, str]]:
@@ -146,13 +134,6 @@ class CNIRuntime:
         if entry is None or not entry.config:
             return None
         return parse_conflist(entry.config, f"cache entry {self.cache.path(network, rt.container_id, rt.ifname)}")
-
-    def cached_result(self, netlist: NetworkConfigList, rt: RuntimeConf) -> dict[str, Any] | None:
-        """The cached ADD result in the network's spec version, or None."""
-        entry = self.cache.load(netlist.name, rt.container_id, rt.ifname)
-        if entry is None or entry.result is None:
-            return None
-        return convert_result(entry.result, netlist.cni_version)
 
     # ---- operations -----------------------------------------------------
     def add(self, netlist: NetworkConfigList, rt: RuntimeConf) -> dict[str, Any]:

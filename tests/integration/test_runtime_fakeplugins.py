@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from cni_plugins.errors import CNIError
+from cni_plugins.errors import ERR_INVALID_ENV, CNIError
 from conf import load_conflist
 from pycni.cache import ResultCache
 from pycni.invoke import PluginError
@@ -233,8 +233,9 @@ def test_missing_plugin_names_dirs_and_runs_nothing(env):
 def test_runtime_conf_is_validated(env, bad):
     netlist = env.network([{"type": "a"}])
     for operation in (env.runtime.add, env.runtime.delete, env.runtime.check):
-        with pytest.raises(CNIError):
+        with pytest.raises(CNIError) as info:
             operation(netlist, bad)
+        assert info.value.code == ERR_INVALID_ENV
     assert env.calls() == []
 
 

@@ -92,6 +92,16 @@ def test_options_and_environment(setup, monkeypatch):
     assert setup["log"]() == ["ADD abc net5 /proc/1/ns/net"]
     result = run("del", "clinet", "/proc/1/ns/net", "--container-id", "abc", "-i", "net5")
     assert result.exit_code == 0
+    assert setup["log"]()[1] == "DEL abc net5 /proc/1/ns/net"
+
+
+@pytest.mark.parametrize("option", [["--container-id", "../etc"], ["-i", "a/b"], ["-i", "x" * 16]])
+def test_bad_container_id_or_ifname_runs_no_plugin(setup, option):
+    setup["network"]()
+    result = run("add", "clinet", "pod1", *option)
+    assert result.exit_code == 1 and result.stdout == ""
+    assert "(CNI code 4)" in result.stderr
+    assert setup["log"]() == []
 
 
 def test_plugin_error_goes_to_stderr_with_code(setup):
@@ -152,6 +162,11 @@ def test_help_texts_explain_environment():
         for word in ("NETCONFPATH", "CNI_PATH", "CNI_ARGS", "CAP_ARGS", "CNI_IFNAME", "--container-id"):
             assert word in text
     assert "CONTAINER_ID[:IFNAME]" in run("gc", "--help").stdout
+    for command in ("gc", "status"):
+        text = run(command, "--help").stdout
+        for word in ("NETCONFPATH", "CNI_PATH", "CNI_CACHE_DIR"):
+            assert word in text
+        assert "CNI_ARGS" not in text
     top = run("--help").stdout
     for command in ("add", "check", "del", "gc", "status", "netns", "install", "version"):
         assert command in top

@@ -214,8 +214,29 @@ def test_broken_json_stops_the_search(tmp_path):
 
 def test_invalid_network_name_in_file(tmp_path):
     path = write(tmp_path, "1.conflist", conflist(name="bad name!"))
-    with pytest.raises(ConfError, match="'name'"):
+    with pytest.raises(ConfError, match="'name'") as info:
         load_conflist_file(path)
+    assert str(info.value).startswith(f"{path}: field 'name': 'bad name!' is not a valid network name")
+    assert info.value.code == ERR_INVALID_CONFIG
+
+
+@pytest.mark.parametrize("name,valid", [
+    ("net1", True), ("a.b_c-d", True), ("9net", True),
+    ("-net", False), (".net", False), ("a/b", False), ("a b", False), ("a;b", False),
+])
+def test_network_name_rule_is_the_plugins_rule(name, valid):
+    """A file is refused exactly when the plugins (skel) would refuse its name."""
+    from cni_plugins.skel import validate_network_name
+
+    data = json.dumps(conflist(name=name)).encode()
+    if valid:
+        validate_network_name(name)
+        assert parse_conflist(data, "f.conflist").name == name
+    else:
+        with pytest.raises(CNIError):
+            validate_network_name(name)
+        with pytest.raises(ConfError, match="f.conflist: field 'name'"):
+            parse_conflist(data, "f.conflist")
 
 
 def test_single_conf_errors_name_its_fields(tmp_path):
