@@ -13,20 +13,20 @@ delegation to IPAM in ``ipam_exec`` and the masquerading in ``masq``.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from .errors import (ERR_DECODE, ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_INVALID_NETNS, ERR_UNSUPPORTED_FIELD,
-                     CNIError)
+from .errors import ERR_DECODE, ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_INVALID_NETNS, CNIError
 from .nsutil import check_netns, netns_gone
 from .skel import CmdArgs, PluginFuncs, gc_attachments, plugin_main
-from .types import DNS, Interface, Result, Route
+
+if TYPE_CHECKING:  # the result types are imported where ADD, CHECK and DEL use them, not on VERSION's path
+    from .types import DNS, Interface, Result
 
 DEFAULT_BRIDGE = "cni0"
-MASQ_BACKENDS = ("nftables", "iptables")
+MASQ_BACKENDS = ("nftables", "iptables")  # masq.BACKENDS, repeated so load_conf need not import masq
 DEFAULT_MASQ_BACKEND = "nftables"
 BRIDGE_INDEX, HOST_INDEX, CONTAINER_INDEX = 0, 1, 2
 
@@ -55,7 +55,7 @@ class BridgeConf:
     disable_container_interface: bool = False
     port_isolation: bool = False
     ipam_type: str = ""
-    dns: DNS = field(default_factory=DNS)
+    dns: DNS = field(default_factory=lambda: _types().DNS())
     mac: str = ""
 
     @property
@@ -65,6 +65,12 @@ class BridgeConf:
     @property
     def vlan_filtering(self) -> bool:
         return self.vlan != 0 or self.vlan_trunk_set
+
+
+def _types() -> Any:
+    from . import types
+
+    return types
 
 
 def _get(conf: dict[str, Any], key: str, kind: type, default: Any) -> Any:
@@ -142,7 +148,7 @@ def load_conf(conf: dict[str, Any], cni_args: str) -> BridgeConf:
     n.disable_container_interface = _get(conf, "disableContainerInterface", bool, False)
     n.port_isolation = _get(conf, "portIsolation", bool, False)
     n.ipam_type = ipam_type(conf)
-    n.dns = DNS.from_dict(conf.get("dns"))
+    n.dns = _types().DNS.from_dict(conf.get("dns"))
 
     if len(n.bridge) > 15 or "/" in n.bridge or any(c.isspace() for c in n.bridge):
         raise CNIError(ERR_INVALID_CONFIG, f"invalid bridge name {n.bridge!r}",
@@ -199,12 +205,18 @@ class Gateways:
 
 def gateway_ip(address: str) -> str:
     """The first address of the pod's subnet: the gateway when IPAM named none."""
+    import ipaddress
+
     net = ipaddress.ip_interface(address).network
     return str(net.network_address + 1)
 
 
 def plan_gateways(result: Result, n: BridgeConf) -> Gateways:
     """Point every IP at the container interface, fill in gateways and default routes (calcGateways)."""
+    import ipaddress
+
+    from .types import Route
+
     gws = Gateways()
     default_found = {4: False, 6: False}
     for ipc in result.ips:
@@ -226,6 +238,8 @@ def plan_gateways(result: Result, n: BridgeConf) -> Gateways:
 
 
 def _same_net(a: str, b: str) -> bool:
+    import ipaddress
+
     return ipaddress.ip_network(a, strict=False) == ipaddress.ip_network(b, strict=False)
 
 
@@ -250,8 +264,6 @@ class Undo:
 def cmd_add(req: CmdArgs) -> Result:
     n = load_conf(req.conf, req.args)
     _validate_for_add(n)
-    if n.ip_masq and n.is_layer3:
-        _masq_module()  # fail before touching anything if masquerading cannot be done
     check_netns(req.netns)
     undo = Undo()
     try:
@@ -267,6 +279,7 @@ def _add(req: CmdArgs, n: BridgeConf, undo: Undo) -> Result:
     import netns
 
     from . import ip
+    from .types import Interface, Result
 
     with ip.open_netlink() as ipr:
         bridge = ip.ensure_bridge(ipr, n.bridge, n.mtu, n.promisc_mode, n.vlan_filtering)
@@ -308,7 +321,7 @@ def _add_layer3(req: CmdArgs, n: BridgeConf, ipr: Any, bridge: Any, result: Resu
     """Addresses from IPAM into the container, the gateway onto the bridge, masquerading."""
     import netns
 
-    from . import ipam_exec
+    from . import ipam_exec, masq
 
     ipam_result = ipam_exec.exec_add(req)
     undo.push("release IPAM lease", lambda: ipam_exec.exec_del(req))
@@ -323,11 +336,10 @@ def _add_layer3(req: CmdArgs, n: BridgeConf, ipr: Any, bridge: Any, result: Resu
         if vlan_iface is not None:
             result.interfaces.append(vlan_iface)
     if n.ip_masq:
-        masq = _masq_module()
-        addresses = [ipc.address for ipc in result.ips]
         undo.push("remove masquerading", lambda: masq.teardown_masq(
-            req.network_name, req.container_id, req.ifname, backend=n.ip_masq_backend, addresses=addresses))
-        masq.setup_masq(req.network_name, req.container_id, req.ifname, addresses, backend=n.ip_masq_backend)
+            req.network_name, req.container_id, req.ifname, backend=n.ip_masq_backend))
+        masq.setup_masq(req.network_name, req.container_id, req.ifname, [ipc.address for ipc in result.ips],
+                        backend=n.ip_masq_backend)
 
 
 def _create_veth(req: CmdArgs, n: BridgeConf) -> tuple[str, Any]:
@@ -402,6 +414,8 @@ def _set_container_up(ifname: str) -> None:
 
 def _configure_container(ifname: str, result: Result, enable_dad: bool) -> None:
     """Inside the container: DAD/ARP sysctls, then addresses, link up and routes (ConfigureIface)."""
+    import ipaddress
+
     from . import ip
 
     if enable_dad:
@@ -468,6 +482,7 @@ def _enable_ipv6(ifname: str) -> None:
 def _configure_gateways(ipr: Any, n: BridgeConf, bridge: Any, gws: Gateways) -> Interface | None:
     """Gateway addresses on the bridge (or its VLAN gateway port) and forwarding on the node."""
     from . import ip
+    from .types import Interface
 
     vlan_iface: Interface | None = None
     target = bridge
@@ -489,6 +504,8 @@ def _configure_gateways(ipr: Any, n: BridgeConf, bridge: Any, gws: Gateways) -> 
 def ensure_gateway_address(ipr: Any, link: Any, family: int, cidr: str, force: bool) -> None:
     """Put ``cidr`` on the bridge. Another IPv4 address (or an overlapping IPv6 one)
     is replaced when ``force`` is set, an error otherwise (ensureAddr)."""
+    import ipaddress
+
     from . import ip
 
     wanted = ipaddress.ip_interface(cidr)
@@ -546,9 +563,8 @@ def cmd_del(req: CmdArgs) -> None:
     behind as it can); the first failure is reported afterwards.
     """
     n = load_conf(req.conf, req.args)
-    addresses: list[str] | None = None
     if req.netns and not netns_gone(req.netns):
-        addresses = _delete_container_link(req)
+        _delete_container_link(req)
     failures: list[CNIError] = []
 
     def attempt(step: Callable[[], Any]) -> None:
@@ -566,28 +582,30 @@ def cmd_del(req: CmdArgs) -> None:
 
         attempt(lambda: spoofchk.teardown(req.network_name, req.container_id, req.ifname))
     if n.is_layer3 and n.ip_masq:
-        # Without the namespace the masquerade state is found by network and container ID.
+        from . import masq
+
+        # Found by network and container ID: the namespace may be gone already.
         for backend in _masq_backends_to_clean(n):
-            attempt(lambda backend=backend: _masq_module().teardown_masq(
-                req.network_name, req.container_id, req.ifname, backend=backend, addresses=addresses or None))
+            attempt(lambda backend=backend: masq.teardown_masq(
+                req.network_name, req.container_id, req.ifname, backend=backend))
     if failures:
         raise failures[0]
     return None
 
 
-def _delete_container_link(req: CmdArgs) -> list[str] | None:
+def _delete_container_link(req: CmdArgs) -> None:
     import netns
 
     from . import ip
 
-    def delete() -> list[str] | None:
+    def delete() -> None:
         with ip.open_netlink() as ipr:
-            return ip.delete_link_by_name(ipr, req.ifname)
+            ip.delete_link_by_name(ipr, req.ifname)
 
     try:
-        return netns.run_in(req.netns, delete)
+        netns.run_in(req.netns, delete)
     except netns.NetnsNotFoundError:
-        return None  # gone between our look and our entry: nothing left to delete there
+        pass  # gone between our look and our entry: nothing left to delete there
     except netns.NetnsError as exc:
         raise CNIError(ERR_INVALID_NETNS, f"failed to open netns {req.netns!r}", exc.msg) from None
 
@@ -599,6 +617,7 @@ def cmd_check(req: CmdArgs) -> None:
 
     from . import ip
     from .skel import prev_result
+    from .types import Interface
 
     n = load_conf(req.conf, req.args)
     check_netns(req.netns)
@@ -631,8 +650,10 @@ def cmd_check(req: CmdArgs) -> None:
         raise CNIError(ERR_INTERNAL, f"CNI veth created for bridge {n.bridge} was not found")
     netns.run_in(req.netns, _check_container_state, req.ifname, result)
     if n.is_layer3 and n.ip_masq:
-        _masq_module().check_masq(req.network_name, req.container_id, req.ifname,
-                                  [ipc.address for ipc in result.ips], backend=n.ip_masq_backend)
+        from . import masq
+
+        masq.check_masq(req.network_name, req.container_id, req.ifname, [ipc.address for ipc in result.ips],
+                        backend=n.ip_masq_backend)
     return None
 
 
@@ -697,6 +718,8 @@ def _check_host_veth(ipr: Any, entry: Interface, bridge: Any, container: Any) ->
 
 def _check_container_state(ifname: str, result: Result) -> None:
     """Every prevResult address on the interface (with a route to its subnet), every route present."""
+    import ipaddress
+
     from . import ip
 
     with ip.open_netlink() as ipr:
@@ -729,8 +752,10 @@ def cmd_gc(req: CmdArgs) -> None:
 
         spoofchk.gc(req.network_name, valid)
     if n.ip_masq:
+        from . import masq
+
         for backend in _masq_backends_to_clean(n):
-            _masq_module().gc_masq(req.network_name, valid, backend=backend)
+            masq.gc_masq(req.network_name, valid, backend=backend)
     if n.is_layer3:
         from . import ipam_exec
 
@@ -758,16 +783,6 @@ def _masq_backends_to_clean(n: BridgeConf) -> list[str]:
     if n.ip_masq_backend_chosen:
         return [n.ip_masq_backend]
     return [n.ip_masq_backend] + [b for b in MASQ_BACKENDS if b != n.ip_masq_backend]
-
-
-def _masq_module() -> Any:
-    try:
-        from . import masq  # type: ignore[attr-defined]
-    except ImportError:
-        raise CNIError(ERR_UNSUPPORTED_FIELD, "ipMasq is not available in this build of pycni",
-                       "the cni_plugins.masq module is missing; set ipMasq to false or install a "
-                       "complete pycni") from None
-    return masq
 
 
 FUNCS = PluginFuncs(add=cmd_add, delete=cmd_del, check=cmd_check, gc=cmd_gc, status=cmd_status)

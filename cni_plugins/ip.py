@@ -111,29 +111,26 @@ def _link_from_msg(msg: Any) -> Link:
     )
 
 
-def find_link(ipr: Any, name: str) -> Link | None:
-    """The link called ``name``, or None when there is none."""
+def _lookup_link(ipr: Any, **key: Any) -> Link | None:
     from pyroute2.netlink.exceptions import NetlinkError
 
     try:
-        msgs = ipr.link("get", ifname=name)
+        msgs = ipr.link("get", **key)
     except NetlinkError as exc:
         if exc.code == ENODEV:
             return None
         raise
     return _link_from_msg(msgs[0]) if msgs else None
+
+
+def find_link(ipr: Any, name: str) -> Link | None:
+    """The link called ``name``, or None when there is none."""
+    return _lookup_link(ipr, ifname=name)
 
 
 def link_by_index(ipr: Any, index: int) -> Link | None:
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    try:
-        msgs = ipr.link("get", index=index)
-    except NetlinkError as exc:
-        if exc.code == ENODEV:
-            return None
-        raise
-    return _link_from_msg(msgs[0]) if msgs else None
+    """The link with ifindex ``index``, or None when there is none."""
+    return _lookup_link(ipr, index=index)
 
 
 def get_link(ipr: Any, name: str, what: str = "interface") -> Link:
@@ -156,30 +153,18 @@ def set_mac(ipr: Any, index: int, mac: str) -> None:
     ipr.link("set", index=index, address=mac)
 
 
-def delete_link(ipr: Any, index: int) -> None:
-    ipr.link("del", index=index)
-
-
-def is_global_unicast(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Go's net.IP.IsGlobalUnicast: private ranges count, link-local and loopback do not."""
-    return not (ip.is_unspecified or ip.is_loopback or ip.is_multicast or ip.is_link_local
-                or (ip.version == 4 and int(ip) == 0xFFFFFFFF))
-
-
-def delete_link_by_name(ipr: Any, name: str) -> list[str] | None:
-    """Delete a link; return its global unicast addresses (CIDR), or None if it did not exist."""
+def delete_link_by_name(ipr: Any, name: str) -> None:
+    """Delete a link; one that does not exist is success."""
     from pyroute2.netlink.exceptions import NetlinkError
 
     link = find_link(ipr, name)
     if link is None:
-        return None
-    global_addrs = [str(a) for a, _flags in addresses(ipr, link.index) if is_global_unicast(a.ip)]
+        return
     try:
         ipr.link("del", index=link.index)
     except NetlinkError as exc:
         if exc.code != ENODEV:
             raise
-    return global_addrs
 
 
 # ---- veth -----------------------------------------------------------------
@@ -269,19 +254,6 @@ def attach_port(ipr: Any, port: int, bridge: int, hairpin: bool = False, isolate
     """Enslave ``port`` to ``bridge`` and set its hairpin and isolation flags."""
     ipr.link("set", index=port, master=bridge)
     ipr.brport("set", index=port, mode=int(hairpin), isolated=int(isolated))
-
-
-@dataclass
-class PortState:
-    hairpin: bool
-    isolated: bool
-
-
-def port_state(ipr: Any, port: int) -> PortState:
-    msg = ipr.brport("show", index=port)[0]
-    info = msg.get_attr("IFLA_PROTINFO")
-    return PortState(hairpin=bool(info.get_attr("IFLA_BRPORT_MODE")),
-                     isolated=bool(info.get_attr("IFLA_BRPORT_ISOLATED")))
 
 
 def bridge_vlan_add(ipr: Any, port: int, vid: int, pvid: bool = False, untagged: bool = False) -> None:

@@ -82,16 +82,13 @@ def setup_masq(network: str, container_id: str, ifname: str, addresses: list[str
     _backend(backend).setup(owner, pods)
 
 
-def teardown_masq(network: str, container_id: str, ifname: str, backend: str = DEFAULT_BACKEND,
-                  addresses: list[str] | None = None) -> None:
+def teardown_masq(network: str, container_id: str, ifname: str, backend: str = DEFAULT_BACKEND) -> None:
     """Remove what setup_masq installed for this attachment; nothing there is success.
 
-    Without ``addresses`` the attachment's state is found by its network and
-    container ID (and interface name, for nftables).
+    The state is found by network and container ID (and interface name, for
+    nftables), so DEL needs neither the namespace nor the pod's addresses.
     """
-    owner = Owner.checked(network, container_id, ifname)
-    pods = parse_addresses(addresses) if addresses is not None else None
-    _backend(backend).teardown(owner, pods)
+    _backend(backend).teardown(Owner.checked(network, container_id, ifname))
 
 
 def check_masq(network: str, container_id: str, ifname: str, addresses: list[str],
@@ -164,8 +161,6 @@ def parse_addresses(addresses: Iterable[str]) -> list[PodAddress]:
                        f"got {addresses!r}; e.g. ['10.88.0.5/24', 'fd00::5/64']")
     pods: list[PodAddress] = []
     for text in addresses:
-        if isinstance(text, (ipaddress.IPv4Interface, ipaddress.IPv6Interface)):
-            text = str(text)
         try:
             if not isinstance(text, str) or text != text.strip() or "%" in text:
                 raise ValueError(text)
@@ -190,7 +185,7 @@ def _backend(name: str) -> "_Backend":
 class _Backend:
     def setup(self, owner: Owner, pods: list[PodAddress]) -> None: ...
 
-    def teardown(self, owner: Owner, pods: list[PodAddress] | None) -> None: ...
+    def teardown(self, owner: Owner) -> None: ...
 
     def check(self, owner: Owner, pods: list[PodAddress]) -> None: ...
 
@@ -335,9 +330,9 @@ class _NftablesBackend(_Backend):
                              f"{{ {pod.ip} comment {note} : jump {subnet_chain(pod.subnet)} }}")
             nft.apply("\n".join(lines) + "\n")
 
-    def teardown(self, owner: Owner, pods: list[PodAddress] | None) -> None:
-        # Elements are found by the attachment's tag; addresses are not needed
-        # (and an address now owned by another attachment is left alone).
+    def teardown(self, owner: Owner) -> None:
+        # Elements are found by the attachment's tag (so an address now owned by
+        # another attachment is left alone).
         self._delete_where(lambda entry: entry.tag == owner.tag)
 
     def gc(self, network: str, valid: list[tuple[str, str]]) -> None:
@@ -468,7 +463,7 @@ class _IptablesBackend(_Backend):
                 batch.append("COMMIT")
                 iptables.restore(family, "\n".join(batch) + "\n")
 
-    def teardown(self, owner: Owner, pods: list[PodAddress] | None) -> None:
+    def teardown(self, owner: Owner) -> None:
         # Like the reference, the chain is per (network, container): the ifname plays no part.
         with _locked():
             for family in (4, 6):

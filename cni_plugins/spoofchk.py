@@ -10,11 +10,13 @@ one attachment's rules without its namespace and GC finds a network's stale ones
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from .errors import ERR_INTERNAL, CNIError
 
 TABLE = "nat"
 BASE = "PREROUTING"
+_CHAIN_PREFIX = "cni_br_iface_"
 _UNSAFE = set('"\\;{}#$ \t\n\'')
 
 
@@ -31,7 +33,7 @@ def attachment_id(network: str, container_id: str, ifname: str) -> str:
 
 
 def _chains(attachment: str) -> tuple[str, str]:
-    chain = f"cni_br_iface_{attachment}"
+    chain = f"{_CHAIN_PREFIX}{attachment}"
     return chain, f"{chain}_mac"
 
 
@@ -65,8 +67,8 @@ def setup(network: str, container_id: str, ifname: str, host_iface: str, mac: st
         f"add rule bridge {TABLE} {mac_chain} drop comment {note}\n")
 
 
-def _installed() -> tuple[dict[str, list[int]], set[str]] | None:
-    """Per attachment hash, the handles of its jump rules in the base chain; and all chain names."""
+def _installed() -> tuple[list[dict[str, Any]], set[str]] | None:
+    """The rules of the base chain and the names of all chains in the table; None when there is none."""
     from . import nft
 
     try:
@@ -77,24 +79,26 @@ def _installed() -> tuple[dict[str, list[int]], set[str]] | None:
         raise
     if listed is None:
         return None
+    base_rules = [obj["rule"] for obj in listed if "rule" in obj and obj["rule"].get("chain") == BASE]
+    chains = {obj["chain"]["name"] for obj in listed if "chain" in obj}
+    return base_rules, chains
+
+
+def _jump_handles(base_rules: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Per attachment hash, the handles of the base-chain rules that jump to its chain."""
     jumps: dict[str, list[int]] = {}
-    chains = set()
-    for obj in listed:
-        if "chain" in obj:
-            chains.add(obj["chain"]["name"])
-        rule = obj.get("rule")
-        if not rule or rule.get("chain") != BASE:
-            continue
+    for rule in base_rules:
         for stmt in rule.get("expr", []):
             target = stmt.get("jump", {}).get("target", "")
-            if target.startswith("cni_br_iface_"):
-                jumps.setdefault(target[len("cni_br_iface_"):], []).append(int(rule["handle"]))
-    return jumps, chains
+            if target.startswith(_CHAIN_PREFIX):
+                jumps.setdefault(target[len(_CHAIN_PREFIX):], []).append(int(rule["handle"]))
+    return jumps
 
 
-def _remove(attachments: list[str], jumps: dict[str, list[int]], chains: set[str]) -> None:
+def _remove(attachments: list[str], base_rules: list[dict[str, Any]], chains: set[str]) -> None:
     from . import nft
 
+    jumps = _jump_handles(base_rules)
     ops = []
     for attachment in attachments:
         ops += [f"delete rule bridge {TABLE} {BASE} handle {handle}\n" for handle in jumps.get(attachment, [])]
@@ -114,19 +118,15 @@ def teardown(network: str, container_id: str, ifname: str) -> None:
 
 def gc(network: str, valid: list[tuple[str, str]]) -> None:
     """Remove the spoof checks of ``network`` whose attachment is not in ``valid``."""
-    from . import nft
-
     state = _installed()
     if state is None:
         return
-    jumps, chains = state
+    base_rules, chains = state
     keep = {attachment_id(network, cid, ifname) for cid, ifname in valid}
     tag = network_tag(network)
-    listed = nft.list_json("chain", "bridge", TABLE, BASE) or []
     stale = set()
-    for obj in listed:
-        rule = obj.get("rule")
-        words = (rule or {}).get("comment", "").split()
+    for rule in base_rules:
+        words = rule.get("comment", "").split()
         if len(words) == 3 and words[0] == "macspoofchk" and words[1] == tag and words[2] not in keep:
             stale.add(words[2])
-    _remove(sorted(stale), jumps, chains)
+    _remove(sorted(stale), base_rules, chains)

@@ -9,7 +9,6 @@ results can be compared field by field (MACs and veth names aside).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import ipaddress
 import json
 import os

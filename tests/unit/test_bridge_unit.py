@@ -288,8 +288,17 @@ def test_spoof_check_names_are_per_network_and_attachment():
 @pytest.mark.parametrize("iface,mac", [('veth" drop', "0a:58:00:00:00:01"), ("veth1;", "0a:58:00:00:00:01"),
                                        ("", "0a:58:00:00:00:01"), ("veth1", "0a:58:00:00:00:01 drop"),
                                        ("veth1", "zz:58:00:00:00:01")])
-def test_spoof_check_refuses_rule_syntax_before_touching_nftables(iface, mac):
-    from cni_plugins import spoofchk
+def test_spoof_check_refuses_rule_syntax_before_touching_nftables(iface, mac, monkeypatch):
+    from cni_plugins import nft, spoofchk
 
+    ran = []
+    monkeypatch.setattr(nft, "run", lambda args, stdin=None: ran.append((args, stdin)))
     with pytest.raises(CNIError):
         spoofchk.setup("net", "ctr", "eth0", iface, mac)
+    assert ran == []
+
+
+def test_masq_backend_names_agree_with_the_masq_module():
+    from cni_plugins import masq
+
+    assert bridge.MASQ_BACKENDS == masq.BACKENDS and bridge.DEFAULT_MASQ_BACKEND == masq.DEFAULT_BACKEND
