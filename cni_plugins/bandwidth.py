@@ -23,9 +23,9 @@ Beyond the reference:
 * ``unshapedSubnets`` / ``shapedSubnets`` (mutually exclusive CIDR lists, at
   the top level or in ``runtimeConfig.bandwidth`` with the rates): upstream
   added them with an htb layout and later reverted it. When one is given, the
-  root qdisc is htb with class 1:48 at the configured rate (ceil = rate) and
-  class 1:1 at 100 Gbit/s; u32 filters send the listed subnets to 1:1
-  (unshaped) or to 1:48 (shaped), everything else goes to the default class.
+  root qdisc is htb with class 1:30 (tc's hex: minor 48) at the configured
+  rate (ceil = rate) and class 1:1 at 100 Gbit/s; u32 filters send the listed subnets to 1:1
+  (unshaped) or to 1:30 (shaped), everything else goes to the default class.
   Traffic toward the pod is matched on its source address, traffic from the
   pod on its destination address: the remote end of the conversation.
 * CHECK also reports shaping that is present but not configured.
@@ -41,18 +41,17 @@ Beyond the reference:
 """
 from __future__ import annotations
 
-import hashlib
-import ipaddress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import ERR_INTERNAL, ERR_INVALID_CONFIG, CNIError
 from .skel import CmdArgs, PluginFuncs, gc_attachments, plugin_main, prev_result
-from .types import Interface, Result
-from . import netlink as _netlink  # noqa: F401  (before any pyroute2 import: skips its package __init__)
 
+# Loaded where used, so that VERSION pays for none of them: hashlib, ipaddress, .types,
+# and .tc / .netlink (which load pyroute2; .netlink is imported before any pyroute2 module).
 if TYPE_CHECKING:
     from .tc import Link, TokenBucket
+    from .types import Result
 
 IFB_PREFIX = "bwp"
 IFB_NAME_LENGTH = 15
@@ -162,6 +161,8 @@ def parse_bandwidth(conf: dict) -> Bandwidth | None:
 
 
 def validate_subnets(bw: Bandwidth) -> None:
+    import ipaddress
+
     if bw.unshaped_subnets and bw.shaped_subnets:
         raise CNIError(ERR_INVALID_CONFIG, "unshapedSubnets and shapedSubnets cannot be both specified, "
                        "one of them should be discarded")
@@ -195,6 +196,8 @@ def token_buckets(bw: Bandwidth) -> tuple[TokenBucket | None, TokenBucket | None
 # ---- naming -----------------------------------------------------------------------
 
 def ifb_name(network: str, container_id: str) -> str:
+    import hashlib
+
     digest = hashlib.sha512((network + container_id).encode()).hexdigest()
     return (IFB_PREFIX + digest)[:IFB_NAME_LENGTH]
 
@@ -212,23 +215,13 @@ def parse_ifb_alias(alias: str) -> tuple[str, str, str] | None:
 
 # ---- host side of the pod's veth ------------------------------------------------------
 
-@dataclass
-class ContainerLink:
-    index: int
-    kind: str
-    peer_index: int
-
-
-def _container_link(ifname: str) -> ContainerLink | None:
+def _container_link(ifname: str) -> Link | None:
     from .netlink import IPRoute
 
     from . import tc
 
     with IPRoute() as ipr:
-        link = tc.get_link(ipr, name=ifname)
-    if link is None:
-        return None
-    return ContainerLink(index=link.index, kind=link.kind, peer_index=link.peer_index)
+        return tc.get_link(ipr, name=ifname)
 
 
 def find_host_veth(ipr: Any, netns: str, ifname: str) -> Link:
@@ -313,6 +306,8 @@ def teardown(ipr: Any, ifb: str, host_index: int | None) -> None:
 # ---- commands -----------------------------------------------------------------------
 
 def cmd_add(req: CmdArgs) -> Result:
+    from .types import Interface, Result
+
     bw = parse_bandwidth(req.conf)
     previous = prev_result(req)
     if bw is None or bw.is_zero():
@@ -356,7 +351,7 @@ def cmd_add(req: CmdArgs) -> Result:
 def _host_index_for_del(ipr: Any, req: CmdArgs) -> int | None:
     from .nsutil import netns_gone
 
-    if not req.netns or netns_gone(req.netns):
+    if netns_gone(req.netns):
         return None
     try:
         return find_host_veth(ipr, req.netns, req.ifname).index
@@ -473,17 +468,13 @@ def cmd_gc(req: CmdArgs) -> None:
                 stale.append(link)
         if not stale:
             return None
-        ingress_links = _links_with_ingress(ipr)
+        ingress_links = {q.index for q in tc.list_qdiscs(ipr) if q.kind == "ingress"}
         for ifb in stale:
             for index in ingress_links:
                 if _our_redirects(ipr, index, ifb.index):
                     clear_host_veth(ipr, index, ifb.index)
             tc.delete_link(ipr, ifb.name)
     return None
-
-
-def _links_with_ingress(ipr: Any) -> set[int]:
-    return {m["index"] for m in ipr.get_qdiscs() if m.get_attr("TCA_KIND") == "ingress"}
 
 
 FUNCS = PluginFuncs(add=cmd_add, delete=cmd_del, check=cmd_check, gc=cmd_gc)

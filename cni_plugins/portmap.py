@@ -17,18 +17,19 @@ written for the reference keep working.
 """
 from __future__ import annotations
 
-import hashlib
-import ipaddress
-import logging
 import re
-import subprocess
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import (ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_UNSUPPORTED_FIELD, CNIError)
 from .skel import CmdArgs, PluginFuncs, gc_attachments, plugin_main, prev_result
 
-log = logging.getLogger("pycni.portmap")
+# logging, hashlib, ipaddress and subprocess are imported where they are used: VERSION needs none.
+if TYPE_CHECKING:
+    import ipaddress
+    import subprocess
+
+    from .types import Result
 
 NFTABLES = "nftables"
 IPTABLES = "iptables"
@@ -54,10 +55,10 @@ class PortMapping:
 
     def applies_to(self, family: int) -> bool:
         """A mapping with a hostIP only forwards to the container address of its family."""
-        return not self.host_ip or ipaddress.ip_address(self.host_ip).version == family
+        return not self.host_ip or _ip(self.host_ip).version == family
 
     def wildcard(self) -> bool:
-        return not self.host_ip or ipaddress.ip_address(self.host_ip).is_unspecified
+        return not self.host_ip or _ip(self.host_ip).is_unspecified
 
 
 @dataclass
@@ -93,6 +94,8 @@ class Owner:
 
     @property
     def key(self) -> str:
+        import hashlib
+
         raw = f"{self.network}\0{self.container_id}\0{self.ifname}".encode()
         return hashlib.sha256(raw).hexdigest()[:16]
 
@@ -112,6 +115,12 @@ class Targets:
 
     def items(self) -> list[tuple[int, ipaddress.IPv4Interface | ipaddress.IPv6Interface]]:
         return [(f, a) for f, a in ((4, self.v4), (6, self.v6)) if a is not None]
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    import ipaddress
+
+    return ipaddress.ip_address(text)
 
 
 def _safe_text(text: str) -> str:
@@ -159,7 +168,7 @@ def _parse_mapping(raw: Any, n: int) -> PortMapping:
         try:
             if "%" in host_ip:  # a zone index is no address a packet carries
                 raise ValueError(host_ip)
-            host_ip = str(ipaddress.ip_address(host_ip))
+            host_ip = str(_ip(host_ip))
         except ValueError:
             raise _bad(f"{what}.hostIP: {host_ip!r} is not an IP address",
                        "give a plain IPv4 or IPv6 address, or leave hostIP out for every address") from None
@@ -270,6 +279,8 @@ def _choose_backend(requested: Any, external: str | None, cond4: list[str] | Non
 
 def container_targets(result: Any, ifname: str) -> Targets:
     """The first address per family on the container's interface (the reference's rule)."""
+    import ipaddress
+
     targets = Targets()
     if result is None:
         return targets
@@ -290,7 +301,9 @@ def container_targets(result: Any, ifname: str) -> Targets:
 # ---- host-side helpers --------------------------------------------------------
 
 def run_tool(argv: list[str], stdin: str | None = None, timeout: float = 20) -> subprocess.CompletedProcess:
-    """Run a firewall tool; a missing tool or a hang is a clear CNI error."""
+    """Run a host tool; a missing tool or a hang is a clear CNI error."""
+    import subprocess
+
     try:
         return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:
@@ -305,6 +318,9 @@ def flush_udp_conntrack(cfg: PortMapConfig, family: int) -> None:
 
     Failures are only logged, as in the reference.
     """
+    import logging
+
+    log = logging.getLogger("pycni.portmap")
     ports = sorted({m.host_port for m in cfg.mappings_for(family) if m.protocol == "udp"})
     for port in ports:
         try:
@@ -352,14 +368,20 @@ def _owner(req: CmdArgs) -> Owner:
 
 # ---- commands -----------------------------------------------------------------
 
-def cmd_add(req: CmdArgs):
+def _chained_request(req: CmdArgs, missing_previous: CNIError) -> tuple[PortMapConfig, Result, Targets]:
+    """Configuration, prevResult (raise ``missing_previous`` without it) and the container
+    addresses to map to (none when there is no mapping)."""
     cfg = parse_config(req.conf)
     previous = prev_result(req)
     if previous is None:
-        raise _bad("must be called as chained plugin", "portmap needs prevResult from a plugin such as bridge")
-    if not cfg.mappings:
-        return previous
-    targets = container_targets(previous, req.ifname)
+        raise missing_previous
+    targets = container_targets(previous, req.ifname) if cfg.mappings else Targets()
+    return cfg, previous, targets
+
+
+def cmd_add(req: CmdArgs):
+    cfg, previous, targets = _chained_request(
+        req, _bad("must be called as chained plugin", "portmap needs prevResult from a plugin such as bridge"))
     if not targets.items():
         return previous
     backend, owner = _backend(cfg), _owner(req)
@@ -387,13 +409,8 @@ def cmd_del(req: CmdArgs) -> None:
 
 
 def cmd_check(req: CmdArgs) -> None:
-    cfg = parse_config(req.conf)
-    previous = prev_result(req)
-    if previous is None:
-        raise _bad("Required prevResult missing", "CHECK needs the prevResult that ADD returned")
-    if not cfg.mappings:
-        return None
-    targets = container_targets(previous, req.ifname)
+    cfg, _previous, targets = _chained_request(
+        req, _bad("Required prevResult missing", "CHECK needs the prevResult that ADD returned"))
     if targets.items():
         _backend(cfg).check(cfg, _owner(req), targets)
     return None

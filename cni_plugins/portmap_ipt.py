@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shlex
 from dataclasses import dataclass, field
 
+from . import iptables
 from .errors import ERR_INTERNAL, CNIError
-from .portmap import Owner, PortMapConfig, Targets, run_tool
+from .portmap import Owner, PortMapConfig, Targets
 
 TOPLEVEL_DNAT = "CNI-HOSTPORT-DNAT"
 SETMARK = "CNI-HOSTPORT-SETMARK"
@@ -55,28 +55,34 @@ class Iptables:
         self.family = family
         self.binary = "iptables" if family == 4 else "ip6tables"
 
-    def run(self, *args: str, check: bool = True):
-        proc = run_tool([self.binary, "-w", "5", "-t", "nat", *args])
-        if check and proc.returncode != 0:
-            raise CNIError(ERR_INTERNAL, f"{self.binary} -t nat {' '.join(args)} failed",
-                           proc.stderr.strip()[:1000])
-        return proc
+    def run(self, *args: str) -> str:
+        return iptables.run(self.family, ["-t", "nat", *args])
+
+    def probe(self, *args: str) -> str | None:
+        """The output of a command that may fail (-S CHAIN, -C RULE); None when it does.
+        A missing binary still raises."""
+        try:
+            return self.run(*args)
+        except iptables.IptablesError as err:
+            if err.missing:
+                raise
+            return None
 
     def usable(self) -> bool:
         try:
-            return self.run("-S", "OUTPUT", check=False).returncode == 0
+            return self.probe("-S", "OUTPUT") is not None
         except CNIError:
             return False
 
     def chain_exists(self, chain: str) -> bool:
-        return self.run("-S", chain, check=False).returncode == 0
+        return self.probe("-S", chain) is not None
 
     def ensure_chain(self, chain: str) -> None:
         if not self.chain_exists(chain):
             self.run("-N", chain)
 
     def exists(self, chain: str, rule: list[str]) -> bool:
-        return self.run("-C", chain, *rule, check=False).returncode == 0
+        return self.probe("-C", chain, *rule) is not None
 
     def insert_unique(self, chain: str, rule: list[str], prepend: bool) -> None:
         if not self.exists(chain, rule):
@@ -87,15 +93,7 @@ class Iptables:
 
     def list_rules(self, chain: str) -> list[list[str]]:
         """The chain's rules as argument lists (without the leading '-A CHAIN')."""
-        proc = self.run("-S", chain, check=False)
-        if proc.returncode != 0:
-            return []
-        rules = []
-        for line in proc.stdout.splitlines():
-            words = shlex.split(line)
-            if len(words) > 2 and words[0] == "-A":
-                rules.append(words[2:])
-        return rules
+        return iptables.parse_listing(self.probe("-S", chain) or "").rules_of(chain)
 
     def setup(self, chain: Chain) -> None:
         self.ensure_chain(chain.name)

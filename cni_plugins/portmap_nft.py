@@ -21,15 +21,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import re
 import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from . import nft
 from .errors import ERR_INTERNAL, ERR_TRY_AGAIN, CNIError
-from .portmap import Owner, PortMapConfig, Targets, run_tool
+from .portmap import Owner, PortMapConfig, Targets
 
 FAMILY = "inet"
 TABLE = "pycni_portmap"
@@ -88,7 +88,7 @@ class Element:
 class TableState:
     exists: bool = False
     networks: set[str] = field(default_factory=set)  # network hashes with a dnat chain
-    elements: dict[str, list[Element]] = field(default_factory=dict)  # map/set name -> elements
+    elements: dict[str, list[Element]] = field(default_factory=dict)  # map name -> elements
     jumps: dict[str, set[str]] = field(default_factory=dict)  # base chain -> jump targets
 
 
@@ -109,35 +109,28 @@ def _value_parts(value: Any) -> tuple[str, ...]:
     raise ValueError(f"unexpected element value {value!r}")
 
 
-def _element(item: Any, is_map: bool) -> Element:
-    key_raw, data_raw = (item[0], item[1]) if is_map else (item, None)
-    comment = ""
-    if isinstance(key_raw, dict) and "elem" in key_raw:
-        comment = key_raw["elem"].get("comment", "") or ""
-        key_raw = key_raw["elem"]["val"]
-    data = _value_parts(data_raw) if is_map else ()
-    owner = comment.split(" ", 1)[0] if comment else ""
-    return Element(_value_parts(key_raw), data, owner)
+def _element(listed: nft.Element) -> Element:
+    """A listed map element as key parts, data parts and owner key; ValueError if it is not ours."""
+    owner = listed.comment.split(" ", 1)[0] if listed.comment else ""
+    data = _value_parts(listed.value) if listed.value is not None else ()
+    return Element(_value_parts(listed.key), data, owner)
 
 
 def read_state() -> TableState:
-    proc = run_tool(["nft", "-j", "list", "table", FAMILY, TABLE])
-    if proc.returncode != 0:
-        if "No such file or directory" in proc.stderr:
-            return TableState()
-        raise CNIError(ERR_INTERNAL, f"could not list nftables table {FAMILY} {TABLE}", proc.stderr.strip())
+    objects = nft.list_json("table", FAMILY, TABLE)
+    if objects is None:
+        return TableState()
     state = TableState(exists=True)
     try:
-        objects = json.loads(proc.stdout)["nftables"]
         for obj in objects:
             if "chain" in obj:
                 match = _NETWORK_CHAIN.match(obj["chain"]["name"])
                 if match:
                     state.networks.add(match.group(1))
-            for kind in ("map", "set"):
-                if kind in obj:
-                    state.elements[obj[kind]["name"]] = [
-                        _element(item, kind == "map") for item in obj[kind].get("elem", [])]
+            # Only the maps are read back: nothing looks at the source sets' elements, which
+            # auto-merge may list as ranges.
+            if "map" in obj:
+                state.elements[obj["map"]["name"]] = [_element(e) for e in nft.elements(obj["map"])]
             if "rule" in obj:
                 for expr in obj["rule"].get("expr", []):
                     if isinstance(expr, dict) and "jump" in expr:
@@ -156,20 +149,10 @@ def _obj(kind: str, name: str) -> str:
 def _elem_text(key: tuple[str, ...], data: tuple[str, ...] = (), comment: str = "") -> str:
     text = " . ".join(key)
     if comment:
-        text += f' comment "{comment}"'
+        text += f" comment {nft.comment(comment)}"
     if data:
         text += " : " + " . ".join(data)
     return "{ " + text + " }"
-
-
-def apply(lines: list[str]) -> None:
-    if not lines:
-        return
-    script = "\n".join(lines) + "\n"
-    proc = run_tool(["nft", "-f", "-"], stdin=script)
-    if proc.returncode != 0:
-        raise CNIError(ERR_INTERNAL, "unable to set up nftables rules for port mappings",
-                       proc.stderr.strip()[:2000])
 
 
 def _network_objects(names: Names) -> list[str]:
@@ -281,7 +264,7 @@ def _remove_owners(network: str, doomed_of: Any) -> None:
             lines = _drop_network(state, names)
         elif not doomed:
             return
-        apply(lines)
+        nft.apply("\n".join(lines) + "\n")
 
 
 # ---- the backend interface ------------------------------------------------------------
@@ -307,7 +290,7 @@ def add(cfg: PortMapConfig, owner: Owner, targets: Targets) -> None:
                              f"{_elem_text(elem.key, elem.data, owner.comment)}")
         for family, prefixes in _masq_sources(cfg, targets).items():
             lines.append(f"add element {FAMILY} {TABLE} {names.src(family)} {{ {', '.join(prefixes)} }}")
-        apply(lines)
+        nft.apply("\n".join(lines) + "\n")
 
 
 def delete(cfg: PortMapConfig, owner: Owner) -> None:

@@ -36,7 +36,7 @@ U32_MAX = 0xFFFFFFFF
 
 # htb layout for shaped/unshaped subnets (the handles upstream's htb variant used)
 UNSHAPED_CLASS = 0x00010001  # 1:1, effectively unlimited
-SHAPED_CLASS = 0x00010030  # 1:48, the configured rate
+SHAPED_CLASS = 0x00010030  # 1:30 as tc shows it (minor 48), the configured rate
 UNCAPPED_RATE_BYTES = 100_000_000_000 // 8  # 100 Gbit/s
 HTB_PRIO_IPV4 = 16
 HTB_PRIO_IPV6 = 15  # u32 cannot mix protocols under one preference
@@ -112,7 +112,7 @@ class TokenBucket:
 # ---- transport ----------------------------------------------------------------
 
 _ACK_FLAGS = 0x01 | 0x04  # NLM_F_REQUEST | NLM_F_ACK
-NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE = 0x400, 0x200, 0x100
+NLM_F_CREATE, NLM_F_EXCL = 0x400, 0x200
 CREATE = _ACK_FLAGS | NLM_F_CREATE | NLM_F_EXCL
 DELETE = _ACK_FLAGS
 RTM_NEWQDISC, RTM_DELQDISC, RTM_NEWTCLASS, RTM_NEWTFILTER = 36, 37, 40, 44
@@ -151,10 +151,10 @@ def _tc_request(msg_type: int, flags: int, index: int, handle: int, parent: int,
 
 # ---- qdiscs, classes, filters ------------------------------------------------------
 
-def add_tbf(index: int, bucket: TokenBucket, parent: int = TC_H_ROOT, handle: int = ROOT_HANDLE) -> None:
+def add_tbf(index: int, bucket: TokenBucket) -> None:
     """`tc qdisc add dev X root handle 1: tbf ...` with exact parameters."""
     parms = {"rate": bucket.rate, "limit": bucket.limit, "buffer": bucket.buffer}
-    _tc_request(RTM_NEWQDISC, CREATE, index, handle, parent,
+    _tc_request(RTM_NEWQDISC, CREATE, index, ROOT_HANDLE, TC_H_ROOT,
                 [["TCA_KIND", "tbf"], ["TCA_OPTIONS", {"attrs": [["TCA_TBF_PARMS", parms]]}]],
                 "create tbf qdisc")
 
@@ -264,6 +264,7 @@ def delete_qdisc(index: int, handle: int, parent: int) -> bool:
 
 @dataclass
 class Qdisc:
+    index: int  # the device's
     kind: str
     handle: int
     parent: int
@@ -299,11 +300,11 @@ def _nested(msg: Any, *path: str) -> Any:
     return msg
 
 
-def list_qdiscs(ipr: Any, index: int) -> list[Qdisc]:
-    """The qdiscs of one device, pfifo_fast and noqueue defaults left out."""
+def list_qdiscs(ipr: Any, index: int | None = None) -> list[Qdisc]:
+    """The qdiscs of one device (of every device when ``index`` is None), defaults left out."""
     out = []
     for msg in ipr.get_qdiscs(index):
-        if msg["index"] != index:
+        if index is not None and msg["index"] != index:
             continue
         kind = msg.get_attr("TCA_KIND")
         if kind in ("pfifo_fast", "noqueue", "mq"):
@@ -315,7 +316,7 @@ def list_qdiscs(ipr: Any, index: int) -> list[Qdisc]:
         elif kind == "htb":
             init = _nested(msg, "TCA_OPTIONS", "TCA_HTB_INIT") or {}
             options = {"default": init.get("defcls")}
-        out.append(Qdisc(kind=kind, handle=msg["handle"], parent=msg["parent"], options=options))
+        out.append(Qdisc(index=msg["index"], kind=kind, handle=msg["handle"], parent=msg["parent"], options=options))
     return out
 
 

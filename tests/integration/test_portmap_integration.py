@@ -249,20 +249,30 @@ def reset_firewall(env: Node) -> None:
     sh("ip", "netns", "exec", n, "conntrack", "-F", check=False)
 
 
-@pytest.fixture(scope="module")
-def topo(tmp_path_factory):
-    with Topology(str(tmp_path_factory.mktemp("portmap"))) as env:
+def ready_topology(tmp_path_factory, name: str):
+    """A Topology whose pods answer; for a module-scoped fixture to ``yield from``."""
+    with Topology(str(tmp_path_factory.mktemp(name))) as env:
         # IPv6 addresses on the bridge may still be settling: wait (bounded) for the pods.
         for pod in env.pods:
             assert ask_until(env.node, pod.v6, 80), f"pod {pod.container_id} not reachable over IPv6"
         yield env
 
 
+def clean_firewall(env: Node):
+    """The node's firewall emptied before and after a test; for a fixture to ``yield from``."""
+    reset_firewall(env)
+    yield env
+    reset_firewall(env)
+
+
+@pytest.fixture(scope="module")
+def topo(tmp_path_factory):
+    yield from ready_topology(tmp_path_factory, "portmap")
+
+
 @pytest.fixture
 def env(topo):
-    reset_firewall(topo)
-    yield topo
-    reset_firewall(topo)
+    yield from clean_firewall(topo)
 
 
 def pm_add(env: Node, pod: Pod, mappings: list[dict], cmd=OURS, **extra):
@@ -560,17 +570,12 @@ def test_iptables_backend_gc(env):
 
 @pytest.fixture(scope="module")
 def ref_topo(tmp_path_factory):
-    with Topology(str(tmp_path_factory.mktemp("portmap-ref"))) as env:
-        for pod in env.pods:
-            assert ask_until(env.node, pod.v6, 80), f"pod {pod.container_id} not reachable over IPv6"
-        yield env
+    yield from ready_topology(tmp_path_factory, "portmap-ref")
 
 
 @pytest.fixture
 def ref_env(ref_topo):
-    reset_firewall(ref_topo)
-    yield ref_topo
-    reset_firewall(ref_topo)
+    yield from clean_firewall(ref_topo)
 
 
 MIXED = TCP_UDP + [{"hostPort": 9090, "containerPort": 80, "protocol": "tcp", "hostIP": NODE_V4},

@@ -1,9 +1,11 @@
 """portmap: configuration parsing, address choice, ownership and the nftables script."""
 import hashlib
+import subprocess
+import sys
 
 import pytest
 
-from cni_plugins import portmap, portmap_ipt, portmap_nft
+from cni_plugins import nft, portmap, portmap_ipt, portmap_nft
 from cni_plugins.errors import CNIError
 from cni_plugins.types import Result
 
@@ -140,14 +142,19 @@ def test_nft_desired_elements_split_by_host_ip():
     assert portmap_nft._elem_text(("tcp", "1"), ("10.88.0.5", "2"), "k x") == '{ tcp . 1 comment "k x" : 10.88.0.5 . 2 }'
 
 
+def _listed(item):
+    """One element of an `nft -j` map or set listing, parsed as portmap reads it."""
+    (listed,) = nft.elements({"elem": [item]})
+    return portmap_nft._element(listed)
+
+
 def test_nft_listing_is_parsed():
     item = [{"elem": {"val": {"concat": ["10.1.1.1", "tcp", 8080]}, "comment": "abcd net/c/eth0"}},
             {"concat": ["10.22.0.5", 80]}]
-    assert portmap_nft._element(item, True) == portmap_nft.Element(("10.1.1.1", "tcp", "8080"),
-                                                                   ("10.22.0.5", "80"), "abcd")
-    assert portmap_nft._element({"prefix": {"addr": "10.0.0.0", "len": 8}}, False).key == ("10.0.0.0/8",)
+    assert _listed(item) == portmap_nft.Element(("10.1.1.1", "tcp", "8080"), ("10.22.0.5", "80"), "abcd")
+    assert _listed({"prefix": {"addr": "10.0.0.0", "len": 8}}).key == ("10.0.0.0/8",)
     with pytest.raises(ValueError):
-        portmap_nft._element(["1.2.3.4 } ; flush ruleset", "x"], True)
+        _listed(["1.2.3.4 } ; flush ruleset", "x"])
 
 
 def test_iptables_chain_name_matches_the_reference_scheme():
@@ -186,3 +193,38 @@ def test_multiport_lists_hold_at_most_fifteen_ports():
     targets = portmap.container_targets(Result.from_dict(PREV), "eth0")
     chain = portmap_ipt._container_chain(cfg, portmap.Owner("n", "c", "e"), 4, targets.v4)
     assert [len(r[r.index("--destination-ports") + 1].split(",")) for r in chain.entry_rules] == [15, 5]
+
+
+def test_version_loads_no_backend_or_tool_modules():
+    """VERSION is start-up cost only: no firewall backend, subprocess, logging, hashing or addresses."""
+    code = ("import sys\n"
+            "from cni_plugins.skel import dispatch\n"
+            "from cni_plugins import portmap\n"
+            "out = dispatch(portmap.FUNCS, {'CNI_COMMAND': 'VERSION'}, b'')\n"
+            "assert out.exit_code == 0 and '1.1.0' in out.stdout, out\n"
+            "heavy = ('cni_plugins.portmap_nft', 'cni_plugins.portmap_ipt', 'cni_plugins.nft', 'subprocess',\n"
+            "         'logging', 'hashlib', 'ipaddress')\n"
+            "loaded = [m for m in heavy if m in sys.modules]\n"
+            "assert not loaded, loaded\n")
+    subprocess.run([sys.executable, "-I", "-c", code], check=True, timeout=30)
+
+
+def test_nft_read_state_reads_maps_and_tolerates_merged_source_ranges(monkeypatch):
+    """auto-merge lists adjacent pod subnets of a source set as one range; reading must not fail on it."""
+    names = portmap_nft.Names("0123456789ab")
+    listing = [
+        {"chain": {"name": names.dnat}},
+        {"set": {"name": names.src(4), "elem": [{"range": ["10.88.0.0", "10.88.2.255"]},
+                                                {"prefix": {"addr": "127.0.0.0", "len": 8}}]}},
+        {"map": {"name": names.any(4), "elem": [[{"elem": {"val": {"concat": ["tcp", 8080]},
+                                                           "comment": "k1 pmnet/c/eth0"}},
+                                                  {"concat": ["10.88.0.5", 80]}]]}},
+        {"rule": {"chain": "prerouting", "expr": [{"jump": {"target": names.dnat}}]}},
+    ]
+    monkeypatch.setattr(nft, "list_json", lambda *what: listing)
+    state = portmap_nft.read_state()
+    assert state.exists and state.networks == {"0123456789ab"}
+    assert state.elements == {names.any(4): [portmap_nft.Element(("tcp", "8080"), ("10.88.0.5", "80"), "k1")]}
+    assert state.jumps == {"prerouting": {names.dnat}}
+    monkeypatch.setattr(nft, "list_json", lambda *what: None)
+    assert portmap_nft.read_state() == portmap_nft.TableState()
