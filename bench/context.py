@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .cleanup import Cleanup
 from .sides import Side
@@ -64,6 +64,23 @@ class Context:
 
     def missing(self, plugins: list[str]) -> list[str]:
         return [p for p in plugins if not self.pycni.has(p) or not self.reference.has(p)]
+
+    def unavailable(self, label: str, needs: list[str]) -> dict[str, Any] | None:
+        """The figure's entry (and a note) when a side lacks a plugin it needs, else None."""
+        missing = self.missing(needs)
+        if not missing:
+            return None
+        self.note(f"{label}: skipped, pycni has no {', '.join(missing)} plugin yet")
+        return {"skipped": f"missing plugin(s): {', '.join(missing)}"}
+
+    def attempt(self, label: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """``measure()``, or an error entry (and a note) when it fails:
+        one broken figure must not stop the others."""
+        try:
+            return measure()
+        except Exception as exc:
+            self.note(f"{label}: failed: {exc}")
+            return {"error": str(exc)}
 
     def settings_dict(self) -> dict[str, Any]:
         return asdict(self.settings)

@@ -90,7 +90,7 @@ class Call:
 
     def env(self, side: Side) -> dict[str, str]:
         env = {"PATH": PLUGIN_PATH, "CNI_COMMAND": self.command, "CNI_PATH": side.bin_dir}
-        if self.command not in ("VERSION",):
+        if self.command != "VERSION":
             env.update(CNI_CONTAINERID=self.container_id, CNI_NETNS=self.netns, CNI_IFNAME=self.ifname)
         return env
 

@@ -63,7 +63,7 @@ def candidates(range_set: RangeSet, last_reserved: IPAddress | None) -> Iterator
 
 
 class Allocator:
-    """Reserve and release addresses of one range set (the caller holds the store's lock)."""
+    """Reserve addresses of one range set (the caller holds the store's lock)."""
 
     def __init__(self, range_set: RangeSet, store: DiskStore, index: int) -> None:
         self.range_set = range_set
@@ -99,9 +99,6 @@ class Allocator:
     def _last_reserved(self) -> IPAddress | None:
         raw = self.store.last_reserved_ip(self.index)
         return _as_ip(raw) if raw else None
-
-    def release(self, container_id: str, ifname: str) -> list[str]:
-        return self.store.release_by_id(container_id, ifname)
 
 
 def _as_ip(text: str) -> IPAddress | None:

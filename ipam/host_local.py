@@ -14,21 +14,21 @@ stdin, and give the same results as executing the plugin.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from cni_plugins.errors import ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_IO, ERR_PLUGIN_NOT_AVAILABLE, CNIError
 from cni_plugins.skel import (GC_ATTACHMENT_KEYS, CmdArgs, PluginFuncs, gc_attachments, plugin_main,
                               validate_container_id, validate_interface_name, validate_network_name)
-from cni_plugins.types import IPConfig, Result
 from cni_plugins.version import require_supported
 
-from .allocator import AllocationError, Allocator
-from .config import IPAMConfig, load_ipam_config
-from .ranges import IPAddress, canonical
-from .store import DiskStore
+if TYPE_CHECKING:  # the command functions import these: VERSION needs none of them
+    from cni_plugins.types import IPConfig, Result
+
+    from .config import IPAMConfig
+    from .ranges import IPAddress
+    from .store import DiskStore
 
 
 @contextmanager
@@ -42,9 +42,17 @@ def _io_errors() -> Iterator[None]:
                        "check that ipam.dataDir is a writable directory") from None
 
 
+def _config(conf: dict[str, Any], cni_args: str = "") -> IPAMConfig:
+    from .config import load_ipam_config
+
+    return load_ipam_config(conf, cni_args)
+
+
 def _load(conf: dict[str, Any], cni_args: str = "") -> IPAMConfig:
+    """The configuration, checked as the skeleton checks it for the executable:
+    in-process callers do not pass through the skeleton."""
     validate_network_name(conf.get("name"))
-    cfg = load_ipam_config(conf, cni_args)
+    cfg = _config(conf, cni_args)
     require_supported(cfg.cni_version)
     return cfg
 
@@ -60,6 +68,14 @@ def allocate(conf: dict[str, Any], container_id: str, ifname: str, cni_args: str
     """Reserve one address per range set for the container's interface."""
     cfg = _load(conf, cni_args)
     _validate_attachment(container_id, ifname)
+    return _allocate(cfg, container_id, ifname)
+
+
+def _allocate(cfg: IPAMConfig, container_id: str, ifname: str) -> Result:
+    from cni_plugins.types import Result
+
+    from .store import DiskStore
+
     result = Result(cni_version=cfg.cni_version, routes=list(cfg.routes))
     if cfg.resolv_conf:
         from .resolvconf import parse_resolv_conf
@@ -73,6 +89,10 @@ def allocate(conf: dict[str, Any], container_id: str, ifname: str, cni_args: str
 
 
 def _reserve_all(cfg: IPAMConfig, store: DiskStore, container_id: str, ifname: str) -> list[IPConfig]:
+    from cni_plugins.types import IPConfig
+
+    from .allocator import AllocationError, Allocator
+
     pending = _unique(cfg.requested_ips)
     reserved: list[str] = []
     ips: list[IPConfig] = []
@@ -111,14 +131,20 @@ def release(conf: dict[str, Any], container_id: str, ifname: str, cni_args: str 
     """Release the interface's reservations; nothing to release is success. Returns what went."""
     cfg = _load(conf, cni_args)
     _validate_attachment(container_id, ifname)
+    return _release(cfg, container_id, ifname)
+
+
+def _release(cfg: IPAMConfig, container_id: str, ifname: str) -> list[str]:
+    from .store import DiskStore
+
     released: list[str] = []
     with _io_errors():
         store = DiskStore(cfg.name, cfg.data_dir)
         with store.locked():
             # One pass per range set, as the reference does: the first releases the
             # interface's files, a later one the container's legacy (ID-only) files.
-            for index, range_set in enumerate(cfg.range_sets):
-                released += Allocator(range_set, store, index).release(container_id, ifname)
+            for _ in cfg.range_sets:
+                released += store.release_by_id(container_id, ifname)
     return released
 
 
@@ -129,7 +155,13 @@ def check(conf: dict[str, Any], container_id: str, ifname: str, cni_args: str = 
     ranges, or at least one reservation when there is no such prevResult)."""
     cfg = _load(conf, cni_args)
     _validate_attachment(container_id, ifname)
-    expected = _our_addresses(cfg, conf.get("prevResult"))
+    _check(cfg, conf.get("prevResult"), container_id, ifname)
+
+
+def _check(cfg: IPAMConfig, prev: Any, container_id: str, ifname: str) -> None:
+    from .store import DiskStore
+
+    expected = _our_addresses(cfg, prev)
     with _io_errors():
         store = DiskStore(cfg.name, cfg.data_dir)
         with store.locked():
@@ -149,6 +181,12 @@ def check(conf: dict[str, Any], container_id: str, ifname: str, cni_args: str = 
 def _our_addresses(cfg: IPAMConfig, prev: Any) -> list[str]:
     if prev is None:
         return []
+    import ipaddress
+
+    from cni_plugins.types import Result
+
+    from .ranges import canonical
+
     previous = Result.from_dict(prev, cfg.cni_version)
     out = []
     for ipc in previous.ips:
@@ -162,7 +200,12 @@ def _our_addresses(cfg: IPAMConfig, prev: Any) -> list[str]:
 
 def gc(conf: dict[str, Any], valid: Iterable[tuple[str, str]]) -> list[str]:
     """Release every reservation of the network that no valid (containerID, ifname) owns."""
-    cfg = _load(conf)
+    return _gc(_load(conf), valid)
+
+
+def _gc(cfg: IPAMConfig, valid: Iterable[tuple[str, str]]) -> list[str]:
+    from .store import DiskStore
+
     keep = {(cid.strip(), ifname) for cid, ifname in valid}
     keep_ids = {cid for cid, _ in keep}
     released = []
@@ -182,7 +225,10 @@ def gc(conf: dict[str, Any], valid: Iterable[tuple[str, str]]) -> list[str]:
 
 def status(conf: dict[str, Any]) -> None:
     """Raise ERR_PLUGIN_NOT_AVAILABLE unless new reservations could be written."""
-    cfg = _load(conf)
+    _status(_load(conf))
+
+
+def _status(cfg: IPAMConfig) -> None:
     target = os.path.join(cfg.data_dir, cfg.name)
     probe = target
     while not os.path.lexists(probe):  # the nearest existing ancestor will hold the new directory
@@ -196,17 +242,18 @@ def status(conf: dict[str, Any]) -> None:
 
 
 # ---- the plugin ------------------------------------------------------------
+# The skeleton has validated the name, IDs and version: the commands skip _load's checks.
 
 def cmd_add(req: CmdArgs) -> Result:
-    return allocate(req.conf, req.container_id, req.ifname, req.args)
+    return _allocate(_config(req.conf, req.args), req.container_id, req.ifname)
 
 
 def cmd_del(req: CmdArgs) -> None:
-    release(req.conf, req.container_id, req.ifname, req.args)
+    _release(_config(req.conf, req.args), req.container_id, req.ifname)
 
 
 def cmd_check(req: CmdArgs) -> None:
-    check(req.conf, req.container_id, req.ifname, req.args)
+    _check(_config(req.conf, req.args), req.conf.get("prevResult"), req.container_id, req.ifname)
 
 
 def cmd_gc(req: CmdArgs) -> None:
@@ -214,11 +261,11 @@ def cmd_gc(req: CmdArgs) -> None:
         # Without the list every reservation would look stale: refuse rather than release all.
         raise CNIError(ERR_INVALID_CONFIG, "GC needs cni.dev/valid-attachments",
                        "pass the list of attachments still in use (an empty list releases everything)")
-    gc(req.conf, gc_attachments(req.conf))
+    _gc(_config(req.conf), gc_attachments(req.conf))
 
 
 def cmd_status(req: CmdArgs) -> None:
-    status(req.conf)
+    _status(_config(req.conf))
 
 
 FUNCS = PluginFuncs(add=cmd_add, delete=cmd_del, check=cmd_check, gc=cmd_gc, status=cmd_status)

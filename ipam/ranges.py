@@ -91,10 +91,6 @@ class Range:
         return (self.contains(other.range_start) or self.contains(other.range_end)
                 or other.contains(self.range_start) or other.contains(self.range_end))
 
-    def to_dict(self) -> dict[str, str]:
-        return {"subnet": str(self.subnet), "rangeStart": str(self.range_start),
-                "rangeEnd": str(self.range_end), "gateway": str(self.gateway)}
-
     def __str__(self) -> str:
         return f"{self.range_start}-{self.range_end}"
 

@@ -70,23 +70,20 @@ class DiskStore:
         self.dir = os.path.join(data_dir, network)
         if create:
             os.makedirs(self.dir, mode=DIR_MODE, exist_ok=True)
-            self._lock_path()  # the reference creates the lock file on open, too
+            os.close(self._open_lock())  # the reference creates the lock file on open, too
 
     def exists(self) -> bool:
         return os.path.isdir(self.dir)
 
-    def _lock_path(self) -> str:
-        path = os.path.join(self.dir, LOCK_NAME)
-        if not os.path.exists(path):
-            os.close(os.open(path, os.O_RDONLY | os.O_CREAT, LOCK_MODE))
-        return path
+    def _open_lock(self) -> int:
+        return os.open(os.path.join(self.dir, LOCK_NAME), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, LOCK_MODE)
 
     @contextmanager
-    def locked(self, shared: bool = False) -> Iterator["DiskStore"]:
+    def locked(self) -> Iterator["DiskStore"]:
         """Hold the directory's flock; every process sharing the directory takes it."""
-        fd = os.open(self._lock_path(), os.O_RDONLY | os.O_CLOEXEC)
+        fd = self._open_lock()
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_EX)
             yield self
         finally:
             os.close(fd)  # closing the descriptor drops the lock

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, TypeVar
 from . import _sys
 from .check import is_netns
 from .errors import NetnsError, NetnsExistsError, NotNetnsError
-from .paths import RUN_DIR, path_of, validate_name
+from .paths import RUN_DIR, current_path, path_of, validate_name
 from .switch import enter, run_in
 
 T = TypeVar("T")
@@ -176,9 +176,8 @@ def _pin_new_netns(path: str) -> None:
             failure.append(NetnsError(f"cannot create a network namespace: unshare(CLONE_NEWNET) failed: "
                                       f"{err.strerror} (needs root / CAP_SYS_ADMIN)"))
             return
-        own = f"/proc/self/task/{threading.get_native_id()}/ns/net"
         try:
-            _sys.mount(own, path, "none", _sys.MS_BIND)
+            _sys.mount(current_path(), path, "none", _sys.MS_BIND)
         except OSError as err:
             failure.append(NetnsError(f"cannot pin the new network namespace at {path}: bind mount failed: "
                                       f"{err.strerror}"))

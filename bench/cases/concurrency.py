@@ -29,18 +29,13 @@ def run(ctx: Context) -> dict[str, Any]:
     for label, needs in NETWORKS:
         if label not in ctx.settings.concurrency_networks:
             continue
-        missing = ctx.missing(needs)
-        if missing:
-            ctx.note(f"concurrency/{label}: skipped, pycni has no {', '.join(missing)} plugin yet")
-            figures[label] = {"skipped": f"missing plugin(s): {', '.join(missing)}"}
+        skipped = ctx.unavailable(f"concurrency/{label}", needs)
+        if skipped:
+            figures[label] = skipped
             continue
         print(f"  concurrency: {label}, {ctx.settings.concurrency_total} ADDs, "
               f"{ctx.settings.concurrency_parallel} at a time", flush=True)
-        try:
-            figures[label] = _measure(ctx, label)
-        except Exception as exc:
-            ctx.note(f"concurrency/{label}: failed: {exc}")
-            figures[label] = {"error": str(exc)}
+        figures[label] = ctx.attempt(f"concurrency/{label}", lambda: _measure(ctx, label))
     return figures
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from typing import Any
+from typing import Any, Callable
 
 from .. import chain, configs, topology
 from ..chain import Attachment
@@ -38,25 +38,20 @@ def run(ctx: Context) -> dict[str, Any]:
         ctx.note("dataplane: skipped, iperf3 is not installed")
         return {"skipped": "iperf3 not installed"}
     print("  dataplane: throughput", flush=True)
-    try:
-        with ctx.cleanup.scope():
-            figures["throughput"] = _throughput(ctx)
-    except Exception as exc:
-        ctx.note(f"dataplane/throughput: failed: {exc}")
-        figures["throughput"] = {"error": str(exc)}
-    missing = ctx.missing(["bandwidth"])
-    if missing:
-        ctx.note("dataplane/bandwidth accuracy: skipped, pycni has no bandwidth plugin yet")
-        figures["bandwidth accuracy"] = {"skipped": "missing plugin(s): bandwidth"}
+    figures["throughput"] = ctx.attempt("dataplane/throughput", lambda: _scoped(ctx, _throughput))
+    skipped = ctx.unavailable("dataplane/bandwidth accuracy", ["bandwidth"])
+    if skipped:
+        figures["bandwidth accuracy"] = skipped
         return figures
     print("  dataplane: bandwidth accuracy", flush=True)
-    try:
-        with ctx.cleanup.scope():
-            figures["bandwidth accuracy"] = _accuracy(ctx)
-    except Exception as exc:
-        ctx.note(f"dataplane/bandwidth accuracy: failed: {exc}")
-        figures["bandwidth accuracy"] = {"error": str(exc)}
+    figures["bandwidth accuracy"] = ctx.attempt("dataplane/bandwidth accuracy", lambda: _scoped(ctx, _accuracy))
     return figures
+
+
+def _scoped(ctx: Context, measure: Callable[[Context], dict[str, Any]]) -> dict[str, Any]:
+    """Run one figure's measurement, removing what it created even when it fails."""
+    with ctx.cleanup.scope():
+        return measure(ctx)
 
 
 # ---- iperf3 between two namespaces ----------------------------------------------

@@ -48,17 +48,13 @@ CASES = [
 def run(ctx: Context) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     for case in CASES:
-        missing = ctx.missing(case.needs)
-        if missing:
-            ctx.note(f"latency/{case.name}: skipped, pycni has no {', '.join(missing)} plugin yet")
-            figures[case.name] = {"skipped": f"missing plugin(s): {', '.join(missing)}"}
+        label = f"latency/{case.name}"
+        skipped = ctx.unavailable(label, case.needs)
+        if skipped:
+            figures[case.name] = skipped
             continue
         print(f"  latency: {case.name}", flush=True)
-        try:
-            figures[case.name] = _measure(ctx, case)
-        except Exception as exc:  # one broken plugin must not stop the other figures
-            ctx.note(f"latency/{case.name}: failed: {exc}")
-            figures[case.name] = {"error": str(exc)}
+        figures[case.name] = ctx.attempt(label, lambda: _measure(ctx, case))
     return figures
 
 

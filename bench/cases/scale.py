@@ -21,10 +21,9 @@ FIRST_HOST_PORT = 10000
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    missing = ctx.missing(NEEDS)
-    if missing:
-        ctx.note(f"scale: skipped, pycni has no {', '.join(missing)} plugin yet")
-        return {"skipped": f"missing plugin(s): {', '.join(missing)}"}
+    skipped = ctx.unavailable("scale", NEEDS)
+    if skipped:
+        return skipped
     settings = ctx.settings
     total = max(settings.scale_checkpoints) + settings.scale_samples
     print(f"  scale: {total} pods per side (checkpoints {', '.join(map(str, settings.scale_checkpoints))})",

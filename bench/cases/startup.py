@@ -44,11 +44,7 @@ def run(ctx: Context) -> dict[str, Any]:
             ctx.note(f"startup/{plugin}: skipped, pycni has no {plugin} plugin yet")
     print(f"  startup: VERSION of {', '.join(plugins)}", flush=True)
     for plugin in plugins:
-        try:
-            figures[plugin] = _measure(ctx, plugin)
-        except Exception as exc:
-            ctx.note(f"startup/{plugin}: failed: {exc}")
-            figures[plugin] = {"error": str(exc)}
+        figures[plugin] = ctx.attempt(f"startup/{plugin}", lambda: _measure(ctx, plugin))
     return figures
 
 

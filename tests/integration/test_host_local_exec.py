@@ -387,6 +387,6 @@ def test_in_process_api_matches_the_executable(pycni_bin, tmp_path, version):
         host_local.allocate(api_conf, "c2", "eth0")
     assert (info.value.code, info.value.msg) == run(pycni_bin, "ADD", exe_conf, "c2").error
     assert snapshot(api_dir) == snapshot(exe_dir)
-    host_local.release(api_conf, "c1", "eth0")
-    run(pycni_bin, "DEL", exe_conf, "c1")
+    assert sorted(host_local.release(api_conf, "c1", "eth0")) == ["10.70.0.2", "fd00:70::2"]
+    assert run(pycni_bin, "DEL", exe_conf, "c1").rc == 0
     assert snapshot(api_dir) == snapshot(exe_dir)

@@ -8,8 +8,8 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from cni_plugins.errors import (ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_INVALID_ENV,
-                                ERR_PLUGIN_NOT_AVAILABLE, CNIError)
+from cni_plugins.errors import (ERR_INCOMPATIBLE_VERSION, ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_INVALID_ENV,
+                                ERR_PLUGIN_NOT_AVAILABLE, ERR_UNKNOWN_CONTAINER, CNIError)
 from ipam import host_local
 from ipam.allocator import candidates
 from ipam.config import DEFAULT_DATA_DIR, load_ipam_config
@@ -201,9 +201,27 @@ def test_api_dual_stack_failure_rolls_back(tmp_path):
                                                           [{"subnet": "fd00:20::/126"}]]})
     host_local.allocate(conf, "c1", "eth0")  # takes fd00:20::2, leaves ::3
     host_local.allocate(conf, "c2", "eth0")  # takes fd00:20::3
+    before = set(files(tmp_path))
     with pytest.raises(CNIError, match="failed to allocate for range 1: no IP addresses"):
         host_local.allocate(conf, "c3", "eth0")
     assert "10.20.0.4" not in files(tmp_path)
+    assert set(files(tmp_path)) == before
+
+
+@pytest.mark.parametrize("api", [host_local.allocate, host_local.release, host_local.check])
+@pytest.mark.parametrize("change, container_id, ifname, code", [
+    ({"name": "bad/name"}, "c1", "eth0", ERR_INVALID_CONFIG),
+    ({"cniVersion": "9.9.9"}, "c1", "eth0", ERR_INCOMPATIBLE_VERSION),
+    ({}, "", "eth0", ERR_UNKNOWN_CONTAINER),
+    ({}, "bad id", "eth0", ERR_INVALID_ENV),
+    ({}, "c1", "a/b", ERR_INVALID_ENV),
+])
+def test_api_validates_what_the_skeleton_would(tmp_path, api, change, container_id, ifname, code):
+    """In-process callers bypass the skeleton, so the API checks name, IDs and version itself."""
+    with pytest.raises(CNIError) as info:
+        api(dict(conf_for(tmp_path), **change), container_id, ifname)
+    assert info.value.code == code
+    assert files(tmp_path) is None  # nothing was written
 
 
 def test_api_check(tmp_path):

@@ -14,7 +14,7 @@ import threading
 import pytest
 
 import netns
-from netns import check
+from netns import check, lifecycle
 
 
 @pytest.mark.parametrize("name", ["blue", "pt-0123abcd", "a" * 255, "with space", "..dots", ".hidden"])
@@ -30,7 +30,12 @@ def test_invalid_names(name):
     assert isinstance(info.value, ValueError)
 
 
-def test_create_rejects_bad_name_before_touching_anything():
+def test_create_rejects_bad_name_before_touching_anything(monkeypatch):
+    def touched(*args, **kwargs):
+        pytest.fail("create() touched the file system before validating the name")
+
+    monkeypatch.setattr(lifecycle, "_prepare_run_dir", touched)
+    monkeypatch.setattr(lifecycle.os, "open", touched)
     with pytest.raises(netns.InvalidNetnsNameError):
         netns.create("../etc")
     with pytest.raises(netns.InvalidNetnsNameError):
