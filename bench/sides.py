@@ -40,7 +40,7 @@ def reference_side() -> Side:
 
 
 def pycni_registry() -> dict[str, str]:
-    from cni_plugins.registry import PLUGINS
+    from cni_plugins.spec.registry import PLUGINS
 
     return dict(PLUGINS)
 

@@ -1,7 +1,7 @@
 """The error raised for a network configuration that cannot be used."""
 from __future__ import annotations
 
-from cni_plugins.errors import ERR_INVALID_CONFIG, CNIError
+from cni_plugins.spec.errors import ERR_INVALID_CONFIG, CNIError
 
 
 class ConfError(CNIError):

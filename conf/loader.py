@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterable
 
-from cni_plugins.errors import ERR_INVALID_CONFIG, ERR_IO
+from cni_plugins.spec.errors import ERR_INVALID_CONFIG, ERR_IO
 
 from .errors import ConfError, NetworkNotFoundError
 from .netconf import NetworkConfigList, check_network_name, decode_json, parse_conflist, parse_single_conf

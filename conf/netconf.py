@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from cni_plugins.errors import ERR_DECODE, ERR_INCOMPATIBLE_VERSION, CNIError
-from cni_plugins.skel import validate_network_name
-from cni_plugins.version import IMPLICIT_VERSION, SUPPORTED_VERSIONS, parse_version
+from cni_plugins.spec.errors import ERR_DECODE, ERR_INCOMPATIBLE_VERSION, CNIError
+from cni_plugins.spec.skel import validate_network_name
+from cni_plugins.spec.version import IMPLICIT_VERSION, SUPPORTED_VERSIONS, parse_version
 
 from .errors import ConfError
 

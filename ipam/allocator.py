@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-from cni_plugins.errors import ERR_INTERNAL, CNIError
+from cni_plugins.spec.errors import ERR_INTERNAL, CNIError
 
 from .ranges import IPAddress, Range, RangeError, RangeSet, parse_ip
 from .store import DiskStore

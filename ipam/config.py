@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cni_plugins.args import load_args
-from cni_plugins.errors import ERR_INVALID_CONFIG, ERR_INVALID_ENV, CNIError
-from cni_plugins.types import Route
-from cni_plugins.version import at_least, config_version
+from cni_plugins.spec.args import load_args
+from cni_plugins.spec.errors import ERR_INVALID_CONFIG, ERR_INVALID_ENV, CNIError
+from cni_plugins.spec.types import Route
+from cni_plugins.spec.version import at_least, config_version
 
 from .ranges import IPAddress, RangeError, RangeSet, parse_ip_or_cidr, parse_range_set
 

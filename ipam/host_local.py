@@ -18,13 +18,13 @@ import os
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-from cni_plugins.errors import ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_IO, ERR_PLUGIN_NOT_AVAILABLE, CNIError
-from cni_plugins.skel import (GC_ATTACHMENT_KEYS, CmdArgs, PluginFuncs, gc_attachments, plugin_main,
+from cni_plugins.spec.errors import ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_IO, ERR_PLUGIN_NOT_AVAILABLE, CNIError
+from cni_plugins.spec.skel import (GC_ATTACHMENT_KEYS, CmdArgs, PluginFuncs, gc_attachments, plugin_main,
                               validate_container_id, validate_interface_name, validate_network_name)
-from cni_plugins.version import require_supported
+from cni_plugins.spec.version import require_supported
 
 if TYPE_CHECKING:  # the command functions import these: VERSION needs none of them
-    from cni_plugins.types import IPConfig, Result
+    from cni_plugins.spec.types import IPConfig, Result
 
     from .config import IPAMConfig
     from .ranges import IPAddress
@@ -72,7 +72,7 @@ def allocate(conf: dict[str, Any], container_id: str, ifname: str, cni_args: str
 
 
 def _allocate(cfg: IPAMConfig, container_id: str, ifname: str) -> Result:
-    from cni_plugins.types import Result
+    from cni_plugins.spec.types import Result
 
     from .store import DiskStore
 
@@ -89,7 +89,7 @@ def _allocate(cfg: IPAMConfig, container_id: str, ifname: str) -> Result:
 
 
 def _reserve_all(cfg: IPAMConfig, store: DiskStore, container_id: str, ifname: str) -> list[IPConfig]:
-    from cni_plugins.types import IPConfig
+    from cni_plugins.spec.types import IPConfig
 
     from .allocator import AllocationError, Allocator
 
@@ -183,7 +183,7 @@ def _our_addresses(cfg: IPAMConfig, prev: Any) -> list[str]:
         return []
     import ipaddress
 
-    from cni_plugins.types import Result
+    from cni_plugins.spec.types import Result
 
     from .ranges import canonical
 

@@ -1,8 +1,8 @@
 """Reading a resolv.conf-style file into a CNI result's dns block (ipam.resolvConf)."""
 from __future__ import annotations
 
-from cni_plugins.errors import ERR_IO, CNIError
-from cni_plugins.types import DNS
+from cni_plugins.spec.errors import ERR_IO, CNIError
+from cni_plugins.spec.types import DNS
 
 
 def parse_resolv_conf_text(text: str) -> DNS:

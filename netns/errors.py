@@ -7,7 +7,7 @@ package depending on the plugin code.
 """
 from __future__ import annotations
 
-# CNI spec error codes (same values as cni_plugins.errors; repeated here so
+# CNI spec error codes (same values as cni_plugins.spec.errors; repeated here so
 # that the namespace library stays independent of the plugin framework).
 _CNI_ERR_IO = 5
 _CNI_ERR_INVALID_NETNS = 8

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from cni_plugins.errors import ERR_DECODE, ERR_IO, CNIError
+from cni_plugins.spec.errors import ERR_DECODE, ERR_IO, CNIError
 
 from .fileutil import write_atomically
 

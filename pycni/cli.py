@@ -16,7 +16,7 @@ from typing import Any, Callable, NoReturn
 
 import click
 
-from cni_plugins.errors import ERR_INVALID_ENV, CNIError
+from cni_plugins.spec.errors import ERR_INVALID_ENV, CNIError
 
 DEFAULT_IFNAME = "eth0"
 
@@ -422,7 +422,7 @@ def _pycni_version() -> str:
 @cli.command("version")
 def version_cmd() -> None:
     """Show the pycni version, CNI spec versions and plugins."""
-    from cni_plugins.version import SUPPORTED_VERSIONS
+    from cni_plugins.spec.version import SUPPORTED_VERSIONS
 
     from .install import plugin_registry
 

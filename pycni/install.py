@@ -13,7 +13,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from cni_plugins.errors import ERR_INVALID_CONFIG, ERR_IO, CNIError
+from cni_plugins.spec.errors import ERR_INVALID_CONFIG, ERR_IO, CNIError
 
 from .fileutil import write_atomically
 
@@ -33,7 +33,7 @@ class InstalledPlugin:
 
 def plugin_registry() -> dict[str, str]:
     """pycni's plugins: type name -> "module:function"."""
-    from cni_plugins.registry import PLUGINS
+    from cni_plugins.spec.registry import PLUGINS
 
     return dict(PLUGINS)
 

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from cni_plugins.errors import ERR_DECODE, ERR_INTERNAL, ERR_INVALID_CONFIG, CNIError
+from cni_plugins.spec.errors import ERR_DECODE, ERR_INTERNAL, ERR_INVALID_CONFIG, CNIError
 
 DEFAULT_CNI_PATH = "/opt/cni/bin"
 # The variables of the CNI protocol; a plugin gets only the ones its command uses.
@@ -63,7 +63,7 @@ def split_cni_path(value: str | list[str] | None) -> list[str]:
 
 def find_plugin(plugin_type: str, cni_path: list[str]) -> str:
     """The executable called ``plugin_type`` in the first CNI_PATH directory that has it."""
-    from cni_plugins.ipam_exec import find_executable
+    from cni_plugins.shared.ipam import find_executable
     from conf import check_plugin_type
 
     check_plugin_type(plugin_type, None, "type")

@@ -25,8 +25,8 @@ def list_reservations(network: str, data_dir: str, as_json: bool) -> None:
     NETWORK is the network's name (the "name" of its configuration); the store
     lives in DIR/NETWORK.
     """
-    from cni_plugins.errors import CNIError
-    from cni_plugins.skel import validate_network_name
+    from cni_plugins.spec.errors import CNIError
+    from cni_plugins.spec.skel import validate_network_name
     from ipam.store import LAST_IP_PREFIX, DiskStore
 
     try:

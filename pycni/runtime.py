@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from cni_plugins.errors import (ERR_INCOMPATIBLE_VERSION, ERR_INVALID_CONFIG, ERR_INVALID_ENV,
+from cni_plugins.spec.errors import (ERR_INCOMPATIBLE_VERSION, ERR_INVALID_CONFIG, ERR_INVALID_ENV,
                                 ERR_UNKNOWN_CONTAINER, CNIError)
-from cni_plugins.skel import validate_container_id, validate_interface_name
-from cni_plugins.version import at_least
+from cni_plugins.spec.skel import validate_container_id, validate_interface_name
+from cni_plugins.spec.version import at_least
 from conf import NetworkConfigList, build_plugin_config
 
 from .cache import CachedAttachment, ResultCache
@@ -64,7 +64,7 @@ def convert_result(result: dict[str, Any], version: str) -> dict[str, Any]:
     own = result.get("cniVersion") or version
     if own == version:
         return result
-    from cni_plugins.types import Result
+    from cni_plugins.spec.types import Result
 
     try:
         return Result.from_dict(result, own).to_dict(version)

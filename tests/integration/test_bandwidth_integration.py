@@ -337,7 +337,7 @@ def test_add_twice_replaces(make_node, ours):
 
 
 def test_failed_add_leaves_nothing_behind(make_node, ours):
-    from cni_plugins.bandwidth import ifb_name
+    from cni_plugins.bandwidth.plugin import ifb_name
 
     node = make_node()
     pod = node.attach("ctr-fail")

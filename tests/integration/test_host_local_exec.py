@@ -375,7 +375,7 @@ def test_result_1_1_0_and_version(pycni_bin, tmp_path):
 
 @pytest.mark.parametrize("version", ["0.2.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
 def test_in_process_api_matches_the_executable(pycni_bin, tmp_path, version):
-    from cni_plugins.errors import CNIError
+    from cni_plugins.spec.errors import CNIError
     from ipam import host_local
 
     ipam = {"ranges": [[{"subnet": "10.70.0.0/30"}], [{"subnet": "fd00:70::/64"}]],

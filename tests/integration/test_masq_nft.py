@@ -12,8 +12,8 @@ import subprocess
 import pytest
 
 import netns
-from cni_plugins.errors import CNIError
-from cni_plugins.masq import TABLE, check_masq, gc_masq, setup_masq, teardown_masq
+from cni_plugins.spec.errors import CNIError
+from cni_plugins.shared.masq import TABLE, check_masq, gc_masq, setup_masq, teardown_masq
 
 pytestmark = [
     pytest.mark.integration,

@@ -26,7 +26,7 @@ from contextlib import ExitStack, contextmanager
 import pytest
 
 import netns
-from cni_plugins.masq import setup_masq, teardown_masq
+from cni_plugins.shared.masq import setup_masq, teardown_masq
 
 pytestmark = [
     pytest.mark.integration,

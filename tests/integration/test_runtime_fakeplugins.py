@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from cni_plugins.errors import ERR_INVALID_ENV, CNIError
+from cni_plugins.spec.errors import ERR_INVALID_ENV, CNIError
 from conf import load_conflist
 from pycni.cache import ResultCache
 from pycni.invoke import PluginError

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from cni_plugins.registry import PLUGINS
+from cni_plugins.spec.registry import PLUGINS
 
 REFERENCE_DIR = "/usr/lib/cni"
 

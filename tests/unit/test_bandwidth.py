@@ -7,10 +7,11 @@ import sys
 
 import pytest
 
-from cni_plugins import bandwidth as bw
-from cni_plugins import tc
-from cni_plugins.errors import CNIError
-from cni_plugins.skel import dispatch
+from cni_plugins import bandwidth as bandwidth_pkg
+from cni_plugins.bandwidth import plugin as bw
+from cni_plugins.kernel import tc
+from cni_plugins.spec.errors import CNIError
+from cni_plugins.spec.skel import dispatch
 
 LIMITS = {"ingressRate": 8_000_000, "ingressBurst": 80_000, "egressRate": 50_000_000, "egressBurst": 500_000}
 PREV = {"cniVersion": "1.0.0",
@@ -179,18 +180,18 @@ def _env(command: str) -> dict:
 
 
 def test_add_without_limits_passes_prev_result_through():
-    out = dispatch(bw.FUNCS, _env("ADD"), json.dumps(conf(prevResult=PREV)).encode())
+    out = dispatch(bandwidth_pkg.FUNCS, _env("ADD"), json.dumps(conf(prevResult=PREV)).encode())
     assert out.exit_code == 0, out.stdout
     assert json.loads(out.stdout) == PREV
 
 
 def test_add_invalid_config_is_code_7():
-    out = dispatch(bw.FUNCS, _env("ADD"), json.dumps(conf(prevResult=PREV, ingressRate=5)).encode())
+    out = dispatch(bandwidth_pkg.FUNCS, _env("ADD"), json.dumps(conf(prevResult=PREV, ingressRate=5)).encode())
     assert out.exit_code == 1 and json.loads(out.stdout)["code"] == 7
 
 
 def test_add_not_chained_is_code_7():
-    out = dispatch(bw.FUNCS, _env("ADD"), json.dumps(conf(**LIMITS)).encode())
+    out = dispatch(bandwidth_pkg.FUNCS, _env("ADD"), json.dumps(conf(**LIMITS)).encode())
     assert out.exit_code == 1
     err = json.loads(out.stdout)
     assert err["code"] == 7 and "chained" in err["msg"]
@@ -199,11 +200,11 @@ def test_add_not_chained_is_code_7():
 def test_version_does_not_import_pyroute2():
     code = ("import sys, os\n"
             "os.environ['CNI_COMMAND'] = 'VERSION'\n"
-            "from cni_plugins.skel import dispatch\n"
+            "from cni_plugins.spec.skel import dispatch\n"
             "from cni_plugins import bandwidth\n"
             "out = dispatch(bandwidth.FUNCS, os.environ, b'')\n"
             "assert out.exit_code == 0 and '1.1.0' in out.stdout, out\n"
-            # cni_plugins.netlink may register the bare package (no code runs); no module of it loads.
+            # cni_plugins.kernel.netlink may register the bare package (no code runs); no module of it loads.
             "loaded = [m for m in sys.modules if m.startswith('pyroute2.')]\n"
             "assert not loaded, loaded\n"
             "assert 'IPRoute' not in vars(sys.modules.get('pyroute2', sys))\n")

@@ -8,10 +8,11 @@ import sys
 
 import pytest
 
-from cni_plugins import bridge, ipam_exec
-from cni_plugins.errors import CNIError
-from cni_plugins.skel import CmdArgs
-from cni_plugins.types import Result, Route
+from cni_plugins.bridge import plugin as bridge
+from cni_plugins.shared import ipam as ipam_exec
+from cni_plugins.spec.errors import CNIError
+from cni_plugins.spec.skel import CmdArgs
+from cni_plugins.spec.types import Result, Route
 
 
 def conf(**options):
@@ -246,7 +247,7 @@ def test_routes_without_gateway_keep_none():
 
 @pytest.fixture
 def vlan_calls(monkeypatch):
-    from cni_plugins import ip
+    from cni_plugins.kernel import ip
 
     calls = []
     monkeypatch.setattr(ip, "remove_port_vlans", lambda ipr, port: calls.append(("clear", port)))
@@ -277,7 +278,7 @@ def test_no_vlan_no_calls(vlan_calls):
 
 
 def test_spoof_check_names_are_per_network_and_attachment():
-    from cni_plugins import spoofchk
+    from cni_plugins.shared import spoofchk
 
     ids = {spoofchk.attachment_id(net, cid, ifname)
            for net in ("a", "b") for cid in ("c1", "c2") for ifname in ("eth0", "net1")}
@@ -289,7 +290,8 @@ def test_spoof_check_names_are_per_network_and_attachment():
                                        ("", "0a:58:00:00:00:01"), ("veth1", "0a:58:00:00:00:01 drop"),
                                        ("veth1", "zz:58:00:00:00:01")])
 def test_spoof_check_refuses_rule_syntax_before_touching_nftables(iface, mac, monkeypatch):
-    from cni_plugins import nft, spoofchk
+    from cni_plugins.kernel import nft
+    from cni_plugins.shared import spoofchk
 
     ran = []
     monkeypatch.setattr(nft, "run", lambda args, stdin=None: ran.append((args, stdin)))
@@ -299,6 +301,6 @@ def test_spoof_check_refuses_rule_syntax_before_touching_nftables(iface, mac, mo
 
 
 def test_masq_backend_names_agree_with_the_masq_module():
-    from cni_plugins import masq
+    from cni_plugins.shared import masq
 
     assert bridge.MASQ_BACKENDS == masq.BACKENDS and bridge.DEFAULT_MASQ_BACKEND == masq.DEFAULT_BACKEND

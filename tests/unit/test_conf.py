@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from cni_plugins.errors import ERR_DECODE, ERR_INCOMPATIBLE_VERSION, ERR_INVALID_CONFIG, CNIError
+from cni_plugins.spec.errors import ERR_DECODE, ERR_INCOMPATIBLE_VERSION, ERR_INVALID_CONFIG, CNIError
 from conf import (ConfError, NetworkConfigList, build_plugin_config, conf_dirs, load_conflist,
                   load_conflist_file, parse_conflist)
 
@@ -226,7 +226,7 @@ def test_invalid_network_name_in_file(tmp_path):
 ])
 def test_network_name_rule_is_the_plugins_rule(name, valid):
     """A file is refused exactly when the plugins (skel) would refuse its name."""
-    from cni_plugins.skel import validate_network_name
+    from cni_plugins.spec.skel import validate_network_name
 
     data = json.dumps(conflist(name=name)).encode()
     if valid:

@@ -8,7 +8,7 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from cni_plugins.errors import (ERR_INCOMPATIBLE_VERSION, ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_INVALID_ENV,
+from cni_plugins.spec.errors import (ERR_INCOMPATIBLE_VERSION, ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_INVALID_ENV,
                                 ERR_PLUGIN_NOT_AVAILABLE, ERR_UNKNOWN_CONTAINER, CNIError)
 from ipam import host_local
 from ipam.allocator import candidates

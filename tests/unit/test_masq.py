@@ -10,9 +10,11 @@ import subprocess
 
 import pytest
 
-from cni_plugins import iptables, masq, nft
-from cni_plugins.errors import CNIError
-from cni_plugins.masq import (Owner, gc_masq, iptables_chain, iptables_comment, parse_addresses, setup_masq,
+from cni_plugins.kernel import iptables
+from cni_plugins.shared import masq
+from cni_plugins.kernel import nft
+from cni_plugins.spec.errors import CNIError
+from cni_plugins.shared.masq import (Owner, gc_masq, iptables_chain, iptables_comment, parse_addresses, setup_masq,
                               subnet_chain, teardown_masq)
 
 

@@ -144,7 +144,7 @@ def test_enter_refuses_non_namespaces_without_switching(tmp_path):
 
 
 def test_errors_carry_cni_codes():
-    from cni_plugins.errors import ERR_INVALID_NETNS, ERR_IO
+    from cni_plugins.spec.errors import ERR_INVALID_NETNS, ERR_IO
 
     assert netns.NotNetnsError("x").code == ERR_INVALID_NETNS
     assert netns.NetnsNotFoundError("x").code == ERR_INVALID_NETNS

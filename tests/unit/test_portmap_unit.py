@@ -5,9 +5,12 @@ import sys
 
 import pytest
 
-from cni_plugins import nft, portmap, portmap_ipt, portmap_nft
-from cni_plugins.errors import CNIError
-from cni_plugins.types import Result
+from cni_plugins.kernel import nft
+from cni_plugins.portmap import plugin as portmap
+from cni_plugins.portmap import ipt as portmap_ipt
+from cni_plugins.portmap import nft as portmap_nft
+from cni_plugins.spec.errors import CNIError
+from cni_plugins.spec.types import Result
 
 PREV = {
     "cniVersion": "1.0.0",
@@ -198,11 +201,11 @@ def test_multiport_lists_hold_at_most_fifteen_ports():
 def test_version_loads_no_backend_or_tool_modules():
     """VERSION is start-up cost only: no firewall backend, subprocess, logging, hashing or addresses."""
     code = ("import sys\n"
-            "from cni_plugins.skel import dispatch\n"
+            "from cni_plugins.spec.skel import dispatch\n"
             "from cni_plugins import portmap\n"
             "out = dispatch(portmap.FUNCS, {'CNI_COMMAND': 'VERSION'}, b'')\n"
             "assert out.exit_code == 0 and '1.1.0' in out.stdout, out\n"
-            "heavy = ('cni_plugins.portmap_nft', 'cni_plugins.portmap_ipt', 'cni_plugins.nft', 'subprocess',\n"
+            "heavy = ('cni_plugins.portmap.nft', 'cni_plugins.portmap.ipt', 'cni_plugins.kernel.nft', 'subprocess',\n"
             "         'logging', 'hashlib', 'ipaddress')\n"
             "loaded = [m for m in heavy if m in sys.modules]\n"
             "assert not loaded, loaded\n")

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from cni_plugins.args import load_args, parse_cni_args
-from cni_plugins.errors import CNIError
-from cni_plugins.skel import PluginFuncs, dispatch, gc_attachments
-from cni_plugins.types import IPConfig, Result
-from cni_plugins.version import SUPPORTED_VERSIONS
+from cni_plugins.spec.args import load_args, parse_cni_args
+from cni_plugins.spec.errors import CNIError
+from cni_plugins.spec.skel import PluginFuncs, dispatch, gc_attachments
+from cni_plugins.spec.types import IPConfig, Result
+from cni_plugins.spec.version import SUPPORTED_VERSIONS
 
 CONF = {"cniVersion": "1.0.0", "name": "net1", "type": "fake"}
 calls: list = []

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from cni_plugins.errors import CNIError
-from cni_plugins.types import DNS, Interface, IPConfig, Result, Route
-from cni_plugins.version import SUPPORTED_VERSIONS, is_legacy
+from cni_plugins.spec.errors import CNIError
+from cni_plugins.spec.types import DNS, Interface, IPConfig, Result, Route
+from cni_plugins.spec.version import SUPPORTED_VERSIONS, is_legacy
 
 MODERN = [v for v in SUPPORTED_VERSIONS if not is_legacy(v)]
 LEGACY = [v for v in SUPPORTED_VERSIONS if is_legacy(v)]

@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ERR_INTERNAL, ERR_INVALID_CONFIG, CNIError
+from cni_plugins.spec.errors import ERR_INTERNAL, ERR_INVALID_CONFIG, CNIError
 
 NFT = "nft"
 TIMEOUT_SECONDS = 30

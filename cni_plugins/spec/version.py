@@ -1,7 +1,7 @@
 """CNI specification versions: which exist, how to compare them, what each allows."""
 from __future__ import annotations
 
-from .errors import ERR_DECODE, ERR_INCOMPATIBLE_VERSION, CNIError
+from cni_plugins.spec.errors import ERR_DECODE, ERR_INCOMPATIBLE_VERSION, CNIError
 
 SUPPORTED_VERSIONS: tuple[str, ...] = ("0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 CURRENT_VERSION = "1.1.0"

@@ -15,9 +15,9 @@ import json
 import os
 from typing import Any, Callable
 
-from .errors import ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_TRY_AGAIN, CNIError
-from .skel import CmdArgs
-from .types import Result
+from cni_plugins.spec.errors import ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_TRY_AGAIN, CNIError
+from cni_plugins.spec.skel import CmdArgs
+from cni_plugins.spec.types import Result
 
 # A delegated plugin may wait on a lock held by a concurrent ADD; bound the wait anyway.
 EXEC_TIMEOUT = 120.0

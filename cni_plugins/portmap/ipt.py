@@ -19,9 +19,9 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 
-from . import iptables
-from .errors import ERR_INTERNAL, CNIError
-from .portmap import Owner, PortMapConfig, Targets
+from cni_plugins.kernel import iptables
+from cni_plugins.spec.errors import ERR_INTERNAL, CNIError
+from cni_plugins.portmap.plugin import Owner, PortMapConfig, Targets
 
 TOPLEVEL_DNAT = "CNI-HOSTPORT-DNAT"
 SETMARK = "CNI-HOSTPORT-SETMARK"

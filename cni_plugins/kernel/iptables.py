@@ -15,7 +15,7 @@ import shlex
 import subprocess
 from dataclasses import dataclass, field
 
-from .errors import ERR_INTERNAL, CNIError
+from cni_plugins.spec.errors import ERR_INTERNAL, CNIError
 
 TIMEOUT_SECONDS = 30
 _BINARIES = {4: ("iptables", "iptables-restore"), 6: ("ip6tables", "ip6tables-restore")}

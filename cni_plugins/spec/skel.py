@@ -14,9 +14,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from .errors import (ERR_DECODE, ERR_INCOMPATIBLE_VERSION, ERR_INTERNAL, ERR_INVALID_CONFIG,
+from cni_plugins.spec.errors import (ERR_DECODE, ERR_INCOMPATIBLE_VERSION, ERR_INTERNAL, ERR_INVALID_CONFIG,
                      ERR_INVALID_ENV, ERR_INVALID_NETNS, ERR_IO, ERR_UNKNOWN_CONTAINER, CNIError)
-from .version import (CURRENT_VERSION, SUPPORTED_VERSIONS, at_least, config_version,
+from cni_plugins.spec.version import (CURRENT_VERSION, SUPPORTED_VERSIONS, at_least, config_version,
                       require_supported, version_info)
 
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
@@ -63,14 +63,37 @@ class CmdArgs:
 PluginFunc = Callable[[CmdArgs], Any]
 
 
+_FUNC_NAMES = {"ADD": "cmd_add", "DEL": "cmd_del", "CHECK": "cmd_check", "GC": "cmd_gc", "STATUS": "cmd_status"}
+
+
 @dataclass
 class PluginFuncs:
-    add: PluginFunc
-    delete: PluginFunc
+    """What a plugin does for each command.
+
+    Either the functions themselves, or ``module``: the dotted name of a module
+    holding ``cmd_add``, ``cmd_del`` and optionally ``cmd_check``, ``cmd_gc``,
+    ``cmd_status``. That module is imported when the first command that needs
+    it runs, never for VERSION: this is the one seam that keeps a plugin's
+    start-up cheap, so plugin modules import what they use at the top.
+    """
+
+    add: PluginFunc | None = None
+    delete: PluginFunc | None = None
     check: PluginFunc | None = None
     gc: PluginFunc | None = None
     status: PluginFunc | None = None
     supported_versions: tuple[str, ...] = SUPPORTED_VERSIONS
+    module: str = ""
+
+    def func(self, command: str) -> PluginFunc | None:
+        """The function serving ``command`` (None: the plugin has nothing to do for it)."""
+        explicit = {"ADD": self.add, "DEL": self.delete, "CHECK": self.check,
+                    "GC": self.gc, "STATUS": self.status}[command]
+        if explicit is not None or not self.module:
+            return explicit
+        import importlib
+
+        return getattr(importlib.import_module(self.module), _FUNC_NAMES[command], None)
 
 
 # ---- validation ----------------------------------------------------------
@@ -204,8 +227,7 @@ def handle(req: CmdArgs, funcs: PluginFuncs) -> str:
     if req.command in ("ADD", "CHECK") and not req.netns_override and _same_netns_as_plugin(req.netns):
         raise CNIError(ERR_INVALID_NETNS, "plugin's netns and netns from CNI_NETNS should not be the same",
                        f"CNI_NETNS={req.netns} is the namespace the plugin runs in; give the container's")
-    func = {"ADD": funcs.add, "DEL": funcs.delete, "CHECK": funcs.check,
-            "GC": funcs.gc, "STATUS": funcs.status}[req.command]
+    func = funcs.func(req.command)
     if func is None:
         return ""  # an optional command the plugin has nothing to do for (add and delete are required)
     result = func(req)
@@ -289,5 +311,5 @@ def prev_result(req: CmdArgs):
     raw = req.conf.get("prevResult")
     if raw is None:
         return None
-    from .types import Result
+    from cni_plugins.spec.types import Result
     return Result.from_dict(raw, req.cni_version)

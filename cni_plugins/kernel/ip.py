@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from .errors import ERR_INTERNAL, CNIError
-from . import netlink as _netlink  # noqa: F401  (before any pyroute2 import: skips its package __init__)
+from cni_plugins.spec.errors import ERR_INTERNAL, CNIError
+from cni_plugins.kernel import netlink as _netlink  # noqa: F401  (before any pyroute2 import: skips its package __init__)
 
 IFF_UP = 0x1
 IFF_PROMISC = 0x100
@@ -40,7 +40,7 @@ DAD_SETTLE_INTERVAL = 0.05
 
 def open_netlink() -> Any:
     """An IPRoute socket in the calling thread's network namespace (close it when done)."""
-    from .netlink import IPRoute
+    from cni_plugins.kernel.netlink import IPRoute
 
     return IPRoute()
 

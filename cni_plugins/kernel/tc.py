@@ -22,7 +22,7 @@ import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterable
-from . import netlink as _netlink  # noqa: F401  (before any pyroute2 import: skips its package __init__)
+from cni_plugins.kernel import netlink as _netlink  # noqa: F401  (before any pyroute2 import: skips its package __init__)
 
 TC_H_ROOT = 0xFFFFFFFF
 TC_H_INGRESS = 0xFFFFFFF1

@@ -5,7 +5,7 @@ import os
 from contextlib import ExitStack
 from typing import Any, Callable, TypeVar
 
-from .errors import ERR_INVALID_NETNS, CNIError
+from cni_plugins.spec.errors import ERR_INVALID_NETNS, CNIError
 
 T = TypeVar("T")
 

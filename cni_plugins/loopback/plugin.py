@@ -7,16 +7,16 @@ ever works on `lo`.
 """
 from __future__ import annotations
 
-from .errors import ERR_INTERNAL, CNIError
-from .nsutil import in_netns, netns_gone
-from .skel import CmdArgs, PluginFuncs, plugin_main, prev_result
-from .types import Interface, IPConfig, Result
+from cni_plugins.spec.errors import ERR_INTERNAL, CNIError
+from cni_plugins.kernel.nsutil import in_netns, netns_gone
+from cni_plugins.spec.skel import CmdArgs, prev_result
+from cni_plugins.spec.types import Interface, IPConfig, Result
 
 LOOPBACK = "lo"
 
 
 def _bring_up() -> tuple[str | None, str | None]:
-    from . import ifioctl
+    from cni_plugins.kernel import ifioctl
 
     ifioctl.set_up(LOOPBACK)
     v4 = ifioctl.ipv4_address(LOOPBACK)
@@ -42,7 +42,7 @@ def cmd_add(req: CmdArgs) -> Result:
 
 
 def _bring_down() -> None:
-    from . import ifioctl
+    from cni_plugins.kernel import ifioctl
 
     ifioctl.set_up(LOOPBACK, up=False)
 
@@ -55,7 +55,7 @@ def cmd_del(req: CmdArgs) -> None:
 
 
 def _check_up() -> None:
-    from . import ifioctl
+    from cni_plugins.kernel import ifioctl
 
     if not ifioctl.is_up(LOOPBACK):
         raise CNIError(ERR_INTERNAL, "loopback interface is down", "run ADD again or bring lo up in the container")
@@ -65,13 +65,3 @@ def cmd_check(req: CmdArgs) -> None:
     in_netns(req.netns, _check_up)
     return None
 
-
-FUNCS = PluginFuncs(add=cmd_add, delete=cmd_del, check=cmd_check)
-
-
-def main() -> None:
-    plugin_main(FUNCS, "CNI loopback plugin (pycni)")
-
-
-if __name__ == "__main__":
-    main()

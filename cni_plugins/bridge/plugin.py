@@ -18,12 +18,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from .errors import ERR_DECODE, ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_INVALID_NETNS, CNIError
-from .nsutil import check_netns, netns_gone
-from .skel import CmdArgs, PluginFuncs, gc_attachments, plugin_main
+from cni_plugins.spec.errors import ERR_DECODE, ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_INVALID_NETNS, CNIError
+from cni_plugins.kernel.nsutil import check_netns, netns_gone
+from cni_plugins.spec.skel import CmdArgs, gc_attachments
 
 if TYPE_CHECKING:  # the result types are imported where ADD, CHECK and DEL use them, not on VERSION's path
-    from .types import DNS, Interface, Result
+    from cni_plugins.spec.types import DNS, Interface, Result
 
 DEFAULT_BRIDGE = "cni0"
 MASQ_BACKENDS = ("nftables", "iptables")  # masq.BACKENDS, repeated so load_conf need not import masq
@@ -68,7 +68,7 @@ class BridgeConf:
 
 
 def _types() -> Any:
-    from . import types
+    from cni_plugins.spec import types
 
     return types
 
@@ -127,8 +127,8 @@ def _mac(value: str, where: str) -> str:
 
 def load_conf(conf: dict[str, Any], cni_args: str) -> BridgeConf:
     """Read and validate the bridge options of a network configuration."""
-    from .args import load_args
-    from .ipam_exec import ipam_type
+    from cni_plugins.spec.args import load_args
+    from cni_plugins.shared.ipam import ipam_type
 
     n = BridgeConf(name=conf.get("name", ""))
     n.bridge = _get(conf, "bridge", str, DEFAULT_BRIDGE) or DEFAULT_BRIDGE
@@ -215,7 +215,7 @@ def plan_gateways(result: Result, n: BridgeConf) -> Gateways:
     """Point every IP at the container interface, fill in gateways and default routes (calcGateways)."""
     import ipaddress
 
-    from .types import Route
+    from cni_plugins.spec.types import Route
 
     gws = Gateways()
     default_found = {4: False, 6: False}
@@ -278,8 +278,8 @@ def cmd_add(req: CmdArgs) -> Result:
 def _add(req: CmdArgs, n: BridgeConf, undo: Undo) -> Result:
     import netns
 
-    from . import ip
-    from .types import Interface, Result
+    from cni_plugins.kernel import ip
+    from cni_plugins.spec.types import Interface, Result
 
     with ip.open_netlink() as ipr:
         bridge = ip.ensure_bridge(ipr, n.bridge, n.mtu, n.promisc_mode, n.vlan_filtering)
@@ -294,7 +294,7 @@ def _add(req: CmdArgs, n: BridgeConf, undo: Undo) -> Result:
         ])
 
         if n.mac_spoof_check:
-            from . import spoofchk
+            from cni_plugins.shared import spoofchk
 
             spoofchk.setup(req.network_name, req.container_id, req.ifname, host.name, container.mac)
             undo.push("remove mac spoof check",
@@ -321,7 +321,8 @@ def _add_layer3(req: CmdArgs, n: BridgeConf, ipr: Any, bridge: Any, result: Resu
     """Addresses from IPAM into the container, the gateway onto the bridge, masquerading."""
     import netns
 
-    from . import ipam_exec, masq
+    from cni_plugins.shared import ipam as ipam_exec
+    from cni_plugins.shared import masq
 
     ipam_result = ipam_exec.exec_add(req)
     undo.push("release IPAM lease", lambda: ipam_exec.exec_del(req))
@@ -346,7 +347,7 @@ def _create_veth(req: CmdArgs, n: BridgeConf) -> tuple[str, Any]:
     """Create the pair from inside the container; the host end lands in this (the node) namespace."""
     import netns
 
-    from . import ip
+    from cni_plugins.kernel import ip
 
     host_fd = os.open(netns.current_path(), os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -359,7 +360,7 @@ def _create_veth(req: CmdArgs, n: BridgeConf) -> tuple[str, Any]:
 
 
 def _attach_host_veth(ipr: Any, n: BridgeConf, host_name: str, bridge_index: int) -> Any:
-    from . import ip
+    from cni_plugins.kernel import ip
 
     host = ip.get_link(ipr, host_name, "host veth")
     ip.set_up(ipr, host.index)
@@ -375,7 +376,7 @@ def _attach_host_veth(ipr: Any, n: BridgeConf, host_name: str, bridge_index: int
 
 def _setup_port_vlans(ipr: Any, n: BridgeConf, port: int, port_name: str) -> None:
     """Access port (vlan: PVID, untagged) or trunk (vlanTrunk: tagged), as the reference does."""
-    from . import ip
+    from cni_plugins.kernel import ip
 
     if not (n.vlan or n.vlans):
         return
@@ -396,14 +397,14 @@ def _setup_port_vlans(ipr: Any, n: BridgeConf, port: int, port_name: str) -> Non
 
 
 def _delete_host_link(name: str) -> None:
-    from . import ip
+    from cni_plugins.kernel import ip
 
     with ip.open_netlink() as ipr:
         ip.delete_link_by_name(ipr, name)
 
 
 def _set_container_up(ifname: str) -> None:
-    from . import ip
+    from cni_plugins.kernel import ip
 
     with ip.open_netlink() as ipr:
         link = ip.find_link(ipr, ifname)
@@ -416,7 +417,7 @@ def _configure_container(ifname: str, result: Result, enable_dad: bool) -> None:
     """Inside the container: DAD/ARP sysctls, then addresses, link up and routes (ConfigureIface)."""
     import ipaddress
 
-    from . import ip
+    from cni_plugins.kernel import ip
 
     if enable_dad:
         ip.write_sysctl(f"net/ipv6/conf/{ifname}/enhanced_dad", "1", ignore_errors=True)
@@ -462,7 +463,7 @@ def _configure_container(ifname: str, result: Result, enable_dad: bool) -> None:
 
 def _enable_ipv6(ifname: str) -> None:
     """IPv6 addresses need disable_ipv6=0 on lo and the interface; keep them across link down."""
-    from . import ip
+    from cni_plugins.kernel import ip
 
     for dev in ("lo", ifname):
         key = f"net/ipv6/conf/{dev}/disable_ipv6"
@@ -481,8 +482,8 @@ def _enable_ipv6(ifname: str) -> None:
 
 def _configure_gateways(ipr: Any, n: BridgeConf, bridge: Any, gws: Gateways) -> Interface | None:
     """Gateway addresses on the bridge (or its VLAN gateway port) and forwarding on the node."""
-    from . import ip
-    from .types import Interface
+    from cni_plugins.kernel import ip
+    from cni_plugins.spec.types import Interface
 
     vlan_iface: Interface | None = None
     target = bridge
@@ -506,7 +507,7 @@ def ensure_gateway_address(ipr: Any, link: Any, family: int, cidr: str, force: b
     is replaced when ``force`` is set, an error otherwise (ensureAddr)."""
     import ipaddress
 
-    from . import ip
+    from cni_plugins.kernel import ip
 
     wanted = ipaddress.ip_interface(cidr)
     for existing, _flags in ip.addresses(ipr, link.index, family):
@@ -533,7 +534,7 @@ def _ensure_vlan_gateway(ipr: Any, n: BridgeConf, bridge: Any) -> Any:
     """A veth port "<bridge>.<vlan>" on the VLAN that carries the gateway address."""
     import netns
 
-    from . import ip
+    from cni_plugins.kernel import ip
 
     name = f"{n.bridge}.{n.vlan}"
     existing = ip.find_link(ipr, name)
@@ -574,15 +575,15 @@ def cmd_del(req: CmdArgs) -> None:
             failures.append(err)
 
     if n.is_layer3:
-        from . import ipam_exec
+        from cni_plugins.shared import ipam as ipam_exec
 
         attempt(lambda: ipam_exec.exec_del(req))
     if n.mac_spoof_check:
-        from . import spoofchk
+        from cni_plugins.shared import spoofchk
 
         attempt(lambda: spoofchk.teardown(req.network_name, req.container_id, req.ifname))
     if n.is_layer3 and n.ip_masq:
-        from . import masq
+        from cni_plugins.shared import masq
 
         # Found by network and container ID: the namespace may be gone already.
         for backend in _masq_backends_to_clean(n):
@@ -596,7 +597,7 @@ def cmd_del(req: CmdArgs) -> None:
 def _delete_container_link(req: CmdArgs) -> None:
     import netns
 
-    from . import ip
+    from cni_plugins.kernel import ip
 
     def delete() -> None:
         with ip.open_netlink() as ipr:
@@ -615,14 +616,14 @@ def _delete_container_link(req: CmdArgs) -> None:
 def cmd_check(req: CmdArgs) -> None:
     import netns
 
-    from . import ip
-    from .skel import prev_result
-    from .types import Interface
+    from cni_plugins.kernel import ip
+    from cni_plugins.spec.skel import prev_result
+    from cni_plugins.spec.types import Interface
 
     n = load_conf(req.conf, req.args)
     check_netns(req.netns)
     if n.is_layer3:
-        from . import ipam_exec
+        from cni_plugins.shared import ipam as ipam_exec
 
         ipam_exec.exec_check(req)
     if req.conf.get("prevResult") is None:
@@ -650,7 +651,7 @@ def cmd_check(req: CmdArgs) -> None:
         raise CNIError(ERR_INTERNAL, f"CNI veth created for bridge {n.bridge} was not found")
     netns.run_in(req.netns, _check_container_state, req.ifname, result)
     if n.is_layer3 and n.ip_masq:
-        from . import masq
+        from cni_plugins.shared import masq
 
         masq.check_masq(req.network_name, req.container_id, req.ifname, [ipc.address for ipc in result.ips],
                         backend=n.ip_masq_backend)
@@ -658,7 +659,7 @@ def cmd_check(req: CmdArgs) -> None:
 
 
 def _check_bridge(ipr: Any, entry: Interface, n: BridgeConf) -> Any:
-    from . import ip
+    from cni_plugins.kernel import ip
 
     if not entry.name:
         raise CNIError(ERR_INTERNAL, f"CNI created bridge {n.bridge} in host namespace was not found",
@@ -680,7 +681,7 @@ def _check_bridge(ipr: Any, entry: Interface, n: BridgeConf) -> Any:
 
 
 def _check_container_interface(entry: Interface) -> Any:
-    from . import ip
+    from cni_plugins.kernel import ip
 
     if not entry.name:
         raise CNIError(ERR_INTERNAL, "Interface name missing", "prevResult lists no container interface")
@@ -698,7 +699,7 @@ def _check_container_interface(entry: Interface) -> Any:
 
 def _check_host_veth(ipr: Any, entry: Interface, bridge: Any, container: Any) -> bool:
     """True when ``entry`` is the container's peer, enslaved to the bridge."""
-    from . import ip
+    from cni_plugins.kernel import ip
 
     if not entry.name:
         raise CNIError(ERR_INTERNAL, "Interface name missing")
@@ -720,7 +721,7 @@ def _check_container_state(ifname: str, result: Result) -> None:
     """Every prevResult address on the interface (with a route to its subnet), every route present."""
     import ipaddress
 
-    from . import ip
+    from cni_plugins.kernel import ip
 
     with ip.open_netlink() as ipr:
         link = ip.find_link(ipr, ifname)
@@ -748,23 +749,23 @@ def cmd_gc(req: CmdArgs) -> None:
     n = load_conf(req.conf, "")
     valid = gc_attachments(req.conf)
     if n.mac_spoof_check:
-        from . import spoofchk
+        from cni_plugins.shared import spoofchk
 
         spoofchk.gc(req.network_name, valid)
     if n.ip_masq:
-        from . import masq
+        from cni_plugins.shared import masq
 
         for backend in _masq_backends_to_clean(n):
             masq.gc_masq(req.network_name, valid, backend=backend)
     if n.is_layer3:
-        from . import ipam_exec
+        from cni_plugins.shared import ipam as ipam_exec
 
         ipam_exec.exec_gc(req, valid)
     return None
 
 
 def cmd_status(req: CmdArgs) -> None:
-    from .ipam_exec import exec_status, ipam_type
+    from cni_plugins.shared.ipam import exec_status, ipam_type
 
     if ipam_type(req.conf):
         exec_status(req)
@@ -784,13 +785,3 @@ def _masq_backends_to_clean(n: BridgeConf) -> list[str]:
         return [n.ip_masq_backend]
     return [n.ip_masq_backend] + [b for b in MASQ_BACKENDS if b != n.ip_masq_backend]
 
-
-FUNCS = PluginFuncs(add=cmd_add, delete=cmd_del, check=cmd_check, gc=cmd_gc, status=cmd_status)
-
-
-def main() -> None:
-    plugin_main(FUNCS, "CNI bridge plugin (pycni)")
-
-
-if __name__ == "__main__":
-    main()

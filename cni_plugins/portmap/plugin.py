@@ -21,15 +21,15 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import (ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_UNSUPPORTED_FIELD, CNIError)
-from .skel import CmdArgs, PluginFuncs, gc_attachments, plugin_main, prev_result
+from cni_plugins.spec.errors import (ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_UNSUPPORTED_FIELD, CNIError)
+from cni_plugins.spec.skel import CmdArgs, gc_attachments, prev_result
 
 # logging, hashlib, ipaddress and subprocess are imported where they are used: VERSION needs none.
 if TYPE_CHECKING:
     import ipaddress
     import subprocess
 
-    from .types import Result
+    from cni_plugins.spec.types import Result
 
 NFTABLES = "nftables"
 IPTABLES = "iptables"
@@ -356,9 +356,9 @@ def enable_route_localnet(container_ip: ipaddress.IPv4Address) -> None:
 
 def _backend(cfg: PortMapConfig):
     if cfg.backend == IPTABLES:
-        from . import portmap_ipt
+        from cni_plugins.portmap import ipt as portmap_ipt
         return portmap_ipt
-    from . import portmap_nft
+    from cni_plugins.portmap import nft as portmap_nft
     return portmap_nft
 
 
@@ -422,13 +422,3 @@ def cmd_gc(req: CmdArgs) -> None:
     _backend(cfg).gc(cfg, valid)
     return None
 
-
-FUNCS = PluginFuncs(add=cmd_add, delete=cmd_del, check=cmd_check, gc=cmd_gc)
-
-
-def main() -> None:
-    plugin_main(FUNCS, "CNI portmap plugin (pycni)")
-
-
-if __name__ == "__main__":
-    main()

@@ -44,14 +44,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import ERR_INTERNAL, ERR_INVALID_CONFIG, CNIError
-from .skel import CmdArgs, PluginFuncs, gc_attachments, plugin_main, prev_result
+from cni_plugins.spec.errors import ERR_INTERNAL, ERR_INVALID_CONFIG, CNIError
+from cni_plugins.spec.skel import CmdArgs, gc_attachments, prev_result
 
 # Loaded where used, so that VERSION pays for none of them: hashlib, ipaddress, .types,
 # and .tc / .netlink (which load pyroute2; .netlink is imported before any pyroute2 module).
 if TYPE_CHECKING:
-    from .tc import Link, TokenBucket
-    from .types import Result
+    from cni_plugins.kernel.tc import Link, TokenBucket
+    from cni_plugins.spec.types import Result
 
 IFB_PREFIX = "bwp"
 IFB_NAME_LENGTH = 15
@@ -178,7 +178,7 @@ def validate_subnets(bw: Bandwidth) -> None:
 
 def token_buckets(bw: Bandwidth) -> tuple[TokenBucket | None, TokenBucket | None]:
     """(ingress, egress) TokenBucket or None each; a value the kernel cannot take is a config error."""
-    from .tc import TokenBucket
+    from cni_plugins.kernel.tc import TokenBucket
 
     out = []
     for direction, on, rate, burst in (("ingress", bw.shapes_ingress, bw.ingress_rate, bw.ingress_burst),
@@ -216,9 +216,9 @@ def parse_ifb_alias(alias: str) -> tuple[str, str, str] | None:
 # ---- host side of the pod's veth ------------------------------------------------------
 
 def _container_link(ifname: str) -> Link | None:
-    from .netlink import IPRoute
+    from cni_plugins.kernel.netlink import IPRoute
 
-    from . import tc
+    from cni_plugins.kernel import tc
 
     with IPRoute() as ipr:
         return tc.get_link(ipr, name=ifname)
@@ -226,8 +226,8 @@ def _container_link(ifname: str) -> Link | None:
 
 def find_host_veth(ipr: Any, netns: str, ifname: str) -> Link:
     """The host-side peer of the container's ``ifname`` (a tc.Link), or raise CNIError."""
-    from . import tc
-    from .nsutil import in_netns
+    from cni_plugins.kernel import tc
+    from cni_plugins.kernel.nsutil import in_netns
 
     inside = in_netns(netns, _container_link, ifname)
     if inside is None or inside.kind != "veth" or inside.peer_index <= 0:
@@ -254,7 +254,7 @@ def host_interface(ipr: Any, req: CmdArgs, result: Result) -> Link:
 # ---- building and removing the shaping ---------------------------------------------------
 
 def _shape(index: int, bucket: TokenBucket, bw: Bandwidth, match_source: bool, mtu: int) -> None:
-    from . import tc
+    from cni_plugins.kernel import tc
 
     if bw.subnets:
         tc.add_htb(index, bucket, bw.subnets, bw.subnets_are_shaped, match_source, mtu)
@@ -263,14 +263,14 @@ def _shape(index: int, bucket: TokenBucket, bw: Bandwidth, match_source: bool, m
 
 
 def _is_our_root(qdisc) -> bool:
-    from . import tc
+    from cni_plugins.kernel import tc
 
     return qdisc.is_root and qdisc.handle == tc.ROOT_HANDLE and qdisc.kind in ("tbf", "htb")
 
 
 def _our_redirects(ipr: Any, index: int, ifb_index: int | None) -> list:
     """The ingress filters on ``index`` that redirect to our ifb (any ifb when its index is unknown)."""
-    from . import tc
+    from cni_plugins.kernel import tc
 
     found = []
     for flt in tc.list_u32_filters(ipr, index, tc.INGRESS_HANDLE):
@@ -281,7 +281,7 @@ def _our_redirects(ipr: Any, index: int, ifb_index: int | None) -> list:
 
 def clear_host_veth(ipr: Any, host_index: int, ifb_index: int | None) -> None:
     """Remove our root qdisc and our ingress redirect from the host veth."""
-    from . import tc
+    from cni_plugins.kernel import tc
 
     qdiscs = tc.list_qdiscs(ipr, host_index)
     for qdisc in qdiscs:
@@ -292,7 +292,7 @@ def clear_host_veth(ipr: Any, host_index: int, ifb_index: int | None) -> None:
 
 
 def teardown(ipr: Any, ifb: str, host_index: int | None) -> None:
-    from . import tc
+    from cni_plugins.kernel import tc
 
     link = tc.get_link(ipr, name=ifb)
     if link is not None and link.kind != "ifb":
@@ -306,7 +306,7 @@ def teardown(ipr: Any, ifb: str, host_index: int | None) -> None:
 # ---- commands -----------------------------------------------------------------------
 
 def cmd_add(req: CmdArgs) -> Result:
-    from .types import Interface, Result
+    from cni_plugins.spec.types import Interface, Result
 
     bw = parse_bandwidth(req.conf)
     previous = prev_result(req)
@@ -318,10 +318,10 @@ def cmd_add(req: CmdArgs) -> Result:
                        "list bandwidth after bridge (or ptp) in a .conflist so it receives prevResult")
     ingress, egress = token_buckets(bw)
 
-    from .netlink import IPRoute
+    from cni_plugins.kernel.netlink import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
-    from . import tc
+    from cni_plugins.kernel import tc
 
     name = ifb_name(req.network_name, req.container_id)
     with IPRoute() as ipr:
@@ -349,7 +349,7 @@ def cmd_add(req: CmdArgs) -> Result:
 
 
 def _host_index_for_del(ipr: Any, req: CmdArgs) -> int | None:
-    from .nsutil import netns_gone
+    from cni_plugins.kernel.nsutil import netns_gone
 
     if netns_gone(req.netns):
         return None
@@ -360,7 +360,7 @@ def _host_index_for_del(ipr: Any, req: CmdArgs) -> int | None:
 
 
 def cmd_del(req: CmdArgs) -> None:
-    from .netlink import IPRoute
+    from cni_plugins.kernel.netlink import IPRoute
 
     with IPRoute() as ipr:
         teardown(ipr, ifb_name(req.network_name, req.container_id), _host_index_for_del(ipr, req))
@@ -368,7 +368,7 @@ def cmd_del(req: CmdArgs) -> None:
 
 
 def _check_root(ipr: Any, link: Link, bucket: TokenBucket | None, bw: Bandwidth | None, what: str) -> None:
-    from . import tc
+    from cni_plugins.kernel import tc
 
     roots = [q for q in tc.list_qdiscs(ipr, link.index) if _is_our_root(q)]
     if bucket is None:
@@ -391,7 +391,7 @@ def _check_root(ipr: Any, link: Link, bucket: TokenBucket | None, bw: Bandwidth 
 
 
 def _check_htb(ipr: Any, link: Link, root: Any, bucket: TokenBucket, bw: Bandwidth, what: str) -> None:
-    from . import tc
+    from cni_plugins.kernel import tc
 
     if root.kind != "htb":
         raise CNIError(ERR_INTERNAL, f"{what} qdisc on {link.name} is {root.kind}, expected htb for subnets")
@@ -423,9 +423,9 @@ def cmd_check(req: CmdArgs) -> None:
         validate_subnets(bw)
     ingress, egress = token_buckets(bw) if bw is not None else (None, None)
 
-    from .netlink import IPRoute
+    from cni_plugins.kernel.netlink import IPRoute
 
-    from . import tc
+    from cni_plugins.kernel import tc
 
     name = ifb_name(req.network_name, req.container_id)
     with IPRoute() as ipr:
@@ -447,11 +447,11 @@ def cmd_check(req: CmdArgs) -> None:
 
 
 def cmd_gc(req: CmdArgs) -> None:
-    from .netlink import IPRoute
+    from cni_plugins.kernel.netlink import IPRoute
 
-    from . import tc
+    from cni_plugins.kernel import tc
 
-    from .skel import GC_ATTACHMENT_KEYS
+    from cni_plugins.spec.skel import GC_ATTACHMENT_KEYS
 
     if not any(key in req.conf for key in GC_ATTACHMENT_KEYS):
         return None  # no list of valid attachments: nothing can be judged stale
@@ -476,13 +476,3 @@ def cmd_gc(req: CmdArgs) -> None:
             tc.delete_link(ipr, ifb.name)
     return None
 
-
-FUNCS = PluginFuncs(add=cmd_add, delete=cmd_del, check=cmd_check, gc=cmd_gc)
-
-
-def main() -> None:
-    plugin_main(FUNCS, "CNI bandwidth plugin (pycni)")
-
-
-if __name__ == "__main__":
-    main()

@@ -16,8 +16,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ERR_DECODE, ERR_INCOMPATIBLE_VERSION, CNIError
-from .version import SUPPORTED_VERSIONS, at_least, is_legacy
+from cni_plugins.spec.errors import ERR_DECODE, ERR_INCOMPATIBLE_VERSION, CNIError
+from cni_plugins.spec.version import SUPPORTED_VERSIONS, at_least, is_legacy
 
 
 def _decode_error(msg: str) -> CNIError:

@@ -27,9 +27,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from . import nft
-from .errors import ERR_INTERNAL, ERR_TRY_AGAIN, CNIError
-from .portmap import Owner, PortMapConfig, Targets
+from cni_plugins.kernel import nft
+from cni_plugins.spec.errors import ERR_INTERNAL, ERR_TRY_AGAIN, CNIError
+from cni_plugins.portmap.plugin import Owner, PortMapConfig, Targets
 
 FAMILY = "inet"
 TABLE = "pycni_portmap"

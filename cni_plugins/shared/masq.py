@@ -42,9 +42,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Union
 
-from . import iptables, nft
-from .errors import ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_INVALID_ENV, ERR_TRY_AGAIN, CNIError
-from .skel import validate_container_id, validate_interface_name, validate_network_name
+from cni_plugins.kernel import iptables
+from cni_plugins.kernel import nft
+from cni_plugins.spec.errors import ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_INVALID_ENV, ERR_TRY_AGAIN, CNIError
+from cni_plugins.spec.skel import validate_container_id, validate_interface_name, validate_network_name
 
 BACKENDS = ("nftables", "iptables")
 DEFAULT_BACKEND = "nftables"

@@ -1,7 +1,7 @@
 """Parsing of CNI_ARGS ("K1=V1;K2=V2") with the reference's IgnoreUnknown rule."""
 from __future__ import annotations
 
-from .errors import ERR_INVALID_ENV, CNIError
+from cni_plugins.spec.errors import ERR_INVALID_ENV, CNIError
 
 _TRUE = {"1", "true"}
 _FALSE = {"0", "false", ""}

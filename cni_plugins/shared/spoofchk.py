@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from .errors import ERR_INTERNAL, CNIError
+from cni_plugins.spec.errors import ERR_INTERNAL, CNIError
 
 TABLE = "nat"
 BASE = "PREROUTING"
@@ -43,7 +43,7 @@ def _comment(network: str, attachment: str) -> str:
 
 def setup(network: str, container_id: str, ifname: str, host_iface: str, mac: str) -> None:
     """Allow only ``mac`` as source on frames entering the bridge from ``host_iface``."""
-    from . import nft
+    from cni_plugins.kernel import nft
 
     if not host_iface or _UNSAFE & set(host_iface) or len(host_iface) > 15:
         raise CNIError(ERR_INTERNAL, f"invalid interface name {host_iface!r} for the spoof check")
@@ -69,7 +69,7 @@ def setup(network: str, container_id: str, ifname: str, host_iface: str, mac: st
 
 def _installed() -> tuple[list[dict[str, Any]], set[str]] | None:
     """The rules of the base chain and the names of all chains in the table; None when there is none."""
-    from . import nft
+    from cni_plugins.kernel import nft
 
     try:
         listed = nft.list_json("table", "bridge", TABLE)
@@ -96,7 +96,7 @@ def _jump_handles(base_rules: list[dict[str, Any]]) -> dict[str, list[int]]:
 
 
 def _remove(attachments: list[str], base_rules: list[dict[str, Any]], chains: set[str]) -> None:
-    from . import nft
+    from cni_plugins.kernel import nft
 
     jumps = _jump_handles(base_rules)
     ops = []

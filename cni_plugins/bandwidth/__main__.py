@@ -1,0 +1,3 @@
+from cni_plugins.bandwidth import main
+
+main()

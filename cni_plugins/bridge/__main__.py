@@ -1,0 +1,3 @@
+from cni_plugins.bridge import main
+
+main()

@@ -1,0 +1,3 @@
+from cni_plugins.loopback import main
+
+main()

@@ -1,0 +1,3 @@
+from cni_plugins.portmap import main
+
+main()
