@@ -24,6 +24,8 @@ DEFAULT_IFNAME = "eth0"
 OPTIONAL_COMMANDS: dict[str, str] = {
     "ipam": "pycni.ipam_cmd:ipam",
     "demo": "pycni.demo:demo",
+    "cluster": "pycni.cluster_cmd:cluster",
+    "agent": "pycni.agent.cli:agent",
 }
 
 

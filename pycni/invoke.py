@@ -3,33 +3,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from cni_plugins.spec.errors import ERR_DECODE, ERR_INTERNAL, ERR_INVALID_CONFIG, CNIError
+from cni_plugins.spec.errors import ERR_DECODE, ERR_INVALID_CONFIG, CNIError
+from cni_plugins.spec.exec import (OUTPUT_TAIL, PluginError, find_executable,
+                                   plugin_environment, run_plugin)
 
 DEFAULT_CNI_PATH = "/opt/cni/bin"
-# The variables of the CNI protocol; a plugin gets only the ones its command uses.
-CNI_ENV_VARS = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH")
-STDERR_TAIL = 2000
-
-
-class PluginError(CNIError):
-    """A plugin failed: the error object it printed, or what we saw instead."""
-
-    def __init__(self, code: int, msg: str, details: str = "", plugin: str = "", command: str = "") -> None:
-        super().__init__(code, msg, details)
-        self.plugin = plugin
-        self.command = command
-
-    def __str__(self) -> str:
-        text = super().__str__()
-        if not self.plugin:
-            return text
-        during = f" ({self.command})" if self.command else ""
-        return f"plugin {self.plugin!r} failed{during}: {text}"
 
 
 @dataclass
@@ -44,14 +26,9 @@ class PluginRequest:
     args: str | None = None
 
     def env(self, cni_path: list[str]) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in CNI_ENV_VARS}
-        env["CNI_COMMAND"] = self.command
-        env["CNI_PATH"] = ":".join(cni_path)
-        for key, value in (("CNI_CONTAINERID", self.container_id), ("CNI_NETNS", self.netns),
-                           ("CNI_IFNAME", self.ifname), ("CNI_ARGS", self.args)):
-            if value is not None:
-                env[key] = value
-        return env
+        return plugin_environment(os.environ, self.command, {
+            "CNI_PATH": ":".join(cni_path), "CNI_CONTAINERID": self.container_id, "CNI_NETNS": self.netns,
+            "CNI_IFNAME": self.ifname, "CNI_ARGS": self.args})
 
 
 def split_cni_path(value: str | list[str] | None) -> list[str]:
@@ -63,7 +40,6 @@ def split_cni_path(value: str | list[str] | None) -> list[str]:
 
 def find_plugin(plugin_type: str, cni_path: list[str]) -> str:
     """The executable called ``plugin_type`` in the first CNI_PATH directory that has it."""
-    from cni_plugins.shared.ipam import find_executable
     from conf import check_plugin_type
 
     check_plugin_type(plugin_type, None, "type")
@@ -74,26 +50,6 @@ def find_plugin(plugin_type: str, cni_path: list[str]) -> str:
                    "set CNI_PATH to the directories holding the plugin executables, "
                    "or install pycni's plugins with `pycni install --cni-bin-dir DIR`")
 
-
-def _stderr_tail(stderr: bytes) -> str:
-    text = stderr.decode(errors="replace").strip()
-    return text[-STDERR_TAIL:]
-
-
-def _error_from_output(plugin: str, returncode: int, stdout: bytes, stderr: bytes) -> PluginError:
-    try:
-        parsed = json.loads(stdout) if stdout.strip() else None
-    except ValueError:
-        parsed = None
-    if isinstance(parsed, dict) and isinstance(parsed.get("code"), int) and "msg" in parsed:
-        return PluginError(parsed["code"], str(parsed.get("msg", "")), str(parsed.get("details", "") or ""),
-                           plugin)
-    tail = _stderr_tail(stderr)
-    how = f"killed by signal {-returncode}" if returncode < 0 else f"exited with status {returncode}"
-    details = f"stderr: {tail}" if tail else "it wrote nothing to stderr"
-    if stdout.strip():
-        details += f"; stdout: {stdout.decode(errors='replace').strip()[-STDERR_TAIL:]}"
-    return PluginError(ERR_INTERNAL, f"{how} without a CNI error object on stdout", details, plugin)
 
 
 def exec_plugin(plugin_path: str, request: PluginRequest, cni_path: list[str], *,
@@ -108,28 +64,22 @@ def exec_plugin(plugin_path: str, request: PluginRequest, cni_path: list[str], *
     """
     name = os.path.basename(plugin_path)
     stdin = json.dumps(request.config).encode()
+    sink = stderr_sink or _write_stderr
     try:
-        proc = subprocess.run([plugin_path], input=stdin, env=request.env(cni_path),
-                              capture_output=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise PluginError(ERR_INTERNAL, f"did not finish within {timeout} seconds",
-                          plugin=name, command=request.command) from None
-    except OSError as exc:
-        raise PluginError(ERR_INTERNAL, f"cannot execute {plugin_path}: {exc.strerror}",
-                          plugin=name, command=request.command) from None
-    if proc.stderr:
-        (stderr_sink or _write_stderr)(proc.stderr)
-    if proc.returncode != 0:
-        error = _error_from_output(name, proc.returncode, proc.stdout, proc.stderr)
-        error.command = request.command
-        raise error
+        stdout, stderr = run_plugin(plugin_path, request.command, request.env(cni_path), stdin, timeout)
+    except PluginError as error:
+        if error.stderr:
+            sink(error.stderr)
+        raise
+    if stderr:
+        sink(stderr)
     if not want_result:
         return None
     try:
-        result = json.loads(proc.stdout)
+        result = json.loads(stdout)
     except ValueError as exc:
         raise PluginError(ERR_DECODE, f"succeeded but its output is not JSON: {exc}",
-                          f"stdout: {proc.stdout.decode(errors='replace')[:STDERR_TAIL]!r}", name,
+                          f"stdout: {stdout.decode(errors='replace')[:OUTPUT_TAIL]!r}", name,
                           request.command) from None
     if not isinstance(result, dict):
         raise PluginError(ERR_DECODE, "succeeded but its output is not a JSON object",

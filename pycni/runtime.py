@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from cni_plugins.spec.args import split_cni_args
 from cni_plugins.spec.errors import (ERR_INCOMPATIBLE_VERSION, ERR_INVALID_CONFIG, ERR_INVALID_ENV,
                                 ERR_UNKNOWN_CONTAINER, CNIError)
 from cni_plugins.spec.skel import validate_container_id, validate_interface_name
@@ -48,15 +49,8 @@ class RuntimeConf:
 
 
 def parse_cni_args(raw: str) -> list[tuple[str, str]]:
-    """CNI_ARGS "K1=V1;K2=V2" as pairs, refusing malformed pairs like cnitool does."""
-    pairs = []
-    for item in raw.split(";") if raw else []:
-        key, sep, value = item.partition("=")
-        if not sep or not key or not value or "=" in value:
-            raise CNIError(ERR_INVALID_ENV, f"invalid CNI_ARGS pair {item!r}",
-                           "CNI_ARGS is KEY=VALUE pairs separated by ';', e.g. IP=10.1.0.5;IgnoreUnknown=1")
-        pairs.append((key, value))
-    return pairs
+    """CNI_ARGS "K1=V1;K2=V2" as pairs, refusing malformed pairs (and empty values) like cnitool does."""
+    return split_cni_args(raw, allow_empty_value=False)
 
 
 def convert_result(result: dict[str, Any], version: str) -> dict[str, Any]:

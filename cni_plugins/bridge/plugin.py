@@ -9,214 +9,46 @@ compares prevResult with the live state; GC and STATUS pass on to IPAM.
 
 Same options, defaults and results as the reference bridge plugin
 (containernetworking/plugins); the netlink work lives in ``ip``, the
-delegation to IPAM in ``ipam_exec`` and the masquerading in ``masq``.
+delegation to IPAM in ``shared.ipam``, the container side in ``shared.container``
+and the masquerading in ``shared.masq``; options are read in ``config``.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
-import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-from cni_plugins.spec.errors import ERR_DECODE, ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_INVALID_NETNS, CNIError
+import netns
+from cni_plugins.bridge.config import MASQ_BACKENDS, BridgeConf, load_conf, validate_for_add
+from cni_plugins.kernel import ip
 from cni_plugins.kernel.nsutil import check_netns, netns_gone
-from cni_plugins.spec.skel import CmdArgs, gc_attachments
+from cni_plugins.shared import container, masq, spoofchk
+from cni_plugins.shared import ipam as ipam_exec
+from cni_plugins.shared.undo import Undo
+from cni_plugins.spec.errors import ERR_INTERNAL, ERR_INVALID_CONFIG, CNIError
+from cni_plugins.spec.skel import CmdArgs, gc_attachments, prev_result
+from cni_plugins.spec.types import Interface, Result, Route
 
-if TYPE_CHECKING:  # the result types are imported where ADD, CHECK and DEL use them, not on VERSION's path
-    from cni_plugins.spec.types import DNS, Interface, Result
-
-DEFAULT_BRIDGE = "cni0"
-MASQ_BACKENDS = ("nftables", "iptables")  # masq.BACKENDS, repeated so load_conf need not import masq
-DEFAULT_MASQ_BACKEND = "nftables"
 BRIDGE_INDEX, HOST_INDEX, CONTAINER_INDEX = 0, 1, 2
-
-
-# ---- configuration ------------------------------------------------------------
-
-@dataclass
-class BridgeConf:
-    name: str
-    bridge: str = DEFAULT_BRIDGE
-    is_gateway: bool = False
-    is_default_gateway: bool = False
-    force_address: bool = False
-    ip_masq: bool = False
-    ip_masq_backend: str = DEFAULT_MASQ_BACKEND
-    ip_masq_backend_chosen: bool = False  # ipMasqBackend given in the config
-    mtu: int = 0
-    hairpin_mode: bool = False
-    promisc_mode: bool = False
-    vlan: int = 0
-    vlans: list[int] = field(default_factory=list)   # the expanded vlanTrunk
-    vlan_trunk_set: bool = False
-    preserve_default_vlan: bool = False
-    enable_dad: bool = False
-    mac_spoof_check: bool = False
-    disable_container_interface: bool = False
-    port_isolation: bool = False
-    ipam_type: str = ""
-    dns: DNS = field(default_factory=lambda: _types().DNS())
-    mac: str = ""
-
-    @property
-    def is_layer3(self) -> bool:
-        return bool(self.ipam_type)
-
-    @property
-    def vlan_filtering(self) -> bool:
-        return self.vlan != 0 or self.vlan_trunk_set
-
-
-def _types() -> Any:
-    from cni_plugins.spec import types
-
-    return types
-
-
-def _get(conf: dict[str, Any], key: str, kind: type, default: Any) -> Any:
-    value = conf.get(key, default)
-    if value is None:
-        return default
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise CNIError(ERR_DECODE, f"failed to load netconf: {key} must be an integer, got {value!r}")
-    if kind is bool and not isinstance(value, bool):
-        raise CNIError(ERR_DECODE, f"failed to load netconf: {key} must be true or false, got {value!r}")
-    if kind is str and not isinstance(value, str):
-        raise CNIError(ERR_DECODE, f"failed to load netconf: {key} must be a string, got {value!r}")
-    return value
-
-
-def _trunk_vlans(trunk: Any) -> list[int]:
-    """Expand vlanTrunk ([{id}, {minID, maxID}]) into a sorted list of VLAN IDs."""
-    if not isinstance(trunk, list):
-        raise CNIError(ERR_DECODE, "failed to load netconf: vlanTrunk must be a list of objects")
-    found: set[int] = set()
-    for item in trunk:
-        if not isinstance(item, dict):
-            raise CNIError(ERR_DECODE, "failed to load netconf: vlanTrunk entries must be objects")
-        low, high, single = (_get(item, k, int, None) for k in ("minID", "maxID", "id"))
-        if low is not None and high is not None:
-            if not 0 < low <= 4094:
-                raise CNIError(ERR_INVALID_CONFIG, "incorrect trunk minID parameter", "VLAN IDs are 1..4094")
-            if not 0 < high <= 4094:
-                raise CNIError(ERR_INVALID_CONFIG, "incorrect trunk maxID parameter", "VLAN IDs are 1..4094")
-            if high < low:
-                raise CNIError(ERR_INVALID_CONFIG, "minID is greater than maxID in trunk parameter")
-            found.update(range(low, high + 1))
-        elif low is None and high is not None:
-            raise CNIError(ERR_INVALID_CONFIG, "minID and maxID should be configured simultaneously, minID is missing")
-        elif low is not None and high is None:
-            raise CNIError(ERR_INVALID_CONFIG, "minID and maxID should be configured simultaneously, maxID is missing")
-        if single is not None:
-            if not 0 < single <= 4094:
-                raise CNIError(ERR_INVALID_CONFIG, "incorrect trunk id parameter", "VLAN IDs are 1..4094")
-            found.add(single)
-    return sorted(found)
-
-
-def _mac(value: str, where: str) -> str:
-    parts = value.split(":")
-    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p) for p in parts):
-        raise CNIError(ERR_INVALID_CONFIG, f"invalid MAC address {value!r} in {where}",
-                       "write it as six hex pairs, e.g. 0a:58:0a:f4:00:05")
-    if int(parts[0], 16) & 1:
-        raise CNIError(ERR_INVALID_CONFIG, f"MAC address {value!r} in {where} is a multicast address",
-                       "the first octet must be even")
-    return value.lower()
-
-
-def load_conf(conf: dict[str, Any], cni_args: str) -> BridgeConf:
-    """Read and validate the bridge options of a network configuration."""
-    from cni_plugins.spec.args import load_args
-    from cni_plugins.shared.ipam import ipam_type
-
-    n = BridgeConf(name=conf.get("name", ""))
-    n.bridge = _get(conf, "bridge", str, DEFAULT_BRIDGE) or DEFAULT_BRIDGE
-    n.is_gateway = _get(conf, "isGateway", bool, False)
-    n.is_default_gateway = _get(conf, "isDefaultGateway", bool, False)
-    n.force_address = _get(conf, "forceAddress", bool, False)
-    n.ip_masq = _get(conf, "ipMasq", bool, False)
-    n.ip_masq_backend = _get(conf, "ipMasqBackend", str, DEFAULT_MASQ_BACKEND) or DEFAULT_MASQ_BACKEND
-    n.ip_masq_backend_chosen = bool(conf.get("ipMasqBackend"))
-    n.mtu = _get(conf, "mtu", int, 0)
-    n.hairpin_mode = _get(conf, "hairpinMode", bool, False)
-    n.promisc_mode = _get(conf, "promiscMode", bool, False)
-    n.vlan = _get(conf, "vlan", int, 0)
-    n.preserve_default_vlan = _get(conf, "preserveDefaultVlan", bool, False)
-    n.enable_dad = _get(conf, "enabledad", bool, False)
-    n.mac_spoof_check = _get(conf, "macspoofchk", bool, False)
-    n.disable_container_interface = _get(conf, "disableContainerInterface", bool, False)
-    n.port_isolation = _get(conf, "portIsolation", bool, False)
-    n.ipam_type = ipam_type(conf)
-    n.dns = _types().DNS.from_dict(conf.get("dns"))
-
-    if len(n.bridge) > 15 or "/" in n.bridge or any(c.isspace() for c in n.bridge):
-        raise CNIError(ERR_INVALID_CONFIG, f"invalid bridge name {n.bridge!r}",
-                       "an interface name has at most 15 characters and no '/' or spaces")
-    if not 0 <= n.vlan <= 4094:
-        raise CNIError(ERR_INVALID_CONFIG, f"invalid VLAN ID {n.vlan} (must be between 0 and 4094)")
-    if conf.get("vlanTrunk") is not None:
-        n.vlans = _trunk_vlans(conf["vlanTrunk"])
-        n.vlan_trunk_set = True
-    if n.vlan and n.vlans:
-        raise CNIError(ERR_INVALID_CONFIG, "cannot set vlan and vlanTrunk at the same time",
-                       "a port is either an access port (vlan) or a trunk (vlanTrunk)")
-    if n.mtu and not 68 <= n.mtu <= 65535:
-        raise CNIError(ERR_INVALID_CONFIG, f"invalid MTU {n.mtu}", "an MTU is between 68 and 65535")
-    if n.ip_masq_backend not in MASQ_BACKENDS:
-        raise CNIError(ERR_INVALID_CONFIG, f"unknown ipmasq backend {n.ip_masq_backend!r}",
-                       f"ipMasqBackend must be one of {', '.join(MASQ_BACKENDS)}")
-
-    # MAC precedence as in the reference: CNI_ARGS MAC < args.cni.mac < runtimeConfig.mac.
-    if cni_args:
-        env_mac = load_args(cni_args, {"MAC"}).get("MAC", "")
-        if env_mac:
-            n.mac = _mac(env_mac, "CNI_ARGS MAC")
-    args_cni = (conf.get("args") or {}).get("cni") if isinstance(conf.get("args"), dict) else None
-    if isinstance(args_cni, dict) and args_cni.get("mac"):
-        n.mac = _mac(_get(args_cni, "mac", str, ""), "args.cni.mac")
-    runtime = conf.get("runtimeConfig")
-    if isinstance(runtime, dict) and runtime.get("mac"):
-        n.mac = _mac(_get(runtime, "mac", str, ""), "runtimeConfig.mac")
-
-    if n.is_default_gateway:
-        n.is_gateway = True
-    return n
-
-
-def _validate_for_add(n: BridgeConf) -> None:
-    if n.is_layer3 and n.disable_container_interface:
-        raise CNIError(ERR_INVALID_CONFIG, "cannot use IPAM when DisableContainerInterface flag is set",
-                       "drop 'ipam' for a layer-2 only attachment, or enable the container interface")
-    if n.hairpin_mode and n.promisc_mode:
-        raise CNIError(ERR_INVALID_CONFIG, "cannot set hairpin mode and promiscuous mode at the same time",
-                       "choose hairpinMode or promiscMode")
-
 
 # ---- ADD --------------------------------------------------------------------------
 
 @dataclass
 class Gateways:
     """Gateway addresses (CIDR with the pod prefix) the bridge takes, per family."""
-
     v4: list[str] = field(default_factory=list)
     v6: list[str] = field(default_factory=list)
 
 
 def gateway_ip(address: str) -> str:
     """The first address of the pod's subnet: the gateway when IPAM named none."""
-    import ipaddress
-
     net = ipaddress.ip_interface(address).network
     return str(net.network_address + 1)
 
 
 def plan_gateways(result: Result, n: BridgeConf) -> Gateways:
     """Point every IP at the container interface, fill in gateways and default routes (calcGateways)."""
-    import ipaddress
-
-    from cni_plugins.spec.types import Route
-
     gws = Gateways()
     default_found = {4: False, 6: False}
     for ipc in result.ips:
@@ -238,34 +70,14 @@ def plan_gateways(result: Result, n: BridgeConf) -> Gateways:
 
 
 def _same_net(a: str, b: str) -> bool:
-    import ipaddress
-
     return ipaddress.ip_network(a, strict=False) == ipaddress.ip_network(b, strict=False)
-
-
-class Undo:
-    """What a failing ADD must take back, newest first."""
-
-    def __init__(self) -> None:
-        self._steps: list[tuple[str, Callable[[], Any]]] = []
-
-    def push(self, what: str, fn: Callable[[], Any]) -> None:
-        self._steps.append((what, fn))
-
-    def run(self) -> None:
-        for what, fn in reversed(self._steps):
-            try:
-                fn()
-            except Exception as exc:  # keep undoing; the original error is what the caller reports
-                sys.stderr.write(f"bridge: rollback: {what} failed: {exc}\n")
-        self._steps.clear()
 
 
 def cmd_add(req: CmdArgs) -> Result:
     n = load_conf(req.conf, req.args)
-    _validate_for_add(n)
+    validate_for_add(n)
     check_netns(req.netns)
-    undo = Undo()
+    undo = Undo(req.warn)
     try:
         result = _add(req, n, undo)
         result.to_dict(req.cni_version)  # a result the runtime cannot read is a failed ADD: undo it too
@@ -276,34 +88,27 @@ def cmd_add(req: CmdArgs) -> Result:
 
 
 def _add(req: CmdArgs, n: BridgeConf, undo: Undo) -> Result:
-    import netns
-
-    from cni_plugins.kernel import ip
-    from cni_plugins.spec.types import Interface, Result
-
     with ip.open_netlink() as ipr:
         bridge = ip.ensure_bridge(ipr, n.bridge, n.mtu, n.promisc_mode, n.vlan_filtering)
-        host_name, container = _create_veth(req, n)
-        undo.push(f"delete veth {host_name}", lambda: _delete_host_link(host_name))
+        host_name, pod_end = container.create_veth(req, n.mtu, n.mac)
+        undo.push(f"delete veth {host_name}", lambda: container.delete_host_link(host_name))
         host = _attach_host_veth(ipr, n, host_name, bridge.index)
         # MTUs show only in 1.1.0 results (the first spec version with interface MTUs).
         result = Result(cni_version=req.cni_version, interfaces=[
             Interface(name=bridge.name, mac=bridge.mac, mtu=bridge.mtu),
             Interface(name=host.name, mac=host.mac, mtu=host.mtu),
-            Interface(name=container.name, mac=container.mac, mtu=container.mtu, sandbox=req.netns),
+            Interface(name=pod_end.name, mac=pod_end.mac, mtu=pod_end.mtu, sandbox=req.netns),
         ])
 
         if n.mac_spoof_check:
-            from cni_plugins.shared import spoofchk
-
-            spoofchk.setup(req.network_name, req.container_id, req.ifname, host.name, container.mac)
+            spoofchk.setup(req.network_name, req.container_id, req.ifname, host.name, pod_end.mac)
             undo.push("remove mac spoof check",
                       lambda: spoofchk.teardown(req.network_name, req.container_id, req.ifname))
 
         if n.is_layer3:
             _add_layer3(req, n, ipr, bridge, result, undo)
         elif not n.disable_container_interface:
-            netns.run_in(req.netns, _set_container_up, req.ifname)
+            netns.run_in(req.netns, container.set_container_up, req.ifname)
 
         if not n.disable_container_interface:
             host = ip.wait_oper_up(ipr, host.name)
@@ -319,11 +124,6 @@ def _add(req: CmdArgs, n: BridgeConf, undo: Undo) -> Result:
 
 def _add_layer3(req: CmdArgs, n: BridgeConf, ipr: Any, bridge: Any, result: Result, undo: Undo) -> None:
     """Addresses from IPAM into the container, the gateway onto the bridge, masquerading."""
-    import netns
-
-    from cni_plugins.shared import ipam as ipam_exec
-    from cni_plugins.shared import masq
-
     ipam_result = ipam_exec.exec_add(req)
     undo.push("release IPAM lease", lambda: ipam_exec.exec_del(req))
     result.ips, result.routes, result.dns = ipam_result.ips, ipam_result.routes, ipam_result.dns
@@ -331,7 +131,7 @@ def _add_layer3(req: CmdArgs, n: BridgeConf, ipr: Any, bridge: Any, result: Resu
         raise CNIError(ERR_INTERNAL, "IPAM plugin returned missing IP config",
                        f"{n.ipam_type} answered ADD without an address")
     gateways = plan_gateways(result, n)
-    netns.run_in(req.netns, _configure_container, req.ifname, result, n.enable_dad)
+    netns.run_in(req.netns, container.configure_container, req.ifname, result, n.enable_dad)
     if n.is_gateway:
         vlan_iface = _configure_gateways(ipr, n, bridge, gateways)
         if vlan_iface is not None:
@@ -343,25 +143,7 @@ def _add_layer3(req: CmdArgs, n: BridgeConf, ipr: Any, bridge: Any, result: Resu
                         backend=n.ip_masq_backend)
 
 
-def _create_veth(req: CmdArgs, n: BridgeConf) -> tuple[str, Any]:
-    """Create the pair from inside the container; the host end lands in this (the node) namespace."""
-    import netns
-
-    from cni_plugins.kernel import ip
-
-    host_fd = os.open(netns.current_path(), os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        def create() -> tuple[str, Any]:
-            with ip.open_netlink() as cipr:
-                return ip.create_veth_in_container(cipr, req.ifname, host_fd, n.mtu, n.mac)
-        return netns.run_in(req.netns, create)
-    finally:
-        os.close(host_fd)
-
-
 def _attach_host_veth(ipr: Any, n: BridgeConf, host_name: str, bridge_index: int) -> Any:
-    from cni_plugins.kernel import ip
-
     host = ip.get_link(ipr, host_name, "host veth")
     ip.set_up(ipr, host.index)
     ip.write_sysctl(f"net/ipv6/conf/{host_name}/accept_ra", "0", ignore_errors=True)
@@ -376,8 +158,6 @@ def _attach_host_veth(ipr: Any, n: BridgeConf, host_name: str, bridge_index: int
 
 def _setup_port_vlans(ipr: Any, n: BridgeConf, port: int, port_name: str) -> None:
     """Access port (vlan: PVID, untagged) or trunk (vlanTrunk: tagged), as the reference does."""
-    from cni_plugins.kernel import ip
-
     if not (n.vlan or n.vlans):
         return
     try:
@@ -396,95 +176,8 @@ def _setup_port_vlans(ipr: Any, n: BridgeConf, port: int, port_name: str) -> Non
                        f"{ip.describe(exc)}") from None
 
 
-def _delete_host_link(name: str) -> None:
-    from cni_plugins.kernel import ip
-
-    with ip.open_netlink() as ipr:
-        ip.delete_link_by_name(ipr, name)
-
-
-def _set_container_up(ifname: str) -> None:
-    from cni_plugins.kernel import ip
-
-    with ip.open_netlink() as ipr:
-        link = ip.find_link(ipr, ifname)
-        if link is None:
-            raise CNIError(ERR_INTERNAL, f"failed to retrieve link: {ifname!r} not found in the container")
-        ip.set_up(ipr, link.index)
-
-
-def _configure_container(ifname: str, result: Result, enable_dad: bool) -> None:
-    """Inside the container: DAD/ARP sysctls, then addresses, link up and routes (ConfigureIface)."""
-    import ipaddress
-
-    from cni_plugins.kernel import ip
-
-    if enable_dad:
-        ip.write_sysctl(f"net/ipv6/conf/{ifname}/enhanced_dad", "1", ignore_errors=True)
-        ip.write_sysctl(f"net/ipv6/conf/{ifname}/accept_dad", "1", ignore_errors=True)
-    else:
-        ip.write_sysctl(f"net/ipv6/conf/{ifname}/accept_dad", "0", ignore_errors=True)
-    ip.write_sysctl(f"net/ipv4/conf/{ifname}/arp_notify", "1", ignore_errors=True)
-
-    with ip.open_netlink() as ipr:
-        link = ip.find_link(ipr, ifname)
-        if link is None:
-            raise CNIError(ERR_INTERNAL, f"failed to lookup {ifname!r} in the container")
-        gateway_of: dict[int, str] = {}
-        ipv6_enabled = False
-        for ipc in result.ips:
-            if ipc.interface is None:
-                continue
-            if not 0 <= ipc.interface < len(result.interfaces) or result.interfaces[ipc.interface].name != ifname:
-                raise CNIError(ERR_INTERNAL, f"failed to add IP addr {ipc.address} to {ifname!r}: "
-                               "invalid interface index")
-            if ipc.family == 6 and not ipv6_enabled:
-                _enable_ipv6(ifname)
-                ipv6_enabled = True
-            try:
-                ip.add_address(ipr, link.index, ipc.address)
-            except Exception as exc:
-                raise CNIError(ERR_INTERNAL, f"failed to add IP addr {ipc.address} to {ifname!r}: "
-                               f"{ip.describe(exc)}") from None
-            if ipc.gateway:
-                gateway_of.setdefault(ipaddress.ip_address(ipc.gateway).version, ipc.gateway)
-        ip.set_up(ipr, link.index)
-        if 6 in gateway_of:
-            ip.settle_addresses(ipr, link)
-        for route in result.routes:
-            gw = route.gw or gateway_of.get(route.family)
-            try:
-                ip.add_route(ipr, link.index, ip.RouteSpec(route.dst, gw, route.priority, route.table, route.scope))
-            except Exception as exc:
-                raise CNIError(ERR_INTERNAL, f"failed to add route '{route.dst} via {gw} dev {ifname}': "
-                               f"{ip.describe(exc)}",
-                               "check the routes that IPAM returned") from None
-
-
-def _enable_ipv6(ifname: str) -> None:
-    """IPv6 addresses need disable_ipv6=0 on lo and the interface; keep them across link down."""
-    from cni_plugins.kernel import ip
-
-    for dev in ("lo", ifname):
-        key = f"net/ipv6/conf/{dev}/disable_ipv6"
-        try:
-            current = ip.read_sysctl(key)
-        except OSError:
-            continue
-        if current != "0":
-            try:
-                ip.write_sysctl(key, "0")
-            except OSError as exc:
-                raise CNIError(ERR_INTERNAL, f"failed to enable IPv6 for interface {dev!r} ({key}={current}): "
-                               f"{exc.strerror}") from None
-    ip.write_sysctl(f"net/ipv6/conf/{ifname}/keep_addr_on_down", "1", ignore_errors=True)
-
-
 def _configure_gateways(ipr: Any, n: BridgeConf, bridge: Any, gws: Gateways) -> Interface | None:
     """Gateway addresses on the bridge (or its VLAN gateway port) and forwarding on the node."""
-    from cni_plugins.kernel import ip
-    from cni_plugins.spec.types import Interface
-
     vlan_iface: Interface | None = None
     target = bridge
     for family, cidrs in ((4, gws.v4), (6, gws.v6)):
@@ -505,9 +198,7 @@ def _configure_gateways(ipr: Any, n: BridgeConf, bridge: Any, gws: Gateways) -> 
 def ensure_gateway_address(ipr: Any, link: Any, family: int, cidr: str, force: bool) -> None:
     """Put ``cidr`` on the bridge. Another IPv4 address (or an overlapping IPv6 one)
     is replaced when ``force`` is set, an error otherwise (ensureAddr)."""
-    import ipaddress
 
-    from cni_plugins.kernel import ip
 
     wanted = ipaddress.ip_interface(cidr)
     for existing, _flags in ip.addresses(ipr, link.index, family):
@@ -532,10 +223,6 @@ def ensure_gateway_address(ipr: Any, link: Any, family: int, cidr: str, force: b
 
 def _ensure_vlan_gateway(ipr: Any, n: BridgeConf, bridge: Any) -> Any:
     """A veth port "<bridge>.<vlan>" on the VLAN that carries the gateway address."""
-    import netns
-
-    from cni_plugins.kernel import ip
-
     name = f"{n.bridge}.{n.vlan}"
     existing = ip.find_link(ipr, name)
     if existing is not None:
@@ -565,7 +252,7 @@ def cmd_del(req: CmdArgs) -> None:
     """
     n = load_conf(req.conf, req.args)
     if req.netns and not netns_gone(req.netns):
-        _delete_container_link(req)
+        container.delete_container_link(req)
     failures: list[CNIError] = []
 
     def attempt(step: Callable[[], Any]) -> None:
@@ -575,16 +262,10 @@ def cmd_del(req: CmdArgs) -> None:
             failures.append(err)
 
     if n.is_layer3:
-        from cni_plugins.shared import ipam as ipam_exec
-
         attempt(lambda: ipam_exec.exec_del(req))
     if n.mac_spoof_check:
-        from cni_plugins.shared import spoofchk
-
         attempt(lambda: spoofchk.teardown(req.network_name, req.container_id, req.ifname))
     if n.is_layer3 and n.ip_masq:
-        from cni_plugins.shared import masq
-
         # Found by network and container ID: the namespace may be gone already.
         for backend in _masq_backends_to_clean(n):
             attempt(lambda backend=backend: masq.teardown_masq(
@@ -594,37 +275,12 @@ def cmd_del(req: CmdArgs) -> None:
     return None
 
 
-def _delete_container_link(req: CmdArgs) -> None:
-    import netns
-
-    from cni_plugins.kernel import ip
-
-    def delete() -> None:
-        with ip.open_netlink() as ipr:
-            ip.delete_link_by_name(ipr, req.ifname)
-
-    try:
-        netns.run_in(req.netns, delete)
-    except netns.NetnsNotFoundError:
-        pass  # gone between our look and our entry: nothing left to delete there
-    except netns.NetnsError as exc:
-        raise CNIError(ERR_INVALID_NETNS, f"failed to open netns {req.netns!r}", exc.msg) from None
-
-
 # ---- CHECK ------------------------------------------------------------------------
 
 def cmd_check(req: CmdArgs) -> None:
-    import netns
-
-    from cni_plugins.kernel import ip
-    from cni_plugins.spec.skel import prev_result
-    from cni_plugins.spec.types import Interface
-
     n = load_conf(req.conf, req.args)
     check_netns(req.netns)
     if n.is_layer3:
-        from cni_plugins.shared import ipam as ipam_exec
-
         ipam_exec.exec_check(req)
     if req.conf.get("prevResult") is None:
         raise CNIError(ERR_INVALID_CONFIG, "Required prevResult missing", "CHECK needs the result of ADD")
@@ -651,16 +307,12 @@ def cmd_check(req: CmdArgs) -> None:
         raise CNIError(ERR_INTERNAL, f"CNI veth created for bridge {n.bridge} was not found")
     netns.run_in(req.netns, _check_container_state, req.ifname, result)
     if n.is_layer3 and n.ip_masq:
-        from cni_plugins.shared import masq
-
         masq.check_masq(req.network_name, req.container_id, req.ifname, [ipc.address for ipc in result.ips],
                         backend=n.ip_masq_backend)
     return None
 
 
 def _check_bridge(ipr: Any, entry: Interface, n: BridgeConf) -> Any:
-    from cni_plugins.kernel import ip
-
     if not entry.name:
         raise CNIError(ERR_INTERNAL, f"CNI created bridge {n.bridge} in host namespace was not found",
                        "prevResult lists no interface named after the configured bridge")
@@ -681,8 +333,6 @@ def _check_bridge(ipr: Any, entry: Interface, n: BridgeConf) -> Any:
 
 
 def _check_container_interface(entry: Interface) -> Any:
-    from cni_plugins.kernel import ip
-
     if not entry.name:
         raise CNIError(ERR_INTERNAL, "Interface name missing", "prevResult lists no container interface")
     with ip.open_netlink() as ipr:
@@ -699,8 +349,6 @@ def _check_container_interface(entry: Interface) -> Any:
 
 def _check_host_veth(ipr: Any, entry: Interface, bridge: Any, container: Any) -> bool:
     """True when ``entry`` is the container's peer, enslaved to the bridge."""
-    from cni_plugins.kernel import ip
-
     if not entry.name:
         raise CNIError(ERR_INTERNAL, "Interface name missing")
     if entry.sandbox:
@@ -719,10 +367,6 @@ def _check_host_veth(ipr: Any, entry: Interface, bridge: Any, container: Any) ->
 
 def _check_container_state(ifname: str, result: Result) -> None:
     """Every prevResult address on the interface (with a route to its subnet), every route present."""
-    import ipaddress
-
-    from cni_plugins.kernel import ip
-
     with ip.open_netlink() as ipr:
         link = ip.find_link(ipr, ifname)
         if link is None:
@@ -749,26 +393,18 @@ def cmd_gc(req: CmdArgs) -> None:
     n = load_conf(req.conf, "")
     valid = gc_attachments(req.conf)
     if n.mac_spoof_check:
-        from cni_plugins.shared import spoofchk
-
         spoofchk.gc(req.network_name, valid)
     if n.ip_masq:
-        from cni_plugins.shared import masq
-
         for backend in _masq_backends_to_clean(n):
             masq.gc_masq(req.network_name, valid, backend=backend)
     if n.is_layer3:
-        from cni_plugins.shared import ipam as ipam_exec
-
-        ipam_exec.exec_gc(req, valid)
+        ipam_exec.exec_gc(req)
     return None
 
 
 def cmd_status(req: CmdArgs) -> None:
-    from cni_plugins.shared.ipam import exec_status, ipam_type
-
-    if ipam_type(req.conf):
-        exec_status(req)
+    if ipam_exec.ipam_type(req.conf):
+        ipam_exec.exec_status(req)
     return None
 
 
@@ -784,4 +420,3 @@ def _masq_backends_to_clean(n: BridgeConf) -> list[str]:
     if n.ip_masq_backend_chosen:
         return [n.ip_masq_backend]
     return [n.ip_masq_backend] + [b for b in MASQ_BACKENDS if b != n.ip_masq_backend]
-

@@ -12,9 +12,9 @@ Everything runs in the calling thread's network namespace.
 from __future__ import annotations
 
 import shlex
-import subprocess
 from dataclasses import dataclass, field
 
+from cni_plugins.kernel import hostcmd
 from cni_plugins.spec.errors import ERR_INTERNAL, CNIError
 
 TIMEOUT_SECONDS = 30
@@ -22,28 +22,20 @@ _BINARIES = {4: ("iptables", "iptables-restore"), 6: ("ip6tables", "ip6tables-re
 
 
 class IptablesError(CNIError):
-    def __init__(self, msg: str, details: str = "", missing: bool = False) -> None:
+    def __init__(self, msg: str, details: str = "", missing: bool = False, timed_out: bool = False) -> None:
         super().__init__(ERR_INTERNAL, msg, details)
         self.missing = missing  # the command itself is not installed
+        self.timed_out = timed_out
 
 
 def _run(argv: list[str], stdin: str | None = None) -> str:
     try:
-        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True,
-                              timeout=TIMEOUT_SECONDS, check=False)
-    except FileNotFoundError:
-        raise IptablesError(f"the {argv[0]} command was not found",
-                            "install iptables (Debian: apt-get install iptables) or choose the nftables backend",
-                            missing=True) from None
-    except subprocess.TimeoutExpired:
-        raise IptablesError(f"{argv[0]} did not finish within {TIMEOUT_SECONDS}s",
-                            "another program may hold the xtables lock; try again") from None
-    if proc.returncode != 0:
-        details = proc.stderr.strip()
-        if stdin:
+        return hostcmd.run(argv, stdin, TIMEOUT_SECONDS, alternative="or choose the nftables backend")
+    except hostcmd.HostToolError as err:
+        details = err.details
+        if stdin and err.returncode is not None:
             details += "\nbatch was:\n" + stdin
-        raise IptablesError(f"{' '.join(argv)} failed (exit {proc.returncode})", details)
-    return proc.stdout
+        raise IptablesError(err.msg, details, missing=err.missing, timed_out=err.timed_out) from None
 
 
 def run(family: int, args: list[str]) -> str:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from dataclasses import dataclass
 from typing import Any
 
+from cni_plugins.kernel import hostcmd
 from cni_plugins.spec.errors import ERR_INTERNAL, ERR_INVALID_CONFIG, CNIError
 
 NFT = "nft"
@@ -40,20 +40,10 @@ class NftError(CNIError):
 def run(args: list[str], stdin: str | None = None) -> str:
     """Run ``nft ARGS`` and return its stdout; raise NftError when it fails."""
     try:
-        proc = subprocess.run([NFT, *args], input=stdin, capture_output=True, text=True,
-                              timeout=TIMEOUT_SECONDS, check=False)
-    except FileNotFoundError:
-        raise NftError("the nft command was not found",
-                       "install nftables (Debian: apt-get install nftables) or choose the iptables backend",
-                       missing=True) from None
-    except subprocess.TimeoutExpired:
-        raise NftError(f"nft {' '.join(args)} did not finish within {TIMEOUT_SECONDS}s",
-                       "another process may hold the nftables lock; try again") from None
-    if proc.returncode != 0:
-        stderr = proc.stderr.strip()
-        not_found = "No such file or directory" in stderr
-        raise NftError(f"nft {' '.join(args)} failed (exit {proc.returncode})", stderr, not_found=not_found)
-    return proc.stdout
+        return hostcmd.run([NFT, *args], stdin, TIMEOUT_SECONDS, alternative="or choose the iptables backend")
+    except hostcmd.HostToolError as err:
+        raise NftError(err.msg, err.details, not_found="No such file or directory" in err.stderr,
+                       missing=err.missing) from None
 
 
 def list_json(*what: str) -> list[dict[str, Any]] | None:

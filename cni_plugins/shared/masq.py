@@ -31,20 +31,13 @@ DEL never deletes what a concurrent ADD just wrote.
 """
 from __future__ import annotations
 
-import errno
-import fcntl
-import hashlib
 import ipaddress
-import os
 import re
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Union
+from typing import ContextManager, Iterable, Union
 
-from cni_plugins.kernel import iptables
-from cni_plugins.kernel import nft
-from cni_plugins.spec.errors import ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_INVALID_ENV, ERR_TRY_AGAIN, CNIError
+from cni_plugins.kernel import iptables, locks, names, nft
+from cni_plugins.spec.errors import ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_INVALID_ENV, CNIError
 from cni_plugins.spec.skel import validate_container_id, validate_interface_name, validate_network_name
 
 BACKENDS = ("nftables", "iptables")
@@ -141,7 +134,7 @@ def network_tag(network: str) -> str:
 
 
 def _hash16(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return names.short_hash(text, 16)
 
 
 @dataclass(frozen=True)
@@ -197,25 +190,9 @@ def _missing(msg: str, details: str = "") -> CNIError:
     return CNIError(ERR_INTERNAL, msg, details or "run ADD again to restore it")
 
 
-@contextmanager
-def _locked() -> Iterator[None]:
+def _locked() -> ContextManager[None]:
     """Serialise our read-modify-write steps (all namespaces share the one lock; each step is short)."""
-    os.makedirs(os.path.dirname(LOCK_PATH), mode=0o755, exist_ok=True)
-    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as err:
-                if err.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
-                    raise CNIError(ERR_TRY_AGAIN, f"cannot take the masquerade lock {LOCK_PATH}",
-                                   f"{err.strerror}; another pycni process may be stuck holding it") from None
-                time.sleep(0.005)
-        yield
-    finally:
-        os.close(fd)
+    return locks.file_lock(LOCK_PATH, "the masquerade lock", LOCK_TIMEOUT_SECONDS)
 
 
 # ---- nftables -------------------------------------------------------------------
@@ -399,7 +376,7 @@ def _masquerades_outside(expr: list[dict], subnet: IPNetwork) -> bool:
 
 def iptables_chain(network: str, container_id: str) -> str:
     """The reference's chain name (utils.FormatChainName): CNI- + sha512(network + containerID) in hex."""
-    return (IPT_CHAIN_PREFIX + hashlib.sha512((network + container_id).encode()).hexdigest())[:_IPT_CHAIN_LEN]
+    return names.hashed_name(IPT_CHAIN_PREFIX, network + container_id, _IPT_CHAIN_LEN)
 
 
 def iptables_comment(network: str, container_id: str) -> str:

@@ -9,9 +9,9 @@ one attachment's rules without its namespace and GC finds a network's stale ones
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
+from cni_plugins.kernel import names, nft
 from cni_plugins.spec.errors import ERR_INTERNAL, CNIError
 
 TABLE = "nat"
@@ -21,7 +21,7 @@ _UNSAFE = set('"\\;{}#$ \t\n\'')
 
 
 def _digest(text: str, length: int) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
+    return names.short_hash(text, length)
 
 
 def network_tag(network: str) -> str:
@@ -43,8 +43,6 @@ def _comment(network: str, attachment: str) -> str:
 
 def setup(network: str, container_id: str, ifname: str, host_iface: str, mac: str) -> None:
     """Allow only ``mac`` as source on frames entering the bridge from ``host_iface``."""
-    from cni_plugins.kernel import nft
-
     if not host_iface or _UNSAFE & set(host_iface) or len(host_iface) > 15:
         raise CNIError(ERR_INTERNAL, f"invalid interface name {host_iface!r} for the spoof check")
     octets = mac.split(":")
@@ -69,8 +67,6 @@ def setup(network: str, container_id: str, ifname: str, host_iface: str, mac: st
 
 def _installed() -> tuple[list[dict[str, Any]], set[str]] | None:
     """The rules of the base chain and the names of all chains in the table; None when there is none."""
-    from cni_plugins.kernel import nft
-
     try:
         listed = nft.list_json("table", "bridge", TABLE)
     except nft.NftError as exc:
@@ -96,8 +92,6 @@ def _jump_handles(base_rules: list[dict[str, Any]]) -> dict[str, list[int]]:
 
 
 def _remove(attachments: list[str], base_rules: list[dict[str, Any]], chains: set[str]) -> None:
-    from cni_plugins.kernel import nft
-
     jumps = _jump_handles(base_rules)
     ops = []
     for attachment in attachments:

@@ -16,20 +16,27 @@ def parse_bool(value: str, what: str) -> bool:
     raise CNIError(ERR_INVALID_ENV, f"{what}: {value!r} is not a boolean", "use true, false, 1 or 0")
 
 
-def parse_cni_args(raw: str) -> dict[str, str]:
-    """Split CNI_ARGS into a dict; every pair must be KEY=VALUE."""
-    pairs: dict[str, str] = {}
-    if not raw:
-        return pairs
-    for item in raw.split(";"):
-        if not item:
+def split_cni_args(raw: str, allow_empty_value: bool = True) -> list[tuple[str, str]]:
+    """CNI_ARGS "K1=V1;K2=V2" as (key, value) pairs in order, duplicates kept.
+
+    Plugins accept ``K=`` (an empty value) as the reference skeleton does; the
+    runtime side refuses it, as cnitool does (``allow_empty_value=False``).
+    """
+    pairs: list[tuple[str, str]] = []
+    for item in raw.split(";") if raw else []:
+        if not item and allow_empty_value:
             continue
         key, sep, value = item.partition("=")
-        if not sep or "=" in value or not key:
+        if not sep or "=" in value or not key or (not value and not allow_empty_value):
             raise CNIError(ERR_INVALID_ENV, f"CNI_ARGS: invalid pair {item!r}",
-                           "CNI_ARGS must be KEY=VALUE pairs separated by ';'")
-        pairs[key] = value
+                           "CNI_ARGS is KEY=VALUE pairs separated by ';', e.g. IP=10.1.0.5;IgnoreUnknown=1")
+        pairs.append((key, value))
     return pairs
+
+
+def parse_cni_args(raw: str) -> dict[str, str]:
+    """Split CNI_ARGS into a dict (a later pair wins); every pair must be KEY=VALUE."""
+    return dict(split_cni_args(raw))
 
 
 def load_args(raw: str, known: set[str] | frozenset[str]) -> dict[str, str]:

@@ -36,9 +36,20 @@ _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
 GC_ATTACHMENT_KEYS = ("cni.dev/valid-attachments", "cni.dev/attachments")
 
 
+# How long a delegated plugin may take by default (it may wait on a lock held by a concurrent ADD).
+DEFAULT_TIMEOUT = 120.0
+
+
 @dataclass
 class CmdArgs:
-    """One CNI request: the environment plus the parsed configuration."""
+    """One CNI request: the environment plus the parsed configuration.
+
+    Everything a request needs travels here rather than in process-wide
+    state, so one process can serve many requests at once (the warm agent):
+    ``environ`` is the request's whole environment (delegated plugins inherit
+    it), ``warn`` collects its diagnostics (they reach the caller's stderr),
+    ``timeout`` bounds what it waits for.
+    """
 
     command: str
     container_id: str = ""
@@ -50,6 +61,9 @@ class CmdArgs:
     conf: dict[str, Any] = field(default_factory=dict)
     cni_version: str = CURRENT_VERSION
     netns_override: bool = False
+    environ: Mapping[str, str] = field(default_factory=dict)
+    diagnostics: list[str] = field(default_factory=list)
+    timeout: float = DEFAULT_TIMEOUT
 
     @property
     def network_name(self) -> str:
@@ -58,6 +72,19 @@ class CmdArgs:
     @property
     def path_dirs(self) -> list[str]:
         return [d for d in self.path.split(os.pathsep) if d]
+
+    def warn(self, message: str) -> None:
+        """A diagnostic line for the caller's stderr (never stdout)."""
+        self.diagnostics.append(message if message.endswith("\n") else message + "\n")
+
+    def derive(self, conf: dict[str, Any], command: str | None = None) -> CmdArgs:
+        """The same request with another configuration (and command): what a delegated plugin gets."""
+        import json
+
+        return CmdArgs(command=command or self.command, container_id=self.container_id, netns=self.netns,
+                       ifname=self.ifname, args=self.args, path=self.path, stdin_data=json.dumps(conf).encode(),
+                       conf=conf, cni_version=config_version(conf), netns_override=self.netns_override,
+                       environ=self.environ, diagnostics=self.diagnostics, timeout=self.timeout)
 
 
 PluginFunc = Callable[[CmdArgs], Any]
@@ -199,6 +226,7 @@ def read_request(environ: Mapping[str, str], stdin_data: bytes) -> CmdArgs:
         path=environ.get("CNI_PATH", ""),
         stdin_data=stdin_data,
         netns_override=override,
+        environ=dict(environ),
     )
     if command == "VERSION":
         return req
@@ -219,18 +247,27 @@ def _check_version(req: CmdArgs, funcs: PluginFuncs) -> None:
     require_supported(req.cni_version, funcs.supported_versions)
 
 
-def handle(req: CmdArgs, funcs: PluginFuncs) -> str:
-    """Run one validated request; return what goes to stdout."""
-    if req.command == "VERSION":
-        return json.dumps(version_info(funcs.supported_versions))
+def run_command(req: CmdArgs, funcs: PluginFuncs) -> Any:
+    """Run one validated request (not VERSION); return what the plugin's function returned.
+
+    In-process delegation calls this too, so a delegated plugin gets exactly
+    the checks it would get as an executable.
+    """
     _check_version(req, funcs)
     if req.command in ("ADD", "CHECK") and not req.netns_override and _same_netns_as_plugin(req.netns):
         raise CNIError(ERR_INVALID_NETNS, "plugin's netns and netns from CNI_NETNS should not be the same",
                        f"CNI_NETNS={req.netns} is the namespace the plugin runs in; give the container's")
     func = funcs.func(req.command)
     if func is None:
-        return ""  # an optional command the plugin has nothing to do for (add and delete are required)
-    result = func(req)
+        return None  # an optional command the plugin has nothing to do for (add and delete are required)
+    return func(req)
+
+
+def handle(req: CmdArgs, funcs: PluginFuncs) -> str:
+    """Run one validated request; return what goes to stdout."""
+    if req.command == "VERSION":
+        return json.dumps(version_info(funcs.supported_versions))
+    result = run_command(req, funcs)
     if result is None:
         return ""
     if isinstance(result, dict):
@@ -241,18 +278,23 @@ def handle(req: CmdArgs, funcs: PluginFuncs) -> str:
 def dispatch(funcs: PluginFuncs, environ: Mapping[str, str], stdin_data: bytes) -> Outcome:
     """Validate and run one request; never raises, always returns an Outcome."""
     version = CURRENT_VERSION
+    req: CmdArgs | None = None
     try:
         req = read_request(environ, stdin_data)
         version = req.cni_version
-        return Outcome(0, handle(req, funcs))
+        return Outcome(0, handle(req, funcs), _diagnostics(req))
     except CNIError as err:
-        return Outcome(1, err.to_json(version) + "\n")
+        return Outcome(1, err.to_json(version) + "\n", _diagnostics(req))
     except OSError as exc:
         err = CNIError(ERR_IO, str(exc))
-        return Outcome(1, err.to_json(version) + "\n", _trace())
+        return Outcome(1, err.to_json(version) + "\n", _diagnostics(req) + _trace())
     except Exception as exc:  # a bug: report it as the spec's internal error, trace on stderr
         err = CNIError(ERR_INTERNAL, f"{type(exc).__name__}: {exc}")
-        return Outcome(1, err.to_json(version) + "\n", _trace())
+        return Outcome(1, err.to_json(version) + "\n", _diagnostics(req) + _trace())
+
+
+def _diagnostics(req: CmdArgs | None) -> str:
+    return "".join(req.diagnostics) if req is not None else ""
 
 
 def _trace() -> str:

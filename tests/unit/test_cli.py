@@ -130,7 +130,7 @@ def test_bad_cap_args_and_cni_args(setup):
     result = run("add", "clinet", "pod1", env={"CAP_ARGS": "[1]"})
     assert result.exit_code == 1 and "JSON object" in result.stderr
     result = run("add", "clinet", "pod1", env={"CNI_ARGS": "A=1;broken"})
-    assert result.exit_code == 1 and "invalid CNI_ARGS pair 'broken'" in result.stderr
+    assert result.exit_code == 1 and "invalid pair 'broken'" in result.stderr
     assert setup["log"]() == []
 
 
