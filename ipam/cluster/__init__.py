@@ -1,0 +1,71 @@
+"""The cluster store and the nodes' subnet leases for the vxlan overlay.
+
+The overlay gives each node one pod subnet leased out of a cluster CIDR, the
+way flannel does. Everything the nodes share lives in a small key-value
+store: a local directory (file:///DIR, the embedded default for one machine
+or nodes sharing a filesystem) or etcd v3 (etcd://HOST:PORT[,...], for real
+clusters).
+
+Key layout (etcd keys under the prefix, default /pycni; in a file store the
+directory DIR takes the prefix's place):
+
+    /pycni/
+    ├── config                     {"Network": "10.244.0.0/16", "SubnetLen": 24,
+    │                               "Backend": {"Type": "vxlan", "VNI": 1, "Port": 8472}}
+    └── subnets/
+        ├── 10.244.0.0-24          {"PublicIP": "192.168.1.10", "BackendType": "vxlan",
+        │                           "BackendData": {"VtepMAC": "0a:58:..."}, "NodeName": "node-a"}
+        ├── 10.244.1.0-24          one key per node: the node's subnet, its underlay
+        └── ...                    (public) IP and the MAC of its VXLAN device
+
+Keys are named relative to the prefix in this API ("config",
+"subnets/10.244.1.0-24"). `pycni cluster init` writes config; each node's
+agent calls acquire_lease() for its subnet and watches subnets/ (list, then
+wait, then list again) to program routes to the other nodes.
+
+    store = open_store("etcd://10.0.0.1:2379,10.0.0.2:2379")
+    cfg = read_config(store)
+    lease = acquire_lease(store, cfg, public_ip="10.0.0.5", vtep_mac="0a:58:0a:00:00:05")
+"""
+from .errors import Compacted, ConfigConflict, LeaseExhausted, LeaseLost, StoreError, StoreUnavailable
+from .leases import (
+    CONFIG_KEY,
+    SUBNETS_PREFIX,
+    ClusterConfig,
+    NodeLease,
+    acquire_lease,
+    init_cluster,
+    list_leases,
+    read_config,
+    release_lease,
+    renew_lease,
+    subnet_from_key,
+    subnet_key,
+)
+from .store import Entry, Store, TLSFiles
+from .url import open_store
+
+__all__ = [
+    "CONFIG_KEY",
+    "SUBNETS_PREFIX",
+    "ClusterConfig",
+    "Compacted",
+    "ConfigConflict",
+    "Entry",
+    "LeaseExhausted",
+    "LeaseLost",
+    "NodeLease",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+    "TLSFiles",
+    "acquire_lease",
+    "init_cluster",
+    "list_leases",
+    "open_store",
+    "read_config",
+    "release_lease",
+    "renew_lease",
+    "subnet_from_key",
+    "subnet_key",
+]
