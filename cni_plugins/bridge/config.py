@@ -10,13 +10,26 @@ from typing import Any
 
 from cni_plugins.shared.ipam import ipam_type
 from cni_plugins.spec.args import load_args
-from cni_plugins.spec.decode import get_field
+from cni_plugins.spec.decode import COMMON, ListOf, Schema, get_field
 from cni_plugins.spec.errors import ERR_DECODE, ERR_INVALID_CONFIG, CNIError
 from cni_plugins.spec.types import DNS
 
 DEFAULT_BRIDGE = "cni0"
 MASQ_BACKENDS = ("nftables", "iptables")  # masq.BACKENDS
 DEFAULT_MASQ_BACKEND = "nftables"
+
+# Every option the reference bridge reads, with its JSON type: the skeleton decodes with this
+# (any letter case, null = absent, wrong type = error 7 naming the option; lenient on DEL).
+SCHEMA = COMMON.extend(
+    bridge=str, isGateway=bool, isDefaultGateway=bool, forceAddress=bool, ipMasq=bool, ipMasqBackend=str,
+    mtu=int, hairpinMode=bool, promiscMode=bool, vlan=int,
+    vlanTrunk=ListOf(Schema({"minID": int, "maxID": int, "id": int})),
+    preserveDefaultVlan=bool, enabledad=bool, macspoofchk=bool, disableContainerInterface=bool,
+    portIsolation=bool,
+    ipam=Schema({"type": str}),
+    runtimeConfig=Schema({"mac": str}),
+    args=Schema({"cni": Schema({"mac": str})}),
+)
 BRIDGE_INDEX, HOST_INDEX, CONTAINER_INDEX = 0, 1, 2
 
 

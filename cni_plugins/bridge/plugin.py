@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import netns
-from cni_plugins.bridge.config import MASQ_BACKENDS, BridgeConf, load_conf, validate_for_add
+from cni_plugins.bridge.config import SCHEMA, MASQ_BACKENDS, BridgeConf, load_conf, validate_for_add  # noqa: F401  (SCHEMA: read by the skeleton)
 from cni_plugins.kernel import ip
 from cni_plugins.kernel.nsutil import check_netns, netns_gone
 from cni_plugins.shared import container, masq, spoofchk

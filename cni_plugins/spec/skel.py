@@ -32,7 +32,11 @@ _REQUIRED_ENV: dict[str, tuple[str, ...]] = {
 # The minimum configuration version that allows a command.
 _MIN_VERSION = {"CHECK": "0.4.0", "GC": "1.1.0", "STATUS": "1.1.0"}
 
-_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
+_NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")  # used with fullmatch: no trailing newline slips through
+# Documented limits, checked before anything is touched: names and IDs end up in interface
+# aliases (256 bytes: "<network>/<containerID>/<ifname>"), chain names, comments and file names.
+MAX_NETWORK_NAME = 100
+MAX_CONTAINER_ID = 128
 GC_ATTACHMENT_KEYS = ("cni.dev/valid-attachments", "cni.dev/attachments")
 
 
@@ -111,6 +115,15 @@ class PluginFuncs:
     status: PluginFunc | None = None
     supported_versions: tuple[str, ...] = SUPPORTED_VERSIONS
     module: str = ""
+    schema: Any = None  # a decode.Schema; with ``module``, that module's SCHEMA when not given
+
+    def options(self) -> Any:
+        """The Schema the configuration is decoded with (None: the plugin reads it raw)."""
+        if self.schema is None and self.module:
+            import importlib
+
+            self.schema = getattr(importlib.import_module(self.module), "SCHEMA", None)
+        return self.schema
 
     def func(self, command: str) -> PluginFunc | None:
         """The function serving ``command`` (None: the plugin has nothing to do for it)."""
@@ -129,16 +142,22 @@ def validate_container_id(container_id: str) -> None:
     if not container_id:
         raise CNIError(ERR_UNKNOWN_CONTAINER, "missing containerID",
                        "set CNI_CONTAINERID to the container's ID")
-    if not _NAME_RE.match(container_id):
-        raise CNIError(ERR_INVALID_ENV, "invalid characters in containerID", container_id)
+    if not _NAME_RE.fullmatch(container_id):
+        raise CNIError(ERR_INVALID_ENV, "invalid characters in containerID", repr(container_id))
+    if len(container_id) > MAX_CONTAINER_ID:
+        raise CNIError(ERR_INVALID_ENV, "containerID is too long",
+                       f"it has {len(container_id)} characters; pycni accepts at most {MAX_CONTAINER_ID}")
 
 
 def validate_network_name(name: Any) -> None:
     if not name:
         raise CNIError(ERR_INVALID_CONFIG, "missing network name",
                        "the network configuration needs a 'name'")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise CNIError(ERR_INVALID_CONFIG, "invalid characters found in network name", str(name))
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise CNIError(ERR_INVALID_CONFIG, "invalid characters found in network name", repr(name))
+    if len(name) > MAX_NETWORK_NAME:
+        raise CNIError(ERR_INVALID_CONFIG, "network name is too long",
+                       f"it has {len(name)} characters; pycni accepts at most {MAX_NETWORK_NAME}")
 
 
 def validate_interface_name(ifname: str) -> None:
@@ -153,16 +172,63 @@ def validate_interface_name(ifname: str) -> None:
         raise CNIError(ERR_INVALID_ENV, "interface name contains / or : or whitespace characters", ifname)
 
 
+MAX_DEPTH = 64  # nesting deeper than any configuration needs is refused, not recursed into
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def parse_config(stdin_data: bytes) -> dict[str, Any]:
+    """The configuration as Go's decoder would accept it: strict JSON, an object, sane nesting."""
     try:
-        conf = json.loads(stdin_data or b"")
+        conf = json.loads(stdin_data or b"", parse_constant=_no_constant)
+    except RecursionError:
+        raise CNIError(ERR_DECODE, "error decoding network config: nesting too deep",
+                       f"a network configuration nests at most {MAX_DEPTH} levels") from None
     except ValueError as exc:
         raise CNIError(ERR_DECODE, f"error decoding network config: {exc}",
                        "stdin must hold the network configuration as a JSON object") from None
     if not isinstance(conf, dict):
         raise CNIError(ERR_DECODE, "error decoding network config: expected a JSON object",
                        f"got {type(conf).__name__}")
+    check_strings(conf)
     return conf
+
+
+def _bad_string(text: str) -> str | None:
+    """Why ``text`` cannot reach a kernel name, a file or a ruleset (None: it can)."""
+    if "\x00" in text:
+        return "contains a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains an unpaired surrogate (not valid UTF-8)"
+    return None
+
+
+def check_strings(conf: Any) -> None:
+    """Refuse NUL and unpaired surrogates anywhere in the document, and nesting past MAX_DEPTH."""
+    stack: list[tuple[Any, str, int]] = [(conf, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise CNIError(ERR_DECODE, "error decoding network config: nesting too deep",
+                           f"{path or 'the document'} nests deeper than {MAX_DEPTH} levels")
+        if isinstance(value, str):
+            why = _bad_string(value)
+            if why:
+                raise CNIError(ERR_INVALID_CONFIG, f"invalid string at {path or 'top level'}: {why}",
+                               "configuration strings must be valid UTF-8 text without NUL")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                why = _bad_string(key)
+                if why:
+                    raise CNIError(ERR_INVALID_CONFIG, f"invalid key in {path or 'top level'}: {why}",
+                                   "configuration keys must be valid UTF-8 text without NUL")
+                stack.append((item, f"{path}.{key}" if path else key, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{n}]", depth + 1) for n, item in enumerate(value))
 
 
 def gc_attachments(conf: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -212,6 +278,10 @@ def read_request(environ: Mapping[str, str], stdin_data: bytes) -> CmdArgs:
     if command not in COMMANDS:
         raise CNIError(ERR_INVALID_ENV, f"unknown CNI_COMMAND: {command}",
                        f"CNI_COMMAND must be one of {', '.join(COMMANDS)}")
+    for name in ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH"):
+        why = _bad_string(environ.get(name, ""))
+        if why:
+            raise CNIError(ERR_INVALID_ENV, f"{name} {why}", "CNI environment values must be valid UTF-8 text")
     missing = [name for name in _REQUIRED_ENV[command] if not environ.get(name)]
     if missing:
         raise CNIError(ERR_INVALID_ENV, f"required env variables [{','.join(missing)}] missing",
@@ -260,6 +330,11 @@ def run_command(req: CmdArgs, funcs: PluginFuncs) -> Any:
     func = funcs.func(req.command)
     if func is None:
         return None  # an optional command the plugin has nothing to do for (add and delete are required)
+    schema = funcs.options()
+    if schema is not None:
+        from cni_plugins.spec.decode import decode
+
+        req.conf = decode(req.conf, schema, lenient=req.command == "DEL", warn=req.warn)
     return func(req)
 
 
