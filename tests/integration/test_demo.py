@@ -1,5 +1,4 @@
 """The README's main job: `pycni demo` builds, checks and removes a live network."""
-import os
 import subprocess
 import sys
 
@@ -7,7 +6,7 @@ import pytest
 
 import netns
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the demo needs root")
+pytestmark = pytest.mark.integration  # the demo needs root
 
 
 def test_demo_runs_green_and_leaves_nothing_behind():

@@ -15,56 +15,31 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import subprocess
-import sys
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-REFERENCE = "/usr/lib/cni/host-local"
+from tests.helpers.plugins import Outcome, has_reference, reference, run_plugin
+
+REFERENCE = reference("host-local")
 FAKE_NETNS = f"/var/run/netns/pt-{uuid.uuid4().hex[:8]}-absent"
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(not os.access(REFERENCE, os.X_OK), reason="reference host-local not installed"),
-]
+# Files only, no namespace: runs without root too.
+pytestmark = pytest.mark.skipif(not has_reference("host-local"), reason="reference host-local not installed")
 
 
 @pytest.fixture(scope="module")
-def pycni_bin(tmp_path_factory) -> str:
-    """The host-local executable as `pycni install` writes it (a tiny script if that is unavailable)."""
-    bindir = tmp_path_factory.mktemp("bin")
-    path = bindir / "host-local"
-    pycni = os.path.join(os.path.dirname(sys.executable), "pycni")
-    if os.access(pycni, os.X_OK):
-        subprocess.run([pycni, "install", "--cni-bin-dir", str(bindir)], capture_output=True, timeout=60)
-    if not path.exists():
-        path.write_text(f"#!{sys.executable}\nfrom ipam.host_local import main\nmain()\n")
-        path.chmod(0o755)
-    return str(path)
-
-
-@dataclass
-class Outcome:
-    rc: int
-    out: Any
-
-    @property
-    def error(self) -> tuple[int, str] | None:
-        if self.rc == 0:
-            return None
-        return self.out.get("code"), self.out.get("msg")
+def pycni_bin(launcher_dir) -> str:
+    """Our host-local executable, as `pycni install` writes it."""
+    return os.path.join(launcher_dir, "host-local")
 
 
 def run(binary: str, command: str, conf: dict, cid: str = "c1", ifname: str = "eth0", args: str = "") -> Outcome:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CNI_COMMAND": command, "CNI_CONTAINERID": cid,
-           "CNI_IFNAME": ifname, "CNI_NETNS": FAKE_NETNS, "CNI_PATH": os.path.dirname(binary), "CNI_ARGS": args}
-    proc = subprocess.run([binary], input=json.dumps(conf).encode(), env=env, capture_output=True, timeout=60)
-    text = proc.stdout.decode().strip()
-    assert "Traceback" not in text
-    return Outcome(proc.returncode, json.loads(text) if text else None)
+    outcome = run_plugin(binary, command, conf, netns=FAKE_NETNS, container_id=cid, ifname=ifname, args=args)
+    assert "Traceback" not in json.dumps(outcome.out)
+    return outcome
 
 
 def snapshot(data_dir: str, network: str = "net1") -> dict[str, tuple[str, bytes]] | None:
@@ -108,8 +83,8 @@ def compare(pycni_bin: str, dirs, ipam: dict, steps: list[Step], version: str = 
         ours = run(pycni_bin, step.command, make_conf(our_dir, ipam, version, **step.top), step.cid, step.ifname,
                    step.args)
         where = f"step {n} {step}"
-        assert ours.rc == ref.rc, f"{where}: reference {ref.out}, pycni {ours.out}"
-        if ref.rc == 0:
+        assert ours.code == ref.code, f"{where}: reference {ref.out}, pycni {ours.out}"
+        if ref.code == 0:
             assert ours.out == ref.out, where
         else:
             assert ours.error == ref.error, where
@@ -119,7 +94,7 @@ def compare(pycni_bin: str, dirs, ipam: dict, steps: list[Step], version: str = 
 
 
 def addresses(outcomes: list[Outcome]) -> list[str]:
-    return [ip["address"] for o in outcomes if o.rc == 0 and o.out and "ips" in o.out for ip in o.out["ips"]]
+    return [ip["address"] for o in outcomes if o.code == 0 and o.out and "ips" in o.out for ip in o.out["ips"]]
 
 
 # ---- same answers as the reference ---------------------------------------------
@@ -153,7 +128,7 @@ def test_dual_stack_every_result_version(pycni_bin, dirs, version):
     if version >= "0.4.0":
         steps += [Step("CHECK", "c2"), Step("CHECK", "c1")]
     outcomes = compare(pycni_bin, dirs, ipam, steps, version)
-    assert outcomes[0].rc == 0
+    assert outcomes[0].code == 0
 
 
 def test_several_range_sets_per_family(pycni_bin, dirs):
@@ -254,7 +229,7 @@ def test_bad_config_is_rejected_and_changes_nothing(pycni_bin, dirs, ipam, code,
     ref_dir, our_dir = dirs
     ref = run(REFERENCE, "ADD", make_conf(ref_dir, ipam))
     ours = run(pycni_bin, "ADD", make_conf(our_dir, ipam))
-    assert ref.rc != 0 and ours.rc != 0
+    assert ref.code != 0 and ours.code != 0
     assert ref.out["code"] == 999  # the reference reports all errors as internal; the spec has codes for these
     assert ours.out["code"] == code and words in ours.out["msg"], ours.out
     assert snapshot(our_dir) is None and snapshot(ref_dir) is None
@@ -265,7 +240,7 @@ def test_bad_cni_args(pycni_bin, dirs, args, words):
     ref_dir, our_dir = dirs
     ref = run(REFERENCE, "ADD", make_conf(ref_dir, {"subnet": "10.30.0.0/24"}), args=args)
     ours = run(pycni_bin, "ADD", make_conf(our_dir, {"subnet": "10.30.0.0/24"}), args=args)
-    assert ref.rc != 0 and ours.rc != 0 and ours.out["code"] == 4 and words in ours.out["msg"]
+    assert ref.code != 0 and ours.code != 0 and ours.out["code"] == 4 and words in ours.out["msg"]
     assert snapshot(our_dir) is None
 
 
@@ -292,7 +267,7 @@ def test_interleaved_with_reference_on_one_directory(pycni_bin, tmp_path):
     got = []
     for n in range(12):
         outcome = run(binaries[n % 2], "ADD", conf, f"c{n}")
-        assert outcome.rc == 0, outcome.out
+        assert outcome.code == 0, outcome.out
         got.append([ip["address"] for ip in outcome.out["ips"]])
     assert [g[0] for g in got] == [f"10.40.0.{n}/28" for n in range(2, 14)]  # one round-robin sequence
     assert [g[1] for g in got] == [f"fd00:40::{n:x}/124" for n in range(2, 14)]
@@ -302,8 +277,8 @@ def test_interleaved_with_reference_on_one_directory(pycni_bin, tmp_path):
     assert full.error == (999, "failed to allocate for range 0: no IP addresses available in range set: "
                                "10.40.0.1-10.40.0.14")
     for n in range(12):  # each releases what the other one reserved
-        assert run(binaries[(n + 1) % 2], "DEL", conf, f"c{n}").rc == 0
-    assert run(pycni_bin, "DEL", conf, "c98").rc == 0
+        assert run(binaries[(n + 1) % 2], "DEL", conf, f"c{n}").code == 0
+    assert run(pycni_bin, "DEL", conf, "c98").code == 0
     assert sorted(snapshot(str(tmp_path))) == ["last_reserved_ip.0", "last_reserved_ip.1", "lock"]
 
 
@@ -316,7 +291,7 @@ def test_200_concurrent_adds_then_dels(pycni_bin, tmp_path):
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
         adds = list(pool.map(lambda n: one("ADD", n), range(200)))
-        assert all(a.rc == 0 for a in adds), [a.out for a in adds if a.rc]
+        assert all(a.code == 0 for a in adds), [a.out for a in adds if a.code]
         ips = [a.out["ips"][0]["address"] for a in adds]
         assert len(set(ips)) == 200
         files = snapshot(str(tmp_path))
@@ -324,7 +299,7 @@ def test_200_concurrent_adds_then_dels(pycni_bin, tmp_path):
         owners = {files[ip.split("/")[0]][1] for ip in ips}
         assert owners == {f"pod-{n}\r\neth0".encode() for n in range(200)}
         dels = list(pool.map(lambda n: one("DEL", n), range(200)))
-    assert all(d.rc == 0 for d in dels)
+    assert all(d.code == 0 for d in dels)
     assert sorted(snapshot(str(tmp_path))) == ["last_reserved_ip.0", "lock"]
 
 
@@ -334,34 +309,34 @@ def test_gc_releases_exactly_the_invalid_attachments(pycni_bin, tmp_path):
     old = make_conf(str(tmp_path), {"subnet": "10.60.0.0/24"})
     for n in range(6):
         binary = REFERENCE if n % 2 else pycni_bin
-        assert run(binary, "ADD", old, f"c{n}").rc == 0
+        assert run(binary, "ADD", old, f"c{n}").code == 0
     valid = [{"containerID": "c1", "ifname": "eth0"}, {"containerID": "c4", "ifname": "eth0"},
              {"containerID": "c5", "ifname": "eth1"}]
     new = make_conf(str(tmp_path), {"subnet": "10.60.0.0/24"}, "1.1.0", **{"cni.dev/valid-attachments": valid})
-    assert run(pycni_bin, "GC", new, "").rc == 0
+    assert run(pycni_bin, "GC", new, "").code == 0
     left = {name: data for name, (_, data) in snapshot(str(tmp_path)).items() if name.startswith("10.")}
     assert left == {"10.60.0.3": b"c1\r\neth0", "10.60.0.6": b"c4\r\neth0"}
-    assert run(pycni_bin, "CHECK", make_conf(str(tmp_path), {"subnet": "10.60.0.0/24"}, "1.1.0"), "c4").rc == 0
+    assert run(pycni_bin, "CHECK", make_conf(str(tmp_path), {"subnet": "10.60.0.0/24"}, "1.1.0"), "c4").code == 0
 
 
 def test_gc_without_attachment_list_releases_nothing(pycni_bin, tmp_path):
     conf = make_conf(str(tmp_path), {"subnet": "10.63.0.0/24"}, "1.1.0")
-    assert run(pycni_bin, "ADD", conf, "c1").rc == 0
+    assert run(pycni_bin, "ADD", conf, "c1").code == 0
     outcome = run(pycni_bin, "GC", conf, "")
-    assert outcome.rc != 0 and outcome.out["code"] == 7
+    assert outcome.code != 0 and outcome.out["code"] == 7
     assert "10.63.0.2" in snapshot(str(tmp_path))
     empty = dict(conf, **{"cni.dev/valid-attachments": []})
-    assert run(pycni_bin, "GC", empty, "").rc == 0
+    assert run(pycni_bin, "GC", empty, "").code == 0
     assert "10.63.0.2" not in snapshot(str(tmp_path))
 
 
 def test_status(pycni_bin, tmp_path):
     good = make_conf(str(tmp_path / "store"), {"subnet": "10.61.0.0/24"}, "1.1.0")
-    assert run(pycni_bin, "STATUS", good, "").rc == 0
+    assert run(pycni_bin, "STATUS", good, "").code == 0
     (tmp_path / "file").write_text("")
     bad = make_conf(str(tmp_path / "file" / "store"), {"subnet": "10.61.0.0/24"}, "1.1.0")
     outcome = run(pycni_bin, "STATUS", bad, "")
-    assert outcome.rc != 0 and outcome.out["code"] == 50
+    assert outcome.code != 0 and outcome.out["code"] == 50
 
 
 def test_result_1_1_0_and_version(pycni_bin, tmp_path):
@@ -388,5 +363,5 @@ def test_in_process_api_matches_the_executable(pycni_bin, tmp_path, version):
     assert (info.value.code, info.value.msg) == run(pycni_bin, "ADD", exe_conf, "c2").error
     assert snapshot(api_dir) == snapshot(exe_dir)
     assert sorted(host_local.release(api_conf, "c1", "eth0")) == ["10.70.0.2", "fd00:70::2"]
-    assert run(pycni_bin, "DEL", exe_conf, "c1").rc == 0
+    assert run(pycni_bin, "DEL", exe_conf, "c1").code == 0
     assert snapshot(api_dir) == snapshot(exe_dir)

@@ -1,39 +1,27 @@
 """loopback as a real process, side by side with the reference loopback."""
-import json
-import os
-import subprocess
 import sys
 
 import pytest
 
-import netns
+from tests.helpers.plugins import reference, run_plugin
+from tests.helpers.state import link
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")
+pytestmark = pytest.mark.integration
 
-REFERENCE = "/usr/lib/cni/loopback"
+REFERENCE = reference("loopback")
 
 
 def ours_cmd():
     return [sys.executable, "-m", "cni_plugins.loopback"]
 
 
-def run_plugin(cmd, command, netns_path, conf, node=None):
-    env = {"PATH": os.environ["PATH"], "CNI_COMMAND": command, "CNI_CONTAINERID": "ctr1",
-           "CNI_NETNS": netns_path, "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni"}
-    proc = subprocess.run(cmd, input=json.dumps(conf).encode(), env=env, capture_output=True, timeout=30)
-    out = json.loads(proc.stdout) if proc.stdout.strip() else None
-    return proc.returncode, out
-
-
-def lo_up(ns_name):
-    out = subprocess.run(["ip", "-n", ns_name, "-j", "link", "show", "lo"], capture_output=True, check=True)
-    return "UP" in json.loads(out.stdout)[0]["flags"]
+def lo_up(pod):
+    return "UP" in link(pod, "lo")["flags"]
 
 
 @pytest.fixture
-def pods():
-    with netns.temporary("lo-a") as a, netns.temporary("lo-b") as b:
-        yield a, b
+def pods(make_pod):
+    return make_pod("lo-a"), make_pod("lo-b")
 
 
 @pytest.mark.parametrize("version", ["0.3.1", "0.4.0", "1.0.0"])
@@ -41,19 +29,20 @@ def test_add_check_del_match_reference(pods, version):
     conf = {"cniVersion": version, "name": "lo", "type": "loopback"}
     results = {}
     for (label, cmd), pod in zip((("ours", ours_cmd()), ("ref", [REFERENCE])), pods):
-        assert not lo_up(pod.name)
-        rc, out = run_plugin(cmd, "ADD", pod.path, conf)
-        assert rc == 0, out
-        assert lo_up(pod.name)
+        assert not lo_up(pod)
+        add = run_plugin(cmd, "ADD", conf, netns=pod)
+        assert add.code == 0, add.out
+        assert lo_up(pod)
+        out = add.out
         out["interfaces"][0]["sandbox"] = "<netns>"
         results[label] = out
         if version != "0.3.1":
-            assert run_plugin(cmd, "CHECK", pod.path, conf)[0] == 0
-        rc, _ = run_plugin(cmd, "DEL", pod.path, conf)
-        assert rc == 0 and not lo_up(pod.name)
+            assert run_plugin(cmd, "CHECK", conf, netns=pod).code == 0
+        delete = run_plugin(cmd, "DEL", conf, netns=pod)
+        assert delete.code == 0 and not lo_up(pod)
         if version != "0.3.1":
-            rc, err = run_plugin(cmd, "CHECK", pod.path, conf)
-            assert rc != 0 and "down" in err["msg"]
+            check = run_plugin(cmd, "CHECK", conf, netns=pod)
+            assert check.code != 0 and "down" in check.out["msg"]
     if version in ("0.3.1", "0.4.0"):
         # The spec's 0.3.x/0.4.0 results carry ips[].version. Debian's v1.1.1 loopback
         # builds a 1.0.0 result labelled with the config's version and so leaves it
@@ -68,24 +57,24 @@ def test_add_check_del_match_reference(pods, version):
 
 def test_legacy_version_result(pods):
     conf = {"cniVersion": "0.2.0", "name": "lo", "type": "loopback"}
-    rc, out = run_plugin(ours_cmd(), "ADD", pods[0].path, conf)
-    assert rc == 0
-    assert out["ip4"] == {"ip": "127.0.0.1/8"}
+    add = run_plugin(ours_cmd(), "ADD", conf, netns=pods[0])
+    assert add.code == 0
+    assert add.out["ip4"] == {"ip": "127.0.0.1/8"}
 
 
 def test_prev_result_passes_through(pods):
     prev = {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0", "sandbox": pods[0].path}],
             "ips": [{"address": "10.0.0.5/24", "interface": 0}], "dns": {}}
     conf = {"cniVersion": "1.0.0", "name": "lo", "type": "loopback", "prevResult": prev}
-    rc, out = run_plugin(ours_cmd(), "ADD", pods[0].path, conf)
-    assert rc == 0 and out == prev and lo_up(pods[0].name)
+    add = run_plugin(ours_cmd(), "ADD", conf, netns=pods[0])
+    assert add.code == 0 and add.out == prev and lo_up(pods[0])
 
 
 def test_del_on_missing_namespace_succeeds():
     conf = {"cniVersion": "1.0.0", "name": "lo", "type": "loopback"}
     for cmd in (ours_cmd(), [REFERENCE]):
-        assert run_plugin(cmd, "DEL", "/var/run/netns/pycni-does-not-exist", conf)[0] == 0
-        assert run_plugin(cmd, "DEL", "", conf)[0] == 0
+        assert run_plugin(cmd, "DEL", conf, netns="/var/run/netns/pycni-does-not-exist").code == 0
+        assert run_plugin(cmd, "DEL", conf, netns="").code == 0
 
 
 def test_add_on_missing_or_wrong_namespace_fails_cleanly(tmp_path):
@@ -93,5 +82,15 @@ def test_add_on_missing_or_wrong_namespace_fails_cleanly(tmp_path):
     plain = tmp_path / "file"
     plain.write_text("")
     for path in ("/var/run/netns/pycni-does-not-exist", str(plain), "/proc/self/ns/mnt"):
-        rc, err = run_plugin(ours_cmd(), "ADD", path, conf)
-        assert rc == 1 and err["code"] == 8 and path in err["msg"]
+        add = run_plugin(ours_cmd(), "ADD", conf, netns=path)
+        assert add.code == 1 and add.out["code"] == 8 and path in add.out["msg"]
+
+
+def test_add_and_del_load_no_netlink_code(pods):
+    """loopback flips lo with an ioctl: neither ADD nor DEL pays for pyroute2."""
+    conf = {"cniVersion": "1.0.0", "name": "lo", "type": "loopback"}
+    cmd = [sys.executable, "-X", "importtime", "-m", "cni_plugins.loopback"]
+    for command in ("ADD", "DEL"):
+        outcome = run_plugin(cmd, command, conf, netns=pods[0])
+        assert outcome.code == 0, outcome.out
+        assert "pyroute2" not in outcome.err

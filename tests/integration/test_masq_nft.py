@@ -6,31 +6,14 @@ the root namespace is never touched.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 
 import pytest
 
-import netns
 from cni_plugins.spec.errors import CNIError
 from cni_plugins.shared.masq import TABLE, check_masq, gc_masq, setup_masq, teardown_masq
+from tests.helpers.state import nft_ruleset as ruleset
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
-]
-
-
-@pytest.fixture
-def node():
-    with netns.temporary("pt") as ns:
-        yield ns
-
-
-def ruleset(ns) -> list[dict]:
-    out = subprocess.run(["ip", "netns", "exec", ns.name, "nft", "-j", "list", "ruleset"],
-                         capture_output=True, text=True, check=True, timeout=30)
-    return [o for o in json.loads(out.stdout)["nftables"] if "metainfo" not in o]
+pytestmark = pytest.mark.integration
 
 
 def elements(ns) -> dict[str, tuple[str, str]]:
@@ -48,12 +31,8 @@ def rules(ns) -> list[dict]:
     return [o["rule"] for o in ruleset(ns) if "rule" in o and o["rule"]["table"] == TABLE]
 
 
-def in_node(ns, fn, *args, **kwargs):
-    return netns.run_in(ns.path, fn, *args, **kwargs)
-
-
 def test_setup_writes_one_element_per_address_with_owner_comment(node):
-    in_node(node, setup_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24", "fd00::5/64"])
+    node.run_in(setup_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24", "fd00::5/64"])
     elems = elements(node)
     assert set(elems) == {"10.88.0.5", "fd00::5"}
     comment, target = elems["10.88.0.5"]
@@ -72,90 +51,89 @@ def test_setup_writes_one_element_per_address_with_owner_comment(node):
     assert {"masquerade": None} in v4
     assert any(s.get("match", {}).get("op") == "!=" and s["match"]["right"] == {"prefix": {"addr": "10.88.0.0", "len": 24}}
                for s in v4)
-    in_node(node, check_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24", "fd00::5/64"])
+    node.run_in(check_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24", "fd00::5/64"])
 
 
 def test_setup_is_idempotent_and_follows_a_changed_address(node):
-    in_node(node, setup_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24"])
-    in_node(node, setup_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24"])
+    node.run_in(setup_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24"])
+    node.run_in(setup_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24"])
     assert set(elements(node)) == {"10.88.0.5"}
-    in_node(node, setup_masq, "net1", "ctr-a", "eth0", ["10.89.0.7/16"])
+    node.run_in(setup_masq, "net1", "ctr-a", "eth0", ["10.89.0.7/16"])
     assert set(elements(node)) == {"10.89.0.7"}
     chains = {o["chain"]["name"] for o in ruleset(node) if "chain" in o}
     assert "net4_0a580000_24" not in chains and "net4_0a590000_16" in chains
 
 
 def test_rule_count_does_not_grow_with_pods(node):
-    in_node(node, setup_masq, "net1", "ctr-0", "eth0", ["10.88.0.10/24"])
+    node.run_in(setup_masq, "net1", "ctr-0", "eth0", ["10.88.0.10/24"])
     one = len(rules(node))
     for i in range(1, 10):
-        in_node(node, setup_masq, "net1", f"ctr-{i}", "eth0", [f"10.88.0.{10 + i}/24"])
+        node.run_in(setup_masq, "net1", f"ctr-{i}", "eth0", [f"10.88.0.{10 + i}/24"])
     assert len(elements(node)) == 10
     assert len(rules(node)) == one
 
 
 def test_teardown_removes_only_that_attachment(node):
-    in_node(node, setup_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24", "fd00::5/64"])
-    in_node(node, setup_masq, "net1", "ctr-b", "eth0", ["10.88.0.6/24"])
-    in_node(node, setup_masq, "net1", "ctr-a", "net1", ["10.88.0.7/24"])  # same container, other interface
-    in_node(node, setup_masq, "net2", "ctr-a", "eth0", ["10.99.0.5/24"])  # same container, other network
+    node.run_in(setup_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24", "fd00::5/64"])
+    node.run_in(setup_masq, "net1", "ctr-b", "eth0", ["10.88.0.6/24"])
+    node.run_in(setup_masq, "net1", "ctr-a", "net1", ["10.88.0.7/24"])  # same container, other interface
+    node.run_in(setup_masq, "net2", "ctr-a", "eth0", ["10.99.0.5/24"])  # same container, other network
 
-    in_node(node, teardown_masq, "net1", "ctr-a", "eth0")  # found by owner, not by address
+    node.run_in(teardown_masq, "net1", "ctr-a", "eth0")  # found by owner, not by address
     assert set(elements(node)) == {"10.88.0.6", "10.88.0.7", "10.99.0.5"}
-    in_node(node, teardown_masq, "net1", "ctr-b", "eth0")
+    node.run_in(teardown_masq, "net1", "ctr-b", "eth0")
     assert set(elements(node)) == {"10.88.0.7", "10.99.0.5"}
-    in_node(node, check_masq, "net2", "ctr-a", "eth0", ["10.99.0.5/24"])
+    node.run_in(check_masq, "net2", "ctr-a", "eth0", ["10.99.0.5/24"])
     with pytest.raises(CNIError, match="no masquerade entry"):
-        in_node(node, check_masq, "net1", "ctr-b", "eth0", ["10.88.0.6/24"])
+        node.run_in(check_masq, "net1", "ctr-b", "eth0", ["10.88.0.6/24"])
 
     # Idempotent: a second DEL, and a DEL of something never added, succeed and change nothing.
     before = ruleset(node)
-    in_node(node, teardown_masq, "net1", "ctr-a", "eth0")
-    in_node(node, teardown_masq, "net9", "nobody", "eth0")
+    node.run_in(teardown_masq, "net1", "ctr-a", "eth0")
+    node.run_in(teardown_masq, "net9", "nobody", "eth0")
     assert ruleset(node) == before
 
-    in_node(node, teardown_masq, "net1", "ctr-a", "net1")
-    in_node(node, teardown_masq, "net2", "ctr-a", "eth0")
+    node.run_in(teardown_masq, "net1", "ctr-a", "net1")
+    node.run_in(teardown_masq, "net2", "ctr-a", "eth0")
     assert ruleset(node) == []  # the last pod leaves no table behind
 
 
 def test_teardown_in_a_namespace_without_the_table_succeeds(node):
-    in_node(node, teardown_masq, "net1", "ctr-a", "eth0")
-    in_node(node, gc_masq, "net1", [])
+    node.run_in(teardown_masq, "net1", "ctr-a", "eth0")
+    node.run_in(gc_masq, "net1", [])
     assert ruleset(node) == []
 
 
 def test_a_reused_address_belongs_to_its_newest_owner(node):
     # ADD A, ADD B with the same address (A's DEL was lost), then A's late DEL: B keeps masquerading.
-    in_node(node, setup_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24"])
-    in_node(node, setup_masq, "net1", "ctr-b", "eth0", ["10.88.0.5/24"])
+    node.run_in(setup_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24"])
+    node.run_in(setup_masq, "net1", "ctr-b", "eth0", ["10.88.0.5/24"])
     with pytest.raises(CNIError, match="another attachment"):
-        in_node(node, check_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24"])
-    in_node(node, teardown_masq, "net1", "ctr-a", "eth0")
+        node.run_in(check_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24"])
+    node.run_in(teardown_masq, "net1", "ctr-a", "eth0")
     assert elements(node)["10.88.0.5"][0].split()[1:] == ["net1", "ctr-b", "eth0"]
-    in_node(node, check_masq, "net1", "ctr-b", "eth0", ["10.88.0.5/24"])
+    node.run_in(check_masq, "net1", "ctr-b", "eth0", ["10.88.0.5/24"])
 
 
 def test_gc_keeps_only_valid_attachments_of_that_network(node):
     for cid, ifname, addr in [("a", "eth0", "10.88.0.2/24"), ("b", "eth0", "10.88.0.3/24"),
                               ("b", "net1", "10.88.0.4/24"), ("c", "eth0", "10.88.0.5/24")]:
-        in_node(node, setup_masq, "net1", cid, ifname, [addr])
-    in_node(node, setup_masq, "net2", "z", "eth0", ["10.77.0.2/24"])
-    in_node(node, gc_masq, "net1", [("b", "eth0"), ("c", "eth0"), ("z", "eth0")])
+        node.run_in(setup_masq, "net1", cid, ifname, [addr])
+    node.run_in(setup_masq, "net2", "z", "eth0", ["10.77.0.2/24"])
+    node.run_in(gc_masq, "net1", [("b", "eth0"), ("c", "eth0"), ("z", "eth0")])
     assert set(elements(node)) == {"10.88.0.3", "10.88.0.5", "10.77.0.2"}
-    in_node(node, gc_masq, "net1", [])
+    node.run_in(gc_masq, "net1", [])
     assert set(elements(node)) == {"10.77.0.2"}
     assert {o["chain"]["name"] for o in ruleset(node) if "chain" in o} == {"postrouting", "net4_0a4d0000_24"}
 
 
 def test_check_reports_a_removed_subnet_rule(node):
-    in_node(node, setup_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24"])
-    subprocess.run(["ip", "netns", "exec", node.name, "nft", "flush", "chain", "inet", TABLE, "net4_0a580000_24"],
-                   check=True, timeout=30)
+    node.run_in(setup_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24"])
+    node.exec("nft", "flush", "chain", "inet", TABLE, "net4_0a580000_24")
     with pytest.raises(CNIError, match="does not masquerade"):
-        in_node(node, check_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24"])
-    in_node(node, setup_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24"])  # ADD again repairs it
-    in_node(node, check_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24"])
+        node.run_in(check_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24"])
+    node.run_in(setup_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24"])  # ADD again repairs it
+    node.run_in(check_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24"])
 
 
 INJECTIONS = [
@@ -175,21 +153,21 @@ INJECTIONS = [
 
 @pytest.mark.parametrize("backend", ["nftables", "iptables"])
 def test_injection_attempts_are_rejected_and_change_nothing(node, backend):
-    in_node(node, setup_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24"], backend)
+    node.run_in(setup_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24"], backend)
     before = ruleset(node)
     for network, cid, ifname, code in INJECTIONS:
         for call in (lambda: setup_masq(network, cid, ifname, ["10.88.0.9/24"], backend),
                      lambda: teardown_masq(network, cid, ifname, backend),
                      lambda: check_masq(network, cid, ifname, ["10.88.0.9/24"], backend)):
             with pytest.raises(CNIError) as info:
-                in_node(node, call)
+                node.run_in(call)
             assert info.value.code == code, (network, cid, ifname, info.value)
     for bad in (["10.88.0.9/24 } ; flush ruleset"], ["10.88.0.9/24\n"], ["fe80::1%eth0/64"], "10.88.0.9/24"):
         with pytest.raises(CNIError) as info:
-            in_node(node, setup_masq, "net1", "ctr-b", "eth0", bad, backend)
+            node.run_in(setup_masq, "net1", "ctr-b", "eth0", bad, backend)
         assert info.value.code == 7
     with pytest.raises(CNIError) as info:
-        in_node(node, gc_masq, "net1; flush ruleset", [], backend)
+        node.run_in(gc_masq, "net1; flush ruleset", [], backend)
     assert info.value.code == 7
     assert ruleset(node) == before
 
@@ -200,27 +178,27 @@ def test_unknown_backend_is_a_config_error(node):
                  lambda: check_masq("net1", "c", "eth0", ["10.88.0.5/24"], "ebtables"),
                  lambda: gc_masq("net1", [], "ebtables")):
         with pytest.raises(CNIError) as info:
-            in_node(node, call)
+            node.run_in(call)
         assert info.value.code == 7 and "backend" in info.value.msg
     assert ruleset(node) == []
 
 
-def test_namespaces_are_independent():
-    with netns.temporary("pt") as a, netns.temporary("pt") as b:
-        in_node(a, setup_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24"])
-        assert ruleset(b) == []
-        in_node(b, teardown_masq, "net1", "ctr-a", "eth0")
-        assert set(elements(a)) == {"10.88.0.5"}
+def test_namespaces_are_independent(make_node):
+    a, b = make_node(), make_node()
+    a.run_in(setup_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24"])
+    assert ruleset(b) == []
+    b.run_in(teardown_masq, "net1", "ctr-a", "eth0")
+    assert set(elements(a)) == {"10.88.0.5"}
 
 
 def test_concurrent_adds_and_dels_leave_consistent_state(node):
     from concurrent.futures import ThreadPoolExecutor
 
     def add(i):
-        in_node(node, setup_masq, "net1", f"ctr-{i}", "eth0", [f"10.{80 + i % 3}.0.{10 + i}/24"])
+        node.run_in(setup_masq, "net1", f"ctr-{i}", "eth0", [f"10.{80 + i % 3}.0.{10 + i}/24"])
 
     def delete(i):
-        in_node(node, teardown_masq, "net1", f"ctr-{i}", "eth0")
+        node.run_in(teardown_masq, "net1", f"ctr-{i}", "eth0")
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(add, range(16)))

@@ -16,75 +16,61 @@ answer otherwise).
 """
 from __future__ import annotations
 
-import os
 import select
 import socket
-import subprocess
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 
 import pytest
 
 import netns
 from cni_plugins.shared.masq import setup_masq, teardown_masq
+from tests.helpers.netenv import ping
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
-]
+pytestmark = pytest.mark.integration
 
 ETH_P_ALL = 0x0003
 
 
-def sh(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(args), capture_output=True, text=True, check=True, timeout=30)
-
-
 @pytest.fixture
-def topology():
-    with ExitStack() as stack:
-        ns = {role: stack.enter_context(netns.temporary("pt")) for role in ("node", "pod", "peer", "outside")}
-        node = ns["node"].name
-
-        def on_node(*args: str) -> None:
-            sh("ip", "-n", node, *args)
-
-        for dev, other in (("vpod", "pod"), ("vpeer", "peer"), ("vout", "outside")):
-            on_node("link", "add", dev, "type", "veth", "peer", "name", "eth0", "netns", ns[other].name)
-        sh("ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
-           "net.ipv4.conf.vpod.proxy_arp=1", "net.ipv4.conf.vpeer.proxy_arp=1",
-           "net.ipv6.conf.vpod.proxy_ndp=1", "net.ipv6.conf.vpeer.proxy_ndp=1",
-           # Answer proxied ARP/NDP at once instead of after a random delay of up to 0.8 s.
-           *(f"net.{v}.neigh.{dev}.proxy_delay=0" for v in ("ipv4", "ipv6") for dev in ("vpod", "vpeer")))
-        sh("ip", "netns", "exec", node, "sysctl", "-qw", *(f"net.ipv6.conf.{dev}.accept_dad=0"
-                                                            for dev in ("vpod", "vpeer", "vout")))
-        for dev in ("lo", "vpod", "vpeer", "vout"):
-            on_node("link", "set", dev, "up")
-        on_node("addr", "add", "10.88.0.1/32", "dev", "vpod")
-        on_node("addr", "add", "fd00::1/128", "dev", "vpod", "nodad")
-        on_node("addr", "add", "10.99.0.1/24", "dev", "vout")
-        on_node("addr", "add", "fd01::1/64", "dev", "vout", "nodad")
-        for dev, pod_end in (("vpod", "5"), ("vpeer", "6")):
-            on_node("route", "add", f"10.88.0.{pod_end}/32", "dev", dev)
-            on_node("-6", "route", "add", f"fd00::{pod_end}/128", "dev", dev)
-        for addr, dev in (("fd00::6", "vpod"), ("fd00::5", "vpeer"), ("fd00::1", "vpeer")):
-            on_node("-6", "neigh", "add", "proxy", addr, "dev", dev)
-        for role, v4, v6 in (("pod", "10.88.0.5/24", "fd00::5/64"), ("peer", "10.88.0.6/24", "fd00::6/64"),
-                             ("outside", "10.99.0.2/24", "fd01::2/64")):
-            name = ns[role].name
-            sh("ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0")
-            sh("ip", "-n", name, "addr", "add", v4, "dev", "eth0")
-            sh("ip", "-n", name, "addr", "add", v6, "dev", "eth0", "nodad")
-            sh("ip", "-n", name, "link", "set", "eth0", "up")
-            sh("ip", "-n", name, "link", "set", "lo", "up")
-        for role in ("pod", "peer"):
-            sh("ip", "-n", ns[role].name, "route", "add", "default", "via", "10.88.0.1", "dev", "eth0")
-            sh("ip", "-n", ns[role].name, "-6", "route", "add", "default", "via", "fd00::1", "dev", "eth0")
-        # Resolve the neighbours once, so that later single pings do not race address resolution.
-        for src, dst in (("pod", "10.88.0.1"), ("pod", "fd00::1"), ("node", "10.99.0.2"), ("node", "fd01::2"),
-                         ("node", "10.88.0.5"), ("node", "fd00::5"), ("node", "10.88.0.6"), ("node", "fd00::6")):
-            assert ping(ns[src], dst), f"test topology broken: {src} cannot reach {dst}"
-        yield ns
+def topology(make_node, make_pod):
+    node = make_node()
+    ns = {"node": node, **{role: make_pod(role) for role in ("pod", "peer", "outside")}}
+    for dev, other in (("vpod", "pod"), ("vpeer", "peer"), ("vout", "outside")):
+        node.ip("link", "add", dev, "type", "veth", "peer", "name", "eth0", "netns", ns[other].name)
+    node.exec("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
+              "net.ipv4.conf.vpod.proxy_arp=1", "net.ipv4.conf.vpeer.proxy_arp=1",
+              "net.ipv6.conf.vpod.proxy_ndp=1", "net.ipv6.conf.vpeer.proxy_ndp=1",
+              # Answer proxied ARP/NDP at once instead of after a random delay of up to 0.8 s.
+              *(f"net.{v}.neigh.{dev}.proxy_delay=0" for v in ("ipv4", "ipv6") for dev in ("vpod", "vpeer")))
+    node.exec("sysctl", "-qw", *(f"net.ipv6.conf.{dev}.accept_dad=0" for dev in ("vpod", "vpeer", "vout")))
+    for dev in ("lo", "vpod", "vpeer", "vout"):
+        node.ip("link", "set", dev, "up")
+    node.ip("addr", "add", "10.88.0.1/32", "dev", "vpod")
+    node.ip("addr", "add", "fd00::1/128", "dev", "vpod", "nodad")
+    node.ip("addr", "add", "10.99.0.1/24", "dev", "vout")
+    node.ip("addr", "add", "fd01::1/64", "dev", "vout", "nodad")
+    for dev, pod_end in (("vpod", "5"), ("vpeer", "6")):
+        node.ip("route", "add", f"10.88.0.{pod_end}/32", "dev", dev)
+        node.ip("-6", "route", "add", f"fd00::{pod_end}/128", "dev", dev)
+    for addr, dev in (("fd00::6", "vpod"), ("fd00::5", "vpeer"), ("fd00::1", "vpeer")):
+        node.ip("-6", "neigh", "add", "proxy", addr, "dev", dev)
+    for role, v4, v6 in (("pod", "10.88.0.5/24", "fd00::5/64"), ("peer", "10.88.0.6/24", "fd00::6/64"),
+                         ("outside", "10.99.0.2/24", "fd01::2/64")):
+        pod = ns[role]
+        pod.exec("sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0")
+        pod.ip("addr", "add", v4, "dev", "eth0")
+        pod.ip("addr", "add", v6, "dev", "eth0", "nodad")
+        pod.ip("link", "set", "eth0", "up")
+        pod.ip("link", "set", "lo", "up")
+    for role in ("pod", "peer"):
+        ns[role].ip("route", "add", "default", "via", "10.88.0.1", "dev", "eth0")
+        ns[role].ip("-6", "route", "add", "default", "via", "fd00::1", "dev", "eth0")
+    # Resolve the neighbours once, so that later single pings do not race address resolution.
+    for src, dst in (("pod", "10.88.0.1"), ("pod", "fd00::1"), ("node", "10.99.0.2"), ("node", "fd01::2"),
+                     ("node", "10.88.0.5"), ("node", "fd00::5"), ("node", "10.88.0.6"), ("node", "fd00::6")):
+        assert ping(ns[src], dst), f"test topology broken: {src} cannot reach {dst}"
+    return ns
 
 
 @contextmanager
@@ -119,12 +105,6 @@ def capture(ns, ifname: str):
         yield echo_requests
     finally:
         sock.close()
-
-
-def ping(ns, dst: str, wait: float = 2) -> bool:
-    proc = subprocess.run(["ip", "netns", "exec", ns.name, "ping", "-c", "1", "-W", str(wait), dst],
-                          capture_output=True, text=True, timeout=30)
-    return proc.returncode == 0
 
 
 PLAN = [  # pod address, peer (same subnet), outside, node address on the outside link

@@ -6,30 +6,18 @@ finally); the root namespace is only read.
 from __future__ import annotations
 
 import os
-import subprocess
 import threading
 
 import pytest
 
 import netns
+from tests.helpers.netenv import netns_list, sh
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
-]
+pytestmark = pytest.mark.integration
 
 
 def _unique(prefix: str) -> str:
     return f"{prefix}-{os.urandom(4).hex()}"
-
-
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
-
-
-def _ip_netns_list() -> list[str]:
-    # Lines look like "name" or "name (id: 3)".
-    return [line.split()[0] for line in _ip("netns", "list").stdout.splitlines() if line.strip()]
 
 
 def _ns_inode(path: str) -> int:
@@ -45,18 +33,9 @@ def stays_in_root_namespace():
 
 
 @pytest.fixture
-def make_ns():
-    created: list[str] = []
-
-    def make(prefix: str = "pt") -> str:
-        name = _unique(prefix)
-        netns.create(name)
-        created.append(name)
-        return name
-
-    yield make
-    for name in created:
-        netns.delete(name)
+def make_ns(make_pod):
+    """make_ns() -> the name of a fresh namespace (made with netns.create), removed after the test."""
+    return lambda: make_pod("ns").name
 
 
 def test_create_list_exists_and_ip_netns_sees_it(make_ns):
@@ -67,14 +46,14 @@ def test_create_list_exists_and_ip_netns_sees_it(make_ns):
     assert name in netns.list_names()
     assert netns.list_names() == sorted(netns.list_names())
     assert netns.is_netns(path)
-    assert name in _ip_netns_list()
+    assert name in netns_list()
     # A fresh namespace, not a second name for ours.
     assert _ns_inode(path) != _ns_inode(netns.current_path())
 
 
 def test_ip_netns_exec_works_and_loopback_is_down(make_ns):
     name = make_ns()
-    out = _ip("netns", "exec", name, "ip", "-o", "link").stdout
+    out = sh("ip", "netns", "exec", name, "ip", "-o", "link").stdout
     lines = out.splitlines()
     assert len(lines) == 1 and ": lo:" in lines[0]
     assert "state DOWN" in lines[0]
@@ -113,11 +92,11 @@ def test_enter_switches_and_pyroute2_works_inside(make_ns):
         with IPRoute() as ipr:
             ipr.link("add", ifname=veth, kind="veth", peer=peer)
             assert ipr.link_lookup(ifname=veth)
-    inside = _ip("-n", name, "-o", "link").stdout
+    inside = sh("ip", "-n", name, "-o", "link").stdout
     assert veth in inside and peer in inside
     # Only read the root namespace: the pair must not be there.
-    assert _ip("link", "show", "dev", veth, check=False).returncode != 0
-    assert _ip("link", "show", "dev", peer, check=False).returncode != 0
+    assert sh("ip", "link", "show", "dev", veth, check=False).returncode != 0
+    assert sh("ip", "link", "show", "dev", peer, check=False).returncode != 0
 
 
 def test_enter_comes_back_after_exception(make_ns):
@@ -145,7 +124,7 @@ def test_threads_enter_different_namespaces_concurrently(make_ns):
     markers = {}
     for name in names:
         marker = f"ptm{os.urandom(3).hex()}"
-        _ip("-n", name, "link", "add", marker, "type", "veth", "peer", "name", marker + "p")
+        sh("ip", "-n", name, "link", "add", marker, "type", "veth", "peer", "name", marker + "p")
         markers[name] = marker
     root = _ns_inode(netns.current_path())
     all_inside = threading.Barrier(len(names) + 1, timeout=20)
@@ -201,7 +180,7 @@ def test_delete_is_idempotent():
     path = netns.create(name)
     netns.delete(name)
     assert not netns.exists(name)
-    assert name not in _ip_netns_list()
+    assert name not in netns_list()
     netns.delete(name)
     netns.delete(path)  # by absolute path, too
 
@@ -226,11 +205,11 @@ def test_temporary_cleans_up_even_when_body_raises():
             assert ns.name.startswith("pt-") and len(ns.name) == len("pt-") + 8
             assert ns.path == netns.path_of(ns.name)
             assert os.fspath(ns) == ns.path
-            assert ns.name in _ip_netns_list()
+            assert ns.name in netns_list()
             assert ns.run(lambda: _ns_inode(netns.current_path())) == _ns_inode(ns.path)
             raise RuntimeError("boom")
     assert not netns.exists(kept.name)
-    assert kept.name not in _ip_netns_list()
+    assert kept.name not in netns_list()
 
 
 def test_temporary_names_are_unique():

@@ -1,0 +1,71 @@
+"""Markers, the root check, and the shared fixtures (see tests/helpers).
+
+Markers (also listed in setup.cfg):
+  integration  needs root and network namespaces
+  e2e          drives real runtimes
+  multinode    several node namespaces / agents
+  etcd         starts etcd
+Tests carrying any of them are skipped, with the reason, when not run as root,
+so test files need no `skipif(os.geteuid() != 0)` of their own.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Iterator
+
+import pytest
+
+from tests.helpers.netenv import Node, Pod, temporary_node, temporary_pod
+from tests.helpers.plugins import launchers
+
+MARKERS = {
+    "integration": "needs root and network namespaces",
+    "e2e": "drives real runtimes",
+    "multinode": "several node namespaces / agents",
+    "etcd": "starts etcd",
+}
+NEEDS_ROOT = ("integration", "e2e", "multinode", "etcd")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, meaning in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {meaning}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0:
+        return
+    for item in items:
+        needs = [name for name in NEEDS_ROOT if item.get_closest_marker(name)]
+        if needs:
+            item.add_marker(pytest.mark.skip(
+                reason=f"marked {', '.join(needs)}: needs root to create network namespaces"))
+
+
+@pytest.fixture(scope="session")
+def launcher_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A CNI bin dir with an executable for each of our plugins, as `pycni install` writes them."""
+    return launchers(tmp_path_factory)
+
+
+@pytest.fixture
+def make_node(tmp_path) -> Iterator[Callable[..., Node]]:
+    """make_node(tag="node", cni_path=REFERENCE_DIR) -> a fresh Node; all of them (and their pods)
+    are deleted when the test ends, also when it fails."""
+    with contextlib.ExitStack() as stack:
+        yield lambda tag="node", **kwargs: stack.enter_context(temporary_node(tag, root=tmp_path, **kwargs))
+
+
+@pytest.fixture
+def make_pod() -> Iterator[Callable[..., Pod]]:
+    """make_pod(tag="pod") -> a fresh Pod not tied to a node; deleted when the test ends."""
+    with contextlib.ExitStack() as stack:
+        yield lambda tag="pod": stack.enter_context(temporary_pod(tag))
+
+
+@pytest.fixture
+def node(make_node) -> Node:
+    """One node namespace with its directories."""
+    return make_node()
+
