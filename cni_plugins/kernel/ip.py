@@ -84,6 +84,8 @@ class Link:
     oper_state: str
     flags: int
     promiscuity: int
+    alias: str = ""      # IFLA_IFALIAS (bandwidth marks its ifb devices with it)
+    txqlen: int = 0
 
     @property
     def is_up(self) -> bool:
@@ -108,6 +110,8 @@ def _link_from_msg(msg: Any) -> Link:
         oper_state=msg.get_attr("IFLA_OPERSTATE") or "UNKNOWN",
         flags=msg["flags"],
         promiscuity=msg.get_attr("IFLA_PROMISCUITY") or 0,
+        alias=msg.get_attr("IFLA_IFALIAS") or "",
+        txqlen=msg.get_attr("IFLA_TXQLEN") or 0,
     )
 
 
@@ -454,3 +458,10 @@ def wait_oper_up(ipr: Any, name: str, delays_ms: Iterable[int] = PORT_UP_DELAYS_
     state = link.oper_state if link else "missing"
     raise CNIError(ERR_INTERNAL, f"bridge port in error state: {state}",
                    f"host veth {name} did not come up; is the container end up?")
+
+
+# ---- listing links (added for kernel/tc.py and the bandwidth plugin, issue 9) ----
+
+def list_links(ipr: Any) -> list[Link]:
+    """Every link of the calling thread's network namespace."""
+    return [_link_from_msg(msg) for msg in ipr.get_links()]

@@ -11,6 +11,12 @@ same qdiscs for the same configuration.
 Units: rates in bytes per second, buffers in psched ticks, limits in bytes,
 as the kernel takes them. ``TokenBucket.from_bits`` converts the CNI options
 (bits per second, bits) with the reference plugin's arithmetic.
+
+Links (the ifb devices included) are ``kernel.ip.Link``s, looked up with
+``ip.find_link`` / ``ip.link_by_index`` (None when missing), like everywhere
+else. As in ``kernel.ip``, pyroute2 is loaded when a message is first built or
+a device created, not when this module is imported: a bandwidth ADD with no
+limits configured validates, passes prevResult through and never needs it.
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterable
+
+from cni_plugins.kernel import ip
 from cni_plugins.kernel import netlink as _netlink  # noqa: F401  (before any pyroute2 import: skips its package __init__)
 
 TC_H_ROOT = 0xFFFFFFFF
@@ -122,7 +130,7 @@ NLMSG_ERROR = 2
 def _tc_request(msg_type: int, flags: int, index: int, handle: int, parent: int,
                 attrs: list[list[Any]], what: str, info: int = 0) -> None:
     """Send one tc request on a fresh rtnetlink socket and wait for its ack."""
-    from pyroute2.netlink.rtnl.tcmsg import tcmsg
+    from pyroute2.netlink.rtnl.tcmsg import tcmsg  # on first use, as the module docstring says
 
     msg = tcmsg()
     msg["index"], msg["handle"], msg["parent"], msg["info"] = index, handle, parent, info
@@ -355,74 +363,22 @@ def list_u32_filters(ipr: Any, index: int, parent: int) -> list[U32Filter]:
 
 # ---- ifb devices --------------------------------------------------------------------
 
-@dataclass
-class Link:
-    index: int
-    name: str
-    kind: str
-    mac: str
-    mtu: int
-    alias: str
-    peer_index: int  # IFLA_LINK: for a veth, its peer's ifindex
-    txqlen: int = 0
-
-
-def _link(msg: Any) -> Link:
-    info = msg.get_attr("IFLA_LINKINFO")
-    return Link(index=msg["index"], name=msg.get_attr("IFLA_IFNAME"),
-                kind=(info.get_attr("IFLA_INFO_KIND") if info is not None else "") or "",
-                mac=msg.get_attr("IFLA_ADDRESS") or "", mtu=msg.get_attr("IFLA_MTU") or 0,
-                alias=msg.get_attr("IFLA_IFALIAS") or "", peer_index=msg.get_attr("IFLA_LINK") or 0,
-                txqlen=msg.get_attr("IFLA_TXQLEN") or 0)
-
-
-def get_link(ipr: Any, name: str | None = None, index: int | None = None) -> Link | None:
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    try:
-        if index is not None:
-            msgs = ipr.get_links(index)
-        else:
-            msgs = ipr.get_links(ifname=name)
-    except NetlinkError as exc:
-        if exc.code in (errno.ENODEV, errno.ENOENT):
-            return None
-        raise
-    msgs = list(msgs)
-    return _link(msgs[0]) if msgs else None
-
-
-def list_links(ipr: Any) -> list[Link]:
-    return [_link(m) for m in ipr.get_links()]
-
-
-def create_ifb(ipr: Any, name: str, mtu: int, alias: str, txqlen: int = 0) -> Link:
-    """An ifb device, up, with the given MTU and alias.
+def create_ifb(ipr: Any, name: str, mtu: int, alias: str, txqlen: int = 0) -> ip.Link:
+    """An ifb device, up, with the given MTU and alias; TcError when the kernel refuses.
 
     txqueuelen 0 is what the reference sets; tbf brings its own queue, but the
     default leaf queues of an htb size themselves from it.
     """
-    ipr.link("add", ifname=name, kind="ifb", mtu=mtu, txqlen=txqlen, state="up")
-    link = get_link(ipr, name=name)
-    if link is None:
-        raise TcError(f"create ifb {name}", errno.ENODEV)
-    if alias:
-        ipr.link("set", index=link.index, ifalias=alias)
-        link.alias = alias
-    return link
+    from pyroute2.netlink.exceptions import NetlinkError  # on first use, as the module docstring says
 
-
-def delete_link(ipr: Any, name: str) -> bool:
-    """Delete a device by name; False when it did not exist."""
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    link = get_link(ipr, name=name)
-    if link is None:
-        return False
     try:
-        ipr.link("del", index=link.index)
+        ipr.link("add", ifname=name, kind="ifb", mtu=mtu, txqlen=txqlen, state="up")
+        link = ip.find_link(ipr, name)
+        if link is None:
+            raise TcError(f"create ifb {name}", errno.ENODEV)
+        if alias:
+            ipr.link("set", index=link.index, ifalias=alias)
+            link.alias = alias
     except NetlinkError as exc:
-        if exc.code in (errno.ENODEV, errno.ENOENT):
-            return False
-        raise
-    return True
+        raise TcError(f"create ifb {name}", exc.code) from None
+    return link

@@ -3,12 +3,14 @@
 ADD brings it up and reports it (or passes a chained prevResult through),
 DEL brings it down (a namespace that is gone is success), CHECK verifies
 that it is up. The configured interface name is ignored: this plugin only
-ever works on `lo`.
+ever works on `lo`. It flips flags with an ioctl (kernel.ifioctl), never netlink:
+no pyroute2 on this path.
 """
 from __future__ import annotations
 
-from cni_plugins.spec.errors import ERR_INTERNAL, CNIError
+from cni_plugins.kernel import ifioctl
 from cni_plugins.kernel.nsutil import in_netns, netns_gone
+from cni_plugins.spec.errors import ERR_INTERNAL, CNIError
 from cni_plugins.spec.skel import CmdArgs, prev_result
 from cni_plugins.spec.types import Interface, IPConfig, Result
 
@@ -16,8 +18,6 @@ LOOPBACK = "lo"
 
 
 def _bring_up() -> tuple[str | None, str | None]:
-    from cni_plugins.kernel import ifioctl
-
     ifioctl.set_up(LOOPBACK)
     v4 = ifioctl.ipv4_address(LOOPBACK)
     v6 = ifioctl.ipv6_addresses(LOOPBACK)
@@ -42,8 +42,6 @@ def cmd_add(req: CmdArgs) -> Result:
 
 
 def _bring_down() -> None:
-    from cni_plugins.kernel import ifioctl
-
     ifioctl.set_up(LOOPBACK, up=False)
 
 
@@ -55,8 +53,6 @@ def cmd_del(req: CmdArgs) -> None:
 
 
 def _check_up() -> None:
-    from cni_plugins.kernel import ifioctl
-
     if not ifioctl.is_up(LOOPBACK):
         raise CNIError(ERR_INTERNAL, "loopback interface is down", "run ADD again or bring lo up in the container")
 

@@ -15,13 +15,14 @@ Every value reaches iptables as its own argument (no shell, no restore file).
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 
 from cni_plugins.kernel import iptables
+from cni_plugins.kernel.names import hashed_name
+from cni_plugins.portmap.config import ContainerAddress, PortMapConfig, Targets
+from cni_plugins.portmap.owner import Owner
 from cni_plugins.spec.errors import ERR_INTERNAL, CNIError
-from cni_plugins.portmap.plugin import Owner, PortMapConfig, Targets
 
 TOPLEVEL_DNAT = "CNI-HOSTPORT-DNAT"
 SETMARK = "CNI-HOSTPORT-SETMARK"
@@ -31,7 +32,7 @@ _COMMENT = re.compile(r'^dnat name: "(?P<name>[^"]*)" id: "(?P<id>[^"]*)"$')
 
 def dnat_chain_name(network: str, container_id: str) -> str:
     """CNI-DN- followed by the SHA-512 of name+ID, 28 characters in all (the reference's name)."""
-    return ("CNI-DN-" + hashlib.sha512((network + container_id).encode()).hexdigest())[:28]
+    return hashed_name("CNI-DN-", network + container_id, 28)
 
 
 def _comment(network: str, container_id: str) -> str:
@@ -153,7 +154,8 @@ def dnat_chain(network: str, container_id: str) -> Chain:
     return Chain(dnat_chain_name(network, container_id), entry_chains=(TOPLEVEL_DNAT,), prepend_entry=True)
 
 
-def _fill_dnat_chain(chain: Chain, cfg: PortMapConfig, owner: Owner, family: int, target) -> None:
+def _fill_dnat_chain(chain: Chain, cfg: PortMapConfig, owner: Owner, family: int,
+                     target: ContainerAddress) -> None:
     # Like the reference, the entry rules list every mapped port (a port whose hostIP is of
     # the other family just finds no rule in the container's chain).
     by_proto: dict[str, list[int]] = {}
@@ -180,7 +182,7 @@ def _fill_dnat_chain(chain: Chain, cfg: PortMapConfig, owner: Owner, family: int
         chain.rules.append([*base, "-j", "DNAT", "--to-destination", dest])
 
 
-def _container_chain(cfg: PortMapConfig, owner: Owner, family: int, target) -> Chain:
+def _container_chain(cfg: PortMapConfig, owner: Owner, family: int, target: ContainerAddress) -> Chain:
     chain = dnat_chain(owner.network, owner.container_id)
     _fill_dnat_chain(chain, cfg, owner, family, target)
     return chain

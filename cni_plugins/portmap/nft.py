@@ -18,22 +18,22 @@ only while it still belongs to the container being deleted.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
-import hashlib
 import re
-import socket
-import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, ContextManager
 
 from cni_plugins.kernel import nft
-from cni_plugins.spec.errors import ERR_INTERNAL, ERR_TRY_AGAIN, CNIError
-from cni_plugins.portmap.plugin import Owner, PortMapConfig, Targets
+from cni_plugins.kernel.locks import netns_lock
+from cni_plugins.kernel.names import short_hash
+from cni_plugins.portmap.config import PortMapConfig, Targets
+from cni_plugins.portmap.owner import Owner
+from cni_plugins.spec.errors import ERR_INTERNAL, CNIError
 
 FAMILY = "inet"
 TABLE = "pycni_portmap"
-LOCK_NAME = "\0pycni-portmap-nft-lock"
+# An abstract socket name: scoped to the network namespace (the table is per namespace),
+# released when its holder dies, no file left behind.
+LOCK_NAME = "pycni-portmap-nft-lock"
 LOCK_TIMEOUT = 30.0
 BASE_CHAINS = (("prerouting", "prerouting", "dstnat", "dnat"), ("output", "output", "-100", "dnat"),
                ("postrouting", "postrouting", "srcnat", "masq"))
@@ -42,7 +42,7 @@ _KEY_PART = re.compile(r"^[0-9A-Za-z:./\-]+$")
 
 
 def network_hash(network: str) -> str:
-    return hashlib.sha256(network.encode()).hexdigest()[:12]
+    return short_hash(network, 12)
 
 
 @dataclass(frozen=True)
@@ -250,7 +250,7 @@ def _drop_network(state: TableState, names: Names) -> list[str]:
     return lines
 
 
-def _remove_owners(network: str, doomed_of: Any) -> None:
+def _remove_owners(network: str, doomed_of: Callable[[str], bool]) -> None:
     """Under the lock: delete the elements whose owner key ``doomed_of(key)`` is true."""
     names = Names(network_hash(network))
     with table_lock():
@@ -323,27 +323,6 @@ def check(cfg: PortMapConfig, owner: Owner, targets: Targets) -> None:
 
 # ---- locking -------------------------------------------------------------------
 
-@contextlib.contextmanager
-def table_lock() -> Iterator[None]:
-    """A lock per network namespace (the table is per namespace), held for one read+write.
-
-    It is an abstract unix socket name: those are scoped to the network namespace the
-    socket is made in, vanish with the process that holds them and leave no files.
-    """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    try:
-        deadline = time.monotonic() + LOCK_TIMEOUT
-        while True:
-            try:
-                sock.bind(LOCK_NAME)
-                break
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    raise
-                if time.monotonic() > deadline:
-                    raise CNIError(ERR_TRY_AGAIN, "timed out waiting for the portmap nftables lock",
-                                   "another portmap call holds it; try again") from None
-                time.sleep(0.005)
-        yield
-    finally:
-        sock.close()
+def table_lock() -> ContextManager[None]:
+    """The per-namespace lock, held for one read of the table and the transaction that follows."""
+    return netns_lock(LOCK_NAME, "the portmap nftables lock", LOCK_TIMEOUT)

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 import netns
+from cni_plugins.bandwidth.shaping import ifb_name
 
 REFERENCE = "/usr/lib/cni"
 NETWORK = "bwnet"
@@ -337,8 +338,6 @@ def test_add_twice_replaces(make_node, ours):
 
 
 def test_failed_add_leaves_nothing_behind(make_node, ours):
-    from cni_plugins.bandwidth.plugin import ifb_name
-
     node = make_node()
     pod = node.attach("ctr-fail")
     squatter = ifb_name(NETWORK, "ctr-fail")

@@ -8,8 +8,9 @@ import sys
 import pytest
 
 from cni_plugins import bandwidth as bandwidth_pkg
-from cni_plugins.bandwidth import plugin as bw
-from cni_plugins.kernel import tc
+from cni_plugins.bandwidth import config as bw
+from cni_plugins.bandwidth import shaping
+from cni_plugins.kernel import ip, tc
 from cni_plugins.spec.errors import CNIError
 from cni_plugins.spec.skel import dispatch
 
@@ -103,16 +104,16 @@ def test_subnets_pick_the_mode():
 
 def test_ifb_name_matches_reference():
     # produced by /usr/lib/cni/bandwidth for network "bwnet", container "ctra"
-    assert bw.ifb_name("bwnet", "ctra") == "bwpd4c1d42945a1"
-    assert len(bw.ifb_name("n" * 100, "c" * 64)) == 15
+    assert shaping.ifb_name("bwnet", "ctra") == "bwpd4c1d42945a1"
+    assert len(shaping.ifb_name("n" * 100, "c" * 64)) == 15
 
 
 def test_ifb_alias_round_trip():
-    alias = bw.ifb_alias("net-1", "abc.123", "eth0")
+    alias = shaping.ifb_alias("net-1", "abc.123", "eth0")
     assert alias == "net-1/abc.123/eth0"
-    assert bw.parse_ifb_alias(alias) == ("net-1", "abc.123", "eth0")
+    assert shaping.parse_ifb_alias(alias) == ("net-1", "abc.123", "eth0")
     for junk in ("", "something else", "a/b", "a//c", "a/b/c/d"):
-        assert bw.parse_ifb_alias(junk) is None
+        assert shaping.parse_ifb_alias(junk) is None
 
 
 # ---- token bucket arithmetic ------------------------------------------------------------
@@ -152,7 +153,7 @@ def test_token_bucket_rejects_what_the_kernel_cannot_take(rate, burst, latency):
 def test_token_bucket_errors_become_code_7():
     entry = bw.parse_bandwidth(conf(ingressRate=7, ingressBurst=100))
     with pytest.raises(CNIError) as info:
-        bw.token_buckets(entry)
+        shaping.token_buckets(entry)
     assert info.value.code == 7
 
 
@@ -209,3 +210,35 @@ def test_version_does_not_import_pyroute2():
             "assert not loaded, loaded\n"
             "assert 'IPRoute' not in vars(sys.modules.get('pyroute2', sys))\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+def test_add_without_limits_loads_no_netlink_code():
+    """The common Kubernetes case (bandwidth chained, pod without limits) must not pay for netlink,
+    tc or hashing: it only reads the configuration and passes prevResult through."""
+    code = ("import json, sys\n"
+            "from cni_plugins.spec.skel import dispatch\n"
+            "from cni_plugins import bandwidth\n"
+            f"env = {_env('ADD')!r}\n"
+            f"out = dispatch(bandwidth.FUNCS, env, json.dumps({conf(prevResult=PREV)!r}).encode())\n"
+            "assert out.exit_code == 0, out\n"
+            "assert 'cni_plugins.bandwidth.plugin' in sys.modules\n"
+            "loaded = [m for m in sys.modules if m.startswith('pyroute2.')]\n"
+            "loaded += [m for m in ('cni_plugins.bandwidth.shaping', 'cni_plugins.kernel.tc', 'hashlib')\n"
+            "           if m in sys.modules]\n"
+            "assert not loaded, loaded\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+def _link(name: str, kind: str, alias: str) -> ip.Link:
+    return ip.Link(name=name, index=7, mac="", mtu=1500, kind=kind, master=0, peer_index=0, oper_state="UP",
+                   flags=0, promiscuity=0, alias=alias)
+
+
+def test_gc_recognises_only_its_own_ifbs():
+    """An ifb is ours when its alias names the network and its name is the hash of network and container."""
+    ours = shaping.ifb_name("net", "c1")
+    assert shaping.is_ifb_of(_link(ours, "ifb", "net/c1/eth0"), "net")
+    assert not shaping.is_ifb_of(_link(ours, "ifb", "other/c1/eth0"), "net")  # another network's alias
+    assert not shaping.is_ifb_of(_link(ours, "veth", "net/c1/eth0"), "net")  # not an ifb
+    assert not shaping.is_ifb_of(_link("bwp0123456789a", "ifb", "net/c1/eth0"), "net")  # name and alias disagree
+    assert not shaping.is_ifb_of(_link(ours, "ifb", ""), "net")

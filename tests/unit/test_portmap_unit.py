@@ -1,14 +1,17 @@
 """portmap: configuration parsing, address choice, ownership and the nftables script."""
 import hashlib
+import json
 import subprocess
 import sys
 
 import pytest
 
-from cni_plugins.kernel import nft
-from cni_plugins.portmap import plugin as portmap
+from cni_plugins.kernel import hostcmd, nft
+from cni_plugins.portmap import config as portmap
+from cni_plugins.portmap import hostside
 from cni_plugins.portmap import ipt as portmap_ipt
 from cni_plugins.portmap import nft as portmap_nft
+from cni_plugins.portmap.owner import Owner
 from cni_plugins.spec.errors import CNIError
 from cni_plugins.spec.types import Result
 
@@ -104,12 +107,12 @@ def test_targets_are_the_first_sandbox_address_per_family():
 
 
 def test_owner_comment_is_keyed_safe_and_short():
-    owner = portmap.Owner("net1", "c" * 200, 'e"t;h}0')
+    owner = Owner("net1", "c" * 200, 'e"t;h}0')
     assert owner.comment.startswith(owner.key + " ")
     assert len(owner.comment) <= 120
     assert all(ch.isalnum() or ch in " _.:/-" for ch in owner.comment)
-    assert portmap.Owner("net1", "a", "eth0").key != portmap.Owner("net1", "a", "eth1").key
-    assert portmap.Owner("net1", "ab", "c").key != portmap.Owner("net1a", "b", "c").key
+    assert Owner("net1", "a", "eth0").key != Owner("net1", "a", "eth1").key
+    assert Owner("net1", "ab", "c").key != Owner("net1a", "b", "c").key
 
 
 def test_nft_network_rules_carry_conditions_mark_and_masquerade():
@@ -163,6 +166,52 @@ def test_nft_listing_is_parsed():
 def test_iptables_chain_name_matches_the_reference_scheme():
     name = portmap_ipt.dnat_chain_name("net1", "ctr")
     assert name == ("CNI-DN-" + hashlib.sha512(b"net1ctr").hexdigest())[:28] and len(name) == 28
+    assert name == "CNI-DN-af904b857e2a422e5919e"
+
+
+def test_nft_names_and_owner_keys_are_stable():
+    """Names that are already in nftables tables on nodes: they must never change."""
+    assert portmap_nft.network_hash("net1") == hashlib.sha256(b"net1").hexdigest()[:12] == "6c270ef2f251"
+    assert Owner("net1", "ctr", "eth0").key == "8092b25ff5cd9930"
+
+
+def _tool_error(**kwargs):
+    return hostcmd.HostToolError("conntrack failed", **kwargs)
+
+
+@pytest.mark.parametrize("error, warnings", [
+    (None, 0),
+    (_tool_error(returncode=1, stderr="0 flow entries have been deleted."), 0),
+    (_tool_error(returncode=2, stderr="bad"), 2),  # one per UDP port, and the next port is tried
+    (_tool_error(missing=True), 1),  # the next port would fare no better
+])
+def test_conntrack_flush_failures_are_request_diagnostics(monkeypatch, error, warnings):
+    calls = []
+
+    def run(argv, stdin=None, timeout=0, alternative=""):
+        calls.append(argv)
+        if error is not None:
+            raise error
+        return ""
+
+    monkeypatch.setattr(hostcmd, "run", run)
+    maps = [{"hostPort": 53, "containerPort": 53, "protocol": "udp"},
+            {"hostPort": 54, "containerPort": 54, "protocol": "udp"},
+            {"hostPort": 80, "containerPort": 80, "protocol": "tcp"}]
+    said = []
+    hostside.flush_udp_conntrack(portmap.parse_config(conf(runtimeConfig={"portMappings": maps})), 4,
+                                       said.append)
+    assert len(said) == warnings
+    assert calls[0] == ["conntrack", "-D", "-f", "ipv4", "-p", "udp", "--orig-port-dst", "53"]
+    assert len(calls) == (1 if error is not None and error.missing else 2)
+
+
+def test_backends_import_the_configuration_not_the_plugin():
+    """No import cycle: each backend stands on portmap.config alone."""
+    code = ("import sys\n"
+            "import cni_plugins.portmap.nft, cni_plugins.portmap.ipt\n"
+            "assert 'cni_plugins.portmap.plugin' not in sys.modules\n")
+    subprocess.run([sys.executable, "-I", "-c", code], check=True, timeout=30)
 
 
 def test_iptables_container_chain_rules():
@@ -170,7 +219,7 @@ def test_iptables_container_chain_rules():
             {"hostPort": 53, "containerPort": 5353, "protocol": "udp", "hostIP": "192.0.2.1"}]
     cfg = portmap.parse_config(conf(backend="iptables", runtimeConfig={"portMappings": maps},
                                     conditionsV4=["-i", "eth0"]))
-    owner = portmap.Owner("net1", "ctr", "eth0")
+    owner = Owner("net1", "ctr", "eth0")
     targets = portmap.container_targets(Result.from_dict(PREV), "eth0")
     chain = portmap_ipt._container_chain(cfg, owner, 4, targets.v4)
     assert chain.entry_rules == [
@@ -194,7 +243,7 @@ def test_multiport_lists_hold_at_most_fifteen_ports():
     maps = [{"hostPort": 1000 + n, "containerPort": 80, "protocol": "tcp"} for n in range(20)]
     cfg = portmap.parse_config(conf(backend="iptables", runtimeConfig={"portMappings": maps}))
     targets = portmap.container_targets(Result.from_dict(PREV), "eth0")
-    chain = portmap_ipt._container_chain(cfg, portmap.Owner("n", "c", "e"), 4, targets.v4)
+    chain = portmap_ipt._container_chain(cfg, Owner("n", "c", "e"), 4, targets.v4)
     assert [len(r[r.index("--destination-ports") + 1].split(",")) for r in chain.entry_rules] == [15, 5]
 
 
@@ -205,7 +254,8 @@ def test_version_loads_no_backend_or_tool_modules():
             "from cni_plugins import portmap\n"
             "out = dispatch(portmap.FUNCS, {'CNI_COMMAND': 'VERSION'}, b'')\n"
             "assert out.exit_code == 0 and '1.1.0' in out.stdout, out\n"
-            "heavy = ('cni_plugins.portmap.nft', 'cni_plugins.portmap.ipt', 'cni_plugins.kernel.nft', 'subprocess',\n"
+            "heavy = ('cni_plugins.portmap.plugin', 'cni_plugins.portmap.config', 'cni_plugins.portmap.hostside',\n"
+            "         'cni_plugins.portmap.nft', 'cni_plugins.portmap.ipt', 'cni_plugins.kernel.nft', 'subprocess',\n"
             "         'logging', 'hashlib', 'ipaddress')\n"
             "loaded = [m for m in heavy if m in sys.modules]\n"
             "assert not loaded, loaded\n")
@@ -231,3 +281,22 @@ def test_nft_read_state_reads_maps_and_tolerates_merged_source_ranges(monkeypatc
     assert state.jumps == {"prerouting": {names.dnat}}
     monkeypatch.setattr(nft, "list_json", lambda *what: None)
     assert portmap_nft.read_state() == portmap_nft.TableState()
+
+
+def test_add_without_mappings_loads_no_backend():
+    """portmap's most common call (a pod without host ports) passes prevResult through without
+    loading the backends, host tools, hashing or subprocess."""
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/var/run/netns/nowhere",
+           "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni"}
+    stdin = json.dumps(conf(runtimeConfig={}, prevResult=PREV)).encode()
+    code = ("import json, sys\n"
+            "from cni_plugins.spec.skel import dispatch\n"
+            "from cni_plugins import portmap\n"
+            f"out = dispatch(portmap.FUNCS, {env!r}, {stdin!r})\n"
+            f"assert out.exit_code == 0 and json.loads(out.stdout)['ips'] == {PREV['ips']!r}, out\n"
+            "assert 'cni_plugins.portmap.plugin' in sys.modules\n"
+            "heavy = ('cni_plugins.portmap.hostside', 'cni_plugins.portmap.nft', 'cni_plugins.portmap.ipt',\n"
+            "         'cni_plugins.portmap.owner', 'subprocess', 'hashlib', 'logging')\n"
+            "loaded = [m for m in heavy if m in sys.modules]\n"
+            "assert not loaded, loaded\n")
+    subprocess.run([sys.executable, "-I", "-c", code], check=True, timeout=30)
