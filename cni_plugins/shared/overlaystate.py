@@ -1,0 +1,221 @@
+"""The node's overlay state file: what the overlay agent leased and built, for the vxlan plugin.
+
+The node agent (``pycni agent`` with a cluster store) writes ``<state-dir>/overlay.json``
+after it has leased the node's pod subnet and created the bridge and the VXLAN
+device; the ``vxlan`` CNI plugin reads it on every ADD to learn the node's subnet,
+gateway, MTU and bridge. It plays the part of flannel's ``/run/flannel/subnet.env``::
+
+    {"network": "10.244.0.0/16", "subnet": "10.244.3.0/24", "gateway": "10.244.3.1",
+     "mtu": 1450, "bridge": "pycni0", "vxlanDevice": "pycni.1", "vni": 1,
+     "port": 8472, "publicIP": "192.168.100.11", "vtepMAC": "0a:..", "nodeName": "n1"}
+
+Written atomically (temp file in the same directory, fsync, rename), mode 0644 in
+a 0755 directory; never read or written through a symlink. Standard library only:
+this module sits on the plugin's cold path.
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import os
+import re
+import stat
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+STATE_FILE = "overlay.json"
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+MAX_STATE_BYTES = 64 * 1024
+DEFAULT_VXLAN_PORT = 8472
+
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,15}$")
+
+
+class OverlayStateError(ValueError):
+    """The state file exists but cannot be read or does not describe a valid overlay."""
+
+
+@dataclass(frozen=True)
+class OverlayState:
+    network: str          # the cluster pod CIDR, e.g. "10.244.0.0/16"
+    subnet: str           # this node's leased pod subnet, e.g. "10.244.3.0/24"
+    gateway: str          # the bridge address in the subnet, e.g. "10.244.3.1"
+    mtu: int              # pod MTU (underlay MTU minus the VXLAN overhead)
+    bridge: str           # the node bridge pods attach to
+    vxlan_device: str     # the node's VXLAN device
+    vni: int
+    public_ip: str        # the node's underlay (VTEP) address
+    vtep_mac: str         # the VXLAN device's MAC
+    port: int = DEFAULT_VXLAN_PORT
+    node_name: str = ""
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        validate_state(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = dict(self.extra)
+        data.update({
+            "network": self.network,
+            "subnet": self.subnet,
+            "gateway": self.gateway,
+            "mtu": self.mtu,
+            "bridge": self.bridge,
+            "vxlanDevice": self.vxlan_device,
+            "vni": self.vni,
+            "port": self.port,
+            "publicIP": self.public_ip,
+            "vtepMAC": self.vtep_mac,
+            "nodeName": self.node_name,
+        })
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "OverlayState":
+        if not isinstance(data, dict):
+            raise OverlayStateError("overlay state must be a JSON object")
+        known = {"network", "subnet", "gateway", "mtu", "bridge", "vxlanDevice", "vni", "port",
+                 "publicIP", "vtepMAC", "nodeName"}
+        missing = [k for k in ("network", "subnet", "gateway", "mtu", "bridge", "vxlanDevice",
+                               "vni", "publicIP", "vtepMAC") if k not in data]
+        if missing:
+            raise OverlayStateError(f"overlay state lacks {', '.join(missing)}")
+        try:
+            return cls(
+                network=data["network"], subnet=data["subnet"], gateway=data["gateway"],
+                mtu=data["mtu"], bridge=data["bridge"], vxlan_device=data["vxlanDevice"],
+                vni=data["vni"], port=data.get("port", DEFAULT_VXLAN_PORT),
+                public_ip=data["publicIP"], vtep_mac=data["vtepMAC"],
+                node_name=data.get("nodeName", ""),
+                extra={k: v for k, v in data.items() if k not in known},
+            )
+        except OverlayStateError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise OverlayStateError(f"invalid overlay state: {exc}") from None
+
+
+def validate_state(state: OverlayState) -> None:
+    """Raise OverlayStateError unless every field is well formed and consistent."""
+    def fail(msg: str) -> None:
+        raise OverlayStateError(f"invalid overlay state: {msg}")
+
+    for name in ("network", "subnet", "gateway", "bridge", "vxlan_device", "public_ip", "vtep_mac",
+                 "node_name"):
+        if not isinstance(getattr(state, name), str):
+            fail(f"{name} must be a string")
+    for name in ("mtu", "vni", "port"):
+        value = getattr(state, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            fail(f"{name} must be an integer")
+    try:
+        network = ipaddress.ip_network(state.network, strict=True)
+        subnet = ipaddress.ip_network(state.subnet, strict=True)
+        gateway = ipaddress.ip_address(state.gateway)
+        ipaddress.ip_address(state.public_ip)
+    except ValueError as exc:
+        fail(str(exc))
+    if subnet.version != network.version or not subnet.subnet_of(network):  # type: ignore[arg-type]
+        fail(f"subnet {subnet} is not inside network {network}")
+    if gateway not in subnet:
+        fail(f"gateway {gateway} is not inside subnet {subnet}")
+    if not 68 <= state.mtu <= 65535:
+        fail(f"mtu {state.mtu} out of range")
+    if not 0 <= state.vni < 1 << 24:
+        fail(f"vni {state.vni} out of range")
+    if not 1 <= state.port <= 65535:
+        fail(f"port {state.port} out of range")
+    for name in ("bridge", "vxlan_device"):
+        if not _IFNAME_RE.match(getattr(state, name)):
+            fail(f"{name} {getattr(state, name)!r} is not a valid interface name")
+    if not _MAC_RE.match(state.vtep_mac):
+        fail(f"vtepMAC {state.vtep_mac!r} is not a lower-case MAC address")
+    if len(state.node_name) > 253 or any(ord(c) < 0x20 for c in state.node_name):
+        fail("nodeName is too long or holds control characters")
+
+
+def state_path(state_dir: str) -> str:
+    return os.path.join(state_dir, STATE_FILE)
+
+
+def _ensure_dir(state_dir: str) -> None:
+    try:
+        os.makedirs(state_dir, mode=DIR_MODE)
+        os.chmod(state_dir, DIR_MODE)  # not narrowed by the umask
+    except FileExistsError:
+        pass
+    info = os.lstat(state_dir)
+    if not stat.S_ISDIR(info.st_mode):
+        raise OverlayStateError(f"state directory {state_dir} is not a directory")
+
+
+def write_state(state_dir: str, state: OverlayState) -> str:
+    """Write the state file atomically; returns its path."""
+    validate_state(state)
+    _ensure_dir(state_dir)
+    path = state_path(state_dir)
+    data = (json.dumps(state.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+    fd, tmp = tempfile.mkstemp(prefix=".overlay-", suffix=".tmp", dir=state_dir)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fchmod(handle.fileno(), FILE_MODE)
+            os.fsync(handle.fileno())
+        # rename replaces a symlink at ``path`` itself rather than writing through it
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:
+        dfd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return path
+
+
+def read_state(state_dir: str) -> Optional[OverlayState]:
+    """The node's overlay state, or None when no agent has written one (yet)."""
+    path = state_path(state_dir)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OverlayStateError(f"{path} is a symlink; refusing to follow it") from None
+        raise OverlayStateError(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OverlayStateError(f"{path} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            raw = handle.read(MAX_STATE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_STATE_BYTES:
+        raise OverlayStateError(f"{path} is larger than {MAX_STATE_BYTES} bytes")
+    try:
+        data = json.loads(raw.decode())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise OverlayStateError(f"{path} is not valid JSON: {exc}") from None
+    return OverlayState.from_dict(data)
+
+
+def remove_state(state_dir: str) -> bool:
+    """Remove the state file; True if it existed."""
+    try:
+        os.unlink(state_path(state_dir))
+        return True
+    except FileNotFoundError:
+        return False
