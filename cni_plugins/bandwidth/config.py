@@ -10,11 +10,17 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from cni_plugins.spec.decode import COMMON, ListOf, Schema
 from cni_plugins.spec.errors import ERR_INVALID_CONFIG, CNIError
 
 DEFAULT_LATENCY_MS = 25.0
 MAX_BURST_BYTES = 0xFFFFFFFF
 ENTRY_KEYS = ("ingressRate", "ingressBurst", "egressRate", "egressBurst", "unshapedSubnets", "shapedSubnets")
+
+_ENTRY = {"ingressRate": int, "ingressBurst": int, "egressRate": int, "egressBurst": int,
+          "unshapedSubnets": ListOf(str), "shapedSubnets": ListOf(str)}
+# The options with their JSON types, decoded by the skeleton (any letter case, null = absent).
+SCHEMA = COMMON.extend(latencyMs=float, runtimeConfig=Schema({"bandwidth": Schema(_ENTRY)}), **_ENTRY)
 
 
 # ---- configuration ------------------------------------------------------------------

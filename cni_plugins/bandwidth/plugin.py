@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from cni_plugins.bandwidth.config import parse_bandwidth, validate_subnets
+from cni_plugins.bandwidth.config import SCHEMA, parse_bandwidth, validate_subnets  # noqa: F401 (SCHEMA: skeleton)
 from cni_plugins.spec.errors import ERR_INTERNAL, ERR_INVALID_CONFIG, CNIError
 from cni_plugins.spec.skel import GC_ATTACHMENT_KEYS, CmdArgs, gc_attachments, prev_result
 from cni_plugins.spec.types import Interface, Result

@@ -10,8 +10,9 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
+from cni_plugins.spec.decode import COMMON, ListOf, Schema
 from cni_plugins.spec.errors import ERR_INVALID_CONFIG, ERR_UNSUPPORTED_FIELD, CNIError
 
 if TYPE_CHECKING:  # only ADD and CHECK, which read prevResult, load the result types
@@ -47,6 +48,16 @@ class PortMapping:
         return not self.host_ip or ipaddress.ip_address(self.host_ip).is_unspecified
 
 
+PORT_MAPPING = Schema({"hostPort": int, "containerPort": int, "protocol": str, "hostIP": str})
+# Every option the reference portmap reads, with its JSON type (decoded by the skeleton: any
+# letter case, as containerd and CRI-O send capability arguments; null = absent; wrong type = 7).
+SCHEMA = COMMON.extend(
+    snat=bool, masqAll=bool, markMasqBit=int, externalSetMarkChain=str, backend=str,
+    conditionsV4=ListOf(str), conditionsV6=ListOf(str),
+    runtimeConfig=Schema({"portMappings": ListOf(PORT_MAPPING)}),
+)
+
+
 @dataclass
 class PortMapConfig:
     network: str
@@ -58,6 +69,8 @@ class PortMapConfig:
     conditions_v4: list[str] = field(default_factory=list)
     conditions_v6: list[str] = field(default_factory=list)
     mappings: list[PortMapping] = field(default_factory=list)
+    mappings_given: bool = False      # the runtime sent port mappings (even ones DEL had to skip)
+    backend_unknown: bool = False     # DEL only: the backend named is none we know; clean both
 
     @property
     def mark(self) -> int:
@@ -102,30 +115,40 @@ def container_targets(result: Result | None, ifname: str) -> Targets:
 
 # ---- parsing -------------------------------------------------------------------
 
-def parse_config(conf: dict) -> PortMapConfig:
-    """Validate the plugin's options; raise CNIError (code 7 or 2) on bad input."""
+def parse_config(conf: dict, warn: Callable[[str], None] | None = None) -> PortMapConfig:
+    """Validate the plugin's options; raise CNIError (code 7 or 2) on bad input.
+
+    With ``warn`` (DEL), nothing that only ADD needs is a reason to fail: a bad
+    mapping is skipped, an unknown backend means "clean both", bad conditions
+    or mark options are ignored; each is reported through ``warn``.
+    """
+    def tolerate(step: Callable[[], Any], fallback: Any) -> Any:
+        if warn is None:
+            return step()
+        try:
+            return step()
+        except CNIError as err:
+            warn(f"portmap: ignoring on DEL: {err}")
+            return fallback
+
     cfg = PortMapConfig(network=conf.get("name", ""))
     cfg.snat = _bool_field(conf, "snat", True)
     cfg.masq_all = _bool_field(conf, "masqAll", False)
-    mark_bit = conf.get("markMasqBit")
-    external = conf.get("externalSetMarkChain")
-    if mark_bit is not None and external is not None:
-        raise invalid_config("Cannot specify externalSetMarkChain and markMasqBit", "use one or the other")
-    if mark_bit is not None:
-        cfg.mark_bit = _int_field(mark_bit, "markMasqBit")
-        if not 0 <= cfg.mark_bit <= 31:
-            raise invalid_config("MasqMarkBit must be between 0 and 31", f"got {cfg.mark_bit}")
-    if external is not None:
-        if not isinstance(external, str) or not _CHAIN_NAME.match(external):
-            raise invalid_config(f"externalSetMarkChain: {external!r} is not a valid iptables chain name",
-                       "use up to 28 letters, digits, '_', '.', '-'")
-        cfg.external_set_mark_chain = external
-    cond4 = _parse_conditions(conf, "conditionsV4")
-    cond6 = _parse_conditions(conf, "conditionsV6")
-    cfg.backend = _choose_backend(conf.get("backend"), external, cond4, cond6)
+    tolerate(lambda: _parse_marks(conf, cfg), None)
+    cond4 = tolerate(lambda: _parse_conditions(conf, "conditionsV4"), None)
+    cond6 = tolerate(lambda: _parse_conditions(conf, "conditionsV6"), None)
+    external = cfg.external_set_mark_chain
+    try:
+        cfg.backend = _choose_backend(conf.get("backend"), external, cond4, cond6)
+    except CNIError as err:
+        if warn is None:
+            raise
+        warn(f"portmap: ignoring on DEL: {err}; removing this container's state from both backends")
+        cfg.backend, cfg.backend_unknown = NFTABLES, True
     for key, conds in (("conditionsV4", cond4), ("conditionsV6", cond6)):
         if conds:
-            (_validate_nft_conditions if cfg.backend == NFTABLES else _validate_ipt_conditions)(key, conds)
+            check = _validate_nft_conditions if cfg.backend == NFTABLES else _validate_ipt_conditions
+            tolerate(lambda check=check, key=key, conds=conds: check(key, conds), None)
     cfg.conditions_v4 = [c for c in cond4 or [] if c]
     cfg.conditions_v6 = [c for c in cond6 or [] if c]
     runtime = conf.get("runtimeConfig") or {}
@@ -134,9 +157,12 @@ def parse_config(conf: dict) -> PortMapConfig:
     raw_maps = runtime.get("portMappings") or []
     if not isinstance(raw_maps, list):
         raise invalid_config("runtimeConfig.portMappings must be a list")
+    cfg.mappings_given = bool(raw_maps)
     seen: set[tuple[int, str, str]] = set()
     for n, raw in enumerate(raw_maps):
-        mapping = _parse_mapping(raw, n)
+        mapping = tolerate(lambda raw=raw, n=n: _parse_mapping(raw, n), None)
+        if mapping is None:
+            continue
         # A repeated (hostPort, protocol, hostIP) can only forward one way: the first wins,
         # as it does with the reference's first-match rules.
         key = (mapping.host_port, mapping.protocol, mapping.host_ip)
@@ -144,6 +170,23 @@ def parse_config(conf: dict) -> PortMapConfig:
             seen.add(key)
             cfg.mappings.append(mapping)
     return cfg
+
+
+def _parse_marks(conf: dict, cfg: PortMapConfig) -> None:
+    mark_bit = conf.get("markMasqBit")
+    external = conf.get("externalSetMarkChain")
+    if mark_bit is not None and external is not None:
+        raise invalid_config("Cannot specify externalSetMarkChain and markMasqBit", "use one or the other")
+    if mark_bit is not None:
+        mark_bit = _int_field(mark_bit, "markMasqBit")
+        if not 0 <= mark_bit <= 31:
+            raise invalid_config("MasqMarkBit must be between 0 and 31", f"got {mark_bit}")
+        cfg.mark_bit = mark_bit
+    if external is not None:
+        if not isinstance(external, str) or not _CHAIN_NAME.fullmatch(external):
+            raise invalid_config(f"externalSetMarkChain: {external!r} is not a valid iptables chain name",
+                                 "use up to 28 letters, digits, '_', '.', '-'")
+        cfg.external_set_mark_chain = external
 
 
 def invalid_config(msg: str, details: str = "") -> CNIError:

@@ -17,11 +17,12 @@ written for the reference keep working.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from cni_plugins.portmap.config import (IPTABLES, PortMapConfig, Targets, container_targets, invalid_config,
-                                        parse_config)
+from cni_plugins.portmap.config import (IPTABLES, SCHEMA, PortMapConfig, Targets,  # noqa: F401 (SCHEMA: skeleton)
+                                        container_targets, invalid_config, parse_config)
 from cni_plugins.spec.errors import CNIError
 from cni_plugins.spec.skel import CmdArgs, gc_attachments, prev_result
 
@@ -67,14 +68,19 @@ def cmd_add(req: CmdArgs) -> Result:
 
 
 def cmd_del(req: CmdArgs) -> None:
-    cfg = parse_config(req.conf)
-    if not cfg.mappings and cfg.backend == IPTABLES:
+    # Best effort: what only ADD needs (a malformed mapping, an unknown backend) is no
+    # reason to fail; this container's state is found by network, container and interface.
+    cfg = parse_config(req.conf, warn=req.warn)
+    if not cfg.mappings_given and cfg.backend == IPTABLES:
         # The reference skips DEL without mappings: every iptables call is costly.
         return None
     # nftables: one table listing finds this container's elements even when the
     # runtime sends DEL without the port mappings it sent on ADD, so none leak.
     node = _node_side()
     node.backend(cfg).delete(cfg, _owner(node, req))
+    if cfg.backend_unknown:
+        other = replace(cfg, backend=IPTABLES)
+        node.backend(other).delete(other, _owner(node, req))
     return None
 
 
