@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-CASES = ("startup", "latency", "concurrency", "scale", "dataplane")
+CASES = ("startup", "latency", "concurrency", "warm", "scale", "dataplane")
 
 
 def _machine() -> dict[str, Any]:
@@ -35,7 +35,9 @@ def _machine() -> dict[str, Any]:
               help="Write every figure to this JSON file.")
 @click.option("--only", multiple=True, type=click.Choice(CASES),
               help="Run only these groups of figures (repeatable). Default: all.")
-def main(mode: str, json_path: str | None, only: tuple[str, ...]) -> None:
+@click.option("--warm/--no-warm", default=True, show_default=True,
+              help="Also measure pycni through `pycni agent` (the warm path), beside the cold path.")
+def main(mode: str, json_path: str | None, only: tuple[str, ...], warm: bool) -> None:
     """Benchmark pycni's CNI plugins against the reference Go plugins in /usr/lib/cni.
 
     Needs root: every measurement runs in network namespaces the benchmark
@@ -44,13 +46,18 @@ def main(mode: str, json_path: str | None, only: tuple[str, ...]) -> None:
     namespace is never touched. Each figure gives min/median/max for both sides
     and the ratio pycni/reference of the medians (above 1: pycni is slower,
     or for throughput/accuracy, higher).
+
+    pycni runs cold (a process per call: its shims with no agent behind them)
+    and, unless --no-warm, warm (the same shims served by a `pycni agent` the
+    benchmark starts in a namespace of its own): figures under `.../warm/...`
+    compare the warm path with the reference, all others the cold path.
     """
     if os.geteuid() != 0:
         raise click.UsageError("the benchmark needs root to create network namespaces; run it with sudo")
     from . import cleanup as cleanup_mod
     from .context import MODES, Context
     from .report import problems, table, write_json
-    from .sides import pycni_side, reference_side
+    from .sides import pycni_side, reference_side, warm_side
 
     settings = MODES[mode]
     selected = only or CASES
@@ -62,12 +69,20 @@ def main(mode: str, json_path: str | None, only: tuple[str, ...]) -> None:
     interrupted = False
     leftovers: list[str] = []
     ctx = None
+    agent = None
+    agent_status: dict[str, Any] | None = None
     try:
         bin_dir = registry.directory("bin")
-        pycni, how = pycni_side(bin_dir)
+        # The cold side's shims point at a socket nothing serves (never an agent running on this machine).
+        pycni, how = pycni_side(bin_dir, os.path.join(bin_dir, "no-agent", "agent.sock"))
         ctx = Context(settings, registry, pycni, reference_side())
         click.echo(f"bench: {mode} mode; pycni plugins: {', '.join(sorted(pycni.plugins))} ({how}); "
                    f"reference: {ctx.reference.bin_dir}")
+        if warm:
+            ctx.warm, agent, how_warm = warm_side(registry, registry.directory("bin-warm"))
+            ctx.agent = agent
+            click.echo(f"bench: warm side: pycni agent (pid {agent.proc.pid}) in namespace {agent.ns}, "
+                       f"shims by {how_warm}; figures under .../warm/... are pycni-warm vs reference")
         for case in CASES:
             if case not in selected:
                 continue
@@ -79,6 +94,12 @@ def main(mode: str, json_path: str | None, only: tuple[str, ...]) -> None:
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        if agent is not None:
+            try:
+                agent_status = agent.status()
+            except Exception as exc:  # the figures stand without it
+                agent_status = {"error": str(exc)}
+            agent.stop()
         leftovers = registry.run_all()
         cleanup_mod.restore_signal_handlers(old_handlers)
     elapsed = time.monotonic() - started
@@ -95,6 +116,7 @@ def main(mode: str, json_path: str | None, only: tuple[str, ...]) -> None:
                      "machine": _machine(), "pycni_plugins": sorted(ctx.pycni.plugins),
                      "interrupted": interrupted},
             "notes": ctx.notes,
+            "agent": agent_status,
             "results": results,
         }
         write_json(json_path, document)

@@ -53,6 +53,8 @@ class Context:
     pycni: Side
     reference: Side
     notes: list[str] = field(default_factory=list)
+    warm: Side | None = None   # pycni through `pycni agent` (bench/sides.py); None with --no-warm
+    agent: Any = None          # the WarmAgent serving ``warm``
 
     def note(self, text: str) -> None:
         print(f"  note: {text}", flush=True)
@@ -61,6 +63,12 @@ class Context:
     def both(self, index: int) -> tuple[Side, Side]:
         """Both sides, in alternating order so that neither always goes first."""
         return (self.pycni, self.reference) if index % 2 == 0 else (self.reference, self.pycni)
+
+    def rotation(self, index: int) -> list[Side]:
+        """Every side (cold, warm when there is one, reference), rotated so that none always goes first."""
+        sides = [s for s in (self.pycni, self.warm, self.reference) if s is not None]
+        shift = index % len(sides)
+        return sides[shift:] + sides[:shift]
 
     def missing(self, plugins: list[str]) -> list[str]:
         return [p for p in plugins if not self.pycni.has(p) or not self.reference.has(p)]

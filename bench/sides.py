@@ -1,22 +1,34 @@
-"""The two implementations under test and how to run one of their plugins.
+"""The implementations under test and how to run one of their plugins.
 
 A `Side` is a CNI bin directory: /usr/lib/cni for the reference Go plugins,
 a temporary directory of executables for pycni (made by `pycni install`, or by
 writing one small launcher per registry entry when that command is missing).
+
+pycni is measured two ways, with the same installed shims:
+
+- ``pycni`` (cold): the shims' socket has no agent behind it (a path private to
+  the benchmark, so an agent running on the machine is never used): every call
+  runs the plugin in its own process, as on a node without `pycni agent`.
+- ``pycni-warm``: a `pycni agent` (``WarmAgent``) serves the shims. It runs in a
+  namespace of its own that the benchmark creates, and does each request's work
+  in the caller's (node) namespace. Its CPU time is read from /proc and added
+  to the shims' own in the ``_cpu`` figures, so they count all the work done.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from . import spawn
 
 REFERENCE_DIR = "/usr/lib/cni"
-PYCNI, REFERENCE = "pycni", "reference"
+PYCNI, PYCNI_WARM, REFERENCE = "pycni", "pycni-warm", "reference"
 # A plain PATH for the plugins (they run iptables, tc, ...); never inherited CNI_* variables.
 PLUGIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -45,26 +57,32 @@ def pycni_registry() -> dict[str, str]:
     return dict(PLUGINS)
 
 
-def pycni_side(bin_dir: str) -> tuple[Side, str]:
-    """Install pycni's plugins into bin_dir; return the side and how it was done."""
+def pycni_side(bin_dir: str, agent_socket: str | None = None, name: str = PYCNI) -> tuple[Side, str]:
+    """Install pycni's plugins into bin_dir (shims for ``agent_socket``); return the side and how."""
     registry = pycni_registry()
-    how = _install_with_cli(bin_dir)
+    how = _install_with_cli(bin_dir, agent_socket)
     for plugin, target in registry.items():
         if not os.access(os.path.join(bin_dir, plugin), os.X_OK):
             _write_launcher(os.path.join(bin_dir, plugin), target)
             how = "launchers written by bench (pycni install unavailable or incomplete)"
-    return Side(PYCNI, bin_dir, frozenset(registry)), how
+    return Side(name, bin_dir, frozenset(registry)), how
 
 
-def _install_with_cli(bin_dir: str) -> str:
+def _pycni_cli() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "pycni")
+
+
+def _install_with_cli(bin_dir: str, agent_socket: str | None = None) -> str:
     """`pycni install` from the interpreter's own bin directory (the console script)."""
-    cli = os.path.join(os.path.dirname(sys.executable), "pycni")
+    cli = _pycni_cli()
     if not os.access(cli, os.X_OK):
         return "launchers written by bench (no pycni command)"
-    proc = subprocess.run([cli, "install", "--cni-bin-dir", bin_dir], capture_output=True, text=True,
-                          timeout=120, cwd="/")
+    args = [cli, "install", "--cni-bin-dir", bin_dir]
+    if agent_socket:
+        args += ["--agent-socket", agent_socket]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd="/")
     if proc.returncode == 0:
-        return f"`pycni install --cni-bin-dir {bin_dir}`"
+        return f"`pycni install --cni-bin-dir DIR{' --agent-socket SOCK' if agent_socket else ''}`"
     print(f"bench: note: `pycni install` failed ({proc.returncode}): "
           f"{(proc.stderr or proc.stdout).strip()[-300:]}; writing launchers instead", file=sys.stderr)
     return "launchers written by bench"
@@ -76,6 +94,70 @@ def _write_launcher(path: str, target: str) -> None:
         handle.write(f"#!{sys.executable} -I\nimport sys\nfrom {module} import {function}\n"
                      f"sys.exit({function}())\n")
     os.chmod(path, 0o755)
+
+
+class WarmAgent:
+    """A `pycni agent` serving the warm side, in a namespace the benchmark made; stopped by PID."""
+
+    START_TIMEOUT = 30.0
+
+    def __init__(self, cleanup: Any) -> None:
+        self.cleanup = cleanup
+        self.dir = cleanup.directory("agent")
+        self.socket_path = os.path.join(self.dir, "run", "agent.sock")
+        self.log_path = os.path.join(self.dir, "agent.log")
+        self.ns = cleanup.namespace("agent")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, extra_args: tuple[str, ...] = ()) -> None:
+        args = [spawn.IP, "netns", "exec", self.ns, _pycni_cli(), "agent", "--socket", self.socket_path,
+                "--log-file", self.log_path, "--log-level", "warning", *extra_args]
+        self.proc = self.cleanup.process(subprocess.Popen(args, stdin=subprocess.DEVNULL,
+                                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                                          cwd="/"))
+        from pycni.agent.client import AgentUnreachable, status
+
+        deadline = time.monotonic() + self.START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"pycni agent exited ({self.proc.returncode}): "
+                                   f"{self.proc.stderr.read().decode(errors='replace')[-500:] if self.proc.stderr else ''}")
+            try:
+                status(self.socket_path, timeout=2.0)
+                return
+            except (AgentUnreachable, OSError, EOFError):
+                time.sleep(0.05)
+        raise RuntimeError(f"pycni agent did not answer within {self.START_TIMEOUT:g} s")
+
+    def cpu_s(self) -> float:
+        """CPU the agent has used so far: its threads and the tools it ran (nft, tc, ...), from getrusage."""
+        cpu = self.status()["cpu_s"]
+        return cpu["self"] + cpu["children"]
+
+    def status(self) -> dict[str, Any]:
+        from pycni.agent.client import status
+
+        return status(self.socket_path)
+
+    def stop(self) -> None:
+        """SIGTERM and a bounded wait (the cleanup registry kills it if this fails)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.cleanup.stop_process(self.proc)
+
+
+def warm_side(cleanup: Any, bin_dir: str) -> tuple[Side, WarmAgent, str]:
+    """Start an agent and install shims for its socket; the warm side, its agent, and how."""
+    agent = WarmAgent(cleanup)
+    agent.start()
+    side, how = pycni_side(bin_dir, agent.socket_path, PYCNI_WARM)
+    return side, agent, how
 
 
 @dataclass

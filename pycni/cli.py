@@ -26,6 +26,8 @@ OPTIONAL_COMMANDS: dict[str, str] = {
     "demo": "pycni.demo:demo",
     "cluster": "pycni.cluster_cmd:cluster",
     "agent": "pycni.agent.cli:agent",
+    "conformance": "pycni.conformance.cli:conformance",
+    "inspect": "pycni.inspect:inspect",
 }
 
 
@@ -437,18 +439,37 @@ def version_cmd() -> None:
 @click.option("--cni-bin-dir", required=True, type=click.Path(file_okay=False),
               help="Directory to write the plugin executables to, e.g. /opt/cni/bin (created if missing).")
 @click.option("--force", is_flag=True, help="Replace plugin files that pycni did not write.")
-def install_cmd(cni_bin_dir: str, force: bool) -> None:
+@click.option("--agent-socket", default="/run/pycni/agent.sock", show_default=True, metavar="PATH",
+              help="Where the executables look for `pycni agent` (give the agent the same --socket).")
+@click.option("--no-agent", is_flag=True, help="Write executables that never try an agent (always in-process).")
+@click.option("--systemd-unit", is_flag=True,
+              help="Also install the agent's systemd unit (pycni-agent.service) into --unit-dir.")
+@click.option("--unit-dir", default="/etc/systemd/system", show_default=True, type=click.Path(file_okay=False),
+              help="Where --systemd-unit writes the unit.")
+def install_cmd(cni_bin_dir: str, force: bool, agent_socket: str, no_agent: bool, systemd_unit: bool,
+                unit_dir: str) -> None:
     """Install pycni's plugins as executables in a CNI bin directory.
 
-    Writes one small script per plugin (bridge, host-local, ...) that runs it
-    with the Python interpreter pycni is installed in. Point your container
-    runtime's CNI bin dir (or CNI_PATH) there. Refuses directories on $PATH,
-    and files it did not write unless --force.
-    """
-    from .install import install_plugins
+    Writes one small executable per plugin (bridge, host-local, ...). Each
+    hands its request to `pycni agent` over the agent's unix socket (the warm
+    path: no Python start-up of the plugin code per call) and, when no agent
+    answers, runs the plugin itself with the Python interpreter pycni is
+    installed in (the cold path, with identical results; it then says so in
+    one line on stderr). Point your container runtime's CNI bin dir (or
+    CNI_PATH) there. Refuses directories on $PATH, and files it did not write
+    unless --force.
 
-    for item in run_reporting_errors(lambda: install_plugins(cni_bin_dir, force=force)):
+    With --systemd-unit the agent's unit is installed too; enable it with
+    `systemctl daemon-reload && systemctl enable --now pycni-agent`.
+    """
+    from .install import install_plugins, install_systemd_unit
+
+    socket_path = None if no_agent else agent_socket
+    for item in run_reporting_errors(lambda: install_plugins(cni_bin_dir, force=force, agent_socket=socket_path)):
         click.echo(f"wrote {item.path} ({item.target})")
+    if systemd_unit:
+        unit = run_reporting_errors(lambda: install_systemd_unit(unit_dir, agent_socket=agent_socket))
+        click.echo(f"wrote {unit}; enable it with: systemctl daemon-reload && systemctl enable --now pycni-agent")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,6 +4,12 @@ Per iteration and side: a fresh pod namespace, the untimed set-up (for portmap
 and bandwidth: a reference bridge ADD, so both sides shape/map the same
 attachment), the timed ADD, the timed DEL, the untimed tear-down. The node
 namespace and host-local dataDir are fresh per case and side.
+
+Three sides take turns (the order rotates every iteration): pycni cold, pycni
+warm (through `pycni agent`) and the reference. ``add``/``del`` are cold vs
+reference as before; ``warm/add``/``warm/del`` are warm vs reference. A warm
+``_cpu`` figure is the shims' CPU plus the agent's (read from the agent before
+and after the timed part), so it counts the same work as the others.
 """
 from __future__ import annotations
 
@@ -58,15 +64,18 @@ def run(ctx: Context) -> dict[str, Any]:
     return figures
 
 
+FIGURES = ("add", "del", "add_cpu", "del_cpu")
+
+
 def _measure(ctx: Context, case: LatencyCase) -> dict[str, Any]:
     cleanup = ctx.cleanup
-    nodes = {side.name: cleanup.namespace("node") for side in (ctx.pycni, ctx.reference)}
-    dirs = {side.name: cleanup.directory(side.name) for side in (ctx.pycni, ctx.reference)}
-    samples: dict[str, dict[str, list[float]]] = {
-        figure: {ctx.pycni.name: [], ctx.reference.name: []} for figure in ("add", "del", "add_cpu", "del_cpu")}
+    sides = ctx.rotation(0)
+    nodes = {side.name: cleanup.namespace("node") for side in sides}
+    dirs = {side.name: cleanup.directory(side.name) for side in sides}
+    samples: dict[str, dict[str, list[float]]] = {figure: {side.name: [] for side in sides} for figure in FIGURES}
     try:
         for i in range(ctx.settings.warmup + ctx.settings.iterations):
-            for side in ctx.both(i):
+            for side in ctx.rotation(i):
                 add, delete = _one(ctx, case, side, nodes[side.name], dirs[side.name], i)
                 if i >= ctx.settings.warmup:
                     for figure, value in (("add", add.wall_s), ("del", delete.wall_s),
@@ -77,7 +86,22 @@ def _measure(ctx: Context, case: LatencyCase) -> dict[str, Any]:
             cleanup.drop_namespace(name)
         for path in dirs.values():
             cleanup.drop_directory(path)
-    return {figure: pair(by_side["pycni"], by_side["reference"], "ms", 1000) for figure, by_side in samples.items()}
+    out: dict[str, Any] = {figure: pair(by_side[ctx.pycni.name], by_side[ctx.reference.name], "ms", 1000)
+                           for figure, by_side in samples.items()}
+    if ctx.warm is not None:
+        out["warm"] = {figure: pair(by_side[ctx.warm.name], by_side[ctx.reference.name], "ms", 1000)
+                       for figure, by_side in samples.items()}
+    return out
+
+
+def _timed(ctx: Context, side: Side, run: Callable[[], chain.Timed]) -> chain.Timed:
+    """``run()``, with the agent's CPU added for the warm side."""
+    if side is not ctx.warm or ctx.agent is None:
+        return run()
+    before = ctx.agent.cpu_s()
+    timed = run()
+    timed.cpu_s += ctx.agent.cpu_s() - before
+    return timed
 
 
 def _one(ctx: Context, case: LatencyCase, side: Side, node: str, data_dir: str,
@@ -89,8 +113,8 @@ def _one(ctx: Context, case: LatencyCase, side: Side, node: str, data_dir: str,
         runtime = case.runtime(i) if case.runtime else None
         base = chain.add(ctx.reference, setup, att, node).result if setup else None
         timed = case.timed(data_dir)
-        add = chain.add(side, timed, att, node, runtime, prev=base)
-        delete = chain.delete(side, timed, att, node, add.result, runtime)
+        add = _timed(ctx, side, lambda: chain.add(side, timed, att, node, runtime, prev=base))
+        delete = _timed(ctx, side, lambda: chain.delete(side, timed, att, node, add.result, runtime))
         if setup:
             chain.delete(ctx.reference, setup, att, node, base)
         return add, delete

@@ -190,7 +190,7 @@ def test_install_writes_executable_wrappers(tmp_path, monkeypatch):
     assert f"wrote {loopback}" in result.stdout
     assert stat.S_IMODE(loopback.stat().st_mode) == 0o755
     first_line = loopback.read_text().splitlines()[0]
-    assert first_line == f"#!{sys.executable} -I"
+    assert first_line == f"#!{sys.executable} -IS"  # a shim (pycni/agent/shim.py): isolated, no site
     assert not [n for n in os.listdir(target) if n.startswith(".")]
     # The wrapper is a working plugin: VERSION needs no namespace.
     proc = subprocess.run([str(loopback)], input=b"{}", env={"CNI_COMMAND": "VERSION"}, capture_output=True,

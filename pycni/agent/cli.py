@@ -1,0 +1,347 @@
+"""`pycni agent`: the resident per-node process behind the plugin shims (and the overlay's node agent)."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import click
+
+from .protocol import DEFAULT_SOCKET
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_STATE_DIR = "/run/pycni"
+
+
+def _etcd_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--etcd-prefix", default="/pycni", show_default=True, metavar="PREFIX",
+                     help="Key prefix in etcd (ignored for file:// stores)."),
+        click.option("--etcd-cafile", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+                     help="CA certificate of etcd's server certificate; turns on TLS."),
+        click.option("--etcd-certfile", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+                     help="Client certificate for etcd; turns on TLS."),
+        click.option("--etcd-keyfile", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+                     help="Private key of --etcd-certfile."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _tls(cafile: str | None, certfile: str | None, keyfile: str | None) -> Any:
+    if not (cafile or certfile or keyfile):
+        return None
+    if keyfile and not certfile:
+        raise click.BadParameter("a client key needs its certificate: give --etcd-certfile too",
+                                 param_hint="--etcd-keyfile")
+    from ipam.cluster import TLSFiles
+
+    return TLSFiles(cafile=cafile, certfile=certfile, keyfile=keyfile)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _logger(log_file: str | None, level: str) -> logging.Logger:
+    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s pycni-agent[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    # "pycni" is the parent of the agent's logger and of the plugins' loggers ("pycni.bridge", ...).
+    root = logging.getLogger("pycni")
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper()))
+    root.propagate = False
+    return logging.getLogger("pycni.agent")
+
+
+@click.group("agent", invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--socket", "socket_path", metavar="PATH",
+              help=f"Unix socket to serve on [default: {DEFAULT_SOCKET}, or STATE_DIR/agent.sock with "
+                   "--state-dir]. Its directory is created 0700; the socket is 0600 (root only). Install the "
+                   "shims with the same path: pycni install --agent-socket PATH.")
+@click.option("--max-concurrency", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Requests served at the same time; more wait for a free slot.")
+@click.option("--queue-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Longest wait for a free slot; then the caller gets 'try again later' (CNI code 11).")
+@click.option("--request-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
+              metavar="SECONDS", help="Longest a request may run; then the caller gets 'try again later'.")
+@click.option("--grace", default=30.0, show_default=True, type=click.FloatRange(min=0), metavar="SECONDS",
+              help="On SIGTERM: how long requests in flight may still finish.")
+@click.option("--log-file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Append the log here [default: stderr, i.e. the journal under systemd].")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
+@click.option("--profile-dir", type=click.Path(file_okay=False), hidden=True,
+              help="Write a cProfile of every request's work to this directory (diagnosis).")
+@click.option("--store", "store_url", metavar="URL",
+              help="Overlay mode: the cluster store (file:///DIR or etcd://HOST:PORT[,...]); the agent then "
+                   "also leases this node's pod subnet and keeps the vxlan device, FDB, neighbours and routes "
+                   "in step with the other nodes.")
+@click.option("--public-ip", metavar="IP", help="Overlay mode: this node's underlay address (its VTEP).")
+@click.option("--state-dir", metavar="DIR",
+              help=f"Overlay mode: where the node's lease is written for the vxlan plugin [default: {DEFAULT_STATE_DIR}].")
+@click.option("--bridge", "bridge_name", metavar="NAME", help="Overlay mode: the node's pod bridge.")
+@click.option("--vxlan-device", metavar="NAME", help="Overlay mode: the node's vxlan device [default: pycni.<VNI>].")
+@click.option("--underlay-device", metavar="NAME",
+              help="Overlay mode: the underlay link [default: the one holding --public-ip].")
+@click.option("--node-name", metavar="NAME", help="Overlay mode: this node's name [default: the host name].")
+@click.option("--lease-ttl", type=click.IntRange(min=3), metavar="SECONDS",
+              help="Overlay mode: TTL of the subnet lease in the store, renewed at a third of it [default: 24 h].")
+@click.option("--reconcile-interval", type=click.FloatRange(min=0.1), metavar="SECONDS",
+              help="Overlay mode: full reconcile at least this often, even without store changes [default: 10].")
+@click.option("--disable-tx-checksum-offload", is_flag=True,
+              help="Overlay mode: turn transmit checksum offload off on the vxlan device (flannel #1279).")
+@_etcd_options
+@click.option("--leave", is_flag=True,
+              help="Overlay mode: on SIGTERM give the subnet lease back and remove this node from the store "
+                   "(default: keep it, so a restart finds the same subnet).")
+@click.pass_context
+def agent(ctx: click.Context, socket_path: str | None, max_concurrency: int, queue_timeout: float,
+          request_timeout: float, grace: float, log_file: str | None, log_level: str, profile_dir: str | None,
+          store_url: str | None,
+          public_ip: str | None, state_dir: str | None, bridge_name: str | None, vxlan_device: str | None,
+          underlay_device: str | None, node_name: str | None, lease_ttl: int | None,
+          reconcile_interval: float | None, disable_tx_checksum_offload: bool, etcd_prefix: str, etcd_cafile: str | None, etcd_certfile: str | None, etcd_keyfile: str | None,
+          leave: bool) -> None:
+    """Serve CNI requests for the installed plugin shims (the warm path).
+
+    Runs in the foreground until SIGTERM or Ctrl-C. The executables written by
+    `pycni install` forward each request (environment, stdin, and the caller's
+    network namespace) over a root-only unix socket; the agent runs the same
+    plugin code, already imported, in the caller's namespace and returns the
+    exact exit code and output a plugin process would have. When no agent
+    answers, the shims run the plugin themselves: stopping the agent never
+    stops the node's networking.
+
+    With --store and --public-ip the agent is also the overlay's node agent.
+
+    \b
+    Examples:
+      pycni agent                                  # /run/pycni/agent.sock
+      pycni agent --socket /run/pycni/agent.sock --log-file /var/log/pycni-agent.log
+      pycni agent --store etcd://10.0.0.1:2379 --public-ip 10.0.0.11
+      pycni agent status
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if os.geteuid() != 0:
+        raise click.UsageError("the agent needs root (it enters network namespaces and serves root-only requests)")
+    if store_url and not public_ip:
+        raise click.UsageError("--store needs --public-ip (this node's underlay address)")
+    if public_ip and not store_url:
+        raise click.UsageError("--public-ip is for overlay mode: give --store too")
+    if socket_path is None:
+        socket_path = os.path.join(state_dir, "agent.sock") if state_dir else DEFAULT_SOCKET
+    tls = _tls(etcd_cafile, etcd_certfile, etcd_keyfile)
+    overlay = None
+    if store_url:
+        overlay = {"store_url": store_url, "public_ip": public_ip, "state_dir": state_dir or DEFAULT_STATE_DIR,
+                   "etcd_prefix": etcd_prefix, "tls": tls}
+        optional = {"bridge": bridge_name, "vxlan_device": vxlan_device, "underlay_device": underlay_device,
+                    "node_name": node_name, "lease_ttl": lease_ttl, "reconcile_interval": reconcile_interval}
+        overlay.update({key: value for key, value in optional.items() if value is not None})
+        if disable_tx_checksum_offload:
+            overlay["tx_checksum_offload"] = False
+    log = _logger(log_file, log_level)
+    code = serve(socket_path, log, max_concurrency=max_concurrency, queue_timeout=queue_timeout,
+                 request_timeout=request_timeout, grace=grace, overlay=overlay, leave=leave,
+                 profile_dir=profile_dir or "")
+    sys.exit(code)
+
+
+class _Overlay:
+    """The overlay node (helper module ``pycni.overlay.node``) run beside the request server."""
+
+    def __init__(self, options: dict[str, Any], log: logging.Logger) -> None:
+        from pycni.overlay.node import OverlayNode, OverlayOptions
+
+        self.node = OverlayNode(OverlayOptions(**options), log.getChild("overlay"))
+        self.log = log
+        self.stop_event = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.failed: BaseException | None = None
+
+    def start(self) -> None:
+        """Lease the subnet and set the node up (raises on failure: the agent does not start)."""
+        self.node.start()
+
+    def run_in_background(self, on_exit: Callable[[], None]) -> None:
+        """The reconcile loop on its own thread; ``on_exit()`` if it ends while the agent runs."""
+
+        def run() -> None:
+            try:
+                self.node.run(self.stop_event)
+            except BaseException as exc:  # reported, then the agent stops: a supervisor restarts it
+                self.failed = exc
+                self.log.exception("overlay: the reconcile loop failed")
+            if not self.stop_event.is_set():
+                if self.failed is None:
+                    self.failed = RuntimeError("the overlay reconcile loop ended on its own")
+                    self.log.error("overlay: the reconcile loop ended on its own; stopping the agent")
+                on_exit()
+
+        self.thread = threading.Thread(target=run, name="pycni-overlay", daemon=True)
+        self.thread.start()
+
+    def status(self) -> dict[str, Any]:
+        return {"overlay": self.node.status()}
+
+    def close(self, leave: bool) -> None:
+        self.stop_event.set()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+        self.node.close(leave=leave)
+
+
+def serve(socket_path: str, log: logging.Logger, *, max_concurrency: int = 16, queue_timeout: float = 10.0,
+          request_timeout: float = 60.0, grace: float = 30.0, overlay: dict[str, Any] | None = None,
+          leave: bool = False, profile_dir: str = "") -> int:
+    """Run the agent until SIGTERM/SIGINT; the process's exit status."""
+    from .server import Agent, AgentError, AgentOptions, notify_systemd
+
+    node: _Overlay | None = None
+    options = AgentOptions(socket_path=socket_path, max_concurrency=max_concurrency, queue_timeout=queue_timeout,
+                           request_timeout=request_timeout, grace=grace, profile_dir=profile_dir)
+    signals = {"count": 0}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        signals["count"] += 1
+        if signals["count"] > 1:
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s: stopping", signal.Signals(signum).name)
+        server.stop()
+
+    if overlay is not None:
+        try:
+            node = _Overlay(overlay, log)
+        except ImportError as exc:
+            click.echo(f"Error: overlay mode is not available in this installation: {_one_line(exc)}", err=True)
+            return 1
+    server = Agent(options, log, extra_status=node.status if node is not None else None)
+    # From here a signal stops the agent, also while it is still starting (serve_forever then returns at once).
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if node is not None:
+        try:
+            node.start()
+        except Exception as exc:
+            click.echo(f"Error: overlay: {_one_line(exc)}", err=True)
+            return 1
+    try:
+        server.start()
+    except (AgentError, OSError) as exc:
+        click.echo(f"Error: {_one_line(exc)}", err=True)
+        if node is not None:
+            node.close(leave=False)
+        return 1
+    if node is not None:
+        node.run_in_background(on_exit=server.stop)
+    notify_systemd("READY=1")
+    started = time.monotonic()
+    try:
+        server.serve_forever()
+    finally:
+        notify_systemd("STOPPING=1")
+        if node is not None:
+            try:
+                node.close(leave=leave)
+            except Exception as exc:
+                log.error("overlay: closing failed: %s", _one_line(exc))
+        server.close()
+    log.debug("served for %.0f s", time.monotonic() - started)
+    return 1 if node is not None and node.failed is not None else 0
+
+
+@agent.command("status")
+@click.option("--socket", "socket_path", default=DEFAULT_SOCKET, show_default=True, metavar="PATH",
+              help="The agent's socket.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole status document as JSON.")
+def status_cmd(socket_path: str, as_json: bool) -> None:
+    """Is the agent alive; what it served, how fast (p50/p99 per plugin and command)."""
+    import json
+
+    from .client import AgentRefused, AgentUnreachable, status
+
+    try:
+        doc = status(socket_path)
+    except (AgentUnreachable, AgentRefused, OSError, EOFError) as exc:
+        click.echo(f"Error: {_one_line(exc)}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+        return
+    click.echo(format_status(doc))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{days}d"] if days else []
+    if days or hours:
+        parts.append(f"{hours}h")
+    if days or hours or minutes:
+        parts.append(f"{minutes}m")
+    parts.append(f"{secs}s")
+    return "".join(parts)
+
+
+def format_status(doc: dict[str, Any]) -> str:
+    import json
+
+    requests = doc.get("requests", {})
+    lines = [
+        f"alive:    yes (pid {doc.get('pid')}, pycni {doc.get('version')})"
+        + (" - stopping" if doc.get("stopping") else ""),
+        f"socket:   {doc.get('socket')}",
+        f"uptime:   {_duration(doc.get('uptime_s', 0))}",
+        f"requests: {requests.get('served', 0)} served, {doc.get('in_flight', 0)} in flight, "
+        f"{doc.get('queued', 0)} queued (max {doc.get('max_concurrency')} at once); "
+        f"{requests.get('busy', 0)} busy, {requests.get('timed_out', 0)} timed out, "
+        f"{requests.get('refused', 0)} refused, {requests.get('denied', 0)} denied",
+    ]
+    rows = [(plugin, command, figures) for plugin, by_command in sorted(doc.get("latency", {}).items())
+            for command, figures in sorted(by_command.items())]
+    if rows:
+        lines.append("")
+        lines.append(f"{'plugin':<12} {'command':<8} {'count':>7} {'errors':>7} {'p50 ms':>9} {'p99 ms':>9}")
+        for plugin, command, figures in rows:
+            p50 = figures.get("p50_ms")
+            p99 = figures.get("p99_ms")
+            lines.append(f"{plugin:<12} {command:<8} {figures.get('count', 0):>7} {figures.get('errors', 0):>7} "
+                         f"{'-' if p50 is None else f'{p50:.2f}':>9} {'-' if p99 is None else f'{p99:.2f}':>9}")
+    if "overlay" in doc:
+        lines.append("")
+        lines.append("overlay: " + json.dumps(doc["overlay"], indent=2, sort_keys=True, default=str))
+    return "\n".join(lines)
+
+
+@agent.command("leave")
+@click.option("--store", "store_url", required=True, metavar="URL", help="The cluster store (as for the agent).")
+@click.option("--public-ip", required=True, metavar="IP", help="The node's underlay address (as for the agent).")
+@_etcd_options
+def leave_cmd(store_url: str, public_ip: str, etcd_prefix: str, etcd_cafile: str | None,
+              etcd_certfile: str | None, etcd_keyfile: str | None) -> None:
+    """Remove this node from the overlay: give back its subnet lease and VTEP entry.
+
+    For a node leaving the cluster for good, after its agent has stopped
+    (`pycni agent --leave` does the same when it stops).
+    """
+    tls = _tls(etcd_cafile, etcd_certfile, etcd_keyfile)
+    try:
+        from pycni.overlay.node import leave_cluster
+    except ImportError as exc:
+        click.echo(f"Error: overlay mode is not available in this installation: {_one_line(exc)}", err=True)
+        sys.exit(1)
+    try:
+        released = leave_cluster(store_url, public_ip, etcd_prefix, tls)
+    except Exception as exc:
+        click.echo(f"Error: {_one_line(exc)}", err=True)
+        sys.exit(1)
+    click.echo(f"released the lease of {public_ip}" if released else f"{public_ip} held no lease")

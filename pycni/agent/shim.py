@@ -1,0 +1,218 @@
+"""The plugin executables `pycni install` writes: tiny shims in front of the agent.
+
+A shim runs as ``#!PYTHON -IS`` (isolated, no ``site``) and on its warm path
+touches only modules the interpreter has already loaded or builds in
+(``posix``, ``sys``, ``_socket``): no json, no struct, no pycni. It
+
+- answers VERSION itself (the answer is embedded when it is written);
+- connects to the agent's socket; if that fails (missing, refused, timed
+  out: nothing was sent), runs the plugin in-process exactly like the launcher
+  before the agent existed (``site.main()`` first: ``-S`` skipped
+  site-packages), saying so in one line on stderr;
+- otherwise sends its version, plugin type, CNI_* / PYCNI_* environment,
+  stdin and its network namespace (``/proc/thread-self/ns/net`` over
+  SCM_RIGHTS), and relays the agent's exit code, stdout and stderr byte for
+  byte. A request the agent refuses (another pycni version, an unknown
+  plugin) or closes before accepting has not run: the shim runs it in-process.
+  Once the agent has accepted a request the shim waits for its answer up to
+  the agent's timeout and otherwise prints a "try again later" (code 11)
+  error: the same work never runs twice.
+
+``PYCNI_NO_AGENT=1`` in the environment skips the agent (silently); the agent
+sets it for the plugins its requests execute, so a delegated shim never calls
+back into the agent that is waiting for it.
+"""
+from __future__ import annotations
+
+from cni_plugins.spec.skel import Outcome
+
+from . import protocol
+
+# How long a shim waits for the agent to accept a request (queued behind others)
+# before it gives up with "try again later"; the agent answers "busy" long before.
+ACCEPT_WAIT = 120.0
+# What a shim adds to the agent's announced request timeout before it stops waiting.
+ANSWER_MARGIN = 5.0
+CONNECT_TIMEOUT = 5.0
+
+# The shim's text. Placeholders in {{ }} are filled by ``script``; everything else is
+# literal Python, kept small because it is compiled on every call.
+_TEMPLATE = '''\
+#!{{python}} -IS
+{{marker}}
+# pycni-plugin: {{plugin_type}}
+# Warm: the request goes to `pycni agent` ({{socket_comment}}). Cold, when the agent
+# cannot be reached: {{module}}:{{function}} runs in this process.
+import posix, sys, _socket
+T = {{plugin_type_bytes}}
+V = {{version_bytes}}
+S = {{socket_path}}
+VERSION_ANSWER = {{version_answer}}
+
+
+def cold(note, data=None):
+    if note:
+        posix.write(2, ("pycni: %s; running %s in-process\\n" % (note, T.decode())).encode("utf-8", "replace"))
+    import site
+    site.main()
+    if data is not None:
+        import io
+        sys.stdin = io.TextIOWrapper(io.BytesIO(data))
+    from {{module}} import {{function}}
+    sys.exit({{function}}())
+
+
+def out(fd, data):
+    while data:
+        data = data[posix.write(fd, data):]
+
+
+def try_again(version, msg):
+    out(1, b'{\\n    "cniVersion": ' + version + b',\\n    "code": 11,\\n    "msg": "' + msg + b'"\\n}\\n')
+    posix._exit(1)
+
+
+def config_version(data):
+    i = data.find(b'"cniVersion"')
+    if i >= 0:
+        rest = data[i + 12:].lstrip().lstrip(b":").lstrip()
+        end = rest.find(b'"', 1)
+        if rest[:1] == b'"' and 0 < end < 32 and b"\\\\" not in rest[:end]:
+            return rest[:end + 1]
+    return b'"{{current_version}}"'
+
+
+def recv(s, n):
+    b = b""
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        if not c:
+            raise EOFError
+        b += c
+    return b
+
+
+def frame(s):
+    h = recv(s, 5)
+    body = recv(s, int.from_bytes(h[1:], "big"))
+    items, i = [], 0
+    while i < len(body):
+        n = int.from_bytes(body[i:i + 4], "big")
+        items.append(body[i + 4:i + 4 + n])
+        i += 4 + n
+    return h[:1], items
+
+
+def f(b):
+    return len(b).to_bytes(4, "big") + b
+
+
+env = posix.environ
+command = env.get(b"CNI_COMMAND")
+if command == b"VERSION" and VERSION_ANSWER:
+    out(1, VERSION_ANSWER)
+    posix._exit(0)
+if not command or env.get(b"PYCNI_NO_AGENT") or not S:
+    cold(None)
+s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+s.settimeout({{connect_timeout}})
+try:
+    s.connect(S)
+except OSError as e:
+    cold("agent not reached at %s (%s)" % (S, e.strerror or e))
+chunks = []
+try:
+    while True:
+        c = posix.read(0, 65536)
+        if not c:
+            break
+        chunks.append(c)
+except OSError:
+    s.close()
+    cold(None)  # the plugin reads stdin again and reports the failure as it always does
+data = b"".join(chunks)
+E = b"\\0".join(k + b"=" + v for k, v in env.items() if k[:4] == b"CNI_" or k[:6] == b"PYCNI_")
+body = f(V) + f(b"cni") + f(T) + f(E) + f(data)
+try:
+    ns = posix.open("/proc/thread-self/ns/net", posix.O_RDONLY | posix.O_CLOEXEC)
+    msg = b"PYCNIA\\0\\1" + len(body).to_bytes(4, "big") + body
+    sent = s.sendmsg([msg], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, ns.to_bytes(4, sys.byteorder))])
+    if sent < len(msg):
+        s.sendall(msg[sent:])
+    s.settimeout({{accept_wait}})
+    kind, a = frame(s)
+except TimeoutError:
+    try_again(config_version(data), b"the pycni agent did not accept the request in time; try again later")
+except (OSError, EOFError) as e:
+    s.close()
+    cold("the agent closed the connection before accepting the request (%s)" % (e.__class__.__name__,), data)
+if kind == b"R":
+    s.close()
+    cold("the agent refused the request (%s)" % a[0].decode("utf-8", "replace"), data)
+if kind == b"A":
+    version = a[1]
+    try:
+        s.settimeout(float(a[0]) + {{answer_margin}})
+        kind, a = frame(s)
+    except (OSError, EOFError):
+        try_again(version, b"the pycni agent did not answer (it timed out, stopped or restarted); try again")
+if kind != b"D":
+    try_again(config_version(data), b"unexpected answer from the pycni agent; try again")
+out(2, a[2])
+out(1, a[1])
+posix._exit(int(a[0]))
+'''
+
+
+def render(outcome: Outcome) -> tuple[int, bytes, bytes]:
+    """Exit code, stdout and stderr bytes exactly as ``skel.plugin_main`` writes an Outcome."""
+    stdout = outcome.stdout
+    if stdout and not stdout.endswith("\n"):
+        stdout += "\n"
+    return (outcome.exit_code, stdout.encode("utf-8", "surrogateescape"),
+            outcome.stderr.encode("utf-8", "backslashreplace"))
+
+
+def version_answer(plugin_type: str) -> bytes | None:
+    """What the plugin prints for VERSION, computed once by the plugin's own code (None: not one of ours)."""
+    from cni_plugins.spec import registry
+    from cni_plugins.spec.skel import dispatch
+
+    if plugin_type not in registry.PACKAGES:
+        return None
+    outcome = dispatch(registry.funcs(plugin_type), {"CNI_COMMAND": "VERSION"}, b"")
+    code, stdout, _ = render(outcome)
+    if code != 0:
+        raise RuntimeError(f"{plugin_type} VERSION failed: {stdout!r}")
+    return stdout
+
+
+def script(plugin_type: str, target: str, python: str, marker: str, socket_path: str | None,
+           version: str | None = None) -> str:
+    """The shim's source for ``plugin_type`` (``target`` is its cold entry point, "module:function").
+
+    ``socket_path`` None writes a shim that never tries an agent (cold only).
+    """
+    from cni_plugins.spec.version import CURRENT_VERSION
+
+    module, _, function = target.partition(":")
+    values = {
+        "python": python,
+        "marker": marker,
+        "plugin_type": plugin_type,
+        "socket_comment": f"socket {socket_path}" if socket_path else "disabled at install",
+        "module": module,
+        "function": function,
+        "plugin_type_bytes": repr(plugin_type.encode()),
+        "version_bytes": repr((version or protocol.pycni_version()).encode()),
+        "socket_path": repr(socket_path or ""),
+        "version_answer": repr(version_answer(plugin_type)),
+        "current_version": CURRENT_VERSION,
+        "connect_timeout": repr(CONNECT_TIMEOUT),
+        "accept_wait": repr(ACCEPT_WAIT),
+        "answer_margin": repr(ANSWER_MARGIN),
+    }
+    text = _TEMPLATE
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", value)
+    return text

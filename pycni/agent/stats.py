@@ -1,0 +1,58 @@
+"""What the agent has served: counts and latency percentiles per plugin and command."""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Any
+
+# Percentiles come from the most recent samples only, so memory stays bounded.
+WINDOW = 4096
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of an ascending list (not empty)."""
+    rank = max(1, min(len(sorted_values), round(fraction * len(sorted_values) + 0.4999)))
+    return sorted_values[rank - 1]
+
+
+class _Series:
+    __slots__ = ("count", "errors", "samples")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.errors = 0
+        self.samples: deque[float] = deque(maxlen=WINDOW)
+
+
+class Stats:
+    """Thread-safe counters the connection threads update and ``pycni agent status`` reads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._series: dict[tuple[str, str], _Series] = {}
+        self.counters = {"served": 0, "refused": 0, "busy": 0, "timed_out": 0, "denied": 0, "bad_requests": 0}
+
+    def count(self, name: str) -> None:
+        with self._lock:
+            self.counters[name] += 1
+
+    def served(self, plugin_type: str, command: str, seconds: float, ok: bool) -> None:
+        with self._lock:
+            series = self._series.setdefault((plugin_type, command), _Series())
+            series.count += 1
+            series.errors += 0 if ok else 1
+            series.samples.append(seconds)
+            self.counters["served"] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            latency: dict[str, dict[str, Any]] = {}
+            for (plugin_type, command), series in sorted(self._series.items()):
+                values = sorted(series.samples)
+                latency.setdefault(plugin_type, {})[command] = {
+                    "count": series.count,
+                    "errors": series.errors,
+                    "p50_ms": round(percentile(values, 0.50) * 1000, 2) if values else None,
+                    "p99_ms": round(percentile(values, 0.99) * 1000, 2) if values else None,
+                }
+            return {"requests": dict(self.counters), "latency": latency}
