@@ -13,15 +13,16 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import threading
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from importlib import resources
 
 import click
+
+from pycni.demo_checks import Pod, Scorecard
+from pycni.demo_checks import ping as _ping
+from pycni.demo_checks import tcp_exchange as _tcp_exchange
 
 EXAMPLE = "10-pycni-bridge.conflist"
 HOST_PORT = 18080
@@ -31,26 +32,6 @@ NODE_UPLINK = "198.51.100.1"
 OUTSIDE_ADDR = "198.51.100.2"
 
 
-@dataclass
-class Pod:
-    name: str
-    path: str
-    container_id: str
-    address: str = ""
-    gateway: str = ""
-
-
-@dataclass
-class Scorecard:
-    passed: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
-
-    def record(self, label: str, ok: bool, detail: str = "") -> None:
-        mark = click.style("ok  ", fg="green") if ok else click.style("FAIL", fg="red")
-        click.echo(f"  [{mark}] {label}{'  ' + detail if detail else ''}")
-        (self.passed if ok else self.failed).append(label)
-
-
 def _example_conflist(data_dir: str) -> dict:
     text = resources.files("conf").joinpath("examples", EXAMPLE).read_text()
     conflist = json.loads(text)
@@ -58,56 +39,6 @@ def _example_conflist(data_dir: str) -> dict:
         if "ipam" in plugin:
             plugin["ipam"]["dataDir"] = data_dir  # keep leases out of the machine's /var/lib/cni
     return conflist
-
-
-def _ping(ns_name: str, address: str) -> tuple[bool, str]:
-    proc = subprocess.run(["ip", "netns", "exec", ns_name, "ping", "-c", "1", "-W", "2", address],
-                          capture_output=True, text=True, timeout=10)
-    rtt = ""
-    for line in proc.stdout.splitlines():
-        if "time=" in line:
-            rtt = line.split("time=", 1)[1]
-    return proc.returncode == 0, rtt
-
-
-def _tcp_exchange(server_ns: str, client_ns: str, connect_to: str, port: int, listen_port: int) -> tuple[bool, str]:
-    """One TCP round trip: a listener in server_ns, a client in client_ns."""
-    import netns
-
-    with netns.enter(server_ns):
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("0.0.0.0", listen_port))
-    listener.listen(1)
-    listener.settimeout(5)
-    reply: list[bytes] = []
-
-    def serve() -> None:
-        try:
-            conn, peer = listener.accept()
-            with conn:
-                conn.settimeout(5)
-                data = conn.recv(1024)
-                conn.sendall(data + b", seen from " + peer[0].encode())
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        with netns.enter(client_ns):
-            client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        with client:
-            client.settimeout(5)
-            client.connect((connect_to, port))
-            client.sendall(b"hello")
-            reply.append(client.recv(1024))
-    except OSError as exc:
-        return False, str(exc)
-    finally:
-        thread.join(timeout=6)
-        listener.close()
-    return True, reply[0].decode(errors="replace") if reply else ""
 
 
 def run_demo(pod_count: int) -> int:
@@ -218,8 +149,11 @@ def _delete_quietly(runtime, netlist, rt, node) -> None:
 
 @click.command("demo")
 @click.option("--pods", "pod_count", default=3, show_default=True, type=click.IntRange(2, 8),
-              help="How many pod namespaces to attach.")
-def demo(pod_count: int) -> None:
+              help="How many pod namespaces to attach (single-node demo).")
+@click.option("--nodes", "node_count", default=None, type=click.IntRange(2, 8), metavar="N",
+              help="Instead: N node namespaces on a simulated underlay running the vxlan overlay "
+                   "(one `pycni agent` per node, the file store, two pods per node).")
+def demo(pod_count: int, node_count: int | None) -> None:
     """Build a live demo network in throwaway namespaces, test it, remove it.
 
     Creates a node namespace and POD_COUNT pod namespaces, attaches the pods with
@@ -228,6 +162,12 @@ def demo(pod_count: int) -> None:
     node, a TCP exchange, a port mapping, and masquerading toward an "outside"
     namespace behind the node. Everything is removed at the end,
     also on Ctrl-C. Needs root; never touches the machine's own network.
+
+    With --nodes N: N node namespaces joined by an underlay bridge in a
+    namespace of its own, a file cluster store in a temporary directory
+    (`pycni cluster init`), one node agent per node, two pods per node attached
+    with the example vxlan network, then pings and TCP across nodes showing the
+    source address each receiver sees; everything is removed again.
     """
     if os.geteuid() != 0:
         raise click.ClickException("the demo creates network namespaces: run it as root")
@@ -237,7 +177,12 @@ def demo(pod_count: int) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        code = run_demo(pod_count)
+        if node_count is None:
+            code = run_demo(pod_count)
+        else:
+            from pycni.demo_nodes import run_multinode_demo
+
+            code = run_multinode_demo(node_count)
     except KeyboardInterrupt:
         click.echo("interrupted: everything the demo made has been removed", err=True)
         code = 130

@@ -27,6 +27,7 @@ PACKAGES: dict[str, str] = {
     "loopback": "cni_plugins.loopback",
     "portmap": "cni_plugins.portmap",
     "bandwidth": "cni_plugins.bandwidth",
+    "vxlan": "cni_plugins.vxlan",
 }
 
 # CNI type name -> "module:function" entry point of its executable.

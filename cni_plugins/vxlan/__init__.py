@@ -1,0 +1,13 @@
+"""The vxlan plugin: attach a pod to the node's overlay bridge, flannel's CNI plugin role.
+
+This package's entry point stays tiny: ``main`` serves one request, and the
+skeleton imports ``.plugin`` (the ADD/CHECK/DEL story) only for a command that
+needs it, so VERSION costs no more than the interpreter.
+"""
+from cni_plugins.spec.skel import PluginFuncs, plugin_main
+
+FUNCS = PluginFuncs(module="cni_plugins.vxlan.plugin")
+
+
+def main() -> None:
+    plugin_main(FUNCS, "CNI vxlan overlay plugin (pycni)")

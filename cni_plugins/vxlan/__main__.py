@@ -1,0 +1,3 @@
+from cni_plugins.vxlan import main
+
+main()
