@@ -72,7 +72,7 @@ def cmd_add(req: CmdArgs) -> Result:
         raise CNIError(ERR_INVALID_CONFIG, "must be called as chained plugin",
                        "list bandwidth after bridge (or ptp) in a .conflist so it receives prevResult")
     shaping = _shaping()
-    ingress, egress = shaping.token_buckets(bw)
+    ingress, egress = shaping.token_buckets(bw, req.warn)
     name = shaping.ifb_name(req.network_name, req.container_id)
     with shaping.open_netlink() as ipr:
         host = shaping.host_interface(ipr, req.netns, req.ifname, previous)

@@ -8,7 +8,7 @@ finds the other's.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from cni_plugins.bandwidth.config import Bandwidth
 from cni_plugins.kernel import ip, tc
@@ -23,8 +23,13 @@ IFB_PREFIX = "bwp"
 IFB_NAME_LENGTH = 15
 
 
-def token_buckets(bw: Bandwidth) -> tuple[TokenBucket | None, TokenBucket | None]:
-    """(ingress, egress) TokenBucket or None each; a value the kernel cannot take is a config error."""
+def token_buckets(bw: Bandwidth, warn: Callable[[str], None] | None = None
+                  ) -> tuple[TokenBucket | None, TokenBucket | None]:
+    """(ingress, egress) TokenBucket or None each; a value the kernel cannot take is a config error.
+
+    A burst too long for the kernel's buffer field at that rate is clamped to
+    the most it holds, and ``warn`` says so.
+    """
     out = []
     for direction, on, rate, burst in (("ingress", bw.shapes_ingress, bw.ingress_rate, bw.ingress_burst),
                                        ("egress", bw.shapes_egress, bw.egress_rate, bw.egress_burst)):
@@ -32,9 +37,13 @@ def token_buckets(bw: Bandwidth) -> tuple[TokenBucket | None, TokenBucket | None
             out.append(None)
             continue
         try:
-            out.append(TokenBucket.from_bits(rate, burst, bw.latency_ms))
+            bucket = TokenBucket.from_bits(rate, burst, bw.latency_ms)
         except ValueError as exc:
             raise CNIError(ERR_INVALID_CONFIG, f"invalid {direction} limits", str(exc)) from None
+        if bucket.clamped and warn is not None:
+            warn(f"bandwidth: {direction}Burst {burst} bits is more than tbf can hold at {rate} bit/s; "
+                 f"using the largest burst it can: {bucket.burst_bytes * 8} bits")
+        out.append(bucket)
     return out[0], out[1]
 
 

@@ -25,7 +25,7 @@ import ipaddress
 import os
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Iterable
 
@@ -84,12 +84,17 @@ class TokenBucket:
     rate: int  # bytes per second
     buffer: int  # ticks needed to send one full burst at `rate`
     limit: int  # bytes queued at most (rate * latency + burst)
+    clamped: bool = field(default=False, compare=False)  # the burst asked for did not fit; buffer is the most
 
     @classmethod
     def from_bits(cls, rate_bits: int, burst_bits: int, latency_ms: float) -> "TokenBucket":
         """The reference plugin's conversion (integer truncation where Go truncates).
 
-        Raises ValueError when a value does not fit the kernel's 32-bit fields.
+        Raises ValueError when a value does not fit the kernel's 32-bit fields. A
+        burst that takes longer than the buffer field can hold to send at ``rate``
+        is clamped to that maximum (``clamped``): runtimes send "no burst limit" as
+        2^32-1 bits (containerd does for every bandwidth annotation), which the
+        reference accepts by letting the field wrap around to an arbitrary value.
         """
         rate = rate_bits // 8
         burst = burst_bits // 8
@@ -102,15 +107,19 @@ class TokenBucket:
         if burst <= 0:
             raise ValueError(f"burst {burst_bits} bits is below the minimum of 8 bits")
         burst_usec = int(burst * TIME_UNITS_PER_SEC / rate)
+        clamped = False
         if burst_usec > U32_MAX or time_to_ticks(burst_usec) > U32_MAX:
-            raise ValueError(f"burst {burst_bits} bits takes too long to send at {rate_bits} bit/s "
-                             "for the kernel's token bucket; lower the burst or raise the rate")
+            burst_usec = min(U32_MAX, int(ticks_to_usec(U32_MAX)))
+            while time_to_ticks(burst_usec) > U32_MAX:  # rounding: at most a few steps
+                burst_usec -= 1
+            burst = int(burst_usec * rate / TIME_UNITS_PER_SEC)
+            clamped = True
         latency_usec = TIME_UNITS_PER_SEC * (latency_ms / 1000.0)
         limit = int(rate * latency_usec / TIME_UNITS_PER_SEC) + burst
         if limit > U32_MAX:
             raise ValueError(f"queue limit {limit} bytes (rate x latency + burst) exceeds 4 GB; "
                              "lower the latency, rate or burst")
-        return cls(rate=rate, buffer=time_to_ticks(burst_usec), limit=limit)
+        return cls(rate=rate, buffer=time_to_ticks(burst_usec), limit=limit, clamped=clamped)
 
     @property
     def burst_bytes(self) -> int:

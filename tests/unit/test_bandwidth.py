@@ -142,12 +142,17 @@ def test_token_bucket_latency():
     (7, 800, 25),  # below one byte per second
     (8, 7, 25),
     (8 * 0xFFFFFFFF + 8, 80_000, 25),  # above what the tbf rate field carries
-    (8, 8 * 0xFFFFFF, 25),  # takes days to send the burst: does not fit the buffer field
     (8 * 0xFFFFFFFF, 8 * 0xFFFF0000, 25),  # limit over 4 GB
 ])
 def test_token_bucket_rejects_what_the_kernel_cannot_take(rate, burst, latency):
     with pytest.raises(ValueError):
         tc.TokenBucket.from_bits(rate, burst, latency)
+
+
+def test_a_burst_that_takes_days_to_send_is_clamped_to_the_buffer_field():
+    # Runtimes send "no limit" as a huge burst; it is clamped, not refused (tests/unit/test_tbf_clamp.py).
+    bucket = tc.TokenBucket.from_bits(8, 8 * 0xFFFFFF, 25)
+    assert bucket.clamped and bucket.buffer <= 0xFFFFFFFF
 
 
 def test_token_bucket_errors_become_code_7():
