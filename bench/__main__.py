@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-CASES = ("startup", "latency", "concurrency", "warm", "scale", "dataplane")
+CASES = ("startup", "latency", "concurrency", "warm", "scale", "dataplane", "overlay", "e2e")
 
 
 def _machine() -> dict[str, Any]:
