@@ -12,6 +12,7 @@ from cni_plugins.shared.ipam import ipam_type
 from cni_plugins.spec.args import load_args
 from cni_plugins.spec.decode import COMMON, ListOf, Schema, get_field
 from cni_plugins.spec.errors import ERR_DECODE, ERR_INVALID_CONFIG, CNIError
+from cni_plugins.spec.skel import validate_link_name
 from cni_plugins.spec.types import DNS
 
 DEFAULT_BRIDGE = "cni0"
@@ -132,9 +133,7 @@ def load_conf(conf: dict[str, Any], cni_args: str) -> BridgeConf:
     n.ipam_type = ipam_type(conf)
     n.dns = DNS.from_dict(conf.get("dns"))
 
-    if len(n.bridge) > 15 or "/" in n.bridge or any(c.isspace() for c in n.bridge):
-        raise CNIError(ERR_INVALID_CONFIG, f"invalid bridge name {n.bridge!r}",
-                       "an interface name has at most 15 characters and no '/' or spaces")
+    validate_link_name(n.bridge, "bridge name")
     if not 0 <= n.vlan <= 4094:
         raise CNIError(ERR_INVALID_CONFIG, f"invalid VLAN ID {n.vlan} (must be between 0 and 4094)")
     if conf.get("vlanTrunk") is not None:

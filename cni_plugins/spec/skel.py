@@ -160,16 +160,32 @@ def validate_network_name(name: Any) -> None:
                        f"it has {len(name)} characters; pycni accepts at most {MAX_NETWORK_NAME}")
 
 
+def interface_name_problem(name: str) -> str | None:
+    """Why the kernel would refuse ``name`` as an interface name (None: it would not)."""
+    if not name:
+        return "interface name is empty"
+    if len(name.encode("utf-8", "surrogatepass")) > 15:
+        return f"interface name is too long: {name!r} has more than the kernel's 15 bytes"
+    if name in (".", ".."):
+        return "interface name is . or .."
+    if any(c in "/:" or c.isspace() for c in name):
+        return "interface name contains / or : or whitespace characters"
+    return None
+
+
 def validate_interface_name(ifname: str) -> None:
-    if not ifname:
-        raise CNIError(ERR_INVALID_ENV, "interface name is empty", "set CNI_IFNAME, e.g. eth0")
-    if len(ifname) > 15:
-        raise CNIError(ERR_INVALID_ENV, "interface name is too long",
-                       f"{ifname!r} has {len(ifname)} characters; the kernel allows 15")
-    if ifname in (".", ".."):
-        raise CNIError(ERR_INVALID_ENV, "interface name is . or ..", ifname)
-    if any(c in "/:" or c.isspace() for c in ifname):
-        raise CNIError(ERR_INVALID_ENV, "interface name contains / or : or whitespace characters", ifname)
+    """CNI_IFNAME as the reference skeleton checks it (an environment error, code 4)."""
+    problem = interface_name_problem(ifname)
+    if problem:
+        raise CNIError(ERR_INVALID_ENV, problem, "set CNI_IFNAME to an interface name such as eth0")
+
+
+def validate_link_name(name: str, option: str) -> None:
+    """An interface name given in the configuration (a configuration error, code 7)."""
+    problem = interface_name_problem(name)
+    if problem:
+        raise CNIError(ERR_INVALID_CONFIG, f"invalid {option} {name!r}: {problem}",
+                       "an interface name has at most 15 bytes, is not . or .., and has no '/', ':' or spaces")
 
 
 MAX_DEPTH = 64  # nesting deeper than any configuration needs is refused, not recursed into
@@ -182,7 +198,12 @@ def _no_constant(name: str) -> Any:
 def parse_config(stdin_data: bytes) -> dict[str, Any]:
     """The configuration as Go's decoder would accept it: strict JSON, an object, sane nesting."""
     try:
-        conf = json.loads(stdin_data or b"", parse_constant=_no_constant)
+        # Strict UTF-8 without a byte-order mark, as Go's decoder reads it (json.loads(bytes)
+        # would also take UTF-16/32 and strip a BOM).
+        text = (stdin_data or b"").decode("utf-8")
+        if text.startswith("\ufeff"):
+            raise ValueError("a byte-order mark is not valid JSON")
+        conf = json.loads(text, parse_constant=_no_constant)
     except RecursionError:
         raise CNIError(ERR_DECODE, "error decoding network config: nesting too deep",
                        f"a network configuration nests at most {MAX_DEPTH} levels") from None

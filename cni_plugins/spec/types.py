@@ -43,6 +43,8 @@ def _ip(value: Any, what: str) -> str | None:
     if not isinstance(value, str):
         raise _decode_error(f"{what}: expected an IP address, got {value!r}")
     try:
+        if "%" in value:  # a zone index: Python's parser takes it, Go's net.ParseIP does not
+            raise ValueError(value)
         ipaddress.ip_address(value)
     except ValueError:
         raise _decode_error(f"{what}: {value!r} is not an IP address") from None

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from cni_plugins.spec.decode import COMMON, ListOf, Schema, get_field
 from cni_plugins.spec.errors import ERR_DECODE, ERR_INVALID_CONFIG, CNIError
+from cni_plugins.spec.skel import validate_link_name
 
 if TYPE_CHECKING:
     from cni_plugins.shared.overlaystate import OverlayState
@@ -105,9 +106,8 @@ def load_conf(conf: dict[str, Any], cni_version: str) -> VxlanConf:
     n.hairpin_mode = _get(conf, "hairpinMode", bool, True)
     n.is_default_gateway = _get(conf, "isDefaultGateway", bool, True)
     n.bridge = _get(conf, "bridge", str, "")
-    if n.bridge and (len(n.bridge) > 15 or "/" in n.bridge or any(c.isspace() for c in n.bridge)):
-        raise CNIError(ERR_INVALID_CONFIG, f"invalid bridge name {n.bridge!r}",
-                       "an interface name has at most 15 characters and no '/' or spaces")
+    if n.bridge:
+        validate_link_name(n.bridge, "bridge name")
 
     n.ipam = {k: v for k, v in ipam.items() if k not in _IPAM_DERIVED_KEYS}
     ipam_type = n.ipam.get("type", DEFAULT_IPAM)
