@@ -1,0 +1,188 @@
+"""`pycni conformance`: prove the Kubernetes network model on a running cluster."""
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any
+
+import click
+
+from pycni.cluster_cmd import _open, _store_errors, _store_options
+
+from .runner import DEFAULT_CHECK_TIMEOUT, DEFAULT_ECHO_PORT, DEFAULT_HOST_PORT, DEFAULT_WAIT
+
+DEFAULT_STATE_DIR = "/run/pycni"
+
+
+def _log(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _terminate_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so everything the run created is removed."""
+    def stop(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+@click.group("conformance")
+def conformance() -> None:
+    """Check the Kubernetes network model on a live cluster, node by node.
+
+    \b
+    Run `pycni conformance run` on every node at about the same time (they
+    meet in the cluster store, no ssh needed), then `pycni conformance report`
+    anywhere that reaches the store. Each run attaches two probe pods through
+    the CNI network, and checks, against its own node and every other node:
+      pod-pod-same-node   a pod reaches another pod on its node
+      pod-pod-other-node  a pod reaches pods on other nodes (TCP, UDP)
+      no-snat             the receiver sees the sending pod's own address
+      node-pod            a node reaches its pods and other nodes' pods
+      pod-node            a pod reaches every node's own address
+      hostport            a pod's hostPort answers from another node
+      pmtu                1400-byte packets with DF cross between nodes
+    All checks use addresses, never names (no DNS needed). A failed check's
+    message names the likely fault (SNAT between nodes, a missing FDB or
+    neighbour entry, an MTU mismatch, a firewall dropping packets...).
+    """
+
+
+@conformance.command("run")
+@_store_options
+@click.option("--network", required=True, metavar="NAME", help="The CNI network the probe pods join (its name).")
+@click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, metavar="DIR",
+              help="The node agent's --state-dir (overlay.json); the run's own record goes there too.")
+@click.option("--netconf-path", envvar="NETCONFPATH", default="", metavar="DIRS",
+              help="Directories with network configurations (env NETCONFPATH) [default: /etc/cni/net.d].")
+@click.option("--cni-path", envvar="CNI_PATH", default="", metavar="DIRS",
+              help="Directories with plugin executables (env CNI_PATH) [default: /opt/cni/bin].")
+@click.option("--cache-dir", envvar="CNI_CACHE_DIR", default="/var/lib/cni", show_default=True, metavar="DIR",
+              help="Result cache directory (env CNI_CACHE_DIR).")
+@click.option("--node-name", default="", metavar="NAME",
+              help="This node's name in the matrix [default: its lease's node name when unique, else its "
+                   "public IP].")
+@click.option("--public-ip", default="", metavar="IP", help="This node's address [default: the agent's --public-ip].")
+@click.option("--port", "echo_port", default=DEFAULT_ECHO_PORT, show_default=True, type=click.IntRange(1, 65535),
+              help="Port of the echo service (in the probe pod and on the node's address).")
+@click.option("--host-port", default=DEFAULT_HOST_PORT, show_default=True, type=click.IntRange(1, 65535),
+              help="hostPort mapped to the probe pod's echo service.")
+@click.option("--wait", default=DEFAULT_WAIT, show_default=True, type=click.FloatRange(min=1), metavar="SECONDS",
+              help="How long to wait for the other nodes to publish their probes, and again for their results.")
+@click.option("--check-timeout", default=DEFAULT_CHECK_TIMEOUT, show_default=True,
+              type=click.FloatRange(min=0.2, max=60), metavar="SECONDS", help="How long each check waits for a reply.")
+@click.option("--keep-probes", is_flag=True,
+              help="Leave the probe pods up afterwards (their echo services stop); `clean` removes them.")
+@click.option("--json", "as_json", is_flag=True, help="Print this node's rows as JSON instead of a table.")
+@_store_errors
+def run_cmd(store_url: str, etcd_prefix: str, etcd_cafile: str | None, etcd_certfile: str | None,
+            etcd_keyfile: str | None, timeout: float, network: str, state_dir: str, netconf_path: str,
+            cni_path: str, cache_dir: str, node_name: str, public_ip: str, echo_port: int, host_port: int,
+            wait: float, check_timeout: float, keep_probes: bool, as_json: bool) -> None:
+    """Check this node against every node of the cluster; exit 1 if a check fails.
+
+    Run it on every node (as root, where the node agent runs). It waits up to
+    --wait seconds for the nodes holding a subnet lease to show up, writes its
+    rows to the store (conformance/results/<node>) and removes its probe pods
+    once the other nodes have finished with them.
+    """
+    from cni_plugins.spec.errors import CNIError
+    from netns.errors import NetnsError
+
+    from . import report
+    from .runner import ConformanceError, RunOptions, run_node
+
+    if echo_port == host_port:
+        raise click.BadParameter("the hostPort must differ from the echo port", param_hint="--host-port")
+    opts = RunOptions(network=network, state_dir=state_dir, netconf_path=netconf_path, cni_path=cni_path,
+                      cache_dir=cache_dir, node_name=node_name, public_ip=public_ip, echo_port=echo_port,
+                      host_port=host_port, wait=wait, check_timeout=check_timeout, keep_probes=keep_probes)
+    _terminate_on_sigterm()
+    store = _open(store_url, etcd_prefix, etcd_cafile, etcd_certfile, etcd_keyfile, timeout)
+    try:
+        results, rows = run_node(store, opts, _log)
+    except (ConformanceError, CNIError, NetnsError, OSError, RuntimeError, ValueError) as exc:
+        raise click.ClickException(f"conformance run failed: {exc} (its probe pods were removed)") from None
+    except KeyboardInterrupt:
+        _log("interrupted: the probe pods and this node's entry were removed")
+        sys.exit(130)
+    finally:
+        store.close()
+    click.echo(report.as_json(rows, [results]) if as_json else report.table(rows))
+    sys.exit(0 if report.passed(rows) else 1)
+
+
+@conformance.command("report")
+@_store_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (checks, summary, nodes) instead of a table.")
+@click.option("--wait", default=0.0, show_default=True, type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Wait up to this long for every node holding a lease to write results.")
+@_store_errors
+def report_cmd(store_url: str, etcd_prefix: str, etcd_cafile: str | None, etcd_certfile: str | None,
+               etcd_keyfile: str | None, timeout: float, as_json: bool, wait: float) -> None:
+    """Print the matrix every node wrote: check, from, to, result, latency, message.
+
+    Exits 1 when a check failed, a node holding a lease wrote no results, or
+    there are no results at all.
+    """
+    import time
+
+    from ipam.cluster import list_leases
+
+    from . import report
+    from .rendezvous import read_results
+
+    store = _open(store_url, etcd_prefix, etcd_cafile, etcd_certfile, etcd_keyfile, timeout)
+    try:
+        deadline = time.monotonic() + wait
+        for _ in range(int(wait / 0.5) + 1):
+            results = read_results(store)
+            leased = {lease.public_ip for lease in list_leases(store)[0]}
+            if leased <= {r.public_ip for r in report.current_round(results)[0]} or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+    finally:
+        store.close()
+    if not results:
+        raise click.ClickException("no conformance results in this store: run `pycni conformance run` on "
+                                   "every node first")
+    results, ignored = report.current_round(results)
+    rows = report.collect(results, leased)
+    if as_json:
+        click.echo(report.as_json(rows, results, ignored))
+    else:
+        click.echo(report.table(rows))
+        if ignored:
+            click.echo(report.ignored_note(ignored))
+    sys.exit(0 if report.passed(rows) else 1)
+
+
+@conformance.command("clean")
+@_store_options
+@click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, metavar="DIR",
+              help="Where this node's runs keep their record (the agent's --state-dir).")
+@click.option("--keep-results", is_flag=True, help="Remove probes and entries but keep the results.")
+@_store_errors
+def clean_cmd(store_url: str, etcd_prefix: str, etcd_cafile: str | None, etcd_certfile: str | None,
+              etcd_keyfile: str | None, timeout: float, state_dir: str, keep_results: bool) -> None:
+    """Remove this node's probe pods and the conformance keys from the store.
+
+    Stops the echo services a run left (by their recorded PIDs), DELs the
+    probe pods and deletes their namespaces, then deletes conformance/* in the
+    store (conformance/results/* too, unless --keep-results).
+    """
+    from .model import PREFIX, RESULTS_PREFIX
+    from .runner import clean_node
+
+    removed = clean_node(state_dir, _log)
+    store = _open(store_url, etcd_prefix, etcd_cafile, etcd_certfile, etcd_keyfile, timeout)
+    deleted = 0
+    try:
+        entries, _ = store.list(PREFIX)
+        for entry in entries:
+            if keep_results and entry.key.startswith(RESULTS_PREFIX):
+                continue
+            deleted += int(store.delete(entry.key))
+    finally:
+        store.close()
+    click.echo(f"removed {removed} probe pod(s) on this node and {deleted} key(s) under {PREFIX} in the store")

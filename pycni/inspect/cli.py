@@ -1,0 +1,128 @@
+"""`pycni inspect`: print or draw this node's network, or the whole cluster."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from .collect import DEFAULT_CACHE_DIR, DEFAULT_IPAM_DIR, DEFAULT_STATE_DIR
+
+FORMATS = ("text", "json", "dot", "svg", "png")
+
+
+def _open_store(store_url: str, etcd_prefix: str, cafile: str | None, certfile: str | None, keyfile: str | None):
+    from pycni.cluster_cmd import _open
+
+    return _open(store_url, etcd_prefix, cafile, certfile, keyfile, 5.0)
+
+
+def _emit(data: bytes, output: str | None, fmt: str) -> None:
+    if output:
+        directory = os.path.dirname(os.path.abspath(output))
+        os.makedirs(directory, exist_ok=True)
+        with open(output, "wb") as fh:
+            fh.write(data)
+        click.echo(f"wrote {output} ({fmt}, {len(data)} bytes)", err=True)
+        return
+    if fmt == "png" and sys.stdout.isatty():
+        raise click.ClickException("not writing a PNG to a terminal: give --output FILE (or redirect stdout)")
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+@click.command("inspect")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True,
+              help="text and json need nothing else; dot is Graphviz source; svg and png run Graphviz's `dot`.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Write to FILE instead of stdout.")
+@click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, metavar="DIR",
+              help="The node agent's --state-dir (overlay.json: node name, subnet, gateway, MTU).")
+@click.option("--cache-dir", envvar="CNI_CACHE_DIR", default=DEFAULT_CACHE_DIR, show_default=True, metavar="DIR",
+              help="The runtime's result cache (env CNI_CACHE_DIR): pods, their namespaces and container IDs.")
+@click.option("--ipam-dir", "ipam_dirs", multiple=True, metavar="DIR",
+              help="host-local data directories to read leases from (repeatable) [default: "
+                   f"{DEFAULT_IPAM_DIR}, plus every dataDir the cached configurations name].")
+@click.option("--store", "store_url", metavar="URL",
+              help="The cluster store: names the remote nodes and flags VXLAN entries that are missing.")
+@click.option("--cluster", "whole_cluster", is_flag=True,
+              help="Show every node and lease of the cluster (needs --store) instead of this node.")
+@click.option("--etcd-prefix", default="/pycni", show_default=True, metavar="PREFIX",
+              help="Key prefix in etcd (as for the agent).")
+@click.option("--etcd-cafile", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="CA certificate of etcd's server certificate; turns on TLS.")
+@click.option("--etcd-certfile", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="Client certificate for etcd.")
+@click.option("--etcd-keyfile", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="Private key of --etcd-certfile.")
+def inspect(fmt: str, output: str | None, state_dir: str, cache_dir: str, ipam_dirs: tuple[str, ...],
+            store_url: str | None, whole_cluster: bool, etcd_prefix: str, etcd_cafile: str | None,
+            etcd_certfile: str | None, etcd_keyfile: str | None) -> None:
+    """Show this node's container network: what is connected to what.
+
+    \b
+    For each bridge: every pod's host veth and the namespace it leads into,
+    the pod's container ID, network, addresses, MAC and MTU, its hostPort
+    mappings (pycni_portmap), how its traffic is masqueraded (pycni_masq,
+    pycni_overlay) and its shaping (tbf, ifb). For the VXLAN device: every
+    remote node with public IP, pod subnet and VTEP MAC, and whether the
+    FDB, neighbour and route entries it needs are there (with --store, the
+    store's leases are the reference). Reads only; run it where the agent
+    runs (as root, in the node's network namespace).
+
+    \b
+    Examples:
+      pycni inspect
+      pycni inspect --store etcd://10.0.0.1:2379 --format png -o node.png
+      pycni inspect --cluster --store etcd://10.0.0.1:2379 --format svg -o cluster.svg
+    """
+    from ipam.cluster import StoreError
+
+    from .render import RenderError, cluster_dot, cluster_text, graphviz, node_dot, node_text
+
+    if whole_cluster and not store_url:
+        raise click.BadParameter("--cluster needs --store URL", param_hint="--cluster")
+    leases = None
+    cluster_view = None
+    if store_url:
+        from ipam.cluster import list_leases
+
+        from .cluster import cluster_view as read_cluster
+
+        store = _open_store(store_url, etcd_prefix, etcd_cafile, etcd_certfile, etcd_keyfile)
+        try:
+            leases, _ = list_leases(store)
+            if whole_cluster:
+                this_node = ""
+                try:
+                    from cni_plugins.shared.overlaystate import read_state
+
+                    state = read_state(state_dir)
+                    this_node = state.public_ip if state else ""
+                except Exception:
+                    pass
+                cluster_view = read_cluster(store, store_url, this_node)
+        except StoreError as exc:
+            raise click.ClickException(f"cannot read the cluster store {store_url}: {exc}") from None
+        finally:
+            store.close()
+    if cluster_view is not None:
+        text, doc, dot = (lambda: cluster_text(cluster_view)), cluster_view.to_dict, (lambda: cluster_dot(cluster_view))
+    else:
+        from .collect import collect
+
+        view = collect(cache_dir=cache_dir, state_dir=state_dir, ipam_dirs=list(ipam_dirs) or None, leases=leases)
+        text, doc, dot = (lambda: node_text(view)), view.to_dict, (lambda: node_dot(view))
+    try:
+        if fmt == "text":
+            data = (text() + "\n").encode()
+        elif fmt == "json":
+            data = (json.dumps(doc(), indent=2) + "\n").encode()
+        elif fmt == "dot":
+            data = dot().encode()
+        else:
+            data = graphviz(dot(), fmt)
+    except RenderError as exc:
+        raise click.ClickException(str(exc)) from None
+    _emit(data, output, fmt)

@@ -1,0 +1,491 @@
+"""`pycni conformance` on a 3-node netns cluster: green when healthy, and each injected fault caught.
+
+Three node namespaces on an underlay bridge (tests/multinode.py), one node
+agent each against a cluster store (a file store; etcd running in the
+underlay namespace), every node with its own CNI bin dir (`pycni install`),
+network configuration (the example vxlan conflist: vxlan + portmap +
+bandwidth) and result cache. `pycni conformance run` runs on all three nodes
+at once (`ip netns exec NODE pycni conformance run ...`, each a real process
+that meets the others in the store), then `pycni conformance report --json`.
+
+Then the cluster is broken on purpose, one fault at a time, and exactly the
+rows the fault must break fail, each with a message naming it:
+
+    SNAT     masquerade of pod traffic leaving n0 through the VXLAN device
+    FDB      the FDB entry for n2's VTEP deleted on n1 (n1's agent SIGSTOPped
+             so it cannot repair it; n1 attaches its probes on the cold path)
+    MTU      the underlay port of n2 set to MTU 1400 (in the underlay namespace)
+    firewall new connections arriving at n1 through the VXLAN device dropped
+
+Every fault lives in a test namespace and is removed again, also on failure.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import pytest
+
+import netns
+from pycni.conformance.probe import is_echo_process, probe_netns_names
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from multinode import UNDERLAY_GATEWAY, AgentHandle, Node, Topology, cluster_topology, wait_for  # noqa: E402
+
+pytestmark = [pytest.mark.integration, pytest.mark.multinode]
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PYCNI = os.path.join(os.path.dirname(sys.executable), "pycni")
+CLUSTER_NETWORK = "10.244.0.0/16"
+NET_NAME = "pycni-vxlan"
+EXAMPLE = os.path.join(REPO, "conf", "examples", "10-pycni-vxlan.conflist")
+CONVERGE_TIMEOUT = 20.0
+RUN_TIMEOUT = 120
+CHECK_TIMEOUT = "2"
+PASSING = {"pass", "skip"}
+
+
+# ---- a cluster whose nodes attach pods through their own CNI directories -------------------
+
+@dataclass
+class PodCluster:
+    topo: Topology
+    store_url: str
+    store_dir: str = ""                       # the file store's directory ("" for etcd)
+    agents: dict[str, AgentHandle] = field(default_factory=dict)
+
+    @property
+    def nodes(self) -> list[Node]:
+        return self.topo.nodes
+
+    def name(self, node: Node) -> str:
+        return f"n{node.index}"
+
+    def dir(self, node: Node, what: str) -> str:
+        return self.topo.path(f"n{node.index}-{what}")
+
+    def env(self, node: Node, cni_path: str | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CNI_") and k != "NETCONFPATH"}
+        env.update(NETCONFPATH=self.dir(node, "netd"), CNI_PATH=cni_path or self.dir(node, "bin"),
+                   CNI_CACHE_DIR=self.dir(node, "cache"))
+        return env
+
+    def pycni(self, node: Node, *args: str, timeout: float = 120,
+              cni_path: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", node.name, PYCNI, *args], capture_output=True, text=True,
+                              timeout=timeout, env=self.env(node, cni_path), stdin=subprocess.DEVNULL)
+
+    def subnet(self, node: Node) -> str:
+        state = node.read_state()
+        assert state, f"{node.name} has no overlay state"
+        return state["subnet"]
+
+
+def example_conflist(node: Node, ipam_dir: str) -> dict:
+    with open(EXAMPLE) as fh:
+        conflist = json.load(fh)
+    for plugin in conflist["plugins"]:
+        if plugin["type"] == "vxlan":
+            plugin["stateDir"] = node.state_dir
+            plugin["dataDir"] = ipam_dir
+    return conflist
+
+
+def converged(nodes: list[Node]) -> bool:
+    subnets = {}
+    for node in nodes:
+        state = node.read_state()
+        if not state:
+            return False
+        subnets[node.index] = state["subnet"]
+    for node in nodes:
+        routes = {r["dst"] for r in node.ip_json("route", "show")}
+        if any(subnets[o.index] not in routes for o in nodes if o is not node):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def pod_cluster(n_nodes: int, store: str, prefix: str) -> Iterator[PodCluster]:
+    """``n_nodes`` nodes with agents (named n0, n1, ...), converged, each with bin dirs and a conflist."""
+    with contextlib.ExitStack() as stack:
+        topo = stack.enter_context(cluster_topology(n_nodes, prefix))
+        store_dir = ""
+        if store == "file":
+            store_dir = topo.path("store")
+            store_url = "file://" + store_dir
+        else:
+            from cluster_helpers import etcd_skip_reason, start_etcd
+
+            reason = etcd_skip_reason()
+            if reason:
+                pytest.skip(reason)
+            member = start_etcd(topo.underlay_path, UNDERLAY_GATEWAY, workdir=topo.path("etcd"))
+            stack.callback(member.stop)
+            store_url = member.url
+        cluster = PodCluster(topo, store_url, store_dir)
+        done = cluster.pycni(topo.nodes[0], "cluster", "init", "--store", store_url, "--network", CLUSTER_NETWORK)
+        assert done.returncode == 0, done.stdout + done.stderr
+        for node in topo.nodes:
+            cluster.agents[node.name] = topo.start_agent(node, store_url, extra_args=("--node-name", f"n{node.index}"))
+        wait_for(lambda: converged(topo.nodes), CONVERGE_TIMEOUT, what="every node routing every other subnet")
+        for node in topo.nodes:
+            for args in (("--cni-bin-dir", cluster.dir(node, "bin"), "--agent-socket", node.socket),
+                         ("--cni-bin-dir", cluster.dir(node, "coldbin"), "--no-agent")):
+                done = subprocess.run([PYCNI, "install", *args], capture_output=True, text=True, timeout=60)
+                assert done.returncode == 0, done.stderr
+            os.makedirs(cluster.dir(node, "netd"))
+            os.makedirs(cluster.dir(node, "ipam"))
+            with open(os.path.join(cluster.dir(node, "netd"), f"10-{NET_NAME}.conflist"), "w") as fh:
+                json.dump(example_conflist(node, cluster.dir(node, "ipam")), fh)
+        yield cluster
+
+
+# ---- running conformance on every node at once ------------------------------------------------
+
+def conformance_command(cluster: PodCluster, node: Node, *extra: str) -> list[str]:
+    # nsenter switches only the network namespace: `ip netns exec` would also give the run a private
+    # mount namespace, where the probe pods' pins under /run/netns are invisible to the node agent.
+    return ["nsenter", f"--net={node.path}", PYCNI, "conformance", "run", "--store", cluster.store_url,
+            "--network", NET_NAME, "--state-dir", node.state_dir, "--check-timeout", CHECK_TIMEOUT, *extra]
+
+
+def conformance_everywhere(cluster: PodCluster, cni_paths: dict[str, str] | None = None,
+                           extra: Sequence[str] = (), nodes: Sequence[Node] | None = None) -> dict:
+    """`pycni conformance run` on every node (or ``nodes``) concurrently, then the report (JSON) and its exit status."""
+    procs = []
+    for node in cluster.nodes if nodes is None else nodes:
+        args = conformance_command(cluster, node, "--wait", "60", *extra)
+        env = cluster.env(node, (cni_paths or {}).get(node.name))
+        procs.append((node, subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                             env=env, stdin=subprocess.DEVNULL)))
+    outputs = {}
+    try:
+        for node, proc in procs:
+            out, err = proc.communicate(timeout=RUN_TIMEOUT)
+            outputs[node.name] = (proc.returncode, out, err)
+    finally:
+        for _node, proc in procs:
+            if proc.poll() is None:
+                proc.kill()   # by PID: the process we started
+                proc.wait(timeout=10)
+    for rc, out, err in outputs.values():
+        assert rc in (0, 1), f"conformance run crashed (exit {rc}):\n{out}\n{err}"
+    done = cluster.pycni(cluster.nodes[0], "conformance", "report", "--store", cluster.store_url, "--json")
+    assert done.returncode in (0, 1), done.stderr
+    report = json.loads(done.stdout)
+    report["exit"] = done.returncode
+    report["runs"] = outputs
+    table = cluster.pycni(cluster.nodes[0], "conformance", "report", "--store", cluster.store_url)
+    report["table"] = table.stdout
+    assert table.returncode == done.returncode
+    return report
+
+
+def failing(report: dict) -> dict[tuple[str, str, str], str]:
+    return {(r["check"], r["from"], r["to"]): r["message"] for r in report["checks"] if r["result"] == "fail"}
+
+
+def skipped(report: dict) -> set[tuple[str, str, str]]:
+    return {(r["check"], r["from"], r["to"]) for r in report["checks"] if r["result"] == "skip"}
+
+
+def probe_names(cluster: PodCluster) -> set[str]:
+    return {name for node in cluster.nodes for name in probe_netns_names(f"n{node.index}", node.state_dir)}
+
+
+def no_leftovers(cluster: PodCluster) -> None:
+    names = probe_names(cluster) & set(netns.list_names())
+    assert not names, f"probe namespaces left behind: {names}"
+    for node in cluster.nodes:
+        assert not os.path.exists(os.path.join(node.state_dir, "conformance.json"))
+
+
+EXPECTED_ROWS = 3 * 4 + 6 * 6   # per node: 4 on itself; per ordered pair of nodes: 6
+
+
+# ---- the healthy cluster -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["file", pytest.param("etcd", marks=pytest.mark.etcd)])
+def cluster(request) -> Iterator[PodCluster]:
+    with pod_cluster(3, request.param, "cf") as c:
+        yield c
+
+
+def test_a_healthy_cluster_passes_every_check(cluster):
+    report = conformance_everywhere(cluster)
+    assert report["exit"] == 0, report["table"]
+    assert report["passed"] is True
+    assert len(report["checks"]) == EXPECTED_ROWS, report["table"]
+    assert {r["result"] for r in report["checks"]} == {"pass"}, report["table"]
+    nodes = {r["from"] for r in report["checks"]}
+    assert nodes == {"n0", "n1", "n2"}
+    checks = {r["check"] for r in report["checks"]}
+    assert checks == {"pod-pod-same-node", "pod-pod-other-node", "no-snat", "node-pod", "pod-node", "hostport",
+                      "pmtu"}
+    for row in report["checks"]:
+        assert row["latencyMs"] is not None and row["latencyMs"] >= 0
+    # No SNAT: every receiver saw a pod address of the sender's subnet.
+    subnets = {f"n{n.index}": cluster.subnet(n) for n in cluster.nodes}
+    import ipaddress
+    for row in report["checks"]:
+        if row["check"] == "no-snat" and row["from"] != row["to"]:
+            seen = row["message"].split(" saw ")[1].split(",")[0]
+            assert ipaddress.ip_address(seen) in ipaddress.ip_network(subnets[row["from"]])
+    assert "PASS: 48 checks" in report["table"]
+    for rc, out, _err in report["runs"].values():
+        assert rc == 0 and "FAIL" not in out.replace("FAIL:", "")
+    no_leftovers(cluster)
+    # `clean` removes the store keys; a report afterwards has nothing to show.
+    done = cluster.pycni(cluster.nodes[1], "conformance", "clean", "--store", cluster.store_url, "--state-dir",
+                         cluster.nodes[1].state_dir)
+    assert done.returncode == 0, done.stderr
+    assert "3 key(s)" in done.stdout
+    done = cluster.pycni(cluster.nodes[0], "conformance", "report", "--store", cluster.store_url)
+    assert done.returncode == 1 and "no conformance results" in done.stderr
+
+
+# ---- faults ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def file_cluster() -> Iterator[PodCluster]:
+    with pod_cluster(3, "file", "cff") as c:
+        yield c
+
+
+def nft_in(node: Node, script: str) -> None:
+    done = subprocess.run(["ip", "netns", "exec", node.name, "nft", "-f", "-"], input=script, text=True,
+                          capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+
+
+@contextlib.contextmanager
+def nft_fault(node: Node, family: str, table: str, body: str) -> Iterator[None]:
+    nft_in(node, f"table {family} {table} {{\n{body}\n}}\n")
+    try:
+        yield
+    finally:
+        subprocess.run(["ip", "netns", "exec", node.name, "nft", "delete", "table", family, table],
+                       capture_output=True, timeout=30)
+
+
+def assert_exactly(report: dict, expected_fail: set[tuple[str, str, str]], words: str,
+                   expected_skip: set[tuple[str, str, str]] = frozenset()) -> None:
+    fails = failing(report)
+    assert set(fails) == expected_fail, report["table"]
+    assert skipped(report) == set(expected_skip), report["table"]
+    for key, message in fails.items():
+        assert words in message, f"{key}: {message}"
+    assert report["exit"] == 1
+    assert len(report["checks"]) == EXPECTED_ROWS
+
+
+def test_snat_between_nodes_fails_no_snat_only(file_cluster):
+    c = file_cluster
+    n0 = c.nodes[0]
+    body = ("  chain postrouting {\n    type nat hook postrouting priority srcnat - 10; policy accept;\n"
+            f"    oifname \"pycni.1\" ip saddr {CLUSTER_NETWORK} masquerade\n  }}")
+    with nft_fault(n0, "ip", "conformance_fault_snat", body):
+        report = conformance_everywhere(c)
+    assert_exactly(report, {("no-snat", "n0", "n1"), ("no-snat", "n0", "n2")}, "SNAT between nodes")
+    vtep = str(__import__("ipaddress").ip_network(c.subnet(n0)).network_address)
+    for message in failing(report).values():
+        assert f"reply came from {vtep} (node n0's VXLAN device address), not the pod" in message
+        assert "conformance_fault_snat" in message     # the rule that did it, from n0's published facts
+    no_leftovers(c)
+
+
+def _lock_free(lock_path: str) -> bool:
+    fd = os.open(lock_path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
+@contextlib.contextmanager
+def agent_paused(handle: AgentHandle, store_dir: str) -> Iterator[None]:
+    """SIGSTOP the agent (by PID) at a moment it holds no file-store lock; SIGCONT it on the way out."""
+    lock = os.path.join(store_dir, ".lock")
+    try:
+        for _ in range(50):
+            os.kill(handle.pid, signal.SIGSTOP)
+            wait_for(lambda: _stopped(handle.pid), 5, what="the agent to stop")
+            if _lock_free(lock):
+                break
+            os.kill(handle.pid, signal.SIGCONT)
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the agent kept holding the store lock")
+        yield
+    finally:
+        os.kill(handle.pid, signal.SIGCONT)
+
+
+def fdb_entries(node: Node) -> set[tuple[str, str]]:
+    out = subprocess.run(["ip", "netns", "exec", node.name, "bridge", "-j", "fdb", "show", "dev", "pycni.1"],
+                         capture_output=True, text=True, timeout=10, check=True).stdout
+    return {(e["mac"], e.get("dst", "")) for e in json.loads(out or "[]")}
+
+
+def test_missing_fdb_entry_fails_the_overlay_paths_between_two_nodes(file_cluster):
+    c = file_cluster
+    n1, n2 = c.nodes[1], c.nodes[2]
+    vtep_mac = n2.read_state()["vtepMAC"]
+    assert (vtep_mac, n2.public_ip) in fdb_entries(n1)
+    with agent_paused(c.agents[n1.name], c.store_dir):
+        subprocess.run(["ip", "netns", "exec", n1.name, "bridge", "fdb", "del", vtep_mac, "dev", "pycni.1",
+                        "dst", n2.public_ip], check=True, capture_output=True, timeout=10)
+        assert (vtep_mac, n2.public_ip) not in fdb_entries(n1)
+        # n1's agent is stopped, so n1 attaches its probes without it (the plugins' cold path).
+        report = conformance_everywhere(c, cni_paths={n1.name: c.dir(n1, "coldbin")})
+    wait_for(lambda: (vtep_mac, n2.public_ip) in fdb_entries(n1), 15, what="the agent to restore the FDB entry")
+    expected = {("pod-pod-other-node", "n1", "n2"), ("pod-pod-other-node", "n2", "n1"),
+                ("node-pod", "n1", "n2"), ("node-pod", "n2", "n1"),
+                ("pod-node", "n2", "n1")}   # n1 answers n2's pod through the overlay: no FDB entry
+    skipped_rows = {("no-snat", "n1", "n2"), ("no-snat", "n2", "n1"), ("pmtu", "n1", "n2"), ("pmtu", "n2", "n1")}
+    assert_exactly(report, expected, "missing FDB entry", skipped_rows)
+    for (check, src, dst), message in failing(report).items():
+        assert f"no ARP/FDB for remote VTEP {vtep_mac} -> {n2.public_ip}" in message
+        if src == "n2":
+            assert "the replies' way back" in message
+    no_leftovers(c)
+
+
+def test_mtu_mismatch_on_the_underlay_fails_pmtu_only(file_cluster):
+    c = file_cluster
+    n2 = c.nodes[2]
+    port = n2.port   # n2's veth end in the underlay namespace
+    subprocess.run(["ip", "-n", c.topo.underlay, "link", "set", port, "mtu", "1400"], check=True, timeout=10)
+    try:
+        report = conformance_everywhere(c)
+    finally:
+        subprocess.run(["ip", "-n", c.topo.underlay, "link", "set", port, "mtu", "1500"], check=True, timeout=10)
+    expected = {("pmtu", a, b) for a, b in (("n0", "n2"), ("n2", "n0"), ("n1", "n2"), ("n2", "n1"))}
+    assert_exactly(report, expected, "MTU mismatch")
+    for message in failing(report).values():
+        assert "no reply to 1400-byte DF packets while small packets pass" in message
+    no_leftovers(c)
+
+
+def test_firewall_drop_fails_the_paths_into_that_node(file_cluster):
+    c = file_cluster
+    n1 = c.nodes[1]
+    body = ("  chain forward {\n    type filter hook forward priority filter; policy accept;\n"
+            "    iifname \"pycni.1\" ct state new drop\n  }")
+    with nft_fault(n1, "inet", "conformance_fault_fw", body):
+        report = conformance_everywhere(c)
+    expected = {(check, src, "n1") for check in ("pod-pod-other-node", "node-pod") for src in ("n0", "n2")}
+    skipped_rows = {(check, src, "n1") for check in ("no-snat", "pmtu") for src in ("n0", "n2")}
+    assert_exactly(report, expected, "packets dropped: firewall", skipped_rows)
+    for message in failing(report).values():
+        assert "node n1: table inet conformance_fault_fw chain forward (forward): 1 drop/reject rule" in message
+    no_leftovers(c)
+
+
+def test_a_node_that_never_runs_is_reported_missing(file_cluster):
+    from ipam.cluster import open_store
+    from pycni.conformance.model import Check, NodeResults, results_key
+
+    c = file_cluster
+    # n2 took part in an earlier run (a passing row of then must not hide its absence now).
+    with open_store(c.store_url) as store:
+        store.put(results_key("n2"), NodeResults("n2", c.nodes[2].public_ip, "earlier", 1.0, 2.0,
+                                                 [Check("pmtu", "n2", "n0", "pass", 0.1)]).to_json())
+    report = conformance_everywhere(c, nodes=c.nodes[:2], extra=("--wait", "3"))
+    missing = c.nodes[2].public_ip
+    assert set(failing(report)) == {("rendezvous", "n0", missing), ("rendezvous", "n1", missing),
+                                    ("rendezvous", missing, "-")}, report["table"]
+    assert all(f"{missing} holds a subnet lease but" in m for m in failing(report).values())
+    assert len(report["checks"]) == 2 * (4 + 6 + 1) + 1
+    # n2's results of the earlier runs are not mixed in: they are named as ignored.
+    assert [n["node"] for n in report["ignored"]] == ["n2"]
+    assert "ignored results of an earlier run from n2" in report["table"]
+    assert {r["result"] for r in report["checks"] if r["check"] != "rendezvous"} == {"pass"}
+    no_leftovers(c)
+
+
+def test_a_node_that_cannot_attach_its_probe_says_why(file_cluster):
+    c = file_cluster
+    n0 = c.nodes[0]
+    done = subprocess.run(["nsenter", f"--net={n0.path}", PYCNI, "conformance", "run", "--store", c.store_url,
+                           "--network", "no-such-network", "--state-dir", n0.state_dir, "--wait", "1"],
+                          capture_output=True, text=True, timeout=60, env=c.env(n0))
+    assert done.returncode == 1 and "no network named 'no-such-network'" in done.stderr
+    report = c.pycni(n0, "conformance", "report", "--store", c.store_url, "--json")
+    rows = json.loads(report.stdout)["checks"]
+    assert rows[0]["check"] == "probe-pod" and rows[0]["result"] == "fail" and rows[0]["from"] == "n0"
+    assert "cannot attach a probe pod to network 'no-such-network'" in rows[0]["message"]
+    no_leftovers(c)
+
+
+def test_sigterm_removes_what_a_run_made(file_cluster):
+    c = file_cluster
+    n0 = c.nodes[0]
+    log = open(c.topo.path("sigterm-run.log"), "w+")
+    # nsenter execs pycni: the PID is the run's own.
+    proc = subprocess.Popen(conformance_command(c, n0, "--wait", "60"), stdout=log, stderr=log,
+                            stdin=subprocess.DEVNULL, env=c.env(n0))
+    try:
+        key = os.path.join(c.store_dir, "conformance", "n0")
+        wait_for(lambda: os.path.exists(key) or proc.poll() is not None, 30, what="the run to publish its probe")
+        assert proc.poll() is None
+        with open(os.path.join(n0.state_dir, "conformance.json")) as fh:
+            record = json.load(fh)
+        assert len(record["probes"]) == 2 and len(record["echo_pids"]) == 2
+        assert all(netns.exists(p["netns"]) for p in record["probes"])
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    log.seek(0)
+    assert "interrupted" in log.read()
+    assert not os.path.exists(key)
+    for pid in record["echo_pids"]:
+        assert not is_echo_process(pid), f"echo service {pid} still runs"
+    no_leftovers(c)
+
+
+def test_kept_probes_are_removed_by_clean(file_cluster):
+    c = file_cluster
+    report = conformance_everywhere(c, extra=("--keep-probes",))
+    assert report["exit"] == 0, report["table"]
+    assert probe_names(c) <= set(netns.list_names())
+    for node in c.nodes:
+        leases = os.listdir(os.path.join(c.dir(node, "ipam"), NET_NAME))
+        assert len([f for f in leases if f[0].isdigit()]) == 2
+        done = subprocess.run(["nsenter", f"--net={node.path}", PYCNI, "conformance", "clean", "--store",
+                               c.store_url, "--state-dir", node.state_dir], capture_output=True, text=True,
+                              timeout=60, env=c.env(node))
+        assert done.returncode == 0, done.stderr
+        assert "removed 2 probe pod(s) on this node" in done.stdout
+        leases = os.listdir(os.path.join(c.dir(node, "ipam"), NET_NAME))
+        assert not [f for f in leases if f[0].isdigit()], "the probes' addresses were not released"
+        assert not os.listdir(os.path.join(c.dir(node, "cache"), "results"))
+    assert not os.path.exists(os.path.join(c.store_dir, "conformance", "results", "n0"))
+    no_leftovers(c)
+
+
+def test_the_cluster_is_green_again_after_the_faults(file_cluster):
+    report = conformance_everywhere(file_cluster)
+    assert report["exit"] == 0, report["table"]
+    no_leftovers(file_cluster)
