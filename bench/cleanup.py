@@ -20,7 +20,11 @@ from typing import Any, Iterator
 
 import netns
 
-NS_PREFIX = "pb"  # every namespace is named pb-<role>-<8 hex>
+# Every namespace is named <prefix>-<role>-<8 hex> and every directory pycni-bench-<prefix>-<role>-...;
+# PYCNI_BENCH_PREFIX (letters and digits) tags one run's, so a test can check exactly what it made.
+NS_PREFIX = os.environ.get("PYCNI_BENCH_PREFIX", "pb")
+if not (NS_PREFIX.isascii() and NS_PREFIX.isalnum() and len(NS_PREFIX) <= 16):
+    raise SystemExit(f"PYCNI_BENCH_PREFIX={NS_PREFIX!r}: use up to 16 letters and digits")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -59,7 +63,7 @@ class Cleanup:
             pass
 
     def directory(self, role: str) -> str:
-        path = tempfile.mkdtemp(prefix=f"pycni-bench-{role}-")
+        path = tempfile.mkdtemp(prefix=f"pycni-bench-{NS_PREFIX}-{role}-")
         self.directories.append(path)
         return path
 

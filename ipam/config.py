@@ -52,7 +52,7 @@ def _requested_from_env(cni_args: str) -> list[IPAddress]:
     for part in raw.split(","):
         if part.strip():
             try:
-                out.append(parse_ip_or_cidr(part, "CNI_ARGS IP"))
+                out.append(parse_ip_or_cidr(part.strip(), "CNI_ARGS IP"))  # the reference trims these
             except RangeError as exc:
                 raise CNIError(ERR_INVALID_ENV, str(exc),
                                "IP= takes addresses separated by commas, e.g. IP=10.1.0.5,fd00::5") from None

@@ -18,7 +18,8 @@ import os
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-from cni_plugins.spec.errors import ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_IO, ERR_PLUGIN_NOT_AVAILABLE, CNIError
+from cni_plugins.spec.errors import (ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_INVALID_ENV, ERR_IO, ERR_PLUGIN_NOT_AVAILABLE,
+                                    CNIError)
 from cni_plugins.spec.skel import (GC_ATTACHMENT_KEYS, CmdArgs, PluginFuncs, gc_attachments, plugin_main,
                               validate_container_id, validate_interface_name, validate_network_name)
 from cni_plugins.spec.version import require_supported
@@ -62,6 +63,12 @@ def _load(conf: dict[str, Any], cni_args: str = "") -> IPAMConfig:
 def _validate_attachment(container_id: str, ifname: str) -> None:
     validate_container_id(container_id)
     validate_interface_name(ifname)
+    try:  # the skeleton refuses these in CNI_IFNAME; in-process callers get the same answer
+        ifname.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CNIError(ERR_INVALID_ENV, "interface name is not valid UTF-8", repr(ifname)) from None
+    if "\x00" in ifname:
+        raise CNIError(ERR_INVALID_ENV, "interface name contains a NUL character", repr(ifname))
 
 
 # ---- ADD -----------------------------------------------------------------
@@ -143,6 +150,7 @@ def _release(cfg: IPAMConfig, container_id: str, ifname: str) -> list[str]:
     with _io_errors():
         store = DiskStore(cfg.name, cfg.data_dir)
         with store.locked():
+            store.remove_stale_temp_files()  # a writer killed mid-ADD (of this or another container)
             # One pass per range set, as the reference does: the first releases the
             # interface's files, a later one the container's legacy (ID-only) files.
             for _ in cfg.range_sets:

@@ -26,7 +26,7 @@ def parse_ip(value: Any, what: str) -> IPAddress:
     """Parse one IP address; an IPv4-mapped IPv6 address counts as IPv4 (like Go's To4)."""
     if not isinstance(value, str):
         raise RangeError(f"{what}: expected an IP address string, got {value!r}")
-    text = value.strip()
+    text = value  # no trimming: Go's net.ParseIP refuses " 10.0.0.1" too
     if "%" in text:
         raise RangeError(f"{what}: invalid IP address {value!r} (zones are not allowed)")
     try:
@@ -40,7 +40,7 @@ def parse_ip_or_cidr(value: Any, what: str) -> IPAddress:
     """Parse 'IP' or 'IP/prefix' (the forms a requested address may take) to the IP."""
     if isinstance(value, str) and "/" in value:
         try:
-            ipaddress.ip_interface(value.strip())
+            ipaddress.ip_interface(value)
         except ValueError:
             raise RangeError(f"{what}: invalid IP address {value!r}") from None
         value = value.split("/", 1)[0]
@@ -58,7 +58,7 @@ def parse_subnet(value: Any, what: str) -> tuple[IPAddress, IPNetwork]:
     if not isinstance(value, str) or "/" not in value:
         raise RangeError(f"{what}: invalid CIDR address {value!r}; write it as ADDRESS/PREFIX, "
                          "e.g. 10.22.0.0/16")
-    addr_text, _, prefix = value.strip().partition("/")
+    addr_text, _, prefix = value.partition("/")  # untrimmed, as Go's net.ParseCIDR reads it
     if not prefix.isdigit() or "%" in addr_text:
         raise RangeError(f"{what}: invalid CIDR address {value!r}")
     try:

@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from cni_plugins.spec.errors import ERR_TRY_AGAIN, CNIError
+from cni_plugins.spec.errors import ERR_IO, ERR_TRY_AGAIN, CNIError
 
 DEFAULT_TIMEOUT = 30.0
 _POLL = 0.005
@@ -39,7 +39,13 @@ def _wait(try_once: Callable[[], bool], timeout: float, what: str) -> None:
 def file_lock(path: str, what: str = "", timeout: float = DEFAULT_TIMEOUT, mode: int = 0o600) -> Iterator[None]:
     """Hold flock(LOCK_EX) on ``path`` (created if missing; never through a symlink)."""
     os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise CNIError(ERR_IO, f"lock file {path} is a symbolic link; refusing to follow it",
+                       "remove the link (and check who planted it); the lock is created on first use") from None
     try:
         def attempt() -> bool:
             try:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from cni_plugins.kernel import ifioctl
 from cni_plugins.kernel.nsutil import in_netns, netns_gone
+from cni_plugins.spec.decode import COMMON
 from cni_plugins.spec.errors import ERR_INTERNAL, CNIError
 from cni_plugins.spec.skel import CmdArgs, prev_result
 from cni_plugins.spec.types import Interface, IPConfig, Result
 
 LOOPBACK = "lo"
+# loopback has no options of its own; the common keys are decoded like every plugin's (a wrong type is 7).
+SCHEMA = COMMON
 
 
 def _bring_up() -> tuple[str | None, str | None]:

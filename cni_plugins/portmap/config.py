@@ -25,9 +25,29 @@ PROTOCOLS = ("tcp", "udp", "sctp")
 
 # Characters that would end or comment out an nft command, or that no condition needs.
 _NFT_FORBIDDEN = re.compile(r"[;#\n\r\x00-\x1f\x7f]")
-_NFT_VERDICTS = {"accept", "drop", "reject", "jump", "goto", "return", "queue", "continue",
-                 "dnat", "snat", "masquerade", "redirect"}
-_IPT_FORBIDDEN_ARGS = {"-j", "--jump", "-g", "--goto"}
+# Conditions are match expressions. These words only begin statements (verdicts, NAT,
+# logging, counting, rate limits, setting a field with "set", set/map updates...), never a
+# match: a condition holding one, outside a quoted string, is refused.
+_NFT_STATEMENT_WORDS = frozenset({
+    "accept", "drop", "reject", "jump", "goto", "return", "queue", "continue", "vmap",
+    "dnat", "snat", "masquerade", "redirect", "tproxy", "fwd", "dup",
+    "log", "counter", "limit", "quota", "notrack", "meter", "synproxy", "flow", "flowtable",
+    "set", "add", "update", "delete", "reset", "destroy", "last", "xt", "count",
+})
+_NFT_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+_NFT_QUOTED = re.compile(r'"[^"]*"')
+# iptables options that are not matches: targets (in any spelling getopt accepts: "--jump=X",
+# "-jX", an unambiguous prefix like "--ju"), tables and commands, and global switches.
+_IPT_SHORT_FORBIDDEN = set("jgtAIDRNXFZPELSCVhwc")
+_IPT_SHORT_NO_ARGUMENT = set("f46vnx")  # "-fjACCEPT" is "-f -j ACCEPT" to getopt
+_IPT_LONG_FORBIDDEN = ("--jump", "--goto", "--table", "--append", "--insert", "--delete", "--replace",
+                       "--new-chain", "--delete-chain", "--flush", "--zero", "--policy", "--rename-chain",
+                       "--list", "--list-rules", "--check", "--help", "--version", "--wait", "--wait-interval",
+                       "--modprobe", "--set-counters", "--line-numbers", "--exact", "--numeric", "--verbose",
+                       "--set")  # "--set": xt_recent's, which writes state
+# Match modules that keep or change state (rate limits, quotas, recent lists, accounting).
+_IPT_STATEFUL_MATCHES = {"limit", "hashlimit", "recent", "quota", "quota2", "connlimit", "nfacct", "statistic",
+                         "connbytes", "condition"}
 _CHAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,27}$")
 
 ContainerAddress = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -255,23 +275,65 @@ def _conditions_backend(conditions: list[str] | None) -> str:
 
 
 def _validate_nft_conditions(key: str, conditions: list[str]) -> None:
-    for cond in conditions:
+    # Checked one by one and joined, as the rule gets them: a statement split over two list
+    # items ("meta mark", "set 1") is caught too.
+    for cond in [*conditions, " ".join(conditions)]:
         if _NFT_FORBIDDEN.search(cond):
             raise invalid_config(f"{key}: {cond!r} contains a character not allowed in a condition",
                        "conditions are nft match expressions; ';', '#' and control characters are refused")
-        if _NFT_VERDICTS & set(cond.split()):
-            raise invalid_config(f"{key}: {cond!r} holds a verdict or NAT statement",
-                       "conditions may only match packets (e.g. 'ip saddr 10.0.0.0/8')")
         if cond.count('"') % 2:
             raise invalid_config(f"{key}: {cond!r} has an unbalanced quote")
+        bare = _NFT_QUOTED.sub(" ", cond)
+        if "\\" in bare or any(bare.count(o) != bare.count(c) for o, c in ("{}", "()", "[]")):
+            raise invalid_config(f"{key}: {cond!r} has an unbalanced bracket or a backslash",
+                                 "a condition is one match expression (sets in braces are fine)")
+        words = {w.lower() for w in _NFT_WORD.findall(bare)}
+        statements = sorted(words & _NFT_STATEMENT_WORDS)
+        if statements:
+            raise invalid_config(f"{key}: {cond!r} holds a statement ({', '.join(statements)}), not only matches",
+                       "conditions may only match packets (e.g. 'ip saddr 10.0.0.0/8'); quote a name "
+                       "that happens to be one of these words")
+
+
+def _ipt_option(arg: str) -> tuple[str, str] | None:
+    """(option name, attached value) for an argument that is an option, else None."""
+    if arg.startswith("--") and len(arg) > 2:
+        name, _, value = arg.partition("=")
+        return name, value
+    if arg.startswith("-") and len(arg) > 1 and not arg[1].isdigit():
+        return arg[:2], arg[2:]
+    return None
 
 
 def _validate_ipt_conditions(key: str, conditions: list[str]) -> None:
+    expect_module = False
     for cond in conditions:
         if _NFT_FORBIDDEN.search(cond.replace("#", "")):
             raise invalid_config(f"{key}: {cond!r} contains control characters")
-        if cond in _IPT_FORBIDDEN_ARGS:
-            raise invalid_config(f"{key}: {cond!r} is not allowed", "conditions may only match packets, not jump")
+        if expect_module:
+            expect_module = False
+            if cond.lower() in _IPT_STATEFUL_MATCHES:
+                raise invalid_config(f"{key}: the match module {cond!r} keeps state; it is not allowed",
+                                     "conditions may only match packets (e.g. -s, -d, -i, -m conntrack)")
+        option = _ipt_option(cond)
+        if option is None:
+            continue
+        name, value = option
+        if len(name) == 2 and name[1] in _IPT_SHORT_NO_ARGUMENT and value:
+            raise invalid_config(f"{key}: {cond!r} combines short options",
+                                 "give each option as its own list item")
+        forbidden = (name[1:] in _IPT_SHORT_FORBIDDEN if len(name) == 2 and name[1] != "-"
+                     else any(full.startswith(name) for full in _IPT_LONG_FORBIDDEN))
+        if forbidden:
+            raise invalid_config(f"{key}: {cond!r} is not allowed",
+                                 "conditions may only match packets: no target, jump, table or command")
+        if name in ("-m", "--match") or (len(name) > 3 and "--match".startswith(name)):
+            if value:
+                if value.lower() in _IPT_STATEFUL_MATCHES:
+                    raise invalid_config(f"{key}: the match module {value!r} keeps state; it is not allowed",
+                                         "conditions may only match packets (e.g. -s, -d, -i, -m conntrack)")
+            else:
+                expect_module = True
 
 
 def _choose_backend(requested: Any, external: str | None, cond4: list[str] | None,

@@ -299,6 +299,38 @@ def test_check(make_node, ours):
     assert rc != 0 and "not found" in err["msg"], err
 
 
+@pytest.mark.parametrize("subnets", [{}, {"shapedSubnets": ["10.99.0.0/16"]}], ids=["tbf", "htb"])
+def test_check_compares_burst_and_latency_not_only_the_rate(make_node, ours, subnets):
+    """Same rate, another burst or latency: CHECK must say the shaping does not match."""
+    node = make_node()
+    pod = node.attach("ctr-burst")
+    rc, res = run_plugin(ours, "ADD", bw_conf(pod, **LIMITS, **subnets), node, pod)
+    assert rc == 0, res
+    check = bw_conf(pod, **LIMITS, **subnets) | {"prevResult": res}
+    assert run_plugin(ours, "CHECK", check, node, pod)[0] == 0
+    changes = [{"ingressBurst": LIMITS["ingressBurst"] * 2}, {"egressBurst": LIMITS["egressBurst"] // 2}]
+    if not subnets:
+        changes.append({"latencyMs": 100})  # tbf's queue limit is rate x latency + burst (htb has none)
+    for change in changes:
+        rc, err = run_plugin(ours, "CHECK", check | change, node, pod)
+        assert rc != 0 and err["code"] == 999 and "match" in err["msg"], (change, err)
+    assert run_plugin(ours, "CHECK", check, node, pod)[0] == 0
+    if subnets:
+        # The shaped class changed behind our back: same rate, another burst.
+        sh("ip", "netns", "exec", node.name, "tc", "class", "change", "dev", pod.host_veth, "parent", "1:",
+           "classid", "1:30", "htb", "rate", "8mbit", "ceil", "8mbit", "burst", "20000b")
+    else:
+        # The qdisc replaced behind our back: same rate, another burst (the limit kept), then another latency.
+        for burst, latency in (("20000", "25ms"), ("10000", "50ms")):
+            sh("ip", "netns", "exec", node.name, "tc", "qdisc", "replace", "dev", pod.host_veth, "root",
+               "handle", "1:", "tbf", "rate", "8mbit", "burst", burst, "latency", latency)
+            rc, err = run_plugin(ours, "CHECK", check, node, pod)
+            assert rc != 0 and "doesn't match" in err["msg"], (burst, latency, err)
+        return
+    rc, err = run_plugin(ours, "CHECK", check, node, pod)
+    assert rc != 0 and "match" in err["msg"], err
+
+
 def test_check_without_bandwidth_config_succeeds(make_node, ours):
     """v1.1.1 panics here (nil bandwidth entry); upstream and the spec expect success."""
     node = make_node()

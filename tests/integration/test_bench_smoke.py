@@ -3,9 +3,17 @@
 This checks the benchmark, not speed: no figure is compared with a threshold
 except the ones that are correctness, i.e. concurrent ADDs never hand out an
 address twice.
+
+Hermetic: the run is tagged with a unique PYCNI_BENCH_PREFIX, and only the
+namespaces and directories carrying that tag are checked, so another
+benchmark, demo or test running on the machine at the same time changes
+nothing here. (The machine's own links are not compared: the benchmark only
+ever creates links inside its namespaces, and a machine-wide comparison fails
+whenever anything else on the machine adds or removes one.)
 """
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -14,7 +22,6 @@ import pytest
 
 import netns
 from tests.helpers.plugins import has_reference
-from tests.helpers.state import link_names
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,23 +32,21 @@ pytestmark = [
 ]
 
 
-def _bench_namespaces():
-    return {n for n in netns.list_names() if n.startswith("pb-")}
+def _bench_namespaces(tag):
+    return {n for n in netns.list_names() if n.startswith(f"{tag}-")}
 
 
-def _bench_temp_dirs():
-    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("pycni-bench-")}
-
-
-def _root_links():
-    return set(link_names(None))  # only read: the machine's own namespace
+def _bench_temp_dirs(tag):
+    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith(f"pycni-bench-{tag}-")}
 
 
 def test_smoke_run_produces_ratios_and_no_duplicates(tmp_path):
-    before = (_bench_namespaces(), _bench_temp_dirs(), _root_links())
+    tag = f"pbt{secrets.token_hex(4)}"  # this run's namespaces and directories, nobody else's
+    assert not _bench_namespaces(tag) and not _bench_temp_dirs(tag)
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--json", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYCNI_BENCH_PREFIX=tag))
     # Exit code 0 also means no figure failed (bench exits 1 on any "error" entry).
     assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
     doc = json.loads(out.read_text())
@@ -64,7 +69,8 @@ def test_smoke_run_produces_ratios_and_no_duplicates(tmp_path):
         assert figure["duplicates"] == {"pycni": 0, "reference": 0}
         assert figure["failures"] == {"pycni": 0, "reference": 0}
 
-    after = (_bench_namespaces(), _bench_temp_dirs(), _root_links())
-    assert after[0] == before[0], "the benchmark left namespaces behind"
-    assert after[1] == before[1], "the benchmark left temporary directories behind"
-    assert after[2] == before[2], "the machine's own links changed during the benchmark"
+    # The run used its tag (its plugin directory, printed and recorded, carries it).
+    assert f"pycni-bench-{tag}-" in proc.stdout + out.read_text(), "PYCNI_BENCH_PREFIX was ignored"
+    assert not _bench_namespaces(tag), "the benchmark left namespaces behind"
+    assert not _bench_temp_dirs(tag), "the benchmark left temporary directories behind"
+

@@ -499,6 +499,13 @@ def test_conditions_v4_limit_forwarding(env):
     ({"backend": "nftables", "conditionsV4": ["-s", "1.2.3.4"]}, TCP_UDP, 7),
     ({"backend": "pf"}, TCP_UDP, 7),
     ({"name": 'pm"; flush ruleset'}, TCP_UDP, 7),
+    # conditions hold match expressions only: statements are refused before any rule is written
+    ({"conditionsV4": ["meta mark set 0x1"]}, TCP_UDP, 7),
+    ({"conditionsV4": ["ip saddr 10.0.0.0/8", "log prefix pwned", "counter"]}, TCP_UDP, 7),
+    ({"conditionsV6": ["ip6 saddr ::1 limit rate 1/second"]}, TCP_UDP, 7),
+    ({"backend": "iptables", "conditionsV4": ["-s", "1.2.3.4", "--jump=ACCEPT"]}, TCP_UDP, 7),
+    ({"backend": "iptables", "conditionsV4": ["-m", "limit", "--limit", "1/s"]}, TCP_UDP, 7),
+    ({"backend": "iptables", "conditionsV6": ["-s", "::1", "-g", "KUBE-X"]}, TCP_UDP, 7),
 ])
 def test_bad_input_is_rejected_and_changes_nothing(env, extra, mappings, code):
     a = env.pods[0]
@@ -548,6 +555,40 @@ def test_iptables_backend_layout_and_traffic(env):
     assert "CNI-DN-" not in env.iptables_save() + env.iptables_save(6)
     assert ask(env.outside, NODE_V4, 8080) is None
     assert pm_del(env, a, TCP_UDP, backend="iptables")[0] == 0
+
+
+def test_iptables_check_fails_on_broken_state(env):
+    """CHECK of the iptables backend is run on broken state, not only on intact state: each
+    rule ADD wrote, removed behind the plugin's back, makes CHECK fail; ADD repairs it."""
+    import shlex
+
+    a = env.pods[0]
+    conf = env.portmap_conf(a, TCP_UDP, backend="iptables")
+    assert pm_add(env, a, TCP_UDP, backend="iptables")[0] == 0
+    assert env.run_plugin(OURS, "CHECK", conf, a.container_id, a.ns.path)[0] == 0
+
+    def rules(family: int, *needles: str) -> list[str]:
+        return [line for line in env.iptables_save(family).splitlines()
+                if line.startswith("-A ") and all(n in line for n in needles)]
+
+    breakages = [
+        (4, ("-A CNI-DN-", "DNAT", "--dport 8080")),        # the v4 DNAT of one mapping
+        (6, ("-A CNI-DN-", "DNAT", "--dport 8081")),        # the v6 DNAT of another
+        (4, ("-A CNI-DN-", "CNI-HOSTPORT-SETMARK")),        # the mark for hairpin masquerade
+        (4, ("-A CNI-HOSTPORT-DNAT", "-j CNI-DN-")),        # the jump into the container's chain
+    ]
+    for family, needles in breakages:
+        found = rules(family, *needles)
+        assert found, (needles, env.iptables_save(family))
+        tool = "iptables" if family == 4 else "ip6tables"
+        sh("ip", "netns", "exec", env.node.name, tool, "-w", "-t", "nat", "-D", *shlex.split(found[0])[1:])
+        rc, out = env.run_plugin(OURS, "CHECK", conf, a.container_id, a.ns.path)
+        assert rc == 1 and out["code"] == 999 and "not found" in out["msg"], (needles, out)
+        assert pm_add(env, a, TCP_UDP, backend="iptables")[0] == 0  # ADD puts it back
+        assert env.run_plugin(OURS, "CHECK", conf, a.container_id, a.ns.path)[0] == 0
+    assert pm_del(env, a, TCP_UDP, backend="iptables")[0] == 0
+    rc, out = env.run_plugin(OURS, "CHECK", conf, a.container_id, a.ns.path)
+    assert rc == 1 and "not found" in out["msg"], out
 
 
 def test_iptables_backend_gc(env):

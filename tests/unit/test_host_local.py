@@ -244,7 +244,9 @@ def test_api_gc_releases_exactly_the_others(tmp_path):
     for n in range(6):
         host_local.allocate(conf, f"c{n}", "eth0")
     open(os.path.join(str(tmp_path), "net1", "10.30.0.200"), "w").write("c1")  # legacy file of c1
-    open(os.path.join(str(tmp_path), "net1", ".pycni-tmp-1-dead"), "w").write("crash")
+    crashed = os.path.join(str(tmp_path), "net1", ".pycni-tmp-1-dead")
+    open(crashed, "w").write("crash")
+    os.utime(crashed, (1, 1))  # its writer's PID (1) runs, but the file is older than any write takes
     released = host_local.gc(conf, [("c1", "eth0"), ("c4", "eth0"), ("c5", "eth9")])
     assert sorted(released) == ["10.30.0.2", "10.30.0.4", "10.30.0.5", "10.30.0.7"]
     assert sorted(files(tmp_path)) == ["10.30.0.200", "10.30.0.3", "10.30.0.6", "last_reserved_ip.0", "lock"]

@@ -1,0 +1,1 @@
+"""Property-based fuzzing of every plugin (see test_fuzz_plugins.py)."""
