@@ -16,7 +16,7 @@ from typing import Any
 
 from cni_plugins.spec.errors import ERR_DECODE, ERR_IO, CNIError
 
-from .fileutil import write_atomically
+from cni_plugins.kernel.files import write_atomically
 
 DEFAULT_CACHE_DIR = "/var/lib/cni"
 CACHE_KIND = "cniCacheV1"

@@ -1,69 +1,16 @@
 """`pycni cluster`: set up and inspect the overlay's cluster store."""
 from __future__ import annotations
 
-import functools
 import ipaddress
 import json
-from typing import Any, Callable
 
 import click
 
+from pycni.storeopts import open_from_options as _open
+from pycni.storeopts import store_errors as _store_errors
+from pycni.storeopts import store_options as _store_options
+
 MAX_VNI = 2**24 - 1
-
-STORE_HELP = ("Where the cluster state lives: file:///DIR for a local directory (one machine, or nodes "
-              "sharing a filesystem), or etcd://HOST:PORT[,HOST:PORT...] for an etcd v3 cluster (list several "
-              "members; they are tried in order).")
-
-
-def _store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option("--store", "store_url", required=True, metavar="URL", help=STORE_HELP),
-        click.option("--etcd-prefix", default="/pycni", show_default=True, metavar="PREFIX",
-                     help="Key prefix in etcd, so several clusters can share one etcd (ignored for file://)."),
-        click.option("--etcd-cafile", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
-                     help="CA certificate that signed etcd's server certificate; turns on TLS (https)."),
-        click.option("--etcd-certfile", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
-                     help="Client certificate, for etcd started with --client-cert-auth; turns on TLS."),
-        click.option("--etcd-keyfile", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
-                     help="Private key of --etcd-certfile."),
-        click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0.1), metavar="SECONDS",
-                     help="How long to wait for each store request."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def _open(store_url: str, etcd_prefix: str, etcd_cafile: str | None, etcd_certfile: str | None,
-          etcd_keyfile: str | None, timeout: float):
-    from ipam.cluster import StoreError, TLSFiles, open_store
-
-    tls = None
-    if etcd_cafile or etcd_certfile or etcd_keyfile:
-        if etcd_keyfile and not etcd_certfile:
-            raise click.BadParameter("a client key needs its certificate: give --etcd-certfile too",
-                                     param_hint="--etcd-keyfile")
-        tls = TLSFiles(cafile=etcd_cafile, certfile=etcd_certfile, keyfile=etcd_keyfile)
-    try:
-        return open_store(store_url, prefix=etcd_prefix, tls=tls, timeout=timeout)
-    except StoreError as exc:
-        raise click.BadParameter(str(exc), param_hint="--store") from None
-
-
-def _store_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A store failure ends the command with exit status 1 and its one-line message."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from ipam.cluster import StoreError
-
-        try:
-            return fn(*args, **kwargs)
-        except StoreError as exc:
-            raise click.ClickException(" ".join(str(exc).split())) from None
-
-    return wrapper
-
 
 @click.group("cluster")
 def cluster() -> None:

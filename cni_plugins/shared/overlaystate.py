@@ -21,9 +21,10 @@ import json
 import os
 import re
 import stat
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from cni_plugins.kernel.files import write_atomically
 
 STATE_FILE = "overlay.json"
 FILE_MODE = 0o644
@@ -159,29 +160,7 @@ def write_state(state_dir: str, state: OverlayState) -> str:
     _ensure_dir(state_dir)
     path = state_path(state_dir)
     data = (json.dumps(state.to_dict(), indent=2, sort_keys=True) + "\n").encode()
-    fd, tmp = tempfile.mkstemp(prefix=".overlay-", suffix=".tmp", dir=state_dir)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fchmod(handle.fileno(), FILE_MODE)
-            os.fsync(handle.fileno())
-        # rename replaces a symlink at ``path`` itself rather than writing through it
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:
-        dfd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    write_atomically(path, data, FILE_MODE, prefix=".overlay-", sync_dir=True)
     return path
 
 

@@ -19,10 +19,10 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from cni_plugins.kernel.files import write_atomically
 from cni_plugins.spec.errors import ERR_IO, CNIError
 
 SUBDIR = "vxlan"
@@ -121,20 +121,7 @@ def save(state_dir: str, network: str, container_id: str, ifname: str, delegate:
     body = {"network": network, "containerID": container_id, "ifname": ifname, "delegate": delegate}
     data = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".vxlan-", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fchmod(handle.fileno(), FILE_MODE)
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        write_atomically(path, data, FILE_MODE, prefix=".vxlan-")
     except OSError as exc:
         raise CNIError(ERR_IO, f"cannot write the cached delegate {path}: {exc.strerror}") from None
     return path

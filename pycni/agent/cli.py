@@ -11,37 +11,12 @@ from typing import Any, Callable
 
 import click
 
+from pycni.storeopts import etcd_options, tls_files
+
 from .protocol import DEFAULT_SOCKET
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_STATE_DIR = "/run/pycni"
-
-
-def _etcd_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option("--etcd-prefix", default="/pycni", show_default=True, metavar="PREFIX",
-                     help="Key prefix in etcd (ignored for file:// stores)."),
-        click.option("--etcd-cafile", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
-                     help="CA certificate of etcd's server certificate; turns on TLS."),
-        click.option("--etcd-certfile", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
-                     help="Client certificate for etcd; turns on TLS."),
-        click.option("--etcd-keyfile", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
-                     help="Private key of --etcd-certfile."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def _tls(cafile: str | None, certfile: str | None, keyfile: str | None) -> Any:
-    if not (cafile or certfile or keyfile):
-        return None
-    if keyfile and not certfile:
-        raise click.BadParameter("a client key needs its certificate: give --etcd-certfile too",
-                                 param_hint="--etcd-keyfile")
-    from ipam.cluster import TLSFiles
-
-    return TLSFiles(cafile=cafile, certfile=certfile, keyfile=keyfile)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -95,7 +70,7 @@ def _logger(log_file: str | None, level: str) -> logging.Logger:
               help="Overlay mode: full reconcile at least this often, even without store changes [default: 10].")
 @click.option("--disable-tx-checksum-offload", is_flag=True,
               help="Overlay mode: turn transmit checksum offload off on the vxlan device (flannel #1279).")
-@_etcd_options
+@etcd_options
 @click.option("--leave", is_flag=True,
               help="Overlay mode: on SIGTERM give the subnet lease back and remove this node from the store "
                    "(default: keep it, so a restart finds the same subnet).")
@@ -136,7 +111,7 @@ def agent(ctx: click.Context, socket_path: str | None, max_concurrency: int, que
         raise click.UsageError("--public-ip is for overlay mode: give --store too")
     if socket_path is None:
         socket_path = os.path.join(state_dir, "agent.sock") if state_dir else DEFAULT_SOCKET
-    tls = _tls(etcd_cafile, etcd_certfile, etcd_keyfile)
+    tls = tls_files(etcd_cafile, etcd_certfile, etcd_keyfile)
     overlay = None
     if store_url:
         overlay = {"store_url": store_url, "public_ip": public_ip, "state_dir": state_dir or DEFAULT_STATE_DIR,
@@ -325,7 +300,7 @@ def format_status(doc: dict[str, Any]) -> str:
 @agent.command("leave")
 @click.option("--store", "store_url", required=True, metavar="URL", help="The cluster store (as for the agent).")
 @click.option("--public-ip", required=True, metavar="IP", help="The node's underlay address (as for the agent).")
-@_etcd_options
+@etcd_options
 def leave_cmd(store_url: str, public_ip: str, etcd_prefix: str, etcd_cafile: str | None,
               etcd_certfile: str | None, etcd_keyfile: str | None) -> None:
     """Remove this node from the overlay: give back its subnet lease and VTEP entry.
@@ -333,7 +308,7 @@ def leave_cmd(store_url: str, public_ip: str, etcd_prefix: str, etcd_cafile: str
     For a node leaving the cluster for good, after its agent has stopped
     (`pycni agent --leave` does the same when it stops).
     """
-    tls = _tls(etcd_cafile, etcd_certfile, etcd_keyfile)
+    tls = tls_files(etcd_cafile, etcd_certfile, etcd_keyfile)
     try:
         from pycni.overlay.node import leave_cluster
     except ImportError as exc:

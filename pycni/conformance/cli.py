@@ -7,7 +7,9 @@ from typing import Any
 
 import click
 
-from pycni.cluster_cmd import _open, _store_errors, _store_options
+from pycni.storeopts import open_from_options as _open
+from pycni.storeopts import store_errors as _store_errors
+from pycni.storeopts import store_options as _store_options
 
 from .runner import DEFAULT_CHECK_TIMEOUT, DEFAULT_ECHO_PORT, DEFAULT_HOST_PORT, DEFAULT_WAIT
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pycni.fileutil import write_atomically
+from cni_plugins.kernel.files import write_atomically
 
 RECORD_FILE = "conformance.json"
 NETNS_PREFIX = "pycni-conf-"

@@ -7,15 +7,17 @@ import sys
 
 import click
 
+from pycni.storeopts import etcd_options
+
 from .collect import DEFAULT_CACHE_DIR, DEFAULT_IPAM_DIR, DEFAULT_STATE_DIR
 
 FORMATS = ("text", "json", "dot", "svg", "png")
 
 
 def _open_store(store_url: str, etcd_prefix: str, cafile: str | None, certfile: str | None, keyfile: str | None):
-    from pycni.cluster_cmd import _open
+    from pycni.storeopts import open_from_options
 
-    return _open(store_url, etcd_prefix, cafile, certfile, keyfile, 5.0)
+    return open_from_options(store_url, etcd_prefix, cafile, certfile, keyfile, 5.0)
 
 
 def _emit(data: bytes, output: str | None, fmt: str) -> None:
@@ -48,14 +50,7 @@ def _emit(data: bytes, output: str | None, fmt: str) -> None:
               help="The cluster store: names the remote nodes and flags VXLAN entries that are missing.")
 @click.option("--cluster", "whole_cluster", is_flag=True,
               help="Show every node and lease of the cluster (needs --store) instead of this node.")
-@click.option("--etcd-prefix", default="/pycni", show_default=True, metavar="PREFIX",
-              help="Key prefix in etcd (as for the agent).")
-@click.option("--etcd-cafile", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
-              help="CA certificate of etcd's server certificate; turns on TLS.")
-@click.option("--etcd-certfile", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
-              help="Client certificate for etcd.")
-@click.option("--etcd-keyfile", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
-              help="Private key of --etcd-certfile.")
+@etcd_options
 def inspect(fmt: str, output: str | None, state_dir: str, cache_dir: str, ipam_dirs: tuple[str, ...],
             store_url: str | None, whole_cluster: bool, etcd_prefix: str, etcd_cafile: str | None,
             etcd_certfile: str | None, etcd_keyfile: str | None) -> None:

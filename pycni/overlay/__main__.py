@@ -16,34 +16,16 @@ from typing import Any, Callable
 
 import click
 
+from pycni.storeopts import etcd_options, tls_files
+
 STORE_HELP = ("The cluster store: file:///DIR (a local directory) or etcd://HOST:PORT[,HOST:PORT...]. "
               "Create the cluster first with `pycni cluster init --store URL --network CIDR`.")
 
 
 def _store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option("--store", "store_url", metavar="URL", help=STORE_HELP),
-        click.option("--public-ip", metavar="IP", help="This node's underlay address (its VTEP)."),
-        click.option("--etcd-prefix", default="/pycni", show_default=True, metavar="PREFIX",
-                     help="Key prefix in etcd (ignored for file://)."),
-        click.option("--etcd-cafile", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
-                     help="CA certificate for etcd over TLS."),
-        click.option("--etcd-certfile", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
-                     help="Client certificate for etcd."),
-        click.option("--etcd-keyfile", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
-                     help="Key of --etcd-certfile."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def _tls(cafile: str | None, certfile: str | None, keyfile: str | None) -> Any:
-    if not (cafile or certfile or keyfile):
-        return None
-    from ipam.cluster import TLSFiles
-
-    return TLSFiles(cafile=cafile, certfile=certfile, keyfile=keyfile)
+    fn = etcd_options(fn)
+    fn = click.option("--public-ip", metavar="IP", help="This node's underlay address (its VTEP).")(fn)
+    return click.option("--store", "store_url", metavar="URL", help=STORE_HELP)(fn)
 
 
 def _require(ctx: click.Context, **values: Any) -> None:
@@ -89,7 +71,7 @@ def main(ctx: click.Context, store_url: str | None, public_ip: str | None, etcd_
     from pycni.overlay.node import OverlayError, OverlayNode, OverlayOptions
 
     opts = OverlayOptions(store_url=store_url or "", public_ip=public_ip or "", state_dir=state_dir,
-                          etcd_prefix=etcd_prefix, tls=_tls(etcd_cafile, etcd_certfile, etcd_keyfile),
+                          etcd_prefix=etcd_prefix, tls=tls_files(etcd_cafile, etcd_certfile, etcd_keyfile),
                           bridge=bridge, vxlan_device=vxlan_device, underlay_device=underlay_device,
                           node_name=node_name, tx_checksum_offload=not disable_tx_checksum_offload,
                           lease_ttl=lease_ttl, reconcile_interval=reconcile_interval)
@@ -135,7 +117,7 @@ def leave_cmd(ctx: click.Context, store_url: str | None, public_ip: str | None, 
 
     try:
         released = leave_cluster(store_url or "", public_ip or "", prefix=etcd_prefix,
-                                 tls=_tls(etcd_cafile, etcd_certfile, etcd_keyfile))
+                                 tls=tls_files(etcd_cafile, etcd_certfile, etcd_keyfile))
     except OverlayError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)
