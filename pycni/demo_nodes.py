@@ -19,7 +19,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import click
 from pycni.demo_checks import Pod, Scorecard
 from pycni.demo_checks import ping as _ping
 from pycni.demo_checks import tcp_exchange as _tcp_exchange
+from pycni import procs
 
 EXAMPLE = "10-pycni-vxlan.conflist"
 CLUSTER_NETWORK = "10.244.0.0/16"
@@ -89,17 +89,8 @@ def _new_namespace(cleanup: ExitStack, name: str) -> str:
 
 def _stop_agent(proc: subprocess.Popen, node: DemoNode) -> None:
     """SIGTERM by PID, a bounded wait, then SIGKILL."""
-    if proc.poll() is None:
-        try:
-            os.kill(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=AGENT_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            click.echo(f"  warning: agent of {node.label} (pid {proc.pid}) ignored SIGTERM; killing it", err=True)
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=AGENT_STOP_TIMEOUT)
+    if procs.stop(proc, AGENT_STOP_TIMEOUT):
+        click.echo(f"  warning: agent of {node.label} (pid {proc.pid}) ignored SIGTERM; it was killed", err=True)
 
 
 def _log_tail(node: DemoNode, lines: int = 15) -> str:

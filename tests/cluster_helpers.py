@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import netns
+from pycni import procs
 
 ETCD = "/usr/bin/etcd"
 CLIENT_PORT = 2379
@@ -174,16 +175,7 @@ class EtcdMember:
         proc = self.proc
         if proc is None:
             return
-        if proc.poll() is None:
-            try:
-                os.kill(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=timeout)
+        procs.stop(proc, timeout)
         self.proc = None
 
     def log_tail(self, lines: int = 20) -> str:

@@ -39,6 +39,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import netns  # noqa: E402
+from pycni import procs
 
 PYCNI = os.path.join(os.path.dirname(sys.executable), "pycni")
 MODES = ("cold", "warm")
@@ -105,13 +106,7 @@ class AgentProcess:
         """SIGTERM, a bounded wait, then SIGKILL; the exit status (None if it was never started)."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        procs.stop(self.proc, timeout)
         return self.proc.returncode
 
     def kill(self) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -43,6 +42,7 @@ from ..context import Context
 from ..spawn import IP
 from ..stats import summary
 from .dataplane import IPERF, iperf
+from pycni import procs
 
 NET_NAME = "benchov"
 UNDERLAY_PREFIX = "192.168.100"
@@ -173,15 +173,7 @@ def _stop(ctx: Context, agent: Agent) -> None:
     proc = agent.proc
     if proc is None:
         return
-    if proc.poll() is None:
-        try:
-            os.kill(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            pass
+    procs.stop(proc, STOP_TIMEOUT)
     ctx.cleanup.stop_process(proc)
     agent.proc = None
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cni_plugins.kernel.files import write_atomically
+from pycni import procs
 
 RECORD_FILE = "conformance.json"
 NETNS_PREFIX = "pycni-conf-"
@@ -198,16 +198,7 @@ class EchoProcess:
 
     def stop(self) -> None:
         """SIGTERM by PID, a bounded wait, then SIGKILL."""
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=ECHO_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=ECHO_STOP_TIMEOUT)
+        procs.stop(self.proc, ECHO_STOP_TIMEOUT)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 

@@ -27,7 +27,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -40,6 +39,7 @@ from pycni.conformance.probe import probe_netns_names
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from multinode import UNDERLAY_GATEWAY, Node, cluster_topology, wait_for  # noqa: E402
+from pycni import procs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VAGRANT_DIR = os.path.join(REPO, "vagrant")
@@ -164,13 +164,7 @@ def store_for(topo) -> Iterator[str]:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+    procs.stop(proc, 15)
 
 
 @pytest.mark.integration
