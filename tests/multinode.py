@@ -323,6 +323,21 @@ def wait_agent_ready(handle: AgentHandle, timeout: float = AGENT_START_TIMEOUT) 
     raise RuntimeError(f"agent on {handle.node.name} wrote no state file within {timeout} s:\n{handle.log_tail()}")
 
 
+def converged(nodes: Sequence["Node"]) -> bool:
+    """Every node holds a lease and routes every other node's subnet."""
+    subnets = {}
+    for node in nodes:
+        state = node.read_state()
+        if not state:
+            return False
+        subnets[node.index] = state["subnet"]
+    for node in nodes:
+        routes = {r["dst"] for r in node.ip_json("route", "show")}
+        if any(subnets[other.index] not in routes for other in nodes if other is not node):
+            return False
+    return True
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.02, what: str = "condition") -> float:
     """Poll ``predicate`` (bounded) until it is true; return the seconds it took, raise AssertionError on timeout."""
     start = time.monotonic()

@@ -38,7 +38,7 @@ import netns
 from pycni.conformance.probe import is_echo_process, probe_netns_names
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from multinode import UNDERLAY_GATEWAY, AgentHandle, Node, Topology, cluster_topology, wait_for  # noqa: E402
+from multinode import UNDERLAY_GATEWAY, AgentHandle, Node, Topology, cluster_topology, converged, wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.multinode]
 
@@ -98,19 +98,6 @@ def example_conflist(node: Node, ipam_dir: str) -> dict:
             plugin["dataDir"] = ipam_dir
     return conflist
 
-
-def converged(nodes: list[Node]) -> bool:
-    subnets = {}
-    for node in nodes:
-        state = node.read_state()
-        if not state:
-            return False
-        subnets[node.index] = state["subnet"]
-    for node in nodes:
-        routes = {r["dst"] for r in node.ip_json("route", "show")}
-        if any(subnets[o.index] not in routes for o in nodes if o is not node):
-            return False
-    return True
 
 
 @contextlib.contextmanager

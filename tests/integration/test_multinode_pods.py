@@ -32,7 +32,7 @@ import pytest
 import netns
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from multinode import UNDERLAY_GATEWAY, Host, Node, Topology, cluster_topology, wait_for  # noqa: E402
+from multinode import UNDERLAY_GATEWAY, Host, Node, Topology, cluster_topology, converged, wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.multinode,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")]
@@ -118,25 +118,6 @@ def pycni(*args: str, ns: str | None = None) -> subprocess.CompletedProcess[str]
     if ns:
         cmd = ["ip", "netns", "exec", ns, *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-
-
-def overlay_routes(node: Node) -> set[str]:
-    return {r["dst"] for r in node.ip_json("route", "show") if r["dst"].startswith("10.244.")}
-
-
-def converged(nodes: list[Node]) -> bool:
-    """Every node routes every other node's subnet."""
-    subnets = {}
-    for node in nodes:
-        state = node.read_state()
-        if not state:
-            return False
-        subnets[node.index] = state["subnet"]
-    for node in nodes:
-        routes = overlay_routes(node)
-        if any(subnets[other.index] not in routes for other in nodes if other is not node):
-            return False
-    return True
 
 
 @contextlib.contextmanager
