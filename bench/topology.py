@@ -35,8 +35,10 @@ def add_address(ns: str, link: str, cidr: str) -> None:
     ip(ns, "addr", "add", cidr, "dev", link)
 
 
-def bridge(ns: str, name: str) -> None:
-    ip(ns, "link", "add", name, "type", "bridge")
+def bridge(ns: str, name: str, mac: str = "") -> None:
+    """A bridge, up; give ``mac`` where others talk to the bridge's address (without one it follows its
+    lowest port MAC, so hosts joining change it under their peers' ARP entries)."""
+    ip(ns, "link", "add", name, *(("address", mac) if mac else ()), "type", "bridge")
     set_up(ns, name)
 
 

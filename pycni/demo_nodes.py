@@ -38,6 +38,7 @@ EXAMPLE = "10-pycni-vxlan.conflist"
 CLUSTER_NETWORK = "10.244.0.0/16"
 UNDERLAY_PREFIX = "192.168.100"      # only ever inside the demo's namespaces
 UNDERLAY_BRIDGE = "ul"
+UNDERLAY_BRIDGE_MAC = "02:70:79:00:00:01"
 PODS_PER_NODE = 2
 POD_PORT = 8080
 AGENT_READY_TIMEOUT = 30.0
@@ -167,7 +168,8 @@ def run_multinode_demo(node_count: int) -> int:
                    f"work dir {workdir}")
         underlay = f"{tag}-u"
         _new_namespace(cleanup, underlay)
-        _ip(underlay, "link", "add", UNDERLAY_BRIDGE, "type", "bridge")
+        # A fixed MAC: without one the bridge follows its lowest port MAC and changes as nodes join.
+        _ip(underlay, "link", "add", UNDERLAY_BRIDGE, "address", UNDERLAY_BRIDGE_MAC, "type", "bridge")
         _ip(underlay, "addr", "add", f"{UNDERLAY_PREFIX}.1/24", "dev", UNDERLAY_BRIDGE)
         _ip(underlay, "link", "set", UNDERLAY_BRIDGE, "up")
 

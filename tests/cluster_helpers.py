@@ -351,7 +351,7 @@ def etcd_cluster(size: int = 3, *, prefix: str = "etcdc", subnet: str = "10.213.
         netns.create(bridge_name)
         names.append(bridge_name)
         ip("-n", bridge_name, "link", "set", "lo", "up")
-        ip("-n", bridge_name, "link", "add", "br0", "type", "bridge")
+        ip("-n", bridge_name, "link", "add", "br0", "address", "02:70:79:00:00:02", "type", "bridge")  # pinned, as a switch
         ip("-n", bridge_name, "addr", "add", f"{subnet}.254/24", "dev", "br0")
         ip("-n", bridge_name, "link", "set", "br0", "up")
         addresses = [f"{subnet}.{i + 1}" for i in range(size)]

@@ -55,6 +55,10 @@ UNDERLAY_GATEWAY = "192.168.100.1"   # the underlay bridge's own address (etcd c
 FIRST_NODE_HOST = 10                 # node i gets 192.168.100.(10 + i)
 FIRST_EXTRA_HOST = 200               # add_host() addresses: 192.168.100.200, .201, ...
 UNDERLAY_BRIDGE = "ul"
+# A fixed MAC for the underlay bridge: a Linux bridge without one takes the lowest MAC of its ports, so a
+# node joining would change it and every node's ARP entry for 192.168.100.1 (etcd) would point nowhere
+# until it expires (up to ~45 s): etcd "times out" for some nodes only. A real switch does not do that.
+UNDERLAY_BRIDGE_MAC = "02:70:79:00:00:01"
 AGENT_START_TIMEOUT = 20.0
 AGENT_STOP_TIMEOUT = 10.0
 CMD_TIMEOUT = 30
@@ -184,6 +188,15 @@ class AgentHandle:
                     pass
                 self.proc.wait(timeout=timeout)
         return self.proc.returncode
+
+    def dump_threads(self, settle: float = 0.5) -> None:
+        """Ask a running agent to write every thread's stack into its log (SIGUSR1), for a failure report."""
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                return
+            time.sleep(settle)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -363,7 +376,7 @@ def cluster_topology(n_nodes: int, prefix: str = "mn") -> Iterator[Topology]:
     failed = True
     try:
         name, _path = topo._new_namespace("u")
-        ip_in(name, "link", "add", UNDERLAY_BRIDGE, "type", "bridge")
+        ip_in(name, "link", "add", UNDERLAY_BRIDGE, "address", UNDERLAY_BRIDGE_MAC, "type", "bridge")
         ip_in(name, "addr", "add", f"{UNDERLAY_GATEWAY}/{UNDERLAY_NET.prefixlen}", "dev", UNDERLAY_BRIDGE)
         ip_in(name, "link", "set", UNDERLAY_BRIDGE, "up")
         for _ in range(n_nodes):

@@ -47,6 +47,7 @@ from pycni import procs
 NET_NAME = "benchov"
 UNDERLAY_PREFIX = "192.168.100"
 UNDERLAY_BRIDGE = "ul"
+UNDERLAY_BRIDGE_MAC = "02:70:79:00:00:01"
 CLUSTER_NETWORK = "10.244.0.0/16"
 SCALE_NETWORK = "10.0.0.0/8"          # room for 65536 /24 node subnets
 OVERLAY_MTU = 1450                     # underlay 1500 - 50 (VXLAN over IPv4)
@@ -110,7 +111,7 @@ class Underlay:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.ns = ctx.cleanup.namespace("ul")
-        topology.bridge(self.ns, UNDERLAY_BRIDGE)
+        topology.bridge(self.ns, UNDERLAY_BRIDGE, mac=UNDERLAY_BRIDGE_MAC)
         topology.add_address(self.ns, UNDERLAY_BRIDGE, f"{UNDERLAY_PREFIX}.1/24")
         self.count = 0
 
