@@ -1,6 +1,7 @@
 """`pycni agent`: the resident per-node process behind the plugin shims (and the overlay's node agent)."""
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -201,6 +202,8 @@ def serve(socket_path: str, log: logging.Logger, *, max_concurrency: int = 16, q
     # From here a signal stops the agent, also while it is still starting (serve_forever then returns at once).
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # SIGUSR1 writes every thread's stack to stderr (the log): what a stuck agent is doing, without stopping it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if node is not None:
         try:
             node.start()

@@ -61,6 +61,7 @@ WAIT_SLICE = 1.0        # longest single store.wait(): bounds how long stop/clos
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 5.0
 CLOSE_TIMEOUT = 15.0
+STORE_DOWN_REMINDER = 60.0  # while the store stays away with the same error, warn again this often
 IFNAMSIZ = 15
 
 
@@ -90,6 +91,8 @@ class _Status:
     last_reconcile: float | None = None     # wall-clock time of the last completed reconcile
     store_reachable: bool = False
     store_error: str = ""
+    store_down_since: float = 0.0           # monotonic time the current outage began (0: none yet)
+    store_warned_at: float = 0.0            # monotonic time of the last "unavailable" warning
     last_error: str = ""
     remotes: list[Remote] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -475,7 +478,9 @@ class OverlayNode:
         listed = time.monotonic()
         if not self._status.store_reachable:
             if self._status.store_error:
-                self.log.info("the cluster store is reachable again")
+                self.log.info("the cluster store is reachable again (after %.1f s)",
+                              time.monotonic() - self._status.store_down_since)
+            self._status.store_down_since = 0.0
             self._status.store_reachable = True
             self._status.store_error = ""
         own = self._lease
@@ -592,11 +597,19 @@ class OverlayNode:
                     self._configure_node()
 
     def _store_down(self, exc: BaseException) -> None:
-        message = str(exc)
-        if self._status.store_reachable or self._status.store_error != message:
+        message, now = str(exc), time.monotonic()
+        st = self._status
+        if st.store_reachable or not st.store_down_since:
+            st.store_down_since = now
+        if st.store_reachable or st.store_error != message:
             self.log.warning("the cluster store is unavailable (%s); keeping the current entries", message)
-        self._status.store_reachable = False
-        self._status.store_error = message
+            st.store_warned_at = now
+        elif now - st.store_warned_at >= STORE_DOWN_REMINDER:
+            self.log.warning("the cluster store is still unavailable after %.0f s (%s); keeping the current "
+                             "entries", now - st.store_down_since, message)
+            st.store_warned_at = now
+        st.store_reachable = False
+        st.store_error = message
 
     @contextmanager
     def _at_home(self) -> Iterator[None]:

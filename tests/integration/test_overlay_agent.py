@@ -494,7 +494,9 @@ def test_store_outage_keeps_traffic_and_recovers(cluster):
         try:
             wait_for(lambda: has_entries_for(node, state), 20, what=f"{node.name} learning the newcomer")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{cluster.agents[node.index].log_tail(60)}") from None
+            agent = cluster.agents[node.index]
+            agent.dump_threads()
+            raise AssertionError(f"{exc}\n{agent.log_tail(120)}") from None
     print(f"\n[etcd] after the outage, a new node was learned by all {len(cluster.nodes)} nodes "
           f"{time.monotonic() - started:.2f} s after it was ready")
     assert a.ping(state["gateway"])
