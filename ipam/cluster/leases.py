@@ -236,11 +236,16 @@ def list_leases(store: Store) -> tuple[list[NodeLease], int]:
 
 
 def acquire_lease(store: Store, cfg: ClusterConfig, public_ip: str, vtep_mac: str, node_name: str = "",
-                  preferred_subnet: str | None = None, ttl: int | None = None) -> NodeLease:
+                  preferred_subnet: str | None = None, ttl: int | None = None,
+                  previous: NodeLease | None = None) -> NodeLease:
     """Lease a subnet for the node whose underlay address is public_ip.
 
     A node gets its own subnet back: an existing lease with this public_ip is
-    reused (and updated with vtep_mac and node_name). Otherwise
+    reused (and updated with vtep_mac and node_name). A node whose underlay
+    address changed passes the lease it held before as previous (from its own
+    state): if the store still holds exactly that lease (subnet, old address
+    and old VTEP MAC), it is taken over in place with the new address, so the
+    old address does not keep a subnet until its TTL. Otherwise
     preferred_subnet if it is a free subnet of the cluster (it is ignored if
     it does not belong to this cluster's network and subnet length), else the
     first free subnet in address order. Raises LeaseExhausted when every
@@ -253,10 +258,13 @@ def acquire_lease(store: Store, cfg: ClusterConfig, public_ip: str, vtep_mac: st
         entries, _revision = store.list(SUBNETS_PREFIX)
         leases, taken, odd = _survey(entries)
         mine = [lease for lease in leases if lease.public_ip == public_ip and _fits(cfg, lease.subnet)]
+        if not mine and previous is not None:
+            mine = [lease for lease in leases if _fits(cfg, lease.subnet) and lease.subnet == previous.subnet
+                    and lease.public_ip == previous.public_ip and lease.vtep_mac == previous.vtep_mac]
         if mine:
             mine.sort(key=lambda lease: (lease.subnet != str(preferred), _net_sort_key(
                 ipaddress.ip_network(lease.subnet))))
-            updated = _update_own(store, mine[0], vtep_mac, node_name, ttl)
+            updated = _update_own(store, mine[0], public_ip, vtep_mac, node_name, ttl)
             if updated is not None:
                 return updated
             continue  # it changed under us: look again
@@ -367,9 +375,9 @@ def _claim(store: Store, lease: NodeLease, ttl: int | None) -> NodeLease | None:
     return None
 
 
-def _update_own(store: Store, lease: NodeLease, vtep_mac: str, node_name: str,
+def _update_own(store: Store, lease: NodeLease, public_ip: str, vtep_mac: str, node_name: str,
                 ttl: int | None) -> NodeLease | None:
-    wanted = dc_replace(lease, vtep_mac=vtep_mac, node_name=node_name or lease.node_name)
+    wanted = dc_replace(lease, public_ip=public_ip, vtep_mac=vtep_mac, node_name=node_name or lease.node_name)
     if wanted == lease and (ttl is None or store.refresh(lease.key)):
         return lease  # unchanged and alive: no write (and no revision bump that wakes every watcher)
     if store.replace(lease.key, wanted.to_json().encode(), lease.mod_revision, ttl=ttl):

@@ -210,10 +210,12 @@ class OverlayNode:
             raise OverlayError(f"underlay {underlay.name}: {exc}") from None
         self._vtep_mac = kvx.stable_vtep_mac(vtep_mac_seed(opts.public_ip, cfg.vni, self._node_name))
 
-        preferred = self._previous_subnet(cfg)
+        previous = self._previous_lease(cfg)
+        preferred = previous.subnet if previous is not None else None
+        renumbered = previous if previous is not None and previous.public_ip != opts.public_ip else None
         try:
             lease = acquire_lease(self._store, cfg, opts.public_ip, self._vtep_mac, node_name=self._node_name,
-                                  preferred_subnet=preferred, ttl=self._ttl)
+                                  preferred_subnet=preferred, ttl=self._ttl, previous=renumbered)
         except LeaseExhausted as exc:
             raise OverlayError(f"no subnet left for this node: {exc}") from None
         except (StoreError, ValueError) as exc:
@@ -221,6 +223,9 @@ class OverlayNode:
         if preferred and lease.subnet != preferred:
             self.log.warning("the subnet %s of the previous run was taken; leased %s instead", preferred,
                              lease.subnet)
+        elif renumbered is not None:
+            self.log.warning("this node's underlay address changed from %s to %s: its lease of %s moved with it",
+                             renumbered.public_ip, opts.public_ip, lease.subnet)
         self._lease = lease
         self.log.info("leased %s for %s (%s), VTEP MAC %s; %s", lease.subnet, opts.public_ip, self._node_name,
                       self._vtep_mac, cfg.describe())
@@ -266,7 +271,8 @@ class OverlayNode:
                                f"address (--public-ip) or name the device (--underlay-device)")
         return link
 
-    def _previous_subnet(self, cfg: ClusterConfig) -> str | None:
+    def _previous_lease(self, cfg: ClusterConfig) -> NodeLease | None:
+        """The lease this node held in its previous run (from its state file), if it was in this cluster."""
         try:
             previous = overlaystate.read_state(self.opts.state_dir)
         except overlaystate.OverlayStateError as exc:
@@ -274,11 +280,12 @@ class OverlayNode:
             return None
         if previous is None:
             return None
-        if previous.network != cfg.network or previous.public_ip != self.opts.public_ip:
-            self.log.info("the previous overlay state is for %s / %s; not reusing its subnet", previous.network,
-                          previous.public_ip)
+        if previous.network != cfg.network:
+            self.log.info("the previous overlay state is for the network %s; not reusing its subnet",
+                          previous.network)
             return None
-        return previous.subnet
+        return NodeLease(subnet=previous.subnet, public_ip=previous.public_ip, vtep_mac=previous.vtep_mac,
+                         node_name=previous.node_name)
 
     def run(self, stop: threading.Event) -> None:
         """Watch the store and reconcile until ``stop`` is set (or close() is called)."""

@@ -331,6 +331,45 @@ def test_restart_keeps_subnet_and_vtep_mac(cluster):
     assert peer.ping(after["gateway"])
 
 
+def test_a_renumbered_node_keeps_its_subnet_and_drops_the_old_address(cluster):
+    """The node's underlay address changes while its agent is down (DHCP, a moved VM): the lease moves with it."""
+    node, peers = cluster.nodes[2], cluster.nodes[:2]
+    old_ip, new_ip = node.public_ip, "192.168.100.60"
+    before = cluster.state(node)
+
+    def renumber(frm: str, to: str) -> None:
+        assert cluster.agents[node.index].stop() == 0
+        node.ip("addr", "del", f"{frm}/24", "dev", "eth0")   # first: deleting a primary drops its secondaries
+        node.ip("addr", "add", f"{to}/24", "dev", "eth0")
+        node.public_ip = to
+        cluster.start(node)
+
+    renumber(old_ip, new_ip)
+    try:
+        after = cluster.state(node)
+        assert (after["subnet"], after["publicIP"]) == (before["subnet"], new_ip)
+        assert after["vtepMAC"] != before["vtepMAC"]           # derived from the address
+        info = node.ip_json("-d", "link", "show", VXLAN)[0]["linkinfo"]["info_data"]
+        assert info["local"] == new_ip
+        with cluster.store() as store:
+            from ipam.cluster import list_leases
+            held = {l.public_ip: l.subnet for l in list_leases(store)[0]}
+        assert held.get(new_ip) == before["subnet"] and old_ip not in held, held
+        for peer in peers:
+            stale_neigh = expected_entries(before)[1]
+            wait_for(lambda: has_entries_for(peer, after) and not any(dst == old_ip for _mac, dst in fdb(peer))
+                     and stale_neigh not in neighbours(peer), 5, what=f"{peer.name} following the renumbered node")
+            assert old_ip not in nft_members(peer)
+            assert peer.ping(after["gateway"])
+    finally:
+        renumber(new_ip, old_ip)
+    restored = cluster.state(node)
+    assert (restored["subnet"], restored["publicIP"], restored["vtepMAC"]) == \
+        (before["subnet"], old_ip, before["vtepMAC"])
+    for peer in peers:
+        wait_for(lambda: has_entries_for(peer, restored), 5, what=f"{peer.name} following the node back")
+
+
 def test_hand_deleted_entries_are_repaired(cluster):
     node, remote = cluster.nodes[0], cluster.nodes[2]
     rs = cluster.state(remote)

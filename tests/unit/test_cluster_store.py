@@ -452,6 +452,22 @@ def test_same_node_gets_its_subnet_back_with_the_new_mac(store, cfg):
     assert len(list_leases(store)[0]) == 2
 
 
+def test_a_renumbered_node_takes_its_own_lease_over(store, cfg):
+    old = acquire_lease(store, cfg, "192.168.1.10", MAC_A, node_name="a")
+    other = acquire_lease(store, cfg, "192.168.1.11", MAC_B, node_name="b")
+    previous = NodeLease(old.subnet, old.public_ip, old.vtep_mac, old.node_name)
+    moved = acquire_lease(store, cfg, "192.168.1.20", MAC_B, node_name="a", preferred_subnet=old.subnet,
+                          previous=previous)
+    assert (moved.subnet, moved.public_ip, moved.vtep_mac) == (old.subnet, "192.168.1.20", MAC_B)
+    leases = list_leases(store)[0]
+    assert [(l.subnet, l.public_ip) for l in leases] == [(old.subnet, "192.168.1.20"), (other.subnet, other.public_ip)]
+    # Only the exact lease it held: a previous lease whose MAC or address the store does not hold is no claim.
+    impostor = NodeLease(other.subnet, other.public_ip, MAC_A, "b")
+    third = acquire_lease(store, cfg, "192.168.1.30", MAC_A, previous=impostor)
+    assert third.subnet not in (old.subnet, other.subnet)
+    assert any(l.public_ip == other.public_ip and l.subnet == other.subnet for l in list_leases(store)[0])
+
+
 def test_preferred_subnet(store, cfg):
     a = acquire_lease(store, cfg, "192.168.1.10", MAC_A, preferred_subnet="10.244.7.0/24")
     assert a.subnet == "10.244.7.0/24"
