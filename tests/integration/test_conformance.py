@@ -22,14 +22,11 @@ Every fault lives in a test namespace and is removed again, also on failure.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import pytest
@@ -38,102 +35,14 @@ import netns
 from pycni.conformance.probe import is_echo_process, probe_netns_names
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from multinode import UNDERLAY_GATEWAY, AgentHandle, Node, Topology, cluster_topology, converged, wait_for  # noqa: E402
+from multinode import Node, wait_for  # noqa: E402
+from pod_cluster import CLUSTER_NETWORK, NET_NAME, PYCNI, PodCluster, agent_paused, pod_cluster  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.multinode]
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PYCNI = os.path.join(os.path.dirname(sys.executable), "pycni")
-CLUSTER_NETWORK = "10.244.0.0/16"
-NET_NAME = "pycni-vxlan"
-EXAMPLE = os.path.join(REPO, "conf", "examples", "10-pycni-vxlan.conflist")
-CONVERGE_TIMEOUT = 20.0
-RUN_TIMEOUT = 120
 CHECK_TIMEOUT = "2"
 PASSING = {"pass", "skip"}
-
-
-# ---- a cluster whose nodes attach pods through their own CNI directories -------------------
-
-@dataclass
-class PodCluster:
-    topo: Topology
-    store_url: str
-    store_dir: str = ""                       # the file store's directory ("" for etcd)
-    agents: dict[str, AgentHandle] = field(default_factory=dict)
-
-    @property
-    def nodes(self) -> list[Node]:
-        return self.topo.nodes
-
-    def name(self, node: Node) -> str:
-        return f"n{node.index}"
-
-    def dir(self, node: Node, what: str) -> str:
-        return self.topo.path(f"n{node.index}-{what}")
-
-    def env(self, node: Node, cni_path: str | None = None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CNI_") and k != "NETCONFPATH"}
-        env.update(NETCONFPATH=self.dir(node, "netd"), CNI_PATH=cni_path or self.dir(node, "bin"),
-                   CNI_CACHE_DIR=self.dir(node, "cache"))
-        return env
-
-    def pycni(self, node: Node, *args: str, timeout: float = 120,
-              cni_path: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ip", "netns", "exec", node.name, PYCNI, *args], capture_output=True, text=True,
-                              timeout=timeout, env=self.env(node, cni_path), stdin=subprocess.DEVNULL)
-
-    def subnet(self, node: Node) -> str:
-        state = node.read_state()
-        assert state, f"{node.name} has no overlay state"
-        return state["subnet"]
-
-
-def example_conflist(node: Node, ipam_dir: str) -> dict:
-    with open(EXAMPLE) as fh:
-        conflist = json.load(fh)
-    for plugin in conflist["plugins"]:
-        if plugin["type"] == "vxlan":
-            plugin["stateDir"] = node.state_dir
-            plugin["dataDir"] = ipam_dir
-    return conflist
-
-
-
-@contextlib.contextmanager
-def pod_cluster(n_nodes: int, store: str, prefix: str) -> Iterator[PodCluster]:
-    """``n_nodes`` nodes with agents (named n0, n1, ...), converged, each with bin dirs and a conflist."""
-    with contextlib.ExitStack() as stack:
-        topo = stack.enter_context(cluster_topology(n_nodes, prefix))
-        store_dir = ""
-        if store == "file":
-            store_dir = topo.path("store")
-            store_url = "file://" + store_dir
-        else:
-            from cluster_helpers import etcd_skip_reason, start_etcd
-
-            reason = etcd_skip_reason()
-            if reason:
-                pytest.skip(reason)
-            member = start_etcd(topo.underlay_path, UNDERLAY_GATEWAY, workdir=topo.path("etcd"))
-            stack.callback(member.stop)
-            store_url = member.url
-        cluster = PodCluster(topo, store_url, store_dir)
-        done = cluster.pycni(topo.nodes[0], "cluster", "init", "--store", store_url, "--network", CLUSTER_NETWORK)
-        assert done.returncode == 0, done.stdout + done.stderr
-        for node in topo.nodes:
-            cluster.agents[node.name] = topo.start_agent(node, store_url, extra_args=("--node-name", f"n{node.index}"))
-        wait_for(lambda: converged(topo.nodes), CONVERGE_TIMEOUT, what="every node routing every other subnet")
-        for node in topo.nodes:
-            for args in (("--cni-bin-dir", cluster.dir(node, "bin"), "--agent-socket", node.socket),
-                         ("--cni-bin-dir", cluster.dir(node, "coldbin"), "--no-agent")):
-                done = subprocess.run([PYCNI, "install", *args], capture_output=True, text=True, timeout=60)
-                assert done.returncode == 0, done.stderr
-            os.makedirs(cluster.dir(node, "netd"))
-            os.makedirs(cluster.dir(node, "ipam"))
-            with open(os.path.join(cluster.dir(node, "netd"), f"10-{NET_NAME}.conflist"), "w") as fh:
-                json.dump(example_conflist(node, cluster.dir(node, "ipam")), fh)
-        yield cluster
+RUN_TIMEOUT = 120
 
 
 # ---- running conformance on every node at once ------------------------------------------------
@@ -288,42 +197,6 @@ def test_snat_between_nodes_fails_no_snat_only(file_cluster):
         assert f"reply came from {vtep} (node n0's VXLAN device address), not the pod" in message
         assert "conformance_fault_snat" in message     # the rule that did it, from n0's published facts
     no_leftovers(c)
-
-
-def _lock_free(lock_path: str) -> bool:
-    fd = os.open(lock_path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def _stopped(pid: int) -> bool:
-    with open(f"/proc/{pid}/stat") as fh:
-        return fh.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
-
-
-@contextlib.contextmanager
-def agent_paused(handle: AgentHandle, store_dir: str) -> Iterator[None]:
-    """SIGSTOP the agent (by PID) at a moment it holds no file-store lock; SIGCONT it on the way out."""
-    lock = os.path.join(store_dir, ".lock")
-    try:
-        for _ in range(50):
-            os.kill(handle.pid, signal.SIGSTOP)
-            wait_for(lambda: _stopped(handle.pid), 5, what="the agent to stop")
-            if _lock_free(lock):
-                break
-            os.kill(handle.pid, signal.SIGCONT)
-            time.sleep(0.02)
-        else:
-            raise AssertionError("the agent kept holding the store lock")
-        yield
-    finally:
-        os.kill(handle.pid, signal.SIGCONT)
 
 
 def fdb_entries(node: Node) -> set[tuple[str, str]]:

@@ -25,8 +25,8 @@ import pytest
 
 import netns
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_conformance import NET_NAME, PYCNI, PodCluster, agent_paused, pod_cluster  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pod_cluster import NET_NAME, PYCNI, PodCluster, agent_paused, pod_cluster  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.multinode]
 
