@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager
 
 from .. import configs
 from ..context import Context
@@ -39,28 +41,46 @@ def run(ctx: Context) -> dict[str, Any]:
     return figures
 
 
-def _measure(ctx: Context, label: str) -> dict[str, Any]:
-    walls: dict[str, list[float]] = {"pycni": [], "reference": []}
-    per_add: dict[str, list[float]] = {"pycni": [], "reference": []}
-    per_add_cpu: dict[str, list[float]] = {"pycni": [], "reference": []}
-    duplicates = {"pycni": 0, "reference": 0}
-    failures: dict[str, int] = {"pycni": 0, "reference": 0}
-    first_failure: dict[str, str] = {}
+@dataclass
+class Tally:
+    """One side's figures over every round."""
+
+    walls: list[float] = field(default_factory=list)
+    per_add: list[float] = field(default_factory=list)
+    per_add_cpu: list[float] = field(default_factory=list)
+    duplicates: int = 0
+    failures: int = 0
+    first_failure: str = ""
+
+
+def tally_rounds(ctx: Context, label: str, sides: tuple[Side, Side],
+                 around: Callable[[Side], ContextManager[Any]] | None = None) -> dict[str, Tally]:
+    """Every round on both sides, alternating which goes first; ``around(side)`` wraps each side's round."""
+    tally = {side.name: Tally() for side in sides}
     for round_no in range(ctx.settings.concurrency_rounds):
-        for side in ctx.both(round_no):
-            wall, done, dups, failed, why = _round(ctx, side, label, round_no)
-            walls[side.name].append(wall)
-            per_add[side.name].extend(o.wall_s for o in done)
-            per_add_cpu[side.name].extend(o.cpu_s for o in done)
-            duplicates[side.name] += dups
-            failures[side.name] += failed
-            if why and side.name not in first_failure:
-                first_failure[side.name] = why
-    out = {"wall": pair(walls["pycni"], walls["reference"], "s"),
-           "per_add": pair(per_add["pycni"], per_add["reference"], "ms", 1000),
-           "per_add_cpu": pair(per_add_cpu["pycni"], per_add_cpu["reference"], "ms", 1000),
-           "duplicates": duplicates, "failures": failures,
+        for side in sides if round_no % 2 == 0 else sides[::-1]:
+            with around(side) if around is not None else nullcontext():
+                wall, done, dups, failed, why = _round(ctx, side, label, round_no)
+            t = tally[side.name]
+            t.walls.append(wall)
+            t.per_add.extend(o.wall_s for o in done)
+            t.per_add_cpu.extend(o.cpu_s for o in done)
+            t.duplicates += dups
+            t.failures += failed
+            t.first_failure = t.first_failure or why
+    return tally
+
+
+def _measure(ctx: Context, label: str) -> dict[str, Any]:
+    tally = tally_rounds(ctx, label, (ctx.pycni, ctx.reference))
+    ours, ref = tally[ctx.pycni.name], tally[ctx.reference.name]
+    out = {"wall": pair(ours.walls, ref.walls, "s"),
+           "per_add": pair(ours.per_add, ref.per_add, "ms", 1000),
+           "per_add_cpu": pair(ours.per_add_cpu, ref.per_add_cpu, "ms", 1000),
+           "duplicates": {"pycni": ours.duplicates, "reference": ref.duplicates},
+           "failures": {"pycni": ours.failures, "reference": ref.failures},
            "adds": ctx.settings.concurrency_total, "parallel": ctx.settings.concurrency_parallel}
+    first_failure = {name: t.first_failure for name, t in (("pycni", ours), ("reference", ref)) if t.first_failure}
     if first_failure:
         out["first_failure"] = first_failure
     return out

@@ -16,11 +16,12 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from .. import spawn
 from ..context import Context
-from ..sides import PLUGIN_PATH
+from ..sides import PLUGIN_PATH, Side
 from ..stats import pair, summary
 from . import concurrency
 
@@ -76,36 +77,27 @@ def _startup(ctx: Context, plugin: str) -> dict[str, Any]:
 
 def _concurrency(ctx: Context, label: str) -> dict[str, Any]:
     assert ctx.warm is not None and ctx.agent is not None
-    names = (ctx.warm.name, ctx.reference.name)
-    walls: dict[str, list[float]] = {n: [] for n in names}
-    per_add: dict[str, list[float]] = {n: [] for n in names}
-    per_add_cpu: dict[str, list[float]] = {n: [] for n in names}
-    duplicates = dict.fromkeys(names, 0)
-    failures = dict.fromkeys(names, 0)
+    agent = ctx.agent
     agent_cpu: list[float] = []
-    first_failure: dict[str, str] = {}
-    for round_no in range(ctx.settings.concurrency_rounds):
-        order = [ctx.warm, ctx.reference] if round_no % 2 == 0 else [ctx.reference, ctx.warm]
-        for side in order:
-            before = ctx.agent.cpu_s() if side is ctx.warm else 0.0
-            wall, done, dups, failed, why = concurrency._round(ctx, side, label, round_no)
-            if side is ctx.warm:
-                agent_cpu.append(ctx.agent.cpu_s() - before)
-            walls[side.name].append(wall)
-            per_add[side.name].extend(o.wall_s for o in done)
-            per_add_cpu[side.name].extend(o.cpu_s for o in done)
-            duplicates[side.name] += dups
-            failures[side.name] += failed
-            if why and side.name not in first_failure:
-                first_failure[side.name] = why
-    warm, ref = names
-    out = {"wall": pair(walls[warm], walls[ref], "s"),
-           "per_add": pair(per_add[warm], per_add[ref], "ms", 1000),
-           "per_add_cpu": pair(per_add_cpu[warm], per_add_cpu[ref], "ms", 1000),
+
+    @contextmanager
+    def agent_cpu_of(side: Side) -> Iterator[None]:
+        before = agent.cpu_s() if side is ctx.warm else 0.0
+        yield
+        if side is ctx.warm:
+            agent_cpu.append(agent.cpu_s() - before)
+
+    tally = concurrency.tally_rounds(ctx, label, (ctx.warm, ctx.reference), around=agent_cpu_of)
+    warm, ref = tally[ctx.warm.name], tally[ctx.reference.name]
+    out = {"wall": pair(warm.walls, ref.walls, "s"),
+           "per_add": pair(warm.per_add, ref.per_add, "ms", 1000),
+           "per_add_cpu": pair(warm.per_add_cpu, ref.per_add_cpu, "ms", 1000),
            "agent_cpu": summary(agent_cpu, "s"),
-           "warm_duplicates": duplicates[warm], "warm_failures": failures[warm],
-           "reference_duplicates": duplicates[ref], "reference_failures": failures[ref],
+           "warm_duplicates": warm.duplicates, "warm_failures": warm.failures,
+           "reference_duplicates": ref.duplicates, "reference_failures": ref.failures,
            "adds": ctx.settings.concurrency_total, "parallel": ctx.settings.concurrency_parallel}
+    first_failure = {side.name: t.first_failure for side, t in ((ctx.warm, warm), (ctx.reference, ref))
+                     if t.first_failure}
     if first_failure:
         out["first_failure"] = first_failure
     return out
