@@ -442,12 +442,15 @@ def version_cmd() -> None:
 @click.option("--agent-socket", default="/run/pycni/agent.sock", show_default=True, metavar="PATH",
               help="Where the executables look for `pycni agent` (give the agent the same --socket).")
 @click.option("--no-agent", is_flag=True, help="Write executables that never try an agent (always in-process).")
+@click.option("--native-shim", is_flag=True,
+              help="Put a compiled shim (pycni-shim, built with the system's C compiler) in front of the agent "
+                   "instead of a Python one: the warm path then starts no interpreter.")
 @click.option("--systemd-unit", is_flag=True,
               help="Also install the agent's systemd unit (pycni-agent.service) into --unit-dir.")
 @click.option("--unit-dir", default="/etc/systemd/system", show_default=True, type=click.Path(file_okay=False),
               help="Where --systemd-unit writes the unit.")
-def install_cmd(cni_bin_dir: str, force: bool, agent_socket: str, no_agent: bool, systemd_unit: bool,
-                unit_dir: str) -> None:
+def install_cmd(cni_bin_dir: str, force: bool, agent_socket: str, no_agent: bool, native_shim: bool,
+                systemd_unit: bool, unit_dir: str) -> None:
     """Install pycni's plugins as executables in a CNI bin directory.
 
     Writes one small executable per plugin (bridge, host-local, ...). Each
@@ -459,13 +462,18 @@ def install_cmd(cni_bin_dir: str, force: bool, agent_socket: str, no_agent: bool
     CNI_PATH) there. Refuses directories on $PATH, and files it did not write
     unless --force.
 
+    With --native-shim the executables are small text files run by one
+    compiled shim (pycni-shim in the same directory): the same protocol and
+    fallback, minus the interpreter start-up on every warm call.
+
     With --systemd-unit the agent's unit is installed too; enable it with
     `systemctl daemon-reload && systemctl enable --now pycni-agent`.
     """
     from .install import install_plugins, install_systemd_unit
 
     socket_path = None if no_agent else agent_socket
-    for item in run_reporting_errors(lambda: install_plugins(cni_bin_dir, force=force, agent_socket=socket_path)):
+    for item in run_reporting_errors(lambda: install_plugins(cni_bin_dir, force=force, agent_socket=socket_path,
+                                                             native=native_shim)):
         click.echo(f"wrote {item.path} ({item.target})")
     if systemd_unit:
         unit = run_reporting_errors(lambda: install_systemd_unit(unit_dir, agent_socket=agent_socket))

@@ -144,9 +144,11 @@ def running_agent(workdir: str, extra_args: Sequence[str] = (), ns_prefix: str =
             agent.stop()
 
 
-def install(bin_dir: str, agent_socket: str | None) -> None:
+def install(bin_dir: str, agent_socket: str | None, native: bool = False) -> None:
+    """`pycni install` into bin_dir: shims for agent_socket (None: cold only); native: the compiled shim."""
     args = [PYCNI, "install", "--cni-bin-dir", bin_dir]
     args += ["--agent-socket", agent_socket] if agent_socket else ["--no-agent"]
+    args += ["--native-shim"] if native else []
     subprocess.run(args, check=True, capture_output=True, timeout=120)
 
 

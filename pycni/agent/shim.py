@@ -187,6 +187,42 @@ def version_answer(plugin_type: str) -> bytes | None:
     return stdout
 
 
+NATIVE_SOURCE = "native_shim.c"
+NATIVE_IDENT = b"pycni-native-shim v1"   # the string native_shim.c keeps in its binary
+
+
+def native_script(plugin_type: str, target: str, python: str, marker: str, shim_binary: str, socket_path: str,
+                  version: str | None = None) -> str:
+    """The plugin file for the native shim: a "#!" line naming ``shim_binary``, then its settings.
+
+    The binary (compiled from native_shim.c) reads them from this file; its
+    warm and cold paths are this module's, in C. ``socket_path`` must be set:
+    a shim without an agent is the Python one (``script``).
+    """
+    from cni_plugins.spec.version import CURRENT_VERSION
+
+    module, _, function = target.partition(":")
+    answer = version_answer(plugin_type)
+    settings = {
+        "type": plugin_type,
+        "socket": socket_path,
+        "version": version or protocol.pycni_version(),
+        "python": python,
+        "module": module,
+        "function": function,
+        "current": CURRENT_VERSION,
+        "answer": answer.hex() if answer else "",
+    }
+    for key, value in settings.items():
+        if "\n" in value or "\0" in value:
+            raise ValueError(f"the native shim's {key} cannot hold a newline or NUL: {value!r}")
+    lines = [f"#!{shim_binary}", marker, f"# pycni-plugin: {plugin_type}",
+             f"# Warm: {shim_binary} (pycni's native shim) sends the request to `pycni agent` (socket",
+             f"# {socket_path}). Cold, when the agent cannot be reached: {target} runs under {python}."]
+    lines += [f"{key}={value}" for key, value in settings.items()]
+    return "\n".join(lines) + "\n"
+
+
 def script(plugin_type: str, target: str, python: str, marker: str, socket_path: str | None,
            version: str | None = None) -> str:
     """The shim's source for ``plugin_type`` (``target`` is its cold entry point, "module:function").

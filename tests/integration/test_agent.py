@@ -51,11 +51,17 @@ def agent(workdir: Path) -> Iterator[AgentProcess]:
         yield proc
 
 
+@pytest.fixture(params=["python", "native"])
+def shim_kind(request) -> str:
+    """Every test that runs shims runs twice: with the Python shims and with the native (compiled) one."""
+    return request.param
+
+
 @pytest.fixture
-def shims(workdir: Path, agent: AgentProcess) -> str:
+def shims(workdir: Path, agent: AgentProcess, shim_kind: str) -> str:
     """Shims for ``agent``'s socket."""
     bin_dir = str(workdir / "bin")
-    install(bin_dir, agent.socket_path)
+    install(bin_dir, agent.socket_path, native=shim_kind == "native")
     return bin_dir
 
 
@@ -213,10 +219,10 @@ def test_loopback_host_local_errors_and_version_match_cold(agent, shims, make_no
 
 # ---- fallback: down, killed mid-request, restarted ----------------------------------------------
 
-def test_agent_down_runs_cold_and_says_so(workdir, make_node):
+def test_agent_down_runs_cold_and_says_so(workdir, make_node, shim_kind):
     bin_dir = str(workdir / "bin")
     missing = str(workdir / "nothing" / "agent.sock")
-    install(bin_dir, missing)
+    install(bin_dir, missing, native=shim_kind == "native")
     node = make_node()
     add = run_plugin(os.path.join(bin_dir, "bridge"), "ADD", bridge_conf(node), node=node, netns=node.pod(),
                      container_id="ctr")
@@ -228,14 +234,14 @@ def test_agent_down_runs_cold_and_says_so(workdir, make_node):
     assert delete.code == 0 and node.leases(NET) == []
 
 
-def test_socket_refusing_connections_runs_cold(workdir, make_node):
+def test_socket_refusing_connections_runs_cold(workdir, make_node, shim_kind):
     """A socket file nobody listens on (an agent that died without cleaning up): connect is refused."""
     bin_dir = str(workdir / "bin")
     stale = workdir / "run" / "agent.sock"
     stale.parent.mkdir(mode=0o700)
     with socket.socket(socket.AF_UNIX) as sock:
         sock.bind(str(stale))  # bound, never listening: connect() gets ECONNREFUSED
-        install(bin_dir, str(stale))
+        install(bin_dir, str(stale), native=shim_kind == "native")
         node = make_node()
         add = run_plugin(os.path.join(bin_dir, "host-local"), "ADD", host_local_conf(node.ipam_dir), node=node,
                          netns="/x", container_id="c1")
@@ -280,11 +286,11 @@ def test_restarted_agent_loses_no_request(workdir, agent, shims, make_node):
     assert sorted(leases(node.ipam_dir).values()) == ["c1", "c2", "c3"]
 
 
-def test_sigterm_finishes_in_flight_lets_queued_run_cold_and_removes_only_the_socket(workdir, make_node):
+def test_sigterm_finishes_in_flight_lets_queued_run_cold_and_removes_only_the_socket(workdir, make_node, shim_kind):
     node = make_node()
     with running_agent(str(workdir), ["--max-concurrency", "1", "--grace", "20"]) as agent:
         bin_dir = str(workdir / "bin")
-        install(bin_dir, agent.socket_path)
+        install(bin_dir, agent.socket_path, native=shim_kind == "native")
         exe = os.path.join(bin_dir, "host-local")
         with store_locked(node.ipam_dir):
             accepted = Background(exe, "ADD", host_local_conf(node.ipam_dir), node=node, netns="/x",
@@ -310,11 +316,11 @@ def test_sigterm_finishes_in_flight_lets_queued_run_cold_and_removes_only_the_so
 
 # ---- limits: concurrency, queue, timeouts, STATUS ------------------------------------------------
 
-def test_parallel_adds_all_succeed_with_distinct_addresses(workdir, make_node):
+def test_parallel_adds_all_succeed_with_distinct_addresses(workdir, make_node, shim_kind):
     node = make_node()
     with running_agent(str(workdir), ["--max-concurrency", "4"]) as agent:
         bin_dir = str(workdir / "bin")
-        install(bin_dir, agent.socket_path)
+        install(bin_dir, agent.socket_path, native=shim_kind == "native")
         pods = [node.pod() for _ in range(16)]
         runs = [Background(os.path.join(bin_dir, "bridge"), "ADD", bridge_conf(node), node=node, netns=pod,
                            container_id=f"ctr{n}") for n, pod in enumerate(pods)]
@@ -331,12 +337,12 @@ def test_parallel_adds_all_succeed_with_distinct_addresses(workdir, make_node):
         assert node.leases(NET) == []
 
 
-def test_request_timeout_and_full_queue_answer_try_again_while_status_answers_at_once(workdir, make_node):
+def test_request_timeout_and_full_queue_answer_try_again_while_status_answers_at_once(workdir, make_node, shim_kind):
     node = make_node()
     args = ["--max-concurrency", "1", "--queue-timeout", "0.5", "--request-timeout", "1.5"]
     with running_agent(str(workdir), args) as agent:
         bin_dir = str(workdir / "bin")
-        install(bin_dir, agent.socket_path)
+        install(bin_dir, agent.socket_path, native=shim_kind == "native")
         exe = os.path.join(bin_dir, "host-local")
         with store_locked(node.ipam_dir):
             started = time.monotonic()
@@ -365,14 +371,18 @@ def test_request_timeout_and_full_queue_answer_try_again_while_status_answers_at
 
 # ---- versions and peers ------------------------------------------------------------------------
 
-def test_version_mismatch_is_refused_and_the_shim_runs_cold(agent, shims, make_node):
+def test_version_mismatch_is_refused_and_the_shim_runs_cold(agent, shims, make_node, shim_kind):
     from cni_plugins.spec.registry import PLUGINS
-    from pycni.agent.shim import script
-    from pycni.install import MARKER
+    from pycni.agent.shim import native_script, script
+    from pycni.install import MARKER, NATIVE_SHIM
 
     exe = Path(shims) / "host-local-other-release"
-    exe.write_text(script("host-local", PLUGINS["host-local"], sys.executable, f"{MARKER}: test",
-                          agent.socket_path, version="0.0.0+other"))
+    if shim_kind == "native":
+        exe.write_text(native_script("host-local", PLUGINS["host-local"], sys.executable, f"{MARKER}: test",
+                                     os.path.join(shims, NATIVE_SHIM), agent.socket_path, version="0.0.0+other"))
+    else:
+        exe.write_text(script("host-local", PLUGINS["host-local"], sys.executable, f"{MARKER}: test",
+                              agent.socket_path, version="0.0.0+other"))
     exe.chmod(0o755)
     node = make_node()
     outcome = run_plugin(str(exe), "ADD", host_local_conf(node.ipam_dir), node=node, netns="/x", container_id="c1")

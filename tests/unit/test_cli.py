@@ -219,6 +219,50 @@ def test_install_refuses_path_dirs_and_foreign_files(tmp_path, monkeypatch):
     assert "pycni install" in (foreign / "loopback").read_text()
 
 
+def test_install_native_shim_builds_one_binary_the_plugin_files_run(tmp_path, monkeypatch):
+    from cni_plugins.spec.registry import own_plugin
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    target = tmp_path / "bin"
+    result = run("install", "--cni-bin-dir", str(target), "--native-shim", "--agent-socket", "/run/x/agent.sock")
+    assert result.exit_code == 0, result.stderr
+    shim = target / "pycni-shim"
+    assert shim.read_bytes()[:4] == b"\x7fELF" and stat.S_IMODE(shim.stat().st_mode) == 0o755
+    loopback = target / "loopback"
+    text = loopback.read_text()
+    assert text.splitlines()[0] == f"#!{shim}" and "socket=/run/x/agent.sock" in text
+    assert own_plugin(str(loopback)) == "loopback"   # in-process delegation still recognises it
+    assert own_plugin(str(shim)) is None
+    proc = subprocess.run([str(loopback)], input=b"{}", env={"CNI_COMMAND": "VERSION"}, capture_output=True,
+                          check=False)
+    cold = subprocess.run([sys.executable, "-I", "-c", "from cni_plugins.loopback import main; main()"],
+                          input=b"{}", env={"CNI_COMMAND": "VERSION"}, capture_output=True, check=False)
+    assert (proc.returncode, proc.stdout) == (cold.returncode, cold.stdout) == (0, cold.stdout)
+    # Run by hand, the binary says what it is for.
+    alone = subprocess.run([str(shim)], capture_output=True, text=True, check=False)
+    assert alone.returncode == 1 and "--native-shim" in alone.stderr
+    # Again: our own binary is replaced; a foreign one is not, without --force.
+    assert run("install", "--cni-bin-dir", str(target), "--native-shim").exit_code == 0
+    shim.write_bytes(b"\x7fELF someone else's")
+    result = run("install", "--cni-bin-dir", str(target), "--native-shim")
+    assert result.exit_code == 1 and "pycni-shim" in result.stderr and "--force" in result.stderr
+    assert run("install", "--cni-bin-dir", str(target), "--native-shim", "--force").exit_code == 0
+
+
+def test_install_native_shim_says_what_it_lacks(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    result = run("install", "--cni-bin-dir", str(tmp_path / "a"), "--native-shim", "--no-agent")
+    assert result.exit_code == 1 and "needs an agent socket" in result.stderr
+    monkeypatch.setenv("PATH", str(tmp_path))        # no cc or gcc on it
+    monkeypatch.delenv("CC", raising=False)
+    result = run("install", "--cni-bin-dir", str(tmp_path / "b"), "--native-shim")
+    assert result.exit_code == 1 and "no C compiler" in result.stderr and "gcc" in result.stderr
+    assert not os.path.exists(tmp_path / "b" / "loopback")
+    long_socket = "/run/" + "s" * 120
+    result = run("install", "--cni-bin-dir", str(tmp_path / "c"), "--agent-socket", long_socket)
+    assert result.exit_code == 1 and "too long" in result.stderr
+
+
 def test_del_uses_cached_config_when_file_is_gone(setup):
     setup["network"]()
     assert run("add", "clinet", "pod1").exit_code == 0

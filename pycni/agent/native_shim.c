@@ -1,0 +1,489 @@
+/*
+ * pycni's native shim: the same job as the Python shim (pycni/agent/shim.py),
+ * without starting an interpreter on the warm path.
+ *
+ * `pycni install --native-shim` compiles this file once into <bin dir>/pycni-shim
+ * and writes each plugin as a small text file whose "#!" line names that
+ * binary. The kernel then runs `pycni-shim <plugin file> [args]`; the plugin
+ * file holds the settings as key=value lines (socket, version, python,
+ * target, current, answer), so one binary serves every plugin and
+ * `registry.own_plugin` still recognises the file by its tag line.
+ *
+ * What it does, in the Python shim's order and with its messages:
+ *   - VERSION is answered from the file (the answer is hex-encoded there);
+ *   - no CNI_COMMAND, PYCNI_NO_AGENT set, or no socket: the plugin runs cold;
+ *   - connect to the agent (5 s); failing that, cold, saying why on stderr;
+ *   - send the request (protocol v1, see pycni/agent/protocol.py) with this
+ *     process's network namespace as an SCM_RIGHTS descriptor;
+ *   - R (refused) or the connection closed before A: cold, stdin handed over;
+ *   - A (accepted): wait up to the agent's timeout + 5 s for D, relay its
+ *     stderr, stdout and exit code byte for byte; otherwise a code-11
+ *     "try again" error. Accepted work never runs twice.
+ * Cold means exec'ing `<python> -I -c "from <module> import <function>; ..."`
+ * with the environment untouched and, if stdin was already read, the same
+ * bytes on stdin again (a memfd).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#define CONNECT_TIMEOUT 5
+#define ACCEPT_WAIT 120
+#define ANSWER_MARGIN 5
+#define MAX_FILE (64 * 1024)
+#define MAX_FRAME (16u * 1024 * 1024)
+static const char MAGIC[8] = {'P', 'Y', 'C', 'N', 'I', 'A', 0, 1};
+/* `pycni install` recognises its own binary by this string (kept in the binary: "used"). */
+__attribute__((used)) static const char IDENT[] = "pycni-native-shim v1";
+
+extern char **environ;
+
+struct buf {
+    char *data;
+    size_t len, cap;
+};
+
+static struct {
+    char plugin_type[64];
+    char socket_path[108];
+    char version[128];
+    char python[4096];
+    char module[512];
+    char function[128];
+    char current[32];
+    char *answer;   /* decoded VERSION answer, or NULL */
+    size_t answer_len;
+} cfg;
+
+static void die(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("pycni-shim: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    _exit(1);
+}
+
+static void put(struct buf *b, const void *p, size_t n) {
+    if (b->len + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 4096;
+        while (cap < b->len + n)
+            cap *= 2;
+        char *d = realloc(b->data, cap);
+        if (!d)
+            die("out of memory");
+        b->data = d;
+        b->cap = cap;
+    }
+    memcpy(b->data + b->len, p, n);
+    b->len += n;
+}
+
+static void put_u32(struct buf *b, uint32_t v) {
+    unsigned char be[4] = {v >> 24, v >> 16, v >> 8, v};
+    put(b, be, 4);
+}
+
+static void field(struct buf *b, const void *p, size_t n) {
+    put_u32(b, (uint32_t)n);
+    put(b, p, n);
+}
+
+static void out(int fd, const char *p, size_t n) {
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return;
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+}
+
+static int hexval(int c) {
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    return -1;
+}
+
+static void copy_value(char *dst, size_t size, const char *key, const char *val, size_t n) {
+    if (n >= size)
+        die("%s is too long in the plugin file", key);
+    memcpy(dst, val, n);
+    dst[n] = 0;
+}
+
+/* The plugin file: "#" lines, then key=value lines. */
+static void load(const char *path) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        die("cannot open the plugin file %s: %s (run me through a file `pycni install --native-shim` wrote)",
+            path, strerror(errno));
+    static char text[MAX_FILE + 1];
+    size_t len = 0;
+    for (;;) {
+        ssize_t r = read(fd, text + len, MAX_FILE - len);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            break;
+        len += (size_t)r;
+        if (len == MAX_FILE)
+            die("the plugin file %s is larger than %d bytes", path, MAX_FILE);
+    }
+    close(fd);
+    text[len] = 0;
+    char *line = text;
+    while (line < text + len) {
+        char *nl = memchr(line, '\n', (size_t)(text + len - line));
+        size_t n = nl ? (size_t)(nl - line) : strlen(line);
+        char *eq = memchr(line, '=', n);
+        if (line[0] != '#' && eq) {
+            size_t klen = (size_t)(eq - line), vlen = n - klen - 1;
+            const char *val = eq + 1;
+#define KEY(name) (klen == sizeof(name) - 1 && memcmp(line, name, klen) == 0)
+            if (KEY("type"))
+                copy_value(cfg.plugin_type, sizeof cfg.plugin_type, "type", val, vlen);
+            else if (KEY("socket"))
+                copy_value(cfg.socket_path, sizeof cfg.socket_path, "socket", val, vlen);
+            else if (KEY("version"))
+                copy_value(cfg.version, sizeof cfg.version, "version", val, vlen);
+            else if (KEY("python"))
+                copy_value(cfg.python, sizeof cfg.python, "python", val, vlen);
+            else if (KEY("module"))
+                copy_value(cfg.module, sizeof cfg.module, "module", val, vlen);
+            else if (KEY("function"))
+                copy_value(cfg.function, sizeof cfg.function, "function", val, vlen);
+            else if (KEY("current"))
+                copy_value(cfg.current, sizeof cfg.current, "current", val, vlen);
+            else if (KEY("answer") && vlen % 2 == 0 && vlen > 0) {
+                cfg.answer = malloc(vlen / 2);
+                if (!cfg.answer)
+                    die("out of memory");
+                for (size_t i = 0; i < vlen / 2; i++) {
+                    int hi = hexval(val[2 * i]), lo = hexval(val[2 * i + 1]);
+                    if (hi < 0 || lo < 0)
+                        die("the VERSION answer in %s is not hex", path);
+                    cfg.answer[i] = (char)(hi << 4 | lo);
+                }
+                cfg.answer_len = vlen / 2;
+            }
+#undef KEY
+        }
+        line += n + 1;
+    }
+    if (!cfg.plugin_type[0] || !cfg.python[0] || !cfg.module[0] || !cfg.function[0] || !cfg.version[0])
+        die("%s lacks type, version, python, module or function: write it again with `pycni install`", path);
+}
+
+/* Run the plugin in this process's place: the Python shim's cold path. */
+static void cold(const char *note, const struct buf *data) {
+    if (note) {
+        char line[1024];
+        int n = snprintf(line, sizeof line, "pycni: %s; running %s in-process\n", note, cfg.plugin_type);
+        if (n > 0)
+            out(2, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
+    }
+    if (data) {
+        int mfd = memfd_create("pycni-stdin", MFD_CLOEXEC);
+        if (mfd < 0)
+            die("memfd_create: %s", strerror(errno));
+        out(mfd, data->data, data->len);
+        if (lseek(mfd, 0, SEEK_SET) != 0 || dup2(mfd, 0) < 0)
+            die("cannot hand stdin over: %s", strerror(errno));
+        close(mfd);
+    }
+    char code[1024];
+    snprintf(code, sizeof code, "import sys\nfrom %s import %s\nsys.exit(%s())", cfg.module, cfg.function,
+             cfg.function);
+    char *argv[] = {cfg.python, "-I", "-c", code, NULL};
+    execve(cfg.python, argv, environ);
+    die("cannot run %s: %s", cfg.python, strerror(errno));
+}
+
+static void try_again(const char *version, size_t vlen, const char *msg) {
+    static const char head[] = "{\n    \"cniVersion\": ", mid[] = ",\n    \"code\": 11,\n    \"msg\": \"",
+                      tail[] = "\"\n}\n";
+    struct buf b = {0};
+    put(&b, head, sizeof head - 1);
+    put(&b, version, vlen);
+    put(&b, mid, sizeof mid - 1);
+    put(&b, msg, strlen(msg));
+    put(&b, tail, sizeof tail - 1);
+    out(1, b.data, b.len);
+    _exit(1);
+}
+
+static int is_space(char c) {
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
+}
+
+/* The request's "cniVersion" as a JSON string (quotes included), for a try-again error. */
+static void try_again_for(const struct buf *data, const char *msg) {
+    static const char key[] = "\"cniVersion\"";
+    const char *p = data->len ? memmem(data->data, data->len, key, sizeof key - 1) : NULL;
+    if (p) {
+        const char *end = data->data + data->len, *r = p + sizeof key - 1;
+        while (r < end && is_space(*r))
+            r++;
+        while (r < end && *r == ':')
+            r++;
+        while (r < end && is_space(*r))
+            r++;
+        if (r < end && *r == '"') {
+            const char *q = memchr(r + 1, '"', (size_t)(end - r - 1));
+            if (q && q - r < 32 && !memchr(r, '\\', (size_t)(q - r)))
+                try_again(r, (size_t)(q - r + 1), msg);
+        }
+    }
+    char fallback[40];
+    int n = snprintf(fallback, sizeof fallback, "\"%s\"", cfg.current[0] ? cfg.current : "1.1.0");
+    try_again(fallback, (size_t)n, msg);
+}
+
+static void set_timeout(int s, int which, long seconds) {
+    struct timeval tv = {.tv_sec = seconds, .tv_usec = 0};
+    setsockopt(s, SOL_SOCKET, which, &tv, sizeof tv);
+}
+
+/* Read exactly n bytes: 0 on success, -1 with errno (0 for EOF). */
+static int recv_all(int s, char *p, size_t n) {
+    while (n > 0) {
+        ssize_t r = recv(s, p, n, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            if (r == 0)
+                errno = 0;
+            return -1;
+        }
+        p += r;
+        n -= (size_t)r;
+    }
+    return 0;
+}
+
+struct frame {
+    char kind;
+    char *body;
+    uint32_t len;
+    const char *item[4];
+    uint32_t item_len[4];
+    int items;
+};
+
+/* One answer frame: kind byte, u32 length, length-prefixed fields. 0, or -1 with errno (0: EOF/garbage). */
+static int read_frame(int s, struct frame *f) {
+    unsigned char head[5];
+    if (recv_all(s, (char *)head, 5) < 0)
+        return -1;
+    f->kind = (char)head[0];
+    f->len = (uint32_t)head[1] << 24 | (uint32_t)head[2] << 16 | (uint32_t)head[3] << 8 | head[4];
+    if (f->len > MAX_FRAME) {
+        errno = 0;
+        return -1;
+    }
+    f->body = malloc(f->len ? f->len : 1);
+    if (!f->body)
+        die("out of memory");
+    if (recv_all(s, f->body, f->len) < 0)
+        return -1;
+    f->items = 0;
+    for (uint32_t i = 0; i + 4 <= f->len && f->items < 4;) {
+        const unsigned char *p = (const unsigned char *)f->body + i;
+        uint32_t n = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+        if (n > f->len - i - 4)
+            break;
+        f->item[f->items] = f->body + i + 4;
+        f->item_len[f->items++] = n;
+        i += 4 + n;
+    }
+    return 0;
+}
+
+static const char *error_class(int err) {
+    switch (err) {
+    case 0:
+        return "EOFError";
+    case ECONNRESET:
+        return "ConnectionResetError";
+    case EPIPE:
+        return "BrokenPipeError";
+    default:
+        return "OSError";
+    }
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2)
+        die("I am the shim behind the plugins `pycni install --native-shim` writes; run a plugin, not me");
+    load(argv[1]);
+
+    const char *command = getenv("CNI_COMMAND");
+    if (command && strcmp(command, "VERSION") == 0 && cfg.answer) {
+        out(1, cfg.answer, cfg.answer_len);
+        _exit(0);
+    }
+    if (!command || !command[0] || getenv("PYCNI_NO_AGENT") || !cfg.socket_path[0])
+        cold(NULL, NULL);
+
+    int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (s < 0)
+        cold("cannot create a unix socket", NULL);
+    set_timeout(s, SO_SNDTIMEO, CONNECT_TIMEOUT);
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    memcpy(addr.sun_path, cfg.socket_path, strlen(cfg.socket_path));
+    if (connect(s, (struct sockaddr *)&addr, sizeof addr) < 0) {
+        int err = errno;
+        char note[300];
+        snprintf(note, sizeof note, "agent not reached at %s (%s)", cfg.socket_path,
+                 err == EAGAIN || err == EINPROGRESS || err == ETIMEDOUT ? "timed out" : strerror(err));
+        close(s);
+        cold(note, NULL);
+    }
+
+    struct buf data = {0};
+    for (;;) {
+        char chunk[65536];
+        ssize_t r = read(0, chunk, sizeof chunk);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0) {
+            close(s);
+            cold(NULL, NULL);  /* the plugin reads stdin again and reports the failure as it always does */
+        }
+        if (r == 0)
+            break;
+        put(&data, chunk, (size_t)r);
+    }
+
+    struct buf env = {0};
+    int first = 1;
+    for (char **e = environ; *e; e++) {
+        if (strncmp(*e, "CNI_", 4) != 0 && strncmp(*e, "PYCNI_", 6) != 0)
+            continue;
+        if (!first)
+            put(&env, "", 1);
+        put(&env, *e, strlen(*e));
+        first = 0;
+    }
+    struct buf msg = {0};
+    put(&msg, MAGIC, sizeof MAGIC);
+    struct buf body = {0};
+    field(&body, cfg.version, strlen(cfg.version));
+    field(&body, "cni", 3);
+    field(&body, cfg.plugin_type, strlen(cfg.plugin_type));
+    field(&body, env.data, env.len);
+    field(&body, data.data, data.len);
+    put_u32(&msg, (uint32_t)body.len);
+    put(&msg, body.data, body.len);
+
+    struct frame f;
+    int failed = 0, err = 0;
+    int ns = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+    if (ns < 0) {
+        failed = 1;
+        err = errno;
+    } else {
+        char control[CMSG_SPACE(sizeof(int))];
+        memset(control, 0, sizeof control);
+        struct iovec iov = {.iov_base = msg.data, .iov_len = msg.len};
+        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control,
+                            .msg_controllen = sizeof control};
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+        cm->cmsg_level = SOL_SOCKET;
+        cm->cmsg_type = SCM_RIGHTS;
+        cm->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(cm), &ns, sizeof(int));
+        ssize_t sent;
+        do
+            sent = sendmsg(s, &mh, MSG_NOSIGNAL);
+        while (sent < 0 && errno == EINTR);
+        size_t done = sent > 0 ? (size_t)sent : 0;
+        while (sent >= 0 && done < msg.len) {
+            sent = send(s, msg.data + done, msg.len - done, MSG_NOSIGNAL);
+            if (sent < 0 && errno == EINTR) {
+                sent = 0;
+                continue;
+            }
+            if (sent > 0)
+                done += (size_t)sent;
+        }
+        if (sent < 0) {
+            failed = 1;
+            err = errno;
+        }
+        close(ns);
+    }
+    if (!failed) {
+        set_timeout(s, SO_RCVTIMEO, ACCEPT_WAIT);
+        if (read_frame(s, &f) < 0) {
+            failed = 1;
+            err = errno;
+        }
+    }
+    if (failed) {
+        if (err == EAGAIN || err == EWOULDBLOCK)
+            try_again_for(&data, "the pycni agent did not accept the request in time; try again later");
+        close(s);
+        char note[200];
+        snprintf(note, sizeof note, "the agent closed the connection before accepting the request (%s)",
+                 error_class(err));
+        cold(note, &data);
+    }
+    if (f.kind == 'R') {
+        close(s);
+        char note[600];
+        int n = f.items > 0 ? (int)(f.item_len[0] < 500 ? f.item_len[0] : 500) : 0;
+        snprintf(note, sizeof note, "the agent refused the request (%.*s)", n, n ? f.item[0] : "");
+        cold(note, &data);
+    }
+    if (f.kind == 'A') {
+        const char *version = "\"1.1.0\"";
+        size_t vlen = strlen(version);
+        long timeout = 60;
+        if (f.items >= 2) {
+            char seconds[32];
+            size_t n = f.item_len[0] < sizeof seconds - 1 ? f.item_len[0] : sizeof seconds - 1;
+            memcpy(seconds, f.item[0], n);
+            seconds[n] = 0;
+            timeout = (long)(strtod(seconds, NULL) + 0.999);
+            version = f.item[1];
+            vlen = f.item_len[1];
+        }
+        set_timeout(s, SO_RCVTIMEO, timeout + ANSWER_MARGIN);
+        struct frame done_frame;
+        if (read_frame(s, &done_frame) < 0) {
+            char v[64];
+            size_t n = vlen < sizeof v ? vlen : sizeof v - 1;
+            memcpy(v, version, n);
+            try_again(v, n, "the pycni agent did not answer (it timed out, stopped or restarted); try again");
+        }
+        f = done_frame;
+    }
+    if (f.kind != 'D' || f.items < 3)
+        try_again_for(&data, "unexpected answer from the pycni agent; try again");
+    char code[16];
+    size_t n = f.item_len[0] < sizeof code - 1 ? f.item_len[0] : sizeof code - 1;
+    memcpy(code, f.item[0], n);
+    code[n] = 0;
+    out(2, f.item[2], f.item_len[2]);
+    out(1, f.item[1], f.item_len[1]);
+    _exit(atoi(code));
+}
