@@ -37,7 +37,10 @@ def _machine() -> dict[str, Any]:
               help="Run only these groups of figures (repeatable). Default: all.")
 @click.option("--warm/--no-warm", default=True, show_default=True,
               help="Also measure pycni through `pycni agent` (the warm path), beside the cold path.")
-def main(mode: str, json_path: str | None, only: tuple[str, ...], warm: bool) -> None:
+@click.option("--native-shim", is_flag=True,
+              help="The warm side's plugins are `pycni install --native-shim` files (the compiled shim) "
+                   "instead of Python shims.")
+def main(mode: str, json_path: str | None, only: tuple[str, ...], warm: bool, native_shim: bool) -> None:
     """Benchmark pycni's CNI plugins against the reference Go plugins in /usr/lib/cni.
 
     Needs root: every measurement runs in network namespaces the benchmark
@@ -79,8 +82,8 @@ def main(mode: str, json_path: str | None, only: tuple[str, ...], warm: bool) ->
         click.echo(f"bench: {mode} mode; pycni plugins: {', '.join(sorted(pycni.plugins))} ({how}); "
                    f"reference: {ctx.reference.bin_dir}")
         if warm:
-            ctx.warm, agent, how_warm = warm_side(registry, registry.directory("bin-warm"))
-            ctx.agent = agent
+            ctx.warm, agent, how_warm = warm_side(registry, registry.directory("bin-warm"), native_shim)
+            ctx.agent, ctx.warm_native = agent, native_shim
             click.echo(f"bench: warm side: pycni agent (pid {agent.proc.pid}) in namespace {agent.ns}, "
                        f"shims by {how_warm}; figures under .../warm/... are pycni-warm vs reference")
         for case in CASES:
@@ -114,6 +117,7 @@ def main(mode: str, json_path: str | None, only: tuple[str, ...], warm: bool) ->
                      "mode": mode, "elapsed_s": round(elapsed, 1), "load_average_at_start": load_at_start,
                      "settings": ctx.settings_dict(),
                      "machine": _machine(), "pycni_plugins": sorted(ctx.pycni.plugins),
+                     "warm_shims": ("native" if native_shim else "python") if warm else None,
                      "interrupted": interrupted},
             "notes": ctx.notes,
             "agent": agent_status,

@@ -55,6 +55,7 @@ class Context:
     notes: list[str] = field(default_factory=list)
     warm: Side | None = None   # pycni through `pycni agent` (bench/sides.py); None with --no-warm
     agent: Any = None          # the WarmAgent serving ``warm``
+    warm_native: bool = False  # ``warm``'s plugins run through the compiled shim (--native-shim)
 
     def note(self, text: str) -> None:
         print(f"  note: {text}", flush=True)

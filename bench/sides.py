@@ -57,10 +57,12 @@ def pycni_registry() -> dict[str, str]:
     return dict(PLUGINS)
 
 
-def pycni_side(bin_dir: str, agent_socket: str | None = None, name: str = PYCNI) -> tuple[Side, str]:
-    """Install pycni's plugins into bin_dir (shims for ``agent_socket``); return the side and how."""
+def pycni_side(bin_dir: str, agent_socket: str | None = None, name: str = PYCNI,
+               native: bool = False) -> tuple[Side, str]:
+    """Install pycni's plugins into bin_dir (shims for ``agent_socket``, compiled ones with ``native``);
+    return the side and how."""
     registry = pycni_registry()
-    how = _install_with_cli(bin_dir, agent_socket)
+    how = _install_with_cli(bin_dir, agent_socket, native)
     for plugin, target in registry.items():
         if not os.access(os.path.join(bin_dir, plugin), os.X_OK):
             _write_launcher(os.path.join(bin_dir, plugin), target)
@@ -72,7 +74,7 @@ def _pycni_cli() -> str:
     return os.path.join(os.path.dirname(sys.executable), "pycni")
 
 
-def _install_with_cli(bin_dir: str, agent_socket: str | None = None) -> str:
+def _install_with_cli(bin_dir: str, agent_socket: str | None = None, native: bool = False) -> str:
     """`pycni install` from the interpreter's own bin directory (the console script)."""
     cli = _pycni_cli()
     if not os.access(cli, os.X_OK):
@@ -80,9 +82,12 @@ def _install_with_cli(bin_dir: str, agent_socket: str | None = None) -> str:
     args = [cli, "install", "--cni-bin-dir", bin_dir]
     if agent_socket:
         args += ["--agent-socket", agent_socket]
+    if native:
+        args += ["--native-shim"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd="/")
     if proc.returncode == 0:
-        return f"`pycni install --cni-bin-dir DIR{' --agent-socket SOCK' if agent_socket else ''}`"
+        return (f"`pycni install --cni-bin-dir DIR{' --agent-socket SOCK' if agent_socket else ''}"
+                f"{' --native-shim' if native else ''}`")
     print(f"bench: note: `pycni install` failed ({proc.returncode}): "
           f"{(proc.stderr or proc.stdout).strip()[-300:]}; writing launchers instead", file=sys.stderr)
     return "launchers written by bench"
@@ -152,11 +157,12 @@ class WarmAgent:
         self.cleanup.stop_process(self.proc)
 
 
-def warm_side(cleanup: Any, bin_dir: str) -> tuple[Side, WarmAgent, str]:
-    """Start an agent and install shims for its socket; the warm side, its agent, and how."""
+def warm_side(cleanup: Any, bin_dir: str, native: bool = False) -> tuple[Side, WarmAgent, str]:
+    """Start an agent and install shims for its socket (compiled ones with ``native``); the warm side,
+    its agent, and how."""
     agent = WarmAgent(cleanup)
     agent.start()
-    side, how = pycni_side(bin_dir, agent.socket_path, PYCNI_WARM)
+    side, how = pycni_side(bin_dir, agent.socket_path, PYCNI_WARM, native)
     return side, agent, how
 
 

@@ -64,15 +64,21 @@ def _startup(ctx: Context, plugin: str) -> dict[str, Any]:
     argvs = {"shim": [ctx.pycni.exe(plugin)],
              "in-process": [sys.executable, "-I", "-c", f"from {module} import {function}; {function}()"],
              "reference": [ctx.reference.exe(plugin)]}
+    if ctx.warm is not None and ctx.warm_native:
+        argvs["native shim"] = [ctx.warm.exe(plugin)]
     for argv in argvs.values():
         _wall(argv)  # untimed: page cache, .pyc files
     walls: dict[str, list[float]] = {name: [] for name in argvs}
     names = list(argvs)
     for i in range(ctx.settings.startup_iterations):
-        for name in names[i % 3:] + names[:i % 3]:
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
             walls[name].append(_wall(argvs[name]))
-    return {"shim": pair(walls["shim"], walls["reference"], "ms", 1000),
-            "in-process plugin": pair(walls["in-process"], walls["reference"], "ms", 1000)}
+    out = {"shim": pair(walls["shim"], walls["reference"], "ms", 1000),
+           "in-process plugin": pair(walls["in-process"], walls["reference"], "ms", 1000)}
+    if "native shim" in walls:
+        out["native shim"] = pair(walls["native shim"], walls["reference"], "ms", 1000)
+    return out
 
 
 def _concurrency(ctx: Context, label: str) -> dict[str, Any]:
