@@ -25,6 +25,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <stddef.h>
 #include <fcntl.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -54,7 +55,7 @@ struct buf {
     size_t len, cap;
 };
 
-static struct {
+static struct settings {
     char plugin_type[64];
     char socket_path[108];
     char version[128];
@@ -157,22 +158,26 @@ static void load(const char *path) {
         if (line[0] != '#' && eq) {
             size_t klen = (size_t)(eq - line), vlen = n - klen - 1;
             const char *val = eq + 1;
-#define KEY(name) (klen == sizeof(name) - 1 && memcmp(line, name, klen) == 0)
-            if (KEY("type"))
-                copy_value(cfg.plugin_type, sizeof cfg.plugin_type, "type", val, vlen);
-            else if (KEY("socket"))
-                copy_value(cfg.socket_path, sizeof cfg.socket_path, "socket", val, vlen);
-            else if (KEY("version"))
-                copy_value(cfg.version, sizeof cfg.version, "version", val, vlen);
-            else if (KEY("python"))
-                copy_value(cfg.python, sizeof cfg.python, "python", val, vlen);
-            else if (KEY("module"))
-                copy_value(cfg.module, sizeof cfg.module, "module", val, vlen);
-            else if (KEY("function"))
-                copy_value(cfg.function, sizeof cfg.function, "function", val, vlen);
-            else if (KEY("current"))
-                copy_value(cfg.current, sizeof cfg.current, "current", val, vlen);
-            else if (KEY("answer") && vlen % 2 == 0 && vlen > 0) {
+            static const struct {
+                const char *key;
+                size_t offset, size;
+            } text_keys[] = {
+                {"type", offsetof(struct settings, plugin_type), sizeof cfg.plugin_type},
+                {"socket", offsetof(struct settings, socket_path), sizeof cfg.socket_path},
+                {"version", offsetof(struct settings, version), sizeof cfg.version},
+                {"python", offsetof(struct settings, python), sizeof cfg.python},
+                {"module", offsetof(struct settings, module), sizeof cfg.module},
+                {"function", offsetof(struct settings, function), sizeof cfg.function},
+                {"current", offsetof(struct settings, current), sizeof cfg.current},
+            };
+            int known = 0;
+            for (size_t k = 0; k < sizeof text_keys / sizeof text_keys[0] && !known; k++) {
+                if (klen == strlen(text_keys[k].key) && memcmp(line, text_keys[k].key, klen) == 0) {
+                    copy_value((char *)&cfg + text_keys[k].offset, text_keys[k].size, text_keys[k].key, val, vlen);
+                    known = 1;
+                }
+            }
+            if (!known && klen == 6 && memcmp(line, "answer", 6) == 0 && vlen % 2 == 0 && vlen > 0) {
                 cfg.answer = malloc(vlen / 2);
                 if (!cfg.answer)
                     die("out of memory");
@@ -184,7 +189,6 @@ static void load(const char *path) {
                 }
                 cfg.answer_len = vlen / 2;
             }
-#undef KEY
         }
         line += n + 1;
     }
