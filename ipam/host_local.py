@@ -24,7 +24,6 @@ from cni_plugins.spec.skel import (GC_ATTACHMENT_KEYS, CmdArgs, PluginFuncs, gc_
                               validate_container_id, validate_interface_name, validate_network_name)
 from cni_plugins.spec.version import require_supported
 
-from .schema import SCHEMA
 
 if TYPE_CHECKING:  # the command functions import these: VERSION needs none of them
     from cni_plugins.spec.types import IPConfig, Result
@@ -278,7 +277,8 @@ def cmd_status(req: CmdArgs) -> None:
     _status(_config(req.conf))
 
 
-FUNCS = PluginFuncs(add=cmd_add, delete=cmd_del, check=cmd_check, gc=cmd_gc, status=cmd_status, schema=SCHEMA)
+FUNCS = PluginFuncs(add=cmd_add, delete=cmd_del, check=cmd_check, gc=cmd_gc, status=cmd_status,
+                    schema="ipam.schema")
 
 
 def main() -> None:

@@ -115,14 +115,16 @@ class PluginFuncs:
     status: PluginFunc | None = None
     supported_versions: tuple[str, ...] = SUPPORTED_VERSIONS
     module: str = ""
-    schema: Any = None  # a decode.Schema; with ``module``, that module's SCHEMA when not given
+    # A decode.Schema, or the dotted name of the module whose SCHEMA it is (imported on first use, so
+    # VERSION never pays for it); with ``module`` and none given, that module's SCHEMA.
+    schema: Any = None
 
     def options(self) -> Any:
         """The Schema the configuration is decoded with (None: the plugin reads it raw)."""
-        if self.schema is None and self.module:
+        if isinstance(self.schema, str) or (self.schema is None and self.module):
             import importlib
 
-            self.schema = getattr(importlib.import_module(self.module), "SCHEMA", None)
+            self.schema = getattr(importlib.import_module(self.schema or self.module), "SCHEMA", None)
         return self.schema
 
     def func(self, command: str) -> PluginFunc | None:
