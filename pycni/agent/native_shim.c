@@ -14,7 +14,9 @@
  *   - no CNI_COMMAND, PYCNI_NO_AGENT set, or no socket: the plugin runs cold;
  *   - connect to the agent (5 s); failing that, cold, saying why on stderr;
  *   - send the request (protocol v1, see pycni/agent/protocol.py) with this
- *     process's network namespace as an SCM_RIGHTS descriptor;
+ *     process's network namespace as an SCM_RIGHTS descriptor, and CNI_NETNS
+ *     opened O_PATH when it can be (the agent refuses a request whose
+ *     CNI_NETNS it sees as another namespace: then this runs cold);
  *   - R (refused) or the connection closed before A: cold, stdin handed over;
  *   - A (accepted): wait up to the agent's timeout + 5 s for D, relay its
  *     stderr, stdout and exit code byte for byte; otherwise a code-11
@@ -405,16 +407,21 @@ int main(int argc, char **argv) {
         failed = 1;
         err = errno;
     } else {
-        char control[CMSG_SPACE(sizeof(int))];
+        /* What CNI_NETNS is here goes along: the agent runs the request only if it sees the same there. */
+        int fds[2] = {ns, -1}, nfds = 1;
+        const char *target = getenv("CNI_NETNS");
+        if (target && target[0] && (fds[1] = open(target, O_PATH | O_CLOEXEC)) >= 0)
+            nfds = 2;
+        char control[CMSG_SPACE(2 * sizeof(int))];
         memset(control, 0, sizeof control);
         struct iovec iov = {.iov_base = msg.data, .iov_len = msg.len};
         struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control,
-                            .msg_controllen = sizeof control};
+                            .msg_controllen = CMSG_SPACE(nfds * sizeof(int))};
         struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
         cm->cmsg_level = SOL_SOCKET;
         cm->cmsg_type = SCM_RIGHTS;
-        cm->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(cm), &ns, sizeof(int));
+        cm->cmsg_len = CMSG_LEN(nfds * sizeof(int));
+        memcpy(CMSG_DATA(cm), fds, nfds * sizeof(int));
         ssize_t sent;
         do
             sent = sendmsg(s, &mh, MSG_NOSIGNAL);
@@ -434,6 +441,8 @@ int main(int argc, char **argv) {
             err = errno;
         }
         close(ns);
+        if (nfds == 2)
+            close(fds[1]);
     }
     if (!failed) {
         set_timeout(s, SO_RCVTIMEO, ACCEPT_WAIT);

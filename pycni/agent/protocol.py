@@ -7,8 +7,10 @@ A request is one frame::
 and its body is five length-prefixed fields (u32 big-endian length, then the
 bytes): the caller's pycni version, the request kind (``cni`` or ``status``),
 the plugin type, the environment (``KEY=VALUE`` entries joined by NUL) and
-stdin. A ``cni`` request carries the caller's network namespace as one file
-descriptor (SCM_RIGHTS) on its first byte.
+stdin. A ``cni`` request carries the caller's network namespace as a file
+descriptor (SCM_RIGHTS) on its first byte, followed by the caller's CNI_NETNS
+opened O_PATH when it could be opened: the agent refuses (``R``) a request
+whose CNI_NETNS is another namespace, or none, in its own mount namespace.
 
 The agent answers with frames ``kind byte, u32 body length, body`` (the body
 again length-prefixed fields):

@@ -282,7 +282,15 @@ class Agent:
                     self.log.info("refused a request from pid %d: %s", pid, refusal)
                     _send(conn, protocol.answer(protocol.REFUSED, refusal.encode()))
                     return
-                self._serve_cni(conn, pid, plugin_type.decode(), env_block, stdin, fds.pop(0))
+                ns_fd = fds.pop(0)
+                refusal = _netns_view_differs(env_block, fds)
+                if refusal:
+                    os.close(ns_fd)
+                    self.stats.count("refused")
+                    self.log.info("refused a request from pid %d: %s", pid, refusal)
+                    _send(conn, protocol.answer(protocol.REFUSED, refusal.encode()))
+                    return
+                self._serve_cni(conn, pid, plugin_type.decode(), env_block, stdin, ns_fd)
         except Exception:  # never let one connection take the agent down
             self.log.exception("unexpected failure serving a connection")
         finally:
@@ -299,7 +307,7 @@ class Agent:
             return f"unknown request kind {kind.decode(errors='replace')!r}"
         if plugin_type.decode(errors="replace") not in PACKAGES:
             return f"the agent has no plugin {plugin_type.decode(errors='replace')!r}"
-        if len(fds) != 1:
+        if len(fds) not in (1, 2):
             return "the request did not carry the caller's network namespace"
         return ""
 
@@ -485,6 +493,33 @@ def _in_namespace(fd: int, fn: Callable[[], Any]) -> Any:
 
     with netns.enter(f"/proc/self/fd/{fd}"):
         return fn()
+
+
+def _netns_view_differs(env_block: bytes, fds: list[int]) -> str:
+    """Why this agent must not serve the request, if CNI_NETNS names another namespace here than for the caller.
+
+    A shim sends, besides its own network namespace, what CNI_NETNS is for it
+    (an O_PATH descriptor). A caller in another mount namespace (a runtime with
+    private /run/netns, a test harness) may see a different namespace, or none,
+    at that path; the agent opens paths in its own. Then the request is
+    refused before anything runs, and the shim runs the plugin in-process
+    where the path means what the caller meant.
+    """
+    if not fds:
+        return ""  # the caller could not open CNI_NETNS either: the plugin reports that as it always does
+    try:
+        path = protocol.parse_environ(env_block).get("CNI_NETNS", "")
+        theirs = os.fstat(fds[0])
+    except (protocol.ProtocolError, OSError):
+        return ""  # the request is served and fails the way it would anyway
+    try:
+        ours = os.stat(path) if path else None
+    except OSError:
+        ours = None
+    if ours is not None and (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino):
+        return ""
+    return (f"CNI_NETNS {path} is another namespace for the agent than for the caller (another mount "
+            f"namespace)")
 
 
 def _read_request(conn: socket.socket) -> tuple[bytes, list[int]]:

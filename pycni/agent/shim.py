@@ -11,7 +11,9 @@ touches only modules the interpreter has already loaded or builds in
   site-packages), saying so in one line on stderr;
 - otherwise sends its version, plugin type, CNI_* / PYCNI_* environment,
   stdin and its network namespace (``/proc/thread-self/ns/net`` over
-  SCM_RIGHTS), and relays the agent's exit code, stdout and stderr byte for
+  SCM_RIGHTS, followed by CNI_NETNS opened O_PATH when it can be: the agent
+  refuses a request whose CNI_NETNS it sees as another namespace), and
+  relays the agent's exit code, stdout and stderr byte for
   byte. A request the agent refuses (another pycni version, an unknown
   plugin) or closes before accepting has not run: the shim runs it in-process.
   Once the agent has accepted a request the shim waits for its answer up to
@@ -134,9 +136,16 @@ data = b"".join(chunks)
 E = b"\\0".join(k + b"=" + v for k, v in env.items() if k[:4] == b"CNI_" or k[:6] == b"PYCNI_")
 body = f(V) + f(b"cni") + f(T) + f(E) + f(data)
 try:
-    ns = posix.open("/proc/thread-self/ns/net", posix.O_RDONLY | posix.O_CLOEXEC)
+    fds = [posix.open("/proc/thread-self/ns/net", posix.O_RDONLY | posix.O_CLOEXEC)]
+    p = env.get(b"CNI_NETNS")
+    if p:
+        try:  # what CNI_NETNS is here: the agent runs the request only if it sees the same there
+            fds.append(posix.open(p, posix.O_PATH | posix.O_CLOEXEC))
+        except OSError:
+            pass
     msg = b"PYCNIA\\0\\1" + len(body).to_bytes(4, "big") + body
-    sent = s.sendmsg([msg], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, ns.to_bytes(4, sys.byteorder))])
+    sent = s.sendmsg([msg], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                              b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))])
     if sent < len(msg):
         s.sendall(msg[sent:])
     s.settimeout({{accept_wait}})

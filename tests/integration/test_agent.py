@@ -217,6 +217,33 @@ def test_loopback_host_local_errors_and_version_match_cold(agent, shims, make_no
     assert "VERSION" not in served.get("bridge", {})
 
 
+def _lo_up(pod) -> bool:
+    return "UP" in json.loads(pod.ip("-j", "link", "show", "lo").stdout)[0]["flags"]
+
+
+def test_a_caller_seeing_another_namespace_at_cni_netns_runs_it_cold(agent, shims, make_node, make_pod):
+    """A runtime in a mount namespace of its own may see another namespace at CNI_NETNS than the agent does.
+
+    Here the caller has pod ``other`` bind-mounted over pod ``meant``'s path (a private mount namespace,
+    so nobody else sees it). The agent must not act on its own view of the path: it refuses, and the shim
+    runs the plugin where the path means what the caller meant.
+    """
+    node, meant, other = make_node(), make_pod(), make_pod()
+    conf = {"cniVersion": "1.0.0", "name": "lo", "type": "loopback"}
+    private_view = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                    'mount --bind "$1" "$2" && exec "$3"', "sh", other.path, meant.path, os.path.join(shims, "loopback")]
+    lo = run_plugin(private_view, "ADD", conf, node=node, netns=meant, path=shims)
+    assert lo.code == 0, lo
+    assert "the agent refused the request (CNI_NETNS " + meant.path in lo.err
+    assert _lo_up(other) and not _lo_up(meant)        # what the caller meant, not what the agent sees
+    counters = agent.status()["requests"]
+    assert counters["refused"] == 1 and counters["served"] == 0
+    # The same path seen alike: the agent serves it.
+    lo = run_plugin(os.path.join(shims, "loopback"), "ADD", conf, node=node, netns=meant)
+    assert lo.code == 0 and lo.err == "", lo
+    assert _lo_up(meant) and agent.status()["requests"]["served"] == 1
+
+
 # ---- fallback: down, killed mid-request, restarted ----------------------------------------------
 
 def test_agent_down_runs_cold_and_says_so(workdir, make_node, shim_kind):
