@@ -2,7 +2,10 @@
 
 Two figures, each pycni (cold: `pycni install --no-agent`, what a node without
 the agent runs) against the reference Go plugins in /usr/lib/cni, with the
-same conflist (bridge + portmap + bandwidth, host-local IPAM):
+same conflist (bridge + portmap + bandwidth, host-local IPAM), and under
+``warm/`` the same for pycni's shims served by a `pycni agent` that runs in
+the runtime's host (its network and mount namespaces, as a node's agent
+would; the shims are the compiled ones with the bench's --native-shim):
 
 - ``podman run --rm``: a trivial busybox container (``true``) on the CNI
   network, podman 4.3 on its CNI backend; wall time of the whole command.
@@ -42,7 +45,8 @@ from tests.e2e.kit.host import Host  # noqa: E402
 from ..stats import pair  # noqa: E402
 
 ITERATIONS = {"smoke": 2, "quick": 5, "full": 10}
-SIDES = ("pycni", "reference")
+COLD, WARM, REFERENCE = "pycni", "pycni-warm", "reference"
+AGENT_READY_TIMEOUT = 30.0
 
 
 def _iterations(mode: Any) -> int:
@@ -60,28 +64,54 @@ def _describe(exc: BaseException) -> str:
     return " ".join(str(text).split())[:600]
 
 
-def _figure(samples: dict[str, list[float]], errors: dict[str, str]) -> dict[str, Any]:
-    figure = pair(samples["pycni"], samples["reference"], "ms", 1000)
-    if errors:
-        figure["errors"] = errors
+def _figure(samples: dict[str, list[float]], side: str, errors: dict[str, str]) -> dict[str, Any]:
+    figure = pair(samples[side], samples[REFERENCE], "ms", 1000)
+    mine = {name: why for name, why in errors.items() if name in (side, REFERENCE)}
+    if mine:
+        figure["errors"] = mine
     return figure
 
 
 class _Side:
-    """One side's host, plugin directory and per-runtime state."""
+    """One side's host, plugin directory and per-runtime state (and, warm, the host's agent)."""
 
-    def __init__(self, name: str, work: Path, bin_dir: Path):
-        self.name, self.work, self.bin_dir = name, work, bin_dir
+    def __init__(self, name: str, work: Path, bin_dir: Path | None = None, native: bool = False):
+        self.name, self.work = name, work
         self.host = Host(work / "host")
-        self.data_dir = work / "ipam"
-        self.conf_dir = conflist.write(work / "net.d", self.data_dir).parent
-        self.cgroup = f"pycni-bench-{uuid.uuid4().hex[:10]}"
+        self.agent = None
+        try:
+            self.data_dir = work / "ipam"
+            self.conf_dir = conflist.write(work / "net.d", self.data_dir).parent
+            self.cgroup = f"pycni-bench-{uuid.uuid4().hex[:10]}"
+            if bin_dir is None:   # warm: shims for an agent living in this host
+                socket_path = str(work / "agent.sock")
+                bin_dir, _ = plugins.install_pycni(work / "bin", agent_socket=socket_path, native=native)
+                self.agent = self.host.popen([plugins.pycni_command(), "agent", "--socket", socket_path,
+                                              "--log-level", "warning"], log=work / "agent.log")
+                self.host.resident.add(self.agent.pid)   # outlives each runtime's clean-up
+                _wait_for_socket(socket_path, self.agent)
+            self.bin_dir = bin_dir
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         try:
+            procs.stop_popen(self.agent)
             self.host.close()
         finally:
-            procs.remove_cgroup(self.cgroup)
+            if getattr(self, "cgroup", ""):
+                procs.remove_cgroup(self.cgroup)
+
+
+def _wait_for_socket(path: str, agent: Any) -> None:
+    deadline = time.monotonic() + AGENT_READY_TIMEOUT
+    while not os.path.exists(path):
+        if agent.poll() is not None:
+            raise RuntimeError(f"pycni agent exited with {agent.returncode} before serving {path}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"pycni agent did not serve {path} within {AGENT_READY_TIMEOUT:g} s")
+        time.sleep(0.05)
 
 
 def _measure(sides: dict[str, _Side], n: int, setup: Callable[[_Side], Any],
@@ -96,9 +126,10 @@ def _measure(sides: dict[str, _Side], n: int, setup: Callable[[_Side], Any],
                 states[name] = setup(side)
             except Exception as exc:
                 errors[name] = f"set-up failed: {_describe(exc)}"
+        names = list(sides)
         for i in range(n + 1):
-            order = SIDES if i % 2 == 0 else SIDES[::-1]
-            for name in order:
+            shift = i % len(names)
+            for name in names[shift:] + names[:shift]:
                 if name in errors or name not in states:
                     continue
                 try:
@@ -109,7 +140,7 @@ def _measure(sides: dict[str, _Side], n: int, setup: Callable[[_Side], Any],
                 if i == 0:
                     continue   # warm-up
                 for figure, seconds in timed.items():
-                    samples.setdefault(figure, {s: [] for s in SIDES})[name].append(seconds)
+                    samples.setdefault(figure, {s: [] for s in names})[name].append(seconds)
     finally:
         for name, state in states.items():
             closer = getattr(state, "stop", None) or getattr(state, "close", None)
@@ -119,11 +150,16 @@ def _measure(sides: dict[str, _Side], n: int, setup: Callable[[_Side], Any],
     print(f"  e2e: {label} done", file=sys.stderr, flush=True)
     if not samples:
         return {"errors": errors}
-    return {figure: _figure(by_side, errors) for figure, by_side in samples.items()}
+    out = {figure: _figure(by_side, COLD, errors) for figure, by_side in samples.items()}
+    if WARM in sides:
+        out.update({f"warm/{figure}": _figure(by_side, WARM, errors) for figure, by_side in samples.items()})
+    return out
 
 
 def run(mode: Any = "quick") -> dict[str, Any]:
     n = _iterations(mode)
+    warm = getattr(mode, "warm", None) is not None      # a bench Context with its warm side
+    native = bool(getattr(mode, "warm_native", False))
     missing = [r for r in (image.available(), containerd_kit.missing(), podman_kit.missing(),
                            plugins.reference_missing()) if r]
     if os.geteuid() != 0:
@@ -135,10 +171,13 @@ def run(mode: Any = "quick") -> dict[str, Any]:
     try:
         archive = image.docker_archive(work / "busybox.tar")
         pycni_dir, borrowed = plugins.install_pycni(work / "pycni-bin")
-        dirs = {"pycni": pycni_dir, "reference": plugins.reference_dir()}
-        for name in SIDES:
-            sides[name] = _Side(name, work / name, dirs[name])
+        sides[COLD] = _Side(COLD, work / COLD, pycni_dir)
+        sides[REFERENCE] = _Side(REFERENCE, work / REFERENCE, plugins.reference_dir())
         figures: dict[str, Any] = {"iterations": n, "pycni_path": "cold (pycni install --no-agent)"}
+        if warm:
+            sides[WARM] = _Side(WARM, work / WARM, native=native)
+            figures["warm_path"] = (f"pycni agent in the runtime's host, "
+                                    f"{'native' if native else 'Python'} shims (pycni install --agent-socket)")
         if borrowed:
             figures["borrowed_reference_plugins"] = borrowed
 

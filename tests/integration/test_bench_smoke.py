@@ -69,6 +69,12 @@ def test_smoke_run_produces_ratios_and_no_duplicates(tmp_path):
         assert figure["duplicates"] == {"pycni": 0, "reference": 0}
         assert figure["failures"] == {"pycni": 0, "reference": 0}
 
+    # Real runtimes with the cold shims and with the warm path (an agent in the runtime's host).
+    e2e = results["e2e"]
+    if "skipped" not in e2e:
+        for figure in ("podman run --rm", "warm/podman run --rm", "warm/cri sandbox plain/cycle"):
+            assert isinstance(e2e[figure]["ratio"], float), (figure, e2e.get(figure))
+
     # The run used its tag (its plugin directory, printed and recorded, carries it).
     assert f"pycni-bench-{tag}-" in proc.stdout + out.read_text(), "PYCNI_BENCH_PREFIX was ignored"
     assert not _bench_namespaces(tag), "the benchmark left namespaces behind"

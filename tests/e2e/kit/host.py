@@ -70,6 +70,9 @@ class Host:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._stack = contextlib.ExitStack()
         self.holder: subprocess.Popen | None = None
+        # PIDs of processes that belong to the host rather than to one runtime (a node's `pycni agent`):
+        # a runtime's clean-up leaves them running; close() stops them too.
+        self.resident: set[int] = set()
         try:
             self.ns = self._stack.enter_context(netns.temporary("pt-e2eh"))
             self.outside_ns = self._stack.enter_context(netns.temporary("pt-e2eo"))
@@ -127,9 +130,11 @@ class Host:
         """GET url from the host ("host") or the outside namespace ("outside"): the body, or None."""
         return http_get(url, ns={"host": self.name, "outside": self.outside}[where], timeout=timeout)
 
-    def processes(self) -> list[int]:
-        """Every process in the host's mount namespace except the holder (the runtime's own and children)."""
-        return [] if self.holder is None else procs.pids_in_mount_ns(self.holder.pid)
+    def processes(self, with_resident: bool = False) -> list[int]:
+        """Every process in the host's mount namespace except the holder (the runtime's own and children)
+        and, unless with_resident, the host's resident ones."""
+        pids = [] if self.holder is None else procs.pids_in_mount_ns(self.holder.pid)
+        return pids if with_resident else [pid for pid in pids if pid not in self.resident]
 
     # ---- set-up and tear-down -----------------------------------------------------
     def _start_holder(self) -> None:
@@ -158,17 +163,18 @@ class Host:
         procs.run([*out, "route", "add", "default", "via", HOST_IP])
         self.net("sysctl", "-qw", "net.ipv4.ip_forward=1")
 
-    def stop_processes(self) -> None:
-        """Stop, by PID, whatever still runs in the host's mount namespace (shims, conmon, servers)."""
+    def stop_processes(self, with_resident: bool = False) -> None:
+        """Stop, by PID, whatever still runs in the host's mount namespace (shims, conmon, servers; the
+        resident processes too with with_resident)."""
         for _ in range(3):
-            pids = self.processes()
+            pids = self.processes(with_resident)
             if not pids:
                 return
             procs.kill_all(pids)
 
     def close(self) -> None:
         try:
-            self.stop_processes()
+            self.stop_processes(with_resident=True)
         finally:
             procs.stop_popen(self.holder, timeout=5)
             if self.holder is not None:

@@ -32,10 +32,14 @@ def reference_missing() -> str | None:
            "(Debian package containernetworking-plugins)" if absent else None
 
 
-def install_pycni(target: str | os.PathLike[str]) -> tuple[Path, list[str]]:
-    """pycni's plugins in target; (target, the reference plugins borrowed because pycni lacks them)."""
+def install_pycni(target: str | os.PathLike[str], agent_socket: str | None = None,
+                  native: bool = False) -> tuple[Path, list[str]]:
+    """pycni's plugins in target (cold, or shims for agent_socket: compiled ones with native);
+    (target, the reference plugins borrowed because pycni lacks them)."""
     target = Path(target)
-    procs.run([pycni_command(), "install", "--cni-bin-dir", str(target), "--no-agent"], timeout=120)
+    agent = ["--agent-socket", agent_socket] if agent_socket else ["--no-agent"]
+    procs.run([pycni_command(), "install", "--cni-bin-dir", str(target), *agent,
+               *(["--native-shim"] if native else [])], timeout=120)
     borrowed = []
     for plugin in NEEDED:
         if not (target / plugin).exists():
