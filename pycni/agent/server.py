@@ -276,21 +276,13 @@ class Agent:
                 if kind == protocol.KIND_STATUS:
                     _send(conn, protocol.answer(protocol.STATUS, json.dumps(self.status(), default=str).encode()))
                     return
-                refusal = self._refusal(version, kind, plugin_type, fds)
+                refusal = self._refusal(version, kind, plugin_type, fds) or _netns_view_differs(env_block, fds[1:])
                 if refusal:
                     self.stats.count("refused")
                     self.log.info("refused a request from pid %d: %s", pid, refusal)
                     _send(conn, protocol.answer(protocol.REFUSED, refusal.encode()))
                     return
-                ns_fd = fds.pop(0)
-                refusal = _netns_view_differs(env_block, fds)
-                if refusal:
-                    os.close(ns_fd)
-                    self.stats.count("refused")
-                    self.log.info("refused a request from pid %d: %s", pid, refusal)
-                    _send(conn, protocol.answer(protocol.REFUSED, refusal.encode()))
-                    return
-                self._serve_cni(conn, pid, plugin_type.decode(), env_block, stdin, ns_fd)
+                self._serve_cni(conn, pid, plugin_type.decode(), env_block, stdin, fds.pop(0))
         except Exception:  # never let one connection take the agent down
             self.log.exception("unexpected failure serving a connection")
         finally:
