@@ -88,7 +88,10 @@ def native_wrapper(plugin_type: str, target: str, python: str, shim_binary: str,
 
     _split_target(plugin_type, target)
     _check_python(python)
-    if len(f"#!{shim_binary}") > SHEBANG_MAX:
+    if any(c.isspace() for c in shim_binary):
+        raise CNIError(ERR_INVALID_CONFIG, f"cannot use {shim_binary!r} in a \"#!\" line",
+                       "the CNI bin directory path must be free of whitespace for --native-shim")
+    if len(f"#!{shim_binary}".encode()) > SHEBANG_MAX:
         raise CNIError(ERR_INVALID_CONFIG, f"the CNI bin directory path is too long for a \"#!\" line: {shim_binary}",
                        f"the kernel reads at most {SHEBANG_MAX} bytes of it; use a shorter directory")
     _check_socket(agent_socket)

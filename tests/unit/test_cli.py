@@ -258,6 +258,9 @@ def test_install_native_shim_says_what_it_lacks(tmp_path, monkeypatch):
     result = run("install", "--cni-bin-dir", str(tmp_path / "b"), "--native-shim")
     assert result.exit_code == 1 and "no C compiler" in result.stderr and "gcc" in result.stderr
     assert not os.path.exists(tmp_path / "b" / "loopback")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    result = run("install", "--cni-bin-dir", str(tmp_path / "with space"), "--native-shim")
+    assert result.exit_code == 1 and "whitespace" in result.stderr
     long_socket = "/run/" + "s" * 120
     result = run("install", "--cni-bin-dir", str(tmp_path / "c"), "--agent-socket", long_socket)
     assert result.exit_code == 1 and "too long" in result.stderr
