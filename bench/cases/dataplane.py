@@ -56,6 +56,18 @@ def _scoped(ctx: Context, measure: Callable[[Context], dict[str, Any]]) -> dict[
 
 # ---- iperf3 between two namespaces ----------------------------------------------
 
+def iperf_rounds(ctx: Context, topologies: dict[str, tuple[str, str, str]]) -> dict[str, list[float]]:
+    """Gbit/s per topology (server namespace, server address, client namespace) over the dataplane rounds,
+    every round in the opposite order of the last, so that none always goes first."""
+    gbits: dict[str, list[float]] = {name: [] for name in topologies}
+    names = list(topologies)
+    for round_no in range(ctx.settings.dataplane_rounds):
+        for name in names if round_no % 2 == 0 else names[::-1]:
+            server, server_ip, client = topologies[name]
+            gbits[name].append(iperf(ctx, server, server_ip, client) / 1e9)
+    return gbits
+
+
 def iperf(ctx: Context, server_ns: str, server_ip: str, client_ns: str) -> float:
     """TCP goodput from client_ns to server_ns in bits per second."""
     settings = ctx.settings
@@ -138,13 +150,7 @@ def _throughput(ctx: Context) -> dict[str, Any]:
         topologies[f"{side.name} bridge"] = _plugin_pair(ctx, side, side)
     if len(sides) < 2:
         ctx.note("dataplane/throughput: pycni bridge+host-local missing; measured without it")
-    gbits: dict[str, list[float]] = {name: [] for name in topologies}
-    names = list(topologies)
-    for round_no in range(ctx.settings.dataplane_rounds):
-        order = names if round_no % 2 == 0 else list(reversed(names))
-        for name in order:
-            pod_a, ip_a, pod_b = topologies[name]
-            gbits[name].append(iperf(ctx, pod_a, ip_a, pod_b) / 1e9)
+    gbits = iperf_rounds(ctx, topologies)
     out: dict[str, Any] = {name: summary(values, "Gbit/s") for name, values in gbits.items()}
     if "pycni bridge" in gbits and "reference bridge" in gbits:
         out["bridge plugin"] = pair(gbits["pycni bridge"], gbits["reference bridge"], "Gbit/s")

@@ -41,7 +41,7 @@ from ..chain import Attachment
 from ..context import Context
 from ..spawn import IP
 from ..stats import summary
-from .dataplane import IPERF, iperf
+from .dataplane import IPERF, iperf_rounds
 from pycni import procs
 
 NET_NAME = "benchov"
@@ -319,13 +319,8 @@ def _throughput(ctx: Context) -> dict[str, Any]:
         "hand-built vxlan pair": _hand_vxlan_pair(ctx, underlay),
         "hand-built overlay path": _hand_overlay(ctx, underlay),
     }
-    gbits: dict[str, list[float]] = {name: [] for name in topologies}
+    gbits = iperf_rounds(ctx, topologies)
     names = list(topologies)
-    for round_no in range(ctx.settings.dataplane_rounds):
-        order = names if round_no % 2 == 0 else list(reversed(names))
-        for name in order:
-            server, server_ip, client = topologies[name]
-            gbits[name].append(iperf(ctx, server, server_ip, client) / 1e9)
     out: dict[str, Any] = {name: summary(values, "Gbit/s") for name, values in gbits.items()}
     ours = out[names[0]].get("median")
     for name, key in ((names[1], "ratio vs vxlan pair"), (names[2], "ratio vs hand-built overlay")):

@@ -24,7 +24,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from cni_plugins.kernel.files import write_atomically
+from cni_plugins.kernel.files import NotRegularFile, read_regular_file, write_atomically
 
 STATE_FILE = "overlay.json"
 FILE_MODE = 0o644
@@ -168,20 +168,15 @@ def read_state(state_dir: str) -> Optional[OverlayState]:
     """The node's overlay state, or None when no agent has written one (yet)."""
     path = state_path(state_dir)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
+        raw = read_regular_file(path, MAX_STATE_BYTES)
+    except NotRegularFile:
+        raise OverlayStateError(f"{path} is not a regular file") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise OverlayStateError(f"{path} is a symlink; refusing to follow it") from None
         raise OverlayStateError(f"cannot open {path}: {exc.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OverlayStateError(f"{path} is not a regular file")
-        with os.fdopen(fd, "rb", closefd=False) as handle:
-            raw = handle.read(MAX_STATE_BYTES + 1)
-    finally:
-        os.close(fd)
+    if raw is None:
+        return None
     if len(raw) > MAX_STATE_BYTES:
         raise OverlayStateError(f"{path} is larger than {MAX_STATE_BYTES} bytes")
     try:

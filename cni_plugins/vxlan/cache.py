@@ -18,11 +18,10 @@ import errno
 import hashlib
 import json
 import os
-import stat
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from cni_plugins.kernel.files import write_atomically
+from cni_plugins.kernel.files import NotRegularFile, read_regular_file, write_atomically
 from cni_plugins.spec.errors import ERR_IO, CNIError
 
 SUBDIR = "vxlan"
@@ -64,20 +63,15 @@ def _candidates(state_dir: str, network: str, container_id: str, ifname: str) ->
 def _read(path: str) -> CachedDelegate | None:
     """The entry at ``path``; None if absent or not a cache entry at all."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
+        raw = read_regular_file(path, MAX_BYTES)
+    except NotRegularFile:
         return None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             return None  # a symlink is nothing this plugin wrote
         raise CNIError(ERR_IO, f"cannot read the cached delegate {path}: {exc.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        with os.fdopen(fd, "rb", closefd=False) as handle:
-            raw = handle.read(MAX_BYTES + 1)
-    finally:
-        os.close(fd)
+    if raw is None:
+        return None
     try:
         data = json.loads(raw.decode()) if len(raw) <= MAX_BYTES else None
     except (UnicodeDecodeError, ValueError):
