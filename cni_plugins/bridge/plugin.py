@@ -4,8 +4,11 @@ ADD makes sure the bridge exists, creates a veth pair with one end in the
 container, gets addresses from the IPAM plugin the configuration names and
 configures them in the container, optionally makes the bridge the pods'
 gateway (its address, IP forwarding, default routes) and masquerades pod
-traffic leaving the pod network. DEL undoes it and is idempotent; CHECK
-compares prevResult with the live state; GC and STATUS pass on to IPAM.
+traffic leaving the pod network. A bridge it creates gets a MAC derived from
+the node and the bridge name, so the pods' gateway MAC never follows the
+bridge's ports; an existing bridge is adopted as it is. DEL undoes it and is
+idempotent; CHECK compares prevResult with the live state; GC and STATUS
+pass on to IPAM.
 
 Same options, defaults and results as the reference bridge plugin
 (containernetworking/plugins); the netlink work lives in ``ip``, the
@@ -21,7 +24,7 @@ from typing import Any, Callable
 
 import netns
 from cni_plugins.bridge.config import SCHEMA, MASQ_BACKENDS, BridgeConf, load_conf, validate_for_add  # noqa: F401  (SCHEMA: read by the skeleton)
-from cni_plugins.kernel import ip
+from cni_plugins.kernel import ip, names
 from cni_plugins.kernel.nsutil import check_netns, netns_gone
 from cni_plugins.shared import container, masq, spoofchk
 from cni_plugins.shared import ipam as ipam_exec
@@ -89,7 +92,8 @@ def cmd_add(req: CmdArgs) -> Result:
 
 def _add(req: CmdArgs, n: BridgeConf, undo: Undo) -> Result:
     with ip.open_netlink() as ipr:
-        bridge = ip.ensure_bridge(ipr, n.bridge, n.mtu, n.promisc_mode, n.vlan_filtering)
+        bridge = ip.ensure_bridge(ipr, n.bridge, n.mtu, n.promisc_mode, n.vlan_filtering,
+                                  mac=names.stable_bridge_mac(n.bridge))
         host_name, pod_end = container.create_veth(req, n.mtu, n.mac)
         undo.push(f"delete veth {host_name}", lambda: container.delete_host_link(host_name))
         host = _attach_host_veth(ipr, n, host_name, bridge.index)
@@ -216,8 +220,8 @@ def ensure_gateway_address(ipr: Any, link: Any, family: int, cidr: str, force: b
         if ip.netlink_errno(exc) != ip.EEXIST:
             raise CNIError(ERR_INTERNAL, f"could not add IP address {cidr} to {link.name!r}: "
                            f"{ip.describe(exc)}") from None
-    # Pin the bridge's MAC to the one it had before this ADD attached a port: otherwise
-    # it follows the lowest port MAC and changes as pods come and go.
+    # Pin the bridge's MAC to the one it had before this ADD attached a port, as the reference
+    # does: a bridge this plugin created has it pinned already, an adopted one may not.
     ip.set_mac(ipr, link.index, link.mac)
 
 

@@ -210,24 +210,26 @@ def create_veth_in_container(ipr: Any, container_ifname: str, host_ns_fd: int, m
 
 # ---- bridges ----------------------------------------------------------------
 
+@dataclass
+class Bridge(Link):
+    """A bridge as ``ensure_bridge`` leaves it; ``created``: that call made it."""
+
+    created: bool = False
+
+
 def ensure_bridge(ipr: Any, name: str, mtu: int = 0, promisc: bool = False,
-                  vlan_filtering: bool = False) -> Link:
-    """Create the bridge unless it exists; make sure it is a bridge and up."""
+                  vlan_filtering: bool = False, *, mac: str | None = None) -> Bridge:
+    """Create the bridge unless it exists; make sure it is a bridge and up.
+
+    A bridge this call creates gets ``mac`` as its address in the request that
+    creates it: the kernel then never recalculates it, whereas a bridge left
+    to the kernel takes the lowest MAC of its ports and moves under every pod
+    as ports come and go. An existing bridge is adopted as it is (its address
+    untouched); ``created`` on the answer tells which happened.
+    """
     from pyroute2.netlink.exceptions import NetlinkError
 
-    spec: dict[str, Any] = {"ifname": name, "kind": "bridge"}
-    if mtu:
-        spec["mtu"] = mtu
-    if vlan_filtering:
-        spec["br_vlan_filtering"] = 1
-    try:
-        ipr.link("add", **spec)
-    except NetlinkError as exc:
-        if exc.code != EEXIST:
-            raise CNIError(ERR_INTERNAL, f"failed to create bridge {name!r}: could not add {name!r}: "
-                           f"{describe(exc)}",
-                           "vlan filtering needs a kernel with CONFIG_BRIDGE_VLAN_FILTERING"
-                           if vlan_filtering and exc.code == 95 else "") from None
+    created = _add_bridge(ipr, name, mtu, vlan_filtering, mac)
     bridge = get_link(ipr, name, "bridge")
     if bridge.kind != "bridge":
         raise CNIError(ERR_INTERNAL, f"failed to create bridge {name!r}: {name!r} already exists but is not a bridge",
@@ -244,7 +246,36 @@ def ensure_bridge(ipr: Any, name: str, mtu: int = 0, promisc: bool = False,
     write_sysctl(f"net/ipv6/conf/{name}/accept_ra", "0", ignore_errors=True)
     if not bridge.is_up:
         set_up(ipr, bridge.index)
-    return get_link(ipr, name, "bridge")
+    return Bridge(**vars(get_link(ipr, name, "bridge")), created=created)
+
+
+def _add_bridge(ipr: Any, name: str, mtu: int, vlan_filtering: bool, mac: str | None) -> bool:
+    """Add the bridge; False when a link of that name exists already."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    spec: dict[str, Any] = {"ifname": name, "kind": "bridge"}
+    if mtu:
+        spec["mtu"] = mtu
+    if vlan_filtering:
+        spec["br_vlan_filtering"] = 1
+    if mac:
+        spec["address"] = mac
+    try:
+        ipr.link("add", **spec)
+    except NetlinkError as exc:
+        if exc.code == EEXIST:
+            return False
+        raise CNIError(ERR_INTERNAL, f"failed to create bridge {name!r}: could not add {name!r}: {describe(exc)}",
+                       _bridge_add_hint(exc.code, vlan_filtering, mac)) from None
+    return True
+
+
+def _bridge_add_hint(code: int, vlan_filtering: bool, mac: str | None) -> str:
+    if vlan_filtering and code == 95:  # EOPNOTSUPP
+        return "vlan filtering needs a kernel with CONFIG_BRIDGE_VLAN_FILTERING"
+    if mac and code == EADDRNOTAVAIL:
+        return f"{mac} is not a usable bridge address: give a non-zero unicast MAC"
+    return ""
 
 
 def bridge_vlan_filtering(ipr: Any, index: int) -> bool:

@@ -19,13 +19,13 @@ IPRoute socket from ``cni_plugins.kernel.ip.open_netlink()``.
 """
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
 from cni_plugins.kernel import netlink as _netlink  # noqa: F401  (before any pyroute2 import)
 from cni_plugins.kernel.ip import EEXIST, ENODEV, ENOENT, ESRCH, RTPROT_BOOT, Link, describe, get_link, set_up
+from cni_plugins.kernel.names import stable_mac
 from cni_plugins.spec.errors import ERR_INTERNAL, CNIError
 
 AF_INET = 2
@@ -93,9 +93,7 @@ def stable_vtep_mac(seed: str) -> str:
     #1155, #1330, #1795: a random MAC per start breaks the data path until
     every peer has caught up).
     """
-    digest = bytearray(hashlib.sha256(seed.encode("utf-8")).digest()[:6])
-    digest[0] = (digest[0] & 0xFC) | 0x02  # unicast (bit 0 clear), locally administered (bit 1 set)
-    return ":".join(f"{b:02x}" for b in digest)
+    return stable_mac(seed)
 
 
 def is_local_unicast_mac(mac: str) -> bool:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import shutil
+import signal
+import subprocess
 import time
 from typing import Any
 
@@ -664,3 +667,145 @@ def test_del_with_a_named_masquerade_backend_leaves_the_other_backend_alone(brid
     other_conf = dict(conf, ipMasqBackend=other)
     assert bridge(node, "DEL", other_conf, keep_pod, "keep").code == 0
     assert kept_ip not in masq_state(node, other)
+
+
+# ---- the bridge's MAC: set at creation, never follows its ports ----------------------------
+# A bridge left to the kernel takes the lowest MAC of its ports, so the pods' gateway MAC moves
+# whenever a pod with a lower host-veth MAC comes or goes (flannel #1381, kubernetes #30783,
+# containernetworking/cni #285). The reference pins it only when its own ADD adds the gateway
+# address; pycni sets it when it creates the bridge.
+
+LOW_MAC = "02:00:00:00:00:00"  # lower than any locally administered MAC the kernel or pycni hands out
+
+
+def link_mac(ns: Any, name: str = "cni0") -> str:
+    return ip_json(ns, "link", "show", name)[0]["address"]
+
+
+def derived_bridge_mac(name: str = "cni0") -> str:
+    """The MAC the plugin gives a bridge it creates (its process reads the same /etc/machine-id)."""
+    from cni_plugins.kernel.names import stable_bridge_mac
+
+    return stable_bridge_mac(name)
+
+
+def gateway_neighbour_mac(pod: Pod, gateway: str) -> str | None:
+    entries = ip_json(pod, "-4", "neigh", "show", gateway)
+    return entries[0].get("lladdr") if entries else None
+
+
+@pytest.mark.parametrize("options", [{"isGateway": True}, {}], ids=["gateway", "no-gateway"])
+def test_created_bridge_keeps_its_derived_mac_as_lower_ports_come_and_go(bridge_node, options):
+    node = bridge_node("ours")
+    conf = bridge_conf(node, "1.1.0", **options)
+    derived = derived_bridge_mac()
+    assert LOW_MAC < derived
+    first, second = node.pod(), node.pod()
+    add = bridge(node, "ADD", conf, first, "mac0")
+    assert add.code == 0, add.out
+    assert link_mac(node) == derived and add.out["interfaces"][0]["mac"] == derived
+    # A second pod whose host veth MAC drops below every other port's.
+    add2 = bridge(node, "ADD", conf, second, "mac1")
+    assert add2.code == 0, add2.out
+    assert add2.out["interfaces"][0]["mac"] == derived
+    node.exec("ip", "link", "set", add2.out["interfaces"][1]["name"], "address", LOW_MAC)
+    assert link_mac(node) == derived
+    assert bridge(node, "DEL", conf, second, "mac1").code == 0
+    assert link_mac(node) == derived
+    # A port that joins with the lowest MAC already set, and leaves again.
+    node.exec("ip", "link", "add", "lowport", "address", LOW_MAC, "type", "veth", "peer", "name", "lowpeer")
+    node.exec("ip", "link", "set", "lowport", "master", "cni0")
+    assert link_mac(node) == derived
+    node.exec("ip", "link", "del", "lowport")
+    assert link_mac(node) == derived
+    assert bridge(node, "DEL", conf, first, "mac0").code == 0
+    assert link_mac(node) == derived
+
+
+@pytest.mark.parametrize("chosen", ["02:00:00:00:aa:01", None], ids=["with-mac", "kernel-mac"])
+def test_an_existing_bridge_is_adopted_as_it_is(bridge_node, chosen):
+    """A bridge someone else made keeps its MAC: the plugin sets the derived one only on a bridge it creates."""
+    node = bridge_node("ours")
+    node.exec("ip", "link", "add", "cni0", *(["address", chosen] if chosen else []), "type", "bridge")
+    before = link_mac(node)
+    pod = node.pod()
+    conf = bridge_conf(node, "1.1.0", isGateway=True)
+    add = bridge(node, "ADD", conf, pod, "adopt")
+    assert add.code == 0, add.out
+    # isGateway pins an adopted bridge to the MAC it had before the ADD, as the reference does.
+    assert link_mac(node) == before == add.out["interfaces"][0]["mac"] != derived_bridge_mac()
+    assert bridge(node, "CHECK", with_prev(conf, add.out), pod, "adopt").code == 0
+    assert bridge(node, "DEL", conf, pod, "adopt").code == 0
+    assert link_mac(node) == before
+
+
+CHURN_CYCLES = 3
+CHURN_HOLD = 0.3        # s a churning pod stays attached with the lowest MAC
+FLOOD_SECONDS = 7.0     # the flood lasts this long at least, and until the churn is over (400+ packets)
+FLOOD_COUNT = 1000      # at 10 ms a 10 s bound; stopped earlier by SIGINT
+FLOOD_DEADLINE = 30     # s, ping's own bound
+
+
+def start_flood(pod: Pod, target: str) -> subprocess.Popen:
+    return subprocess.Popen(["ip", "netns", "exec", pod.name, "ping", "-n", "-q", "-i", "0.01",
+                             "-c", str(FLOOD_COUNT), "-w", str(FLOOD_DEADLINE), target],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stop_flood(proc: subprocess.Popen) -> tuple[int, int]:
+    """SIGINT the flood (ping prints its totals) and return (transmitted, received)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate(timeout=10)
+    totals = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    assert totals, (out, err)
+    return int(totals.group(1)), int(totals.group(2))
+
+
+@pytest.mark.parametrize("gateway_by", ["plugin", "node"])
+def test_gateway_mac_holds_while_a_lower_mac_pod_churns(bridge_node, gateway_by):
+    """A 10 ms ping flood from one pod to the gateway while a third pod, its host veth MAC the
+    lowest on the bridge, comes and goes: the gateway MAC (on the bridge and in the flooding
+    pod's neighbour table) never changes and the flood loses (almost) nothing.
+
+    gateway_by "plugin": isGateway puts the gateway address on the bridge. "node": the node's
+    own address on the bridge is the pods' gateway (isGateway off, as when an agent or the
+    operator manages it) - the case where a bridge left to the kernel moves its MAC.
+    """
+    node = bridge_node("ours")
+    gateway = "10.22.0.1"
+    conf = bridge_conf(node, "1.1.0", **({"isGateway": True} if gateway_by == "plugin" else {}))
+    derived = derived_bridge_mac()
+    flooder, other, churner = node.pod(), node.pod(), node.pod()
+    for n, pod in enumerate((flooder, other)):
+        add = bridge(node, "ADD", conf, pod, f"stay{n}")
+        assert add.code == 0, add.out
+    if gateway_by == "node":
+        node.exec("ip", "addr", "add", f"{gateway}/24", "dev", "cni0")
+    assert ping(flooder, gateway)
+    seen_bridge, seen_neigh = {link_mac(node)}, {gateway_neighbour_mac(flooder, gateway)}
+    flood, flood_end = start_flood(flooder, gateway), time.monotonic() + FLOOD_SECONDS
+    try:
+        for cycle in range(CHURN_CYCLES):
+            add = bridge(node, "ADD", conf, churner, f"churn{cycle}")
+            assert add.code == 0, add.out
+            node.exec("ip", "link", "set", add.out["interfaces"][1]["name"], "address", LOW_MAC)
+            time.sleep(CHURN_HOLD)
+            seen_bridge.add(link_mac(node))
+            seen_neigh.add(gateway_neighbour_mac(flooder, gateway))
+            assert bridge(node, "DEL", conf, churner, f"churn{cycle}").code == 0
+            seen_bridge.add(link_mac(node))
+        time.sleep(max(CHURN_HOLD, flood_end - time.monotonic()))
+        assert flood.poll() is None, "the flood ended before the churn did: raise FLOOD_COUNT"
+    finally:
+        sent, received = stop_flood(flood)
+    seen_neigh.add(gateway_neighbour_mac(flooder, gateway))
+    loss = 1 - received / sent
+    assert seen_bridge == seen_neigh == {derived}, (seen_bridge, seen_neigh, f"loss {loss:.1%} of {sent}")
+    assert sent >= 300 and loss < 0.05, f"{sent - received} of {sent} lost ({loss:.1%})"
+    for n, pod in enumerate((flooder, other)):
+        assert bridge(node, "DEL", conf, pod, f"stay{n}").code == 0

@@ -316,3 +316,54 @@ def test_masq_backend_names_agree_with_the_masq_module():
     from cni_plugins.shared import masq
 
     assert bridge_config.MASQ_BACKENDS == masq.BACKENDS and bridge_config.DEFAULT_MASQ_BACKEND == masq.DEFAULT_BACKEND
+
+
+# ---- the bridge's stable MAC --------------------------------------------------------
+
+# Derived by the VTEP MAC code before stable_mac was shared: every node's published VTEP MAC
+# depends on these values staying byte-identical.
+KNOWN_MACS = {"pycni-test-seed": "aa:a0:71:ce:11:75", "": "e2:b0:c4:42:98:fc",
+              "pycni-bridge|0123456789abcdef0123456789abcdef|cni0": "fa:cd:f3:35:3d:35"}
+
+
+@pytest.mark.parametrize("seed", sorted(KNOWN_MACS))
+def test_stable_mac_keeps_the_vtep_mac_values(seed):
+    from cni_plugins.kernel.names import stable_mac
+    from cni_plugins.kernel.vxlan import stable_vtep_mac
+
+    assert stable_mac(seed) == stable_vtep_mac(seed) == KNOWN_MACS[seed]
+
+
+def test_stable_mac_is_a_locally_administered_unicast_mac():
+    from cni_plugins.kernel.names import stable_mac
+
+    macs = {stable_mac(f"pycni-bridge|node-{i}|cni0") for i in range(2000)}
+    assert len(macs) == 2000
+    for mac in macs:
+        octets = mac.split(":")
+        assert len(octets) == 6 and all(len(o) == 2 for o in octets) and mac == mac.lower()
+        first = int(octets[0], 16)
+        assert first & 0x02 and not first & 0x01, mac
+    assert stable_mac("seed") == stable_mac("seed")
+
+
+def test_bridge_mac_seed_names_the_node_and_the_bridge():
+    from cni_plugins.kernel.names import bridge_mac_seed, stable_bridge_mac, stable_mac
+
+    assert bridge_mac_seed("cni0", "3d12c7") == "pycni-bridge|3d12c7|cni0"
+    assert stable_bridge_mac("cni0", "3d12c7") == stable_mac("pycni-bridge|3d12c7|cni0")
+    assert stable_bridge_mac("cni0", "node-a") != stable_bridge_mac("cni0", "node-b")
+    assert stable_bridge_mac("cni0", "node-a") != stable_bridge_mac("cni1", "node-a")
+
+
+@pytest.mark.parametrize("content, expected", [("3d1219c7c4c5404aaa1f6d2a48adfda4\n", "3d1219c7c4c5404aaa1f6d2a48adfda4"),
+                                               ("", None), ("uninitialized\n", None), (" \n", None)])
+def test_node_identity_is_the_machine_id_else_the_host_name(tmp_path, content, expected):
+    import socket
+
+    from cni_plugins.kernel.names import node_identity
+
+    path = tmp_path / "machine-id"
+    path.write_text(content)
+    assert node_identity(str(path)) == (expected or socket.gethostname())
+    assert node_identity(str(tmp_path / "missing")) == socket.gethostname()
