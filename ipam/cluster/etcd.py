@@ -12,9 +12,24 @@ answers. This client uses:
 
 Endpoints are tried in order; the client stays on the one that answered and
 moves to the next on a connection error (or when a member has lost its
-leader). A request whose answer was lost may be retried on another member,
-as any etcd client does; the lease logic tolerates that (it recognises its
-own lease when a create reports the key as taken).
+leader). A request whose answer was lost may be retried on another member
+(or on a fresh connection to the same one), as any etcd client does. For
+create and replace that retry can meet the first attempt's own committed
+write and fail its compare, so their txn reads the key in its failure branch
+and the client recognises its own write:
+
+    create   the key carries the lease granted for this call and our value;
+             without a TTL (no lease to tell writers apart): the txn was
+             sent more than once, the key has our value, no lease and
+             version 1 (created once, unchanged since)
+    replace  the key carries the lease granted for this call and our value;
+             without a TTL: the txn was sent more than once, the key has our
+             value, no lease, and it is the same key (create_revision <=
+             the expected mod_revision) changed since (mod_revision greater)
+
+Then the call reports success and keeps its lease. Any other failure is a
+genuine conflict: the lease granted for the call is revoked and the call
+returns False.
 
 Sockets are opened in the network namespace of the thread that constructed
 the store, whichever thread uses it later: agents and tests build a store in
@@ -88,6 +103,24 @@ def parse_endpoints(url: str, rest: str) -> list[Endpoint]:
             port = DEFAULT_CLIENT_PORT
         endpoints.append(Endpoint(host, port))
     return endpoints
+
+
+@dataclass
+class _Sends:
+    """How many times one request was sent (to any member, over any connection)."""
+
+    count: int = 0
+
+
+@dataclass(frozen=True)
+class _FoundKey:
+    """The key a txn's failure branch read, decoded from the gateway's answer."""
+
+    value: bytes
+    lease: int
+    version: int
+    create_revision: int
+    mod_revision: int
 
 
 class _EndpointFailed(Exception):
@@ -166,12 +199,18 @@ class EtcdStore(Store):
         put: dict[str, Any] = {"key": full, "value": _b64(value)}
         if lease:
             put["lease"] = str(lease)
+        sends = _Sends()
         answer = self._call("/v3/kv/txn", {
             "compare": [{"key": full, "target": "VERSION", "result": "EQUAL", "version": "0"}],
             "success": [{"request_put": put}],
-        })
+            "failure": [{"request_range": {"key": full}}],
+        }, sends)
         if answer.get("succeeded", False):
             return True
+        found = _failure_kv(answer)
+        if found is not None and found.value == value and found.lease == lease and (
+                lease or (sends.count > 1 and found.version == 1)):
+            return True  # our first attempt committed; its answer was lost and the retry met our own key
         if lease:
             self._revoke(lease)
         return False
@@ -194,13 +233,20 @@ class EtcdStore(Store):
         put: dict[str, Any] = {"key": full, "value": _b64(value)}
         if lease:
             put["lease"] = str(lease)
+        sends = _Sends()
         answer = self._call("/v3/kv/txn", {
             "compare": [{"key": full, "target": "MOD", "result": "EQUAL",
                          "mod_revision": str(int(expected_mod_revision))}],
             "success": [{"request_put": put}],
-        })
+            "failure": [{"request_range": {"key": full}}],
+        }, sends)
         if answer.get("succeeded", False):
             return True
+        found = _failure_kv(answer)
+        if found is not None and found.value == value and found.lease == lease and (
+                lease or (sends.count > 1
+                          and found.create_revision <= expected_mod_revision < found.mod_revision)):
+            return True  # our first attempt committed; its answer was lost and the retry met our own write
         if lease:
             self._revoke(lease)
         return False
@@ -314,9 +360,14 @@ class EtcdStore(Store):
             raise
         return conn
 
-    def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST body to path on the first endpoint that can answer; return the decoded answer."""
+    def _call(self, path: str, body: dict[str, Any], sends: _Sends | None = None) -> dict[str, Any]:
+        """POST body to path on the first endpoint that can answer; return the decoded answer.
+
+        sends, if given, counts how often the request went out (more than once:
+        an earlier attempt may have been carried out although its answer was lost).
+        """
         payload = json.dumps(body).encode()
+        sends = sends if sends is not None else _Sends()
         deadline = time.monotonic() + self.timeout
         with self._lock:
             while True:
@@ -326,7 +377,7 @@ class EtcdStore(Store):
                 for step in range(count):
                     index = (self._preferred + step) % count
                     try:
-                        answer = self._call_endpoint(index, path, payload)
+                        answer = self._call_endpoint(index, path, payload, sends)
                     except _EndpointFailed as failure:
                         failures.append(f"{self._endpoint_url(index)}: {failure}")
                         any_retryable = any_retryable or failure.retryable
@@ -337,7 +388,7 @@ class EtcdStore(Store):
                     raise StoreUnavailable(self._unavailable_message(failures))
                 time.sleep(_RETRY_PAUSE)  # a member is up but has no leader (yet): election under way
 
-    def _call_endpoint(self, index: int, path: str, payload: bytes) -> dict[str, Any]:
+    def _call_endpoint(self, index: int, path: str, payload: bytes, sends: _Sends) -> dict[str, Any]:
         for attempt in range(2):
             reused = self._conn is not None and self._conn_index == index and self._conn.sock is not None
             if not reused:
@@ -350,6 +401,7 @@ class EtcdStore(Store):
             conn = self._conn
             assert conn is not None
             try:
+                sends.count += 1
                 conn.request("POST", path, body=payload, headers={"Content-Type": "application/json"})
                 response = conn.getresponse()
                 data = response.read()
@@ -566,6 +618,30 @@ def _prefix_end(prefix: bytes) -> bytes:
             return bytes(end)
         end.pop()
     return b"\0"  # prefix was all 0xff: to the end of the key space
+
+
+def _failure_kv(answer: dict[str, Any]) -> _FoundKey | None:
+    """The key read by a failed txn's request_range (responses[0].response_range.kvs[0]).
+
+    The gateway writes bytes as base64 and int64 fields as decimal strings, and
+    leaves out fields equal to their default (an empty value, lease 0). None when
+    the key is absent or the answer is not of that shape.
+    """
+    responses = answer.get("responses")
+    if not isinstance(responses, list) or not responses or not isinstance(responses[0], dict):
+        return None
+    found = responses[0].get("response_range")
+    kvs = found.get("kvs") if isinstance(found, dict) else None
+    if not isinstance(kvs, list) or not kvs or not isinstance(kvs[0], dict):
+        return None
+    kv = kvs[0]
+    try:
+        return _FoundKey(value=base64.b64decode(kv.get("value", ""), validate=True),
+                         lease=int(kv.get("lease", 0)), version=int(kv.get("version", 0)),
+                         create_revision=int(kv.get("create_revision", 0)),
+                         mod_revision=int(kv.get("mod_revision", 0)))
+    except (TypeError, ValueError):  # binascii.Error is a ValueError
+        return None
 
 
 def _revision(answer: dict[str, Any]) -> int:
