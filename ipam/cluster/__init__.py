@@ -25,20 +25,29 @@ wait, then list again) to program routes to the other nodes.
 
     store = open_store("etcd://10.0.0.1:2379,10.0.0.2:2379")
     cfg = read_config(store)
-    lease = acquire_lease(store, cfg, public_ip="10.0.0.5", vtep_mac="0a:58:0a:00:00:05")
+    lease = acquire_lease(store, cfg, public_ip="10.0.0.5", vtep_mac="0a:58:0a:00:00:05", node_name="node-a")
+    scan = scan_leases(store, cfg)      # scan.leases accepted, scan.rejected [(key, mod_revision, reason)]
+
+Every value read from the store is input: bounded decoding, every field
+checked, a bad lease rejected with a reason (see leases.py).
 """
-from .errors import Compacted, ConfigConflict, LeaseExhausted, LeaseLost, StoreError, StoreUnavailable
+from .errors import (Compacted, ConfigConflict, LeaseExhausted, LeaseLost, NodeConflict, StoreError, StoreUnavailable,
+                     UnreadableEntry)
 from .leases import (
     CONFIG_KEY,
     SUBNETS_PREFIX,
     ClusterConfig,
+    LeaseScan,
     NodeLease,
+    RejectedLease,
     acquire_lease,
+    check_entries,
     init_cluster,
     list_leases,
     read_config,
     release_lease,
     renew_lease,
+    scan_leases,
     subnet_from_key,
     subnet_key,
 )
@@ -54,18 +63,24 @@ __all__ = [
     "Entry",
     "LeaseExhausted",
     "LeaseLost",
+    "LeaseScan",
+    "NodeConflict",
     "NodeLease",
+    "RejectedLease",
     "Store",
     "StoreError",
     "StoreUnavailable",
     "TLSFiles",
+    "UnreadableEntry",
     "acquire_lease",
+    "check_entries",
     "init_cluster",
     "list_leases",
     "open_store",
     "read_config",
     "release_lease",
     "renew_lease",
+    "scan_leases",
     "subnet_from_key",
     "subnet_key",
 ]

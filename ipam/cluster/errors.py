@@ -32,3 +32,11 @@ class ConfigConflict(StoreError):
 
 class LeaseLost(StoreError):
     """A node's lease expired or was taken over, so it cannot be renewed as it was."""
+
+
+class NodeConflict(StoreError):
+    """Another node (by NodeName) holds the lease of this node's public IP: two nodes claim one underlay address."""
+
+
+class UnreadableEntry(StoreError):
+    """A key exists but the store cannot read its record (a damaged file in the file store): it is taken."""

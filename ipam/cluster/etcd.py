@@ -256,6 +256,15 @@ class EtcdStore(Store):
         answer = self._call("/v3/kv/deleterange", {"key": _b64(self._full(key))})
         return int(answer.get("deleted", 0)) > 0
 
+    def ttl(self, key: str) -> int | None:
+        validate_key(key)
+        kvs = self._call("/v3/kv/range", {"key": _b64(self._full(key))}).get("kvs") or []
+        lease = int(kvs[0].get("lease", 0)) if kvs else 0
+        if not lease:
+            return None
+        granted = int(self._call("/v3/lease/timetolive", {"ID": str(lease)}).get("grantedTTL", 0))
+        return granted or None
+
     def refresh(self, key: str) -> bool:
         validate_key(key)
         answer = self._call("/v3/kv/range", {"key": _b64(self._full(key))})

@@ -5,17 +5,35 @@
       .revision    the store revision, bumped by every change (decimal text)
       .changes     change log, one "REVISION KEY" line per change, so wait() can
                    tell changes under its prefix from others (and see deletions)
-      config       one file per key: JSON holding the value and its revisions
-      subnets/10.244.1.0-24
+      .expiry      expiry index, one "EXPIRES KEY" line per key that has a TTL
+                   (EXPIRES: wall-clock seconds, time.time()); rewritten under the
+                   exclusive lock whenever such a key is written, refreshed or
+                   deleted, so wait() learns the earliest expiry from a stat()
+      config       one file per key: a JSON record of at most 1 MiB,
+      subnets/10.244.1.0-24     {"key": ..., "value": TEXT | "value_base64": B64,
+                                 "mod_revision": N, "create_revision": N, "version": N,
+                                 "ttl": SECONDS, "expires": WALL-CLOCK SECONDS}   (ttl, expires: with a TTL)
 
 Values are written atomically (a temporary file, then rename; create-if-absent
 links the temporary file into place, which fails if the key exists). Nothing
 inside DIR is opened through a symbolic link; DIR itself may be reached
 through one (it is the administrator's choice, like /var/run -> /run).
 
-TTLs are recorded but not enforced: a key written with a TTL lives until it is
-deleted (a node's subnet lease lasts until the node releases it). refresh()
-only reports whether the key still exists.
+TTLs are enforced, as etcd's leases are. A key written with a TTL expires TTL
+seconds after it was written or last refreshed (refresh() extends it by the
+recorded TTL, without a new revision). An expired key is absent at once for
+get(), list(), create(), replace(), delete() and refresh(); it becomes a real
+deletion (a revision bump and a change-log line, which wake every watcher)
+when it is reaped: by a write that meets it, and by wait(), whose 50 ms poll
+only stat()s .expiry (re-reading it when it changed) and, once the earliest
+expiry has passed, reaps under the exclusive lock, re-checking each record.
+The index is a hint kept never later than the records: written before a
+record gains an expiry, corrected from the records by the reaper.
+
+Records are bounded and decoded with bounded nesting; list() skips a record
+it cannot read or parse (one warning per file version on the "pycni.store"
+logger) instead of failing the whole listing, and get() of it raises
+StoreError.
 
 Several processes (and threads) can share one directory: all changes are
 serialised by the lock, which makes this store fit for one machine or for
@@ -27,27 +45,48 @@ import base64
 import errno
 import fcntl
 import json
+import logging
+import math
 import os
 import stat
+import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from .errors import Compacted, StoreError, StoreUnavailable
+from cni_plugins.spec import boundedjson
+
+from .errors import Compacted, StoreError, StoreUnavailable, UnreadableEntry
 from .store import Entry, Store, check_ttl, check_value, validate_key, validate_prefix
 
 LOCK_FILE = ".lock"
 REVISION_FILE = ".revision"
 CHANGES_FILE = ".changes"
+EXPIRY_FILE = ".expiry"
 TMP_PREFIX = ".tmp-"
 
 POLL_INTERVAL = 0.05
 # The change log is cut back to its newest half when it grows past this size.
 MAX_CHANGES_BYTES = 256 * 1024
+# A record holds one value; larger records are refused when written and skipped when listed.
+MAX_RECORD_BYTES = 1024 * 1024
+MAX_RECORD_DEPTH = 4          # a record is one flat object
+MAX_EXPIRY_BYTES = 64 * 1024 * 1024
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+log = logging.getLogger("pycni.store")
+_wall_clock = time.time  # expiry times are wall-clock seconds, shared by every process (a seam for tests)
+
+
+class _BadRecord(UnreadableEntry):
+    """A record file that cannot be read or parsed; identity names the file version (for warning once)."""
+
+    def __init__(self, message: str, identity: tuple[int, ...] | None) -> None:
+        super().__init__(message)
+        self.identity = identity
 
 
 class FileStore(Store):
@@ -63,6 +102,10 @@ class FileStore(Store):
             raise StoreError(f"cannot open the file store {self.directory}: it is not a directory") from None
         except OSError as err:
             raise StoreUnavailable(f"cannot open the file store {self.directory}: {err.strerror}") from None
+        self._warned: dict[str, tuple[int, ...] | None] = {}   # key -> the file version warned about
+        self._expiry_lock = threading.Lock()
+        self._expiry_seen: tuple[int, ...] | None = None     # stat identity of .expiry when last read
+        self._earliest: float | None = None                  # its earliest expiry (None: no TTL key)
 
     def __repr__(self) -> str:
         return f"FileStore({self.directory!r})"
@@ -70,31 +113,25 @@ class FileStore(Store):
     # -- the Store interface ------------------------------------------------
 
     def get(self, key: str) -> Entry | None:
-        validate_key(key)
-        with self._io(f"read {key}"):
-            parent, leaf = self._open_parent(key, create=False)
-            if parent is None:
-                return None
-            try:
-                record = self._read_record(parent, leaf, key)
-            finally:
-                os.close(parent)
+        record = self._live_record(key)
         return None if record is None else _entry(key, record)
 
     def list(self, prefix: str) -> tuple[list[Entry], int]:
         validate_prefix(prefix)
         parts = prefix.split("/") if prefix else []
         dir_parts = parts[:-1]  # "subnets/" -> ["subnets"]; "subnets/10." -> ["subnets"]
-        entries: list[Entry] = []
+        found: list[tuple[str, dict[str, Any]]] = []
         with self._io(f"list {prefix or '(everything)'}"), self._locked(exclusive=False):
             revision = self._read_revision()
+            now = _wall_clock()
             start = self._open_dir(dir_parts, create=False)
             if start is not None:
                 try:
                     base = "/".join(dir_parts) + "/" if dir_parts else ""
-                    self._walk(start, base, prefix, entries)
+                    self._walk(start, base, prefix, found)
                 finally:
                     os.close(start)
+        entries = [_entry(key, record) for key, record in found if not _expired(record, now)]
         entries.sort(key=lambda e: e.key)
         return entries, revision
 
@@ -105,13 +142,26 @@ class FileStore(Store):
             parent, leaf = self._open_parent(key, create=True)
             assert parent is not None
             try:
-                if self._read_record(parent, leaf, key) is not None:
+                now = _wall_clock()
+                try:
+                    old = self._read_record(parent, leaf, key)
+                except _BadRecord:
+                    return False  # the key exists, readable or not
+                if old is not None and not _expired(old, now):
                     return False
                 revision = self._read_revision() + 1
-                record = _record(key, value, revision, revision, 1, ttl)
-                if not self._write_record(parent, leaf, key, record, exclusive=True):
+                record = _record(key, value, revision, revision, 1, ttl, now)
+                data = self._encode(key, record)
+                self._expiry_before(key, record)
+                if old is not None:
+                    os.unlink(leaf, dir_fd=parent)  # an expired key makes way: its deletion is part of this change
+                if not self._write_record(parent, leaf, key, data, exclusive=True):
+                    if old is not None:
+                        self._commit(revision, key)
+                        self._expiry_after(key, None, old)
                     return False
                 self._commit(revision, key)
+                self._expiry_after(key, record, old)
                 return True
             finally:
                 os.close(parent)
@@ -123,14 +173,19 @@ class FileStore(Store):
             parent, leaf = self._open_parent(key, create=True)
             assert parent is not None
             try:
+                now = _wall_clock()
                 old = self._read_record(parent, leaf, key)
-                revision = self._read_revision() + 1
-                if old is None:
-                    record = _record(key, value, revision, revision, 1, ttl)
+                live = old if old is not None and not _expired(old, now) else None  # an expired key's deletion
+                revision = self._read_revision() + 1                              # is part of this change
+                if live is None:
+                    record = _record(key, value, revision, revision, 1, ttl, now)
                 else:
-                    record = _record(key, value, revision, old["create_revision"], old["version"] + 1, ttl)
-                self._write_record(parent, leaf, key, record, exclusive=False)
+                    record = _record(key, value, revision, live["create_revision"], live["version"] + 1, ttl, now)
+                data = self._encode(key, record)
+                self._expiry_before(key, record)
+                self._write_record(parent, leaf, key, data, exclusive=False)
                 self._commit(revision, key)
+                self._expiry_after(key, record, old)
                 return revision
             finally:
                 os.close(parent)
@@ -143,13 +198,20 @@ class FileStore(Store):
             if parent is None:
                 return False
             try:
+                now = _wall_clock()
                 old = self._read_record(parent, leaf, key)
+                if old is not None and _expired(old, now):
+                    self._delete_record(parent, leaf, key, old)  # gone, as far as anyone can tell: make it real
+                    return False
                 if old is None or old["mod_revision"] != expected_mod_revision:
                     return False
                 revision = self._read_revision() + 1
-                record = _record(key, value, revision, old["create_revision"], old["version"] + 1, ttl)
-                self._write_record(parent, leaf, key, record, exclusive=False)
+                record = _record(key, value, revision, old["create_revision"], old["version"] + 1, ttl, now)
+                data = self._encode(key, record)
+                self._expiry_before(key, record)
+                self._write_record(parent, leaf, key, data, exclusive=False)
                 self._commit(revision, key)
+                self._expiry_after(key, record, old)
                 return True
             finally:
                 os.close(parent)
@@ -161,24 +223,71 @@ class FileStore(Store):
             if parent is None:
                 return False
             try:
-                if self._read_record(parent, leaf, key) is None:
+                try:
+                    old = self._read_record(parent, leaf, key)
+                except _BadRecord:
+                    # Deleting is how a damaged record is cleaned up: it goes, and watchers see it go.
+                    self._delete_record(parent, leaf, key, {"expires": 0})
+                    return True
+                if old is None:
                     return False
-                os.unlink(leaf, dir_fd=parent)
-                os.fsync(parent)
-                self._commit(self._read_revision() + 1, key)
-                return True
+                self._delete_record(parent, leaf, key, old)
+                return not _expired(old, _wall_clock())  # an expired key was not there any more
             finally:
                 os.close(parent)
 
+    def ttl(self, key: str) -> int | None:
+        record = self._live_record(key)
+        return None if record is None else record.get("ttl")
+
+    def _live_record(self, key: str) -> dict[str, Any] | None:
+        """key's record unless it is missing or expired (read without the lock: records are replaced whole)."""
+        validate_key(key)
+        with self._io(f"read {key}"):
+            parent, leaf = self._open_parent(key, create=False)
+            if parent is None:
+                return None
+            try:
+                record = self._read_record(parent, leaf, key)
+            finally:
+                os.close(parent)
+        if record is None or _expired(record, _wall_clock()):
+            return None
+        return record
+
     def refresh(self, key: str) -> bool:
-        # TTLs are not enforced here, so there is nothing to renew: report whether the key is still there.
-        return self.get(key) is not None
+        """Extend key's expiry by its recorded TTL (no new revision); False if it is gone or expired."""
+        validate_key(key)
+        with self._io(f"refresh {key}"), self._locked(exclusive=True):
+            parent, leaf = self._open_parent(key, create=False)
+            if parent is None:
+                return False
+            try:
+                now = _wall_clock()
+                old = self._read_record(parent, leaf, key)
+                if old is None:
+                    return False
+                if _expired(old, now):
+                    self._delete_record(parent, leaf, key, old)
+                    return False
+                ttl = old.get("ttl")
+                if ttl is None:
+                    return True  # no TTL: nothing to renew, and it does not expire
+                record = _record(key, old["raw"], old["mod_revision"], old["create_revision"], old["version"],
+                                 ttl, now)
+                self._write_record(parent, leaf, key, self._encode(key, record), exclusive=False)
+                self._expiry_after(key, record, old)  # later than before: the index may follow the record
+                return True
+            finally:
+                os.close(parent)
 
     def wait(self, prefix: str, after_revision: int, timeout: float) -> int | None:
         validate_prefix(prefix)
         deadline = time.monotonic() + max(0.0, timeout)
         checked = after_revision  # changes up to here are known not to concern prefix
         while True:
+            with self._io("reap expired keys"):
+                self._reap_if_due()
             with self._io("read the store revision"):
                 current = self._read_revision()
             if current < after_revision:
@@ -199,6 +308,164 @@ class FileStore(Store):
         fd, self._dir_fd = self._dir_fd, None
         if fd is not None:
             os.close(fd)
+
+    # -- expiry ---------------------------------------------------------------
+
+    def _delete_record(self, parent: int, leaf: str, key: str, old: dict[str, Any]) -> None:
+        """Remove key's record and commit the deletion (under the exclusive lock)."""
+        os.unlink(leaf, dir_fd=parent)
+        os.fsync(parent)
+        self._commit(self._read_revision() + 1, key)
+        self._expiry_after(key, None, old)
+
+    def _expiry_before(self, key: str, record: dict[str, Any]) -> None:
+        """Before a record with an expiry is written: the index learns it (never later than the record)."""
+        expires = record.get("expires")
+        if expires is None:
+            return
+        index = self._read_expiry_locked()
+        if key not in index or index[key] > expires:
+            index[key] = expires
+            self._write_expiry(index)
+
+    def _expiry_after(self, key: str, record: dict[str, Any] | None, old: dict[str, Any] | None) -> None:
+        """After key's record was written (or deleted, record None): the index says what the record says.
+
+        old is the record before the change: when neither has an expiry, the index is not even read.
+        """
+        expires = record.get("expires") if record is not None else None
+        if expires is None and (old is None or old.get("expires") is None):
+            return
+        index = self._read_expiry_locked()
+        if index.get(key) == expires:
+            return
+        if expires is None:
+            index.pop(key, None)
+        else:
+            index[key] = expires
+        self._write_expiry(index)
+
+    def _reap_if_due(self) -> None:
+        """wait()'s poll: a stat() of the index; reap when its earliest expiry has passed."""
+        try:
+            st = os.stat(EXPIRY_FILE, dir_fd=self._fd, follow_symlinks=False)
+        except FileNotFoundError:
+            with self._expiry_lock:
+                self._expiry_seen, self._earliest = None, None
+            return
+        seen = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        with self._expiry_lock:
+            if seen != self._expiry_seen:
+                try:
+                    earliest = min(self._read_expiry().values(), default=None)
+                except StoreError:
+                    earliest = 0.0  # unreadable: the reaper rebuilds it from the records
+                self._expiry_seen, self._earliest = seen, earliest
+            earliest = self._earliest
+        if earliest is not None and earliest <= _wall_clock():
+            self._reap()
+
+    def _reap(self) -> None:
+        """Delete every key whose expiry has passed and commit the deletions (one revision)."""
+        with self._locked(exclusive=True):
+            now = _wall_clock()
+            try:
+                index = self._read_expiry()
+            except StoreError as err:
+                log.warning("%s; rebuilding it from the records", err)
+                index = self._rebuild_expiry()
+            changed, reaped = False, []
+            for key in sorted(k for k, expires in index.items() if expires <= now):
+                expires = self._reap_one(key, now)
+                if expires is None:
+                    reaped.append(key)
+                    del index[key]
+                    changed = True
+                elif expires is False:
+                    del index[key]
+                    changed = True
+                elif expires != index[key]:
+                    index[key] = expires
+                    changed = True
+            if reaped:
+                self._commit(self._read_revision() + 1, *reaped)
+            if changed:
+                self._write_expiry(index)
+
+    def _reap_one(self, key: str, now: float) -> float | bool | None:
+        """Delete key if its record has expired: None if deleted, its expiry if it lives, False if not indexable."""
+        parent, leaf = self._open_parent(key, create=False)
+        if parent is None:
+            return False
+        try:
+            try:
+                record = self._read_record(parent, leaf, key)
+            except StoreError:
+                return False  # list() skips it, get() reports it; nothing for the index
+            if record is None or record.get("expires") is None:
+                return False
+            if not _expired(record, now):
+                return record["expires"]
+            os.unlink(leaf, dir_fd=parent)
+            os.fsync(parent)
+            return None
+        finally:
+            os.close(parent)
+
+    def _rebuild_expiry(self) -> dict[str, float]:
+        found: list[tuple[str, dict[str, Any]]] = []
+        top = self._open_dir([], create=False)
+        assert top is not None
+        try:
+            self._walk(top, "", "", found)
+        finally:
+            os.close(top)
+        return {key: record["expires"] for key, record in found if record.get("expires") is not None}
+
+    def _read_expiry(self) -> dict[str, float]:
+        """{key: expiry} from the index; {} if there is none; StoreError if it is unreadable."""
+        try:
+            fd = os.open(EXPIRY_FILE, _READ_FLAGS, dir_fd=self._fd)
+        except FileNotFoundError:
+            return {}
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StoreError(f"{self.directory}/{EXPIRY_FILE} is not a regular file")
+            data = _read_bounded(fd, MAX_EXPIRY_BYTES)
+        finally:
+            os.close(fd)
+        if data is None:
+            raise StoreError(f"{self.directory}/{EXPIRY_FILE} is larger than {MAX_EXPIRY_BYTES} bytes")
+        index: dict[str, float] = {}
+        for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+            head, _, key = line.partition(" ")
+            try:
+                expires = float(head)
+                if not math.isfinite(expires):
+                    raise ValueError(head)
+                validate_key(key)
+            except (ValueError, StoreError):
+                raise StoreError(f"{self.directory}/{EXPIRY_FILE} line {number} is not \"EXPIRES KEY\": "
+                                 f"{line[:80]!r}") from None
+            index[key] = expires
+        return index
+
+    def _read_expiry_locked(self) -> dict[str, float]:
+        """The index for an update under the exclusive lock (rebuilt from the records if unreadable)."""
+        try:
+            return self._read_expiry()
+        except StoreError as err:
+            log.warning("%s; rebuilding it from the records", err)
+            return self._rebuild_expiry()
+
+    def _write_expiry(self, index: dict[str, float]) -> None:
+        data = "".join(f"{index[key]:.3f} {key}\n" for key in sorted(index)).encode()
+        tmp = self._write_temp(self._fd, data)
+        try:
+            os.rename(tmp, EXPIRY_FILE, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+        except BaseException:
+            _unlink_quietly(tmp, self._fd)
+            raise
 
     # -- locking and I/O helpers --------------------------------------------
 
@@ -235,7 +502,9 @@ class FileStore(Store):
 
     def _open_dir(self, parts: list[str], create: bool) -> int | None:
         """An fd for DIR/parts..., never through a symlink; None if missing and not create."""
-        fd = os.dup(self._fd)
+        # A new open file description (not a dup, which shares the directory offset): concurrent
+        # walks of the top directory in several threads must not move each other's position.
+        fd = os.open(".", _DIR_FLAGS, dir_fd=self._fd)
         try:
             for part in parts:
                 try:
@@ -269,6 +538,7 @@ class FileStore(Store):
         return self._open_dir(parts[:-1], create), parts[-1]
 
     def _read_record(self, parent: int, leaf: str, key: str) -> dict[str, Any] | None:
+        """key's record (expired or not), None if there is none; _BadRecord if it cannot be read or parsed."""
         try:
             fd = os.open(leaf, _READ_FLAGS, dir_fd=parent)
         except FileNotFoundError:
@@ -281,17 +551,26 @@ class FileStore(Store):
                 raise StoreError(f"key {key} in the file store {self.directory} is a directory of keys")
             if not stat.S_ISREG(st.st_mode):
                 raise StoreError(f"{self.directory}/{key} is not a regular file; refusing to read it")
-            data = _read_all(fd)
+            identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+            data = _read_bounded(fd, MAX_RECORD_BYTES) if st.st_size <= MAX_RECORD_BYTES else None
         finally:
             os.close(fd)
         try:
+            if data is None:
+                raise ValueError(f"it is larger than {MAX_RECORD_BYTES} bytes")
             return _parse_record(data)
         except (ValueError, KeyError, TypeError) as err:
-            raise StoreError(f"{self.directory}/{key} is not a valid store record ({err}); "
-                             f"remove it or restore it from a backup") from None
+            raise _BadRecord(f"{self.directory}/{key} is not a valid store record ({err}); "
+                             f"remove it or restore it from a backup", identity) from None
 
-    def _write_record(self, parent: int, leaf: str, key: str, record: dict[str, Any], exclusive: bool) -> bool:
+    def _encode(self, key: str, record: dict[str, Any]) -> bytes:
         data = (json.dumps(record, sort_keys=True) + "\n").encode()
+        if len(data) > MAX_RECORD_BYTES:
+            raise StoreError(f"cannot store {key} in the file store {self.directory}: its record would be "
+                             f"{len(data)} bytes, more than the {MAX_RECORD_BYTES} allowed; store a smaller value")
+        return data
+
+    def _write_record(self, parent: int, leaf: str, key: str, data: bytes, exclusive: bool) -> bool:
         tmp = self._write_temp(parent, data)
         try:
             if exclusive:
@@ -347,12 +626,12 @@ class FileStore(Store):
             raise StoreError(f"{self.directory}/{REVISION_FILE} holds {text[:20]!r}, not a revision number")
         return int(text)
 
-    def _commit(self, revision: int, key: str) -> None:
-        """Record a change: append it to the change log, then publish the new revision."""
+    def _commit(self, revision: int, *keys: str) -> None:
+        """Record a change of keys: append it to the change log, then publish the new revision."""
         fd = os.open(CHANGES_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o644, dir_fd=self._fd)
         try:
-            os.write(fd, f"{revision} {key}\n".encode())
+            os.write(fd, "".join(f"{revision} {key}\n" for key in keys).encode())
             size = os.fstat(fd).st_size
         finally:
             os.close(fd)
@@ -404,7 +683,11 @@ class FileStore(Store):
         newest = [rev for rev, key in changes if rev > after_revision and key.startswith(prefix)]
         return max(newest) if newest else None
 
-    def _walk(self, fd: int, base: str, prefix: str, out: list[Entry]) -> None:
+    def _walk(self, fd: int, base: str, prefix: str, out: list[tuple[str, dict[str, Any]]]) -> None:
+        """(key, record) of every readable record under fd whose key starts with prefix (expired ones too).
+
+        A record that cannot be read or parsed is skipped with one warning per version of its file.
+        """
         with os.scandir(fd) as it:
             names = [(e.name, e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False)) for e in it]
         for name, is_dir, is_file in names:
@@ -430,14 +713,33 @@ class FileStore(Store):
                     validate_key(key)
                 except StoreError:
                     continue  # not a name this store writes
-                record = self._read_record(fd, name, key)
+                try:
+                    record = self._read_record(fd, name, key)
+                except _BadRecord as err:
+                    self._skip(key, err.identity, str(err))
+                    continue
+                except (StoreError, OSError) as err:
+                    if isinstance(err, OSError) and err.errno not in (errno.ELOOP, errno.EACCES, errno.EPERM,
+                                                                      errno.EIO, errno.EISDIR):
+                        raise
+                    self._skip(key, _identity(fd, name), f"cannot read {self.directory}/{key}: "
+                                                         f"{err.strerror if isinstance(err, OSError) else err}")
+                    continue
                 if record is not None:
-                    out.append(_entry(key, record))
+                    self._warned.pop(key, None)
+                    out.append((key, record))
             # symlinks and special files are never followed or read
+
+    def _skip(self, key: str, identity: tuple[int, ...] | None, why: str) -> None:
+        """Warn about a record list() skips, once per version of its file."""
+        if key in self._warned and self._warned[key] == identity:
+            return
+        self._warned[key] = identity
+        log.warning("the file store skips %s: %s", key, why)
 
 
 def _record(key: str, value: bytes, mod_revision: int, create_revision: int, version: int,
-            ttl: int | None) -> dict[str, Any]:
+            ttl: int | None, now: float = 0.0) -> dict[str, Any]:
     record: dict[str, Any] = {"key": key, "mod_revision": mod_revision, "create_revision": create_revision,
                               "version": version}
     try:
@@ -445,23 +747,41 @@ def _record(key: str, value: bytes, mod_revision: int, create_revision: int, ver
     except UnicodeDecodeError:
         record["value_base64"] = base64.b64encode(value).decode("ascii")
     if ttl is not None:
-        record["ttl"] = ttl  # recorded, not enforced
+        record["ttl"] = ttl
+        record["expires"] = float(f"{now + ttl:.3f}")  # as the expiry index writes it
     return record
 
 
 def _parse_record(data: bytes) -> dict[str, Any]:
-    record = json.loads(data)
+    record = boundedjson.loads(data, max_bytes=MAX_RECORD_BYTES, max_depth=MAX_RECORD_DEPTH)
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
     if "value" in record:
+        if not isinstance(record["value"], str):
+            raise ValueError("value is not a string")
         value = record["value"].encode("utf-8")
     else:
+        if not isinstance(record["value_base64"], str):
+            raise ValueError("value_base64 is not a string")
         value = base64.b64decode(record["value_base64"], validate=True)
     for field in ("mod_revision", "create_revision", "version"):
-        if not isinstance(record[field], int):
-            raise ValueError(f"{field} is not a number")
+        number = record[field]
+        if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+            raise ValueError(f"{field} is not a revision number")
+    ttl = record.get("ttl")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0):
+        raise ValueError("ttl is not a whole number of seconds")
+    expires = record.get("expires")
+    if expires is not None and (isinstance(expires, bool) or not isinstance(expires, (int, float))
+                                or not math.isfinite(expires)):
+        raise ValueError("expires is not a time")
     record["raw"] = value
     return record
+
+
+def _expired(record: dict[str, Any], now: float) -> bool:
+    expires = record.get("expires")
+    return expires is not None and expires <= now
 
 
 def _entry(key: str, record: dict[str, Any]) -> Entry:
@@ -475,6 +795,27 @@ def _read_all(fd: int) -> bytes:
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
+
+
+def _read_bounded(fd: int, limit: int) -> bytes | None:
+    """Everything fd holds; None if that is more than limit bytes (reading stops there)."""
+    chunks, size = [], 0
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+
+
+def _identity(dir_fd: int, name: str) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _unlink_quietly(name: str, dir_fd: int) -> None:

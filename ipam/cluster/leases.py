@@ -5,16 +5,45 @@ the node's VTEP (underlay IP and VXLAN device MAC) so that every other node
 can program its FDB, neighbour and route entries. A subnet is taken with an
 atomic create-if-absent, so two nodes racing for the same subnet never both
 get it.
+
+Anything can write to the store, so every value read from it is input:
+decoded with bounded size and nesting (cni_plugins.spec.boundedjson), every
+field checked, and a bad lease left out with a reason rather than letting it
+reach the kernel or stop a loop:
+
+    subnets/10.244.1.0-24   key        canonical (subnet_key(subnet_from_key(key)) == key); with a
+                                       ClusterConfig: the cluster's family, inside its network, /SubnetLen
+      {"PublicIP":         "192.168.1.10"  a string, an address without a zone (%), unicast (not
+                                           multicast, unspecified, 255.255.255.255, loopback) and
+                                           not inside the cluster network (that is a pod address)
+       "BackendType":      "vxlan"         absent or "vxlan"
+       "BackendData": {"VtepMAC": "0a:58:..."}   a string, a unicast MAC that is not all zeros
+       "NodeName":         "node-a"        absent, or a string of at most 253 characters, no control characters
+       "Subnet":           ...             if present (any spelling of "subnet"), the key's subnet
+      }                                    at most 4 KiB and 8 levels of nesting
+
+scan_leases() returns the accepted leases and the rejected keys with their
+reasons; acquire_lease() still treats every key under subnets/ as taken,
+readable or not.
+
+A lease also names its node (NodeName): acquire_lease() refuses (NodeConflict)
+to hand one node's lease to a node of another name that claims the same
+public IP, and renew_lease() reports a lease taken over by another node name
+as LeaseLost. A lease without a name (older writers, flannel) is adopted.
 """
 from __future__ import annotations
 
 import ipaddress
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, field, replace as dc_replace
 from typing import Any, Iterator
 
-from .errors import ConfigConflict, LeaseExhausted, LeaseLost, StoreError
+from cni_plugins.spec import boundedjson
+from cni_plugins.spec.decode import json_type
+
+from .errors import ConfigConflict, LeaseExhausted, LeaseLost, NodeConflict, StoreError, UnreadableEntry
 from .store import Entry, Store
 
 CONFIG_KEY = "config"
@@ -22,10 +51,16 @@ SUBNETS_PREFIX = "subnets/"
 BACKEND_TYPE = "vxlan"
 
 MAX_VNI = 2**24 - 1
+MAX_CONFIG_BYTES = 64 * 1024
+MAX_CONFIG_DEPTH = 8
+MAX_LEASE_BYTES = 4 * 1024
+MAX_LEASE_DEPTH = 8
+MAX_NODE_NAME = 253
 _MAX_ROUNDS = 64  # list-and-claim rounds before giving up on a store that keeps changing under us
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass
@@ -44,11 +79,15 @@ class ClusterConfig:
     port: int = 8472
 
     def __post_init__(self) -> None:
+        if isinstance(self.network, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+            self.network = str(self.network)
+        if not isinstance(self.network, str):
+            raise ValueError(f"invalid cluster network {self.network!r}: give a CIDR such as 10.244.0.0/16")
         try:
-            net = ipaddress.ip_network(str(self.network), strict=True)
+            net = ipaddress.ip_network(self.network, strict=True)
         except ValueError as err:
             try:
-                loose = ipaddress.ip_network(str(self.network), strict=False)
+                loose = ipaddress.ip_network(self.network, strict=False)
             except ValueError:
                 raise ValueError(f"invalid cluster network {self.network!r}: give a CIDR such as "
                                  f"10.244.0.0/16 ({err})") from None
@@ -91,22 +130,48 @@ class ClusterConfig:
 
     @classmethod
     def from_json(cls, data: str | bytes) -> "ClusterConfig":
-        """Parse the stored form (flannel's net-conf.json keys); ValueError if it is not valid."""
+        """Parse the stored form (flannel's net-conf.json keys); ValueError if it is not valid.
+
+        At most 64 KiB and 8 levels of nesting; "Network" a string, "SubnetLen"
+        and the backend's "VNI" and "Port" whole numbers (null or absent: the
+        default), "Backend" an object whose "Type" is "vxlan". Other keys are
+        ignored.
+        """
         try:
-            doc = json.loads(data)
+            doc = boundedjson.loads(data, max_bytes=MAX_CONFIG_BYTES, max_depth=MAX_CONFIG_DEPTH)
         except ValueError as err:
-            raise ValueError(f"the cluster configuration is not JSON: {err}") from None
-        if not isinstance(doc, dict) or "Network" not in doc:
+            raise ValueError(f"the cluster configuration cannot be decoded: {err}") from None
+        if not isinstance(doc, dict):
+            raise ValueError(f"the cluster configuration must be a JSON object, not {json_type(doc)}")
+        if "Network" not in doc:
             raise ValueError("the cluster configuration has no \"Network\"")
-        backend = doc.get("Backend") or {}
+        network = doc["Network"]
+        if not isinstance(network, str):
+            raise ValueError(f"the cluster configuration's \"Network\" must be a string such as "
+                             f"\"10.244.0.0/16\", not {json_type(network)}")
+        backend = doc.get("Backend")
+        if backend is None:
+            backend = {}
         if not isinstance(backend, dict):
-            raise ValueError("the cluster configuration's \"Backend\" is not an object")
-        backend_type = backend.get("Type", BACKEND_TYPE)
+            raise ValueError(f"the cluster configuration's \"Backend\" must be an object, not {json_type(backend)}")
+        backend_type = backend.get("Type")
+        if backend_type is None:
+            backend_type = BACKEND_TYPE
         if backend_type != BACKEND_TYPE:
             raise ValueError(f"the cluster configuration is for backend {backend_type!r}; pycni only "
                              f"implements {BACKEND_TYPE!r}")
-        return cls(network=doc["Network"], subnet_len=doc.get("SubnetLen", 24), vni=backend.get("VNI", 1),
-                   port=backend.get("Port", 8472))
+        return cls(network=network, subnet_len=_whole(doc, "SubnetLen", 24), vni=_whole(backend, "VNI", 1, "Backend."),
+                   port=_whole(backend, "Port", 8472, "Backend."))
+
+
+def _whole(doc: dict[str, Any], name: str, default: int, where: str = "") -> int:
+    value = doc.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"the cluster configuration's \"{where}{name}\" must be a whole number, "
+                         f"not {json_type(value)} ({_short(value)})")
+    return value
 
 
 @dataclass
@@ -137,23 +202,41 @@ class NodeLease:
 
     @classmethod
     def from_json(cls, subnet: str, data: str | bytes, mod_revision: int = 0) -> "NodeLease":
-        """Parse a lease value (the subnet comes from its key); ValueError if it is not valid."""
-        doc = json.loads(data)
-        if not isinstance(doc, dict):
-            raise ValueError("a lease must be a JSON object")
-        backend = doc.get("BackendData") or {}
-        if not isinstance(backend, dict):
-            raise ValueError("BackendData must be an object")
-        return cls(subnet=subnet, public_ip=_check_ip(doc.get("PublicIP")),
-                   vtep_mac=_check_mac(backend.get("VtepMAC")), node_name=str(doc.get("NodeName") or ""),
+        """Parse a lease value (the subnet comes from its key); ValueError naming the field if it is not valid.
+
+        Only the checks that need no cluster configuration; see from_entry().
+        """
+        net = ipaddress.ip_network(subnet, strict=True)
+        public_ip, vtep_mac, node_name = _lease_fields(net, data)
+        return cls(subnet=str(net), public_ip=public_ip, vtep_mac=vtep_mac, node_name=node_name,
                    mod_revision=mod_revision)
 
     @classmethod
-    def from_entry(cls, entry: Entry) -> "NodeLease":
-        subnet = subnet_from_key(entry.key)
-        if subnet is None:
-            raise ValueError(f"{entry.key} is not a subnet lease key")
-        return cls.from_json(subnet, entry.value, entry.mod_revision)
+    def from_entry(cls, entry: Entry, cfg: "ClusterConfig | None" = None) -> "NodeLease":
+        """The lease stored in entry; ValueError "KEY: what is wrong" if it is not acceptable.
+
+        With cfg also the checks against the cluster: the subnet's family,
+        network and length, and a public IP outside the cluster network.
+        """
+        return cls(*_check_entry(entry, cfg), mod_revision=entry.mod_revision)
+
+
+@dataclass(frozen=True)
+class RejectedLease:
+    """A key under subnets/ that is not an acceptable lease, and why ("KEY: FIELD ... problem")."""
+
+    key: str
+    mod_revision: int
+    reason: str
+
+
+@dataclass
+class LeaseScan:
+    """One listing of subnets/: the accepted leases (sorted by subnet), the rejected keys, the revision."""
+
+    leases: list[NodeLease] = field(default_factory=list)
+    rejected: list[RejectedLease] = field(default_factory=list)
+    revision: int = 0
 
 
 def subnet_key(subnet: str | IPNetwork) -> str:
@@ -167,7 +250,7 @@ def subnet_from_key(key: str) -> str | None:
     if not key.startswith(SUBNETS_PREFIX):
         return None
     address, sep, length = key[len(SUBNETS_PREFIX):].rpartition("-")
-    if not sep or not length.isdigit():
+    if not sep or not (length.isascii() and length.isdigit()) or "%" in address:
         return None
     try:
         return str(ipaddress.ip_network(f"{address}/{length}", strict=True))
@@ -218,21 +301,39 @@ def read_config(store: Store) -> ClusterConfig:
 # -- leases ---------------------------------------------------------------------------
 
 
-def list_leases(store: Store) -> tuple[list[NodeLease], int]:
-    """Every valid lease (sorted by subnet) and the store revision they were read at.
+def scan_leases(store: Store, cfg: ClusterConfig | None) -> LeaseScan:
+    """List subnets/ and sort every entry into accepted leases and rejected keys (with reasons).
 
-    Malformed entries under subnets/ are left out here (acquire_lease still
-    treats their subnets as taken).
+    Nothing read can make this raise except the store itself (StoreError):
+    a value that is too large, nests too deep, is not JSON or carries a bad
+    field is a RejectedLease. With cfg None only the checks that need no
+    cluster configuration apply.
     """
     entries, revision = store.list(SUBNETS_PREFIX)
-    leases = []
+    return check_entries(entries, revision, cfg)
+
+
+def check_entries(entries: list[Entry], revision: int, cfg: ClusterConfig | None) -> LeaseScan:
+    """scan_leases() for entries already listed."""
+    scan = LeaseScan(revision=revision)
     for entry in entries:
         try:
-            leases.append(NodeLease.from_entry(entry))
-        except (ValueError, TypeError):
-            continue
-    leases.sort(key=lambda lease: _net_sort_key(ipaddress.ip_network(lease.subnet)))
-    return leases, revision
+            scan.leases.append(NodeLease.from_entry(entry, cfg))
+        except ValueError as err:
+            scan.rejected.append(RejectedLease(entry.key, entry.mod_revision, str(err)))
+    scan.leases.sort(key=lambda lease: _net_sort_key(ipaddress.ip_network(lease.subnet)))
+    scan.rejected.sort(key=lambda rejected: rejected.key)
+    return scan
+
+
+def list_leases(store: Store, cfg: ClusterConfig | None = None) -> tuple[list[NodeLease], int]:
+    """Every acceptable lease (sorted by subnet) and the store revision they were read at.
+
+    scan_leases() without the rejected keys. Malformed entries under subnets/
+    are left out here (acquire_lease still treats their subnets as taken).
+    """
+    scan = scan_leases(store, cfg)
+    return scan.leases, scan.revision
 
 
 def acquire_lease(store: Store, cfg: ClusterConfig, public_ip: str, vtep_mac: str, node_name: str = "",
@@ -241,26 +342,39 @@ def acquire_lease(store: Store, cfg: ClusterConfig, public_ip: str, vtep_mac: st
     """Lease a subnet for the node whose underlay address is public_ip.
 
     A node gets its own subnet back: an existing lease with this public_ip is
-    reused (and updated with vtep_mac and node_name). A node whose underlay
-    address changed passes the lease it held before as previous (from its own
-    state): if the store still holds exactly that lease (subnet, old address
-    and old VTEP MAC), it is taken over in place with the new address, so the
-    old address does not keep a subnet until its TTL. Otherwise
-    preferred_subnet if it is a free subnet of the cluster (it is ignored if
-    it does not belong to this cluster's network and subnet length), else the
-    first free subnet in address order. Raises LeaseExhausted when every
-    subnet is taken.
+    reused (and updated with vtep_mac and node_name), unless it names another
+    node (NodeConflict, see below). A node whose underlay address changed
+    passes the lease it held before as previous (from its own state): if the
+    store still holds exactly that lease (subnet, old address, old VTEP MAC
+    and, when both are named, this node's name), it is taken over in place
+    with the new address, so the old address does not keep a subnet until its
+    TTL. Otherwise preferred_subnet if it is a free subnet of the cluster (it
+    is ignored if it does not belong to this cluster's network and subnet
+    length), else the first free subnet in address order. Every key under
+    subnets/ counts as taken, readable or not.
+
+    Raises ValueError for an invalid public_ip, vtep_mac or node_name,
+    NodeConflict when a lease of public_ip names another node than
+    node_name (both non-empty), LeaseExhausted when every subnet is taken.
     """
     public_ip = _check_ip(public_ip)
+    if _inside(ipaddress.ip_address(public_ip), cfg.ip_network):
+        raise ValueError(f"invalid node public IP {public_ip}: it is inside the cluster network {cfg.network}, "
+                         f"so it is a pod address; give the node's underlay address")
     vtep_mac = _check_mac(vtep_mac)
+    node_name = _check_node_name(node_name)
     preferred = _fitting_subnet(cfg, preferred_subnet)
     for _ in range(_MAX_ROUNDS):
         entries, _revision = store.list(SUBNETS_PREFIX)
-        leases, taken, odd = _survey(entries)
-        mine = [lease for lease in leases if lease.public_ip == public_ip and _fits(cfg, lease.subnet)]
+        leases, taken, odd = _survey(entries, cfg)
+        mine = [lease for lease in leases if lease.public_ip == public_ip]
+        for lease in mine:
+            if not _same_node(lease.node_name, node_name):
+                raise NodeConflict(_conflict_message(lease, node_name))
         if not mine and previous is not None:
-            mine = [lease for lease in leases if _fits(cfg, lease.subnet) and lease.subnet == previous.subnet
-                    and lease.public_ip == previous.public_ip and lease.vtep_mac == previous.vtep_mac]
+            mine = [lease for lease in leases if lease.subnet == previous.subnet
+                    and lease.public_ip == previous.public_ip and lease.vtep_mac == previous.vtep_mac
+                    and _same_node(lease.node_name, node_name)]
         if mine:
             mine.sort(key=lambda lease: (lease.subnet != str(preferred), _net_sort_key(
                 ipaddress.ip_network(lease.subnet))))
@@ -290,22 +404,30 @@ def renew_lease(store: Store, lease: NodeLease, ttl: int | None) -> NodeLease:
     """Keep a node's lease alive; returns it as stored now.
 
     If the lease expired it is written again (the same subnet, if it is still
-    free). Raises LeaseLost if another node holds the subnet now.
+    free). Raises LeaseLost if another node holds the subnet now: another
+    public IP, another node name (when both are named), or an entry that is
+    not an acceptable lease.
     """
     for _ in range(_MAX_ROUNDS):
-        entry = store.get(lease.key)
+        try:
+            entry = store.get(lease.key)
+        except UnreadableEntry as err:
+            raise LeaseLost(f"the lease of {lease.subnet} was replaced by an unreadable entry ({err})") from None
         if entry is None:
             if store.create(lease.key, lease.to_json().encode(), ttl=ttl):
                 continue  # read it back for its revision
             continue  # someone took it meanwhile: find out who
         try:
             current = NodeLease.from_entry(entry)
-        except (ValueError, TypeError) as err:
+        except ValueError as err:
             raise LeaseLost(f"the lease of {lease.subnet} was replaced by an unreadable entry ({err})") from None
         if current.public_ip != lease.public_ip:
             raise LeaseLost(f"the subnet {lease.subnet} is now leased to {current.public_ip}"
                             f"{' (' + current.node_name + ')' if current.node_name else ''}, "
                             f"not {lease.public_ip}: acquire a new lease")
+        if not _same_node(current.node_name, lease.node_name):
+            raise LeaseLost(f"the subnet {lease.subnet} is now leased to the node {current.node_name!r} "
+                            f"(also at {current.public_ip}), not to {lease.node_name!r}: acquire a new lease")
         if ttl is None or store.refresh(lease.key):
             return current
         # expired between get and refresh: go round and write it again
@@ -323,11 +445,172 @@ def release_lease(store: Store, public_ip: str) -> bool:
     return released
 
 
+# -- checking what the store holds ---------------------------------------------------------
+
+
+def _check_entry(entry: Entry, cfg: ClusterConfig | None) -> tuple[str, str, str, str]:
+    """(subnet, public IP, VTEP MAC, node name) of an acceptable lease; ValueError "KEY: problem" otherwise."""
+    key = entry.key
+    subnet = subnet_from_key(key)
+    if subnet is None:
+        raise ValueError(f"{key}: not a subnet lease key (subnets/ADDRESS-PREFIXLEN, such as "
+                         f"subnets/10.244.1.0-24)")
+    if subnet_key(subnet) != key:
+        raise ValueError(f"{key}: not the canonical key of the subnet {subnet} (that is {subnet_key(subnet)})")
+    net = ipaddress.ip_network(subnet)
+    try:
+        if cfg is not None:
+            _check_fits(cfg, net)
+        public_ip, vtep_mac, node_name = _lease_fields(net, entry.value)
+        if cfg is not None and _inside(ipaddress.ip_address(public_ip), cfg.ip_network):
+            raise ValueError(f"PublicIP {public_ip} is inside the cluster network {cfg.network} (a pod address, "
+                             f"not a node's underlay address)")
+    except ValueError as err:
+        raise ValueError(f"{key}: {err}") from None
+    return subnet, public_ip, vtep_mac, node_name
+
+
+def _check_fits(cfg: ClusterConfig, net: IPNetwork) -> None:
+    whole = cfg.ip_network
+    if net.version != whole.version:
+        raise ValueError(f"the subnet {net} is IPv{net.version}, the cluster network {whole} is IPv{whole.version}")
+    if not net.subnet_of(whole):  # type: ignore[arg-type]
+        raise ValueError(f"the subnet {net} is outside the cluster network {whole}")
+    if net.prefixlen != cfg.subnet_len:
+        raise ValueError(f"the subnet {net} is a /{net.prefixlen}; this cluster leases /{cfg.subnet_len} subnets")
+
+
+def _lease_fields(net: IPNetwork, data: bytes | str) -> tuple[str, str, str]:
+    """(public IP, VTEP MAC, node name) of a lease value; ValueError naming the field otherwise."""
+    try:
+        doc = boundedjson.loads(data, max_bytes=MAX_LEASE_BYTES, max_depth=MAX_LEASE_DEPTH)
+    except ValueError as err:
+        raise ValueError(f"the value cannot be decoded: {err}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"the value must be a JSON object, not {json_type(doc)}")
+    public_ip = _stored_public_ip(doc.get("PublicIP"))
+    backend_type = doc.get("BackendType")
+    if backend_type is not None and backend_type != BACKEND_TYPE:
+        raise ValueError(f"BackendType {_short(backend_type)} is not {BACKEND_TYPE!r} (pycni only implements "
+                         f"the vxlan backend)")
+    backend = doc.get("BackendData")
+    if not isinstance(backend, dict):
+        raise ValueError(f"BackendData must be an object holding VtepMAC, not {json_type(backend)}")
+    vtep_mac = _stored_mac(backend.get("VtepMAC"))
+    node_name = doc.get("NodeName")
+    if node_name is None:
+        node_name = ""
+    problem = _node_name_problem(node_name)
+    if problem:
+        raise ValueError(f"NodeName {_short(node_name)} {problem}" if isinstance(node_name, str)
+                         else f"NodeName {problem}")
+    for name, value in doc.items():
+        if name.lower() == "subnet":
+            _check_own_subnet(name, value, net)
+    return public_ip, vtep_mac, node_name
+
+
+def _check_own_subnet(name: str, value: object, net: IPNetwork) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string naming the key's subnet {net}, not {json_type(value)}")
+    try:
+        ok = "%" not in value and ipaddress.ip_network(value, strict=True) == net
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} {_short(value)} does not match the key's subnet {net}")
+
+
+def _stored_public_ip(value: object) -> str:
+    if value is None:
+        raise ValueError("PublicIP is missing")
+    if not isinstance(value, str):
+        raise ValueError(f"PublicIP must be a string holding an IP address, not {json_type(value)}")
+    address, problem = _public_ip_problem(value)
+    if problem:
+        raise ValueError(f"PublicIP {_short(value)} {problem}")
+    return str(address)
+
+
+def _stored_mac(value: object) -> str:
+    if value is None:
+        raise ValueError("BackendData.VtepMAC is missing")
+    if not isinstance(value, str):
+        raise ValueError(f"BackendData.VtepMAC must be a string holding a MAC address, not {json_type(value)}")
+    mac, problem = _mac_problem(value)
+    if problem:
+        raise ValueError(f"BackendData.VtepMAC {_short(value)} {problem}")
+    return mac
+
+
+def _public_ip_problem(text: str) -> tuple[IPAddress | None, str]:
+    """(the address, "") or (None, what is wrong with it as a node's underlay address)."""
+    if "%" in text:
+        return None, f"carries a zone (%{text.partition('%')[2][:20]}), which a node's underlay address cannot have"
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None, "is not an IPv4 or IPv6 address"
+    for bad, what in ((address.is_unspecified, "the unspecified address"), (address.is_loopback, "a loopback address"),
+                      (address.is_multicast, "a multicast address"),
+                      (address == ipaddress.IPv4Address("255.255.255.255"), "the broadcast address")):
+        if bad:
+            return None, f"is {what}, not a node's unicast underlay address"
+    return address, ""
+
+
+def _mac_problem(text: str) -> tuple[str, str]:
+    """(the MAC in lower-case colon form, "") or ("", what is wrong with it as a VTEP MAC)."""
+    mac = text.strip().lower().replace("-", ":")
+    if not _MAC_RE.match(mac):
+        return "", "is not a MAC address (six hex octets such as 0a:58:0a:f4:01:01)"
+    if int(mac[:2], 16) & 1:
+        return "", "is a multicast MAC (the lowest bit of the first octet is set); a VTEP MAC is unicast"
+    if mac == "00:00:00:00:00:00":
+        return "", "is all zeros; a VTEP MAC is a real unicast MAC"
+    return mac, ""
+
+
+def _node_name_problem(name: object) -> str:
+    if not isinstance(name, str):
+        return f"must be a string, not {json_type(name)}"
+    if len(name) > MAX_NODE_NAME:
+        return f"is {len(name)} characters long; at most {MAX_NODE_NAME} are allowed"
+    if any(unicodedata.category(char) in ("Cc", "Cs") for char in name):
+        return "contains control characters (or unpaired surrogates)"
+    return ""
+
+
+def _inside(address: IPAddress, network: IPNetwork) -> bool:
+    return address.version == network.version and address in network
+
+
+def _same_node(stored: str, mine: str) -> bool:
+    """A lease without a name (older writers, flannel) belongs to whoever claims it; named ones to that name."""
+    return not (stored and mine and stored != mine)
+
+
+def _conflict_message(lease: NodeLease, node_name: str) -> str:
+    return (f"the public IP {lease.public_ip} already holds the lease of {lease.subnet} for the node "
+            f"{lease.node_name!r}, and this node is {node_name!r}: two nodes cannot share one underlay address. "
+            f"If {lease.node_name!r} still runs, stop its agent or give this node its own --public-ip; if "
+            f"{lease.node_name!r} is gone, release its lease with `pycni agent leave --store URL --public-ip "
+            f"{lease.public_ip}` and start this agent again")
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 # -- helpers ---------------------------------------------------------------------------
 
 
-def _survey(entries: list[Entry]) -> tuple[list[NodeLease], set[str], list[IPNetwork]]:
-    """(readable leases, taken subnets as strings, taken subnets of any other length) from a listing."""
+def _survey(entries: list[Entry], cfg: ClusterConfig) -> tuple[list[NodeLease], set[str], list[IPNetwork]]:
+    """(acceptable leases, taken subnets as strings, every taken subnet) from a listing.
+
+    Every key that names a subnet counts as taken, whatever its value.
+    """
     leases: list[NodeLease] = []
     taken: set[str] = set()
     nets: list[IPNetwork] = []
@@ -338,9 +621,9 @@ def _survey(entries: list[Entry]) -> tuple[list[NodeLease], set[str], list[IPNet
         taken.add(subnet)
         nets.append(ipaddress.ip_network(subnet))
         try:
-            leases.append(NodeLease.from_entry(entry))
-        except (ValueError, TypeError):
-            pass  # unreadable, but its subnet stays taken
+            leases.append(NodeLease.from_entry(entry, cfg))
+        except ValueError:
+            pass  # unacceptable, but its subnet stays taken
     return leases, taken, nets
 
 
@@ -363,14 +646,19 @@ def _claim(store: Store, lease: NodeLease, ttl: int | None) -> NodeLease | None:
     if store.create(lease.key, lease.to_json().encode(), ttl=ttl):
         entry = store.get(lease.key)
         return dc_replace(lease, mod_revision=entry.mod_revision if entry else 0)
-    # Taken. If a retried request created it for us after all, it is ours.
-    entry = store.get(lease.key)
+    # Taken. If a retried request created it for us after all (its answer was lost), it is ours:
+    # the same public IP, VTEP MAC and node name.
+    try:
+        entry = store.get(lease.key)
+    except UnreadableEntry:
+        return None  # a record the store cannot read (file store): taken, and not ours
     if entry is not None:
         try:
             current = NodeLease.from_entry(entry)
-        except (ValueError, TypeError):
+        except ValueError:
             return None
-        if current.public_ip == lease.public_ip and current.vtep_mac == lease.vtep_mac:
+        if (current.public_ip, current.vtep_mac, current.node_name) == (lease.public_ip, lease.vtep_mac,
+                                                                        lease.node_name):
             return current
     return None
 
@@ -378,8 +666,9 @@ def _claim(store: Store, lease: NodeLease, ttl: int | None) -> NodeLease | None:
 def _update_own(store: Store, lease: NodeLease, public_ip: str, vtep_mac: str, node_name: str,
                 ttl: int | None) -> NodeLease | None:
     wanted = dc_replace(lease, public_ip=public_ip, vtep_mac=vtep_mac, node_name=node_name or lease.node_name)
-    if wanted == lease and (ttl is None or store.refresh(lease.key)):
+    if wanted == lease and (ttl is None or (store.ttl(lease.key) == ttl and store.refresh(lease.key))):
         return lease  # unchanged and alive: no write (and no revision bump that wakes every watcher)
+    # Changed, expired, or written with another TTL (the node restarted with a new --lease-ttl): write it.
     if store.replace(lease.key, wanted.to_json().encode(), lease.mod_revision, ttl=ttl):
         entry = store.get(lease.key)
         return dc_replace(wanted, mod_revision=entry.mod_revision if entry else 0)
@@ -405,18 +694,29 @@ def _fits(cfg: ClusterConfig, subnet: str) -> bool:
 
 
 def _check_ip(value: object) -> str:
-    try:
-        return str(ipaddress.ip_address(str(value)))
-    except ValueError:
-        raise ValueError(f"invalid node public IP {value!r}: give the node's underlay IPv4 or IPv6 address") \
-            from None
+    """A node's own public IP as given by its operator; ValueError saying what is wrong."""
+    address, problem = _public_ip_problem(value) if isinstance(value, str) else (None, "is not a string")
+    if problem:
+        raise ValueError(f"invalid node public IP {_short(value)}: it {problem}; give the node's underlay IPv4 "
+                         f"or IPv6 address")
+    return str(address)
 
 
 def _check_mac(value: object) -> str:
-    text = str(value).strip().lower().replace("-", ":")
-    if not _MAC_RE.match(text):
-        raise ValueError(f"invalid VTEP MAC {value!r}: give six hex octets such as 0a:58:0a:f4:01:01")
-    return text
+    mac, problem = _mac_problem(value) if isinstance(value, str) else ("", "is not a string")
+    if problem:
+        raise ValueError(f"invalid VTEP MAC {_short(value)}: it {problem}")
+    return mac
+
+
+def _check_node_name(value: object) -> str:
+    if value is None:
+        return ""
+    problem = _node_name_problem(value)
+    if problem:
+        raise ValueError(f"invalid node name {_short(value)}: it {problem}; give the node's host name (at most "
+                         f"{MAX_NODE_NAME} characters, no control characters)")
+    return value  # type: ignore[return-value]
 
 
 def _net_sort_key(net: IPNetwork) -> tuple[int, int, int]:

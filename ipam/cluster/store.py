@@ -121,6 +121,10 @@ class Store(abc.ABC):
         """Renew the TTL of key's lease; False if the key is gone (for instance expired)."""
 
     @abc.abstractmethod
+    def ttl(self, key: str) -> int | None:
+        """The TTL key was written with (seconds); None if it has none or is gone."""
+
+    @abc.abstractmethod
     def wait(self, prefix: str, after_revision: int, timeout: float) -> int | None:
         """Block until a key under prefix changed at a revision > after_revision.
 

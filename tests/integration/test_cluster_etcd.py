@@ -47,21 +47,11 @@ from tests.cluster_helpers import (
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(etcd_skip_reason() is not None, reason=etcd_skip_reason() or ""),
+    pytest.mark.usefixtures("stays_in_its_namespace"),
 ]
 
 MAC_A = "0a:58:0a:00:00:0a"
 MAC_B = "0a:58:0a:00:00:0b"
-
-
-def _ns_inode() -> int:
-    return os.stat(netns.current_path()).st_ino
-
-
-@pytest.fixture(autouse=True)
-def stays_in_its_namespace():
-    before = _ns_inode()
-    yield
-    assert _ns_inode() == before
 
 
 @pytest.fixture(scope="module")

@@ -171,15 +171,102 @@ def test_values_are_bytes_and_any_bytes_round_trip(store, store_dir):
         store.put("k", "a str")  # type: ignore[arg-type]
 
 
-def test_ttl_is_recorded_not_enforced(store, store_dir):
-    store.put("lease", b"x", ttl=1)
-    assert json.loads((store_dir / "lease").read_text())["ttl"] == 1
-    time.sleep(1.2)
-    assert store.get("lease") is not None
-    assert store.refresh("lease") is True
-    assert store.refresh("missing") is False
+def test_ttl_keys_expire(store, store_dir, clock):
+    store.put("lease", b"x", ttl=10)
+    record = json.loads((store_dir / "lease").read_text())
+    assert record["ttl"] == 10 and record["expires"] == pytest.approx(clock.now + 10, abs=0.01)
+    store.put("forever", b"y")
+    assert "expires" not in json.loads((store_dir / "forever").read_text())
+    clock.now += 9.9
+    assert store.get("lease").value == b"x"
+    clock.now += 0.2
+    assert store.get("lease") is None
+    assert [e.key for e in store.list("")[0]] == ["forever"]
+    assert store.refresh("lease") is False
+    assert store.replace("lease", b"z", 1) is False
+    assert store.refresh("forever") is True  # no TTL: nothing to renew, and it does not expire
     with pytest.raises(StoreError, match="TTL"):
         store.put("lease", b"x", ttl=0)
+
+
+def test_refresh_extends_by_the_recorded_ttl_without_a_new_revision(store, clock):
+    store.put("lease", b"x", ttl=10)
+    before = store.get("lease")
+    clock.now += 8
+    assert store.refresh("lease") is True
+    clock.now += 8   # 16 s after the write, 8 s after the refresh
+    assert store.get("lease") == before
+    assert store.list("")[1] == before.mod_revision  # a refresh wakes nobody
+    clock.now += 2.1
+    assert store.get("lease") is None
+
+
+def test_create_over_an_expired_key_succeeds(store, clock):
+    assert store.create("lease", b"old", ttl=5) is True
+    assert store.create("lease", b"new", ttl=5) is False
+    clock.now += 6
+    assert store.create("lease", b"new", ttl=5) is True
+    entry = store.get("lease")
+    assert (entry.value, entry.version) == (b"new", 1)
+    assert store.list("")[1] == entry.mod_revision == 2
+
+
+def test_an_expired_key_wakes_watchers_in_other_threads_and_processes(store, store_dir):
+    """The expiry becomes a real deletion (revision bump, change-log line) that every watcher sees."""
+    import multiprocessing
+    import queue
+
+    store.put("subnets/10.244.1.0-24", b"{}", ttl=1)
+    _, rev = store.list("subnets/")
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+
+    def watch_in_process() -> None:
+        with open_store(f"file://{store_dir}") as other:
+            results.put(other.wait("subnets/", rev, timeout=10))
+
+    def watch_in_thread() -> None:
+        with open_store(f"file://{store_dir}") as other:
+            woke.append(other.wait("subnets/", rev, timeout=10))
+
+    proc = ctx.Process(target=watch_in_process, daemon=True)
+    woke: list[int | None] = []
+    thread = threading.Thread(target=watch_in_thread)
+    start = time.monotonic()
+    proc.start()
+    thread.start()
+    try:
+        from_process = results.get(timeout=15)
+    except queue.Empty:
+        from_process = "no answer"
+    finally:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            os.kill(proc.pid, 9)
+            proc.join(timeout=5)
+        thread.join(timeout=15)
+    elapsed = time.monotonic() - start
+    assert from_process == rev + 1 and woke == [rev + 1]
+    assert 0.5 <= elapsed < 5
+    assert store.get("subnets/10.244.1.0-24") is None
+    assert f"{rev + 1} subnets/10.244.1.0-24" in (store_dir / filestore.CHANGES_FILE).read_text().splitlines()
+    assert (store_dir / filestore.EXPIRY_FILE).read_text() == ""
+    assert not (store_dir / "subnets" / "10.244.1.0-24").exists()
+
+
+def test_the_expiry_index_survives_reopening(store_dir, clock):
+    with open_store(f"file://{store_dir}") as s:
+        s.put("a", b"1", ttl=30)
+        s.put("b", b"2", ttl=60)
+        s.put("c", b"3")
+        _, rev = s.list("")
+    lines = (store_dir / filestore.EXPIRY_FILE).read_text().splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == ["a", "b"]
+    clock.now += 31
+    with open_store(f"file://{store_dir}") as s:
+        assert s.wait("", rev, timeout=1) == rev + 1   # reaped by the reopened store's watcher
+        assert [e.key for e in s.list("")[0]] == ["b", "c"]
+    assert [line.split(" ", 1)[1] for line in (store_dir / filestore.EXPIRY_FILE).read_text().splitlines()] == ["b"]
 
 
 def test_state_survives_reopening(store_dir):
@@ -360,6 +447,15 @@ def test_corrupt_record_is_reported(store, store_dir):
         store.get("config")
 
 
+def test_a_corrupt_record_can_be_deleted_and_watchers_see_it_go(store, store_dir):
+    store.put("subnets/10.244.1.0-24", b"{}")
+    (store_dir / "subnets" / "10.244.1.0-24").write_text("not json")
+    _entries, revision = store.list("subnets/")
+    assert store.delete("subnets/10.244.1.0-24")
+    assert not (store_dir / "subnets" / "10.244.1.0-24").exists()
+    assert store.wait("subnets/", revision, timeout=1) is not None
+
+
 def test_vanished_directory_is_unavailable(store, store_dir):
     import shutil
 
@@ -530,6 +626,16 @@ def test_renew_lease(store, cfg):
     assert other.subnet == a.subnet
     with pytest.raises(LeaseLost, match="192.168.1.11"):
         renew_lease(store, a, ttl=30)
+
+
+def test_a_restart_with_another_ttl_rewrites_the_lease_with_it(store, cfg):
+    a = acquire_lease(store, cfg, "192.168.1.10", MAC_A, ttl=86400)
+    assert store.ttl(a.key) == 86400
+    same = acquire_lease(store, cfg, "192.168.1.10", MAC_A, ttl=86400)
+    assert same.mod_revision == a.mod_revision          # unchanged and alive: no write
+    short = acquire_lease(store, cfg, "192.168.1.10", MAC_A, ttl=3)
+    assert short.subnet == a.subnet and store.ttl(a.key) == 3
+    assert short.mod_revision > a.mod_revision
 
 
 def test_processes_racing_for_leases_get_different_subnets(store_dir, cfg):
