@@ -25,10 +25,10 @@ every namespace, also when the test fails.
 
 Agents run as real processes through ``ip netns exec NODE <agent command>``
 (``ip netns exec`` execs the command, so the PID is the agent's own), each
-with its own state directory, socket path and log file. The command is
-``agent_command()``: ``pycni agent`` when that CLI is installed, else
-``python -m pycni.overlay`` (the overlay's own runner, same options);
-``PYCNI_AGENT_CMD`` in the environment overrides both.
+with its own state directory, socket path, log file and node name (``n<i>``:
+namespaces share the machine's host name, real nodes do not). The command is
+``agent_command()``: the venv's ``pycni agent``; ``PYCNI_AGENT_CMD`` in the
+environment overrides it.
 """
 from __future__ import annotations
 
@@ -39,9 +39,11 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -84,12 +86,7 @@ def agent_command() -> tuple[str, ...]:
     override = os.environ.get("PYCNI_AGENT_CMD")
     if override:
         return tuple(shlex.split(override))
-    pycni = os.path.join(os.path.dirname(sys.executable), "pycni")
-    if os.access(pycni, os.X_OK):
-        probe = subprocess.run([pycni, "agent", "--help"], capture_output=True, text=True, timeout=60, cwd=REPO)
-        if probe.returncode == 0 and "--public-ip" in probe.stdout:
-            return (pycni, "agent")
-    return (sys.executable, "-m", "pycni.overlay")
+    return (os.path.join(os.path.dirname(sys.executable), "pycni"), "agent")
 
 
 def leave_command() -> tuple[str, ...]:
@@ -290,8 +287,9 @@ class Topology:
     def start_agent(self, node: Node, store_url: str, extra_args: Sequence[str] = (),
                     wait: bool = True, timeout: float = AGENT_START_TIMEOUT) -> AgentHandle:
         """Run the agent for ``node`` (inside its namespace); with wait, until it has written its state file."""
+        identity = () if "--node-name" in extra_args else ("--node-name", f"n{node.index}")
         args = (*agent_command(), "--store", store_url, "--public-ip", node.public_ip,
-                "--state-dir", node.state_dir, "--socket", node.socket, *extra_args)
+                "--state-dir", node.state_dir, "--socket", node.socket, *identity, *extra_args)
         started = time.time()
         with open(node.log_path, "ab") as log:
             log.write(f"---- {time.strftime('%H:%M:%S')} {shlex.join(args)}\n".encode())
@@ -394,3 +392,61 @@ def cluster_topology(n_nodes: int, prefix: str = "mn") -> Iterator[Topology]:
         shutil.rmtree(workdir, ignore_errors=True)
         if errors and not failed:  # never mask the test's own failure
             raise RuntimeError("could not delete namespaces: " + "; ".join(errors))
+
+
+def seen_source(server_ns: str, client_ns: str, dst: str, proto: str = "tcp", port: int = 7000,
+                timeout: float = 3.0) -> str | None:
+    """The source address an echo server in ``server_ns`` sees for a client in ``client_ns``; None: no answer.
+
+    The server replies with the peer address it saw, and the client checks that it got exactly that
+    reply, so both directions of the path are proven.
+    """
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    with netns.enter(server_ns):
+        server = socket.socket(socket.AF_INET, kind)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("0.0.0.0", port))
+    server.settimeout(timeout)
+    if proto == "tcp":
+        server.listen(1)
+    seen: list[str] = []
+
+    def serve() -> None:
+        try:
+            if proto == "tcp":
+                conn, peer = server.accept()
+                with conn:
+                    conn.settimeout(timeout)
+                    conn.recv(64)
+                    seen.append(peer[0])
+                    conn.sendall(peer[0].encode())
+            else:
+                _data, peer = server.recvfrom(64)
+                seen.append(peer[0])
+                server.sendto(peer[0].encode(), peer)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    reply = b""
+    try:
+        with netns.enter(client_ns):
+            client = socket.socket(socket.AF_INET, kind)
+        with client:
+            client.settimeout(timeout)
+            if proto == "tcp":
+                client.connect((dst, port))
+                client.sendall(b"who am i")
+                reply = client.recv(64)
+            else:
+                client.sendto(b"who am i", (dst, port))
+                reply, _ = client.recvfrom(64)
+    except OSError:
+        return None
+    finally:
+        thread.join(timeout + 1)
+        server.close()
+    if not seen or reply.decode() != seen[0]:
+        return None
+    return seen[0]

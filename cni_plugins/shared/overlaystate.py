@@ -7,7 +7,14 @@ gateway, MTU and bridge. It plays the part of flannel's ``/run/flannel/subnet.en
 
     {"network": "10.244.0.0/16", "subnet": "10.244.3.0/24", "gateway": "10.244.3.1",
      "mtu": 1450, "bridge": "pycni0", "vxlanDevice": "pycni.1", "vni": 1,
-     "port": 8472, "publicIP": "192.168.100.11", "vtepMAC": "0a:..", "nodeName": "n1"}
+     "port": 8472, "publicIP": "192.168.100.11", "vtepMAC": "0a:..", "nodeName": "n1",
+     "leaseExpires": 1796000000.0, "leaseLost": ""}
+
+``leaseExpires`` (wall clock, seconds) is when the store drops the lease unless
+the agent renews it; the agent rewrites it at every renewal, so a value in the
+past means the agent stopped renewing (paused, dead, cut off from the store).
+``leaseLost`` is non-empty when another node holds the subnet now. Either way
+``lease_problem`` says the node must not give out addresses.
 
 Written atomically (temp file in the same directory, fsync, rename), mode 0644 in
 a 0755 directory; never read or written through a symlink. Standard library only:
@@ -21,6 +28,7 @@ import json
 import os
 import re
 import stat
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -53,6 +61,8 @@ class OverlayState:
     vtep_mac: str         # the VXLAN device's MAC
     port: int = DEFAULT_VXLAN_PORT
     node_name: str = ""
+    lease_expires: float = 0.0   # 0: unknown (a state file of an older agent)
+    lease_lost: str = ""         # why the node lost its subnet ("" while it holds it)
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -72,6 +82,8 @@ class OverlayState:
             "publicIP": self.public_ip,
             "vtepMAC": self.vtep_mac,
             "nodeName": self.node_name,
+            "leaseExpires": self.lease_expires,
+            "leaseLost": self.lease_lost,
         })
         return data
 
@@ -80,7 +92,7 @@ class OverlayState:
         if not isinstance(data, dict):
             raise OverlayStateError("overlay state must be a JSON object")
         known = {"network", "subnet", "gateway", "mtu", "bridge", "vxlanDevice", "vni", "port",
-                 "publicIP", "vtepMAC", "nodeName"}
+                 "publicIP", "vtepMAC", "nodeName", "leaseExpires", "leaseLost"}
         missing = [k for k in ("network", "subnet", "gateway", "mtu", "bridge", "vxlanDevice",
                                "vni", "publicIP", "vtepMAC") if k not in data]
         if missing:
@@ -92,6 +104,7 @@ class OverlayState:
                 vni=data["vni"], port=data.get("port", DEFAULT_VXLAN_PORT),
                 public_ip=data["publicIP"], vtep_mac=data["vtepMAC"],
                 node_name=data.get("nodeName", ""),
+                lease_expires=data.get("leaseExpires", 0.0), lease_lost=data.get("leaseLost", ""),
                 extra={k: v for k, v in data.items() if k not in known},
             )
         except OverlayStateError:
@@ -106,13 +119,18 @@ def validate_state(state: OverlayState) -> None:
         raise OverlayStateError(f"invalid overlay state: {msg}")
 
     for name in ("network", "subnet", "gateway", "bridge", "vxlan_device", "public_ip", "vtep_mac",
-                 "node_name"):
+                 "node_name", "lease_lost"):
         if not isinstance(getattr(state, name), str):
             fail(f"{name} must be a string")
     for name in ("mtu", "vni", "port"):
         value = getattr(state, name)
         if not isinstance(value, int) or isinstance(value, bool):
             fail(f"{name} must be an integer")
+    if isinstance(state.lease_expires, bool) or not isinstance(state.lease_expires, (int, float)) \
+            or not 0 <= state.lease_expires < 1e11:
+        fail("leaseExpires must be a time in seconds since the epoch")
+    if len(state.lease_lost) > 4096:
+        fail("leaseLost is too long")
     try:
         network = ipaddress.ip_network(state.network, strict=True)
         subnet = ipaddress.ip_network(state.subnet, strict=True)
@@ -137,6 +155,18 @@ def validate_state(state: OverlayState) -> None:
         fail(f"vtepMAC {state.vtep_mac!r} is not a lower-case MAC address")
     if len(state.node_name) > 253 or any(ord(c) < 0x20 for c in state.node_name):
         fail("nodeName is too long or holds control characters")
+
+
+def lease_problem(state: OverlayState, now: float | None = None) -> str:
+    """Why this node must not give addresses to new pods now ("" when its lease is valid)."""
+    if state.lease_lost:
+        return f"this node lost its pod subnet {state.subnet}: {state.lease_lost}"
+    now = time.time() if now is None else now
+    if state.lease_expires and now > state.lease_expires:
+        ago = now - state.lease_expires
+        return (f"this node's lease of {state.subnet} lapsed {ago:.0f} s ago: the node agent has not renewed it "
+                f"(is it running, and can it reach the cluster store?)")
+    return ""
 
 
 def state_path(state_dir: str) -> str:

@@ -20,10 +20,16 @@ with no cache it derives what it can (the state, else a fallback that still
 deletes the interface and releases the addresses by container ID), then
 removes the cache entry. DEL is idempotent like the bridge's.
 
+ADD also answers "try again later" (11) while the node's lease is not valid:
+lapsed (the agent has not renewed it within its TTL) or lost (another node
+holds the subnet now; the message names it), so no pod is ever addressed from
+a subnet another node may be using.
+
 CHECK runs the bridge's CHECK with the cached configuration and fails when
 the node's subnet is no longer the one the pod was addressed from. STATUS is
-not-ready (50) until the node has a lease, limited (51) when the VXLAN device
-is missing, and otherwise the bridge's (its IPAM's) status. GC removes the
+not-ready (50) until the node has a valid lease (none yet, lapsed, or lost),
+limited (51) when the VXLAN device is missing, and otherwise the bridge's
+(its IPAM's) status. GC removes the
 cached configurations of attachments no longer valid and passes the valid
 list to the bridge's GC, which releases the addresses of the rest.
 """
@@ -32,7 +38,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from cni_plugins.shared.delegate import run_in_process
-from cni_plugins.shared.overlaystate import OverlayState, OverlayStateError, read_state, state_path
+from cni_plugins.shared.overlaystate import OverlayState, OverlayStateError, lease_problem, read_state, state_path
 from cni_plugins.spec.errors import (ERR_INTERNAL, ERR_IO, ERR_LIMITED_CONNECTIVITY, ERR_PLUGIN_NOT_AVAILABLE,
                                      ERR_TRY_AGAIN, CNIError)
 from cni_plugins.spec.skel import CmdArgs, gc_attachments
@@ -75,6 +81,9 @@ def cmd_add(req: CmdArgs) -> Result:
     state = node_state(n)
     if state is None:
         raise CNIError(ERR_TRY_AGAIN, "this node has no overlay subnet lease yet", _agent_hint(n))
+    problem = lease_problem(state)
+    if problem:
+        raise CNIError(ERR_TRY_AGAIN, problem, "the node agent's log says more (`pycni agent status` shows the lease)")
     delegate = derive_delegate(n, state)
     # Cached before the bridge runs: a DEL after a crash part-way through ADD still finds it.
     earlier = cache.load(n.state_dir, n.name, req.container_id, req.ifname)
@@ -142,6 +151,10 @@ def cmd_status(req: CmdArgs) -> None:
     state = node_state(n, ERR_PLUGIN_NOT_AVAILABLE)
     if state is None:
         raise CNIError(ERR_PLUGIN_NOT_AVAILABLE, "this node has no overlay subnet lease yet", _agent_hint(n))
+    problem = lease_problem(state)
+    if problem:
+        raise CNIError(ERR_PLUGIN_NOT_AVAILABLE, problem,
+                       "the node agent's log says more (`pycni agent status` shows the lease)")
     if not _link_exists(state.vxlan_device):
         raise CNIError(ERR_LIMITED_CONNECTIVITY, f"the overlay device {state.vxlan_device} is missing",
                        "pods on this node reach each other but no other node; the node agent recreates "

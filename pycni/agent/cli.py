@@ -12,12 +12,12 @@ from typing import Any, Callable
 
 import click
 
+from pycni.overlay.options import OverlayOptions, from_flags, overlay_flags
 from pycni.storeopts import etcd_options, tls_files
 
 from .protocol import DEFAULT_SOCKET
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-DEFAULT_STATE_DIR = "/run/pycni"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -53,36 +53,11 @@ def _logger(log_file: str | None, level: str) -> logging.Logger:
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
 @click.option("--profile-dir", type=click.Path(file_okay=False), hidden=True,
               help="Write a cProfile of every request's work to this directory (diagnosis).")
-@click.option("--store", "store_url", metavar="URL",
-              help="Overlay mode: the cluster store (file:///DIR or etcd://HOST:PORT[,...]); the agent then "
-                   "also leases this node's pod subnet and keeps the vxlan device, FDB, neighbours and routes "
-                   "in step with the other nodes.")
-@click.option("--public-ip", metavar="IP", help="Overlay mode: this node's underlay address (its VTEP).")
-@click.option("--state-dir", metavar="DIR",
-              help=f"Overlay mode: where the node's lease is written for the vxlan plugin [default: {DEFAULT_STATE_DIR}].")
-@click.option("--bridge", "bridge_name", metavar="NAME", help="Overlay mode: the node's pod bridge.")
-@click.option("--vxlan-device", metavar="NAME", help="Overlay mode: the node's vxlan device [default: pycni.<VNI>].")
-@click.option("--underlay-device", metavar="NAME",
-              help="Overlay mode: the underlay link [default: the one holding --public-ip].")
-@click.option("--node-name", metavar="NAME", help="Overlay mode: this node's name [default: the host name].")
-@click.option("--lease-ttl", type=click.IntRange(min=3), metavar="SECONDS",
-              help="Overlay mode: TTL of the subnet lease in the store, renewed at a third of it [default: 24 h].")
-@click.option("--reconcile-interval", type=click.FloatRange(min=0.1), metavar="SECONDS",
-              help="Overlay mode: full reconcile at least this often, even without store changes [default: 10].")
-@click.option("--disable-tx-checksum-offload", is_flag=True,
-              help="Overlay mode: turn transmit checksum offload off on the vxlan device (flannel #1279).")
-@etcd_options
-@click.option("--leave", is_flag=True,
-              help="Overlay mode: on SIGTERM give the subnet lease back and remove this node from the store "
-                   "(default: keep it, so a restart finds the same subnet).")
+@overlay_flags
 @click.pass_context
 def agent(ctx: click.Context, socket_path: str | None, max_concurrency: int, queue_timeout: float,
           request_timeout: float, grace: float, log_file: str | None, log_level: str, profile_dir: str | None,
-          store_url: str | None,
-          public_ip: str | None, state_dir: str | None, bridge_name: str | None, vxlan_device: str | None,
-          underlay_device: str | None, node_name: str | None, lease_ttl: int | None,
-          reconcile_interval: float | None, disable_tx_checksum_offload: bool, etcd_prefix: str, etcd_cafile: str | None, etcd_certfile: str | None, etcd_keyfile: str | None,
-          leave: bool) -> None:
+          leave: bool, **flags: Any) -> None:
     """Serve CNI requests for the installed plugin shims (the warm path).
 
     Runs in the foreground until SIGTERM or Ctrl-C. The executables written by
@@ -106,22 +81,9 @@ def agent(ctx: click.Context, socket_path: str | None, max_concurrency: int, que
         return
     if os.geteuid() != 0:
         raise click.UsageError("the agent needs root (it enters network namespaces and serves root-only requests)")
-    if store_url and not public_ip:
-        raise click.UsageError("--store needs --public-ip (this node's underlay address)")
-    if public_ip and not store_url:
-        raise click.UsageError("--public-ip is for overlay mode: give --store too")
+    overlay = from_flags(ctx, **flags)
     if socket_path is None:
-        socket_path = os.path.join(state_dir, "agent.sock") if state_dir else DEFAULT_SOCKET
-    tls = tls_files(etcd_cafile, etcd_certfile, etcd_keyfile)
-    overlay = None
-    if store_url:
-        overlay = {"store_url": store_url, "public_ip": public_ip, "state_dir": state_dir or DEFAULT_STATE_DIR,
-                   "etcd_prefix": etcd_prefix, "tls": tls}
-        optional = {"bridge": bridge_name, "vxlan_device": vxlan_device, "underlay_device": underlay_device,
-                    "node_name": node_name, "lease_ttl": lease_ttl, "reconcile_interval": reconcile_interval}
-        overlay.update({key: value for key, value in optional.items() if value is not None})
-        if disable_tx_checksum_offload:
-            overlay["tx_checksum_offload"] = False
+        socket_path = os.path.join(flags["state_dir"], "agent.sock") if flags["state_dir"] else DEFAULT_SOCKET
     log = _logger(log_file, log_level)
     code = serve(socket_path, log, max_concurrency=max_concurrency, queue_timeout=queue_timeout,
                  request_timeout=request_timeout, grace=grace, overlay=overlay, leave=leave,
@@ -132,10 +94,10 @@ def agent(ctx: click.Context, socket_path: str | None, max_concurrency: int, que
 class _Overlay:
     """The overlay node (helper module ``pycni.overlay.node``) run beside the request server."""
 
-    def __init__(self, options: dict[str, Any], log: logging.Logger) -> None:
-        from pycni.overlay.node import OverlayNode, OverlayOptions
+    def __init__(self, options: OverlayOptions, log: logging.Logger) -> None:
+        from pycni.overlay.node import OverlayNode
 
-        self.node = OverlayNode(OverlayOptions(**options), log.getChild("overlay"))
+        self.node = OverlayNode(options, log.getChild("overlay"))
         self.log = log
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None
@@ -174,7 +136,7 @@ class _Overlay:
 
 
 def serve(socket_path: str, log: logging.Logger, *, max_concurrency: int = 16, queue_timeout: float = 10.0,
-          request_timeout: float = 60.0, grace: float = 30.0, overlay: dict[str, Any] | None = None,
+          request_timeout: float = 60.0, grace: float = 30.0, overlay: OverlayOptions | None = None,
           leave: bool = False, profile_dir: str = "") -> int:
     """Run the agent until SIGTERM/SIGINT; the process's exit status."""
     from .server import Agent, AgentError, AgentOptions, notify_systemd

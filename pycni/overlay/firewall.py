@@ -4,7 +4,7 @@ One table, ``inet pycni_overlay``, owned by the node agent (it is deleted and
 rebuilt whole when it drifts)::
 
     table inet pycni_overlay {
-        set members  { type ipv4_addr; }      # underlay addresses of every leased node (this one too)
+        set members  { type ipv4_addr; }      # underlay addresses of every accepted lease (this node too)
         set members6 { type ipv6_addr; }
         chain input {                         # VXLAN from anyone else is dropped (Calico-like)
             type filter hook input priority filter; policy accept;
@@ -12,14 +12,20 @@ rebuilt whole when it drifts)::
             udp dport 8472 ip6 saddr @members6 counter accept
             udp dport 8472 counter drop
         }
-        chain postrouting {                   # pods keep their address inside the cluster
+        chain postrouting {                   # not there with --no-ip-masq
             type nat hook postrouting priority srcnat; policy accept;
-            ip saddr 10.244.0.0/16 ip daddr 10.244.0.0/16 return      # pod <-> pod
-            ip saddr 10.244.0.0/16 ip daddr @members return           # pod <-> node
+            ip saddr 10.244.0.0/16 ip daddr 10.244.0.0/16 return      # pod <-> pod keeps its address
             ip saddr 10.244.0.0/16 ip daddr 224.0.0.0/4 return        # multicast
-            ip saddr 10.244.0.0/16 counter masquerade fully-random    # pod -> outside world
-        }
+            ip saddr 10.244.0.0/16 counter masquerade fully-random    # pod -> other nodes' own addresses,
+        }                                                             #        and the outside world
     }
+
+Why pod -> another node's address is masqueraded (flannel does the same): such a
+packet leaves unencapsulated on the underlay. With the pod's source the
+receiving node's reverse-path filter (rp_filter=1, RHEL's default) drops it, as
+the route back to a pod address goes through the VXLAN device, and cloud
+underlays drop sources they do not know. Node -> pod traffic is never touched:
+its source is the node's VXLAN address, inside the cluster network.
 
 The member sets change as one transaction (flush + add); everything put into
 a ruleset is parsed first (addresses with ``ipaddress``, the port as an int).
@@ -38,13 +44,21 @@ MEMBERS = {4: "members", 6: "members6"}
 _ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
 _FAMILY_WORD = {4: "ip", 6: "ip6"}
 _MULTICAST = {4: "224.0.0.0/4", 6: "ff00::/8"}
-EXPECTED_RULES = {"input": 3, "postrouting": 4}
+INPUT_RULES = 3
+POSTROUTING_RULES = 3
 
 
 @dataclass(frozen=True)
 class FirewallSpec:
-    network: str   # the cluster pod CIDR
-    port: int      # the VXLAN UDP port
+    network: str            # the cluster pod CIDR
+    port: int               # the VXLAN UDP port
+    masquerade: bool = True  # masquerade pod traffic that leaves the cluster network
+
+    @property
+    def expected_rules(self) -> dict[str, int]:
+        """Rules per chain of an intact table."""
+        return {"input": INPUT_RULES, "postrouting": POSTROUTING_RULES} if self.masquerade else \
+            {"input": INPUT_RULES}
 
     def __post_init__(self) -> None:
         net = ipaddress.ip_network(self.network, strict=True)
@@ -73,7 +87,7 @@ def _element_lines(members: Iterable[str]) -> list[str]:
 def render_table(spec: FirewallSpec, members: Iterable[str]) -> str:
     """The whole table (replacing any previous one) with its members, as one nft script."""
     net = ipaddress.ip_network(spec.network)
-    fam, members_set = _FAMILY_WORD[net.version], MEMBERS[net.version]
+    fam = _FAMILY_WORD[net.version]
     port = int(spec.port)
     lines = [
         f"table inet {TABLE} {{}}",
@@ -87,15 +101,18 @@ def render_table(spec: FirewallSpec, members: Iterable[str]) -> str:
         f"        udp dport {port} ip6 saddr @{MEMBERS[6]} counter accept comment {nft.comment('vxlan from ipv6 members')}",
         f"        udp dport {port} counter drop comment {nft.comment('vxlan from non-members')}",
         "    }",
-        "    chain postrouting {",
-        "        type nat hook postrouting priority srcnat; policy accept;",
-        f"        {fam} saddr {net} {fam} daddr {net} return comment {nft.comment('pod to pod')}",
-        f"        {fam} saddr {net} {fam} daddr @{members_set} return comment {nft.comment('pod to node')}",
-        f"        {fam} saddr {net} {fam} daddr {_MULTICAST[net.version]} return",
-        f"        {fam} saddr {net} counter masquerade fully-random comment {nft.comment('pod to outside')}",
-        "    }",
-        "}",
     ]
+    if spec.masquerade:
+        lines += [
+            "    chain postrouting {",
+            "        type nat hook postrouting priority srcnat; policy accept;",
+            f"        {fam} saddr {net} {fam} daddr {net} return comment {nft.comment('pod to pod')}",
+            f"        {fam} saddr {net} {fam} daddr {_MULTICAST[net.version]} return",
+            f"        {fam} saddr {net} counter masquerade fully-random "
+            f"comment {nft.comment('pod leaving the cluster network')}",
+            "    }",
+        ]
+    lines.append("}")
     return "\n".join(lines + _element_lines(members)) + "\n"
 
 
@@ -108,7 +125,12 @@ def render_members(members: Iterable[str]) -> str:
 @dataclass
 class TableState:
     members: set[str]
-    intact: bool   # sets and chains present with the expected number of rules
+    sets: set[str]
+    rules: dict[str, int]    # chain -> number of rules
+
+    def intact(self, spec: FirewallSpec) -> bool:
+        """The sets and exactly the chains of ``spec``, each with its number of rules."""
+        return set(MEMBERS.values()) <= self.sets and self.rules == spec.expected_rules
 
 
 def read_table() -> TableState | None:
@@ -126,10 +148,10 @@ def read_table() -> TableState | None:
             chains.add(obj["chain"]["name"])
         elif "rule" in obj:
             rules[obj["rule"]["chain"]] = rules.get(obj["rule"]["chain"], 0) + 1
-    intact = (set(MEMBERS.values()) <= set(sets) and set(EXPECTED_RULES) <= chains
-              and all(rules.get(chain, 0) == count for chain, count in EXPECTED_RULES.items()))
+    for chain in chains:
+        rules.setdefault(chain, 0)
     members = set().union(*sets.values()) if sets else set()
-    return TableState(members=members, intact=intact)
+    return TableState(members=members, sets=set(sets), rules=rules)
 
 
 def _element_text(key: Any) -> str:
@@ -142,7 +164,7 @@ def ensure_firewall(spec: FirewallSpec, members: Iterable[str], rebuild: bool = 
     """Bring the table in line; returns what was done ("created", "members", "unchanged")."""
     wanted = {a for addrs in split_members(members).values() for a in addrs}
     current = None if rebuild else read_table()
-    if current is None or not current.intact:
+    if current is None or not current.intact(spec):
         nft.apply(render_table(spec, wanted))
         return "created"
     if current.members != wanted:

@@ -103,10 +103,11 @@ class KernelMonitor:
 
     The socket is opened in the calling thread's network namespace by start().
     ``watched()`` returns, at that moment, {kind: interface indexes} for the
-    kinds "link", "addr", "neigh" and "route".
+    kinds "link", "addr", "neigh" and "route", or None when every change
+    counts (the agent is waiting for a link to come back).
     """
 
-    def __init__(self, watched: Callable[[], dict[str, set[int]]], on_change: Callable[[], None],
+    def __init__(self, watched: Callable[[], dict[str, set[int]] | None], on_change: Callable[[], None],
                  log_error: Callable[[str], None] = lambda msg: None) -> None:
         self._watched = watched
         self._on_change = on_change
@@ -164,7 +165,7 @@ class KernelMonitor:
                 relevant = True
                 continue
             watched = self._watched()
-            if any(index in watched.get(kind, ()) for kind, index in found):
+            if watched is None or any(index in watched.get(kind, ()) for kind, index in found):
                 relevant = True
         return relevant
 

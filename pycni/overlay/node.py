@@ -10,21 +10,28 @@ flannel's VXLAN backend, in one object::
     ...
     stop.set(); node.close(leave=False)   # restart keeps every entry, so traffic keeps flowing
 
-On start the node leases a subnet (the same one again after a restart: an
-existing lease for its public IP, else the subnet in its state file), creates
-the bridge (the subnet's first address as gateway) and the VXLAN device
-(the subnet's network address as a /32, learning off, a MAC derived from the
-node's identity so it never changes), turns forwarding on, writes
-``<state-dir>/overlay.json`` for the vxlan CNI plugin and installs the
-``inet pycni_overlay`` nftables table.
+On start the node leases a subnet (``lease.LeaseKeeper``: the same one again
+after a restart; never another one while pods run on the old one), creates
+the bridge (the subnet's first address as gateway, and a MAC of its own, set
+at creation, so the pods' gateway never changes when pods come and go) and
+the VXLAN device (the subnet's network address as a /32, learning off, a MAC
+derived from the node's identity so it never changes), turns forwarding on,
+writes ``<state-dir>/overlay.json`` for the vxlan CNI plugin, installs the
+``inet pycni_overlay`` nftables table and, on hosts whose FORWARD policy
+drops, accept rules for the cluster network (``forward``).
 
-``run()`` lists the leases, programs the entries (adds missing ones, removes
-stale ones, repairs ones changed by hand), then waits on the store for the
-next change, bounded by the reconcile interval. A netlink monitor triggers a
-reconcile as soon as one of the agent's entries or devices is deleted, so a
-hand-deleted entry is back within milliseconds. While the store is unreachable
-the entries stay as they are (existing traffic keeps flowing) and the loop
-backs off (0.2 s doubling to 5 s), then lists again.
+``run()`` lists the leases (every entry validated; a bad one is skipped with
+one warning), programs the entries (adds missing ones, removes stale ones,
+repairs ones changed by hand), then waits on the store for the next change,
+bounded by the reconcile interval. Every reconcile also checks each attribute
+the node owns (the VXLAN device's VNI, port, local address, underlay link,
+learning flag, MAC and MTU; the bridge's MAC and address) and repairs drift.
+The underlay link is looked up afresh each time: when it is deleted the
+VXLAN device goes with it, and both come back as soon as the link (with the
+public IP) reappears. A netlink monitor triggers a reconcile as soon as one of
+the agent's entries or devices changes, so repairs take milliseconds. While
+the store is unreachable the entries stay as they are (existing traffic keeps
+flowing) and the loop backs off (0.2 s doubling to 5 s), then lists again.
 
 Everything acts in the network namespace of the thread that called start():
 the netlink sockets are opened there, and other threads (run, the monitor)
@@ -45,18 +52,17 @@ from typing import Any, Iterator
 import netns
 from cni_plugins.kernel import ip as kip
 from cni_plugins.kernel import vxlan as kvx
+from cni_plugins.kernel.names import stable_bridge_mac
 from cni_plugins.shared import overlaystate
 from cni_plugins.spec.errors import CNIError
-from ipam.cluster import (SUBNETS_PREFIX, ClusterConfig, Compacted, LeaseExhausted, LeaseLost, NodeLease,
-                          StoreError, TLSFiles, acquire_lease, list_leases, open_store,
-                          read_config, release_lease, renew_lease)
-from pycni.overlay import firewall
+from ipam.cluster import (SUBNETS_PREFIX, ClusterConfig, Compacted, LeaseExhausted, NodeConflict, NodeLease,
+                          RejectedLease, StoreError, TLSFiles, open_store, read_config, release_lease, scan_leases)
+from pycni.overlay import firewall, forward
+from pycni.overlay.lease import LOST, VALID, Identity, LeaseKeeper
 from pycni.overlay.monitor import KernelMonitor
+from pycni.overlay.options import OverlayOptions
 from pycni.overlay.reconcile import Remote, plan, wanted_state
 
-DEFAULT_STATE_DIR = "/run/pycni"
-DEFAULT_BRIDGE = "pycni0"
-DEFAULT_LEASE_TTL = 24 * 3600
 WAIT_SLICE = 1.0        # longest single store.wait(): bounds how long stop/close take
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 5.0
@@ -70,23 +76,6 @@ class OverlayError(Exception):
 
 
 @dataclass
-class OverlayOptions:
-    store_url: str
-    public_ip: str
-    state_dir: str = DEFAULT_STATE_DIR
-    etcd_prefix: str = "/pycni"
-    tls: TLSFiles | None = None
-    bridge: str = DEFAULT_BRIDGE
-    vxlan_device: str = ""            # default f"pycni.{vni}"
-    underlay_device: str = ""         # default: the link holding public_ip
-    node_name: str = ""               # default socket.gethostname()
-    tx_checksum_offload: bool = True  # False: turn tx checksum offload off on the VXLAN device (flannel #1279)
-    lease_ttl: int | None = None      # store lease TTL in seconds (None: 24 h); renewed at ttl/3
-    reconcile_interval: float = 10.0
-    store_timeout: float = 5.0
-
-
-@dataclass
 class _Status:
     last_reconcile: float | None = None     # wall-clock time of the last completed reconcile
     store_reachable: bool = False
@@ -95,9 +84,11 @@ class _Status:
     store_warned_at: float = 0.0            # monotonic time of the last "unavailable" warning
     last_error: str = ""
     remotes: list[Remote] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)        # leases read but not programmed, and why
+    rejected: list[RejectedLease] = field(default_factory=list)  # store entries that are no valid lease
     reconciles: int = 0
     changes: int = 0                        # kernel entries added or removed since start
+    repairs: int = 0                        # times a device attribute had drifted and was set again
     revision: int = 0
 
 
@@ -109,22 +100,35 @@ def leave_cluster(store_url: str, public_ip: str, prefix: str = "/pycni", tls: T
                   timeout: float = 5.0) -> bool:
     """Release every lease held by ``public_ip``: the other nodes drop their entries for it.
 
-    Returns False if it held none. Touches nothing on this machine (it may run
-    anywhere that reaches the store); stop the node's agent first, or it takes
-    its lease again.
+    Returns False if it held none. It may run anywhere that reaches the store;
+    run on the node itself (``public_ip`` is one of this machine's addresses) it
+    also removes the node's FORWARD accept rules for the cluster network. Stop
+    the node's agent first, or it takes its lease (and its rules) again.
     """
     try:
         store = open_store(store_url, prefix=prefix, tls=tls, timeout=timeout)
     except StoreError as exc:
         raise OverlayError(f"cannot open the cluster store {store_url}: {exc}") from None
     try:
-        return release_lease(store, public_ip)
+        released = release_lease(store, public_ip)
+        network = read_config(store).network
     except StoreError as exc:
         raise OverlayError(f"cannot release the lease of {public_ip}: {exc}") from None
     except ValueError as exc:
         raise OverlayError(str(exc)) from None
     finally:
         store.close()
+    if _is_local_address(public_ip):
+        try:
+            forward.remove_forward_accept([network])
+        except CNIError as exc:
+            raise OverlayError(f"released the lease, but cannot remove the FORWARD accept rules: {exc}") from None
+    return released
+
+
+def _is_local_address(address: str) -> bool:
+    with kip.open_netlink() as ipr:
+        return kvx.underlay_link_for(ipr, address) is not None
 
 
 class OverlayNode:
@@ -133,7 +137,7 @@ class OverlayNode:
     def __init__(self, opts: OverlayOptions, log: logging.Logger | None = None) -> None:
         self.opts = opts
         self.log = log or logging.getLogger("pycni.overlay")
-        self._lock = threading.RLock()          # kernel state, netlink socket, lease
+        self._lock = threading.RLock()          # kernel state, netlink socket
         self._status = _Status()
         self._closed = threading.Event()
         self._run_done = threading.Event()
@@ -144,17 +148,20 @@ class OverlayNode:
         self._home_fd = -1
         self._home_ino = 0
         self._cfg: ClusterConfig | None = None
-        self._lease: NodeLease | None = None
-        self._leases: list[NodeLease] = []      # the last listing (kept while the store is down)
+        self._keeper: LeaseKeeper | None = None
+        self._leases: list[NodeLease] = []      # the last listing's accepted leases (kept while the store is down)
         self._monitor: KernelMonitor | None = None
         self._node_name = ""
         self._vtep_mac = ""
+        self._bridge_mac = ""                   # what the bridge keeps: set at creation, or adopted once
         self._mtu = 0
         self._vxlan_name = ""
         self._vxlan_index = 0
         self._bridge_index = 0
-        self._underlay_index = 0
-        self._ttl = DEFAULT_LEASE_TTL
+        self._underlay: kip.Link | None = None
+        self._underlay_missing = False
+        self._warned_entries: set[tuple[str, int]] = set()
+        self._warned_skips: set[str] = set()
 
     # ---- life cycle ----------------------------------------------------------------
 
@@ -168,9 +175,9 @@ class OverlayNode:
             raise OverlayError(f"invalid public IP {self.opts.public_ip!r}: give the node's underlay address") \
                 from None
         self.opts.public_ip = str(public)
-        if self.opts.lease_ttl is not None and (not isinstance(self.opts.lease_ttl, int) or self.opts.lease_ttl < 3):
-            raise OverlayError(f"invalid lease TTL {self.opts.lease_ttl!r}: give whole seconds >= 3")
-        self._ttl = self.opts.lease_ttl or DEFAULT_LEASE_TTL
+        ttl = self.opts.lease_ttl
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 3:
+            raise OverlayError(f"invalid lease TTL {ttl!r}: give whole seconds >= 3")
         self._home_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self._home_ino = os.fstat(self._home_fd).st_ino
         try:
@@ -203,34 +210,31 @@ class OverlayNode:
         self._node_name = opts.node_name or socket.gethostname()
         self._ipr = kip.open_netlink()
         underlay = self._find_underlay()
-        self._underlay_index = underlay.index
-        try:
-            self._mtu = kvx.overlay_mtu(underlay.mtu, ipaddress.ip_address(opts.public_ip).version == 6)
-        except ValueError as exc:
-            raise OverlayError(f"underlay {underlay.name}: {exc}") from None
+        if underlay is None:
+            if opts.underlay_device:
+                raise OverlayError(f"underlay device {opts.underlay_device!r} does not exist")
+            raise OverlayError(f"no interface holds the public IP {opts.public_ip}: give the node's underlay "
+                               f"address (--public-ip) or name the device (--underlay-device)")
+        self._underlay = underlay
+        self._mtu = self._overlay_mtu(underlay)
         self._vtep_mac = kvx.stable_vtep_mac(vtep_mac_seed(opts.public_ip, cfg.vni, self._node_name))
 
-        previous = self._previous_lease(cfg)
-        preferred = previous.subnet if previous is not None else None
-        renumbered = previous if previous is not None and previous.public_ip != opts.public_ip else None
+        keeper = LeaseKeeper(self._store, cfg, Identity(opts.public_ip, self._vtep_mac, self._node_name),
+                             opts.lease_ttl, self.log)
         try:
-            lease = acquire_lease(self._store, cfg, opts.public_ip, self._vtep_mac, node_name=self._node_name,
-                                  preferred_subnet=preferred, ttl=self._ttl, previous=renumbered)
+            keeper.take(self._previous_lease(cfg), has_pods=self._bridge_has_pods())
+        except NodeConflict as exc:
+            raise OverlayError(f"refusing to start: {exc}") from None
         except LeaseExhausted as exc:
             raise OverlayError(f"no subnet left for this node: {exc}") from None
         except (StoreError, ValueError) as exc:
             raise OverlayError(f"cannot lease a subnet for {opts.public_ip}: {exc}") from None
-        if preferred and lease.subnet != preferred:
-            self.log.warning("the subnet %s of the previous run was taken; leased %s instead", preferred,
-                             lease.subnet)
-        elif renumbered is not None:
-            self.log.warning("this node's underlay address changed from %s to %s: its lease of %s moved with it",
-                             renumbered.public_ip, opts.public_ip, lease.subnet)
-        self._lease = lease
-        self.log.info("leased %s for %s (%s), VTEP MAC %s; %s", lease.subnet, opts.public_ip, self._node_name,
-                      self._vtep_mac, cfg.describe())
+        self._keeper = keeper
+        if keeper.state == VALID:
+            self.log.info("leased %s for %s (%s), VTEP MAC %s; %s", keeper.subnet, opts.public_ip, self._node_name,
+                          self._vtep_mac, cfg.describe())
         try:  # know the other members before the firewall is (re)built, so their VXLAN is never dropped
-            self._leases, self._status.revision = list_leases(self._store)
+            self._scan()
         except StoreError as exc:
             self._store_down(exc)
         try:
@@ -254,22 +258,23 @@ class OverlayNode:
                                       lambda msg: self.log.warning("%s", msg))
         self._monitor.start()
 
-    def _find_underlay(self) -> kip.Link:
-        opts = self.opts
-        if opts.underlay_device:
-            link = kip.find_link(self._ipr, opts.underlay_device)
-            if link is None:
-                raise OverlayError(f"underlay device {opts.underlay_device!r} does not exist")
-            holder = kvx.underlay_link_for(self._ipr, opts.public_ip)
-            if holder is None or holder.index != link.index:
-                self.log.warning("the public IP %s is not an address of the underlay device %s", opts.public_ip,
-                                 link.name)
+    def _find_underlay(self) -> kip.Link | None:
+        """The underlay link as it is now (by --underlay-device, else the holder of the public IP)."""
+        if self.opts.underlay_device:
+            link = kip.find_link(self._ipr, self.opts.underlay_device)
+            if link is not None and not self._started:
+                holder = kvx.underlay_link_for(self._ipr, self.opts.public_ip)
+                if holder is None or holder.index != link.index:
+                    self.log.warning("the public IP %s is not an address of the underlay device %s",
+                                     self.opts.public_ip, link.name)
             return link
-        link = kvx.underlay_link_for(self._ipr, opts.public_ip)
-        if link is None:
-            raise OverlayError(f"no interface holds the public IP {opts.public_ip}: give the node's underlay "
-                               f"address (--public-ip) or name the device (--underlay-device)")
-        return link
+        return kvx.underlay_link_for(self._ipr, self.opts.public_ip)
+
+    def _overlay_mtu(self, underlay: kip.Link) -> int:
+        try:
+            return kvx.overlay_mtu(underlay.mtu, ipaddress.ip_address(self.opts.public_ip).version == 6)
+        except ValueError as exc:
+            raise OverlayError(f"underlay {underlay.name}: {exc}") from None
 
     def _previous_lease(self, cfg: ClusterConfig) -> NodeLease | None:
         """The lease this node held in its previous run (from its state file), if it was in this cluster."""
@@ -302,12 +307,14 @@ class OverlayNode:
         def stopping() -> bool:
             return stop.is_set() or self._closed.is_set()
 
+        assert self._keeper is not None
         backoff = BACKOFF_MIN
         need_list = self._status.last_reconcile is None or not self._status.store_reachable
         next_full = time.monotonic() + self.opts.reconcile_interval
-        next_renew = time.monotonic() + self._ttl / 3
+        next_renew = time.monotonic() + self.opts.lease_ttl / 3
         while not stopping():
             try:
+                self._check_lapsed()
                 now = time.monotonic()
                 if need_list or now >= next_full:
                     self._list_and_reconcile()
@@ -316,7 +323,7 @@ class OverlayNode:
                     next_full = time.monotonic() + self.opts.reconcile_interval
                 if time.monotonic() >= next_renew:
                     self._renew()
-                    next_renew = time.monotonic() + self._ttl / 3
+                    next_renew = time.monotonic() + self.opts.lease_ttl / 3
                 timeout = max(0.0, min(WAIT_SLICE, next_full - time.monotonic(), next_renew - time.monotonic()))
                 if self._store.wait(SUBNETS_PREFIX, self._status.revision, timeout) is not None:
                     self.log.debug("store changed")
@@ -343,7 +350,7 @@ class OverlayNode:
     def close(self, leave: bool = False) -> None:
         """Stop watching. Without ``leave`` every device and entry stays (a restart keeps traffic
         flowing); with ``leave`` the lease is released and the node's devices, entries, firewall
-        table and state file are removed. Raises OverlayError if leaving failed part-way."""
+        rules and state file are removed. Raises OverlayError if leaving failed part-way."""
         self._closed.set()
         if not self._run_done.wait(CLOSE_TIMEOUT):
             self.log.warning("the reconcile loop did not stop within %s s", CLOSE_TIMEOUT)
@@ -361,9 +368,10 @@ class OverlayNode:
 
     def _leave(self) -> list[str]:
         problems = []
+        keeper = self._keeper
         try:
-            if release_lease(self._store, self.opts.public_ip):
-                self.log.info("released the lease of %s", self._lease.subnet if self._lease else "?")
+            if keeper is not None and keeper.state != LOST and release_lease(self._store, self.opts.public_ip):
+                self.log.info("released the lease of %s", keeper.subnet)
         except StoreError as exc:
             problems.append(f"cannot release the lease: {exc}")
         with self._lock:
@@ -376,6 +384,11 @@ class OverlayNode:
                 firewall.remove_firewall()
             except CNIError as exc:
                 problems.append(f"cannot delete the nftables table: {exc}")
+            if self._cfg is not None:
+                try:
+                    forward.remove_forward_accept([self._cfg.network])
+                except CNIError as exc:
+                    problems.append(f"cannot remove the FORWARD accept rules: {exc}")
             overlaystate.remove_state(self.opts.state_dir)
         self._status.remotes = []
         return problems
@@ -399,7 +412,7 @@ class OverlayNode:
         return self._started and not self._closed.is_set() and self._status.last_reconcile is not None
 
     def status(self) -> dict[str, Any]:
-        lease, cfg, st = self._lease, self._cfg, self._status
+        keeper, cfg, st = self._keeper, self._cfg, self._status
         return {
             "ready": self.ready(),
             "nodeName": self._node_name,
@@ -407,18 +420,27 @@ class OverlayNode:
             "network": cfg.network if cfg else None,
             "vni": cfg.vni if cfg else None,
             "port": cfg.port if cfg else None,
-            "subnet": lease.subnet if lease else None,
+            "subnet": keeper.subnet if keeper else None,
+            "lease": keeper.state if keeper else None,
+            "leaseExpires": keeper.valid_until if keeper else None,
+            "leaseProblem": (keeper.problem or None) if keeper else None,
             "vtepMAC": self._vtep_mac or None,
             "vxlanDevice": self._vxlan_name or None,
             "bridge": self.opts.bridge,
+            "bridgeMAC": self._bridge_mac or None,
+            "underlay": None if self._underlay_missing or self._underlay is None else self._underlay.name,
+            "ipMasq": self.opts.ip_masq,
             "mtu": self._mtu or None,
             "remotes": len(st.remotes),
             "remoteNodes": [{"subnet": r.subnet, "publicIP": r.public_ip, "vtepMAC": r.vtep_mac,
                              "nodeName": r.node_name} for r in st.remotes],
             "skipped": list(st.skipped),
+            "rejectedEntries": [{"key": r.key, "revision": r.mod_revision, "reason": r.reason}
+                                for r in st.rejected],
             "lastReconcile": st.last_reconcile,
             "reconciles": st.reconciles,
             "changes": st.changes,
+            "repairs": st.repairs,
             "storeRevision": st.revision,
             "storeReachable": st.store_reachable,
             "storeError": st.store_error or None,
@@ -429,35 +451,67 @@ class OverlayNode:
 
     def _configure_node(self) -> None:
         """Bridge, VXLAN device, addresses, forwarding, state file and firewall for the current lease."""
-        assert self._cfg is not None and self._lease is not None
-        cfg, lease, ipr = self._cfg, self._lease, self._ipr
-        subnet = ipaddress.ip_network(lease.subnet)
+        assert self._cfg is not None and self._keeper is not None
+        cfg, ipr = self._cfg, self._ipr
+        subnet = ipaddress.ip_network(self._keeper.subnet)
         gateway = subnet.network_address + 1
         network = cfg.ip_network
-        host_len = subnet.max_prefixlen
+        underlay = self._find_underlay()
+        if underlay is None:
+            raise OverlayError(f"the underlay link (holding {self.opts.public_ip}) is gone")
+        self._underlay = underlay
+        mtu = self._overlay_mtu(underlay)
+        if self._mtu and mtu != self._mtu:
+            self.log.warning("the underlay %s now has MTU %d: the overlay's MTU is %d (was %d); pods that exist keep "
+                             "their MTU until they are re-created", underlay.name, underlay.mtu, mtu, self._mtu)
+        self._mtu = mtu
 
-        bridge = kip.ensure_bridge(ipr, self.opts.bridge, mtu=self._mtu)
-        if bridge.mtu != self._mtu and not self._has_ports(bridge.index):
-            ipr.link("set", index=bridge.index, mtu=self._mtu)
+        bridge = self._ensure_bridge()
         self._sync_address(bridge.index, f"{gateway}/{subnet.prefixlen}", network)
         self._bridge_index = bridge.index
 
         device = kvx.ensure_vxlan(ipr, self._vxlan_name, cfg.vni, cfg.port, self.opts.public_ip,
-                                  self._underlay_index, self._mtu, self._vtep_mac, learning=False)
-        self._sync_address(device.index, f"{subnet.network_address}/{host_len}", network)
+                                  underlay.index, self._mtu, self._vtep_mac, learning=False)
+        self._sync_address(device.index, f"{subnet.network_address}/{subnet.max_prefixlen}", network)
         self._vxlan_index = device.index
         if not self.opts.tx_checksum_offload:
             from cni_plugins.kernel.ethtool import set_tx_checksum
 
             set_tx_checksum(self._vxlan_name, False)
         kip.enable_forwarding({network.version})
+        firewall.ensure_firewall(self._firewall_spec(), self._members(), rebuild=True)
+        self._ensure_forward()
+        self._write_state()  # last: the vxlan plugin may use the node now
 
-        state = overlaystate.OverlayState(
-            network=cfg.network, subnet=lease.subnet, gateway=str(gateway), mtu=self._mtu,
-            bridge=self.opts.bridge, vxlan_device=self._vxlan_name, vni=cfg.vni, port=cfg.port,
-            public_ip=self.opts.public_ip, vtep_mac=self._vtep_mac, node_name=self._node_name)
-        firewall.ensure_firewall(firewall.FirewallSpec(cfg.network, cfg.port), self._members(), rebuild=True)
-        overlaystate.write_state(self.opts.state_dir, state)  # last: the vxlan plugin may use the node now
+    def _ensure_bridge(self) -> kip.Link:
+        """The node bridge with its own MAC: set at creation, or (an existing bridge) adopted once and pinned."""
+        ipr, name = self._ipr, self.opts.bridge
+        # The pods' gateway MAC: per node name and bridge, the same across restarts and reboots.
+        derived = stable_bridge_mac(name, node_id=self._node_name)
+        existed = kip.find_link(ipr, name) is not None
+        bridge = kip.ensure_bridge(ipr, name, mtu=self._mtu, mac=self._bridge_mac or derived)
+        if bridge.mtu != self._mtu and not self._has_ports(bridge.index):
+            ipr.link("set", index=bridge.index, mtu=self._mtu)
+        adopting = existed and not self._bridge_mac
+        if adopting:
+            if bridge.mac == derived or not self._has_ports(bridge.index):
+                self._bridge_mac = derived
+            else:
+                # Pods resolved the gateway to its current MAC: keep that one.
+                self._bridge_mac = bridge.mac
+                self.log.info("adopted the existing bridge %s with its MAC %s (pods are attached to it)", name,
+                              bridge.mac)
+        elif not self._bridge_mac:
+            self._bridge_mac = derived
+        if adopting or bridge.mac != self._bridge_mac:
+            # Setting a bridge's address, even to the value it has, pins it: it stops following its ports.
+            kip.set_mac(ipr, bridge.index, self._bridge_mac)
+            bridge = kip.get_link(ipr, name, "bridge")
+        return bridge
+
+    def _bridge_has_pods(self) -> bool:
+        bridge = kip.find_link(self._ipr, self.opts.bridge)
+        return bridge is not None and self._has_ports(bridge.index)
 
     def _has_ports(self, bridge_index: int) -> bool:
         return any(msg.get_attr("IFLA_MASTER") == bridge_index for msg in self._ipr.get_links())
@@ -473,15 +527,71 @@ class OverlayNode:
             kip.add_address(self._ipr, index, wanted)
 
     def _members(self) -> set[str]:
-        members = {lease.public_ip for lease in self._leases}
-        members.add(self.opts.public_ip)
-        return members
+        assert self._cfg is not None and self._keeper is not None
+        wanted = wanted_state(self._leases, self.opts.public_ip, self._keeper.subnet, self._cfg.network,
+                              own_vtep_mac=self._vtep_mac)
+        return wanted.members | {self.opts.public_ip}
+
+    def _firewall_spec(self) -> firewall.FirewallSpec:
+        assert self._cfg is not None
+        return firewall.FirewallSpec(self._cfg.network, self._cfg.port, masquerade=self.opts.ip_masq)
+
+    def _ensure_forward(self) -> None:
+        assert self._cfg is not None
+        for action in forward.ensure_forward_accept([self._cfg.network]):
+            self.log.info("forwarding: %s", action)
+
+    def _write_state(self) -> None:
+        assert self._cfg is not None and self._keeper is not None
+        cfg, keeper = self._cfg, self._keeper
+        subnet = ipaddress.ip_network(keeper.subnet)
+        state = overlaystate.OverlayState(
+            network=cfg.network, subnet=keeper.subnet, gateway=str(subnet.network_address + 1), mtu=self._mtu,
+            bridge=self.opts.bridge, vxlan_device=self._vxlan_name, vni=cfg.vni, port=cfg.port,
+            public_ip=self.opts.public_ip, vtep_mac=self._vtep_mac, node_name=self._node_name,
+            lease_expires=round(keeper.valid_until, 3), lease_lost=keeper.problem if keeper.state == LOST else "")
+        overlaystate.write_state(self.opts.state_dir, state)
+
+    # ---- the lease ----------------------------------------------------------------------------
+
+    def _renew(self) -> None:
+        """Renew (or, lapsed or lost, win back) the lease; reconfigure when the subnet changed."""
+        assert self._keeper is not None
+        with self._at_home():
+            has_pods = self._bridge_has_pods()
+        changed = self._keeper.renew(has_pods)
+        with self._lock, self._at_home():
+            if changed:
+                self._configure_node()
+            else:
+                self._write_state()
+
+    def _check_lapsed(self) -> None:
+        assert self._keeper is not None
+        if self._keeper.check_lapsed():
+            with self._lock, self._at_home():
+                self._write_state()
 
     # ---- reconcile ----------------------------------------------------------------------------
 
+    def _scan(self) -> None:
+        """List the leases; an entry that is no valid lease is warned about once and otherwise ignored."""
+        assert self._cfg is not None
+        scan = scan_leases(self._store, self._cfg)
+        current = {(r.key, r.mod_revision) for r in scan.rejected}
+        for rejected in scan.rejected:
+            if (rejected.key, rejected.mod_revision) not in self._warned_entries:
+                self.log.warning("ignoring the store entry %s (revision %d): %s", rejected.key,
+                                 rejected.mod_revision, rejected.reason)
+        self._warned_entries = current
+        self._leases = scan.leases
+        self._status.rejected = scan.rejected
+        self._status.revision = scan.revision
+
     def _list_and_reconcile(self) -> None:
+        assert self._keeper is not None
         began = time.monotonic()
-        leases, revision = list_leases(self._store)
+        self._scan()
         listed = time.monotonic()
         if not self._status.store_reachable:
             if self._status.store_error:
@@ -490,16 +600,17 @@ class OverlayNode:
             self._status.store_down_since = 0.0
             self._status.store_reachable = True
             self._status.store_error = ""
-        own = self._lease
-        if own is not None and not any(l.public_ip == own.public_ip and l.subnet == own.subnet for l in leases):
-            self.log.warning("this node's lease of %s is gone from the store; taking it again", own.subnet)
+        keeper = self._keeper
+        own = keeper.lease
+        if keeper.state == LOST or (own is not None and not any(
+                lease.public_ip == own.public_ip and lease.subnet == own.subnet for lease in self._leases)):
+            if keeper.state != LOST:
+                self.log.warning("this node's lease of %s is gone from the store; taking it again", keeper.subnet)
             self._renew()
-            leases, revision = list_leases(self._store)
-        self._leases = leases
-        self._status.revision = revision
+            self._scan()
         self._reconcile_kernel()
-        self.log.debug("revision %d: listed in %.1f ms, reconciled in %.1f ms", revision, (listed - began) * 1000,
-                       (time.monotonic() - listed) * 1000)
+        self.log.debug("revision %d: listed in %.1f ms, reconciled in %.1f ms", self._status.revision,
+                       (listed - began) * 1000, (time.monotonic() - listed) * 1000)
 
     def _reconcile_kernel_safely(self, with_firewall: bool = True) -> None:
         try:
@@ -509,12 +620,14 @@ class OverlayNode:
             self.log.warning("reconciling the kernel failed: %s", exc)
 
     def _reconcile_kernel(self, with_firewall: bool = True) -> None:
-        """Make the VXLAN device's entries (and the firewall) match the last listing."""
+        """Make the devices, the VXLAN device's entries (and the firewall) match the last listing."""
         with self._lock, self._at_home():
-            if self._ipr is None or self._cfg is None or self._lease is None:
+            if self._ipr is None or self._cfg is None or self._keeper is None:
                 return
-            self._ensure_devices()
-            wanted = wanted_state(self._leases, self.opts.public_ip, self._lease.subnet, self._cfg.network)
+            if not self._ensure_devices():
+                return
+            wanted = wanted_state(self._leases, self.opts.public_ip, self._keeper.subnet, self._cfg.network,
+                                  own_vtep_mac=self._vtep_mac)
             index = self._vxlan_index
             present_fdb = kvx.fdb_entries(self._ipr, index)
             present_neigh = kvx.neigh_entries(self._ipr, index, self._cfg.ip_network.version)
@@ -523,12 +636,13 @@ class OverlayNode:
             if todo:
                 self.log.info("reconcile: %s (%d remote nodes)", todo.summary(), len(wanted.remotes))
                 self._apply(todo)
-            if wanted.skipped != self._status.skipped:
-                for reason in wanted.skipped:
+            for reason in wanted.skipped:
+                if reason not in self._warned_skips:
                     self.log.warning("ignoring lease %s", reason)
+            self._warned_skips = set(wanted.skipped)
             if with_firewall:
-                firewall.ensure_firewall(firewall.FirewallSpec(self._cfg.network, self._cfg.port),
-                                         wanted.members | {self.opts.public_ip})
+                firewall.ensure_firewall(self._firewall_spec(), wanted.members | {self.opts.public_ip})
+                self._ensure_forward()
             self._status.remotes = wanted.remotes
             self._status.skipped = wanted.skipped
             self._status.reconciles += 1
@@ -562,20 +676,59 @@ class OverlayNode:
             self._status.last_error = "; ".join(failures)
             self.log.warning("reconcile left %d entries wrong: %s", len(failures), "; ".join(failures))
 
-    def _ensure_devices(self) -> None:
-        """Re-create the bridge or VXLAN device (and addresses) if someone deleted or downed them."""
-        vx = kvx.vxlan_device(self._ipr, self._vxlan_name)
-        bridge = kip.find_link(self._ipr, self.opts.bridge)
-        healthy = (vx is not None and vx.up and vx.index == self._vxlan_index and bridge is not None
-                   and bridge.is_up and bridge.index == self._bridge_index)
-        if healthy:
-            assert self._lease is not None
-            subnet = ipaddress.ip_network(self._lease.subnet)
-            wanted = ipaddress.ip_interface(f"{subnet.network_address}/{subnet.max_prefixlen}")
-            healthy = any(a == wanted for a, _f in kip.addresses(self._ipr, self._vxlan_index, wanted.version))
-        if not healthy:
-            self.log.warning("the overlay devices changed under us; setting them up again")
+    def _ensure_devices(self) -> bool:
+        """Repair every attribute of the node's devices that drifted; False while the underlay link is gone."""
+        underlay = self._find_underlay()
+        if underlay is None:
+            if not self._underlay_missing:
+                self.log.warning("the underlay link holding %s is gone: the overlay is down on this node until it "
+                                 "is back", self.opts.underlay_device or self.opts.public_ip)
+                self._underlay_missing = True
+            return False
+        if self._underlay_missing:
+            self.log.info("the underlay link %s is back", underlay.name)
+            self._underlay_missing = False
+        drift = self._drift(underlay)
+        if drift:
+            self.log.warning("the overlay devices changed under us (%s); setting them up again", "; ".join(drift))
+            self._status.repairs += 1
             self._configure_node()
+        return True
+
+    def _drift(self, underlay: kip.Link) -> list[str]:
+        """What differs between the node's devices and what it owns (empty: nothing)."""
+        assert self._cfg is not None and self._keeper is not None
+        cfg, ipr, name = self._cfg, self._ipr, self._vxlan_name
+        subnet = ipaddress.ip_network(self._keeper.subnet)
+        out = []
+        vx = kvx.vxlan_device(ipr, name)
+        if vx is None:
+            out.append(f"{name} is missing")
+        else:
+            local = ipaddress.ip_address(vx.local) if vx.local else None
+            wanted_mtu = self._overlay_mtu(underlay)
+            for what, have, want in (("VNI", vx.vni, cfg.vni), ("port", vx.port, cfg.port),
+                                     ("local address", local, ipaddress.ip_address(self.opts.public_ip)),
+                                     ("underlay link", vx.underlay_index, underlay.index),
+                                     ("learning", vx.learning, False), ("MAC", vx.mac, self._vtep_mac),
+                                     ("MTU", vx.mtu, wanted_mtu), ("up", vx.up, True)):
+                if have != want:
+                    out.append(f"{name} {what} is {have}, not {want}")
+            address = ipaddress.ip_interface(f"{subnet.network_address}/{subnet.max_prefixlen}")
+            if not any(a == address for a, _f in kip.addresses(ipr, vx.index, address.version)):
+                out.append(f"{name} lacks its address {address}")
+        bridge = kip.find_link(ipr, self.opts.bridge)
+        if bridge is None:
+            out.append(f"{self.opts.bridge} is missing")
+        else:
+            if not bridge.is_up:
+                out.append(f"{self.opts.bridge} is down")
+            if bridge.mac != self._bridge_mac:
+                out.append(f"{self.opts.bridge} MAC is {bridge.mac}, not {self._bridge_mac}")
+            gateway = ipaddress.ip_interface(f"{subnet.network_address + 1}/{subnet.prefixlen}")
+            if not any(a == gateway for a, _f in kip.addresses(ipr, bridge.index, gateway.version)):
+                out.append(f"{self.opts.bridge} lacks its address {gateway}")
+        return out
 
     def _kernel_changed(self) -> None:
         """From the netlink monitor: one of our devices or entries changed."""
@@ -583,25 +736,13 @@ class OverlayNode:
             return
         self._reconcile_kernel_safely(with_firewall=False)
 
-    def _watched_indexes(self) -> dict[str, set[int]]:
+    def _watched_indexes(self) -> dict[str, set[int]] | None:
+        """What the monitor reacts to; None (everything) while the underlay link is gone."""
+        if self._underlay_missing:
+            return None
         devices = {self._vxlan_index, self._bridge_index}
-        return {"link": devices, "addr": devices, "neigh": {self._vxlan_index}, "route": {self._vxlan_index}}
-
-    def _renew(self) -> None:
-        assert self._lease is not None and self._cfg is not None
-        try:
-            current = renew_lease(self._store, self._lease, self._ttl)
-        except LeaseLost as exc:
-            self.log.error("lost the lease: %s; leasing a subnet again", exc)
-            current = acquire_lease(self._store, self._cfg, self.opts.public_ip, self._vtep_mac,
-                                    node_name=self._node_name, preferred_subnet=self._lease.subnet, ttl=self._ttl)
-        with self._lock:
-            changed = current.subnet != self._lease.subnet
-            self._lease = current
-            if changed:
-                self.log.warning("this node's subnet is now %s", current.subnet)
-                with self._at_home():
-                    self._configure_node()
+        links = devices | ({self._underlay.index} if self._underlay is not None else set())
+        return {"link": links, "addr": links, "neigh": {self._vxlan_index}, "route": {self._vxlan_index}}
 
     def _store_down(self, exc: BaseException) -> None:
         message, now = str(exc), time.monotonic()

@@ -7,6 +7,7 @@ agent (``node.py``) lists, calls ``plan()`` and applies the result.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Generic, Iterable, Protocol, TypeVar
 
@@ -55,57 +56,108 @@ class Wanted:
     fdb: set[FdbEntry] = field(default_factory=set)
     neigh: set[NeighEntry] = field(default_factory=set)
     routes: set[OnlinkRoute] = field(default_factory=set)
-    members: set[str] = field(default_factory=set)     # underlay addresses of every leased node, this one too
-    skipped: list[str] = field(default_factory=list)   # why a lease was not turned into entries
+    members: set[str] = field(default_factory=set)     # underlay addresses of the accepted remotes (not this node)
+    skipped: list[str] = field(default_factory=list)   # why a lease was not turned into entries (sorted)
 
 
-def wanted_state(leases: Iterable[LeaseLike], own_public_ip: str, own_subnet: str, network: str) -> Wanted:
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+def wanted_state(leases: Iterable[LeaseLike], own_public_ip: str, own_subnet: str, network: str, *,
+                 own_vtep_mac: str = "") -> Wanted:
     """The entries this node wants for ``leases`` (its own lease excluded).
 
-    A lease is skipped (with a reason in ``skipped``) when it is unusable here:
-    outside the cluster network, of the other underlay family than this node,
-    overlapping this node's subnet, or sharing a VTEP MAC with a lease that
-    sorts earlier (an FDB entry maps one MAC to one VTEP, so two would flap).
+    A lease with this node's public IP or subnet is this node's (skipped
+    silently). Any other lease is skipped, with a reason in ``skipped``, when
+    it is unusable here: an unreadable subnet or underlay address (a zone, not
+    unicast, inside the cluster network), a VTEP MAC that is not a unicast
+    MAC, a subnet outside the cluster network or overlapping this node's, an
+    underlay of the other family than this node's, this node's own VTEP MAC
+    (``own_vtep_mac``), or a VTEP MAC that another lease claims too: an FDB
+    entry maps one MAC to one VTEP, so none of the claimants is programmed
+    (which one is genuine cannot be told from here).
+
+    ``members`` holds the underlay addresses of the accepted remotes only;
+    the caller adds its own. ``skipped`` is sorted, so the same leases give
+    the same list on every call (warn when it changes).
     """
     own_ip = ipaddress.ip_address(own_public_ip)
     own_net = ipaddress.ip_network(own_subnet)
     cluster = ipaddress.ip_network(network)
+    own_mac = own_vtep_mac.strip().lower()
     out = Wanted()
-    seen_macs: dict[str, str] = {}
-    candidates = []
+    skipped: set[str] = set()
+    usable: list[tuple[ipaddress._BaseNetwork, ipaddress._BaseAddress, str, LeaseLike]] = []
+    claims: dict[str, set[str]] = {}    # VTEP MAC -> subnets of the other leases that claim it
     for lease in leases:
         try:
-            public_ip = ipaddress.ip_address(lease.public_ip)
-            subnet = ipaddress.ip_network(lease.subnet, strict=True)
+            subnet = ipaddress.ip_network(str(lease.subnet), strict=True)
         except ValueError:
-            out.skipped.append(f"{lease.subnet}: unreadable lease")
+            skipped.add(f"{_short(lease.subnet)}: unreadable lease (the subnet is not a network)")
             continue
-        out.members.add(str(public_ip))
-        candidates.append((subnet.version, int(subnet.network_address), subnet.prefixlen, subnet, public_ip, lease))
-    for _v, _a, _p, subnet, public_ip, lease in sorted(candidates, key=lambda c: c[:3]):
+        public_ip = _underlay(lease.public_ip)
         if public_ip == own_ip or subnet == own_net:
             continue
+        mac = str(lease.vtep_mac).strip().lower()
+        if public_ip is None:
+            skipped.add(f"{subnet}: underlay address {_short(lease.public_ip)} is not a unicast IP address "
+                        f"without a zone")
+            continue
+        if not _MAC_RE.match(mac) or int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":
+            skipped.add(f"{subnet}: VTEP MAC {_short(lease.vtep_mac)} is not a unicast MAC")
+            continue
+        claims.setdefault(mac, set()).add(str(subnet))
+        usable.append((subnet, public_ip, mac, lease))
+    usable.sort(key=lambda u: (u[0].version, int(u[0].network_address), u[0].prefixlen))
+    for subnet, public_ip, mac, lease in usable:
         if subnet.version != cluster.version or not subnet.subnet_of(cluster):  # type: ignore[arg-type]
-            out.skipped.append(f"{subnet}: outside the cluster network {cluster}")
+            skipped.add(f"{subnet}: outside the cluster network {cluster}")
             continue
         if subnet.overlaps(own_net):
-            out.skipped.append(f"{subnet}: overlaps this node's subnet {own_net}")
+            skipped.add(f"{subnet}: overlaps this node's subnet {own_net}")
             continue
         if public_ip.version != own_ip.version:
-            out.skipped.append(f"{subnet}: underlay {public_ip} is IPv{public_ip.version}, this node's is "
-                               f"IPv{own_ip.version}")
+            skipped.add(f"{subnet}: underlay {public_ip} is IPv{public_ip.version}, this node's is "
+                        f"IPv{own_ip.version}")
             continue
-        mac = lease.vtep_mac.lower()
-        if mac in seen_macs:
-            out.skipped.append(f"{subnet}: VTEP MAC {mac} is already used by {seen_macs[mac]}")
+        if public_ip.version == cluster.version and public_ip in cluster:
+            skipped.add(f"{subnet}: underlay {public_ip} is inside the cluster network {cluster} (a pod address)")
             continue
-        seen_macs[mac] = str(subnet)
+        if own_mac and mac == own_mac:
+            skipped.add(f"{subnet}: VTEP MAC {mac} is this node's own")
+            continue
+        others = sorted(claims[mac] - {str(subnet)})
+        if others:
+            skipped.add(f"{subnet}: VTEP MAC {mac} is also claimed by {', '.join(others)}; none of them is "
+                        f"programmed")
+            continue
         remote = Remote(str(subnet), str(public_ip), mac, lease.node_name or "")
         out.remotes.append(remote)
         out.fdb.add(remote.fdb)
         out.neigh.add(remote.neigh)
         out.routes.add(remote.route)
+        out.members.add(remote.public_ip)
+    out.skipped = sorted(skipped)
     return out
+
+
+def _underlay(value: object) -> ipaddress._BaseAddress | None:
+    """The unicast underlay address in value, or None (a zone, not an address, not unicast)."""
+    if not isinstance(value, str) or "%" in value:
+        return None
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        return None
+    if address.is_unspecified or address.is_loopback or address.is_multicast or address == _BROADCAST:
+        return None
+    return address
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass

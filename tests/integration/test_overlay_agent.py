@@ -470,8 +470,9 @@ def test_vxlan_from_a_non_member_is_dropped(cluster):
 
 
 def test_pod_traffic_is_masqueraded_only_when_it_leaves_the_cluster(cluster):
-    """A pod on node A: to a node or another node's subnet it keeps its address; to the outside world
-    (an underlay host that is no cluster member) it leaves with node A's address."""
+    """A pod on node A: to another node's subnet and to its own node it keeps its address; to another
+    node's own address and to the outside world (an underlay host that is no cluster member) it leaves
+    with node A's address (a strict host's rp_filter would drop a pod source arriving on its underlay)."""
     topo = cluster.topo
     a, b = cluster.nodes[0], cluster.nodes[1]
     sa, sb = cluster.state(a), cluster.state(b)
@@ -480,7 +481,7 @@ def test_pod_traffic_is_masqueraded_only_when_it_leaves_the_cluster(cluster):
     outside = topo.hosts[0] if topo.hosts else topo.add_host()
     assert pod.ping(sb["gateway"]), "pod on A cannot reach node B's pod subnet"
     assert udp_source(pod, b, sb["gateway"]) == pod_ip          # pod -> other node's pod network: no NAT
-    assert udp_source(pod, b, b.public_ip) == pod_ip            # pod -> node: no NAT
+    assert udp_source(pod, b, b.public_ip) == a.public_ip       # pod -> another node's own address: NAT
     assert udp_source(pod, a, a.public_ip) == pod_ip            # pod -> its own node: no NAT
     assert udp_source(pod, outside, outside.public_ip) == a.public_ip   # pod -> outside: masqueraded
     assert pod.ping(outside.public_ip)

@@ -11,8 +11,8 @@ import pytest
 
 from cni_plugins.kernel.vxlan import (FdbEntry, NeighEntry, OnlinkRoute, is_local_unicast_mac, overlay_mtu,
                                       stable_vtep_mac)
-from cni_plugins.shared.overlaystate import (OverlayState, OverlayStateError, read_state, remove_state,
-                                             state_path, write_state)
+from cni_plugins.shared.overlaystate import (OverlayState, OverlayStateError, lease_problem, read_state,
+                                             remove_state, state_path, write_state)
 from pycni.overlay import firewall
 from pycni.overlay.monitor import RTM_DELNEIGH, RTM_DELROUTE, RTM_NEWLINK, RTM_NEWNEIGH, notifications, relevant_indexes
 from pycni.overlay.node import vtep_mac_seed
@@ -74,7 +74,7 @@ def test_wanted_state_excludes_self_and_derives_entries():
     assert wanted.fdb == {FdbEntry(B.vtep_mac, B.public_ip), FdbEntry(C.vtep_mac, C.public_ip)}
     assert wanted.neigh == {NeighEntry("10.244.1.0", B.vtep_mac), NeighEntry("10.244.2.0", C.vtep_mac)}
     assert wanted.routes == {OnlinkRoute("10.244.1.0/24", "10.244.1.0"), OnlinkRoute("10.244.2.0/24", "10.244.2.0")}
-    assert wanted.members == {A.public_ip, B.public_ip, C.public_ip}
+    assert wanted.members == {B.public_ip, C.public_ip}   # the accepted remotes; the node adds its own address
     assert wanted.skipped == []
 
 
@@ -83,11 +83,14 @@ def test_wanted_state_skips_unusable_leases():
     same_mac = Lease("10.244.3.0/24", "192.168.100.13", B.vtep_mac)
     v6_underlay = Lease("10.244.4.0/24", "fd00::14", "0a:00:00:00:00:14")
     stale_self = Lease("10.244.9.0/24", A.public_ip, A.vtep_mac)   # an older lease of this very node
-    wanted = wanted_state([A, B, outside, same_mac, v6_underlay, stale_self], A.public_ip, A.subnet, NET)
-    assert [r.subnet for r in wanted.remotes] == [B.subnet]
-    assert len(wanted.skipped) == 3
+    wanted = wanted_state([A, B, C, outside, same_mac, v6_underlay, stale_self], A.public_ip, A.subnet, NET)
+    # B and same_mac claim one VTEP MAC: neither is programmed (which one is genuine cannot be told).
+    assert [r.subnet for r in wanted.remotes] == [C.subnet]
+    assert wanted.members == {C.public_ip}
+    assert len(wanted.skipped) == 4 and wanted.skipped == sorted(wanted.skipped)
     assert any("outside the cluster" in s for s in wanted.skipped)
-    assert any("already used" in s for s in wanted.skipped)
+    assert any(s.startswith(f"{B.subnet}: VTEP MAC") and "also claimed by 10.244.3.0/24" in s for s in wanted.skipped)
+    assert any(s.startswith("10.244.3.0/24: VTEP MAC") and f"also claimed by {B.subnet}" in s for s in wanted.skipped)
     assert any("IPv6" in s for s in wanted.skipped)
 
 
@@ -131,6 +134,30 @@ def test_remote_entries_follow_flannel_layout():
 STATE = OverlayState(network="10.244.0.0/16", subnet="10.244.3.0/24", gateway="10.244.3.1", mtu=1450,
                      bridge="pycni0", vxlan_device="pycni.1", vni=1, public_ip="192.168.100.11",
                      vtep_mac="0a:58:0a:f4:03:00", node_name="node-3")
+
+
+def test_lease_problem_says_lapsed_or_lost_and_nothing_for_a_valid_lease():
+    from dataclasses import replace
+
+    valid = replace(STATE, lease_expires=1000.0)
+    assert lease_problem(valid, now=999.0) == ""
+    assert lease_problem(STATE, now=1e10) == ""            # an older agent's state: no expiry known
+    lapsed = lease_problem(valid, now=1030.0)
+    assert "10.244.3.0/24 lapsed 30 s ago" in lapsed and "is it running" in lapsed
+    lost = lease_problem(replace(valid, lease_lost="the subnet is now leased to 192.168.100.99"), now=999.0)
+    assert lost.startswith("this node lost its pod subnet 10.244.3.0/24") and "192.168.100.99" in lost
+
+
+def test_lease_fields_round_trip_and_are_validated(tmp_path):
+    from dataclasses import replace
+
+    state = replace(STATE, lease_expires=1796000000.5, lease_lost="gone")
+    doc = state.to_dict()
+    assert doc["leaseExpires"] == 1796000000.5 and doc["leaseLost"] == "gone"
+    assert OverlayState.from_dict(doc) == state
+    for bad in ({"leaseExpires": "soon"}, {"leaseExpires": -1}, {"leaseLost": 7}):
+        with pytest.raises(OverlayStateError):
+            OverlayState.from_dict({**doc, **bad})
 
 
 def test_state_round_trip(tmp_path):
@@ -202,9 +229,19 @@ def test_firewall_ruleset_text():
     assert "udp dport 8472 ip saddr @members counter accept" in text
     assert "udp dport 8472 counter drop" in text
     assert "ip saddr 10.244.0.0/16 ip daddr 10.244.0.0/16 return" in text
-    assert "ip saddr 10.244.0.0/16 ip daddr @members return" in text
-    assert "masquerade" in text
+    # pod -> another node's own address is masqueraded too (a strict host's rp_filter drops a pod source)
+    assert "daddr @members return" not in text
+    assert "ip saddr 10.244.0.0/16 counter masquerade fully-random" in text
     assert "add element inet pycni_overlay members { 192.168.100.10, 192.168.100.11 }" in text
+
+
+def test_firewall_without_masquerade_has_no_nat_chain():
+    spec = firewall.FirewallSpec("10.244.0.0/16", 8472, masquerade=False)
+    text = firewall.render_table(spec, ["192.168.100.10"])
+    assert "postrouting" not in text and "masquerade" not in text
+    assert "udp dport 8472 counter drop" in text
+    intact = firewall.TableState(members=set(), sets={"members", "members6"}, rules={"input": 3})
+    assert intact.intact(spec) and not intact.intact(firewall.FirewallSpec("10.244.0.0/16", 8472))
 
 
 @pytest.mark.parametrize("bad", ["192.168.100.1; flush ruleset", "1.2.3.4 }", "evil"])
@@ -219,7 +256,7 @@ def test_firewall_spec_validates():
     with pytest.raises(ValueError):
         firewall.FirewallSpec("10.244.0.0/16", 70000)
     v6 = firewall.render_table(firewall.FirewallSpec("fd10::/48", 4789), ["fd00::1"])
-    assert "ip6 saddr fd10::/48 ip6 daddr @members6 return" in v6
+    assert "ip6 saddr fd10::/48 ip6 daddr fd10::/48 return" in v6
     assert "add element inet pycni_overlay members6 { fd00::1 }" in v6
 
 

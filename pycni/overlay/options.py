@@ -1,0 +1,112 @@
+"""The overlay node's options: one typed object, and the one set of command-line flags that fills it.
+
+``pycni agent`` is the only front door: ``overlay_flags`` adds the overlay's
+flags to it and ``from_flags`` turns what click parsed into ``OverlayOptions``
+(None when no ``--store`` was given: the agent then only serves CNI requests).
+Defaults live here and nowhere else; ``OverlayNode`` takes the object as it is.
+
+Standard library and click only: ``pycni agent --help`` must not load netlink
+or the store.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import click
+
+from pycni.storeopts import etcd_options, tls_files
+
+DEFAULT_STATE_DIR = "/run/pycni"
+DEFAULT_BRIDGE = "pycni0"
+DEFAULT_LEASE_TTL = 24 * 3600
+DEFAULT_RECONCILE_INTERVAL = 10.0
+DEFAULT_STORE_TIMEOUT = 5.0
+MIN_LEASE_TTL = 3
+
+
+@dataclass
+class OverlayOptions:
+    """Everything an overlay node is told; see ``pycni agent --help`` for each flag."""
+
+    store_url: str
+    public_ip: str
+    state_dir: str = DEFAULT_STATE_DIR
+    etcd_prefix: str = "/pycni"
+    tls: Any = None                   # ipam.cluster.TLSFiles, or None for plain http and file://
+    bridge: str = DEFAULT_BRIDGE
+    vxlan_device: str = ""            # "": pycni.<VNI>
+    underlay_device: str = ""         # "": the link holding public_ip, looked up afresh whenever needed
+    node_name: str = ""               # "": the host name
+    tx_checksum_offload: bool = True  # False: turn tx checksum offload off on the VXLAN device (flannel #1279)
+    ip_masq: bool = True              # masquerade pod traffic that leaves the cluster network
+    lease_ttl: int = DEFAULT_LEASE_TTL
+    reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL
+    store_timeout: float = DEFAULT_STORE_TIMEOUT
+
+
+def overlay_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The overlay's flags (overlay mode starts with --store)."""
+    options = [
+        click.option("--store", "store_url", metavar="URL",
+                     help="Overlay mode: the cluster store (file:///DIR or etcd://HOST:PORT[,...]); the agent then "
+                          "also leases this node's pod subnet and keeps the vxlan device, FDB, neighbours and "
+                          "routes in step with the other nodes. Create the cluster first with "
+                          "`pycni cluster init --store URL --network CIDR`."),
+        click.option("--public-ip", metavar="IP", help="Overlay mode: this node's underlay address (its VTEP)."),
+        click.option("--state-dir", metavar="DIR",
+                     help=f"Where the node's lease is written for the vxlan plugin (overlay mode); the default "
+                          f"socket lives there too [default: {DEFAULT_STATE_DIR}]."),
+        click.option("--bridge", "bridge_name", default=DEFAULT_BRIDGE, show_default=True, metavar="NAME",
+                     help="Overlay mode: the node's pod bridge (the pods' gateway)."),
+        click.option("--vxlan-device", default="", metavar="NAME",
+                     help="Overlay mode: the node's vxlan device [default: pycni.<VNI>]."),
+        click.option("--underlay-device", default="", metavar="NAME",
+                     help="Overlay mode: the underlay link [default: the one holding --public-ip]."),
+        click.option("--node-name", default="", metavar="NAME",
+                     help="Overlay mode: this node's name, written into its lease [default: the host name]. "
+                          "An agent refuses to start on a public IP that another node name holds."),
+        click.option("--lease-ttl", type=click.IntRange(min=MIN_LEASE_TTL), default=DEFAULT_LEASE_TTL,
+                     metavar="SECONDS",
+                     help="Overlay mode: TTL of the subnet lease in the store, renewed at a third of it "
+                          "[default: 86400, 24 h]."),
+        click.option("--reconcile-interval", type=click.FloatRange(min=0.1), default=DEFAULT_RECONCILE_INTERVAL,
+                     show_default=True, metavar="SECONDS",
+                     help="Overlay mode: full reconcile at least this often, even without store changes."),
+        click.option("--disable-tx-checksum-offload", is_flag=True,
+                     help="Overlay mode: turn transmit checksum offload off on the vxlan device (flannel #1279)."),
+        click.option("--no-ip-masq", is_flag=True,
+                     help="Overlay mode: do not masquerade pod traffic that leaves the cluster network (for "
+                          "underlays that route the pod network themselves). Without masquerading, hosts with "
+                          "rp_filter=1 drop pod traffic to other nodes' own addresses."),
+        etcd_options,
+        click.option("--leave", is_flag=True,
+                     help="Overlay mode: on SIGTERM give the subnet lease back and remove this node from the "
+                          "store (default: keep it, so a restart finds the same subnet)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def from_flags(ctx: click.Context, store_url: str | None, public_ip: str | None, state_dir: str | None,
+               bridge_name: str, vxlan_device: str, underlay_device: str, node_name: str, lease_ttl: int,
+               reconcile_interval: float, disable_tx_checksum_offload: bool, no_ip_masq: bool, etcd_prefix: str,
+               etcd_cafile: str | None, etcd_certfile: str | None, etcd_keyfile: str | None,
+               **_other: Any) -> OverlayOptions | None:
+    """The options the flags name; None without --store. A flag that needs --store without it is a usage error."""
+    if not store_url:
+        given = [flag for flag, value in (("--public-ip", public_ip), ("--no-ip-masq", no_ip_masq),
+                                          ("--node-name", node_name), ("--underlay-device", underlay_device),
+                                          ("--vxlan-device", vxlan_device)) if value]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for overlay mode: "
+                                   f"give --store too", ctx)
+        return None
+    if not public_ip:
+        raise click.UsageError("--store needs --public-ip (this node's underlay address)", ctx)
+    return OverlayOptions(
+        store_url=store_url, public_ip=public_ip, state_dir=state_dir or DEFAULT_STATE_DIR, etcd_prefix=etcd_prefix,
+        tls=tls_files(etcd_cafile, etcd_certfile, etcd_keyfile), bridge=bridge_name, vxlan_device=vxlan_device,
+        underlay_device=underlay_device, node_name=node_name, tx_checksum_offload=not disable_tx_checksum_offload,
+        ip_masq=not no_ip_masq, lease_ttl=lease_ttl, reconcile_interval=reconcile_interval)
