@@ -8,7 +8,8 @@ be measured because something more basic failed (the row says which).
     pod-pod-other-node  probe pod -> the other node's probe pod            TCP and UDP echo
     no-snat             the echo saw the sending pod's own address         (from the exchanges above)
     node-pod            this node -> its own probe, the other nodes' probes TCP echo
-    pod-node            probe pod -> this node's and the other nodes' addresses (their node echo)
+    pod-node            probe pod -> this node's and the other nodes' addresses (their node echo; to another
+                        node it leaves masqueraded, or a strict rp_filter there drops it: the row says so)
     hostport            this node -> other node's address:hostPort          TCP echo, DNAT to its probe
     pmtu                probe pod -> other node's probe: small ICMP, then 1400-byte packets with DF
 """
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import client
-from .diagnose import Leg, explain_no_reply, explain_pmtu, explain_refused, explain_seen
+from .diagnose import Leg, explain_no_reply, explain_pmtu, explain_refused, explain_seen, explain_strict_peer
 from .model import (FAIL, HOSTPORT, NO_SNAT, NODE_POD, OTHER_NODE, PASS, PMTU, POD_NODE, SAME_NODE, SKIP, Check,
                     Party)
 
@@ -111,8 +112,10 @@ def peer_checks(local: Local, peer: Party, parties: list[Party]) -> list[Check]:
     # a pod -> the other node's own address: out over the underlay, the reply back through the overlay
     what = f"TCP pod {me.probe_ip} -> node {peer.public_ip}:{peer.echo_port}"
     ex = client.tcp_exchange(local.probe_netns, peer.public_ip, peer.echo_port, t)
-    rows.append(_row_for(ex, POD_NODE, me, peer, what, [back], t, peer.node_label, peer.echo_port,
-                         underlay=(me, peer)))
+    row = _row_for(ex, POD_NODE, me, peer, what, [back], t, peer.node_label, peer.echo_port, underlay=(me, peer))
+    if row.result == FAIL:
+        row.message += explain_strict_peer(me, peer)
+    rows.append(row)
 
     # hostPort on the other node, asked from this node over the underlay
     if peer.host_port is None:

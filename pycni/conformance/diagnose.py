@@ -87,6 +87,15 @@ def explain_no_reply(what: str, legs: Iterable[Leg], timeout: float, error: str 
     return f"{what}: {heard}; nothing on the nodes explains it: packets lost on the underlay between {ends}"
 
 
+def explain_strict_peer(sender: Party, receiver: Party) -> str:
+    """Why a pod's packets to another node's own address die on a strict host ("" if that is not it)."""
+    if receiver.facts.get("rpFilter") == 1 and not sender.facts.get("masquerades", True):
+        return (f"; node {receiver.node} drops pod sources arriving on its underlay (rp_filter=1), and node "
+                f"{sender.node} does not masquerade traffic leaving the cluster network (its agent runs with "
+                f"--no-ip-masq?)")
+    return ""
+
+
 def explain_refused(what: str, port: int, hostport: bool = False, node: str = "") -> str:
     if hostport:
         return (f"{what}: connection refused: no hostPort DNAT for port {port} on node {node} "

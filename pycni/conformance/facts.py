@@ -36,6 +36,29 @@ def datapath_facts(vxlan_device: str, leases: Iterable[Any], own_public_ip: str)
     return out
 
 
+def masquerade_facts(public_ip: str, ruleset: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """{"rpFilter": the strictest reverse-path filter on the underlay (0, 1 strict, 2 loose),
+    "masquerades": whether the overlay masquerades pod traffic leaving the cluster network}."""
+    from cni_plugins.kernel import ip as kip
+    from cni_plugins.kernel import vxlan as kvx
+
+    values = []
+    try:
+        with kip.open_netlink() as ipr:
+            underlay = kvx.underlay_link_for(ipr, public_ip)
+        for name in ("all", underlay.name if underlay else ""):
+            if name:
+                values.append(int(kip.read_sysctl(f"net/ipv4/conf/{name}/rp_filter")))
+    except (OSError, ValueError):
+        pass
+    objects = readers.nft_ruleset() if ruleset is None else ruleset
+    masquerades = any(
+        (obj.get("rule") or {}).get("table") == f"{OWN_TABLE_PREFIX}overlay"
+        and any(isinstance(e, dict) and "masquerade" in e for e in obj["rule"].get("expr", []))
+        for obj in objects)
+    return {"rpFilter": max(values) if values else 0, "masquerades": masquerades}
+
+
 def firewall_facts(ruleset: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Base chains of tables that are not pycni's that drop/reject (or NAT) traffic: one entry per chain.
 

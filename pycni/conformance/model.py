@@ -31,18 +31,23 @@ POD_NODE = "pod-node"
 HOSTPORT = "hostport"
 PMTU = "pmtu"
 PROBE_POD = "probe-pod"
+GATEWAY_MAC = "gateway-mac"
+STORE_ENTRIES = "store-entries"
 RENDEZVOUS = "rendezvous"
-CHECKS = (PROBE_POD, SAME_NODE, OTHER_NODE, NO_SNAT, NODE_POD, POD_NODE, HOSTPORT, PMTU, RENDEZVOUS)
+CHECKS = (PROBE_POD, GATEWAY_MAC, SAME_NODE, OTHER_NODE, NO_SNAT, NODE_POD, POD_NODE, HOSTPORT, PMTU,
+          STORE_ENTRIES, RENDEZVOUS)
 
 CHECK_HELP = {
     PROBE_POD: "the node attaches its probe pods through the CNI network (only listed when it cannot)",
+    GATEWAY_MAC: "the pods' gateway keeps its MAC while a pod with the lowest MAC on the bridge comes and goes",
     SAME_NODE: "a pod reaches another pod on its own node (TCP)",
     OTHER_NODE: "a pod reaches a pod on another node (TCP and UDP)",
     NO_SNAT: "the receiving pod sees the sending pod's own address (no NAT between pods)",
     NODE_POD: "the node reaches a pod (its own and other nodes' pods, TCP)",
-    POD_NODE: "a pod reaches a node's own address (TCP)",
+    POD_NODE: "a pod reaches a node's own address (TCP; to another node masqueraded, so strict rp_filter passes it)",
     HOSTPORT: "a pod's hostPort answers on its node's address, asked from another node",
     PMTU: "1400-byte packets with DF set cross between pods on two nodes (ICMP echo)",
+    STORE_ENTRIES: "every entry under subnets/ in the cluster store is a valid lease that the agents program",
     RENDEZVOUS: "every node holding a lease took part",
 }
 

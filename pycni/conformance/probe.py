@@ -24,7 +24,7 @@ from pycni import procs
 RECORD_FILE = "conformance.json"
 NETNS_PREFIX = "pycni-conf-"
 CONTAINER_PREFIX = "pycni-conformance-"
-ROLES = ("probe", "client")
+ROLES = ("probe", "client", "churn")
 ECHO_READY_TIMEOUT = 10.0
 ECHO_STOP_TIMEOUT = 5.0
 
@@ -43,11 +43,12 @@ def probe_netns_names(node_id: str, state_dir: str) -> list[str]:
 
 @dataclass
 class ProbeRecord:
-    role: str            # "probe" or "client"
+    role: str            # one of ROLES
     netns: str           # pinned path
     container_id: str
     ifname: str = "eth0"
     address: str = ""
+    host_ifname: str = ""  # the host end of its veth, when the result names one
 
 
 @dataclass
@@ -74,7 +75,9 @@ class Record:
             return None
         except (OSError, ValueError):
             return None
-        probes = [ProbeRecord(**p) for p in data.get("probes", []) if isinstance(p, dict)]
+        known = set(ProbeRecord.__dataclass_fields__)
+        probes = [ProbeRecord(**{k: v for k, v in p.items() if k in known}) for p in data.get("probes", [])
+                  if isinstance(p, dict)]
         return cls(network=data.get("network", ""), netconf_path=data.get("netconf_path", ""),
                    cni_path=data.get("cni_path", ""), cache_dir=data.get("cache_dir", ""), probes=probes,
                    echo_pids=[int(p) for p in data.get("echo_pids", [])])
@@ -151,11 +154,23 @@ class ProbePods:
             self._delete(probe)
             raise RuntimeError(f"network {self.netlist.name!r} gave the probe pod no address")
         probe.address = ips[0]["address"].split("/")[0]
+        hosts = [i.get("name", "") for i in result.get("interfaces") or []
+                 if isinstance(i, dict) and not i.get("sandbox")]
+        probe.host_ifname = hosts[-1] if hosts else ""   # bridge results list the bridge, then the host veth
         self.record.save(self.state_dir)
         return probe
 
     def _delete(self, probe: ProbeRecord) -> list[str]:
         return delete_probe(self.runtime, self.netlist, probe)
+
+    def remove(self, role: str) -> list[str]:
+        """DEL one probe pod and forget it; returns what could not be removed."""
+        problems = []
+        for probe in [p for p in self.record.probes if p.role == role]:
+            problems += self._delete(probe)
+        self.record.probes = [p for p in self.record.probes if p.role != role]
+        self.record.save(self.state_dir)
+        return problems
 
     def remove_all(self) -> list[str]:
         problems = []

@@ -1,6 +1,7 @@
 """One node's conformance run, from probe pods to published results, and the clean-up.
 
     probes    two pods through the CNI network (the probe with a hostPort mapping, a client)
+    own       the gateway-mac check (a third pod comes and goes) and the store-entries check
     echo      the echo service in the probe pod and on the node's own address (child processes)
     publish   conformance/<node> with addresses and datapath facts; heartbeat while running
     meet      wait (bounded) for every leased node's entry
@@ -69,7 +70,8 @@ def run_node(store, opts: RunOptions, log: Callable[[str], None]) -> tuple[NodeR
     from ipam.cluster import list_leases, read_config
 
     from .checks import Local, run_checks
-    from .facts import datapath_facts, firewall_facts
+    from .facts import datapath_facts, firewall_facts, masquerade_facts
+    from .nodechecks import gateway_mac_check, store_entries_check
     from .probe import ProbePods, Record, has_port_mappings, node_tag, start_echo
     from .rendezvous import Rendezvous
 
@@ -108,6 +110,8 @@ def run_node(store, opts: RunOptions, log: Callable[[str], None]) -> tuple[NodeR
             raise
         log(f"node {node_id} ({public_ip}): probe pod {probe.address} (hostPort "
             f"{opts.host_port if mappings else 'n/a'}), client pod {peer_pod.address} on network {opts.network}")
+        own_rows = [gateway_mac_check(node_id, state.bridge, pods),
+                    store_entries_check(node_id, store, cfg, public_ip, state.subnet, state.vtep_mac)]
 
         bind_any = "0.0.0.0" if ipaddress.ip_address(probe.address).version == 4 else "::"
         echoes: list = []
@@ -119,7 +123,8 @@ def run_node(store, opts: RunOptions, log: Callable[[str], None]) -> tuple[NodeR
             record.save(opts.state_dir)
 
         facts = {"datapath": datapath_facts(state.vxlan_device, leases, public_ip),
-                 "firewall": firewall_facts(), "vxlanPort": cfg.port if cfg else state.port}
+                 "firewall": firewall_facts(), "vxlanPort": cfg.port if cfg else state.port,
+                 **masquerade_facts(public_ip)}
         me = Party(node=node_id, public_ip=public_ip, subnet=state.subnet, vtep_mac=state.vtep_mac,
                    vxlan_device=state.vxlan_device, mtu=state.mtu, probe_ip=probe.address,
                    client_ip=peer_pod.address, echo_port=opts.echo_port,
@@ -134,7 +139,7 @@ def run_node(store, opts: RunOptions, log: Callable[[str], None]) -> tuple[NodeR
         log(f"checking against {len(peers.found)} other node(s): "
             + (", ".join(f"{p.node} ({p.public_ip})" for p in peers.found) or "none"))
         local = Local(me=me, probe_netns=probe.netns, client_netns=peer_pod.netns, timeout=opts.check_timeout)
-        rows = run_checks(local, peers.found)
+        rows = sorted(run_checks(local, peers.found) + own_rows, key=lambda r: r.sort_key)
         for public in peers.missing:
             rows.append(Check(RENDEZVOUS, node_id, public, FAIL, None,
                               f"node {public} holds a subnet lease but published no probe within "

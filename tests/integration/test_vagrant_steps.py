@@ -205,7 +205,7 @@ def test_the_steps_bring_up_a_cluster_that_passes_conformance(installed):
         last = topo.nodes[-1]
         done = run_step("60-report.sh", envs[last.name], last)
         assert done.returncode == 0, done.stdout + done.stderr
-        assert "PASS: 48 checks, 48 passed, 0 failed" in done.stdout
+        assert "PASS: 54 checks, 54 passed, 0 failed" in done.stdout
         assert {f"node{i}" for i in (1, 2, 3)} <= set(re.findall(r"\bnode\d\b", done.stdout))
         assert "cluster network 10.244.0.0/16" in done.stderr     # pycni inspect --cluster
         probes = {name for node in topo.nodes
