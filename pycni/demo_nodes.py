@@ -10,8 +10,12 @@ entries to the other nodes. Two pods per node are attached with the example
 vxlan network (vxlan + portmap + bandwidth from conf/examples), driven as a
 runtime drives it, through each node's own plugin executables, which hand
 the requests to that node's agent (the warm path). Pings and TCP exchanges across nodes show which source
-address each receiver sees (the pod's own: no NAT inside the cluster). All
-of it is removed at the end, also on Ctrl-C or when a step fails.
+address each receiver sees (the pod's own: no NAT inside the cluster). Then
+the nodes are made to look like real ones: rp_filter=1 on every node (pods
+still reach other nodes, masqueraded), a pod with the lowest MAC on a node's
+bridge comes and goes (the pods' gateway keeps its MAC), and two bad entries
+land in the cluster store (every agent skips them and keeps running). All of
+it is removed at the end, also on Ctrl-C or when a step fails.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import Any
 
 import click
 
@@ -58,6 +63,8 @@ class DemoNode:
     log: str
     subnet: str = ""
     pods: list[Pod] = field(default_factory=list)
+    runtime: Any = None      # the node's CNI runtime and network list, to attach more pods
+    netlist: Any = None
 
     @property
     def label(self) -> str:
@@ -200,7 +207,7 @@ def run_multinode_demo(node_count: int) -> int:
 
         agents: list[subprocess.Popen] = []
         for node in nodes:
-            args = [*pycni, "agent", "--store", store, "--public-ip", node.public_ip,
+            args = [*pycni, "agent", "--store", store, "--public-ip", node.public_ip, "--node-name", node.label,
                     "--state-dir", node.state_dir, "--socket", node.socket]
             with open(node.log, "ab") as log:
                 # `ip netns exec` execs the agent: the PID is the agent's own.
@@ -220,6 +227,7 @@ def run_multinode_demo(node_count: int) -> int:
             install_plugins(bin_dir, agent_socket=node.socket)
             runtime = CNIRuntime(bin_dir, os.path.join(workdir, f"node{node.index}", "cache"))
             netlist = parse_conflist(json.dumps(_example_conflist(node)).encode(), f"conf/examples/{EXAMPLE}")
+            node.runtime, node.netlist = runtime, netlist
             for j in range(PODS_PER_NODE):
                 pod_name = f"{tag}-n{node.index}p{j}"
                 path = _new_namespace(cleanup, pod_name)
@@ -257,6 +265,11 @@ def run_multinode_demo(node_count: int) -> int:
             score.record(f"TCP {node.label}/pod0 ({src.address}) -> {peer.label}/pod1 {dst.address}:{POD_PORT} "
                          f"across nodes, no NAT", ok and detail.endswith(f"seen from {src.address}"), detail)
 
+        click.echo("like real nodes:")
+        _strict_hosts(nodes, score)
+        _gateway_churn(nodes[0], f"{tag}-churn", cleanup, score)
+        _bad_store_entries(os.path.join(workdir, "store"), nodes, agents, score)
+
         click.echo("cleaning up: DEL every pod, stop the agents, remove namespaces and the work dir")
     import netns as _netns
 
@@ -265,6 +278,85 @@ def run_multinode_demo(node_count: int) -> int:
     total = len(score.passed) + len(score.failed)
     click.echo(f"{len(score.passed)} of {total} checks passed")
     return 0 if not score.failed else 1
+
+
+def _strict_hosts(nodes: list[DemoNode], score: Scorecard) -> None:
+    """rp_filter=1 on every node (RHEL's default): a pod reaches another node's own address masqueraded."""
+    for node in nodes:
+        subprocess.run(["ip", "netns", "exec", node.name, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1"],
+                       capture_output=True, timeout=10, check=True)
+    for node in nodes:
+        peer = nodes[(node.index + 1) % len(nodes)]
+        src = node.pods[0]
+        ok, detail = _tcp_exchange(peer.path, src.path, peer.public_ip, POD_PORT + 1, POD_PORT + 1)
+        score.record(f"rp_filter=1: TCP {node.label}/pod0 -> {peer.label} {peer.public_ip}, leaves as "
+                     f"{node.public_ip}", ok and detail.endswith(f"seen from {node.public_ip}"), detail)
+        ok, rtt = _ping(src.name, peer.pods[0].address)
+        score.record(f"rp_filter=1: ping {node.label}/pod0 -> {peer.label}/pod0 ({peer.pods[0].address})", ok, rtt)
+
+
+def _bridge_mac(node: DemoNode) -> str:
+    done = subprocess.run(["ip", "-n", node.name, "-j", "link", "show", "pycni0"], capture_output=True, text=True,
+                          timeout=10)
+    return (json.loads(done.stdout or "[{}]")[0] or {}).get("address", "(none)")
+
+
+def _gateway_churn(node: DemoNode, name: str, cleanup: ExitStack, score: Scorecard) -> None:
+    """A pod whose host veth has the lowest MAC on the bridge comes and goes: the gateway's MAC stays."""
+    import netns
+    from pycni.runtime import RuntimeConf
+
+    before = _bridge_mac(node)
+    path = _new_namespace(cleanup, name)
+    rt = RuntimeConf(container_id=name, netns=path, ifname="eth0")
+    seen = [before]
+    with netns.enter(node.path):
+        result = node.runtime.add(node.netlist, rt)
+    try:
+        host = [i["name"] for i in result.get("interfaces", []) if not i.get("sandbox")][-1]
+        _ip(node.name, "link", "set", host, "address", "00:00:00:00:00:01")
+        seen.append(_bridge_mac(node))
+    finally:
+        with netns.enter(node.path):
+            node.runtime.delete(node.netlist, rt)
+    seen.append(_bridge_mac(node))
+    score.record(f"the gateway of {node.label} keeps its MAC {before} while a pod with MAC 00:00:00:00:00:01 "
+                 f"comes and goes", set(seen) == {before}, " -> ".join(dict.fromkeys(seen)))
+    ok, rtt = _ping(node.pods[0].name, node.pods[0].gateway)
+    score.record(f"ping {node.label}/pod0 -> its gateway {node.pods[0].gateway} after the churn", ok, rtt)
+
+
+def _bad_store_entries(store_dir: str, nodes: list[DemoNode], agents: list[subprocess.Popen],
+                       score: Scorecard) -> None:
+    """Two values under subnets/ that are no lease: every agent skips them (one warning) and keeps going."""
+    from ipam.cluster.filestore import FileStore
+
+    bad = {"subnets/10.244.250.0-24": b"[" * 5000 + b"]" * 5000,
+           "subnets/10.244.251.0-24": json.dumps({"PublicIP": "192.168.100.77%eth0", "BackendType": "vxlan",
+                                                  "BackendData": {"VtepMAC": "0a:00:00:00:00:77"}}).encode()}
+    with FileStore(store_dir) as store:
+        for key, value in bad.items():
+            store.put(key, value)
+        time.sleep(1.0)
+        rejected = set()
+        done = subprocess.run([*_pycni_command(), "agent", "status", "--socket", nodes[0].socket, "--json"],
+                              capture_output=True, text=True, timeout=30)
+        if done.returncode == 0:
+            rejected = {r["key"] for r in json.loads(done.stdout)["overlay"]["rejectedEntries"]}
+        running = all(proc.poll() is None for proc in agents)
+        score.record("bad store entries (5000-deep JSON, a zoned address) skipped by the agents, which keep "
+                     "running", running and set(bad) <= rejected, f"{node_count_text(agents)} running")
+        src, dst = nodes[0].pods[0], nodes[-1].pods[1]
+        ok, rtt = _ping(src.name, dst.address)
+        score.record(f"ping {nodes[0].label}/pod0 -> {nodes[-1].label}/pod1 ({dst.address}) with them in the "
+                     f"store", ok, rtt)
+        for key in bad:
+            store.delete(key)
+
+
+def node_count_text(agents: list[subprocess.Popen]) -> str:
+    alive = sum(proc.poll() is None for proc in agents)
+    return f"{alive} of {len(agents)} agents"
 
 
 def _delete_quietly(runtime, netlist, rt, node_path: str) -> None:
