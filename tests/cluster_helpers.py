@@ -18,6 +18,13 @@ by its PID when the context manager exits (also when the test fails).
 
 Lower-level: start_etcd() / EtcdMember.stop() / wait_healthy() for callers
 that build their own topology (a test's node namespaces, say).
+
+Failures, all inside the test's namespaces and undone on exit:
+
+    member.stop(); restart_etcd(member)              # the same member (data, name, address) again
+    with partition_member(cluster, 0): ...           # member 0 cut from its peers, still reachable by clients
+    with cut_member_link(cluster, 0): ...            # member 0 gone silent for everyone (no RST, no FIN)
+    tcp_connections(netns_path, 2379, pid=os.getpid())   # `ss` lines of our connections to the port
 """
 from __future__ import annotations
 
@@ -315,6 +322,56 @@ def etcd_in_netns(prefix: str = "etcd", *, tls: EtcdTLS | None = None, **kwargs)
         yield member
 
 
+def restart_etcd(member: EtcdMember, *, wait: bool = True, startup_timeout: float = STARTUP_TIMEOUT) -> EtcdMember:
+    """Start a stopped member again: the same name, data directory, address, ports and TLS files.
+
+    The new process is stored in member.proc, so whoever stops member (its
+    context manager) stops the new process too. A member of a cluster finds
+    its peers from its data directory; wait only makes sense if they run.
+    """
+    if member.running():
+        raise RuntimeError(f"etcd {member.name} is still running (PID {member.pid})")
+    netns.validate(member.netns)
+    scheme = "https" if member.tls else "http"
+    client_url = f"{scheme}://{member.ip}:{member.client_port}"
+    args = [
+        ETCD, "--name", member.name, "--data-dir", member.data_dir,
+        "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
+        "--listen-peer-urls", member.peer_url, "--initial-advertise-peer-urls", member.peer_url,
+        *FAST_FLAGS, "--logger", "zap", "--log-level", "warn", "--log-outputs", "stderr",
+    ]
+    if member.tls is not None:
+        args += ["--cert-file", member.tls.server_cert, "--key-file", member.tls.server_key,
+                 "--client-cert-auth", "--trusted-ca-file", member.tls.ca]
+    with open(member.log_path, "ab") as log:
+        member.proc = subprocess.Popen(["nsenter", f"--net={member.netns}", "--", *args], stdin=subprocess.DEVNULL,
+                                       stdout=log, stderr=log, close_fds=True)
+    if wait:
+        try:
+            wait_healthy([member], timeout=startup_timeout)
+        except BaseException:
+            member.stop()
+            raise
+    return member
+
+
+def tcp_connections(netns_path: str, port: int, *, pid: int | None = None) -> list[str]:
+    """`ss -tnpo` lines of the established TCP connections to port in a test namespace (of pid, if given).
+
+    With -o each line shows the socket's timer, "timer:(keepalive,...)" when
+    TCP keep-alive is on.
+    """
+    netns.validate(netns_path)
+    done = subprocess.run(["nsenter", f"--net={netns_path}", "--", "ss", "-tnpoH", "state", "established",
+                           f"( dport = :{port} )"], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise RuntimeError(f"ss failed: {done.stderr.strip()}")
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    if pid is not None:
+        lines = [line for line in lines if f"pid={pid}," in line]
+    return lines
+
+
 # -- a cluster ------------------------------------------------------------------------------
 
 
@@ -379,6 +436,54 @@ def etcd_cluster(size: int = 3, *, prefix: str = "etcdc", subnet: str = "10.213.
         for name in reversed(names):
             netns.delete(name)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _ns_name(path: str) -> str:
+    """The `ip -n` name of a namespace this module created (pinned under netns.RUN_DIR)."""
+    name = os.path.basename(path)
+    if netns.path_of(name) != path:
+        raise ValueError(f"{path} is not a namespace pinned under {netns.RUN_DIR}")
+    return name
+
+
+@contextmanager
+def partition_member(cluster: EtcdCluster, index: int) -> Iterator[EtcdMember]:
+    """Cut member index off from its peers, both ways; clients (the bridge namespace) still reach it.
+
+    Blackhole routes in the member's namespace to each peer and in each
+    peer's namespace to the member. The member loses its leader (or, as
+    leader, its quorum) within an election timeout; the others elect a
+    leader among themselves. Undone on exit, also on failure.
+    """
+    member = cluster.members[index]
+    routes = []   # (namespace name, address): a blackhole route to address in that namespace
+    for i, other in enumerate(cluster.members):
+        if i != index:
+            routes += [(_ns_name(member.netns), other.ip), (_ns_name(other.netns), member.ip)]
+    added: list[tuple[str, str]] = []
+    try:
+        for name, address in routes:
+            ip("-n", name, "route", "add", "blackhole", f"{address}/32")
+            added.append((name, address))
+        yield member
+    finally:
+        for name, address in added:
+            ip("-n", name, "route", "del", "blackhole", f"{address}/32")
+
+
+@contextmanager
+def cut_member_link(cluster: EtcdCluster, index: int) -> Iterator[EtcdMember]:
+    """Take member index's port on the cluster bridge down: it falls silent for clients and peers alike.
+
+    Packets to it vanish without an answer (no RST, no FIN), as with a
+    powered-off host or a cut cable. Undone on exit, also on failure.
+    """
+    bridge = _ns_name(cluster.client_netns)
+    ip("-n", bridge, "link", "set", f"m{index}", "down")
+    try:
+        yield cluster.members[index]
+    finally:
+        ip("-n", bridge, "link", "set", f"m{index}", "up")
 
 
 # -- racing nodes ---------------------------------------------------------------------------

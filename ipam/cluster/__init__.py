@@ -20,13 +20,18 @@ directory DIR takes the prefix's place):
 
 Keys are named relative to the prefix in this API ("config",
 "subnets/10.244.1.0-24"). `pycni cluster init` writes config; each node's
-agent calls acquire_lease() for its subnet and watches subnets/ (list, then
-wait, then list again) to program routes to the other nodes.
+agent calls acquire_lease() for its subnet, lists subnets/ once and then
+follows it with one Watch (store.watch(prefix, revision): a long-lived stream
+of put/delete Events; idle, it costs no request) to program routes to the
+other nodes, and renews its lease with refresh() (one request on etcd).
 
     store = open_store("etcd://10.0.0.1:2379,10.0.0.2:2379")
     cfg = read_config(store)
     lease = acquire_lease(store, cfg, public_ip="10.0.0.5", vtep_mac="0a:58:0a:00:00:05", node_name="node-a")
     scan = scan_leases(store, cfg)      # scan.leases accepted, scan.rejected [(key, mod_revision, reason)]
+    with store.watch("subnets/", scan.revision) as watch:
+        events = watch.next(timeout=30)  # [Event(kind, key, value, mod_revision, version)], [] when quiet
+    store.stats()                       # {"requests": {"range": 3, "txn": 1, ...}, "watch_reconnects": 0, ...}
 
 Every value read from the store is input: bounded decoding, every field
 checked, a bad lease rejected with a reason (see leases.py).
@@ -51,16 +56,18 @@ from .leases import (
     subnet_from_key,
     subnet_key,
 )
-from .store import Entry, Store, TLSFiles
+from .store import Claims, Entry, Event, Store, TLSFiles, Watch
 from .url import open_store
 
 __all__ = [
     "CONFIG_KEY",
     "SUBNETS_PREFIX",
+    "Claims",
     "ClusterConfig",
     "Compacted",
     "ConfigConflict",
     "Entry",
+    "Event",
     "LeaseExhausted",
     "LeaseLost",
     "LeaseScan",
@@ -72,6 +79,7 @@ __all__ = [
     "StoreUnavailable",
     "TLSFiles",
     "UnreadableEntry",
+    "Watch",
     "acquire_lease",
     "check_entries",
     "init_cluster",

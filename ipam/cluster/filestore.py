@@ -30,6 +30,18 @@ expiry has passed, reaps under the exclusive lock, re-checking each record.
 The index is a hint kept never later than the records: written before a
 record gains an expiry, corrected from the records by the reaper.
 
+A watch (watch()) follows the change log: each 50 ms poll reads only the
+small .revision file (and stat()s .expiry, reaping what is due); when the
+revision moved it reads, under the shared lock, the log lines after its
+revision and the records of just the keys they name, and reports them as
+events (a key gone, expired or unreadable is a delete; a key changed several
+times between two polls is reported once, at its last change). It raises
+Compacted when the log was trimmed past its revision, or when the store is
+behind it (the directory was re-created).
+
+claims(ttl).create_first(keys, value) tries the keys in order under one
+exclusive lock and creates the first that is absent: one lock, one write.
+
 Records are bounded and decoded with bounded nesting; list() skips a record
 it cannot read or parse (one warning per file version on the "pycni.store"
 logger) instead of failing the whole listing, and get() of it raises
@@ -52,12 +64,13 @@ import stat
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from cni_plugins.spec import boundedjson
 
 from .errors import Compacted, StoreError, StoreUnavailable, UnreadableEntry
-from .store import Entry, Store, check_ttl, check_value, validate_key, validate_prefix
+from .store import (Backoff, Claims, Entry, Event, Store, Watch, check_claim_keys, check_ttl, check_value,
+                    validate_key, validate_prefix)
 
 LOCK_FILE = ".lock"
 REVISION_FILE = ".revision"
@@ -106,6 +119,10 @@ class FileStore(Store):
         self._expiry_lock = threading.Lock()
         self._expiry_seen: tuple[int, ...] | None = None     # stat identity of .expiry when last read
         self._earliest: float | None = None                  # its earliest expiry (None: no TTL key)
+        self._stats_lock = threading.Lock()
+        self._requests: dict[str, int] = {}
+        self._counters: dict[str, int] = {"errors": 0, "watch_reconnects": 0, "watch_polls": 0,
+                                          "record_reads": 0, "watch_events": 0}
 
     def __repr__(self) -> str:
         return f"FileStore({self.directory!r})"
@@ -113,11 +130,13 @@ class FileStore(Store):
     # -- the Store interface ------------------------------------------------
 
     def get(self, key: str) -> Entry | None:
+        self._count("range")
         record = self._live_record(key)
         return None if record is None else _entry(key, record)
 
     def list(self, prefix: str) -> tuple[list[Entry], int]:
         validate_prefix(prefix)
+        self._count("range")
         parts = prefix.split("/") if prefix else []
         dir_parts = parts[:-1]  # "subnets/" -> ["subnets"]; "subnets/10." -> ["subnets"]
         found: list[tuple[str, dict[str, Any]]] = []
@@ -138,37 +157,58 @@ class FileStore(Store):
     def create(self, key: str, value: bytes, ttl: int | None = None) -> bool:
         validate_key(key)
         value, ttl = check_value(value), check_ttl(ttl)
+        self._count("txn")
         with self._io(f"create {key}"), self._locked(exclusive=True):
-            parent, leaf = self._open_parent(key, create=True)
-            assert parent is not None
+            return self._create_locked(key, value, ttl) is not None
+
+    def claims(self, ttl: int | None = None) -> Claims:
+        return _FileClaims(self, check_ttl(ttl))
+
+    def _create_first(self, keys: Sequence[str], value: bytes, ttl: int | None) -> Entry | None:
+        """Create the first absent key of keys, all under one exclusive lock (one "txn")."""
+        keys = check_claim_keys(keys)
+        value = check_value(value)
+        self._count("txn")
+        with self._io(f"create one of {', '.join(keys)}"), self._locked(exclusive=True):
+            for key in keys:
+                entry = self._create_locked(key, value, ttl)
+                if entry is not None:
+                    return entry
+        return None
+
+    def _create_locked(self, key: str, value: bytes, ttl: int | None) -> Entry | None:
+        """create() under the exclusive lock: the new entry, or None if key exists (readable or not)."""
+        parent, leaf = self._open_parent(key, create=True)
+        assert parent is not None
+        try:
+            now = _wall_clock()
             try:
-                now = _wall_clock()
-                try:
-                    old = self._read_record(parent, leaf, key)
-                except _BadRecord:
-                    return False  # the key exists, readable or not
-                if old is not None and not _expired(old, now):
-                    return False
-                revision = self._read_revision() + 1
-                record = _record(key, value, revision, revision, 1, ttl, now)
-                data = self._encode(key, record)
-                self._expiry_before(key, record)
+                old = self._read_record(parent, leaf, key)
+            except _BadRecord:
+                return None  # the key exists, readable or not
+            if old is not None and not _expired(old, now):
+                return None
+            revision = self._read_revision() + 1
+            record = _record(key, value, revision, revision, 1, ttl, now)
+            data = self._encode(key, record)
+            self._expiry_before(key, record)
+            if old is not None:
+                os.unlink(leaf, dir_fd=parent)  # an expired key makes way: its deletion is part of this change
+            if not self._write_record(parent, leaf, key, data, exclusive=True):
                 if old is not None:
-                    os.unlink(leaf, dir_fd=parent)  # an expired key makes way: its deletion is part of this change
-                if not self._write_record(parent, leaf, key, data, exclusive=True):
-                    if old is not None:
-                        self._commit(revision, key)
-                        self._expiry_after(key, None, old)
-                    return False
-                self._commit(revision, key)
-                self._expiry_after(key, record, old)
-                return True
-            finally:
-                os.close(parent)
+                    self._commit(revision, key)
+                    self._expiry_after(key, None, old)
+                return None
+            self._commit(revision, key)
+            self._expiry_after(key, record, old)
+            return Entry(key=key, value=value, mod_revision=revision, version=1)
+        finally:
+            os.close(parent)
 
     def put(self, key: str, value: bytes, ttl: int | None = None) -> int:
         validate_key(key)
         value, ttl = check_value(value), check_ttl(ttl)
+        self._count("put")
         with self._io(f"write {key}"), self._locked(exclusive=True):
             parent, leaf = self._open_parent(key, create=True)
             assert parent is not None
@@ -193,6 +233,7 @@ class FileStore(Store):
     def replace(self, key: str, value: bytes, expected_mod_revision: int, ttl: int | None = None) -> bool:
         validate_key(key)
         value, ttl = check_value(value), check_ttl(ttl)
+        self._count("txn")
         with self._io(f"replace {key}"), self._locked(exclusive=True):
             parent, leaf = self._open_parent(key, create=False)
             if parent is None:
@@ -218,6 +259,7 @@ class FileStore(Store):
 
     def delete(self, key: str) -> bool:
         validate_key(key)
+        self._count("deleterange")
         with self._io(f"delete {key}"), self._locked(exclusive=True):
             parent, leaf = self._open_parent(key, create=False)
             if parent is None:
@@ -237,6 +279,7 @@ class FileStore(Store):
                 os.close(parent)
 
     def ttl(self, key: str) -> int | None:
+        self._count("range")
         record = self._live_record(key)
         return None if record is None else record.get("ttl")
 
@@ -258,6 +301,7 @@ class FileStore(Store):
     def refresh(self, key: str) -> bool:
         """Extend key's expiry by its recorded TTL (no new revision); False if it is gone or expired."""
         validate_key(key)
+        self._count("lease_keepalive")
         with self._io(f"refresh {key}"), self._locked(exclusive=True):
             parent, leaf = self._open_parent(key, create=False)
             if parent is None:
@@ -304,10 +348,75 @@ class FileStore(Store):
                 return None
             time.sleep(min(POLL_INTERVAL, remaining))
 
+    def watch(self, prefix: str, after_revision: int) -> Watch:
+        validate_prefix(prefix)
+        return _FileWatch(self, prefix, int(after_revision))
+
+    def stats(self) -> dict[str, Any]:
+        with self._stats_lock:
+            return {"requests": dict(self._requests), **self._counters}
+
     def close(self) -> None:
         fd, self._dir_fd = self._dir_fd, None
         if fd is not None:
             os.close(fd)
+
+    def _count(self, operation: str, counter: str = "") -> None:
+        with self._stats_lock:
+            if counter:
+                self._counters[counter] = self._counters.get(counter, 0) + 1
+            else:
+                self._requests[operation] = self._requests.get(operation, 0) + 1
+
+    # -- watch ------------------------------------------------------------------
+
+    def _events_since(self, prefix: str, after_revision: int) -> tuple[list[Event], int]:
+        """The changes under prefix after after_revision as events, and the revision they bring the watch to.
+
+        Read under the shared lock, so the log, the revision and the records agree.
+        """
+        with self._io("read the change log"), self._locked(exclusive=False):
+            current = self._read_revision()
+            compacted, changes = self._read_changes()
+            if after_revision < compacted:
+                raise Compacted(f"revision {after_revision} of the file store {self.directory} is compacted "
+                                f"(changes up to {compacted} are no longer logged): list again",
+                                compact_revision=compacted)
+            last: dict[str, int] = {}
+            for revision, key in changes:
+                if after_revision < revision <= current and key.startswith(prefix):
+                    last[key] = max(revision, last.get(key, 0))
+            events = [event for event in (self._event(key, revision) for key, revision in last.items())
+                      if event is not None and event.mod_revision > after_revision]
+        events.sort(key=lambda e: (e.mod_revision, e.key))
+        return events, current
+
+    def _event(self, key: str, revision: int) -> Event | None:
+        """What key's log line at revision means now: a put with its record, or a delete."""
+        try:
+            validate_key(key)
+        except StoreError:
+            return None  # not a key this store writes
+        try:
+            parent, leaf = self._open_parent(key, create=False)
+            if parent is None:
+                return Event("delete", key, b"", revision)
+            try:
+                record = self._read_record(parent, leaf, key)
+            finally:
+                os.close(parent)
+        except _BadRecord as err:
+            self._skip(key, err.identity, str(err))  # list() skips it too: gone, as far as a reader can tell
+            return Event("delete", key, b"", revision)
+        except StoreError as err:
+            self._skip(key, None, str(err))
+            return Event("delete", key, b"", revision)
+        self._count("", "record_reads")
+        if record is None:
+            return Event("delete", key, b"", revision)
+        if record["mod_revision"] > revision:
+            return None  # changed again after this log line: a later line reports it
+        return Event("put", key, record["raw"], record["mod_revision"], record["version"])
 
     # -- expiry ---------------------------------------------------------------
 
@@ -736,6 +845,91 @@ class FileStore(Store):
             return
         self._warned[key] = identity
         log.warning("the file store skips %s: %s", key, why)
+
+
+class _FileClaims(Claims):
+    """create_first() attempts of the file store: one exclusive lock each; nothing to give back."""
+
+    def __init__(self, store: FileStore, ttl: int | None) -> None:
+        self._store, self._ttl = store, ttl
+
+    def create_first(self, keys: Sequence[str], value: bytes) -> Entry | None:
+        return self._store._create_first(keys, value, self._ttl)
+
+    def close(self) -> None:
+        pass
+
+
+class _FileWatch(Watch):
+    """A Watch on the file store's change log; see the module docstring."""
+
+    def __init__(self, store: FileStore, prefix: str, after_revision: int) -> None:
+        self._store = store
+        self._prefix = prefix
+        self.revision = after_revision
+        self._backoff = Backoff()
+        self._last_error = ""
+        self._compacted: Compacted | None = None
+        self._closed = False
+        store._count("watch_open")
+
+    def __repr__(self) -> str:
+        return f"<watch of {self._prefix or '(everything)'} in {self._store.directory} at revision {self.revision}>"
+
+    def next(self, timeout: float) -> list[Event]:
+        store = self._store
+        if self._closed:
+            raise StoreError(f"this watch of {self._prefix or 'the whole store'} in {store.directory} is closed")
+        if self._compacted is not None:
+            raise Compacted(str(self._compacted), compact_revision=self._compacted.compact_revision)
+        deadline = time.monotonic() + max(0.0, timeout)
+        wait = self._backoff.remaining()
+        if wait > 0:  # the last poll failed: not again before the back-off
+            if time.monotonic() + wait > deadline:
+                time.sleep(max(0.0, deadline - time.monotonic()))
+                raise StoreUnavailable(f"{self._last_error} (the watch tries again in "
+                                       f"{self._backoff.remaining():.1f} s)")
+            time.sleep(wait)
+        while True:
+            try:
+                events = self._poll()
+            except Compacted as err:
+                self._compacted = err
+                raise
+            except StoreUnavailable as err:
+                store._count("", "errors")
+                self._last_error = str(err)
+                self._backoff.failed()
+                raise
+            self._backoff.reset()
+            if events:
+                store._count("", "watch_events")
+                return events
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            time.sleep(min(POLL_INTERVAL, remaining))
+
+    def _poll(self) -> list[Event]:
+        """One poll: the revision file (and the expiry index's stat); the log and records only on a change."""
+        store = self._store
+        store._count("", "watch_polls")
+        with store._io("reap expired keys"):
+            store._reap_if_due()
+        with store._io("read the store revision"):
+            current = store._read_revision()
+        if current < self.revision:
+            raise Compacted(f"the file store {store.directory} is at revision {current}, behind the revision "
+                            f"{self.revision} being watched from (was it re-created?): list again",
+                            compact_revision=current)
+        if current == self.revision:
+            return []
+        events, seen = store._events_since(self._prefix, self.revision)
+        self.revision = max(self.revision, seen)
+        return events
+
+    def close(self) -> None:
+        self._closed = True
 
 
 def _record(key: str, value: bytes, mod_revision: int, create_revision: int, version: int,

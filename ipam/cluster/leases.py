@@ -26,6 +26,23 @@ scan_leases() returns the accepted leases and the rejected keys with their
 reasons; acquire_lease() still treats every key under subnets/ as taken,
 readable or not.
 
+A new node (no lease of its own, no usable previous or preferred subnet)
+claims with one request that tries several subnets at once (a Claims'
+create_first(), one nested txn on etcd, one lock on the file store):
+
+    [preferred?] [the 8 lowest free subnets, in address order] [7-8 picked at random among the other free ones]
+         the first of these that is still free when the request is applied is taken
+
+Alone, a node gets the lowest free subnet, as before. When hundreds start at
+once, all aim at the same lowest subnets, but each request falls through to
+its own random picks, so nearly every node is done with its first claim: one
+lease grant and one txn per node instead of a failed claim per node that was
+faster (N*N/2 for N nodes). If every candidate was taken, the next claim tries
+16 other random free subnets of the same listing; the node lists again only
+when that listing is used up or after three failed claims. The etcd lease for
+the TTL is granted once per acquire_lease() call, reused by every claim, and
+revoked only if the call fails.
+
 A lease also names its node (NodeName): acquire_lease() refuses (NodeConflict)
 to hand one node's lease to a node of another name that claims the same
 public IP, and renew_lease() reports a lease taken over by another node name
@@ -33,18 +50,20 @@ as LeaseLost. A lease without a name (older writers, flannel) is adopted.
 """
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import json
+import random
 import re
 import unicodedata
 from dataclasses import dataclass, field, replace as dc_replace
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from cni_plugins.spec import boundedjson
 from cni_plugins.spec.decode import json_type
 
 from .errors import ConfigConflict, LeaseExhausted, LeaseLost, NodeConflict, StoreError, UnreadableEntry
-from .store import Entry, Store
+from .store import MAX_CLAIM_KEYS, Claims, Entry, Store
 
 CONFIG_KEY = "config"
 SUBNETS_PREFIX = "subnets/"
@@ -57,6 +76,10 @@ MAX_LEASE_BYTES = 4 * 1024
 MAX_LEASE_DEPTH = 8
 MAX_NODE_NAME = 253
 _MAX_ROUNDS = 64  # list-and-claim rounds before giving up on a store that keeps changing under us
+ORDERED_CANDIDATES = 8           # a new node's first claim tries the lowest free subnets in address order,
+CLAIM_CANDIDATES = MAX_CLAIM_KEYS  # then fills up to this many with subnets picked at random
+CLAIMS_PER_LISTING = 3           # claims made from one listing before listing again
+_random = random.SystemRandom()  # no state shared with forked siblings: racing nodes pick differently
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -350,8 +373,10 @@ def acquire_lease(store: Store, cfg: ClusterConfig, public_ip: str, vtep_mac: st
     with the new address, so the old address does not keep a subnet until its
     TTL. Otherwise preferred_subnet if it is a free subnet of the cluster (it
     is ignored if it does not belong to this cluster's network and subnet
-    length), else the first free subnet in address order. Every key under
-    subnets/ counts as taken, readable or not.
+    length), else the first free subnet in address order; when other nodes
+    take those at the same moment, a free subnet picked at random (see the
+    module docstring: O(1) writes per node when hundreds start at once).
+    Every key under subnets/ counts as taken, readable or not.
 
     Raises ValueError for an invalid public_ip, vtep_mac or node_name,
     NodeConflict when a lease of public_ip names another node than
@@ -364,40 +389,60 @@ def acquire_lease(store: Store, cfg: ClusterConfig, public_ip: str, vtep_mac: st
     vtep_mac = _check_mac(vtep_mac)
     node_name = _check_node_name(node_name)
     preferred = _fitting_subnet(cfg, preferred_subnet)
-    for _ in range(_MAX_ROUNDS):
-        entries, _revision = store.list(SUBNETS_PREFIX)
-        leases, taken, odd = _survey(entries, cfg)
-        mine = [lease for lease in leases if lease.public_ip == public_ip]
-        for lease in mine:
-            if not _same_node(lease.node_name, node_name):
-                raise NodeConflict(_conflict_message(lease, node_name))
-        if not mine and previous is not None:
-            mine = [lease for lease in leases if lease.subnet == previous.subnet
-                    and lease.public_ip == previous.public_ip and lease.vtep_mac == previous.vtep_mac
-                    and _same_node(lease.node_name, node_name)]
-        if mine:
-            mine.sort(key=lambda lease: (lease.subnet != str(preferred), _net_sort_key(
-                ipaddress.ip_network(lease.subnet))))
-            updated = _update_own(store, mine[0], public_ip, vtep_mac, node_name, ttl)
-            if updated is not None:
-                return updated
-            continue  # it changed under us: look again
-        wanted = NodeLease(subnet="", public_ip=public_ip, vtep_mac=vtep_mac, node_name=node_name)
-        candidates = _free_subnets(cfg, taken, odd, preferred)
-        for subnet in candidates:
-            claimed = _claim(store, dc_replace(wanted, subnet=str(subnet)), ttl)
+    wanted = NodeLease(subnet="", public_ip=public_ip, vtep_mac=vtep_mac, node_name=node_name)
+    with _claims(store, ttl) as claims:  # on etcd: one lease for every claim of this call, revoked if none wins
+        for _ in range(_MAX_ROUNDS):
+            entries, _revision = store.list(SUBNETS_PREFIX)
+            leases, _taken, nets = _survey(entries, cfg)
+            mine = [lease for lease in leases if lease.public_ip == public_ip]
+            for lease in mine:
+                if not _same_node(lease.node_name, node_name):
+                    raise NodeConflict(_conflict_message(lease, node_name))
+            if not mine and previous is not None:
+                mine = [lease for lease in leases if lease.subnet == previous.subnet
+                        and lease.public_ip == previous.public_ip and lease.vtep_mac == previous.vtep_mac
+                        and _same_node(lease.node_name, node_name)]
+            if mine:
+                mine.sort(key=lambda lease: (lease.subnet != str(preferred), _net_sort_key(
+                    ipaddress.ip_network(lease.subnet))))
+                updated = _update_own(store, mine[0], public_ip, vtep_mac, node_name, ttl)
+                if updated is not None:
+                    return updated
+                continue  # it changed under us: look again
+            space = _FreeSpace(cfg, nets)
+            if space.remaining == 0:
+                raise LeaseExhausted(
+                    f"no free subnet left: all {cfg.subnet_count} /{cfg.subnet_len} subnets of {cfg.network} are "
+                    f"leased. Release the leases of nodes that left (`pycni agent leave` on them, or "
+                    f"release_lease), or create the cluster with a larger network or a longer subnet length "
+                    f"(for example /{cfg.ip_network.prefixlen - 1} instead of /{cfg.ip_network.prefixlen}) "
+                    f"in a new store")
+            claimed = _claim_new(claims, space, wanted, preferred)
             if claimed is not None:
                 return claimed
-            taken.add(str(subnet))  # another node was faster; take the next one
-        else:
-            raise LeaseExhausted(
-                f"no free subnet left: all {cfg.subnet_count} /{cfg.subnet_len} subnets of {cfg.network} are "
-                f"leased. Release the leases of nodes that left (`pycni agent leave` on them, or "
-                f"release_lease), or create the cluster with a larger network or a longer subnet length "
-                f"(for example /{cfg.ip_network.prefixlen - 1} instead of /{cfg.ip_network.prefixlen}) "
-                f"in a new store")
+            # Every candidate of this listing was taken meanwhile: list again.
     raise StoreError(f"could not lease a subnet for {public_ip}: the leases kept changing during "
                      f"{_MAX_ROUNDS} attempts; try again")
+
+
+def _claim_new(claims: Claims, space: "_FreeSpace", wanted: NodeLease,
+               preferred: IPNetwork | None) -> NodeLease | None:
+    """Up to CLAIMS_PER_LISTING claims from one listing; the lease won, or None when the listing is used up."""
+    value = wanted.to_json().encode()
+    for attempt in range(CLAIMS_PER_LISTING):
+        if attempt == 0:
+            batch = space.first_claim(preferred, ORDERED_CANDIDATES, CLAIM_CANDIDATES)
+        else:
+            batch = space.pick_random(CLAIM_CANDIDATES)  # contention: spread out
+        if not batch:
+            return None
+        entry = claims.create_first([subnet_key(space.subnet(index)) for index in batch], value)
+        if entry is not None:
+            subnet = subnet_from_key(entry.key)
+            assert subnet is not None
+            return dc_replace(wanted, subnet=subnet, mod_revision=entry.mod_revision)
+        space.exclude(batch)  # another node was faster on every one of them
+    return None
 
 
 def renew_lease(store: Store, lease: NodeLease, ttl: int | None) -> NodeLease:
@@ -627,40 +672,155 @@ def _survey(entries: list[Entry], cfg: ClusterConfig) -> tuple[list[NodeLease], 
     return leases, taken, nets
 
 
-def _free_subnets(cfg: ClusterConfig, taken: set[str], nets: list[IPNetwork],
-                  preferred: IPNetwork | None) -> Iterator[IPNetwork]:
-    odd = [net for net in nets if net.prefixlen != cfg.subnet_len and net.version == cfg.ip_network.version]
-
-    def free(subnet: IPNetwork) -> bool:
-        return str(subnet) not in taken and not any(subnet.overlaps(other) for other in odd)
-
-    if preferred is not None and free(preferred):
-        yield preferred
-    for subnet in cfg.subnets():
-        if subnet != preferred and free(subnet):
-            yield subnet
+def _claims(store: Store, ttl: int | None) -> Claims:
+    """The store's own Claims; for an object that only looks like a store (a wrapper), claims by create()."""
+    if isinstance(store, Store):
+        return store.claims(ttl)
+    return _ClaimsByCreate(store, ttl)
 
 
-def _claim(store: Store, lease: NodeLease, ttl: int | None) -> NodeLease | None:
-    """Create the lease if its subnet is free; None if another node holds it."""
-    if store.create(lease.key, lease.to_json().encode(), ttl=ttl):
-        entry = store.get(lease.key)
-        return dc_replace(lease, mod_revision=entry.mod_revision if entry else 0)
-    # Taken. If a retried request created it for us after all (its answer was lost), it is ours:
-    # the same public IP, VTEP MAC and node name.
+class _ClaimsByCreate(Claims):
+    """One create() per key, for objects that offer only the basic calls (test doubles, wrappers).
+
+    A key that turns out to hold exactly our lease (public IP, VTEP MAC and
+    node name) is ours: a create whose answer was lost did the work.
+    """
+
+    def __init__(self, store: Store, ttl: int | None) -> None:
+        self._store, self._ttl = store, ttl
+
+    def create_first(self, keys: Sequence[str], value: bytes) -> Entry | None:
+        for key in keys:
+            if self._store.create(key, value, ttl=self._ttl):
+                entry = self._store.get(key)
+                return entry if entry is not None else Entry(key, value, 0, 1)
+            try:
+                entry = self._store.get(key)
+            except UnreadableEntry:
+                continue  # a record the store cannot read (file store): taken, and not ours
+            if entry is not None and _same_lease(entry, value):
+                return entry
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def _same_lease(entry: Entry, value: bytes) -> bool:
+    """True if entry holds the lease value describes (the same node: public IP, VTEP MAC, node name)."""
+    subnet = subnet_from_key(entry.key)
+    if subnet is None:
+        return False
     try:
-        entry = store.get(lease.key)
-    except UnreadableEntry:
-        return None  # a record the store cannot read (file store): taken, and not ours
-    if entry is not None:
-        try:
-            current = NodeLease.from_entry(entry)
-        except ValueError:
-            return None
-        if (current.public_ip, current.vtep_mac, current.node_name) == (lease.public_ip, lease.vtep_mac,
-                                                                        lease.node_name):
-            return current
-    return None
+        current = NodeLease.from_entry(entry)
+        ours = NodeLease.from_json(subnet, value)
+    except ValueError:
+        return False
+    return (current.public_ip, current.vtep_mac, current.node_name) == (ours.public_ip, ours.vtep_mac,
+                                                                        ours.node_name)
+
+
+class _FreeSpace:
+    """The free subnets of the cluster network, as indices in address order, without listing them all.
+
+    A subnet is free unless a key names it or a key of another length
+    overlaps it (every key under subnets/ counts, readable or not). The
+    taken ones are kept as merged index intervals, so a /8 cut into /24s, or
+    an IPv6 network with 2**32 subnets, costs no more than its leases.
+    """
+
+    def __init__(self, cfg: ClusterConfig, taken: list[IPNetwork]) -> None:
+        whole = cfg.ip_network
+        self._base = int(whole.network_address)
+        self._shift = whole.max_prefixlen - cfg.subnet_len
+        self._length = cfg.subnet_len
+        self._count = cfg.subnet_count
+        last = int(whole.broadcast_address)
+        spans = []
+        for net in taken:
+            if net.version != whole.version or not net.overlaps(whole):  # type: ignore[arg-type]
+                continue
+            low = max(int(net.network_address), self._base)
+            high = min(int(net.broadcast_address), last)
+            spans.append(((low - self._base) >> self._shift, (high - self._base) >> self._shift))
+        merged: list[list[int]] = []
+        for low, high in sorted(spans):
+            if merged and low <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], high)
+            else:
+                merged.append([low, high])
+        self._taken = merged
+        self._starts = [low for low, _high in merged]
+        self._free = self._count - sum(high - low + 1 for low, high in merged)
+        self._tried: set[int] = set()
+
+    @property
+    def remaining(self) -> int:
+        """Free subnets not tried yet."""
+        return self._free - len(self._tried)
+
+    def subnet(self, index: int) -> IPNetwork:
+        return ipaddress.ip_network((self._base + (index << self._shift), self._length))
+
+    def is_free(self, index: int) -> bool:
+        if not 0 <= index < self._count or index in self._tried:
+            return False
+        at = bisect.bisect_right(self._starts, index) - 1
+        return at < 0 or self._taken[at][1] < index
+
+    def first_claim(self, preferred: IPNetwork | None, ordered: int, total: int) -> list[int]:
+        """The preferred subnet (if free), the lowest free ones, then random ones: total indices at most."""
+        batch: list[int] = []
+        if preferred is not None:
+            index = (int(preferred.network_address) - self._base) >> self._shift
+            if self.is_free(index):
+                batch.append(index)
+        batch += self._lowest(ordered, set(batch))
+        batch += self.pick_random(total - len(batch), set(batch))
+        return batch
+
+    def pick_random(self, k: int, skip: set[int] | None = None) -> list[int]:
+        """k free indices picked uniformly at random (all that are left, in order, if that is fewer)."""
+        skip = skip or set()
+        left = self.remaining - len(skip)
+        if k <= 0 or left <= 0:
+            return []
+        if left <= k:
+            return self._lowest(k, skip)
+        picked: list[int] = []
+        for _ in range(16 * k + 64):  # rejection of tried or picked ones: few, as left > k
+            index = self._nth_free(_random.randrange(self._free))
+            if index not in self._tried and index not in skip and index not in picked:
+                picked.append(index)
+                if len(picked) == k:
+                    break
+        return picked
+
+    def exclude(self, indices: list[int]) -> None:
+        self._tried.update(indices)
+
+    def _lowest(self, k: int, skip: set[int]) -> list[int]:
+        """The k lowest free indices not tried and not in skip."""
+        out: list[int] = []
+        index, at = 0, 0
+        while len(out) < k and index < self._count:
+            if at < len(self._taken) and self._taken[at][0] <= index:
+                index = max(index, self._taken[at][1] + 1)
+                at += 1
+                continue
+            if index not in self._tried and index not in skip:
+                out.append(index)
+            index += 1
+        return out
+
+    def _nth_free(self, n: int) -> int:
+        """The index of the n-th free subnet (0-based, address order, tried ones included)."""
+        index = n
+        for low, high in self._taken:
+            if low > index:
+                break
+            index += high - low + 1
+        return index
 
 
 def _update_own(store: Store, lease: NodeLease, public_ip: str, vtep_mac: str, node_name: str,

@@ -5,11 +5,28 @@ slash-separated components, each non-empty, not starting with "." (names that
 start with a dot are the file store's own bookkeeping), without control
 characters. Both stores enforce the same rules, so code that works against
 one works against the other.
+
+What a store offers, and what each part costs on etcd:
+
+    get / list / ttl            reads (one range each; ttl adds a lease look-up)
+    create / put / replace      writes (one txn or put; a TTL adds a lease grant)
+    delete                      one deleterange
+    refresh                     one lease keep-alive (the lease ID is remembered
+                                from the write or read that last saw the key)
+    claims(ttl).create_first    one txn that creates the first absent key of a list,
+                                all attempts of one Claims sharing one lease grant
+    watch(prefix, rev)          one long-lived stream: Watch.next() returns the
+                                events after rev, in revision order; idle costs nothing
+    wait(prefix, rev, timeout)  a short-lived watch (kept for simple callers)
+    stats()                     what this store object has sent so far
 """
 from __future__ import annotations
 
 import abc
+import random
+import time
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 from .errors import StoreError
 
@@ -45,6 +62,114 @@ class Entry:
     value: bytes
     mod_revision: int
     version: int
+
+
+@dataclass(frozen=True)
+class Event:
+    """One change a Watch reports.
+
+    kind is "put" or "delete"; key is relative to the store's prefix, like
+    Entry.key; value is b"" for a delete; mod_revision is the revision of the
+    change; version is the key's version after a put (0 for a delete).
+    """
+
+    kind: str
+    key: str
+    value: bytes
+    mod_revision: int
+    version: int = 0
+
+
+class Watch(abc.ABC):
+    """A stream of the changes under one prefix, after a revision; see Store.watch().
+
+    revision is the newest revision this watch has seen (through events, or
+    through the store telling it that nothing under the prefix changed up to
+    a revision): a caller that re-lists or opens a new watch can resume from it.
+    """
+
+    revision: int
+
+    @abc.abstractmethod
+    def next(self, timeout: float) -> list[Event]:
+        """The next events (in revision order), or [] after timeout seconds without any.
+
+        Raises Compacted when the revision to resume from is gone: list again,
+        then open a new watch from the listed revision (this one keeps raising
+        Compacted). Raises StoreUnavailable when the stream was lost and could
+        not be re-established within this call; the watch stays usable: the
+        next call tries again (no earlier than a bounded back-off, 0.2 s
+        doubling to 5 s, +-20 % jitter), resuming from revision + 1, so no
+        change is lost or repeated.
+        """
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the stream; next() raises StoreError afterwards."""
+
+    def __enter__(self) -> "Watch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Claims(abc.ABC):
+    """Create-if-absent attempts that share one TTL; see Store.claims().
+
+    On etcd the first attempt grants one lease for the TTL and every later
+    attempt reuses it; close() revokes it unless an attempt created a key
+    with it (then the key keeps it, and refresh() renews it).
+    """
+
+    @abc.abstractmethod
+    def create_first(self, keys: Sequence[str], value: bytes) -> Entry | None:
+        """Create the first of keys (in order) that does not exist, atomically; None if all exist.
+
+        Returns the created entry (version 1, with its mod_revision). At most
+        MAX_CLAIM_KEYS keys per call.
+        """
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Give back what the attempts held and did not use (etcd: revoke the unused lease)."""
+
+    def __enter__(self) -> "Claims":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+MAX_CLAIM_KEYS = 16   # keys one create_first() may try (one nested txn level each on etcd)
+
+# A watch whose stream is lost waits this long before it tries again, doubling up to the maximum.
+WATCH_BACKOFF_MIN = 0.2
+WATCH_BACKOFF_MAX = 5.0
+WATCH_BACKOFF_JITTER = 0.2
+
+
+class Backoff:
+    """When a watch may try its lost stream again: 0.2 s after a failure, doubling to 5 s, +-20 % jitter.
+
+    The jitter keeps a thousand watchers that lost one member from coming back in one burst.
+    """
+
+    def __init__(self) -> None:
+        self.delay = 0.0   # the last back-off (0: none, the next attempt may go at once)
+        self.until = 0.0   # monotonic time before which no attempt is made
+
+    def failed(self) -> None:
+        self.delay = WATCH_BACKOFF_MIN if self.delay <= 0 else min(self.delay * 2, WATCH_BACKOFF_MAX)
+        jitter = random.uniform(1 - WATCH_BACKOFF_JITTER, 1 + WATCH_BACKOFF_JITTER)
+        self.until = time.monotonic() + self.delay * jitter
+
+    def reset(self) -> None:
+        self.delay = self.until = 0.0
+
+    def remaining(self) -> float:
+        """Seconds until the next attempt may go (0: now)."""
+        return max(0.0, self.until - time.monotonic())
 
 
 def validate_key(key: str) -> str:
@@ -83,13 +208,26 @@ class Store(abc.ABC):
 
     All keys are relative to the store's prefix. Every change bumps the
     store's revision; list() reports the revision its answer was read at, and
-    wait() blocks until something changed after a given revision, which is
-    how a watcher follows the store without missing a change:
+    a watch from that revision reports every later change, which is how a
+    watcher follows the store without missing one and without re-listing:
 
         entries, rev = store.list("subnets/")
+        state = {e.key: e for e in entries}
+        watch = store.watch("subnets/", rev)
         while True:
-            if store.wait("subnets/", rev, timeout=30) is not None:
-                entries, rev = store.list("subnets/")   # re-list on every wake-up
+            try:
+                for event in watch.next(timeout=30):        # one stream; idle costs nothing
+                    if event.kind == "put":
+                        state[event.key] = Entry(event.key, event.value, event.mod_revision, event.version)
+                    else:
+                        state.pop(event.key, None)
+            except Compacted:
+                entries, rev = store.list("subnets/")      # history is gone: re-list, watch again
+                state = {e.key: e for e in entries}
+                watch.close()
+                watch = store.watch("subnets/", rev)
+            except StoreUnavailable:
+                ...                                         # keep what we have; next() reconnects
     """
 
     @abc.abstractmethod
@@ -134,6 +272,29 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    def watch(self, prefix: str, after_revision: int) -> Watch:
+        """A Watch of the keys under prefix that reports every change at a revision > after_revision.
+
+        Opening costs nothing until the first next(); errors (Compacted,
+        StoreUnavailable) are raised by next().
+        """
+
+    @abc.abstractmethod
+    def stats(self) -> dict[str, Any]:
+        """What this store object did so far: {"requests": {operation: count}, "watch_reconnects": N,
+        "errors": N, "connections": N, "bytes_sent": N, "bytes_received": N, ...}.
+
+        Operations are named as etcd names them: range, txn, put, deleterange,
+        lease_grant, lease_keepalive, lease_revoke, lease_timetolive,
+        watch_open, status. The file store counts its own operations under the
+        same names (create and replace are txn, refresh is lease_keepalive).
+        """
+
+    def claims(self, ttl: int | None = None) -> Claims:
+        """Create-if-absent attempts sharing one TTL (and on etcd one lease); use as a context manager."""
+        return _PlainClaims(self, check_ttl(ttl))
+
+    @abc.abstractmethod
     def close(self) -> None:
         """Release connections and file descriptors; the store is unusable afterwards."""
 
@@ -142,6 +303,38 @@ class Store(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _PlainClaims(Claims):
+    """Claims by one create() per key: for stores without a cheaper way."""
+
+    def __init__(self, store: Store, ttl: int | None) -> None:
+        self._store, self._ttl = store, ttl
+
+    def create_first(self, keys: Sequence[str], value: bytes) -> Entry | None:
+        check_claim_keys(keys)
+        for key in keys:
+            if self._store.create(key, value, ttl=self._ttl):
+                entry = self._store.get(key)
+                return entry if entry is not None else Entry(key, check_value(value), 0, 1)
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def check_claim_keys(keys: Sequence[str]) -> list[str]:
+    """keys for create_first(): 1..MAX_CLAIM_KEYS valid keys, no duplicates."""
+    if isinstance(keys, str):
+        raise StoreError("create_first() takes a list of keys, not one string")
+    keys = list(keys)
+    if not 1 <= len(keys) <= MAX_CLAIM_KEYS:
+        raise StoreError(f"create_first() takes 1..{MAX_CLAIM_KEYS} keys, got {len(keys)}")
+    if len(set(keys)) != len(keys):
+        raise StoreError(f"create_first() got the same key twice in {keys}")
+    for key in keys:
+        validate_key(key)
+    return keys
 
 
 def check_ttl(ttl: int | None) -> int | None:
