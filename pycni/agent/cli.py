@@ -257,6 +257,15 @@ def format_status(doc: dict[str, Any]) -> str:
             lines.append(f"{plugin:<12} {command:<8} {figures.get('count', 0):>7} {figures.get('errors', 0):>7} "
                          f"{'-' if p50 is None else f'{p50:.2f}':>9} {'-' if p99 is None else f'{p99:.2f}':>9}")
     if "overlay" in doc:
+        store = doc["overlay"].get("store") or {}
+        if store:
+            requests = store.get("requests") or {}
+            counts = requests.get("requests") if isinstance(requests.get("requests"), dict) else requests
+            asked = ", ".join(f"{name} {count}" for name, count in sorted(counts.items())
+                              if isinstance(count, int) and count) or "none"
+            lines.append("")
+            lines.append(f"store:    watch {store.get('watch')} at revision {store.get('revision')}; "
+                         f"{store.get('relists', 0)} re-lists, {store.get('errors', 0)} errors; requests: {asked}")
         lines.append("")
         lines.append("overlay: " + json.dumps(doc["overlay"], indent=2, sort_keys=True, default=str))
     return "\n".join(lines)

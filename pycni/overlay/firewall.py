@@ -27,9 +27,10 @@ the route back to a pod address goes through the VXLAN device, and cloud
 underlays drop sources they do not know. Node -> pod traffic is never touched:
 its source is the node's VXLAN address, inside the cluster network.
 
-The member sets change as one transaction (flush + add); everything put into
-a ruleset is parsed first (addresses with ``ipaddress``, the port as an int).
-Runs ``nft`` in the calling thread's network namespace.
+A node joining or leaving adds or deletes its one element (``update_members``);
+a full check replaces the sets' contents in one transaction (flush + add).
+Everything put into a ruleset is parsed first (addresses with ``ipaddress``,
+the port as an int). Runs ``nft`` in the calling thread's network namespace.
 """
 from __future__ import annotations
 
@@ -114,6 +115,23 @@ def render_table(spec: FirewallSpec, members: Iterable[str]) -> str:
         ]
     lines.append("}")
     return "\n".join(lines + _element_lines(members)) + "\n"
+
+
+def render_member_changes(add: Iterable[str], remove: Iterable[str]) -> str:
+    """Add and delete single members (one transaction): a node joining costs one element, not a rewrite."""
+    lines = []
+    for verb, members in (("delete", remove), ("add", add)):
+        for version, addresses in split_members(members).items():
+            if addresses:
+                lines.append(f"{verb} element inet {TABLE} {MEMBERS[version]} {{ {', '.join(addresses)} }}")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def update_members(add: Iterable[str], remove: Iterable[str]) -> None:
+    """Apply render_member_changes(); NftError if the table or an element to delete is not there."""
+    script = render_member_changes(add, remove)
+    if script:
+        nft.apply(script)
 
 
 def render_members(members: Iterable[str]) -> str:

@@ -110,6 +110,20 @@ class LeaseKeeper:
             self.log.warning("this node's lease of %s is valid again (taken back after it lapsed)", current.subnet)
         return False
 
+    def keep_alive(self) -> bool:
+        """The periodic renewal while the store's watch shows the lease unchanged: one keep-alive request.
+
+        False when that is not enough (the lease is not valid, or the store no
+        longer has it): then call renew().
+        """
+        if self.lease is None or self.state != VALID:
+            return False
+        began = self.clock()
+        if not self.store.refresh(self.lease.key):
+            return False
+        self.valid_until = began + self.ttl
+        return True
+
     def check_lapsed(self) -> bool:
         """True the moment a valid lease has passed its TTL without a renewal (the store dropped it)."""
         if self.state == VALID and self.lease is not None and self.clock() > self.valid_until:

@@ -3,20 +3,26 @@
 A reconcile every few seconds would repair an FDB entry, neighbour entry or
 route that someone deleted by hand, but traffic to that node would be black-
 holed until then. Instead the agent listens to rtnetlink notifications and
-reconciles as soon as one of its entries or devices is deleted or changed.
+acts as soon as one of its entries or devices is deleted or changed.
 
 A raw NETLINK_ROUTE socket subscribed to the link, neighbour, address and
-route groups; only the header fields needed to tell "ours" from "someone
-else's" are decoded (ifindex, and a route's output interface).
+route groups. Each notification is decoded as far as the agent needs to tell
+"ours, as we want it" from "changed under us" (``Change``: the interface, and
+for a neighbour, FDB entry or route the addresses that identify it), so the
+agent repairs exactly the entry that changed: O(1) work per notification, and
+its own writes (which notify too) cost a dictionary lookup each. Lost
+notifications (an overrun) are reported as None: then everything is checked.
 """
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import select
 import socket
 import struct
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 RTMGRP_LINK = 0x1
@@ -33,6 +39,10 @@ RTM_NEWROUTE, RTM_DELROUTE = 24, 25
 RTM_NEWNEIGH, RTM_DELNEIGH = 28, 29
 NLMSG_OVERRUN = 4
 RTA_OIF = 4
+RTA_DST, RTA_GATEWAY, RTA_TABLE = 1, 5, 15
+NDA_DST, NDA_LLADDR = 1, 2
+AF_INET, AF_INET6, AF_BRIDGE = 2, 10, 7
+NUD_PERMANENT = 0x80
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _RTATTR = struct.Struct("=HH")
@@ -43,53 +53,101 @@ def _align(n: int) -> int:
     return (n + 3) & ~3
 
 
-def _route_oif(body: bytes) -> int | None:
-    """RTA_OIF of an rtmsg body (12-byte header, then attributes)."""
-    offset = 12
+@dataclass(frozen=True)
+class Change:
+    """One rtnetlink notification, decoded as far as the overlay needs it.
+
+    kind: "link", "addr", "neigh" (IPv4/IPv6 neighbour), "fdb" (AF_BRIDGE entry) or "route";
+    ip: a neighbour's or FDB entry's NDA_DST; mac: its NDA_LLADDR; dst: a route's "net/len";
+    gateway: a route's RTA_GATEWAY.
+    """
+
+    kind: str
+    index: int
+    deleted: bool = False
+    permanent: bool = False
+    ip: str = ""
+    mac: str = ""
+    dst: str = ""
+    gateway: str = ""
+    table: int = 0
+
+
+def _attrs(body: bytes, offset: int) -> dict[int, bytes]:
+    """The first value of each rtattr type after a fixed header."""
+    out: dict[int, bytes] = {}
     while offset + 4 <= len(body):
         length, kind = _RTATTR.unpack_from(body, offset)
         if length < 4:
-            return None
-        if kind == RTA_OIF and length >= 8:
-            return struct.unpack_from("=i", body, offset + 4)[0]
+            break
+        out.setdefault(kind & 0x3FFF, body[offset + 4: offset + length])
         offset += _align(length)
-    return None
+    return out
 
 
-AF_INET6 = 10
-NUD_PERMANENT = 0x80
+def _ip(family: int, raw: bytes | None) -> str:
+    if not raw:
+        return ""
+    try:
+        if family == AF_INET6 or len(raw) == 16:
+            return str(ipaddress.IPv6Address(raw))
+        return str(ipaddress.IPv4Address(raw[:4]))
+    except ValueError:
+        return ""
 
 
-def notifications(data: bytes) -> list[tuple[str, int]] | None:
-    """(kind, ifindex) for each message in ``data``: kind is "link", "addr", "neigh" or "route".
+def _mac(raw: bytes | None) -> str:
+    return ":".join(f"{b:02x}" for b in raw) if raw and len(raw) == 6 else ""
 
-    None means messages were lost (overrun): reconcile anyway. Non-permanent
-    IPv6 neighbour updates (neighbour discovery churn) are left out: the agent
-    writes only permanent entries.
+
+def changes(data: bytes) -> list[Change] | None:
+    """The notifications in ``data``; None means messages were lost (an overrun): reconcile everything.
+
+    Non-permanent IPv6 neighbour updates (neighbour discovery churn) are left
+    out: the agent writes only permanent entries.
     """
-    out: list[tuple[str, int]] = []
+    out: list[Change] = []
     offset = 0
     while offset + _NLMSGHDR.size <= len(data):
         length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
         if length < _NLMSGHDR.size:
             break
         body = data[offset + _NLMSGHDR.size: offset + length]
+        offset += _align(length)
         if kind == NLMSG_OVERRUN:
             return None
         if kind in (RTM_NEWLINK, RTM_DELLINK) and len(body) >= 8:
-            out.append(("link", struct.unpack_from("=i", body, 4)[0]))    # ifinfomsg: family, pad, type, index
+            out.append(Change("link", struct.unpack_from("=i", body, 4)[0], kind == RTM_DELLINK))
         elif kind in (RTM_NEWADDR, RTM_DELADDR) and len(body) >= 8:
-            out.append(("addr", struct.unpack_from("=I", body, 4)[0]))    # ifaddrmsg: family, plen, flags, scope, index
-        elif kind in (RTM_NEWNEIGH, RTM_DELNEIGH) and len(body) >= 10:
-            family, ifindex, state = struct.unpack_from("=B3xiH", body, 0)  # ndmsg: family, pads, ifindex, state
-            if not (kind == RTM_NEWNEIGH and family == AF_INET6 and not state & NUD_PERMANENT):
-                out.append(("neigh", ifindex))
-        elif kind in (RTM_NEWROUTE, RTM_DELROUTE):
-            oif = _route_oif(body)
-            if oif is not None:
-                out.append(("route", oif))
-        offset += _align(length)
+            out.append(Change("addr", struct.unpack_from("=I", body, 4)[0], kind == RTM_DELADDR))
+        elif kind in (RTM_NEWNEIGH, RTM_DELNEIGH) and len(body) >= 12:
+            family, ifindex, state = struct.unpack_from("=B3xiH", body, 0)
+            permanent = bool(state & NUD_PERMANENT)
+            if kind == RTM_NEWNEIGH and family == AF_INET6 and not permanent:
+                continue
+            attrs = _attrs(body, 12)
+            ip_family = AF_INET6 if len(attrs.get(NDA_DST, b"")) == 16 else AF_INET
+            out.append(Change("fdb" if family == AF_BRIDGE else "neigh", ifindex, kind == RTM_DELNEIGH, permanent,
+                              ip=_ip(ip_family, attrs.get(NDA_DST)), mac=_mac(attrs.get(NDA_LLADDR))))
+        elif kind in (RTM_NEWROUTE, RTM_DELROUTE) and len(body) >= 12:
+            family, dst_len, _src_len, _tos, table = struct.unpack_from("=BBBBB", body, 0)
+            attrs = _attrs(body, 12)
+            oif = attrs.get(RTA_OIF)
+            if oif is None or len(oif) < 4:
+                continue
+            table = struct.unpack("=I", attrs[RTA_TABLE][:4])[0] if len(attrs.get(RTA_TABLE, b"")) >= 4 else table
+            dst = _ip(family, attrs.get(RTA_DST)) or ("0.0.0.0" if family == AF_INET else "::")
+            out.append(Change("route", struct.unpack("=i", oif[:4])[0], kind == RTM_DELROUTE, dst=f"{dst}/{dst_len}",
+                              gateway=_ip(family, attrs.get(RTA_GATEWAY)), table=table))
     return out
+
+
+def notifications(data: bytes) -> list[tuple[str, int]] | None:
+    """(kind, ifindex) for each message in ``data`` ("fdb" counted as "neigh"); None: messages were lost."""
+    found = changes(data)
+    if found is None:
+        return None
+    return [("neigh" if c.kind == "fdb" else c.kind, c.index) for c in found]
 
 
 def relevant_indexes(data: bytes) -> set[int] | None:
@@ -99,15 +157,18 @@ def relevant_indexes(data: bytes) -> set[int] | None:
 
 
 class KernelMonitor:
-    """Calls ``on_change()`` (from its own thread) when a watched interface or its entries change.
+    """Calls ``on_change(changes)`` (from its own thread) with the changes to watched interfaces.
 
     The socket is opened in the calling thread's network namespace by start().
     ``watched()`` returns, at that moment, {kind: interface indexes} for the
-    kinds "link", "addr", "neigh" and "route", or None when every change
-    counts (the agent is waiting for a link to come back).
+    kinds "link", "addr", "neigh" (FDB entries included) and "route", or None
+    when every change counts (the agent is waiting for a link to come back).
+    ``on_change`` gets the changes of one burst, or None when notifications
+    were lost (check everything).
     """
 
-    def __init__(self, watched: Callable[[], dict[str, set[int]] | None], on_change: Callable[[], None],
+    def __init__(self, watched: Callable[[], dict[str, set[int]] | None],
+                 on_change: Callable[[list[Change] | None], None],
                  log_error: Callable[[str], None] = lambda msg: None) -> None:
         self._watched = watched
         self._on_change = on_change
@@ -119,7 +180,7 @@ class KernelMonitor:
     def start(self) -> None:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
             sock.bind((0, GROUPS))
             sock.setblocking(False)
         except BaseException:
@@ -146,10 +207,10 @@ class KernelMonitor:
             self._sock.close()
             self._sock = None
 
-    def _drain(self) -> bool:
-        """Read everything queued; True if any of it concerns a watched interface."""
+    def _drain(self, into: list[Change]) -> bool:
+        """Read everything queued; the watched changes go into ``into``. False: notifications were lost."""
         assert self._sock is not None
-        relevant = False
+        complete = True
         for _ in range(10000):  # bounded: the queue holds at most SO_RCVBUF worth
             try:
                 data = self._sock.recv(1 << 16)
@@ -157,17 +218,17 @@ class KernelMonitor:
                 break
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:  # we missed notifications: assume the worst
-                    relevant = True
+                    complete = False
                     continue
                 raise
-            found = notifications(data)
+            found = changes(data)
             if found is None:
-                relevant = True
+                complete = False
                 continue
             watched = self._watched()
-            if watched is None or any(index in watched.get(kind, ()) for kind, index in found):
-                relevant = True
-        return relevant
+            into.extend(c for c in found
+                        if watched is None or c.index in watched.get("neigh" if c.kind == "fdb" else c.kind, ()))
+        return complete
 
     def _loop(self) -> None:
         assert self._sock is not None
@@ -179,13 +240,15 @@ class KernelMonitor:
                 ready = {fd for fd, _ev in poller.poll()}
                 if self._stop_r in ready:
                     return
-                if not self._drain():
+                burst: list[Change] = []
+                complete = self._drain(burst)
+                if complete and not burst:
                     continue
                 # Let a burst (a device deleted with all its entries) arrive, then act once.
                 if select.select([self._stop_r], [], [], DEBOUNCE)[0]:
                     return
-                self._drain()
-                self._on_change()
+                complete = self._drain(burst) and complete
+                self._on_change(burst if complete else None)
             except Exception as exc:  # the monitor must outlive any single failure
                 self._log_error(f"kernel monitor: {exc!r}")
                 if select.select([self._stop_r], [], [], 1.0)[0]:

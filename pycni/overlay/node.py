@@ -42,28 +42,33 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import random
 import socket
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import netns
 from cni_plugins.kernel import ip as kip
+from cni_plugins.kernel import nlbatch
 from cni_plugins.kernel import vxlan as kvx
 from cni_plugins.kernel.names import stable_bridge_mac
 from cni_plugins.shared import overlaystate
 from cni_plugins.spec.errors import CNIError
-from ipam.cluster import (SUBNETS_PREFIX, ClusterConfig, Compacted, LeaseExhausted, NodeConflict, NodeLease,
-                          RejectedLease, StoreError, TLSFiles, open_store, read_config, release_lease, scan_leases)
+from ipam.cluster import (SUBNETS_PREFIX, ClusterConfig, Compacted, Entry, LeaseExhausted, NodeConflict, NodeLease,
+                          RejectedLease, StoreError, StoreUnavailable, TLSFiles, check_entries, open_store,
+                          read_config, release_lease, scan_leases)
 from pycni.overlay import firewall, forward
+from pycni.overlay.entries import Entries
 from pycni.overlay.lease import LOST, VALID, Identity, LeaseKeeper
-from pycni.overlay.monitor import KernelMonitor
+from pycni.overlay.monitor import Change, KernelMonitor
 from pycni.overlay.options import OverlayOptions
-from pycni.overlay.reconcile import Remote, plan, wanted_state
+from pycni.overlay.reconcile import Delta, Own
 
-WAIT_SLICE = 1.0        # longest single store.wait(): bounds how long stop/close take
+WAIT_SLICE = 1.0        # longest single watch.next(): bounds how long stop/close take
+RELIST_JITTER = 0.2     # the safety re-list comes every relist_interval +- 20 %
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 5.0
 CLOSE_TIMEOUT = 15.0
@@ -83,13 +88,15 @@ class _Status:
     store_down_since: float = 0.0           # monotonic time the current outage began (0: none yet)
     store_warned_at: float = 0.0            # monotonic time of the last "unavailable" warning
     last_error: str = ""
-    remotes: list[Remote] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)        # leases read but not programmed, and why
-    rejected: list[RejectedLease] = field(default_factory=list)  # store entries that are no valid lease
-    reconciles: int = 0
-    changes: int = 0                        # kernel entries added or removed since start
+    reconciles: int = 0                     # full reconciles (start, re-lists, periodic checks, lost notifications)
+    events: int = 0                         # store events applied one lease at a time
+    changes: int = 0                        # kernel entries written since start
     repairs: int = 0                        # times a device attribute had drifted and was set again
+    entry_repairs: int = 0                  # entries set right after a netlink notification showed them changed
     revision: int = 0
+    watch: str = "not started"              # streaming, reconnecting, re-listing
+    relists: int = 0
+    store_errors: int = 0
 
 
 def vtep_mac_seed(public_ip: str, vni: int, node_name: str) -> str:
@@ -149,7 +156,11 @@ class OverlayNode:
         self._home_ino = 0
         self._cfg: ClusterConfig | None = None
         self._keeper: LeaseKeeper | None = None
-        self._leases: list[NodeLease] = []      # the last listing's accepted leases (kept while the store is down)
+        self._view: dict[str, NodeLease] = {}   # accepted leases by key, kept in step by the watch (and while the
+        self._rejected: dict[str, RejectedLease] = {}   # store is down); keys that are no acceptable lease
+        self._entries: Entries | None = None
+        self._batch: nlbatch.BatchSocket | None = None
+        self._firewall_members: set[str] = set()   # what the nft member sets hold, as last written
         self._monitor: KernelMonitor | None = None
         self._node_name = ""
         self._vtep_mac = ""
@@ -160,7 +171,6 @@ class OverlayNode:
         self._bridge_index = 0
         self._underlay: kip.Link | None = None
         self._underlay_missing = False
-        self._warned_entries: set[tuple[str, int]] = set()
         self._warned_skips: set[str] = set()
 
     # ---- life cycle ----------------------------------------------------------------
@@ -209,6 +219,7 @@ class OverlayNode:
                 raise OverlayError(f"invalid {what} name {name!r}: at most {IFNAMSIZ} characters, no '/' or spaces")
         self._node_name = opts.node_name or socket.gethostname()
         self._ipr = kip.open_netlink()
+        self._batch = nlbatch.BatchSocket()
         underlay = self._find_underlay()
         if underlay is None:
             if opts.underlay_device:
@@ -304,48 +315,81 @@ class OverlayNode:
             self._run_done.set()
 
     def _run(self, stop: threading.Event) -> None:
+        """One long-lived watch on the store; a full re-list only at start, after a compaction or when the watch
+        cannot be resumed, and every relist_interval (jittered) as a safety net. In steady state the store sees
+        the lease keep-alive and nothing else; the kernel is checked locally every reconcile_interval."""
         def stopping() -> bool:
             return stop.is_set() or self._closed.is_set()
 
         assert self._keeper is not None
         backoff = BACKOFF_MIN
-        need_list = self._status.last_reconcile is None or not self._status.store_reachable
-        next_full = time.monotonic() + self.opts.reconcile_interval
-        next_renew = time.monotonic() + self.opts.lease_ttl / 3
-        while not stopping():
-            try:
-                self._check_lapsed()
-                now = time.monotonic()
-                if need_list or now >= next_full:
-                    self._list_and_reconcile()
-                    need_list = False
-                    backoff = BACKOFF_MIN
-                    next_full = time.monotonic() + self.opts.reconcile_interval
-                if time.monotonic() >= next_renew:
-                    self._renew()
-                    next_renew = time.monotonic() + self.opts.lease_ttl / 3
-                timeout = max(0.0, min(WAIT_SLICE, next_full - time.monotonic(), next_renew - time.monotonic()))
-                if self._store.wait(SUBNETS_PREFIX, self._status.revision, timeout) is not None:
-                    self.log.debug("store changed")
-                    need_list = True
-            except Compacted as exc:
-                self.log.info("the store compacted the watched revision (%s); listing again", exc)
-                need_list = True
-            except StoreError as exc:
-                self._store_down(exc)
-                need_list = True
-                # The store is away: keep the kernel as the last listing says (repairing by-hand damage).
-                if time.monotonic() >= next_full:
-                    self._reconcile_kernel_safely()
-                    next_full = time.monotonic() + self.opts.reconcile_interval
-                stop.wait(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
-            except Exception as exc:  # never let the loop die: log, back off, try again
-                self._status.last_error = f"{type(exc).__name__}: {exc}"
-                self.log.exception("overlay reconcile failed")
-                need_list = True
-                stop.wait(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
+        watch = None
+        now = time.monotonic()
+        next_check = now + self.opts.reconcile_interval
+        next_renew = now + self.opts.lease_ttl / 3
+        next_relist = now + self._relist_delay()
+        listed = self._status.last_reconcile is not None and self._status.store_reachable
+        try:
+            while not stopping():
+                try:
+                    self._check_lapsed()
+                    if watch is None:
+                        if not listed:
+                            self._status.watch = "re-listing"
+                            self._list_and_reconcile()
+                            self._status.relists += 1
+                            next_relist = time.monotonic() + self._relist_delay()
+                            next_check = time.monotonic() + self.opts.reconcile_interval
+                        watch = self._store.watch(SUBNETS_PREFIX, self._status.revision)
+                        listed = False
+                        self._status.watch = "streaming"
+                        backoff = BACKOFF_MIN
+                    now = time.monotonic()
+                    if now >= next_relist:
+                        watch.close()
+                        watch = None
+                        continue
+                    if now >= next_renew:
+                        self._renew(quick=True)
+                        next_renew = time.monotonic() + self.opts.lease_ttl / 3
+                    if now >= next_check:
+                        self._reconcile_kernel_safely()
+                        next_check = time.monotonic() + self.opts.reconcile_interval
+                    timeout = max(0.0, min(WAIT_SLICE, next_relist - now, next_renew - now, next_check - now))
+                    events = watch.next(timeout)
+                    self._store_up()
+                    self._status.watch = "streaming"
+                    if events:
+                        self._apply_events(events)
+                    self._status.revision = max(self._status.revision, watch.revision)
+                except Compacted as exc:
+                    self.log.info("the store compacted the watched revision (%s); listing again", exc)
+                    watch = _closed(watch)
+                except StoreUnavailable as exc:
+                    # The watch resumes by itself from its revision (bounded, jittered back-off): keep it.
+                    self._store_down(exc)
+                    self._status.watch = "reconnecting" if watch is not None else "re-listing"
+                    if time.monotonic() >= next_check:   # keep the kernel as the last view says meanwhile
+                        self._reconcile_kernel_safely()
+                        next_check = time.monotonic() + self.opts.reconcile_interval
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                except StoreError as exc:
+                    self._store_down(exc)
+                    watch = _closed(watch)
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                except Exception as exc:  # never let the loop die: log, back off, list again
+                    self._status.last_error = f"{type(exc).__name__}: {exc}"
+                    self.log.exception("overlay reconcile failed")
+                    watch = _closed(watch)
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+        finally:
+            _closed(watch)
+
+    def _relist_delay(self) -> float:
+        return self.opts.relist_interval * random.uniform(1 - RELIST_JITTER, 1 + RELIST_JITTER)
 
     def close(self, leave: bool = False) -> None:
         """Stop watching. Without ``leave`` every device and entry stays (a restart keeps traffic
@@ -390,17 +434,17 @@ class OverlayNode:
                 except CNIError as exc:
                     problems.append(f"cannot remove the FORWARD accept rules: {exc}")
             overlaystate.remove_state(self.opts.state_dir)
-        self._status.remotes = []
+        self._entries = None
         return problems
 
     def _release_resources(self) -> None:
-        for closer in (self._store, self._ipr):
+        for closer in (self._store, self._ipr, self._batch):
             if closer is not None:
                 try:
                     closer.close()
                 except Exception:
                     pass
-        self._store = self._ipr = None
+        self._store = self._ipr = self._batch = None
         if self._home_fd >= 0:
             os.close(self._home_fd)
             self._home_fd = -1
@@ -413,6 +457,9 @@ class OverlayNode:
 
     def status(self) -> dict[str, Any]:
         keeper, cfg, st = self._keeper, self._cfg, self._status
+        with self._lock:
+            wanted = self._entries.table.wanted() if self._entries is not None else None
+        remotes = wanted.remotes if wanted is not None else []
         return {
             "ready": self.ready(),
             "nodeName": self._node_name,
@@ -431,21 +478,32 @@ class OverlayNode:
             "underlay": None if self._underlay_missing or self._underlay is None else self._underlay.name,
             "ipMasq": self.opts.ip_masq,
             "mtu": self._mtu or None,
-            "remotes": len(st.remotes),
+            "remotes": len(remotes),
             "remoteNodes": [{"subnet": r.subnet, "publicIP": r.public_ip, "vtepMAC": r.vtep_mac,
-                             "nodeName": r.node_name} for r in st.remotes],
-            "skipped": list(st.skipped),
+                             "nodeName": r.node_name} for r in remotes],
+            "skipped": wanted.skipped if wanted is not None else [],
             "rejectedEntries": [{"key": r.key, "revision": r.mod_revision, "reason": r.reason}
-                                for r in st.rejected],
+                                for r in sorted(self._rejected.values(), key=lambda r: r.key)],
             "lastReconcile": st.last_reconcile,
             "reconciles": st.reconciles,
+            "events": st.events,
             "changes": st.changes,
             "repairs": st.repairs,
+            "entryRepairs": st.entry_repairs,
             "storeRevision": st.revision,
             "storeReachable": st.store_reachable,
             "storeError": st.store_error or None,
+            "store": {"watch": st.watch, "revision": st.revision, "relists": st.relists, "errors": st.store_errors,
+                      "requests": self._store_stats()},
             "lastError": st.last_error or None,
         }
+
+    def _store_stats(self) -> dict[str, Any]:
+        store = self._store
+        try:
+            return store.stats() if store is not None else {}
+        except Exception as exc:   # status must answer whatever the store does
+            return {"error": str(exc)}
 
     # ---- node devices ---------------------------------------------------------------------
 
@@ -479,7 +537,9 @@ class OverlayNode:
 
             set_tx_checksum(self._vxlan_name, False)
         kip.enable_forwarding({network.version})
-        firewall.ensure_firewall(self._firewall_spec(), self._members(), rebuild=True)
+        members = self._members()
+        firewall.ensure_firewall(self._firewall_spec(), members, rebuild=True)
+        self._firewall_members = members
         self._ensure_forward()
         self._write_state()  # last: the vxlan plugin may use the node now
 
@@ -527,10 +587,10 @@ class OverlayNode:
             kip.add_address(self._ipr, index, wanted)
 
     def _members(self) -> set[str]:
-        assert self._cfg is not None and self._keeper is not None
-        wanted = wanted_state(self._leases, self.opts.public_ip, self._keeper.subnet, self._cfg.network,
-                              own_vtep_mac=self._vtep_mac)
-        return wanted.members | {self.opts.public_ip}
+        """This node and every remote the view makes programmable (for a table built before the entries)."""
+        entries = Entries(self._own())
+        entries.rebuild(self._own(), self._view)
+        return entries.table.members | {self.opts.public_ip}
 
     def _firewall_spec(self) -> firewall.FirewallSpec:
         assert self._cfg is not None
@@ -554,15 +614,23 @@ class OverlayNode:
 
     # ---- the lease ----------------------------------------------------------------------------
 
-    def _renew(self) -> None:
-        """Renew (or, lapsed or lost, win back) the lease; reconfigure when the subnet changed."""
+    def _renew(self, quick: bool = False) -> None:
+        """Renew (or, lapsed or lost, win back) the lease; reconfigure when the subnet changed.
+
+        ``quick``: the periodic keep-alive, one store request while the watch shows the lease unchanged.
+        """
         assert self._keeper is not None
+        if quick and self._keeper.keep_alive():
+            with self._lock, self._at_home():
+                self._write_state()
+            return
         with self._at_home():
             has_pods = self._bridge_has_pods()
         changed = self._keeper.renew(has_pods)
         with self._lock, self._at_home():
             if changed:
                 self._configure_node()
+                self._reconcile_kernel()
             else:
                 self._write_state()
 
@@ -575,42 +643,135 @@ class OverlayNode:
     # ---- reconcile ----------------------------------------------------------------------------
 
     def _scan(self) -> None:
-        """List the leases; an entry that is no valid lease is warned about once and otherwise ignored."""
+        """List the leases: the view (accepted, by key) and the keys that are no acceptable lease."""
         assert self._cfg is not None
         scan = scan_leases(self._store, self._cfg)
-        current = {(r.key, r.mod_revision) for r in scan.rejected}
-        for rejected in scan.rejected:
-            if (rejected.key, rejected.mod_revision) not in self._warned_entries:
-                self.log.warning("ignoring the store entry %s (revision %d): %s", rejected.key,
-                                 rejected.mod_revision, rejected.reason)
-        self._warned_entries = current
-        self._leases = scan.leases
-        self._status.rejected = scan.rejected
-        self._status.revision = scan.revision
+        with self._lock:
+            self._view = {lease.key: lease for lease in scan.leases}
+            rejected = {r.key: r for r in scan.rejected}
+            for key, entry in rejected.items():
+                self._warn_rejected(entry)
+            self._rejected = rejected
+            self._status.revision = scan.revision
+
+    def _warn_rejected(self, entry: RejectedLease) -> None:
+        known = self._rejected.get(entry.key)
+        if known is None or known.mod_revision != entry.mod_revision:
+            self.log.warning("ignoring the store entry %s (revision %d): %s", entry.key, entry.mod_revision,
+                             entry.reason)
+
+    def _store_up(self) -> None:
+        st = self._status
+        if not st.store_reachable:
+            if st.store_error:
+                self.log.info("the cluster store is reachable again (after %.1f s)",
+                              time.monotonic() - st.store_down_since)
+            st.store_down_since = 0.0
+            st.store_reachable = True
+            st.store_error = ""
+
+    def _own_lease_gone(self) -> bool:
+        keeper = self._keeper
+        assert keeper is not None
+        own = keeper.lease
+        if keeper.state == LOST:
+            return True
+        if own is None:
+            return False
+        held = self._view.get(own.key)
+        return held is None or held.public_ip != own.public_ip
 
     def _list_and_reconcile(self) -> None:
-        assert self._keeper is not None
         began = time.monotonic()
         self._scan()
         listed = time.monotonic()
-        if not self._status.store_reachable:
-            if self._status.store_error:
-                self.log.info("the cluster store is reachable again (after %.1f s)",
-                              time.monotonic() - self._status.store_down_since)
-            self._status.store_down_since = 0.0
-            self._status.store_reachable = True
-            self._status.store_error = ""
-        keeper = self._keeper
-        own = keeper.lease
-        if keeper.state == LOST or (own is not None and not any(
-                lease.public_ip == own.public_ip and lease.subnet == own.subnet for lease in self._leases)):
-            if keeper.state != LOST:
-                self.log.warning("this node's lease of %s is gone from the store; taking it again", keeper.subnet)
+        self._store_up()
+        if self._own_lease_gone():
+            if self._keeper is not None and self._keeper.state != LOST:
+                self.log.warning("this node's lease of %s is gone from the store; taking it again",
+                                 self._keeper.subnet)
             self._renew()
             self._scan()
         self._reconcile_kernel()
         self.log.debug("revision %d: listed in %.1f ms, reconciled in %.1f ms", self._status.revision,
                        (listed - began) * 1000, (time.monotonic() - listed) * 1000)
+
+    def _apply_events(self, events: list[Any]) -> None:
+        """Store events, one lease at a time: O(1) kernel work per changed node (the incremental reconcile)."""
+        assert self._cfg is not None and self._keeper is not None
+        own_touched = False
+        with self._lock, self._at_home():
+            if self._entries is None:
+                return
+            own_key = self._keeper.lease.key if self._keeper.lease is not None else ""
+            merged = Delta()
+            for event in events:
+                if not event.key.startswith(SUBNETS_PREFIX):
+                    continue
+                lease = None
+                if event.kind == "put":
+                    entry = Entry(event.key, event.value, event.mod_revision, event.version)
+                    scan = check_entries([entry], event.mod_revision, self._cfg)
+                    if scan.rejected:
+                        self._warn_rejected(scan.rejected[0])
+                        self._rejected[event.key] = scan.rejected[0]
+                    else:
+                        lease = scan.leases[0]
+                        self._rejected.pop(event.key, None)
+                else:
+                    self._rejected.pop(event.key, None)
+                if lease is None:
+                    self._view.pop(event.key, None)
+                else:
+                    self._view[event.key] = lease
+                if event.key == own_key:
+                    own_touched = True
+                delta = self._entries.update(event.key, lease)
+                merged.remove += delta.remove
+                merged.add += delta.add
+                self._status.events += 1
+            self._write_delta(merged)
+        if own_touched and self._own_lease_gone():
+            if self._keeper.state != LOST:
+                self.log.warning("this node's lease of %s changed in the store; taking it again", self._keeper.subnet)
+            self._renew()
+
+    def _write_delta(self, delta: Delta) -> None:
+        """Kernel entries and firewall members for one batch of changed leases."""
+        if not delta or self._batch is None or self._entries is None:
+            return
+        outcome = self._entries.apply(self._batch, self._vxlan_index, delta)
+        self._status.changes += outcome.done
+        if delta.add or delta.remove:
+            self.log.info("store change: +%d -%d remote nodes (%s)", len(delta.add), len(delta.remove),
+                          ", ".join(sorted({r.subnet for r in delta.add + delta.remove}))[:200])
+        if outcome.failures:
+            self._status.last_error = "; ".join(outcome.failures)
+            self.log.warning("%d entries could not be written: %s", len(outcome.failures),
+                             "; ".join(outcome.failures))
+        self._sync_members()
+        self._warn_skips()
+
+    def _warn_skips(self, skipped: list[str] | None = None) -> None:
+        """One warning per lease that is read but not programmed, when it starts being skipped."""
+        assert self._entries is not None
+        reasons = self._entries.table.skipped() if skipped is None else skipped
+        for reason in reasons:
+            if reason not in self._warned_skips:
+                self.log.warning("ignoring lease %s", reason)
+        self._warned_skips = set(reasons)
+
+    def _sync_members(self) -> None:
+        """The nft member sets follow the programmed remotes: only the difference is written."""
+        assert self._entries is not None
+        wanted = self._entries.table.members | {self.opts.public_ip}
+        if wanted == self._firewall_members:
+            return
+        try:
+            firewall.update_members(add=wanted - self._firewall_members, remove=self._firewall_members - wanted)
+        except CNIError:   # the table changed under us: rebuild it whole
+            firewall.ensure_firewall(self._firewall_spec(), wanted)
+        self._firewall_members = wanted
 
     def _reconcile_kernel_safely(self, with_firewall: bool = True) -> None:
         try:
@@ -619,62 +780,38 @@ class OverlayNode:
             self._status.last_error = f"{type(exc).__name__}: {exc}"
             self.log.warning("reconciling the kernel failed: %s", exc)
 
+    def _own(self) -> Own:
+        assert self._cfg is not None and self._keeper is not None
+        return Own.of(self.opts.public_ip, self._keeper.subnet, self._cfg.network, self._vtep_mac)
+
     def _reconcile_kernel(self, with_firewall: bool = True) -> None:
-        """Make the devices, the VXLAN device's entries (and the firewall) match the last listing."""
+        """The full, level-based reconcile: devices, every remote's entries (and the firewall) as the view says."""
         with self._lock, self._at_home():
-            if self._ipr is None or self._cfg is None or self._keeper is None:
+            if self._ipr is None or self._cfg is None or self._keeper is None or self._batch is None:
                 return
             if not self._ensure_devices():
                 return
-            wanted = wanted_state(self._leases, self.opts.public_ip, self._keeper.subnet, self._cfg.network,
-                                  own_vtep_mac=self._vtep_mac)
-            index = self._vxlan_index
-            present_fdb = kvx.fdb_entries(self._ipr, index)
-            present_neigh = kvx.neigh_entries(self._ipr, index, self._cfg.ip_network.version)
-            present_routes = kvx.onlink_routes(self._ipr, index, self._cfg.ip_network.version)
-            todo = plan(wanted, present_fdb, present_neigh, present_routes)
+            if self._entries is None:
+                self._entries = Entries(self._own())
+            self._entries.rebuild(self._own(), self._view)
+            todo, outcome = self._entries.reconcile(self._ipr, self._batch, self._vxlan_index,
+                                                    self._cfg.ip_network.version)
+            self._status.changes += outcome.done
+            wanted = self._entries.table.wanted()
             if todo:
                 self.log.info("reconcile: %s (%d remote nodes)", todo.summary(), len(wanted.remotes))
-                self._apply(todo)
-            for reason in wanted.skipped:
-                if reason not in self._warned_skips:
-                    self.log.warning("ignoring lease %s", reason)
-            self._warned_skips = set(wanted.skipped)
+            if outcome.failures:
+                self._status.last_error = "; ".join(outcome.failures)
+                self.log.warning("reconcile left %d entries wrong: %s", len(outcome.failures),
+                                 "; ".join(outcome.failures))
+            self._warn_skips(wanted.skipped)
             if with_firewall:
-                firewall.ensure_firewall(self._firewall_spec(), wanted.members | {self.opts.public_ip})
+                members = wanted.members | {self.opts.public_ip}
+                firewall.ensure_firewall(self._firewall_spec(), members)
+                self._firewall_members = members
                 self._ensure_forward()
-            self._status.remotes = wanted.remotes
-            self._status.skipped = wanted.skipped
             self._status.reconciles += 1
             self._status.last_reconcile = time.time()
-
-    def _apply(self, todo: Any) -> None:
-        ipr, index, failures = self._ipr, self._vxlan_index, []
-
-        def attempt(what: str, fn: Any, entry: Any) -> None:
-            try:
-                fn(ipr, index, entry)
-                self._status.changes += 1
-            except Exception as exc:
-                failures.append(f"{what} {entry}: {kip.describe(exc)}")
-
-        # Removals first (a route, then what it resolved through), then additions in the opposite order,
-        # so that a route never points at an entry that is not there yet.
-        for route in todo.routes.remove:
-            attempt("remove route", kvx.del_onlink_route, route)
-        for neigh in todo.neigh.remove:
-            attempt("remove neighbour", kvx.del_neigh, neigh)
-        for fdb in todo.fdb.remove:
-            attempt("remove fdb", kvx.del_fdb, fdb)
-        for fdb in todo.fdb.add:
-            attempt("add fdb", kvx.set_fdb, fdb)
-        for neigh in todo.neigh.add:
-            attempt("add neighbour", kvx.set_neigh, neigh)
-        for route in todo.routes.add:
-            attempt("add route", kvx.set_onlink_route, route)
-        if failures:
-            self._status.last_error = "; ".join(failures)
-            self.log.warning("reconcile left %d entries wrong: %s", len(failures), "; ".join(failures))
 
     def _ensure_devices(self) -> bool:
         """Repair every attribute of the node's devices that drifted; False while the underlay link is gone."""
@@ -730,11 +867,37 @@ class OverlayNode:
                 out.append(f"{self.opts.bridge} lacks its address {gateway}")
         return out
 
-    def _kernel_changed(self) -> None:
-        """From the netlink monitor: one of our devices or entries changed."""
+    def _kernel_changed(self, changes: list[Change] | None) -> None:
+        """From the netlink monitor: the changes to our devices and entries (None: some were lost)."""
         if self._closed.is_set():
             return
-        self._reconcile_kernel_safely(with_firewall=False)
+        if changes is None:
+            self.log.debug("kernel notifications were lost: checking everything")
+            self._reconcile_kernel_safely(with_firewall=False)
+            return
+        try:
+            with self._lock, self._at_home():
+                if any(c.kind in ("link", "addr") for c in changes):
+                    # A device changed: check the devices (cheap); the entries only if a device was set up again.
+                    repairs, was_missing = self._status.repairs, self._underlay_missing
+                    if not self._ensure_devices():
+                        return
+                    if self._status.repairs != repairs or was_missing:
+                        self._reconcile_kernel(with_firewall=False)
+                        return
+                if self._entries is None or self._batch is None:
+                    return
+                outcome = self._entries.repair(self._batch, self._vxlan_index, changes)
+                if outcome.done:
+                    self._status.entry_repairs += outcome.done
+                    self._status.changes += outcome.done
+                    self.log.info("set %d entries right that were changed under us", outcome.done)
+                if outcome.failures:
+                    self._status.last_error = "; ".join(outcome.failures)
+                    self.log.warning("could not set entries right: %s", "; ".join(outcome.failures))
+        except Exception as exc:
+            self._status.last_error = f"{type(exc).__name__}: {exc}"
+            self.log.warning("repairing entries failed: %s", exc)
 
     def _watched_indexes(self) -> dict[str, set[int]] | None:
         """What the monitor reacts to; None (everything) while the underlay link is gone."""
@@ -758,6 +921,7 @@ class OverlayNode:
             st.store_warned_at = now
         st.store_reachable = False
         st.store_error = message
+        st.store_errors += 1
 
     @contextmanager
     def _at_home(self) -> Iterator[None]:
@@ -768,6 +932,16 @@ class OverlayNode:
             return
         with netns.enter(f"/proc/self/fd/{self._home_fd}"):
             yield
+
+
+def _closed(watch: Any) -> None:
+    """Close a watch (if any); None, to assign in one line."""
+    if watch is not None:
+        try:
+            watch.close()
+        except Exception:
+            pass
+    return None
 
 
 __all__ = ["OverlayError", "OverlayNode", "OverlayOptions", "leave_cluster", "vtep_mac_seed"]

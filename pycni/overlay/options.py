@@ -21,6 +21,7 @@ DEFAULT_STATE_DIR = "/run/pycni"
 DEFAULT_BRIDGE = "pycni0"
 DEFAULT_LEASE_TTL = 24 * 3600
 DEFAULT_RECONCILE_INTERVAL = 10.0
+DEFAULT_RELIST_INTERVAL = 300.0
 DEFAULT_STORE_TIMEOUT = 5.0
 MIN_LEASE_TTL = 3
 
@@ -41,7 +42,8 @@ class OverlayOptions:
     tx_checksum_offload: bool = True  # False: turn tx checksum offload off on the VXLAN device (flannel #1279)
     ip_masq: bool = True              # masquerade pod traffic that leaves the cluster network
     lease_ttl: int = DEFAULT_LEASE_TTL
-    reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL
+    reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL   # local kernel check, no store traffic
+    relist_interval: float = DEFAULT_RELIST_INTERVAL         # safety re-list of the store (+- 20 %)
     store_timeout: float = DEFAULT_STORE_TIMEOUT
 
 
@@ -72,7 +74,12 @@ def overlay_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
                           "[default: 86400, 24 h]."),
         click.option("--reconcile-interval", type=click.FloatRange(min=0.1), default=DEFAULT_RECONCILE_INTERVAL,
                      show_default=True, metavar="SECONDS",
-                     help="Overlay mode: full reconcile at least this often, even without store changes."),
+                     help="Overlay mode: check the kernel's entries against the node's view this often (local "
+                          "only; changes made by hand are repaired at once anyway)."),
+        click.option("--relist-interval", type=click.FloatRange(min=1.0), default=DEFAULT_RELIST_INTERVAL,
+                     show_default=True, metavar="SECONDS",
+                     help="Overlay mode: read every lease from the store again this often (+-20 %), a safety net "
+                          "beside the watch; in between the store sees only the watch and the lease keep-alive."),
         click.option("--disable-tx-checksum-offload", is_flag=True,
                      help="Overlay mode: turn transmit checksum offload off on the vxlan device (flannel #1279)."),
         click.option("--no-ip-masq", is_flag=True,
@@ -91,7 +98,8 @@ def overlay_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def from_flags(ctx: click.Context, store_url: str | None, public_ip: str | None, state_dir: str | None,
                bridge_name: str, vxlan_device: str, underlay_device: str, node_name: str, lease_ttl: int,
-               reconcile_interval: float, disable_tx_checksum_offload: bool, no_ip_masq: bool, etcd_prefix: str,
+               reconcile_interval: float, relist_interval: float, disable_tx_checksum_offload: bool,
+               no_ip_masq: bool, etcd_prefix: str,
                etcd_cafile: str | None, etcd_certfile: str | None, etcd_keyfile: str | None,
                **_other: Any) -> OverlayOptions | None:
     """The options the flags name; None without --store. A flag that needs --store without it is a usage error."""
@@ -109,4 +117,5 @@ def from_flags(ctx: click.Context, store_url: str | None, public_ip: str | None,
         store_url=store_url, public_ip=public_ip, state_dir=state_dir or DEFAULT_STATE_DIR, etcd_prefix=etcd_prefix,
         tls=tls_files(etcd_cafile, etcd_certfile, etcd_keyfile), bridge=bridge_name, vxlan_device=vxlan_device,
         underlay_device=underlay_device, node_name=node_name, tx_checksum_offload=not disable_tx_checksum_offload,
-        ip_masq=not no_ip_masq, lease_ttl=lease_ttl, reconcile_interval=reconcile_interval)
+        ip_masq=not no_ip_masq, lease_ttl=lease_ttl, reconcile_interval=reconcile_interval,
+        relist_interval=relist_interval)
