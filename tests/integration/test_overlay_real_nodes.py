@@ -160,6 +160,10 @@ def cluster(request) -> Iterator[PodCluster]:
         yield c
 
 
+# What is the node's own (its bridge, its devices, its firewall) does not depend on the store: one kind shows it.
+NODE_LOCAL = pytest.mark.parametrize("cluster", ["file"], indirect=True)
+
+
 def pods(cluster: PodCluster) -> dict[str, Pod]:
     return cluster.pods  # type: ignore[attr-defined]
 
@@ -176,9 +180,8 @@ def all_pairs_ping(cluster: PodCluster, nodes: list[Node] | None = None) -> list
 
 # ---- 1. the gateway MAC -------------------------------------------------------------------------
 
+@NODE_LOCAL
 def test_gateway_mac_never_moves_while_a_pod_with_the_lowest_mac_comes_and_goes(cluster):
-    if cluster.kind != "file":
-        pytest.skip("the bridge is the node's own: one store kind shows it")
     n0, n1 = cluster.nodes[0], cluster.nodes[1]
     target, flooder = pods(cluster)[n0.name], pods(cluster)[n1.name]
     gateway = n0.read_state()["gateway"]
@@ -253,11 +256,10 @@ def test_strict_rp_filter_hosts_carry_every_path(cluster):
         assert not all_pairs_ping(cluster)
 
 
+@NODE_LOCAL
 def test_no_ip_masq_leaves_pod_sources_alone(cluster):
     """--no-ip-masq: no NAT chain, and pod -> another node then arrives with the pod's address, which a
     strict host drops (the reason masquerading is the default)."""
-    if cluster.kind != "file":
-        pytest.skip("a firewall setting of the node: one store kind shows it")
     n0, n1 = cluster.nodes[0], cluster.nodes[1]
     p0 = pods(cluster)[n0.name]
     restart_agent(cluster, n0, "--no-ip-masq")
@@ -411,9 +413,8 @@ def addresses_in(pod: Pod, ifname: str) -> set[str]:
 
 # ---- 5. drift -------------------------------------------------------------------------------------
 
+@NODE_LOCAL
 def test_every_kind_of_drift_is_repaired_within_a_second(cluster):
-    if cluster.kind != "file":
-        pytest.skip("device drift is the node's own: one store kind shows it")
     n0, n1 = cluster.nodes[0], cluster.nodes[1]
     state = n0.read_state()
     vtep_mac, mtu, gateway = state["vtepMAC"], state["mtu"], state["gateway"]
@@ -461,9 +462,8 @@ def test_every_kind_of_drift_is_repaired_within_a_second(cluster):
 
 # ---- 6. the underlay link deleted and created again ----------------------------------------------
 
+@NODE_LOCAL
 def test_an_underlay_link_recreated_brings_the_overlay_back_within_two_seconds(cluster):
-    if cluster.kind != "file":
-        pytest.skip("the underlay link is the node's own: one store kind shows it")
     n0, n1 = cluster.nodes[0], cluster.nodes[1]
     topo = cluster.topo
     n1.ip("link", "del", "eth0")   # its peer in the underlay goes too, and the kernel deletes the VXLAN device
