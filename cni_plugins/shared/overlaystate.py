@@ -16,9 +16,16 @@ past means the agent stopped renewing (paused, dead, cut off from the store).
 ``leaseLost`` is non-empty when another node holds the subnet now. Either way
 ``lease_problem`` says the node must not give out addresses.
 
-Written atomically (temp file in the same directory, fsync, rename), mode 0644 in
-a 0755 directory; never read or written through a symlink. Standard library only:
-this module sits on the plugin's cold path.
+Written atomically (temp file in the same directory, fsync, rename), mode 0600 in
+a 0700 directory; never read or written through a symlink. The file decides which
+subnet, gateway and bridge a root process gives pods, so it is trusted only if
+root alone could have written it: a state file or directory owned by anyone but
+root (the reader's euid) or writable by group or others is refused with an
+OverlayStateError that names it and what to do. The writer tightens a root-owned
+state directory that an older version left at 0755 to 0700 (one warning on the
+"pycni.state" logger) instead of refusing it; a 0644 file of an older version is
+still read (nobody else can write it) and replaced by a 0600 one at the next
+write. Standard library only: this module sits on the plugin's cold path.
 """
 from __future__ import annotations
 
@@ -27,16 +34,16 @@ import ipaddress
 import json
 import os
 import re
-import stat
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from cni_plugins.kernel.files import NotRegularFile, read_regular_file, write_atomically
+from cni_plugins.kernel.files import (NotRegularFile, UntrustedPath, ensure_private_dir, open_trusted_dir,
+                                     read_regular_file, write_atomically)
 
 STATE_FILE = "overlay.json"
-FILE_MODE = 0o644
-DIR_MODE = 0o755
+FILE_MODE = 0o600
+DIR_MODE = 0o700
 MAX_STATE_BYTES = 64 * 1024
 DEFAULT_VXLAN_PORT = 8472
 
@@ -174,14 +181,20 @@ def state_path(state_dir: str) -> str:
 
 
 def _ensure_dir(state_dir: str) -> None:
+    """The state directory, created 0700; an existing one checked (and tightened from 0755)."""
     try:
-        os.makedirs(state_dir, mode=DIR_MODE)
-        os.chmod(state_dir, DIR_MODE)  # not narrowed by the umask
-    except FileExistsError:
-        pass
-    info = os.lstat(state_dir)
-    if not stat.S_ISDIR(info.st_mode):
-        raise OverlayStateError(f"state directory {state_dir} is not a directory")
+        tightened = ensure_private_dir(state_dir, DIR_MODE)
+    except UntrustedPath as exc:
+        raise OverlayStateError(f"refusing the state directory: {exc}") from None
+    except OSError as exc:
+        raise OverlayStateError(f"cannot create the state directory {state_dir}: {exc.strerror}") from None
+    if tightened:
+        import logging  # rare (once after an upgrade): not on the cold path otherwise
+
+        logging.getLogger("pycni.state").warning(
+            "tightened the state directory %s to mode %04o: only root may read or write the node's overlay "
+            "state (older versions made it 0755)",
+            state_dir, DIR_MODE)
 
 
 def write_state(state_dir: str, state: OverlayState) -> str:
@@ -198,13 +211,28 @@ def read_state(state_dir: str) -> Optional[OverlayState]:
     """The node's overlay state, or None when no agent has written one (yet)."""
     path = state_path(state_dir)
     try:
-        raw = read_regular_file(path, MAX_STATE_BYTES)
+        dir_fd = open_trusted_dir(state_dir, f"only root may write the node's overlay state: check what is in "
+                                             f"it, then `chown root:root {state_dir} && chmod 0700 {state_dir}`")
+    except UntrustedPath as exc:
+        raise OverlayStateError(f"refusing the state directory: {exc}") from None
+    except OSError as exc:
+        raise OverlayStateError(f"cannot open the state directory {state_dir}: {exc.strerror}") from None
+    if dir_fd is None:
+        return None
+    try:
+        raw = read_regular_file(STATE_FILE, MAX_STATE_BYTES, dir_fd=dir_fd,
+                                trusted=f"only root may write it: remove {path} and restart the node agent, "
+                                        f"which writes it again (mode 0600)")
+    except UntrustedPath as exc:
+        raise OverlayStateError(f"refusing the overlay state: {path} {exc.problem}: {exc.fix}") from None
     except NotRegularFile:
         raise OverlayStateError(f"{path} is not a regular file") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise OverlayStateError(f"{path} is a symlink; refusing to follow it") from None
         raise OverlayStateError(f"cannot open {path}: {exc.strerror}") from None
+    finally:
+        os.close(dir_fd)
     if raw is None:
         return None
     if len(raw) > MAX_STATE_BYTES:

@@ -63,7 +63,8 @@ def node_state(n: VxlanConf, unreadable_code: int = ERR_IO) -> OverlayState | No
         return read_state(n.state_dir)
     except OverlayStateError as exc:
         raise CNIError(unreadable_code, f"cannot use the node's overlay state: {exc}",
-                       f"the node agent rewrites {state_path(n.state_dir)}; restart it") from None
+                       f"the node agent writes {state_path(n.state_dir)} when it starts: fix what the message "
+                       f"names, then restart the agent") from None
     except OSError as exc:
         raise CNIError(unreadable_code, f"cannot read the node's overlay state in {n.state_dir}: "
                        f"{exc.strerror}") from None

@@ -40,3 +40,7 @@ class NodeConflict(StoreError):
 
 class UnreadableEntry(StoreError):
     """A key exists but the store cannot read its record (a damaged file in the file store): it is taken."""
+
+
+class ResponseTooLarge(StoreError):
+    """An answer of the store (or one batch of watch events) is larger than the client reads at once."""

@@ -28,7 +28,7 @@ long-lived connection of its own:
 
     The request asks for progress_notify (an idle stream still advances the
     watch's revision), fragment (etcd splits a huge batch; no message may
-    exceed MAX_WATCH_MESSAGE) and carries the gateway header
+    exceed MAX_WATCH_MESSAGE, no reassembled batch MAX_RESPONSE_BYTES) and carries the gateway header
     Grpc-Metadata-hasleader: true, which etcd's gateway passes on as the gRPC
     metadata clientv3.WithRequireLeader sends: a member that loses its leader
     cancels the stream ("etcdserver: no leader", within about three election
@@ -69,6 +69,21 @@ key only when it knows no lease for it or the keep-alive finds the lease gone.
 Sockets are opened in the network namespace of the thread that constructed
 the store, whichever thread uses it later: agents and tests build a store in
 one namespace and use it from other threads.
+
+Sizes are bounded: one unary answer at MAX_RESPONSE_BYTES (64 MiB, far above
+a listing of thousands of leases, which take a few hundred bytes each),
+checked against Content-Length before reading and while reading; one message
+of a watch stream at MAX_WATCH_MESSAGE (4 MiB: etcd fragments larger batches
+into messages of at most its --max-request-bytes, 1.5 MiB by default); and the
+events of one batch reassembled from its fragments at MAX_RESPONSE_BYTES too,
+the bound of a listing of the same keys. Beyond a bound the call fails with
+ResponseTooLarge (a StoreError) that says which bound and what to do; nothing
+larger is ever buffered.
+
+Without TLS files the store talks plain http: anyone who can reach etcd's
+client port can read and rewrite the leases (which decide where every node
+sends pod traffic). The first such store of a process logs one warning on the
+"pycni.store" logger naming --etcd-cafile/--etcd-certfile/--etcd-keyfile.
 """
 from __future__ import annotations
 
@@ -76,6 +91,7 @@ import base64
 import errno
 import http.client
 import json
+import logging
 import os
 import socket
 import ssl
@@ -88,7 +104,7 @@ from typing import Any, ContextManager, Sequence
 
 from cni_plugins.spec import boundedjson
 
-from .errors import Compacted, StoreError, StoreUnavailable
+from .errors import Compacted, ResponseTooLarge, StoreError, StoreUnavailable
 from .store import (ACCEPTED_URLS, Backoff, Claims, Entry, Event, Store, TLSFiles, Watch, check_claim_keys,
                     check_ttl, check_value, validate_key, validate_prefix)
 
@@ -106,6 +122,8 @@ _CONNECTION_ERRORS = (OSError, http.client.HTTPException)
 # The gateway turns Grpc-Metadata-* headers into gRPC metadata; "hasleader: true" is what
 # clientv3.WithRequireLeader sends: the member cancels the stream when it loses its leader.
 REQUIRE_LEADER_HEADER = ("Grpc-Metadata-hasleader", "true")
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # one unary answer, and one watch batch reassembled from its fragments
+_READ_PIECE = 1024 * 1024             # a unary answer is read in pieces this large (never one 64 MiB buffer)
 MAX_WATCH_MESSAGE = 4 * 1024 * 1024   # one message of the watch stream (etcd fragments bigger batches)
 MAX_WATCH_HEAD = 64 * 1024            # the HTTP status line and headers of the watch answer
 MAX_WATCH_DEPTH = 16
@@ -114,6 +132,7 @@ WATCH_SILENCE_LIMIT = 1800.0          # seconds without a byte before a stream c
 KEEPALIVE = (10, 5, 3)                # TCP keep-alive of a watch socket: idle s, interval s, probes
 HEALTHY_STREAM_AGE = 5.0              # a stream that lived this long had been fine: reconnect without back-off
 MAX_LEASE_CACHE = 4096                # keys whose lease the store remembers (for one-request refresh)
+_EVENT_OVERHEAD = 64                  # bytes an event costs beyond its key and value (for the batch bound)
 
 _OPERATIONS = {
     "/v3/kv/range": "range", "/v3/kv/put": "put", "/v3/kv/txn": "txn", "/v3/kv/deleterange": "deleterange",
@@ -121,6 +140,31 @@ _OPERATIONS = {
     "/v3/lease/revoke": "lease_revoke", "/v3/lease/timetolive": "lease_timetolive",
     "/v3/watch": "watch_open", "/v3/maintenance/status": "status",
 }
+
+
+log = logging.getLogger("pycni.store")
+_plaintext_warned = False              # the plain-http warning is logged once per process
+_plaintext_lock = threading.Lock()
+
+
+def _warn_plaintext(url: str) -> None:
+    """Log, once per process, that the etcd store url is used without TLS."""
+    global _plaintext_warned
+    with _plaintext_lock:
+        if _plaintext_warned:
+            return
+        _plaintext_warned = True
+    log.warning("the etcd store %s is used without TLS: lease traffic is unauthenticated and unencrypted, so "
+                "anyone who can reach etcd's client port can read the leases and rewrite them (and with them "
+                "where every node sends pod traffic); serve etcd over TLS with client certificates and give "
+                "--etcd-cafile, --etcd-certfile and --etcd-keyfile", url)
+
+
+def _too_large(what: str) -> ResponseTooLarge:
+    return ResponseTooLarge(
+        f"{what} is larger than {MAX_RESPONSE_BYTES} bytes ({MAX_RESPONSE_BYTES >> 20} MiB), the most this "
+        f"client reads at once; pycni's own keys take a few hundred bytes per node, so something else fills "
+        f"its key prefix: give each cluster its own --etcd-prefix, or remove the keys that do not belong there")
 
 
 @dataclass(frozen=True)
@@ -203,6 +247,8 @@ class EtcdStore(Store):
         self.timeout = float(timeout)
         self._ssl = _ssl_context(tls) if tls is not None else None
         self._scheme = "https" if self._ssl is not None else "http"
+        if self._ssl is None:
+            _warn_plaintext(self.url())
         self._client_cert = bool(tls and tls.certfile)
         # Knobs of the watch streams (tests shorten them): TCP keep-alive (idle s, interval s, probes)
         # and how long a stream may stay silent before it counts as dead.
@@ -633,7 +679,7 @@ class EtcdStore(Store):
                 self._count(_OPERATIONS.get(path, path), bytes_sent=len(payload))
                 conn.request("POST", path, body=payload, headers={"Content-Type": "application/json"})
                 response = conn.getresponse()
-                data = response.read()
+                data = self._read_body(response, index, path)
             except _CONNECTION_ERRORS as err:
                 self._drop_connection()
                 if reused and attempt == 0 and _is_stale_connection(err):
@@ -644,6 +690,24 @@ class EtcdStore(Store):
                 self._drop_connection()
             return self._decode(response.status, data, path)
         raise AssertionError("unreachable")
+
+    def _read_body(self, response: http.client.HTTPResponse, index: int, path: str) -> bytes:
+        """The body of a unary answer; ResponseTooLarge (connection dropped) beyond MAX_RESPONSE_BYTES."""
+        what = f"etcd's answer to {path} from {self._endpoint_url(index)}"
+        length = (response.getheader("Content-Length") or "").strip()
+        if length.isdigit() and int(length) > MAX_RESPONSE_BYTES:
+            self._drop_connection()
+            raise _too_large(f"{what} ({length} bytes by its Content-Length)")
+        pieces, size = [], 0
+        while True:
+            piece = response.read(_READ_PIECE)
+            if not piece:
+                return b"".join(pieces)
+            size += len(piece)
+            if size > MAX_RESPONSE_BYTES:
+                self._drop_connection()  # the rest is never read
+                raise _too_large(what)
+            pieces.append(piece)
 
     def _drop_connection(self) -> None:
         if self._conn is not None:
@@ -918,7 +982,9 @@ class _WatchStream:
 
     def _check_size(self) -> None:
         if len(self._data) > MAX_WATCH_MESSAGE and b"\n" not in self._data:
-            raise StoreUnavailable(
+            # Not "unavailable": reconnecting meets the same message. A StoreError makes the caller list
+            # again (bounded by MAX_RESPONSE_BYTES) and watch on from the listed revision.
+            raise ResponseTooLarge(
                 f"a message of the watch stream from {self.url} is larger than {MAX_WATCH_MESSAGE} bytes, "
                 f"the most this client reads at once; etcd splits larger batches itself unless its "
                 f"--max-request-bytes is set above {MAX_WATCH_MESSAGE // 2} bytes: lower it")
@@ -964,6 +1030,7 @@ class _EtcdWatch(Watch):
         self._last_error = ""
         self._compacted: Compacted | None = None
         self._fragments: list[Event | None] = []
+        self._fragment_bytes = 0               # decoded keys and values in _fragments
         self._closed = False
 
     def __repr__(self) -> str:
@@ -1025,6 +1092,11 @@ class _EtcdWatch(Watch):
                 self._store._count(errors=1)
                 self._backoff.failed()
                 raise
+            except ResponseTooLarge as err:
+                self._drop(stream)  # the same message or batch would come again: the caller lists instead
+                self._last_error = str(err)
+                self._store._count(errors=1)
+                raise
             except Compacted as err:
                 self._drop(stream)
                 self._compacted = err
@@ -1072,7 +1144,7 @@ class _EtcdWatch(Watch):
         if self._opened:
             store._count(watch_reconnects=1)
         self._opened += 1
-        self._fragments = []
+        self._fragments, self._fragment_bytes = [], 0
         self._stream = stream
 
     def _drop(self, stream: _WatchStream) -> None:
@@ -1107,11 +1179,17 @@ class _EtcdWatch(Watch):
             return []
         if not isinstance(raw_events, list):
             raise _StreamLost(f"an unexpected watch message {str(message)[:200]}")
-        self._fragments.extend(self._event(item) for item in raw_events)
+        batch = [event for event in map(self._event, raw_events) if event is not None]
+        self._fragments.extend(batch)
+        # Every item counts (one outside the prefix too), so no stream of fragments grows without bound.
+        self._fragment_bytes += len(raw_events) * _EVENT_OVERHEAD + sum(len(e.key) + len(e.value) for e in batch)
+        if self._fragment_bytes > MAX_RESPONSE_BYTES:
+            self._fragments, self._fragment_bytes = [], 0
+            raise _too_large(f"one batch of watch events from {stream.url} (reassembled from its fragments)")
         if result.get("fragment"):
             return []  # the rest of this batch follows
         events = [event for event in self._fragments if event is not None and event.mod_revision > self.revision]
-        self._fragments = []
+        self._fragments, self._fragment_bytes = [], 0
         stream.delivered = True
         if events:
             self.revision = max(self.revision, events[-1].mod_revision)

@@ -50,6 +50,19 @@ StoreError.
 Several processes (and threads) can share one directory: all changes are
 serialised by the lock, which makes this store fit for one machine or for
 nodes that share a filesystem with working flock().
+
+Only root may use it. The store creates its directory (and the directories
+under it) 0700 and every file in it 0600, the lock included: a lock file that
+anyone can open is a lock anyone can flock() and freeze every node with. An
+existing directory must belong to root (to this process's euid) and not be
+writable by group or others; the lock and the bookkeeping files must belong to
+root too (a lock of an older version, 0644, is tightened to 0600). Nodes that
+share the directory on a network filesystem therefore all write as root: export
+it with no_root_squash (with root_squash root's files would belong to nobody,
+and the store refuses them), or use etcd. The lock is taken with a deadline
+(the store's timeout, 5 s by default, counted from the last committed change:
+a busy lock is waited for longer, up to six timeouts): on timeout
+StoreUnavailable names the process(es) holding it, from /proc/locks.
 """
 from __future__ import annotations
 
@@ -66,6 +79,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
+from cni_plugins.kernel.files import lock_holders, trust_problem
 from cni_plugins.spec import boundedjson
 
 from .errors import Compacted, StoreError, StoreUnavailable, UnreadableEntry
@@ -85,6 +99,12 @@ MAX_CHANGES_BYTES = 256 * 1024
 MAX_RECORD_BYTES = 1024 * 1024
 MAX_RECORD_DEPTH = 4          # a record is one flat object
 MAX_EXPIRY_BYTES = 64 * 1024 * 1024
+DIR_MODE = 0o700             # the store's directory (when the store creates it) and the directories in it
+FILE_MODE = 0o600            # every file: the lock, the bookkeeping files, the records
+DEFAULT_LOCK_TIMEOUT = 5.0   # seconds to wait for the lock before StoreUnavailable
+_LOCK_POLL_MAX = 0.002       # the longest pause between two attempts at a busy lock (when polled)
+_LOCK_BUSY_FACTOR = 6        # a lock that changes hands all along is waited for up to this many timeouts
+_MAX_LOCK_WAITERS = 16       # helper threads per store in a blocking flock() (see _flock)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -105,16 +125,33 @@ class _BadRecord(UnreadableEntry):
 class FileStore(Store):
     """A Store in a local directory; see the module docstring for the layout."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
         self.directory = os.path.normpath(directory)
+        if timeout is None or not timeout > 0:
+            raise StoreError(f"invalid file store timeout {timeout!r}: give seconds > 0")
+        self.timeout = float(timeout)   # how long to wait for the lock
         try:
             if not os.path.isdir(self.directory):
-                os.makedirs(self.directory, mode=0o755, exist_ok=True)
+                try:
+                    os.makedirs(self.directory, mode=DIR_MODE)
+                    os.chmod(self.directory, DIR_MODE)  # not narrowed by the umask
+                except FileExistsError:
+                    pass
             self._dir_fd: int | None = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except (NotADirectoryError, FileExistsError):
             raise StoreError(f"cannot open the file store {self.directory}: it is not a directory") from None
         except OSError as err:
             raise StoreUnavailable(f"cannot open the file store {self.directory}: {err.strerror}") from None
+        problem = trust_problem(os.fstat(self._dir_fd))
+        if problem:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+            raise StoreError(f"refusing the file store {self.directory}: it {problem}; only root may change the "
+                             f"cluster's leases: `chown root {self.directory} && chmod go-w {self.directory}` "
+                             f"(on a network filesystem, export it with no_root_squash) or use etcd")
+        self._tightened = False
+        self._waiters_lock = threading.Lock()
+        self._waiters = 0                                    # _LockWaiter threads still in flock()
         self._warned: dict[str, tuple[int, ...] | None] = {}   # key -> the file version warned about
         self._expiry_lock = threading.Lock()
         self._expiry_seen: tuple[int, ...] | None = None     # stat identity of .expiry when last read
@@ -538,8 +575,10 @@ class FileStore(Store):
         except FileNotFoundError:
             return {}
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
                 raise StoreError(f"{self.directory}/{EXPIRY_FILE} is not a regular file")
+            self._check_owner(info, EXPIRY_FILE)
             data = _read_bounded(fd, MAX_EXPIRY_BYTES)
         finally:
             os.close(fd)
@@ -600,14 +639,120 @@ class FileStore(Store):
     def _locked(self, exclusive: bool) -> Iterator[None]:
         # A fresh open file description per call: flock() then excludes other
         # threads of this process as well as other processes.
-        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=self._fd)
+        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE, dir_fd=self._fd)
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
                 raise StoreError(f"{self.directory}/{LOCK_FILE} is not a regular file")
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            self._check_owner(info, LOCK_FILE)
+            if info.st_mode & 0o077:
+                os.fchmod(fd, FILE_MODE)  # an older version's 0644: anyone could open it and hold it
+                if not self._tightened:
+                    self._tightened = True
+                    log.warning("tightened the lock file %s/%s to mode %04o (it was %04o: any local user "
+                                "could open it and hold the lock)", self.directory, LOCK_FILE, FILE_MODE,
+                                stat.S_IMODE(info.st_mode))
+            self._flock(fd, exclusive)
             yield
         finally:
             os.close(fd)  # releases the lock
+
+    def _flock(self, fd: int, exclusive: bool) -> None:
+        """flock() fd with a deadline; StoreUnavailable naming the holders when it passes.
+
+        The deadline is the store's timeout without progress: while other writers commit
+        changes (the revision file is replaced), the lock is busy, not stuck, and the wait
+        goes on, up to _LOCK_BUSY_FACTOR timeouts in all. Linux has no flock() with a
+        timeout: a helper thread waits in a blocking flock() on a duplicate of fd (the
+        same open file description, so the lock it gets is the caller's), which the
+        kernel wakes as soon as the lock is free. After the deadline the caller gives up
+        and closes its fd; the helper, still waiting, releases the lock the moment it gets
+        it (closing the duplicate, the description's last descriptor). At most
+        _MAX_LOCK_WAITERS helpers wait per store; beyond that (a holder stuck for long),
+        the lock is polled.
+        """
+        operation = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        start = last_progress = time.monotonic()
+        mark, changes = self._progress_mark(), 0
+        waiter = self._lock_waiter(fd, operation)
+        pause = 0.001
+        while True:
+            now = time.monotonic()
+            left = min(self.timeout - (now - last_progress), self.timeout * _LOCK_BUSY_FACTOR - (now - start))
+            if left <= 0:
+                break
+            if waiter is not None:
+                if waiter.wait(min(left, 0.1)):
+                    waiter.result()
+                    return
+            else:
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, _LOCK_POLL_MAX)
+                try:
+                    fcntl.flock(fd, operation | fcntl.LOCK_NB)
+                    return
+                except BlockingIOError:
+                    pass
+            current = self._progress_mark()
+            if current != mark:
+                mark, changes, last_progress = current, changes + 1, time.monotonic()
+        waited = time.monotonic() - start
+        if changes:
+            raise StoreUnavailable(f"timed out after {waited:.0f} s waiting for the lock {self.directory}/"
+                                   f"{LOCK_FILE} of the file store: it is busy, not stuck ({changes} changes "
+                                   f"were committed meanwhile); too many nodes write to this store at once: "
+                                   f"try again, and use etcd for a cluster this busy")
+        holders = lock_holders(fd)
+        if holders:
+            who = ", ".join(f"PID {pid} ({command})" for pid, command in holders)
+            advice = (f"held by {who}; pycni holds it for milliseconds at a time, so that process is stuck "
+                      f"or is not pycni: stop it (kill {' '.join(str(pid) for pid, _ in holders)}; a process "
+                      f"it started may have inherited the lock and hold it too) and try again")
+        else:
+            advice = ("no process on this machine holds it according to /proc/locks: on a shared filesystem "
+                      "another node holds it; find the stuck process there and stop it, then try again")
+        raise StoreUnavailable(f"timed out after {self.timeout:g} s waiting for the lock "
+                               f"{self.directory}/{LOCK_FILE} of the file store: {advice}")
+
+    def _lock_waiter(self, fd: int, operation: int) -> "_LockWaiter | None":
+        """A helper thread in a blocking flock() on a duplicate of fd; None when too many wait already."""
+        with self._waiters_lock:
+            if self._waiters >= _MAX_LOCK_WAITERS:
+                return None
+            self._waiters += 1
+        duplicate = -1
+        try:
+            duplicate = os.dup(fd)
+            return _LockWaiter(duplicate, operation, self._waiter_done)
+        except BaseException:  # no thread was started: nothing else closes it or counts it down
+            if duplicate >= 0:
+                os.close(duplicate)
+            self._waiter_done()
+            raise
+
+    def _waiter_done(self) -> None:
+        with self._waiters_lock:
+            self._waiters -= 1
+
+    def _progress_mark(self) -> tuple[int, int] | None:
+        """The identity of the revision file: every committed change replaces it."""
+        try:
+            info = os.stat(REVISION_FILE, dir_fd=self._fd, follow_symlinks=False)
+        except OSError:
+            return None
+        return info.st_ino, info.st_mtime_ns
+
+    def _check_owner(self, info: os.stat_result, name: str) -> None:
+        """StoreError unless the store's file name (stat info) belongs to root (this process's euid)."""
+        if info.st_uid not in (0, os.geteuid()):
+            raise StoreError(f"refusing {self.directory}/{name}: it is owned by uid {info.st_uid}, not by root; "
+                             f"only root may use the file store: remove it (the store makes it again, mode "
+                             f"{FILE_MODE:04o}); on a network filesystem, export the store with no_root_squash")
 
     def _open_dir(self, parts: list[str], create: bool) -> int | None:
         """An fd for DIR/parts..., never through a symlink; None if missing and not create."""
@@ -623,7 +768,7 @@ class FileStore(Store):
                         os.close(fd)
                         return None
                     try:
-                        os.mkdir(part, 0o755, dir_fd=fd)
+                        os.mkdir(part, DIR_MODE, dir_fd=fd)
                     except FileExistsError:
                         pass
                     nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
@@ -704,7 +849,7 @@ class FileStore(Store):
         for _ in range(8):
             name = f"{TMP_PREFIX}{os.urandom(6).hex()}"
             try:
-                fd = os.open(name, _NEW_FLAGS, 0o644, dir_fd=parent)
+                fd = os.open(name, _NEW_FLAGS, FILE_MODE, dir_fd=parent)
                 break
             except FileExistsError:
                 continue
@@ -728,6 +873,7 @@ class FileStore(Store):
         except FileNotFoundError:
             return 0
         try:
+            self._check_owner(os.fstat(fd), REVISION_FILE)
             text = _read_all(fd).decode("ascii", "replace").strip()
         finally:
             os.close(fd)
@@ -738,8 +884,12 @@ class FileStore(Store):
     def _commit(self, revision: int, *keys: str) -> None:
         """Record a change of keys: append it to the change log, then publish the new revision."""
         fd = os.open(CHANGES_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o644, dir_fd=self._fd)
+                     FILE_MODE, dir_fd=self._fd)
         try:
+            info = os.fstat(fd)
+            self._check_owner(info, CHANGES_FILE)
+            if info.st_mode & 0o077:
+                os.fchmod(fd, FILE_MODE)  # an older version's 0644
             os.write(fd, "".join(f"{revision} {key}\n" for key in keys).encode())
             size = os.fstat(fd).st_size
         finally:
@@ -760,6 +910,7 @@ class FileStore(Store):
         except FileNotFoundError:
             return 0, []
         try:
+            self._check_owner(os.fstat(fd), CHANGES_FILE)
             text = _read_all(fd).decode("utf-8", "replace")
         finally:
             os.close(fd)
@@ -845,6 +996,40 @@ class FileStore(Store):
             return
         self._warned[key] = identity
         log.warning("the file store skips %s: %s", key, why)
+
+
+class _LockWaiter:
+    """One blocking flock() in a daemon thread, on a descriptor it owns and closes when it returns.
+
+    The descriptor is a duplicate of the caller's: whoever of the two still has it open
+    holds the lock the thread got, and the thread's close() releases it once the
+    caller's descriptor is closed too (or at once, if the caller gave up and closed it).
+    """
+
+    def __init__(self, fd: int, operation: int, done: Any) -> None:
+        self._fd = fd
+        self._operation = operation
+        self._done = done
+        self._event = threading.Event()
+        self._error: OSError | None = None
+        threading.Thread(target=self._run, name="pycni-store-lock", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            fcntl.flock(self._fd, self._operation)
+        except OSError as err:
+            self._error = err
+        finally:
+            self._event.set()
+            os.close(self._fd)
+            self._done()
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(timeout)
+
+    def result(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 class _FileClaims(Claims):

@@ -13,7 +13,9 @@ def open_store(url: str, *, prefix: str = "/pycni", tls: TLSFiles | None = None,
     file:///DIR opens a local file store in DIR (created if missing; prefix
     does not apply: the directory is the store). etcd://HOST:PORT[,HOST:PORT...]
     talks to etcd v3 through its JSON gateway, trying the endpoints in order;
-    with tls it uses https. timeout bounds every request (seconds).
+    with tls it uses https (without it, one warning per process: see
+    EtcdStore). timeout bounds every request (seconds), and how long a file
+    store waits for its lock.
 
     An etcd store opens its connections in the network namespace of the
     thread that called open_store(), whichever thread uses it later.
@@ -32,7 +34,7 @@ def open_store(url: str, *, prefix: str = "/pycni", tls: TLSFiles | None = None,
                              f"as in file:///var/lib/pycni/cluster (three slashes)")
         if "?" in rest or "#" in rest:
             raise StoreError(f"invalid store URL {url!r}: query strings and fragments are not supported")
-        return FileStore(rest)
+        return FileStore(rest, timeout=timeout)
     if sep and scheme == "etcd":
         return EtcdStore(parse_endpoints(url, rest), prefix=prefix, tls=tls, timeout=timeout)
     raise StoreError(f"unsupported store URL {url!r}: use {ACCEPTED_URLS}")

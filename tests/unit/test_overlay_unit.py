@@ -165,8 +165,8 @@ def test_state_round_trip(tmp_path):
     path = write_state(str(directory), STATE)
     assert path == state_path(str(directory))
     assert read_state(str(directory)) == STATE
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
-    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600     # root's alone (tests/unit/test_state_trust.py)
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
     doc = json.loads(open(path).read())
     assert doc["vxlanDevice"] == "pycni.1" and doc["publicIP"] == "192.168.100.11" and doc["vtepMAC"]
     assert [n for n in os.listdir(directory)] == ["overlay.json"]   # no temp files left behind

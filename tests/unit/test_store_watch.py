@@ -20,6 +20,7 @@ import pytest
 from ipam.cluster import Compacted, Entry, StoreError, StoreUnavailable, open_store
 from ipam.cluster import etcd as etcd_module
 from ipam.cluster import filestore
+from ipam.cluster.errors import ResponseTooLarge
 from ipam.cluster.store import Event
 
 
@@ -288,7 +289,7 @@ def test_stream_refuses_a_message_larger_than_its_bound(stream, monkeypatch):
     s, peer, _ = stream
     monkeypatch.setattr(etcd_module, "MAX_WATCH_MESSAGE", 1000)
     peer.sendall(_chunk(b'{"result": "' + b"x" * 2000))
-    with pytest.raises(StoreUnavailable, match="larger than 1000 bytes.*--max-request-bytes"):
+    with pytest.raises(ResponseTooLarge, match="larger than 1000 bytes.*--max-request-bytes"):
         s.messages(time.monotonic() + 2)
 
 
