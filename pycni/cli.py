@@ -476,7 +476,9 @@ def install_cmd(cni_bin_dir: str, force: bool, agent_socket: str, no_agent: bool
                                                              native=native_shim)):
         click.echo(f"wrote {item.path} ({item.target})")
     if systemd_unit:
-        unit = run_reporting_errors(lambda: install_systemd_unit(unit_dir, agent_socket=agent_socket))
+        # The agent executes delegates only from directories it is told: this one is where the shims went.
+        unit = run_reporting_errors(lambda: install_systemd_unit(unit_dir, agent_socket=agent_socket,
+                                                                 cni_bin_dirs=(os.path.abspath(cni_bin_dir),)))
         click.echo(f"wrote {unit}; enable it with: systemctl daemon-reload && systemctl enable --now pycni-agent")
 
 

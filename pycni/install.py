@@ -8,11 +8,27 @@ the plugin in-process when no agent answers (the cold path, what these
 executables always did). Shims always try an agent: at ``--agent-socket``, or
 at /run/pycni/agent.sock by default; ``agent_socket=None`` (``--no-agent``)
 writes shims that never try one.
+
+The socket must live where only root can put one: a directory of root's that
+no group or other user may write to (nor any directory above it, unless
+sticky, like /tmp; a directory that does not exist yet must be one only root
+can create). The shims check the same before every connect and run cold
+otherwise; install refuses such a socket path up front.
+
+When an agent serves the socket already, install records the CNI bin
+directory it wrote into beside the socket (``SOCKET.cni-bin-dirs``, one
+directory a line, root's, 0644): that agent may then execute delegated
+plugins found there too (besides /opt/cni/bin or its --cni-bin-dir
+directories). Nothing is recorded, or created, where no agent runs: /run is
+emptied at boot anyway, so an agent whose shims live elsewhere than
+/opt/cni/bin should be given --cni-bin-dir (``install_systemd_unit`` writes
+it into the unit's ExecStart).
 """
 from __future__ import annotations
 
 import os
 import re
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -80,6 +96,68 @@ def _check_socket(agent_socket: str) -> None:
     if len(agent_socket.encode()) > UNIX_PATH_MAX:
         raise CNIError(ERR_INVALID_CONFIG, f"agent socket path {agent_socket!r} is too long",
                        f"a unix socket path has at most {UNIX_PATH_MAX} bytes; use a shorter one")
+    problem = socket_directory_problem(agent_socket)
+    if problem:
+        raise CNIError(ERR_INVALID_CONFIG, f"refusing the agent socket {agent_socket}: {problem}",
+                       "the shims trust only a socket that nobody but root could have put there (else "
+                       "they run every plugin in-process); use a directory like /run/pycni")
+
+
+def socket_directory_problem(agent_socket: str) -> str:
+    """Why a socket at ``agent_socket`` could be someone else's than root's ("" when it could not).
+
+    The directory must be root's and writable by no group or other user, and
+    so must those above it unless sticky (``protocol.unsafe_directory``). A
+    missing directory is fine when only root can create it: the nearest
+    existing one above is root's and writable by nobody else (sticky or not).
+    """
+    from .agent.protocol import unsafe_directory
+
+    wanted = directory = os.path.dirname(os.path.realpath(agent_socket))
+    while not os.path.lexists(directory) and directory != "/":
+        directory = os.path.dirname(directory)
+    if not os.path.isdir(directory):
+        return f"{directory} is not a directory"
+    problem = unsafe_directory(directory)
+    if problem and directory != wanted:
+        return f"{wanted} does not exist yet and {problem}: another user could create it first"
+    return problem
+
+
+def record_bin_dir(agent_socket: str, bin_dir: str) -> str | None:
+    """Add ``bin_dir`` to the record beside ``agent_socket`` that lets its agent execute plugins from there.
+
+    Returns the record's path, or None when no agent serves that socket (it
+    is not there: nothing is created for an agent that may never run) or this
+    process is not root (the agent trusts only a record of root's).
+    """
+    from .agent.protocol import bin_dirs_record
+
+    path = bin_dirs_record(agent_socket)
+    try:
+        is_socket = stat.S_ISSOCK(os.lstat(agent_socket).st_mode)
+    except OSError:
+        is_socket = False
+    if os.geteuid() != 0 or not is_socket:
+        return None
+    real = os.path.realpath(bin_dir)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            dirs = [line.strip() for line in handle.read(64 * 1024).splitlines() if line.strip()]
+    except FileNotFoundError:
+        dirs = []
+    except OSError as exc:
+        raise CNIError(ERR_IO, f"cannot read {path}: {exc.strerror}") from None
+    if real in dirs:
+        return path
+    if ":" in real:
+        raise CNIError(ERR_INVALID_CONFIG, f"cannot record {real} for the agent: it holds a ':'",
+                       "use a CNI bin directory without ':' in its path")
+    try:
+        write_atomically(path, "".join(f"{d}\n" for d in [*dirs, real]).encode(), 0o644)
+    except OSError as exc:
+        raise CNIError(ERR_IO, f"cannot write {path}: {exc.strerror}") from None
+    return path
 
 
 def native_wrapper(plugin_type: str, target: str, python: str, shim_binary: str, agent_socket: str) -> str:
@@ -219,6 +297,8 @@ def install_plugins(bin_dir: str, plugins: dict[str, str] | None = None, *, pyth
         except OSError as exc:
             raise CNIError(ERR_IO, f"cannot write {path}: {exc.strerror}") from None
         installed.append(InstalledPlugin(plugin_type, path, plugins[plugin_type]))
+    if agent_socket is not None:
+        record_bin_dir(agent_socket, bin_dir)
     return installed
 
 
@@ -228,28 +308,34 @@ UNIT_NAME = "pycni-agent.service"
 UNIT_DIR = "/etc/systemd/system"
 
 
-def unit_text(pycni_command: str, agent_socket: str = DEFAULT_AGENT_SOCKET) -> str:
-    """conf/pycni-agent.service with ExecStart pointing at this installation's `pycni` and socket."""
+def unit_text(pycni_command: str, agent_socket: str = DEFAULT_AGENT_SOCKET,
+              cni_bin_dirs: tuple[str, ...] = ()) -> str:
+    """conf/pycni-agent.service with ExecStart pointing at this installation's `pycni` and socket.
+
+    ``cni_bin_dirs``: where the agent may execute delegated plugins from
+    (``--cni-bin-dir``; none given: the agent's default, /opt/cni/bin).
+    """
     from importlib.resources import files
 
     template = files("conf").joinpath(UNIT_NAME).read_text()
-    for path in (pycni_command, agent_socket):
-        if not os.path.isabs(path) or any(c.isspace() or c in "\"'\\%$;" for c in path):
+    for path in (pycni_command, agent_socket, *cni_bin_dirs):
+        if not os.path.isabs(path) or any(c.isspace() or c in "\"'\\%$;:" for c in path):
             raise CNIError(ERR_INVALID_CONFIG, f"cannot use {path!r} in a systemd unit",
-                           "use an absolute path without spaces, quotes or % $ ; characters")
+                           "use an absolute path without spaces, quotes or % $ ; : characters")
     lines = []
     for line in template.splitlines():
         if line.startswith("ExecStart="):
             line = f"ExecStart={pycni_command} agent --socket {agent_socket}"
+            line += "".join(f" --cni-bin-dir {d}" for d in cni_bin_dirs)
         lines.append(line)
     return "\n".join(lines) + "\n"
 
 
 def install_systemd_unit(unit_dir: str = UNIT_DIR, *, pycni_command: str | None = None,
-                         agent_socket: str = DEFAULT_AGENT_SOCKET) -> str:
+                         agent_socket: str = DEFAULT_AGENT_SOCKET, cni_bin_dirs: tuple[str, ...] = ()) -> str:
     """Write the agent's unit into ``unit_dir``; return its path. Enabling it is left to the operator."""
     pycni_command = pycni_command or os.path.join(os.path.dirname(sys.executable), "pycni")
-    text = unit_text(pycni_command, agent_socket)
+    text = unit_text(pycni_command, agent_socket, cni_bin_dirs)
     path = os.path.join(os.path.abspath(unit_dir), UNIT_NAME)
     try:
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)

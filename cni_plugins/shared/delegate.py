@@ -10,13 +10,18 @@ in the request's environment forces the executable (for comparisons).
 
 ``run_in_process`` serves a delegate of this suite without any CNI_PATH
 lookup; the vxlan plugin attaches its pods through the bridge that way.
+
+A request `pycni agent` serves carries an ``ExecPolicy`` (``req.exec_policy``):
+an executable outside the directories the agent's operator allowed is never
+run (``ExecRefused``: the plugin undoes what it did and the caller runs the
+request itself), and the one that runs gets the caller's CNI_NETNS.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from cni_plugins.spec import registry
-from cni_plugins.spec.exec import find_plugin, plugin_environment, run_plugin
+from cni_plugins.spec.exec import AGENT_NETNS_VARIABLE, find_plugin, plugin_environment, run_plugin
 from cni_plugins.spec.skel import CmdArgs, run_command
 from cni_plugins.spec.types import Result
 
@@ -38,10 +43,16 @@ def delegate(req: CmdArgs, plugin_type: str, command: str, conf: dict[str, Any] 
     own = registry.own_plugin(path) if _in_process_allowed(req) else None
     if own == plugin_type:
         return _serve(sub, plugin_type)
-    env = plugin_environment(req.environ, command, {
-        "CNI_CONTAINERID": sub.container_id, "CNI_NETNS": sub.netns, "CNI_IFNAME": sub.ifname,
+    netns, stdin = sub.netns, sub.stdin_data
+    policy = req.exec_policy
+    if policy is not None:  # served by the agent: only what its operator allows, in the caller's namespace
+        path = policy.executable(path)
+        netns, stdin = policy.child_request(sub.netns, sub.conf, sub.stdin_data)
+    base = {k: v for k, v in req.environ.items() if k != AGENT_NETNS_VARIABLE}
+    env = plugin_environment(base, command, {
+        "CNI_CONTAINERID": sub.container_id, "CNI_NETNS": netns, "CNI_IFNAME": sub.ifname,
         "CNI_ARGS": sub.args, "CNI_PATH": sub.path})
-    stdout, stderr = run_plugin(path, command, env, sub.stdin_data, req.timeout)
+    stdout, stderr = run_plugin(path, command, env, stdin, req.timeout)
     if stderr:
         req.warn(stderr.decode(errors="replace").rstrip("\n"))
     if command != "ADD":

@@ -5,19 +5,110 @@ contract: a plugin delegating to another one (the bridge to its IPAM plugin)
 and the runtime side (`pycni add`, the cache-driven DEL). An error object the
 plugin prints is passed on with its code; anything else a failing plugin
 does becomes an internal error that quotes what it wrote.
+
+A request that `pycni agent` serves carries an ``ExecPolicy`` (in its
+environment, read by ``CmdArgs.exec_policy``): the agent runs as root on
+behalf of a caller, so it executes delegates only from the directories its
+operator allowed, and hands them the caller's CNI_NETNS only where that path
+means the namespace the caller passed. Anything else raises ``ExecRefused``
+and the caller runs the whole request in its own process. The cold path (a
+plugin process the runtime started) has no policy and no such limits.
 """
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 from cni_plugins.spec.errors import ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_TRY_AGAIN, CNIError
 
 # The variables of the CNI protocol; a plugin gets only the ones its command uses.
 CNI_ENV_VARS = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH")
 OUTPUT_TAIL = 2000
+# Set by `pycni agent` in the environment of every request it serves, never taken from its caller:
+# the directories delegated executables may come from (real paths joined by ':'; empty: none) ...
+AGENT_BIN_DIRS_VARIABLE = "PYCNI_AGENT_CNI_BIN_DIRS"
+# ... and CNI_NETNS as the caller gave it, when the agent replaced it by the descriptor the caller passed.
+AGENT_NETNS_VARIABLE = "PYCNI_AGENT_CNI_NETNS"
+
+
+class ExecRefused(BaseException):
+    """Running this delegate here is not allowed: the request must run in its caller's own process.
+
+    Raised only under an ``ExecPolicy`` (a request the agent serves). It is a
+    BaseException so that no plugin turns it into a CNI error object, while
+    every undo (``except BaseException: undo.run(); raise``) still runs: the
+    agent answers with a refusal once the plugin has taken back what it did,
+    and the shim runs the request itself.
+    """
+
+
+@dataclass(frozen=True)
+class ExecPolicy:
+    """What a request the agent serves may execute, and the CNI_NETNS a delegate gets."""
+
+    allowed_dirs: tuple[str, ...]   # real paths of the directories delegates may come from
+    caller_netns: str = ""          # CNI_NETNS as the caller gave it ("" when it was not replaced)
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> ExecPolicy | None:
+        """The policy a request's environment carries (None: no agent set one, anything may run)."""
+        dirs = environ.get(AGENT_BIN_DIRS_VARIABLE)
+        if dirs is None:
+            return None
+        return cls(tuple(d for d in dirs.split(":") if d), environ.get(AGENT_NETNS_VARIABLE, ""))
+
+    def executable(self, path: str) -> str:
+        """What to execute for ``path`` (found in CNI_PATH): the same file by its real directory.
+
+        ExecRefused unless that directory is an allowed one. Executing the
+        checked real path means a symlinked CNI_PATH entry cannot be switched
+        to another directory between the check and the exec.
+        """
+        directory, name = os.path.split(path)
+        real = os.path.realpath(directory or ".")
+        if real not in self.allowed_dirs:
+            allowed = ", ".join(self.allowed_dirs) or "none"
+            raise ExecRefused(f"{path} is outside the directories the pycni agent may execute plugins from "
+                              f"({allowed}; see pycni agent --cni-bin-dir)")
+        return os.path.join(real, name)
+
+    def child_request(self, netns: str, conf: dict[str, Any], stdin: bytes) -> tuple[str, bytes]:
+        """CNI_NETNS and stdin for a delegated executable: the caller's path, where it means the same here.
+
+        The agent works on the namespace descriptor the caller passed and names
+        it by a /proc path of its own (``netns``). An executable gets the
+        caller's CNI_NETNS instead, as it would cold (a plugin like dhcp keeps
+        the path beyond the call), but only when that path names the very
+        same namespace for the agent; otherwise ExecRefused.
+        """
+        if not self.caller_netns or not netns or self.caller_netns == netns:
+            return netns, stdin
+        try:
+            here, passed = os.stat(self.caller_netns), os.stat(netns)
+        except OSError as exc:
+            raise ExecRefused(f"CNI_NETNS {self.caller_netns} cannot be handed to a delegated plugin: "
+                              f"the agent cannot see it ({exc.strerror})") from None
+        if (here.st_dev, here.st_ino) != (passed.st_dev, passed.st_ino):
+            raise ExecRefused(f"CNI_NETNS {self.caller_netns} is another namespace for the agent than for the "
+                              f"caller: a delegated plugin would act on the wrong one")
+        replaced = replace_sandbox(conf, netns, self.caller_netns)
+        return self.caller_netns, stdin if replaced is None else json.dumps(replaced).encode()
+
+
+def replace_sandbox(conf: Any, old: str, new: str) -> dict[str, Any] | None:
+    """``conf`` with every prevResult interface whose sandbox is ``old`` moved to ``new`` (None: none was)."""
+    if not isinstance(conf, dict) or not isinstance(conf.get("prevResult"), dict):
+        return None
+    interfaces = conf["prevResult"].get("interfaces")
+    if not isinstance(interfaces, list):
+        return None
+    changed = [dict(i, sandbox=new) if isinstance(i, dict) and i.get("sandbox") == old else i for i in interfaces]
+    if changed == interfaces:
+        return None
+    return dict(conf, prevResult=dict(conf["prevResult"], interfaces=changed))
 
 
 class PluginError(CNIError):

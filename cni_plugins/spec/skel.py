@@ -77,6 +77,18 @@ class CmdArgs:
     def path_dirs(self) -> list[str]:
         return [d for d in self.path.split(os.pathsep) if d]
 
+    @property
+    def exec_policy(self) -> Any:
+        """What a delegated executable may be, when `pycni agent` serves this request (an ``exec.ExecPolicy``).
+
+        The agent puts it into the request's environment (``environ``), so it
+        travels with the request and its derived ones; None (the cold path):
+        whatever CNI_PATH finds may run.
+        """
+        from cni_plugins.spec.exec import ExecPolicy
+
+        return ExecPolicy.from_environ(self.environ)
+
     def warn(self, message: str) -> None:
         """A diagnostic line for the caller's stderr (never stdout)."""
         self.diagnostics.append(message if message.endswith("\n") else message + "\n")

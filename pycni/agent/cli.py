@@ -15,7 +15,7 @@ import click
 from pycni.overlay.options import OverlayOptions, from_flags, overlay_flags
 from pycni.storeopts import etcd_options, tls_files
 
-from .protocol import DEFAULT_SOCKET
+from .protocol import BIN_DIRS_RECORD_SUFFIX, DEFAULT_CNI_BIN_DIR, DEFAULT_SOCKET
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -35,6 +35,13 @@ def _logger(log_file: str | None, level: str) -> logging.Logger:
     return logging.getLogger("pycni.agent")
 
 
+def _check_bin_dirs(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    for directory in value:
+        if not os.path.isabs(directory) or ":" in directory:
+            raise click.BadParameter(f"{directory!r}: give an absolute path without ':'")
+    return value
+
+
 @click.group("agent", invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--socket", "socket_path", metavar="PATH",
               help=f"Unix socket to serve on [default: {DEFAULT_SOCKET}, or STATE_DIR/agent.sock with "
@@ -48,6 +55,18 @@ def _logger(log_file: str | None, level: str) -> logging.Logger:
               metavar="SECONDS", help="Longest a request may run; then the caller gets 'try again later'.")
 @click.option("--grace", default=30.0, show_default=True, type=click.FloatRange(min=0), metavar="SECONDS",
               help="On SIGTERM: how long requests in flight may still finish.")
+@click.option("--cni-bin-dir", "cni_bin_dirs", multiple=True, metavar="DIR", callback=_check_bin_dirs,
+              help=f"A directory the agent may execute delegated plugins from (an IPAM plugin that is not "
+                   f"pycni's own, e.g. the reference host-local or dhcp); repeat for more [default: "
+                   f"{DEFAULT_CNI_BIN_DIR}]. So do the directories `pycni install` wrote this socket's plugins "
+                   f"into while the agent ran (listed in SOCKET{BIN_DIRS_RECORD_SUFFIX}); one that others than "
+                   "root may write to never does. A request that needs another executable runs in its "
+                   "caller's process.")
+@click.option("--max-connections", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Connections open at once (requests running, queued or still arriving); one more is "
+                   "refused at once and its plugin runs in the caller's process.")
+@click.option("--read-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.1),
+              metavar="SECONDS", help="Longest a caller may take to send its whole request; then it is cut off.")
 @click.option("--log-file", type=click.Path(dir_okay=False), metavar="FILE",
               help="Append the log here [default: stderr, i.e. the journal under systemd].")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
@@ -56,7 +75,8 @@ def _logger(log_file: str | None, level: str) -> logging.Logger:
 @overlay_flags
 @click.pass_context
 def agent(ctx: click.Context, socket_path: str | None, max_concurrency: int, queue_timeout: float,
-          request_timeout: float, grace: float, log_file: str | None, log_level: str, profile_dir: str | None,
+          request_timeout: float, grace: float, cni_bin_dirs: tuple[str, ...], max_connections: int,
+          read_timeout: float, log_file: str | None, log_level: str, profile_dir: str | None,
           leave: bool, **flags: Any) -> None:
     """Serve CNI requests for the installed plugin shims (the warm path).
 
@@ -65,8 +85,13 @@ def agent(ctx: click.Context, socket_path: str | None, max_concurrency: int, que
     network namespace) over a root-only unix socket; the agent runs the same
     plugin code, already imported, in the caller's namespace and returns the
     exact exit code and output a plugin process would have. When no agent
-    answers, the shims run the plugin themselves: stopping the agent never
-    stops the node's networking.
+    answers, or it refuses a request, the shims run the plugin themselves:
+    stopping the agent never stops the node's networking.
+
+    The agent acts on what its caller passed, never on its own view of a
+    path: namespaces come as descriptors (a request naming a CNI_NETNS its
+    caller could not open is refused), and a delegated plugin that is not
+    pycni's own runs only from a --cni-bin-dir directory.
 
     With --store and --public-ip the agent is also the overlay's node agent.
 
@@ -87,7 +112,8 @@ def agent(ctx: click.Context, socket_path: str | None, max_concurrency: int, que
     log = _logger(log_file, log_level)
     code = serve(socket_path, log, max_concurrency=max_concurrency, queue_timeout=queue_timeout,
                  request_timeout=request_timeout, grace=grace, overlay=overlay, leave=leave,
-                 profile_dir=profile_dir or "")
+                 profile_dir=profile_dir or "", cni_bin_dirs=cni_bin_dirs or (DEFAULT_CNI_BIN_DIR,),
+                 max_connections=max_connections, read_timeout=read_timeout)
     sys.exit(code)
 
 
@@ -137,13 +163,16 @@ class _Overlay:
 
 def serve(socket_path: str, log: logging.Logger, *, max_concurrency: int = 16, queue_timeout: float = 10.0,
           request_timeout: float = 60.0, grace: float = 30.0, overlay: OverlayOptions | None = None,
-          leave: bool = False, profile_dir: str = "") -> int:
+          leave: bool = False, profile_dir: str = "", cni_bin_dirs: tuple[str, ...] = (DEFAULT_CNI_BIN_DIR,),
+          max_connections: int = 256, read_timeout: float = 10.0) -> int:
     """Run the agent until SIGTERM/SIGINT; the process's exit status."""
     from .server import Agent, AgentError, AgentOptions, notify_systemd
 
     node: _Overlay | None = None
     options = AgentOptions(socket_path=socket_path, max_concurrency=max_concurrency, queue_timeout=queue_timeout,
-                           request_timeout=request_timeout, grace=grace, profile_dir=profile_dir)
+                           request_timeout=request_timeout, grace=grace, profile_dir=profile_dir,
+                           cni_bin_dirs=tuple(cni_bin_dirs), max_connections=max_connections,
+                           read_timeout=read_timeout)
     signals = {"count": 0}
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -244,7 +273,9 @@ def format_status(doc: dict[str, Any]) -> str:
         f"requests: {requests.get('served', 0)} served, {doc.get('in_flight', 0)} in flight, "
         f"{doc.get('queued', 0)} queued (max {doc.get('max_concurrency')} at once); "
         f"{requests.get('busy', 0)} busy, {requests.get('timed_out', 0)} timed out, "
-        f"{requests.get('refused', 0)} refused, {requests.get('denied', 0)} denied",
+        f"{requests.get('refused', 0)} refused, {requests.get('declined', 0)} declined (run cold: namespace or "
+        f"executable not allowed), {requests.get('denied', 0)} denied, {requests.get('over_capacity', 0)} over "
+        f"the connection cap",
     ]
     rows = [(plugin, command, figures) for plugin, by_command in sorted(doc.get("latency", {}).items())
             for command, figures in sorted(by_command.items())]

@@ -55,13 +55,22 @@ class Answer:
 def send_cni(socket_path: str, plugin_type: str, environ: Mapping[str, str], stdin: bytes,
              netns_path: str = "/proc/thread-self/ns/net", version: str | None = None,
              timeout: float = 30.0) -> Answer:
-    """Send one CNI request the way a shim does and wait for the final answer."""
-    ns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    """Send one CNI request the way a shim does and wait for the final answer.
+
+    ``netns_path`` is the caller's own network namespace; CNI_NETNS (from
+    ``environ``) goes along opened O_PATH when it can be opened, as a shim sends it.
+    """
+    fds = [os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)]
     try:
+        if environ.get("CNI_NETNS"):
+            try:
+                fds.append(os.open(environ["CNI_NETNS"], os.O_PATH | os.O_CLOEXEC))
+            except OSError:
+                pass
         with _connect(socket_path, timeout) as sock:
             message = protocol.request(version or protocol.pycni_version(), protocol.KIND_CNI, plugin_type,
                                        dict(environ), stdin)
-            rights = ns_fd.to_bytes(4, sys.byteorder)
+            rights = b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)
             sent = sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
             if sent < len(message):
                 sock.sendall(message[sent:])
@@ -71,10 +80,11 @@ def send_cni(socket_path: str, plugin_type: str, environ: Mapping[str, str], std
                 if kind == protocol.ACCEPTED:
                     accepted = True
                     continue
-                if kind == protocol.REFUSED:
+                if kind == protocol.REFUSED:  # before or after accepting: nothing of the request remains
                     return Answer("refused", accepted, reason=items[0].decode(errors="replace"))
                 if kind == protocol.DONE:
                     return Answer("done", accepted, int(items[0]), items[1], items[2])
                 raise protocol.ProtocolError(f"unexpected answer {kind!r}")
     finally:
-        os.close(ns_fd)
+        for fd in fds:
+            os.close(fd)

@@ -12,12 +12,20 @@
  * What it does, in the Python shim's order and with its messages:
  *   - VERSION is answered from the file (the answer is hex-encoded there);
  *   - no CNI_COMMAND, PYCNI_NO_AGENT set, or no socket: the plugin runs cold;
+ *   - the socket must be root's, in a directory of root's that no group or
+ *     other user may write to (nor any directory above it, unless sticky);
+ *     otherwise cold, saying why on stderr;
  *   - connect to the agent (5 s); failing that, cold, saying why on stderr;
+ *     the process serving the socket must be root (SO_PEERCRED), else cold;
+ *   - read stdin, no further than 16 MiB: a request larger than the agent
+ *     takes runs cold, with all of stdin handed over (what was read, then
+ *     the rest, fed through a pipe);
  *   - send the request (protocol v1, see pycni/agent/protocol.py) with this
  *     process's network namespace as an SCM_RIGHTS descriptor, and CNI_NETNS
- *     opened O_PATH when it can be (the agent refuses a request whose
- *     CNI_NETNS it sees as another namespace: then this runs cold);
- *   - R (refused) or the connection closed before A: cold, stdin handed over;
+ *     opened O_PATH when it can be (the agent works on that descriptor, and
+ *     refuses a request whose CNI_NETNS it did not get: then this runs cold);
+ *   - R (refused, also after A: nothing of the request remains) or the
+ *     connection closed before A: cold, stdin handed over;
  *   - A (accepted): wait up to the agent's timeout + 5 s for D, relay its
  *     stderr, stdout and exit code byte for byte; otherwise a code-11
  *     "try again" error. Accepted work never runs twice.
@@ -39,6 +47,7 @@
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/un.h>
+#include <limits.h>
 #include <unistd.h>
 
 #define CONNECT_TIMEOUT 5
@@ -46,6 +55,7 @@
 #define ANSWER_MARGIN 5
 #define MAX_FILE (64 * 1024)
 #define MAX_FRAME (16u * 1024 * 1024)
+#define MAX_BODY MAX_FRAME /* protocol.MAX_BODY: the largest request the agent takes */
 static const char MAGIC[8] = {'P', 'Y', 'C', 'N', 'I', 'A', 0, 1};
 /* `pycni install` recognises its own binary by this string (kept in the binary: "used"). */
 __attribute__((used)) static const char IDENT[] = "pycni-native-shim v1";
@@ -198,15 +208,48 @@ static void load(const char *path) {
         die("%s lacks type, version, python, module or function: write it again with `pycni install`", path);
 }
 
-/* Run the plugin in this process's place: the Python shim's cold path. */
-static void cold(const char *note, const struct buf *data) {
+/* stdin for a cold run that must see `data` and then what is left of this process's stdin: a pipe that a
+ * child fills (it exits at the end, or when the plugin stops reading). */
+static void feed_rest(const struct buf *data) {
+    int p[2];
+    if (pipe2(p, O_CLOEXEC) < 0)
+        die("pipe: %s", strerror(errno));
+    pid_t pid = fork();
+    if (pid < 0)
+        die("fork: %s", strerror(errno));
+    if (pid == 0) {
+        close(p[0]);
+        close(1);  /* the runtime waits for the plugin's stdout to close: not for this child's */
+        close(2);
+        out(p[1], data->data, data->len);
+        char chunk[65536];
+        for (;;) {
+            ssize_t r = read(0, chunk, sizeof chunk);
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r <= 0)
+                break;
+            out(p[1], chunk, (size_t)r);
+        }
+        _exit(0);
+    }
+    close(p[1]);
+    if (dup2(p[0], 0) < 0)
+        die("cannot hand stdin over: %s", strerror(errno));
+    close(p[0]);
+}
+
+/* Run the plugin in this process's place: the Python shim's cold path. `more`: stdin was not read to its end. */
+static void cold_rest(const char *note, const struct buf *data, int more) {
     if (note) {
         char line[1024];
         int n = snprintf(line, sizeof line, "pycni: %s; running %s in-process\n", note, cfg.plugin_type);
         if (n > 0)
             out(2, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
     }
-    if (data) {
+    if (data && more) {
+        feed_rest(data);
+    } else if (data) {
         int mfd = memfd_create("pycni-stdin", MFD_CLOEXEC);
         if (mfd < 0)
             die("memfd_create: %s", strerror(errno));
@@ -221,6 +264,57 @@ static void cold(const char *note, const struct buf *data) {
     char *argv[] = {cfg.python, "-I", "-c", code, NULL};
     execve(cfg.python, argv, environ);
     die("cannot run %s: %s", cfg.python, strerror(errno));
+}
+
+static void cold(const char *note, const struct buf *data) {
+    cold_rest(note, data, 0);
+}
+
+/* Why the socket at `path` may not be the agent's, into `why` (empty: it may, or nothing is there).
+ * The same checks as the Python shim's unsafe() and pycni.agent.protocol.unsafe_socket. */
+static void unsafe_socket(const char *path, char *why, size_t size) {
+    struct stat st;
+    why[0] = 0;
+    if (lstat(path, &st) < 0)
+        return; /* nothing (visible) there: connecting says so */
+    if (!S_ISSOCK(st.st_mode)) {
+        snprintf(why, size, "%s is not a socket", path);
+        return;
+    }
+    if (st.st_uid != 0) {
+        snprintf(why, size, "%s belongs to uid %u, not root", path, (unsigned)st.st_uid);
+        return;
+    }
+    char parent[PATH_MAX], dir[PATH_MAX];
+    snprintf(parent, sizeof parent, "%s", path);
+    char *slash = strrchr(parent, '/');
+    if (!slash)
+        return;
+    if (slash == parent)
+        slash[1] = 0;
+    else
+        *slash = 0;
+    if (!realpath(parent, dir))
+        return;
+    for (int leaf = 1;; leaf = 0) {
+        if (lstat(dir, &st) < 0)
+            return;
+        if (st.st_uid != 0) {
+            snprintf(why, size, "%s belongs to uid %u, not root", dir, (unsigned)st.st_uid);
+            return;
+        }
+        if ((st.st_mode & 022) && (leaf || !(st.st_mode & S_ISVTX))) {
+            snprintf(why, size, "%s is writable by group or others (mode %04o)", dir, (unsigned)(st.st_mode & 07777));
+            return;
+        }
+        if (strcmp(dir, "/") == 0)
+            return;
+        slash = strrchr(dir, '/');
+        if (slash == dir)
+            slash[1] = 0;
+        else
+            *slash = 0;
+    }
 }
 
 static void try_again(const char *version, size_t vlen, const char *msg) {
@@ -348,6 +442,13 @@ int main(int argc, char **argv) {
     }
     if (!command || !command[0] || getenv("PYCNI_NO_AGENT") || !cfg.socket_path[0])
         cold(NULL, NULL);
+    char why[PATH_MAX + 100];
+    unsafe_socket(cfg.socket_path, why, sizeof why);
+    if (why[0]) {
+        char note[sizeof why + 200];
+        snprintf(note, sizeof note, "not using the agent socket %s: %s", cfg.socket_path, why);
+        cold(note, NULL);
+    }
 
     int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (s < 0)
@@ -363,9 +464,18 @@ int main(int argc, char **argv) {
         close(s);
         cold(note, NULL);
     }
+    struct ucred peer;
+    socklen_t peer_len = sizeof peer;
+    if (getsockopt(s, SOL_SOCKET, SO_PEERCRED, &peer, &peer_len) < 0 || peer.uid != 0) {
+        char note[300];
+        snprintf(note, sizeof note, "not using the agent socket %s: the process serving it is not root (uid %d)",
+                 cfg.socket_path, peer_len == sizeof peer ? (int)peer.uid : -1);
+        close(s);
+        cold(note, NULL);
+    }
 
     struct buf data = {0};
-    for (;;) {
+    while (data.len <= MAX_BODY) {
         char chunk[65536];
         ssize_t r = read(0, chunk, sizeof chunk);
         if (r < 0 && errno == EINTR)
@@ -388,6 +498,13 @@ int main(int argc, char **argv) {
             put(&env, "", 1);
         put(&env, *e, strlen(*e));
         first = 0;
+    }
+    size_t body_len = 5 * 4 + strlen(cfg.version) + 3 + strlen(cfg.plugin_type) + env.len + data.len;
+    if (data.len > MAX_BODY || body_len > MAX_BODY) {
+        close(s);
+        char note[100];
+        snprintf(note, sizeof note, "the request is larger than the agent takes (%u MiB)", MAX_BODY >> 20);
+        cold_rest(note, &data, data.len > MAX_BODY);
     }
     struct buf msg = {0};
     put(&msg, MAGIC, sizeof MAGIC);
@@ -460,13 +577,6 @@ int main(int argc, char **argv) {
                  error_class(err));
         cold(note, &data);
     }
-    if (f.kind == 'R') {
-        close(s);
-        char note[600];
-        int n = f.items > 0 ? (int)(f.item_len[0] < 500 ? f.item_len[0] : 500) : 0;
-        snprintf(note, sizeof note, "the agent refused the request (%.*s)", n, n ? f.item[0] : "");
-        cold(note, &data);
-    }
     if (f.kind == 'A') {
         const char *version = "\"1.1.0\"";
         size_t vlen = strlen(version);
@@ -489,6 +599,13 @@ int main(int argc, char **argv) {
             try_again(v, n, "the pycni agent did not answer (it timed out, stopped or restarted); try again");
         }
         f = done_frame;
+    }
+    if (f.kind == 'R') { /* also after A: nothing of the request remains */
+        close(s);
+        char note[600];
+        int n = f.items > 0 ? (int)(f.item_len[0] < 500 ? f.item_len[0] : 500) : 0;
+        snprintf(note, sizeof note, "the agent refused the request (%.*s)", n, n ? f.item[0] : "");
+        cold(note, &data);
     }
     if (f.kind != 'D' || f.items < 3)
         try_again_for(&data, "unexpected answer from the pycni agent; try again");

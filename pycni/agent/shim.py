@@ -5,17 +5,26 @@ touches only modules the interpreter has already loaded or builds in
 (``posix``, ``sys``, ``_socket``): no json, no struct, no pycni. It
 
 - answers VERSION itself (the answer is embedded when it is written);
+- talks only to an agent it can trust: the socket must be root's, in a
+  directory of root's that no group or other user may write to (nor any
+  directory above it, unless sticky), and the process serving it must be
+  root (SO_PEERCRED); otherwise it runs the plugin in-process and says why
+  in one line on stderr (``protocol.unsafe_socket`` is the same check);
 - connects to the agent's socket; if that fails (missing, refused, timed
   out: nothing was sent), runs the plugin in-process exactly like the launcher
   before the agent existed (``site.main()`` first: ``-S`` skipped
   site-packages), saying so in one line on stderr;
+- never sends a request over ``protocol.MAX_BODY`` (16 MiB; stdin is read no
+  further than that): such a request runs in-process, stdin handed over whole;
 - otherwise sends its version, plugin type, CNI_* / PYCNI_* environment,
   stdin and its network namespace (``/proc/thread-self/ns/net`` over
   SCM_RIGHTS, followed by CNI_NETNS opened O_PATH when it can be: the agent
-  refuses a request whose CNI_NETNS it sees as another namespace), and
-  relays the agent's exit code, stdout and stderr byte for
+  works on that descriptor, and refuses a request with a CNI_NETNS it could
+  not open), and relays the agent's exit code, stdout and stderr byte for
   byte. A request the agent refuses (another pycni version, an unknown
-  plugin) or closes before accepting has not run: the shim runs it in-process.
+  plugin, an executable outside the agent's --cni-bin-dir directories; also
+  once accepted, after the plugin undid its work) or closes before accepting
+  has not run or left nothing behind: the shim runs it in-process.
   Once the agent has accepted a request the shim waits for its answer up to
   the agent's timeout and otherwise prints a "try again later" (code 11)
   error: the same work never runs twice.
@@ -50,16 +59,32 @@ T = {{plugin_type_bytes}}
 V = {{version_bytes}}
 S = {{socket_path}}
 VERSION_ANSWER = {{version_answer}}
+MAX = {{max_body}}
 
 
-def cold(note, data=None):
+def cold(note, data=None, more=False):
     if note:
         posix.write(2, ("pycni: %s; running %s in-process\\n" % (note, T.decode())).encode("utf-8", "replace"))
     import site
     site.main()
     if data is not None:
         import io
-        sys.stdin = io.TextIOWrapper(io.BytesIO(data))
+        stream = head = io.BytesIO(data)
+        if more:  # stdin was not read to its end: what was read, then the rest
+            class Rest(io.RawIOBase):
+                def readable(self):
+                    return True
+
+                def readinto(self, b):
+                    n = head.readinto(b)
+                    if n:
+                        return n
+                    c = posix.read(0, len(b))
+                    b[:len(c)] = c
+                    return len(c)
+
+            stream = io.BufferedReader(Rest(), 1 << 20)
+        sys.stdin = io.TextIOWrapper(stream)
     from {{module}} import {{function}}
     sys.exit({{function}}())
 
@@ -84,10 +109,55 @@ def config_version(data):
     return b'"{{current_version}}"'
 
 
+def real(p):  # os.path.realpath, without importing os
+    done, todo, links = "", p.split("/"), 0
+    while todo:
+        c = todo.pop(0)
+        if c in ("", "."):
+            continue
+        if c == "..":
+            done = done[:done.rfind("/")]
+            continue
+        try:
+            t = posix.readlink(done + "/" + c)
+        except OSError:
+            done += "/" + c
+            continue
+        links += 1
+        if links > 40:
+            raise OSError("too many symbolic links")
+        todo = t.split("/") + todo
+        if t[:1] == "/":
+            done = ""
+    return done or "/"
+
+
+def unsafe(p):  # why the socket at p may not be the agent's ("" when it is, or when it is missing)
+    try:
+        st = posix.lstat(p)
+        if st.st_mode & 0o170000 != 0o140000:
+            return "%s is not a socket" % p
+        if st.st_uid:
+            return "%s belongs to uid %d, not root" % (p, st.st_uid)
+        d = real(p[:p.rfind("/")] or "/")
+        leaf = True
+        while True:
+            st = posix.lstat(d)
+            if st.st_uid:
+                return "%s belongs to uid %d, not root" % (d, st.st_uid)
+            if st.st_mode & 0o022 and (leaf or not st.st_mode & 0o1000):
+                return "%s is writable by group or others (mode %04o)" % (d, st.st_mode & 0o7777)
+            if d == "/":
+                return ""
+            d, leaf = d[:d.rfind("/")] or "/", False
+    except OSError:
+        return ""  # nothing (visible) there: connecting says so
+
+
 def recv(s, n):
     b = b""
     while len(b) < n:
-        c = s.recv(n - len(b))
+        c = s.recv(min(n - len(b), 1 << 20))
         if not c:
             raise EOFError
         b += c
@@ -96,7 +166,10 @@ def recv(s, n):
 
 def frame(s):
     h = recv(s, 5)
-    body = recv(s, int.from_bytes(h[1:], "big"))
+    n = int.from_bytes(h[1:], "big")
+    if n > MAX:
+        raise EOFError
+    body = recv(s, n)
     items, i = [], 0
     while i < len(body):
         n = int.from_bytes(body[i:i + 4], "big")
@@ -116,30 +189,41 @@ if command == b"VERSION" and VERSION_ANSWER:
     posix._exit(0)
 if not command or env.get(b"PYCNI_NO_AGENT") or not S:
     cold(None)
+why = unsafe(S)
+if why:
+    cold("not using the agent socket %s: %s" % (S, why))
 s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
 s.settimeout({{connect_timeout}})
 try:
     s.connect(S)
+    uid = int.from_bytes(s.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)[4:8], sys.byteorder)
 except OSError as e:
     cold("agent not reached at %s (%s)" % (S, e.strerror or e))
-chunks = []
+if uid:
+    s.close()
+    cold("not using the agent socket %s: the process serving it is not root (uid %d)" % (S, uid))
+chunks, size = [], 0
 try:
-    while True:
+    while size <= MAX:
         c = posix.read(0, 65536)
         if not c:
             break
         chunks.append(c)
+        size += len(c)
 except OSError:
     s.close()
     cold(None)  # the plugin reads stdin again and reports the failure as it always does
 data = b"".join(chunks)
 E = b"\\0".join(k + b"=" + v for k, v in env.items() if k[:4] == b"CNI_" or k[:6] == b"PYCNI_")
+if size > MAX or len(data) + len(E) + len(V) + len(T) + 23 > MAX:
+    s.close()
+    cold("the request is larger than the agent takes (%d MiB)" % (MAX >> 20), data, size > MAX)
 body = f(V) + f(b"cni") + f(T) + f(E) + f(data)
 try:
     fds = [posix.open("/proc/thread-self/ns/net", posix.O_RDONLY | posix.O_CLOEXEC)]
     p = env.get(b"CNI_NETNS")
     if p:
-        try:  # what CNI_NETNS is here: the agent runs the request only if it sees the same there
+        try:  # what CNI_NETNS is here: the agent works on this descriptor, never on the path
             fds.append(posix.open(p, posix.O_PATH | posix.O_CLOEXEC))
         except OSError:
             pass
@@ -155,9 +239,6 @@ except TimeoutError:
 except (OSError, EOFError) as e:
     s.close()
     cold("the agent closed the connection before accepting the request (%s)" % (e.__class__.__name__,), data)
-if kind == b"R":
-    s.close()
-    cold("the agent refused the request (%s)" % a[0].decode("utf-8", "replace"), data)
 if kind == b"A":
     version = a[1]
     try:
@@ -165,6 +246,9 @@ if kind == b"A":
         kind, a = frame(s)
     except (OSError, EOFError):
         try_again(version, b"the pycni agent did not answer (it timed out, stopped or restarted); try again")
+if kind == b"R":  # also after A: nothing of the request remains
+    s.close()
+    cold("the agent refused the request (%s)" % a[0].decode("utf-8", "replace"), data)
 if kind != b"D":
     try_again(config_version(data), b"unexpected answer from the pycni agent; try again")
 out(2, a[2])
@@ -256,6 +340,7 @@ def script(plugin_type: str, target: str, python: str, marker: str, socket_path:
         "connect_timeout": repr(CONNECT_TIMEOUT),
         "accept_wait": repr(ACCEPT_WAIT),
         "answer_margin": repr(ANSWER_MARGIN),
+        "max_body": repr(protocol.MAX_BODY),
     }
     text = _TEMPLATE
     for key, value in values.items():

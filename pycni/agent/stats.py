@@ -30,7 +30,12 @@ class Stats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._series: dict[tuple[str, str], _Series] = {}
-        self.counters = {"served": 0, "refused": 0, "busy": 0, "timed_out": 0, "denied": 0, "bad_requests": 0}
+        # refused: protocol refusals (another pycni version, unknown plugin or kind, no namespace descriptor,
+        # oversized); declined: requests the agent's rules send back to their caller's process (CNI_NETNS
+        # without a usable descriptor, a delegate outside --cni-bin-dir); over_capacity: connections refused
+        # unread at --max-connections. The callers of all three ran the plugin themselves.
+        self.counters = {"served": 0, "refused": 0, "declined": 0, "busy": 0, "timed_out": 0, "denied": 0,
+                         "over_capacity": 0, "bad_requests": 0}
 
     def count(self, name: str) -> None:
         with self._lock:

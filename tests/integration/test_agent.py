@@ -7,6 +7,8 @@ agent's own namespace instead of the caller's shows up as state in the wrong
 place. A request is held up where a test needs it (in flight, queued, timed
 out) by holding host-local's store lock (``<dataDir>/<network>/lock``, flock)
 from the test: the plugin waits on it exactly as behind a concurrent ADD.
+CNI_NETNS names a real pod namespace even for host-local (which never opens
+it): the agent serves only requests whose CNI_NETNS their caller could open.
 """
 from __future__ import annotations
 
@@ -221,27 +223,29 @@ def _lo_up(pod) -> bool:
     return "UP" in json.loads(pod.ip("-j", "link", "show", "lo").stdout)[0]["flags"]
 
 
-def test_a_caller_seeing_another_namespace_at_cni_netns_runs_it_cold(agent, shims, make_node, make_pod):
+def test_a_caller_seeing_another_namespace_at_cni_netns_is_served_in_the_one_it_sees(agent, shims, make_node,
+                                                                                    make_pod):
     """A runtime in a mount namespace of its own may see another namespace at CNI_NETNS than the agent does.
 
     Here the caller has pod ``other`` bind-mounted over pod ``meant``'s path (a private mount namespace,
-    so nobody else sees it). The agent must not act on its own view of the path: it refuses, and the shim
-    runs the plugin where the path means what the caller meant.
+    so nobody else sees it). The agent never acts on its own view of the path: it works on the descriptor
+    the caller opened, so the plugin acts where the path means what the caller meant, warm, and the
+    result names the caller's path.
     """
     node, meant, other = make_node(), make_pod(), make_pod()
     conf = {"cniVersion": "1.0.0", "name": "lo", "type": "loopback"}
     private_view = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                     'mount --bind "$1" "$2" && exec "$3"', "sh", other.path, meant.path, os.path.join(shims, "loopback")]
     lo = run_plugin(private_view, "ADD", conf, node=node, netns=meant, path=shims)
-    assert lo.code == 0, lo
-    assert "the agent refused the request (CNI_NETNS " + meant.path in lo.err
+    assert lo.code == 0 and lo.err == "", lo
+    assert lo.out["interfaces"][0]["sandbox"] == meant.path
     assert _lo_up(other) and not _lo_up(meant)        # what the caller meant, not what the agent sees
     counters = agent.status()["requests"]
-    assert counters["refused"] == 1 and counters["served"] == 0
-    # The same path seen alike: the agent serves it.
+    assert counters["served"] == 1 and counters["refused"] == counters["declined"] == 0
+    # The same path seen alike: served there.
     lo = run_plugin(os.path.join(shims, "loopback"), "ADD", conf, node=node, netns=meant)
     assert lo.code == 0 and lo.err == "", lo
-    assert _lo_up(meant) and agent.status()["requests"]["served"] == 1
+    assert _lo_up(meant) and agent.status()["requests"]["served"] == 2
 
 
 # ---- fallback: down, killed mid-request, restarted ----------------------------------------------
@@ -279,7 +283,7 @@ def test_killed_mid_request_answers_try_again_and_never_runs_twice(agent, shims,
     node = make_node()
     with store_locked(node.ipam_dir):
         pending = Background(os.path.join(shims, "host-local"), "ADD", host_local_conf(node.ipam_dir), node=node,
-                             netns="/x", container_id="victim")
+                             netns=node.pod(), container_id="victim")
         wait_for(lambda: in_flight(agent) == 1, what="the request to be in flight")
         agent.kill()
         outcome = pending.result(timeout=30)
@@ -297,7 +301,7 @@ def test_restarted_agent_loses_no_request(workdir, agent, shims, make_node):
     exe = os.path.join(shims, "host-local")
 
     def add(cid: str) -> Outcome:
-        return run_plugin(exe, "ADD", host_local_conf(node.ipam_dir), node=node, netns="/x", container_id=cid)
+        return run_plugin(exe, "ADD", host_local_conf(node.ipam_dir), node=node, netns=node.pod(), container_id=cid)
 
     first = add("c1")
     assert first.code == 0 and NOT_REACHED not in first.err
@@ -320,10 +324,10 @@ def test_sigterm_finishes_in_flight_lets_queued_run_cold_and_removes_only_the_so
         install(bin_dir, agent.socket_path, native=shim_kind == "native")
         exe = os.path.join(bin_dir, "host-local")
         with store_locked(node.ipam_dir):
-            accepted = Background(exe, "ADD", host_local_conf(node.ipam_dir), node=node, netns="/x",
+            accepted = Background(exe, "ADD", host_local_conf(node.ipam_dir), node=node, netns=node.pod(),
                                   container_id="accepted")
             wait_for(lambda: in_flight(agent) == 1, what="the first request to be in flight")
-            queued = Background(exe, "ADD", host_local_conf(node.ipam_dir), node=node, netns="/x",
+            queued = Background(exe, "ADD", host_local_conf(node.ipam_dir), node=node, netns=node.pod(),
                                 container_id="queued")
             wait_for(lambda: agent.status()["queued"] == 1, what="the second request to queue")
             agent.signal(signal.SIGTERM)
@@ -373,9 +377,11 @@ def test_request_timeout_and_full_queue_answer_try_again_while_status_answers_at
         exe = os.path.join(bin_dir, "host-local")
         with store_locked(node.ipam_dir):
             started = time.monotonic()
-            slow = Background(exe, "ADD", host_local_conf(node.ipam_dir), node=node, netns="/x", container_id="slow")
+            slow = Background(exe, "ADD", host_local_conf(node.ipam_dir), node=node, netns=node.pod(),
+                              container_id="slow")
             wait_for(lambda: in_flight(agent) == 1, what="the request to be in flight")
-            busy = run_plugin(exe, "ADD", host_local_conf(node.ipam_dir), node=node, netns="/x", container_id="busy")
+            busy = run_plugin(exe, "ADD", host_local_conf(node.ipam_dir), node=node, netns=node.pod(),
+                              container_id="busy")
             assert busy.code == 1 and busy.out["code"] == 11 and "busy" in busy.out["msg"], busy
             status_conf = dict(host_local_conf(node.ipam_dir, "1.1.0"))
             quick = time.monotonic()
@@ -392,7 +398,8 @@ def test_request_timeout_and_full_queue_answer_try_again_while_status_answers_at
         wait_for(lambda: in_flight(agent) == 0, what="the slot to be free")
         counters = agent.status()["requests"]
         assert counters["busy"] == 1 and counters["timed_out"] == 1
-        delete = run_plugin(exe, "DEL", host_local_conf(node.ipam_dir), node=node, netns="/x", container_id="slow")
+        delete = run_plugin(exe, "DEL", host_local_conf(node.ipam_dir), node=node, netns=node.pod(),
+                            container_id="slow")
         assert delete.code == 0 and leases(node.ipam_dir) == {}
 
 
@@ -504,8 +511,8 @@ def test_a_second_agent_on_the_same_socket_is_refused_and_unsafe_directories_too
 def test_status_command_reports_latency_per_plugin_and_command(agent, shims, make_node):
     node = make_node()
     for cid in ("c1", "c2", "c3"):
-        run_plugin(os.path.join(shims, "host-local"), "ADD", host_local_conf(node.ipam_dir), node=node, netns="/x",
-                   container_id=cid)
+        run_plugin(os.path.join(shims, "host-local"), "ADD", host_local_conf(node.ipam_dir), node=node,
+                   netns=node.pod(), container_id=cid)
     pycni = os.path.join(os.path.dirname(sys.executable), "pycni")
     text = subprocess.run([pycni, "agent", "status", "--socket", agent.socket_path], capture_output=True,
                           text=True, timeout=30, check=True).stdout

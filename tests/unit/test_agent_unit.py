@@ -176,6 +176,7 @@ class Recorder:
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Semaphore(0)
+        self.netns_seen: list[str] = []
 
     def add(self, req) -> dict:
         self.entered.release()
@@ -185,8 +186,9 @@ class Recorder:
         if req.conf.get("exit"):
             raise SystemExit(3)  # what a plugin must never do in the agent: still one request's failure
         environ = getattr(req, "environ", None) or {}
+        self.netns_seen.append(req.netns)
         return {"cniVersion": req.cni_version, "netns": os.stat("/proc/thread-self/ns/net").st_ino,
-                "environ": dict(environ)}
+                "environ": dict(environ), "cni_netns": req.netns, "cni_netns_ino": os.stat(req.netns).st_ino}
 
     def funcs(self) -> PluginFuncs:
         return PluginFuncs(add=self.add, delete=lambda req: None, status=lambda req: None)
@@ -215,8 +217,17 @@ def served(tmp_path: Path, **options: Any) -> Iterator[Agent]:
         assert not thread.is_alive()
 
 
-def cni_env(**extra: str) -> dict[str, str]:
-    return {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/x", "CNI_IFNAME": "eth0",
+@pytest.fixture
+def pod() -> Iterator[str]:
+    """A network namespace for CNI_NETNS (removed afterwards)."""
+    import netns
+
+    with netns.temporary("agp") as ns:
+        yield ns.path
+
+
+def cni_env(pod: str, **extra: str) -> dict[str, str]:
+    return {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": pod, "CNI_IFNAME": "eth0",
             "CNI_PATH": "/x", **extra}
 
 
@@ -224,7 +235,7 @@ CONF = b'{"cniVersion": "1.0.0", "name": "n", "type": "loopback"}'
 
 
 @needs_root
-def test_a_request_sees_only_its_own_environment_and_its_callers_namespace(tmp_path, recorder, monkeypatch):
+def test_a_request_sees_only_its_own_environment_and_its_callers_namespace(tmp_path, recorder, monkeypatch, pod):
     import netns
 
     monkeypatch.setenv("AGENT_ONLY", "agent")
@@ -234,8 +245,9 @@ def test_a_request_sees_only_its_own_environment_and_its_callers_namespace(tmp_p
 
         def call(tag: str, netns_path: str) -> None:
             answers[tag] = send_cni(agent.options.socket_path, "loopback",
-                                    cni_env(CNI_CONTAINERID=tag, CNI_ARGS=f"TAG={tag}", PYCNI_LOG_LEVEL=tag,
-                                            PATH="/caller/bin", LD_PRELOAD="/caller/evil.so"),
+                                    cni_env(pod, CNI_CONTAINERID=tag, CNI_ARGS=f"TAG={tag}", PYCNI_LOG_LEVEL=tag,
+                                            PATH="/caller/bin", LD_PRELOAD="/caller/evil.so",
+                                            PYCNI_AGENT_CNI_BIN_DIRS="/caller/bin"),
                                     CONF, netns_path=netns_path)
 
         recorder.gate.clear()
@@ -250,30 +262,38 @@ def test_a_request_sees_only_its_own_environment_and_its_callers_namespace(tmp_p
             t.join(30)
         mine = os.stat("/proc/self/ns/net").st_ino
         theirs = os.stat(ns.path).st_ino
+        pods = os.stat(pod).st_ino
     for tag, netns_link in (("one", theirs), ("two", mine)):
         answer = answers[tag]
         assert answer.accepted and answer.exit_code == 0, answer
         out = json.loads(answer.stdout)
         env = out["environ"]
         assert out["netns"] == netns_link
+        # The plugin works on the descriptor the caller passed; its output names the caller's path.
+        assert out["cni_netns_ino"] == pods and out["cni_netns"] == pod
+        assert env["PYCNI_AGENT_CNI_NETNS"] == pod and env["PYCNI_AGENT_CNI_BIN_DIRS"] != "/caller/bin"
         assert env["CNI_CONTAINERID"] == tag and env["CNI_ARGS"] == f"TAG={tag}" and env["PYCNI_LOG_LEVEL"] == tag
         assert env["CNI_IFNAME"] == "eth0"                          # the caller's, not the agent's
         assert env["PATH"] != "/caller/bin" and "LD_PRELOAD" not in env  # never the caller's
         assert env["AGENT_ONLY"] == "agent" and env[protocol.NO_AGENT_VARIABLE] == "1"
     assert theirs != mine
+    # What the plugin code itself saw: the descriptor the caller passed, as a /proc path of the agent's.
+    assert len(recorder.netns_seen) == 2
+    assert all(seen.startswith(f"/proc/{os.getpid()}/fd/") for seen in recorder.netns_seen), recorder.netns_seen
 
 
 @needs_root
-def test_refusals_do_nothing(tmp_path, recorder):
+def test_refusals_do_nothing(tmp_path, recorder, pod):
     with served(tmp_path) as agent:
         path = agent.options.socket_path
-        other = send_cni(path, "loopback", cni_env(), CONF, version="0.0.0-other")
+        other = send_cni(path, "loopback", cni_env(pod), CONF, version="0.0.0-other")
         assert other.kind == "refused" and "version mismatch" in other.reason and not other.accepted
-        unknown = send_cni(path, "no-such-plugin", cni_env(), CONF)
+        unknown = send_cni(path, "no-such-plugin", cni_env(pod), CONF)
         assert unknown.kind == "refused" and "no plugin" in unknown.reason
         with socket.socket(socket.AF_UNIX) as sock:  # a request without the caller's namespace
             sock.connect(path)
-            sock.sendall(protocol.request(protocol.pycni_version(), protocol.KIND_CNI, "loopback", cni_env(), CONF))
+            sock.sendall(protocol.request(protocol.pycni_version(), protocol.KIND_CNI, "loopback", cni_env(pod),
+                                          CONF))
             kind, items = protocol.read_answer(sock)
         assert kind == protocol.REFUSED and b"network namespace" in items[0]
         with socket.socket(socket.AF_UNIX) as sock:  # garbage: dropped, the agent carries on
@@ -283,24 +303,29 @@ def test_refusals_do_nothing(tmp_path, recorder):
                 assert sock.recv(100) == b""
         assert recorder.entered.acquire(timeout=0.01) is False
         doc = status(path)
+        # CNI_NETNS that the caller could not open: the agent does not look at the path itself.
+        gone = send_cni(path, "loopback", cni_env(str(tmp_path / "no-such-netns")), CONF)
+        assert gone.kind == "refused" and "could not open CNI_NETNS" in gone.reason and not gone.accepted
+        assert recorder.entered.acquire(timeout=0.01) is False
+        doc = status(path)
         assert doc["requests"]["refused"] == 3 and doc["requests"]["bad_requests"] == 1
-        assert doc["requests"]["served"] == 0
+        assert doc["requests"]["declined"] == 1 and doc["requests"]["served"] == 0
 
 
 @needs_root
-def test_busy_timeout_and_status_at_once(tmp_path, recorder):
+def test_busy_timeout_and_status_at_once(tmp_path, recorder, pod):
     with served(tmp_path, max_concurrency=1, queue_timeout=0.2, request_timeout=0.5) as agent:
         path = agent.options.socket_path
         recorder.gate.clear()
         slow: list[Any] = []
-        first = threading.Thread(target=lambda: slow.append(send_cni(path, "loopback", cni_env(), CONF)))
+        first = threading.Thread(target=lambda: slow.append(send_cni(path, "loopback", cni_env(pod), CONF)))
         first.start()
         assert recorder.entered.acquire(timeout=10)
-        busy = send_cni(path, "loopback", cni_env(CNI_CONTAINERID="c2"), CONF)
+        busy = send_cni(path, "loopback", cni_env(pod, CNI_CONTAINERID="c2"), CONF)
         assert busy.exit_code == 1 and not busy.accepted
         assert json.loads(busy.stdout)["code"] == 11
         started = time.monotonic()
-        ready = send_cni(path, "loopback", cni_env(CNI_COMMAND="STATUS"),
+        ready = send_cni(path, "loopback", cni_env(pod, CNI_COMMAND="STATUS"),
                          b'{"cniVersion": "1.1.0", "name": "n", "type": "loopback"}')
         assert ready.exit_code == 0 and time.monotonic() - started < 2.0  # not behind the slot (held 30 s)
         first.join(10)
@@ -319,22 +344,22 @@ def test_busy_timeout_and_status_at_once(tmp_path, recorder):
         while status(path)["latency"].get("loopback", {}).get("ADD", {}).get("count", 0) < 1:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        assert send_cni(path, "loopback", cni_env(CNI_CONTAINERID="c3"), CONF).exit_code == 0
+        assert send_cni(path, "loopback", cni_env(pod, CNI_CONTAINERID="c3"), CONF).exit_code == 0
 
 
 @needs_root
-def test_a_failing_plugin_is_an_error_object_and_the_agent_carries_on(tmp_path, recorder):
+def test_a_failing_plugin_is_an_error_object_and_the_agent_carries_on(tmp_path, recorder, pod):
     with served(tmp_path) as agent:
-        boom = send_cni(agent.options.socket_path, "loopback", cni_env(),
+        boom = send_cni(agent.options.socket_path, "loopback", cni_env(pod),
                         b'{"cniVersion": "0.4.0", "name": "n", "type": "loopback", "explode": true}')
         assert boom.exit_code == 1
         error = json.loads(boom.stdout)
         assert error["code"] == 999 and error["cniVersion"] == "0.4.0" and "boom" in error["msg"]
         assert b"Traceback" in boom.stderr
-        exits = send_cni(agent.options.socket_path, "loopback", cni_env(),
+        exits = send_cni(agent.options.socket_path, "loopback", cni_env(pod),
                          b'{"cniVersion": "1.0.0", "name": "n", "type": "loopback", "exit": true}')
         assert exits.exit_code == 1 and json.loads(exits.stdout)["code"] == 999
-        assert send_cni(agent.options.socket_path, "loopback", cni_env(), CONF).exit_code == 0
+        assert send_cni(agent.options.socket_path, "loopback", cni_env(pod), CONF).exit_code == 0
 
 
 @needs_root
@@ -409,3 +434,172 @@ def test_systemd_unit_runs_this_installations_agent(tmp_path):
     assert "Type=notify" in text and "KillSignal=SIGTERM" in text and "RuntimeDirectory" not in text.split("[Service]")[1]
     with pytest.raises(CNIError):
         install_systemd_unit(str(tmp_path / "units"), pycni_command="/opt/my pycni/pycni")
+
+
+# ---- trust boundaries, piece by piece -----------------------------------------------------------
+
+def test_unsafe_directories_and_sockets(tmp_path):
+    from pycni.agent.protocol import unsafe_directory, unsafe_socket
+
+    if os.geteuid() != 0 or os.stat(tmp_path).st_uid != 0:
+        pytest.skip("the checks want root's directories: run as root")
+    safe = tmp_path / "safe"
+    safe.mkdir(mode=0o700)
+    assert unsafe_directory(str(safe)) == ""
+    assert unsafe_directory(str(safe / "missing")) == ""
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    assert unsafe_directory(str(open_dir)) == f"{open_dir} is writable by group or others (mode 0777)"
+    below = open_dir / "below"
+    below.mkdir(mode=0o700)
+    assert "is writable by group or others" in unsafe_directory(str(below))  # a parent anyone may rename in
+    open_dir.chmod(0o1777)
+    assert unsafe_directory(str(below)) == ""                                 # sticky: nobody can
+    link = tmp_path / "link"
+    link.symlink_to(open_dir)
+    assert unsafe_directory(str(link)) == f"{open_dir} is writable by group or others (mode 1777)"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(safe / "agent.sock"))
+        assert unsafe_socket(str(safe / "agent.sock")) == ""
+        os.chown(safe / "agent.sock", 65534, 65534)
+        assert unsafe_socket(str(safe / "agent.sock")) == f"{safe / 'agent.sock'} belongs to uid 65534, not root"
+    (safe / "file").write_text("")
+    assert unsafe_socket(str(safe / "file")) == f"{safe / 'file'} is not a socket"
+    assert unsafe_socket(str(safe / "nothing")) == ""  # missing: connecting says so
+
+
+def test_exec_policy_allows_only_its_directories_by_their_real_path(tmp_path):
+    from cni_plugins.spec.exec import AGENT_BIN_DIRS_VARIABLE, AGENT_NETNS_VARIABLE, ExecPolicy, ExecRefused
+
+    allowed, other = tmp_path / "allowed", tmp_path / "other"
+    allowed.mkdir()
+    other.mkdir()
+    (tmp_path / "via-link").symlink_to(allowed)
+    assert ExecPolicy.from_environ({"CNI_PATH": "/x"}) is None
+    policy = ExecPolicy.from_environ({AGENT_BIN_DIRS_VARIABLE: f"{allowed}:", AGENT_NETNS_VARIABLE: "/run/netns/a"})
+    assert policy == ExecPolicy((str(allowed),), "/run/netns/a")
+    assert policy.executable(str(allowed / "ipam")) == str(allowed / "ipam")
+    assert policy.executable(str(tmp_path / "via-link" / "ipam")) == str(allowed / "ipam")  # the checked path
+    for outside in (other / "ipam", allowed / ".." / "other" / "ipam"):
+        with pytest.raises(ExecRefused, match="outside the directories"):
+            policy.executable(str(outside))
+    with pytest.raises(ExecRefused, match=r"\(none; "):
+        ExecPolicy(()).executable(str(allowed / "ipam"))
+    assert not issubclass(ExecRefused, Exception)  # no plugin turns it into a CNI error
+
+
+@needs_root
+def test_a_delegated_executable_gets_the_callers_netns_only_where_it_means_the_same(tmp_path):
+    import netns
+
+    from cni_plugins.spec.exec import ExecPolicy, ExecRefused, replace_sandbox
+
+    with netns.temporary("age") as meant, netns.temporary("agf") as other:
+        fd = os.open(meant.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            ours = f"/proc/{os.getpid()}/fd/{fd}"
+            conf = {"name": "n", "prevResult": {"interfaces": [{"name": "eth0", "sandbox": ours}, {"name": "br"}]}}
+            netns_path, stdin = ExecPolicy((), meant.path).child_request(ours, conf, b"raw")
+            assert netns_path == meant.path
+            assert json.loads(stdin)["prevResult"]["interfaces"][0]["sandbox"] == meant.path
+            with pytest.raises(ExecRefused, match="another namespace for the agent"):
+                ExecPolicy((), other.path).child_request(ours, conf, b"raw")
+            with pytest.raises(ExecRefused, match="cannot see it"):
+                ExecPolicy((), str(tmp_path / "gone")).child_request(ours, conf, b"raw")
+            assert ExecPolicy(()).child_request(ours, conf, b"raw") == (ours, b"raw")  # nothing replaced
+        finally:
+            os.close(fd)
+    assert replace_sandbox({"name": "n"}, "a", "b") is None
+    assert replace_sandbox({"prevResult": {"interfaces": [{"sandbox": "x"}]}}, "a", "b") is None
+
+
+def test_a_delegate_outside_the_policy_is_never_executed(tmp_path):
+    from cni_plugins.shared.delegate import delegate
+    from cni_plugins.spec.exec import AGENT_BIN_DIRS_VARIABLE, ExecRefused
+    from cni_plugins.spec.skel import CmdArgs
+
+    marker = tmp_path / "ran"
+    script_dir = tmp_path / "bin"
+    script_dir.mkdir()
+    script = script_dir / "foreign-ipam"
+    script.write_text(f"#!/bin/sh\ntouch {marker}\necho '{{\"cniVersion\": \"1.0.0\", \"ips\": []}}'\n")
+    script.chmod(0o755)
+    conf = {"cniVersion": "1.0.0", "name": "n", "ipam": {"type": "foreign-ipam"}}
+    base = dict(command="ADD", container_id="c", netns="", ifname="eth0", path=str(script_dir), conf=conf,
+                stdin_data=json.dumps(conf).encode(), cni_version="1.0.0")
+    refused = CmdArgs(**base, environ={AGENT_BIN_DIRS_VARIABLE: "/opt/elsewhere"})
+    with pytest.raises(ExecRefused):
+        delegate(refused, "foreign-ipam", "ADD")
+    assert not marker.exists()
+    allowed = CmdArgs(**base, environ={AGENT_BIN_DIRS_VARIABLE: str(script_dir), "PATH": "/usr/bin:/bin"})
+    assert delegate(allowed, "foreign-ipam", "ADD") is not None and marker.exists()
+    marker.unlink()
+    cold = CmdArgs(**base, environ={"PATH": "/usr/bin:/bin"})  # no policy: anything CNI_PATH finds
+    assert delegate(cold, "foreign-ipam", "ADD") is not None and marker.exists()
+
+
+def test_outputs_name_the_callers_netns_path_again():
+    from pycni.agent.server import _NetnsName
+
+    name = _NetnsName(caller='/run/netns/pod "1"', ours="/proc/42/fd/7")
+    stdout, stderr = name.shown(b'{"sandbox": "/proc/42/fd/7", "other": "/proc/42/fd/70"}',
+                                b"cannot open /proc/42/fd/7\n")
+    assert json.loads(stdout) == {"sandbox": '/run/netns/pod "1"', "other": "/proc/42/fd/70"}
+    assert stderr == b'cannot open /run/netns/pod "1"\n'
+
+
+def test_a_request_must_arrive_whole_within_the_read_timeout():
+    from pycni.agent.server import _Oversized, _read_request
+
+    left, right = socket.socketpair()
+    with left, right:
+        frame = protocol.request(protocol.pycni_version(), protocol.KIND_CNI, "loopback", {}, b"{}")
+
+        def trickle() -> None:
+            for byte in frame:
+                try:
+                    right.send(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(0.05)
+
+        sender = threading.Thread(target=trickle)
+        sender.start()
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            _read_request(left, time.monotonic() + 0.5)
+        assert time.monotonic() - started < 1.5  # each byte came in time; the whole request did not
+        left.close()
+        sender.join(10)
+    left, right = socket.socketpair()
+    with left, right:
+        right.send(protocol.MAGIC + (protocol.MAX_BODY + 1).to_bytes(4, "big"))
+        with pytest.raises(_Oversized, match="larger than the agent takes"):
+            _read_request(left, time.monotonic() + 5)
+
+
+def test_install_refuses_a_socket_someone_else_could_own(tmp_path):
+    from pycni.install import CNIError, socket_directory_problem, wrapper_script
+
+    if os.geteuid() != 0 or os.stat(tmp_path).st_uid != 0:
+        pytest.skip("the checks want root's directories: run as root")
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    with pytest.raises(CNIError, match=f"refusing the agent socket {open_dir}/agent.sock: {open_dir} is writable"):
+        wrapper_script("loopback", registry.PLUGINS["loopback"], sys.executable, str(open_dir / "agent.sock"))
+    assert socket_directory_problem(str(tmp_path / "run" / "agent.sock")) == ""
+    assert "another user could create it first" in socket_directory_problem(str(open_dir / "run" / "agent.sock"))
+
+
+def test_systemd_unit_carries_the_cni_bin_dirs(tmp_path):
+    from pycni.install import CNIError, install_systemd_unit
+
+    path = install_systemd_unit(str(tmp_path / "units"), pycni_command="/opt/pycni/bin/pycni",
+                                agent_socket="/run/pycni/agent.sock", cni_bin_dirs=("/usr/libexec/cni",))
+    assert "ExecStart=/opt/pycni/bin/pycni agent --socket /run/pycni/agent.sock --cni-bin-dir /usr/libexec/cni" \
+        in Path(path).read_text().splitlines()
+    with pytest.raises(CNIError):
+        install_systemd_unit(str(tmp_path / "units"), pycni_command="/opt/pycni/bin/pycni",
+                             cni_bin_dirs=("/a:b",))
