@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
+from cni_plugins.kernel.files import temp_writer_gone
 from cni_plugins.spec.errors import ERR_IO, CNIError
 
 LINE_BREAK = "\r\n"
@@ -82,20 +83,6 @@ def _symlink_refused(path: str) -> CNIError:
                     "refusing to follow it",
                     "nothing under ipam.dataDir is followed through a link: remove the link "
                     "(and check who planted it)")
-
-
-def _temp_writer_gone(name: str) -> bool:
-    """Whether the process named in a temporary file's name (.pycni-tmp-<pid>-<hex>) no longer runs."""
-    pid_text = name[len(TMP_PREFIX):].partition("-")[0]
-    if not pid_text.isdigit() or not 0 < int(pid_text) <= 1 << 22:  # 1 << 22: the kernel's largest pid_max
-        return True
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # it runs, as another user
-    return False
 
 
 class DiskStore:
@@ -327,7 +314,7 @@ class DiskStore:
                         age = now - os.lstat(name, dir_fd=fd).st_mtime
                     except FileNotFoundError:
                         continue
-                    if _temp_writer_gone(name) or age > max_age:
+                    if temp_writer_gone(name, TMP_PREFIX) or age > max_age:
                         if _unlink_quietly(fd, name):
                             removed.append(name)
         except FileNotFoundError:

@@ -20,13 +20,19 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 
 
 def write_atomically(path: str, data: bytes, mode: int, prefix: str = ".pycni-tmp-", sync_dir: bool = False) -> None:
-    """Write ``data`` to ``path`` (file mode ``mode``) through a temp file and a rename."""
+    """Write ``data`` to ``path`` (file mode ``mode``) through a temp file and a rename.
+
+    The temporary file's name carries the writer's PID (``PREFIX<pid>-XXXX.tmp``): a writer
+    killed between creating and renaming it leaves one behind, and ``remove_orphaned_temps``
+    tells those from the temporary files of writers still at work.
+    """
+    import tempfile  # here, not at the top: readers of small files (plugins' cold starts) need none of it
+
     directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -49,6 +55,44 @@ def write_atomically(path: str, data: bytes, mode: int, prefix: str = ".pycni-tm
                 os.close(dfd)
         except OSError:
             pass
+
+
+def temp_writer_gone(name: str, prefix: str) -> bool:
+    """Whether the process named in a temporary file's name (``PREFIX<pid>-...``) no longer runs."""
+    pid_text = name[len(prefix):].partition("-")[0]
+    if not pid_text.isdigit() or not 0 < int(pid_text) <= 1 << 22:  # 1 << 22: the kernel's largest pid_max
+        return True
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # it runs, as another user
+    return False
+
+
+def remove_orphaned_temps(directory: str, prefix: str) -> list[str]:
+    """Remove ``write_atomically`` temporaries in ``directory`` whose writer is gone; returns their names.
+
+    Only ``PREFIX<pid>-*.tmp`` regular files whose PID is no running process are
+    removed (never through a link): a writer still at work keeps its file.
+    """
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")) or not temp_writer_gone(name, prefix):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                os.unlink(path)
+                removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 class NotRegularFile(Exception):

@@ -28,13 +28,14 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from cni_plugins.kernel.files import (NotRegularFile, UntrustedPath, ensure_private_dir, open_trusted_dir,
-                                     read_regular_file, write_atomically)
+                                     read_regular_file, remove_orphaned_temps, write_atomically)
 from cni_plugins.spec.errors import ERR_IO, CNIError
 
 SUBDIR = "vxlan"
 SUFFIX = ".json"
 DIR_MODE = 0o700
 FILE_MODE = 0o600
+TMP_PREFIX = ".vxlan-"
 MAX_BYTES = 256 * 1024
 _NAME_MAX = 255
 
@@ -177,7 +178,7 @@ def save(state_dir: str, network: str, container_id: str, ifname: str, delegate:
     body = {"network": network, "containerID": container_id, "ifname": ifname, "delegate": delegate}
     data = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
     try:
-        write_atomically(path, data, FILE_MODE, prefix=".vxlan-")
+        write_atomically(path, data, FILE_MODE, prefix=TMP_PREFIX)
     except OSError as exc:
         raise CNIError(ERR_IO, f"cannot write the cached delegate {path}: {exc.strerror}") from None
     return path
@@ -192,11 +193,20 @@ def _lexists(dir_fd: int, name: str) -> bool:
 
 
 def remove(state_dir: str, network: str, container_id: str, ifname: str) -> bool:
-    """Remove this attachment's cached delegate; True if there was one."""
+    """Remove this attachment's cached delegate (and what killed writers left); True if there was one."""
+    _remove_orphans(state_dir)
     entry = load(state_dir, network, container_id, ifname)
     if entry is None:
         return False
     return _unlink(entry.path)
+
+
+def _remove_orphans(state_dir: str) -> None:
+    """Temporary files of ADDs killed while writing their entry (a crash must leave nothing behind)."""
+    try:
+        remove_orphaned_temps(cache_dir(state_dir), TMP_PREFIX)
+    except OSError:
+        pass  # best effort: DEL and GC never fail for it
 
 
 def _unlink(path: str) -> bool:
@@ -236,6 +246,7 @@ def remove_stale(state_dir: str, network: str, valid: list[tuple[str, str]]) -> 
     """Remove the cached delegates of ``network`` whose attachment is not in ``valid``; returns them."""
     keep = set(valid)
     removed = []
+    _remove_orphans(state_dir)
     for entry in list(entries(state_dir, network)):
         if entry.attachment not in keep and _unlink(entry.path):
             removed.append(entry)

@@ -334,3 +334,25 @@ def test_the_plugin_imports_only_downwards():
                 names = [node.module]
             for name in names:
                 assert name.split(".")[0] not in ("ipam", "pycni"), f"{source.name} imports {name}"
+
+
+def test_del_and_gc_remove_what_a_killed_add_left_and_spare_a_writer_at_work(tmp_path):
+    import subprocess
+
+    state_dir = str(tmp_path)
+    cache.save(state_dir, "net", "c1", "eth0", {"type": "bridge"})
+    dead_pid = subprocess.Popen(["true"])   # a process that has ended and been reaped: its PID names nobody now
+    dead_pid.wait()
+    directory = cache.cache_dir(state_dir)
+    orphan = os.path.join(directory, f"{cache.TMP_PREFIX}{dead_pid.pid}-abcd.tmp")
+    working = os.path.join(directory, f"{cache.TMP_PREFIX}{os.getpid()}-efgh.tmp")
+    for path in (orphan, working):
+        with open(path, "w") as fh:
+            fh.write("{")
+    assert cache.remove(state_dir, "net", "c1", "eth0")
+    assert not os.path.exists(orphan) and os.path.exists(working)
+    os.unlink(working)
+    with open(orphan, "w") as fh:
+        fh.write("{")
+    cache.remove_stale(state_dir, "net", [])
+    assert not os.path.exists(orphan)
