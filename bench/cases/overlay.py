@@ -157,10 +157,14 @@ def _new_agent(ctx: Context, workdir: str, ns: str, public_ip: str) -> Agent:
     return Agent(ns, public_ip, os.path.join(node_dir, "state"), os.path.join(node_dir, "agent.log"))
 
 
-def _start(ctx: Context, agent: Agent, store_url: str) -> None:
+def _socket(agent: Agent) -> str:
+    return os.path.join(os.path.dirname(agent.state_dir), "agent.sock")
+
+
+def _start(ctx: Context, agent: Agent, store_url: str, extra_args: tuple[str, ...] = ()) -> None:
+    """Start the agent in its node namespace; ``extra_args`` go after the overlay's own (bench/cases/store.py)."""
     args = [*_pycni_command(), "agent", "--store", store_url, "--public-ip", agent.public_ip,
-            "--state-dir", agent.state_dir, "--socket", os.path.join(os.path.dirname(agent.state_dir), "agent.sock"),
-            "--log-file", agent.log]
+            "--state-dir", agent.state_dir, "--socket", _socket(agent), "--log-file", agent.log, *extra_args]
     agent.started = time.time()
     # `ip netns exec` execs the agent: the PID is the agent's own. Registered so that the run's
     # cleanup kills it even if this case is interrupted; _stop() ends it politely first.

@@ -80,3 +80,44 @@ def test_smoke_run_produces_ratios_and_no_duplicates(tmp_path):
     assert not _bench_namespaces(tag), "the benchmark left namespaces behind"
     assert not _bench_temp_dirs(tag), "the benchmark left temporary directories behind"
 
+
+@pytest.mark.skipif(not os.access("/usr/bin/etcd", os.X_OK), reason="needs /usr/bin/etcd (etcd-server)")
+def test_smoke_store_case_on_etcd(tmp_path):
+    """`--only store` (not in the default set): a real etcd, real agents and simulated nodes, tiny sizes.
+
+    Figures are not compared with the issue's targets; correctness is: no duplicate subnet among nodes
+    that start at once, every join, leave and change around a compaction programmed on every agent.
+    """
+    tag = f"pbt{secrets.token_hex(4)}"
+    out = tmp_path / "store.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--only", "store", "--no-warm", "--json",
+                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYCNI_BENCH_PREFIX=tag))
+    assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+    store = json.loads(out.read_text())["results"]["store"]
+    assert "error" not in store, store["error"]
+    settings = store["settings"]
+    assert settings["nodes"] == settings["real agents"] + settings["simulated nodes"]
+
+    steady = store["steady state"]
+    assert steady["requests per real agent per minute"]["all methods"]["median"] > 0
+    assert steady["requests per simulated node per minute (baseline window)"]["LeaseKeepAlive"]["median"] > 0
+    assert steady["real agent CPU"]["n"] == settings["real agents"]
+    assert steady["open watch streams"]["n"] >= 3
+
+    for kind in ("join", "leave"):
+        figure = store["join/leave"][kind]
+        assert figure["p99, every agent programmed"]["n"] == 1, figure
+        assert figure["not everywhere within 30 s"] == 0
+
+    starts = next(v for k, v in store.items() if k.endswith("simultaneous starts"))
+    assert starts["leased"] == starts["nodes"] and starts["failed"] == 0, starts
+    assert starts["duplicate subnets"] == 0
+    assert starts["store writes per node"]["median"] >= 1
+
+    compaction = store["compaction"]
+    assert compaction["lost updates"] == 0 and compaction["agents whose FDB differs from the store at the end"] == 0
+    assert "skipped" in store["partition"]  # the 3-member variant is full mode only
+
+    assert not _bench_namespaces(tag), "the benchmark left namespaces behind"
+    assert not _bench_temp_dirs(tag), "the benchmark left temporary directories behind"
