@@ -16,7 +16,7 @@ TTL`) in node namespaces, and SIMULATED nodes up to 1000 in all: worker
 processes (this module run as `python -m bench.cases.store sim`, in a
 namespace of their own on the underlay, each holding a share of the leases)
 that go through the store code the agents use: acquire_lease() with a TTL,
-renew_lease() every TTL/3, release_lease(). They program no kernel and do
+a keep-alive every TTL/3 (renew_lease() when the lease is gone), release_lease(). They program no kernel and do
 not watch: a simulated node stands for a node's lease and keep-alives, the
 real agents for a node's watch and reconcile.
 
@@ -670,7 +670,9 @@ class _Keeper:
                 continue  # left meanwhile
             try:
                 with self.renewing:
-                    current = renew_lease(self.store, lease, self.ttl)
+                    # As the agent renews (LeaseKeeper.keep_alive): one keep-alive while the lease is there,
+                    # the whole renew_lease() (a read, then a write if needed) only when it is not.
+                    current = lease if self.store.refresh(lease.key) else renew_lease(self.store, lease, self.ttl)
                     self._count("renewals")
                 if lease.mod_revision and current.mod_revision != lease.mod_revision:
                     self._count("rewritten")  # it had lapsed (or changed): renew_lease wrote it again
@@ -813,7 +815,7 @@ def _starting_nodes(url: str, ttl: int, barrier_fd: int, out: _Out) -> None:
             held.append((store, lease))
         while not stop.wait(ttl / 3):
             try:
-                lease = renew_lease(store, lease, ttl)
+                lease = lease if store.refresh(lease.key) else renew_lease(store, lease, ttl)
             except StoreError as exc:
                 print(f"renewing {public_ip}: {exc}", file=sys.stderr, flush=True)
 
