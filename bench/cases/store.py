@@ -325,7 +325,8 @@ class WriteWatch:
         for _ in range(10**9):
             try:
                 line = self._response.readline()
-            except (OSError, ValueError, http.client.HTTPException):
+            except (OSError, ValueError, AttributeError, http.client.HTTPException):
+                # AttributeError: http.client closing a chunked response whose connection close() let go of
                 return
             if not line:
                 return
