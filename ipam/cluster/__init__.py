@@ -18,6 +18,21 @@ directory DIR takes the prefix's place):
         ├── 10.244.1.0-24          one key per node: the node's subnet, its underlay
         └── ...                    (public) IP and the MAC of its VXLAN device
 
+A dual-stack cluster (flannel's field names and key layout) stores both pod
+networks, and each node's key holds one subnet of each, the same index in both:
+
+    ├── config                     {"Network": "10.244.0.0/16", "SubnetLen": 24, "EnableIPv6": true,
+    │                               "IPv6Network": "fd00:10:244::/56", "IPv6SubnetLen": 64, "Backend": {...}}
+    └── subnets/
+        └── 10.244.1.0-24&fd00:10:244:1::-64
+                                   {"PublicIP": "192.168.1.11", "PublicIPv6": "fd00:1::11",
+                                    "BackendType": "vxlan", "BackendData": {"VtepMAC": "0a:58:..."},
+                                    "BackendV6Data": {"VtepMAC": "0a:58:..."}, "NodeName": "node-b"}
+
+(PublicIPv6 and BackendV6Data only for a node with a second, IPv6 underlay.)
+An IPv6-only cluster has "EnableIPv4": false and no "Network"; its keys are
+subnets/fd00:10:244:1::-64.
+
 Keys are named relative to the prefix in this API ("config",
 "subnets/10.244.1.0-24"). `pycni cluster init` writes config; each node's
 agent calls acquire_lease() for its subnet, lists subnets/ once and then
@@ -28,6 +43,8 @@ other nodes, and renews its lease with refresh() (one request on etcd).
     store = open_store("etcd://10.0.0.1:2379,10.0.0.2:2379")
     cfg = read_config(store)
     lease = acquire_lease(store, cfg, public_ip="10.0.0.5", vtep_mac="0a:58:0a:00:00:05", node_name="node-a")
+    lease.subnets                       # ["10.244.3.0/24"], dual-stack ["10.244.3.0/24", "fd00:10:244:3::/64"]
+    cfg.pools                           # [Pool(4, "10.244.0.0/16", 24), Pool(6, "fd00:10:244::/56", 64)]
     scan = scan_leases(store, cfg)      # scan.leases accepted, scan.rejected [(key, mod_revision, reason)]
     with store.watch("subnets/", scan.revision) as watch:
         events = watch.next(timeout=30)  # [Event(kind, key, value, mod_revision, version)], [] when quiet
@@ -44,10 +61,12 @@ from .leases import (
     ClusterConfig,
     LeaseScan,
     NodeLease,
+    Pool,
     RejectedLease,
     acquire_lease,
     check_entries,
     init_cluster,
+    lease_key,
     list_leases,
     read_config,
     release_lease,
@@ -55,6 +74,7 @@ from .leases import (
     scan_leases,
     subnet_from_key,
     subnet_key,
+    subnets_from_key,
 )
 from .store import Claims, Entry, Event, Store, TLSFiles, Watch
 from .url import open_store
@@ -73,6 +93,7 @@ __all__ = [
     "LeaseScan",
     "NodeConflict",
     "NodeLease",
+    "Pool",
     "RejectedLease",
     "Store",
     "StoreError",
@@ -83,6 +104,7 @@ __all__ = [
     "acquire_lease",
     "check_entries",
     "init_cluster",
+    "lease_key",
     "list_leases",
     "open_store",
     "read_config",
@@ -91,4 +113,5 @@ __all__ = [
     "scan_leases",
     "subnet_from_key",
     "subnet_key",
+    "subnets_from_key",
 ]

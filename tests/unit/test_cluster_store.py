@@ -681,6 +681,16 @@ def test_cli_init_is_idempotent_and_refuses_a_conflict(store_dir):
         assert read_config(s) == ClusterConfig("10.244.0.0/16", vni=7)
 
 
+def test_cli_init_output_for_an_ipv4_only_cluster_is_unchanged(store_dir):
+    url = f"file://{store_dir}"
+    assert _run("init", "--store", url, "--network", "10.244.0.0/16", "--vni", "7").output == (
+        f"cluster initialised in {url}: network 10.244.0.0/16, /24 per node, VNI 7, UDP port 8472 "
+        f"(room for 256 nodes)\n")
+    with open_store(url) as s:
+        assert s.get("config").value == (b'{"Backend": {"Port": 8472, "Type": "vxlan", "VNI": 7}, '
+                                         b'"Network": "10.244.0.0/16", "SubnetLen": 24}')
+
+
 @pytest.mark.parametrize("args, message", [
     (["--network", "10.244.0.0/33"], "--network"),
     (["--network", "10.244.0.5/16"], "did you mean 10.244.0.0/16"),
