@@ -334,17 +334,27 @@ def wait_agent_ready(handle: AgentHandle, timeout: float = AGENT_START_TIMEOUT) 
     raise RuntimeError(f"agent on {handle.node.name} wrote no state file within {timeout} s:\n{handle.log_tail()}")
 
 
+def state_subnets(state: dict) -> list[str]:
+    """Every pod subnet a node's overlay state names (a dual-stack node: one per family)."""
+    return [subnet for subnet in (state.get("subnet"), state.get("ipv6Subnet")) if subnet]
+
+
+def route_dsts(node: "Host") -> set[str]:
+    """The destinations of the node's IPv4 and IPv6 routes (main table)."""
+    return {r["dst"] for family in ("-4", "-6") for r in node.ip_json(family, "route", "show")}
+
+
 def converged(nodes: Sequence["Node"]) -> bool:
-    """Every node holds a lease and routes every other node's subnet."""
+    """Every node holds a lease and routes every other node's subnets (each family)."""
     subnets = {}
     for node in nodes:
         state = node.read_state()
         if not state:
             return False
-        subnets[node.index] = state["subnet"]
+        subnets[node.index] = state_subnets(state)
     for node in nodes:
-        routes = {r["dst"] for r in node.ip_json("route", "show")}
-        if any(subnets[other.index] not in routes for other in nodes if other is not node):
+        routes = route_dsts(node)
+        if any(subnet not in routes for other in nodes if other is not node for subnet in subnets[other.index]):
             return False
     return True
 

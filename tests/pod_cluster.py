@@ -21,7 +21,8 @@ from typing import Iterator
 
 import pytest
 
-from multinode import UNDERLAY_GATEWAY, AgentHandle, Node, Topology, cluster_topology, converged, wait_for
+from multinode import (UNDERLAY_BRIDGE, UNDERLAY_GATEWAY, AgentHandle, Node, Topology, cluster_topology, converged,
+                       wait_for)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYCNI = os.path.join(os.path.dirname(sys.executable), "pycni")
@@ -81,9 +82,40 @@ def example_conflist(node: Node, ipam_dir: str) -> dict:
 
 
 
+UNDERLAY6_PREFIX = "fd70:7963::"      # the test underlay's IPv6 addresses ("py"): the bridge ::1, node i ::(10+i)
+
+
+def give_ipv6_underlay(topo: Topology, node: Node) -> str:
+    """An IPv6 address on the node's underlay link (the bridge gets ::1 once); returns it."""
+    if not getattr(topo, "underlay6", False):
+        subprocess.run(["ip", "-n", topo.underlay, "addr", "add", f"{UNDERLAY6_PREFIX}1/64", "dev",
+                        UNDERLAY_BRIDGE, "nodad"], check=True, capture_output=True, timeout=30)
+        topo.underlay6 = True  # type: ignore[attr-defined]
+    address = f"{UNDERLAY6_PREFIX}{10 + node.index:x}"
+    node.ip("addr", "add", f"{address}/64", "dev", "eth0", "nodad")
+    return address
+
+
+def agent_underlay(topo: Topology, node: Node, underlay: str) -> tuple[str, ...]:
+    """Prepare a node's underlay for ``underlay`` ("ipv4", "ipv6": its --public-ip is IPv6, or "dual": an IPv4
+    --public-ip and an IPv6 --public-ipv6); returns the extra agent flags."""
+    if underlay == "ipv4":
+        return ()
+    address = give_ipv6_underlay(topo, node)
+    if underlay == "ipv6":
+        node.public_ip = address
+        return ()
+    return ("--public-ipv6", address)
+
+
 @contextlib.contextmanager
-def pod_cluster(n_nodes: int, store: str, prefix: str) -> Iterator[PodCluster]:
-    """``n_nodes`` nodes with agents (named n0, n1, ...), converged, each with bin dirs and a conflist."""
+def pod_cluster(n_nodes: int, store: str, prefix: str, *, network: str = CLUSTER_NETWORK, ipv6_network: str = "",
+                underlay: str = "ipv4") -> Iterator[PodCluster]:
+    """``n_nodes`` nodes with agents (named n0, n1, ...), converged, each with bin dirs and a conflist.
+
+    ``ipv6_network`` makes the cluster dual-stack (with ``network=""``: IPv6 only); ``underlay`` is
+    "ipv4", "ipv6" or "dual" (see ``agent_underlay``).
+    """
     with contextlib.ExitStack() as stack:
         topo = stack.enter_context(cluster_topology(n_nodes, prefix))
         store_dir = ""
@@ -100,10 +132,13 @@ def pod_cluster(n_nodes: int, store: str, prefix: str) -> Iterator[PodCluster]:
             stack.callback(member.stop)
             store_url = member.url
         cluster = PodCluster(topo, store_url, store_dir)
-        done = cluster.pycni(topo.nodes[0], "cluster", "init", "--store", store_url, "--network", CLUSTER_NETWORK)
+        init = (["--network", network] if network else []) + (["--ipv6-network", ipv6_network] if ipv6_network else [])
+        done = cluster.pycni(topo.nodes[0], "cluster", "init", "--store", store_url, *init)
         assert done.returncode == 0, done.stdout + done.stderr
+        cluster.underlay = underlay  # type: ignore[attr-defined]
         for node in topo.nodes:
-            cluster.agents[node.name] = topo.start_agent(node, store_url, extra_args=("--node-name", f"n{node.index}"))
+            extra = ("--node-name", f"n{node.index}", *agent_underlay(topo, node, underlay))
+            cluster.agents[node.name] = topo.start_agent(node, store_url, extra_args=extra)
         wait_for(lambda: converged(topo.nodes), CONVERGE_TIMEOUT, what="every node routing every other subnet")
         for node in topo.nodes:
             for args in (("--cni-bin-dir", cluster.dir(node, "bin"), "--agent-socket", node.socket),

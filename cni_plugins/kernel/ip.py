@@ -343,12 +343,20 @@ def addresses(ipr: Any, index: int, family: int = 0) -> list[tuple[IPInterface, 
     return out
 
 
-def add_address(ipr: Any, index: int, cidr: str) -> None:
-    """Add an address; IPv4 ones get their subnet's broadcast address, as `ip addr add ... brd +` does."""
+IFA_F_NODAD = 0x02
+
+
+def add_address(ipr: Any, index: int, cidr: str, nodad: bool = False) -> None:
+    """Add an address; IPv4 ones get their subnet's broadcast address, as `ip addr add ... brd +` does.
+
+    ``nodad``: an IPv6 address is usable at once, without duplicate address detection (`ip addr add ... nodad`).
+    """
     iface = ipaddress.ip_interface(cidr)
     spec: dict[str, Any] = {"index": index, "address": str(iface.ip), "prefixlen": iface.network.prefixlen}
     if iface.version == 4 and iface.network.prefixlen < 31:
         spec["broadcast"] = str(iface.network.broadcast_address)
+    if nodad and iface.version == 6:
+        spec["flags"] = IFA_F_NODAD
     ipr.addr("add", **spec)
 
 

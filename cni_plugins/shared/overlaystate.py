@@ -70,6 +70,15 @@ class OverlayState:
     node_name: str = ""
     lease_expires: float = 0.0   # 0: unknown (a state file of an older agent)
     lease_lost: str = ""         # why the node lost its subnet ("" while it holds it)
+    # A dual-stack cluster's IPv6 pods (network/subnet/gateway above are then the IPv4 ones; in an IPv6-only
+    # cluster they are the IPv6 ones and these stay empty).
+    network6: str = ""
+    subnet6: str = ""
+    gateway6: str = ""
+    # A second VXLAN device, on the node's IPv6 underlay (--public-ipv6), when it has one.
+    vxlan_device6: str = ""
+    public_ipv6: str = ""
+    vtep_mac6: str = ""
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -92,14 +101,26 @@ class OverlayState:
             "leaseExpires": self.lease_expires,
             "leaseLost": self.lease_lost,
         })
+        for key, value in (("ipv6Network", self.network6), ("ipv6Subnet", self.subnet6),
+                           ("ipv6Gateway", self.gateway6), ("ipv6VxlanDevice", self.vxlan_device6),
+                           ("publicIPv6", self.public_ipv6), ("ipv6VtepMAC", self.vtep_mac6)):
+            if value:
+                data[key] = value
         return data
+
+    def pools(self) -> list[tuple[str, str, str]]:
+        """(network, subnet, gateway) of every pod family this node serves, the primary one first."""
+        out = [(self.network, self.subnet, self.gateway)]
+        if self.subnet6:
+            out.append((self.network6, self.subnet6, self.gateway6))
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> "OverlayState":
         if not isinstance(data, dict):
             raise OverlayStateError("overlay state must be a JSON object")
         known = {"network", "subnet", "gateway", "mtu", "bridge", "vxlanDevice", "vni", "port",
-                 "publicIP", "vtepMAC", "nodeName", "leaseExpires", "leaseLost"}
+                 "publicIP", "vtepMAC", "nodeName", "leaseExpires", "leaseLost", *_SECOND}
         missing = [k for k in ("network", "subnet", "gateway", "mtu", "bridge", "vxlanDevice",
                                "vni", "publicIP", "vtepMAC") if k not in data]
         if missing:
@@ -112,6 +133,7 @@ class OverlayState:
                 public_ip=data["publicIP"], vtep_mac=data["vtepMAC"],
                 node_name=data.get("nodeName", ""),
                 lease_expires=data.get("leaseExpires", 0.0), lease_lost=data.get("leaseLost", ""),
+                **{name: data.get(key, "") for key, name in _SECOND.items()},
                 extra={k: v for k, v in data.items() if k not in known},
             )
         except OverlayStateError:
@@ -120,13 +142,17 @@ class OverlayState:
             raise OverlayStateError(f"invalid overlay state: {exc}") from None
 
 
+_SECOND = {"ipv6Network": "network6", "ipv6Subnet": "subnet6", "ipv6Gateway": "gateway6",
+           "ipv6VxlanDevice": "vxlan_device6", "publicIPv6": "public_ipv6", "ipv6VtepMAC": "vtep_mac6"}
+
+
 def validate_state(state: OverlayState) -> None:
     """Raise OverlayStateError unless every field is well formed and consistent."""
     def fail(msg: str) -> None:
         raise OverlayStateError(f"invalid overlay state: {msg}")
 
     for name in ("network", "subnet", "gateway", "bridge", "vxlan_device", "public_ip", "vtep_mac",
-                 "node_name", "lease_lost"):
+                 "node_name", "lease_lost", *_SECOND.values()):
         if not isinstance(getattr(state, name), str):
             fail(f"{name} must be a string")
     for name in ("mtu", "vni", "port"):
@@ -162,16 +188,38 @@ def validate_state(state: OverlayState) -> None:
         fail(f"vtepMAC {state.vtep_mac!r} is not a lower-case MAC address")
     if len(state.node_name) > 253 or any(ord(c) < 0x20 for c in state.node_name):
         fail("nodeName is too long or holds control characters")
+    if state.subnet6 or state.network6 or state.gateway6:
+        try:
+            network6 = ipaddress.ip_network(state.network6, strict=True)
+            subnet6 = ipaddress.ip_network(state.subnet6, strict=True)
+            gateway6 = ipaddress.ip_address(state.gateway6)
+        except ValueError as exc:
+            fail(f"IPv6 pool: {exc}")
+        if network6.version != 6 or network.version != 4:
+            fail("ipv6Network/ipv6Subnet hold the IPv6 pods of a dual-stack node: network must be IPv4, they IPv6")
+        if not subnet6.subnet_of(network6) or gateway6 not in subnet6:  # type: ignore[arg-type]
+            fail(f"ipv6Subnet {subnet6} (gateway {gateway6}) is not inside ipv6Network {network6}")
+    if state.vxlan_device6 and not _IFNAME_RE.match(state.vxlan_device6):
+        fail(f"ipv6VxlanDevice {state.vxlan_device6!r} is not a valid interface name")
+    if state.public_ipv6:
+        try:
+            if ipaddress.ip_address(state.public_ipv6).version != 6:
+                fail("publicIPv6 must be an IPv6 address")
+        except ValueError as exc:
+            fail(str(exc))
+    if state.vtep_mac6 and not _MAC_RE.match(state.vtep_mac6):
+        fail(f"ipv6VtepMAC {state.vtep_mac6!r} is not a lower-case MAC address")
 
 
 def lease_problem(state: OverlayState, now: float | None = None) -> str:
     """Why this node must not give addresses to new pods now ("" when its lease is valid)."""
+    subnets = " and ".join(subnet for _net, subnet, _gw in state.pools())
     if state.lease_lost:
-        return f"this node lost its pod subnet {state.subnet}: {state.lease_lost}"
+        return f"this node lost its pod subnet {subnets}: {state.lease_lost}"
     now = time.time() if now is None else now
     if state.lease_expires and now > state.lease_expires:
         ago = now - state.lease_expires
-        return (f"this node's lease of {state.subnet} lapsed {ago:.0f} s ago: the node agent has not renewed it "
+        return (f"this node's lease of {subnets} lapsed {ago:.0f} s ago: the node agent has not renewed it "
                 f"(is it running, and can it reach the cluster store?)")
     return ""
 

@@ -134,13 +134,18 @@ def load_conf(conf: dict[str, Any], cni_version: str) -> VxlanConf:
 
 
 def derive_delegate(n: VxlanConf, state: OverlayState) -> dict[str, Any]:
-    """The bridge configuration for a pod on this node: flannel's delegate, from the overlay state."""
-    routes = list(n.ipam.get("routes") or []) + [{"dst": state.network}]
+    """The bridge configuration for a pod on this node: flannel's delegate, from the overlay state.
+
+    On a dual-stack node the pod gets an address of each family (host-local, one range per family), a
+    route to each cluster network and, with isDefaultGateway, a default route of each family.
+    """
+    pools = state.pools()   # a dual-stack node: one range per family, and a route to each cluster network
+    routes = list(n.ipam.get("routes") or []) + [{"dst": network} for network, _subnet, _gw in pools]
     ipam = dict(n.ipam)
     ipam.update({
         "type": n.ipam_type,
         "dataDir": n.data_dir,
-        "ranges": [[{"subnet": state.subnet, "gateway": state.gateway}]],
+        "ranges": [[{"subnet": subnet, "gateway": gateway}] for _network, subnet, gateway in pools],
         "routes": routes,
     })
     conf: dict[str, Any] = {

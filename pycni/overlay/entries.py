@@ -63,11 +63,12 @@ class Entries:
 
     # ---- writing -----------------------------------------------------------------------
 
-    def reconcile(self, ipr: Any, batch: nlbatch.BatchSocket, index: int, family: int) -> tuple[Plan, Outcome]:
-        """Make the device hold exactly what the table wants (dump, diff, write the difference)."""
+    def reconcile(self, ipr: Any, batch: nlbatch.BatchSocket, index: int) -> tuple[Plan, Outcome]:
+        """Make the device hold exactly what the table wants (dump, diff, write the difference), every family."""
         wanted = self.table.wanted()
-        todo = plan(wanted, kvx.fdb_entries(ipr, index), kvx.neigh_entries(ipr, index, family),
-                    kvx.onlink_routes(ipr, index, family))
+        neighbours = [e for family in (4, 6) for e in kvx.neigh_entries(ipr, index, family)]
+        routes = [r for family in (4, 6) for r in kvx.onlink_routes(ipr, index, family)]
+        todo = plan(wanted, kvx.fdb_entries(ipr, index), neighbours, routes)
         requests = ([nlbatch.onlink_route(False, index, r.dst, r.gw, 0) for r in todo.routes.remove]
                     + [nlbatch.neigh(False, index, n.ip, n.mac) for n in todo.neigh.remove]
                     + [nlbatch.fdb(False, index, f.mac, f.dst) for f in todo.fdb.remove]
@@ -83,15 +84,22 @@ class Entries:
         kept_addresses = {r.vtep_address for r in delta.add}
         kept_subnets = {r.subnet for r in delta.add}
         requests: list[nlbatch.Request] = []
+        gone_fdb: dict[tuple[str, str], nlbatch.Request] = {}   # one FDB entry per VTEP, whatever its families
         for remote in delta.remove:
             if remote.subnet not in kept_subnets:
                 requests.append(nlbatch.onlink_route(False, index, remote.subnet, remote.vtep_address, 0))
             if remote.vtep_address not in kept_addresses:
                 requests.append(nlbatch.neigh(False, index, remote.vtep_address, remote.vtep_mac))
             if remote.vtep_mac not in kept_macs:
-                requests.append(nlbatch.fdb(False, index, remote.vtep_mac, remote.public_ip))
+                gone_fdb[(remote.vtep_mac, remote.public_ip)] = nlbatch.fdb(False, index, remote.vtep_mac,
+                                                                            remote.public_ip)
+        requests += gone_fdb.values()
+        written_fdb: set[tuple[str, str]] = set()
         for remote in delta.add:
-            requests += _adds(index, remote)
+            if (remote.vtep_mac, remote.public_ip) not in written_fdb:
+                written_fdb.add((remote.vtep_mac, remote.public_ip))
+                requests.append(nlbatch.fdb(True, index, remote.vtep_mac, remote.public_ip))
+            requests += _adds(index, remote)[1:]
         return _run(batch, requests)
 
     def repair(self, batch: nlbatch.BatchSocket, index: int, changes: Iterable[Change]) -> Outcome:

@@ -51,19 +51,28 @@ POSTROUTING_RULES = 3
 
 @dataclass(frozen=True)
 class FirewallSpec:
-    network: str            # the cluster pod CIDR
+    network: str            # the cluster pod CIDR ("" in an IPv6-only cluster)
     port: int               # the VXLAN UDP port
     masquerade: bool = True  # masquerade pod traffic that leaves the cluster network
+    network6: str = ""      # a dual-stack (or IPv6-only) cluster's IPv6 pod CIDR
+
+    @property
+    def networks(self) -> list[str]:
+        return [net for net in (self.network, self.network6) if net]
 
     @property
     def expected_rules(self) -> dict[str, int]:
         """Rules per chain of an intact table."""
-        return {"input": INPUT_RULES, "postrouting": POSTROUTING_RULES} if self.masquerade else \
-            {"input": INPUT_RULES}
+        if not self.masquerade:
+            return {"input": INPUT_RULES}
+        return {"input": INPUT_RULES, "postrouting": POSTROUTING_RULES * len(self.networks)}
 
     def __post_init__(self) -> None:
-        net = ipaddress.ip_network(self.network, strict=True)
-        object.__setattr__(self, "network", str(net))
+        if not self.network and not self.network6:
+            raise ValueError("a firewall spec needs a cluster network")
+        for name in ("network", "network6"):
+            if getattr(self, name):
+                object.__setattr__(self, name, str(ipaddress.ip_network(getattr(self, name), strict=True)))
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
             raise ValueError(f"invalid VXLAN port {self.port!r}")
 
@@ -87,8 +96,6 @@ def _element_lines(members: Iterable[str]) -> list[str]:
 
 def render_table(spec: FirewallSpec, members: Iterable[str]) -> str:
     """The whole table (replacing any previous one) with its members, as one nft script."""
-    net = ipaddress.ip_network(spec.network)
-    fam = _FAMILY_WORD[net.version]
     port = int(spec.port)
     lines = [
         f"table inet {TABLE} {{}}",
@@ -104,15 +111,17 @@ def render_table(spec: FirewallSpec, members: Iterable[str]) -> str:
         "    }",
     ]
     if spec.masquerade:
-        lines += [
-            "    chain postrouting {",
-            "        type nat hook postrouting priority srcnat; policy accept;",
-            f"        {fam} saddr {net} {fam} daddr {net} return comment {nft.comment('pod to pod')}",
-            f"        {fam} saddr {net} {fam} daddr {_MULTICAST[net.version]} return",
-            f"        {fam} saddr {net} counter masquerade fully-random "
-            f"comment {nft.comment('pod leaving the cluster network')}",
-            "    }",
-        ]
+        lines += ["    chain postrouting {", "        type nat hook postrouting priority srcnat; policy accept;"]
+        for text in spec.networks:
+            net = ipaddress.ip_network(text)
+            fam = _FAMILY_WORD[net.version]
+            lines += [
+                f"        {fam} saddr {net} {fam} daddr {net} return comment {nft.comment('pod to pod')}",
+                f"        {fam} saddr {net} {fam} daddr {_MULTICAST[net.version]} return",
+                f"        {fam} saddr {net} counter masquerade fully-random "
+                f"comment {nft.comment('pod leaving the cluster network')}",
+            ]
+        lines.append("    }")
     lines.append("}")
     return "\n".join(lines + _element_lines(members)) + "\n"
 

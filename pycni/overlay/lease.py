@@ -38,6 +38,8 @@ class Identity:
     public_ip: str
     vtep_mac: str
     node_name: str
+    public_ipv6: str = ""      # a second, IPv6 underlay (dual-stack), and the VTEP MAC of the device there
+    vtep_mac6: str = ""
 
 
 class LeaseKeeper:
@@ -54,8 +56,14 @@ class LeaseKeeper:
         self._exhausted_logged = False
 
     @property
+    def subnets(self) -> list[str]:
+        """The subnets the node's pods are on, one per family (IPv4 first)."""
+        return list(self.lease.subnets) if self.lease is not None else []
+
+    @property
     def subnet(self) -> str:
-        return self.lease.subnet if self.lease is not None else ""
+        """For messages and status: the node's subnets ("10.244.1.0/24 and fd00:10:244:1::/64")."""
+        return _label(self.lease) if self.lease is not None else ""
 
     # ---- start --------------------------------------------------------------------
 
@@ -67,27 +75,27 @@ class LeaseKeeper:
         them. Raises NodeConflict (another node name holds this public IP) and
         LeaseExhausted.
         """
-        preferred = previous.subnet if previous is not None else None
+        preferred = previous.subnets[0] if previous is not None and previous.subnets else None
+        preferred6 = previous.ipv6_subnet or None if previous is not None else None
         if has_pods and previous is not None:
-            holder = self._holder(previous.subnet)
+            holder = self._holder(previous)
             if holder is not None and not self._mine(holder) and not _same(holder, previous):
                 self._lose(previous, holder)
                 return
         renumbered = previous if previous is not None and previous.public_ip != self.me.public_ip else None
         began = self.clock()
-        lease = acquire_lease(self.store, self.cfg, self.me.public_ip, self.me.vtep_mac, node_name=self.me.node_name,
-                              preferred_subnet=preferred, ttl=self.ttl, previous=renumbered)
-        if has_pods and previous is not None and lease.subnet != previous.subnet:
+        lease = self._acquire(preferred_subnet=preferred, preferred_ipv6_subnet=preferred6, previous=renumbered)
+        if has_pods and previous is not None and lease.subnets != previous.subnets:
             # Someone took the old subnet between our look and our claim: give the new one back.
             self.store.delete(lease.key)
-            self._lose(previous, self._holder(previous.subnet))
+            self._lose(previous, self._holder(previous))
             return
-        if preferred and lease.subnet != preferred:
+        if preferred and preferred not in lease.subnets:
             self.log.warning("the subnet %s of the previous run is taken and no pod was left on it; leased %s",
-                             preferred, lease.subnet)
+                             _label(previous), _label(lease))
         elif renumbered is not None:
             self.log.warning("this node's underlay address changed from %s to %s: its lease of %s moved with it",
-                             renumbered.public_ip, self.me.public_ip, lease.subnet)
+                             renumbered.public_ip, self.me.public_ip, _label(lease))
         self._hold(lease, began)
 
     # ---- while running ----------------------------------------------------------------
@@ -107,7 +115,7 @@ class LeaseKeeper:
             return self._recover(has_pods) if not has_pods else False
         self._hold(current, began)
         if was == LAPSED:
-            self.log.warning("this node's lease of %s is valid again (taken back after it lapsed)", current.subnet)
+            self.log.warning("this node's lease of %s is valid again (taken back after it lapsed)", _label(current))
         return False
 
     def keep_alive(self) -> bool:
@@ -130,7 +138,7 @@ class LeaseKeeper:
             self.state = LAPSED
             self.log.error("this node's lease of %s lapsed %s ago (not renewed within its TTL of %d s: is the "
                            "cluster store reachable?); pods keep their addresses, new pods wait ('try again later') "
-                           "until the lease is renewed", self.lease.subnet, _ago(self.clock() - self.valid_until),
+                           "until the lease is renewed", _label(self.lease), _ago(self.clock() - self.valid_until),
                            self.ttl)
             return True
         return False
@@ -147,22 +155,22 @@ class LeaseKeeper:
             current = None
         if current is not None:
             self._hold(current, began)
-            self.log.warning("took this node's subnet %s back: no other node holds it any more", current.subnet)
+            self.log.warning("took this node's subnet %s back: no other node holds it any more", _label(current))
             return False
         if has_pods:
             return False
         try:
-            lease = acquire_lease(self.store, self.cfg, self.me.public_ip, self.me.vtep_mac,
-                                  node_name=self.me.node_name, ttl=self.ttl)
+            lease = self._acquire()
         except (LeaseExhausted, NodeConflict) as exc:
             if not self._exhausted_logged:
                 self.log.error("cannot lease a new subnet for this node: %s", exc)
                 self._exhausted_logged = True
             return False
-        old = self.lease.subnet
+        old = self.lease.subnets
         self._hold(lease, began)
-        self.log.warning("no pod was left on the lost subnet %s: this node now leases %s", old, lease.subnet)
-        return lease.subnet != old
+        self.log.warning("no pod was left on the lost subnet %s: this node now leases %s", " and ".join(old),
+                         _label(lease))
+        return lease.subnets != old
 
     def _hold(self, lease: NodeLease, began: float) -> None:
         self.lease = lease
@@ -174,23 +182,30 @@ class LeaseKeeper:
     def _lose(self, lost: NodeLease, holder: NodeLease | None, detail: str = "") -> None:
         who = (f"{holder.public_ip}" + (f" ({holder.node_name})" if holder.node_name else "")) if holder else \
             "another node"
-        self.problem = (f"the subnet {lost.subnet} is now leased to {who}{': ' + detail if detail and not holder else ''}"
+        subnets = _label(lost)
+        self.problem = (f"the subnet {subnets} is now leased to {who}{': ' + detail if detail and not holder else ''}"
                         f". Pods on this node keep their addresses but new pods cannot start. Drain this node's "
-                        f"pods: once none is left the agent leases a free subnet (or takes {lost.subnet} back as "
+                        f"pods: once none is left the agent leases a free subnet (or takes {subnets} back as "
                         f"soon as it is free)")
         if self.state != LOST:
             self.log.error("this node lost its subnet lease: %s", self.problem)
         self.lease = replace(lost, mod_revision=0)
         self.state = LOST
 
-    def _holder(self, subnet: str) -> NodeLease | None:
-        entry = self.store.get(NodeLease(subnet=subnet, public_ip="", vtep_mac="").key)
+    def _acquire(self, **where: object) -> NodeLease:
+        me = self.me
+        return acquire_lease(self.store, self.cfg, me.public_ip, me.vtep_mac, node_name=me.node_name, ttl=self.ttl,
+                             public_ipv6=me.public_ipv6, vtep_mac6=me.vtep_mac6, **where)  # type: ignore[arg-type]
+
+    def _holder(self, lease: NodeLease) -> NodeLease | None:
+        """Who holds ``lease``'s key in the store now (None: nobody)."""
+        entry = self.store.get(lease.key)
         if entry is None:
             return None
         try:
             return NodeLease.from_entry(entry)
         except (ValueError, TypeError):
-            return NodeLease(subnet=subnet, public_ip="?", vtep_mac="", node_name="an unreadable entry")
+            return replace(lease, public_ip="?", vtep_mac="", node_name="an unreadable entry")
 
     def _mine(self, lease: NodeLease) -> bool:
         if lease.public_ip != self.me.public_ip:
@@ -202,6 +217,10 @@ def _same(stored: NodeLease, previous: NodeLease) -> bool:
     """The stored lease is exactly the one this node held before (its underlay address may have changed since)."""
     return (stored.public_ip, stored.vtep_mac, stored.node_name) == (previous.public_ip, previous.vtep_mac,
                                                                     previous.node_name)
+
+
+def _label(lease: NodeLease) -> str:
+    return " and ".join(lease.subnets)
 
 
 def _ago(seconds: float) -> str:

@@ -61,7 +61,9 @@ from ipam.cluster import (SUBNETS_PREFIX, ClusterConfig, Compacted, Entry, Lease
                           RejectedLease, StoreError, StoreUnavailable, TLSFiles, check_entries, open_store,
                           read_config, release_lease, scan_leases)
 from pycni.overlay import firewall, forward
+from pycni.overlay import lanes as lanes_mod
 from pycni.overlay.entries import Entries
+from pycni.overlay.lanes import MAIN, V6, Lane
 from pycni.overlay.lease import LOST, VALID, Identity, LeaseKeeper
 from pycni.overlay.monitor import Change, KernelMonitor
 from pycni.overlay.options import OverlayOptions
@@ -118,7 +120,7 @@ def leave_cluster(store_url: str, public_ip: str, prefix: str = "/pycni", tls: T
         raise OverlayError(f"cannot open the cluster store {store_url}: {exc}") from None
     try:
         released = release_lease(store, public_ip)
-        network = read_config(store).network
+        networks = [pool.network for pool in read_config(store).pools]
     except StoreError as exc:
         raise OverlayError(f"cannot release the lease of {public_ip}: {exc}") from None
     except ValueError as exc:
@@ -127,7 +129,7 @@ def leave_cluster(store_url: str, public_ip: str, prefix: str = "/pycni", tls: T
         store.close()
     if _is_local_address(public_ip):
         try:
-            forward.remove_forward_accept([network])
+            forward.remove_forward_accept(networks)
         except CNIError as exc:
             raise OverlayError(f"released the lease, but cannot remove the FORWARD accept rules: {exc}") from None
     return released
@@ -158,19 +160,14 @@ class OverlayNode:
         self._keeper: LeaseKeeper | None = None
         self._view: dict[str, NodeLease] = {}   # accepted leases by key, kept in step by the watch (and while the
         self._rejected: dict[str, RejectedLease] = {}   # store is down); keys that are no acceptable lease
-        self._entries: Entries | None = None
+        self._lanes: list[Lane] = []            # the VXLAN devices: MAIN (and V6 on a dual underlay)
         self._batch: nlbatch.BatchSocket | None = None
         self._firewall_members: set[str] = set()   # what the nft member sets hold, as last written
         self._monitor: KernelMonitor | None = None
         self._node_name = ""
-        self._vtep_mac = ""
         self._bridge_mac = ""                   # what the bridge keeps: set at creation, or adopted once
-        self._mtu = 0
-        self._vxlan_name = ""
-        self._vxlan_index = 0
+        self._mtu = 0                           # pod MTU: the smallest of the lanes'
         self._bridge_index = 0
-        self._underlay: kip.Link | None = None
-        self._underlay_missing = False
         self._warned_skips: set[str] = set()
 
     # ---- life cycle ----------------------------------------------------------------
@@ -185,6 +182,15 @@ class OverlayNode:
             raise OverlayError(f"invalid public IP {self.opts.public_ip!r}: give the node's underlay address") \
                 from None
         self.opts.public_ip = str(public)
+        if self.opts.public_ipv6:
+            try:
+                public6 = ipaddress.ip_address(self.opts.public_ipv6)
+            except ValueError:
+                public6 = None
+            if public6 is None or public6.version != 6:
+                raise OverlayError(f"invalid --public-ipv6 {self.opts.public_ipv6!r}: give the node's IPv6 underlay "
+                                   f"address")
+            self.opts.public_ipv6 = str(public6)
         ttl = self.opts.lease_ttl
         if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 3:
             raise OverlayError(f"invalid lease TTL {ttl!r}: give whole seconds >= 3")
@@ -213,25 +219,35 @@ class OverlayNode:
         except StoreError as exc:
             raise OverlayError(f"cannot read the cluster configuration from {opts.store_url}: {exc}") from None
         self._cfg = cfg
-        self._vxlan_name = opts.vxlan_device or f"pycni.{cfg.vni}"
-        for what, name in (("VXLAN device", self._vxlan_name), ("bridge", opts.bridge)):
+        self._node_name = opts.node_name or socket.gethostname()
+        self._lanes = self._plan_lanes(cfg)
+        for what, name in [("VXLAN device", lane.name) for lane in self._lanes] + [("bridge", opts.bridge)]:
             if not name or len(name) > IFNAMSIZ or "/" in name or any(c.isspace() for c in name):
                 raise OverlayError(f"invalid {what} name {name!r}: at most {IFNAMSIZ} characters, no '/' or spaces")
-        self._node_name = opts.node_name or socket.gethostname()
         self._ipr = kip.open_netlink()
         self._batch = nlbatch.BatchSocket()
-        underlay = self._find_underlay()
-        if underlay is None:
-            if opts.underlay_device:
-                raise OverlayError(f"underlay device {opts.underlay_device!r} does not exist")
-            raise OverlayError(f"no interface holds the public IP {opts.public_ip}: give the node's underlay "
-                               f"address (--public-ip) or name the device (--underlay-device)")
-        self._underlay = underlay
-        self._mtu = self._overlay_mtu(underlay)
-        self._vtep_mac = kvx.stable_vtep_mac(vtep_mac_seed(opts.public_ip, cfg.vni, self._node_name))
+        for lane in self._lanes:
+            underlay = lanes_mod.find_underlay(self._ipr, lane)
+            if underlay is None:
+                if lane.underlay_device:
+                    raise OverlayError(f"underlay device {lane.underlay_device!r} does not exist")
+                flag = "--public-ip" if lane.kind == MAIN else "--public-ipv6"
+                raise OverlayError(f"no interface holds the public IP {lane.public_ip}: give the node's underlay "
+                                   f"address ({flag}) or name the device (--underlay-device)")
+            if lane.underlay_device:
+                holder = kvx.underlay_link_for(self._ipr, lane.public_ip)
+                if holder is None or holder.index != underlay.index:
+                    self.log.warning("the public IP %s is not an address of the underlay device %s", lane.public_ip,
+                                     underlay.name)
+            lane.underlay = underlay
+            lane.mtu = self._lane_mtu(lane, underlay)
+        self._mtu = min(lane.mtu for lane in self._lanes)
 
-        keeper = LeaseKeeper(self._store, cfg, Identity(opts.public_ip, self._vtep_mac, self._node_name),
-                             opts.lease_ttl, self.log)
+        main = self._lanes[0]
+        v6 = self._lane(V6)
+        me = Identity(opts.public_ip, main.vtep_mac, self._node_name, public_ipv6=v6.public_ip if v6 else "",
+                      vtep_mac6=v6.vtep_mac if v6 else "")
+        keeper = LeaseKeeper(self._store, cfg, me, opts.lease_ttl, self.log)
         try:
             keeper.take(self._previous_lease(cfg), has_pods=self._bridge_has_pods())
         except NodeConflict as exc:
@@ -243,7 +259,7 @@ class OverlayNode:
         self._keeper = keeper
         if keeper.state == VALID:
             self.log.info("leased %s for %s (%s), VTEP MAC %s; %s", keeper.subnet, opts.public_ip, self._node_name,
-                          self._vtep_mac, cfg.describe())
+                          ", ".join(f"{lane.name} {lane.vtep_mac}" for lane in self._lanes), cfg.describe())
         try:  # know the other members before the firewall is (re)built, so their VXLAN is never dropped
             self._scan()
         except StoreError as exc:
@@ -269,21 +285,33 @@ class OverlayNode:
                                       lambda msg: self.log.warning("%s", msg))
         self._monitor.start()
 
-    def _find_underlay(self) -> kip.Link | None:
-        """The underlay link as it is now (by --underlay-device, else the holder of the public IP)."""
-        if self.opts.underlay_device:
-            link = kip.find_link(self._ipr, self.opts.underlay_device)
-            if link is not None and not self._started:
-                holder = kvx.underlay_link_for(self._ipr, self.opts.public_ip)
-                if holder is None or holder.index != link.index:
-                    self.log.warning("the public IP %s is not an address of the underlay device %s",
-                                     self.opts.public_ip, link.name)
-            return link
-        return kvx.underlay_link_for(self._ipr, self.opts.public_ip)
+    def _plan_lanes(self, cfg: ClusterConfig) -> list[Lane]:
+        """MAIN on --public-ip; V6 on --public-ipv6 when the cluster has IPv6 pods and MAIN's underlay is IPv4."""
+        opts = self.opts
+        families = [pool.version for pool in cfg.pools]
+        main_ip = ipaddress.ip_address(opts.public_ip)
+        v6_lane = bool(opts.public_ipv6) and 6 in families and main_ip.version == 4
+        if opts.public_ipv6 and not v6_lane:
+            self.log.warning("--public-ipv6 %s is not used: %s", opts.public_ipv6,
+                             "the cluster has no IPv6 pod network" if 6 not in families else
+                             "--public-ip is IPv6 already, so every pod family runs over it")
+        main = Lane(MAIN, opts.vxlan_device or f"pycni.{cfg.vni}", opts.public_ip,
+                    kvx.stable_vtep_mac(vtep_mac_seed(opts.public_ip, cfg.vni, self._node_name)),
+                    underlay_device=opts.underlay_device,
+                    families=[v for v in families if not (v == 6 and v6_lane)])
+        lanes = [main]
+        if v6_lane:
+            lanes.append(Lane(V6, f"pycni6.{cfg.vni}", opts.public_ipv6,
+                              kvx.stable_vtep_mac(vtep_mac_seed(opts.public_ipv6, cfg.vni, self._node_name)),
+                              families=[6]))
+        return lanes
 
-    def _overlay_mtu(self, underlay: kip.Link) -> int:
+    def _lane(self, kind: str) -> Lane | None:
+        return next((lane for lane in self._lanes if lane.kind == kind), None)
+
+    def _lane_mtu(self, lane: Lane, underlay: kip.Link) -> int:
         try:
-            return kvx.overlay_mtu(underlay.mtu, ipaddress.ip_address(self.opts.public_ip).version == 6)
+            return lanes_mod.lane_mtu(lane, underlay)
         except ValueError as exc:
             raise OverlayError(f"underlay {underlay.name}: {exc}") from None
 
@@ -296,12 +324,15 @@ class OverlayNode:
             return None
         if previous is None:
             return None
-        if previous.network != cfg.network:
+        pools = {net: subnet for net, subnet, _gw in previous.pools()}
+        if set(pools) != {pool.network for pool in cfg.pools}:
             self.log.info("the previous overlay state is for the network %s; not reusing its subnet",
-                          previous.network)
+                          " and ".join(pools))
             return None
-        return NodeLease(subnet=previous.subnet, public_ip=previous.public_ip, vtep_mac=previous.vtep_mac,
-                         node_name=previous.node_name)
+        by_version = {ipaddress.ip_network(subnet).version: subnet for subnet in pools.values()}
+        return NodeLease(subnet=by_version.get(4, ""), public_ip=previous.public_ip, vtep_mac=previous.vtep_mac,
+                         node_name=previous.node_name, ipv6_subnet=by_version.get(6, ""),
+                         public_ipv6=previous.public_ipv6, vtep_mac6=previous.vtep_mac6)
 
     def run(self, stop: threading.Event) -> None:
         """Watch the store and reconcile until ``stop`` is set (or close() is called)."""
@@ -419,7 +450,7 @@ class OverlayNode:
         except StoreError as exc:
             problems.append(f"cannot release the lease: {exc}")
         with self._lock:
-            for name in (self._vxlan_name, self.opts.bridge):
+            for name in [lane.name for lane in self._lanes] + [self.opts.bridge]:
                 try:
                     kip.delete_link_by_name(self._ipr, name)
                 except Exception as exc:
@@ -430,11 +461,12 @@ class OverlayNode:
                 problems.append(f"cannot delete the nftables table: {exc}")
             if self._cfg is not None:
                 try:
-                    forward.remove_forward_accept([self._cfg.network])
+                    forward.remove_forward_accept(self._networks())
                 except CNIError as exc:
                     problems.append(f"cannot remove the FORWARD accept rules: {exc}")
             overlaystate.remove_state(self.opts.state_dir)
-        self._entries = None
+        for lane in self._lanes:
+            lane.entries = None
         return problems
 
     def _release_resources(self) -> None:
@@ -458,30 +490,39 @@ class OverlayNode:
     def status(self) -> dict[str, Any]:
         keeper, cfg, st = self._keeper, self._cfg, self._status
         with self._lock:
-            wanted = self._entries.table.wanted() if self._entries is not None else None
-        remotes = wanted.remotes if wanted is not None else []
+            wanted = {lane.name: lane.entries.table.wanted() for lane in self._lanes if lane.entries is not None}
+        remotes = [r for w in wanted.values() for r in w.remotes]
+        skipped = sorted({reason for w in wanted.values() for reason in w.skipped})
+        main = self._lanes[0] if self._lanes else None
         return {
             "ready": self.ready(),
             "nodeName": self._node_name,
             "publicIP": self.opts.public_ip,
             "network": cfg.network if cfg else None,
+            "ipv6Network": (cfg.ipv6_network or None) if cfg else None,
+            "publicIPv6": self.opts.public_ipv6 or None,
             "vni": cfg.vni if cfg else None,
             "port": cfg.port if cfg else None,
             "subnet": keeper.subnet if keeper else None,
+            "subnets": keeper.subnets if keeper else [],
             "lease": keeper.state if keeper else None,
             "leaseExpires": keeper.valid_until if keeper else None,
             "leaseProblem": (keeper.problem or None) if keeper else None,
-            "vtepMAC": self._vtep_mac or None,
-            "vxlanDevice": self._vxlan_name or None,
+            "vtepMAC": main.vtep_mac if main else None,
+            "vxlanDevice": main.name if main else None,
+            "lanes": [{"kind": lane.kind, "device": lane.name, "publicIP": lane.public_ip, "vtepMAC": lane.vtep_mac,
+                       "mtu": lane.mtu, "families": lane.families,
+                       "underlay": None if lane.missing or lane.underlay is None else lane.underlay.name}
+                      for lane in self._lanes],
             "bridge": self.opts.bridge,
             "bridgeMAC": self._bridge_mac or None,
-            "underlay": None if self._underlay_missing or self._underlay is None else self._underlay.name,
+            "underlay": None if main is None or main.missing or main.underlay is None else main.underlay.name,
             "ipMasq": self.opts.ip_masq,
             "mtu": self._mtu or None,
-            "remotes": len(remotes),
+            "remotes": len({r.node_name or r.public_ip for r in remotes}),   # nodes (a remote per family and lane)
             "remoteNodes": [{"subnet": r.subnet, "publicIP": r.public_ip, "vtepMAC": r.vtep_mac,
                              "nodeName": r.node_name} for r in remotes],
-            "skipped": wanted.skipped if wanted is not None else [],
+            "skipped": skipped,
             "rejectedEntries": [{"key": r.key, "revision": r.mod_revision, "reason": r.reason}
                                 for r in sorted(self._rejected.values(), key=lambda r: r.key)],
             "lastReconcile": st.last_reconcile,
@@ -508,35 +549,38 @@ class OverlayNode:
     # ---- node devices ---------------------------------------------------------------------
 
     def _configure_node(self) -> None:
-        """Bridge, VXLAN device, addresses, forwarding, state file and firewall for the current lease."""
+        """Bridge, VXLAN devices, addresses, forwarding, state file and firewall for the current lease."""
         assert self._cfg is not None and self._keeper is not None
         cfg, ipr = self._cfg, self._ipr
-        subnet = ipaddress.ip_network(self._keeper.subnet)
-        gateway = subnet.network_address + 1
-        network = cfg.ip_network
-        underlay = self._find_underlay()
-        if underlay is None:
-            raise OverlayError(f"the underlay link (holding {self.opts.public_ip}) is gone")
-        self._underlay = underlay
-        mtu = self._overlay_mtu(underlay)
-        if self._mtu and mtu != self._mtu:
-            self.log.warning("the underlay %s now has MTU %d: the overlay's MTU is %d (was %d); pods that exist keep "
-                             "their MTU until they are re-created", underlay.name, underlay.mtu, mtu, self._mtu)
-        self._mtu = mtu
+        subnets = self._keeper.subnets
+        for lane in self._lanes:
+            underlay = lanes_mod.find_underlay(ipr, lane)
+            if underlay is None:
+                raise OverlayError(f"the underlay link of {lane.name} (holding {lane.public_ip}) is gone")
+            mtu = self._lane_mtu(lane, underlay)
+            if lane.mtu and mtu != lane.mtu:
+                self.log.warning("the underlay %s now has MTU %d: %s's MTU is %d (was %d); pods that exist keep "
+                                 "their MTU until they are re-created", underlay.name, underlay.mtu, lane.name, mtu,
+                                 lane.mtu)
+            lane.underlay, lane.mtu = underlay, mtu
+        self._mtu = min(lane.mtu for lane in self._lanes)
 
         bridge = self._ensure_bridge()
-        self._sync_address(bridge.index, f"{gateway}/{subnet.prefixlen}", network)
+        for subnet in subnets:
+            net = ipaddress.ip_network(subnet)
+            self._sync_address(bridge.index, f"{net.network_address + 1}/{net.prefixlen}")
         self._bridge_index = bridge.index
 
-        device = kvx.ensure_vxlan(ipr, self._vxlan_name, cfg.vni, cfg.port, self.opts.public_ip,
-                                  underlay.index, self._mtu, self._vtep_mac, learning=False)
-        self._sync_address(device.index, f"{subnet.network_address}/{subnet.max_prefixlen}", network)
-        self._vxlan_index = device.index
-        if not self.opts.tx_checksum_offload:
-            from cni_plugins.kernel.ethtool import set_tx_checksum
+        for lane in self._lanes:
+            assert lane.underlay is not None
+            device = lanes_mod.ensure(ipr, lane, cfg.vni, cfg.port, lane.underlay, lane.mtu)
+            for address in lanes_mod.vtep_addresses(lane, subnets):
+                self._sync_address(device.index, address)
+            if not self.opts.tx_checksum_offload:
+                from cni_plugins.kernel.ethtool import set_tx_checksum
 
-            set_tx_checksum(self._vxlan_name, False)
-        kip.enable_forwarding({network.version})
+                set_tx_checksum(lane.name, False)
+        kip.enable_forwarding({pool.version for pool in cfg.pools})
         members = self._members()
         firewall.ensure_firewall(self._firewall_spec(), members, rebuild=True)
         self._firewall_members = members
@@ -576,40 +620,61 @@ class OverlayNode:
     def _has_ports(self, bridge_index: int) -> bool:
         return any(msg.get_attr("IFLA_MASTER") == bridge_index for msg in self._ipr.get_links())
 
-    def _sync_address(self, index: int, wanted: str, network: ipaddress._BaseNetwork) -> None:
-        """Give the link ``wanted``; drop its other addresses inside the cluster network (an old lease's)."""
+    def _sync_address(self, index: int, wanted: str) -> None:
+        """Give the link ``wanted``; drop its other addresses inside that family's cluster network (an old
+        lease's). IPv6 addresses skip duplicate address detection: they are this node's by lease."""
+        assert self._cfg is not None
         target = ipaddress.ip_interface(wanted)
+        pool = self._cfg.pool(target.version)
+        network = pool.ip_network if pool is not None else target.network
         present = [address for address, _flags in kip.addresses(self._ipr, index, target.version)]
         for address in present:
             if address != target and address.ip in network:
                 kip.del_address(self._ipr, index, str(address))
         if target not in present:
-            kip.add_address(self._ipr, index, wanted)
+            kip.add_address(self._ipr, index, wanted, nodad=True)
 
     def _members(self) -> set[str]:
-        """This node and every remote the view makes programmable (for a table built before the entries)."""
-        entries = Entries(self._own())
-        entries.rebuild(self._own(), self._view)
-        return entries.table.members | {self.opts.public_ip}
+        """This node's underlay addresses and every remote's the view makes programmable, on every lane."""
+        members = {lane.public_ip for lane in self._lanes}
+        for lane in self._lanes:
+            entries = Entries(self._own(lane))
+            entries.rebuild(self._own(lane), self._view)
+            members |= entries.table.members
+        return members
+
+    def _networks(self) -> list[str]:
+        assert self._cfg is not None
+        return [pool.network for pool in self._cfg.pools]
 
     def _firewall_spec(self) -> firewall.FirewallSpec:
         assert self._cfg is not None
-        return firewall.FirewallSpec(self._cfg.network, self._cfg.port, masquerade=self.opts.ip_masq)
+        return firewall.FirewallSpec(self._cfg.network, self._cfg.port, masquerade=self.opts.ip_masq,
+                                     network6=self._cfg.ipv6_network)
 
     def _ensure_forward(self) -> None:
-        assert self._cfg is not None
-        for action in forward.ensure_forward_accept([self._cfg.network]):
+        for action in forward.ensure_forward_accept(self._networks()):
             self.log.info("forwarding: %s", action)
 
     def _write_state(self) -> None:
         assert self._cfg is not None and self._keeper is not None
         cfg, keeper = self._cfg, self._keeper
-        subnet = ipaddress.ip_network(keeper.subnet)
+        pools = []   # (network, subnet, gateway), IPv4 first
+        for subnet in keeper.subnets:
+            net = ipaddress.ip_network(subnet)
+            pool = cfg.pool(net.version)
+            assert pool is not None
+            pools.append((pool.network, subnet, str(net.network_address + 1)))
+        network, subnet, gateway = pools[0]
+        network6, subnet6, gateway6 = pools[1] if len(pools) > 1 else ("", "", "")
+        main, v6 = self._lanes[0], self._lane(V6)
         state = overlaystate.OverlayState(
-            network=cfg.network, subnet=keeper.subnet, gateway=str(subnet.network_address + 1), mtu=self._mtu,
-            bridge=self.opts.bridge, vxlan_device=self._vxlan_name, vni=cfg.vni, port=cfg.port,
-            public_ip=self.opts.public_ip, vtep_mac=self._vtep_mac, node_name=self._node_name,
-            lease_expires=round(keeper.valid_until, 3), lease_lost=keeper.problem if keeper.state == LOST else "")
+            network=network, subnet=subnet, gateway=gateway, mtu=self._mtu, bridge=self.opts.bridge,
+            vxlan_device=main.name, vni=cfg.vni, port=cfg.port, public_ip=self.opts.public_ip,
+            vtep_mac=main.vtep_mac, node_name=self._node_name, lease_expires=round(keeper.valid_until, 3),
+            lease_lost=keeper.problem if keeper.state == LOST else "", network6=network6, subnet6=subnet6,
+            gateway6=gateway6, vxlan_device6=v6.name if v6 else "", public_ipv6=v6.public_ip if v6 else "",
+            vtep_mac6=v6.vtep_mac if v6 else "")
         overlaystate.write_state(self.opts.state_dir, state)
 
     # ---- the lease ----------------------------------------------------------------------------
@@ -701,10 +766,10 @@ class OverlayNode:
         assert self._cfg is not None and self._keeper is not None
         own_touched = False
         with self._lock, self._at_home():
-            if self._entries is None:
+            if any(lane.entries is None for lane in self._lanes):
                 return
             own_key = self._keeper.lease.key if self._keeper.lease is not None else ""
-            merged = Delta()
+            merged = {lane.name: Delta() for lane in self._lanes}
             for event in events:
                 if not event.key.startswith(SUBNETS_PREFIX):
                     continue
@@ -726,45 +791,57 @@ class OverlayNode:
                     self._view[event.key] = lease
                 if event.key == own_key:
                     own_touched = True
-                delta = self._entries.update(event.key, lease)
-                merged.remove += delta.remove
-                merged.add += delta.add
+                for lane in self._lanes:
+                    assert lane.entries is not None
+                    delta = lane.entries.update(event.key, lease)
+                    merged[lane.name].remove += delta.remove
+                    merged[lane.name].add += delta.add
                 self._status.events += 1
-            self._write_delta(merged)
+            self._write_deltas(merged)
         if own_touched and self._own_lease_gone():
             if self._keeper.state != LOST:
                 self.log.warning("this node's lease of %s changed in the store; taking it again", self._keeper.subnet)
             self._renew()
 
-    def _write_delta(self, delta: Delta) -> None:
-        """Kernel entries and firewall members for one batch of changed leases."""
-        if not delta or self._batch is None or self._entries is None:
+    def _write_deltas(self, deltas: dict[str, Delta]) -> None:
+        """Kernel entries (per lane) and firewall members for one batch of changed leases."""
+        if not any(deltas.values()) or self._batch is None:
             return
-        outcome = self._entries.apply(self._batch, self._vxlan_index, delta)
-        self._status.changes += outcome.done
-        if delta.add or delta.remove:
-            self.log.info("store change: +%d -%d remote nodes (%s)", len(delta.add), len(delta.remove),
-                          ", ".join(sorted({r.subnet for r in delta.add + delta.remove}))[:200])
-        if outcome.failures:
-            self._status.last_error = "; ".join(outcome.failures)
-            self.log.warning("%d entries could not be written: %s", len(outcome.failures),
-                             "; ".join(outcome.failures))
+        for lane in self._lanes:
+            delta = deltas.get(lane.name)
+            if not delta or lane.entries is None:
+                continue
+            outcome = lane.entries.apply(self._batch, lane.index, delta)
+            self._status.changes += outcome.done
+            self.log.info("store change on %s: +%d -%d remote subnets (%s)", lane.name, len(delta.add),
+                          len(delta.remove), ", ".join(sorted({r.subnet for r in delta.add + delta.remove}))[:200])
+            if outcome.failures:
+                self._status.last_error = "; ".join(outcome.failures)
+                self.log.warning("%d entries could not be written: %s", len(outcome.failures),
+                                 "; ".join(outcome.failures))
         self._sync_members()
         self._warn_skips()
 
     def _warn_skips(self, skipped: list[str] | None = None) -> None:
         """One warning per lease that is read but not programmed, when it starts being skipped."""
-        assert self._entries is not None
-        reasons = self._entries.table.skipped() if skipped is None else skipped
-        for reason in reasons:
+        if skipped is None:
+            skipped = sorted({r for lane in self._lanes if lane.entries is not None
+                              for r in lane.entries.table.skipped()})
+        for reason in skipped:
             if reason not in self._warned_skips:
                 self.log.warning("ignoring lease %s", reason)
-        self._warned_skips = set(reasons)
+        self._warned_skips = set(skipped)
+
+    def _programmed_members(self) -> set[str]:
+        members = {lane.public_ip for lane in self._lanes}
+        for lane in self._lanes:
+            if lane.entries is not None:
+                members |= lane.entries.table.members
+        return members
 
     def _sync_members(self) -> None:
         """The nft member sets follow the programmed remotes: only the difference is written."""
-        assert self._entries is not None
-        wanted = self._entries.table.members | {self.opts.public_ip}
+        wanted = self._programmed_members()
         if wanted == self._firewall_members:
             return
         try:
@@ -780,9 +857,14 @@ class OverlayNode:
             self._status.last_error = f"{type(exc).__name__}: {exc}"
             self.log.warning("reconciling the kernel failed: %s", exc)
 
-    def _own(self) -> Own:
+    def _own(self, lane: Lane) -> Own:
+        """This node as ``lane`` judges other leases."""
         assert self._cfg is not None and self._keeper is not None
-        return Own.of(self.opts.public_ip, self._keeper.subnet, self._cfg.network, self._vtep_mac)
+        return Own(ipaddress.ip_address(lane.public_ip),
+                   tuple(ipaddress.ip_network(s) for s in self._keeper.subnets),
+                   tuple(pool.ip_network for pool in self._cfg.pools), lane.vtep_mac, lane.kind,
+                   v6_lane=self._lane(V6) is not None,
+                   node_ips=frozenset(ipaddress.ip_address(other.public_ip) for other in self._lanes))
 
     def _reconcile_kernel(self, with_firewall: bool = True) -> None:
         """The full, level-based reconcile: devices, every remote's entries (and the firewall) as the view says."""
@@ -791,22 +873,25 @@ class OverlayNode:
                 return
             if not self._ensure_devices():
                 return
-            if self._entries is None:
-                self._entries = Entries(self._own())
-            self._entries.rebuild(self._own(), self._view)
-            todo, outcome = self._entries.reconcile(self._ipr, self._batch, self._vxlan_index,
-                                                    self._cfg.ip_network.version)
-            self._status.changes += outcome.done
-            wanted = self._entries.table.wanted()
-            if todo:
-                self.log.info("reconcile: %s (%d remote nodes)", todo.summary(), len(wanted.remotes))
-            if outcome.failures:
-                self._status.last_error = "; ".join(outcome.failures)
-                self.log.warning("reconcile left %d entries wrong: %s", len(outcome.failures),
-                                 "; ".join(outcome.failures))
-            self._warn_skips(wanted.skipped)
+            skipped: set[str] = set()
+            for lane in self._lanes:
+                if lane.entries is None:
+                    lane.entries = Entries(self._own(lane))
+                lane.entries.rebuild(self._own(lane), self._view)
+                todo, outcome = lane.entries.reconcile(self._ipr, self._batch, lane.index)
+                self._status.changes += outcome.done
+                wanted = lane.entries.table.wanted()
+                skipped |= set(wanted.skipped)
+                if todo:
+                    self.log.info("reconcile %s: %s (%d remote subnets)", lane.name, todo.summary(),
+                                  len(wanted.remotes))
+                if outcome.failures:
+                    self._status.last_error = "; ".join(outcome.failures)
+                    self.log.warning("reconcile left %d entries wrong: %s", len(outcome.failures),
+                                     "; ".join(outcome.failures))
+            self._warn_skips(sorted(skipped))
             if with_firewall:
-                members = wanted.members | {self.opts.public_ip}
+                members = self._programmed_members()
                 firewall.ensure_firewall(self._firewall_spec(), members)
                 self._firewall_members = members
                 self._ensure_forward()
@@ -814,56 +899,52 @@ class OverlayNode:
             self._status.last_reconcile = time.time()
 
     def _ensure_devices(self) -> bool:
-        """Repair every attribute of the node's devices that drifted; False while the underlay link is gone."""
-        underlay = self._find_underlay()
-        if underlay is None:
-            if not self._underlay_missing:
-                self.log.warning("the underlay link holding %s is gone: the overlay is down on this node until it "
-                                 "is back", self.opts.underlay_device or self.opts.public_ip)
-                self._underlay_missing = True
+        """Repair every attribute of the node's devices that drifted; False while an underlay link is gone."""
+        assert self._cfg is not None and self._keeper is not None
+        ready = True
+        underlays: dict[str, kip.Link] = {}
+        for lane in self._lanes:
+            underlay = lanes_mod.find_underlay(self._ipr, lane)
+            if underlay is None:
+                if not lane.missing:
+                    self.log.warning("the underlay link holding %s is gone: %s is down on this node until it is back",
+                                     lane.underlay_device or lane.public_ip, lane.name)
+                    lane.missing = True
+                ready = False
+                continue
+            if lane.missing:
+                self.log.info("the underlay link %s of %s is back", underlay.name, lane.name)
+                lane.missing = False
+            underlays[lane.name] = underlay
+        if not ready:
             return False
-        if self._underlay_missing:
-            self.log.info("the underlay link %s is back", underlay.name)
-            self._underlay_missing = False
-        drift = self._drift(underlay)
+        drift = []
+        subnets = self._keeper.subnets
+        for lane in self._lanes:
+            underlay = underlays[lane.name]
+            drift += lanes_mod.drift(self._ipr, lane, self._cfg.vni, self._cfg.port, underlay,
+                                     self._lane_mtu(lane, underlay), lanes_mod.vtep_addresses(lane, subnets))
+        drift += self._bridge_drift(subnets)
         if drift:
             self.log.warning("the overlay devices changed under us (%s); setting them up again", "; ".join(drift))
             self._status.repairs += 1
             self._configure_node()
         return True
 
-    def _drift(self, underlay: kip.Link) -> list[str]:
-        """What differs between the node's devices and what it owns (empty: nothing)."""
-        assert self._cfg is not None and self._keeper is not None
-        cfg, ipr, name = self._cfg, self._ipr, self._vxlan_name
-        subnet = ipaddress.ip_network(self._keeper.subnet)
-        out = []
-        vx = kvx.vxlan_device(ipr, name)
-        if vx is None:
-            out.append(f"{name} is missing")
-        else:
-            local = ipaddress.ip_address(vx.local) if vx.local else None
-            wanted_mtu = self._overlay_mtu(underlay)
-            for what, have, want in (("VNI", vx.vni, cfg.vni), ("port", vx.port, cfg.port),
-                                     ("local address", local, ipaddress.ip_address(self.opts.public_ip)),
-                                     ("underlay link", vx.underlay_index, underlay.index),
-                                     ("learning", vx.learning, False), ("MAC", vx.mac, self._vtep_mac),
-                                     ("MTU", vx.mtu, wanted_mtu), ("up", vx.up, True)):
-                if have != want:
-                    out.append(f"{name} {what} is {have}, not {want}")
-            address = ipaddress.ip_interface(f"{subnet.network_address}/{subnet.max_prefixlen}")
-            if not any(a == address for a, _f in kip.addresses(ipr, vx.index, address.version)):
-                out.append(f"{name} lacks its address {address}")
-        bridge = kip.find_link(ipr, self.opts.bridge)
+    def _bridge_drift(self, subnets: list[str]) -> list[str]:
+        """What differs between the bridge and what the node owns (empty: nothing)."""
+        bridge = kip.find_link(self._ipr, self.opts.bridge)
         if bridge is None:
-            out.append(f"{self.opts.bridge} is missing")
-        else:
-            if not bridge.is_up:
-                out.append(f"{self.opts.bridge} is down")
-            if bridge.mac != self._bridge_mac:
-                out.append(f"{self.opts.bridge} MAC is {bridge.mac}, not {self._bridge_mac}")
-            gateway = ipaddress.ip_interface(f"{subnet.network_address + 1}/{subnet.prefixlen}")
-            if not any(a == gateway for a, _f in kip.addresses(ipr, bridge.index, gateway.version)):
+            return [f"{self.opts.bridge} is missing"]
+        out = []
+        if not bridge.is_up:
+            out.append(f"{self.opts.bridge} is down")
+        if bridge.mac != self._bridge_mac:
+            out.append(f"{self.opts.bridge} MAC is {bridge.mac}, not {self._bridge_mac}")
+        for subnet in subnets:
+            net = ipaddress.ip_network(subnet)
+            gateway = ipaddress.ip_interface(f"{net.network_address + 1}/{net.prefixlen}")
+            if not any(a == gateway for a, _f in kip.addresses(self._ipr, bridge.index, gateway.version)):
                 out.append(f"{self.opts.bridge} lacks its address {gateway}")
         return out
 
@@ -879,33 +960,38 @@ class OverlayNode:
             with self._lock, self._at_home():
                 if any(c.kind in ("link", "addr") for c in changes):
                     # A device changed: check the devices (cheap); the entries only if a device was set up again.
-                    repairs, was_missing = self._status.repairs, self._underlay_missing
+                    repairs, was_missing = self._status.repairs, any(lane.missing for lane in self._lanes)
                     if not self._ensure_devices():
                         return
                     if self._status.repairs != repairs or was_missing:
                         self._reconcile_kernel(with_firewall=False)
                         return
-                if self._entries is None or self._batch is None:
+                if self._batch is None:
                     return
-                outcome = self._entries.repair(self._batch, self._vxlan_index, changes)
-                if outcome.done:
-                    self._status.entry_repairs += outcome.done
-                    self._status.changes += outcome.done
-                    self.log.info("set %d entries right that were changed under us", outcome.done)
-                if outcome.failures:
-                    self._status.last_error = "; ".join(outcome.failures)
-                    self.log.warning("could not set entries right: %s", "; ".join(outcome.failures))
+                for lane in self._lanes:
+                    if lane.entries is None:
+                        continue
+                    outcome = lane.entries.repair(self._batch, lane.index, changes)
+                    if outcome.done:
+                        self._status.entry_repairs += outcome.done
+                        self._status.changes += outcome.done
+                        self.log.info("set %d entries on %s right that were changed under us", outcome.done,
+                                      lane.name)
+                    if outcome.failures:
+                        self._status.last_error = "; ".join(outcome.failures)
+                        self.log.warning("could not set entries right: %s", "; ".join(outcome.failures))
         except Exception as exc:
             self._status.last_error = f"{type(exc).__name__}: {exc}"
             self.log.warning("repairing entries failed: %s", exc)
 
     def _watched_indexes(self) -> dict[str, set[int]] | None:
-        """What the monitor reacts to; None (everything) while the underlay link is gone."""
-        if self._underlay_missing:
+        """What the monitor reacts to; None (everything) while an underlay link is gone."""
+        if any(lane.missing for lane in self._lanes):
             return None
-        devices = {self._vxlan_index, self._bridge_index}
-        links = devices | ({self._underlay.index} if self._underlay is not None else set())
-        return {"link": links, "addr": links, "neigh": {self._vxlan_index}, "route": {self._vxlan_index}}
+        devices = {lane.index for lane in self._lanes}
+        links = devices | {self._bridge_index} | {lane.underlay.index for lane in self._lanes
+                                                  if lane.underlay is not None}
+        return {"link": links, "addr": links, "neigh": devices, "route": devices}
 
     def _store_down(self, exc: BaseException) -> None:
         message, now = str(exc), time.monotonic()

@@ -32,6 +32,7 @@ class OverlayOptions:
 
     store_url: str
     public_ip: str
+    public_ipv6: str = ""             # a second, IPv6 underlay: the IPv6 pods' VXLAN device runs over it
     state_dir: str = DEFAULT_STATE_DIR
     etcd_prefix: str = "/pycni"
     tls: Any = None                   # ipam.cluster.TLSFiles, or None for plain http and file://
@@ -54,8 +55,12 @@ def overlay_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Overlay mode: the cluster store (file:///DIR or etcd://HOST:PORT[,...]); the agent then "
                           "also leases this node's pod subnet and keeps the vxlan device, FDB, neighbours and "
                           "routes in step with the other nodes. Create the cluster first with "
-                          "`pycni cluster init --store URL --network CIDR`."),
+                          "`pycni cluster init --store URL --network CIDR [--ipv6-network CIDR]`."),
         click.option("--public-ip", metavar="IP", help="Overlay mode: this node's underlay address (its VTEP)."),
+        click.option("--public-ipv6", default="", metavar="IP",
+                     help="Overlay mode, dual-stack: this node's IPv6 underlay address. The IPv6 pods' traffic to "
+                          "nodes that have one too runs over it, on a second VXLAN device [default: every pod "
+                          "family over --public-ip]."),
         click.option("--state-dir", metavar="DIR",
                      help=f"Where the node's lease is written for the vxlan plugin (overlay mode); the default "
                           f"socket lives there too [default: {DEFAULT_STATE_DIR}]."),
@@ -96,7 +101,8 @@ def overlay_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def from_flags(ctx: click.Context, store_url: str | None, public_ip: str | None, state_dir: str | None,
+def from_flags(ctx: click.Context, store_url: str | None, public_ip: str | None, public_ipv6: str,
+               state_dir: str | None,
                bridge_name: str, vxlan_device: str, underlay_device: str, node_name: str, lease_ttl: int,
                reconcile_interval: float, relist_interval: float, disable_tx_checksum_offload: bool,
                no_ip_masq: bool, etcd_prefix: str,
@@ -104,7 +110,8 @@ def from_flags(ctx: click.Context, store_url: str | None, public_ip: str | None,
                **_other: Any) -> OverlayOptions | None:
     """The options the flags name; None without --store. A flag that needs --store without it is a usage error."""
     if not store_url:
-        given = [flag for flag, value in (("--public-ip", public_ip), ("--no-ip-masq", no_ip_masq),
+        given = [flag for flag, value in (("--public-ip", public_ip), ("--public-ipv6", public_ipv6),
+                                          ("--no-ip-masq", no_ip_masq),
                                           ("--node-name", node_name), ("--underlay-device", underlay_device),
                                           ("--vxlan-device", vxlan_device)) if value]
         if given:
@@ -114,7 +121,7 @@ def from_flags(ctx: click.Context, store_url: str | None, public_ip: str | None,
     if not public_ip:
         raise click.UsageError("--store needs --public-ip (this node's underlay address)", ctx)
     return OverlayOptions(
-        store_url=store_url, public_ip=public_ip, state_dir=state_dir or DEFAULT_STATE_DIR, etcd_prefix=etcd_prefix,
+        store_url=store_url, public_ip=public_ip, public_ipv6=public_ipv6, state_dir=state_dir or DEFAULT_STATE_DIR, etcd_prefix=etcd_prefix,
         tls=tls_files(etcd_cafile, etcd_certfile, etcd_keyfile), bridge=bridge_name, vxlan_device=vxlan_device,
         underlay_device=underlay_device, node_name=node_name, tx_checksum_offload=not disable_tx_checksum_offload,
         ip_masq=not no_ip_masq, lease_ttl=lease_ttl, reconcile_interval=reconcile_interval,

@@ -64,51 +64,111 @@ _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
+MAIN, V6 = "main", "v6"   # the VXLAN device on --public-ip's underlay; the one on --public-ipv6's
+
+
 @dataclass(frozen=True)
 class Own:
-    """This node, as the judgement of other leases needs it."""
+    """This node as one of its VXLAN devices (a lane) judges other leases.
 
-    public_ip: ipaddress._BaseAddress
-    subnet: ipaddress._BaseNetwork
-    network: ipaddress._BaseNetwork
-    vtep_mac: str = ""
+    A lane is the device on one underlay: ``MAIN`` on --public-ip (IPv4 or
+    IPv6), ``V6`` on --public-ipv6 when the node has one. The main lane carries
+    every pod family, except that IPv6 pods of a remote that has an IPv6
+    underlay too go through the V6 lane when this node has one (``v6_lane``).
+    """
+
+    public_ip: ipaddress._BaseAddress               # this lane's local underlay address
+    subnets: tuple[ipaddress._BaseNetwork, ...]     # this node's pod subnets, one per family
+    networks: tuple[ipaddress._BaseNetwork, ...]    # the cluster's pod networks, one per family
+    vtep_mac: str = ""                              # this lane's VTEP MAC
+    lane: str = MAIN
+    v6_lane: bool = False                           # (main lane) the node has a V6 lane too
+    node_ips: frozenset = frozenset()               # every underlay address of this node
 
     @classmethod
     def of(cls, own_public_ip: str, own_subnet: str, network: str, own_vtep_mac: str = "") -> "Own":
-        return cls(ipaddress.ip_address(own_public_ip), ipaddress.ip_network(own_subnet),
-                   ipaddress.ip_network(network), own_vtep_mac.strip().lower())
+        """One family on one lane (the IPv4-only overlay)."""
+        ip = ipaddress.ip_address(own_public_ip)
+        return cls(ip, (ipaddress.ip_network(own_subnet),), (ipaddress.ip_network(network),),
+                   own_vtep_mac.strip().lower(), node_ips=frozenset({ip}))
+
+    def own_subnet(self, version: int) -> ipaddress._BaseNetwork | None:
+        return next((s for s in self.subnets if s.version == version), None)
 
 
-def judge(lease: LeaseLike, own: Own) -> Remote | str | None:
-    """One lease on its own: the Remote to program, the reason it is skipped, or None for this node's own.
+def _lease_subnet(lease: LeaseLike, version: int) -> str:
+    """The subnet of one family a lease holds ("" when none): IPv6 in ``ipv6_subnet`` when the lease is dual-stack."""
+    subnet = str(lease.subnet or "")
+    ipv6 = str(getattr(lease, "ipv6_subnet", "") or "")
+    if version == 6:
+        if ipv6:
+            return ipv6
+        return subnet if ":" in subnet else ""
+    return subnet if subnet and ":" not in subnet else ""
+
+
+def _lane_of(lease: LeaseLike, own: Own) -> tuple[object, str, list[int]]:
+    """(the remote's underlay address on this lane, its VTEP MAC there, the pod families carried here)."""
+    ipv6_public = str(getattr(lease, "public_ipv6", "") or "")
+    ipv6_mac = str(getattr(lease, "vtep_mac6", "") or "")
+    families = [net.version for net in own.networks]
+    if own.lane == V6:
+        return ipv6_public, ipv6_mac, [6] if ipv6_public and ipv6_mac and 6 in families else []
+    if own.v6_lane and ipv6_public and ipv6_mac:
+        families = [v for v in families if v != 6]   # its IPv6 pods go through the V6 lane
+    return lease.public_ip, lease.vtep_mac, families
+
+
+def judge(lease: LeaseLike, own: Own) -> tuple[Remote, ...] | str | None:
+    """One lease on one lane: the Remotes to program (one per pod family carried), the reason it is skipped, or
+    None for this node's own lease (or a lease with nothing for this lane).
 
     What a lease cannot tell on its own (another lease claiming the same VTEP
     MAC) is left to the caller: ``wanted_state`` and ``RemoteTable``.
     """
-    try:
-        subnet = ipaddress.ip_network(str(lease.subnet), strict=True)
-    except ValueError:
-        return f"{_short(lease.subnet)}: unreadable lease (the subnet is not a network)"
-    public_ip = _underlay(lease.public_ip)
-    if public_ip == own.public_ip or subnet == own.subnet:
+    subnets: list[ipaddress._BaseNetwork] = []
+    for version in (4, 6):
+        text = _lease_subnet(lease, version)
+        if not text:
+            continue
+        try:
+            subnets.append(ipaddress.ip_network(text, strict=True))
+        except ValueError:
+            return f"{_short(text)}: unreadable lease (the subnet is not a network)"
+    if not subnets:
+        return f"{_short(lease.subnet)}: unreadable lease (no subnet)"
+    label = "+".join(str(s) for s in subnets)
+    ips = {_underlay(lease.public_ip), _underlay(getattr(lease, "public_ipv6", "") or "")} - {None}
+    if ips & own.node_ips or any(s in own.subnets for s in subnets):
         return None
-    mac = str(lease.vtep_mac).strip().lower()
-    cluster = own.network
+    public_text, mac, families = _lane_of(lease, own)
+    if not families:
+        return None
+    public_ip = _underlay(public_text)
+    mac = str(mac).strip().lower()
     if public_ip is None:
-        return f"{subnet}: underlay address {_short(lease.public_ip)} is not a unicast IP address without a zone"
+        return f"{label}: underlay address {_short(public_text)} is not a unicast IP address without a zone"
     if not _MAC_RE.match(mac) or int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":
-        return f"{subnet}: VTEP MAC {_short(lease.vtep_mac)} is not a unicast MAC"
-    if subnet.version != cluster.version or not subnet.subnet_of(cluster):  # type: ignore[arg-type]
-        return f"{subnet}: outside the cluster network {cluster}"
-    if subnet.overlaps(own.subnet):
-        return f"{subnet}: overlaps this node's subnet {own.subnet}"
+        return f"{label}: VTEP MAC {_short(mac)} is not a unicast MAC"
     if public_ip.version != own.public_ip.version:
-        return f"{subnet}: underlay {public_ip} is IPv{public_ip.version}, this node's is IPv{own.public_ip.version}"
-    if public_ip.version == cluster.version and public_ip in cluster:
-        return f"{subnet}: underlay {public_ip} is inside the cluster network {cluster} (a pod address)"
+        return f"{label}: underlay {public_ip} is IPv{public_ip.version}, this node's is IPv{own.public_ip.version}"
+    remotes = []
+    for version in families:
+        subnet = next((s for s in subnets if s.version == version), None)
+        cluster = next((n for n in own.networks if n.version == version), None)
+        if subnet is None or cluster is None:
+            return f"{label}: no IPv{version} subnet, though the cluster has an IPv{version} network"
+        if not subnet.subnet_of(cluster):  # type: ignore[arg-type]
+            return f"{subnet}: outside the cluster network {cluster}"
+        mine = own.own_subnet(version)
+        if mine is not None and subnet.overlaps(mine):
+            return f"{subnet}: overlaps this node's subnet {mine}"
+        if public_ip.version == cluster.version and public_ip in cluster:
+            return f"{subnet}: underlay {public_ip} is inside the cluster network {cluster} (a pod address)"
+        remotes.append(Remote(str(subnet), str(public_ip), mac, lease.node_name or ""))
     if own.vtep_mac and mac == own.vtep_mac:
-        return f"{subnet}: VTEP MAC {mac} is this node's own"
-    return Remote(str(subnet), str(public_ip), mac, lease.node_name or "")
+        return f"{label}: VTEP MAC {mac} is this node's own"
+    return tuple(remotes)
 
 
 def _claimed_twice(remote: Remote, others: Iterable[str]) -> str:
@@ -152,17 +212,18 @@ class Delta:
 
 
 class RemoteTable:
-    """The remote nodes this node programs, kept one lease at a time (the incremental reconcile).
+    """The remote nodes one lane programs, kept one lease at a time (the incremental reconcile).
 
     ``update(key, lease)`` (``None``: the key is gone) returns the ``Delta``
     for that one change: O(1) in the number of nodes, apart from the other
     leases that share its VTEP MAC (they become programmable again, or stop
-    being). ``wanted()`` is the whole picture, for a full reconcile.
+    being). ``wanted()`` is the whole picture, for a full reconcile. A lease
+    gives one Remote per pod family the lane carries; they share its VTEP.
     """
 
     def __init__(self, own: Own) -> None:
         self.own = own
-        self._candidates: dict[str, Remote] = {}   # key -> a lease that passed judge()
+        self._candidates: dict[str, tuple[Remote, ...]] = {}   # key -> a lease's remotes that passed judge()
         self._skipped: dict[str, str] = {}         # key -> why it is not programmed (judge, or its MAC)
         self._by_mac: dict[str, set[str]] = {}     # VTEP MAC -> keys of the candidates claiming it
         self._members: dict[str, int] = {}         # underlay address -> programmed remotes there
@@ -171,51 +232,47 @@ class RemoteTable:
         self.by_vtep_address: dict[str, Remote] = {}
         self.by_subnet: dict[str, Remote] = {}
 
-    def programmed(self, key: str) -> Remote | None:
-        remote = self._candidates.get(key)
-        return remote if remote is not None and len(self._by_mac.get(remote.vtep_mac, ())) == 1 else None
+    def programmed(self, key: str) -> tuple[Remote, ...]:
+        remotes = self._candidates.get(key, ())
+        return remotes if remotes and len(self._by_mac.get(remotes[0].vtep_mac, ())) == 1 else ()
 
     @property
     def members(self) -> set[str]:
         return set(self._members)
 
     def update(self, key: str, lease: LeaseLike | None) -> Delta:
-        old = self._candidates.get(key)
+        old = self._candidates.get(key, ())
         judged = judge(lease, self.own) if lease is not None else None
-        new = judged if isinstance(judged, Remote) else None
+        new = judged if isinstance(judged, tuple) else ()
         # Only the claimants of the old and the new VTEP MAC can change state: compare them before and after.
-        macs = {r.vtep_mac for r in (old, new) if r is not None}
+        macs = {remotes[0].vtep_mac for remotes in (old, new) if remotes}
         before = self._programmed_among(macs, key)
-        if old is not None:
-            claimants = self._by_mac[old.vtep_mac]
+        if old:
+            claimants = self._by_mac[old[0].vtep_mac]
             claimants.discard(key)
             if not claimants:
-                del self._by_mac[old.vtep_mac]
+                del self._by_mac[old[0].vtep_mac]
             del self._candidates[key]
         self._skipped.pop(key, None)
         if isinstance(judged, str):
             self._skipped[key] = judged
-        elif new is not None:
+        elif new:
             self._candidates[key] = new
-            self._by_mac.setdefault(new.vtep_mac, set()).add(key)
+            self._by_mac.setdefault(new[0].vtep_mac, set()).add(key)
         after = self._programmed_among(macs, key)
-        delta = Delta(remove=[r for k, r in before.items() if after.get(k) != r],
-                      add=[r for k, r in after.items() if before.get(k) != r])
+        delta = Delta(remove=[r for r in before - after], add=[r for r in after - before])
+        delta.remove.sort(key=_remote_key)
+        delta.add.sort(key=_remote_key)
         for remote in delta.remove:
             self._count(remote, -1)
         for remote in delta.add:
             self._count(remote, +1)
         return delta
 
-    def _programmed_among(self, macs: set[str], key: str) -> dict[str, Remote]:
-        """key -> programmed remote, for ``key`` and every claimant of ``macs``."""
+    def _programmed_among(self, macs: set[str], key: str) -> set[Remote]:
+        """The programmed remotes of ``key`` and of every claimant of ``macs``."""
         keys = {key}.union(*(self._by_mac.get(mac, set()) for mac in macs))
-        out = {}
-        for k in keys:
-            remote = self.programmed(k)
-            if remote is not None:
-                out[k] = remote
-        return out
+        return {remote for k in keys for remote in self.programmed(k)}
 
     def _count(self, remote: Remote, step: int) -> None:
         """``remote`` is programmed (+1) or not any more (-1): the member count and the entry indexes follow."""
@@ -237,23 +294,27 @@ class RemoteTable:
         for claimants in self._by_mac.values():
             if len(claimants) > 1:
                 for key in claimants:
-                    remote = self._candidates[key]
-                    reasons.add(_claimed_twice(remote, {self._candidates[k].subnet for k in claimants} - {remote.subnet}))
+                    remote = self._candidates[key][0]
+                    others = {self._candidates[k][0].subnet for k in claimants} - {remote.subnet}
+                    reasons.add(_claimed_twice(remote, others))
         return sorted(reasons)
 
     def wanted(self) -> Wanted:
         out = Wanted()
         for key in self._candidates:
-            remote = self.programmed(key)
-            if remote is not None:
+            for remote in self.programmed(key):
                 out.remotes.append(remote)
                 out.fdb.add(remote.fdb)
                 out.neigh.add(remote.neigh)
                 out.routes.add(remote.route)
                 out.members.add(remote.public_ip)
-        out.remotes.sort(key=lambda r: _net_key(r.subnet))
+        out.remotes.sort(key=_remote_key)
         out.skipped = self.skipped()
         return out
+
+
+def _remote_key(remote: Remote) -> tuple[int, int, int]:
+    return _net_key(remote.subnet)
 
 
 def _net_key(subnet: str) -> tuple[int, int, int]:
