@@ -198,8 +198,11 @@ class ClusterConfig:
     port: int = 8472
     ipv6_network: str = ""
     ipv6_subnet_len: int = DEFAULT_IPV6_SUBNET_LEN
+    direct_routing: bool = False   # flannel's Backend.DirectRouting: same-subnet nodes route without VXLAN
 
     def __post_init__(self) -> None:
+        if not isinstance(self.direct_routing, bool):
+            raise ValueError(f"invalid direct_routing {self.direct_routing!r}: it is true or false")
         for name in ("subnet_len", "vni", "port", "ipv6_subnet_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -305,11 +308,14 @@ class ClusterConfig:
 
     def describe(self) -> str:
         return ", ".join([pool.describe() for pool in self._current_pools()] +
-                         [f"VNI {self.vni}", f"UDP port {self.port}"])
+                         [f"VNI {self.vni}", f"UDP port {self.port}"] +
+                         (["direct routing between nodes on one underlay subnet"] if self.direct_routing else []))
 
     def to_json(self) -> str:
         """flannel's net-conf.json layout ("EnableIPv4": false only for an IPv6-only cluster)."""
         doc: dict[str, Any] = {"Backend": {"Type": BACKEND_TYPE, "VNI": self.vni, "Port": self.port}}
+        if self.direct_routing:
+            doc["Backend"]["DirectRouting"] = True
         if self.network:
             doc.update({"Network": self.network, "SubnetLen": self.subnet_len})
         else:
@@ -375,9 +381,13 @@ class ClusterConfig:
         if backend_type != BACKEND_TYPE:
             raise ValueError(f"the cluster configuration is for backend {backend_type!r}; pycni only "
                              f"implements {BACKEND_TYPE!r}")
+        direct = backend.get("DirectRouting")
+        if direct is not None and not isinstance(direct, bool):
+            raise ValueError(f"the cluster configuration's \"Backend.DirectRouting\" must be true or false, not "
+                             f"{json_type(direct)}")
         return cls(network=network, subnet_len=subnet_len, vni=_whole(backend, "VNI", 1, "Backend."),
                    port=_whole(backend, "Port", 8472, "Backend."), ipv6_network=network6,
-                   ipv6_subnet_len=subnet_len6)
+                   ipv6_subnet_len=subnet_len6, direct_routing=bool(direct))
 
 
 def _config_network(value: object, version: int) -> str:
@@ -464,6 +474,7 @@ class NodeLease:
     ipv6_subnet: str = ""
     public_ipv6: str = ""
     vtep_mac6: str = ""
+    vni: int = field(default=0, compare=False)   # BackendData.VNI, as newer flannel writes it (0: not written)
 
     @property
     def key(self) -> str:
@@ -485,12 +496,13 @@ class NodeLease:
 
     def to_json(self) -> str:
         """flannel's lease value, plus the node's name."""
+        vni = {"VNI": self.vni} if self.vni else {}
         doc: dict[str, Any] = {"PublicIP": self.public_ip, "BackendType": BACKEND_TYPE,
-                               "BackendData": {"VtepMAC": self.vtep_mac}}
+                               "BackendData": {"VtepMAC": self.vtep_mac, **vni}}
         if self.public_ipv6:
             doc["PublicIPv6"] = self.public_ipv6
         if self.vtep_mac6:
-            doc["BackendV6Data"] = {"VtepMAC": self.vtep_mac6}
+            doc["BackendV6Data"] = {"VtepMAC": self.vtep_mac6, **vni}
         if self.node_name:
             doc["NodeName"] = self.node_name
         return json.dumps(doc, sort_keys=True)
@@ -752,7 +764,7 @@ def acquire_lease(store: Store, cfg: ClusterConfig, public_ip: str, vtep_mac: st
     public_ipv6, vtep_mac6 = _check_second_underlay(cfg, public_ip, public_ipv6, vtep_mac6)
     preferred = _preferred_subnets(cfg, preferred_subnet, preferred_ipv6_subnet)
     wanted = NodeLease(subnet="", public_ip=public_ip, vtep_mac=vtep_mac, node_name=node_name,
-                       public_ipv6=public_ipv6, vtep_mac6=vtep_mac6)
+                       public_ipv6=public_ipv6, vtep_mac6=vtep_mac6, vni=cfg.vni)
     addresses = {public_ip: "--public-ip", **({public_ipv6: "--public-ipv6"} if public_ipv6 else {})}
     with _claims(store, ttl) as claims:  # on etcd: one lease for every claim of this call, revoked if none wins
         for _ in range(_MAX_ROUNDS):
@@ -943,7 +955,7 @@ def _check_fits(cfg: ClusterConfig, nets: list[IPNetwork]) -> None:
                              f"subnets{' of ' + pool.network if len(pools) == 2 else ''}")
 
 
-def _lease_fields(nets: list[IPNetwork], data: bytes | str) -> dict[str, str]:
+def _lease_fields(nets: list[IPNetwork], data: bytes | str) -> dict[str, Any]:
     """public_ip, vtep_mac, node_name, public_ipv6, vtep_mac6 of a lease value; ValueError naming the field."""
     try:
         doc = boundedjson.loads(data, max_bytes=MAX_LEASE_BYTES, max_depth=MAX_LEASE_DEPTH)
@@ -960,6 +972,11 @@ def _lease_fields(nets: list[IPNetwork], data: bytes | str) -> dict[str, str]:
     if not isinstance(backend, dict):
         raise ValueError(f"BackendData must be an object holding VtepMAC, not {json_type(backend)}")
     vtep_mac = _stored_mac(backend.get("VtepMAC"))
+    vni = backend.get("VNI")
+    if vni is None:
+        vni = 0
+    elif isinstance(vni, bool) or not isinstance(vni, int) or not 1 <= vni <= MAX_VNI:
+        raise ValueError(f"BackendData.VNI {_short(vni)} is not a VNI (a whole number 1..{MAX_VNI})")
     public_ipv6 = _stored_public_ipv6(doc.get("PublicIPv6"), public_ip)
     backend6 = doc.get("BackendV6Data")
     vtep_mac6 = ""
@@ -989,7 +1006,7 @@ def _lease_fields(nets: list[IPNetwork], data: bytes | str) -> dict[str, str]:
                 raise ValueError(f"{name} {_short(value)} names an IPv6 subnet, and the key holds none")
             _check_own_subnet(name, value, net6)
     return {"public_ip": public_ip, "vtep_mac": vtep_mac, "node_name": node_name, "public_ipv6": public_ipv6,
-            "vtep_mac6": vtep_mac6}
+            "vtep_mac6": vtep_mac6, "vni": vni}
 
 
 def _check_own_subnet(name: str, value: object, net: IPNetwork) -> None:

@@ -730,3 +730,22 @@ def test_cli_leases_table_and_json(store_dir, cfg):
 def test_cli_help_explains_the_store_url():
     result = _run("init", "--help")
     assert result.exit_code == 0 and "file:///DIR" in result.output and "etcd://HOST:PORT" in result.output
+
+
+def test_leases_carry_the_vni_in_backend_data_as_newer_flannel_writes(store, cfg):
+    lease = acquire_lease(store, cfg, "192.168.1.10", MAC_A, node_name="a")
+    value = json.loads(store.get(lease.key).value)
+    assert value["BackendData"] == {"VtepMAC": MAC_A, "VNI": cfg.vni}
+    bad = dict(value, BackendData={"VtepMAC": MAC_A, "VNI": "one"})
+    with pytest.raises(ValueError, match="BackendData.VNI"):
+        NodeLease.from_json(lease.subnet, json.dumps(bad))
+
+
+def test_direct_routing_round_trips_in_flannels_backend_field():
+    cfg = ClusterConfig("10.244.0.0/16", direct_routing=True)
+    doc = json.loads(cfg.to_json())
+    assert doc["Backend"]["DirectRouting"] is True
+    assert ClusterConfig.from_json(cfg.to_json()) == cfg
+    assert "DirectRouting" not in json.loads(ClusterConfig("10.244.0.0/16").to_json())["Backend"]
+    with pytest.raises(ValueError, match="DirectRouting"):
+        ClusterConfig.from_json(json.dumps({"Network": "10.244.0.0/16", "Backend": {"DirectRouting": "yes"}}))
