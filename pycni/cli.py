@@ -82,8 +82,17 @@ def run_reporting_errors(fn: Callable[[], Any]) -> Any:
         fail(exc)
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(f"pycni {_pycni_version()}")
+    ctx.exit()
+
+
 @click.group(cls=LazyGroup, lazy_commands=OPTIONAL_COMMANDS,
              context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print pycni's version and exit (`pycni version` also lists spec versions and plugins).")
 def cli() -> None:
     """pycni: CNI plugins and the tools to run them.
 
@@ -328,26 +337,54 @@ def gc_cmd(network: str, netns: str | None, valid: tuple[str, ...], netconf_path
     run_reporting_errors(run)
 
 
-@cli.command("status", epilog=CLUSTER_ENV_HELP)
+STATUS_READY, STATUS_NOT_READY, STATUS_UNKNOWN = 0, 1, 2
+_STATUS_CODES_HELP = """
+\b
+Exit status:
+  0  ready: every plugin answered STATUS with success
+  1  not ready: a plugin answered with an error (printed on stderr with
+     its CNI code: 50 plugin not available, 51 limited connectivity, ...)
+  2  could not ask: no network of that name, an unusable configuration,
+     a cniVersion older than 1.1.0 (no STATUS before it), or a plugin
+     that is not in CNI_PATH, cannot be executed or did not answer
+"""
+
+
+def _plugin_answered(exc: BaseException) -> bool:
+    """Whether a plugin error is the plugin's own answer (it ran and exited non-zero), not a plugin that
+    could not be run or did not answer in time (those are raised while handling the OSError or timeout)."""
+    import subprocess
+
+    from cni_plugins.spec.exec import PluginError
+
+    return isinstance(exc, PluginError) and not isinstance(exc.__context__, (OSError, subprocess.TimeoutExpired))
+
+
+@cli.command("status", epilog=_STATUS_CODES_HELP + CLUSTER_ENV_HELP)
 @click.argument("network")
 @click.argument("netns", required=False)
 @_common_options
 def status_cmd(network: str, netns: str | None, netconf_path: str, cni_path: str, cache_dir: str) -> None:
     """Ask NETWORK's plugins whether they are ready to add containers.
 
-    Sends CNI_COMMAND=STATUS to each plugin (cniVersion 1.1.0 or later);
-    exits 1 with the first plugin's error (code 50: plugin not available,
-    51: limited connectivity). NETNS is accepted and ignored.
+    Sends CNI_COMMAND=STATUS to each plugin (cniVersion 1.1.0 or later) and
+    stops at the first error. The exit status tells ready (0) from not
+    ready (1) from could not ask (2); see below. NETNS is accepted and
+    ignored.
     """
-    def run() -> None:
+    from netns.errors import NetnsError
+
+    try:
         netlist = _load(network, netconf_path)
         report = _runtime(cni_path, cache_dir).status(netlist)
-        if report.skipped:
-            click.echo(f"STATUS not supported: {report.skipped}")
-        else:
-            click.echo(f"network {network!r} is ready ({', '.join(report.plugins)})")
-
-    run_reporting_errors(run)
+    except (CNIError, NetnsError, OSError) as exc:
+        code = getattr(exc, "code", None)
+        click.echo(f"Error: {exc}" + (f" (CNI code {code})" if isinstance(code, int) else ""), err=True)
+        sys.exit(STATUS_NOT_READY if _plugin_answered(exc) else STATUS_UNKNOWN)
+    if report.skipped:
+        click.echo(f"Error: cannot ask: STATUS not supported: {report.skipped}", err=True)
+        sys.exit(STATUS_UNKNOWN)
+    click.echo(f"network {network!r} is ready ({', '.join(report.plugins)})")
 
 
 # ---- namespaces ----------------------------------------------------------
@@ -483,7 +520,9 @@ def install_cmd(cni_bin_dir: str, force: bool, agent_socket: str, no_agent: bool
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.main(args=argv, prog_name="pycni")
+    # Every flag can come from the environment: PYCNI_<COMMAND>_<FLAG> (e.g. PYCNI_AGENT_LEASE_TTL); the
+    # store's flags and the agent's identity have the short names they document (PYCNI_STORE, PYCNI_PUBLIC_IP).
+    cli.main(args=argv, prog_name="pycni", auto_envvar_prefix="PYCNI")
 
 
 if __name__ == "__main__":

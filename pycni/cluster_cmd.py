@@ -59,6 +59,8 @@ def init(ctx: click.Context, store_url: str, etcd_prefix: str, etcd_cafile: str 
       pycni cluster init --store etcd://10.0.0.1:2379 --network 10.244.0.0/16 \\
           --ipv6-network fd00:10:244::/56 --ipv6-subnet-len 64       # dual-stack
       pycni cluster init --store etcd://10.0.0.1:2379 --ipv6-network fd00:10:244::/56   # IPv6-only
+      PYCNI_STORE=https://10.0.0.1:2379,https://10.0.0.2:2379 pycni cluster init \\
+          --etcd-username pycni --etcd-password-file /etc/pycni/etcd-password --network 10.244.0.0/16
     """
     from ipam.cluster import ClusterConfig, init_cluster
 

@@ -3,8 +3,9 @@
 The overlay gives each node one pod subnet leased out of a cluster CIDR, the
 way flannel does. Everything the nodes share lives in a small key-value
 store: a local directory (file:///DIR, the embedded default for one machine
-or nodes sharing a filesystem) or etcd v3 (etcd://HOST:PORT[,...], for real
-clusters).
+or nodes sharing a filesystem) or etcd v3 (etcd://HOST:PORT[,...], or flannel's
+--etcd-endpoints form http(s)://HOST:PORT[,http(s)://HOST:PORT...], for real
+clusters; an etcd with authentication takes a StoreAuth: user and password).
 
 Key layout (etcd keys under the prefix, default /pycni; in a file store the
 directory DIR takes the prefix's place):
@@ -76,7 +77,7 @@ from .leases import (
     subnet_key,
     subnets_from_key,
 )
-from .store import Claims, Entry, Event, Store, TLSFiles, Watch
+from .store import Claims, Entry, Event, Store, StoreAuth, TLSFiles, Watch
 from .url import open_store
 
 __all__ = [
@@ -96,6 +97,7 @@ __all__ = [
     "Pool",
     "RejectedLease",
     "Store",
+    "StoreAuth",
     "StoreError",
     "StoreUnavailable",
     "TLSFiles",

@@ -10,6 +10,20 @@ answers. This client uses:
                        create-the-first-absent-of-several (nested txns)
     /v3/lease/grant, /v3/lease/keepalive, /v3/lease/revoke, /v3/lease/timetolive   TTLs
     /v3/watch          a streaming POST answered with newline-delimited JSON
+    /v3/auth/authenticate   {"name", "password"} -> {"token"}, with a StoreAuth
+
+An etcd with authentication enabled (etcd's RBAC) is reached as the user a
+StoreAuth names: the store authenticates before its first request, sends the
+token in the Authorization header of every request and of every watch
+request (an open watch stream keeps working after its token expires; etcd
+checks the token when the watch is created), and when etcd calls the token
+invalid (etcd's "invalid auth token", a simple token's --auth-token-ttl
+passed, say) or outdated ("revision of auth store is old": a user or role
+changed) it authenticates again, once per request, and sends the request
+again. A wrong password or an unknown user is a StoreError saying so (etcd
+does not tell the two apart); an etcd without authentication answers
+"authentication is not enabled": the store logs that once and goes on
+without a token (and authenticates if etcd later asks for a user).
 
 Endpoints are tried in order; the client stays on the one that answered and
 moves to the next on a connection error (or when a member has lost its
@@ -83,7 +97,12 @@ larger is ever buffered.
 Without TLS files the store talks plain http: anyone who can reach etcd's
 client port can read and rewrite the leases (which decide where every node
 sends pod traffic). The first such store of a process logs one warning on the
-"pycni.store" logger naming --etcd-cafile/--etcd-certfile/--etcd-keyfile.
+"pycni.store" logger naming --etcd-cafile/--etcd-certfile/--etcd-keyfile
+(and, with a StoreAuth, that the password crosses the network in clear).
+
+The URL forms (see open_store): etcd://HOST:PORT[,...] (https iff TLS files
+are given) and flannel's --etcd-endpoints form, http://HOST:PORT[,...] or
+https://HOST:PORT[,...] (https without TLS files: the system's trusted CAs).
 """
 from __future__ import annotations
 
@@ -93,6 +112,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import socket
 import ssl
 import threading
@@ -105,8 +125,8 @@ from typing import Any, ContextManager, Sequence
 from cni_plugins.spec import boundedjson
 
 from .errors import Compacted, ResponseTooLarge, StoreError, StoreUnavailable
-from .store import (ACCEPTED_URLS, Backoff, Claims, Entry, Event, Store, TLSFiles, Watch, check_claim_keys,
-                    check_ttl, check_value, validate_key, validate_prefix)
+from .store import (ACCEPTED_URLS, Backoff, Claims, Entry, Event, Store, StoreAuth, TLSFiles, Watch,
+                    check_claim_keys, check_ttl, check_value, validate_key, validate_prefix)
 
 DEFAULT_CLIENT_PORT = 2379
 
@@ -115,6 +135,16 @@ DEFAULT_CLIENT_PORT = 2379
 _GRPC_UNAVAILABLE = 14
 _GRPC_DEADLINE_EXCEEDED = 4
 _RETRY_CODES = {_GRPC_UNAVAILABLE, _GRPC_DEADLINE_EXCEEDED}
+_GRPC_PERMISSION_DENIED = 7
+_GRPC_FAILED_PRECONDITION = 9
+_GRPC_UNAUTHENTICATED = 16
+
+AUTHENTICATE = "/v3/auth/authenticate"
+# etcd's answers that mean "authenticate (again), then send the request again": the token expired or is
+# unknown to the member, a user or role changed since it was issued, or no token was sent to an etcd
+# that has authentication enabled (it was turned on after this store found it off).
+_TOKEN_ERRORS = ("invalid auth token", "revision of auth store is old", "user name is empty")
+MAX_TOKEN_LEN = 4096
 _RETRY_PAUSE = 0.2
 
 _CONNECTION_ERRORS = (OSError, http.client.HTTPException)
@@ -138,7 +168,7 @@ _OPERATIONS = {
     "/v3/kv/range": "range", "/v3/kv/put": "put", "/v3/kv/txn": "txn", "/v3/kv/deleterange": "deleterange",
     "/v3/lease/grant": "lease_grant", "/v3/lease/keepalive": "lease_keepalive",
     "/v3/lease/revoke": "lease_revoke", "/v3/lease/timetolive": "lease_timetolive",
-    "/v3/watch": "watch_open", "/v3/maintenance/status": "status",
+    "/v3/watch": "watch_open", "/v3/maintenance/status": "status", AUTHENTICATE: "authenticate",
 }
 
 
@@ -147,17 +177,19 @@ _plaintext_warned = False              # the plain-http warning is logged once p
 _plaintext_lock = threading.Lock()
 
 
-def _warn_plaintext(url: str) -> None:
+def _warn_plaintext(url: str, auth: StoreAuth | None = None) -> None:
     """Log, once per process, that the etcd store url is used without TLS."""
     global _plaintext_warned
     with _plaintext_lock:
         if _plaintext_warned:
             return
         _plaintext_warned = True
+    password = (f"; the password of etcd user {auth.username!r} and its token cross the network in clear too"
+                if auth is not None else "")
     log.warning("the etcd store %s is used without TLS: lease traffic is unauthenticated and unencrypted, so "
                 "anyone who can reach etcd's client port can read the leases and rewrite them (and with them "
-                "where every node sends pod traffic); serve etcd over TLS with client certificates and give "
-                "--etcd-cafile, --etcd-certfile and --etcd-keyfile", url)
+                "where every node sends pod traffic)%s; serve etcd over TLS with client certificates and give "
+                "--etcd-cafile, --etcd-certfile and --etcd-keyfile (or an https:// store URL)", url, password)
 
 
 def _too_large(what: str) -> ResponseTooLarge:
@@ -176,14 +208,34 @@ class Endpoint:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def parse_endpoints(url: str, rest: str) -> list[Endpoint]:
-    """HOST:PORT[,HOST:PORT...] (IPv6 as [ADDR]:PORT; PORT defaults to 2379)."""
-    rest = rest.rstrip("/")
-    if not rest or "/" in rest or "?" in rest or "#" in rest or "@" in rest:
+def parse_endpoints(url: str, rest: str, scheme: str = "etcd") -> list[Endpoint]:
+    """HOST:PORT[,HOST:PORT...] (IPv6 as [ADDR]:PORT; PORT defaults to 2379).
+
+    rest is what follows url's first SCHEME://. The later endpoints may name
+    the scheme again, as flannel's --etcd-endpoints does
+    (http://A:2379,http://B:2379); another scheme is refused: one store
+    reaches all its members the same way. A trailing "/" is allowed.
+    """
+    if not rest.strip().rstrip("/"):
         raise StoreError(f"invalid store URL {url!r}: use {ACCEPTED_URLS}")
+    if "@" in rest:
+        shown = re.sub(r"[^/,@]*@", "***@", url)   # never echo a password
+        raise StoreError(f"invalid store URL {shown!r}: user names and passwords do not belong in the URL; "
+                         f"give --etcd-username and --etcd-password-file")
     endpoints = []
     for item in rest.split(","):
         item = item.strip()
+        item_scheme, sep, tail = item.partition("://")
+        if sep:
+            other = item_scheme.lower()
+            if other != scheme:
+                raise StoreError(f"invalid store URL {url!r}: it mixes {scheme}:// and {other}:// endpoints; "
+                                 f"one store reaches all its members the same way: give every endpoint the same "
+                                 f"scheme (https:// for TLS, http:// for plain http)")
+            item = tail.strip()
+        item = item.rstrip("/")
+        if "/" in item or "?" in item or "#" in item:
+            raise StoreError(f"invalid store URL {url!r}: use {ACCEPTED_URLS}")
         if item.startswith("["):
             host, sep, tail = item[1:].partition("]")
             if not sep or (tail and not tail.startswith(":")):
@@ -224,6 +276,17 @@ class _FoundKey:
     mod_revision: int
 
 
+_NEEDS_USER = "etcd has authentication enabled: give an etcd user with --etcd-username and --etcd-password-file"
+
+
+class _TokenRefused(StoreError):
+    """etcd refused the request's token (expired, unknown, outdated) or asked for one: authenticate again."""
+
+
+class _AuthNotEnabled(StoreError):
+    """etcd answered /v3/auth/authenticate with "authentication is not enabled"."""
+
+
 class _EndpointFailed(Exception):
     """One endpoint could not serve a request; the message says why."""
 
@@ -236,20 +299,38 @@ class EtcdStore(Store):
     """A Store backed by an etcd v3 cluster; see the module docstring."""
 
     def __init__(self, endpoints: list[Endpoint], *, prefix: str = "/pycni", tls: TLSFiles | None = None,
-                 timeout: float = 5.0) -> None:
+                 auth: StoreAuth | None = None, timeout: float = 5.0, scheme: str = "etcd") -> None:
+        """scheme is the URL's: "etcd" (https iff tls), "https" (TLS; tls None: the system's CAs) or "http"."""
         if not endpoints:
             raise StoreError(f"no etcd endpoints given: use {ACCEPTED_URLS}")
         if not isinstance(prefix, str) or "\0" in prefix:
             raise StoreError(f"invalid etcd key prefix {prefix!r}")
+        if scheme not in ("etcd", "http", "https"):
+            raise StoreError(f"unsupported etcd URL scheme {scheme!r}: use {ACCEPTED_URLS}")
+        if auth is not None and not isinstance(auth, StoreAuth):
+            raise StoreError(f"auth must be a StoreAuth, not {type(auth).__name__}")
         self.endpoints = list(endpoints)
+        self._url_scheme = scheme
+        if scheme == "http" and tls is not None and any((tls.cafile, tls.certfile, tls.keyfile)):
+            raise StoreError(f"TLS files were given for the plain-http store {self.url()}: write its endpoints as "
+                             f"https://HOST:PORT to use TLS (or drop the TLS files)")
+        if scheme == "https" and tls is None:
+            tls = TLSFiles()  # the system's trusted CAs verify the server
+        if scheme == "http":
+            tls = None
         self.prefix = prefix
         self._base = prefix if prefix in ("", "/") else prefix.rstrip("/") + "/"
         self.timeout = float(timeout)
         self._ssl = _ssl_context(tls) if tls is not None else None
         self._scheme = "https" if self._ssl is not None else "http"
         if self._ssl is None:
-            _warn_plaintext(self.url())
+            _warn_plaintext(self.url(), auth)
         self._client_cert = bool(tls and tls.certfile)
+        # etcd authentication: the token of the last /v3/auth/authenticate (None: none yet, or etcd has
+        # authentication off, see _auth_off). Changed under _lock; watches read it without the lock.
+        self._auth = auth
+        self._token: str | None = None
+        self._auth_off = False
         # Knobs of the watch streams (tests shorten them): TCP keep-alive (idle s, interval s, probes)
         # and how long a stream may stay silent before it counts as dead.
         self.keepalive: tuple[int, int, int] = KEEPALIVE
@@ -276,7 +357,10 @@ class EtcdStore(Store):
         return f"EtcdStore({self.url()!r}, prefix={self.prefix!r})"
 
     def url(self) -> str:
-        return "etcd://" + ",".join(ep.netloc() for ep in self.endpoints)
+        """The store URL in the form it was given: etcd://A,B or flannel's http(s)://A,http(s)://B."""
+        if self._url_scheme == "etcd":
+            return "etcd://" + ",".join(ep.netloc() for ep in self.endpoints)
+        return ",".join(f"{self._url_scheme}://{ep.netloc()}" for ep in self.endpoints)
 
     @property
     def current_endpoint(self) -> Endpoint:
@@ -663,6 +747,30 @@ class EtcdStore(Store):
                 time.sleep(_RETRY_PAUSE)  # a member is up but has no leader (yet): election under way
 
     def _call_endpoint(self, index: int, path: str, payload: bytes, sends: _Sends) -> dict[str, Any]:
+        """One request to one endpoint, with the auth token; a token etcd refuses is renewed once per request."""
+        renewed = False
+        if self._auth is not None and self._token is None and not self._auth_off:
+            self._authenticate(index)
+            renewed = True
+        while True:
+            try:
+                return self._post(index, path, payload, sends, self._token)
+            except _TokenRefused as refused:
+                sends.count -= 1   # etcd refused it for its token before carrying it out: it was not a send
+                if self._auth is None:
+                    raise StoreError(f"etcd refused {path}: {refused}: {_NEEDS_USER}") from None
+                if renewed:
+                    raise StoreError(f"etcd refused {path} for user {self._auth.username!r} although it has just "
+                                     f"authenticated: {refused}") from None
+                self._token, self._auth_off = None, False
+                self._authenticate(index)
+                renewed = True
+
+    def _post(self, index: int, path: str, payload: bytes, sends: _Sends, token: str | None) -> dict[str, Any]:
+        """POST payload to path on the endpoint at index (the shared connection); the decoded answer."""
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = token
         for attempt in range(2):
             reused = self._conn is not None and self._conn_index == index and self._conn.sock is not None
             if not reused:
@@ -677,7 +785,7 @@ class EtcdStore(Store):
             try:
                 sends.count += 1
                 self._count(_OPERATIONS.get(path, path), bytes_sent=len(payload))
-                conn.request("POST", path, body=payload, headers={"Content-Type": "application/json"})
+                conn.request("POST", path, body=payload, headers=headers)
                 response = conn.getresponse()
                 data = self._read_body(response, index, path)
             except _CONNECTION_ERRORS as err:
@@ -730,6 +838,18 @@ class EtcdStore(Store):
             return answer
         message = answer.get("message") or answer.get("error") or f"HTTP {status}"
         code = answer.get("code")
+        text = str(message)
+        if path == AUTHENTICATE:
+            if code == _GRPC_FAILED_PRECONDITION or "authentication is not enabled" in text:
+                raise _AuthNotEnabled(text)
+            if "authentication failed" in text:
+                name = self._auth.username if self._auth is not None else "?"
+                raise StoreError(f"etcd refused user {name!r}: wrong password, or no such user ({text}); check "
+                                 f"--etcd-username and the file --etcd-password-file names")
+        if code == _GRPC_UNAUTHENTICATED or any(marker in text for marker in _TOKEN_ERRORS):
+            raise _TokenRefused(text)
+        if code == _GRPC_PERMISSION_DENIED:
+            raise StoreError(f"etcd refused {path}: {text}: {self._permission_hint()}")
         if code in _RETRY_CODES or status in (502, 503, 504):
             raise _EndpointFailed(str(message), retryable=True)
         if status == 404:
@@ -745,42 +865,129 @@ class EtcdStore(Store):
     def _unavailable_message(self, failures: list[str]) -> str:
         return "no etcd endpoint could serve the request: " + "; ".join(failures)
 
+    # -- authentication ---------------------------------------------------------
+
+    def _authenticate(self, index: int) -> None:
+        """Trade the StoreAuth for a token at the endpoint at index (under _lock).
+
+        etcd replicates the token to every member, so one token serves every
+        endpoint. Raises StoreError for a wrong password or unknown user,
+        _EndpointFailed if the member cannot serve.
+        """
+        auth = self._auth
+        assert auth is not None
+        self._token = None
+        payload = json.dumps({"name": auth.username, "password": auth.password}).encode()
+        try:
+            answer = self._post(index, AUTHENTICATE, payload, _Sends(), None)
+        except _AuthNotEnabled:
+            if not self._auth_off:
+                log.warning("etcd at %s does not have authentication enabled: going on without a token (etcd "
+                            "user %r is not needed there, and anyone who reaches etcd can change the leases)",
+                            self._endpoint_url(index), auth.username)
+            self._auth_off = True
+            return
+        token = answer.get("token")
+        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LEN or not token.isascii() \
+                or not token.isprintable():
+            raise StoreError(f"etcd at {self._endpoint_url(index)} authenticated user {auth.username!r} but "
+                             f"answered without a usable token: {str(answer)[:200]}")
+        self._auth_off = False
+        self._token = token
+
+    def _renew_token(self, stale: str | None) -> None:
+        """Authenticate again unless another thread already replaced the token stale; endpoints in order.
+
+        For watches (unary requests authenticate in _call_endpoint, under the lock already).
+        """
+        if self._auth is None:
+            return
+        with self._lock:
+            if self._token != stale:
+                return
+            self._auth_off = False   # etcd refused the request without a token: ask again even if it was off
+            failures: list[str] = []
+            count = len(self.endpoints)
+            first = self._preferred
+            for step in range(count):
+                index = (first + step) % count
+                try:
+                    self._authenticate(index)
+                except _EndpointFailed as failure:
+                    self._count(errors=1)
+                    failures.append(f"{self._endpoint_url(index)}: {failure}")
+                    continue
+                self._preferred = index
+                return
+            raise StoreUnavailable(self._unavailable_message(failures))
+
+    def _permission_hint(self) -> str:
+        if self._auth is None:
+            return _NEEDS_USER
+        where = self._base or "every key"
+        return (f"the roles of etcd user {self._auth.username!r} do not grant it {where}: grant one of them "
+                f"readwrite on the prefix (etcdctl role grant-permission ROLE --prefix=true readwrite {where})")
+
     # -- watch streams ----------------------------------------------------------
 
     def _open_stream(self, body: dict[str, Any], first: int) -> "_WatchStream":
         """A watch stream on the first endpoint, from index first on, that sets the watch up.
 
         Raises StoreUnavailable naming every endpoint's failure, Compacted if
-        the start revision is gone.
+        the start revision is gone, StoreError if authenticating again fails.
         """
         payload = json.dumps(body).encode()
         failures: list[str] = []
         count = len(self.endpoints)
+        if self._auth is not None and self._token is None and not self._auth_off:
+            self._renew_token(None)
         for step in range(count):
             index = (first + step) % count
-            url = self._endpoint_url(index)
             try:
-                conn = self._connect(index)
-            except _CONNECTION_ERRORS as err:
-                self._count(errors=1)
-                failures.append(f"{url}: {self._describe(err)}")
-                continue
-            sock = conn.sock
-            conn.sock = None  # the stream owns the socket from here on
-            stream = _WatchStream(self, sock, index, url)
-            try:
-                stream.start(payload, time.monotonic() + self.timeout)
+                stream = self._start_stream(index, payload)
             except _EndpointFailed as failure:
-                stream.close()
                 self._count(errors=1)
-                failures.append(f"{url}: {failure}")
+                failures.append(f"{self._endpoint_url(index)}: {failure}")
                 continue
-            except BaseException:
-                stream.close()
-                raise
             self._preferred = index  # unary requests follow the member that serves the watch
             return stream
         raise StoreUnavailable(self._unavailable_message(failures))
+
+    def _start_stream(self, index: int, payload: bytes) -> "_WatchStream":
+        """A watch stream on the endpoint at index, set up; a token etcd refuses is renewed once."""
+        renewed = False
+        while True:
+            try:
+                conn = self._connect(index)
+            except _CONNECTION_ERRORS as err:
+                raise _EndpointFailed(self._describe(err)) from None
+            sock = conn.sock
+            conn.sock = None  # the stream owns the socket from here on
+            stream = _WatchStream(self, sock, index, self._endpoint_url(index))
+            try:
+                stream.start(payload, time.monotonic() + self.timeout)
+                return stream
+            except _StreamTokenRefused as refused:
+                stream.close()
+                if self._auth is None:
+                    raise _EndpointFailed(f"{refused}: {_NEEDS_USER}") from None
+                if renewed:
+                    raise _EndpointFailed(f"{refused} (for user {self._auth.username!r}, although it has just "
+                                          f"authenticated)") from None
+                self._renew_token(stream.token)
+                renewed = True
+            except _EndpointFailed as failure:
+                stream.close()
+                if "permission denied" in str(failure).lower():
+                    raise _EndpointFailed(f"{failure}: {self._permission_hint()}") from None
+                raise
+            except BaseException:
+                stream.close()
+                raise
+
+
+class _StreamTokenRefused(_EndpointFailed):
+    """etcd canceled the watch for its token (expired, unknown, outdated, or none sent)."""
 
 
 class _StreamLost(Exception):
@@ -803,6 +1010,7 @@ class _WatchStream:
         self.opened_at = time.monotonic()
         self.last_data = self.opened_at
         self.delivered = False   # events or a progress notification came: the stream was useful
+        self.token: str | None = None   # the auth token the watch request carried
         self._raw = b""          # bytes read, not yet de-chunked
         self._data = b""         # de-chunked bytes, not yet a complete message
         self._chunk_left = 0
@@ -815,8 +1023,10 @@ class _WatchStream:
         store = self.store
         host = store.endpoints[self.index].netloc()
         name, value = REQUIRE_LEADER_HEADER
+        self.token = token = store._token
+        auth = f"Authorization: {token}\r\n" if token else ""
         head = (f"POST /v3/watch HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(payload)}\r\n{name}: {value}\r\n\r\n").encode("ascii")
+                f"Content-Length: {len(payload)}\r\n{name}: {value}\r\n{auth}\r\n").encode("ascii")
         try:
             _set_keepalive(self.sock, *store.keepalive)
             self.sock.settimeout(max(0.01, deadline - time.monotonic()))
@@ -828,7 +1038,10 @@ class _WatchStream:
             status, headers = self._read_head(deadline)
             if status != 200:
                 body = self._read_error_body(headers, deadline)
-                store._decode(status, body, "/v3/watch")  # raises what the status means
+                try:
+                    store._decode(status, body, "/v3/watch")  # raises what the status means
+                except _TokenRefused as refused:
+                    raise _StreamTokenRefused(f"etcd refused the watch: {refused}", retryable=True) from None
                 raise _EndpointFailed(f"HTTP {status} from /v3/watch")
             if "chunked" not in headers.get("transfer-encoding", "").lower():
                 raise _EndpointFailed("the watch answer is not a chunked stream: is this an etcd v3 client URL?")
@@ -1259,8 +1472,10 @@ def _watch_result(message: dict[str, Any], url: str) -> dict[str, Any]:
         raise Compacted(f"the watched revision is compacted (etcd keeps history from revision {compact}): "
                         f"list again, then watch from the listed revision", compact_revision=compact)
     if result.get("canceled"):
-        raise _EndpointFailed(f"etcd canceled the watch: {result.get('cancel_reason') or 'no reason given'}",
-                              retryable=True)
+        reason = str(result.get("cancel_reason") or "no reason given")
+        if any(marker in reason for marker in _TOKEN_ERRORS):
+            raise _StreamTokenRefused(f"etcd canceled the watch: {reason}", retryable=True)
+        raise _EndpointFailed(f"etcd canceled the watch: {reason}", retryable=True)
     return result
 
 

@@ -25,13 +25,15 @@ from __future__ import annotations
 import abc
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .errors import StoreError
 
-ACCEPTED_URLS = ("file:///DIR (a local directory, created if missing) or "
-                 "etcd://HOST:PORT[,HOST:PORT...] (etcd v3; https when TLS files are given)")
+ACCEPTED_URLS = ("file:///DIR (a local directory, created if missing), "
+                 "etcd://HOST:PORT[,HOST:PORT...] (etcd v3; https when TLS files are given), or flannel's "
+                 "--etcd-endpoints form http://HOST:PORT[,http://HOST:PORT...] (etcd v3, plain http) and "
+                 "https://HOST:PORT[,https://HOST:PORT...] (etcd v3 over TLS)")
 
 MAX_KEY_LEN = 1024
 
@@ -48,6 +50,27 @@ class TLSFiles:
     cafile: str | None = None
     certfile: str | None = None
     keyfile: str | None = None
+
+
+@dataclass(frozen=True)
+class StoreAuth:
+    """An etcd user and its password, for an etcd with authentication enabled (etcd's RBAC).
+
+    The store trades them for a token (/v3/auth/authenticate) and sends the
+    token with every request and watch. The password never shows: not in
+    repr(), not in any message.
+    """
+
+    username: str
+    password: str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.username, str) or not self.username:
+            raise StoreError("an etcd user name must be a non-empty string")
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in self.username):
+            raise StoreError(f"invalid etcd user name {self.username!r}: it must not contain control characters")
+        if not isinstance(self.password, str) or not self.password:
+            raise StoreError(f"the password of etcd user {self.username!r} is empty")
 
 
 @dataclass(frozen=True)
@@ -286,7 +309,8 @@ class Store(abc.ABC):
 
         Operations are named as etcd names them: range, txn, put, deleterange,
         lease_grant, lease_keepalive, lease_revoke, lease_timetolive,
-        watch_open, status. The file store counts its own operations under the
+        watch_open, status, authenticate (an etcd user's token, first and
+        renewed). The file store counts its own operations under the
         same names (create and replace are txn, refresh is lease_keepalive).
         """
 

@@ -106,7 +106,7 @@ def vtep_mac_seed(public_ip: str, vni: int, node_name: str) -> str:
 
 
 def leave_cluster(store_url: str, public_ip: str, prefix: str = "/pycni", tls: TLSFiles | None = None,
-                  timeout: float = 5.0) -> bool:
+                  timeout: float = 5.0, auth: Any = None) -> bool:
     """Release every lease held by ``public_ip``: the other nodes drop their entries for it.
 
     Returns False if it held none. It may run anywhere that reaches the store;
@@ -115,7 +115,7 @@ def leave_cluster(store_url: str, public_ip: str, prefix: str = "/pycni", tls: T
     the node's agent first, or it takes its lease (and its rules) again.
     """
     try:
-        store = open_store(store_url, prefix=prefix, tls=tls, timeout=timeout)
+        store = open_store(store_url, prefix=prefix, tls=tls, auth=auth, timeout=timeout)
     except StoreError as exc:
         raise OverlayError(f"cannot open the cluster store {store_url}: {exc}") from None
     try:
@@ -213,7 +213,7 @@ class OverlayNode:
     def _start(self) -> None:
         opts = self.opts
         try:
-            self._store = open_store(opts.store_url, prefix=opts.etcd_prefix, tls=opts.tls,
+            self._store = open_store(opts.store_url, prefix=opts.etcd_prefix, tls=opts.tls, auth=opts.auth,
                                      timeout=opts.store_timeout)
             cfg = read_config(self._store)
         except StoreError as exc:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import click
 
-from pycni.storeopts import etcd_options, tls_files
+from pycni.storeopts import STORE_ENVVAR, etcd_options, store_auth, tls_files
 
 DEFAULT_STATE_DIR = "/run/pycni"
 DEFAULT_BRIDGE = "pycni0"
@@ -36,6 +36,7 @@ class OverlayOptions:
     state_dir: str = DEFAULT_STATE_DIR
     etcd_prefix: str = "/pycni"
     tls: Any = None                   # ipam.cluster.TLSFiles, or None for plain http and file://
+    auth: Any = None                  # ipam.cluster.StoreAuth (etcd user and password), or None
     bridge: str = DEFAULT_BRIDGE
     vxlan_device: str = ""            # "": pycni.<VNI>
     underlay_device: str = ""         # "": the link holding public_ip, looked up afresh whenever needed
@@ -51,13 +52,15 @@ class OverlayOptions:
 def overlay_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The overlay's flags (overlay mode starts with --store)."""
     options = [
-        click.option("--store", "store_url", metavar="URL",
-                     help="Overlay mode: the cluster store (file:///DIR or etcd://HOST:PORT[,...]); the agent then "
+        click.option("--store", "store_url", metavar="URL", envvar=STORE_ENVVAR, show_envvar=True,
+                     help="Overlay mode: the cluster store (file:///DIR, etcd://HOST:PORT[,...], or flannel's "
+                          "--etcd-endpoints form http(s)://HOST:PORT[,http(s)://HOST:PORT...]); the agent then "
                           "also leases this node's pod subnet and keeps the vxlan device, FDB, neighbours and "
                           "routes in step with the other nodes. Create the cluster first with "
                           "`pycni cluster init --store URL --network CIDR [--ipv6-network CIDR]`."),
-        click.option("--public-ip", metavar="IP", help="Overlay mode: this node's underlay address (its VTEP)."),
-        click.option("--public-ipv6", default="", metavar="IP",
+        click.option("--public-ip", metavar="IP", envvar="PYCNI_PUBLIC_IP", show_envvar=True,
+                     help="Overlay mode: this node's underlay address (its VTEP)."),
+        click.option("--public-ipv6", default="", metavar="IP", envvar="PYCNI_PUBLIC_IPV6", show_envvar=True,
                      help="Overlay mode, dual-stack: this node's IPv6 underlay address. The IPv6 pods' traffic to "
                           "nodes that have one too runs over it, on a second VXLAN device [default: every pod "
                           "family over --public-ip]."),
@@ -70,7 +73,7 @@ def overlay_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Overlay mode: the node's vxlan device [default: pycni.<VNI>]."),
         click.option("--underlay-device", default="", metavar="NAME",
                      help="Overlay mode: the underlay link [default: the one holding --public-ip]."),
-        click.option("--node-name", default="", metavar="NAME",
+        click.option("--node-name", default="", metavar="NAME", envvar="PYCNI_NODE_NAME", show_envvar=True,
                      help="Overlay mode: this node's name, written into its lease [default: the host name]. "
                           "An agent refuses to start on a public IP that another node name holds."),
         click.option("--lease-ttl", type=click.IntRange(min=MIN_LEASE_TTL), default=DEFAULT_LEASE_TTL,
@@ -101,6 +104,22 @@ def overlay_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _flag_label(ctx: click.Context, flag: str, name: str = "") -> str:
+    """flag, or "flag (from $VAR)" when its value (parameter name) came from an environment variable."""
+    name = name or flag.lstrip("-").replace("-", "_")
+    try:
+        source = ctx.get_parameter_source(name)
+    except (AttributeError, KeyError):
+        return flag
+    if source is not click.core.ParameterSource.ENVIRONMENT:
+        return flag
+    param = next((p for p in ctx.command.params if p.name == name), None)
+    envvar = param.envvar if param is not None else None
+    if not isinstance(envvar, str) and ctx.auto_envvar_prefix:
+        envvar = f"{ctx.auto_envvar_prefix}_{name.upper()}"
+    return f"{flag} (from ${envvar})" if isinstance(envvar, str) else f"{flag} (from the environment)"
+
+
 def from_flags(ctx: click.Context, store_url: str | None, public_ip: str | None, public_ipv6: str,
                state_dir: str | None,
                bridge_name: str, vxlan_device: str, underlay_device: str, node_name: str, lease_ttl: int,
@@ -110,19 +129,21 @@ def from_flags(ctx: click.Context, store_url: str | None, public_ip: str | None,
                **_other: Any) -> OverlayOptions | None:
     """The options the flags name; None without --store. A flag that needs --store without it is a usage error."""
     if not store_url:
-        given = [flag for flag, value in (("--public-ip", public_ip), ("--public-ipv6", public_ipv6),
-                                          ("--no-ip-masq", no_ip_masq),
-                                          ("--node-name", node_name), ("--underlay-device", underlay_device),
-                                          ("--vxlan-device", vxlan_device)) if value]
+        given = [_flag_label(ctx, flag) for flag, value in (
+            ("--public-ip", public_ip), ("--public-ipv6", public_ipv6), ("--no-ip-masq", no_ip_masq),
+            ("--node-name", node_name), ("--underlay-device", underlay_device),
+            ("--vxlan-device", vxlan_device)) if value]
         if given:
             raise click.UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for overlay mode: "
                                    f"give --store too", ctx)
         return None
     if not public_ip:
-        raise click.UsageError("--store needs --public-ip (this node's underlay address)", ctx)
+        raise click.UsageError(f"{_flag_label(ctx, '--store', 'store_url')} needs --public-ip (this node's underlay "
+                               f"address; or PYCNI_PUBLIC_IP)", ctx)
     return OverlayOptions(
         store_url=store_url, public_ip=public_ip, public_ipv6=public_ipv6, state_dir=state_dir or DEFAULT_STATE_DIR, etcd_prefix=etcd_prefix,
-        tls=tls_files(etcd_cafile, etcd_certfile, etcd_keyfile), bridge=bridge_name, vxlan_device=vxlan_device,
+        tls=tls_files(etcd_cafile, etcd_certfile, etcd_keyfile), auth=store_auth(ctx), bridge=bridge_name,
+        vxlan_device=vxlan_device,
         underlay_device=underlay_device, node_name=node_name, tx_checksum_offload=not disable_tx_checksum_offload,
         ip_masq=not no_ip_masq, lease_ttl=lease_ttl, reconcile_interval=reconcile_interval,
         relist_interval=relist_interval)

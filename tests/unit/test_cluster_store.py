@@ -22,6 +22,7 @@ from ipam.cluster import (
     LeaseLost,
     NodeLease,
     StoreError,
+    StoreAuth,
     StoreUnavailable,
     TLSFiles,
     acquire_lease,
@@ -64,7 +65,7 @@ def cfg(store):
 # -- open_store ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("url", ["http://10.0.0.1:2379", "10.0.0.1:2379", "", "file://relative/dir",
+@pytest.mark.parametrize("url", ["ftp://10.0.0.1:2379", "10.0.0.1:2379", "", "file://relative/dir",
                                  "etcd://", "etcd://host:notaport", "etcd://host:70000", "etcd://h:1/path",
                                  "etcd://::1:2379"])
 def test_open_store_rejects_bad_urls(url):
@@ -86,6 +87,79 @@ def test_open_store_parses_etcd_endpoints():
         assert store.url() == "etcd://10.0.0.1:2379,[fd00::1]:3379,node-c:2379"
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("url, scheme, endpoints", [
+    ("http://10.0.0.1:2379", "http", [("10.0.0.1", 2379)]),
+    ("http://10.0.0.1:2379,http://10.0.0.2:2379", "http", [("10.0.0.1", 2379), ("10.0.0.2", 2379)]),
+    ("HTTPS://10.0.0.1:2379/, https://[fd00::2]:3379/", "https", [("10.0.0.1", 2379), ("fd00::2", 3379)]),
+    ("https://node-a,node-b:2381", "https", [("node-a", 2379), ("node-b", 2381)]),
+    ("etcd://10.0.0.1:2379,etcd://10.0.0.2", "http", [("10.0.0.1", 2379), ("10.0.0.2", 2379)]),
+])
+def test_open_store_takes_flannels_endpoint_lists(url, scheme, endpoints):
+    store = open_store(url)
+    try:
+        assert [(e.host, e.port) for e in store.endpoints] == endpoints
+        assert store._scheme == scheme   # https: TLS with the system's CAs (no TLS files given)
+        assert (store._ssl is not None) == (scheme == "https")
+    finally:
+        store.close()
+
+
+def test_an_endpoint_list_keeps_its_form_in_messages():
+    for url, shown in [("http://a:2379,http://b", "http://a:2379,http://b:2379"),
+                       ("https://a,b", "https://a:2379,https://b:2379"), ("etcd://a,b:1", "etcd://a:2379,b:1")]:
+        with open_store(url) as store:
+            assert store.url() == shown
+
+
+@pytest.mark.parametrize("url, other", [
+    ("http://10.0.0.1:2379,https://10.0.0.2:2379", "https"), ("https://a:2379,http://b:2379", "http"),
+    ("etcd://a:2379,http://b:2379", "http"), ("http://a:2379,etcd://b:2379", "etcd"),
+    ("http://a:2379,b:2379,file:///x", "file"), ("file:///var/lib/pycni,http://b:2379", "http"),
+])
+def test_open_store_refuses_mixed_schemes(url, other):
+    with pytest.raises(StoreError, match=rf"invalid store URL .*: it mixes \w+:// and {other}:// endpoints"):
+        open_store(url)
+
+
+@pytest.mark.parametrize("url, words", [
+    ("http://", "file:///DIR"), ("http://a:2379,", "the host is missing"), ("https://a:99999", "port"),
+    ("http://a:2379/v3", "file:///DIR"), ("http://root:secret@a:2379", "--etcd-username and --etcd-password-file"),
+    ("https://a:2379?x=1", "file:///DIR"), ("http://::1:2379", "IPv6"),
+    ("https://a:2379/v3,https://pycni:secret@b:2379", "'https://a:2379/v3,https://***@b:2379'"),
+])
+def test_open_store_rejects_bad_endpoint_lists(url, words):
+    with pytest.raises(StoreError) as exc:
+        open_store(url)
+    assert words in str(exc.value) and "secret" not in str(exc.value)
+
+
+def test_accepted_urls_name_every_form():
+    with pytest.raises(StoreError) as exc:
+        open_store("consul://x:8500")
+    for form in ("file:///DIR", "etcd://HOST:PORT[,HOST:PORT...]", "http://HOST:PORT[,http://HOST:PORT...]",
+                 "https://HOST:PORT[,https://HOST:PORT...]", "--etcd-endpoints"):
+        assert form in str(exc.value)
+
+
+def test_tls_files_for_a_plain_http_url_are_refused(tmp_path):
+    with pytest.raises(StoreError, match="plain-http store http://a:2379: write its endpoints as https://"):
+        open_store("http://a:2379", tls=TLSFiles(cafile=str(tmp_path / "ca.pem")))
+
+
+def test_an_etcd_user_for_a_file_store_is_refused(store_dir):
+    with pytest.raises(StoreError, match="an etcd user was given for the file store"):
+        open_store(f"file://{store_dir}", auth=StoreAuth("pycni", "pw"))
+
+
+def test_store_auth_never_shows_the_password():
+    auth = StoreAuth("pycni", "s3cret-pw")
+    assert "s3cret" not in repr(auth) and "pycni" in repr(auth)
+    with pytest.raises(StoreError, match="empty"):
+        StoreAuth("pycni", "")
+    with pytest.raises(StoreError, match="control characters"):
+        StoreAuth("py\ncni", "pw")
 
 
 def test_file_store_refuses_tls_files(store_dir):
@@ -705,8 +779,70 @@ def test_cli_init_validates(store_dir, args, message):
 
 
 def test_cli_bad_store_url():
-    result = _run("init", "--store", "http://10.0.0.1:2379", "--network", "10.244.0.0/16")
+    result = _run("init", "--store", "consul://10.0.0.1:8500", "--network", "10.244.0.0/16")
     assert result.exit_code == 2 and "etcd://HOST:PORT" in result.output
+
+
+def test_cli_mixed_endpoint_list_is_a_usage_error():
+    result = _run("leases", "--store", "http://10.0.0.1:2379,https://10.0.0.2:2379")
+    assert result.exit_code == 2 and "mixes http:// and https:// endpoints" in result.output
+
+
+def test_cli_store_from_pycni_store(store_dir, monkeypatch):
+    monkeypatch.setenv("PYCNI_STORE", f"file://{store_dir}")
+    first = _run("init", "--network", "10.244.0.0/16")
+    assert first.exit_code == 0 and f"cluster initialised in file://{store_dir}" in first.output
+    assert "10.244.0.0/16" in _run("leases").output
+    # The flag wins over the variable.
+    other = store_dir.parent / "other"
+    assert _run("init", "--store", f"file://{other}", "--network", "10.245.0.0/16").exit_code == 0
+    with open_store(f"file://{store_dir}") as s:
+        assert read_config(s) == ClusterConfig("10.244.0.0/16")
+
+
+def test_cli_help_names_the_environment_variables():
+    output = _run("leases", "--help").output
+    for name in ("PYCNI_STORE", "PYCNI_ETCD_PREFIX", "PYCNI_ETCD_CAFILE", "PYCNI_ETCD_CERTFILE",
+                 "PYCNI_ETCD_KEYFILE", "PYCNI_ETCD_USERNAME", "PYCNI_ETCD_PASSWORD_FILE"):
+        assert name in output, name
+    assert "--etcd-username" in output and "--etcd-password-file" in output and "https://" in output
+
+
+def _password_file(tmp_path, text="s3cret\n", mode=0o600):
+    path = tmp_path / "etcd-password"
+    path.write_text(text)
+    path.chmod(mode)
+    return str(path)
+
+
+@pytest.mark.parametrize("text, mode, words", [
+    ("s3cret\n", 0o644, "readable by group or others (mode 0644)"),
+    ("s3cret\n", 0o640, "chmod 600"),
+    ("\n", 0o600, "holds no password"),
+    ("s3cret\nmore\n", 0o600, "more than one line"),
+])
+def test_cli_password_file_is_checked(tmp_path, store_dir, text, mode, words):
+    result = _run("leases", "--store", "etcd://127.0.0.1:1", "--etcd-username", "pycni",
+                  "--etcd-password-file", _password_file(tmp_path, text, mode))
+    assert result.exit_code == 2 and "--etcd-password-file" in result.output and words in result.output
+    assert "s3cret" not in result.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--etcd-username", "pycni"], "an etcd user needs its password: give --etcd-password-file"),
+    (["--etcd-password-file", "PW"], "needs its user: give --etcd-username"),
+])
+def test_cli_user_and_password_come_together(tmp_path, store_dir, args, words):
+    args = [_password_file(tmp_path) if arg == "PW" else arg for arg in args]
+    result = _run("leases", "--store", f"file://{store_dir}", *args)
+    assert result.exit_code == 2 and words in result.output
+
+
+def test_cli_etcd_user_for_a_file_store_is_refused(tmp_path, store_dir, monkeypatch):
+    monkeypatch.setenv("PYCNI_ETCD_USERNAME", "pycni")
+    monkeypatch.setenv("PYCNI_ETCD_PASSWORD_FILE", _password_file(tmp_path))
+    result = _run("leases", "--store", f"file://{store_dir}")
+    assert result.exit_code == 2 and "an etcd user was given for the file store" in result.output
 
 
 def test_cli_leases_table_and_json(store_dir, cfg):
