@@ -35,6 +35,18 @@ def _logger(log_file: str | None, level: str) -> logging.Logger:
     return logging.getLogger("pycni.agent")
 
 
+def _check_metrics_address(_ctx: click.Context, _param: click.Parameter,
+                            value: str | None) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    from .metrics import parse_address  # standard library only: prometheus_client loads when it starts
+
+    try:
+        return parse_address(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _check_bin_dirs(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
     for directory in value:
         if not os.path.isabs(directory) or ":" in directory:
@@ -67,8 +79,17 @@ def _check_bin_dirs(_ctx: click.Context, _param: click.Parameter, value: tuple[s
                    "refused at once and its plugin runs in the caller's process.")
 @click.option("--read-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.1),
               metavar="SECONDS", help="Longest a caller may take to send its whole request; then it is cut off.")
+@click.option("--metrics-address", metavar="HOST:PORT", callback=_check_metrics_address,
+              envvar="PYCNI_METRICS_ADDRESS", show_envvar=True,
+              help="Serve /metrics (Prometheus text format: requests per plugin, command and outcome with "
+                   "latency histograms, requests not served and why; in overlay mode the lease, reconciles, "
+                   "store and watch state, remote nodes) and /healthz (200, or 503 with the reason) over HTTP "
+                   "on this address, e.g. 127.0.0.1:9917 or [::1]:9917 [default: off]. It listens in the "
+                   "agent's own network namespace; give a loopback address unless the metrics may be read "
+                   "from the network.")
 @click.option("--log-file", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Append the log here [default: stderr, i.e. the journal under systemd].")
+              help="Append the log here [default: stderr, i.e. the journal under systemd, where every line "
+                   "carries its level's journal priority and no timestamp of its own].")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
 @click.option("--profile-dir", type=click.Path(file_okay=False), hidden=True,
               help="Write a cProfile of every request's work to this directory (diagnosis).")
@@ -76,8 +97,8 @@ def _check_bin_dirs(_ctx: click.Context, _param: click.Parameter, value: tuple[s
 @click.pass_context
 def agent(ctx: click.Context, socket_path: str | None, max_concurrency: int, queue_timeout: float,
           request_timeout: float, grace: float, cni_bin_dirs: tuple[str, ...], max_connections: int,
-          read_timeout: float, log_file: str | None, log_level: str, profile_dir: str | None,
-          leave: bool, **flags: Any) -> None:
+          read_timeout: float, metrics_address: tuple[str, int] | None, log_file: str | None, log_level: str,
+          profile_dir: str | None, leave: bool, **flags: Any) -> None:
     """Serve CNI requests for the installed plugin shims (the warm path).
 
     Runs in the foreground until SIGTERM or Ctrl-C. The executables written by
@@ -95,11 +116,17 @@ def agent(ctx: click.Context, socket_path: str | None, max_concurrency: int, que
 
     With --store and --public-ip the agent is also the overlay's node agent.
 
+    With --metrics-address, GET /healthz answers 200 while the agent serves
+    (in overlay mode: and the store answered the node's last request, its
+    subnet lease is valid and its last reconcile is recent), else 503 with
+    the reason in one line; GET /metrics is for Prometheus.
+
     \b
     Examples:
       pycni agent                                  # /run/pycni/agent.sock
       pycni agent --socket /run/pycni/agent.sock --log-file /var/log/pycni-agent.log
       pycni agent --store etcd://10.0.0.1:2379 --public-ip 10.0.0.11
+      pycni agent --metrics-address 127.0.0.1:9917  # curl -s 127.0.0.1:9917/healthz
       pycni agent status
     """
     if ctx.invoked_subcommand is not None:
@@ -113,7 +140,7 @@ def agent(ctx: click.Context, socket_path: str | None, max_concurrency: int, que
     code = serve(socket_path, log, max_concurrency=max_concurrency, queue_timeout=queue_timeout,
                  request_timeout=request_timeout, grace=grace, overlay=overlay, leave=leave,
                  profile_dir=profile_dir or "", cni_bin_dirs=cni_bin_dirs or (DEFAULT_CNI_BIN_DIR,),
-                 max_connections=max_connections, read_timeout=read_timeout)
+                 max_connections=max_connections, read_timeout=read_timeout, metrics_address=metrics_address)
     sys.exit(code)
 
 
@@ -164,10 +191,13 @@ class _Overlay:
 def serve(socket_path: str, log: logging.Logger, *, max_concurrency: int = 16, queue_timeout: float = 10.0,
           request_timeout: float = 60.0, grace: float = 30.0, overlay: OverlayOptions | None = None,
           leave: bool = False, profile_dir: str = "", cni_bin_dirs: tuple[str, ...] = (DEFAULT_CNI_BIN_DIR,),
-          max_connections: int = 256, read_timeout: float = 10.0) -> int:
+          max_connections: int = 256, read_timeout: float = 10.0,
+          metrics_address: tuple[str, int] | None = None) -> int:
     """Run the agent until SIGTERM/SIGINT; the process's exit status."""
-    from .server import Agent, AgentError, AgentOptions, notify_systemd
+    from .server import Agent, AgentError, AgentOptions, notify_systemd, use_journal_format
 
+    # Under systemd, log lines carry their journal priority and leave the timestamp to journald.
+    use_journal_format(logging.getLogger("pycni"))
     node: _Overlay | None = None
     options = AgentOptions(socket_path=socket_path, max_concurrency=max_concurrency, queue_timeout=queue_timeout,
                            request_timeout=request_timeout, grace=grace, profile_dir=profile_dir,
@@ -190,40 +220,71 @@ def serve(socket_path: str, log: logging.Logger, *, max_concurrency: int = 16, q
             click.echo(f"Error: overlay mode is not available in this installation: {_one_line(exc)}", err=True)
             return 1
     server = Agent(options, log, extra_status=node.status if node is not None else None)
-    # From here a signal stops the agent, also while it is still starting (serve_forever then returns at once).
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    # SIGUSR1 writes every thread's stack to stderr (the log): what a stuck agent is doing, without stopping it.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
-    if node is not None:
+    metrics = None
+    if metrics_address is not None:
+        # Bound here, in the agent's own network namespace, and served from the start: /healthz says
+        # "starting" while the overlay leases its subnet.
         try:
-            node.start()
-        except Exception as exc:
-            click.echo(f"Error: overlay: {_one_line(exc)}", err=True)
+            metrics = _metrics_endpoint(metrics_address, server, node, overlay, log)
+        except (OSError, ImportError) as exc:
+            from .metrics import format_address
+
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)
+            click.echo(f"Error: cannot serve metrics on {format_address(*metrics_address)}: {why}", err=True)
             return 1
+        metrics.start()
+        log.info("metrics on http://%s/metrics, health on /healthz", metrics.address)
     try:
-        server.start()
-    except (AgentError, OSError) as exc:
-        click.echo(f"Error: {_one_line(exc)}", err=True)
-        if node is not None:
-            node.close(leave=False)
-        return 1
-    if node is not None:
-        node.run_in_background(on_exit=server.stop)
-    notify_systemd("READY=1")
-    started = time.monotonic()
-    try:
-        server.serve_forever()
-    finally:
-        notify_systemd("STOPPING=1")
+        # From here a signal stops the agent, also while it is still starting (serve_forever then returns at once).
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        # SIGUSR1 writes every thread's stack to stderr (the log): what a stuck agent is doing, without stopping it.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         if node is not None:
             try:
-                node.close(leave=leave)
+                node.start()
             except Exception as exc:
-                log.error("overlay: closing failed: %s", _one_line(exc))
-        server.close()
-    log.debug("served for %.0f s", time.monotonic() - started)
-    return 1 if node is not None and node.failed is not None else 0
+                click.echo(f"Error: overlay: {_one_line(exc)}", err=True)
+                return 1
+        try:
+            server.start()
+        except (AgentError, OSError) as exc:
+            click.echo(f"Error: {_one_line(exc)}", err=True)
+            if node is not None:
+                node.close(leave=False)
+            return 1
+        if node is not None:
+            node.run_in_background(on_exit=server.stop)
+        notify_systemd("READY=1")
+        started = time.monotonic()
+        try:
+            server.serve_forever()
+        finally:
+            notify_systemd("STOPPING=1")
+            if node is not None:
+                try:
+                    node.close(leave=leave)
+                except Exception as exc:
+                    log.error("overlay: closing failed: %s", _one_line(exc))
+            server.close()
+        log.debug("served for %.0f s", time.monotonic() - started)
+        return 1 if node is not None and node.failed is not None else 0
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+def _metrics_endpoint(address: tuple[str, int], server: Any, node: _Overlay | None,
+                      overlay: OverlayOptions | None, log: logging.Logger) -> Any:
+    from .metrics import MetricsEndpoint, Sources, reconcile_max_age
+
+    if node is None or overlay is None:
+        sources = Sources(server)
+    else:
+        sources = Sources(server, overlay_status=node.node.status,
+                          overlay_failure=lambda: _one_line(node.failed) if node.failed is not None else "",
+                          reconcile_max_age=reconcile_max_age(overlay.reconcile_interval))
+    return MetricsEndpoint(address[0], address[1], sources, log.getChild("metrics"))
 
 
 @agent.command("status")
@@ -303,8 +364,10 @@ def format_status(doc: dict[str, Any]) -> str:
 
 
 @agent.command("leave")
-@click.option("--store", "store_url", required=True, metavar="URL", help="The cluster store (as for the agent).")
-@click.option("--public-ip", required=True, metavar="IP", help="The node's underlay address (as for the agent).")
+@click.option("--store", "store_url", required=True, metavar="URL", envvar="PYCNI_STORE", show_envvar=True,
+              help="The cluster store (as for the agent).")
+@click.option("--public-ip", required=True, metavar="IP", envvar="PYCNI_PUBLIC_IP", show_envvar=True,
+              help="The node's underlay address (as for the agent).")
 @etcd_options
 def leave_cmd(store_url: str, public_ip: str, etcd_prefix: str, etcd_cafile: str | None,
               etcd_certfile: str | None, etcd_keyfile: str | None) -> None:
@@ -320,7 +383,9 @@ def leave_cmd(store_url: str, public_ip: str, etcd_prefix: str, etcd_cafile: str
         click.echo(f"Error: overlay mode is not available in this installation: {_one_line(exc)}", err=True)
         sys.exit(1)
     try:
-        released = leave_cluster(store_url, public_ip, etcd_prefix, tls)
+        from pycni.storeopts import store_auth
+
+        released = leave_cluster(store_url, public_ip, etcd_prefix, tls, auth=store_auth())
     except Exception as exc:
         click.echo(f"Error: {_one_line(exc)}", err=True)
         sys.exit(1)

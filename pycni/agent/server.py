@@ -284,6 +284,17 @@ class Agent:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
+    @property
+    def serving(self) -> bool:
+        """Listening and not stopping: what /healthz answers 200 for without overlay mode."""
+        return self._listener is not None and not self._stopping.is_set()
+
+    def load(self) -> dict[str, int]:
+        """What the agent is doing right now (cheap: no statistics are copied)."""
+        with self._in_flight_cond:
+            in_flight = self._in_flight
+        return {"in_flight": in_flight, "queued": self._slots.waiting, "connections": self._connections}
+
     def _stop_listening(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
@@ -950,6 +961,50 @@ def warm_up(log: logging.Logger) -> None:
     except Exception as exc:
         log.debug("warm-up: netlink: %s", exc)
     log.debug("warm-up took %.0f ms", (time.monotonic() - started) * 1000)
+
+
+# syslog priorities (sd-daemon(3)) of the logging levels: CRITICAL 2, ERROR 3, WARNING 4, INFO 6, DEBUG 7.
+_JOURNAL_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+def journal_priority(levelno: int) -> int:
+    return next((priority for level, priority in _JOURNAL_PRIORITIES if levelno >= level), 7)
+
+
+class JournalFormatter(logging.Formatter):
+    """A log line for the journal: ``<N>`` (sd-daemon(3)) before every line of a record, N its level's
+    syslog priority, and no timestamp or pid (journald records both)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{journal_priority(record.levelno)}>"
+        # Every line: journald reads a traceback's lines as entries of their own.
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))
+
+
+def is_journal_stream(stream: Any) -> bool:
+    """Whether ``stream`` is connected to the journal: systemd sets JOURNAL_STREAM to its
+    ``device:inode`` (systemd.exec(5)); a child whose stderr went elsewhere inherits the variable
+    but not the stream, so both must match."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(stream.fileno())
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def use_journal_format(logger: logging.Logger) -> bool:
+    """Give the handlers of ``logger`` that write to the journal (under systemd) the journal's format."""
+    switched = False
+    for handler in logger.handlers:
+        if (isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+                and is_journal_stream(handler.stream)):
+            handler.setFormatter(JournalFormatter())
+            switched = True
+    return switched
 
 
 def notify_systemd(state: str) -> None:

@@ -1,12 +1,16 @@
-"""What the agent has served: counts and latency percentiles per plugin and command."""
+"""What the agent has served: counts, latency percentiles and histograms per plugin and command."""
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import deque
 from typing import Any
 
 # Percentiles come from the most recent samples only, so memory stays bounded.
 WINDOW = 4096
+# Upper bounds (seconds) of the latency histogram `pycni agent --metrics-address` exports: a warm
+# request takes milliseconds, a cold-sized one tens of them, one behind a lock or a slow IPAM seconds.
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
@@ -16,12 +20,14 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
 
 
 class _Series:
-    __slots__ = ("count", "errors", "samples")
+    __slots__ = ("count", "errors", "samples", "seconds", "buckets")
 
     def __init__(self) -> None:
         self.count = 0
         self.errors = 0
         self.samples: deque[float] = deque(maxlen=WINDOW)
+        self.seconds = 0.0                          # sum of every request's latency, since start
+        self.buckets = [0] * (len(BUCKETS) + 1)     # requests per latency bucket (the last: above BUCKETS[-1])
 
 
 class Stats:
@@ -47,7 +53,27 @@ class Stats:
             series.count += 1
             series.errors += 0 if ok else 1
             series.samples.append(seconds)
+            series.seconds += seconds
+            series.buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
             self.counters["served"] += 1
+
+    def histograms(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """Per (plugin type, command) since start: count, errors, sum of seconds and the cumulative count
+        at or below each of ``BUCKETS`` (then +Inf), as a Prometheus histogram has them. No sorting."""
+        with self._lock:
+            out = {}
+            for key, series in self._series.items():
+                cumulative, running = [], 0
+                for n in series.buckets:
+                    running += n
+                    cumulative.append(running)
+                out[key] = {"count": series.count, "errors": series.errors, "sum": series.seconds,
+                            "buckets": list(zip((*BUCKETS, float("inf")), cumulative))}
+            return out
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counters)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

@@ -603,3 +603,334 @@ def test_systemd_unit_carries_the_cni_bin_dirs(tmp_path):
     with pytest.raises(CNIError):
         install_systemd_unit(str(tmp_path / "units"), pycni_command="/opt/pycni/bin/pycni",
                              cni_bin_dirs=("/a:b",))
+
+
+# ---- metrics, health and the journal -------------------------------------------------------------
+
+def test_stats_histograms_are_cumulative_and_since_start():
+    from pycni.agent.stats import BUCKETS
+
+    stats = Stats()
+    for seconds, ok in ((0.0005, True), (0.001, True), (0.02, False), (0.02, True), (120.0, True)):
+        stats.served("bridge", "ADD", seconds, ok)
+    figures = stats.histograms()[("bridge", "ADD")]
+    assert figures["count"] == 5 and figures["errors"] == 1
+    assert figures["sum"] == pytest.approx(120.0415)
+    buckets = dict(figures["buckets"])
+    assert list(buckets) == [*BUCKETS, float("inf")]
+    assert buckets[0.001] == 2            # an upper bound holds what equals it (Prometheus "le")
+    assert buckets[0.01] == 2 and buckets[0.025] == 4 and buckets[60.0] == 4 and buckets[float("inf")] == 5
+    counts = [n for _bound, n in figures["buckets"]]
+    assert counts == sorted(counts)
+    assert stats.counts()["served"] == 5
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("127.0.0.1:9917", ("127.0.0.1", 9917)),
+    ("0.0.0.0:1", ("0.0.0.0", 1)),
+    ("[::1]:9917", ("::1", 9917)),
+    ("[fe80::1%eth0]:65535", ("fe80::1%eth0", 65535)),
+])
+def test_metrics_addresses(text, expected):
+    from pycni.agent.metrics import format_address, parse_address
+
+    assert parse_address(text) == expected
+    assert format_address(*expected) == text
+
+
+@pytest.mark.parametrize("text, says", [
+    ("9917", "HOST:PORT"), (":9917", "HOST:PORT"), ("localhost:9917", "IP address"),
+    ("::1:9917", "in brackets"), ("[127.0.0.1]:9917", "IPv6 addresses only"), ("127.0.0.1:0", "1 to 65535"),
+    ("127.0.0.1:65536", "1 to 65535"), ("127.0.0.1:http", "1 to 65535"), ("[::1]", "HOST:PORT"),
+])
+def test_bad_metrics_addresses_say_what_is_wrong(text, says):
+    from pycni.agent.metrics import parse_address
+
+    with pytest.raises(ValueError, match=says):
+        parse_address(text)
+
+
+def test_the_metrics_address_flag_is_checked_before_anything_starts():
+    from click.testing import CliRunner
+
+    from pycni.agent.cli import agent
+
+    result = CliRunner().invoke(agent, ["--metrics-address", "localhost:9917"])
+    assert result.exit_code == 2 and "HOST must be an IP address" in result.output
+    assert "--metrics-address HOST:PORT" in CliRunner().invoke(agent, ["--help"]).output
+
+
+def test_neither_the_agent_help_nor_a_cold_plugin_imports_prometheus_client():
+    code = (
+        "import sys\n"
+        "from pycni.cli import main\n"
+        "try:\n"
+        "    main(['agent', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "import pycni.agent.server, pycni.agent.metrics, pycni.agent.shim\n"
+        "from cni_plugins.spec import registry, skel\n"
+        "for plugin_type in registry.PACKAGES:\n"
+        "    registry.funcs(plugin_type)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('prometheus_client')))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _journal_logger(tmp_path: Path, name: str):
+    import logging
+
+    stream = open(tmp_path / "stderr", "w+")  # stands in for the stream journald gave the agent
+    logger = logging.getLogger(f"pycni-test-journal.{name}")
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s pycni-agent[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    logger.handlers[:] = [handler]
+    return logger, stream
+
+
+def test_under_systemd_every_line_carries_its_journal_priority_and_no_timestamp(tmp_path, monkeypatch):
+    from pycni.agent.server import JournalFormatter, journal_priority, use_journal_format
+
+    logger, stream = _journal_logger(tmp_path, "on")
+    st = os.fstat(stream.fileno())
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+    assert use_journal_format(logger)
+    assert isinstance(logger.handlers[0].formatter, JournalFormatter)
+    logger.debug("tick")
+    logger.info("serving on %s", "/run/pycni/agent.sock")
+    logger.warning("two\nlines")
+    logger.error("failed")
+    logger.critical("gone")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logger.exception("with a traceback")
+    stream.flush()
+    lines = Path(stream.name).read_text().splitlines()
+    stream.close()
+    assert lines[:6] == ["<7>DEBUG pycni-test-journal.on: tick",
+                         "<6>INFO pycni-test-journal.on: serving on /run/pycni/agent.sock",
+                         "<4>WARNING pycni-test-journal.on: two", "<4>lines",
+                         "<3>ERROR pycni-test-journal.on: failed", "<2>CRITICAL pycni-test-journal.on: gone"]
+    trace = lines[6:]
+    assert trace[0] == "<3>ERROR pycni-test-journal.on: with a traceback" and len(trace) > 3
+    assert all(line.startswith("<3>") for line in trace) and trace[-1] == "<3>ValueError: boom"
+    assert [journal_priority(n) for n in (5, 10, 15, 20, 25, 30, 40, 50, 60)] == [7, 7, 7, 6, 6, 4, 3, 2, 2]
+
+
+def test_elsewhere_the_log_keeps_its_format(tmp_path, monkeypatch):
+    from pycni.agent.server import use_journal_format
+
+    logger, stream = _journal_logger(tmp_path, "off")
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    assert not use_journal_format(logger)
+    # Inherited from a unit, but stderr went elsewhere (another file): not the journal's stream.
+    other = os.fstat(sys.__stdin__.fileno()) if sys.__stdin__ else os.stat("/dev/null")
+    monkeypatch.setenv("JOURNAL_STREAM", f"{other.st_dev}:{other.st_ino}")
+    assert not use_journal_format(logger)
+    monkeypatch.setenv("JOURNAL_STREAM", "garbage")
+    assert not use_journal_format(logger)
+    logger.warning("plain")
+    stream.flush()
+    line = Path(stream.name).read_text().splitlines()[0]
+    stream.close()
+    assert not line.startswith("<") and f"pycni-agent[{os.getpid()}] WARNING pycni-test-journal.off: plain" in line
+    assert line[:4].isdigit()   # the timestamp stays
+
+
+def _overlay_status(**changes: Any) -> dict[str, Any]:
+    status = {
+        "ready": True, "nodeName": "n0", "publicIP": "192.168.100.10", "network": "10.244.0.0/16", "vni": 1,
+        "vxlanDevice": "pycni.1", "subnet": "10.244.3.0/24", "subnets": ["10.244.3.0/24"], "lease": "valid",
+        "leaseExpires": 2_000_000_000.0, "leaseProblem": None, "remotes": 2,
+        "remoteNodes": [{"subnet": "10.244.1.0/24"}, {"subnet": "10.244.2.0/24"}], "skipped": [],
+        "rejectedEntries": [{"key": "/pycni/subnets/x", "revision": 3, "reason": "bad"}],
+        "lastReconcile": 1_000.0, "reconciles": 7, "events": 4, "changes": 12, "repairs": 1, "entryRepairs": 2,
+        "storeRevision": 42, "storeReachable": True, "storeError": None,
+        "store": {"watch": "streaming", "revision": 42, "relists": 3, "errors": 5,
+                  "requests": {"requests": {"range": 9, "txn": 2}, "errors": 1}},
+    }
+    status.update(changes)
+    return status
+
+
+class _FakeAgent:
+    """What the metrics read of an Agent, without a socket."""
+
+    def __init__(self, serving: bool = True, stopping: bool = False) -> None:
+        self.version = "9.9.9"
+        self.started_at = 1_700_000_000.0
+        self.serving, self.stopping = serving, stopping
+        self.options = AgentOptions(max_concurrency=4)
+        self.stats = Stats()
+
+    def load(self) -> dict[str, int]:
+        return {"in_flight": 1, "queued": 2, "connections": 3}
+
+
+def _scrape(sources) -> dict[str, dict[tuple, float]]:
+    """name -> {sorted label items: value}, through prometheus_client's own parser."""
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pycni.agent.metrics import registry_for
+
+    out: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(generate_latest(registry_for(sources)).decode()):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def test_metrics_count_requests_by_plugin_command_and_outcome():
+    from pycni.agent.metrics import Sources
+
+    agent = _FakeAgent()
+    for seconds, ok in ((0.004, True), (0.03, True), (0.2, False)):
+        agent.stats.served("host-local", "ADD", seconds, ok)
+    agent.stats.served("bridge", "DEL", 0.002, True)
+    for reason in ("refused", "declined", "declined", "busy", "bad_requests"):
+        agent.stats.count(reason)
+    got = _scrape(Sources(agent))
+    requests = got["pycni_agent_requests_total"]
+    assert requests[(("command", "ADD"), ("outcome", "success"), ("plugin", "host-local"))] == 2
+    assert requests[(("command", "ADD"), ("outcome", "error"), ("plugin", "host-local"))] == 1
+    assert requests[(("command", "DEL"), ("outcome", "success"), ("plugin", "bridge"))] == 1
+    hl = (("command", "ADD"), ("plugin", "host-local"))
+    assert got["pycni_agent_request_duration_seconds_count"][hl] == 3
+    assert got["pycni_agent_request_duration_seconds_sum"][hl] == pytest.approx(0.234)
+    buckets = got["pycni_agent_request_duration_seconds_bucket"]
+    assert buckets[(*hl[:1], ("le", "0.005"), *hl[1:])] == 1
+    assert buckets[(*hl[:1], ("le", "0.05"), *hl[1:])] == 2
+    assert buckets[(*hl[:1], ("le", "+Inf"), *hl[1:])] == 3
+    assert got["pycni_agent_requests_served_total"][()] == 4
+    not_served = {dict(k)["reason"]: v for k, v in got["pycni_agent_requests_not_served_total"].items()}
+    assert not_served == {"refused": 1, "declined": 2, "over_capacity": 0, "busy": 1, "timed_out": 0,
+                          "denied": 0, "bad_request": 1}
+    assert got["pycni_agent_requests_in_flight"][()] == 1 and got["pycni_agent_requests_queued"][()] == 2
+    assert got["pycni_agent_info"][(("version", "9.9.9"),)] == 1
+    assert got["pycni_agent_healthy"][()] == 1 and got["pycni_agent_serving"][()] == 1
+    assert "process_cpu_seconds_total" in got and "python_info" in got
+    assert not any(name.startswith("pycni_overlay") for name in got)
+
+
+def test_metrics_of_an_overlay_node():
+    from pycni.agent.metrics import Sources
+
+    status = _overlay_status()
+    got = _scrape(Sources(_FakeAgent(), overlay_status=lambda: status, clock=lambda: 1_005.0))
+    assert got["pycni_overlay_status_available"][()] == 1
+    assert got["pycni_overlay_remote_nodes"][()] == 2 and got["pycni_overlay_remote_subnets"][()] == 2
+    assert got["pycni_overlay_reconciles_total"][()] == 7
+    assert got["pycni_overlay_last_reconcile_timestamp_seconds"][()] == 1_000.0
+    lease = {dict(k)["state"]: v for k, v in got["pycni_overlay_lease_state"].items()}
+    assert lease == {"valid": 1, "lapsed": 0, "lost": 0}
+    assert got["pycni_overlay_leases_held"][()] == 1
+    assert got["pycni_overlay_lease_subnet"][(("subnet", "10.244.3.0/24"),)] == 1
+    assert got["pycni_overlay_store_errors_total"][()] == 5 and got["pycni_overlay_store_relists_total"][()] == 3
+    assert got["pycni_overlay_store_reachable"][()] == 1
+    watch = {dict(k)["state"]: v for k, v in got["pycni_overlay_store_watch"].items()}
+    assert watch == {"not_started": 0, "streaming": 1, "reconnecting": 0, "re_listing": 0}
+    assert got["pycni_overlay_store_requests_total"] == {(("operation", "range"),): 9, (("operation", "txn"),): 2}
+    assert got["pycni_overlay_rejected_store_entries"][()] == 1
+    assert got["pycni_overlay_kernel_changes_total"][()] == 12
+    assert got["pycni_agent_healthy"][()] == 1
+    assert "pycni_overlay_reconcile_duration_seconds_count" not in got   # the node does not time them (yet)
+    # When the node reports its reconcile durations, they are a histogram.
+    status["reconcileDuration"] = {"count": 3, "sum": 0.3, "buckets": [[0.05, 1], [0.1, 2]]}
+    got = _scrape(Sources(_FakeAgent(), overlay_status=lambda: status, clock=lambda: 1_005.0))
+    assert got["pycni_overlay_reconcile_duration_seconds_count"][()] == 3
+    assert got["pycni_overlay_reconcile_duration_seconds_bucket"] == {(("le", "0.05"),): 1, (("le", "0.1"),): 2,
+                                                                      (("le", "+Inf"),): 3}
+    assert got["pycni_overlay_reconcile_duration_seconds_sum"][()] == pytest.approx(0.3)
+    # A lapsed lease: held no more, and unhealthy.
+    got = _scrape(Sources(_FakeAgent(), overlay_status=lambda: _overlay_status(lease="lapsed"),
+                          clock=lambda: 1_005.0))
+    assert got["pycni_overlay_leases_held"][()] == 0 and got["pycni_agent_healthy"][()] == 0
+    assert got["pycni_overlay_lease_subnet"][(("subnet", "10.244.3.0/24"),)] == 0
+
+
+def test_a_scraper_asking_for_openmetrics_gets_it():
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    from pycni.agent.metrics import MetricsEndpoint, Sources, registry_for
+
+    agent = _FakeAgent()
+    agent.stats.served("bridge", "ADD", 0.01, True)
+    endpoint = MetricsEndpoint.__new__(MetricsEndpoint)   # the rendering only: no socket
+    endpoint.registry = registry_for(Sources(agent, overlay_status=_overlay_status, clock=lambda: 1_005.0))
+    code, content_type, body = endpoint.metrics("application/openmetrics-text; version=1.0.0")
+    assert code == 200 and content_type.startswith("application/openmetrics-text")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    assert families["pycni_agent_requests"].type == "counter"
+    assert families["pycni_agent_request_duration_seconds"].type == "histogram"
+    assert families["pycni_overlay_store_watch"].type == "gauge"
+    code, content_type, body = endpoint.metrics(None)
+    assert code == 200 and content_type.startswith("text/plain; version=0.0.4")
+
+
+def test_health_without_overlay_is_the_agent_serving():
+    from pycni.agent.metrics import Sources
+
+    assert Sources(_FakeAgent()).health() == (True, "ok")
+    assert Sources(_FakeAgent(serving=False)).health() == (False, "the agent is starting")
+    assert Sources(_FakeAgent(serving=False, stopping=True)).health() == (False, "the agent is stopping")
+
+
+def test_health_of_an_overlay_node_names_every_reason_in_one_line():
+    from pycni.agent.metrics import Sources, reconcile_max_age
+
+    def health(now: float = 1_005.0, **changes: Any) -> tuple[bool, str]:
+        status = _overlay_status(**changes)
+        return Sources(_FakeAgent(), overlay_status=lambda: status, reconcile_max_age=20.0,
+                       clock=lambda: now).health()
+
+    assert health() == (True, "ok")
+    ok, reason = health(storeReachable=False, storeError="etcd 192.168.100.1:2379:\n connection refused")
+    assert not ok and reason == "the cluster store did not answer: etcd 192.168.100.1:2379: connection refused"
+    ok, reason = health(lease="lost", leaseProblem="10.244.3.0/24 is held by n7")
+    assert reason == "the subnet lease of 10.244.3.0/24 is lost: 10.244.3.0/24 is held by n7"
+    ok, reason = health(now=1_021.0)
+    assert not ok and reason == "the last reconcile completed 21 s ago (stale after 20 s)"
+    ok, reason = health(now=1_021.0, storeReachable=False, storeError="", lease=None, lastReconcile=None)
+    assert reason == ("the cluster store has not answered yet; no subnet lease yet; "
+                      "no reconcile has completed yet")
+    assert "\n" not in reason
+    failed = Sources(_FakeAgent(), overlay_status=lambda: _overlay_status(), clock=lambda: 1_005.0,
+                     overlay_failure=lambda: "RuntimeError: boom")
+    assert failed.health() == (False, "the overlay reconcile loop stopped: RuntimeError: boom")
+    assert reconcile_max_age(10.0) == 30.0 and reconcile_max_age(0.5) == 15.5 and reconcile_max_age(60) == 180
+
+
+def test_a_stuck_overlay_node_makes_health_say_so_without_hanging():
+    from pycni.agent.metrics import Sources
+
+    release = threading.Event()
+    calls = []
+
+    def stuck() -> dict:
+        calls.append(1)
+        release.wait(30)
+        return _overlay_status()
+
+    sources = Sources(_FakeAgent(), overlay_status=stuck, status_wait=0.2, clock=lambda: 1_005.0)
+    try:
+        started = time.monotonic()
+        for _ in range(3):
+            ok, reason = sources.health()
+            assert not ok and reason == "the overlay node did not report its status (no answer within 0.2 s)"
+        assert time.monotonic() - started < 3
+        assert len(calls) == 1            # one call in flight at a time, shared by every caller
+        got = _scrape(sources)
+        assert got["pycni_overlay_status_available"][()] == 0 and got["pycni_agent_healthy"][()] == 0
+    finally:
+        release.set()
+    deadline = time.monotonic() + 10
+    while sources.health() != (True, "ok") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sources.health() == (True, "ok")
+    failing = Sources(_FakeAgent(), overlay_status=lambda: 1 / 0)
+    assert failing.health() == (False, "the overlay node cannot report its status: division by zero")

@@ -20,6 +20,10 @@ echo "$CNI_COMMAND $CNI_CONTAINERID $CNI_IFNAME $CNI_NETNS" >> "$FAKE_LOG"
 case "$conf" in *'"failme"'*)
   echo '{"cniVersion":"1.0.0","code":7,"msg":"bad bridge name","details":"use 15 chars"}'; exit 1;;
 esac
+case "$CNI_COMMAND $conf" in "STATUS "*'"notready"'*)
+  echo '{"cniVersion":"1.1.0","code":50,"msg":"plugin not available","details":"no lease"}'; exit 1;;
+"STATUS "*'"crashme"'*) exit 3;;
+esac
 if [ "$CNI_COMMAND" = ADD ]; then
   echo '{"cniVersion":"1.0.0","ips":[{"address":"10.7.0.2/24"}],"dns":{}}'
 fi
@@ -177,6 +181,56 @@ def test_version():
     result = run("version")
     assert result.exit_code == 0
     assert "1.1.0" in result.stdout and "loopback" in result.stdout and result.stdout.startswith("pycni ")
+
+
+def test_version_option_prints_the_package_version():
+    from importlib.metadata import version
+
+    result = run("--version")
+    assert result.exit_code == 0 and result.stdout == f"pycni {version('pycni')}\n"
+    assert "--version" in run("--help").stdout
+    # The installed command, as an operator runs it.
+    pycni = os.path.join(os.path.dirname(sys.executable), "pycni")
+    done = subprocess.run([pycni, "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == f"pycni {version('pycni')}\n"
+
+
+def test_status_exit_codes_tell_ready_from_not_ready_from_could_not_ask(setup):
+    setup["network"](version="1.1.0")
+    ready = run("status", "clinet")
+    assert ready.exit_code == 0 and "is ready (fake)" in ready.stdout
+    # Not ready: the plugin answered with an error (its message and code on stderr).
+    setup["network"](name="down", version="1.1.0", mode="notready")
+    down = run("status", "down")
+    assert down.exit_code == 1 and down.stdout == ""
+    assert "plugin not available; no lease (CNI code 50)" in down.stderr
+    setup["network"](name="crash", version="1.1.0", mode="crashme")
+    assert run("status", "crash").exit_code == 1
+    # Could not ask: no STATUS before 1.1.0, no such network, no such plugin, a plugin that cannot run.
+    setup["network"](name="old", version="1.0.0")
+    old = run("status", "old")
+    assert old.exit_code == 2 and "STATUS not supported" in old.stderr and "1.1.0" in old.stderr
+    missing = run("status", "nonet")
+    assert missing.exit_code == 2 and "no network named 'nonet'" in missing.stderr
+    (setup["conf"] / "ghost.conflist").write_text(json.dumps(
+        {"cniVersion": "1.1.0", "name": "ghost", "plugins": [{"type": "nosuchplugin"}]}))
+    ghost = run("status", "ghost")
+    assert ghost.exit_code == 2 and "nosuchplugin" in ghost.stderr
+    broken = setup["bin"] / "broken"
+    broken.write_text("#!/nonexistent/interpreter\n")
+    broken.chmod(0o755)
+    (setup["conf"] / "broken.conflist").write_text(json.dumps(
+        {"cniVersion": "1.1.0", "name": "broken", "plugins": [{"type": "broken"}]}))
+    result = run("status", "broken")
+    assert result.exit_code == 2 and "cannot execute" in result.stderr
+    assert [line.split()[0] for line in setup["log"]()] == ["STATUS"] * 3   # clinet, down and crash only
+
+
+def test_status_help_lists_the_exit_codes():
+    text = run("status", "--help").stdout
+    assert "Exit status:" in text
+    for line in ("0  ready", "1  not ready", "2  could not ask"):
+        assert line in text
 
 
 # ---- install -------------------------------------------------------------
