@@ -153,7 +153,10 @@ def _delete_quietly(runtime, netlist, rt, node) -> None:
 @click.option("--nodes", "node_count", default=None, type=click.IntRange(2, 8), metavar="N",
               help="Instead: N node namespaces on a simulated underlay running the vxlan overlay "
                    "(one `pycni agent` per node, the file store, two pods per node).")
-def demo(pod_count: int, node_count: int | None) -> None:
+@click.option("--dual-stack", is_flag=True,
+              help="With --nodes: a dual-stack cluster (pod networks 10.244.0.0/16 and fd00:10:244::/56 on the "
+                   "IPv4 underlay); every pod gets an address of each family and the checks run in both.")
+def demo(pod_count: int, node_count: int | None, dual_stack: bool) -> None:
     """Build a live demo network in throwaway namespaces, test it, remove it.
 
     Creates a node namespace and POD_COUNT pod namespaces, attaches the pods with
@@ -167,8 +170,14 @@ def demo(pod_count: int, node_count: int | None) -> None:
     namespace of its own, a file cluster store in a temporary directory
     (`pycni cluster init`), one node agent per node, two pods per node attached
     with the example vxlan network, then pings and TCP across nodes showing the
-    source address each receiver sees; everything is removed again.
+    source address each receiver sees; everything is removed again. With
+    --dual-stack as well: the cluster has an IPv6 pod network too, each pod an
+    IPv4 and an IPv6 address, and the pings and TCP exchanges run in both
+    families.
     """
+    if dual_stack and node_count is None:
+        raise click.BadParameter("--dual-stack needs --nodes N (the single-node demo is IPv4)",
+                                 param_hint="--dual-stack")
     if os.geteuid() != 0:
         raise click.ClickException("the demo creates network namespaces: run it as root")
 
@@ -182,7 +191,7 @@ def demo(pod_count: int, node_count: int | None) -> None:
         else:
             from pycni.demo_nodes import run_multinode_demo
 
-            code = run_multinode_demo(node_count)
+            code = run_multinode_demo(node_count, dual_stack=dual_stack)
     except KeyboardInterrupt:
         click.echo("interrupted: everything the demo made has been removed", err=True)
         code = 130

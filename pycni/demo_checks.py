@@ -19,6 +19,14 @@ class Pod:
     container_id: str
     address: str = ""
     gateway: str = ""
+    address6: str = ""      # a dual-stack pod's IPv6 address (address and gateway are then the IPv4 ones)
+    gateway6: str = ""
+
+    def address_of(self, version: int) -> str:
+        return self.address6 if version == 6 else self.address
+
+    def gateway_of(self, version: int) -> str:
+        return self.gateway6 if version == 6 else self.gateway
 
 
 @dataclass
@@ -43,13 +51,15 @@ def ping(ns_name: str, address: str) -> tuple[bool, str]:
 
 
 def tcp_exchange(server_ns: str, client_ns: str, connect_to: str, port: int, listen_port: int) -> tuple[bool, str]:
-    """One TCP round trip: a listener in server_ns, a client in client_ns."""
+    """One TCP round trip: a listener in server_ns, a client in client_ns (IPv4 or IPv6, as connect_to is);
+    the answer ends with the source address the listener saw."""
     import netns
 
+    family = socket.AF_INET6 if ":" in connect_to else socket.AF_INET
     with netns.enter(server_ns):
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("0.0.0.0", listen_port))
+    listener.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", listen_port))
     listener.listen(1)
     listener.settimeout(5)
     reply: list[bytes] = []
@@ -68,7 +78,7 @@ def tcp_exchange(server_ns: str, client_ns: str, connect_to: str, port: int, lis
     thread.start()
     try:
         with netns.enter(client_ns):
-            client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            client = socket.socket(family, socket.SOCK_STREAM)
         with client:
             client.settimeout(5)
             client.connect((connect_to, port))

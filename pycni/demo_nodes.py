@@ -10,7 +10,10 @@ entries to the other nodes. Two pods per node are attached with the example
 vxlan network (vxlan + portmap + bandwidth from conf/examples), driven as a
 runtime drives it, through each node's own plugin executables, which hand
 the requests to that node's agent (the warm path). Pings and TCP exchanges across nodes show which source
-address each receiver sees (the pod's own: no NAT inside the cluster). Then
+address each receiver sees (the pod's own: no NAT inside the cluster). With
+``dual_stack`` the cluster has an IPv6 pod network too (fd00:10:244::/56, on
+the same IPv4 underlay): every pod gets an address of each family and the
+pings and TCP exchanges run in both. Then
 the nodes are made to look like real ones: rp_filter=1 on every node (pods
 still reach other nodes, masqueraded), a pod with the lowest MAC on a node's
 bridge comes and goes (the pods' gateway keeps its MAC), and two bad entries
@@ -30,7 +33,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, Sequence
 
 import click
 
@@ -41,6 +44,7 @@ from pycni import procs
 
 EXAMPLE = "10-pycni-vxlan.conflist"
 CLUSTER_NETWORK = "10.244.0.0/16"
+CLUSTER_NETWORK6 = "fd00:10:244::/56"
 UNDERLAY_PREFIX = "192.168.100"      # only ever inside the demo's namespaces
 UNDERLAY_BRIDGE = "ul"
 UNDERLAY_BRIDGE_MAC = "02:70:79:00:00:01"
@@ -62,6 +66,8 @@ class DemoNode:
     socket: str
     log: str
     subnet: str = ""
+    subnets: list[str] = field(default_factory=list)   # one per pod family
+    bridge: str = "pycni0"
     pods: list[Pod] = field(default_factory=list)
     runtime: Any = None      # the node's CNI runtime and network list, to attach more pods
     netlist: Any = None
@@ -122,6 +128,8 @@ def _wait_for_states(nodes: list[DemoNode], agents: list[subprocess.Popen]) -> N
             state = read_state(node.state_dir)
             if state is not None:
                 node.subnet = state.subnet
+                node.subnets = [subnet for _net, subnet, _gw in state.pools()]
+                node.bridge = state.bridge
                 pending.remove((node, proc))
         if not pending or time.monotonic() >= deadline:
             break
@@ -133,16 +141,19 @@ def _wait_for_states(nodes: list[DemoNode], agents: list[subprocess.Popen]) -> N
 
 
 def _routes_to(node: DemoNode) -> set[str]:
-    done = subprocess.run(["ip", "-n", node.name, "-j", "route", "show"], capture_output=True, text=True,
-                          timeout=10)
-    return {route.get("dst", "") for route in json.loads(done.stdout or "[]")}
+    dsts = set()
+    for family in ("-4", "-6"):
+        done = subprocess.run(["ip", "-n", node.name, "-j", family, "route", "show"], capture_output=True,
+                              text=True, timeout=10)
+        dsts |= {route.get("dst", "") for route in json.loads(done.stdout or "[]")}
+    return dsts
 
 
 def _wait_converged(nodes: list[DemoNode]) -> float:
-    """Seconds until every node routes every other node's subnet (bounded)."""
+    """Seconds until every node routes every other node's subnets, each family (bounded)."""
     start = time.monotonic()
     for _ in range(int(CONVERGE_TIMEOUT / 0.05) + 1):
-        if all({o.subnet for o in nodes if o is not n} <= _routes_to(n) for n in nodes):
+        if all({s for o in nodes if o is not n for s in o.subnets} <= _routes_to(n) for n in nodes):
             return time.monotonic() - start
         if time.monotonic() - start >= CONVERGE_TIMEOUT:
             break
@@ -159,7 +170,7 @@ def _example_conflist(node: DemoNode) -> dict:
     return conflist
 
 
-def run_multinode_demo(node_count: int) -> int:
+def run_multinode_demo(node_count: int, dual_stack: bool = False) -> int:
     import netns
     from conf import parse_conflist
     from pycni.install import install_plugins
@@ -168,10 +179,12 @@ def run_multinode_demo(node_count: int) -> int:
     tag = f"pycni-demo-{secrets.token_hex(3)}"
     score = Scorecard()
     pycni = _pycni_command()
+    families = [4, 6] if dual_stack else [4]
     with ExitStack() as cleanup:
         workdir = tempfile.mkdtemp(prefix="pycni-demo-nodes-")
         cleanup.callback(shutil.rmtree, workdir, True)
-        click.echo(f"pycni demo: {node_count} nodes on a vxlan overlay; namespaces tagged {tag}, "
+        kind = "a dual-stack vxlan overlay (IPv4 and IPv6 pods)" if dual_stack else "a vxlan overlay"
+        click.echo(f"pycni demo: {node_count} nodes on {kind}; namespaces tagged {tag}, "
                    f"work dir {workdir}")
         underlay = f"{tag}-u"
         _new_namespace(cleanup, underlay)
@@ -199,11 +212,13 @@ def run_multinode_demo(node_count: int) -> int:
                    + ", ".join(f"{n.label} {n.public_ip}" for n in nodes))
 
         store = "file://" + os.path.join(workdir, "store")
-        init = subprocess.run([*pycni, "cluster", "init", "--store", store, "--network", CLUSTER_NETWORK],
+        networks = ["--network", CLUSTER_NETWORK] + (["--ipv6-network", CLUSTER_NETWORK6] if dual_stack else [])
+        init = subprocess.run([*pycni, "cluster", "init", "--store", store, *networks],
                               capture_output=True, text=True, timeout=60)
         if init.returncode != 0:
             raise RuntimeError(f"pycni cluster init failed: {(init.stderr or init.stdout).strip()}")
-        click.echo(f"cluster store {store}: network {CLUSTER_NETWORK}")
+        click.echo(f"cluster store {store}: network {CLUSTER_NETWORK}"
+                   + (f" and IPv6 network {CLUSTER_NETWORK6}" if dual_stack else ""))
 
         agents: list[subprocess.Popen] = []
         for node in nodes:
@@ -217,9 +232,10 @@ def run_multinode_demo(node_count: int) -> int:
             agents.append(proc)
         _wait_for_states(nodes, agents)
         for node, proc in zip(nodes, agents):
-            click.echo(f"  agent {node.label} (pid {proc.pid}): leased {node.subnet}")
+            click.echo(f"  agent {node.label} (pid {proc.pid}): leased {' and '.join(node.subnets)}")
         took = _wait_converged(nodes)
-        score.record("every node routes every other node's subnet", True, f"after {took:.2f} s")
+        score.record("every node routes every other node's subnet" + ("s (both families)" if dual_stack else ""),
+                     True, f"after {took:.2f} s")
 
         for node in nodes:
             # The node's CNI bin dir: executables that hand each request to this node's agent.
@@ -236,39 +252,41 @@ def run_multinode_demo(node_count: int) -> int:
                 with netns.enter(node.path):  # plugin processes inherit the node namespace
                     result = runtime.add(netlist, rt)
                 cleanup.callback(_delete_quietly, runtime, netlist, rt, node.path)
-                ip = result["ips"][0]
-                pod.address, pod.gateway = ip["address"].split("/")[0], ip.get("gateway", "")
+                _take_addresses(pod, result)
                 node.pods.append(pod)
-                click.echo(f"  ADD {node.label}/pod{j}: eth0 {ip['address']} via {pod.gateway}")
+                shown = ", ".join(f"{ip['address']} via {ip.get('gateway', '?')}" for ip in result["ips"])
+                click.echo(f"  ADD {node.label}/pod{j}: eth0 {shown}")
+                missing = [v for v in families if not pod.address_of(v)]
+                if missing:
+                    raise RuntimeError(f"{node.label}/pod{j} got no IPv{missing[0]} address: {result['ips']}")
 
-        click.echo("reachability:")
-        for node in nodes:
-            a, b = node.pods[0], node.pods[1]
-            ok, rtt = _ping(a.name, b.address)
-            score.record(f"ping {node.label}/pod0 -> {node.label}/pod1 ({b.address}), same node", ok, rtt)
-        for node in nodes:
-            peer = nodes[(node.index + 1) % len(nodes)]
-            src, dst = node.pods[0], peer.pods[1]
-            ok, rtt = _ping(src.name, dst.address)
-            score.record(f"ping {node.label}/pod0 -> {peer.label}/pod1 ({dst.address}), across nodes", ok, rtt)
-            ok, rtt = _ping(node.name, peer.pods[0].address)
-            score.record(f"ping {node.label} -> {peer.label}/pod0 ({peer.pods[0].address}), node to remote pod",
-                         ok, rtt)
-            ok, rtt = _ping(src.name, peer.public_ip)
-            score.record(f"ping {node.label}/pod0 -> {peer.label} ({peer.public_ip}), pod to remote node", ok, rtt)
+        if dual_stack:
+            took = _wait_bridge_link_local(nodes)
+            click.echo(f"  (IPv6: {took:.1f} s until every node bridge's link-local address finished duplicate "
+                       f"address detection, which starts when its first pod plugs in; until then a node resolves "
+                       f"no IPv6 neighbour on it)")
+        click.echo("reachability" + (" (each family)" if dual_stack else "") + ":")
+        for version in families:
+            _reachability(nodes, version, score)
+        if dual_stack:
+            click.echo("  (pod -> remote node stays IPv4: on this IPv4 underlay the nodes have no IPv6 address of "
+                       "their own)")
 
         click.echo("TCP across nodes (the receiver reports the source address it saw):")
-        for node in nodes:
-            peer = nodes[(node.index + 1) % len(nodes)]
-            src, dst = node.pods[0], peer.pods[1]
-            ok, detail = _tcp_exchange(dst.path, src.path, dst.address, POD_PORT, POD_PORT)
-            score.record(f"TCP {node.label}/pod0 ({src.address}) -> {peer.label}/pod1 {dst.address}:{POD_PORT} "
-                         f"across nodes, no NAT", ok and detail.endswith(f"seen from {src.address}"), detail)
+        for version in families:
+            for node in nodes:
+                peer = nodes[(node.index + 1) % len(nodes)]
+                src, dst = node.pods[0], peer.pods[1]
+                source, target = src.address_of(version), dst.address_of(version)
+                ok, detail = _tcp_exchange(dst.path, src.path, target, POD_PORT, POD_PORT)
+                at = f"[{target}]:{POD_PORT}" if version == 6 else f"{target}:{POD_PORT}"
+                score.record(f"{_ipv6(version)}TCP {node.label}/pod0 ({source}) -> {peer.label}/pod1 {at} "
+                             f"across nodes, no NAT", ok and detail.endswith(f"seen from {source}"), detail)
 
         click.echo("like real nodes:")
-        _strict_hosts(nodes, score)
-        _gateway_churn(nodes[0], f"{tag}-churn", cleanup, score)
-        _bad_store_entries(os.path.join(workdir, "store"), nodes, agents, score)
+        _strict_hosts(nodes, score, families)
+        _gateway_churn(nodes[0], f"{tag}-churn", cleanup, score, families)
+        _bad_store_entries(os.path.join(workdir, "store"), nodes, agents, score, families)
 
         click.echo("cleaning up: DEL every pod, stop the agents, remove namespaces and the work dir")
     import netns as _netns
@@ -280,7 +298,61 @@ def run_multinode_demo(node_count: int) -> int:
     return 0 if not score.failed else 1
 
 
-def _strict_hosts(nodes: list[DemoNode], score: Scorecard) -> None:
+def _tentative(node: DemoNode) -> list[str]:
+    done = subprocess.run(["ip", "-n", node.name, "-6", "-j", "addr", "show", "dev", node.bridge, "tentative"],
+                          capture_output=True, text=True, timeout=10)
+    return [a["local"] for e in json.loads(done.stdout or "[]") for a in e.get("addr_info", []) if a.get("local")]
+
+
+def _wait_bridge_link_local(nodes: list[DemoNode], limit: float = 5.0) -> float:
+    """Seconds until no node bridge holds a tentative IPv6 address (bounded by ``limit``)."""
+    start = time.monotonic()
+    for _ in range(int(limit / 0.1) + 1):
+        if not any(_tentative(node) for node in nodes) or time.monotonic() - start >= limit:
+            break
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def _ipv6(version: int) -> str:
+    """The prefix of a check of the IPv6 family ("" for IPv4: the labels of the IPv4-only demo stay as they were)."""
+    return "IPv6 " if version == 6 else ""
+
+
+def _take_addresses(pod: Pod, result: dict) -> None:
+    """The pod's address (and gateway) of each family from its ADD result."""
+    for ip in result.get("ips") or []:
+        address, gateway = ip["address"].split("/")[0], ip.get("gateway", "")
+        if ":" in address:
+            pod.address6, pod.gateway6 = pod.address6 or address, pod.gateway6 or gateway
+        elif not pod.address:
+            pod.address, pod.gateway = address, gateway
+
+
+def _reachability(nodes: list[DemoNode], version: int, score: Scorecard) -> None:
+    """Pings in one family: pod -> pod on a node and across nodes, node -> remote pod, pod -> remote node
+    (IPv4: the nodes' own addresses are IPv4)."""
+    family = _ipv6(version)
+    for node in nodes:
+        a, b = node.pods[0], node.pods[1]
+        ok, rtt = _ping(a.name, b.address_of(version))
+        score.record(f"{family}ping {node.label}/pod0 -> {node.label}/pod1 ({b.address_of(version)}), same node",
+                     ok, rtt)
+    for node in nodes:
+        peer = nodes[(node.index + 1) % len(nodes)]
+        src, dst = node.pods[0], peer.pods[1]
+        ok, rtt = _ping(src.name, dst.address_of(version))
+        score.record(f"{family}ping {node.label}/pod0 -> {peer.label}/pod1 ({dst.address_of(version)}), "
+                     f"across nodes", ok, rtt)
+        target = peer.pods[0].address_of(version)
+        ok, rtt = _ping(node.name, target)
+        score.record(f"{family}ping {node.label} -> {peer.label}/pod0 ({target}), node to remote pod", ok, rtt)
+        if version == 4:
+            ok, rtt = _ping(src.name, peer.public_ip)
+            score.record(f"ping {node.label}/pod0 -> {peer.label} ({peer.public_ip}), pod to remote node", ok, rtt)
+
+
+def _strict_hosts(nodes: list[DemoNode], score: Scorecard, families: Sequence[int] = (4,)) -> None:
     """rp_filter=1 on every node (RHEL's default): a pod reaches another node's own address masqueraded."""
     for node in nodes:
         subprocess.run(["ip", "netns", "exec", node.name, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1"],
@@ -291,8 +363,11 @@ def _strict_hosts(nodes: list[DemoNode], score: Scorecard) -> None:
         ok, detail = _tcp_exchange(peer.path, src.path, peer.public_ip, POD_PORT + 1, POD_PORT + 1)
         score.record(f"rp_filter=1: TCP {node.label}/pod0 -> {peer.label} {peer.public_ip}, leaves as "
                      f"{node.public_ip}", ok and detail.endswith(f"seen from {node.public_ip}"), detail)
-        ok, rtt = _ping(src.name, peer.pods[0].address)
-        score.record(f"rp_filter=1: ping {node.label}/pod0 -> {peer.label}/pod0 ({peer.pods[0].address})", ok, rtt)
+        for version in families:
+            target = peer.pods[0].address_of(version)
+            ok, rtt = _ping(src.name, target)
+            score.record(f"rp_filter=1: {_ipv6(version)}ping {node.label}/pod0 -> {peer.label}/pod0 ({target})",
+                         ok, rtt)
 
 
 def _bridge_mac(node: DemoNode) -> str:
@@ -301,7 +376,8 @@ def _bridge_mac(node: DemoNode) -> str:
     return (json.loads(done.stdout or "[{}]")[0] or {}).get("address", "(none)")
 
 
-def _gateway_churn(node: DemoNode, name: str, cleanup: ExitStack, score: Scorecard) -> None:
+def _gateway_churn(node: DemoNode, name: str, cleanup: ExitStack, score: Scorecard,
+                   families: Sequence[int] = (4,)) -> None:
     """A pod whose host veth has the lowest MAC on the bridge comes and goes: the gateway's MAC stays."""
     import netns
     from pycni.runtime import RuntimeConf
@@ -322,12 +398,14 @@ def _gateway_churn(node: DemoNode, name: str, cleanup: ExitStack, score: Scoreca
     seen.append(_bridge_mac(node))
     score.record(f"the gateway of {node.label} keeps its MAC {before} while a pod with MAC 00:00:00:00:00:01 "
                  f"comes and goes", set(seen) == {before}, " -> ".join(dict.fromkeys(seen)))
-    ok, rtt = _ping(node.pods[0].name, node.pods[0].gateway)
-    score.record(f"ping {node.label}/pod0 -> its gateway {node.pods[0].gateway} after the churn", ok, rtt)
+    for version in families:
+        gateway = node.pods[0].gateway_of(version)
+        ok, rtt = _ping(node.pods[0].name, gateway)
+        score.record(f"{_ipv6(version)}ping {node.label}/pod0 -> its gateway {gateway} after the churn", ok, rtt)
 
 
 def _bad_store_entries(store_dir: str, nodes: list[DemoNode], agents: list[subprocess.Popen],
-                       score: Scorecard) -> None:
+                       score: Scorecard, families: Sequence[int] = (4,)) -> None:
     """Two values under subnets/ that are no lease: every agent skips them (one warning) and keeps going."""
     from ipam.cluster.filestore import FileStore
 
@@ -347,9 +425,10 @@ def _bad_store_entries(store_dir: str, nodes: list[DemoNode], agents: list[subpr
         score.record("bad store entries (5000-deep JSON, a zoned address) skipped by the agents, which keep "
                      "running", running and set(bad) <= rejected, f"{node_count_text(agents)} running")
         src, dst = nodes[0].pods[0], nodes[-1].pods[1]
-        ok, rtt = _ping(src.name, dst.address)
-        score.record(f"ping {nodes[0].label}/pod0 -> {nodes[-1].label}/pod1 ({dst.address}) with them in the "
-                     f"store", ok, rtt)
+        for version in families:
+            ok, rtt = _ping(src.name, dst.address_of(version))
+            score.record(f"{_ipv6(version)}ping {nodes[0].label}/pod0 -> {nodes[-1].label}/pod1 "
+                         f"({dst.address_of(version)}) with them in the store", ok, rtt)
         for key in bad:
             store.delete(key)
 

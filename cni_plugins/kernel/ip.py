@@ -218,14 +218,16 @@ class Bridge(Link):
 
 
 def ensure_bridge(ipr: Any, name: str, mtu: int = 0, promisc: bool = False,
-                  vlan_filtering: bool = False, *, mac: str | None = None) -> Bridge:
+                  vlan_filtering: bool = False, *, mac: str | None = None, dad: bool = True) -> Bridge:
     """Create the bridge unless it exists; make sure it is a bridge and up.
 
     A bridge this call creates gets ``mac`` as its address in the request that
     creates it: the kernel then never recalculates it, whereas a bridge left
     to the kernel takes the lowest MAC of its ports and moves under every pod
     as ports come and go. An existing bridge is adopted as it is (its address
-    untouched); ``created`` on the answer tells which happened.
+    untouched); ``created`` on the answer tells which happened. ``dad=False``
+    lets its IPv6 addresses, the link-local one included, skip duplicate
+    address detection (for a bridge whose addresses are its own by lease).
     """
     from pyroute2.netlink.exceptions import NetlinkError
 
@@ -244,6 +246,9 @@ def ensure_bridge(ipr: Any, name: str, mtu: int = 0, promisc: bool = False,
         set_promisc(ipr, bridge.index)
     # We own the routes on this interface, so router advertisements must not add any.
     write_sysctl(f"net/ipv6/conf/{name}/accept_ra", "0", ignore_errors=True)
+    if not dad:
+        # Before it comes up: its link-local address is then usable at once, not after a second of DAD.
+        write_sysctl(f"net/ipv6/conf/{name}/accept_dad", "0", ignore_errors=True)
     if not bridge.is_up:
         set_up(ipr, bridge.index)
     return Bridge(**vars(get_link(ipr, name, "bridge")), created=created)

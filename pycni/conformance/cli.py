@@ -43,10 +43,14 @@ def conformance() -> None:
       node-pod            a node reaches its pods and other nodes' pods
       pod-node            a pod reaches every node's own address
       hostport            a pod's hostPort answers from another node
-      pmtu                1400-byte packets with DF cross between nodes
-    All checks use addresses, never names (no DNS needed). A failed check's
-    message names the likely fault (SNAT between nodes, a missing FDB or
-    neighbour entry, an MTU mismatch, a firewall dropping packets...).
+      pmtu                1280- and 1400-byte packets with DF cross between nodes
+    Each runs in every pod family the nodes have: on a dual-stack cluster
+    the IPv6 rows are named <check>/ipv6 (pod-pod-other-node/ipv6, ...);
+    pod-node and hostport run in a family where the nodes have an address
+    of their own of it. All checks use addresses, never names (no DNS
+    needed). A failed check's message names the likely fault (SNAT between
+    nodes, a missing FDB or neighbour entry, an MTU mismatch, a firewall
+    dropping packets...) and, outside IPv4-only clusters, its family.
     """
 
 

@@ -23,11 +23,20 @@ from .echo import REQUEST_PREFIX, SERVICE
 
 IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
+IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+IPV6_PMTUDISC_DO = getattr(socket, "IPV6_PMTUDISC_DO", 2)
+IPV6_DONTFRAG = getattr(socket, "IPV6_DONTFRAG", 62)
 ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY, ICMP_UNREACH = 8, 0, 3
+ICMP6_UNREACH, ICMP6_PACKET_TOO_BIG, ICMP6_ECHO_REQUEST, ICMP6_ECHO_REPLY = 1, 2, 128, 129
+HEADER_BYTES = {4: 20 + 8, 6: 40 + 8}    # IP header + ICMP header: an echo's packet is its payload + these
 _UNREACH_CODES = {0: "network unreachable", 1: "host unreachable", 3: "port unreachable",
                   9: "rejected: network administratively prohibited",
                   10: "rejected: host administratively prohibited",
                   13: "rejected: administratively prohibited"}
+_UNREACH6_CODES = {0: "unreachable (no route to destination)", 1: "rejected: administratively prohibited",
+                   3: "unreachable (address unreachable)", 4: "port unreachable",
+                   5: "rejected: source address failed ingress/egress policy",
+                   6: "rejected: reject route to destination"}
 _ids = iter(range(1, 1 << 30))
 _ids_lock = threading.Lock()
 
@@ -194,36 +203,74 @@ def _match(packet: bytes, address: str, ident: int, seq: int) -> str | None:
     return None
 
 
+def _echo_request6(ident: int, seq: int, payload: bytes) -> bytes:
+    """An ICMPv6 echo request; the kernel fills in the checksum (it covers the IPv6 pseudo-header)."""
+    return struct.pack("!BBHHH", ICMP6_ECHO_REQUEST, 0, 0, ident, seq) + payload
+
+
+def _match6(icmp: bytes, source: str, address: str, ident: int, seq: int) -> str | None:
+    """``_match`` for ICMPv6, as a raw IPv6 socket receives it: the ICMPv6 message without the IPv6 header,
+    and its sender's address."""
+    if len(icmp) < 8:
+        return None
+    kind, code = icmp[0], icmp[1]
+    if kind == ICMP6_ECHO_REPLY:
+        r_ident, r_seq = struct.unpack("!HH", icmp[4:8])
+        return "ok" if (r_ident, r_seq) == (ident, seq) and _same(source, address) else None
+    if kind in (ICMP6_UNREACH, ICMP6_PACKET_TOO_BIG) and len(icmp) >= 8 + 40 + 8:
+        inner = icmp[8:]
+        inner_dst = socket.inet_ntop(socket.AF_INET6, inner[24:40])
+        if not _same(inner_dst, address) or inner[6] != socket.IPPROTO_ICMPV6:
+            return None
+        if struct.unpack("!HH", inner[44:48]) != (ident, seq):
+            return None
+        if kind == ICMP6_PACKET_TOO_BIG:
+            return f"packet-too-big (next-hop MTU {struct.unpack('!I', icmp[4:8])[0]})"
+        return _UNREACH6_CODES.get(code, f"unreachable (ICMPv6 code {code})")
+    return None
+
+
+def _same(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a.split("%", 1)[0]) == ipaddress.ip_address(b)
+    except ValueError:
+        return False
+
+
 def icmp_echo(netns_path: str | None, address: str, size: int, dont_fragment: bool, timeout: float,
               tries: int = 2) -> Exchange:
-    """One ICMP echo with ``size`` bytes of payload (the IP packet is size + 28 bytes); IPv4 only.
+    """One ICMP echo (ICMPv6 to an IPv6 address) with ``size`` bytes of payload: the IP packet is
+    size + 28 bytes (IPv6: size + 48).
 
-    With ``dont_fragment`` the socket sets DF (IP_PMTUDISC_DO), like ``ping -M do``.
+    With ``dont_fragment`` nothing on the way may fragment the packet: IPv4 sets DF (IP_PMTUDISC_DO), like
+    ``ping -M do``; IPv6 routers never fragment, and the socket does not either (IPV6_PMTUDISC_DO,
+    IPV6_DONTFRAG).
     """
     address = _checked(address)
-    if ipaddress.ip_address(address).version != 4:
-        return Exchange(False, error="ICMP checks are IPv4 only")
-    sock = _open(netns_path, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    version = ipaddress.ip_address(address).version
+    if version == 6:
+        sock = _open(netns_path, socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+    else:
+        sock = _open(netns_path, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     with _ids_lock:
         ident = (os.getpid() + next(_ids)) & 0xFFFF
     per_try = max(timeout / max(tries, 1), 0.2)
     payload = (b"pycni-conformance-" * (size // 18 + 1))[:size]
     last = "timeout"
     with sock:
-        if dont_fragment:
+        if dont_fragment and version == 6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO)
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_DONTFRAG, 1)
+        elif dont_fragment:
             sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
         for seq in range(1, max(tries, 1) + 1):
             start = time.monotonic()
+            request = _echo_request6(ident, seq, payload) if version == 6 else _echo_request(ident, seq, payload)
             try:
-                sock.sendto(_echo_request(ident, seq, payload), (address, 0))
+                sock.sendto(request, (address, 0))
             except OSError as exc:
                 if exc.errno == errno.EMSGSIZE:
-                    mtu = ""
-                    try:
-                        mtu = f", path MTU {sock.getsockopt(socket.IPPROTO_IP, getattr(socket, 'IP_MTU', 14))}"
-                    except OSError:
-                        pass
-                    return Exchange(False, error=f"emsgsize (message too long{mtu})")
+                    return Exchange(False, error=f"emsgsize (message too long{_path_mtu(sock, version)})")
                 return Exchange(False, error=_error(exc))
             deadline = start + per_try
             while True:
@@ -234,14 +281,26 @@ def icmp_echo(netns_path: str | None, address: str, size: int, dont_fragment: bo
                 if not ready:
                     break
                 try:
-                    packet = sock.recv(65535)
+                    packet, sender = sock.recvfrom(65535)
                 except OSError:
                     continue
-                verdict = _match(packet, address, ident, seq)
+                if version == 6:
+                    verdict = _match6(packet, str(sender[0]), address, ident, seq)
+                else:
+                    verdict = _match(packet, address, ident, seq)
                 if verdict == "ok":
                     return Exchange(True, (time.monotonic() - start) * 1000)
                 if verdict is not None:
                     last = verdict
-                    if not verdict.startswith("frag-needed"):
+                    if not verdict.startswith(("frag-needed", "packet-too-big")):
                         return Exchange(False, error=verdict)
     return Exchange(False, error=last)
+
+
+def _path_mtu(sock: socket.socket, version: int) -> str:
+    try:
+        if version == 6:
+            return f", path MTU {sock.getsockopt(socket.IPPROTO_IPV6, getattr(socket, 'IPV6_MTU', 24))}"
+        return f", path MTU {sock.getsockopt(socket.IPPROTO_IP, getattr(socket, 'IP_MTU', 14))}"
+    except OSError:
+        return ""

@@ -27,41 +27,56 @@ class Leg:
     src: Party
     dst: Party
     returning: bool = False   # the replies' leg
+    version: int = 4          # the pod family whose packets take it
 
 
 def missing_entries(leg: Leg) -> list[str]:
     """What ``leg.src`` lacks to send to ``leg.dst`` over the overlay, one phrase per entry."""
-    src, dst = leg.src, leg.dst
-    facts = (src.facts.get("datapath") or {}).get(dst.public_ip)
+    src, dst, version = leg.src, leg.dst, leg.version
+    entry = (src.facts.get("datapath") or {}).get(dst.public_ip)
+    facts = entry.get("ipv6") if version == 6 and isinstance(entry, dict) else entry
     where = f"node {src.node}"
-    if facts is None:
-        return [f"{where} has no overlay entries at all for node {dst.node} ({dst.public_ip}): "
-                f"missing FDB entry (its agent does not know the node's lease)"]
+    family = "IPv6 " if version == 6 else ""
+    if not isinstance(facts, dict):
+        return [f"{where} has no {family}overlay entries at all for node {dst.node} ({dst.public_ip}): "
+                f"missing FDB entry (its agent does not know the node's lease"
+                + (" or its IPv6 subnet)" if version == 6 else ")")]
     out = []
-    device = src.vxlan_device or "the VXLAN device"
+    device, mac, public = src.lane_to(dst, version)
+    device = str(facts.get("device") or device or "the VXLAN device")
+    vtep, subnet = dst.vtep_address_of(version), dst.pod_subnet(version)
     if not facts.get("route", True):
-        out.append(f"{where} has no route to {dst.subnet} via {dst.vtep_address} on {device}: missing route")
+        out.append(f"{where} has no route to {subnet} via {vtep} on {device}: missing route")
     if not facts.get("neigh", True):
-        out.append(f"{where} has no ARP/neighbour entry for remote VTEP {dst.vtep_address} ({dst.vtep_mac}) "
-                   f"on {device}: missing neighbour entry")
+        table = "NDP/neighbour" if version == 6 else "ARP/neighbour"
+        out.append(f"{where} has no {table} entry for remote VTEP {vtep} ({mac}) on {device}: "
+                   f"missing neighbour entry")
     if not facts.get("fdb", True):
-        out.append(f"{where} has no ARP/FDB for remote VTEP {dst.vtep_mac} -> {dst.public_ip} on {device}: "
-                   f"missing FDB entry")
+        out.append(f"{where} has no ARP/FDB for remote VTEP {mac} -> {public} on {device}: missing FDB entry")
     return out
 
 
-def _drops(party: Party) -> str:
-    return describe_firewall(party.facts.get("firewall") or [], "drops")
+def _drops(party: Party, version: int | None) -> str:
+    return describe_firewall(party.facts.get("firewall") or [], "drops", version)
+
+
+def _underlay_address(party: Party, other: Party, version: int) -> str:
+    """The underlay address of ``party`` that ``other`` sends ``version`` pod traffic to."""
+    return other.lane_to(party, version)[2] or party.public_ip
 
 
 def explain_no_reply(what: str, legs: Iterable[Leg], timeout: float, error: str = "timeout",
-                     underlay: tuple[Party, Party] | None = None) -> str:
+                     underlay: tuple[Party, Party] | None = None, version: int | None = None) -> str:
     """Why ``what`` (e.g. "TCP 10.244.1.5 -> 10.244.2.7:7080") got no answer.
 
     ``legs``: the overlay legs the packets and replies take; ``underlay``: the
     two nodes whose underlay addresses the traffic crosses directly (hostPort).
+    ``version``: the IP family of the packets (default: the legs'; a firewall
+    rule that drops only the other family is not blamed).
     """
     legs = list(legs)
+    if version is None:
+        version = legs[0].version if legs else None
     heard = "no reply within %gs" % timeout if error == "timeout" else error
     causes = []
     for leg in legs:
@@ -73,23 +88,30 @@ def explain_no_reply(what: str, legs: Iterable[Leg], timeout: float, error: str 
     for party in [p for leg in legs for p in (leg.src, leg.dst)] + list(underlay or ()):
         if all(party.node != seen.node for seen in nodes):
             nodes.append(party)
-    firewalls = [f"node {party.node}: {text}" for party in nodes if (text := _drops(party))]
+    firewalls = [f"node {party.node}: {text}" for party in nodes if (text := _drops(party, version))]
     if firewalls:
         return f"{what}: {heard}; packets dropped: firewall ({'; '.join(firewalls)})"
     if error.startswith("rejected"):
         return f"{what}: {heard}: packets dropped: firewall (a host answered administratively prohibited)"
-    ends = " and ".join(p.public_ip for p in nodes) or "the nodes"
     if legs:
-        port = legs[0].src.facts.get("vxlanPort") or 8472
+        leg = legs[0]
+        ends = " and ".join(_underlay_address(a, b, leg.version) for a, b in ((leg.src, leg.dst), (leg.dst, leg.src)))
+        port = leg.src.facts.get("vxlanPort") or 8472
         return (f"{what}: {heard}, though the FDB, neighbour and route entries are in place on both nodes and "
                 f"no firewall drop rule was found: packets lost on the underlay between {ends} "
                 f"(is UDP {port}, VXLAN, blocked on the way?)")
+    addresses = [(p.node_ip(version) if version else "") or p.public_ip for p in nodes]
+    ends = " and ".join(addresses) or "the nodes"
     return f"{what}: {heard}; nothing on the nodes explains it: packets lost on the underlay between {ends}"
 
 
-def explain_strict_peer(sender: Party, receiver: Party) -> str:
-    """Why a pod's packets to another node's own address die on a strict host ("" if that is not it)."""
-    if receiver.facts.get("rpFilter") == 1 and not sender.facts.get("masquerades", True):
+def explain_strict_peer(sender: Party, receiver: Party, version: int = 4) -> str:
+    """Why a pod's packets to another node's own address die on a strict host ("" if that is not it).
+
+    rp_filter is IPv4's; an IPv6 host that filters by reverse path does it with a firewall rule, which
+    the firewall facts name.
+    """
+    if version == 4 and receiver.facts.get("rpFilter") == 1 and not sender.facts.get("masquerades", True):
         return (f"; node {receiver.node} drops pod sources arriving on its underlay (rp_filter=1), and node "
                 f"{sender.node} does not masquerade traffic leaving the cluster network (its agent runs with "
                 f"--no-ip-masq?)")
@@ -107,15 +129,22 @@ def classify_address(address: str, parties: Iterable[Party]) -> str:
     """What ``address`` is in this cluster: "node X's address", "node X's VXLAN device", "a pod on X"..."""
     import ipaddress
 
+    try:
+        seen = ipaddress.ip_address(address)
+    except ValueError:
+        return "not an address"
+    parties = list(parties)
     for party in parties:
-        if address == party.public_ip:
+        if address in (party.public_ip, party.public_ipv6):
             return f"node {party.node}'s own address"
-        if address == party.vtep_address:
+        if address in (party.vtep_address_of(4), party.vtep_address_of(6)):
             return f"node {party.node}'s VXLAN device address"
-        if address in (party.probe_ip, party.client_ip):
+        if address in (party.probe_ip, party.client_ip, party.probe_ip6, party.client_ip6):
             return f"a pod on node {party.node}"
-        if ipaddress.ip_address(address) in ipaddress.ip_network(party.subnet):
-            return f"an address in node {party.node}'s pod subnet"
+    for party in parties:
+        for subnet in (party.subnet, party.subnet6):
+            if subnet and seen in ipaddress.ip_network(subnet):
+                return f"an address in node {party.node}'s pod subnet"
     return "an address outside the cluster"
 
 
@@ -133,15 +162,35 @@ def explain_seen(seen: str, sender_pod: str, sender: Party, parties: Iterable[Pa
     return message
 
 
-def explain_pmtu(what: str, error: str, size: int, sender: Party, receiver: Party, timeout: float) -> str:
-    """1400-byte DF packets fail while small ones pass."""
+IPV6_MIN_MTU = 1280
+VXLAN_OVERHEAD = {4: 50, 6: 70}   # outer IP + UDP + VXLAN + inner Ethernet, by the underlay's family
+
+
+def explain_pmtu(what: str, error: str, size: int, sender: Party, receiver: Party, timeout: float,
+                 version: int = 4, passed: int | None = None) -> str:
+    """``size``-byte DF packets (IPv6: packets, which routers never fragment) fail while smaller ones pass
+    (``passed``: the largest size that crossed; small ones by default)."""
+    import ipaddress
+
+    dont_fragment = "with DF" if version == 4 else "unfragmented"
     if error.startswith("emsgsize"):
-        return (f"{what}: the pod refuses to send {size}-byte packets with DF ({error}): the pod's MTU "
+        return (f"{what}: the pod refuses to send {size}-byte packets {dont_fragment} ({error}): the pod's MTU "
                 f"({sender.mtu}) is below {size}: MTU mismatch")
-    if error.startswith("frag-needed"):
-        return (f"{what}: a hop answered 'fragmentation needed' ({error}): a link on the path carries less than "
-                f"{size} bytes: MTU mismatch")
-    return (f"{what}: no reply to {size}-byte DF packets while small packets pass (no reply within {timeout:g}s): "
-            f"MTU mismatch (the pods' MTU is {sender.mtu} on {sender.node} and {receiver.mtu} on "
-            f"{receiver.node}; with VXLAN's 50 bytes the underlay between {sender.public_ip} and "
-            f"{receiver.public_ip} must carry {size + 50}-byte packets)")
+    minimum = ""
+    if version == 6 and size <= IPV6_MIN_MTU:
+        minimum = (f"; {IPV6_MIN_MTU} bytes is the least every IPv6 link must carry, so IPv6 breaks on this path "
+                   f"for packets of ordinary size")
+    if error.startswith("frag-needed") or error.startswith("packet-too-big"):
+        return (f"{what}: a hop answered '{'fragmentation needed' if version == 4 else 'packet too big'}' "
+                f"({error}): a link on the path carries less than {size} bytes: MTU mismatch{minimum}")
+    underlay = sender.lane_to(receiver, version)[2] or receiver.public_ip
+    try:
+        overhead = VXLAN_OVERHEAD[ipaddress.ip_address(underlay).version]
+    except ValueError:
+        overhead = VXLAN_OVERHEAD[4]
+    smaller = "small packets pass" + (f" ({passed}-byte ones too)" if passed else "")
+    return (f"{what}: no reply to {size}-byte {'DF ' if version == 4 else ''}packets while {smaller} "
+            f"(no reply within {timeout:g}s): MTU mismatch (the pods' MTU is {sender.mtu} on {sender.node} and "
+            f"{receiver.mtu} on {receiver.node}; with VXLAN's {overhead} bytes the underlay between "
+            f"{_underlay_address(sender, receiver, version)} and {underlay} must carry {size + overhead}-byte "
+            f"packets){minimum}")

@@ -74,6 +74,9 @@ def bind_sockets(address: str, port: int) -> tuple[socket.socket, socket.socket]
     udp = socket.socket(family, socket.SOCK_DGRAM)
     for sock in (tcp, udp):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and ipaddress.ip_address(address).is_unspecified:
+            # "::" serves both families (a dual-stack probe pod), whatever net.ipv6.bindv6only says.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((address, port))
     tcp.listen(64)
     return tcp, udp

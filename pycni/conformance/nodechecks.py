@@ -61,14 +61,20 @@ def _mac(ipr: Any, bridge: str) -> str:
     return link.mac if link is not None else "(gone)"
 
 
-def store_entries_check(node: str, store: Any, cfg: Any, public_ip: str, subnet: str, vtep_mac: str) -> Check:
-    """The cluster store's subnets/ as every agent reads it."""
+def store_entries_check(node: str, store: Any, cfg: Any, public_ip: str, subnet: str, vtep_mac: str, *,
+                        ipv6_subnet: str = "", public_ipv6: str = "", vtep_mac6: str = "") -> Check:
+    """The cluster store's subnets/ as every agent reads it.
+
+    ``subnet`` and ``ipv6_subnet`` are this node's pod subnets (as its overlay state names them),
+    ``public_ipv6``/``vtep_mac6`` its second, IPv6 underlay when it has one: leases are judged on
+    each of the node's VXLAN devices, as its agent judges them.
+    """
     from ipam.cluster import scan_leases
-    from pycni.overlay.reconcile import wanted_state
 
     scan = scan_leases(store, cfg)
-    wanted = wanted_state(scan.leases, public_ip, subnet, cfg.network, own_vtep_mac=vtep_mac)
-    problems = [f"{r.key}: {r.reason}" for r in scan.rejected] + [f"skipped {reason}" for reason in wanted.skipped]
+    skipped = _skipped(scan.leases, cfg, public_ip, [s for s in (subnet, ipv6_subnet) if s], vtep_mac,
+                       public_ipv6, vtep_mac6)
+    problems = [f"{r.key}: {r.reason}" for r in scan.rejected] + [f"skipped {reason}" for reason in skipped]
     if not problems:
         return Check(STORE_ENTRIES, node, node, PASS, None, f"{len(scan.leases)} leases, every one valid and programmed")
     more = f"; and {len(problems) - LISTED} more" if len(problems) > LISTED else ""
@@ -76,3 +82,28 @@ def store_entries_check(node: str, store: Any, cfg: Any, public_ip: str, subnet:
                  f"{len(problems)} entries under subnets/ are no lease the agents program (each agent skips them "
                  f"with one warning): {'; '.join(problems[:LISTED])}{more}. Remove them from the store (etcdctl del "
                  f"KEY, or the file in a file store), or release the node that wrote them")
+
+
+def _skipped(leases: list[Any], cfg: Any, public_ip: str, subnets: list[str], vtep_mac: str, public_ipv6: str,
+             vtep_mac6: str) -> list[str]:
+    """Why leases are not programmed, on the node's main VXLAN device and on its IPv6-underlay one."""
+    import ipaddress
+
+    from pycni.overlay.reconcile import MAIN, V6, Own, RemoteTable
+
+    v6_lane = bool(public_ipv6 and vtep_mac6) and ipaddress.ip_address(public_ip).version == 4
+    node_ips = frozenset(ipaddress.ip_address(a) for a in (public_ip, public_ipv6 if v6_lane else "") if a)
+    own_subnets = tuple(ipaddress.ip_network(s) for s in subnets)
+    networks = tuple(pool.ip_network for pool in cfg.pools)
+    lanes = [Own(ipaddress.ip_address(public_ip), own_subnets, networks, vtep_mac.strip().lower(), MAIN,
+                 v6_lane=v6_lane, node_ips=node_ips)]
+    if v6_lane:
+        lanes.append(Own(ipaddress.ip_address(public_ipv6), own_subnets, networks, vtep_mac6.strip().lower(), V6,
+                         node_ips=node_ips))
+    reasons: set[str] = set()
+    for own in lanes:
+        table = RemoteTable(own)
+        for index, lease in enumerate(leases):
+            table.update(f"#{index}", lease)
+        reasons.update(table.wanted().skipped)
+    return sorted(reasons)

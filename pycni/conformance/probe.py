@@ -49,6 +49,11 @@ class ProbeRecord:
     ifname: str = "eth0"
     address: str = ""
     host_ifname: str = ""  # the host end of its veth, when the result names one
+    addresses: list[str] = field(default_factory=list)   # every address the result gave it (one per family)
+
+    def address_of(self, version: int) -> str:
+        """The pod's address of IP ``version`` ("" when it has none)."""
+        return next((a for a in self.addresses or [self.address] if a and (":" in a) == (version == 6)), "")
 
 
 @dataclass
@@ -150,10 +155,11 @@ class ProbePods:
             self._delete(probe)
             raise
         ips = result.get("ips") or []
-        if not ips:
+        probe.addresses = [ip["address"].split("/")[0] for ip in ips if isinstance(ip, dict) and ip.get("address")]
+        if not probe.addresses:
             self._delete(probe)
             raise RuntimeError(f"network {self.netlist.name!r} gave the probe pod no address")
-        probe.address = ips[0]["address"].split("/")[0]
+        probe.address = probe.addresses[0]
         hosts = [i.get("name", "") for i in result.get("interfaces") or []
                  if isinstance(i, dict) and not i.get("sandbox")]
         probe.host_ifname = hosts[-1] if hosts else ""   # bridge results list the bridge, then the host veth

@@ -2,8 +2,9 @@
 
     probes    two pods through the CNI network (the probe with a hostPort mapping, a client)
     own       the gateway-mac check (a third pod comes and goes) and the store-entries check
-    echo      the echo service in the probe pod and on the node's own address (child processes)
-    publish   conformance/<node> with addresses and datapath facts; heartbeat while running
+    echo      the echo service in the probe pod and on the node's own addresses (child processes)
+    publish   conformance/<node> with addresses (each pod family the overlay state names) and datapath
+              facts; heartbeat while running
     meet      wait (bounded) for every leased node's entry
     check     checks.run_checks against this node and every peer
     results   conformance/results/<node>
@@ -108,27 +109,45 @@ def run_node(store, opts: RunOptions, log: Callable[[str], None]) -> tuple[NodeR
             _publish_failure(store, node_id, public_ip, started,
                              f"cannot attach a probe pod to network {opts.network!r}: {exc}")
             raise
-        log(f"node {node_id} ({public_ip}): probe pod {probe.address} (hostPort "
-            f"{opts.host_port if mappings else 'n/a'}), client pod {peer_pod.address} on network {opts.network}")
+        families = [ipaddress.ip_network(subnet).version for _net, subnet, _gw in state.pools()]
+        addresses = {v: (probe.address_of(v), peer_pod.address_of(v)) for v in families}
+        log(f"node {node_id} ({public_ip}): probe pod {', '.join(a for a, _ in addresses.values() if a)} (hostPort "
+            f"{opts.host_port if mappings else 'n/a'}), client pod {', '.join(c for _, c in addresses.values() if c)} "
+            f"on network {opts.network}")
         own_rows = [gateway_mac_check(node_id, state.bridge, pods),
-                    store_entries_check(node_id, store, cfg, public_ip, state.subnet, state.vtep_mac)]
+                    store_entries_check(node_id, store, cfg, public_ip, state.subnet, state.vtep_mac,
+                                        ipv6_subnet=state.subnet6, public_ipv6=state.public_ipv6,
+                                        vtep_mac6=state.vtep_mac6)]
+        own_rows += _missing_families(node_id, opts.network, state, addresses)
+        pods_of = _published_pods(state, addresses) or {"subnet": state.subnet, "probe_ip": probe.address,
+                                                        "client_ip": peer_pod.address}
+        usable = [v for v in families if all(addresses[v])]
+        public_ipv6 = state.public_ipv6 if ipaddress.ip_address(public_ip).version == 4 else ""
 
-        bind_any = "0.0.0.0" if ipaddress.ip_address(probe.address).version == 4 else "::"
+        if 6 in usable:
+            waited = _settle_ipv6(state.bridge)
+            if waited >= 0.1:
+                log(f"waited {waited:.1f}s for the IPv6 link-local address of {state.bridge} to finish duplicate "
+                    f"address detection (the node resolves no IPv6 neighbour there before)")
+        bind_any = "::" if 6 in usable else "0.0.0.0"      # "::" serves both families (echo.bind_sockets)
         echoes: list = []
         undo.callback(lambda: [echo.stop() for echo in echoes])   # registered first: a signal may come any time
-        for netns_path, address, label in ((probe.netns, bind_any, f"{node_id}/probe"),
-                                           (None, public_ip, f"{node_id}/node")):
+        services = [(probe.netns, bind_any, f"{node_id}/probe"), (None, public_ip, f"{node_id}/node")]
+        if public_ipv6:
+            services.append((None, public_ipv6, f"{node_id}/node"))
+        for netns_path, address, label in services:
             echoes.append(start_echo(netns_path, address, opts.echo_port, label, lifetime))
             record.echo_pids.append(echoes[-1].pid)
             record.save(opts.state_dir)
 
-        facts = {"datapath": datapath_facts(state.vxlan_device, leases, public_ip),
+        facts = {"datapath": datapath_facts(state.vxlan_device, leases, public_ip, state.vxlan_device6),
                  "firewall": firewall_facts(), "vxlanPort": cfg.port if cfg else state.port,
                  **masquerade_facts(public_ip)}
-        me = Party(node=node_id, public_ip=public_ip, subnet=state.subnet, vtep_mac=state.vtep_mac,
-                   vxlan_device=state.vxlan_device, mtu=state.mtu, probe_ip=probe.address,
-                   client_ip=peer_pod.address, echo_port=opts.echo_port,
-                   host_port=opts.host_port if mappings else None, session=secrets.token_hex(6), facts=facts)
+        me = Party(node=node_id, public_ip=public_ip, vtep_mac=state.vtep_mac, vxlan_device=state.vxlan_device,
+                   mtu=state.mtu, echo_port=opts.echo_port, host_port=opts.host_port if mappings else None,
+                   session=secrets.token_hex(6), facts=facts, public_ipv6=public_ipv6,
+                   vtep_mac6=state.vtep_mac6 if public_ipv6 else "",
+                   vxlan_device6=state.vxlan_device6 if public_ipv6 else "", **pods_of)
         meeting = Rendezvous(store, me, log)
         undo.callback(meeting.withdraw)
         meeting.clear_previous()
@@ -153,6 +172,61 @@ def run_node(store, opts: RunOptions, log: Callable[[str], None]) -> tuple[NodeR
         if opts.keep_probes:
             log("probes kept (--keep-probes): remove them with `pycni conformance clean`")
         return results, rows
+
+
+IPV6_SETTLE_LIMIT = 3.0
+
+
+def _settle_ipv6(bridge: str, limit: float = IPV6_SETTLE_LIMIT) -> float:
+    """Wait (bounded) until the bridge holds no tentative IPv6 address; returns the seconds waited.
+
+    A bridge's link-local address goes through duplicate address detection when its first port comes up
+    (the first pod of a node: here, perhaps, the probe); until it is done the node sends no neighbour
+    solicitation on it, so IPv6 packets to its pods wait a second or two. Checks measure the steady state.
+    """
+    from pycni.inspect import readers
+
+    start = time.monotonic()
+    for _ in range(int(limit / 0.1) + 1):
+        entries = readers.ip_json("-6", "addr", "show", "dev", bridge, "tentative")
+        if not any(a.get("local") for e in entries for a in e.get("addr_info", [])):
+            break
+        if time.monotonic() - start >= limit:
+            break
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def _published_pods(state, addresses: dict[int, tuple[str, str]]) -> dict[str, str]:
+    """The Party's pod fields: the subnet and probe/client addresses of the first family both probe pods have
+    an address of (IPv4; IPv6 in an IPv6-only cluster), and the IPv6 ones as the second family of a dual-stack
+    node; {} when no family is complete."""
+    subnets = {ipaddress.ip_network(subnet).version: subnet for _net, subnet, _gw in state.pools()}
+    usable = [v for v in sorted(addresses) if all(addresses[v])]
+    if not usable:
+        return {}
+    first = usable[0]
+    out = {"subnet": subnets[first], "probe_ip": addresses[first][0], "client_ip": addresses[first][1]}
+    if first == 4 and 6 in usable:
+        out.update(subnet6=subnets[6], probe_ip6=addresses[6][0], client_ip6=addresses[6][1])
+    return out
+
+
+def _missing_families(node_id: str, network: str, state, addresses: dict[int, tuple[str, str]]) -> list[Check]:
+    """A failing probe-pod row for every pod family the node's overlay state names that a probe pod has no
+    address of (the network's IPAM does not hand out that family): nothing is checked in it from here."""
+    subnets = {ipaddress.ip_network(subnet).version: subnet for _net, subnet, _gw in state.pools()}
+    rows = []
+    for version, (probe_ip, client_ip) in addresses.items():
+        if probe_ip and client_ip:
+            continue
+        subnet = subnets[version]
+        rows.append(Check(PROBE_POD, node_id, node_id, FAIL, None,
+                          f"the probe pods attached to network {network!r} got no IPv{version} address, though "
+                          f"this node leases the IPv{version} pod subnet {subnet} (does the network's IPAM give "
+                          f"out every family the overlay state names?); no IPv{version} checks from or to this "
+                          f"node"))
+    return rows
 
 
 def _publish_failure(store, node_id: str, public_ip: str, started: float, message: str) -> None:

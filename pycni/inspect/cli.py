@@ -60,11 +60,12 @@ def inspect(fmt: str, output: str | None, state_dir: str, cache_dir: str, ipam_d
     For each bridge: every pod's host veth and the namespace it leads into,
     the pod's container ID, network, addresses, MAC and MTU, its hostPort
     mappings (pycni_portmap), how its traffic is masqueraded (pycni_masq,
-    pycni_overlay) and its shaping (tbf, ifb). For the VXLAN device: every
-    remote node with public IP, pod subnet and VTEP MAC, and whether the
-    FDB, neighbour and route entries it needs are there (with --store, the
-    store's leases are the reference). Reads only; run it where the agent
-    runs (as root, in the node's network namespace).
+    pycni_overlay) and its shaping (tbf, ifb). For each VXLAN device: every
+    remote node with public IP, pod subnets (IPv4 and IPv6 on a dual-stack
+    cluster) and VTEP MAC, and whether the FDB, neighbour and route entries
+    it needs are there (with --store, the store's leases are the reference).
+    Reads only; run it where the agent runs (as root, in the node's network
+    namespace).
 
     \b
     Examples:

@@ -10,9 +10,11 @@ Sources, each optional (what is missing is said in ``notes``):
 - host-local's leases (``<dataDir>/<network>/<ip>``: container ID and interface),
   for pods attached by a runtime whose cache this command does not read;
 - each pod's namespace: its interface's addresses, MAC and MTU as they are now;
-- the VXLAN device's FDB, neighbour and onlink route entries, joined with the
-  cluster store's leases (``--store``): every remote node's public IP, subnet
-  and VTEP MAC, and whether this node's kernel has each entry it needs;
+- the VXLAN devices' FDB, neighbour and onlink route entries (IPv4 and IPv6),
+  joined with the cluster store's leases (``--store``): every remote node's
+  public IP, subnet of each pod family and VTEP MAC, and whether this node's
+  kernel has each entry it needs (on a node with a second, IPv6-underlay
+  device, on the device the agent sends that family through);
 - the nftables tables pycni_masq, pycni_portmap and pycni_overlay, and tc
   (tbf on the host veth, the ifb an ingress filter redirects to) per pod.
 
@@ -46,8 +48,13 @@ class PortMapping:
     host_ip: str = ""
 
     def describe(self) -> str:
-        host = f"{self.host_ip}:" if self.host_ip else ""
-        return f"{self.protocol} {host}{self.host_port} -> {self.pod_ip}:{self.container_port}"
+        host = f"{_bracket(self.host_ip)}:" if self.host_ip else ""
+        return f"{self.protocol} {host}{self.host_port} -> {_bracket(self.pod_ip)}:{self.container_port}"
+
+
+def _bracket(address: str) -> str:
+    """An IPv6 address before a port goes in brackets ([fd00::2]:80)."""
+    return f"[{address}]" if ":" in address else address
 
 
 @dataclass
@@ -84,6 +91,7 @@ class Pod:
     port_mappings: list[PortMapping] = field(default_factory=list)
     shaping: Shaping | None = None
     source: str = "cache"           # cache, lease or veth: where this pod was found
+    gateway6: str = ""              # a dual-stack pod's IPv6 gateway (gateway is then the IPv4 one)
 
     @property
     def label(self) -> str:
@@ -92,6 +100,11 @@ class Pod:
     @property
     def ip(self) -> str:
         return self.addresses[0].split("/")[0] if self.addresses else ""
+
+    @property
+    def ips(self) -> list[str]:
+        """Every address of the pod (one per family on a dual-stack network), without prefix lengths."""
+        return [a.split("/")[0] for a in self.addresses]
 
 
 @dataclass
@@ -106,7 +119,14 @@ class Bridge:
 
 @dataclass
 class Remote:
-    """Another node as this node's VXLAN device sees it (and the store, with --store)."""
+    """Another node as this node's VXLAN device sees it (and the store, with --store).
+
+    subnet, vtep_address, neigh and route are the first pod family the device
+    carries to that node (IPv4; IPv6 on an IPv6-only overlay or on the second,
+    IPv6-underlay device); subnet6, vtep_address6, neigh6 and route6 its IPv6
+    pods when the same device carries both families ("" / False otherwise).
+    Both families share the one FDB entry (VTEP MAC -> public IP).
+    """
 
     public_ip: str = ""
     subnet: str = ""
@@ -117,13 +137,24 @@ class Remote:
     neigh: bool = False
     route: bool = False
     in_store: bool = False
+    subnet6: str = ""
+    vtep_address6: str = ""
+    neigh6: bool = False
+    route6: bool = False
+
+    @property
+    def dual(self) -> bool:
+        return bool(self.subnet6 or self.vtep_address6)
 
     @property
     def complete(self) -> bool:
-        return self.fdb and self.neigh and self.route
+        return self.fdb and self.neigh and self.route and (not self.dual or (self.neigh6 and self.route6))
 
     def missing(self) -> list[str]:
-        return [what for what, ok in (("FDB", self.fdb), ("neighbour", self.neigh), ("route", self.route)) if not ok]
+        checks = [("FDB", self.fdb), ("neighbour", self.neigh), ("route", self.route)]
+        if self.dual:
+            checks += [("IPv6 neighbour", self.neigh6), ("IPv6 route", self.route6)]
+        return [what for what, ok in checks if not ok]
 
 
 @dataclass
@@ -149,6 +180,13 @@ class NodeView:
     gateway: str = ""
     mtu: int | None = None
     underlay: str = ""              # the interface holding the public IP
+    # A dual-stack node's IPv6 pods (network/subnet/gateway above are then the IPv4 ones), and its own
+    # IPv6 address (--public-ipv6) with the interface holding it, as its overlay state names them.
+    network6: str = ""
+    subnet6: str = ""
+    gateway6: str = ""
+    public_ipv6: str = ""
+    underlay6: str = ""
     bridges: list[Bridge] = field(default_factory=list)
     pods: list[Pod] = field(default_factory=list)
     vxlans: list[Vxlan] = field(default_factory=list)
@@ -159,6 +197,11 @@ class NodeView:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def networks(self) -> list[str]:
+        """The cluster's pod networks, one per family."""
+        return [net for net in (self.network, self.network6) if net]
 
 
 def rate(bits: int) -> str:
@@ -210,7 +253,10 @@ def cached_pods(cache_dir: str, notes: list[str]) -> tuple[list[Pod], list[str],
         for ip in result.get("ips") or []:
             if isinstance(ip, dict) and ip.get("address"):
                 pod.addresses.append(ip["address"])
-                pod.gateway = pod.gateway or ip.get("gateway", "")
+                if not pod.gateway:
+                    pod.gateway = ip.get("gateway", "")
+                elif ":" in ip["address"] and ":" not in pod.gateway:
+                    pod.gateway6 = pod.gateway6 or ip.get("gateway", "")
         for iface in interfaces:
             if isinstance(iface, dict) and iface.get("sandbox") and iface.get("name") == entry.ifname:
                 pod.mac = iface.get("mac", "")
@@ -223,7 +269,7 @@ def cached_pods(cache_dir: str, notes: list[str]) -> tuple[list[Pod], list[str],
 
 def leased_pods(ipam_dirs: list[str], known: list[Pod]) -> list[Pod]:
     """Pods host-local holds an address for that the cache does not know (another runtime's cache)."""
-    have = {(p.container_id, p.ifname) for p in known} | {p.ip for p in known}
+    have = {(p.container_id, p.ifname) for p in known} | {a.split("/")[0] for p in known for a in p.addresses}
     found: dict[tuple[str, str], Pod] = {}
     for data_dir in ipam_dirs:
         try:
@@ -340,7 +386,12 @@ def _overlay_table(ruleset: list[dict[str, Any]]) -> tuple[list[str], bool]:
         if rule and rule.get("table") == OVERLAY_TABLE:
             if any(isinstance(e, dict) and "masquerade" in e for e in rule.get("expr", [])):
                 masquerade = True
-    return sorted(members, key=lambda a: ipaddress.ip_address(a)), masquerade
+    return sorted(members, key=_address_key), masquerade
+
+
+def _address_key(address: str) -> tuple[int, int]:
+    ip = ipaddress.ip_address(address)
+    return ip.version, int(ip)
 
 
 def _shaping(qdiscs: list[dict[str, Any]], host_veth: str, ifb: str) -> Shaping | None:
@@ -358,50 +409,127 @@ def _shaping(qdiscs: list[dict[str, Any]], host_veth: str, ifb: str) -> Shaping 
     return shaping
 
 
-def _remotes(vx: Vxlan, leases: list[Any] | None, own_public_ip: str, notes: list[str]) -> list[Remote]:
+@dataclass(frozen=True)
+class Lanes:
+    """What this node's overlay state says about its VXLAN devices: which remote pods each one carries."""
+
+    public_ips: tuple[str, ...]        # this node's own underlay addresses
+    device: str                        # the main device (on --public-ip)
+    device6: str = ""                  # the second device, on --public-ipv6's underlay ("" without one)
+    families: tuple[int, ...] = (4,)   # the cluster's pod families
+
+    def carries(self, device: str, lease: Any) -> tuple[str, str, list[int]] | None:
+        """(the remote's underlay address, its VTEP MAC, the pod families) that ``device`` carries to the node of
+        ``lease``; None when the device carries nothing of it (another device does, or it is not the overlay's)."""
+        public6, mac6 = getattr(lease, "public_ipv6", "") or "", getattr(lease, "vtep_mac6", "") or ""
+        held = [v for v in self.families if _lease_subnet(lease, v)]
+        if self.device6 and device == self.device6:
+            return (public6, mac6, [6]) if public6 and mac6 and 6 in held else None
+        if device != self.device:
+            return None
+        if self.device6 and public6 and mac6:
+            held = [v for v in held if v != 6]   # its IPv6 pods go through the second device
+        return (lease.public_ip, lease.vtep_mac, held) if held else None
+
+
+def _lease_subnet(lease: Any, version: int) -> str:
+    for text in (getattr(lease, "subnet", "") or "", getattr(lease, "ipv6_subnet", "") or ""):
+        if text and (":" in text) == (version == 6):
+            return text
+    return ""
+
+
+def _norm(address: str) -> str:
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return address
+
+
+def _remotes(vx: Vxlan, leases: list[Any] | None, own_public_ip: str, notes: list[str],
+             lanes: Lanes | None = None) -> list[Remote]:
+    """The remote nodes of one VXLAN device: its FDB, neighbour and onlink route entries (each pod family),
+    joined with the store's leases when there are any (``lanes``: which leases' pods the device carries;
+    without an overlay state every lease's pods are expected on every device)."""
     fdb = [e for e in readers.fdb(vx.name) if e.get("dst") and e.get("mac") != "00:00:00:00:00:00"]
     neigh = readers.neighbours(vx.name)
-    routes = readers.routes(None, "dev", vx.name)
+    routes = readers.routes(None, "dev", vx.name) + readers.routes(None, "dev", vx.name, version=6)
     by_mac: dict[str, Remote] = {}
+    families: dict[str, dict[int, dict[str, Any]]] = {}   # VTEP MAC -> family -> subnet, vtep, neigh, route
     for entry in fdb:
         mac = entry["mac"].lower()
         by_mac.setdefault(mac, Remote(public_ip=entry["dst"], vtep_mac=mac)).fdb = True
     vtep_to_mac = {}
     for entry in neigh:
         mac = (entry.get("lladdr") or "").lower()
-        if not mac:
+        address = _norm(entry.get("dst", ""))
+        if not mac or address.startswith("fe80:"):
             continue
-        remote = by_mac.setdefault(mac, Remote(vtep_mac=mac))
-        remote.neigh = True
-        remote.vtep_address = entry.get("dst", "")
-        vtep_to_mac[remote.vtep_address] = mac
-    orphans = []
+        by_mac.setdefault(mac, Remote(vtep_mac=mac))
+        version = 6 if ":" in address else 4
+        families.setdefault(mac, {})[version] = {"subnet": "", "vtep": address, "neigh": True, "route": False}
+        vtep_to_mac[address] = mac
+    unmatched = []
     for route in routes:
-        gateway = route.get("gateway", "")
+        gateway = _norm(route.get("gateway", ""))
+        if not gateway:          # the kernel's own routes (its addresses, link-local)
+            continue
         mac = vtep_to_mac.get(gateway)
         if mac is None:
-            orphans.append(Remote(subnet=route.get("dst", ""), vtep_address=gateway, route=True))
+            unmatched.append((route.get("dst", ""), gateway))   # no neighbour entry names its VTEP
             continue
-        by_mac[mac].route = True
-        by_mac[mac].subnet = route.get("dst", "")
-    remotes = list(by_mac.values()) + orphans
+        family = families[mac][6 if ":" in gateway else 4]
+        family["route"], family["subnet"] = True, route.get("dst", "")
+    remotes = list(by_mac.values())
     if leases is not None:
         for lease in leases:
-            if lease.public_ip == own_public_ip:
+            if lease.public_ip == own_public_ip or (lanes and lease.public_ip in lanes.public_ips):
                 continue
-            mac = lease.vtep_mac.lower()
+            if lanes is not None:
+                carried = lanes.carries(vx.name, lease)
+                if carried is None:
+                    continue
+                public_ip, mac, versions = carried
+            else:
+                public_ip, mac = lease.public_ip, lease.vtep_mac
+                versions = [v for v in (4, 6) if _lease_subnet(lease, v)]
+            mac = mac.lower()
             remote = by_mac.get(mac)
             if remote is None:
-                remote = Remote(vtep_mac=mac)
+                remote = by_mac[mac] = Remote(vtep_mac=mac)
                 remotes.append(remote)
             remote.in_store = True
-            remote.public_ip = remote.public_ip or lease.public_ip
-            remote.subnet = remote.subnet or lease.subnet
+            remote.public_ip = remote.public_ip or public_ip
             remote.node_name = lease.node_name
-            remote.vtep_address = remote.vtep_address or str(ipaddress.ip_network(lease.subnet).network_address)
-            if remote.public_ip != lease.public_ip:
+            for version in versions:
+                subnet = _lease_subnet(lease, version)
+                family = families.setdefault(mac, {}).setdefault(
+                    version, {"subnet": "", "vtep": "", "neigh": False, "route": False})
+                family["subnet"] = family["subnet"] or subnet
+                family["vtep"] = family["vtep"] or str(ipaddress.ip_network(subnet).network_address)
+            if remote.public_ip != public_ip:
                 notes.append(f"{vx.name}: the FDB sends VTEP {mac} to {remote.public_ip}, but the store says node "
-                             f"{lease.node_name or lease.public_ip} is at {lease.public_ip}")
+                             f"{lease.node_name or lease.public_ip} is at {public_ip}")
+    for dst, gateway in unmatched:
+        # A route to a node whose neighbour entry is missing: the store's lease names that VTEP address.
+        owner = next(((mac, version) for mac, found in families.items() for version, family in found.items()
+                      if family["vtep"] == gateway), None)
+        if owner is None:
+            remotes.append(Remote(subnet=dst, vtep_address=gateway, route=True))
+        else:
+            family = families[owner[0]][owner[1]]
+            family["route"], family["subnet"] = True, family["subnet"] or dst
+    for mac, remote in by_mac.items():
+        found = families.get(mac, {})
+        versions = sorted(found)
+        if versions:
+            first = found[versions[0]]
+            remote.subnet, remote.vtep_address = first["subnet"], first["vtep"]
+            remote.neigh, remote.route = first["neigh"], first["route"]
+        if versions == [4, 6]:
+            second = found[6]
+            remote.subnet6, remote.vtep_address6 = second["subnet"], second["vtep"]
+            remote.neigh6, remote.route6 = second["neigh"], second["route"]
     return sorted(remotes, key=lambda r: (r.subnet or "~", r.public_ip))
 
 
@@ -417,9 +545,15 @@ def collect(cache_dir: str = DEFAULT_CACHE_DIR, state_dir: str = DEFAULT_STATE_D
     except (OverlayStateError, OSError) as exc:
         state = None
         view.notes.append(f"overlay state in {state_dir} unreadable: {exc}")
+    lanes = None
     if state is not None:
         view.name, view.public_ip = state.node_name, state.public_ip
         view.network, view.subnet, view.gateway, view.mtu = state.network, state.subnet, state.gateway, state.mtu
+        view.network6, view.subnet6, view.gateway6 = state.network6, state.subnet6, state.gateway6
+        view.public_ipv6 = state.public_ipv6
+        lanes = Lanes(tuple(a for a in (state.public_ip, state.public_ipv6) if a), state.vxlan_device,
+                      state.vxlan_device6,
+                      tuple(ipaddress.ip_network(subnet).version for _net, subnet, _gw in state.pools()))
 
     links = readers.links(errors)
     addrs = readers.addresses(errors)
@@ -428,6 +562,9 @@ def collect(cache_dir: str = DEFAULT_CACHE_DIR, state_dir: str = DEFAULT_STATE_D
     if view.public_ip:
         view.underlay = next((name for name, cidrs in addrs.items()
                               if any(c.split("/")[0] == view.public_ip for c in cidrs)), "")
+    if view.public_ipv6:
+        view.underlay6 = next((name for name, cidrs in addrs.items()
+                               if any(_norm(c.split("/")[0]) == _norm(view.public_ipv6) for c in cidrs)), "")
 
     for link in links:
         if _kind(link) == "bridge":
@@ -437,7 +574,7 @@ def collect(cache_dir: str = DEFAULT_CACHE_DIR, state_dir: str = DEFAULT_STATE_D
         elif _kind(link) == "vxlan":
             data = (link.get("linkinfo") or {}).get("info_data") or {}
             view.vxlans.append(Vxlan(name=link["ifname"], vni=data.get("id"), port=data.get("port"),
-                                     local=data.get("local", ""), underlay=data.get("link", ""),
+                                     local=data.get("local") or data.get("local6", ""), underlay=data.get("link", ""),
                                      mac=link.get("address", ""), mtu=link.get("mtu"),
                                      addresses=addrs.get(link["ifname"], []), learning=data.get("learning")))
 
@@ -474,7 +611,7 @@ def collect(cache_dir: str = DEFAULT_CACHE_DIR, state_dir: str = DEFAULT_STATE_D
             pod.netns_name = os.path.basename(pod.netns)
         _read_pod_interface(pod, view.notes)
         if pod.source == "veth" and pod.ip:
-            lease = next((p for p in pods if p.source == "lease" and p.ip == pod.ip), None)
+            lease = next((p for p in pods if p.source == "lease" and set(p.ips) & set(pod.ips)), None)
             if lease is not None:  # the namespace listing names the pod a lease belongs to
                 pod.container_id, pod.network, pod.source = lease.container_id, lease.network, "lease"
                 pods.remove(lease)
@@ -490,15 +627,26 @@ def collect(cache_dir: str = DEFAULT_CACHE_DIR, state_dir: str = DEFAULT_STATE_D
             address = cidr.split("/")[0]
             if address in masq:
                 pod.masquerade = masq[address]
-        if not pod.masquerade and view.overlay_masquerade and pod.ip and view.network and \
-                ipaddress.ip_address(pod.ip) in ipaddress.ip_network(view.network):
+        if not pod.masquerade and view.overlay_masquerade and _in_networks(pod.ips, view.networks):
             pod.masquerade = f"{OVERLAY_TABLE} (leaving the cluster network)"
-        pod.port_mappings = [m for m in view.portmap_entries if m.pod_ip == pod.ip]
+        pod.port_mappings = [m for m in view.portmap_entries if _norm(m.pod_ip) in {_norm(a) for a in pod.ips}]
         if pod.host_veth:
             ifb = ifbs.get(id(pod)) or next(iter(readers.ingress_redirects(pod.host_veth)), "")
             pod.shaping = _shaping(qdiscs, pod.host_veth, ifb)
 
     for vx in view.vxlans:
-        vx.remotes = _remotes(vx, leases, view.public_ip, view.notes)
+        vx.remotes = _remotes(vx, leases, view.public_ip, view.notes, lanes)
     view.notes += errors.notes
     return view
+
+
+def _in_networks(addresses: list[str], networks: list[str]) -> bool:
+    for address in addresses:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            continue
+        if any(ip.version == ipaddress.ip_network(net).version and ip in ipaddress.ip_network(net)
+               for net in networks):
+            return True
+    return False

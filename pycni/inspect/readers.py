@@ -80,9 +80,9 @@ def addresses(errors: ReadErrors | None = None) -> dict[str, list[str]]:
     return out
 
 
-def routes(errors: ReadErrors | None = None, *args: str) -> list[dict[str, Any]]:
-    """IPv4 routes of the main table (`ip -j -4 route show ARGS`)."""
-    return ip_json("-4", "route", "show", *args, errors=errors)
+def routes(errors: ReadErrors | None = None, *args: str, version: int = 4) -> list[dict[str, Any]]:
+    """Routes of IP ``version`` (4 or 6) in the main table (`ip -j -4 route show ARGS`, `-6`)."""
+    return ip_json(f"-{version}", "route", "show", *args, errors=errors)
 
 
 def fdb(device: str, errors: ReadErrors | None = None) -> list[dict[str, Any]]:

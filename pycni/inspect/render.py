@@ -41,7 +41,7 @@ def _pod_lines(pod: Pod, last: bool) -> list[str]:
     if pod.mtu:
         details.append(f"mtu {pod.mtu}")
     if pod.gateway:
-        details.append(f"gateway {pod.gateway}")
+        details.append(f"gateway {', '.join(g for g in (pod.gateway, pod.gateway6) if g)}")
     lines.append(f"  {stem}    {pod.ifname} " + "  ".join(details))
     for mapping in pod.port_mappings:
         lines.append(f"  {stem}    hostPort {mapping.describe()}")
@@ -52,23 +52,42 @@ def _pod_lines(pod: Pod, last: bool) -> list[str]:
     return lines
 
 
-def _remote_line(remote: Remote, last: bool) -> str:
-    branch = "└─" if last else "├─"
+def _remote_lines(remote: Remote, last: bool) -> list[str]:
+    branch, stem = ("└─", "   ") if last else ("├─", "│  ")
     name = remote.node_name or "?"
     entries = f"fdb {_ok(remote.fdb)}, neighbour {_ok(remote.neigh)}, route {_ok(remote.route)}"
     store = ", in store" if remote.in_store else ""
-    return (f"  {branch} node {name}  {remote.public_ip or '?'}  subnet {remote.subnet or '?'}  "
-            f"VTEP {remote.vtep_mac or '?'} at {remote.vtep_address or '?'}  ({entries}{store})")
+    lines = [f"  {branch} node {name}  {remote.public_ip or '?'}  subnet {remote.subnet or '?'}  "
+             f"VTEP {remote.vtep_mac or '?'} at {remote.vtep_address or '?'}  ({entries}{store})"]
+    if remote.dual:
+        lines.append(f"  {stem}    IPv6 subnet {remote.subnet6 or '?'}  VTEP at {remote.vtep_address6 or '?'}  "
+                     f"(neighbour {_ok(remote.neigh6)}, route {_ok(remote.route6)})")
+    return lines
+
+
+def _remote_line(remote: Remote, last: bool) -> str:
+    return "\n".join(_remote_lines(remote, last))
+
+
+def _node_addresses(view: NodeView) -> str:
+    """"192.168.100.10 on eth0, fd70::10 on eth0": the node's own addresses and where they are."""
+    parts = []
+    for address, where in ((view.public_ip, view.underlay), (view.public_ipv6, view.underlay6)):
+        if address:
+            parts.append(address + (f" on {where}" if where else ""))
+    return ", ".join(parts)
 
 
 def node_text(view: NodeView) -> str:
     lines = []
     title = f"node {view.name or '(no overlay state)'}"
     if view.public_ip:
-        title += f"  {view.public_ip}" + (f" on {view.underlay}" if view.underlay else "")
+        title += f"  {_node_addresses(view)}"
     lines.append(title)
     if view.subnet:
         lines.append(f"  overlay: subnet {view.subnet} of {view.network}, gateway {view.gateway}, pod MTU {view.mtu}")
+    if view.subnet6:
+        lines.append(f"  overlay IPv6: subnet {view.subnet6} of {view.network6}, gateway {view.gateway6}")
     for bridge in view.bridges:
         lines.append("")
         lines.append(f"bridge {bridge.name}  {', '.join(bridge.addresses) or 'no address'}  mac {bridge.mac}  "
@@ -93,17 +112,19 @@ def node_text(view: NodeView) -> str:
         if not vx.remotes:
             lines.append("  (no remote nodes)")
         for i, remote in enumerate(vx.remotes):
-            lines.append(_remote_line(remote, i == len(vx.remotes) - 1))
+            lines += _remote_lines(remote, i == len(vx.remotes) - 1)
     lines.append("")
     lines.append("firewall")
     if view.overlay_members or view.overlay_masquerade:
         members = ", ".join(view.overlay_members) or "none"
-        masq = f"; pod traffic leaving {view.network or 'the cluster'} masqueraded" if view.overlay_masquerade else ""
+        leaving = " and ".join(view.networks) or "the cluster"
+        masq = f"; pod traffic leaving {leaving} masqueraded" if view.overlay_masquerade else ""
         lines.append(f"  pycni_overlay  VXLAN accepted from members {members}{masq}")
     else:
         lines.append("  pycni_overlay  (no table)")
     lines.append("  pycni_portmap  " + ("; ".join(m.describe() for m in view.portmap_entries) or "(no mappings)"))
-    masq = sorted({f"{p.ip} via {p.masquerade}" for p in view.pods if p.masquerade.startswith("pycni_masq")})
+    masq = sorted({f"{', '.join(p.ips)} via {p.masquerade}" for p in view.pods
+                   if p.masquerade.startswith("pycni_masq")})
     lines.append("  pycni_masq     " + ("; ".join(masq) or "(no entries)"))
     if view.notes:
         lines.append("")
@@ -114,12 +135,22 @@ def node_text(view: NodeView) -> str:
 
 def cluster_text(view: ClusterView) -> str:
     lines = [view.describe()]
-    rows = [("NODE", "PUBLIC-IP", "SUBNET", "VTEP-MAC", "")]
+    columns = [("NODE", lambda l: l.node_name or "-"), ("PUBLIC-IP", lambda l: l.public_ip)]
+    if any(l.subnet for l in view.leases) or not view.leases:
+        columns.append(("SUBNET", lambda l: l.subnet or "-"))
+    if any(l.ipv6_subnet for l in view.leases):
+        columns.append(("IPV6-SUBNET", lambda l: l.ipv6_subnet or "-"))
+    columns.append(("VTEP-MAC", lambda l: l.vtep_mac))
+    if any(l.public_ipv6 for l in view.leases):
+        columns += [("PUBLIC-IPV6", lambda l: l.public_ipv6 or "-"), ("IPV6-VTEP-MAC", lambda l: l.vtep_mac6 or "-")]
+    rows = [tuple(title for title, _ in columns) + ("",)]
     for lease in view.leases:
-        mark = "this node" if lease.public_ip == view.this_node else ""
-        rows.append((lease.node_name or "-", lease.public_ip, lease.subnet, lease.vtep_mac, mark))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines += ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + ("  " + r[4] if r[4] else "") for r in rows]
+        mark = "this node" if view.this_node and view.this_node in (lease.public_ip, lease.public_ipv6) else ""
+        rows.append(tuple(value(lease) for _, value in columns) + (mark,))
+    count = len(columns)
+    widths = [max(len(r[i]) for r in rows) for i in range(count)]
+    lines += ["  ".join(r[i].ljust(widths[i]) for i in range(count)) + ("  " + r[count] if r[count] else "")
+              for r in rows]
     if not view.leases:
         lines.append("(no leases)")
     return "\n".join(line.rstrip() for line in lines)
@@ -181,6 +212,9 @@ def _remote_node(remote: Remote, key: str) -> str:
     bad = not remote.complete
     rows = [f"{_e(remote.public_ip or '?')}", _small(f"subnet {_e(remote.subnet or '?')}"),
             _small(f"VTEP {_e(remote.vtep_mac or '?')}"), _small(f"VTEP address {_e(remote.vtep_address or '?')}")]
+    if remote.dual:
+        rows += [_small(f"IPv6 subnet {_e(remote.subnet6 or '?')}"),
+                 _small(f"IPv6 VTEP address {_e(remote.vtep_address6 or '?')}")]
     if bad:
         rows.append(f'<FONT COLOR="#b00020">missing: {_e(", ".join(remote.missing()))}</FONT>')
     title = f"node {_e(remote.node_name or '?')}"
@@ -190,13 +224,14 @@ def _remote_node(remote: Remote, key: str) -> str:
 def node_dot(view: NodeView) -> str:
     title = f"pycni inspect: node {view.name or '?'}"
     if view.subnet:
-        title += f"  ({view.subnet} of {view.network}, pod MTU {view.mtu})"
+        subnets = f"{view.subnet} of {view.network}" + (f", {view.subnet6} of {view.network6}" if view.subnet6 else "")
+        title += f"  ({subnets}, pod MTU {view.mtu})"
     out = ["digraph pycni {",
            f'  graph [rankdir=LR, fontname="{FONT}", fontsize=12, labelloc=t, label=<<B>{_e(title)}</B>>, '
            'nodesep=0.25, ranksep=0.7, bgcolor="white", pad=0.2];',
            f'  node [shape=plain, fontname="{FONT}", fontsize=10];',
            f'  edge [fontname="{FONT}", fontsize=9, color="#666666", arrowsize=0.6];']
-    out.append(f'  subgraph cluster_node {{ label=<{_e("node " + (view.name or "?") + "  " + view.public_ip)}>; '
+    out.append(f'  subgraph cluster_node {{ label=<{_e("node " + (view.name or "?") + "  " + _node_addresses(view))}>; '
                f'style="rounded,filled"; fillcolor="{COLORS["node"]}"; color="#999999";')
     for bridge in view.bridges:
         rows = [_e(", ".join(bridge.addresses) or "no address"), _small(f"mac {_e(bridge.mac)}  mtu {_e(bridge.mtu)}")]
@@ -207,12 +242,13 @@ def node_dot(view: NodeView) -> str:
         rows = [_e(", ".join(vx.addresses) or "no address"),
                 _small(f"VNI {_e(vx.vni)}  UDP {_e(vx.port)}  mtu {_e(vx.mtu)}"), _small(f"mac {_e(vx.mac)}")]
         out.append(f'  {_id("vx", vx.name)} [label={_table("vxlan " + _e(vx.name), rows, COLORS["vxlan"])}];')
-    if view.underlay:
-        rows = [_e(view.public_ip)]
+    underlays = _underlays(view)
+    for name, addresses in underlays.items():
+        rows = [_e(", ".join(addresses))]
         if view.overlay_members:
             rows.append(_small("VXLAN accepted from " + _e(", ".join(view.overlay_members))))
-        table = _table("underlay " + _e(view.underlay), rows, COLORS["underlay"])
-        out.append(f'  {_id("ul", view.underlay)} [label={table}];')
+        table = _table("underlay " + _e(name), rows, COLORS["underlay"])
+        out.append(f'  {_id("ul", name)} [label={table}];')
     out.append("  }")
     for i, pod in enumerate(view.pods):
         if pod.bridge:
@@ -220,16 +256,35 @@ def node_dot(view: NodeView) -> str:
     for vx in view.vxlans:
         for bridge in view.bridges:
             out.append(f'  {_id("br", bridge.name)} -> {_id("vx", vx.name)} [style=dashed, label="routed"];')
-        if view.underlay:
-            out.append(f'  {_id("vx", vx.name)} -> {_id("ul", view.underlay)} [label="encap UDP {_e(vx.port)}"];')
+        underlay = _underlay_of(vx, view, underlays)
+        if underlay:
+            out.append(f'  {_id("vx", vx.name)} -> {_id("ul", underlay)} [label="encap UDP {_e(vx.port)}"];')
         for j, remote in enumerate(vx.remotes):
             key = _id("remote", f"{vx.name}_{j}")
             out.append(_remote_node(remote, key))
-            source = _id("ul", view.underlay) if view.underlay else _id("vx", vx.name)
+            source = _id("ul", underlay) if underlay else _id("vx", vx.name)
             color = "#b00020" if not remote.complete else "#666666"
-            out.append(f'  {source} -> {key} [color="{color}", label="{_e(remote.subnet)}"];')
+            subnets = ", ".join(s for s in (remote.subnet, remote.subnet6) if s)
+            out.append(f'  {source} -> {key} [color="{color}", label="{_e(subnets)}"];')
     out.append("}")
     return "\n".join(out) + "\n"
+
+
+def _underlays(view: NodeView) -> dict[str, list[str]]:
+    """The node's underlay interfaces and the node's own addresses on each."""
+    out: dict[str, list[str]] = {}
+    for address, name in ((view.public_ip, view.underlay), (view.public_ipv6, view.underlay6)):
+        if address and name:
+            out.setdefault(name, []).append(address)
+    return out
+
+
+def _underlay_of(vx, view: NodeView, underlays: dict[str, list[str]]) -> str:
+    """The underlay interface a VXLAN device sends on: the one holding its local address (else the first)."""
+    for name, addresses in underlays.items():
+        if vx.local and vx.local in addresses:
+            return name
+    return next(iter(underlays), "")
 
 
 def cluster_dot(view: ClusterView) -> str:
@@ -240,18 +295,25 @@ def cluster_dot(view: ClusterView) -> str:
            f'  edge [fontname="{FONT}", fontsize=9, color="#666666"];',
            f'  underlay [shape=ellipse, style=filled, fillcolor="{COLORS["underlay"]}", '
            f'label="underlay\\nVXLAN UDP {_e(view.port or "?")}"];']
-    if view.network:
+    networks = view.networks
+    if networks:
         out.append(f'  overlay [shape=ellipse, style=filled, fillcolor="{COLORS["vxlan"]}", '
-                   f'label="pod network {_e(view.network)}\nVXLAN VNI {_e(view.vni)}"];')
+                   f'label="pod network {_e(" + ".join(networks))}\nVXLAN VNI {_e(view.vni)}"];')
     for i, lease in enumerate(view.leases):
-        mark = " (this node)" if lease.public_ip == view.this_node else ""
-        rows = [_e(lease.public_ip), _small(f"pod subnet {_e(lease.subnet)}"), _small(f"VTEP {_e(lease.vtep_mac)}")]
+        mark = " (this node)" if view.this_node and view.this_node in (lease.public_ip, lease.public_ipv6) else ""
+        rows = [_e(", ".join(a for a in (lease.public_ip, lease.public_ipv6) if a))]
+        rows += [_small(f"pod subnet {_e(subnet)}") for subnet in lease.subnets]
+        rows.append(_small(f"VTEP {_e(lease.vtep_mac)}"))
+        if lease.vtep_mac6:
+            rows.append(_small(f"IPv6 VTEP {_e(lease.vtep_mac6)}"))
         color = COLORS["bridge"] if mark else COLORS["remote"]
         table = _table("node " + _e((lease.node_name or "?") + mark), rows, color)
         out.append(f'  {_id("n", str(i))} [label={table}];')
-        if view.network:
-            out.append(f'  overlay -- {_id("n", str(i))} [label="{_e(lease.subnet)}", style=dashed];')
-        out.append(f'  {_id("n", str(i))} -- underlay [label="{_e(lease.public_ip)}"];')
+        if networks:
+            out.append(f'  overlay -- {_id("n", str(i))} [label="{_e(", ".join(lease.subnets))}", style=dashed];')
+        for address in (lease.public_ip, lease.public_ipv6):
+            if address:
+                out.append(f'  {_id("n", str(i))} -- underlay [label="{_e(address)}"];')
     out.append("}")
     return "\n".join(out) + "\n"
 

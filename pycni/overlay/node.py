@@ -593,7 +593,7 @@ class OverlayNode:
         # The pods' gateway MAC: per node name and bridge, the same across restarts and reboots.
         derived = stable_bridge_mac(name, node_id=self._node_name)
         existed = kip.find_link(ipr, name) is not None
-        bridge = kip.ensure_bridge(ipr, name, mtu=self._mtu, mac=self._bridge_mac or derived)
+        bridge = kip.ensure_bridge(ipr, name, mtu=self._mtu, mac=self._bridge_mac or derived, dad=False)
         if bridge.mtu != self._mtu and not self._has_ports(bridge.index):
             ipr.link("set", index=bridge.index, mtu=self._mtu)
         adopting = existed and not self._bridge_mac

@@ -18,6 +18,13 @@ rows the fault must break fail, each with a message naming it:
     firewall new connections arriving at n1 through the VXLAN device dropped
 
 Every fault lives in a test namespace and is removed again, also on failure.
+
+Then a dual-stack cluster (--network 10.244.0.0/16 --ipv6-network
+fd00:10:244::/56 on the IPv4 underlay): every row of both families passes
+(the IPv6 rows named <check>/ipv6), and an IPv6-only firewall drop
+(`meta nfproto ipv6`) fails exactly the IPv6 paths into its node while every
+IPv4 row passes. Last, two nodes of each other kind (both underlays, an IPv6
+underlay, IPv6 only) pass the rows they have.
 """
 from __future__ import annotations
 
@@ -358,3 +365,117 @@ def test_the_cluster_is_green_again_after_the_faults(file_cluster):
     report = conformance_everywhere(file_cluster)
     assert report["exit"] == 0, report["table"]
     no_leftovers(file_cluster)
+
+
+# ---- dual-stack --------------------------------------------------------------------------------
+
+NETWORK6 = "fd00:10:244::/56"
+
+
+def expected_rows(names: Sequence[str], families: Sequence[int], node_addresses: Sequence[int]) -> set:
+    """The rows of a healthy run: per node its own set-up and its own probe, per ordered pair of nodes the
+    paths between them, once per pod family (the IPv6 rows named <check>/ipv6); pod-node and hostport only
+    in the families the nodes have an address of their own of."""
+    def name(check: str, version: int) -> str:
+        return check + "/ipv6" if version == 6 else check
+
+    rows = {(check, a, a) for a in names for check in OWN_ROWS}
+    for version in families:
+        own = ["pod-pod-same-node", "no-snat", "node-pod"] + (["pod-node"] if version in node_addresses else [])
+        pair = ["pod-pod-other-node", "no-snat", "node-pod", "pmtu"] + (
+            ["pod-node", "hostport"] if version in node_addresses else [])
+        rows |= {(name(check, version), a, a) for a in names for check in own}
+        rows |= {(name(check, version), a, b) for a in names for b in names if a != b for check in pair}
+    return rows
+
+
+# On the IPv4 underlay the nodes have no IPv6 address of their own: no pod-node/ipv6, no hostport/ipv6.
+DUAL_ROWS = EXPECTED_ROWS + 3 * 3 + 6 * 4
+
+
+@pytest.fixture(scope="module")
+def dual_cluster() -> Iterator[PodCluster]:
+    with pod_cluster(3, "file", "cfd", network=CLUSTER_NETWORK, ipv6_network=NETWORK6) as c:
+        yield c
+
+
+def dual_rows(cluster: PodCluster) -> set[tuple[str, str, str]]:
+    return expected_rows([f"n{n.index}" for n in cluster.nodes], [4, 6], [4])
+
+
+def test_a_healthy_dual_stack_cluster_passes_every_row_of_both_families(dual_cluster):
+    import ipaddress
+    import time
+
+    c = dual_cluster
+    started = time.monotonic()
+    report = conformance_everywhere(c)
+    took = time.monotonic() - started
+    assert report["exit"] == 0, report["table"]
+    assert {(r["check"], r["from"], r["to"]) for r in report["checks"]} == dual_rows(c), report["table"]
+    assert len(report["checks"]) == DUAL_ROWS == 87
+    assert {r["result"] for r in report["checks"]} == {"pass"}, report["table"]
+    # Every IPv6 exchange went between the pods' IPv6 addresses, with no translation on the way.
+    subnets6 = {f"n{n.index}": ipaddress.ip_network(n.read_state()["ipv6Subnet"]) for n in c.nodes}
+    for row in report["checks"]:
+        if row["check"] == "no-snat/ipv6":
+            seen = ipaddress.ip_address(row["message"].split(" saw ")[1].split(",")[0])
+            assert seen in subnets6[row["from"]], row
+        if row["check"] == "pmtu/ipv6":
+            assert row["message"].startswith("1280-byte and 1400-byte packets cross unfragmented"), row
+    assert f"PASS: {DUAL_ROWS} checks" in report["table"]
+    print(f"\nconformance on the 3-node dual-stack cluster: {took:.1f} s for {DUAL_ROWS} rows")
+    no_leftovers(c)
+
+
+def test_an_ipv6_only_firewall_drop_fails_exactly_the_ipv6_paths_into_that_node(dual_cluster):
+    c = dual_cluster
+    n1 = c.nodes[1]
+    body = ("  chain forward {\n    type filter hook forward priority filter; policy accept;\n"
+            "    iifname \"pycni.1\" meta nfproto ipv6 ct state new drop\n  }")
+    with nft_fault(n1, "inet", "conformance_fault_fw6", body):
+        report = conformance_everywhere(c)
+    expected = {(check, src, "n1") for check in ("pod-pod-other-node/ipv6", "node-pod/ipv6") for src in ("n0", "n2")}
+    skipped_rows = {(check, src, "n1") for check in ("no-snat/ipv6", "pmtu/ipv6") for src in ("n0", "n2")}
+    assert set(failing(report)) == expected, report["table"]
+    assert skipped(report) == skipped_rows, report["table"]
+    assert report["exit"] == 1 and len(report["checks"]) == DUAL_ROWS
+    for message in failing(report).values():
+        assert message.startswith("IPv6 TCP "), message
+        assert ("packets dropped: firewall (node n1: table inet conformance_fault_fw6 chain forward (forward): "
+                "1 drop/reject rule, IPv6 only)") in message, message
+        assert "the same check passes in IPv4 between these nodes, so the fault is IPv6's alone" in message
+    # Every IPv4 row still passes.
+    assert {r["result"] for r in report["checks"] if not r["check"].endswith("/ipv6")} == {"pass"}
+    no_leftovers(c)
+
+
+KINDS = {
+    # kind: (network, IPv6 network, underlay, the families the nodes have an address of their own of, prefix)
+    "dual-both-underlays": (CLUSTER_NETWORK, NETWORK6, "dual", [4, 6], "ckb"),
+    "dual-ipv6-underlay": (CLUSTER_NETWORK, NETWORK6, "ipv6", [6], "ck6"),
+    "ipv6-only": ("", NETWORK6, "ipv4", [4], "cko"),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_kind_of_dual_stack_and_ipv6_cluster_passes_the_rows_it_has(kind):
+    """Two nodes of each other cluster kind: with an IPv6 address of their own the nodes get pod-node/ipv6
+    and hostport/ipv6 rows (and without an IPv4 one no IPv4 pod-node or hostport rows); an IPv6-only
+    cluster has only IPv6 rows."""
+    network, network6, underlay, node_addresses, prefix = KINDS[kind]
+    with pod_cluster(2, "file", prefix, network=network, ipv6_network=network6, underlay=underlay) as c:
+        report = conformance_everywhere(c)
+        families = [4, 6] if network else [6]
+        assert report["exit"] == 0, report["table"]
+        assert {(r["check"], r["from"], r["to"]) for r in report["checks"]} == \
+            expected_rows(["n0", "n1"], families, node_addresses), report["table"]
+        assert {r["result"] for r in report["checks"]} == {"pass"}, report["table"]
+        if 6 in node_addresses:
+            publics6 = {f"n{n.index}": n.public_ip if ":" in n.public_ip else n.read_state()["publicIPv6"]
+                        for n in c.nodes}
+            for row in report["checks"]:
+                if row["check"] in ("pod-node/ipv6", "hostport/ipv6") and row["from"] != row["to"]:
+                    # pod -> another node's IPv6 address leaves masqueraded, like IPv4
+                    assert row["message"] == f"seen from {publics6[row['from']]}", row
+        no_leftovers(c)

@@ -217,3 +217,146 @@ def test_text_needs_no_graphviz(live, tmp_path):
     done = subprocess.run(cmd + ["--format", "svg"], capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 1 and "Graphviz is not installed" in done.stderr
     assert ipaddress.ip_address(live.on(0)[0].address)
+
+
+# ---- dual-stack --------------------------------------------------------------------------------
+
+NETWORK6 = "fd00:10:244::/56"
+
+
+@dataclass
+class DualPod:
+    node: int
+    name: str
+    container_id: str
+    addresses: dict[int, str]    # family -> address
+
+
+@dataclass
+class Dual:
+    cluster: PodCluster
+    underlay: str
+    pods: list[DualPod]
+
+
+@pytest.fixture(scope="module", params=["ipv4", "dual"], ids=["ipv4-underlay", "both-underlays"])
+def dual(request) -> Iterator[Dual]:
+    """Two dual-stack nodes with a pod each (the first with a hostPort): both pod families over the IPv4
+    underlay's pycni.1, or (both underlays) the IPv6 pods over a second device, pycni6.1, on an IPv6 one."""
+    with pod_cluster(2, "file", f"id{request.param[0]}", ipv6_network=NETWORK6, underlay=request.param) as c, \
+            contextlib.ExitStack() as stack:
+        pods = []
+        for node in c.nodes:
+            name = f"{c.topo.tag}-d{node.index}"
+            netns.create(name)
+            stack.callback(netns.delete, name)
+            container_id = f"inspect-dual-n{node.index}"
+            env = c.env(node)
+            if node.index == 0:
+                env["CAP_ARGS"] = json.dumps({"portMappings": [{"hostPort": HOST_PORT, "containerPort": 80,
+                                                                "protocol": "tcp"}]})
+            cmd = ["ip", "netns", "exec", node.name, PYCNI, "add", NET_NAME, name, "--container-id", container_id]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            stack.callback(subprocess.run, ["ip", "netns", "exec", node.name, PYCNI, "del", NET_NAME, name,
+                                            "--container-id", container_id], env=env, capture_output=True)
+            link = _ip_json("-n", name, "addr", "show", "eth0")[0]
+            addresses = {4 if a["family"] == "inet" else 6: a["local"] for a in link["addr_info"]
+                         if a.get("scope") != "link"}
+            assert sorted(addresses) == [4, 6], link
+            pods.append(DualPod(node.index, name, container_id, addresses))
+        yield Dual(c, request.param, pods)
+
+
+def inspect_dual(dual: Dual, index: int, *args: str) -> str:
+    return inspect(Live(dual.cluster, []), index, *args).stdout.decode()
+
+
+def test_dual_stack_text_shows_both_families_of_pods_nodes_and_remotes(dual):
+    c = dual.cluster
+    n0, n1 = c.nodes
+    state, remote = n0.read_state(), n1.read_state()
+    text = inspect_dual(dual, 0)
+    pod = dual.pods[0]
+    assert f"eth0 {pod.addresses[4]}/24, {pod.addresses[6]}/64" in text, text
+    assert f"gateway {state['gateway']}, {state['ipv6Gateway']}" in text
+    assert f"overlay: subnet {state['subnet']} of 10.244.0.0/16" in text
+    assert f"overlay IPv6: subnet {state['ipv6Subnet']} of {NETWORK6}, gateway {state['ipv6Gateway']}" in text
+    assert f"hostPort tcp {HOST_PORT} -> {pod.addresses[4]}:80" in text
+    assert f"hostPort tcp {HOST_PORT} -> [{pod.addresses[6]}]:80" in text
+    assert f"pod traffic leaving 10.244.0.0/16 and {NETWORK6} masqueraded" in text
+    vtep6 = remote["ipv6Subnet"].split("/")[0]
+    if dual.underlay == "ipv4":
+        # One device carries both families to n1: one FDB entry, a neighbour and a route of each family.
+        assert f"node n1  {n1.public_ip}  subnet {remote['subnet']}  VTEP {remote['vtepMAC']}" in text
+        assert f"IPv6 subnet {remote['ipv6Subnet']}  VTEP at {vtep6}  (neighbour ok, route ok)" in text
+        assert "pycni6.1" not in text
+    else:
+        assert f"node n0  {n0.public_ip} on eth0, {state['publicIPv6']} on eth0" in text
+        assert f"vxlan pycni6.1  VNI 1  UDP 8472  local {state['publicIPv6']}" in text
+        assert (f"node n1  {remote['publicIPv6']}  subnet {remote['ipv6Subnet']}  VTEP {remote['ipv6VtepMAC']} at "
+                f"{vtep6}  (fdb ok, neighbour ok, route ok, in store)") in text
+        assert (f"node n1  {n1.public_ip}  subnet {remote['subnet']}  VTEP {remote['vtepMAC']} at "
+                f"{remote['subnet'].split('/')[0]}  (fdb ok, neighbour ok, route ok, in store)") in text
+    assert "MISSING" not in text
+
+
+def test_dual_stack_json_and_cluster_view_hold_both_families(dual):
+    c = dual.cluster
+    n0, n1 = c.nodes
+    state, remote = n0.read_state(), n1.read_state()
+    doc = json.loads(inspect_dual(dual, 0, "--format", "json"))
+    assert (doc["subnet"], doc["subnet6"], doc["network6"]) == (state["subnet"], state["ipv6Subnet"], NETWORK6)
+    (pod,) = doc["pods"]
+    assert [a.split("/")[0] for a in pod["addresses"]] == [dual.pods[0].addresses[4], dual.pods[0].addresses[6]]
+    remotes = {(vx["name"], r["subnet"], r["subnet6"], r["fdb"], r["neigh"], r["route"], r["neigh6"], r["route6"])
+               for vx in doc["vxlans"] for r in vx["remotes"]}
+    if dual.underlay == "ipv4":
+        assert remotes == {("pycni.1", remote["subnet"], remote["ipv6Subnet"], True, True, True, True, True)}
+    else:
+        assert doc["public_ipv6"] == state["publicIPv6"]
+        assert remotes == {("pycni.1", remote["subnet"], "", True, True, True, False, False),
+                           ("pycni6.1", remote["ipv6Subnet"], "", True, True, True, False, False)}
+    text = inspect_dual(dual, 1, "--cluster")
+    assert text.splitlines()[0].startswith(f"cluster network 10.244.0.0/16: /24 per node, IPv6 network {NETWORK6}: "
+                                           f"/64 per node")
+    for node in c.nodes:
+        s = node.read_state()
+        line = next(line for line in text.splitlines() if line.startswith(f"n{node.index} "))
+        assert s["subnet"] in line and s["ipv6Subnet"] in line, line
+    cluster = json.loads(inspect_dual(dual, 1, "--cluster", "--format", "json"))
+    assert cluster["ipv6Network"] == NETWORK6 and cluster["thisNode"] == n1.public_ip
+    assert {l["ipv6Subnet"] for l in cluster["leases"]} == {n.read_state()["ipv6Subnet"] for n in c.nodes}
+
+
+@needs_graphviz
+def test_dual_stack_svg_draws_both_families(dual):
+    c = dual.cluster
+    svg = inspect_dual(dual, 0, "--format", "svg")
+    texts = " ".join(t.text or "" for t in ET.fromstring(svg).iter() if t.tag.endswith("text"))
+    remote = c.nodes[1].read_state()
+    for expected in (*dual.pods[0].addresses.values(), remote["subnet"], remote["ipv6Subnet"]):
+        assert expected in texts, f"{expected!r} not drawn"
+    svg = inspect_dual(dual, 0, "--cluster", "--format", "svg")
+    texts = " ".join(t.text or "" for t in ET.fromstring(svg).iter() if t.tag.endswith("text"))
+    for node in c.nodes:
+        assert node.read_state()["ipv6Subnet"] in texts
+
+
+def test_a_missing_ipv6_neighbour_entry_is_shown_as_missing(dual):
+    c = dual.cluster
+    n0, n1 = c.nodes
+    remote = n1.read_state()
+    device = "pycni.1" if dual.underlay == "ipv4" else "pycni6.1"
+    vtep6 = remote["ipv6Subnet"].split("/")[0]
+    with agent_paused(c.agents[n0.name], c.store_dir):
+        subprocess.run(["ip", "netns", "exec", n0.name, "ip", "-6", "neigh", "del", vtep6, "dev", device],
+                       check=True, capture_output=True, timeout=10)
+        text = inspect_dual(dual, 0)
+        dot = inspect_dual(dual, 0, "--format", "dot")
+    if dual.underlay == "ipv4":
+        assert f"IPv6 subnet {remote['ipv6Subnet']}  VTEP at {vtep6}  (neighbour MISSING, route ok)" in text, text
+        assert "missing: IPv6 neighbour" in dot
+    else:
+        assert "(fdb ok, neighbour MISSING, route ok, in store)" in text, text
+        assert "missing: neighbour" in dot

@@ -156,6 +156,18 @@ def test_every_pod_gets_an_address_of_each_family_from_its_nodes_subnets(cluster
             assert "default" in routes and network in routes, (version, routes)
 
 
+def test_the_pods_ipv6_gateway_is_usable_at_once_no_duplicate_address_detection_on_the_bridge(cluster):
+    for node in cluster.nodes:  # every kind has IPv6 pods
+        bridge = node.read_state()["bridge"]
+        dad = subprocess.run(["ip", "netns", "exec", node.name, "sysctl", "-n", f"net.ipv6.conf.{bridge}.accept_dad"],
+                             capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+        assert dad == "0", dad
+        shown = json.loads(subprocess.run(["ip", "-n", node.name, "-j", "-6", "addr", "show", "dev", bridge],
+                                          capture_output=True, check=True, timeout=30).stdout)[0]
+        # Every address, the link-local one included, is usable: none tentative, so the first packets go at once.
+        assert shown["addr_info"] and not [a for a in shown["addr_info"] if a.get("tentative")], shown
+
+
 def test_every_pod_pair_talks_in_each_family_with_its_own_address(cluster):
     failures = []
     for a in cluster.nodes:

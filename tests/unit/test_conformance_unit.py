@@ -162,9 +162,12 @@ RULESET = [
 def test_firewall_facts_list_foreign_chains_that_drop_or_translate():
     found = facts.firewall_facts(RULESET)
     assert found == [
-        {"table": "inet fw", "chain": "forward", "hook": "forward", "policy": "accept", "drops": 2, "nats": 0},
-        {"table": "ip nat", "chain": "post", "hook": "postrouting", "policy": "accept", "drops": 0, "nats": 1},
-        {"table": "ip filter", "chain": "INPUT", "hook": "input", "policy": "drop", "drops": 0, "nats": 0},
+        {"table": "inet fw", "chain": "forward", "hook": "forward", "policy": "accept", "drops": 2, "nats": 0,
+         "drops4": 2, "drops6": 2},
+        {"table": "ip nat", "chain": "post", "hook": "postrouting", "policy": "accept", "drops": 0, "nats": 1,
+         "drops4": 0, "drops6": 0},
+        {"table": "ip filter", "chain": "INPUT", "hook": "input", "policy": "drop", "drops": 0, "nats": 0,
+         "drops4": 0, "drops6": 0},
     ]
     assert facts.describe_firewall(found) == ("table inet fw chain forward (forward): 2 drop/reject rules; "
                                               "table ip filter chain INPUT (input): policy drop")
@@ -179,8 +182,8 @@ def test_datapath_facts_check_each_lease_against_the_vxlan_entries(monkeypatch):
     monkeypatch.setattr(facts.readers, "fdb", lambda dev: [{"mac": "0a:00:00:00:00:01", "dst": "10.0.0.2"}])
     monkeypatch.setattr(facts.readers, "neighbours", lambda dev: [{"dst": "10.244.1.0", "lladdr": "0a:00:00:00:00:01"},
                                                                   {"dst": "10.244.2.0", "lladdr": "0a:00:00:00:00:02"}])
-    monkeypatch.setattr(facts.readers, "routes",
-                        lambda errors, *args: [{"dst": "10.244.1.0/24", "gateway": "10.244.1.0"}])
+    monkeypatch.setattr(facts.readers, "routes", lambda errors, *args, version=4:
+                        [{"dst": "10.244.1.0/24", "gateway": "10.244.1.0"}] if version == 4 else [])
     leases = [L("10.0.0.1", "10.244.0.0/24", "0a:00:00:00:00:00"), L("10.0.0.2", "10.244.1.0/24", "0A:00:00:00:00:01"),
               L("10.0.0.3", "10.244.2.0/24", "0a:00:00:00:00:02")]
     assert facts.datapath_facts("pycni.1", leases, "10.0.0.1") == {
@@ -309,3 +312,315 @@ def test_the_run_record_round_trips_and_portmap_is_detected(tmp_path):
     assert has_port_mappings(NetList)
     NetList.plugins = NetList.plugins[:1]
     assert not has_port_mappings(NetList)
+
+
+# ---- dual-stack --------------------------------------------------------------------------------
+
+from pycni.conformance import checks  # noqa: E402
+from pycni.conformance.model import CHECK_HELP, CHECKS, family_check, split_check  # noqa: E402
+
+
+def dual_party(node: str, index: int, datapath: dict | None = None, firewall: list | None = None,
+               public_ipv6: str = "", vxlan_device6: str = "") -> Party:
+    import ipaddress
+
+    p = party(node, index, datapath, firewall)
+    subnet = ipaddress.ip_network(f"fd00:10:244:{index}::/64")
+    p.subnet6, p.probe_ip6, p.client_ip6 = str(subnet), str(subnet[2]), str(subnet[3])
+    if public_ipv6:
+        p.public_ipv6, p.vtep_mac6, p.vxlan_device6 = public_ipv6, f"0a:66:00:00:00:0{index}", vxlan_device6
+    return p
+
+
+def test_the_ipv6_rows_carry_the_family_in_their_name_next_to_their_ipv4_rows():
+    assert family_check("pmtu", 4) == "pmtu" and family_check("pmtu", 6) == "pmtu/ipv6"
+    assert split_check("pod-pod-other-node/ipv6") == ("pod-pod-other-node", 6)
+    assert split_check("gateway-mac") == ("gateway-mac", 4)
+    assert CHECKS.index("pod-pod-other-node/ipv6") == CHECKS.index("pod-pod-other-node") + 1
+    assert CHECKS[:2] == ("probe-pod", "gateway-mac") and CHECKS[-2:] == ("store-entries", "rendezvous")
+    assert all(name in CHECK_HELP for name in CHECKS)
+    assert "IPv6" in CHECK_HELP["pmtu/ipv6"] and "1280" in CHECK_HELP["pmtu"]
+    rows = [Check("pmtu/ipv6", "a", "b", PASS), Check("pmtu", "a", "b", PASS), Check("no-snat/ipv6", "a", "b", PASS)]
+    assert [r.check for r in sorted(rows, key=lambda r: r.sort_key)] == ["no-snat/ipv6", "pmtu", "pmtu/ipv6"]
+
+
+def test_a_dual_stack_party_round_trips_and_an_older_one_still_reads():
+    a = dual_party("a", 0, public_ipv6="fd70::10", vxlan_device6="pycni6.1")
+    data = a.to_dict()
+    assert (data["ipv6Subnet"], data["ipv6ProbeIP"], data["publicIPv6"]) == ("fd00:10:244::/64", "fd00:10:244::2",
+                                                                             "fd70::10")
+    again = Party.from_json(a.to_json())
+    assert again == a
+    assert again.families == [4, 6] and again.probe(6) == a.probe_ip6 and again.client(4) == a.client_ip
+    assert again.node_ip(4) == a.public_ip and again.node_ip(6) == "fd70::10"
+    assert again.vtep_address_of(6) == "fd00:10:244::" and again.vtep_address_of(4) == "10.244.0.0"
+    # An entry of an older run (IPv4 only, no IPv6 keys) reads as an IPv4-only party.
+    old = party("b", 1).to_dict()
+    assert not any(key.startswith("ipv6") or key == "publicIPv6" for key in old)
+    b = Party.from_dict(old)
+    assert b.families == [4] and b.node_ip(6) == "" and b.probe(6) == ""
+    # An IPv6-only node publishes its IPv6 pods in the plain fields.
+    c = Party(node="c", public_ip="192.168.100.12", subnet="fd00:10:244:2::/64", vtep_mac="0a:58:00:00:00:02",
+              vxlan_device="pycni.1", mtu=1450, probe_ip="fd00:10:244:2::2", client_ip="fd00:10:244:2::3",
+              echo_port=7080, host_port=17080, session="s2")
+    assert c.families == [6] and c.probe(4) == "" and c.vtep_address_of(6) == "fd00:10:244:2::"
+
+
+@pytest.mark.parametrize("bad", [{"ipv6ProbeIP": "10.244.0.9"}, {"ipv6ClientIP": "pod.example"},
+                                 {"publicIPv6": "192.168.1.1"}, {"ipv6Subnet": "10.244.0.0/24"},
+                                 {"ipv6Subnet": "fd00:10:244::1/64"}])
+def test_a_party_refuses_malformed_ipv6_fields(bad):
+    data = dual_party("a", 0).to_dict()
+    data.update(bad)
+    with pytest.raises((ValueError, TypeError)):
+        Party.from_dict(data)
+
+
+def test_ipv6_pods_take_the_second_device_only_when_both_nodes_have_an_ipv6_underlay():
+    a = dual_party("a", 0, public_ipv6="fd70::10", vxlan_device6="pycni6.1")
+    b = dual_party("b", 1, public_ipv6="fd70::11", vxlan_device6="pycni6.1")
+    assert a.lane_to(b, 6) == ("pycni6.1", "0a:66:00:00:00:01", "fd70::11")
+    assert a.lane_to(b, 4) == ("pycni.1", "0a:58:00:00:00:01", "192.168.100.11")
+    assert a.lane_to(dual_party("c", 2), 6) == ("pycni.1", "0a:58:00:00:00:02", "192.168.100.12")
+
+
+def test_a_missing_ipv6_entry_is_named_with_its_family_and_device():
+    ok = {"fdb": True, "neigh": True, "route": True}
+    a = dual_party("a", 0, {"192.168.100.11": {**ok, "ipv6": {**ok, "neigh": False, "device": "pycni.1"}}})
+    b = dual_party("b", 1)
+    message = diagnose.explain_no_reply("IPv6 TCP x", [diagnose.Leg(a, b, version=6)], 2)
+    assert message == ("IPv6 TCP x: no reply within 2s; node a has no NDP/neighbour entry for remote VTEP "
+                       "fd00:10:244:1:: (0a:58:00:00:00:01) on pycni.1: missing neighbour entry")
+    # The IPv4 leg of the same pair is complete: nothing missing, so the underlay is blamed.
+    assert "packets lost on the underlay" in diagnose.explain_no_reply("TCP x", [diagnose.Leg(a, b)], 2)
+    a.facts["datapath"]["192.168.100.11"].pop("ipv6")
+    assert "has no IPv6 overlay entries at all for node b" in diagnose.explain_no_reply(
+        "x", [diagnose.Leg(a, b, version=6)], 2)
+    # On the second device the FDB entry names the remote's IPv6 underlay.
+    a = dual_party("a", 0, {"192.168.100.11": {**ok, "ipv6": {**ok, "fdb": False, "device": "pycni6.1"}}},
+                   public_ipv6="fd70::10", vxlan_device6="pycni6.1")
+    b = dual_party("b", 1, public_ipv6="fd70::11", vxlan_device6="pycni6.1")
+    assert ("node a has no ARP/FDB for remote VTEP 0a:66:00:00:00:01 -> fd70::11 on pycni6.1: missing FDB entry"
+            in diagnose.explain_no_reply("x", [diagnose.Leg(a, b, version=6)], 2))
+
+
+def test_a_drop_rule_for_one_family_is_blamed_for_that_family_only():
+    ruleset = [
+        {"chain": {"family": "inet", "table": "fw6", "name": "forward", "hook": "forward", "policy": "accept"}},
+        {"rule": {"family": "inet", "table": "fw6", "chain": "forward", "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "pycni.1"}},
+            {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": "ipv6"}},
+            {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}}, {"drop": None}]}},
+    ]
+    found = facts.firewall_facts(ruleset)
+    assert found[0]["drops"] == 1 and (found[0]["drops4"], found[0]["drops6"]) == (0, 1)
+    ok = {"fdb": True, "neigh": True, "route": True}
+    a, b = dual_party("a", 0, {"192.168.100.11": {**ok, "ipv6": dict(ok)}}), dual_party("b", 1, firewall=found)
+    v6 = diagnose.explain_no_reply("IPv6 TCP x", [diagnose.Leg(a, b, version=6)], 2)
+    assert v6.endswith("packets dropped: firewall (node b: table inet fw6 chain forward (forward): 1 drop/reject "
+                       "rule, IPv6 only)")
+    assert "packets dropped" not in diagnose.explain_no_reply("TCP x", [diagnose.Leg(a, b)], 2)
+    # A rule that matches both families is blamed for both, without the qualifier (and entries of older
+    # runs, without per-family counts, count for both).
+    both = [{"table": "inet fw", "chain": "forward", "hook": "forward", "policy": "accept", "drops": 1, "nats": 0}]
+    assert facts.describe_firewall(both, "drops", 6) == "table inet fw chain forward (forward): 1 drop/reject rule"
+    ip6_policy = [{"table": "ip6 filter", "chain": "FORWARD", "hook": "forward", "policy": "drop", "drops": 0,
+                   "nats": 0, "drops4": 0, "drops6": 0}]
+    assert facts.describe_firewall(ip6_policy, "drops", 4) == ""
+    assert facts.describe_firewall(ip6_policy, "drops", 6) == "table ip6 filter chain FORWARD (forward): policy drop"
+
+
+@pytest.mark.parametrize("family, expr, families", [
+    ("ip", [], {4}), ("ip6", [], {6}), ("inet", [], {4, 6}),
+    ("inet", [{"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "saddr"}}, "right": "fd00::1"}}],
+     {6}),
+    ("inet", [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "10.0.0.1"}}],
+     {4}),
+    ("inet", [{"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "ipv6-icmp"}}], {6}),
+    ("inet", [{"match": {"op": "!=", "left": {"meta": {"key": "nfproto"}}, "right": "ipv6"}}], {4, 6}),
+    ("bridge", [{"match": {"op": "==", "left": {"payload": {"protocol": "ether", "field": "type"}}, "right": "ip"}}],
+     {4}),
+])
+def test_the_families_a_drop_rule_can_match(family, expr, families):
+    assert facts.rule_families(family, expr) == families
+
+
+def test_datapath_facts_check_each_family_on_the_device_that_carries_it(monkeypatch):
+    class L:
+        def __init__(self, public_ip, subnet, mac, ipv6_subnet, public_ipv6="", vtep_mac6=""):
+            self.public_ip, self.subnet, self.vtep_mac, self.ipv6_subnet = public_ip, subnet, mac, ipv6_subnet
+            self.public_ipv6, self.vtep_mac6 = public_ipv6, vtep_mac6
+
+    kernel = {
+        "pycni.1": ([{"mac": "0a:00:00:00:00:01", "dst": "10.0.0.2"}, {"mac": "0a:00:00:00:00:02", "dst": "10.0.0.3"}],
+                    [{"dst": "10.244.1.0", "lladdr": "0a:00:00:00:00:01"},
+                     {"dst": "fd00:10:244:1::", "lladdr": "0a:00:00:00:00:01"},
+                     {"dst": "10.244.2.0", "lladdr": "0a:00:00:00:00:02"}],
+                    {4: [{"dst": "10.244.1.0/24", "gateway": "10.244.1.0"},
+                         {"dst": "10.244.2.0/24", "gateway": "10.244.2.0"}],
+                     6: [{"dst": "fd00:10:244:1::/64", "gateway": "fd00:10:244:1::"}]}),
+        "pycni6.1": ([{"mac": "0a:66:00:00:00:02", "dst": "fd70::3"}],
+                     [{"dst": "fd00:10:244:2::", "lladdr": "0a:66:00:00:00:02"}], {4: [], 6: []}),
+    }
+    monkeypatch.setattr(facts.readers, "fdb", lambda dev: kernel[dev][0])
+    monkeypatch.setattr(facts.readers, "neighbours", lambda dev: kernel[dev][1])
+    monkeypatch.setattr(facts.readers, "routes", lambda errors, *args, version=4: kernel[args[1]][2][version])
+    leases = [L("10.0.0.2", "10.244.1.0/24", "0a:00:00:00:00:01", "fd00:10:244:1::/64"),
+              L("10.0.0.3", "10.244.2.0/24", "0a:00:00:00:00:02", "fd00:10:244:2::/64", "fd70::3",
+                "0a:66:00:00:00:02")]
+    assert facts.datapath_facts("pycni.1", leases, "10.0.0.1", "pycni6.1") == {
+        "10.0.0.2": {"fdb": True, "neigh": True, "route": True,
+                     "ipv6": {"fdb": True, "neigh": True, "route": True, "device": "pycni.1"}},
+        "10.0.0.3": {"fdb": True, "neigh": True, "route": True,
+                     "ipv6": {"fdb": True, "neigh": True, "route": False, "device": "pycni6.1"}},
+    }
+    # An IPv6-only lease (its subnet in either field) has IPv6 facts only.
+    only6 = L("10.0.0.2", "", "0a:00:00:00:00:01", "fd00:10:244:1::/64")
+    assert facts.datapath_facts("pycni.1", [only6], "10.0.0.1") == {
+        "10.0.0.2": {"ipv6": {"fdb": True, "neigh": True, "route": True, "device": "pycni.1"}}}
+
+
+@pytest.mark.parametrize("error, words", [
+    ("timeout", "no reply to 1280-byte packets while small packets pass"),
+    ("packet-too-big (next-hop MTU 1200)", "a hop answered 'packet too big'"),
+])
+def test_an_ipv6_path_below_1280_bytes_is_named_as_breaking_ipv6(error, words):
+    a, b = dual_party("a", 0), dual_party("b", 1)
+    message = diagnose.explain_pmtu("IPv6 ICMP x", error, 1280, a, b, 2, version=6)
+    assert words in message and "MTU mismatch" in message
+    assert "1280 bytes is the least every IPv6 link must carry" in message
+    # 1400 bytes after 1280-byte packets passed: the overhead of the underlay the lane uses (70 on IPv6).
+    a6 = dual_party("a", 0, public_ipv6="fd70::10", vxlan_device6="pycni6.1")
+    b6 = dual_party("b", 1, public_ipv6="fd70::11", vxlan_device6="pycni6.1")
+    message = diagnose.explain_pmtu("IPv6 ICMP x", "timeout", 1400, a6, b6, 2, version=6, passed=1280)
+    assert "while small packets pass (1280-byte ones too)" in message
+    assert "with VXLAN's 70 bytes the underlay between fd70::10 and fd70::11 must carry 1470-byte packets" in message
+    assert "least every IPv6 link" not in message
+
+
+def test_ipv6_addresses_are_classified_too():
+    a, b = dual_party("a", 0, public_ipv6="fd70::10"), dual_party("b", 1)
+    assert diagnose.classify_address("fd00:10:244:1::2", [a, b]) == "a pod on node b"
+    assert diagnose.classify_address("fd00:10:244::", [a, b]) == "node a's VXLAN device address"
+    assert diagnose.classify_address("fd70::10", [a, b]) == "node a's own address"
+    assert diagnose.classify_address("fd00:10:244:1::99", [a, b]) == "an address in node b's pod subnet"
+    assert diagnose.classify_address("2001:db8::1", [a, b]) == "an address outside the cluster"
+
+
+def _icmp6_error(kind: int, code: int, word: int, dst: str, ident: int, seq: int) -> bytes:
+    inner = struct.pack("!IHBB16s16s", 0x60000000, 8 + 56, 58, 64, socket.inet_pton(socket.AF_INET6, "fd00::2"),
+                        socket.inet_pton(socket.AF_INET6, dst))
+    inner += struct.pack("!BBHHH", 128, 0, 0, ident, seq)
+    return struct.pack("!BBHI", kind, code, 0, word) + inner
+
+
+def test_icmpv6_replies_and_errors_are_matched_to_the_request():
+    request = client._echo_request6(0x1234, 7, b"x" * 56)
+    assert request[0] == 128
+    reply = bytes([129, 0]) + request[2:]
+    assert client._match6(reply, "fd00:10:244:1::2", "fd00:10:244:1::2", 0x1234, 7) == "ok"
+    assert client._match6(reply, "fd00:10:244:1::9", "fd00:10:244:1::2", 0x1234, 7) is None
+    assert client._match6(reply, "fd00:10:244:1::2", "fd00:10:244:1::2", 0x1234, 8) is None
+    too_big = _icmp6_error(2, 0, 1280, "fd00:10:244:1::2", 0x1234, 7)
+    assert client._match6(too_big, "fd70::1", "fd00:10:244:1::2", 0x1234, 7) == "packet-too-big (next-hop MTU 1280)"
+    prohibited = _icmp6_error(1, 1, 0, "fd00:10:244:1::2", 0x1234, 7)
+    assert client._match6(prohibited, "fd70::1", "fd00:10:244:1::2", 0x1234, 7) == \
+        "rejected: administratively prohibited"
+    assert client._match6(_icmp6_error(1, 1, 0, "fd00:10:244:1::3", 0x1234, 7), "fd70::1", "fd00:10:244:1::2",
+                          0x1234, 7) is None
+    assert client._match6(bytes([135, 0, 0, 0]) + b"\0" * 20, "fe80::1", "fd00:10:244:1::2", 1, 1) is None  # NDP
+
+
+class FakeClient:
+    """Every exchange answers (as the right echo service would), recording where it went."""
+
+    def __init__(self, parties):
+        self.labels = {}
+        for p in parties:
+            for v in p.families:
+                self.labels[(p.probe(v), p.echo_port)] = p.probe_label
+            for address in (p.public_ip, p.public_ipv6):
+                if address:
+                    self.labels[(address, p.echo_port)] = p.node_label
+                    self.labels[(address, p.host_port)] = p.probe_label   # the hostPort's DNAT
+        self.dialled = []
+
+    def tcp_exchange(self, netns_path, address, port, timeout):
+        self.dialled.append(address)
+        return client.Exchange(True, 0.5, {"label": self.labels.get((address, port), "?"), "peer": "x"})
+
+    udp_exchange = tcp_exchange
+
+    def icmp_echo(self, netns_path, address, size, dont_fragment, timeout, tries=2):
+        return client.Exchange(True, 0.1)
+
+
+def matrix(monkeypatch, me, peers):
+    fake = FakeClient([me, *peers])
+    for name in ("tcp_exchange", "udp_exchange", "icmp_echo"):
+        monkeypatch.setattr(checks.client, name, getattr(fake, name))
+    local = checks.Local(me=me, probe_netns="", client_netns="", timeout=1)
+    rows = checks.run_checks(local, peers)
+    return rows, fake
+
+
+def test_an_ipv4_only_pair_has_the_rows_it_always_had(monkeypatch):
+    a, b = healthy_pair()
+    rows, _ = matrix(monkeypatch, a, [b])
+    assert [(r.check, r.target) for r in rows] == [
+        ("pod-pod-same-node", "a"), ("pod-pod-other-node", "b"), ("no-snat", "a"), ("no-snat", "b"),
+        ("node-pod", "a"), ("node-pod", "b"), ("pod-node", "a"), ("pod-node", "b"), ("hostport", "b"), ("pmtu", "b")]
+
+
+def test_a_dual_stack_pair_checks_each_family_and_ipv6_node_paths_only_with_ipv6_node_addresses(monkeypatch):
+    a, b = dual_party("a", 0), dual_party("b", 1)
+    rows, fake = matrix(monkeypatch, a, [b])
+    names = [r.check for r in rows]
+    assert len(rows) == 4 + 3 + 6 + 4
+    assert "pod-node/ipv6" not in names and "hostport/ipv6" not in names
+    assert {"pod-pod-other-node/ipv6", "no-snat/ipv6", "node-pod/ipv6", "pmtu/ipv6"} <= set(names)
+    assert "fd00:10:244:1::2" in fake.dialled
+    a, b = dual_party("a", 0, public_ipv6="fd70::10"), dual_party("b", 1, public_ipv6="fd70::11")
+    rows, fake = matrix(monkeypatch, a, [b])
+    assert {("pod-node/ipv6", "a"), ("pod-node/ipv6", "b"), ("hostport/ipv6", "b")} <= \
+        {(r.check, r.target) for r in rows}
+    assert "fd70::11" in fake.dialled
+    assert all(r.result == PASS for r in rows if not r.check.startswith("no-snat"))   # the fake sees "x"
+    # A peer of an older run publishes no IPv6 pods: only the IPv4 rows run between the two.
+    rows, _ = matrix(monkeypatch, dual_party("a", 0), [party("b", 1)])
+    assert not [r for r in rows if r.target == "b" and r.check.endswith("/ipv6")]
+
+
+def test_a_failure_in_one_family_only_says_so():
+    rows = [Check("pod-pod-other-node", "a", "b", PASS), Check("pod-pod-other-node/ipv6", "a", "b", FAIL, None, "x"),
+            Check("node-pod/ipv6", "a", "b", FAIL, None, "y"), Check("pmtu", "a", "b", FAIL, None, "z"),
+            Check("pmtu/ipv6", "a", "b", PASS)]
+    checks.contrast_families(rows)
+    assert rows[1].message == "x; the same check passes in IPv4 between these nodes, so the fault is IPv6's alone"
+    assert rows[2].message == "y"
+    assert rows[3].message == "z; the same check passes in IPv6 between these nodes, so the fault is IPv4's alone"
+
+
+def test_store_entries_check_judges_a_dual_stack_store_on_every_device(tmp_path):
+    from pycni.conformance.nodechecks import store_entries_check
+
+    cfg = ClusterConfig("10.244.0.0/16", ipv6_network="fd00:10:244::/56")
+    with open_store(f"file://{tmp_path}/store") as store:
+        init_cluster(store, cfg)
+        own = acquire_lease(store, cfg, "192.168.100.10", "0a:00:00:00:00:10", node_name="n0",
+                            public_ipv6="fd70::10", vtep_mac6="0a:66:00:00:00:10")
+        acquire_lease(store, cfg, "192.168.100.11", "0a:00:00:00:00:11", node_name="n1",
+                      public_ipv6="fd70::11", vtep_mac6="0a:66:00:00:00:11")
+        row = store_entries_check("n0", store, cfg, "192.168.100.10", own.subnet, own.vtep_mac,
+                                  ipv6_subnet=own.ipv6_subnet, public_ipv6="fd70::10", vtep_mac6="0a:66:00:00:00:10")
+        assert row.result == PASS and "2 leases" in row.message, row.message
+        # A third node claims n1's IPv6 VTEP MAC on the IPv6 underlay: only the second device can tell.
+        acquire_lease(store, cfg, "192.168.100.12", "0a:00:00:00:00:12", node_name="n2",
+                      public_ipv6="fd70::12", vtep_mac6="0a:66:00:00:00:11")
+        row = store_entries_check("n0", store, cfg, "192.168.100.10", own.subnet, own.vtep_mac,
+                                  ipv6_subnet=own.ipv6_subnet, public_ipv6="fd70::10", vtep_mac6="0a:66:00:00:00:10")
+        assert row.result == FAIL and "VTEP MAC 0a:66:00:00:00:11 is also claimed" in row.message, row.message
+        # Without the second underlay the node's main device carries every family: no conflict there.
+        row = store_entries_check("n0", store, cfg, "192.168.100.10", own.subnet, own.vtep_mac,
+                                  ipv6_subnet=own.ipv6_subnet)
+        assert row.result == PASS, row.message

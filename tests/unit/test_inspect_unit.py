@@ -168,3 +168,116 @@ def test_reading_tools_that_are_missing_leaves_a_note(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     assert collect.readers.run_json(["nft", "-j", "list", "ruleset"], errors, default={}) == {}
     assert errors.notes == ["nft is not installed"]
+
+
+# ---- dual-stack --------------------------------------------------------------------------------
+
+class Lease:
+    def __init__(self, node_name, public_ip, subnet, vtep_mac, ipv6_subnet="", public_ipv6="", vtep_mac6=""):
+        self.node_name, self.public_ip, self.subnet, self.vtep_mac = node_name, public_ip, subnet, vtep_mac
+        self.ipv6_subnet, self.public_ipv6, self.vtep_mac6 = ipv6_subnet, public_ipv6, vtep_mac6
+
+
+def kernel(monkeypatch, devices):
+    """readers answering for each device: (fdb, neighbours, {4: routes, 6: routes})."""
+    monkeypatch.setattr(collect.readers, "fdb", lambda dev, errors=None: devices[dev][0])
+    monkeypatch.setattr(collect.readers, "neighbours", lambda dev, errors=None: devices[dev][1])
+    monkeypatch.setattr(collect.readers, "routes", lambda errors, *args, version=4: devices[args[1]][2][version])
+
+
+N1 = Lease("n1", "192.168.100.11", "10.244.1.0/24", "0a:00:00:00:00:11", "fd00:10:244:1::/64")
+N2 = Lease("n2", "192.168.100.12", "10.244.2.0/24", "0a:00:00:00:00:12", "fd00:10:244:2::/64", "fd70::12",
+           "0a:66:00:00:00:12")
+
+
+def test_one_device_carrying_both_families_shows_each_familys_entries(monkeypatch):
+    kernel(monkeypatch, {"pycni.1": (
+        [{"mac": "0a:00:00:00:00:11", "dst": "192.168.100.11"}],
+        [{"dst": "10.244.1.0", "lladdr": "0a:00:00:00:00:11"}, {"dst": "fe80::1", "lladdr": "0a:00:00:00:00:99"}],
+        {4: [{"dst": "10.244.1.0/24", "gateway": "10.244.1.0"}],
+         6: [{"dst": "fd00:10:244::", "protocol": "kernel"},                   # the device's own address
+             {"dst": "fd00:10:244:1::/64", "gateway": "fd00:10:244:1::"}]})})  # its neighbour entry is missing
+    lanes = collect.Lanes(("192.168.100.10",), "pycni.1", "", (4, 6))
+    (remote,) = collect._remotes(Vxlan("pycni.1"), [N1], "192.168.100.10", [], lanes)
+    assert (remote.node_name, remote.public_ip, remote.subnet, remote.vtep_address) == \
+        ("n1", "192.168.100.11", "10.244.1.0/24", "10.244.1.0")
+    assert (remote.subnet6, remote.vtep_address6, remote.neigh6, remote.route6) == \
+        ("fd00:10:244:1::/64", "fd00:10:244:1::", False, True)
+    assert remote.dual and not remote.complete and remote.missing() == ["IPv6 neighbour"]
+    text = render.node_text(NodeView(vxlans=[Vxlan("pycni.1", remotes=[remote])]))
+    assert ("node n1  192.168.100.11  subnet 10.244.1.0/24  VTEP 0a:00:00:00:00:11 at 10.244.1.0  "
+            "(fdb ok, neighbour ok, route ok, in store)") in text
+    assert "     IPv6 subnet fd00:10:244:1::/64  VTEP at fd00:10:244:1::  (neighbour MISSING, route ok)" in text
+    assert "missing: IPv6 neighbour" in render.node_dot(NodeView(vxlans=[Vxlan("pycni.1", remotes=[remote])]))
+
+
+def test_with_a_second_device_each_lease_is_expected_where_the_agent_sends_its_pods(monkeypatch):
+    kernel(monkeypatch, {"pycni.1": ([], [], {4: [], 6: []}), "pycni6.1": ([], [], {4: [], 6: []})})
+    lanes = collect.Lanes(("192.168.100.10", "fd70::10"), "pycni.1", "pycni6.1", (4, 6))
+    assert lanes.carries("pycni.1", N1) == ("192.168.100.11", "0a:00:00:00:00:11", [4, 6])
+    assert lanes.carries("pycni6.1", N1) is None           # n1 has no IPv6 underlay: both families on pycni.1
+    assert lanes.carries("pycni.1", N2) == ("192.168.100.12", "0a:00:00:00:00:12", [4])
+    assert lanes.carries("pycni6.1", N2) == ("fd70::12", "0a:66:00:00:00:12", [6])
+    assert lanes.carries("flannel.1", N2) is None          # not the overlay's device
+    main = collect._remotes(Vxlan("pycni.1"), [N1, N2], "192.168.100.10", [], lanes)
+    assert [(r.node_name, r.subnet, r.subnet6, r.in_store) for r in main] == [
+        ("n1", "10.244.1.0/24", "fd00:10:244:1::/64", True), ("n2", "10.244.2.0/24", "", True)]
+    (second,) = collect._remotes(Vxlan("pycni6.1"), [N1, N2], "192.168.100.10", [], lanes)
+    assert (second.public_ip, second.vtep_mac, second.subnet, second.vtep_address, second.missing()) == \
+        ("fd70::12", "0a:66:00:00:00:12", "fd00:10:244:2::/64", "fd00:10:244:2::", ["FDB", "neighbour", "route"])
+
+
+def dual_view() -> NodeView:
+    v = view()
+    v.network6, v.subnet6, v.gateway6 = "fd00:10:244::/56", "fd00:10:244::/64", "fd00:10:244::1"
+    v.public_ipv6, v.underlay6 = "fd70::10", "eth0"
+    v.pods[0].addresses.append("fd00:10:244::2/64")
+    v.pods[0].gateway6 = "fd00:10:244::1"
+    v.pods[0].port_mappings.append(PortMapping("tcp", 8080, "fd00:10:244::2", 80))
+    v.vxlans.append(Vxlan("pycni6.1", 1, 8472, "fd70::10", "eth0", "0a:66:00:00:00:10", 1430, ["fd00:10:244::/128"],
+                          False, [Remote("fd70::11", "fd00:10:244:1::/64", "0a:66:00:00:00:11", "fd00:10:244:1::",
+                                         "n1", True, True, True, True)]))
+    return v
+
+
+def test_text_and_dot_show_a_dual_stack_node():
+    text = render.node_text(dual_view())
+    assert text.splitlines()[0] == "node n0  192.168.100.10 on eth0, fd70::10 on eth0"
+    for line in ("  overlay IPv6: subnet fd00:10:244::/64 of fd00:10:244::/56, gateway fd00:10:244::1",
+                 "eth0 10.244.0.2/24, fd00:10:244::2/64  mac aa:00:00:00:00:03  mtu 1450  gateway 10.244.0.1, "
+                 "fd00:10:244::1",
+                 "hostPort tcp 8080 -> [fd00:10:244::2]:80",
+                 "vxlan pycni6.1  VNI 1  UDP 8472  local fd70::10 via eth0  fd00:10:244::/128",
+                 "node n1  fd70::11  subnet fd00:10:244:1::/64  VTEP 0a:66:00:00:00:11 at fd00:10:244:1::",
+                 "pod traffic leaving 10.244.0.0/16 and fd00:10:244::/56 masqueraded"):
+        assert line in text, line
+    dot = render.node_dot(dual_view())
+    assert "fd00:10:244::/64 of fd00:10:244::/56" in dot and "192.168.100.10, fd70::10" in dot
+    assert 'vx_pycni6_1 -> ul_eth0 [label="encap UDP 8472"]' in dot
+
+
+def test_the_cluster_view_lists_each_familys_subnets():
+    dual = ClusterView(store="file:///s", network="10.244.0.0/16", subnet_len=24, vni=1, port=8472,
+                       ipv6_network="fd00:10:244::/56", ipv6_subnet_len=64, this_node="192.168.100.10",
+                       leases=[LeaseView("n0", "192.168.100.10", "10.244.0.0/24", "0a:00:00:00:00:10",
+                                         "fd00:10:244::/64", "fd70::10", "0a:66:00:00:00:10"),
+                               LeaseView("n1", "192.168.100.11", "10.244.1.0/24", "0a:00:00:00:00:11",
+                                         "fd00:10:244:1::/64")])
+    text = render.cluster_text(dual).splitlines()
+    assert text[0] == ("cluster network 10.244.0.0/16: /24 per node, IPv6 network fd00:10:244::/56: /64 per node, "
+                       "VXLAN VNI 1 on UDP 8472; 2 node(s) in file:///s")
+    assert text[1].split() == ["NODE", "PUBLIC-IP", "SUBNET", "IPV6-SUBNET", "VTEP-MAC", "PUBLIC-IPV6",
+                               "IPV6-VTEP-MAC"]
+    assert text[2].split() == ["n0", "192.168.100.10", "10.244.0.0/24", "fd00:10:244::/64", "0a:00:00:00:00:10",
+                               "fd70::10", "0a:66:00:00:00:10", "this", "node"]
+    assert text[3].split() == ["n1", "192.168.100.11", "10.244.1.0/24", "fd00:10:244:1::/64", "0a:00:00:00:00:11",
+                               "-", "-"]
+    dot = render.cluster_dot(dual)
+    assert "pod network 10.244.0.0/16 + fd00:10:244::/56" in dot and dot.count(" -- underlay ") == 3
+    assert 'label="10.244.0.0/24, fd00:10:244::/64"' in dot
+    assert dual.to_dict()["leases"][0]["ipv6Subnet"] == "fd00:10:244::/64"
+    only6 = ClusterView(store="file:///s", vni=1, port=8472, ipv6_network="fd00:10:244::/56", ipv6_subnet_len=64,
+                        leases=[LeaseView("n0", "192.168.100.10", "", "0a:00:00:00:00:10", "fd00:10:244::/64")])
+    text = render.cluster_text(only6).splitlines()
+    assert text[0].startswith("cluster IPv6 network fd00:10:244::/56: /64 per node, VXLAN VNI 1")
+    assert text[1].split() == ["NODE", "PUBLIC-IP", "IPV6-SUBNET", "VTEP-MAC"]
