@@ -41,11 +41,17 @@ def cluster() -> None:
               help=f"VXLAN network identifier shared by all nodes (1..{MAX_VNI}).")
 @click.option("--port", default=8472, show_default=True, type=click.IntRange(1, 65535), metavar="N",
               help="VXLAN UDP port shared by all nodes (8472: Linux's and flannel's default; 4789: IANA's).")
+@click.option("--direct-routing", is_flag=True,
+              help="Nodes whose underlay addresses share a subnet route each other's pod subnets directly "
+                   "(a plain route via the other node: no VXLAN encapsulation, no per-packet overhead); nodes "
+                   "on other subnets still go through the VXLAN device. flannel's Backend.DirectRouting. The "
+                   "underlay must carry packets with pod addresses between those nodes (clouds with "
+                   "source/destination checks drop them unless the check is off).")
 @_store_errors
 @click.pass_context
 def init(ctx: click.Context, store_url: str, etcd_prefix: str, etcd_cafile: str | None, etcd_certfile: str | None,
          etcd_keyfile: str | None, timeout: float, network: str | None, subnet_len: int, ipv6_network: str | None,
-         ipv6_subnet_len: int, vni: int, port: int) -> None:
+         ipv6_subnet_len: int, vni: int, port: int, direct_routing: bool) -> None:
     """Write the cluster configuration to the store.
 
     Safe to repeat: with the same settings it changes nothing. It refuses to
@@ -59,6 +65,7 @@ def init(ctx: click.Context, store_url: str, etcd_prefix: str, etcd_cafile: str 
       pycni cluster init --store etcd://10.0.0.1:2379 --network 10.244.0.0/16 \\
           --ipv6-network fd00:10:244::/56 --ipv6-subnet-len 64       # dual-stack
       pycni cluster init --store etcd://10.0.0.1:2379 --ipv6-network fd00:10:244::/56   # IPv6-only
+      pycni cluster init --store etcd://10.0.0.1:2379 --network 10.244.0.0/16 --direct-routing
       PYCNI_STORE=https://10.0.0.1:2379,https://10.0.0.2:2379 pycni cluster init \\
           --etcd-username pycni --etcd-password-file /etc/pycni/etcd-password --network 10.244.0.0/16
     """
@@ -83,7 +90,8 @@ def init(ctx: click.Context, store_url: str, etcd_prefix: str, etcd_cafile: str 
     if net6 is not None:
         _check_subnet_len(net6, ipv6_subnet_len, "--ipv6-subnet-len")
     cfg = ClusterConfig(network=str(net) if net else "", subnet_len=subnet_len if net else 24, vni=vni, port=port,
-                        ipv6_network=str(net6) if net6 else "", ipv6_subnet_len=ipv6_subnet_len if net6 else 64)
+                        ipv6_network=str(net6) if net6 else "", ipv6_subnet_len=ipv6_subnet_len if net6 else 64,
+                        direct_routing=direct_routing)
     store = _open(store_url, etcd_prefix, etcd_cafile, etcd_certfile, etcd_keyfile, timeout)
     try:
         written = init_cluster(store, cfg)

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import pytest
 
@@ -110,11 +110,13 @@ def agent_underlay(topo: Topology, node: Node, underlay: str) -> tuple[str, ...]
 
 @contextlib.contextmanager
 def pod_cluster(n_nodes: int, store: str, prefix: str, *, network: str = CLUSTER_NETWORK, ipv6_network: str = "",
-                underlay: str = "ipv4") -> Iterator[PodCluster]:
+                underlay: str = "ipv4", init_args: Sequence[str] = (),
+                prepare: Callable[[Topology], None] | None = None) -> Iterator[PodCluster]:
     """``n_nodes`` nodes with agents (named n0, n1, ...), converged, each with bin dirs and a conflist.
 
     ``ipv6_network`` makes the cluster dual-stack (with ``network=""``: IPv6 only); ``underlay`` is
-    "ipv4", "ipv6" or "dual" (see ``agent_underlay``).
+    "ipv4", "ipv6" or "dual" (see ``agent_underlay``); ``init_args`` go to `pycni cluster init`;
+    ``prepare`` changes the topology (say, the underlay's addressing) before the agents start.
     """
     with contextlib.ExitStack() as stack:
         topo = stack.enter_context(cluster_topology(n_nodes, prefix))
@@ -133,9 +135,11 @@ def pod_cluster(n_nodes: int, store: str, prefix: str, *, network: str = CLUSTER
             store_url = member.url
         cluster = PodCluster(topo, store_url, store_dir)
         init = (["--network", network] if network else []) + (["--ipv6-network", ipv6_network] if ipv6_network else [])
-        done = cluster.pycni(topo.nodes[0], "cluster", "init", "--store", store_url, *init)
+        done = cluster.pycni(topo.nodes[0], "cluster", "init", "--store", store_url, *init, *init_args)
         assert done.returncode == 0, done.stdout + done.stderr
         cluster.underlay = underlay  # type: ignore[attr-defined]
+        if prepare is not None:
+            prepare(topo)
         for node in topo.nodes:
             extra = ("--node-name", f"n{node.index}", *agent_underlay(topo, node, underlay))
             cluster.agents[node.name] = topo.start_agent(node, store_url, extra_args=extra)

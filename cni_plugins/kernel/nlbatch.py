@@ -93,12 +93,13 @@ def fdb(add: bool, ifindex: int, mac: str, dst: str) -> Request:
                    f"{'add' if add else 'remove'} fdb {mac} -> {dst}")
 
 
-def onlink_route(add: bool, ifindex: int, dst: str, gateway: str, protocol: int, table: int = 254) -> Request:
-    """`ip route replace DST via GATEWAY dev IFINDEX onlink` in ``table`` (or its delete)."""
+def onlink_route(add: bool, ifindex: int, dst: str, gateway: str, protocol: int, table: int = 254,
+                 onlink: bool = True) -> Request:
+    """`ip route replace DST via GATEWAY dev IFINDEX [onlink]` in ``table`` (or its delete)."""
     net = ipaddress.ip_network(dst)
     family, gw = _address(gateway)
     body = _RTMSG.pack(family, net.prefixlen, 0, 0, table if table < 256 else 252, protocol if add else 0,
-                       RT_SCOPE_UNIVERSE, RTN_UNICAST, RTNH_F_ONLINK)
+                       RT_SCOPE_UNIVERSE, RTN_UNICAST, RTNH_F_ONLINK if onlink else 0)
     body += _attr(RTA_DST, net.network_address.packed) + _attr(RTA_GATEWAY, gw) + \
         _attr(RTA_OIF, struct.pack("=i", ifindex)) + _attr(RTA_TABLE, struct.pack("=I", table))
     return Request(RTM_NEWROUTE if add else RTM_DELROUTE, NLM_F_CREATE | NLM_F_REPLACE if add else 0, body,

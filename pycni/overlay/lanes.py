@@ -40,6 +40,7 @@ class Lane:
     underlay: kip.Link | None = None
     missing: bool = False           # its underlay link is gone (the device went with it)
     entries: Entries | None = None
+    direct_nets: tuple = ()         # direct routing: the underlay link's own subnets (remotes there skip VXLAN)
 
     @property
     def underlay_version(self) -> int:
@@ -51,6 +52,17 @@ def find_underlay(ipr: Any, lane: Lane) -> kip.Link | None:
     if lane.underlay_device:
         return kip.find_link(ipr, lane.underlay_device)
     return kvx.underlay_link_for(ipr, lane.public_ip)
+
+
+def connected_networks(ipr: Any, underlay: kip.Link) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """The subnets the underlay link is on, each family (not host prefixes, not IPv6 link-local): a node whose
+    underlay address is inside one is a neighbour on the wire, reachable without a gateway."""
+    nets = set()
+    for address, _flags in kip.addresses(ipr, underlay.index):
+        iface = ipaddress.ip_interface(str(address))
+        if iface.network.prefixlen < iface.max_prefixlen and not iface.ip.is_link_local:
+            nets.add(iface.network)
+    return tuple(sorted(nets, key=lambda n: (n.version, n)))
 
 
 def lane_mtu(lane: Lane, underlay: kip.Link) -> int:

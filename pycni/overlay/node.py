@@ -160,6 +160,7 @@ class OverlayNode:
         self._keeper: LeaseKeeper | None = None
         self._view: dict[str, NodeLease] = {}   # accepted leases by key, kept in step by the watch (and while the
         self._rejected: dict[str, RejectedLease] = {}   # store is down); keys that are no acceptable lease
+        self._direct_changed = False            # an underlay's subnets changed: re-judge the remotes in full
         self._lanes: list[Lane] = []            # the VXLAN devices: MAIN (and V6 on a dual underlay)
         self._batch: nlbatch.BatchSocket | None = None
         self._firewall_members: set[str] = set()   # what the nft member sets hold, as last written
@@ -450,6 +451,10 @@ class OverlayNode:
         except StoreError as exc:
             problems.append(f"cannot release the lease: {exc}")
         with self._lock:
+            for lane in self._lanes:
+                if lane.entries is not None and self._batch is not None:
+                    failures = lane.entries.withdraw_direct(self._batch, _underlay_index(lane)).failures
+                    problems += [f"cannot delete a direct route: {failure}" for failure in failures]
             for name in [lane.name for lane in self._lanes] + [self.opts.bridge]:
                 try:
                     kip.delete_link_by_name(self._ipr, name)
@@ -520,8 +525,9 @@ class OverlayNode:
             "ipMasq": self.opts.ip_masq,
             "mtu": self._mtu or None,
             "remotes": len({r.node_name or r.public_ip for r in remotes}),   # nodes (a remote per family and lane)
+            "directRouting": cfg.direct_routing if cfg else None,
             "remoteNodes": [{"subnet": r.subnet, "publicIP": r.public_ip, "vtepMAC": r.vtep_mac,
-                             "nodeName": r.node_name} for r in remotes],
+                             "nodeName": r.node_name, "via": r.direct or "vxlan"} for r in remotes],
             "skipped": skipped,
             "rejectedEntries": [{"key": r.key, "revision": r.mod_revision, "reason": r.reason}
                                 for r in sorted(self._rejected.values(), key=lambda r: r.key)],
@@ -563,6 +569,7 @@ class OverlayNode:
                                  "their MTU until they are re-created", underlay.name, underlay.mtu, lane.name, mtu,
                                  lane.mtu)
             lane.underlay, lane.mtu = underlay, mtu
+            lane.direct_nets = self._direct_nets(underlay)
         self._mtu = min(lane.mtu for lane in self._lanes)
 
         bridge = self._ensure_bridge()
@@ -811,7 +818,7 @@ class OverlayNode:
             delta = deltas.get(lane.name)
             if not delta or lane.entries is None:
                 continue
-            outcome = lane.entries.apply(self._batch, lane.index, delta)
+            outcome = lane.entries.apply(self._batch, lane.index, delta, _underlay_index(lane))
             self._status.changes += outcome.done
             self.log.info("store change on %s: +%d -%d remote subnets (%s)", lane.name, len(delta.add),
                           len(delta.remove), ", ".join(sorted({r.subnet for r in delta.add + delta.remove}))[:200])
@@ -864,7 +871,13 @@ class OverlayNode:
                    tuple(ipaddress.ip_network(s) for s in self._keeper.subnets),
                    tuple(pool.ip_network for pool in self._cfg.pools), lane.vtep_mac, lane.kind,
                    v6_lane=self._lane(V6) is not None,
-                   node_ips=frozenset(ipaddress.ip_address(other.public_ip) for other in self._lanes))
+                   node_ips=frozenset(ipaddress.ip_address(other.public_ip) for other in self._lanes),
+                   direct_nets=lane.direct_nets)
+
+    def _direct_nets(self, underlay: kip.Link) -> tuple:
+        """With DirectRouting: the underlay link's subnets; their nodes get plain routes instead of VXLAN."""
+        assert self._cfg is not None
+        return lanes_mod.connected_networks(self._ipr, underlay) if self._cfg.direct_routing else ()
 
     def _reconcile_kernel(self, with_firewall: bool = True) -> None:
         """The full, level-based reconcile: devices, every remote's entries (and the firewall) as the view says."""
@@ -874,11 +887,13 @@ class OverlayNode:
             if not self._ensure_devices():
                 return
             skipped: set[str] = set()
+            self._direct_changed = False
             for lane in self._lanes:
                 if lane.entries is None:
                     lane.entries = Entries(self._own(lane))
                 lane.entries.rebuild(self._own(lane), self._view)
-                todo, outcome = lane.entries.reconcile(self._ipr, self._batch, lane.index)
+                # The underlay link too, whether or not direct routing is on: routes it left there go.
+                todo, outcome = lane.entries.reconcile(self._ipr, self._batch, lane.index, _underlay_index(lane))
                 self._status.changes += outcome.done
                 wanted = lane.entries.table.wanted()
                 skipped |= set(wanted.skipped)
@@ -918,6 +933,14 @@ class OverlayNode:
             underlays[lane.name] = underlay
         if not ready:
             return False
+        for lane in self._lanes:
+            nets = self._direct_nets(underlays[lane.name])
+            if nets != lane.direct_nets:
+                # The underlay's subnets changed: which nodes are neighbours on the wire changed with them.
+                self.log.info("the underlay %s is on %s now: re-judging which nodes are routed directly",
+                              underlays[lane.name].name, ", ".join(map(str, nets)) or "no subnet")
+                lane.direct_nets = nets
+                self._direct_changed = True
         drift = []
         subnets = self._keeper.subnets
         for lane in self._lanes:
@@ -963,7 +986,7 @@ class OverlayNode:
                     repairs, was_missing = self._status.repairs, any(lane.missing for lane in self._lanes)
                     if not self._ensure_devices():
                         return
-                    if self._status.repairs != repairs or was_missing:
+                    if self._status.repairs != repairs or was_missing or self._direct_changed:
                         self._reconcile_kernel(with_firewall=False)
                         return
                 if self._batch is None:
@@ -971,7 +994,7 @@ class OverlayNode:
                 for lane in self._lanes:
                     if lane.entries is None:
                         continue
-                    outcome = lane.entries.repair(self._batch, lane.index, changes)
+                    outcome = lane.entries.repair(self._batch, lane.index, changes, _underlay_index(lane))
                     if outcome.done:
                         self._status.entry_repairs += outcome.done
                         self._status.changes += outcome.done
@@ -989,9 +1012,10 @@ class OverlayNode:
         if any(lane.missing for lane in self._lanes):
             return None
         devices = {lane.index for lane in self._lanes}
-        links = devices | {self._bridge_index} | {lane.underlay.index for lane in self._lanes
-                                                  if lane.underlay is not None}
-        return {"link": links, "addr": links, "neigh": devices, "route": devices}
+        underlays = {lane.underlay.index for lane in self._lanes if lane.underlay is not None}
+        links = devices | {self._bridge_index} | underlays
+        routes = devices | underlays if self._cfg is not None and self._cfg.direct_routing else devices
+        return {"link": links, "addr": links, "neigh": devices, "route": routes}
 
     def _store_down(self, exc: BaseException) -> None:
         message, now = str(exc), time.monotonic()
@@ -1018,6 +1042,11 @@ class OverlayNode:
             return
         with netns.enter(f"/proc/self/fd/{self._home_fd}"):
             yield
+
+
+def _underlay_index(lane: Lane) -> int:
+    """Where the lane's direct routes live (0 while its underlay link is gone)."""
+    return lane.underlay.index if lane.underlay is not None and not lane.missing else 0
 
 
 def _closed(watch: Any) -> None:

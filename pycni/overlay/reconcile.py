@@ -25,12 +25,18 @@ class LeaseLike(Protocol):
 
 @dataclass(frozen=True, order=True)
 class Remote:
-    """Another node as this node's data path needs it."""
+    """Another node's subnet of one family as this node's data path needs it.
+
+    Through the VXLAN device (an FDB entry, a neighbour and an onlink route),
+    or, with direct routing, a plain route via ``direct`` (the remote node's
+    underlay address of that family, on this node's underlay subnet).
+    """
 
     subnet: str
     public_ip: str
     vtep_mac: str
     node_name: str = ""
+    direct: str = ""   # the next hop on the underlay when routed directly ("": through VXLAN)
 
     @property
     def vtep_address(self) -> str:
@@ -47,7 +53,7 @@ class Remote:
 
     @property
     def route(self) -> OnlinkRoute:
-        return OnlinkRoute(self.subnet, self.vtep_address)
+        return OnlinkRoute(self.subnet, self.direct or self.vtep_address)
 
 
 @dataclass
@@ -56,6 +62,7 @@ class Wanted:
     fdb: set[FdbEntry] = field(default_factory=set)
     neigh: set[NeighEntry] = field(default_factory=set)
     routes: set[OnlinkRoute] = field(default_factory=set)
+    direct_routes: set[OnlinkRoute] = field(default_factory=set)   # via the underlay, without VXLAN
     members: set[str] = field(default_factory=set)     # underlay addresses of the accepted remotes (not this node)
     skipped: list[str] = field(default_factory=list)   # why a lease was not turned into entries (sorted)
 
@@ -84,6 +91,7 @@ class Own:
     lane: str = MAIN
     v6_lane: bool = False                           # (main lane) the node has a V6 lane too
     node_ips: frozenset = frozenset()               # every underlay address of this node
+    direct_nets: tuple[ipaddress._BaseNetwork, ...] = ()   # direct routing: the underlay's own subnets
 
     @classmethod
     def of(cls, own_public_ip: str, own_subnet: str, network: str, own_vtep_mac: str = "") -> "Own":
@@ -117,6 +125,19 @@ def _lane_of(lease: LeaseLike, own: Own) -> tuple[object, str, list[int]]:
     if own.v6_lane and ipv6_public and ipv6_mac:
         families = [v for v in families if v != 6]   # its IPv6 pods go through the V6 lane
     return lease.public_ip, lease.vtep_mac, families
+
+
+def _direct_hop(lease: LeaseLike, version: int, own: Own) -> str:
+    """With direct routing: the remote's underlay address of the pod family ``version`` when it is on one of
+    this node's underlay subnets (a route via it needs no encapsulation); "" otherwise."""
+    if not own.direct_nets:
+        return ""
+    for text in (lease.public_ip, getattr(lease, "public_ipv6", "") or ""):
+        address = _underlay(text)
+        if address is not None and address.version == version and address not in own.node_ips and \
+                any(address.version == net.version and address in net for net in own.direct_nets):
+            return str(address)
+    return ""
 
 
 def judge(lease: LeaseLike, own: Own) -> tuple[Remote, ...] | str | None:
@@ -165,7 +186,8 @@ def judge(lease: LeaseLike, own: Own) -> tuple[Remote, ...] | str | None:
             return f"{subnet}: overlaps this node's subnet {mine}"
         if public_ip.version == cluster.version and public_ip in cluster:
             return f"{subnet}: underlay {public_ip} is inside the cluster network {cluster} (a pod address)"
-        remotes.append(Remote(str(subnet), str(public_ip), mac, lease.node_name or ""))
+        remotes.append(Remote(str(subnet), str(public_ip), mac, lease.node_name or "",
+                              direct=_direct_hop(lease, version, own)))
     if own.vtep_mac and mac == own.vtep_mac:
         return f"{label}: VTEP MAC {mac} is this node's own"
     return tuple(remotes)
@@ -281,8 +303,9 @@ class RemoteTable:
             self._members[remote.public_ip] = count
         else:
             self._members.pop(remote.public_ip, None)
-        indexes = ((self.by_fdb_mac, remote.vtep_mac), (self.by_vtep_address, remote.vtep_address),
-                   (self.by_subnet, remote.subnet))
+        indexes = ((self.by_subnet, remote.subnet),) if remote.direct else \
+            ((self.by_fdb_mac, remote.vtep_mac), (self.by_vtep_address, remote.vtep_address),
+             (self.by_subnet, remote.subnet))
         for index, name in indexes:
             if step > 0:
                 index[name] = remote
@@ -304,10 +327,13 @@ class RemoteTable:
         for key in self._candidates:
             for remote in self.programmed(key):
                 out.remotes.append(remote)
+                out.members.add(remote.public_ip)
+                if remote.direct:
+                    out.direct_routes.add(remote.route)
+                    continue
                 out.fdb.add(remote.fdb)
                 out.neigh.add(remote.neigh)
                 out.routes.add(remote.route)
-                out.members.add(remote.public_ip)
         out.remotes.sort(key=_remote_key)
         out.skipped = self.skipped()
         return out

@@ -95,3 +95,34 @@ def test_every_step_of_a_random_history_matches_a_full_reconcile(seed):
         assert programmed == set(table.wanted().remotes)
         assert {(r.fdb, r.neigh, r.route) for r in programmed} == {(r.fdb, r.neigh, r.route) for r in full.remotes}
         assert table.members == full.members
+
+
+def test_direct_routing_routes_same_subnet_nodes_via_their_underlay_and_keeps_vxlan_for_the_rest():
+    import dataclasses
+    import ipaddress
+
+    own = dataclasses.replace(OWN, direct_nets=(ipaddress.ip_network("192.168.1.0/25"),))
+    table = RemoteTable(own)
+    for i in (5, 200):
+        table.update(f"k{i}", lease(i))
+    wanted = table.wanted()
+    near, far = sorted(wanted.remotes, key=lambda r: r.public_ip != "192.168.1.5")
+    assert near.direct == "192.168.1.5" and far.direct == ""
+    assert {(r.dst, r.gw) for r in wanted.direct_routes} == {("10.244.5.0/24", "192.168.1.5")}
+    # The direct one has no VXLAN entries; the far one has its three; both are members (their VXLAN is accepted).
+    assert {f.dst for f in wanted.fdb} == {"192.168.1.200"}
+    assert {(r.dst, r.gw) for r in wanted.routes} == {("10.244.200.0/24", "10.244.200.0")}
+    assert wanted.members == {"192.168.1.5", "192.168.1.200"}
+    assert set(table.by_subnet) == {"10.244.5.0/24", "10.244.200.0/24"} and \
+        set(table.by_fdb_mac) == {far.vtep_mac}
+    # The near node moves off the subnet: its direct route goes and its VXLAN entries come, in one delta.
+    moved = Lease("10.244.5.0/24", "192.168.1.130", lease(5).vtep_mac, "n5")
+    delta = table.update("k5", moved)
+    assert [r.direct for r in delta.remove] == ["192.168.1.5"] and [r.direct for r in delta.add] == [""]
+    assert not table.wanted().direct_routes
+
+
+def test_without_direct_nets_nothing_is_routed_directly():
+    table = RemoteTable(OWN)
+    table.update("k5", lease(5))
+    assert not table.wanted().direct_routes and len(table.wanted().fdb) == 1
