@@ -10,7 +10,11 @@ processes inside their node namespaces and are stopped by PID.
   run and in alternating rounds against (1) a hand-built vxlan pair: two
   namespaces whose VXLAN devices carry the addresses themselves (the ceiling)
   and (2) the same pod-bridge-vxlan path built by hand with `ip` (flannel's
-  data path without the agent's firewall). Ratios are of medians.
+  data path without the agent's firewall). Ratios are of medians. Also
+  pycni with `cluster init --direct-routing` (the two nodes share the
+  underlay subnet, so pods are routed without VXLAN) against (3) that path
+  built by hand (flannel's host-gw: pod - veth - bridge - route via the
+  other node), and IPv6 pods of a dual-stack pycni cluster next to IPv4.
 - convergence: with N-1 agents running, another node's agent starts (join)
   and later its lease is released (leave). The time runs from the lease
   appearing in the store (the lease file's mtime) or disappearing from it (the
@@ -49,6 +53,7 @@ UNDERLAY_PREFIX = "192.168.100"
 UNDERLAY_BRIDGE = "ul"
 UNDERLAY_BRIDGE_MAC = "02:70:79:00:00:01"
 CLUSTER_NETWORK = "10.244.0.0/16"
+CLUSTER_NETWORK6 = "fd00:10:244::/56"
 SCALE_NETWORK = "10.0.0.0/8"          # room for 65536 /24 node subnets
 OVERLAY_MTU = 1450                     # underlay 1500 - 50 (VXLAN over IPv4)
 VXLAN_PORT = 8472
@@ -144,9 +149,9 @@ class Agent:
         return read_state(self.state_dir)
 
 
-def _init_cluster(store_url: str, network: str) -> None:
-    done = subprocess.run([*_pycni_command(), "cluster", "init", "--store", store_url, "--network", network],
-                          capture_output=True, text=True, timeout=60)
+def _init_cluster(store_url: str, network: str, extra_args: tuple[str, ...] = ()) -> None:
+    done = subprocess.run([*_pycni_command(), "cluster", "init", "--store", store_url, "--network", network,
+                           *extra_args], capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
         raise RuntimeError(f"pycni cluster init failed: {(done.stderr or done.stdout).strip()}")
 
@@ -237,11 +242,13 @@ def _routes(ns: str) -> set[str]:
 
 # ---- throughput ---------------------------------------------------------------------------
 
-def _overlay_pods(ctx: Context, underlay: Underlay) -> tuple[str, str, str]:
-    """Two nodes with agents, a pod on each through the vxlan plugin: (pod_b, ip_b, pod_a)."""
+def _overlay_pods(ctx: Context, underlay: Underlay, version: int = 4,
+                  init_args: tuple[str, ...] = ()) -> tuple[str, str, str]:
+    """Two nodes with agents, a pod on each through the vxlan plugin: (pod_b, ip_b, pod_a); ``version``: which
+    of the pods' addresses the figure uses (6: the cluster is dual-stack); ``init_args`` for `cluster init`."""
     workdir = ctx.cleanup.directory("overlay")
     store = "file://" + os.path.join(workdir, "store")
-    _init_cluster(store, CLUSTER_NETWORK)
+    _init_cluster(store, CLUSTER_NETWORK, (("--ipv6-network", CLUSTER_NETWORK6) if version == 6 else ()) + init_args)
     agents = [_new_agent(ctx, workdir, *underlay.host("ovnode")) for _ in range(2)]
     for agent in agents:
         _start(ctx, agent, store)
@@ -256,7 +263,8 @@ def _overlay_pods(ctx: Context, underlay: Underlay) -> tuple[str, str, str]:
                 "dataDir": os.path.join(workdir, f"ipam{i}")}
         result = chain.add(ctx.pycni, [conf], Attachment(f"ov-{i}", f"/var/run/netns/{pod}"), agent.ns).result
         pods.append(pod)
-        ips.append(result["ips"][0]["address"].split("/")[0])
+        ips.append(next(ip["address"].split("/")[0] for ip in result["ips"]
+                        if (":" in ip["address"]) == (version == 6)))
     return pods[1], ips[1], pods[0]
 
 
@@ -316,19 +324,52 @@ def _hand_overlay(ctx: Context, underlay: Underlay) -> tuple[str, str, str]:
     return pods[1], "10.251.1.2", pods[0]
 
 
+def _hand_direct(ctx: Context, underlay: Underlay) -> tuple[str, str, str]:
+    """The same-subnet path without VXLAN built with `ip` (flannel's host-gw): pod - veth - bridge - route via the
+    other node's underlay address - eth0, per node: (pod_b, ip_b, pod_a). Pod MTU as the overlay's pods have."""
+    nodes = [underlay.host("hdnode") for _ in range(2)]
+    pods = []
+    for i, (ns, _local) in enumerate(nodes):
+        subprocess.run([IP, "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True, timeout=30)
+        topology.bridge(ns, "br0")
+        topology.ip(ns, "link", "set", "br0", "mtu", str(OVERLAY_MTU))
+        topology.add_address(ns, "br0", f"10.252.{i}.1/24")
+        pod = ctx.cleanup.namespace("hdpod")
+        topology.ip(ns, "link", "add", "veth0", "mtu", str(OVERLAY_MTU), "type", "veth", "peer", "name", "eth0",
+                    "netns", pod)
+        topology.enslave(ns, "veth0", "br0")
+        topology.set_up(ns, "veth0")
+        topology.ip(pod, "link", "set", "eth0", "mtu", str(OVERLAY_MTU))
+        topology.add_address(pod, "eth0", f"10.252.{i}.2/24")
+        topology.set_up(pod, "eth0")
+        topology.ip(pod, "route", "add", "default", "via", f"10.252.{i}.1")
+        pods.append(pod)
+    for i, (ns, _local) in enumerate(nodes):
+        topology.ip(ns, "route", "add", f"10.252.{1 - i}.0/24", "via", nodes[1 - i][1], "dev", "eth0")
+    return pods[1], "10.252.1.2", pods[0]
+
+
+# (figure, reference, ratio name): each pycni path against the hand-built path it should match.
+RATIOS = (("pycni overlay (vxlan plugin + agents)", "hand-built vxlan pair", "ratio vs vxlan pair"),
+          ("pycni overlay (vxlan plugin + agents)", "hand-built overlay path", "ratio vs hand-built overlay"),
+          ("pycni overlay, direct routing", "hand-built direct path", "direct routing ratio vs hand-built direct"),
+          ("pycni overlay, IPv6 pods", "pycni overlay (vxlan plugin + agents)", "IPv6 pods ratio vs IPv4 pods"))
+
+
 def _throughput(ctx: Context) -> dict[str, Any]:
     underlay = Underlay(ctx)
     topologies = {
         "pycni overlay (vxlan plugin + agents)": _overlay_pods(ctx, underlay),
         "hand-built vxlan pair": _hand_vxlan_pair(ctx, underlay),
         "hand-built overlay path": _hand_overlay(ctx, underlay),
+        "pycni overlay, direct routing": _overlay_pods(ctx, underlay, init_args=("--direct-routing",)),
+        "hand-built direct path": _hand_direct(ctx, underlay),
+        "pycni overlay, IPv6 pods": _overlay_pods(ctx, underlay, version=6),
     }
     gbits = iperf_rounds(ctx, topologies)
-    names = list(topologies)
     out: dict[str, Any] = {name: summary(values, "Gbit/s") for name, values in gbits.items()}
-    ours = out[names[0]].get("median")
-    for name, key in ((names[1], "ratio vs vxlan pair"), (names[2], "ratio vs hand-built overlay")):
-        ref = out[name].get("median")
+    for ours_name, ref_name, key in RATIOS:
+        ours, ref = out[ours_name].get("median"), out[ref_name].get("median")
         # A one-value summary, so that the bench table lists it with the other figures.
         out[key] = summary([round(ours / ref, 2)], "x") if ours and ref else None
     return out
