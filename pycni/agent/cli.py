@@ -157,14 +157,17 @@ class _Overlay:
         self.failed: BaseException | None = None
 
     def start(self) -> None:
-        """Lease the subnet and set the node up (raises on failure: the agent does not start)."""
+        """Lease the subnet and set the node up (raises on failure; StoreNotReady: the store did not answer)."""
         self.node.start()
 
-    def run_in_background(self, on_exit: Callable[[], None]) -> None:
-        """The reconcile loop on its own thread; ``on_exit()`` if it ends while the agent runs."""
+    def run_in_background(self, on_exit: Callable[[], None], start_first: bool = False) -> None:
+        """The reconcile loop on its own thread; ``on_exit()`` if it ends while the agent runs. ``start_first``:
+        the store did not answer the first start, so the thread keeps starting the node until it does."""
 
         def run() -> None:
             try:
+                if start_first and not self.node.start_retrying(self.stop_event):
+                    return   # stopped while waiting for the store
                 self.node.run(self.stop_event)
             except BaseException as exc:  # reported, then the agent stops: a supervisor restarts it
                 self.failed = exc
@@ -240,9 +243,19 @@ def serve(socket_path: str, log: logging.Logger, *, max_concurrency: int = 16, q
         signal.signal(signal.SIGINT, on_signal)
         # SIGUSR1 writes every thread's stack to stderr (the log): what a stuck agent is doing, without stopping it.
         faulthandler.register(signal.SIGUSR1, all_threads=True)
+        waiting = False   # for the store: the node starts in the background once it answers
         if node is not None:
+            from pycni.overlay.node import StoreNotReady
+
             try:
                 node.start()
+            except StoreNotReady as exc:
+                if overlay is not None and overlay.exit_on_store_error:
+                    click.echo(f"Error: overlay: {_one_line(exc)} (--exit-on-store-error)", err=True)
+                    return 1
+                waiting = True
+                log.warning("overlay: %s; serving CNI requests meanwhile and retrying the store with back-off "
+                            "(the vxlan plugin answers STATUS 50 until the node holds a lease)", _one_line(exc))
             except Exception as exc:
                 click.echo(f"Error: overlay: {_one_line(exc)}", err=True)
                 return 1
@@ -254,7 +267,7 @@ def serve(socket_path: str, log: logging.Logger, *, max_concurrency: int = 16, q
                 node.close(leave=False)
             return 1
         if node is not None:
-            node.run_in_background(on_exit=server.stop)
+            node.run_in_background(on_exit=server.stop, start_first=waiting)
         notify_systemd("READY=1")
         started = time.monotonic()
         try:

@@ -57,10 +57,10 @@ from cni_plugins.kernel import vxlan as kvx
 from cni_plugins.kernel.names import stable_bridge_mac
 from cni_plugins.shared import overlaystate
 from cni_plugins.spec.errors import CNIError
-from ipam.cluster import (SUBNETS_PREFIX, ClusterConfig, Compacted, Entry, LeaseExhausted, NodeConflict, NodeLease,
+from ipam.cluster import (CONFIG_KEY, SUBNETS_PREFIX, ClusterConfig, Compacted, Entry, LeaseExhausted, NodeConflict, NodeLease,
                           RejectedLease, StoreError, StoreUnavailable, TLSFiles, check_entries, open_store,
                           read_config, release_lease, scan_leases)
-from pycni.overlay import firewall, forward
+from pycni.overlay import firewall, forward, subnetenv
 from pycni.overlay import lanes as lanes_mod
 from pycni.overlay.entries import Entries
 from pycni.overlay.lanes import MAIN, V6, Lane
@@ -74,12 +74,18 @@ RELIST_JITTER = 0.2     # the safety re-list comes every relist_interval +- 20 %
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 5.0
 CLOSE_TIMEOUT = 15.0
+START_RETRY_MIN = 1.0       # start-up without a store: the first retry after 1 s, doubling ...
+START_RETRY_MAX = 60.0      # ... up to a minute between attempts (each one logged)
 STORE_DOWN_REMINDER = 60.0  # while the store stays away with the same error, warn again this often
 IFNAMSIZ = 15
 
 
 class OverlayError(Exception):
     """The overlay could not be set up or torn down; the message says what and why."""
+
+
+class StoreNotReady(OverlayError):
+    """The cluster store did not answer at start, or holds no cluster configuration yet: worth retrying."""
 
 
 @dataclass
@@ -170,6 +176,7 @@ class OverlayNode:
         self._mtu = 0                           # pod MTU: the smallest of the lanes'
         self._bridge_index = 0
         self._warned_skips: set[str] = set()
+        self._subnet_env = ""                   # the subnet.env text last written
 
     # ---- life cycle ----------------------------------------------------------------
 
@@ -211,12 +218,36 @@ class OverlayNode:
             raise
         self._started = True
 
+    def start_retrying(self, stop: threading.Event) -> bool:
+        """start(), again and again while the store is not ready (back-off from 1 s doubling to 60 s, each retry
+        logged with the reason), until it starts (True) or ``stop`` is set (False). Other errors raise."""
+        delay, attempt = START_RETRY_MIN, 0
+        while not stop.is_set():
+            try:
+                self.start()
+                if attempt:
+                    self.log.info("the cluster store answered after %d retries: the overlay is up", attempt)
+                return True
+            except StoreNotReady as exc:
+                attempt += 1
+                self._status.store_reachable, self._status.store_error = False, str(exc)
+                wait = delay * random.uniform(0.9, 1.1)
+                self.log.warning("%s; retry %d in %.0f s", exc, attempt, wait)
+                stop.wait(wait)
+                delay = min(delay * 2, START_RETRY_MAX)
+        return False
+
     def _start(self) -> None:
         opts = self.opts
         try:
             self._store = open_store(opts.store_url, prefix=opts.etcd_prefix, tls=opts.tls, auth=opts.auth,
                                      timeout=opts.store_timeout)
+            if self._store.get(CONFIG_KEY) is None:
+                raise StoreNotReady(f"the cluster store {opts.store_url} holds no cluster configuration yet: run "
+                                    f"`pycni cluster init --store URL --network CIDR` once for the cluster")
             cfg = read_config(self._store)
+        except StoreUnavailable as exc:
+            raise StoreNotReady(f"the cluster store {opts.store_url} does not answer: {exc}") from None
         except StoreError as exc:
             raise OverlayError(f"cannot read the cluster configuration from {opts.store_url}: {exc}") from None
         self._cfg = cfg
@@ -255,6 +286,9 @@ class OverlayNode:
             raise OverlayError(f"refusing to start: {exc}") from None
         except LeaseExhausted as exc:
             raise OverlayError(f"no subnet left for this node: {exc}") from None
+        except StoreUnavailable as exc:
+            raise StoreNotReady(f"the cluster store {opts.store_url} stopped answering while leasing a subnet "
+                                f"for {opts.public_ip}: {exc}") from None
         except (StoreError, ValueError) as exc:
             raise OverlayError(f"cannot lease a subnet for {opts.public_ip}: {exc}") from None
         self._keeper = keeper
@@ -470,6 +504,11 @@ class OverlayNode:
                 except CNIError as exc:
                     problems.append(f"cannot remove the FORWARD accept rules: {exc}")
             overlaystate.remove_state(self.opts.state_dir)
+            try:
+                subnetenv.remove(self._subnet_file)
+            except OSError as exc:
+                problems.append(f"cannot remove {self._subnet_file}: {exc}")
+            self._subnet_env = ""
         for lane in self._lanes:
             lane.entries = None
         return problems
@@ -683,6 +722,19 @@ class OverlayNode:
             gateway6=gateway6, vxlan_device6=v6.name if v6 else "", public_ipv6=v6.public_ip if v6 else "",
             vtep_mac6=v6.vtep_mac if v6 else "")
         overlaystate.write_state(self.opts.state_dir, state)
+        text = subnetenv.render([(net, sub) for net, sub, _gw in pools], self._mtu, self.opts.ip_masq)
+        if text != self._subnet_env:
+            try:
+                subnetenv.write(self._subnet_file, text)
+                self._subnet_env = text
+            except OSError as exc:   # the overlay works without it: say so, try again at the next write
+                self._status.last_error = f"cannot write {self._subnet_file}: {exc.strerror or exc}"
+                self.log.warning("cannot write flannel's subnet file %s: %s (check --subnet-file)",
+                                 self._subnet_file, exc.strerror or exc)
+
+    @property
+    def _subnet_file(self) -> str:
+        return self.opts.subnet_file or subnetenv.default_path(self.opts.state_dir)
 
     # ---- the lease ----------------------------------------------------------------------------
 

@@ -47,6 +47,8 @@ class OverlayOptions:
     reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL   # local kernel check, no store traffic
     relist_interval: float = DEFAULT_RELIST_INTERVAL         # safety re-list of the store (+- 20 %)
     store_timeout: float = DEFAULT_STORE_TIMEOUT
+    subnet_file: str = ""             # flannel's subnet.env; "": <state_dir>/subnet.env
+    exit_on_store_error: bool = False  # a store that does not answer at start ends the agent instead of a retry
 
 
 def overlay_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -94,6 +96,15 @@ def overlay_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Overlay mode: do not masquerade pod traffic that leaves the cluster network (for "
                           "underlays that route the pod network themselves). Without masquerading, hosts with "
                           "rp_filter=1 drop pod traffic to other nodes' own addresses."),
+        click.option("--subnet-file", default="", metavar="PATH", envvar="PYCNI_SUBNET_FILE", show_envvar=True,
+                     help="Overlay mode: where to write flannel's subnet.env (FLANNEL_NETWORK, FLANNEL_SUBNET, "
+                          "FLANNEL_MTU, FLANNEL_IPMASQ, and the FLANNEL_IPV6_* keys in an IPv6 cluster) for tools "
+                          "written for flannel, e.g. /run/flannel/subnet.env [default: subnet.env in the state "
+                          "directory]."),
+        click.option("--exit-on-store-error", is_flag=True, envvar="PYCNI_EXIT_ON_STORE_ERROR", show_envvar=True,
+                     help="Overlay mode: exit when the cluster store does not answer at start (or holds no "
+                          "cluster configuration yet). Default: serve CNI requests at once and keep retrying "
+                          "the store with back-off (1 s doubling to 60 s, each retry logged), as flanneld does."),
         etcd_options,
         click.option("--leave", is_flag=True,
                      help="Overlay mode: on SIGTERM give the subnet lease back and remove this node from the "
@@ -124,7 +135,7 @@ def from_flags(ctx: click.Context, store_url: str | None, public_ip: str | None,
                state_dir: str | None,
                bridge_name: str, vxlan_device: str, underlay_device: str, node_name: str, lease_ttl: int,
                reconcile_interval: float, relist_interval: float, disable_tx_checksum_offload: bool,
-               no_ip_masq: bool, etcd_prefix: str,
+               no_ip_masq: bool, etcd_prefix: str, subnet_file: str, exit_on_store_error: bool,
                etcd_cafile: str | None, etcd_certfile: str | None, etcd_keyfile: str | None,
                **_other: Any) -> OverlayOptions | None:
     """The options the flags name; None without --store. A flag that needs --store without it is a usage error."""
@@ -132,7 +143,8 @@ def from_flags(ctx: click.Context, store_url: str | None, public_ip: str | None,
         given = [_flag_label(ctx, flag) for flag, value in (
             ("--public-ip", public_ip), ("--public-ipv6", public_ipv6), ("--no-ip-masq", no_ip_masq),
             ("--node-name", node_name), ("--underlay-device", underlay_device),
-            ("--vxlan-device", vxlan_device)) if value]
+            ("--vxlan-device", vxlan_device), ("--subnet-file", subnet_file),
+            ("--exit-on-store-error", exit_on_store_error)) if value]
         if given:
             raise click.UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for overlay mode: "
                                    f"give --store too", ctx)
@@ -146,4 +158,4 @@ def from_flags(ctx: click.Context, store_url: str | None, public_ip: str | None,
         vxlan_device=vxlan_device,
         underlay_device=underlay_device, node_name=node_name, tx_checksum_offload=not disable_tx_checksum_offload,
         ip_masq=not no_ip_masq, lease_ttl=lease_ttl, reconcile_interval=reconcile_interval,
-        relist_interval=relist_interval)
+        relist_interval=relist_interval, subnet_file=subnet_file, exit_on_store_error=exit_on_store_error)

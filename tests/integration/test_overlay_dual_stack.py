@@ -168,6 +168,22 @@ def test_the_pods_ipv6_gateway_is_usable_at_once_no_duplicate_address_detection_
         assert shown["addr_info"] and not [a for a in shown["addr_info"] if a.get("tentative")], shown
 
 
+def test_flannels_subnet_env_names_each_family_of_the_node(cluster):
+    network, network6, _underlay = KINDS[cluster.kind]
+    for node in cluster.nodes:
+        state = node.read_state()
+        with open(os.path.join(node.state_dir, "subnet.env")) as fh:
+            env = dict(line.rstrip("\n").split("=", 1) for line in fh)
+        wanted = {"FLANNEL_MTU": str(state["mtu"]), "FLANNEL_IPMASQ": "true"}
+        if network:
+            wanted |= {"FLANNEL_NETWORK": network, "FLANNEL_SUBNET": f"{state['gateway']}/24"}
+        if network6:
+            v6 = "ipv6" if network else ""   # an IPv6-only node's one subnet is its "subnet"
+            gateway6 = state["ipv6Gateway"] if v6 else state["gateway"]
+            wanted |= {"FLANNEL_IPV6_NETWORK": network6, "FLANNEL_IPV6_SUBNET": f"{gateway6}/64"}
+        assert env == wanted, (node.name, env)
+
+
 def test_every_pod_pair_talks_in_each_family_with_its_own_address(cluster):
     failures = []
     for a in cluster.nodes:
