@@ -42,9 +42,14 @@ def _machine() -> dict[str, Any]:
 @click.option("--warm/--no-warm", default=True, show_default=True,
               help="Also measure pycni through `pycni agent` (the warm path), beside the cold path.")
 @click.option("--native-shim", is_flag=True,
-              help="The warm side's plugins are `pycni install --native-shim` files (the compiled shim) "
-                   "instead of Python shims.")
-def main(mode: str, json_path: str | None, only: tuple[str, ...], warm: bool, native_shim: bool) -> None:
+              help="Install pycni's plugins with `pycni install --native-shim`: the compiled shim or an error. "
+                   "Without it they are what the default `pycni install` writes: the compiled shim too, unless "
+                   "install falls back to the Python shim (it then says why).")
+@click.option("--python-shim/--no-python-shim", default=True, show_default=True,
+              help="Also measure the warm path through `pycni install --python-shim` executables, as figures "
+                   "of their own (warm/python-shim/... and the python shim start-up).")
+def main(mode: str, json_path: str | None, only: tuple[str, ...], warm: bool, native_shim: bool,
+         python_shim: bool) -> None:
     """Benchmark pycni's CNI plugins against the reference Go plugins in /usr/lib/cni.
 
     Needs root: every measurement runs in network namespaces the benchmark
@@ -57,14 +62,17 @@ def main(mode: str, json_path: str | None, only: tuple[str, ...], warm: bool, na
     pycni runs cold (a process per call: its shims with no agent behind them)
     and, unless --no-warm, warm (the same shims served by a `pycni agent` the
     benchmark starts in a namespace of its own): figures under `.../warm/...`
-    compare the warm path with the reference, all others the cold path.
+    compare the warm path with the reference, all others the cold path. Both
+    use the executables of the default `pycni install` (the compiled shim);
+    warm/python-shim/... measures the warm path through the Python shim
+    (`pycni install --python-shim`) with the same agent.
     """
     if os.geteuid() != 0:
         raise click.UsageError("the benchmark needs root to create network namespaces; run it with sudo")
     from . import cleanup as cleanup_mod
     from .context import MODES, Context
     from .report import problems, table, write_json
-    from .sides import pycni_side, reference_side, warm_side
+    from .sides import PYCNI_WARM_PYTHON, installed_shim, pycni_side, reference_side, warm_side
 
     settings = MODES[mode]
     selected = only or tuple(case for case in CASES if case not in OPT_IN_CASES)
@@ -81,15 +89,24 @@ def main(mode: str, json_path: str | None, only: tuple[str, ...], warm: bool, na
     try:
         bin_dir = registry.directory("bin")
         # The cold side's shims point at a socket nothing serves (never an agent running on this machine).
-        pycni, how = pycni_side(bin_dir, os.path.join(bin_dir, "no-agent", "agent.sock"))
+        shim = "native" if native_shim else None
+        pycni, how = pycni_side(bin_dir, os.path.join(bin_dir, "no-agent", "agent.sock"), shim=shim)
         ctx = Context(settings, registry, pycni, reference_side())
         click.echo(f"bench: {mode} mode; pycni plugins: {', '.join(sorted(pycni.plugins))} ({how}); "
                    f"reference: {ctx.reference.bin_dir}")
         if warm:
-            ctx.warm, agent, how_warm = warm_side(registry, registry.directory("bin-warm"), native_shim)
-            ctx.agent, ctx.warm_native = agent, native_shim
+            ctx.warm, agent, how_warm = warm_side(registry, registry.directory("bin-warm"), shim)
+            ctx.agent, ctx.warm_shim = agent, installed_shim(ctx.warm.bin_dir)
             click.echo(f"bench: warm side: pycni agent (pid {agent.proc.pid}) in namespace {agent.ns}, "
                        f"shims by {how_warm}; figures under .../warm/... are pycni-warm vs reference")
+            if python_shim and ctx.warm_shim == "python":
+                ctx.note("the default install put the Python shim in front of the plugins already: "
+                         "no separate warm/python-shim figures")
+            elif python_shim:
+                ctx.warm_python, how_python = pycni_side(registry.directory("bin-warm-python"), agent.socket_path,
+                                                         PYCNI_WARM_PYTHON, "python")
+                click.echo(f"bench: warm side through the Python shim: the same agent, shims by {how_python}; "
+                           f"figures under warm/python-shim/... and .../python shim")
         for case in CASES:
             if case not in selected:
                 continue
@@ -121,7 +138,8 @@ def main(mode: str, json_path: str | None, only: tuple[str, ...], warm: bool, na
                      "mode": mode, "elapsed_s": round(elapsed, 1), "load_average_at_start": load_at_start,
                      "settings": ctx.settings_dict(),
                      "machine": _machine(), "pycni_plugins": sorted(ctx.pycni.plugins),
-                     "warm_shims": ("native" if native_shim else "python") if warm else None,
+                     "warm_shims": ctx.warm_shim or None,
+                     "python_shim_figures": ctx.warm_python is not None,
                      "interrupted": interrupted},
             "notes": ctx.notes,
             "agent": agent_status,

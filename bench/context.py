@@ -54,8 +54,16 @@ class Context:
     reference: Side
     notes: list[str] = field(default_factory=list)
     warm: Side | None = None   # pycni through `pycni agent` (bench/sides.py); None with --no-warm
-    agent: Any = None          # the WarmAgent serving ``warm``
-    warm_native: bool = False  # ``warm``'s plugins run through the compiled shim (--native-shim)
+    agent: Any = None          # the WarmAgent serving ``warm`` (and ``warm_python``)
+    warm_shim: str = ""        # the shim of ``warm`` (the default install's): "compiled" or "python"
+    # The same agent behind `pycni install --python-shim` executables: bench/cases/warm.py measures them as
+    # figures of their own (warm/python-shim/...). None with --no-python-shim, or when ``warm`` is that already.
+    warm_python: Side | None = None
+
+    @property
+    def warm_native(self) -> bool:
+        """``warm``'s plugins run through the compiled shim (what bench/cases/e2e.py installs for its warm side)."""
+        return self.warm_shim == "compiled"
 
     def note(self, text: str) -> None:
         print(f"  note: {text}", flush=True)

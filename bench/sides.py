@@ -4,7 +4,9 @@ A `Side` is a CNI bin directory: /usr/lib/cni for the reference Go plugins,
 a temporary directory of executables for pycni (made by `pycni install`, or by
 writing one small launcher per registry entry when that command is missing).
 
-pycni is measured two ways, with the same installed shims:
+pycni is measured with the executables of the default `pycni install` (the
+compiled shim in front of the plugins; the Python shim where install falls back
+to it, which ``installed_shim`` tells):
 
 - ``pycni`` (cold): the shims' socket has no agent behind it (a path private to
   the benchmark, so an agent running on the machine is never used): every call
@@ -13,6 +15,8 @@ pycni is measured two ways, with the same installed shims:
   namespace of its own that the benchmark creates, and does each request's work
   in the caller's (node) namespace. Its CPU time is read from /proc and added
   to the shims' own in the ``_cpu`` figures, so they count all the work done.
+- ``pycni-warm-python-shim``: the same agent serving `pycni install
+  --python-shim` executables, measured as figures of their own.
 """
 from __future__ import annotations
 
@@ -29,6 +33,9 @@ from . import spawn
 
 REFERENCE_DIR = "/usr/lib/cni"
 PYCNI, PYCNI_WARM, REFERENCE = "pycni", "pycni-warm", "reference"
+PYCNI_WARM_PYTHON = "pycni-warm-python-shim"
+# `pycni install`'s choice of shim: None the default install, "native" --native-shim, "python" --python-shim.
+SHIM_FLAGS = {None: [], "native": ["--native-shim"], "python": ["--python-shim"]}
 # A plain PATH for the plugins (they run iptables, tc, ...); never inherited CNI_* variables.
 PLUGIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -58,11 +65,11 @@ def pycni_registry() -> dict[str, str]:
 
 
 def pycni_side(bin_dir: str, agent_socket: str | None = None, name: str = PYCNI,
-               native: bool = False) -> tuple[Side, str]:
-    """Install pycni's plugins into bin_dir (shims for ``agent_socket``, compiled ones with ``native``);
+               shim: str | None = None) -> tuple[Side, str]:
+    """Install pycni's plugins into bin_dir (shims for ``agent_socket``; ``shim`` as in SHIM_FLAGS);
     return the side and how."""
     registry = pycni_registry()
-    how = _install_with_cli(bin_dir, agent_socket, native)
+    how = _install_with_cli(bin_dir, agent_socket, shim)
     for plugin, target in registry.items():
         if not os.access(os.path.join(bin_dir, plugin), os.X_OK):
             _write_launcher(os.path.join(bin_dir, plugin), target)
@@ -74,23 +81,35 @@ def _pycni_cli() -> str:
     return os.path.join(os.path.dirname(sys.executable), "pycni")
 
 
-def _install_with_cli(bin_dir: str, agent_socket: str | None = None, native: bool = False) -> str:
+def _install_with_cli(bin_dir: str, agent_socket: str | None = None, shim: str | None = None) -> str:
     """`pycni install` from the interpreter's own bin directory (the console script)."""
     cli = _pycni_cli()
     if not os.access(cli, os.X_OK):
         return "launchers written by bench (no pycni command)"
-    args = [cli, "install", "--cni-bin-dir", bin_dir]
-    if agent_socket:
-        args += ["--agent-socket", agent_socket]
-    if native:
-        args += ["--native-shim"]
+    flags = SHIM_FLAGS[shim]
+    args = [cli, "install", "--cni-bin-dir", bin_dir, *(["--agent-socket", agent_socket] if agent_socket else []),
+            *flags]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd="/")
     if proc.returncode == 0:
+        for line in proc.stderr.splitlines():   # e.g. why install fell back to the Python shim
+            print(f"bench: note: {line}", file=sys.stderr)
         return (f"`pycni install --cni-bin-dir DIR{' --agent-socket SOCK' if agent_socket else ''}"
-                f"{' --native-shim' if native else ''}`")
+                f"{''.join(' ' + f for f in flags)}`: {installed_shim(bin_dir)} shim")
     print(f"bench: note: `pycni install` failed ({proc.returncode}): "
           f"{(proc.stderr or proc.stdout).strip()[-300:]}; writing launchers instead", file=sys.stderr)
     return "launchers written by bench"
+
+
+def installed_shim(bin_dir: str) -> str:
+    """Which shim runs the plugins in ``bin_dir``: "compiled" (their "#!" names pycni-shim), else "python"."""
+    from pycni.install import NATIVE_SHIM
+
+    try:
+        with open(os.path.join(bin_dir, "loopback"), "rb") as handle:
+            first = handle.readline().strip()
+    except OSError:
+        return "python"
+    return "compiled" if first == b"#!" + os.path.join(bin_dir, NATIVE_SHIM).encode() else "python"
 
 
 def _write_launcher(path: str, target: str) -> None:
@@ -157,12 +176,12 @@ class WarmAgent:
         self.cleanup.stop_process(self.proc)
 
 
-def warm_side(cleanup: Any, bin_dir: str, native: bool = False) -> tuple[Side, WarmAgent, str]:
-    """Start an agent and install shims for its socket (compiled ones with ``native``); the warm side,
+def warm_side(cleanup: Any, bin_dir: str, shim: str | None = None) -> tuple[Side, WarmAgent, str]:
+    """Start an agent and install shims for its socket (``shim`` as in SHIM_FLAGS); the warm side,
     its agent, and how."""
     agent = WarmAgent(cleanup)
     agent.start()
-    side, how = pycni_side(bin_dir, agent.socket_path, PYCNI_WARM, native)
+    side, how = pycni_side(bin_dir, agent.socket_path, PYCNI_WARM, shim)
     return side, agent, how
 
 

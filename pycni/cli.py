@@ -478,45 +478,72 @@ def version_cmd() -> None:
 @click.option("--force", is_flag=True, help="Replace plugin files that pycni did not write.")
 @click.option("--agent-socket", default="/run/pycni/agent.sock", show_default=True, metavar="PATH",
               help="Where the executables look for `pycni agent` (give the agent the same --socket).")
-@click.option("--no-agent", is_flag=True, help="Write executables that never try an agent (always in-process).")
-@click.option("--native-shim", is_flag=True,
-              help="Put a compiled shim (pycni-shim, built with the system's C compiler) in front of the agent "
-                   "instead of a Python one: the warm path then starts no interpreter.")
+@click.option("--no-agent", is_flag=True,
+              help="Write executables that never try an agent: every call runs the plugin in-process (the cold "
+                   "path). These are always Python shims.")
+@click.option("--native-shim", "shim", flag_value="native",
+              help="Insist on the compiled shim (the default anyway): fail instead of falling back to the "
+                   "Python shim when there is none.")
+@click.option("--python-shim", "shim", flag_value="python",
+              help="Put the Python shim in front of the plugins instead of the compiled one (it starts a Python "
+                   "interpreter on every call, ~10 ms).")
 @click.option("--systemd-unit", is_flag=True,
-              help="Also install the agent's systemd unit (pycni-agent.service) into --unit-dir.")
-@click.option("--unit-dir", default="/etc/systemd/system", show_default=True, type=click.Path(file_okay=False),
-              help="Where --systemd-unit writes the unit.")
-def install_cmd(cni_bin_dir: str, force: bool, agent_socket: str, no_agent: bool, native_shim: bool,
+              help="Also install the agent's systemd unit (pycni-agent.service) into --systemd-dir, and where "
+                   "systemd runs, reload it and enable and start the agent (systemctl enable --now).")
+@click.option("--systemd-dir", "--unit-dir", "unit_dir", default="/etc/systemd/system", show_default=True,
+              type=click.Path(file_okay=False), help="Where --systemd-unit writes the unit.")
+def install_cmd(cni_bin_dir: str, force: bool, agent_socket: str, no_agent: bool, shim: str | None,
                 systemd_unit: bool, unit_dir: str) -> None:
     """Install pycni's plugins as executables in a CNI bin directory.
 
     Writes one small executable per plugin (bridge, host-local, ...). Each
     hands its request to `pycni agent` over the agent's unix socket (the warm
-    path: no Python start-up of the plugin code per call) and, when no agent
+    path: the plugin's code is already loaded there) and, when no agent
     answers, runs the plugin itself with the Python interpreter pycni is
     installed in (the cold path, with identical results; it then says so in
     one line on stderr). Point your container runtime's CNI bin dir (or
     CNI_PATH) there. Refuses directories on $PATH, and files it did not write
     unless --force.
 
-    With --native-shim the executables are small text files run by one
-    compiled shim (pycni-shim in the same directory): the same protocol and
-    fallback, minus the interpreter start-up on every warm call.
+    \b
+    The shim in front of the plugins:
+      compiled (default)  pycni-shim in the same directory runs every plugin
+                          file; a warm call starts no interpreter. It is built
+                          with the package (pip install on a machine with a C
+                          compiler), or compiled now with $CC, cc or gcc.
+      Python              --python-shim, or when there is no compiled shim and
+                          no compiler (install then says so): the same
+                          protocol and fallback, plus a Python start per call.
 
-    With --systemd-unit the agent's unit is installed too; enable it with
-    `systemctl daemon-reload && systemctl enable --now pycni-agent`.
+    Then start the agent: `pycni agent`, or --systemd-unit to install its
+    unit, and where systemd runs, enable and start it. Without an agent every
+    call runs cold (~3-30x the Go plugins' time per pod start).
     """
-    from .install import install_plugins, install_systemd_unit
+    from .install import (agent_command, enable_systemd_unit, install, install_systemd_unit,
+                          warm_path_hint)
 
     socket_path = None if no_agent else agent_socket
-    for item in run_reporting_errors(lambda: install_plugins(cni_bin_dir, force=force, agent_socket=socket_path,
-                                                             native=native_shim)):
+    done = run_reporting_errors(lambda: install(cni_bin_dir, force=force, agent_socket=socket_path,
+                                                shim=shim or "auto"))
+    for item in done.plugins:
         click.echo(f"wrote {item.path} ({item.target})")
-    if systemd_unit:
-        # The agent executes delegates only from directories it is told: this one is where the shims went.
-        unit = run_reporting_errors(lambda: install_systemd_unit(unit_dir, agent_socket=agent_socket,
-                                                                 cni_bin_dirs=(os.path.abspath(cni_bin_dir),)))
-        click.echo(f"wrote {unit}; enable it with: systemctl daemon-reload && systemctl enable --now pycni-agent")
+    if done.shim == "compiled":
+        click.echo(f"wrote {done.shim_binary} (the compiled shim, {done.shim_origin})")
+    if done.note:
+        click.echo(f"pycni install: {done.note}", err=True)
+    if not systemd_unit:
+        click.echo(f"pycni install: {warm_path_hint(socket_path)}")
+        return
+    # The agent executes delegates only from directories it is told: this one is where the shims went.
+    unit = run_reporting_errors(lambda: install_systemd_unit(unit_dir, agent_socket=agent_socket,
+                                                             cni_bin_dirs=(os.path.abspath(cni_bin_dir),)))
+    click.echo(f"wrote {unit}")
+    outcome = run_reporting_errors(lambda: enable_systemd_unit(unit))
+    if outcome.enabled:
+        click.echo(f"pycni install: {outcome.message}")
+    else:
+        click.echo(f"pycni install: {outcome.message}; meanwhile start the agent with "
+                   f"`{agent_command(agent_socket)}`", err=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -144,11 +144,12 @@ def running_agent(workdir: str, extra_args: Sequence[str] = (), ns_prefix: str =
             agent.stop()
 
 
-def install(bin_dir: str, agent_socket: str | None, native: bool = False) -> None:
-    """`pycni install` into bin_dir: shims for agent_socket (None: cold only); native: the compiled shim."""
+def install(bin_dir: str, agent_socket: str | None, native: bool | None = None) -> None:
+    """`pycni install` into bin_dir: shims for agent_socket (None: cold only). The shim: the default
+    install's (None), the compiled one (True: --native-shim) or the Python one (False: --python-shim)."""
     args = [PYCNI, "install", "--cni-bin-dir", bin_dir]
     args += ["--agent-socket", agent_socket] if agent_socket else ["--no-agent"]
-    args += ["--native-shim"] if native else []
+    args += [] if native is None or agent_socket is None else ["--native-shim" if native else "--python-shim"]
     subprocess.run(args, check=True, capture_output=True, timeout=120)
 
 

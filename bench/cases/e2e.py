@@ -5,7 +5,8 @@ the agent runs) against the reference Go plugins in /usr/lib/cni, with the
 same conflist (bridge + portmap + bandwidth, host-local IPAM), and under
 ``warm/`` the same for pycni's shims served by a `pycni agent` that runs in
 the runtime's host (its network and mount namespaces, as a node's agent
-would; the shims are the compiled ones with the bench's --native-shim):
+would; the shims are those of the bench's warm side: the compiled shim of the
+default `pycni install`, unless install fell back to the Python shim):
 
 - ``podman run --rm``: a trivial busybox container (``true``) on the CNI
   network, podman 4.3 on its CNI backend; wall time of the whole command.

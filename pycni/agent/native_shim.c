@@ -2,9 +2,10 @@
  * pycni's native shim: the same job as the Python shim (pycni/agent/shim.py),
  * without starting an interpreter on the warm path.
  *
- * `pycni install --native-shim` compiles this file once into <bin dir>/pycni-shim
- * and writes each plugin as a small text file whose "#!" line names that
- * binary. The kernel then runs `pycni-shim <plugin file> [args]`; the plugin
+ * The package build compiles this file (setup.py's build_shim step) into
+ * pycni/agent/pycni-shim; `pycni install` copies that binary to <bin dir>/pycni-shim
+ * (or compiles this file there when the package carries no current build) and
+ * writes each plugin as a small text file whose "#!" line names that binary. The kernel then runs `pycni-shim <plugin file> [args]`; the plugin
  * file holds the settings as key=value lines (socket, version, python,
  * target, current, answer), so one binary serves every plugin and
  * `registry.own_plugin` still recognises the file by its tag line.
@@ -57,8 +58,13 @@
 #define MAX_FRAME (16u * 1024 * 1024)
 #define MAX_BODY MAX_FRAME /* protocol.MAX_BODY: the largest request the agent takes */
 static const char MAGIC[8] = {'P', 'Y', 'C', 'N', 'I', 'A', 0, 1};
+/* Both builds define PYCNI_SHIM_SOURCE as the SHA-256 (first 16 hex digits) of this file, so that
+ * `pycni install` can tell a binary built from this very source from a stale one. */
+#ifndef PYCNI_SHIM_SOURCE
+#define PYCNI_SHIM_SOURCE "unknown"
+#endif
 /* `pycni install` recognises its own binary by this string (kept in the binary: "used"). */
-__attribute__((used)) static const char IDENT[] = "pycni-native-shim v1";
+__attribute__((used)) static const char IDENT[] = "pycni-native-shim v1 source " PYCNI_SHIM_SOURCE;
 
 extern char **environ;
 
@@ -146,7 +152,7 @@ static void copy_value(char *dst, size_t size, const char *key, const char *val,
 static void load(const char *path) {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        die("cannot open the plugin file %s: %s (run me through a file `pycni install --native-shim` wrote)",
+        die("cannot open the plugin file %s: %s (run me through a plugin file `pycni install` wrote)",
             path, strerror(errno));
     static char text[MAX_FILE + 1];
     size_t len = 0;
@@ -432,7 +438,7 @@ static const char *error_class(int err) {
 
 int main(int argc, char **argv) {
     if (argc < 2)
-        die("I am the shim behind the plugins `pycni install --native-shim` writes; run a plugin, not me");
+        die("I am the shim behind the plugins `pycni install` writes; run a plugin, not me");
     load(argv[1]);
 
     const char *command = getenv("CNI_COMMAND");

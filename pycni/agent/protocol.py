@@ -35,8 +35,14 @@ shim runs a larger one in-process, the agent refuses it from its header), and
 a shim talks only to a socket that root owns in a directory that root owns
 and nobody else may write to (``unsafe_socket``); otherwise it runs cold.
 
-The shim (``shim.py``) carries its own copy of this format, written with the
-builtin ``_socket`` and ``posix`` modules only; keep the two in step.
+This module is the one definition of the format. The two shims carry their
+own copies, because neither may import it on the warm path: the Python shim
+(``shim.py``, builtin ``_socket`` and ``posix`` only; MAGIC and MAX_BODY are
+filled in from here when it is written) and the compiled one
+(``native_shim.c``). tests/integration/test_shim_protocol.py runs both
+against an agent built from this module and against the real one, with the
+same tests: framing, relaying, refusal, fallback, version skew and size
+limits. Change the format here, in both shims and in the agent together.
 """
 from __future__ import annotations
 

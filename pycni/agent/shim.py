@@ -227,7 +227,7 @@ try:
             fds.append(posix.open(p, posix.O_PATH | posix.O_CLOEXEC))
         except OSError:
             pass
-    msg = b"PYCNIA\\0\\1" + len(body).to_bytes(4, "big") + body
+    msg = {{magic}} + len(body).to_bytes(4, "big") + body
     sent = s.sendmsg([msg], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
                               b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))])
     if sent < len(msg):
@@ -341,6 +341,7 @@ def script(plugin_type: str, target: str, python: str, marker: str, socket_path:
         "accept_wait": repr(ACCEPT_WAIT),
         "answer_margin": repr(ANSWER_MARGIN),
         "max_body": repr(protocol.MAX_BODY),
+        "magic": repr(protocol.MAGIC),
     }
     text = _TEMPLATE
     for key, value in values.items():

@@ -238,7 +238,7 @@ def test_status_help_lists_the_exit_codes():
 def test_install_writes_executable_wrappers(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     target = tmp_path / "cni" / "bin"
-    result = run("install", "--cni-bin-dir", str(target))
+    result = run("install", "--cni-bin-dir", str(target), "--python-shim")
     assert result.exit_code == 0, result.stderr
     loopback = target / "loopback"
     assert f"wrote {loopback}" in result.stdout
@@ -252,7 +252,7 @@ def test_install_writes_executable_wrappers(tmp_path, monkeypatch):
     assert proc.returncode == 0, proc.stderr
     assert "1.1.0" in json.loads(proc.stdout)["supportedVersions"]
     # Installing again replaces our own files.
-    assert run("install", "--cni-bin-dir", str(target)).exit_code == 0
+    assert run("install", "--cni-bin-dir", str(target), "--python-shim").exit_code == 0
 
 
 def test_install_refuses_path_dirs_and_foreign_files(tmp_path, monkeypatch):
@@ -294,7 +294,7 @@ def test_install_native_shim_builds_one_binary_the_plugin_files_run(tmp_path, mo
     assert (proc.returncode, proc.stdout) == (cold.returncode, cold.stdout) == (0, cold.stdout)
     # Run by hand, the binary says what it is for.
     alone = subprocess.run([str(shim)], capture_output=True, text=True, check=False)
-    assert alone.returncode == 1 and "--native-shim" in alone.stderr
+    assert alone.returncode == 1 and "run a plugin, not me" in alone.stderr
     # Again: our own binary is replaced; a foreign one is not, without --force.
     assert run("install", "--cni-bin-dir", str(target), "--native-shim").exit_code == 0
     shim.write_bytes(b"\x7fELF someone else's")
@@ -309,6 +309,7 @@ def test_install_native_shim_says_what_it_lacks(tmp_path, monkeypatch):
     assert result.exit_code == 1 and "needs an agent socket" in result.stderr
     monkeypatch.setenv("PATH", str(tmp_path))        # no cc or gcc on it
     monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr("pycni.install.packaged_shim", lambda: str(tmp_path / "not-built" / "pycni-shim"))
     result = run("install", "--cni-bin-dir", str(tmp_path / "b"), "--native-shim")
     assert result.exit_code == 1 and "no C compiler" in result.stderr and "gcc" in result.stderr
     assert not os.path.exists(tmp_path / "b" / "loopback")

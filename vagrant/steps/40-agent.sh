@@ -16,8 +16,7 @@ exec)
     exec "$PYCNI" "${args[@]}"
     ;;
 systemd)
-    "$PYCNI" install --cni-bin-dir "$CNI_BIN_DIR" --agent-socket "$PYCNI_SOCKET" --systemd-unit \
-        --unit-dir "$PYCNI_UNIT_DIR" >&2
+    # The drop-in first: where systemd runs, install enables and starts the unit at once.
     dropin="$PYCNI_UNIT_DIR/pycni-agent.service.d"
     mkdir -p "$dropin"
     {
@@ -26,6 +25,8 @@ systemd)
         echo "ExecStart="
         echo "ExecStart=$PYCNI ${args[*]}"
     } >"$dropin/overlay.conf"
+    "$PYCNI" install --cni-bin-dir "$CNI_BIN_DIR" --agent-socket "$PYCNI_SOCKET" --systemd-unit \
+        --systemd-dir "$PYCNI_UNIT_DIR" >&2
     "$PYCNI_SYSTEMCTL" daemon-reload
     "$PYCNI_SYSTEMCTL" enable --now pycni-agent.service
     "$PYCNI_SYSTEMCTL" restart pycni-agent.service
