@@ -513,10 +513,22 @@ def test_descriptors_stay_flat_under_hostile_requests(tmp_path, make_node):
         assert agent.alive() and "Traceback" not in agent.log_text()
 
 
+def _settled_thread_count(pid: int) -> int:
+    """The agent's thread count once start-up's short-lived threads are gone (the same count 0.5 s apart)."""
+    last = -1
+    for _ in range(40):
+        count = len(os.listdir(f"/proc/{pid}/task"))
+        if count == last:
+            return count
+        last = count
+        time.sleep(0.5)
+    raise AssertionError(f"the agent's thread count did not settle: {last}")
+
+
 def test_connections_are_bounded_and_slow_clients_cut_off(tmp_path):
     with running_agent(str(tmp_path), ["--max-connections", "4", "--read-timeout", "3"]) as agent:
         path = agent.socket_path
-        threads_before = len(os.listdir(f"/proc/{agent.pid}/task"))
+        threads_before = _settled_thread_count(agent.pid)
         with contextlib.ExitStack() as stack:
             silent = []
             for _ in range(4):
