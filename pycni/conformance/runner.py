@@ -1,11 +1,13 @@
 """One node's conformance run, from probe pods to published results, and the clean-up.
 
     probes    two pods through the CNI network (the probe with a hostPort mapping, a client)
-    own       the gateway-mac check (a third pod comes and goes) and the store-entries check
+    own       the gateway-mac check (a third pod comes and goes); the store-entries check after the meeting
     echo      the echo service in the probe pod and on the node's own addresses (child processes)
     publish   conformance/<node> with addresses (each pod family the overlay state names) and datapath
               facts; heartbeat while running
-    meet      wait (bounded) for every leased node's entry
+    meet      wait (bounded by ``wait``) for every leased node's entry and, with ``expect_nodes`` N,
+              until N nodes (this one included) hold a lease and have published; the datapath facts are
+              read again whenever the leases change, so nodes that came up later are in them
     check     checks.run_checks against this node and every peer
     results   conformance/results/<node>
     barrier   wait (bounded) for the peers' results, so their checks never hit a removed probe
@@ -13,6 +15,16 @@
 
 Everything created is undone on the way out, also on errors and SIGTERM,
 unless ``keep_probes`` (then `pycni conformance clean` removes them).
+
+Why ``expect_nodes``: without it a node waits for the nodes that hold a
+subnet lease, which is right when every node starts its run at about the same
+time. Nodes that come up one after another (Vagrant provisions one VM, then
+the next) break that: the first node, alone with its lease, checks itself
+and removes its probe before the second node exists, and the second then
+waits for a probe that is gone. With ``expect_nodes`` the first node keeps its
+probe published and waits (bounded by ``wait``) until the cluster is complete;
+if it never is, the run checks the nodes it met and fails with a rendezvous row
+that names them and says how many are missing.
 """
 from __future__ import annotations
 
@@ -20,8 +32,8 @@ import ipaddress
 import secrets
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from .model import FAIL, PROBE_POD, RENDEZVOUS, Check, NodeResults, Party, results_key, valid_node_id
 
@@ -49,6 +61,7 @@ class RunOptions:
     wait: float = DEFAULT_WAIT
     check_timeout: float = DEFAULT_CHECK_TIMEOUT
     keep_probes: bool = False
+    expect_nodes: int = 0        # wait for at least this many nodes (this one included); 0: the leased ones
 
 
 def choose_node_id(requested: str, state_name: str, public_ip: str, leases: list) -> str:
@@ -114,10 +127,7 @@ def run_node(store, opts: RunOptions, log: Callable[[str], None]) -> tuple[NodeR
         log(f"node {node_id} ({public_ip}): probe pod {', '.join(a for a, _ in addresses.values() if a)} (hostPort "
             f"{opts.host_port if mappings else 'n/a'}), client pod {', '.join(c for _, c in addresses.values() if c)} "
             f"on network {opts.network}")
-        own_rows = [gateway_mac_check(node_id, state.bridge, pods),
-                    store_entries_check(node_id, store, cfg, public_ip, state.subnet, state.vtep_mac,
-                                        ipv6_subnet=state.subnet6, public_ipv6=state.public_ipv6,
-                                        vtep_mac6=state.vtep_mac6)]
+        own_rows = [gateway_mac_check(node_id, state.bridge, pods)]
         own_rows += _missing_families(node_id, opts.network, state, addresses)
         pods_of = _published_pods(state, addresses) or {"subnet": state.subnet, "probe_ip": probe.address,
                                                         "client_ip": peer_pod.address}
@@ -154,15 +164,24 @@ def run_node(store, opts: RunOptions, log: Callable[[str], None]) -> tuple[NodeR
         meeting.publish()
         meeting.start_heartbeat()
 
-        peers = meeting.wait_for_peers(opts.wait)
+        refresh = DatapathRefresh(me, meeting, leases, log, lambda current: datapath_facts(
+            state.vxlan_device, current, public_ip, state.vxlan_device6))
+        peers = meet(store, me, opts.expect_nodes, opts.wait, log, on_leases=refresh)
         log(f"checking against {len(peers.found)} other node(s): "
             + (", ".join(f"{p.node} ({p.public_ip})" for p in peers.found) or "none"))
+        # Judged after the meeting: the leases of nodes that came up while this one waited are in the store now.
+        own_rows.append(store_entries_check(node_id, store, cfg, public_ip, state.subnet, state.vtep_mac,
+                                            ipv6_subnet=state.subnet6, public_ipv6=state.public_ipv6,
+                                            vtep_mac6=state.vtep_mac6))
         local = Local(me=me, probe_netns=probe.netns, client_netns=peer_pod.netns, timeout=opts.check_timeout)
         rows = sorted(run_checks(local, peers.found) + own_rows, key=lambda r: r.sort_key)
         for public in peers.missing:
             rows.append(Check(RENDEZVOUS, node_id, public, FAIL, None,
                               f"node {public} holds a subnet lease but published no probe within "
                               f"{opts.wait:g}s: run `pycni conformance run` there"))
+        if peers.shortfall:
+            rows.append(Check(RENDEZVOUS, node_id, "-", FAIL, None, peers.shortfall_message(opts.wait)))
+            log(f"error: {peers.shortfall_message(opts.wait)}")
         results = NodeResults(node=node_id, public_ip=public_ip, session=me.session, started=started,
                               finished=time.time(), checks=rows, peers={p.node: p.session for p in peers.found})
         meeting.publish_results(results)
@@ -172,6 +191,145 @@ def run_node(store, opts: RunOptions, log: Callable[[str], None]) -> tuple[NodeR
         if opts.keep_probes:
             log("probes kept (--keep-probes): remove them with `pycni conformance clean`")
         return results, rows
+
+
+MEET_SLICE = 1.0          # the longest the meeting sleeps between two looks at the store
+FACTS_RECHECK = 5.0       # how often incomplete datapath facts are read again while waiting
+
+
+@dataclass
+class Met:
+    """Who came to the meeting: the peers to check against, and who did not come."""
+
+    me: Party
+    found: list[Party] = field(default_factory=list)   # the other nodes' published probes
+    missing: list[str] = field(default_factory=list)   # public IPs of leased nodes that published no probe
+    expect_nodes: int = 0                               # --expect-nodes (0: the leased nodes are the cluster)
+    leased: set[str] = field(default_factory=set)      # public IPs holding a lease, this node's included
+
+    @property
+    def present(self) -> list[str]:
+        """"node (public IP)" of every node that holds a lease and published its probe, this one first."""
+        others = [p for p in self.found if p.public_ip in self.leased]
+        return [f"{self.me.node} ({self.me.public_ip})"] + [f"{p.node} ({p.public_ip})" for p in others]
+
+    @property
+    def shortfall(self) -> int:
+        """How many of the expected nodes did not come (0 without --expect-nodes, or when they all did)."""
+        return max(0, self.expect_nodes - len(self.present))
+
+    def shortfall_message(self, waited: float) -> str:
+        present = self.present
+        unleased = self.shortfall - len(self.missing)
+        why = []
+        if self.missing:
+            why.append(f"{len(self.missing)} of them hold a subnet lease but published no probe "
+                       f"({', '.join(self.missing)})")
+        if unleased > 0:
+            why.append(f"{unleased} hold no subnet lease (is their agent running against this store?)")
+        return (f"expected {self.expect_nodes} nodes (--expect-nodes {self.expect_nodes}), but within "
+                f"{waited:g}s only {len(present)} held a subnet lease and published a probe: "
+                f"{', '.join(present)}; {self.shortfall} missing" + (f": {'; '.join(why)}" if why else "")
+                + ". Start `pycni conformance run` with the same --expect-nodes on the missing nodes within "
+                  "--wait of this one, or give --expect-nodes the number of nodes the cluster really has")
+
+
+def meet(store, me: Party, expect_nodes: int, wait: float, log: Callable[[str], None],
+         on_leases: Callable[[list], None] | None = None) -> Met:
+    """Wait (at most ``wait`` seconds) until every node holding a lease has published its probe and, with
+    ``expect_nodes``, until at least that many nodes (this one included) hold a lease and have published.
+
+    Returns early when both hold; on time-out, the peers that came, the leased nodes that did not, and the
+    shortfall. ``on_leases`` gets the current leases on every look (the datapath facts' refresh). Says what
+    it waits for whenever that changes.
+    """
+    from ipam.cluster import StoreError, list_leases
+
+    from .model import PREFIX
+    from .rendezvous import read_parties
+
+    deadline = time.monotonic() + wait
+    said = ""
+    met = Met(me=me, expect_nodes=expect_nodes)
+    for _ in range(int(wait / 0.05) + 2):
+        leases, _ = list_leases(store)
+        if on_leases is not None:
+            on_leases(leases)
+        met.leased = {lease.public_ip for lease in leases} | {me.public_ip}
+        parties = {p.public_ip: p for p in read_parties(store) if p.public_ip != me.public_ip}
+        met.missing = sorted(ip for ip in met.leased if ip != me.public_ip and ip not in parties)
+        met.found = sorted((p for ip, p in parties.items() if ip in met.leased), key=lambda p: p.node)
+        if not met.missing and not met.shortfall:
+            met.found = sorted(parties.values(), key=lambda p: p.node)   # as ever: every fresh probe
+            return met
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return met
+        status = _waiting_for(met)
+        if status != said:
+            said = status
+            log(f"{status} (waiting up to {left:.0f}s more)" if left >= 10 else
+                f"{status} (waiting up to {left:.1f}s more)")
+        try:
+            _, revision = store.list(PREFIX)
+            store.wait(PREFIX, revision, min(MEET_SLICE, left))
+        except StoreError:
+            time.sleep(min(MEET_SLICE, max(left, 0.05)))
+    return met
+
+
+def _waiting_for(met: Met) -> str:
+    parts = []
+    if met.missing:
+        parts.append(f"{len(met.missing)} node(s) holding a lease to publish their probes: {', '.join(met.missing)}")
+    unleased = met.shortfall - len(met.missing)
+    if unleased > 0:
+        parts.append(f"{unleased} more node(s) to come up (--expect-nodes {met.expect_nodes}; here so far: "
+                     f"{', '.join(met.present)})")
+    return "waiting for " + "; and for ".join(parts)
+
+
+class DatapathRefresh:
+    """Keeps this node's published datapath facts in step with the leases while it waits for the others.
+
+    The facts are read when the run starts; a node that joins later (its lease comes after) would be
+    missing from them, and a failed check's message would then blame a missing FDB entry that is there.
+    They are read again when the leases change, and every FACTS_RECHECK seconds while an entry is still
+    missing (the agent programs a new node's entries a moment after its lease appears).
+    """
+
+    def __init__(self, me: Party, meeting, leases: list, log: Callable[[str], None],
+                 read: Callable[[list], dict[str, Any]]) -> None:
+        self.me, self.meeting, self.log, self.read = me, meeting, log, read
+        self.leases_seen = _lease_key(leases)
+        self.read_at = time.monotonic()
+
+    def __call__(self, leases: list) -> None:
+        key = _lease_key(leases)
+        if key == self.leases_seen and (_complete(self.me.facts.get("datapath"))
+                                        or time.monotonic() - self.read_at < FACTS_RECHECK):
+            return
+        self.leases_seen, self.read_at = key, time.monotonic()
+        try:
+            datapath = self.read(leases)
+        except (OSError, ValueError) as exc:
+            self.log(f"warning: cannot read this node's overlay entries again: {exc}")
+            return
+        if datapath != self.me.facts.get("datapath"):
+            self.me.facts = {**self.me.facts, "datapath": datapath}   # the heartbeat publishes self.me too
+            self.meeting.publish()
+
+
+def _lease_key(leases: list) -> tuple:
+    return tuple(sorted((lease.public_ip, lease.subnet, lease.vtep_mac, getattr(lease, "ipv6_subnet", ""),
+                         getattr(lease, "public_ipv6", ""), getattr(lease, "vtep_mac6", "")) for lease in leases))
+
+
+def _complete(datapath: Any) -> bool:
+    """True when the facts name no missing FDB, neighbour or route entry."""
+    if isinstance(datapath, dict):
+        return all(_complete(value) for value in datapath.values())
+    return datapath is not False
 
 
 IPV6_SETTLE_LIMIT = 3.0

@@ -10,11 +10,27 @@ with their inputs (environment variables) pointing at temporary directories:
                      venv's dependencies through a .pth file, standing in for PyPI)
     20-plugins       `pycni install` and the vxlan network configuration, per node
     30-cluster-init  on every node (the first writes, the others find it written)
-    40-agent         PYCNI_AGENT_RUNNER=exec: the script becomes the agent (stopped by PID);
+    40-agent         PYCNI_AGENT_RUNNER=exec: the script becomes the agent (stopped by PID); the step
+                     counts as done once the agent holds its lease (what the systemd runner waits for);
                      the systemd runner's unit and drop-in are checked with a stub systemctl
-    50-conformance   foreground, on the three nodes at once
-    60-report        the matrix: every check passes
+    50-conformance   --expect-nodes 3 (PYCNI_NODES, as the Vagrantfile passes it)
+    60-report        the matrix: every check passes, from and to every node
 
+The steps run in two orders:
+
+- as Vagrant runs them: node1's steps, all of them (its conformance run
+  included), before node2's first step, then node3's, then 60-report. That
+  order is what broke `vagrant up` (node1, alone, checked itself and left; the
+  others waited for it in vain), and CI ran the steps layer by layer, so it
+  never saw it. 50-conformance runs its systemd-run branch, with a stand-in
+  for systemd-run (no systemd in a namespace) that starts the run in the
+  background in a session of its own and keeps its output, PID and exit
+  status; the step must end once the node has joined, while node1's and
+  node2's runs keep waiting for node3;
+- layer by layer (each step on every node before the next step), with
+  50-conformance in the foreground on the three nodes at once.
+
+10-install runs once (the fixture), for all three nodes: they share one venv.
 05-etcd.sh (apt-get and systemd on the etcd VM) does not run here; the
 cluster store is etcd started in the underlay namespace (tests/cluster_helpers.py).
 Each script runs through `nsenter --net=NODE`, which switches only the network
@@ -27,9 +43,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
+import time
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -66,6 +85,8 @@ def test_the_vagrantfile_runs_every_node_step_in_order():
     assert node_steps == ["10-install", "20-plugins", "30-cluster-init", "40-agent", "50-conformance"]
     assert [f"{s}.sh" for s in ["05-etcd", *node_steps, "60-report"]] == steps()
     assert "debian/bookworm64" in text and ":libvirt" in text and ":virtualbox" in text
+    # Every node's steps know the cluster's size: conformance waits for that many nodes.
+    assert '"PYCNI_NODES" => NODES.to_s' in text
 
 
 def _vagrant_env(tmp_path) -> dict[str, str]:
@@ -143,7 +164,7 @@ def node_env(installed: str, workdir: str, node: Node, store_url: str) -> dict[s
                CNI_IPAM_DIR=path("ipam"), PYCNI_STATE_DIR=node.state_dir, PYCNI_SOCKET=node.socket,
                PYCNI_STORE=store_url, PYCNI_CLUSTER_CIDR="10.244.0.0/16", PYCNI_NETWORK="pycni-vxlan",
                PYCNI_PUBLIC_IP=node.public_ip, PYCNI_NODE_NAME=f"node{node.index + 1}",
-               PYCNI_AGENT_RUNNER="exec", PYCNI_CONFORMANCE_RUNNER="foreground",
+               PYCNI_NODES="3", PYCNI_AGENT_RUNNER="exec", PYCNI_CONFORMANCE_RUNNER="foreground",
                PYCNI_CONFORMANCE_WAIT="60", PYCNI_REPORT_WAIT="60", PYCNI_UNIT_DIR=path("units"),
                PYCNI_SYSTEMCTL="false")   # never the machine's systemd
     return env
@@ -167,6 +188,20 @@ def _stop(proc: subprocess.Popen) -> None:
     procs.stop(proc, 15)
 
 
+def start_agent_step(topo, node: Node, env: dict[str, str], stack: contextlib.ExitStack) -> subprocess.Popen:
+    """40-agent.sh with PYCNI_AGENT_RUNNER=exec: the script becomes the agent (stopped by its PID when the
+    stack unwinds); returns once the agent holds its lease, as the systemd runner's wait does."""
+    log = open(topo.path(f"n{node.index}-agent-step.log"), "wb")
+    stack.callback(log.close)
+    # nsenter execs bash, bash execs the agent: the PID is the agent's own.
+    proc = subprocess.Popen(["nsenter", f"--net={node.path}", "bash", os.path.join(STEPS, "40-agent.sh")],
+                            env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    stack.callback(_stop, proc)
+    wait_for(lambda: node.read_state() is not None or proc.poll() is not None, 30, what=f"the agent on {node.name}")
+    assert proc.poll() is None, open(log.name).read()
+    return proc
+
+
 @pytest.mark.integration
 @pytest.mark.multinode
 def test_the_steps_bring_up_a_cluster_that_passes_conformance(installed):
@@ -180,15 +215,7 @@ def test_the_steps_bring_up_a_cluster_that_passes_conformance(installed):
             assert conflist["plugins"][0]["stateDir"] == node.state_dir
             assert os.access(os.path.join(envs[node.name]["CNI_BIN_DIR"], "vxlan"), os.X_OK)
         for node in topo.nodes:
-            log = open(topo.path(f"n{node.index}-agent-step.log"), "wb")
-            stack.callback(log.close)
-            # nsenter execs bash, bash execs the agent: the PID is the agent's own.
-            proc = subprocess.Popen(["nsenter", f"--net={node.path}", "bash", os.path.join(STEPS, "40-agent.sh")],
-                                    env=envs[node.name], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-            stack.callback(_stop, proc)
-            wait_for(lambda: node.read_state() is not None or proc.poll() is not None, 30,
-                     what=f"the agent on {node.name}")
-            assert proc.poll() is None, open(log.name).read()
+            start_agent_step(topo, node, envs[node.name], stack)
         wait_for(lambda: all(len([r for r in n.ip_json("route", "show") if "onlink" in r.get("flags", [])]) == 2
                              for n in topo.nodes), 20, what="every node routing to the others")
 
@@ -208,6 +235,123 @@ def test_the_steps_bring_up_a_cluster_that_passes_conformance(installed):
         assert "PASS: 54 checks, 54 passed, 0 failed" in done.stdout
         assert {f"node{i}" for i in (1, 2, 3)} <= set(re.findall(r"\bnode\d\b", done.stdout))
         assert "cluster network 10.244.0.0/16" in done.stderr     # pycni inspect --cluster
+        probes = {name for node in topo.nodes
+                  for name in probe_netns_names(f"node{node.index + 1}", node.state_dir)}
+        assert not probes & set(netns.list_names())
+
+
+# ---- node after node, as Vagrant runs the steps ----------------------------------------------------
+
+# Stands in for systemd-run on netns nodes (no systemd there): the options are skipped and the command starts
+# in the background, in a session of its own (its PID is the session's and the process group's id), with
+# its output in RUNS/<node>.log, that PID in RUNS/<node>.pid and, when it ends, its exit status in
+# RUNS/<node>.rc.
+SYSTEMD_RUN_STAND_IN = """#!/bin/sh
+while [ $# -gt 0 ]; do case "$1" in --*) shift ;; *) break ;; esac; done
+out="{runs}/$PYCNI_NODE_NAME"
+setsid sh -c '"$@"; echo $? > "$0.rc"' "$out" "$@" > "$out.log" 2>&1 < /dev/null &
+echo $! > "$out.pid"
+"""
+
+
+def _stop_background_run(pid_file: Path) -> None:
+    """SIGTERM to the process group the stand-in started (the run removes its probes), SIGKILL after 20 s."""
+    if not pid_file.exists():
+        return
+    pgid = int(pid_file.read_text())
+    for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+
+
+def _run_state(runs: Path, name: str) -> tuple[bool, str | None, str]:
+    """(the background run of node ``name`` is still running, its exit status or None, its output)."""
+    pid = int((runs / f"{name}.pid").read_text())
+    rc_file = runs / f"{name}.rc"
+    rc = rc_file.read_text().strip() if rc_file.exists() else None
+    try:
+        os.killpg(pid, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    return alive and rc is None, rc, (runs / f"{name}.log").read_text()
+
+
+def _outputs(runs: Path) -> str:
+    """The background runs' output so far, for assertion messages."""
+    return "".join(f"\n--- {log.stem}'s conformance run:\n{log.read_text()[-3000:]}" for log in sorted(runs.glob("*.log")))
+
+
+@pytest.mark.integration
+@pytest.mark.multinode
+def test_the_steps_node_by_node_as_vagrant_runs_them_meet_on_every_node(installed, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    stand_in = tmp_path / "systemd-run"
+    stand_in.write_text(SYSTEMD_RUN_STAND_IN.format(runs=runs))
+    stand_in.chmod(0o755)
+    with cluster_topology(3, "vo") as topo, store_for(topo) as store_url, contextlib.ExitStack() as stack:
+        envs = {}
+        for node in topo.nodes:
+            name = f"node{node.index + 1}"
+            env = envs[name] = node_env(installed, topo.workdir, node, store_url)
+            env.update(PYCNI_CONFORMANCE_RUNNER="systemd-run", PYCNI_SYSTEMD_RUN=str(stand_in),
+                       PYCNI_CONFORMANCE_WAIT="150", PYCNI_JOIN_WAIT="60")
+            # This node's whole provisioning, before the next node's first step.
+            for step in ("20-plugins.sh", "30-cluster-init.sh"):
+                done = run_step(step, env, node)
+                assert done.returncode == 0, f"{step} on {name}: {done.stdout}{done.stderr}"
+            start_agent_step(topo, node, env, stack)
+            stack.callback(_stop_background_run, runs / f"{name}.pid")
+            done = run_step("50-conformance.sh", env, node, timeout=90)
+            assert done.returncode == 0, f"50-conformance on {name}: {done.stdout}{done.stderr}{_outputs(runs)}"
+            assert f"[50-conformance {name}] joined: the run waits for 3 node(s) in total" in done.stderr
+            # Joined: its probe is up, or (the last node, whose run completes the meeting at once) already checked.
+            assert (re.search(rf"^{name}\s+{re.escape(node.public_ip)}\s.*\byes: probe", done.stderr, re.M)
+                    or (node.index == 2 and f"node {name} took part: its run has finished already" in done.stderr)), \
+                done.stderr
+            if node.index < 2:
+                # Its run did not check this node alone and leave: it keeps its probe up and waits for the rest.
+                wait_for(lambda: "more node(s) to come up (--expect-nodes 3" in _run_state(runs, name)[2], 15,
+                         what=f"{name}'s run to say what it waits for")
+                for earlier in range(node.index + 1):
+                    running, rc, out = _run_state(runs, f"node{earlier + 1}")
+                    assert running, f"node{earlier + 1}'s run ended (exit {rc}) before node3 came:\n{out}"
+
+        last = topo.nodes[-1]
+        done = run_step("60-report.sh", envs["node3"], last)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "PASS: 54 checks, 54 passed, 0 failed" in done.stdout, done.stdout
+
+        # Every node's own run checked every node, and ended with success.
+        wait_for(lambda: all((runs / f"node{i}.rc").exists() for i in (1, 2, 3)), 60, what="the runs to end")
+        for i in (1, 2, 3):
+            _running, rc, out = _run_state(runs, f"node{i}")
+            others = sorted(f"node{j}" for j in (1, 2, 3) if j != i)
+            assert rc == "0", f"node{i}'s run exited {rc}:\n{out}"
+            assert f"checking against 2 other node(s): {others[0]} (" in out and f"{others[1]} (" in out, out
+        report = subprocess.run(["nsenter", f"--net={last.path}", os.path.join(installed, "bin", "pycni"),
+                                 "conformance", "report", "--store", store_url, "--json", "--expect-nodes", "3"],
+                                capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert report.returncode == 0, report.stdout + report.stderr
+        matrix = json.loads(report.stdout)
+        names = {"node1", "node2", "node3"}
+        assert {n["node"] for n in matrix["nodes"]} == names and matrix["ignored"] == []
+        assert {(r["from"], r["to"]) for r in matrix["checks"] if r["check"] == "pod-pod-other-node"} == \
+            {(a, b) for a in names for b in names if a != b}
+        assert {r["result"] for r in matrix["checks"]} == {"pass"}
+
+        for i in (1, 2, 3):
+            _stop_background_run(runs / f"node{i}.pid")
         probes = {name for node in topo.nodes
                   for name in probe_netns_names(f"node{node.index + 1}", node.state_dir)}
         assert not probes & set(netns.list_names())

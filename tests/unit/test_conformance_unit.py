@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from ipam.cluster import ClusterConfig, acquire_lease, init_cluster, open_store
+from ipam.cluster import ClusterConfig, acquire_lease, init_cluster, list_leases, open_store
 from pycni.conformance import client, diagnose, echo, facts, report
 from pycni.conformance.model import (FAIL, PASS, SKIP, Check, NodeResults, Party, node_key, results_key,
                                      valid_node_id)
@@ -624,3 +624,211 @@ def test_store_entries_check_judges_a_dual_stack_store_on_every_device(tmp_path)
         row = store_entries_check("n0", store, cfg, "192.168.100.10", own.subnet, own.vtep_mac,
                                   ipv6_subnet=own.ipv6_subnet)
         assert row.result == PASS, row.message
+
+
+# ---- --expect-nodes: nodes that come up one after another -------------------------------------
+
+from pycni.conformance import runner  # noqa: E402
+
+
+def three_node_store(tmp_path, leased: int):
+    """A file store with the cluster config and the first ``leased`` of n0, n1, n2 holding a lease."""
+    store = open_store(f"file://{tmp_path}/store")
+    cfg = ClusterConfig(network="10.244.0.0/16")
+    init_cluster(store, cfg)
+    for i in range(leased):
+        acquire_lease(store, cfg, f"192.168.100.{10 + i}", f"0a:58:00:00:00:0{i}", f"n{i}")
+    return store, cfg
+
+
+def test_alone_without_expect_nodes_a_node_meets_only_itself_at_once(tmp_path):
+    # The behaviour --expect-nodes exists for: node 1 of a cluster provisioned node by node checks itself alone.
+    store, _cfg = three_node_store(tmp_path, leased=1)
+    me = party("n0", 0)
+    store.put(node_key("n0"), me.to_json())
+    start = time.monotonic()
+    met = runner.meet(store, me, 0, 5.0, log=lambda _m: None)
+    assert time.monotonic() - start < 1.0
+    assert met.found == [] and met.missing == [] and met.shortfall == 0
+    store.close()
+
+
+def test_expect_nodes_waits_for_nodes_that_are_not_up_yet_and_meets_them_all(tmp_path):
+    import threading
+
+    store, cfg = three_node_store(tmp_path, leased=1)
+    me = party("n0", 0)
+    store.put(node_key("n0"), me.to_json())
+    logged: list[str] = []
+
+    def later_nodes() -> None:
+        # n1 and n2 come up one after another: a lease first (the agent), then the probe (conformance run).
+        for i in (1, 2):
+            time.sleep(0.4)
+            acquire_lease(store, cfg, f"192.168.100.{10 + i}", f"0a:58:00:00:00:0{i}", f"n{i}")
+            time.sleep(0.3)
+            store.put(node_key(f"n{i}"), party(f"n{i}", i).to_json())
+
+    joining = threading.Thread(target=later_nodes)
+    joining.start()
+    try:
+        start = time.monotonic()
+        met = runner.meet(store, me, 3, 20.0, log=logged.append)
+        took = time.monotonic() - start
+    finally:
+        joining.join()
+    assert [p.node for p in met.found] == ["n1", "n2"] and met.missing == [] and met.shortfall == 0
+    assert 1.3 < took < 10, took
+    assert logged[0].startswith("waiting for 2 more node(s) to come up (--expect-nodes 3; here so far: "
+                                "n0 (192.168.100.10)) (waiting up to 20s more)"), logged
+    store.close()
+
+
+def test_expect_nodes_times_out_naming_who_came_and_how_many_are_missing(tmp_path):
+    store, _cfg = three_node_store(tmp_path, leased=2)   # n1 holds a lease but never publishes; n2 never comes
+    me = party("n0", 0)
+    store.put(node_key("n0"), me.to_json())
+    logged: list[str] = []
+    met = runner.meet(store, me, 3, 0.5, log=logged.append)
+    assert met.found == [] and met.missing == ["192.168.100.11"] and met.shortfall == 2
+    assert len(logged) == 1 and logged[0].startswith(
+        "waiting for 1 node(s) holding a lease to publish their probes: 192.168.100.11; and for 1 more node(s) to "
+        "come up (--expect-nodes 3; here so far: n0 (192.168.100.10)) (waiting up to 0."), logged
+    message = met.shortfall_message(0.5)
+    assert message.startswith("expected 3 nodes (--expect-nodes 3), but within 0.5s only 1 held a subnet lease "
+                              "and published a probe: n0 (192.168.100.10); 2 missing: 1 of them hold a subnet "
+                              "lease but published no probe (192.168.100.11); 1 hold no subnet lease"), message
+    # Fewer expected than the leased nodes: every leased node is still waited for, and no shortfall is named.
+    met = runner.meet(store, me, 1, 0.2, log=lambda _m: None)
+    assert met.missing == ["192.168.100.11"] and met.shortfall == 0
+    store.close()
+
+
+class Spy:
+    def __init__(self) -> None:
+        self.published = 0
+
+    def publish(self) -> None:
+        self.published += 1
+
+
+def test_the_datapath_facts_follow_the_leases_while_a_node_waits(tmp_path, monkeypatch):
+    store, cfg = three_node_store(tmp_path, leased=2)
+    me = party("n0", 0, {"192.168.100.11": {"fdb": True, "neigh": True, "route": True}})
+    reads: list[int] = []
+    complete = {"fdb": True, "neigh": True, "route": True}
+    answers = [{"192.168.100.11": dict(complete), "192.168.100.12": {**complete, "fdb": False}},
+               {"192.168.100.11": dict(complete), "192.168.100.12": dict(complete)}]
+
+    def read(leases):
+        reads.append(len(leases))
+        return answers[min(len(reads), len(answers)) - 1]
+
+    spy = Spy()
+    refresh = runner.DatapathRefresh(me, spy, list_leases(store)[0], lambda _m: None, read)
+    refresh(list_leases(store)[0])
+    assert reads == []                                   # same leases, facts complete: nothing to read
+    acquire_lease(store, cfg, "192.168.100.12", "0a:58:00:00:00:02", "n2")
+    refresh(list_leases(store)[0])
+    assert reads == [3] and spy.published == 1           # a new node: read again, published
+    assert me.facts["datapath"]["192.168.100.12"]["fdb"] is False
+    refresh(list_leases(store)[0])
+    assert reads == [3]                                  # an entry is missing, but it was read a moment ago
+    monkeypatch.setattr(runner, "FACTS_RECHECK", 0.0)
+    refresh(list_leases(store)[0])
+    assert reads == [3, 3] and spy.published == 2        # the agent has programmed it since
+    assert me.facts["datapath"]["192.168.100.12"]["fdb"] is True and me.facts["vxlanPort"] == 8472
+    refresh(list_leases(store)[0])
+    assert reads == [3, 3]                               # complete again: no more reads
+    store.close()
+
+
+def conformance_cli(*args: str, env: dict[str, str] | None = None):
+    from click.testing import CliRunner
+
+    from pycni.conformance.cli import conformance
+
+    return CliRunner().invoke(conformance, list(args), env=env, catch_exceptions=False)
+
+
+def test_report_expect_nodes_fails_when_fewer_nodes_wrote_results_and_reads_its_environment_variable(tmp_path):
+    store, _cfg = three_node_store(tmp_path, leased=2)
+    for i, peer in ((0, "n1"), (1, "n0")):
+        store.put(results_key(f"n{i}"), NodeResults(f"n{i}", f"192.168.100.{10 + i}", f"s{i}", 1.0, 2.0,
+                                                    [Check("pmtu", f"n{i}", peer, PASS, 0.1)],
+                                                    peers={peer: f"s{1 - i}"}).to_json())
+    store.close()
+    url = f"file://{tmp_path}/store"
+    assert conformance_cli("report", "--store", url).exit_code == 0
+    done = conformance_cli("report", "--store", url, "--expect-nodes", "3")
+    assert done.exit_code == 1
+    assert ("expected results from 3 nodes (--expect-nodes 3), but the newest run has results from 2: "
+            "n0 (192.168.100.10), n1 (192.168.100.11); 1 missing") in done.output
+    by_env = conformance_cli("report", "--json", env={"PYCNI_STORE": url, "PYCNI_EXPECT_NODES": "3"})
+    assert by_env.exit_code == 1
+    rows = json.loads(by_env.output)["checks"]
+    assert [(r["check"], r["from"], r["to"], r["result"]) for r in rows][-1] == ("rendezvous", "-", "-", "fail")
+    assert conformance_cli("report", "--store", url, env={"PYCNI_EXPECT_NODES": "2"}).exit_code == 0
+
+
+def test_run_takes_expect_nodes_from_its_environment_variable(monkeypatch):
+    seen = {}
+
+    def fake_run_node(store, opts, log):
+        seen["expect_nodes"] = opts.expect_nodes
+        raise runner.ConformanceError("stop here")
+
+    monkeypatch.setattr(runner, "run_node", fake_run_node)
+    done = conformance_cli("run", "--store", "file:///nonexistent-pycni-test", "--network", "n",
+                           env={"PYCNI_EXPECT_NODES": "4"})
+    assert seen == {"expect_nodes": 4} and "stop here" in done.output
+    conformance_cli("run", "--store", "file:///nonexistent-pycni-test", "--network", "n", "--expect-nodes", "2",
+                    env={"PYCNI_EXPECT_NODES": "4"})
+    assert seen == {"expect_nodes": 2}          # the flag wins over the variable
+
+
+def test_peers_lists_who_takes_part_and_waits_for_a_node(tmp_path):
+    store, _cfg = three_node_store(tmp_path, leased=2)
+    store.put(node_key("n0"), party("n0", 0).to_json())
+    store.close()
+    url = f"file://{tmp_path}/store"
+    done = conformance_cli("peers", "--store", url)
+    assert done.exit_code == 0
+    lines = done.output.splitlines()
+    assert lines[1].split()[:4] == ["n0", "192.168.100.10", "10.244.0.0/24", "yes:"]
+    assert lines[2].split()[:4] == ["n1", "192.168.100.11", "10.244.1.0/24", "no:"]
+    assert "1 node(s) taking part, 1 holding a lease without a probe" in done.output
+    assert conformance_cli("peers", "--store", url, "--node", "n0", "--wait", "5").exit_code == 0
+    assert conformance_cli("peers", "--store", url, "--node", "192.168.100.10").exit_code == 0
+    start = time.monotonic()
+    missing = conformance_cli("peers", "--store", url, "--node", "n1", "--wait", "1", "--json")
+    assert missing.exit_code == 1 and 0.9 < time.monotonic() - start < 5
+    assert "node n1 has not published a conformance probe within 1s" in missing.output
+    nodes = json.loads(missing.output[:missing.output.rindex("}") + 1])["nodes"]
+    assert [(n["node"], n["published"]) for n in nodes] == [("n0", True), ("n1", False)]
+
+
+def test_peers_counts_a_run_that_finished_since_and_fails_at_once_for_one_that_could_not_start(tmp_path):
+    store, _cfg = three_node_store(tmp_path, leased=2)
+    since = time.time()
+    # n0's run met everyone, checked and removed its probe before anyone looked; n1's earlier run counts not.
+    store.put(results_key("n0"), NodeResults("n0", "192.168.100.10", "s0", since + 0.2, since + 2,
+                                             peers={"n1": "s1"}).to_json())
+    store.put(results_key("n1"), NodeResults("n1", "192.168.100.11", "s1", since - 100, since - 90).to_json())
+    store.close()
+    url = f"file://{tmp_path}/store"
+    done = conformance_cli("peers", "--store", url, "--node", "n0", "--since", str(since), "--wait", "5")
+    assert done.exit_code == 0 and "node n0 took part: its run has finished already (1 other node(s) checked)" \
+        in done.output
+    assert conformance_cli("peers", "--store", url, "--node", "n0", "--wait", "0.5").exit_code == 1
+    assert conformance_cli("peers", "--store", url, "--node", "n1", "--since", str(since),
+                           "--wait", "0.5").exit_code == 1
+    with open_store(url) as again:
+        again.put(results_key("n1"), NodeResults("n1", "192.168.100.11", "failed", since + 1, since + 1, [
+            Check("probe-pod", "n1", "n1", FAIL, None, "cannot attach a probe pod to network 'x': no such network")
+        ]).to_json())
+    start = time.monotonic()
+    failed = conformance_cli("peers", "--store", url, "--node", "n1", "--since", str(since), "--wait", "30")
+    assert failed.exit_code == 1 and time.monotonic() - start < 5
+    assert ("the conformance run of node n1 failed: cannot attach a probe pod to network 'x': no such network"
+            in failed.output)

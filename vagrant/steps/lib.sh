@@ -22,8 +22,12 @@ set -euo pipefail
 : "${PYCNI_SYSTEMCTL:=systemctl}"
 : "${PYCNI_AGENT_RUNNER:=systemd}"               # systemd (a unit) or exec (this process becomes the agent)
 : "${PYCNI_AGENT_WAIT:=60}"                      # seconds to wait for the agent's subnet lease
+: "${PYCNI_NODES:=0}"                            # the cluster's node count (the Vagrantfile passes its VM count):
+                                                 # conformance waits for them all (0: the nodes holding a lease)
 : "${PYCNI_CONFORMANCE_RUNNER:=systemd-run}"     # systemd-run (background unit) or foreground
+: "${PYCNI_SYSTEMD_RUN:=systemd-run}"            # the systemd-run command (CI: a stand-in; no systemd in a netns)
 : "${PYCNI_CONFORMANCE_WAIT:=1800}"              # seconds a node waits for the others (VMs boot one by one)
+: "${PYCNI_JOIN_WAIT:=120}"                      # seconds 50-conformance waits for this node's probe to be published
 : "${PYCNI_REPORT_WAIT:=2400}"                   # seconds the report waits for every node's results
 export CNI_CACHE_DIR
 
