@@ -4,9 +4,10 @@ Sources, each optional (what is missing is said in ``notes``):
 
 - links, addresses and routes (iproute2): bridges and their ports, veth peers
   with the namespace they lead into (``ip netns list-id``), the VXLAN device;
-- the libcni result cache ``pycni`` (and cnitool, containerd, CRI-O) write:
-  container ID, network, namespace, interface and addresses of every pod, its
-  host-side veth, its ifb, its capability arguments (port mappings, bandwidth);
+- the libcni result cache ``pycni`` (and cnitool, containerd, CRI-O, podman)
+  write: container ID, network, namespace, interface and addresses of every
+  pod, its host-side veth, its ifb, and the CNI_ARGS the runtime passed
+  (``cniArgs``), whose ``K8S_POD_NAMESPACE``/``K8S_POD_NAME`` name the pod;
 - host-local's leases (``<dataDir>/<network>/<ip>``: container ID and interface),
   for pods attached by a runtime whose cache this command does not read;
 - each pod's namespace: its interface's addresses, MAC and MTU as they are now;
@@ -15,11 +16,26 @@ Sources, each optional (what is missing is said in ``notes``):
   public IP, subnet of each pod family and VTEP MAC, and whether this node's
   kernel has each entry it needs (on a node with a second, IPv6-underlay
   device, on the device the agent sends that family through);
+- with direct routing (the cluster's ``Backend.DirectRouting``), the routes
+  that reach a remote node's pods without VXLAN: ``SUBNET via PUBLIC-IP`` on
+  the underlay link, for each remote whose underlay address is on one of
+  this node's underlay subnets;
 - the nftables tables pycni_masq, pycni_portmap and pycni_overlay, and tc
   (tbf on the host veth, the ifb an ingress filter redirects to) per pod.
 
 Everything is read in the calling thread's network namespace (the node's),
 except each pod's interface, read inside the pod's namespace.
+
+Health is judged here, once, for every renderer: a remote node is healthy
+when every entry its pods need is there (per pod family: a neighbour and an
+onlink route on the VXLAN device, plus the device's FDB entry; or, routed
+directly, the route on the underlay link) and, with ``--store``, the store
+still holds its lease. This node is healthy when its lease is valid, its
+bridge and VXLAN devices exist and every remote node is healthy. What is
+there decides the mode: a family whose route on the underlay link is found is
+"direct", one whose onlink route on the VXLAN device is found is "vxlan";
+only when neither is there does the cluster's DirectRouting setting say
+which entries are missing.
 """
 from __future__ import annotations
 
@@ -92,10 +108,21 @@ class Pod:
     shaping: Shaping | None = None
     source: str = "cache"           # cache, lease or veth: where this pod was found
     gateway6: str = ""              # a dual-stack pod's IPv6 gateway (gateway is then the IPv4 one)
+    pod_namespace: str = ""         # K8S_POD_NAMESPACE and K8S_POD_NAME of the CNI_ARGS the runtime passed
+    pod_name: str = ""              # (kept in the result cache's cniArgs), "" when it passed none
 
     @property
     def label(self) -> str:
         return self.container_id or self.host_veth or "?"
+
+    @property
+    def title(self) -> str:
+        """What a person calls the pod: NAMESPACE/NAME when the runtime named it, else its short container ID."""
+        if self.pod_name:
+            return f"{self.pod_namespace}/{self.pod_name}" if self.pod_namespace else self.pod_name
+        if self.container_id:
+            return short_id(self.container_id)
+        return f"(unknown, on {self.host_veth})" if self.host_veth else "(unknown)"
 
     @property
     def ip(self) -> str:
@@ -126,6 +153,12 @@ class Remote:
     IPv6-underlay device); subnet6, vtep_address6, neigh6 and route6 its IPv6
     pods when the same device carries both families ("" / False otherwise).
     Both families share the one FDB entry (VTEP MAC -> public IP).
+
+    A family routed directly (direct routing, the remote on this node's
+    underlay subnet) has ``direct`` / ``direct6`` set to the next hop (the
+    remote's underlay address) and ``route`` / ``route6`` saying whether the
+    route ``SUBNET via direct dev direct_dev`` is there; it needs neither a
+    neighbour entry nor, when no family goes through VXLAN, the FDB entry.
     """
 
     public_ip: str = ""
@@ -141,20 +174,57 @@ class Remote:
     vtep_address6: str = ""
     neigh6: bool = False
     route6: bool = False
+    direct: str = ""                # the first family's next hop on the underlay when routed directly
+    direct6: str = ""               # the IPv6 family's, likewise
+    direct_dev: str = ""            # the link the direct routes are (or belong) on
+    store_checked: bool = False     # the store's leases were read: a remote it does not hold is stale
 
     @property
     def dual(self) -> bool:
-        return bool(self.subnet6 or self.vtep_address6)
+        return bool(self.subnet6 or self.vtep_address6 or self.direct6)
+
+    @property
+    def needs_fdb(self) -> bool:
+        """Whether some pod family reaches the node through VXLAN (and so needs the FDB entry)."""
+        return not self.direct or (self.dual and not self.direct6)
+
+    @property
+    def mode(self) -> str:
+        """"vxlan", "direct", or "direct + vxlan" when one family is routed directly and the other is not."""
+        if not self.direct and not self.direct6:
+            return "vxlan"
+        return "direct" if not self.needs_fdb else "direct + vxlan"
 
     @property
     def complete(self) -> bool:
-        return self.fdb and self.neigh and self.route and (not self.dual or (self.neigh6 and self.route6))
+        return not self.missing()
 
     def missing(self) -> list[str]:
-        checks = [("FDB", self.fdb), ("neighbour", self.neigh), ("route", self.route)]
+        checks = [("FDB", self.fdb)] if self.needs_fdb else []
+        if self.direct:
+            checks.append(("direct route", self.route))
+        else:
+            checks += [("neighbour", self.neigh), ("route", self.route)]
         if self.dual:
-            checks += [("IPv6 neighbour", self.neigh6), ("IPv6 route", self.route6)]
+            if self.direct6:
+                checks.append(("IPv6 direct route", self.route6))
+            else:
+                checks += [("IPv6 neighbour", self.neigh6), ("IPv6 route", self.route6)]
         return [what for what, ok in checks if not ok]
+
+    def problems(self) -> list[str]:
+        """Why this remote node is unhealthy as seen from here (empty: healthy)."""
+        out = []
+        missing = self.missing()
+        if missing:
+            out.append("missing: " + ", ".join(missing))
+        if self.store_checked and not self.in_store:
+            out.append("not in the store (stale entries)")
+        return out
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems()
 
 
 @dataclass
@@ -194,14 +264,56 @@ class NodeView:
     overlay_masquerade: bool = False
     portmap_entries: list[PortMapping] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    direct_routing: bool = False    # the cluster's Backend.DirectRouting (read from the store)
+    own_problems: list[str] = field(default_factory=list)   # its lease, state and devices (empty: all well)
+
+    def problems(self) -> list[str]:
+        """Why this node is unhealthy: its own problems, then how many remote nodes it cannot reach."""
+        bad = list(dict.fromkeys(r.node_name or r.public_ip or r.subnet or "?"
+                                 for vx in self.vxlans for r in vx.remotes if not r.healthy))
+        if not bad:
+            return list(self.own_problems)
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        return self.own_problems + [f"{len(bad)} remote node{'s' if len(bad) > 1 else ''} unhealthy: {shown}"]
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain data for --format json: the fields, plus health, each pod's title and each remote's health."""
+        doc = asdict(self)
+        doc["healthy"], doc["problems"] = self.healthy, self.problems()
+        for pod, out in zip(self.pods, doc["pods"]):
+            out["title"] = pod.title
+        for vx, out_vx in zip(self.vxlans, doc["vxlans"]):
+            for remote, out in zip(vx.remotes, out_vx["remotes"]):
+                out.update(healthy=remote.healthy, problems=remote.problems(), mode=remote.mode)
+        return doc
 
     @property
     def networks(self) -> list[str]:
         """The cluster's pod networks, one per family."""
         return [net for net in (self.network, self.network6) if net]
+
+
+def short_id(container_id: str, keep: int = 12) -> str:
+    """A container ID as runtimes print it: a 64-hex-digit ID (containerd, CRI-O, podman) cut to its first 12
+    digits (`crictl ps`, `docker ps`); any other ID whole up to 28 characters, longer ones cut with an ellipsis."""
+    if len(container_id) >= 32 and all(c in "0123456789abcdef" for c in container_id.lower()):
+        return container_id[:keep]
+    return container_id if len(container_id) <= 28 else container_id[:27] + "…"
+
+
+def pod_identity(cni_args: list[tuple[str, str]]) -> tuple[str, str]:
+    """(K8S_POD_NAMESPACE, K8S_POD_NAME) among CNI_ARGS pairs; "" for each one missing (or not printable)."""
+    found = {key: value for key, value in cni_args if key in ("K8S_POD_NAMESPACE", "K8S_POD_NAME")}
+
+    def clean(value: str) -> str:
+        # Kubernetes names are DNS labels/subdomains; anything else (control characters, a novel) is not shown.
+        return value if value.isprintable() and 0 < len(value) <= 253 else ""
+
+    return clean(found.get("K8S_POD_NAMESPACE", "")), clean(found.get("K8S_POD_NAME", ""))
 
 
 def rate(bits: int) -> str:
@@ -248,6 +360,7 @@ def cached_pods(cache_dir: str, notes: list[str]) -> tuple[list[Pod], list[str],
     for entry in entries:
         pod = Pod(container_id=entry.container_id, network=entry.network_name, ifname=entry.ifname,
                   netns=entry.netns, source="cache")
+        pod.pod_namespace, pod.pod_name = pod_identity(entry.cni_args)
         result = entry.result or {}
         interfaces = result.get("interfaces") or []
         for ip in result.get("ips") or []:
@@ -432,6 +545,98 @@ class Lanes:
         return (lease.public_ip, lease.vtep_mac, held) if held else None
 
 
+@dataclass
+class DirectRoutes:
+    """Direct routing as this node's kernel has it: the underlay subnets and the routes into the pod networks.
+
+    ``enabled`` is the cluster's Backend.DirectRouting; ``subnets`` pairs each
+    subnet of this node's own underlay addresses with the link holding it (a
+    remote whose underlay address is inside one is routed directly when
+    enabled); ``routes`` maps every pod subnet routed via a gateway on a link
+    other than the VXLAN devices to (gateway, link). ``claimed`` collects the
+    routes a lease accounted for, so the rest can be shown as well.
+    """
+
+    enabled: bool = False
+    subnets: list[tuple[Any, str]] = field(default_factory=list)
+    own: frozenset = frozenset()
+    routes: dict[str, tuple[str, str]] = field(default_factory=dict)
+    claimed: set[str] = field(default_factory=set)
+
+    def expected_hop(self, lease: Any, version: int) -> tuple[str, str]:
+        """(next hop, link) a route to the ``version`` pods of ``lease`` takes when routed directly (the
+        remote's underlay address of that family on one of this node's underlay subnets); ("", "") when
+        direct routing is off or the remote is on another subnet."""
+        if not self.enabled:
+            return "", ""
+        for text in (getattr(lease, "public_ip", "") or "", getattr(lease, "public_ipv6", "") or ""):
+            try:
+                address = ipaddress.ip_address(text)
+            except ValueError:
+                continue
+            if address.version != version or str(address) in self.own:
+                continue
+            for net, link in self.subnets:
+                if net.version == version and address in net:
+                    return str(address), link
+        return "", ""
+
+    def found(self, subnet: str, lease: Any, device: str) -> tuple[str, str] | None:
+        """(gateway, link) of the route to ``subnet`` when it goes via one of the lease's underlay addresses on
+        a link other than ``device``; None otherwise."""
+        try:
+            key = str(ipaddress.ip_network(subnet))
+        except ValueError:
+            return None
+        route = self.routes.get(key)
+        if route is None or route[1] == device:
+            return None
+        addresses = {_norm(getattr(lease, name, "") or "") for name in ("public_ip", "public_ipv6")} - {""}
+        return route if route[0] in addresses else None
+
+
+def direct_routes(enabled: bool, underlays: list[str], addrs: dict[str, list[str]], own: list[str],
+                  pod_networks: list[str], vxlan_devices: list[str], errors: readers.ReadErrors | None = None,
+                  lease_subnets: list[str] = ()) -> DirectRoutes:
+    """Read what DirectRoutes holds: the subnets on the ``underlays`` links, and the main table's routes with
+    a gateway, off the VXLAN devices, into a pod network (or to a lease's subnet)."""
+    out = DirectRoutes(enabled=enabled, own=frozenset(_norm(a) for a in own if a))
+    for link in dict.fromkeys(u for u in underlays if u):
+        for cidr in addrs.get(link, []):
+            try:
+                net = ipaddress.ip_interface(cidr).network
+            except ValueError:
+                continue
+            if net.num_addresses > 1:
+                out.subnets.append((net, link))
+    networks = []
+    for text in pod_networks:
+        try:
+            networks.append(ipaddress.ip_network(text))
+        except ValueError:
+            continue
+    exact = set()
+    for text in lease_subnets:
+        try:
+            exact.add(ipaddress.ip_network(text))
+        except ValueError:
+            continue
+    if not networks and not exact:
+        return out
+    for version in (4, 6):
+        for route in readers.routes(errors, version=version):
+            gateway, link, dst = route.get("gateway"), route.get("dev", ""), route.get("dst", "")
+            if not gateway or link in vxlan_devices or route.get("table", "main") != "main":
+                continue
+            try:
+                net = ipaddress.ip_network(dst)
+            except ValueError:
+                continue
+            if net in exact or any(net.version == n.version and net.subnet_of(n) for n in networks):
+                out.routes[str(net)] = (_norm(gateway), link)
+    return out
+
+
 def _lease_subnet(lease: Any, version: int) -> str:
     for text in (getattr(lease, "subnet", "") or "", getattr(lease, "ipv6_subnet", "") or ""):
         if text and (":" in text) == (version == 6):
@@ -447,10 +652,12 @@ def _norm(address: str) -> str:
 
 
 def _remotes(vx: Vxlan, leases: list[Any] | None, own_public_ip: str, notes: list[str],
-             lanes: Lanes | None = None) -> list[Remote]:
+             lanes: Lanes | None = None, direct: DirectRoutes | None = None) -> list[Remote]:
     """The remote nodes of one VXLAN device: its FDB, neighbour and onlink route entries (each pod family),
     joined with the store's leases when there are any (``lanes``: which leases' pods the device carries;
-    without an overlay state every lease's pods are expected on every device)."""
+    without an overlay state every lease's pods are expected on every device). With ``direct``, a lease's
+    family whose subnet is routed via the remote's underlay address on another link is "direct"; one with no
+    route anywhere is expected direct when direct routing is on and the remote shares an underlay subnet."""
     fdb = [e for e in readers.fdb(vx.name) if e.get("dst") and e.get("mac") != "00:00:00:00:00:00"]
     neigh = readers.neighbours(vx.name)
     routes = readers.routes(None, "dev", vx.name) + readers.routes(None, "dev", vx.name, version=6)
@@ -481,7 +688,10 @@ def _remotes(vx: Vxlan, leases: list[Any] | None, own_public_ip: str, notes: lis
         family = families[mac][6 if ":" in gateway else 4]
         family["route"], family["subnet"] = True, route.get("dst", "")
     remotes = list(by_mac.values())
+    candidates: list[tuple[Any, str, int]] = []   # (lease, VTEP MAC, family): where a direct route may stand
     if leases is not None:
+        for remote in remotes:
+            remote.store_checked = True
         for lease in leases:
             if lease.public_ip == own_public_ip or (lanes and lease.public_ip in lanes.public_ips):
                 continue
@@ -496,7 +706,7 @@ def _remotes(vx: Vxlan, leases: list[Any] | None, own_public_ip: str, notes: lis
             mac = mac.lower()
             remote = by_mac.get(mac)
             if remote is None:
-                remote = by_mac[mac] = Remote(vtep_mac=mac)
+                remote = by_mac[mac] = Remote(vtep_mac=mac, store_checked=True)
                 remotes.append(remote)
             remote.in_store = True
             remote.public_ip = remote.public_ip or public_ip
@@ -507,6 +717,7 @@ def _remotes(vx: Vxlan, leases: list[Any] | None, own_public_ip: str, notes: lis
                     version, {"subnet": "", "vtep": "", "neigh": False, "route": False})
                 family["subnet"] = family["subnet"] or subnet
                 family["vtep"] = family["vtep"] or str(ipaddress.ip_network(subnet).network_address)
+                candidates.append((lease, mac, version))
             if remote.public_ip != public_ip:
                 notes.append(f"{vx.name}: the FDB sends VTEP {mac} to {remote.public_ip}, but the store says node "
                              f"{lease.node_name or lease.public_ip} is at {public_ip}")
@@ -515,10 +726,13 @@ def _remotes(vx: Vxlan, leases: list[Any] | None, own_public_ip: str, notes: lis
         owner = next(((mac, version) for mac, found in families.items() for version, family in found.items()
                       if family["vtep"] == gateway), None)
         if owner is None:
-            remotes.append(Remote(subnet=dst, vtep_address=gateway, route=True))
+            remotes.append(Remote(subnet=dst, vtep_address=gateway, route=True, store_checked=leases is not None))
         else:
             family = families[owner[0]][owner[1]]
             family["route"], family["subnet"] = True, family["subnet"] or dst
+    if direct is not None:
+        for lease, mac, version in candidates:
+            _judge_direct(families[mac][version], lease, version, vx.name, direct, notes)
     for mac, remote in by_mac.items():
         found = families.get(mac, {})
         versions = sorted(found)
@@ -526,25 +740,72 @@ def _remotes(vx: Vxlan, leases: list[Any] | None, own_public_ip: str, notes: lis
             first = found[versions[0]]
             remote.subnet, remote.vtep_address = first["subnet"], first["vtep"]
             remote.neigh, remote.route = first["neigh"], first["route"]
+            remote.direct = first.get("direct", "")
+            remote.direct_dev = first.get("dev", "")
         if versions == [4, 6]:
             second = found[6]
             remote.subnet6, remote.vtep_address6 = second["subnet"], second["vtep"]
             remote.neigh6, remote.route6 = second["neigh"], second["route"]
+            remote.direct6 = second.get("direct", "")
+            remote.direct_dev = remote.direct_dev or second.get("dev", "")
     return sorted(remotes, key=lambda r: (r.subnet or "~", r.public_ip))
 
 
+def _judge_direct(family: dict[str, Any], lease: Any, version: int, device: str, direct: DirectRoutes,
+                  notes: list[str]) -> None:
+    """Decide whether one pod family of a remote is routed directly (see the module docstring): a route via
+    the remote's underlay address on another link makes it so; an onlink route on the VXLAN device makes it
+    VXLAN; with neither, the cluster's setting says which entries are missing."""
+    subnet = family["subnet"]
+    found = direct.found(subnet, lease, device)
+    if found is not None:
+        direct.claimed.add(str(ipaddress.ip_network(subnet)))
+        family.update(direct=found[0], dev=found[1], route=True, vtep="")
+        return
+    if family["route"]:
+        return
+    hop, link = direct.expected_hop(lease, version)
+    if not hop:
+        return
+    family.update(direct=hop, dev=link, route=False, vtep="")
+    other = direct.routes.get(str(ipaddress.ip_network(subnet)))
+    if other is not None and other[1] != device:
+        direct.claimed.add(str(ipaddress.ip_network(subnet)))
+        notes.append(f"{subnet} (node {lease.node_name or lease.public_ip}) is routed via {other[0]} on "
+                     f"{other[1]}, but the node is at {hop}")
+
+
+def _stray_direct_routes(direct: DirectRoutes, store_checked: bool) -> list[Remote]:
+    """Remotes for the direct routes into a pod network that no lease accounted for: with --store a stale
+    route (a subnet no node holds), without it the only sign of a directly routed node."""
+    out = []
+    for dst, (gateway, link) in sorted(direct.routes.items()):
+        if dst in direct.claimed:
+            continue
+        out.append(Remote(public_ip=gateway, subnet=dst, direct=gateway, direct_dev=link, route=True,
+                          store_checked=store_checked))
+    return out
+
+
 def collect(cache_dir: str = DEFAULT_CACHE_DIR, state_dir: str = DEFAULT_STATE_DIR,
-            ipam_dirs: list[str] | None = None, leases: list[Any] | None = None) -> NodeView:
-    """The node's network, read now (see the module docstring)."""
+            ipam_dirs: list[str] | None = None, leases: list[Any] | None = None,
+            direct_routing: bool = False) -> NodeView:
+    """The node's network, read now (see the module docstring).
+
+    ``leases`` are the cluster store's (None: not read), ``direct_routing`` its
+    configuration's Backend.DirectRouting.
+    """
     from cni_plugins.shared.overlaystate import OverlayStateError, read_state
 
     errors = readers.ReadErrors()
-    view = NodeView()
+    view = NodeView(direct_routing=direct_routing)
+    state_error = ""
     try:
         state = read_state(state_dir)
     except (OverlayStateError, OSError) as exc:
         state = None
-        view.notes.append(f"overlay state in {state_dir} unreadable: {exc}")
+        state_error = f"overlay state in {state_dir} unreadable: {exc}"
+        view.notes.append(state_error)
     lanes = None
     if state is not None:
         view.name, view.public_ip = state.node_name, state.public_ip
@@ -634,10 +895,49 @@ def collect(cache_dir: str = DEFAULT_CACHE_DIR, state_dir: str = DEFAULT_STATE_D
             ifb = ifbs.get(id(pod)) or next(iter(readers.ingress_redirects(pod.host_veth)), "")
             pod.shaping = _shaping(qdiscs, pod.host_veth, ifb)
 
+    direct = None
+    if view.vxlans:
+        lease_subnets = [subnet for lease in leases or [] for subnet in (_lease_subnet(lease, 4),
+                                                                         _lease_subnet(lease, 6)) if subnet]
+        direct = direct_routes(direct_routing, [view.underlay, view.underlay6], addrs,
+                               [view.public_ip, view.public_ipv6], view.networks, [vx.name for vx in view.vxlans],
+                               errors, lease_subnets)
     for vx in view.vxlans:
-        vx.remotes = _remotes(vx, leases, view.public_ip, view.notes, lanes)
+        vx.remotes = _remotes(vx, leases, view.public_ip, view.notes, lanes, direct)
+    if direct is not None:
+        for remote in _stray_direct_routes(direct, leases is not None):
+            _device_for(view, lanes, remote.subnet).remotes.append(remote)
     view.notes += errors.notes
+    view.own_problems = _node_problems(view, state, state_error)
     return view
+
+
+def _device_for(view: NodeView, lanes: Lanes | None, subnet: str) -> Vxlan:
+    """The VXLAN device that would carry ``subnet``'s pods (the second device for IPv6 pods when there is one)."""
+    names = {vx.name: vx for vx in view.vxlans}
+    if lanes is not None:
+        if ":" in subnet and lanes.device6 in names:
+            return names[lanes.device6]
+        if lanes.device in names:
+            return names[lanes.device]
+    return view.vxlans[0]
+
+
+def _node_problems(view: NodeView, state: Any, state_error: str) -> list[str]:
+    """What is wrong with this node itself: its overlay state, its lease, its devices."""
+    from cni_plugins.shared.overlaystate import lease_problem
+
+    out = [state_error] if state_error else []
+    if state is not None:
+        problem = lease_problem(state)
+        if problem:
+            out.append(problem)
+        if state.bridge not in {b.name for b in view.bridges}:
+            out.append(f"bridge {state.bridge} is missing")
+        devices = {vx.name for vx in view.vxlans}
+        out += [f"VXLAN device {name} is missing" for name in (state.vxlan_device, state.vxlan_device6)
+                if name and name not in devices]
+    return out
 
 
 def _in_networks(addresses: list[str], networks: list[str]) -> bool:

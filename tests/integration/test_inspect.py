@@ -1,15 +1,28 @@
 """`pycni inspect` on a live 2-node netns cluster with pods: every format against the kernel's own answer.
 
 Two node namespaces with agents (the file store), two pods per node attached
-with the example vxlan network through `pycni add` (the first with a hostPort
-and bandwidth limits). The expected values are read straight from the kernel
-(`ip`, `bridge`, in the node's and the pods' namespaces), then `pycni inspect`
-must show them: in text, JSON, SVG and PNG (Graphviz), for the node and for
-the whole cluster; and a deleted FDB entry shows up as missing.
+with the example vxlan network through `pycni add` with the CNI_ARGS kubelet
+passes (the first with a hostPort and bandwidth limits). The expected values
+are read straight from the kernel (`ip`, `bridge`, in the node's and the
+pods' namespaces), then `pycni inspect` must show them: in text, JSON, SVG
+and PNG (Graphviz), for the node and for the whole cluster; and a deleted FDB
+entry shows up as missing.
+
+Twenty nodes: two more agents' worth of cluster with 18 further leases in the
+store (nodes with no namespace behind them: the two agents program FDB,
+neighbour and route entries for each, as for any node), so the pictures of
+a 20-node cluster are drawn from real kernel state without 20 agents; they
+must be no wider than 2.5:1 (read from the PNG's IHDR header) and show the
+pod names the runtime passed and a health mark on every node.
+
+PYCNI_DOCS_PICTURES=1 also writes docs/inspect-example.png (node n0 of the
+2-node cluster) and docs/inspect-cluster.png (the 20-node cluster): that is
+how the pictures in the README were made.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import json
 import os
@@ -26,6 +39,7 @@ import pytest
 import netns
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from multinode import route_dsts, wait_for  # noqa: E402
 from pod_cluster import NET_NAME, PYCNI, PodCluster, agent_paused, pod_cluster  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.multinode]
@@ -44,6 +58,7 @@ class LivePod:
     address: str
     mac: str
     host_veth: str
+    title: str           # K8S_POD_NAMESPACE/K8S_POD_NAME, as passed in CNI_ARGS
 
 
 @dataclass
@@ -77,6 +92,8 @@ def live() -> Iterator[Live]:
                 stack.callback(netns.delete, name)
                 container_id = f"inspect-n{node.index}-pod{j}"
                 env = c.env(node)
+                title = f"shop/{('web', 'cache')[j]}-n{node.index}"
+                env["CNI_ARGS"] = kubelet_args(*title.split("/"), container_id)
                 if node.index == 0 and j == 0:
                     env["CAP_ARGS"] = json.dumps({"portMappings": [{"hostPort": HOST_PORT, "containerPort": 80,
                                                                     "protocol": "tcp"}], "bandwidth": BANDWIDTH})
@@ -88,8 +105,24 @@ def live() -> Iterator[Live]:
                 link = _ip_json("-n", name, "addr", "show", "eth0")[0]
                 address = next(a["local"] for a in link["addr_info"] if a["family"] == "inet")
                 pods.append(LivePod(node.index, name, container_id, address, link["address"],
-                                    _host_veth(node.name, name)))
+                                    _host_veth(node.name, name), title))
         yield Live(c, pods)
+
+
+def kubelet_args(namespace: str, name: str, container_id: str) -> str:
+    """CNI_ARGS as the kubelet (through containerd or CRI-O) passes them."""
+    return (f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};"
+            f"K8S_POD_INFRA_CONTAINER_ID={container_id};K8S_POD_UID=4c1f3a52-8d67-4b8e-9a31-{container_id[-12:]:0>12}")
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk (the first one, right after the signature)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def svg_texts(svg: str) -> str:
+    return " ".join(t.text or "" for t in ET.fromstring(svg).iter() if t.tag.endswith("text"))
 
 
 def inspect(live: Live, index: int, *args: str) -> subprocess.CompletedProcess:
@@ -110,7 +143,7 @@ def expected_strings(live: Live, index: int) -> list[str]:
     out = [f"n{index}", state["vtepMAC"], remote["vtepMAC"], other.public_ip, remote["subnet"],
            state["gateway"]]
     for pod in live.on(index):
-        out += [pod.container_id, pod.address, pod.mac, pod.host_veth, pod.name]
+        out += [pod.container_id, pod.address, pod.mac, pod.host_veth, pod.name, pod.title]
     return out
 
 
@@ -139,6 +172,8 @@ def test_json_matches_the_live_state(live):
     assert got == want
     for pod in doc["pods"]:
         assert pod["bridge"] == state["bridge"] and pod["network"] == NET_NAME and pod["mtu"] == state["mtu"]
+    assert {(p["container_id"], p["title"]) for p in doc["pods"]} == {(p.container_id, p.title) for p in live.on(0)}
+    assert doc["healthy"] is True and doc["problems"] == []
     shaped = next(p for p in doc["pods"] if p["container_id"] == live.on(0)[0].container_id)
     assert shaped["shaping"]["ingress_bits"] == BANDWIDTH["ingressRate"]
     assert shaped["shaping"]["egress_bits"] == BANDWIDTH["egressRate"]
@@ -162,6 +197,7 @@ def test_svg_is_a_drawing_of_the_same_state(live):
     texts = " ".join(t.text or "" for t in root.iter() if t.tag.endswith("text"))
     for expected in expected_strings(live, 1):
         assert expected in texts, f"{expected!r} not drawn"
+    assert "✓ node ok" in texts and "✓ ok · vxlan" in texts and "✗" not in texts
 
 
 @needs_graphviz
@@ -169,9 +205,8 @@ def test_png_is_a_real_png(live, tmp_path):
     out = tmp_path / "node.png"
     inspect(live, 0, "--format", "png", "--output", str(out))
     data = out.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])
-    assert data[12:16] == b"IHDR" and 600 < width < 6000 and 150 < height < 4000
+    width, height = png_size(data)
+    assert 400 < width <= 1400 and 300 < height < 4000 and width / height <= 2.5, (width, height)
     assert len(data) < 500_000
 
 
@@ -187,6 +222,11 @@ def test_cluster_view_draws_every_node_and_lease(live):
     assert "this node" in text and "10.244.0.0/16" in text
     doc = json.loads(inspect(live, 1, "--cluster", "--format", "json").stdout)
     assert doc["thisNode"] == c.nodes[1].public_ip and len(doc["leases"]) == 2
+    # Judged from n1's kernel: itself, and n0 through VXLAN; both marked healthy.
+    assert doc["seenFrom"] == "n1" and doc["healthy"] is True
+    assert {(l["nodeName"], l["mode"], l["healthy"]) for l in doc["leases"]} == {("n0", "vxlan", True),
+                                                                                 ("n1", "this node", True)}
+    assert svg_texts(svg).count("✓ ok") == 2
 
 
 def test_a_missing_fdb_entry_is_shown_as_missing(live):
@@ -198,8 +238,12 @@ def test_a_missing_fdb_entry_is_shown_as_missing(live):
                         "dst", n1.public_ip], check=True, capture_output=True, timeout=10)
         text = inspect(live, 0).stdout.decode()
         dot = inspect(live, 0, "--format", "dot").stdout.decode()
+        cluster = json.loads(inspect(live, 0, "--cluster", "--format", "json").stdout)
     assert "fdb MISSING, neighbour ok, route ok, in store" in text
+    assert "  health: PROBLEM: 1 remote node unhealthy: n1" in text
     assert "missing: FDB" in dot and dot.startswith("digraph")
+    assert {(l["nodeName"], tuple(l["problems"])) for l in cluster["leases"]} == {("n0", ()),
+                                                                                  ("n1", ("missing: FDB",))}
 
 
 def test_text_needs_no_graphviz(live, tmp_path):
@@ -360,3 +404,150 @@ def test_a_missing_ipv6_neighbour_entry_is_shown_as_missing(dual):
     else:
         assert "(fdb ok, neighbour MISSING, route ok, in store)" in text, text
         assert "missing: neighbour" in dot
+
+
+# ---- twenty nodes: readable pictures, a health mark on every node, the pods' own names -----------------
+
+TWENTY = 20
+POD_ID = hashlib.sha256(b"pycni inspect web-0").hexdigest()       # 64 hex digits, as containerd's
+UNNAMED_ID = hashlib.sha256(b"pycni inspect unnamed").hexdigest()
+
+
+@dataclass
+class Twenty:
+    cluster: PodCluster
+    macs: dict[str, str]         # node name -> VTEP MAC of the leases without an agent
+    subnets: dict[str, str]      # node name -> pod subnet, all twenty
+
+
+def fake_mac(index: int) -> str:
+    return f"0a:58:c0:a8:64:{index:02x}"
+
+
+@pytest.fixture(scope="module")
+def twenty() -> Iterator[Twenty]:
+    """n0 and n1 with agents, and n2..n19 as leases in the store that both agents program entries for; on n0 a pod
+    attached with kubelet's CNI_ARGS (default/web-0) and one attached without any."""
+    from ipam.cluster import acquire_lease, open_store, read_config
+
+    with pod_cluster(2, "file", "iw") as c, contextlib.ExitStack() as stack:
+        macs, subnets = {}, {f"n{node.index}": node.read_state()["subnet"] for node in c.nodes}
+        with open_store(c.store_url) as store:
+            cfg = read_config(store)
+            for i in range(2, TWENTY):
+                lease = acquire_lease(store, cfg, f"192.168.100.{10 + i}", fake_mac(i), node_name=f"n{i}")
+                macs[f"n{i}"], subnets[f"n{i}"] = fake_mac(i), lease.subnet
+        for node in c.nodes:
+            others = set(subnets.values()) - {node.read_state()["subnet"]}
+            wait_for(lambda: others <= route_dsts(node), 30, what=f"{node.name} routing the 19 other subnets")
+        n0 = c.nodes[0]
+        for container_id, cni_args in ((POD_ID, kubelet_args("default", "web-0", POD_ID)), (UNNAMED_ID, "")):
+            name = f"{c.topo.tag}-{container_id[:6]}"
+            netns.create(name)
+            stack.callback(netns.delete, name)
+            env = c.env(n0)
+            if cni_args:
+                env["CNI_ARGS"] = cni_args
+            cmd = ["ip", "netns", "exec", n0.name, PYCNI, "add", NET_NAME, name, "--container-id", container_id]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            stack.callback(subprocess.run, ["ip", "netns", "exec", n0.name, PYCNI, "del", NET_NAME, name,
+                                            "--container-id", container_id], env=env, capture_output=True)
+        yield Twenty(c, macs, subnets)
+
+
+def inspect20(twenty: Twenty, *args: str) -> bytes:
+    """`pycni inspect ARGS` on n0 with the store; its stdout."""
+    return inspect(Live(twenty.cluster, []), 0, *args).stdout
+
+
+def test_the_runtime_cache_keeps_the_pod_names_and_inspect_shows_them(twenty):
+    c = twenty.cluster
+    n0 = c.nodes[0]
+    # The runtime path (`pycni add`, as libcni) cached the CNI_ARGS it passed with the result.
+    cached = json.loads(open(os.path.join(c.dir(n0, "cache"), "results", f"{NET_NAME}-{POD_ID}-eth0")).read())
+    assert ["K8S_POD_NAMESPACE", "default"] in cached["cniArgs"] and ["K8S_POD_NAME", "web-0"] in cached["cniArgs"]
+    assert cached["result"]["ips"]
+    text = inspect20(twenty).decode()
+    assert f"pod default/web-0  container {POD_ID}  network {NET_NAME}" in text, text
+    assert f"pod {UNNAMED_ID}  network {NET_NAME}" in text
+    doc = json.loads(inspect20(twenty, "--format", "json"))
+    titles = {p["container_id"]: p["title"] for p in doc["pods"]}
+    assert titles == {POD_ID: "default/web-0", UNNAMED_ID: UNNAMED_ID[:12]}
+    texts = svg_texts(inspect20(twenty, "--format", "svg").decode())
+    assert "pod default/web-0" in texts and f"container {POD_ID[:12]}" in texts
+    assert f"pod {UNNAMED_ID[:12]}" in texts and POD_ID not in texts
+
+
+@needs_graphviz
+def test_twenty_nodes_draw_as_a_grid_no_wider_than_two_and_a_half_to_one(twenty, tmp_path):
+    out = tmp_path / "cluster.png"
+    inspect20(twenty, "--cluster", "--format", "png", "--output", str(out))
+    width, height = png_size(out.read_bytes())
+    assert width / height <= 2.5 and width <= 1400, (width, height)
+    texts = svg_texts(inspect20(twenty, "--cluster", "--format", "svg").decode())
+    for name, subnet in twenty.subnets.items():
+        assert f"node {name}" in texts and subnet in texts
+    # A mark on every node: n0 itself, and each other node reachable from n0 through VXLAN.
+    assert texts.count("✓ ok · vxlan") == TWENTY - 1 and texts.count("✓ ok · this node") == 1
+    assert f"all {TWENTY} nodes healthy (seen from node n0)" in texts
+    doc = json.loads(inspect20(twenty, "--cluster", "--format", "json"))
+    assert len(doc["leases"]) == TWENTY and all(l["healthy"] for l in doc["leases"])
+
+
+@needs_graphviz
+def test_the_node_picture_of_a_twenty_node_cluster_is_no_wider_than_two_and_a_half_to_one(twenty, tmp_path):
+    out = tmp_path / "node.png"
+    inspect20(twenty, "--format", "png", "--output", str(out))
+    width, height = png_size(out.read_bytes())
+    assert width / height <= 2.5 and width <= 1400, (width, height)
+    texts = svg_texts(inspect20(twenty, "--format", "svg").decode())
+    assert texts.count("✓ ok · vxlan") == TWENTY - 1 and "✓ node ok" in texts
+    assert "pycni.1: 19 other nodes" in texts
+    for name, mac in twenty.macs.items():
+        assert f"node {name}" in texts and f"VTEP {mac}" in texts
+
+
+def test_an_unhealthy_node_among_twenty_keeps_its_red_mark_with_the_reason(twenty):
+    c = twenty.cluster
+    n0 = c.nodes[0]
+    with agent_paused(c.agents[n0.name], c.store_dir):
+        vtep = twenty.subnets["n7"].split("/")[0]
+        subprocess.run(["ip", "netns", "exec", n0.name, "ip", "neigh", "del", vtep, "dev", "pycni.1"],
+                       check=True, capture_output=True, timeout=10)
+        doc = json.loads(inspect20(twenty, "--cluster", "--format", "json"))
+        texts = svg_texts(inspect20(twenty, "--cluster", "--format", "svg").decode())
+    problems = {l["nodeName"]: l["problems"] for l in doc["leases"] if l["problems"]}
+    assert problems == {"n7": ["missing: neighbour"]}
+    assert texts.count("✗") == 2 and "missing: neighbour" in texts     # the title's and n7's
+    assert texts.count("✓ ok") == TWENTY - 1
+    assert "1 of 20 nodes unhealthy (seen from node n0)" in texts
+
+
+def test_the_store_can_come_from_pycni_store(twenty):
+    c = twenty.cluster
+    node = c.nodes[1]
+    env = {**c.env(node), "PYCNI_STORE": c.store_url}
+    base = ["ip", "netns", "exec", node.name, PYCNI, "inspect", "--state-dir", node.state_dir, "--cache-dir",
+            c.dir(node, "cache")]
+    done = subprocess.run(base + ["--cluster"], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "(health as seen from node n1)" in done.stdout and len(done.stdout.splitlines()) >= TWENTY + 2
+    env.pop("PYCNI_STORE")
+    done = subprocess.run(base + ["--cluster"], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2 and "--cluster needs --store URL (or PYCNI_STORE)" in done.stderr
+
+
+@pytest.mark.skipif(os.environ.get("PYCNI_DOCS_PICTURES") != "1",
+                    reason="writes docs/inspect-*.png: set PYCNI_DOCS_PICTURES=1 to make the README's pictures")
+@needs_graphviz
+def test_make_the_docs_pictures(live, twenty):
+    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs")
+    wait_for(lambda: json.loads(inspect20(twenty, "--cluster", "--format", "json"))["healthy"], 10, interval=0.5,
+             what="every node healthy again (the agents repair what earlier tests removed)")
+    for name, data in (("inspect-example.png", inspect(live, 0, "--format", "png").stdout),
+                       ("inspect-cluster.png", inspect20(twenty, "--cluster", "--format", "png"))):
+        width, height = png_size(data)
+        assert width / height <= 2.5
+        with open(os.path.join(docs, name), "wb") as fh:
+            fh.write(data)

@@ -1,14 +1,18 @@
-"""pycni.inspect without a network: parsing nft/tc/cache/lease data, and the text and Graphviz renderings."""
+"""pycni.inspect without a network: parsing nft/tc/cache/lease data, health, direct routing, and the text and
+Graphviz renderings (with the pictures' proportions measured from real PNGs)."""
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
+import math
 import shutil
+import struct
 
 import pytest
 
 from pycni.inspect import collect, render
-from pycni.inspect.cluster import ClusterView, LeaseView
+from pycni.inspect.cluster import ClusterView, LeaseView, RejectedView, judge
 from pycni.inspect.collect import Bridge, NodeView, Pod, PortMapping, Remote, Shaping, Vxlan
 
 PORTMAP_RULESET = [
@@ -159,7 +163,8 @@ def test_cluster_text_and_dot_list_every_lease():
                                     "2 node(s) in etcd://10.0.0.1:2379")
     assert text.splitlines()[3] == "-     192.168.100.11  10.244.1.0/24  0a:00:00:00:00:11  this node"
     dot = render.cluster_dot(cluster())
-    assert dot.count(" -- underlay ") == 2 and "(this node)" in dot
+    assert dot.count("<B>node ") == 2 and "node ? (this node)" in dot
+    assert dot.count("✓ lease ok") == 2 and "run on a node to check its entries too" in dot
     assert "no cluster configuration" in ClusterView(store="file:///x").describe()
 
 
@@ -273,11 +278,299 @@ def test_the_cluster_view_lists_each_familys_subnets():
     assert text[3].split() == ["n1", "192.168.100.11", "10.244.1.0/24", "fd00:10:244:1::/64", "0a:00:00:00:00:11",
                                "-", "-"]
     dot = render.cluster_dot(dual)
-    assert "pod network 10.244.0.0/16 + fd00:10:244::/56" in dot and dot.count(" -- underlay ") == 3
-    assert 'label="10.244.0.0/24, fd00:10:244::/64"' in dot
+    assert "IPv6 network fd00:10:244::/56: /64 per node" in dot and "192.168.100.10, fd70::10" in dot
+    assert "pod subnet 10.244.0.0/24" in dot and "pod subnet fd00:10:244::/64" in dot
     assert dual.to_dict()["leases"][0]["ipv6Subnet"] == "fd00:10:244::/64"
     only6 = ClusterView(store="file:///s", vni=1, port=8472, ipv6_network="fd00:10:244::/56", ipv6_subnet_len=64,
                         leases=[LeaseView("n0", "192.168.100.10", "", "0a:00:00:00:00:10", "fd00:10:244::/64")])
     text = render.cluster_text(only6).splitlines()
     assert text[0].startswith("cluster IPv6 network fd00:10:244::/56: /64 per node, VXLAN VNI 1")
     assert text[1].split() == ["NODE", "PUBLIC-IP", "IPV6-SUBNET", "VTEP-MAC"]
+
+
+# ---- pod names from the runtime's CNI_ARGS --------------------------------------------------------
+
+CONTAINERD_ID = "4f1c0e8a9b7d6c5e" * 4     # 64 hex digits, as containerd, CRI-O and podman make them
+
+
+def cache_entry(container_id: str, cni_args: list[list[str]] | None) -> dict:
+    entry = {"kind": "cniCacheV1", "containerId": container_id, "ifName": "eth0", "networkName": "podnet",
+             "netns": f"/var/run/netns/{container_id[:8]}", "config": base64.b64encode(b"{}").decode(),
+             "result": {"cniVersion": "1.0.0", "ips": [{"address": "10.244.0.5/24"}]}}
+    if cni_args is not None:
+        entry["cniArgs"] = cni_args
+    return entry
+
+
+def test_pods_are_titled_by_the_kubernetes_names_the_runtime_cached(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    # As containerd's libcni writes it: the CNI_ARGS pairs it passed, with the pod's namespace and name.
+    kubelet_args = [["IgnoreUnknown", "1"], ["K8S_POD_NAMESPACE", "default"], ["K8S_POD_NAME", "web-0"],
+                    ["K8S_POD_INFRA_CONTAINER_ID", CONTAINERD_ID], ["K8S_POD_UID", "7d0c3c5e-52a9"]]
+    (results / f"podnet-{CONTAINERD_ID}-eth0").write_text(json.dumps(cache_entry(CONTAINERD_ID, kubelet_args)))
+    other = "9" * 64
+    (results / f"podnet-{other}-eth0").write_text(json.dumps(cache_entry(other, None)))
+    (results / "podnet-plain-eth0").write_text(json.dumps(cache_entry("plain", [["K8S_POD_NAME", "lonely"]])))
+    pods, _, _ = collect.cached_pods(str(tmp_path), [])
+    titles = {p.container_id: (p.pod_namespace, p.pod_name, p.title) for p in pods}
+    assert titles == {CONTAINERD_ID: ("default", "web-0", "default/web-0"),
+                      other: ("", "", "999999999999"),
+                      "plain": ("", "lonely", "lonely")}
+    named = next(p for p in pods if p.pod_name == "web-0")
+    named.bridge, named.host_veth = "pycni0", "veth1"
+    v = NodeView(bridges=[Bridge("pycni0")], pods=[named])
+    text = render.node_text(v)
+    assert f"pod default/web-0  container {CONTAINERD_ID}  network podnet" in text
+    dot = render.node_dot(v)
+    assert "<B>pod default/web-0</B>" in dot and f"container {CONTAINERD_ID[:12]}<" in dot
+    assert CONTAINERD_ID not in dot          # 64 hex digits would make the card as wide as the README
+    assert json.loads(json.dumps(v.to_dict()))["pods"][0]["title"] == "default/web-0"
+
+
+def test_identity_arguments_that_are_not_names_are_not_shown():
+    assert collect.pod_identity([("K8S_POD_NAMESPACE", "kube-system"), ("K8S_POD_NAME", "dns\x1b[31m")]) == \
+        ("kube-system", "")
+    assert collect.pod_identity([("K8S_POD_NAME", "x" * 254)]) == ("", "")
+    assert collect.short_id("cnitool-0123456789abcdef0123") == "cnitool-0123456789abcdef0123"
+    assert collect.short_id("c" * 40) == "cccccccccccc"
+    assert collect.short_id("not-hex-" * 5) == "not-hex-not-hex-not-hex-not…"
+    assert Pod(container_id="", host_veth="veth9").title == "(unknown, on veth9)"
+
+
+# ---- health marks ------------------------------------------------------------------------------
+
+def test_every_node_wears_a_health_mark_in_the_picture_and_the_text():
+    v = view()                                     # n1 complete, n2 missing its FDB entry
+    assert [r.healthy for r in v.vxlans[0].remotes] == [True, False]
+    assert v.problems() == ["1 remote node unhealthy: n2"] and not v.healthy
+    text = render.node_text(v)
+    assert text.splitlines()[1] == "  health: PROBLEM: 1 remote node unhealthy: n2"
+    dot = render.node_dot(v)
+    assert "✓ ok · vxlan" in dot                    # the healthy remote node has its mark too
+    assert "<B>✗</B> missing: FDB" in dot and "✓ node ok" in dot
+    assert "pycni.1: 2 other nodes, 1 unhealthy" in dot
+    v.vxlans[0].remotes[1].fdb = True
+    assert v.healthy and render.node_text(v).splitlines()[1] == "  health: ok"
+    assert "✓ healthy, 2 other nodes reachable" in render.node_dot(v) and "✗" not in render.node_dot(v)
+    v.own_problems = ["bridge pycni0 is missing"]
+    assert "✗ bridge pycni0 is missing" in render.node_dot(v)
+    doc = v.to_dict()
+    assert doc["healthy"] is False and doc["problems"] == ["bridge pycni0 is missing"]
+    assert doc["vxlans"][0]["remotes"][0]["healthy"] is True and doc["vxlans"][0]["remotes"][0]["mode"] == "vxlan"
+
+
+def test_a_remote_the_store_no_longer_holds_is_unhealthy():
+    stale = Remote("192.168.100.19", "10.244.9.0/24", "0a:00:00:00:00:19", "10.244.9.0", "", True, True, True,
+                   in_store=False, store_checked=True)
+    assert stale.complete and stale.problems() == ["not in the store (stale entries)"]
+    stale.store_checked = False                    # without --store nothing says it is stale
+    assert stale.healthy
+
+
+def test_the_cluster_is_judged_from_the_node_it_runs_on():
+    c = ClusterView(store="file:///s", network="10.244.0.0/16", subnet_len=24, vni=1, port=8472,
+                    this_node="192.168.100.10",
+                    leases=[LeaseView("n0", "192.168.100.10", "10.244.0.0/24", "0a:00:00:00:00:10"),
+                            LeaseView("n1", "192.168.100.11", "10.244.1.0/24", "0a:00:00:00:00:11"),
+                            LeaseView("n2", "192.168.100.12", "10.244.2.0/24", "0a:00:00:00:00:12"),
+                            LeaseView("n3", "192.168.100.13", "10.244.3.0/24", "0a:00:00:00:00:13"),
+                            LeaseView("n4", "192.168.100.14", "10.244.4.0/24", "0a:00:00:00:00:13")])
+    node = view()
+    node.vxlans[0].remotes.append(Remote("192.168.100.13", "10.244.3.0/24", "", "", "n3", route=True,
+                                         in_store=True, direct="192.168.100.13", direct_dev="eth0"))
+    judge(c, node)
+    got = {l.node_name: (l.mode, l.problems) for l in c.leases}
+    assert got == {"n0": ("this node", []),
+                   "n1": ("vxlan", []),
+                   "n2": ("vxlan", ["missing: FDB"]),
+                   "n3": ("direct", ["VTEP MAC 0a:00:00:00:00:13 also in the lease of n4"]),
+                   "n4": ("", ["VTEP MAC 0a:00:00:00:00:13 also in the lease of n3", "n0 has no entries for it"])}
+    text = render.cluster_text(c)
+    assert "HEALTH" in text.splitlines()[1] and "(health as seen from node n0)" in text
+    assert next(l for l in text.splitlines() if l.startswith("n1 ")).split()[-1] == "(vxlan)"
+    dot = render.cluster_dot(c)
+    assert "✓ ok · this node" in dot and "✓ ok · vxlan" in dot and dot.count("<B>✗</B>") == 3
+    assert "3 of 5 nodes unhealthy (seen from node n0)" in dot
+    assert c.to_dict()["leases"][2]["problems"] == ["missing: FDB"]
+    node.subnet = "10.244.7.0/24"                  # the node's state and its lease disagree
+    judge(c, node)
+    assert c.leases[0].problems == ["its overlay state has subnet 10.244.7.0/24, the store 10.244.0.0/24"]
+
+
+def test_rejected_lease_keys_are_drawn_as_unhealthy_cards():
+    c = cluster()
+    c.rejected.append(RejectedView("subnets/10.244.200.0-24", "PublicIP: not an address"))
+    assert "rejected subnets/10.244.200.0-24: PublicIP: not an address" in render.cluster_text(c)
+    dot = render.cluster_dot(c)
+    assert "subnets/10.244.200.0-24" in dot and "rejected by every agent" in dot and not c.healthy
+
+
+# ---- direct routing ------------------------------------------------------------------------------
+
+D1 = Lease("n1", "192.168.100.11", "10.244.1.0/24", "0a:00:00:00:00:11")   # VXLAN entries in place
+D2 = Lease("n2", "192.168.100.12", "10.244.2.0/24", "0a:00:00:00:00:12")   # routed directly on eth0
+D3 = Lease("n3", "192.168.100.13", "10.244.3.0/24", "0a:00:00:00:00:13")   # same subnet, route missing
+D4 = Lease("n4", "192.168.7.14", "10.244.4.0/24", "0a:00:00:00:00:14")     # another underlay subnet
+
+
+def direct_kernel(monkeypatch, main_table: dict[int, list[dict]]) -> None:
+    """pycni.1 holds n1's VXLAN entries; ``main_table`` is `ip -j route show` of each family."""
+    kernel(monkeypatch, {"pycni.1": ([{"mac": "0a:00:00:00:00:11", "dst": "192.168.100.11"}],
+                                     [{"dst": "10.244.1.0", "lladdr": "0a:00:00:00:00:11"}],
+                                     {4: [{"dst": "10.244.1.0/24", "gateway": "10.244.1.0", "dev": "pycni.1"}],
+                                      6: []})})
+    inner = collect.readers.routes
+
+    def routes(errors, *args, version=4):
+        return main_table[version] if not args else inner(errors, *args, version=version)
+
+    monkeypatch.setattr(collect.readers, "routes", routes)
+
+
+MAIN_TABLE = {4: [{"dst": "default", "gateway": "192.168.100.1", "dev": "eth0"},
+                  {"dst": "10.244.1.0/24", "gateway": "10.244.1.0", "dev": "pycni.1", "flags": ["onlink"]},
+                  {"dst": "10.244.2.0/24", "gateway": "192.168.100.12", "dev": "eth0", "protocol": "boot"},
+                  {"dst": "10.244.9.0/24", "gateway": "192.168.100.19", "dev": "eth0", "protocol": "boot"},
+                  {"dst": "192.168.100.0/24", "dev": "eth0", "protocol": "kernel", "prefsrc": "192.168.100.10"}],
+              6: []}
+
+
+def direct(enabled: bool) -> collect.DirectRoutes:
+    return collect.direct_routes(enabled, ["eth0"], {"eth0": ["192.168.100.10/24"], "pycni.1": ["10.244.0.0/32"]},
+                                 ["192.168.100.10"], ["10.244.0.0/16"], ["pycni.1"])
+
+
+def test_direct_routes_are_read_from_the_main_table_off_the_vxlan_device(monkeypatch):
+    direct_kernel(monkeypatch, MAIN_TABLE)
+    d = direct(True)
+    assert d.subnets == [(ipaddress.ip_network("192.168.100.0/24"), "eth0")]
+    assert d.routes == {"10.244.2.0/24": ("192.168.100.12", "eth0"), "10.244.9.0/24": ("192.168.100.19", "eth0")}
+    assert d.expected_hop(D3, 4) == ("192.168.100.13", "eth0") and d.expected_hop(D4, 4) == ("", "")
+    assert d.expected_hop(D3, 6) == ("", "") and direct(False).expected_hop(D3, 4) == ("", "")
+
+
+def test_with_direct_routing_a_remote_on_the_underlay_subnet_is_healthy_direct(monkeypatch):
+    direct_kernel(monkeypatch, MAIN_TABLE)
+    d, notes = direct(True), []
+    lanes = collect.Lanes(("192.168.100.10",), "pycni.1", "", (4,))
+    remotes = {r.node_name: r for r in collect._remotes(Vxlan("pycni.1"), [D1, D2, D3, D4], "192.168.100.10",
+                                                        notes, lanes, d)}
+    n1, n2, n3, n4 = (remotes[n] for n in ("n1", "n2", "n3", "n4"))
+    assert (n1.mode, n1.healthy, n1.direct) == ("vxlan", True, "")
+    # n2: `10.244.2.0/24 via 192.168.100.12 dev eth0`, and no FDB, neighbour or onlink route: healthy, direct.
+    assert (n2.mode, n2.direct, n2.direct_dev, n2.route, n2.fdb, n2.neigh) == \
+        ("direct", "192.168.100.12", "eth0", True, False, False)
+    assert n2.healthy and n2.missing() == [] and not n2.needs_fdb
+    # n3 shares the subnet but its route is gone: only the direct route is missing (no FDB, no neighbour).
+    assert (n3.mode, n3.direct, n3.direct_dev, n3.missing()) == ("direct", "192.168.100.13", "eth0",
+                                                                 ["direct route"])
+    # n4 is on another subnet: it goes through VXLAN, and its entries are missing.
+    assert (n4.mode, n4.missing()) == ("vxlan", ["FDB", "neighbour", "route"])
+    assert not notes
+    text = render.node_text(NodeView(vxlans=[Vxlan("pycni.1", remotes=[n2, n3])]))
+    assert ("node n2  192.168.100.12  subnet 10.244.2.0/24  direct via 192.168.100.12 on eth0  "
+            "(direct route ok, in store)") in text
+    assert "(direct route MISSING, in store)" in text
+    dot = render.node_dot(NodeView(vxlans=[Vxlan("pycni.1", remotes=[n2, n3])]))
+    assert "✓ ok · direct" in dot and "routed via 192.168.100.12 on eth0" in dot
+    assert "<B>✗</B> missing: direct route" in dot
+    # The route nobody's lease explains (10.244.9.0/24) is a stale one.
+    (stray,) = collect._stray_direct_routes(d, store_checked=True)
+    assert (stray.subnet, stray.direct, stray.mode, stray.problems()) == \
+        ("10.244.9.0/24", "192.168.100.19", "direct", ["not in the store (stale entries)"])
+
+
+def test_a_direct_route_found_counts_even_when_the_setting_is_unknown(monkeypatch):
+    direct_kernel(monkeypatch, MAIN_TABLE)
+    remotes = {r.node_name: r for r in collect._remotes(Vxlan("pycni.1"), [D2, D3], "192.168.100.10", [], None,
+                                                        direct(False))}
+    assert remotes["n2"].mode == "direct" and remotes["n2"].healthy
+    # Without the setting, n3 (nothing anywhere) is expected through VXLAN.
+    assert (remotes["n3"].mode, remotes["n3"].missing()) == ("vxlan", ["FDB", "neighbour", "route"])
+
+
+def test_a_direct_route_via_another_address_is_not_the_nodes(monkeypatch):
+    table = {4: [{"dst": "10.244.3.0/24", "gateway": "192.168.100.99", "dev": "eth0"}], 6: []}
+    direct_kernel(monkeypatch, table)
+    notes: list[str] = []
+    remotes = collect._remotes(Vxlan("pycni.1"), [D3], "192.168.100.10", notes, None, direct(True))
+    (n3,) = [r for r in remotes if r.node_name == "n3"]
+    assert n3.missing() == ["direct route"]
+    assert notes == ["10.244.3.0/24 (node n3) is routed via 192.168.100.99 on eth0, but the node is at "
+                     "192.168.100.13"]
+
+
+def test_dual_stack_remote_with_one_family_direct_still_needs_its_fdb_entry():
+    r = Remote("192.168.100.12", "10.244.2.0/24", "0a:00:00:00:00:12", "", "n2", fdb=False, route=True,
+               in_store=True, subnet6="fd00:10:244:2::/64", vtep_address6="fd00:10:244:2::", neigh6=True, route6=True,
+               direct="192.168.100.12", direct_dev="eth0")
+    assert r.mode == "direct + vxlan" and r.needs_fdb and r.missing() == ["FDB"]
+
+
+# ---- the pictures' proportions ------------------------------------------------------------------
+
+needs_dot = pytest.mark.skipif(shutil.which("dot") is None,
+                               reason="Graphviz's dot is missing (apt-get install graphviz)")
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    return struct.unpack(">II", png[16:24])
+
+
+def many_remotes(count: int) -> list[Remote]:
+    return [Remote(f"192.168.100.{11 + i}", f"10.244.{i + 1}.0/24", f"0a:00:00:00:01:{i:02x}", f"10.244.{i + 1}.0",
+                   f"node-{i + 1}", True, True, True, True, store_checked=True) for i in range(count)]
+
+
+@needs_dot
+@pytest.mark.parametrize("pods, remotes", [(1, 0), (1, 1), (2, 19), (7, 3)])
+def test_a_node_picture_is_no_wider_than_two_and_a_half_to_one(pods, remotes):
+    v = view()
+    template = v.pods[0]
+    v.pods = [Pod(**{**template.__dict__, "container_id": CONTAINERD_ID[:-2] + f"{i:02x}", "pod_name": f"web-{i}",
+                     "pod_namespace": "default", "host_veth": f"veth{i}"}) for i in range(pods)]
+    v.vxlans[0].remotes = many_remotes(remotes)
+    width, height = png_size(render.graphviz(render.node_dot(v), "png"))
+    assert width / height <= 2.5, (width, height)
+    assert width <= 1400, width                    # readable at README width (about 900 px): scaled by >= 0.64
+
+
+@needs_dot
+@pytest.mark.parametrize("count", [1, 2, 20, 60])
+def test_a_cluster_picture_is_a_grid_no_wider_than_two_and_a_half_to_one(count):
+    c = ClusterView(store="file:///var/lib/some/rather/long/path/to/the/cluster/store/of/this/cluster",
+                    network="10.244.0.0/16", subnet_len=24, vni=1, port=8472, this_node="192.168.100.11",
+                    leases=[LeaseView(f"node-{i}", f"192.168.100.{11 + i}", f"10.244.{i}.0/24",
+                                      f"0a:00:00:00:01:{i:02x}") for i in range(count)])
+    dot = render.cluster_dot(c)
+    assert dot.count("<TR><TD VALIGN") == math.ceil(count / render._columns(count))   # the grid's rows
+    width, height = png_size(render.graphviz(dot, "png"))
+    assert width / height <= 2.5, (width, height)
+    assert width <= 1400, width
+
+
+@needs_dot
+def test_graphviz_stretches_a_drawing_that_would_be_too_wide():
+    chain = "digraph { rankdir=LR; " + " -> ".join(f"n{i}" for i in range(14)) + "; }"
+    width, height = png_size(render.graphviz(chain, "png", max_aspect=None))
+    assert width / height > 8
+    width, height = png_size(render.graphviz(chain, "png"))
+    assert width / height <= 2.5
+    svg = render.graphviz(chain, "svg").decode()
+    assert "<svg" in svg and "n13" in svg
+
+
+def test_the_readmes_pictures_are_no_wider_than_two_and_a_half_to_one():
+    """docs/inspect-*.png (made by tests/integration/test_inspect.py with PYCNI_DOCS_PICTURES=1)."""
+    import glob
+    import os
+
+    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs")
+    pictures = sorted(glob.glob(os.path.join(docs, "inspect*.png")))
+    assert [os.path.basename(p) for p in pictures] == ["inspect-cluster.png", "inspect-example.png"]
+    for path in pictures:
+        with open(path, "rb") as fh:
+            width, height = png_size(fh.read(32))
+        assert width / height <= 2.5 and width <= 1400, (path, width, height)
