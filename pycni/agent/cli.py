@@ -35,6 +35,15 @@ def _logger(log_file: str | None, level: str) -> logging.Logger:
     return logging.getLogger("pycni.agent")
 
 
+def _log_stream(log: logging.Logger) -> Any:
+    """The stream the agent's log goes to (the --log-file's, else stderr): where SIGUSR1's stack dump belongs."""
+    for logger in (log, logging.getLogger("pycni")):
+        for handler in logger.handlers:
+            if isinstance(handler, logging.FileHandler) and handler.stream is not None:
+                return handler.stream
+    return sys.stderr
+
+
 def _check_metrics_address(_ctx: click.Context, _param: click.Parameter,
                             value: str | None) -> tuple[str, int] | None:
     if value is None:
@@ -241,8 +250,9 @@ def serve(socket_path: str, log: logging.Logger, *, max_concurrency: int = 16, q
         # From here a signal stops the agent, also while it is still starting (serve_forever then returns at once).
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        # SIGUSR1 writes every thread's stack to stderr (the log): what a stuck agent is doing, without stopping it.
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        # SIGUSR1 writes every thread's stack to the log (--log-file, else stderr): what a stuck agent is doing,
+        # without stopping it.
+        faulthandler.register(signal.SIGUSR1, file=_log_stream(log), all_threads=True)
         waiting = False   # for the store: the node starts in the background once it answers
         if node is not None:
             from pycni.overlay.node import StoreNotReady

@@ -165,7 +165,7 @@ def report_cmd(store_url: str, etcd_prefix: str, etcd_cafile: str | None, etcd_c
             results = read_results(store)
             leased = {lease.public_ip for lease in list_leases(store)[0]}
             newest = report.current_round(results)[0]
-            complete = leased <= {r.public_ip for r in newest} and len(newest) >= expect_nodes
+            complete = leased <= {r.lease_address for r in newest} and len(newest) >= expect_nodes
             if complete or time.monotonic() >= deadline:
                 break
             time.sleep(0.5)
@@ -247,7 +247,7 @@ def peers_cmd(store_url: str, etcd_prefix: str, etcd_cafile: str | None, etcd_ce
     finally:
         store.close()
     now = time.time()
-    published = {p.public_ip for p in parties}
+    published = {p.lease_address for p in parties}
     rows = [{"node": p.node, "publicIP": p.public_ip, "subnet": p.subnet, "probeIP": p.probe_ip,
              "heartbeatAge": round(max(0.0, now - p.heartbeat), 1), "published": True}
             for p in sorted(parties, key=lambda p: p.node)]

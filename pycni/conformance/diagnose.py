@@ -33,7 +33,7 @@ class Leg:
 def missing_entries(leg: Leg) -> list[str]:
     """What ``leg.src`` lacks to send to ``leg.dst`` over the overlay, one phrase per entry."""
     src, dst, version = leg.src, leg.dst, leg.version
-    entry = (src.facts.get("datapath") or {}).get(dst.public_ip)
+    entry = (src.facts.get("datapath") or {}).get(dst.lease_address)
     facts = entry.get("ipv6") if version == 6 and isinstance(entry, dict) else entry
     where = f"node {src.node}"
     family = "IPv6 " if version == 6 else ""

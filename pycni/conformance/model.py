@@ -160,6 +160,15 @@ class Party:
     public_ipv6: str = ""   # the node's own IPv6 address besides an IPv4 public_ip ("" if it has none)
     vtep_mac6: str = ""     # the VXLAN device on that IPv6 underlay
     vxlan_device6: str = ""
+    # The address the node's lease holds, when the run was told to use another one for its node checks
+    # (`conformance run --public-ip`); "" when they are the same. The rendezvous, the datapath facts and the
+    # VXLAN lanes go by the lease's address: that is where the other agents send this node's traffic.
+    lease_ip: str = ""
+
+    @property
+    def lease_address(self) -> str:
+        """The underlay address of this node's lease (its identity among the leases)."""
+        return self.lease_ip or self.public_ip
 
     # ---- per family ------------------------------------------------------------------------
     @property
@@ -191,7 +200,7 @@ class Party:
         have one (as the agents program it), else the main device."""
         if version == 6 and self.vxlan_device6 and peer.public_ipv6 and peer.vtep_mac6:
             return self.vxlan_device6, peer.vtep_mac6, peer.public_ipv6
-        return self.vxlan_device, peer.vtep_mac, peer.public_ip
+        return self.vxlan_device, peer.vtep_mac, peer.lease_address
 
     @property
     def vtep_address(self) -> str:
@@ -211,6 +220,8 @@ class Party:
                 "vxlanDevice": self.vxlan_device, "mtu": self.mtu, "probeIP": self.probe_ip,
                 "clientIP": self.client_ip, "echoPort": self.echo_port, "hostPort": self.host_port,
                 "session": self.session, "heartbeat": self.heartbeat, "facts": self.facts}
+        if self.lease_ip and self.lease_ip != self.public_ip:
+            data["leaseIP"] = self.lease_ip
         for key, name in _SECOND_FAMILY.items():
             if getattr(self, name):
                 data[key] = getattr(self, name)
@@ -251,7 +262,8 @@ class Party:
                    probe_ip6=_optional_address(data.get("ipv6ProbeIP"), "ipv6ProbeIP", 6),
                    client_ip6=_optional_address(data.get("ipv6ClientIP"), "ipv6ClientIP", 6),
                    public_ipv6=_optional_address(data.get("publicIPv6"), "publicIPv6", 6),
-                   vtep_mac6=str(data.get("ipv6VtepMAC") or ""), vxlan_device6=str(data.get("ipv6VxlanDevice") or ""))
+                   vtep_mac6=str(data.get("ipv6VtepMAC") or ""), vxlan_device6=str(data.get("ipv6VxlanDevice") or ""),
+                   lease_ip=_optional_address(data.get("leaseIP"), "leaseIP", None))
 
     @classmethod
     def from_json(cls, raw: bytes) -> "Party":
@@ -305,11 +317,19 @@ class NodeResults:
     finished: float
     checks: list[Check] = field(default_factory=list)
     peers: dict[str, str] = field(default_factory=dict)   # node -> session of every peer it measured
+    lease_ip: str = ""      # the lease's address when --public-ip named another one (see Party.lease_ip)
+
+    @property
+    def lease_address(self) -> str:
+        return self.lease_ip or self.public_ip
 
     def to_json(self) -> bytes:
-        return json.dumps({"node": self.node, "publicIP": self.public_ip, "session": self.session,
-                           "started": self.started, "finished": self.finished, "peers": self.peers,
-                           "checks": [c.to_dict() for c in self.checks]}, sort_keys=True).encode()
+        data = {"node": self.node, "publicIP": self.public_ip, "session": self.session,
+                "started": self.started, "finished": self.finished, "peers": self.peers,
+                "checks": [c.to_dict() for c in self.checks]}
+        if self.lease_ip and self.lease_ip != self.public_ip:
+            data["leaseIP"] = self.lease_ip
+        return json.dumps(data, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> "NodeResults":
@@ -323,4 +343,4 @@ class NodeResults:
                    session=str(data.get("session", "")), started=float(data.get("started", 0.0)),
                    finished=float(data.get("finished", 0.0)),
                    checks=[Check.from_dict(row) for row in data["checks"]],
-                   peers={str(k): str(v) for k, v in peers.items()})
+                   peers={str(k): str(v) for k, v in peers.items()}, lease_ip=str(data.get("leaseIP") or ""))

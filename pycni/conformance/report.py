@@ -36,7 +36,7 @@ def collect(results: Iterable[NodeResults], leased: Iterable[str] = ()) -> list[
     """All rows, plus a failing rendezvous row for every leased node (public IP) that left no results."""
     results = list(results)
     rows = [row for r in results for row in r.checks]
-    reported = {r.public_ip for r in results}
+    reported = {r.lease_address for r in results}
     for public_ip in sorted(set(leased) - reported):
         rows.append(Check(RENDEZVOUS, public_ip, "-", FAIL, None,
                           f"node {public_ip} holds a subnet lease but wrote no conformance results: run "

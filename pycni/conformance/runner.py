@@ -97,11 +97,14 @@ def run_node(store, opts: RunOptions, log: Callable[[str], None]) -> tuple[NodeR
     if state is None:
         raise ConformanceError(f"no overlay state in {opts.state_dir}: is `pycni agent --store ... --state-dir "
                                f"{opts.state_dir}` running on this node? (give --state-dir where it writes)")
+    # public_ip: where the node checks reach this node (--public-ip); lease_ip: the address its lease holds,
+    # by which the other nodes know it (the rendezvous, the datapath facts, the VXLAN lanes).
     public_ip = opts.public_ip or state.public_ip
     ipaddress.ip_address(public_ip)
+    lease_ip = state.public_ip
     cfg = read_config(store)
     leases, _ = list_leases(store)
-    node_id = choose_node_id(opts.node_name, state.node_name, public_ip, leases)
+    node_id = choose_node_id(opts.node_name, state.node_name, lease_ip, leases)
     tag = node_tag(node_id, opts.state_dir)
     lifetime = 2 * opts.wait + 300
 
@@ -150,14 +153,15 @@ def run_node(store, opts: RunOptions, log: Callable[[str], None]) -> tuple[NodeR
             record.echo_pids.append(echoes[-1].pid)
             record.save(opts.state_dir)
 
-        facts = {"datapath": datapath_facts(state.vxlan_device, leases, public_ip, state.vxlan_device6),
+        facts = {"datapath": datapath_facts(state.vxlan_device, leases, lease_ip, state.vxlan_device6),
                  "firewall": firewall_facts(), "vxlanPort": cfg.port if cfg else state.port,
                  **masquerade_facts(public_ip)}
         me = Party(node=node_id, public_ip=public_ip, vtep_mac=state.vtep_mac, vxlan_device=state.vxlan_device,
                    mtu=state.mtu, echo_port=opts.echo_port, host_port=opts.host_port if mappings else None,
                    session=secrets.token_hex(6), facts=facts, public_ipv6=public_ipv6,
                    vtep_mac6=state.vtep_mac6 if public_ipv6 else "",
-                   vxlan_device6=state.vxlan_device6 if public_ipv6 else "", **pods_of)
+                   vxlan_device6=state.vxlan_device6 if public_ipv6 else "",
+                   lease_ip=lease_ip if lease_ip != public_ip else "", **pods_of)
         meeting = Rendezvous(store, me, log)
         undo.callback(meeting.withdraw)
         meeting.clear_previous()
@@ -165,12 +169,12 @@ def run_node(store, opts: RunOptions, log: Callable[[str], None]) -> tuple[NodeR
         meeting.start_heartbeat()
 
         refresh = DatapathRefresh(me, meeting, leases, log, lambda current: datapath_facts(
-            state.vxlan_device, current, public_ip, state.vxlan_device6))
+            state.vxlan_device, current, lease_ip, state.vxlan_device6))
         peers = meet(store, me, opts.expect_nodes, opts.wait, log, on_leases=refresh)
         log(f"checking against {len(peers.found)} other node(s): "
             + (", ".join(f"{p.node} ({p.public_ip})" for p in peers.found) or "none"))
         # Judged after the meeting: the leases of nodes that came up while this one waited are in the store now.
-        own_rows.append(store_entries_check(node_id, store, cfg, public_ip, state.subnet, state.vtep_mac,
+        own_rows.append(store_entries_check(node_id, store, cfg, lease_ip, state.subnet, state.vtep_mac,
                                             ipv6_subnet=state.subnet6, public_ipv6=state.public_ipv6,
                                             vtep_mac6=state.vtep_mac6))
         local = Local(me=me, probe_netns=probe.netns, client_netns=peer_pod.netns, timeout=opts.check_timeout)
@@ -183,7 +187,8 @@ def run_node(store, opts: RunOptions, log: Callable[[str], None]) -> tuple[NodeR
             rows.append(Check(RENDEZVOUS, node_id, "-", FAIL, None, peers.shortfall_message(opts.wait)))
             log(f"error: {peers.shortfall_message(opts.wait)}")
         results = NodeResults(node=node_id, public_ip=public_ip, session=me.session, started=started,
-                              finished=time.time(), checks=rows, peers={p.node: p.session for p in peers.found})
+                              finished=time.time(), checks=rows, peers={p.node: p.session for p in peers.found},
+                              lease_ip=me.lease_ip)
         meeting.publish_results(results)
         late = meeting.wait_for_results(peers.found, opts.wait)
         if late:
@@ -210,7 +215,7 @@ class Met:
     @property
     def present(self) -> list[str]:
         """"node (public IP)" of every node that holds a lease and published its probe, this one first."""
-        others = [p for p in self.found if p.public_ip in self.leased]
+        others = [p for p in self.found if p.lease_address in self.leased]
         return [f"{self.me.node} ({self.me.public_ip})"] + [f"{p.node} ({p.public_ip})" for p in others]
 
     @property
@@ -255,9 +260,9 @@ def meet(store, me: Party, expect_nodes: int, wait: float, log: Callable[[str], 
         leases, _ = list_leases(store)
         if on_leases is not None:
             on_leases(leases)
-        met.leased = {lease.public_ip for lease in leases} | {me.public_ip}
-        parties = {p.public_ip: p for p in read_parties(store) if p.public_ip != me.public_ip}
-        met.missing = sorted(ip for ip in met.leased if ip != me.public_ip and ip not in parties)
+        met.leased = {lease.public_ip for lease in leases} | {me.lease_address}
+        parties = {p.lease_address: p for p in read_parties(store) if p.lease_address != me.lease_address}
+        met.missing = sorted(ip for ip in met.leased if ip != me.lease_address and ip not in parties)
         met.found = sorted((p for ip, p in parties.items() if ip in met.leased), key=lambda p: p.node)
         if not met.missing and not met.shortfall:
             met.found = sorted(parties.values(), key=lambda p: p.node)   # as ever: every fresh probe

@@ -1000,11 +1000,26 @@ class OverlayNode:
             drift += lanes_mod.drift(self._ipr, lane, self._cfg.vni, self._cfg.port, underlay,
                                      self._lane_mtu(lane, underlay), lanes_mod.vtep_addresses(lane, subnets))
         drift += self._bridge_drift(subnets)
+        if not self.opts.tx_checksum_offload:
+            drift += self._tx_checksum_drift()
         if drift:
             self.log.warning("the overlay devices changed under us (%s); setting them up again", "; ".join(drift))
             self._status.repairs += 1
             self._configure_node()
         return True
+
+    def _tx_checksum_drift(self) -> list[str]:
+        """The VXLAN devices whose transmit checksum offload is on again (--disable-tx-checksum-offload)."""
+        from cni_plugins.kernel.ethtool import EthtoolError, get_tx_checksum
+
+        out = []
+        for lane in self._lanes:
+            try:
+                if get_tx_checksum(lane.name):
+                    out.append(f"{lane.name} has transmit checksum offload on")
+            except EthtoolError:
+                pass   # a missing device is drift of its own (lanes_mod.drift)
+        return out
 
     def _bridge_drift(self, subnets: list[str]) -> list[str]:
         """What differs between the bridge and what the node owns (empty: nothing)."""
