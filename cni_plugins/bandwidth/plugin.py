@@ -43,10 +43,13 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from cni_plugins.bandwidth.config import SCHEMA, parse_bandwidth, validate_subnets  # noqa: F401 (SCHEMA: skeleton)
+from cni_plugins.bandwidth import config
+from cni_plugins.bandwidth.config import parse_bandwidth, validate_subnets
 from cni_plugins.spec.errors import ERR_INTERNAL, ERR_INVALID_CONFIG, CNIError
 from cni_plugins.spec.skel import GC_ATTACHMENT_KEYS, CmdArgs, gc_attachments, prev_result
 from cni_plugins.spec.types import Interface, Result
+
+SCHEMA = config.SCHEMA  # what the skeleton decodes the configuration with (PluginFuncs.options)
 
 
 def _shaping() -> ModuleType:
@@ -74,34 +77,30 @@ def cmd_add(req: CmdArgs) -> Result:
     shaping = _shaping()
     ingress, egress = shaping.token_buckets(bw, req.warn)
     name = shaping.ifb_name(req.network_name, req.container_id)
-    with shaping.open_netlink() as ipr:
-        host = shaping.host_interface(ipr, req.netns, req.ifname, previous)
-        shaping.teardown(ipr, name, host.index)  # a repeated ADD starts from a clean slate
+    with shaping.open_rtnl() as ipr:
+        found = shaping.survey(ipr, req.netns, req.ifname, name, previous)
+        host = found.host
+        if found.shaped:
+            shaping.clear(ipr, found)  # a repeated ADD starts from a clean slate
         try:
-            if ingress is not None:
-                shaping.shape(host.index, ingress, bw, match_source=True, mtu=host.mtu)
-            if egress is not None:
-                ifb = shaping.create_ifb(ipr, name, host.mtu,
-                                         shaping.ifb_alias(req.network_name, req.container_id, req.ifname),
-                                         txqlen=max(host.txqlen, 1000) if bw.subnets else 0)
+            ifb = shaping.build(ipr, host, name, shaping.ifb_alias(req.network_name, req.container_id, req.ifname),
+                                ingress, egress, bw)
+            if ifb is not None:
                 previous.interfaces.append(Interface(name=ifb.name, mac=ifb.mac))
-                shaping.redirect_to_ifb(host.index, ifb.index)
-                shaping.shape(ifb.index, egress, bw, match_source=False, mtu=host.mtu)
         except shaping.TcError as exc:
-            shaping.teardown(ipr, name, host.index)
+            shaping.teardown(ipr, name, host)
             raise CNIError(ERR_INTERNAL, f"shaping {host.name} failed: {exc}",
                            f"the ifb device is {name}; everything this ADD created was removed") from None
         except BaseException:
-            shaping.teardown(ipr, name, host.index)
+            shaping.teardown(ipr, name, host)
             raise
     return previous
 
 
 def cmd_del(req: CmdArgs) -> None:
     shaping = _shaping()
-    with shaping.open_netlink() as ipr:
-        shaping.teardown(ipr, shaping.ifb_name(req.network_name, req.container_id),
-                         shaping.host_index_for_del(ipr, req.netns, req.ifname))
+    with shaping.open_rtnl() as ipr:
+        shaping.remove(ipr, req.netns, req.ifname, shaping.ifb_name(req.network_name, req.container_id))
     return None
 
 
@@ -116,7 +115,7 @@ def cmd_check(req: CmdArgs) -> None:
     shaping = _shaping()
     ingress, egress = shaping.token_buckets(bw) if bw is not None else (None, None)
     name = shaping.ifb_name(req.network_name, req.container_id)
-    with shaping.open_netlink() as ipr:
+    with shaping.open_rtnl() as ipr:
         host = shaping.host_interface(ipr, req.netns, req.ifname, previous)
         shaping.check_root(ipr, host, ingress, bw, "ingress")
         ifb = shaping.find_link(ipr, name)
@@ -140,7 +139,7 @@ def cmd_gc(req: CmdArgs) -> None:
     shaping = _shaping()
     network = req.network_name
     keep = {shaping.ifb_name(network, container_id) for container_id, _ifname in gc_attachments(req.conf)}
-    with shaping.open_netlink() as ipr:
+    with shaping.open_rtnl() as ipr:
         stale = shaping.stale_ifbs(ipr, network, keep)
         if stale:
             shaping.remove_ifbs(ipr, stale)

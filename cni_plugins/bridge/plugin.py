@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import netns
-from cni_plugins.bridge.config import SCHEMA, MASQ_BACKENDS, BridgeConf, load_conf, validate_for_add  # noqa: F401  (SCHEMA: read by the skeleton)
+from cni_plugins.bridge import config
+from cni_plugins.bridge.config import MASQ_BACKENDS, BridgeConf, load_conf, validate_for_add
 from cni_plugins.kernel import ip, names
 from cni_plugins.kernel.nsutil import check_netns, netns_gone
 from cni_plugins.shared import container, masq, spoofchk
@@ -32,6 +33,8 @@ from cni_plugins.shared.undo import Undo
 from cni_plugins.spec.errors import ERR_INTERNAL, ERR_INVALID_CONFIG, CNIError
 from cni_plugins.spec.skel import CmdArgs, gc_attachments, prev_result
 from cni_plugins.spec.types import Interface, Result, Route
+
+SCHEMA = config.SCHEMA  # what the skeleton decodes the configuration with (PluginFuncs.options)
 
 BRIDGE_INDEX, HOST_INDEX, CONTAINER_INDEX = 0, 1, 2
 
@@ -91,12 +94,12 @@ def cmd_add(req: CmdArgs) -> Result:
 
 
 def _add(req: CmdArgs, n: BridgeConf, undo: Undo) -> Result:
-    with ip.open_netlink() as ipr:
+    with _open_netlink(n) as ipr:
         bridge = ip.ensure_bridge(ipr, n.bridge, n.mtu, n.promisc_mode, n.vlan_filtering,
                                   mac=names.stable_bridge_mac(n.bridge))
         host_name, pod_end = container.create_veth(req, n.mtu, n.mac)
         undo.push(f"delete veth {host_name}", lambda: container.delete_host_link(host_name))
-        host = _attach_host_veth(ipr, n, host_name, bridge.index)
+        host = _attach_host_veth(ipr, n, host_name, bridge.index, pod_end.peer_index)
         # MTUs show only in 1.1.0 results (the first spec version with interface MTUs).
         result = Result(cni_version=req.cni_version, interfaces=[
             Interface(name=bridge.name, mac=bridge.mac, mtu=bridge.mtu),
@@ -110,14 +113,16 @@ def _add(req: CmdArgs, n: BridgeConf, undo: Undo) -> Result:
                       lambda: spoofchk.teardown(req.network_name, req.container_id, req.ifname))
 
         if n.is_layer3:
-            _add_layer3(req, n, ipr, bridge, result, undo)
+            _add_layer3(req, n, ipr, bridge, result, undo, pod_end.index)
         elif not n.disable_container_interface:
             netns.run_in(req.netns, container.set_container_up, req.ifname)
 
+        # The host end's MAC and the bridge's MAC can change as ports come and go.
         if not n.disable_container_interface:
             host = ip.wait_oper_up(ipr, host.name)
-        # The host end's MAC and the bridge's MAC can change as ports come and go.
-        result.interfaces[HOST_INDEX].mac = ip.get_link(ipr, host.name, "host veth").mac
+        else:
+            host = ip.get_link(ipr, host.name, "host veth")
+        result.interfaces[HOST_INDEX].mac = host.mac
         final_bridge = ip.get_link(ipr, n.bridge, "bridge")
         result.interfaces[BRIDGE_INDEX].mac, result.interfaces[BRIDGE_INDEX].mtu = final_bridge.mac, final_bridge.mtu
 
@@ -126,7 +131,13 @@ def _add(req: CmdArgs, n: BridgeConf, undo: Undo) -> Result:
     return result
 
 
-def _add_layer3(req: CmdArgs, n: BridgeConf, ipr: Any, bridge: Any, result: Result, undo: Undo) -> None:
+def _open_netlink(n: BridgeConf) -> Any:
+    """The node-side netlink socket: a plain rtnetlink one (kernel.rtnl), or pyroute2's where VLANs need its API."""
+    return ip.open_netlink() if n.vlan_filtering else ip.open_rtnl()
+
+
+def _add_layer3(req: CmdArgs, n: BridgeConf, ipr: Any, bridge: Any, result: Result, undo: Undo,
+                pod_index: int = 0) -> None:
     """Addresses from IPAM into the container, the gateway onto the bridge, masquerading."""
     ipam_result = ipam_exec.exec_add(req)
     undo.push("release IPAM lease", lambda: ipam_exec.exec_del(req))
@@ -135,7 +146,7 @@ def _add_layer3(req: CmdArgs, n: BridgeConf, ipr: Any, bridge: Any, result: Resu
         raise CNIError(ERR_INTERNAL, "IPAM plugin returned missing IP config",
                        f"{n.ipam_type} answered ADD without an address")
     gateways = plan_gateways(result, n)
-    netns.run_in(req.netns, container.configure_container, req.ifname, result, n.enable_dad)
+    netns.run_in(req.netns, container.configure_container, req.ifname, result, n.enable_dad, pod_index)
     if n.is_gateway:
         vlan_iface = _configure_gateways(ipr, n, bridge, gateways)
         if vlan_iface is not None:
@@ -147,7 +158,23 @@ def _add_layer3(req: CmdArgs, n: BridgeConf, ipr: Any, bridge: Any, result: Resu
                         backend=n.ip_masq_backend)
 
 
-def _attach_host_veth(ipr: Any, n: BridgeConf, host_name: str, bridge_index: int) -> Any:
+def _attach_host_veth(ipr: Any, n: BridgeConf, host_name: str, bridge_index: int, host_index: int = 0) -> Any:
+    """Up, on the bridge, hairpin and isolation as configured (and its VLANs); the host veth afterwards.
+
+    ``host_index``: the host end's ifindex (the container end's peer); with it and no VLANs
+    to set, all of that is one round trip.
+    """
+    if host_index and not n.vlan_filtering:
+        ip.write_sysctl(f"net/ipv6/conf/{host_name}/accept_ra", "0", ignore_errors=True)
+        try:
+            host = ip.bring_up_port(ipr, host_index, bridge_index, n.hairpin_mode, n.port_isolation)
+        except ip.AttachError as exc:
+            raise CNIError(ERR_INTERNAL, f"failed to connect {host_name!r} to bridge {n.bridge!r}: "
+                           f"{ip.describe(exc.cause)}") from None
+        if host.name != host_name:
+            raise CNIError(ERR_INTERNAL, f"host veth {host_name!r} not found",
+                           f"ifindex {host_index} is {host.name!r}")
+        return host
     host = ip.get_link(ipr, host_name, "host veth")
     ip.set_up(ipr, host.index)
     ip.write_sysctl(f"net/ipv6/conf/{host_name}/accept_ra", "0", ignore_errors=True)

@@ -1,8 +1,18 @@
 """Netlink and sysctl mechanics shared by the plugins (the reference's pkg/ip).
 
 Every function acts in the network namespace of the calling thread: a
-netlink socket belongs to the namespace it was opened in, so open one with
-``open_netlink()`` after entering the namespace you mean and pass it in.
+netlink socket belongs to the namespace it was opened in, so open one after
+entering the namespace you mean and pass it in. Two kinds of socket work
+with every function here:
+
+- ``open_rtnl()``: a plain rtnetlink socket (``kernel.rtnl``), what the
+  plugins' ADD and DEL use: no pyroute2 import, no event loop per request,
+  and several requests pipelined into one round trip where the order allows;
+- ``open_netlink()``: a pyroute2 IPRoute, for callers that also use
+  pyroute2's own API on it (the overlay, bridge VLANs, the bridge's CHECK).
+  The few functions that need that API (bridge VLANs) say so with a
+  TypeError when handed a plain socket.
+
 pyroute2 is imported on first use; importing this module costs nothing.
 """
 from __future__ import annotations
@@ -15,7 +25,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from cni_plugins.spec.errors import ERR_INTERNAL, CNIError
-from cni_plugins.kernel import netlink as _netlink  # noqa: F401  (before any pyroute2 import: skips its package __init__)
+from cni_plugins.kernel.netlink import IPRoute  # before any pyroute2 import: it skips pyroute2's package __init__
+from cni_plugins.kernel import rtnl
+from cni_plugins.kernel.rtnl import Rtnl
 
 IFF_UP = 0x1
 IFF_PROMISC = 0x100
@@ -40,9 +52,20 @@ DAD_SETTLE_INTERVAL = 0.05
 
 def open_netlink() -> Any:
     """An IPRoute socket in the calling thread's network namespace (close it when done)."""
-    from cni_plugins.kernel.netlink import IPRoute
-
     return IPRoute()
+
+
+def open_rtnl() -> Rtnl:
+    """A plain rtnetlink socket in the calling thread's network namespace (close it when done)."""
+    return Rtnl()
+
+
+def _lean(ipr: Any) -> bool:
+    return isinstance(ipr, Rtnl)
+
+
+def _no_pyroute2_api(what: str) -> TypeError:
+    return TypeError(f"{what} needs a pyroute2 socket: use open_netlink()")
 
 
 def netlink_errno(exc: BaseException) -> int | None:
@@ -127,13 +150,23 @@ def _lookup_link(ipr: Any, **key: Any) -> Link | None:
     return _link_from_msg(msgs[0]) if msgs else None
 
 
+def link_from(answer: rtnl.Answer) -> Link | None:
+    """The Link of a GETLINK answer (``rtnl.get_link``); None when there is no such link."""
+    info = rtnl.link_of(answer)
+    return Link(**vars(info)) if info is not None else None
+
+
 def find_link(ipr: Any, name: str) -> Link | None:
     """The link called ``name``, or None when there is none."""
+    if _lean(ipr):
+        return link_from(ipr.run([rtnl.get_link(name=name)])[0])
     return _lookup_link(ipr, ifname=name)
 
 
 def link_by_index(ipr: Any, index: int) -> Link | None:
     """The link with ifindex ``index``, or None when there is none."""
+    if _lean(ipr):
+        return link_from(ipr.run([rtnl.get_link(index=index)])[0])
     return _lookup_link(ipr, index=index)
 
 
@@ -146,19 +179,33 @@ def get_link(ipr: Any, name: str, what: str = "interface") -> Link:
 
 
 def set_up(ipr: Any, index: int) -> None:
+    if _lean(ipr):
+        ipr.call(rtnl.set_link(index, up=True))
+        return
     ipr.link("set", index=index, state="up")
 
 
 def set_promisc(ipr: Any, index: int, on: bool = True) -> None:
+    if _lean(ipr):
+        ipr.call(rtnl.set_link(index, promisc=on))
+        return
     ipr.link("set", index=index, flags=IFF_PROMISC if on else 0, mask=IFF_PROMISC)
 
 
 def set_mac(ipr: Any, index: int, mac: str) -> None:
+    if _lean(ipr):
+        ipr.call(rtnl.set_link(index, mac=mac))
+        return
     ipr.link("set", index=index, address=mac)
 
 
 def delete_link_by_name(ipr: Any, name: str) -> None:
     """Delete a link; one that does not exist is success."""
+    if _lean(ipr):
+        answer = ipr.run([rtnl.delete_link_by_name(name)])[0]
+        if answer.error != ENODEV:
+            answer.check()
+        return
     from pyroute2.netlink.exceptions import NetlinkError
 
     link = find_link(ipr, name)
@@ -180,6 +227,8 @@ def create_veth_in_container(ipr: Any, container_ifname: str, host_ns_fd: int, m
     Returns the host end's name and the container end. A random host name
     that collides with an existing interface is retried, as the reference does.
     """
+    if _lean(ipr):
+        return _create_veth_lean(ipr, container_ifname, host_ns_fd, mtu, mac, host_ifname)
     from pyroute2.netlink.exceptions import NetlinkError
 
     for _attempt in range(10):
@@ -208,6 +257,31 @@ def create_veth_in_container(ipr: Any, container_ifname: str, host_ns_fd: int, m
     raise CNIError(ERR_INTERNAL, "failed to find a unique veth name", "10 random names were all taken")
 
 
+def _create_veth_lean(ipr: Rtnl, container_ifname: str, host_ns_fd: int, mtu: int, mac: str,
+                      host_ifname: str) -> tuple[str, Link]:
+    """create_veth_in_container in one round trip per attempt: the add and the look at the new end together."""
+    for _attempt in range(10):
+        peer_name = host_ifname or random_veth_name()
+        added, got = ipr.run([rtnl.add_veth(container_ifname, peer_name, host_ns_fd, mtu, mac),
+                              rtnl.get_link(name=container_ifname)])
+        if added.error == EEXIST:
+            if link_from(got) is not None:
+                raise CNIError(ERR_INTERNAL, f"container veth name {container_ifname!r} already exists",
+                               "an interface of that name is already in the container; "
+                               "use another CNI_IFNAME or remove it (DEL)") from None
+            if host_ifname:
+                raise CNIError(ERR_INTERNAL, f"host veth name {host_ifname!r} already exists") from None
+            continue  # the random host name is taken on the host: draw another one
+        if added.error:
+            raise CNIError(ERR_INTERNAL, f"failed to make veth pair: {describe(rtnl.NetlinkError(added.error))}",
+                           f"creating {container_ifname} (mtu {mtu or 'default'}, mac {mac or 'random'})")
+        link = link_from(got)
+        if link is None:
+            raise CNIError(ERR_INTERNAL, f"container veth {container_ifname!r} not found")
+        return peer_name, link
+    raise CNIError(ERR_INTERNAL, "failed to find a unique veth name", "10 random names were all taken")
+
+
 # ---- bridges ----------------------------------------------------------------
 
 @dataclass
@@ -229,6 +303,8 @@ def ensure_bridge(ipr: Any, name: str, mtu: int = 0, promisc: bool = False,
     lets its IPv6 addresses, the link-local one included, skip duplicate
     address detection (for a bridge whose addresses are its own by lease).
     """
+    if _lean(ipr):
+        return _ensure_bridge_lean(ipr, name, mtu, promisc, vlan_filtering, mac, dad)
     from pyroute2.netlink.exceptions import NetlinkError
 
     created = _add_bridge(ipr, name, mtu, vlan_filtering, mac)
@@ -252,6 +328,49 @@ def ensure_bridge(ipr: Any, name: str, mtu: int = 0, promisc: bool = False,
     if not bridge.is_up:
         set_up(ipr, bridge.index)
     return Bridge(**vars(get_link(ipr, name, "bridge")), created=created)
+
+
+def _ensure_bridge_lean(ipr: Rtnl, name: str, mtu: int, promisc: bool, vlan_filtering: bool, mac: str | None,
+                        dad: bool) -> Bridge:
+    """ensure_bridge in one round trip for a bridge that is there and up (two when it is new)."""
+    if vlan_filtering:
+        raise _no_pyroute2_api("a bridge with VLAN filtering")
+    added, got = ipr.run([rtnl.add_bridge(name, mtu, mac), rtnl.get_link(name=name)])
+    if added.error and added.error != EEXIST:
+        raise CNIError(ERR_INTERNAL, f"failed to create bridge {name!r}: could not add {name!r}: "
+                       f"{describe(rtnl.NetlinkError(added.error))}",
+                       _bridge_add_hint(added.error, vlan_filtering, mac))
+    bridge = link_from(got)
+    if bridge is None:
+        raise CNIError(ERR_INTERNAL, f"bridge {name!r} not found")
+    if bridge.kind != "bridge":
+        raise CNIError(ERR_INTERNAL, f"failed to create bridge {name!r}: {name!r} already exists but is not a bridge",
+                       "pick another 'bridge' name or remove that interface")
+    # We own the routes on this interface, so router advertisements must not add any.
+    write_sysctl(f"net/ipv6/conf/{name}/accept_ra", "0", ignore_errors=True)
+    if not dad:
+        # Before it comes up: its link-local address is then usable at once, not after a second of DAD.
+        write_sysctl(f"net/ipv6/conf/{name}/accept_dad", "0", ignore_errors=True)
+    changes = []
+    if promisc and not bridge.promisc:
+        changes.append(rtnl.set_link(bridge.index, promisc=True))
+    if not bridge.is_up:
+        changes.append(rtnl.set_link(bridge.index, up=True))
+    if changes:
+        *done, got = ipr.run(changes + [rtnl.get_link(name=name)])
+        failed = rtnl.first_failure(done)
+        if failed is not None:
+            failed.check()
+        bridge = get_link_from(got, name, "bridge")
+    return Bridge(**vars(bridge), created=not added.error)
+
+
+def get_link_from(answer: rtnl.Answer, name: str, what: str = "interface") -> Link:
+    """The Link of a GETLINK answer; a CNI error naming ``what`` when it is missing (as get_link)."""
+    link = link_from(answer)
+    if link is None:
+        raise CNIError(ERR_INTERNAL, f"{what} {name!r} not found")
+    return link
 
 
 def _add_bridge(ipr: Any, name: str, mtu: int, vlan_filtering: bool, mac: str | None) -> bool:
@@ -284,6 +403,8 @@ def _bridge_add_hint(code: int, vlan_filtering: bool, mac: str | None) -> str:
 
 
 def bridge_vlan_filtering(ipr: Any, index: int) -> bool:
+    if _lean(ipr):
+        raise _no_pyroute2_api("reading a bridge's VLAN filtering")
     msg = ipr.link("get", index=index)[0]
     info = msg.get_attr("IFLA_LINKINFO")
     data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
@@ -292,21 +413,67 @@ def bridge_vlan_filtering(ipr: Any, index: int) -> bool:
 
 def attach_port(ipr: Any, port: int, bridge: int, hairpin: bool = False, isolated: bool = False) -> None:
     """Enslave ``port`` to ``bridge`` and set its hairpin and isolation flags."""
+    if _lean(ipr):
+        failed = rtnl.first_failure(ipr.run([rtnl.set_link(port, master=bridge),
+                                             rtnl.set_bridge_port(port, hairpin, isolated)]))
+        if failed is not None:
+            failed.check()
+        return
     ipr.link("set", index=port, master=bridge)
     ipr.brport("set", index=port, mode=int(hairpin), isolated=int(isolated))
 
 
+class AttachError(Exception):
+    """Enslaving a port to a bridge (or setting its port flags) failed; ``cause`` is the netlink error."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def bring_up_port(ipr: Any, port: int, bridge: int, hairpin: bool = False, isolated: bool = False) -> Link:
+    """Bring ``port`` up, enslave it to ``bridge`` with its hairpin and isolation flags; the port afterwards.
+
+    A refused link-up raises the netlink error itself, a refused enslaving
+    ``AttachError``. On a plain rtnetlink socket the four requests go out
+    together (one round trip).
+    """
+    if _lean(ipr):
+        up, master, flags, got = ipr.run([rtnl.set_link(port, up=True), rtnl.set_link(port, master=bridge),
+                                          rtnl.set_bridge_port(port, hairpin, isolated), rtnl.get_link(index=port)])
+        up.check()
+        failed = rtnl.first_failure([master, flags])
+        if failed is not None:
+            raise AttachError(rtnl.NetlinkError(failed.error, what=failed.what))
+        return get_link_from(got, str(port), "bridge port")
+    set_up(ipr, port)
+    try:
+        attach_port(ipr, port, bridge, hairpin, isolated)
+    except Exception as exc:
+        raise AttachError(exc) from None
+    link = link_by_index(ipr, port)
+    if link is None:
+        raise CNIError(ERR_INTERNAL, f"bridge port {port} not found")
+    return link
+
+
 def bridge_vlan_add(ipr: Any, port: int, vid: int, pvid: bool = False, untagged: bool = False) -> None:
+    if _lean(ipr):
+        raise _no_pyroute2_api("bridge VLANs")
     flags = (BRIDGE_VLAN_INFO_PVID if pvid else 0) | (BRIDGE_VLAN_INFO_UNTAGGED if untagged else 0)
     ipr.vlan_filter("add", index=port, vlan_info={"vid": vid, "flags": flags})
 
 
 def bridge_vlan_del(ipr: Any, port: int, vid: int) -> None:
+    if _lean(ipr):
+        raise _no_pyroute2_api("bridge VLANs")
     ipr.vlan_filter("del", index=port, vlan_info={"vid": vid})
 
 
 def bridge_vlans(ipr: Any, port: int) -> list[int]:
     """The VLAN IDs configured on one bridge port."""
+    if _lean(ipr):
+        raise _no_pyroute2_api("bridge VLANs")
     out: list[int] = []
     for msg in ipr.get_vlans(index=port):
         if msg["index"] != port:
@@ -333,6 +500,13 @@ IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 def addresses(ipr: Any, index: int, family: int = 0) -> list[tuple[IPInterface, int]]:
     """(address, flags) of a link; family 0 for both, 4 or 6 for one."""
+    if _lean(ipr):
+        found = []
+        for kind, payload in ipr.call(rtnl.dump_addresses(family)):
+            entry = rtnl.parse_address(payload) if kind == rtnl.RTM_NEWADDR else None
+            if entry is not None and entry[0] == index:
+                found.append((entry[1], entry[2]))
+        return found
     kwargs: dict[str, Any] = {"index": index}
     if family:
         kwargs["family"] = 2 if family == 4 else 10
@@ -356,6 +530,9 @@ def add_address(ipr: Any, index: int, cidr: str, nodad: bool = False) -> None:
 
     ``nodad``: an IPv6 address is usable at once, without duplicate address detection (`ip addr add ... nodad`).
     """
+    if _lean(ipr):
+        ipr.call(rtnl.add_address(index, cidr, nodad))
+        return
     iface = ipaddress.ip_interface(cidr)
     spec: dict[str, Any] = {"index": index, "address": str(iface.ip), "prefixlen": iface.network.prefixlen}
     if iface.version == 4 and iface.network.prefixlen < 31:
@@ -366,6 +543,9 @@ def add_address(ipr: Any, index: int, cidr: str, nodad: bool = False) -> None:
 
 
 def del_address(ipr: Any, index: int, cidr: str) -> None:
+    if _lean(ipr):
+        ipr.call(rtnl.delete_address(index, cidr))
+        return
     iface = ipaddress.ip_interface(cidr)
     ipr.addr("del", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
 
@@ -406,6 +586,9 @@ class RouteSpec:
 
 def add_route(ipr: Any, index: int, route: RouteSpec) -> None:
     """Add a route through ``index``; a route to the same destination gets appended (ECMP-style)."""
+    if _lean(ipr):
+        ipr.call(route_request(index, route))
+        return
     net = ipaddress.ip_network(route.dst, strict=False)
     spec: dict[str, Any] = {"dst": f"{net.network_address}/{net.prefixlen}", "oif": index,
                             "family": 2 if net.version == 4 else 10, "proto": RTPROT_BOOT}
@@ -420,6 +603,11 @@ def add_route(ipr: Any, index: int, route: RouteSpec) -> None:
     ipr.route("append", **spec)
 
 
+def route_request(index: int, route: RouteSpec) -> rtnl.Request:
+    """``add_route`` as a request for a plain rtnetlink socket (to pipeline it with others)."""
+    return rtnl.append_route(index, route.dst, route.gw, route.priority, route.table, route.scope, RTPROT_BOOT)
+
+
 @dataclass
 class RouteEntry:
     dst: ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -430,6 +618,9 @@ class RouteEntry:
 
 def routes(ipr: Any, family: int) -> list[RouteEntry]:
     """Every route of a family (4 or 6) in every table, multipath gateways flattened."""
+    if _lean(ipr):
+        return [RouteEntry(*hop) for kind, payload in ipr.call(rtnl.dump_routes(family))
+                if kind == rtnl.RTM_NEWROUTE for hop in rtnl.parse_route(payload)]
     out = []
     for msg in ipr.get_routes(family=2 if family == 4 else 10):
         dst = msg.get_attr("RTA_DST") or ("0.0.0.0" if family == 4 else "::")
@@ -508,4 +699,7 @@ def wait_oper_up(ipr: Any, name: str, delays_ms: Iterable[int] = PORT_UP_DELAYS_
 
 def list_links(ipr: Any) -> list[Link]:
     """Every link of the calling thread's network namespace."""
+    if _lean(ipr):
+        return [Link(**vars(rtnl.parse_link(payload))) for kind, payload in ipr.call(rtnl.dump_links())
+                if kind == rtnl.RTM_NEWLINK]
     return [_link_from_msg(msg) for msg in ipr.get_links()]

@@ -1,12 +1,14 @@
-"""Traffic-control mechanics for the bandwidth plugin (pyroute2 underneath).
+"""Traffic-control mechanics for the bandwidth plugin.
 
-Queueing disciplines, classes and filters are built as pyroute2 ``tcmsg``
-messages and sent on a plain rtnetlink socket of the calling thread's network
-namespace. We encode the parameters ourselves instead of going through
-``IPRoute.tc()`` because that helper recomputes tbf/htb buffers (with its own
-rounding and rate tables) from rate and burst, while the plugin must program
-exactly the values the reference plugin programs, so that ``tc`` shows the
-same qdiscs for the same configuration.
+Queueing disciplines, classes and filters are built here as rtnetlink
+messages (``*_request``: the same bytes pyroute2's ``tcmsg`` encodes for the
+same parameters, which the unit tests check) and sent on a plain rtnetlink
+socket (``kernel.rtnl``) of the calling thread's network namespace, several
+in one round trip (``run``). We encode the parameters ourselves instead of
+going through ``IPRoute.tc()`` because that helper recomputes tbf/htb buffers
+(with its own rounding and rate tables) from rate and burst, while the plugin
+must program exactly the values the reference plugin programs, so that ``tc``
+shows the same qdiscs for the same configuration.
 
 Units: rates in bytes per second, buffers in psched ticks, limits in bytes,
 as the kernel takes them. ``TokenBucket.from_bits`` converts the CNI options
@@ -14,9 +16,7 @@ as the kernel takes them. ``TokenBucket.from_bits`` converts the CNI options
 
 Links (the ifb devices included) are ``kernel.ip.Link``s, looked up with
 ``ip.find_link`` / ``ip.link_by_index`` (None when missing), like everywhere
-else. As in ``kernel.ip``, pyroute2 is loaded when a message is first built or
-a device created, not when this module is imported: a bandwidth ADD with no
-limits configured validates, passes prevResult through and never needs it.
+else. Nothing here imports pyroute2.
 """
 from __future__ import annotations
 
@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Iterable
 
-from cni_plugins.kernel import ip
-from cni_plugins.kernel import netlink as _netlink  # noqa: F401  (before any pyroute2 import: skips its package __init__)
+from cni_plugins.kernel import ip, rtnl
 
 TC_H_ROOT = 0xFFFFFFFF
 TC_H_INGRESS = 0xFFFFFFF1
@@ -126,91 +125,91 @@ class TokenBucket:
         return int(ticks_to_usec(self.buffer) * self.rate / TIME_UNITS_PER_SEC)
 
 
-# ---- transport ----------------------------------------------------------------
+# ---- messages -------------------------------------------------------------------
 
-_ACK_FLAGS = 0x01 | 0x04  # NLM_F_REQUEST | NLM_F_ACK
 NLM_F_CREATE, NLM_F_EXCL = 0x400, 0x200
-CREATE = _ACK_FLAGS | NLM_F_CREATE | NLM_F_EXCL
-DELETE = _ACK_FLAGS
-RTM_NEWQDISC, RTM_DELQDISC, RTM_NEWTCLASS, RTM_NEWTFILTER = 36, 37, 40, 44
-NLMSG_ERROR = 2
+CREATE = rtnl.NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
+DELETE = rtnl.NLM_F_ACK
+RTM_NEWQDISC, RTM_DELQDISC, RTM_GETQDISC = 36, 37, 38
+RTM_NEWTCLASS, RTM_GETTCLASS, RTM_NEWTFILTER, RTM_GETTFILTER = 40, 42, 44, 46
+TCA_KIND, TCA_OPTIONS = 1, 2
+TCA_TBF_PARMS = 1
+TCA_HTB_PARMS, TCA_HTB_INIT, TCA_HTB_RATE64, TCA_HTB_CEIL64 = 1, 2, 6, 7
+TCA_U32_CLASSID, TCA_U32_SEL, TCA_U32_ACT = 1, 5, 7
+TCA_ACT_KIND, TCA_ACT_OPTIONS = 1, 2
+TCA_MIRRED_PARMS = 2
+TCA_EGRESS_REDIR, TC_ACT_STOLEN = 1, 4
+TC_U32_TERMINAL = 1
+
+_TCMSG = struct.Struct("=BxxxiIII")         # family, ifindex, handle, parent, info
+_RATESPEC = struct.Struct("=BBHhHI")         # cell_log, linklayer, overhead, cell_align, mpu, rate
+_U32_SEL = struct.Struct("=BBBxHHhhI")       # flags, offshift, nkeys, offmask, off, offoff, hoff, hmask
+_MIRRED = struct.Struct("=IIiiiiI")          # tc_gen (index, capab, action, refcnt, bindcnt), eaction, ifindex
+_CELL_LOG = 3  # what tc (and pyroute2) derive for the default 1600-byte MTU: 1600 >> 3 fits a 256-slot table
 
 
-def _tc_request(msg_type: int, flags: int, index: int, handle: int, parent: int,
-                attrs: list[list[Any]], what: str, info: int = 0) -> None:
-    """Send one tc request on a fresh rtnetlink socket and wait for its ack."""
-    from pyroute2.netlink.rtnl.tcmsg import tcmsg  # on first use, as the module docstring says
-
-    msg = tcmsg()
-    msg["index"], msg["handle"], msg["parent"], msg["info"] = index, handle, parent, info
-    msg["attrs"] = attrs
-    msg["header"]["type"] = msg_type
-    msg["header"]["flags"] = flags
-    msg["header"]["sequence_number"] = 1
-    msg.encode()
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
-        sock.settimeout(10)
-        sock.bind((0, 0))
-        sock.send(msg.data)
-        for _ in range(64):  # bounded: the ack is the first message for seq 1
-            data = sock.recv(65536)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, kind, _flags, seq = struct.unpack_from("=IHHI", data, offset)
-                if kind == NLMSG_ERROR and seq == 1:
-                    (err,) = struct.unpack_from("=i", data, offset + 16)
-                    if err:
-                        raise TcError(what, -err)
-                    return
-                offset += (length + 3) & ~3 or len(data)
-    raise TcError(what, errno.ETIMEDOUT)
+def _tcmsg(index: int, handle: int, parent: int, info: int = 0) -> bytes:
+    return _TCMSG.pack(0, index, handle, parent, info)
 
 
-# ---- qdiscs, classes, filters ------------------------------------------------------
+def _ratespec(rate: int) -> bytes:
+    """A tc_ratespec as tc fills it for a rate (cell_align -1, cell_log for a 1600-byte MTU); zeros for none."""
+    return _RATESPEC.pack(_CELL_LOG, 0, 0, -1, 0, rate) if rate else bytes(_RATESPEC.size)
 
-def add_tbf(index: int, bucket: TokenBucket) -> None:
+
+def _request(kind: int, flags: int, index: int, handle: int, parent: int, attrs: bytes, what: str,
+             info: int = 0) -> rtnl.Request:
+    return rtnl.Request(kind, flags, _tcmsg(index, handle, parent, info) + attrs, what)
+
+
+def _u32_selector(keys: list[str]) -> bytes:
+    """A terminal tc_u32_sel with ``keys`` ("0xVALUE/0xMASK+OFFSET", value and mask in network order)."""
+    out = _U32_SEL.pack(TC_U32_TERMINAL, 0, len(keys), 0, 0, 0, 0, 0)
+    for key in keys:
+        value_mask, _, offset = key.partition("+")
+        value, _, mask = value_mask.partition("/")
+        out += struct.pack(">II", int(mask, 16), int(value, 16)) + struct.pack("=ii", int(offset), 0)
+    return out
+
+
+def tbf_request(index: int, bucket: TokenBucket) -> rtnl.Request:
     """`tc qdisc add dev X root handle 1: tbf ...` with exact parameters."""
-    parms = {"rate": bucket.rate, "limit": bucket.limit, "buffer": bucket.buffer}
-    _tc_request(RTM_NEWQDISC, CREATE, index, ROOT_HANDLE, TC_H_ROOT,
-                [["TCA_KIND", "tbf"], ["TCA_OPTIONS", {"attrs": [["TCA_TBF_PARMS", parms]]}]],
-                "create tbf qdisc")
+    parms = _ratespec(bucket.rate) + _ratespec(0) + struct.pack("=III", bucket.limit, bucket.buffer, 0)
+    return _request(RTM_NEWQDISC, CREATE, index, ROOT_HANDLE, TC_H_ROOT,
+                    rtnl.attr_str(TCA_KIND, "tbf") + rtnl.attr(TCA_OPTIONS, rtnl.attr(TCA_TBF_PARMS, parms)),
+                    "create tbf qdisc")
 
 
-def add_ingress_qdisc(index: int) -> None:
-    _tc_request(RTM_NEWQDISC, CREATE, index, INGRESS_HANDLE, TC_H_INGRESS,
-                [["TCA_KIND", "ingress"], ["TCA_OPTIONS", {"attrs": []}]], "create ingress qdisc")
+def ingress_request(index: int) -> rtnl.Request:
+    return _request(RTM_NEWQDISC, CREATE, index, INGRESS_HANDLE, TC_H_INGRESS,
+                    rtnl.attr_str(TCA_KIND, "ingress") + rtnl.attr(TCA_OPTIONS, bytes(4)), "create ingress qdisc")
 
 
-def add_redirect_filter(index: int, target_index: int) -> None:
+def redirect_request(index: int, target_index: int) -> rtnl.Request:
     """Match every packet arriving on `index` and redirect it to the egress of `target_index`."""
-    options = {"attrs": [
-        ["TCA_U32_ACT", {"attrs": [["TCA_ACT_PRIO_1", {"attrs": [
-            ["TCA_ACT_KIND", "mirred"],
-            ["TCA_ACT_OPTIONS", {"attrs": [["TCA_MIRRED_PARMS", {
-                "eaction": 1,  # TCA_EGRESS_REDIR
-                "action": 4,  # TC_ACT_STOLEN
-                "ifindex": target_index}]]}],
-        ]}]]}],
-        ["TCA_U32_CLASSID", UNSHAPED_CLASS],
-        ["TCA_U32_SEL", {"flags": 1, "keys": ["0x0/0x0+0"]}],  # TC_U32_TERMINAL, match all
-    ]}
-    _tc_request(RTM_NEWTFILTER, CREATE, index, 0, INGRESS_HANDLE,
-                [["TCA_KIND", "u32"], ["TCA_OPTIONS", options]], "add redirect filter",
-                info=(1 << 16) | socket.htons(ETH_P_ALL))
+    mirred = _MIRRED.pack(0, 0, TC_ACT_STOLEN, 0, 0, TCA_EGRESS_REDIR, target_index)
+    action = rtnl.attr_str(TCA_ACT_KIND, "mirred") + \
+        rtnl.attr(TCA_ACT_OPTIONS | rtnl.NLA_F_NESTED, rtnl.attr(TCA_MIRRED_PARMS, mirred))
+    options = rtnl.attr(TCA_U32_ACT, rtnl.attr(1, action)) + rtnl.attr_u32(TCA_U32_CLASSID, UNSHAPED_CLASS) + \
+        rtnl.attr(TCA_U32_SEL, _u32_selector(["0x0/0x0+0"]))  # match all
+    return _request(RTM_NEWTFILTER, CREATE, index, 0, INGRESS_HANDLE,
+                    rtnl.attr_str(TCA_KIND, "u32") + rtnl.attr(TCA_OPTIONS, options), "add redirect filter",
+                    info=(1 << 16) | socket.htons(ETH_P_ALL))
 
 
-def _htb_class_options(rate: int, buffer: int, mtu: int) -> dict[str, Any]:
+def _htb_class_options(rate: int, buffer: int, mtu: int) -> bytes:
     quantum = max(HTB_QUANTUM_MIN, mtu, min(HTB_QUANTUM_MAX, rate // 10))
-    parms = {"rate": min(rate, U32_MAX), "ceil": min(rate, U32_MAX), "buffer": buffer, "cbuffer": buffer,
-             "quantum": quantum}
-    attrs: list[list[Any]] = [["TCA_HTB_PARMS", parms]]
+    capped = min(rate, U32_MAX)
+    parms = _ratespec(capped) + _ratespec(capped) + struct.pack("=IIIII", buffer, buffer, quantum, 0, 0)
+    options = rtnl.attr(TCA_HTB_PARMS, parms)
     if rate > U32_MAX:
-        attrs += [["TCA_HTB_RATE64", rate], ["TCA_HTB_CEIL64", rate]]
-    return {"attrs": attrs}
+        options += rtnl.attr(TCA_HTB_RATE64, struct.pack("=Q", rate)) + \
+            rtnl.attr(TCA_HTB_CEIL64, struct.pack("=Q", rate))
+    return options
 
 
-def add_htb(index: int, bucket: TokenBucket, subnets: Iterable[str], subnets_are_shaped: bool,
-            match_source: bool, mtu: int) -> None:
+def htb_requests(index: int, bucket: TokenBucket, subnets: Iterable[str], subnets_are_shaped: bool,
+                 match_source: bool, mtu: int) -> list[rtnl.Request]:
     """Root htb: the configured rate for shaped traffic, ~unlimited for the rest.
 
     With ``subnets_are_shaped`` only traffic to/from ``subnets`` is shaped, else
@@ -218,24 +217,22 @@ def add_htb(index: int, bucket: TokenBucket, subnets: Iterable[str], subnets_are
     is the remote one (source for traffic toward the pod, destination for
     traffic from it).
     """
-    subnets = list(subnets)
     default = UNSHAPED_CLASS if subnets_are_shaped else SHAPED_CLASS
-    init = {"version": 3, "rate2quantum": 10, "defcls": default & 0xFFFF, "debug": 0, "direct_pkts": 0}
-    _tc_request(RTM_NEWQDISC, CREATE, index, ROOT_HANDLE, TC_H_ROOT,
-                [["TCA_KIND", "htb"], ["TCA_OPTIONS", {"attrs": [["TCA_HTB_INIT", init]]}]],
-                "create htb qdisc")
-    _tc_request(RTM_NEWTCLASS, CREATE, index, SHAPED_CLASS, ROOT_HANDLE,
-                [["TCA_KIND", "htb"], ["TCA_OPTIONS", _htb_class_options(bucket.rate, bucket.buffer, mtu)]],
-                "create shaped htb class")
+    init = struct.pack("=IIIII", 3, 10, default & 0xFFFF, 0, 0)  # version, rate2quantum, defcls, debug, direct_pkts
+    htb = rtnl.attr_str(TCA_KIND, "htb")
+    out = [_request(RTM_NEWQDISC, CREATE, index, ROOT_HANDLE, TC_H_ROOT,
+                    htb + rtnl.attr(TCA_OPTIONS, rtnl.attr(TCA_HTB_INIT, init)), "create htb qdisc"),
+           _request(RTM_NEWTCLASS, CREATE, index, SHAPED_CLASS, ROOT_HANDLE,
+                    htb + rtnl.attr(TCA_OPTIONS, _htb_class_options(bucket.rate, bucket.buffer, mtu)),
+                    "create shaped htb class")]
     uncapped_buffer = time_to_ticks(int((UNCAPPED_RATE_BYTES // 1000 + mtu) * TIME_UNITS_PER_SEC
                                         / UNCAPPED_RATE_BYTES))
-    _tc_request(RTM_NEWTCLASS, CREATE, index, UNSHAPED_CLASS, ROOT_HANDLE,
-                [["TCA_KIND", "htb"],
-                 ["TCA_OPTIONS", _htb_class_options(UNCAPPED_RATE_BYTES, uncapped_buffer, mtu)]],
-                "create unshaped htb class")
+    out.append(_request(RTM_NEWTCLASS, CREATE, index, UNSHAPED_CLASS, ROOT_HANDLE,
+                        htb + rtnl.attr(TCA_OPTIONS, _htb_class_options(UNCAPPED_RATE_BYTES, uncapped_buffer, mtu)),
+                        "create unshaped htb class"))
     target = SHAPED_CLASS if subnets_are_shaped else UNSHAPED_CLASS
-    for subnet in subnets:
-        add_subnet_filter(index, subnet, target, match_source)
+    out += [subnet_filter_request(index, subnet, target, match_source) for subnet in subnets]
+    return out
 
 
 def subnet_keys(subnet: str, match_source: bool) -> tuple[int, list[str]]:
@@ -257,24 +254,68 @@ def subnet_keys(subnet: str, match_source: bool) -> tuple[int, list[str]]:
     return protocol, keys
 
 
-def add_subnet_filter(index: int, subnet: str, classid: int, match_source: bool) -> None:
+def subnet_filter_request(index: int, subnet: str, classid: int, match_source: bool) -> rtnl.Request:
     protocol, keys = subnet_keys(subnet, match_source)
     prio = HTB_PRIO_IPV4 if protocol == ETH_P_IP else HTB_PRIO_IPV6
-    options = {"attrs": [["TCA_U32_CLASSID", classid], ["TCA_U32_SEL", {"flags": 1, "keys": keys}]]}
-    _tc_request(RTM_NEWTFILTER, CREATE, index, 0, ROOT_HANDLE,
-                [["TCA_KIND", "u32"], ["TCA_OPTIONS", options]], f"add htb filter for {subnet}",
-                info=(prio << 16) | socket.htons(protocol))
+    options = rtnl.attr_u32(TCA_U32_CLASSID, classid) + rtnl.attr(TCA_U32_SEL, _u32_selector(keys))
+    return _request(RTM_NEWTFILTER, CREATE, index, 0, ROOT_HANDLE,
+                    rtnl.attr_str(TCA_KIND, "u32") + rtnl.attr(TCA_OPTIONS, options), f"add htb filter for {subnet}",
+                    info=(prio << 16) | socket.htons(protocol))
 
 
-def delete_qdisc(index: int, handle: int, parent: int) -> bool:
+def delete_qdisc_request(index: int, handle: int, parent: int) -> rtnl.Request:
+    return _request(RTM_DELQDISC, DELETE, index, handle, parent, b"", "delete qdisc")
+
+
+def get_qdisc_request(index: int, parent: int) -> rtnl.Request:
+    """The qdisc at ``parent`` (TC_H_ROOT: the root one, TC_H_INGRESS: the ingress one) of one device.
+
+    NLM_F_ECHO is what makes the kernel answer: it sends a qdisc GET's answer
+    to the RTNLGRP_TC listeners only, and to the requester only when asked to
+    echo. A default qdisc (noqueue, noop) comes back as no message at all.
+    """
+    return _request(RTM_GETQDISC, rtnl.NLM_F_ACK | rtnl.NLM_F_ECHO, index, 0, parent, b"", "get qdisc")
+
+
+def dump_qdiscs_request() -> rtnl.Request:
+    """Every qdisc of the namespace (the kernel dumps them all; ``list_qdiscs`` picks)."""
+    return _request(RTM_GETQDISC, rtnl.NLM_F_DUMP, 0, 0, 0, b"", "list qdiscs")
+
+
+def dump_classes_request(index: int) -> rtnl.Request:
+    return _request(RTM_GETTCLASS, rtnl.NLM_F_DUMP, index, 0, 0, b"", "list classes")
+
+
+def dump_filters_request(index: int, parent: int) -> rtnl.Request:
+    return _request(RTM_GETTFILTER, rtnl.NLM_F_DUMP, index, 0, parent, b"", "list filters")
+
+
+# ---- sending -----------------------------------------------------------------------
+
+def run(ipr: rtnl.Rtnl, requests: list[rtnl.Request]) -> list[rtnl.Answer]:
+    """Send ``requests`` in one round trip; TcError for the first one the kernel refused.
+
+    The kernel runs them in order and does not stop at a refusal: send together
+    only what may run after an earlier failure (the caller tears down on TcError).
+    """
+    answers = ipr.run(requests)
+    failed = rtnl.first_failure(answers)
+    if failed is not None:
+        raise TcError(failed.what, failed.error)
+    return answers
+
+
+def qdisc_gone(err: int) -> bool:
+    """Whether a qdisc request's errno means "it (or the device) is not there"."""
+    return err in (errno.ENOENT, errno.EINVAL, errno.ENODEV)
+
+
+def delete_qdisc(ipr: rtnl.Rtnl, index: int, handle: int, parent: int) -> bool:
     """Delete one qdisc; False when it (or the device) was not there."""
-    try:
-        _tc_request(RTM_DELQDISC, DELETE, index, handle, parent, [], "delete qdisc")
-    except TcError as exc:
-        if exc.errno in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
-            return False
-        raise
-    return True
+    answer = ipr.run([delete_qdisc_request(index, handle, parent)])[0]
+    if answer.error and not qdisc_gone(answer.error):
+        raise TcError(answer.what, answer.error)
+    return not answer.error
 
 
 # ---- reading back --------------------------------------------------------------
@@ -309,85 +350,122 @@ class U32Filter:
     redirect_to: list[int]  # ifindexes of mirred egress-redirect actions
 
 
-def _nested(msg: Any, *path: str) -> Any:
-    for name in path:
-        if msg is None:
-            return None
-        msg = msg.get_attr(name)
-    return msg
+def qdisc_from(payload: Any) -> Qdisc:
+    """One RTM_NEWQDISC message as a Qdisc (tbf parameters and the htb default class in ``options``)."""
+    _family, index, handle, parent, _info = _TCMSG.unpack_from(payload)
+    attrs = rtnl.attrs(payload, _TCMSG.size)
+    kind = rtnl.as_str(attrs.get(TCA_KIND))
+    options: dict[str, Any] = {}
+    nested = rtnl.attrs(attrs[TCA_OPTIONS]) if TCA_OPTIONS in attrs else {}
+    if kind == "tbf" and TCA_TBF_PARMS in nested and len(nested[TCA_TBF_PARMS]) >= 36:
+        rate = _RATESPEC.unpack_from(nested[TCA_TBF_PARMS])[5]
+        limit, buffer = struct.unpack_from("=II", nested[TCA_TBF_PARMS], 2 * _RATESPEC.size)
+        options = {"rate": rate, "limit": limit, "buffer": buffer}
+    elif kind == "htb" and TCA_HTB_INIT in nested and len(nested[TCA_HTB_INIT]) >= 12:
+        options = {"default": struct.unpack_from("=III", nested[TCA_HTB_INIT])[2]}
+    return Qdisc(index=index, kind=kind, handle=handle, parent=parent, options=options)
 
 
-def list_qdiscs(ipr: Any, index: int | None = None) -> list[Qdisc]:
-    """The qdiscs of one device (of every device when ``index`` is None), defaults left out."""
+def qdisc_at(answer: rtnl.Answer) -> Qdisc | None:
+    """The qdisc a ``get_qdisc_request`` found; None when there is none there (or no such device)."""
+    if qdisc_gone(answer.error):
+        return None
+    answer.check()
+    return next((qdisc_from(payload) for kind, payload in answer.messages if kind == RTM_NEWQDISC), None)
+
+
+def htb_class_from(payload: Any) -> HtbClass | None:
+    """One RTM_NEWTCLASS message as an HtbClass (None for another kind of class); 64-bit rates win."""
+    _family, _index, handle, _parent, _info = _TCMSG.unpack_from(payload)
+    attrs = rtnl.attrs(payload, _TCMSG.size)
+    if rtnl.as_str(attrs.get(TCA_KIND)) != "htb":
+        return None
+    options = rtnl.attrs(attrs[TCA_OPTIONS]) if TCA_OPTIONS in attrs else {}
+    parms = options.get(TCA_HTB_PARMS)
+    rate = ceil = buffer = 0
+    if parms is not None and len(parms) >= 2 * _RATESPEC.size + 4:
+        rate = _RATESPEC.unpack_from(parms)[5]
+        ceil = _RATESPEC.unpack_from(parms, _RATESPEC.size)[5]
+        (buffer,) = struct.unpack_from("=I", parms, 2 * _RATESPEC.size)
+    for kind, name in ((TCA_HTB_RATE64, "rate"), (TCA_HTB_CEIL64, "ceil")):
+        wide = options.get(kind)
+        if wide is not None and len(wide) >= 8 and struct.unpack_from("=Q", wide)[0]:
+            if name == "rate":
+                (rate,) = struct.unpack_from("=Q", wide)
+            else:
+                (ceil,) = struct.unpack_from("=Q", wide)
+    return HtbClass(handle=handle, rate=rate, ceil=ceil, buffer=buffer)
+
+
+def u32_filters_from(messages: list[tuple[int, Any]]) -> list[U32Filter]:
+    """The u32 filters among dumped RTM_NEWTFILTER messages (hash-table nodes, which carry no selector, left out)."""
     out = []
-    for msg in ipr.get_qdiscs(index):
-        if index is not None and msg["index"] != index:
+    for _kind, payload in messages:
+        _family, _index, _handle, _parent, info = _TCMSG.unpack_from(payload)
+        attrs = rtnl.attrs(payload, _TCMSG.size)
+        if rtnl.as_str(attrs.get(TCA_KIND)) != "u32" or TCA_OPTIONS not in attrs:
             continue
-        kind = msg.get_attr("TCA_KIND")
-        if kind in ("pfifo_fast", "noqueue", "mq"):
+        options = rtnl.attrs(attrs[TCA_OPTIONS])
+        sel = options.get(TCA_U32_SEL)
+        if sel is None or len(sel) < _U32_SEL.size:
             continue
-        options: dict[str, Any] = {}
-        if kind == "tbf":
-            parms = _nested(msg, "TCA_OPTIONS", "TCA_TBF_PARMS") or {}
-            options = {"rate": parms.get("rate"), "limit": parms.get("limit"), "buffer": parms.get("buffer")}
-        elif kind == "htb":
-            init = _nested(msg, "TCA_OPTIONS", "TCA_HTB_INIT") or {}
-            options = {"default": init.get("defcls")}
-        out.append(Qdisc(index=msg["index"], kind=kind, handle=msg["handle"], parent=msg["parent"], options=options))
-    return out
-
-
-def list_htb_classes(ipr: Any, index: int) -> list[HtbClass]:
-    out = []
-    for msg in ipr.get_classes(index=index):
-        if msg["index"] != index or msg.get_attr("TCA_KIND") != "htb":
-            continue
-        opts = msg.get_attr("TCA_OPTIONS")
-        parms = (opts.get_attr("TCA_HTB_PARMS") if opts is not None else None) or {}
-        rate = (opts.get_attr("TCA_HTB_RATE64") if opts is not None else None) or parms.get("rate", 0)
-        ceil = (opts.get_attr("TCA_HTB_CEIL64") if opts is not None else None) or parms.get("ceil", 0)
-        out.append(HtbClass(handle=msg["handle"], rate=rate, ceil=ceil, buffer=parms.get("buffer", 0)))
-    return out
-
-
-def list_u32_filters(ipr: Any, index: int, parent: int) -> list[U32Filter]:
-    out = []
-    for msg in ipr.get_filters(index=index, parent=parent):
-        opts = msg.get_attr("TCA_OPTIONS")
-        sel = opts.get_attr("TCA_U32_SEL") if opts is not None else None
-        if msg.get_attr("TCA_KIND") != "u32" or sel is None:
-            continue  # hash-table nodes carry no selector
         redirects = []
-        acts = opts.get_attr("TCA_U32_ACT")
-        for _name, act in (acts["attrs"] if acts is not None else []):
-            parms = _nested(act, "TCA_ACT_OPTIONS", "TCA_MIRRED_PARMS")
-            if act.get_attr("TCA_ACT_KIND") == "mirred" and parms and parms.get("eaction") == 1:
-                redirects.append(parms["ifindex"])
-        keys = [(k["key_val"], k["key_mask"], k["key_off"]) for k in sel.get("keys", [])]
-        out.append(U32Filter(prio=msg["info"] >> 16, protocol=socket.ntohs(msg["info"] & 0xFFFF),
-                             classid=opts.get_attr("TCA_U32_CLASSID") or 0, keys=keys,
-                             redirect_to=redirects))
+        for _prio, action in rtnl.attr_list(options.get(TCA_U32_ACT) or b""):
+            act = rtnl.attrs(action)
+            parms = rtnl.attrs(act[TCA_ACT_OPTIONS]).get(TCA_MIRRED_PARMS) if TCA_ACT_OPTIONS in act else None
+            if rtnl.as_str(act.get(TCA_ACT_KIND)) == "mirred" and parms is not None and len(parms) >= _MIRRED.size:
+                fields = _MIRRED.unpack_from(parms)
+                if fields[5] == TCA_EGRESS_REDIR:
+                    redirects.append(fields[6])
+        nkeys = sel[2]
+        keys = []
+        for k in range(nkeys):
+            offset = _U32_SEL.size + 16 * k
+            if offset + 16 > len(sel):
+                break
+            mask, value = struct.unpack_from(">II", sel, offset)
+            keys.append((value, mask, struct.unpack_from("=i", sel, offset + 8)[0]))
+        out.append(U32Filter(prio=info >> 16, protocol=socket.ntohs(info & 0xFFFF),
+                             classid=rtnl.as_u32(options.get(TCA_U32_CLASSID)), keys=keys, redirect_to=redirects))
     return out
+
+
+def list_qdiscs(ipr: rtnl.Rtnl, index: int | None = None) -> list[Qdisc]:
+    """The qdiscs of one device (of every device when ``index`` is None), defaults left out."""
+    found = [qdisc_from(payload) for kind, payload in ipr.call(dump_qdiscs_request()) if kind == RTM_NEWQDISC]
+    return [q for q in found if (index is None or q.index == index)
+            and q.kind not in ("pfifo_fast", "noqueue", "mq")]
+
+
+def list_htb_classes(ipr: rtnl.Rtnl, index: int) -> list[HtbClass]:
+    found = (htb_class_from(payload) for kind, payload in ipr.call(dump_classes_request(index))
+             if kind == RTM_NEWTCLASS)
+    return [c for c in found if c is not None]
+
+
+def list_u32_filters(ipr: rtnl.Rtnl, index: int, parent: int) -> list[U32Filter]:
+    return u32_filters_from(ipr.call(dump_filters_request(index, parent)))
 
 
 # ---- ifb devices --------------------------------------------------------------------
 
-def create_ifb(ipr: Any, name: str, mtu: int, alias: str, txqlen: int = 0) -> ip.Link:
-    """An ifb device, up, with the given MTU and alias; TcError when the kernel refuses.
+def ifb_requests(name: str, mtu: int, txqlen: int = 0) -> list[rtnl.Request]:
+    """Create the ifb (up, with the given MTU) and look at it: read the answers with ``ifb_created``.
 
     txqueuelen 0 is what the reference sets; tbf brings its own queue, but the
     default leaf queues of an htb size themselves from it.
     """
-    from pyroute2.netlink.exceptions import NetlinkError  # on first use, as the module docstring says
+    return [rtnl.add_ifb(name, mtu, txqlen), rtnl.get_link(name=name)]
 
-    try:
-        ipr.link("add", ifname=name, kind="ifb", mtu=mtu, txqlen=txqlen, state="up")
-        link = ip.find_link(ipr, name)
-        if link is None:
-            raise TcError(f"create ifb {name}", errno.ENODEV)
-        if alias:
-            ipr.link("set", index=link.index, ifalias=alias)
-            link.alias = alias
-    except NetlinkError as exc:
-        raise TcError(f"create ifb {name}", exc.code) from None
+
+def ifb_created(answers: list[rtnl.Answer], name: str) -> ip.Link:
+    """The new ifb from the answers to ``ifb_requests``; TcError when the kernel refused it."""
+    added, got = answers
+    if added.error:
+        raise TcError(f"create ifb {name}", added.error)
+    if got.error and got.error != errno.ENODEV:
+        raise TcError(f"create ifb {name}", got.error)
+    link = ip.link_from(got) if not got.error else None
+    if link is None:
+        raise TcError(f"create ifb {name}", errno.ENODEV)
     return link

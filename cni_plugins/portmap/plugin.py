@@ -21,10 +21,13 @@ from dataclasses import replace
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from cni_plugins.portmap.config import (IPTABLES, SCHEMA, PortMapConfig, Targets,  # noqa: F401 (SCHEMA: skeleton)
-                                        container_targets, invalid_config, parse_config)
+from cni_plugins.portmap import config
+from cni_plugins.portmap.config import (IPTABLES, PortMapConfig, Targets, container_targets, invalid_config,
+                                        parse_config)
 from cni_plugins.spec.errors import CNIError
 from cni_plugins.spec.skel import CmdArgs, gc_attachments, prev_result
+
+SCHEMA = config.SCHEMA  # what the skeleton decodes the configuration with (PluginFuncs.options)
 
 if TYPE_CHECKING:
     from cni_plugins.portmap.owner import Owner
