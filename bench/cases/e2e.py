@@ -143,7 +143,7 @@ def _measure(sides: dict[str, _Side], n: int, setup: Callable[[_Side], Any],
                 for figure, seconds in timed.items():
                     samples.setdefault(figure, {s: [] for s in names})[name].append(seconds)
     finally:
-        for name, state in states.items():
+        for state in states.values():
             closer = getattr(state, "stop", None) or getattr(state, "close", None)
             if closer is not None:
                 with contextlib.suppress(Exception):

@@ -526,7 +526,7 @@ class Worker:
                 _worker, doc = self.inbox.get(timeout=max(0.01, min(0.5, deadline - time.monotonic())))
             except queue.Empty:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"a simulated-node worker exited ({self.proc.returncode}):\n{self._log_tail()}")
+                    raise RuntimeError(f"a simulated-node worker exited ({self.proc.returncode}):\n{self._log_tail()}") from None
                 if time.monotonic() >= deadline:
                     break
                 continue
@@ -1225,7 +1225,7 @@ class OneEtcd:
                 except queue.Empty:
                     dead = [w for w in workers if w.proc.poll() is not None]
                     if dead:
-                        raise RuntimeError(f"a starting-node worker exited:\n{dead[0]._log_tail()}")
+                        raise RuntimeError(f"a starting-node worker exited:\n{dead[0]._log_tail()}") from None
                     continue
                 if "done" in doc:
                     done[doc["done"]] = doc

@@ -1504,7 +1504,7 @@ def _walk_claim(keys: list[str], chain: dict[str, Any], value: bytes) -> tuple[s
     [range of keys[i], the txn of level i + 1].
     """
     earlier: Entry | None = None
-    for i, key in enumerate(keys):
+    for key in keys:
         if chain.get("succeeded", False):
             return key, earlier
         responses = chain.get("responses")

@@ -773,7 +773,7 @@ class OverlayNode:
         with self._lock:
             self._view = {lease.key: lease for lease in scan.leases}
             rejected = {r.key: r for r in scan.rejected}
-            for key, entry in rejected.items():
+            for entry in rejected.values():
                 self._warn_rejected(entry)
             self._rejected = rejected
             self._status.revision = scan.revision

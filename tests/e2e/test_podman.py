@@ -102,7 +102,7 @@ def container_ids_for(site, name: str) -> str:
 
 def test_five_run_rm_cycles_leave_nothing(site, podman):
     ips, rulesets = [], []
-    for i in range(5):
+    for _i in range(5):
         out = run(site, podman, "run", "--rm", "--network", conflist.NETWORK, "--cgroup-parent", site.cgroup_path,
                   "-p", f"{HOST_PORT + 1}:80", image.IMAGE, "ip", "-4", "-o", "addr", "show", "eth0").stdout
         match = re.search(r"inet (\d+\.\d+\.\d+\.\d+)/", out)

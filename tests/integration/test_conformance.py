@@ -236,7 +236,7 @@ def test_missing_fdb_entry_fails_the_overlay_paths_between_two_nodes(file_cluste
                 ("node-pod", "n1", "n2"), ("node-pod", "n2", "n1")}
     skipped_rows = {("no-snat", "n1", "n2"), ("no-snat", "n2", "n1"), ("pmtu", "n1", "n2"), ("pmtu", "n2", "n1")}
     assert_exactly(report, expected, "missing FDB entry", skipped_rows)
-    for (check, src, dst), message in failing(report).items():
+    for (_check, src, _dst), message in failing(report).items():
         assert f"no ARP/FDB for remote VTEP {vtep_mac} -> {n2.public_ip}" in message
         if src == "n2":
             assert "the replies' way back" in message

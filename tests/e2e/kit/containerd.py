@@ -10,7 +10,6 @@ containers) by PID.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from . import image, procs
+from . import image
 from .host import Host
 
 PODMAN = "podman"

@@ -134,7 +134,7 @@ def remove_cgroup(parent: str) -> list[str]:
         kill_all(pids)
     failed = []
     for directory in cgroup_dirs(parent):
-        for attempt in range(20):
+        for _attempt in range(20):
             try:
                 directory.rmdir()
                 break
