@@ -26,8 +26,13 @@ reached from POSTROUTING for the pod address; every rule carries the comment
 per (network, container): it does not tell interfaces apart, so ADD adds to
 the container's chain and DEL removes the whole chain.
 
-Our own read-modify-write steps are serialised with a lock file, so that a
-DEL never deletes what a concurrent ADD just wrote.
+Our own read-modify-write steps are serialised with a lock, so that a DEL
+never deletes what a concurrent ADD just wrote. The lock is the network
+namespace's own (``locks.netns_lock``: the abstract unix socket
+``pycni-masq-lock``, which the kernel scopes to the namespace whose ruleset it
+guards), like the portmap plugin's: no file anywhere (no ``/run/pycni``),
+released when its holder dies, and calls working on different namespaces
+("nodes") never wait for each other.
 """
 from __future__ import annotations
 
@@ -56,7 +61,7 @@ _IPT_CHAIN_LEN = 28
 _IPT_COMMENT_MAX = 255
 _IPT_COMMENT_RE = re.compile(r'^name: "([^"]*)" id: "([^"]*)"$')
 
-LOCK_PATH = "/run/pycni/masq.lock"
+LOCK_NAME = "pycni-masq-lock"
 LOCK_TIMEOUT_SECONDS = 30.0
 
 # Interface names end up in nftables comments: keep them to a quote-free alphabet.
@@ -191,8 +196,8 @@ def _missing(msg: str, details: str = "") -> CNIError:
 
 
 def _locked() -> ContextManager[None]:
-    """Serialise our read-modify-write steps (all namespaces share the one lock; each step is short)."""
-    return locks.file_lock(LOCK_PATH, "the masquerade lock", LOCK_TIMEOUT_SECONDS)
+    """Serialise our read-modify-write steps on the calling thread's namespace (each step is short)."""
+    return locks.netns_lock(LOCK_NAME, "the masquerade lock", LOCK_TIMEOUT_SECONDS)
 
 
 # ---- nftables -------------------------------------------------------------------

@@ -7,14 +7,19 @@ namespace + private mount namespace + outside namespace, kit/host.py), the
 plugin directory behind logging wrappers (kit/capture.py: what the runtime
 sends is kept and shown when a test fails), the e2e network's conflist and a
 private host-local dataDir, and a cgroup parent for containers. After every
-test the machine's root network namespace must be exactly as before.
+test the test's own namespaces and cgroup are gone, and nothing attributable
+to the test or pycni changed in the machine's root network namespace
+(kit/rootns.py); the rest of the machine (other suites running at the same
+time included) is not compared.
 
 The busybox image and cnitool are built once and kept in the pytest cache
 (``.pytest_cache/d/pycni-e2e``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +27,7 @@ from typing import Iterator
 
 import pytest
 
+import netns
 from tests.e2e.kit import capture, conflist, image, leftovers, plugins, procs, rootns
 from tests.e2e.kit.host import Host
 
@@ -67,13 +73,16 @@ def busybox_archive(e2e_cache: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def root_namespace_unchanged() -> Iterator[None]:
-    """The machine's root network namespace is the same after the test as before it."""
+    """Nothing of ours changed in the machine's root network namespace (kit/rootns.py: links, addresses,
+    routes, rules, qdiscs and firewall lines named like what pycni and the kit make or in the suites'
+    subnets, the default-route links, forwarding sysctls). What others do there (a module load's ifb0,
+    another engine's veths, another copy of this suite) is not compared."""
     if os.geteuid() != 0:
         yield
         return
     before = rootns.snapshot()
     yield
-    changed = rootns.differences(before, rootns.snapshot())
+    changed = rootns.differences(before, rootns.snapshot(watch=before.watch))
     assert not changed, "the root network namespace changed: " + "; ".join(changed)
 
 
@@ -116,9 +125,29 @@ class Site:
         return None
 
 
+@contextlib.contextmanager
+def short_path(target: Path) -> Iterator[Path]:
+    """A short name of the test's own for target (/tmp/pe2e-<random>, a symlink removed afterwards).
+
+    Unix socket paths must fit in 108 bytes (containerd refuses > 104), and pytest's tmp_path grows with
+    the run number and, under xdist, a popen-gw<N> level: what lives under the site root goes by this name.
+    """
+    link = Path(tempfile.mkdtemp(prefix="pe2e-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    link.rmdir()
+    link.symlink_to(target, target_is_directory=True)   # FileExistsError if the name was taken meanwhile
+    try:
+        yield link
+    finally:
+        link.unlink()
+
+
 @pytest.fixture
 def site(plugin_set: PluginSet, tmp_path: Path) -> Iterator[Site]:
-    root = tmp_path
+    with short_path(tmp_path) as root:
+        yield from _site(plugin_set, root)
+
+
+def _site(plugin_set: PluginSet, root: Path) -> Iterator[Site]:
     cgroup_parent = f"pycni-e2e-{uuid.uuid4().hex[:10]}"
     with Host(root / "host") as host:
         bin_dir = capture.wrap(plugin_set.path, root / "bin", root / "calls")
@@ -129,4 +158,8 @@ def site(plugin_set: PluginSet, tmp_path: Path) -> Iterator[Site]:
         finally:
             host.stop_processes()
             procs.remove_cgroup(cgroup_parent)
-    procs.remove_cgroup(cgroup_parent)
+    left = procs.remove_cgroup(cgroup_parent)
+    # What the test owned, and only that, is gone: its namespaces (named pt-e2eh-/pt-e2eo-<hex> by
+    # netns.temporary) and its cgroup.
+    pinned = [name for name in (host.name, host.outside) if netns.exists(name)]
+    assert not pinned and not left, f"the test's namespaces {pinned} or cgroups {left} are left"

@@ -540,6 +540,8 @@ def firewall(node: Node, backend: str) -> str:
 
 @pytest.mark.parametrize("backend", ["nftables", "iptables"])
 def test_ip_masq_rules_follow_the_pod(bridge_node, backend):
+    host_lock = "/run/pycni/masq.lock"   # the lock is the node namespace's own now: nothing on the host
+    lock_existed = os.path.lexists(host_lock)
     node = bridge_node("ours")
     pods = [node.pod(), node.pod()]
     conf = bridge_conf(node, "1.1.0", isGateway=True, ipMasq=True, ipMasqBackend=backend)
@@ -557,6 +559,7 @@ def test_ip_masq_rules_follow_the_pod(bridge_node, backend):
     assert "10.22.0.3" not in firewall(node, backend)
     assert node.leases("podnet") == []
     assert bridge(node, "DEL", conf, pods[1], "masq1").code == 0
+    assert lock_existed or not os.path.lexists(host_lock)
 
 
 def test_gc_and_status_pass_on_to_ipam(bridge_node):

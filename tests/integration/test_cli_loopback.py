@@ -21,8 +21,11 @@ def test_installed_loopback_through_pycni(make_node, tmp_path):
     node = make_node()
     pod = node.pod()
     bin_dir = tmp_path / "bin"
-    installed = subprocess.run([*pycni_command(), "install", "--cni-bin-dir", str(bin_dir)],
-                               capture_output=True, text=True, check=False)
+    # A socket of the test's own (no agent there: the shims run cold), never the machine's /run/pycni one,
+    # where an agent of someone else's may be serving.
+    socket_path = tmp_path / "run" / "agent.sock"
+    installed = subprocess.run([*pycni_command(), "install", "--cni-bin-dir", str(bin_dir),
+                                "--agent-socket", str(socket_path)], capture_output=True, text=True, check=False)
     assert installed.returncode == 0, installed.stderr
     assert (bin_dir / "loopback").exists()
 

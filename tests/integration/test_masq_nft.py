@@ -210,3 +210,44 @@ def test_concurrent_adds_and_dels_leave_consistent_state(node):
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(delete, range(1, 16, 2)))
     assert ruleset(node) == []
+
+
+def test_the_lock_is_the_node_namespace_s_own_and_leaves_no_file(make_node):
+    """Held in node a, a setup there waits for it; node b's setup does not; no lock file appears on the host."""
+    import os
+    import threading
+    import time
+
+    from cni_plugins.kernel import locks
+    from cni_plugins.shared import masq
+
+    host_lock = "/run/pycni/masq.lock"   # where the lock file used to be
+    existed = os.path.lexists(host_lock)
+    a, b = make_node(), make_node()
+    held, release, finished = threading.Event(), threading.Event(), []
+
+    def hold():
+        with locks.netns_lock(masq.LOCK_NAME, timeout=5):
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=a.run_in, args=(hold,))
+    holder.start()
+    try:
+        assert held.wait(5)
+        b.run_in(setup_masq, "net1", "ctr-b", "eth0", ["10.88.0.6/24"])   # another namespace: no wait
+        waiter = threading.Thread(target=lambda: finished.append(
+            a.run_in(setup_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24"]) or time.monotonic()))
+        waiter.start()
+        time.sleep(0.3)
+        assert finished == [] and elements(a) == {}, "setup in node a ran while a's lock was held"
+        released_at = time.monotonic()
+        release.set()
+        waiter.join(15)
+        assert finished and finished[0] >= released_at
+    finally:
+        release.set()
+        holder.join(15)
+    assert set(elements(a)) == {"10.88.0.5"} and set(elements(b)) == {"10.88.0.6"}
+    if not existed:
+        assert not os.path.lexists(host_lock)

@@ -102,12 +102,15 @@ def test_vagrant_validate(tmp_path, nodes):
     # without it validate stops at "provider could not be found" before looking at the configuration.
     env = _vagrant_env(tmp_path)
     env["PYCNI_NODES"] = nodes
+    dot_existed = os.path.lexists(os.path.join(VAGRANT_DIR, ".vagrant"))
     done = subprocess.run(["vagrant", "validate", "--ignore-provider"], cwd=VAGRANT_DIR, capture_output=True,
                           text=True, timeout=180, env=env, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Vagrantfile validated successfully" in done.stdout
     assert f"node{nodes}:" in done.stdout and "etcd:" in done.stdout
-    assert not os.path.exists(os.path.join(VAGRANT_DIR, ".vagrant"))
+    # Vagrant's machine state went to the test's VAGRANT_DOTFILE_PATH, not into the checkout (judged only
+    # when the checkout had none before: a developer's own `vagrant up` may have made one).
+    assert dot_existed or not os.path.lexists(os.path.join(VAGRANT_DIR, ".vagrant"))
 
 
 @pytest.mark.skipif(shutil.which("vagrant") is None, reason="the vagrant binary is missing (apt-get install vagrant)")
@@ -143,15 +146,34 @@ def installed(tmp_path_factory) -> Iterator[str]:
                           capture_output=True, text=True, check=True).stdout.strip()
     with open(os.path.join(site, "_pycni_test_deps.pth"), "w") as fh:
         fh.write(sysconfig.get_path("purelib") + "\n")
-    env = dict(os.environ, PYCNI_SRC=REPO, PYCNI_VENV=str(venv), PYCNI_APT="0",
+    # The step's source is a checkout of the test's own (as the synced folder is the VM's), so what the step
+    # does to its source is judged on files no one else touches: `pip install -e .` in the real checkout
+    # legitimately makes build/ (setup.py build_shim), and another run may be doing so right now.
+    src = base / "src"
+    shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", ".vagrant"))
+    before = _tree(src)
+    env = dict(os.environ, PYCNI_SRC=str(src), PYCNI_VENV=str(venv), PYCNI_APT="0",
                PYCNI_PIP_ARGS="--no-index --no-deps --no-build-isolation", PYCNI_BIN_LINK=str(base / "bin" / "pycni"),
                PYCNI_NODE_NAME="ci")
     done = run_step("10-install.sh", env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert os.path.realpath(base / "bin" / "pycni") == str(venv / "bin" / "pycni")
-    # Installed from a copy: the checkout got no build/ directory.
-    assert not os.path.exists(os.path.join(REPO, "build"))
+    # Installed from a copy: the source got no build/, no egg-info, nothing at all.
+    after = _tree(src)
+    assert after == before, f"10-install changed its source: {sorted(set(after) ^ set(before))[:10]}"
     yield str(venv)
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """relative path -> (size, mtime) of everything under root."""
+    out = {}
+    for where, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(where, name)
+            st = os.lstat(path)
+            out[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns)
+    return out
 
 
 def node_env(installed: str, workdir: str, node: Node, store_url: str) -> dict[str, str]:
@@ -365,10 +387,11 @@ def test_the_agent_step_installs_a_systemd_unit_with_the_node_overlay_options(in
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     (state_dir / "overlay.json").write_text("{}")   # what the started agent would write
+    socket_path = str(tmp_path / "run" / "agent.sock")   # the test's own: never the machine's /run/pycni
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CNI_", "PYCNI_"))}
     env.update(PYCNI_VENV=installed, PYCNI_AGENT_RUNNER="systemd", PYCNI_SYSTEMCTL=str(stub),
                PYCNI_UNIT_DIR=str(tmp_path / "units"), CNI_BIN_DIR=str(tmp_path / "bin"),
-               PYCNI_STATE_DIR=str(state_dir), PYCNI_SOCKET="/run/pycni/agent.sock",
+               PYCNI_STATE_DIR=str(state_dir), PYCNI_SOCKET=socket_path,
                PYCNI_STORE="etcd://192.168.56.10:2379", PYCNI_PUBLIC_IP="192.168.56.11", PYCNI_NODE_NAME="node1",
                PYCNI_AGENT_WAIT="5")
     # Writes files only (a unit, a drop-in, plugin executables) and calls the stub: nothing is started.
@@ -376,11 +399,11 @@ def test_the_agent_step_installs_a_systemd_unit_with_the_node_overlay_options(in
     assert done.returncode == 0, done.stdout + done.stderr
     unit = (tmp_path / "units" / "pycni-agent.service").read_text()
     pycni = os.path.join(installed, "bin", "pycni")
-    assert f"ExecStart={pycni} agent --socket /run/pycni/agent.sock" in unit and "Type=notify" in unit
+    assert f"ExecStart={pycni} agent --socket {socket_path}" in unit and "Type=notify" in unit
     dropin = (tmp_path / "units" / "pycni-agent.service.d" / "overlay.conf").read_text()
     assert dropin.splitlines()[-2:] == [
         "ExecStart=",
-        f"ExecStart={pycni} agent --socket /run/pycni/agent.sock --store etcd://192.168.56.10:2379 "
+        f"ExecStart={pycni} agent --socket {socket_path} --store etcd://192.168.56.10:2379 "
         f"--public-ip 192.168.56.11 --state-dir {state_dir} --node-name node1"]
     assert calls.read_text().splitlines() == ["daemon-reload", "enable --now pycni-agent.service",
                                               "restart pycni-agent.service"]

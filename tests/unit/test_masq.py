@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 
@@ -20,12 +21,12 @@ from cni_plugins.shared.masq import (Owner, gc_masq, iptables_chain, iptables_co
 
 @pytest.fixture(autouse=True)
 def no_real_commands(monkeypatch, tmp_path):
-    """Fail any real subprocess; keep the lock file out of /run."""
+    """Fail any real subprocess; take a lock name of this test's own (never the real one)."""
     def refuse(*args, **kwargs):
         raise AssertionError(f"unexpected command: {args}")
 
     monkeypatch.setattr(subprocess, "run", refuse)
-    monkeypatch.setattr(masq, "LOCK_PATH", str(tmp_path / "masq.lock"))
+    monkeypatch.setattr(masq, "LOCK_NAME", f"pycni-test-masq-{os.urandom(6).hex()}")
 
 
 class FakeNft:
@@ -318,3 +319,26 @@ def test_iptables_gc_only_touches_chains_named_for_the_network(monkeypatch):
     assert family == 4
     assert chain_a in batch and chain_b not in batch and "LOOKALIKE" not in batch
     assert batch.splitlines()[-3:] == [f":{chain_a} - [0:0]", f"-X {chain_a}", "COMMIT"]
+
+
+def test_the_lock_is_the_namespace_s_own_and_no_file(monkeypatch):
+    """Held as an abstract socket name of the calling thread's namespace: a second holder there waits."""
+    import socket
+
+    from cni_plugins.kernel import locks
+
+    monkeypatch.setattr(masq, "LOCK_TIMEOUT_SECONDS", 0.05)
+    assert not hasattr(masq, "LOCK_PATH")
+    with masq._locked():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            with pytest.raises(OSError):
+                probe.bind("\0" + masq.LOCK_NAME)   # taken while held
+        finally:
+            probe.close()
+        with pytest.raises(CNIError) as info:
+            with locks.netns_lock(masq.LOCK_NAME, timeout=0.05):
+                pass
+        assert info.value.code == 11
+    with masq._locked():   # released again
+        pass

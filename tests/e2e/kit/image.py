@@ -83,7 +83,8 @@ def docker_archive(path: str | os.PathLike[str], tags: tuple[str, ...] = TAGS) -
     config_bytes = json.dumps(config, sort_keys=True).encode()
     config_name = f"{hashlib.sha256(config_bytes).hexdigest()}.json"
     manifest = [{"Config": config_name, "RepoTags": list(tags), "Layers": [f"{layer_digest}/layer.tar"]}]
-    tmp = path.with_suffix(".partial")
+    # A name of this writer's own: another copy of the suite may be writing the same archive right now.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.partial")
     with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
         _add(tar, f"{layer_digest}", kind=tarfile.DIRTYPE, mode=0o755)
         _add(tar, f"{layer_digest}/layer.tar", data=layer)
