@@ -14,8 +14,11 @@ puts it in place for the integration tests)::
   one-line note on stderr).
 - ``warm``: the same executables with a `pycni agent` serving them, started in a
   network namespace of its own (so it can only get a request right by entering
-  the caller's namespace). When the session ends the agent must have served
-  requests and refused none, so a warm run that silently fell back to cold fails.
+  the caller's namespace). Every request ``run_plugin`` sends through a warm
+  bin dir must be served by the agent, checked per request (its served
+  counter moves, the shim writes no "running ... in-process" note:
+  tests/helpers/plugins.py ``WARM_BIN_DIRS``), so a warm test that silently
+  ran cold fails; when the session ends the agent must have refused none.
 
 ``plugin_set`` (module-scoped, also both modes) gives the same as a ``PluginSet``
 that knows its mode and agent; ``running_agent`` starts and stops an agent for
@@ -39,7 +42,8 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import netns  # noqa: E402
-from pycni import procs
+from pycni import procs  # noqa: E402
+from tests.helpers.plugins import WARM_BIN_DIRS  # noqa: E402
 
 PYCNI = os.path.join(os.path.dirname(sys.executable), "pycni")
 MODES = ("cold", "warm")
@@ -181,7 +185,12 @@ def plugins_in_mode(mode: str, workdir: str) -> Iterator[PluginSet]:
         return
     with running_agent(workdir) as agent:
         plugins = PluginSet(mode, bin_dir, socket_path, agent)
-        yield plugins
+        # Per request: run_plugin checks that the agent served every request sent through bin_dir.
+        WARM_BIN_DIRS[os.path.realpath(bin_dir)] = socket_path
+        try:
+            yield plugins
+        finally:
+            WARM_BIN_DIRS.pop(os.path.realpath(bin_dir), None)
         doc = agent.status()
         assert agent.alive(), f"the agent died during the tests:\n{agent.log_tail()}"
         assert doc["requests"]["served"] > 0, "warm mode: the agent served nothing (did the shims fall back?)"

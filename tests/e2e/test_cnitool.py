@@ -48,6 +48,8 @@ REFERENCE_MASQ_CHAIN = re.compile(r"\bCNI-[0-9a-f]{24}\b")
 
 @pytest.fixture(scope="session")
 def cnitool_exe(e2e_cache):
+    """cnitool, built; skipped only when the machine lacks Go or libcni (cnitool.BuildFailed, a compile error
+    say, fails every test that needs it)."""
     try:
         return cnitool.build(e2e_cache)
     except cnitool.Unavailable as exc:

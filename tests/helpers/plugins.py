@@ -38,6 +38,49 @@ class Outcome:
         return self.out.get("code"), self.out.get("msg")
 
 
+# Bin dirs whose executables are shims with an agent behind them (tests/plugin_modes.py, warm mode):
+# directory -> the agent's socket. Every request run_plugin sends through one of them must reach that
+# agent, checked per request (warm_served_check), so a warm test that silently ran cold fails.
+WARM_BIN_DIRS: dict[str, str] = {}
+AGENT_COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS")   # VERSION: the shim answers it itself
+DECLINED_NOTE = "pycni: the agent refused the request ("   # the agent's own verdict, relayed by the shim
+
+
+def agent_counters(socket_path: str) -> tuple[int, int]:
+    """(served, declined) of the agent at socket_path."""
+    from pycni.agent.client import status
+
+    requests = status(socket_path)["requests"]
+    return int(requests["served"]), int(requests["declined"])
+
+
+def warm_socket_for(argv: Sequence[str], variables: Mapping[str, str | None]) -> str | None:
+    """The agent socket a request must go through (None: not a warm request)."""
+    if len(argv) != 1 or variables.get("CNI_COMMAND") not in AGENT_COMMANDS or variables.get("PYCNI_NO_AGENT"):
+        return None
+    return WARM_BIN_DIRS.get(os.path.dirname(os.path.realpath(argv[0])))
+
+
+def warm_served_check(argv: Sequence[str], command: str, socket_path: str, before: tuple[int, int],
+                      err: str, cni_netns: str = "") -> None:
+    """The agent behind ``socket_path`` served this request: its served counter moved and the shim wrote no
+    note of running the plugin itself. The one cold run allowed is the agent's designed refusal of a
+    CNI_NETNS that is no network namespace (its declined counter moved, the shim relayed that reason):
+    a test that sends such a path on purpose cannot be served warm. Anything else ran cold behind the
+    test's back."""
+    import netns
+
+    after = agent_counters(socket_path)
+    notes = [line for line in err.splitlines() if line.startswith("pycni: ")]
+    served = after[0] > before[0] and not notes
+    bogus_netns = bool(cni_netns) and not netns.is_netns(cni_netns)
+    declined = (bogus_netns and after[1] > before[1] and len(notes) == 1
+                and notes[0].startswith(DECLINED_NOTE) and f"CNI_NETNS {cni_netns}" in notes[0])
+    assert served or declined, (
+        f"warm mode: {argv[0]} {command} was not served by the agent at {socket_path} (served, declined: "
+        f"{before} -> {after}); stderr: {err[-1000:]}")
+
+
 def _ns_name(node: Any) -> str:
     return node if isinstance(node, str) else node.name
 
@@ -63,6 +106,9 @@ def run_plugin(exe_or_argv: str | os.PathLike[str] | Sequence[str], command: str
         "CNI_CONTAINERID": container_id, "CNI_NETNS": os.fspath(netns), "CNI_IFNAME": ifname,
         "CNI_PATH": path, "CNI_ARGS": args}
     variables.update(env or {})
+    warm_socket = warm_socket_for(argv, variables)
+    counters_before = agent_counters(warm_socket) if warm_socket else (0, 0)
+    exe = argv[0]
     if node is not None:
         argv = ["ip", "netns", "exec", _ns_name(node), *argv]
     proc = subprocess.run(argv, input=None if conf is None else json.dumps(conf).encode(),
@@ -70,6 +116,8 @@ def run_plugin(exe_or_argv: str | os.PathLike[str] | Sequence[str], command: str
                           env={k: v for k, v in variables.items() if v is not None},
                           capture_output=True, timeout=timeout)
     text, err = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
+    if warm_socket:
+        warm_served_check([exe], command, warm_socket, counters_before, err, variables.get("CNI_NETNS") or "")
     try:
         out = json.loads(text) if text.strip() else None
     except json.JSONDecodeError:

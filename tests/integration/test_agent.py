@@ -279,21 +279,48 @@ def test_socket_refusing_connections_runs_cold(workdir, make_node, shim_kind):
     assert add.code == 0 and "Connection refused" in add.err
 
 
+def carrying(container_id: str) -> list[int]:
+    """PIDs of the processes whose environment carries CNI_CONTAINERID=container_id (a request's runs)."""
+    needle = f"CNI_CONTAINERID={container_id}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as fh:
+                    if needle in fh.read().split(b"\0"):
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
 def test_killed_mid_request_answers_try_again_and_never_runs_twice(agent, shims, make_node):
+    """The agent is killed while its host-local ADD waits for the store lock: the shim answers "try again"
+    and never runs the request itself. Every run that gets the lock reserves an address, so the leases
+    count the runs; they are counted once nothing can run the request any more, not after a pause: the
+    agent is dead (reaped), the lock has been released, the shim has exited with its output pipes closed
+    (run_plugin reads them to the end), and no process carrying the request's environment is left."""
     node = make_node()
+    victim = f"victim-{os.urandom(4).hex()}"
     with store_locked(node.ipam_dir):
         pending = Background(os.path.join(shims, "host-local"), "ADD", host_local_conf(node.ipam_dir), node=node,
-                             netns=node.pod(), container_id="victim")
+                             netns=node.pod(), container_id=victim)
         wait_for(lambda: in_flight(agent) == 1, what="the request to be in flight")
         agent.kill()
-        outcome = pending.result(timeout=30)
+        # The shim must answer while the lock is still held; one that runs the request itself waits for the
+        # lock instead: let it go after a bounded wait so that its run is counted below.
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: pending.finished_at is not None, timeout=15, what="the shim to answer")
+        answered_under_the_lock = pending.finished_at is not None
+    outcome = pending.result(timeout=60)
+    assert not agent.alive()
+    wait_for(lambda: carrying(victim) == [], timeout=30, what="every process running the request to end")
+    assert leases(node.ipam_dir) == {}, "the request ran again after the agent was killed"
+    assert answered_under_the_lock, "the shim did not answer while the agent's run held the work"
     assert outcome.code == 1 and outcome.out["code"] == 11, outcome
     assert outcome.out["cniVersion"] == "1.0.0"
     assert "try again" in outcome.out["msg"]
-    assert NOT_REACHED not in outcome.err
-    # The lock is free now: had the shim run the request itself as well, it would have reserved an address.
-    time.sleep(0.3)
-    assert leases(node.ipam_dir) == {}
+    assert NOT_REACHED not in outcome.err and "in-process" not in outcome.err, outcome.err
 
 
 def test_restarted_agent_loses_no_request(workdir, agent, shims, make_node):
@@ -489,6 +516,41 @@ def test_only_root_may_talk_to_the_agent(workdir):
             kind, rest = _as_nobody(agent.socket_path, request)
             assert kind == "answer" and rest[:1] == protocol.REFUSED and b"root only" in rest, (kind, rest)
             assert agent.status()["requests"]["denied"] == 1
+    finally:
+        shutil.rmtree(reachable, ignore_errors=True)
+
+
+NOBODY = ("setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "--")
+
+
+def test_agent_status_from_another_user_is_refused_and_reported(workdir):
+    """`pycni agent status` run as uid 65534 against a running agent: refused, and the command says so.
+
+    Through the agent's own 0700/0600 socket the other user cannot even connect; through a socket opened
+    up by mistake the agent itself refuses the peer (SO_PEERCRED) and tells it why. Root is served."""
+    pycni = os.path.join(os.path.dirname(sys.executable), "pycni")
+    reachable = tempfile.mkdtemp(prefix="pycni-agent-test-", dir="/tmp")
+    try:
+        os.chmod(reachable, 0o755)
+        with running_agent(str(workdir), socket_path=os.path.join(reachable, "run", "agent.sock")) as agent:
+            command = [pycni, "agent", "status", "--socket", agent.socket_path]
+
+            def as_nobody() -> subprocess.CompletedProcess[str]:
+                return subprocess.run([*NOBODY, *command], capture_output=True, text=True, timeout=60,
+                                      stdin=subprocess.DEVNULL, cwd="/")
+
+            closed = as_nobody()
+            assert closed.returncode == 1 and closed.stdout == "", closed
+            assert closed.stderr == f"Error: no pycni agent at {agent.socket_path}: Permission denied\n", closed
+            os.chmod(os.path.dirname(agent.socket_path), 0o755)
+            os.chmod(agent.socket_path, 0o666)
+            refused = as_nobody()
+            assert refused.returncode == 1 and refused.stdout == "", refused
+            assert refused.stderr == "Error: permission denied: the agent serves root only\n", refused
+            assert agent.status()["requests"]["denied"] == 1
+            assert "refused a connection from pid" in agent.log_text() and "uid 65534" in agent.log_text()
+            served = subprocess.run(command, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+            assert served.returncode == 0 and "alive:    yes" in served.stdout, served
     finally:
         shutil.rmtree(reachable, ignore_errors=True)
 

@@ -298,6 +298,7 @@ def _cluster_init(node, store_url: str) -> None:
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.etcd
 def test_overlay_metrics_and_health_through_a_store_outage_and_a_lapsed_lease(tmp_path):
     if etcd_skip_reason():
         pytest.skip(etcd_skip_reason())

@@ -206,6 +206,7 @@ def test_add_result_versions_and_ifb(make_node, ours):
     pod = node.attach("ctr-v")
     rc, res = run_plugin(ours, "ADD", bw_conf(pod, version="0.4.0", **LIMITS), node, pod)
     assert rc == 0, res
+    assert installed_shaping(node, pod) == expected_shaping(LIMITS, res["interfaces"][-1]["name"])
     assert res["cniVersion"] == "0.4.0"
     ifb = res["interfaces"][-1]
     assert ifb["name"].startswith("bwp") and len(ifb["name"]) == 15 and "sandbox" not in ifb
@@ -332,10 +333,15 @@ def test_check_compares_burst_and_latency_not_only_the_rate(make_node, ours, sub
 
 
 def test_check_without_bandwidth_config_succeeds(make_node, ours):
-    """v1.1.1 panics here (nil bandwidth entry); upstream and the spec expect success."""
+    """v1.1.1 panics here (nil bandwidth entry); upstream and the spec expect success, and nothing shaped."""
     node = make_node()
     pod = node.attach("ctr-nobw")
-    assert run_plugin(ours, "CHECK", bw_conf(pod), node, pod)[0] == 0
+    rc, res = run_plugin(ours, "ADD", bw_conf(pod), node, pod)
+    assert rc == 0 and res == pod.prev, res   # nothing configured: the result passes through unchanged
+    assert node.qdiscs() == [] and node.ifbs() == []
+    rc, out = run_plugin(ours, "CHECK", bw_conf(pod), node, pod)
+    assert rc == 0 and out == {}, out
+    assert node.qdiscs() == [] and node.ifbs() == []
 
 
 # ---- DEL -----------------------------------------------------------------------------------
@@ -359,14 +365,47 @@ def test_del_removes_everything_and_is_idempotent(make_node, ours):
     assert run_plugin(ours, "DEL", conf, our_node, None, container_id="ctr-del")[0] == 0
 
 
+def installed_shaping(node: Node, pod: Pod) -> dict[str, tuple[str, int, int]]:
+    """What tc shows in the node's namespace, as (qdisc kind, rate in bit/s, burst in bits) per direction:
+    "ingress" is the root qdisc of the pod's host veth (traffic toward the pod), "egress" the root qdisc of
+    the ifb that the veth's ingress qdisc redirects to (traffic from the pod); "ifb" is that device's name."""
+    def root(dev: str) -> dict | None:
+        qdiscs = json.loads(sh("ip", "netns", "exec", node.name, "tc", "-j", "qdisc", "show", "dev", dev).stdout)
+        return next((q for q in qdiscs if q.get("root") and q["kind"] not in ("noqueue", "pfifo_fast")), None)
+
+    def bucket(q: dict | None) -> tuple[str, int, int] | None:
+        if q is None:
+            return None
+        burst = q["options"]["burst"]   # "<bytes>b/<cell>"
+        return q["kind"], q["options"]["rate"] * 8, int(str(burst).split("b")[0]) * 8
+
+    out: dict = {"ingress": bucket(root(pod.host_veth))}
+    redirects = [a["to_dev"] for f in node.filters(pod.host_veth, "ffff:") if "actions" in f.get("options", {})
+                 for a in f["options"]["actions"] if "to_dev" in a]
+    out["ifb"] = redirects[0] if len(redirects) == 1 else redirects
+    out["egress"] = bucket(root(redirects[0])) if len(redirects) == 1 else None
+    return out
+
+
+def expected_shaping(limits: dict, ifb: str) -> dict:
+    return {"ingress": ("tbf", limits["ingressRate"], limits["ingressBurst"]), "ifb": ifb,
+            "egress": ("tbf", limits["egressRate"], limits["egressBurst"])}
+
+
 def test_add_twice_replaces(make_node, ours):
+    """A repeated ADD installs the shaping it is given now: the rates and bursts tc shows are the new ones."""
     node = make_node()
     pod = node.attach("ctr-twice")
-    assert run_plugin(ours, "ADD", bw_conf(pod, **LIMITS), node, pod)[0] == 0
-    first = node.qdiscs()
     rc, res = run_plugin(ours, "ADD", bw_conf(pod, **LIMITS), node, pod)
     assert rc == 0, res
-    assert node.qdiscs() == first and len(node.ifbs()) == 1
+    ifb = res["interfaces"][-1]["name"]
+    assert installed_shaping(node, pod) == expected_shaping(LIMITS, ifb)
+    again = {"ingressRate": 16_000_000, "ingressBurst": 160_000, "egressRate": 24_000_000, "egressBurst": 240_000}
+    rc, res = run_plugin(ours, "ADD", bw_conf(pod, **again), node, pod)
+    assert rc == 0, res
+    assert res["interfaces"][-1]["name"] == ifb
+    assert installed_shaping(node, pod) == expected_shaping(again, ifb)
+    assert [link["ifname"] for link in node.ifbs()] == [ifb]
 
 
 def test_failed_add_leaves_nothing_behind(make_node, ours):

@@ -46,6 +46,7 @@ from tests.cluster_helpers import (
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.etcd,
     pytest.mark.skipif(etcd_skip_reason() is not None, reason=etcd_skip_reason() or ""),
     pytest.mark.usefixtures("stays_in_its_namespace"),
 ]

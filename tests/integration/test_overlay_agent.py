@@ -22,7 +22,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import netns  # noqa: E402
-from cluster_helpers import etcd_skip_reason, start_etcd  # noqa: E402
+from cluster_helpers import etcd_gateway, etcd_skip_reason, start_etcd  # noqa: E402
 from multinode import UNDERLAY_GATEWAY, cluster_topology, wait_agent_ready, wait_for  # noqa: E402
 
 pytestmark = [
@@ -180,7 +180,7 @@ def _add_json_helper(node) -> None:
     node.ip_json_cmd = ip_json_cmd
 
 
-@pytest.fixture(scope="module", params=["file", "etcd"])
+@pytest.fixture(scope="module", params=["file", pytest.param("etcd", marks=pytest.mark.etcd)])
 def cluster(request):
     kind = request.param
     if kind == "etcd" and etcd_skip_reason():
@@ -298,7 +298,6 @@ def test_join_and_leave_converge_within_a_second(cluster, capsys):
         # Leave: the agent stops (keeping its devices), then its lease is released.
         handle.stop()
         assert any(l.public_ip == newcomer.public_ip for l in list_leases(store)[0])
-        released = time.monotonic()
         assert release_lease(store, newcomer.public_ip)
         leave_time = measure(probes, lambda p: p.lacks(state), timeout=10)
         with capsys.disabled():
@@ -545,8 +544,60 @@ def test_store_outage_keeps_traffic_and_recovers(cluster):
 # ---- the OverlayNode API in-process ------------------------------------------------------------
 
 
+RENEW_TTL = 6            # seconds: the in-process node's lease; it keeps it alive every TTL/3 = 2 s
+RENEW_WATCH = 5.5        # seconds of watching the lease in etcd: at least two keep-alives
+
+
+def lease_in_etcd(member, key: str) -> tuple[int, int, int]:
+    """(lease ID, seconds left, granted TTL) of the etcd lease attached to ``key`` (under /pycni/), read
+    through etcd's JSON gateway (KV range, then LeaseTimeToLive); (0, -1, 0) when the key is gone."""
+    import base64
+
+    status, answer = etcd_gateway(member, "/v3/kv/range", {"key": base64.b64encode(f"/pycni/{key}".encode()).decode()})
+    assert status == 200, answer
+    kvs = answer.get("kvs") or []
+    lease = int(kvs[0].get("lease", 0)) if kvs else 0
+    if not lease:
+        return 0, -1, 0
+    status, answer = etcd_gateway(member, "/v3/lease/timetolive", {"ID": str(lease)})
+    assert status == 200, answer
+    return lease, int(answer.get("TTL", -1)), int(answer.get("grantedTTL", 0))
+
+
+def watch_lease(member, key: str, seconds: float, interval: float = 0.2) -> list[tuple[float, int, int, int]]:
+    """Samples (time, lease ID, seconds left, granted TTL) of the lease of ``key`` for ``seconds`` (bounded)."""
+    samples = []
+    started = time.monotonic()
+    for _ in range(int(seconds / interval) + 1):
+        samples.append((time.monotonic() - started, *lease_in_etcd(member, key)))
+        if time.monotonic() - started >= seconds:
+            break
+        time.sleep(max(0.0, interval - (time.monotonic() - started) % interval))
+    return samples
+
+
+def assert_kept_alive(samples: list[tuple[float, int, int, int]], ttl: int) -> None:
+    """The keep-alive itself, seen in etcd: one lease all along (never expired and re-created), granted
+    ``ttl``, refreshed again and again, and never left to drop below half its TTL."""
+    table = "\n".join(f"  {t:5.2f} s  lease {lease:x}  {left} s left of {granted}" for t, lease, left, granted in samples)
+    leases = {lease for _t, lease, _left, _granted in samples}
+    assert len(leases) == 1 and 0 not in leases, f"the lease changed or vanished (it expired):\n{table}"
+    assert {granted for *_rest, granted in samples} == {ttl}, table
+    lowest = min(left for _t, _lease, left, _granted in samples)
+    assert lowest >= ttl / 2, f"the lease fell to {lowest} s left of {ttl} before it was renewed:\n{table}"
+    refreshes = sum(1 for before, after in zip(samples, samples[1:]) if after[2] > before[2])
+    expected = int(samples[-1][0] // (ttl / 3))   # renewal periods watched
+    assert refreshes >= expected >= 2, f"{refreshes} keep-alives seen in {expected} renewal periods:\n{table}"
+
+
+@pytest.mark.etcd
 def test_in_process_node_renews_a_short_lease_and_leaves_cleanly():
-    """OverlayNode driven directly: TTL renewal against etcd, status(), close(leave=True)."""
+    """OverlayNode driven directly: TTL renewal against etcd, status(), close(leave=True).
+
+    Renewal is proven on the lease itself, not on the key's presence (an expired lease is re-created by
+    the watch within milliseconds): etcd's LeaseTimeToLive, sampled over two renewal periods, shows one
+    lease ID throughout, refreshed every TTL/3 and never below TTL/2.
+    """
     if etcd_skip_reason():
         pytest.skip(etcd_skip_reason())
     from cni_plugins.kernel.ethtool import get_tx_checksum
@@ -562,7 +613,7 @@ def test_in_process_node_renews_a_short_lease_and_leaves_cleanly():
             assert a.run(PYCNI, "cluster", "init", "--store", store_url, "--network", NETWORK).returncode == 0
             topo.start_agent(b, store_url)
             node = OverlayNode(OverlayOptions(store_url=store_url, public_ip=a.public_ip, state_dir=a.state_dir,
-                                              node_name="in-process", lease_ttl=3, reconcile_interval=0.5,
+                                              node_name="in-process", lease_ttl=RENEW_TTL, reconcile_interval=0.5,
                                               tx_checksum_offload=False))
             stop = threading.Event()
             started, failure = threading.Event(), []
@@ -590,7 +641,8 @@ def test_in_process_node_renews_a_short_lease_and_leaves_cleanly():
                 assert status["vtepMAC"] == mine["vtepMAC"] and status["nodeName"] == "in-process"
                 with netns.enter(a.path):
                     assert get_tx_checksum(VXLAN) is False
-                time.sleep(4.5)   # past the 3 s TTL: the lease lives on only if it was renewed
+                key = node._keeper.lease.key
+                assert_kept_alive(watch_lease(etcd, key, RENEW_WATCH), RENEW_TTL)
                 store = topo.nodes[0]
                 with netns.enter(store.path):
                     from ipam.cluster import open_store

@@ -26,7 +26,8 @@ import pytest
 
 import netns
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")]
 
 REF_DIR = "/usr/lib/cni"
 NODE_V4, NODE_V6 = "192.168.77.1", "fd77::1"

@@ -4,7 +4,8 @@ Debian 12 packages libcni (``golang-github-appc-cni-dev``, which provides
 ``golang-github-containernetworking-cni-dev``) under /usr/share/gocode but not
 cnitool's main package, so ``cnitool/main.go`` here is the command, built in
 GOPATH mode (GO111MODULE=off, GOPROXY=off: offline) into a cache directory
-keyed by the source's hash. ``build()`` says why not when it cannot be built.
+keyed by the source's hash. ``build()`` raises Unavailable when the machine lacks Go or libcni
+(a skip) and BuildFailed when they are there and the build fails (a failure: a compile error is a bug).
 """
 from __future__ import annotations
 
@@ -20,7 +21,11 @@ LIBCNI = GOCODE / "src/github.com/containernetworking/cni/libcni"
 
 
 class Unavailable(Exception):
-    """cnitool cannot be built here (the reason is the message)."""
+    """cnitool cannot be built here: a tool or package the machine lacks (the reason is the message)."""
+
+
+class BuildFailed(Exception):
+    """Go and libcni are there but ``go build`` failed (a compile error, say): a failure, never a skip."""
 
 
 def build(cache_dir: str | os.PathLike[str]) -> Path:
@@ -44,6 +49,6 @@ def build(cache_dir: str | os.PathLike[str]) -> Path:
     proc = subprocess.run([go, "build", "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, env=env,
                           timeout=300, cwd=str(out_dir))
     if proc.returncode != 0:
-        raise Unavailable(f"go build of cnitool failed offline: {proc.stderr.strip()[-1500:]}")
+        raise BuildFailed(f"go build of cnitool failed offline: {proc.stderr.strip()[-1500:]}")
     os.replace(tmp, exe)
     return exe
