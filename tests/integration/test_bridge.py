@@ -73,7 +73,7 @@ def bridge_conf(node: Node, version: str = "1.0.0", **options: Any) -> dict:
 def normalise(result: Any) -> Any:
     """A result with what legitimately differs (MACs, the random veth name, netns paths) masked."""
     result = json.loads(json.dumps(result))
-    for n, iface in enumerate(result.get("interfaces", [])):
+    for iface in result.get("interfaces", []):
         if "mac" in iface:
             iface["mac"] = "<mac>"
         if "sandbox" in iface:

@@ -2,8 +2,10 @@
 
 Both run as real processes with the CNI environment and stdin, each on its own
 temporary dataDir (or on one shared dataDir where the test is about sharing).
-host-local only touches files and never opens CNI_NETNS, so no namespace is
-needed: CNI_NETNS names a path that does not exist.
+host-local only touches files and never enters CNI_NETNS; CNI_NETNS still names
+a real (empty) namespace of the module, so that the warm half is really served by
+the agent (which refuses a path that is no network namespace and leaves the
+request to run cold).
 
 Where the reference (v1.1.1) departs from the spec we follow the spec and the
 test says so: the reference reports every error as 999 (internal), pycni uses
@@ -15,19 +17,31 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
+import netns
 from tests.helpers.plugins import Outcome, has_reference, reference, run_plugin
 
 REFERENCE = reference("host-local")
-FAKE_NETNS = f"/var/run/netns/pt-{uuid.uuid4().hex[:8]}-absent"
+POD_NETNS = ""   # the module's namespace (pod_netns), set before any test runs
 
-# Files only, no namespace: runs without root too.
-pytestmark = pytest.mark.skipif(not has_reference("host-local"), reason="reference host-local not installed")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not has_reference("host-local"), reason="reference host-local not installed")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pod_netns():
+    """One empty namespace for every request's CNI_NETNS (host-local never enters it)."""
+    global POD_NETNS
+    with netns.temporary("pt-hle") as ns:
+        POD_NETNS = ns.path
+        try:
+            yield ns.path
+        finally:
+            POD_NETNS = ""
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +51,7 @@ def pycni_bin(launcher_dir) -> str:
 
 
 def run(binary: str, command: str, conf: dict, cid: str = "c1", ifname: str = "eth0", args: str = "") -> Outcome:
-    outcome = run_plugin(binary, command, conf, netns=FAKE_NETNS, container_id=cid, ifname=ifname, args=args)
+    outcome = run_plugin(binary, command, conf, netns=POD_NETNS, container_id=cid, ifname=ifname, args=args)
     assert "Traceback" not in json.dumps(outcome.out)
     return outcome
 

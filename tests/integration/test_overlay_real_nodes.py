@@ -152,7 +152,7 @@ def members(node: Node) -> set[str]:
 
 # ---- the cluster ---------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=["file", "etcd"])
+@pytest.fixture(scope="module", params=["file", pytest.param("etcd", marks=pytest.mark.etcd)])
 def cluster(request) -> Iterator[PodCluster]:
     with pod_cluster(3, request.param, f"rn{request.param[0]}") as c:
         c.kind = request.param  # type: ignore[attr-defined]

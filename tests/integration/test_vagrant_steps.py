@@ -226,6 +226,7 @@ def start_agent_step(topo, node: Node, env: dict[str, str], stack: contextlib.Ex
 
 @pytest.mark.integration
 @pytest.mark.multinode
+@pytest.mark.etcd
 def test_the_steps_bring_up_a_cluster_that_passes_conformance(installed):
     with cluster_topology(3, "vs") as topo, store_for(topo) as store_url, contextlib.ExitStack() as stack:
         envs = {node.name: node_env(installed, topo.workdir, node, store_url) for node in topo.nodes}
@@ -315,6 +316,7 @@ def _outputs(runs: Path) -> str:
 
 @pytest.mark.integration
 @pytest.mark.multinode
+@pytest.mark.etcd
 def test_the_steps_node_by_node_as_vagrant_runs_them_meet_on_every_node(installed, tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()

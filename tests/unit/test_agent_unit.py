@@ -235,6 +235,7 @@ CONF = b'{"cniVersion": "1.0.0", "name": "n", "type": "loopback"}'
 
 
 @needs_root
+@pytest.mark.integration
 def test_a_request_sees_only_its_own_environment_and_its_callers_namespace(tmp_path, recorder, monkeypatch, pod):
     import netns
 
@@ -283,6 +284,7 @@ def test_a_request_sees_only_its_own_environment_and_its_callers_namespace(tmp_p
 
 
 @needs_root
+@pytest.mark.integration
 def test_refusals_do_nothing(tmp_path, recorder, pod):
     with served(tmp_path) as agent:
         path = agent.options.socket_path
@@ -313,6 +315,7 @@ def test_refusals_do_nothing(tmp_path, recorder, pod):
 
 
 @needs_root
+@pytest.mark.integration
 def test_busy_timeout_and_status_at_once(tmp_path, recorder, pod):
     with served(tmp_path, max_concurrency=1, queue_timeout=0.2, request_timeout=0.5) as agent:
         path = agent.options.socket_path
@@ -348,6 +351,7 @@ def test_busy_timeout_and_status_at_once(tmp_path, recorder, pod):
 
 
 @needs_root
+@pytest.mark.integration
 def test_a_failing_plugin_is_an_error_object_and_the_agent_carries_on(tmp_path, recorder, pod):
     with served(tmp_path) as agent:
         boom = send_cni(agent.options.socket_path, "loopback", cni_env(pod),
@@ -388,7 +392,8 @@ def test_unsafe_socket_directories_are_refused(tmp_path):
 
 
 @needs_root
-def test_status_refused_to_other_users_is_reported(tmp_path):
+def test_status_of_a_stopped_agent_fails_without_claiming_a_refusal(tmp_path):
+    # The refusal of another user is tested for real in tests/integration/test_agent.py (setpriv).
     with served(tmp_path) as agent:
         doc = status(agent.options.socket_path)
         assert doc["alive"] and doc["version"] == protocol.pycni_version()
@@ -490,6 +495,7 @@ def test_exec_policy_allows_only_its_directories_by_their_real_path(tmp_path):
 
 
 @needs_root
+@pytest.mark.integration
 def test_a_delegated_executable_gets_the_callers_netns_only_where_it_means_the_same(tmp_path):
     import netns
 

@@ -54,11 +54,7 @@ KNOWN_EXCEPTIONS = {
 # Findings of this check in modules still to be fixed (by whoever owns them), so that the check stays green
 # meanwhile: module -> the markers its namespace- or etcd-using tests lack. Remove an entry once fixed; an
 # entry that is no longer needed fails test_pending_entries_are_still_needed.
-PENDING = {
-    "tests/unit/test_agent_unit.py": {"integration"},  # its pod fixture and two tests use netns.temporary
-    "tests/integration/test_vagrant_steps.py": {"etcd"},  # store_for() starts etcd
-    "tests/integration/test_overlay_real_nodes.py": {"etcd"},  # cluster fixture params ["file", "etcd"], unmarked
-}
+PENDING: dict[str, set[str]] = {}
 
 
 def _parse(path: Path) -> ast.Module:

@@ -9,7 +9,7 @@ mount namespace of its own), never in the machine's root network namespace.
 - ``conflist``   the network every suite uses: bridge + portmap + bandwidth, host-local IPAM
 - ``shaping``    reading tbf rates on host veths and ifb devices
 - ``leftovers``  leases, veths, ifbs, qdiscs, rules, cache entries and netns pins left behind
-- ``rootns``     a snapshot of the root network namespace, to prove it unchanged
+- ``rootns``     what pycni or a test could change in the root network namespace, to prove none of it changed
 - ``plugins``    the plugin directories under test (reference /usr/lib/cni, pycni install)
 - ``cri``, ``containerd``, ``podman``, ``cnitool``: the runtimes
 """

@@ -45,10 +45,15 @@ def build(cache_dir: str | os.PathLike[str]) -> Path:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(out_dir),
            "GOPATH": str(GOCODE), "GO111MODULE": "off", "GOFLAGS": "", "GOPROXY": "off", "CGO_ENABLED": "0",
            "GOCACHE": str(out_dir / "gocache"), "GOTMPDIR": "", "GOTOOLCHAIN": "local"}
-    tmp = exe.with_suffix(".partial")
-    proc = subprocess.run([go, "build", "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, env=env,
-                          timeout=300, cwd=str(out_dir))
-    if proc.returncode != 0:
-        raise BuildFailed(f"go build of cnitool failed offline: {proc.stderr.strip()[-1500:]}")
-    os.replace(tmp, exe)
+    # A name of this build's own: two suites building at once each write their own file, then rename.
+    tmp = exe.with_name(f"{exe.name}.{os.getpid()}.{os.urandom(4).hex()}.partial")
+    try:
+        proc = subprocess.run([go, "build", "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, env=env,
+                              timeout=300, cwd=str(out_dir))
+        if proc.returncode != 0:
+            raise BuildFailed(f"go build of cnitool failed offline: {proc.stderr.strip()[-1500:]}")
+        os.replace(tmp, exe)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return exe
