@@ -151,6 +151,37 @@ def test_store_reserve_is_exclusive_and_leaves_no_temp_files(tmp_path):
     assert open(os.path.join(store.dir, "last_reserved_ip.0"), "rb").read() == b"10.0.0.2"
 
 
+def test_store_reserve_loses_a_race_it_did_not_see_coming(tmp_path, monkeypatch):
+    """Another writer (another process, no lock shared) creates the address between the look and the link:
+    the link fails with EEXIST and reserve says no; the other writer's file is left as it was."""
+    store = DiskStore("n", str(tmp_path))
+    with store.locked():
+        assert store.reserve("c1", "eth0", "10.0.0.2", 0)
+    real_lstat = os.lstat
+
+    def lstat_missing_the_other_writer(path, *args, **kwargs):
+        if path == "10.0.0.2":
+            raise FileNotFoundError(path)   # as if it was created right after this look
+        return real_lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr("ipam.store.os.lstat", lstat_missing_the_other_writer)
+    with store.locked():
+        assert not store.reserve("c2", "eth0", "10.0.0.2", 0)
+    assert open(os.path.join(store.dir, "10.0.0.2"), "rb").read() == b"c1\r\neth0"
+    assert sorted(os.listdir(store.dir)) == ["10.0.0.2", "last_reserved_ip.0", "lock"]
+
+
+def test_api_a_second_add_of_one_attachment_is_refused_and_keeps_one_address(tmp_path):
+    conf = conf_for(tmp_path)
+    host_local.allocate(conf, "c1", "eth0")
+    before = files(tmp_path)
+    with pytest.raises(CNIError, match="10.10.0.2 has been allocated to c1, duplicate allocation is not allowed"):
+        host_local.allocate(conf, "c1", "eth0")
+    assert files(tmp_path) == before
+    host_local.allocate(conf, "c1", "eth1")   # another interface of the same container is another attachment
+    assert {f for f in files(tmp_path) if f.startswith("10.")} == {"10.10.0.2", "10.10.0.3"}
+
+
 def test_store_release_prefers_ifname_match_then_legacy(tmp_path):
     store = DiskStore("n", str(tmp_path))
     for name, content in (("10.0.0.2", "c1" + LINE_BREAK + "eth0"), ("10.0.0.3", "c1" + LINE_BREAK + "eth1"),
