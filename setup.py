@@ -21,6 +21,7 @@ Because the wheel holds a Linux executable, it is tagged for the platform
 (``ShimDistribution``, ``bdist_wheel_for_platform``: py3-none-linux_x86_64
 and the like), not as pure Python.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -65,7 +66,7 @@ class build_shim(Command):
         self.build_lib: str | None = None
         self.build_temp: str | None = None
         self.inplace = False
-        self.editable_mode = False   # set by setuptools' editable_wheel
+        self.editable_mode = False  # set by setuptools' editable_wheel
         self.outputs: list[str] = []
 
     def finalize_options(self) -> None:
@@ -85,11 +86,15 @@ class build_shim(Command):
         target = self._target()
         temp = f"{target}.{os.getpid()}.tmp"
         digest = source_digest(SOURCE)
-        compiler = new_compiler(force=True)   # one small file: always built again, never judged by mtimes
+        compiler = new_compiler(force=True)  # one small file: always built again, never judged by mtimes
         customize_compiler(compiler)
         try:
-            objects = compiler.compile([SOURCE], output_dir=self.build_temp,
-                                       macros=[("PYCNI_SHIM_SOURCE", f'"{digest}"')], extra_postargs=EXTRA_CFLAGS)
+            objects = compiler.compile(
+                [SOURCE],
+                output_dir=self.build_temp,
+                macros=[("PYCNI_SHIM_SOURCE", f'"{digest}"')],
+                extra_postargs=EXTRA_CFLAGS,
+            )
             os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
             compiler.link_executable(objects, os.path.basename(temp), output_dir=os.path.dirname(target) or ".")
         except (CCompilerError, CompileError, LinkError, ExecError, PlatformError, OSError) as exc:
@@ -106,12 +111,15 @@ class build_shim(Command):
         """Say why there is no compiled shim, on stderr where a build's output goes; the build goes on."""
         found = shutil.which(compiler) is not None
         why = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"pycni: WARNING: the native shim was not built: {why} (C compiler {compiler!r} "
-              f"{'found' if found else 'not found'}). The package works without it: `pycni install` "
-              "compiles the shim itself where it finds a compiler, and otherwise installs the Python shim, "
-              "which starts a Python interpreter on every warm call (~10 ms). Install a C compiler "
-              "(Debian: apt-get install gcc libc6-dev) and rebuild to ship the compiled shim.",
-              file=sys.stderr, flush=True)
+        print(
+            f"pycni: WARNING: the native shim was not built: {why} (C compiler {compiler!r} "
+            f"{'found' if found else 'not found'}). The package works without it: `pycni install` "
+            "compiles the shim itself where it finds a compiler, and otherwise installs the Python shim, "
+            "which starts a Python interpreter on every warm call (~10 ms). Install a C compiler "
+            "(Debian: apt-get install gcc libc6-dev) and rebuild to ship the compiled shim.",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def get_source_files(self) -> list[str]:
         return [SOURCE]
@@ -144,4 +152,7 @@ class bdist_wheel_for_platform(bdist_wheel):
         return "py3", "none", super().get_tag()[2]
 
 
-setup(distclass=ShimDistribution, cmdclass={"build": build_with_shim, "build_shim": build_shim, "bdist_wheel": bdist_wheel_for_platform})
+setup(
+    distclass=ShimDistribution,
+    cmdclass={"build": build_with_shim, "build_shim": build_shim, "bdist_wheel": bdist_wheel_for_platform},
+)

@@ -1,4 +1,5 @@
 """`python -m bench`: pycni's plugins against the reference Go plugins, side by side."""
+
 from __future__ import annotations
 
 import datetime
@@ -22,34 +23,64 @@ def _machine() -> dict[str, Any]:
             cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
     except OSError:
         pass
-    return {"host": platform.node(), "kernel": platform.release(), "cpu": cpu, "cpus": os.cpu_count(),
-            "memory_mib": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2**20,
-            "python": platform.python_version(), "executable": sys.executable,
-            "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
+    return {
+        "host": platform.node(),
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "memory_mib": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2**20,
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--quick", "mode", flag_value="quick", help="Fewer iterations and pods (under two minutes).")
-@click.option("--smoke", "mode", flag_value="smoke",
-              help="2-3 iterations per case, tiny scale and concurrency: checks the benchmark itself works.")
-@click.option("--full", "mode", flag_value="full", default=True, help="The full run (default; about 15 minutes on 2 cores).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
-              help="Write every figure to this JSON file.")
-@click.option("--only", multiple=True, type=click.Choice(CASES),
-              help="Run only these groups of figures (repeatable). Default: all but "
-                   + ", ".join(OPT_IN_CASES) + " (run it with --only store: the overlay at 1000 nodes on one "
-                   "etcd, several minutes).")
-@click.option("--warm/--no-warm", default=True, show_default=True,
-              help="Also measure pycni through `pycni agent` (the warm path), beside the cold path.")
-@click.option("--native-shim", is_flag=True,
-              help="Install pycni's plugins with `pycni install --native-shim`: the compiled shim or an error. "
-                   "Without it they are what the default `pycni install` writes: the compiled shim too, unless "
-                   "install falls back to the Python shim (it then says why).")
-@click.option("--python-shim/--no-python-shim", default=True, show_default=True,
-              help="Also measure the warm path through `pycni install --python-shim` executables, as figures "
-                   "of their own (warm/python-shim/... and the python shim start-up).")
-def main(mode: str, json_path: str | None, only: tuple[str, ...], warm: bool, native_shim: bool,
-         python_shim: bool) -> None:
+@click.option(
+    "--smoke",
+    "mode",
+    flag_value="smoke",
+    help="2-3 iterations per case, tiny scale and concurrency: checks the benchmark itself works.",
+)
+@click.option(
+    "--full", "mode", flag_value="full", default=True, help="The full run (default; about 15 minutes on 2 cores)."
+)
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False, writable=True), help="Write every figure to this JSON file."
+)
+@click.option(
+    "--only",
+    multiple=True,
+    type=click.Choice(CASES),
+    help="Run only these groups of figures (repeatable). Default: all but "
+    + ", ".join(OPT_IN_CASES)
+    + " (run it with --only store: the overlay at 1000 nodes on one "
+    "etcd, several minutes).",
+)
+@click.option(
+    "--warm/--no-warm",
+    default=True,
+    show_default=True,
+    help="Also measure pycni through `pycni agent` (the warm path), beside the cold path.",
+)
+@click.option(
+    "--native-shim",
+    is_flag=True,
+    help="Install pycni's plugins with `pycni install --native-shim`: the compiled shim or an error. "
+    "Without it they are what the default `pycni install` writes: the compiled shim too, unless "
+    "install falls back to the Python shim (it then says why).",
+)
+@click.option(
+    "--python-shim/--no-python-shim",
+    default=True,
+    show_default=True,
+    help="Also measure the warm path through `pycni install --python-shim` executables, as figures "
+    "of their own (warm/python-shim/... and the python shim start-up).",
+)
+def main(
+    mode: str, json_path: str | None, only: tuple[str, ...], warm: bool, native_shim: bool, python_shim: bool
+) -> None:
     """Benchmark pycni's CNI plugins against the reference Go plugins in /usr/lib/cni.
 
     Needs root: every measurement runs in network namespaces the benchmark
@@ -92,21 +123,30 @@ def main(mode: str, json_path: str | None, only: tuple[str, ...], warm: bool, na
         shim = "native" if native_shim else None
         pycni, how = pycni_side(bin_dir, os.path.join(bin_dir, "no-agent", "agent.sock"), shim=shim)
         ctx = Context(settings, registry, pycni, reference_side())
-        click.echo(f"bench: {mode} mode; pycni plugins: {', '.join(sorted(pycni.plugins))} ({how}); "
-                   f"reference: {ctx.reference.bin_dir}")
+        click.echo(
+            f"bench: {mode} mode; pycni plugins: {', '.join(sorted(pycni.plugins))} ({how}); "
+            f"reference: {ctx.reference.bin_dir}"
+        )
         if warm:
             ctx.warm, agent, how_warm = warm_side(registry, registry.directory("bin-warm"), shim)
             ctx.agent, ctx.warm_shim = agent, installed_shim(ctx.warm.bin_dir)
-            click.echo(f"bench: warm side: pycni agent (pid {agent.proc.pid}) in namespace {agent.ns}, "
-                       f"shims by {how_warm}; figures under .../warm/... are pycni-warm vs reference")
+            click.echo(
+                f"bench: warm side: pycni agent (pid {agent.proc.pid}) in namespace {agent.ns}, "
+                f"shims by {how_warm}; figures under .../warm/... are pycni-warm vs reference"
+            )
             if python_shim and ctx.warm_shim == "python":
-                ctx.note("the default install put the Python shim in front of the plugins already: "
-                         "no separate warm/python-shim figures")
+                ctx.note(
+                    "the default install put the Python shim in front of the plugins already: "
+                    "no separate warm/python-shim figures"
+                )
             elif python_shim:
-                ctx.warm_python, how_python = pycni_side(registry.directory("bin-warm-python"), agent.socket_path,
-                                                         PYCNI_WARM_PYTHON, "python")
-                click.echo(f"bench: warm side through the Python shim: the same agent, shims by {how_python}; "
-                           f"figures under warm/python-shim/... and .../python shim")
+                ctx.warm_python, how_python = pycni_side(
+                    registry.directory("bin-warm-python"), agent.socket_path, PYCNI_WARM_PYTHON, "python"
+                )
+                click.echo(
+                    f"bench: warm side through the Python shim: the same agent, shims by {how_python}; "
+                    f"figures under warm/python-shim/... and .../python shim"
+                )
         for case in CASES:
             if case not in selected:
                 continue
@@ -134,13 +174,18 @@ def main(mode: str, json_path: str | None, only: tuple[str, ...], warm: bool, na
         click.echo(f"{kind}: {path}: {message}")
     if json_path and ctx is not None:
         document = {
-            "meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                     "mode": mode, "elapsed_s": round(elapsed, 1), "load_average_at_start": load_at_start,
-                     "settings": ctx.settings_dict(),
-                     "machine": _machine(), "pycni_plugins": sorted(ctx.pycni.plugins),
-                     "warm_shims": ctx.warm_shim or None,
-                     "python_shim_figures": ctx.warm_python is not None,
-                     "interrupted": interrupted},
+            "meta": {
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "mode": mode,
+                "elapsed_s": round(elapsed, 1),
+                "load_average_at_start": load_at_start,
+                "settings": ctx.settings_dict(),
+                "machine": _machine(),
+                "pycni_plugins": sorted(ctx.pycni.plugins),
+                "warm_shims": ctx.warm_shim or None,
+                "python_shim_figures": ctx.warm_python is not None,
+                "interrupted": interrupted,
+            },
             "notes": ctx.notes,
             "agent": agent_status,
             "results": results,

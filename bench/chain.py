@@ -1,4 +1,5 @@
 """Running a list of plugins the way a runtime runs a conflist (libcni order)."""
+
 from __future__ import annotations
 
 import time
@@ -25,8 +26,14 @@ class Attachment:
     ifname: str = "eth0"
 
 
-def add(side: Side, plugins: list[dict[str, Any]], att: Attachment, node: str,
-        runtime: dict[str, Any] | None = None, prev: dict[str, Any] | None = None) -> Timed:
+def add(
+    side: Side,
+    plugins: list[dict[str, Any]],
+    att: Attachment,
+    node: str,
+    runtime: dict[str, Any] | None = None,
+    prev: dict[str, Any] | None = None,
+) -> Timed:
     """ADD each plugin in order, feeding each one's result to the next.
 
     ``prev`` is the result of plugins run before these (untimed set-up).
@@ -41,8 +48,14 @@ def add(side: Side, plugins: list[dict[str, Any]], att: Attachment, node: str,
     return Timed(prev or {}, time.perf_counter() - started, cpu)
 
 
-def delete(side: Side, plugins: list[dict[str, Any]], att: Attachment, node: str, result: dict[str, Any] | None,
-           runtime: dict[str, Any] | None = None) -> Timed:
+def delete(
+    side: Side,
+    plugins: list[dict[str, Any]],
+    att: Attachment,
+    node: str,
+    result: dict[str, Any] | None,
+    runtime: dict[str, Any] | None = None,
+) -> Timed:
     """DEL in reverse order, each with the cached ADD result as prevResult."""
     cpu = 0.0
     started = time.perf_counter()

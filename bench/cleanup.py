@@ -6,6 +6,7 @@ ends, qdiscs and firewall tables with it, so cleanup never needs the plugins.
 SIGINT and SIGTERM interrupt the run (KeyboardInterrupt) so that the
 `finally` blocks and this registry still run.
 """
+
 from __future__ import annotations
 
 import os
@@ -95,11 +96,11 @@ class Cleanup:
         try:
             yield
         finally:
-            for proc in self.processes[marks[2]:]:
+            for proc in self.processes[marks[2] :]:
                 self.stop_process(proc)
-            for name in reversed(self.namespaces[marks[0]:]):
+            for name in reversed(self.namespaces[marks[0] :]):
                 self.drop_namespace(name)
-            for path in self.directories[marks[1]:]:
+            for path in self.directories[marks[1] :]:
                 self.drop_directory(path)
 
     def run_all(self) -> list[str]:
@@ -120,6 +121,7 @@ class Cleanup:
 
 def install_signal_handlers() -> dict[int, Any]:
     """Turn SIGTERM into an exception so that cleanup runs; returns the old handlers."""
+
     def interrupt(signum: int, _frame: Any) -> None:
         # Ignore further signals while unwinding, so cleanup is not cut short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -4,6 +4,7 @@ cniVersion is 1.0.0, the newest the reference (v1.1.1) speaks. Each side runs
 in its own node namespace with its own host-local dataDir, so both can use
 the same bridge name, subnet and host ports.
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,8 +16,7 @@ SUBNET = "10.88.0.0/16"
 
 
 def host_local_ipam(data_dir: str, subnet: str = SUBNET) -> dict[str, Any]:
-    return {"type": "host-local", "subnet": subnet, "dataDir": data_dir,
-            "routes": [{"dst": "0.0.0.0/0"}]}
+    return {"type": "host-local", "subnet": subnet, "dataDir": data_dir, "routes": [{"dst": "0.0.0.0/0"}]}
 
 
 def loopback(name: str) -> dict[str, Any]:
@@ -29,13 +29,25 @@ def host_local(name: str, data_dir: str) -> dict[str, Any]:
 
 
 def bridge(name: str, data_dir: str, ip_masq: bool = False) -> dict[str, Any]:
-    return {"cniVersion": CNI_VERSION, "name": name, "type": "bridge", "bridge": BRIDGE,
-            "isGateway": True, "ipMasq": ip_masq, "ipam": host_local_ipam(data_dir)}
+    return {
+        "cniVersion": CNI_VERSION,
+        "name": name,
+        "type": "bridge",
+        "bridge": BRIDGE,
+        "isGateway": True,
+        "ipMasq": ip_masq,
+        "ipam": host_local_ipam(data_dir),
+    }
 
 
 def portmap(name: str) -> dict[str, Any]:
-    return {"cniVersion": CNI_VERSION, "name": name, "type": "portmap",
-            "capabilities": {"portMappings": True}, "snat": True}
+    return {
+        "cniVersion": CNI_VERSION,
+        "name": name,
+        "type": "portmap",
+        "capabilities": {"portMappings": True},
+        "snat": True,
+    }
 
 
 def bandwidth(name: str) -> dict[str, Any]:
@@ -54,8 +66,9 @@ def burst_bits(rate_bits: int) -> int:
 
 def shaping(rate_bits: int) -> dict[str, Any]:
     burst = burst_bits(rate_bits)
-    return {"bandwidth": {"ingressRate": rate_bits, "ingressBurst": burst,
-                          "egressRate": rate_bits, "egressBurst": burst}}
+    return {
+        "bandwidth": {"ingressRate": rate_bits, "ingressBurst": burst, "egressRate": rate_bits, "egressBurst": burst}
+    }
 
 
 def with_runtime(conf: dict[str, Any], runtime: dict[str, Any] | None) -> dict[str, Any]:
@@ -68,8 +81,7 @@ def with_runtime(conf: dict[str, Any], runtime: dict[str, Any] | None) -> dict[s
     return out
 
 
-def chained(conf: dict[str, Any], prev: dict[str, Any] | None,
-            runtime: dict[str, Any] | None = None) -> dict[str, Any]:
+def chained(conf: dict[str, Any], prev: dict[str, Any] | None, runtime: dict[str, Any] | None = None) -> dict[str, Any]:
     out = with_runtime(conf, runtime)
     if prev is not None:
         out["prevResult"] = prev

@@ -1,4 +1,5 @@
 """The human-readable table (ratios first) and the JSON file."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,10 @@ from typing import Any, Iterator
 def _fmt(s: dict[str, Any]) -> str:
     if not s or s.get("n", 0) == 0:
         return "-"
+
     def num(v: float) -> str:
         return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+
     return f"{num(s['median'])} {s['unit']} ({num(s['min'])}..{num(s['max'])}, n={s['n']})"
 
 
@@ -45,9 +48,11 @@ def table(results: dict[str, Any]) -> str:
             lines.append(f"         {path:<{width}}  {_fmt(s)}")
     for label, conc in (results.get("concurrency") or {}).items():
         if isinstance(conc, dict) and "duplicates" in conc:
-            lines.append(f"concurrency/{label}: duplicates pycni={conc['duplicates']['pycni']} "
-                         f"reference={conc['duplicates']['reference']}; failures pycni={conc['failures']['pycni']} "
-                         f"reference={conc['failures']['reference']}")
+            lines.append(
+                f"concurrency/{label}: duplicates pycni={conc['duplicates']['pycni']} "
+                f"reference={conc['duplicates']['reference']}; failures pycni={conc['failures']['pycni']} "
+                f"reference={conc['failures']['reference']}"
+            )
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ to it, which ``installed_shim`` tells):
 - ``pycni-warm-python-shim``: the same agent serving `pycni install
   --python-shim` executables, measured as figures of their own.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,8 +65,9 @@ def pycni_registry() -> dict[str, str]:
     return dict(PLUGINS)
 
 
-def pycni_side(bin_dir: str, agent_socket: str | None = None, name: str = PYCNI,
-               shim: str | None = None) -> tuple[Side, str]:
+def pycni_side(
+    bin_dir: str, agent_socket: str | None = None, name: str = PYCNI, shim: str | None = None
+) -> tuple[Side, str]:
     """Install pycni's plugins into bin_dir (shims for ``agent_socket``; ``shim`` as in SHIM_FLAGS);
     return the side and how."""
     registry = pycni_registry()
@@ -87,16 +89,27 @@ def _install_with_cli(bin_dir: str, agent_socket: str | None = None, shim: str |
     if not os.access(cli, os.X_OK):
         return "launchers written by bench (no pycni command)"
     flags = SHIM_FLAGS[shim]
-    args = [cli, "install", "--cni-bin-dir", bin_dir, *(["--agent-socket", agent_socket] if agent_socket else []),
-            *flags]
+    args = [
+        cli,
+        "install",
+        "--cni-bin-dir",
+        bin_dir,
+        *(["--agent-socket", agent_socket] if agent_socket else []),
+        *flags,
+    ]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd="/")
     if proc.returncode == 0:
-        for line in proc.stderr.splitlines():   # e.g. why install fell back to the Python shim
+        for line in proc.stderr.splitlines():  # e.g. why install fell back to the Python shim
             print(f"bench: note: {line}", file=sys.stderr)
-        return (f"`pycni install --cni-bin-dir DIR{' --agent-socket SOCK' if agent_socket else ''}"
-                f"{''.join(' ' + f for f in flags)}`: {installed_shim(bin_dir)} shim")
-    print(f"bench: note: `pycni install` failed ({proc.returncode}): "
-          f"{(proc.stderr or proc.stdout).strip()[-300:]}; writing launchers instead", file=sys.stderr)
+        return (
+            f"`pycni install --cni-bin-dir DIR{' --agent-socket SOCK' if agent_socket else ''}"
+            f"{''.join(' ' + f for f in flags)}`: {installed_shim(bin_dir)} shim"
+        )
+    print(
+        f"bench: note: `pycni install` failed ({proc.returncode}): "
+        f"{(proc.stderr or proc.stdout).strip()[-300:]}; writing launchers instead",
+        file=sys.stderr,
+    )
     return "launchers written by bench"
 
 
@@ -115,8 +128,7 @@ def installed_shim(bin_dir: str) -> str:
 def _write_launcher(path: str, target: str) -> None:
     module, _, function = target.partition(":")
     with open(path, "w") as handle:
-        handle.write(f"#!{sys.executable} -I\nimport sys\nfrom {module} import {function}\n"
-                     f"sys.exit({function}())\n")
+        handle.write(f"#!{sys.executable} -I\nimport sys\nfrom {module} import {function}\nsys.exit({function}())\n")
     os.chmod(path, 0o755)
 
 
@@ -134,18 +146,33 @@ class WarmAgent:
         self.proc: subprocess.Popen | None = None
 
     def start(self, extra_args: tuple[str, ...] = ()) -> None:
-        args = [spawn.IP, "netns", "exec", self.ns, _pycni_cli(), "agent", "--socket", self.socket_path,
-                "--log-file", self.log_path, "--log-level", "warning", *extra_args]
-        self.proc = self.cleanup.process(subprocess.Popen(args, stdin=subprocess.DEVNULL,
-                                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                                          cwd="/"))
+        args = [
+            spawn.IP,
+            "netns",
+            "exec",
+            self.ns,
+            _pycni_cli(),
+            "agent",
+            "--socket",
+            self.socket_path,
+            "--log-file",
+            self.log_path,
+            "--log-level",
+            "warning",
+            *extra_args,
+        ]
+        self.proc = self.cleanup.process(
+            subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/")
+        )
         from pycni.agent.client import AgentUnreachable, status
 
         deadline = time.monotonic() + self.START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"pycni agent exited ({self.proc.returncode}): "
-                                   f"{self.proc.stderr.read().decode(errors='replace')[-500:] if self.proc.stderr else ''}")
+                raise RuntimeError(
+                    f"pycni agent exited ({self.proc.returncode}): "
+                    f"{self.proc.stderr.read().decode(errors='replace')[-500:] if self.proc.stderr else ''}"
+                )
             try:
                 status(self.socket_path, timeout=2.0)
                 return

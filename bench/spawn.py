@@ -13,6 +13,7 @@ pumped while a child runs, so many children can run at once from one thread
 and be reaped with wait4(). A watchdog kills a child that outlives its
 timeout, so a hung plugin cannot hang the benchmark.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,7 +52,7 @@ class Outcome:
         return json.loads(self.stdout) if self.stdout.strip() else None
 
     def describe(self) -> str:
-        text = (self.stdout.decode(errors="replace").strip() or self.stderr.decode(errors="replace").strip())
+        text = self.stdout.decode(errors="replace").strip() or self.stderr.decode(errors="replace").strip()
         return f"{os.path.basename(self.argv[0])} exited {self.returncode}: {text[-600:]}"
 
 
@@ -78,8 +79,15 @@ class Running:
             handle.close()
         if self.proc.returncode == -9 and not outs[0]:
             outs[0] = f"killed after {TIMEOUT_S:.0f} s".encode()
-        return Outcome(self.argv, self.proc.returncode, outs[0], outs[1], ended - self.started,
-                       usage.ru_utime + usage.ru_stime, usage.ru_maxrss)
+        return Outcome(
+            self.argv,
+            self.proc.returncode,
+            outs[0],
+            outs[1],
+            ended - self.started,
+            usage.ru_utime + usage.ru_stime,
+            usage.ru_maxrss,
+        )
 
 
 def node_argv(node: str | None, argv: list[str]) -> list[str]:

@@ -1,4 +1,5 @@
 """min/median/max summaries and pycni/reference ratios."""
+
 from __future__ import annotations
 
 import statistics
@@ -10,8 +11,13 @@ def summary(values: list[float], unit: str, scale: float = 1.0) -> dict[str, Any
     if not values:
         return {"n": 0, "unit": unit}
     scaled = [v * scale for v in values]
-    return {"n": len(scaled), "unit": unit, "min": round(min(scaled), 3),
-            "median": round(statistics.median(scaled), 3), "max": round(max(scaled), 3)}
+    return {
+        "n": len(scaled),
+        "unit": unit,
+        "min": round(min(scaled), 3),
+        "median": round(statistics.median(scaled), 3),
+        "max": round(max(scaled), 3),
+    }
 
 
 def ratio(ours: dict[str, Any], ref: dict[str, Any]) -> float | None:

@@ -1,4 +1,5 @@
 """Small `ip` helpers for links inside benchmark namespaces (never the root one)."""
+
 from __future__ import annotations
 
 import json

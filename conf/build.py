@@ -1,4 +1,5 @@
 """Building the JSON a plugin reads on stdin from a network's plugin entry."""
+
 from __future__ import annotations
 
 import copy
@@ -16,13 +17,19 @@ def runtime_config(plugin: Mapping[str, Any], cap_args: Mapping[str, Any] | None
     declared = plugin.get("capabilities") or {}
     if not cap_args:
         return {}
-    return {key: cap_args[key] for key, enabled in declared.items()
-            if enabled is True and key in cap_args and cap_args[key] is not None}
+    return {
+        key: cap_args[key]
+        for key, enabled in declared.items()
+        if enabled is True and key in cap_args and cap_args[key] is not None
+    }
 
 
-def build_plugin_config(netlist: NetworkConfigList, plugin: Mapping[str, Any],
-                        prev_result: Mapping[str, Any] | None = None,
-                        cap_args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def build_plugin_config(
+    netlist: NetworkConfigList,
+    plugin: Mapping[str, Any],
+    prev_result: Mapping[str, Any] | None = None,
+    cap_args: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The configuration for one plugin of ``netlist``.
 
     The plugin's entry as written (``args`` and all) plus the list's ``name``

@@ -1,4 +1,5 @@
 """The error raised for a network configuration that cannot be used."""
+
 from __future__ import annotations
 
 from cni_plugins.spec.errors import ERR_INVALID_CONFIG, CNIError
@@ -13,8 +14,14 @@ class ConfError(CNIError):
     6 when the file is not JSON, 1 when the cniVersion is not supported.
     """
 
-    def __init__(self, msg: str, path: str | None = None, field: str | None = None,
-                 code: int = ERR_INVALID_CONFIG, details: str = "") -> None:
+    def __init__(
+        self,
+        msg: str,
+        path: str | None = None,
+        field: str | None = None,
+        code: int = ERR_INVALID_CONFIG,
+        details: str = "",
+    ) -> None:
         self.reason = msg
         self.path = path
         self.field = field

@@ -7,6 +7,7 @@ matches wins; failing that, single-plugin ``*.conf``/``*.json`` files are
 tried the same way. A file that is not JSON, or has no name, stops the
 search with an error (as in libcni): it might have been the network asked for.
 """
+
 from __future__ import annotations
 
 import os
@@ -67,8 +68,13 @@ def _declared_name(data: bytes, path: str) -> str:
     return name
 
 
-def _search(directory: str, extensions: tuple[str, ...], name: str,
-            parse: Callable[[bytes, str], NetworkConfigList], seen: list[str]) -> NetworkConfigList | None:
+def _search(
+    directory: str,
+    extensions: tuple[str, ...],
+    name: str,
+    parse: Callable[[bytes, str], NetworkConfigList],
+    seen: list[str],
+) -> NetworkConfigList | None:
     for path in conf_files(directory, extensions):
         data = _read(path)
         declared = _declared_name(data, path)
@@ -95,7 +101,7 @@ def load_conflist(name: str, dirs: str | Iterable[str] | None = None) -> Network
         f"no network named {name!r} in {described}{others}",
         code=ERR_INVALID_CONFIG,
         details="put a .conflist file declaring that name there, or point NETCONFPATH "
-                f"(':'-separated directories, default {DEFAULT_CONF_DIR}) at its directory",
+        f"(':'-separated directories, default {DEFAULT_CONF_DIR}) at its directory",
     )
 
 

@@ -6,6 +6,7 @@ a single-plugin ``.conf``/``.json`` file is wrapped into a list of one.
 On top of libcni, everything that later becomes a path or a name is
 checked here, before any plugin runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ from cni_plugins.spec.skel import validate_network_name
 from cni_plugins.spec.version import IMPLICIT_VERSION, SUPPORTED_VERSIONS, parse_version
 
 from .errors import ConfError
+
 
 @dataclass
 class NetworkConfigList:
@@ -45,7 +47,8 @@ def check_plugin_type(plugin_type: Any, path: str | None, field_name: str) -> st
     if "/" in plugin_type or "\\" in plugin_type or plugin_type in (".", ".."):
         raise ConfError(
             f"{plugin_type!r} is not a plugin name: it must not contain '/' or '\\' nor be '.' or '..'",
-            path, field_name,
+            path,
+            field_name,
             details="plugins are looked up by name in CNI_PATH; put the executable there instead",
         )
     if "\x00" in plugin_type:
@@ -62,7 +65,10 @@ def check_network_name(name: Any, path: str | None, field_name: str | None = "na
     except CNIError:
         raise ConfError(
             f"{name!r} is not a valid network name: use letters, digits, '_', '.' and '-', "
-            "starting with a letter or digit", path, field_name) from None
+            "starting with a letter or digit",
+            path,
+            field_name,
+        ) from None
     return name
 
 
@@ -90,12 +96,15 @@ def _pick_version(raw: dict[str, Any], path: str | None) -> str:
 
     if "cniVersions" not in raw:
         if single is None:
-            raise ConfError("required: the CNI spec version of this network, e.g. \"1.0.0\"",
-                            path, "cniVersion")
+            raise ConfError('required: the CNI spec version of this network, e.g. "1.0.0"', path, "cniVersion")
         if single not in SUPPORTED_VERSIONS:
-            raise ConfError(f"version {single!r} is not supported", path, "cniVersion",
-                            code=ERR_INCOMPATIBLE_VERSION,
-                            details=f"pycni supports {', '.join(SUPPORTED_VERSIONS)}")
+            raise ConfError(
+                f"version {single!r} is not supported",
+                path,
+                "cniVersion",
+                code=ERR_INCOMPATIBLE_VERSION,
+                details=f"pycni supports {', '.join(SUPPORTED_VERSIONS)}",
+            )
         return single
 
     offered = raw["cniVersions"]
@@ -106,9 +115,13 @@ def _pick_version(raw: dict[str, Any], path: str | None) -> str:
         candidates.append(single)
     usable = [v for v in candidates if v in SUPPORTED_VERSIONS]
     if not usable:
-        raise ConfError(f"none of {candidates} is supported", path, "cniVersions",
-                        code=ERR_INCOMPATIBLE_VERSION,
-                        details=f"pycni supports {', '.join(SUPPORTED_VERSIONS)}")
+        raise ConfError(
+            f"none of {candidates} is supported",
+            path,
+            "cniVersions",
+            code=ERR_INCOMPATIBLE_VERSION,
+            details=f"pycni supports {', '.join(SUPPORTED_VERSIONS)}",
+        )
     return max(usable, key=parse_version)
 
 
@@ -119,8 +132,7 @@ def _read_bool(raw: dict[str, Any], key: str, path: str | None) -> bool:
         return value
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
-    raise ConfError(f"must be true or false (or the string \"true\"/\"false\"), got {value!r}",
-                    path, key)
+    raise ConfError(f'must be true or false (or the string "true"/"false"), got {value!r}', path, key)
 
 
 def _check_plugin(plugin: Any, where: str, path: str | None) -> dict[str, Any]:
@@ -132,8 +144,7 @@ def _check_plugin(plugin: Any, where: str, path: str | None) -> dict[str, Any]:
     caps = plugin.get("capabilities")
     if caps is not None:
         if not isinstance(caps, dict) or not all(isinstance(v, bool) for v in caps.values()):
-            raise ConfError("must be an object mapping capability names to true/false",
-                            path, f"{prefix}capabilities")
+            raise ConfError("must be an object mapping capability names to true/false", path, f"{prefix}capabilities")
     return plugin
 
 
@@ -162,9 +173,16 @@ def conflist_from_dict(raw: dict[str, Any], path: str | None, data: bytes) -> Ne
     if not isinstance(plugins, list) or not plugins:
         raise ConfError("must be a non-empty list", path, "plugins")
     checked = [_check_plugin(p, f"plugins[{i}]", path) for i, p in enumerate(plugins)]
-    return NetworkConfigList(name=name, cni_version=version, disable_check=disable_check,
-                             disable_gc=disable_gc, plugins=checked, path=path, raw=raw,
-                             source_bytes=data)
+    return NetworkConfigList(
+        name=name,
+        cni_version=version,
+        disable_check=disable_check,
+        disable_gc=disable_gc,
+        plugins=checked,
+        path=path,
+        raw=raw,
+        source_bytes=data,
+    )
 
 
 def parse_single_conf(data: bytes, path: str | None = None) -> NetworkConfigList:
@@ -176,10 +194,14 @@ def parse_single_conf(data: bytes, path: str | None = None) -> NetworkConfigList
     """
     raw = decode_json(data, path)
     if "plugins" in raw:
-        raise ConfError("a single-plugin .conf file must not hold a 'plugins' list; "
-                        "rename it to .conflist", path, "plugins")
+        raise ConfError(
+            "a single-plugin .conf file must not hold a 'plugins' list; rename it to .conflist", path, "plugins"
+        )
     _check_plugin(raw, "", path)
     version = raw.get("cniVersion")
-    listed: dict[str, Any] = {"cniVersion": IMPLICIT_VERSION if version in (None, "") else version,
-                              "name": raw.get("name"), "plugins": [raw]}
+    listed: dict[str, Any] = {
+        "cniVersion": IMPLICIT_VERSION if version in (None, "") else version,
+        "name": raw.get("name"),
+        "plugins": [raw],
+    }
     return conflist_from_dict(listed, path, json.dumps(listed).encode())

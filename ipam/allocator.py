@@ -6,6 +6,7 @@ next range of the set (wrapping around) and gives up when it is back where it
 started. The gateway is never handed out. A crash-looping container so sees a
 fresh address each time rather than the one it just released.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -76,24 +77,29 @@ class Allocator:
         for held in self.store.get_by_id(container_id, ifname):
             held_ip = _as_ip(held)
             if held_ip is not None and self.range_set.contains(held_ip):
-                raise AllocationError(f"{held} has been allocated to {container_id}, duplicate allocation "
-                                      "is not allowed", "run DEL for this container and interface first")
+                raise AllocationError(
+                    f"{held} has been allocated to {container_id}, duplicate allocation is not allowed",
+                    "run DEL for this container and interface first",
+                )
         for ip, rng in candidates(self.range_set, self._last_reserved()):
             if self.store.reserve(container_id, ifname, str(ip), self.index):
                 return Allocation(ip, rng)
-        raise AllocationError(f"no IP addresses available in range set: {self.range_set}",
-                              "release addresses (DEL or GC) or widen the range")
+        raise AllocationError(
+            f"no IP addresses available in range set: {self.range_set}",
+            "release addresses (DEL or GC) or widen the range",
+        )
 
     def _get_requested(self, container_id: str, ifname: str, ip: IPAddress) -> Allocation:
         rng = self.range_set.range_for(ip)
         if rng is None:
             raise AllocationError(f"{ip} not in range set {self.range_set}")
         if ip == rng.gateway:
-            raise AllocationError(f"requested ip {ip} is subnet's gateway",
-                                  "request an address other than the gateway")
+            raise AllocationError(f"requested ip {ip} is subnet's gateway", "request an address other than the gateway")
         if not self.store.reserve(container_id, ifname, str(ip), self.index):
-            raise AllocationError(f"requested IP address {ip} is not available in range set {self.range_set}",
-                                  _holder(self.store, str(ip)))
+            raise AllocationError(
+                f"requested IP address {ip} is not available in range set {self.range_set}",
+                _holder(self.store, str(ip)),
+            )
         return Allocation(ip, rng)
 
     def _last_reserved(self) -> IPAddress | None:

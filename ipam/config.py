@@ -7,6 +7,7 @@ section holds `ranges` (a list of range sets) and/or the legacy single range
 `runtimeConfig.ips`; `runtimeConfig.ipRanges` adds range sets in front of the
 configured ones, as the reference does.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -54,8 +55,9 @@ def _requested_from_env(cni_args: str) -> list[IPAddress]:
             try:
                 out.append(parse_ip_or_cidr(part.strip(), "CNI_ARGS IP"))  # the reference trims these
             except RangeError as exc:
-                raise CNIError(ERR_INVALID_ENV, str(exc),
-                               "IP= takes addresses separated by commas, e.g. IP=10.1.0.5,fd00::5") from None
+                raise CNIError(
+                    ERR_INVALID_ENV, str(exc), "IP= takes addresses separated by commas, e.g. IP=10.1.0.5,fd00::5"
+                ) from None
     return out
 
 
@@ -93,8 +95,10 @@ def load_ipam_config(conf: dict[str, Any], cni_args: str = "") -> IPAMConfig:
     """Validate the configuration and requested addresses; raise CNIError when invalid."""
     ipam = conf.get("ipam")
     if ipam is None:
-        raise _invalid("IPAM config missing 'ipam' key",
-                       'add an "ipam" section such as {"type": "host-local", "subnet": "10.22.0.0/16"}')
+        raise _invalid(
+            "IPAM config missing 'ipam' key",
+            'add an "ipam" section such as {"type": "host-local", "subnet": "10.22.0.0/16"}',
+        )
     if not isinstance(ipam, dict):
         raise _invalid("'ipam' must be a JSON object")
     version = config_version(conf)
@@ -117,8 +121,7 @@ def load_ipam_config(conf: dict[str, Any], cni_args: str = "") -> IPAMConfig:
         raise _invalid("ipam.ranges must be a list of range sets", 'e.g. [[{"subnet": "10.22.0.0/16"}]]')
     raw_sets += configured or []
     if not raw_sets:
-        raise _invalid("no IP ranges specified",
-                       "set ipam.ranges (a list of range sets) or ipam.subnet")
+        raise _invalid("no IP ranges specified", "set ipam.ranges (a list of range sets) or ipam.subnet")
 
     range_sets = []
     for n, raw in enumerate(raw_sets):
@@ -129,13 +132,14 @@ def load_ipam_config(conf: dict[str, Any], cni_args: str = "") -> IPAMConfig:
 
     per_family = [sum(1 for s in range_sets if s.version == fam) for fam in (4, 6)]
     if max(per_family) > 1 and not at_least(version, "0.3.0"):
-        raise _invalid(f"CNI version {version} does not support more than 1 address per family",
-                       "use cniVersion 0.3.0 or later for several range sets of one family")
+        raise _invalid(
+            f"CNI version {version} does not support more than 1 address per family",
+            "use cniVersion 0.3.0 or later for several range sets of one family",
+        )
     for i, first in enumerate(range_sets):
         for j in range(i + 1, len(range_sets)):
             if first.overlaps(range_sets[j]):
-                raise _invalid(f"range set {i} overlaps with {j}",
-                               "each range set must use its own addresses")
+                raise _invalid(f"range set {i} overlaps with {j}", "each range set must use its own addresses")
 
     return IPAMConfig(
         name=conf.get("name", ""),

@@ -12,16 +12,31 @@ the in-process API (used by bridge and vxlan when their IPAM is host-local);
 they take the whole network configuration, exactly as the plugin reads it from
 stdin, and give the same results as executing the plugin.
 """
+
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-from cni_plugins.spec.errors import (ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_INVALID_ENV, ERR_IO, ERR_PLUGIN_NOT_AVAILABLE,
-                                    CNIError)
-from cni_plugins.spec.skel import (GC_ATTACHMENT_KEYS, CmdArgs, PluginFuncs, gc_attachments, plugin_main,
-                              validate_container_id, validate_interface_name, validate_network_name)
+from cni_plugins.spec.errors import (
+    ERR_INTERNAL,
+    ERR_INVALID_CONFIG,
+    ERR_INVALID_ENV,
+    ERR_IO,
+    ERR_PLUGIN_NOT_AVAILABLE,
+    CNIError,
+)
+from cni_plugins.spec.skel import (
+    GC_ATTACHMENT_KEYS,
+    CmdArgs,
+    PluginFuncs,
+    gc_attachments,
+    plugin_main,
+    validate_container_id,
+    validate_interface_name,
+    validate_network_name,
+)
 from cni_plugins.spec.version import require_supported
 
 
@@ -40,8 +55,9 @@ def _io_errors() -> Iterator[None]:
         yield
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
-        raise CNIError(ERR_IO, f"host-local store: {exc.strerror or exc}{where}",
-                       "check that ipam.dataDir is a writable directory") from None
+        raise CNIError(
+            ERR_IO, f"host-local store: {exc.strerror or exc}{where}", "check that ipam.dataDir is a writable directory"
+        ) from None
 
 
 def _config(conf: dict[str, Any], cni_args: str = "") -> IPAMConfig:
@@ -71,6 +87,7 @@ def _validate_attachment(container_id: str, ifname: str) -> None:
 
 
 # ---- ADD -----------------------------------------------------------------
+
 
 def allocate(conf: dict[str, Any], container_id: str, ifname: str, cni_args: str = "") -> Result:
     """Reserve one address per range set for the container's interface."""
@@ -116,8 +133,10 @@ def _reserve_all(cfg: IPAMConfig, store: DiskStore, container_id: str, ifname: s
             reserved.append(str(got.ip))
             ips.append(IPConfig(address=got.cidr, gateway=str(got.range.gateway)))
         if pending:
-            raise AllocationError("failed to allocate all requested IPs: " + " ".join(map(str, pending)),
-                                  "each requested address must lie inside a range set, one per set")
+            raise AllocationError(
+                "failed to allocate all requested IPs: " + " ".join(map(str, pending)),
+                "each requested address must lie inside a range set, one per set",
+            )
     except BaseException:
         for ip in reserved:  # undo exactly what this ADD reserved
             store.release_ip(ip)
@@ -134,6 +153,7 @@ def _unique(ips: Iterable[IPAddress]) -> list[IPAddress]:
 
 
 # ---- DEL -----------------------------------------------------------------
+
 
 def release(conf: dict[str, Any], container_id: str, ifname: str, cni_args: str = "") -> list[str]:
     """Release the interface's reservations; nothing to release is success. Returns what went."""
@@ -159,6 +179,7 @@ def _release(cfg: IPAMConfig, container_id: str, ifname: str) -> list[str]:
 
 # ---- CHECK ---------------------------------------------------------------
 
+
 def check(conf: dict[str, Any], container_id: str, ifname: str, cni_args: str = "") -> None:
     """Verify the interface still holds its addresses (those of prevResult in our
     ranges, or at least one reservation when there is no such prevResult)."""
@@ -176,15 +197,19 @@ def _check(cfg: IPAMConfig, prev: Any, container_id: str, ifname: str) -> None:
         with store.locked():
             for ip in expected:
                 owner = store.owner_of(ip)
-                if owner is None or not (owner.owned_by(container_id, ifname)
-                                         or owner.owned_by_legacy(container_id)):
+                if owner is None or not (owner.owned_by(container_id, ifname) or owner.owned_by_legacy(container_id)):
                     holder = f"; it is held by container {owner.container_id}" if owner else ""
-                    raise CNIError(ERR_INTERNAL, f"host-local: address {ip} of container {container_id} "
-                                   f"is not reserved for it{holder}",
-                                   "run DEL and ADD again for this container")
+                    raise CNIError(
+                        ERR_INTERNAL,
+                        f"host-local: address {ip} of container {container_id} is not reserved for it{holder}",
+                        "run DEL and ADD again for this container",
+                    )
             if not expected and not store.find_by_id(container_id, ifname):
-                raise CNIError(ERR_INTERNAL, f"host-local: Failed to find address added by container {container_id}",
-                               f"no reservation in {store.dir} names this container and interface")
+                raise CNIError(
+                    ERR_INTERNAL,
+                    f"host-local: Failed to find address added by container {container_id}",
+                    f"no reservation in {store.dir} names this container and interface",
+                )
 
 
 def _our_addresses(cfg: IPAMConfig, prev: Any) -> list[str]:
@@ -207,6 +232,7 @@ def _our_addresses(cfg: IPAMConfig, prev: Any) -> list[str]:
 
 # ---- GC and STATUS ---------------------------------------------------------
 
+
 def gc(conf: dict[str, Any], valid: Iterable[tuple[str, str]]) -> list[str]:
     """Release every reservation of the network that no valid (containerID, ifname) owns."""
     return _gc(_load(conf), valid)
@@ -225,8 +251,7 @@ def _gc(cfg: IPAMConfig, valid: Iterable[tuple[str, str]]) -> list[str]:
         with store.locked():
             store.remove_stale_temp_files()
             for res in store.reservations():
-                owned = (res.container_id in keep_ids if res.ifname is None
-                         else (res.container_id, res.ifname) in keep)
+                owned = res.container_id in keep_ids if res.ifname is None else (res.container_id, res.ifname) in keep
                 if not owned and store.release_ip(res.ip):
                     released.append(res.ip)
     return released
@@ -246,12 +271,16 @@ def _status(cfg: IPAMConfig) -> None:
             break
         probe = parent
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise CNIError(ERR_PLUGIN_NOT_AVAILABLE, f"host-local data directory {target} is not writable",
-                       f"{probe} is not a writable directory; fix ipam.dataDir or its permissions")
+        raise CNIError(
+            ERR_PLUGIN_NOT_AVAILABLE,
+            f"host-local data directory {target} is not writable",
+            f"{probe} is not a writable directory; fix ipam.dataDir or its permissions",
+        )
 
 
 # ---- the plugin ------------------------------------------------------------
 # The skeleton has validated the name, IDs and version: the commands skip _load's checks.
+
 
 def cmd_add(req: CmdArgs) -> Result:
     return _allocate(_config(req.conf, req.args), req.container_id, req.ifname)
@@ -268,8 +297,11 @@ def cmd_check(req: CmdArgs) -> None:
 def cmd_gc(req: CmdArgs) -> None:
     if not any(key in req.conf for key in GC_ATTACHMENT_KEYS):
         # Without the list every reservation would look stale: refuse rather than release all.
-        raise CNIError(ERR_INVALID_CONFIG, "GC needs cni.dev/valid-attachments",
-                       "pass the list of attachments still in use (an empty list releases everything)")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            "GC needs cni.dev/valid-attachments",
+            "pass the list of attachments still in use (an empty list releases everything)",
+        )
     _gc(_config(req.conf), gc_attachments(req.conf))
 
 
@@ -277,8 +309,7 @@ def cmd_status(req: CmdArgs) -> None:
     _status(_config(req.conf))
 
 
-FUNCS = PluginFuncs(add=cmd_add, delete=cmd_del, check=cmd_check, gc=cmd_gc, status=cmd_status,
-                    schema="ipam.schema")
+FUNCS = PluginFuncs(add=cmd_add, delete=cmd_del, check=cmd_check, gc=cmd_gc, status=cmd_status, schema="ipam.schema")
 
 
 def main() -> None:

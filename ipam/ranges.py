@@ -8,6 +8,7 @@ Defaults follow the reference host-local: gateway = network + 1, rangeStart =
 network + 1 (the gateway is skipped when allocating), rangeEnd = the last
 address before the IPv4 broadcast, or the last address of an IPv6 subnet.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -56,8 +57,7 @@ def canonical(addr: IPAddress) -> IPAddress:
 def parse_subnet(value: Any, what: str) -> tuple[IPAddress, IPNetwork]:
     """Parse 'IP/prefix' to (the IP as written, its network)."""
     if not isinstance(value, str) or "/" not in value:
-        raise RangeError(f"{what}: invalid CIDR address {value!r}; write it as ADDRESS/PREFIX, "
-                         "e.g. 10.22.0.0/16")
+        raise RangeError(f"{what}: invalid CIDR address {value!r}; write it as ADDRESS/PREFIX, e.g. 10.22.0.0/16")
     addr_text, _, prefix = value.partition("/")  # untrimmed, as Go's net.ParseCIDR reads it
     if not prefix.isdigit() or "%" in addr_text:
         raise RangeError(f"{what}: invalid CIDR address {value!r}")
@@ -82,14 +82,17 @@ class Range:
     def contains(self, addr: IPAddress) -> bool:
         """True if ``addr`` lies in the subnet and inside rangeStart..rangeEnd."""
         addr = canonical(addr)
-        return (addr.version == self.version and addr in self.subnet
-                and self.range_start <= addr <= self.range_end)
+        return addr.version == self.version and addr in self.subnet and self.range_start <= addr <= self.range_end
 
     def overlaps(self, other: "Range") -> bool:
         if self.version != other.version:
             return False
-        return (self.contains(other.range_start) or self.contains(other.range_end)
-                or other.contains(self.range_start) or other.contains(self.range_end))
+        return (
+            self.contains(other.range_start)
+            or self.contains(other.range_end)
+            or other.contains(self.range_start)
+            or other.contains(self.range_end)
+        )
 
     def __str__(self) -> str:
         return f"{self.range_start}-{self.range_end}"
@@ -109,11 +112,14 @@ def parse_range(raw: Any, what: str = "range") -> Range:
         raise RangeError(f"{what}: missing 'subnet'")
     written, subnet = parse_subnet(raw["subnet"], f"{what}.subnet")
     if subnet.prefixlen > subnet.max_prefixlen - 2:
-        raise RangeError(f"Network {subnet} too small to allocate from; "
-                         f"use a prefix of /{subnet.max_prefixlen - 2} or shorter")
+        raise RangeError(
+            f"Network {subnet} too small to allocate from; use a prefix of /{subnet.max_prefixlen - 2} or shorter"
+        )
     if written != subnet.network_address:
-        raise RangeError(f"Network has host bits set. For a subnet mask of length {subnet.prefixlen} "
-                         f"the network address is {subnet.network_address}")
+        raise RangeError(
+            f"Network has host bits set. For a subnet mask of length {subnet.prefixlen} "
+            f"the network address is {subnet.network_address}"
+        )
 
     def optional_ip(key: str) -> IPAddress | None:
         value = raw.get(key)
@@ -170,8 +176,7 @@ def parse_range_set(raw: Any, what: str = "range set") -> RangeSet:
     if len({r.version for r in ranges}) > 1:
         raise RangeError("mixed address families")
     for i, first in enumerate(ranges):
-        for second in ranges[i + 1:]:
+        for second in ranges[i + 1 :]:
             if first.overlaps(second):
                 raise RangeError(f"subnets {first} and {second} overlap")
     return RangeSet(ranges)
-

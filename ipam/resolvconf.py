@@ -1,4 +1,5 @@
 """Reading a resolv.conf-style file into a CNI result's dns block (ipam.resolvConf)."""
+
 from __future__ import annotations
 
 from cni_plugins.spec.errors import ERR_IO, CNIError
@@ -33,5 +34,8 @@ def parse_resolv_conf(path: str) -> DNS:
         with open(path, encoding="utf-8", errors="replace") as handle:
             return parse_resolv_conf_text(handle.read())
     except OSError as exc:
-        raise CNIError(ERR_IO, f"cannot read resolvConf {path}: {exc.strerror}",
-                       "ipam.resolvConf must name a readable resolv.conf-style file") from None
+        raise CNIError(
+            ERR_IO,
+            f"cannot read resolvConf {path}: {exc.strerror}",
+            "ipam.resolvConf must name a readable resolv.conf-style file",
+        ) from None

@@ -21,6 +21,7 @@ Temporary files (``.pycni-tmp-<pid>-<hex>``) are removed on every path out of
 a write, also when it fails or is interrupted; one left by a writer that was
 killed is removed by GC (``remove_stale_temp_files``).
 """
+
 from __future__ import annotations
 
 import errno
@@ -40,8 +41,8 @@ LINE_BREAK = "\r\n"
 LAST_IP_PREFIX = "last_reserved_ip."
 LOCK_NAME = "lock"
 TMP_PREFIX = ".pycni-tmp-"
-FILE_MODE = 0o644   # the reference v1.1.1's mode for reservation files
-LOCK_MODE = 0o750   # what the reference's filemutex creates its lock file with
+FILE_MODE = 0o644  # the reference v1.1.1's mode for reservation files
+LOCK_MODE = 0o750  # what the reference's filemutex creates its lock file with
 DIR_MODE = 0o755
 # A temporary file older than this is stale even if a process with its writer's PID runs
 # (PIDs are reused; and writers hold the lock, so a live one never lasts this long).
@@ -79,10 +80,11 @@ def parse_reservation(ip: str, content: str) -> Reservation:
 
 
 def _symlink_refused(path: str) -> CNIError:
-    return CNIError(ERR_IO, f"host-local store: {path} is a symbolic link or not a regular entry; "
-                    "refusing to follow it",
-                    "nothing under ipam.dataDir is followed through a link: remove the link "
-                    "(and check who planted it)")
+    return CNIError(
+        ERR_IO,
+        f"host-local store: {path} is a symbolic link or not a regular entry; refusing to follow it",
+        "nothing under ipam.dataDir is followed through a link: remove the link (and check who planted it)",
+    )
 
 
 class DiskStore:
@@ -193,8 +195,9 @@ class DiskStore:
         return out
 
     def get_by_id(self, container_id: str, ifname: str) -> list[str]:
-        return [r.ip for r in self.reservations()
-                if r.owned_by(container_id, ifname) or r.owned_by_legacy(container_id)]
+        return [
+            r.ip for r in self.reservations() if r.owned_by(container_id, ifname) or r.owned_by_legacy(container_id)
+        ]
 
     def find_by_id(self, container_id: str, ifname: str) -> bool:
         return bool(self.get_by_id(container_id, ifname))
@@ -225,7 +228,7 @@ class DiskStore:
             return {}
         out = {}
         for name in names:
-            index = name[len(LAST_IP_PREFIX):]
+            index = name[len(LAST_IP_PREFIX) :]
             if name.startswith(LAST_IP_PREFIX) and index.isdigit():
                 ip = self.last_reserved_ip(int(index))
                 if ip:
@@ -263,7 +266,7 @@ class DiskStore:
         try:
             view = memoryview(content)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
         except BaseException:
             os.close(fd)
             _unlink_quietly(dir_fd, name)
@@ -293,8 +296,7 @@ class DiskStore:
         reservations = self.reservations()
         released = [r.ip for r in reservations if r.owned_by(container_id, ifname) and self.release_ip(r.ip)]
         if not released:
-            released = [r.ip for r in reservations
-                        if r.owned_by_legacy(container_id) and self.release_ip(r.ip)]
+            released = [r.ip for r in reservations if r.owned_by_legacy(container_id) and self.release_ip(r.ip)]
         return released
 
     def remove_stale_temp_files(self, max_age: float = STALE_TEMP_SECONDS) -> list[str]:

@@ -4,6 +4,7 @@ Compatible with `ip netns` (namespaces pinned under RUN_DIR). Namespace
 switches are per thread. Uses only the standard library (ctypes for the
 system calls), so importing it is cheap and does not pull in pyroute2.
 """
+
 from .check import is_netns, validate
 from .errors import (
     InvalidNetnsNameError,

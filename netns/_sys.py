@@ -4,6 +4,7 @@ Each wrapper raises OSError (with errno set) on failure; callers turn that
 into a NetnsError that says what they were trying to do. libc and ctypes are
 loaded on first use so that importing netns stays cheap.
 """
+
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,5 @@
 """Telling a network namespace file from anything else."""
+
 from __future__ import annotations
 
 import errno
@@ -49,7 +50,8 @@ def open_netns(path: str) -> int:
     except FileNotFoundError:
         raise NetnsNotFoundError(
             f"network namespace {path} does not exist; create it first "
-            f"(netns.create or `ip netns add`) or check the path") from None
+            f"(netns.create or `ip netns add`) or check the path"
+        ) from None
     except OSError as err:
         raise NetnsError(f"cannot inspect network namespace {path}: {err.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
@@ -70,11 +72,13 @@ def open_netns(path: str) -> int:
         return fd
     os.close(fd)
     if kind is None:
-        hint = " (an empty file: a namespace that was deleted or never finished being created?)" \
-            if st.st_size == 0 else ""
+        hint = (
+            " (an empty file: a namespace that was deleted or never finished being created?)" if st.st_size == 0 else ""
+        )
         raise NotNetnsError(f"{path} is not a network namespace: it is an ordinary file{hint}")
-    raise NotNetnsError(f"{path} is a {kind} namespace, not a network namespace; "
-                        f"give a net namespace such as /proc/<pid>/ns/net")
+    raise NotNetnsError(
+        f"{path} is a {kind} namespace, not a network namespace; give a net namespace such as /proc/<pid>/ns/net"
+    )
 
 
 def validate(path: str) -> None:
@@ -92,8 +96,13 @@ def is_netns(path: str) -> bool:
 
 
 def _file_kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
-                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+    for test, kind in (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    ):
         if test(mode):
             return kind
     return "special file"

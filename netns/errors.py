@@ -5,6 +5,7 @@ specification error code a plugin should report for it, so a plugin can turn
 one into its error object with `CNIError(err.code, err.msg)` without this
 package depending on the plugin code.
 """
+
 from __future__ import annotations
 
 # CNI spec error codes (same values as cni_plugins.spec.errors; repeated here so

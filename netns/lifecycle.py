@@ -4,6 +4,7 @@ Compatible with `ip netns`: namespaces are bind mounts of a namespace file onto
 an empty file under RUN_DIR, which is itself a shared mount so that the pins
 propagate to (and unmount from) other mount namespaces.
 """
+
 from __future__ import annotations
 
 import errno
@@ -57,8 +58,9 @@ def create(name: str) -> str:
     try:
         os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
     except FileExistsError:
-        raise NetnsExistsError(f"network namespace {name!r} already exists ({path}); pick another name "
-                               f"or delete it first") from None
+        raise NetnsExistsError(
+            f"network namespace {name!r} already exists ({path}); pick another name or delete it first"
+        ) from None
     except OSError as err:
         raise NetnsError(f"cannot create {path}: {err.strerror}") from None
     try:
@@ -85,8 +87,10 @@ def delete(name_or_path: str | os.PathLike[str]) -> None:
             if err.errno == errno.ENOENT:
                 return
             if err.errno == errno.EINVAL:  # a namespace file, but not one mounted here
-                raise NotNetnsError(f"{path} is a network namespace but not a pinned one (a bind mount); "
-                                    f"only pins such as {RUN_DIR}/<name> can be deleted") from None
+                raise NotNetnsError(
+                    f"{path} is a network namespace but not a pinned one (a bind mount); "
+                    f"only pins such as {RUN_DIR}/<name> can be deleted"
+                ) from None
             raise NetnsError(f"cannot unmount network namespace {path}: {err.strerror}") from None
     try:
         st = os.lstat(path)
@@ -132,8 +136,9 @@ def temporary(prefix: str = "pycni") -> Iterator[Namespace]:
         except NetnsExistsError:
             continue
     else:
-        raise NetnsError(f"could not find a free namespace name with prefix {prefix!r} "
-                         f"after {_TEMPORARY_ATTEMPTS} attempts")
+        raise NetnsError(
+            f"could not find a free namespace name with prefix {prefix!r} after {_TEMPORARY_ATTEMPTS} attempts"
+        )
     try:
         yield Namespace(name, path)
     finally:
@@ -158,8 +163,9 @@ def _prepare_run_dir() -> None:
             _sys.mount(RUN_DIR, RUN_DIR, "none", _sys.MS_BIND | _sys.MS_REC)
             _sys.mount("", RUN_DIR, "none", _sys.MS_SHARED | _sys.MS_REC)
     except OSError as err:
-        raise NetnsError(f"cannot make {RUN_DIR} a shared mount point: {err.strerror} "
-                         f"(needs root / CAP_SYS_ADMIN)") from None
+        raise NetnsError(
+            f"cannot make {RUN_DIR} a shared mount point: {err.strerror} (needs root / CAP_SYS_ADMIN)"
+        ) from None
     finally:
         os.close(dir_fd)  # also releases the lock
 
@@ -173,14 +179,19 @@ def _pin_new_netns(path: str) -> None:
         try:
             _sys.unshare(_sys.CLONE_NEWNET)
         except OSError as err:
-            failure.append(NetnsError(f"cannot create a network namespace: unshare(CLONE_NEWNET) failed: "
-                                      f"{err.strerror} (needs root / CAP_SYS_ADMIN)"))
+            failure.append(
+                NetnsError(
+                    f"cannot create a network namespace: unshare(CLONE_NEWNET) failed: "
+                    f"{err.strerror} (needs root / CAP_SYS_ADMIN)"
+                )
+            )
             return
         try:
             _sys.mount(current_path(), path, "none", _sys.MS_BIND)
         except OSError as err:
-            failure.append(NetnsError(f"cannot pin the new network namespace at {path}: bind mount failed: "
-                                      f"{err.strerror}"))
+            failure.append(
+                NetnsError(f"cannot pin the new network namespace at {path}: bind mount failed: {err.strerror}")
+            )
         except BaseException as err:  # never let the thread die silently
             failure.append(NetnsError(f"cannot pin the new network namespace at {path}: {err!r}"))
 

@@ -1,4 +1,5 @@
 """Where namespaces live: names, their pin files under RUN_DIR, thread paths."""
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,8 @@ def validate_name(name: str) -> str:
         raise InvalidNetnsNameError(f"invalid network namespace name {name!r}: it must not contain a NUL byte")
     if len(os.fsencode(name)) > _MAX_NAME_LEN:
         raise InvalidNetnsNameError(
-            f"invalid network namespace name {name[:20]!r}...: longer than {_MAX_NAME_LEN} bytes")
+            f"invalid network namespace name {name[:20]!r}...: longer than {_MAX_NAME_LEN} bytes"
+        )
     return name
 
 
@@ -38,7 +40,8 @@ def path_of(name_or_path: str | os.PathLike[str]) -> str:
     if "/" in value:
         raise InvalidNetnsNameError(
             f"{value!r} is neither a namespace name nor an absolute path; give a name such as 'blue' "
-            f"(meaning {RUN_DIR}/blue) or a full path such as /proc/1234/ns/net")
+            f"(meaning {RUN_DIR}/blue) or a full path such as /proc/1234/ns/net"
+        )
     return os.path.join(RUN_DIR, validate_name(value))
 
 

@@ -3,6 +3,7 @@
 setns() moves only the calling thread, so these work from any thread and leave
 the others where they are. Nesting works: each level remembers its own origin.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,15 +38,17 @@ class enter:  # noqa: N801 - used like a function: `with netns.enter(path):`
         try:
             origin_fd = os.open(current_path(), os.O_RDONLY | os.O_CLOEXEC)
         except OSError as err:
-            raise NetnsError(f"cannot open this thread's network namespace {current_path()}: {err.strerror} "
-                             f"(is /proc mounted?)") from None
+            raise NetnsError(
+                f"cannot open this thread's network namespace {current_path()}: {err.strerror} (is /proc mounted?)"
+            ) from None
         try:
             target_fd = open_netns(self.path)
             try:
                 _sys.setns(target_fd, _sys.CLONE_NEWNET)
             except OSError as err:
-                raise NetnsError(f"cannot enter network namespace {self.path}: setns failed: {err.strerror} "
-                                 f"(needs CAP_SYS_ADMIN)") from None
+                raise NetnsError(
+                    f"cannot enter network namespace {self.path}: setns failed: {err.strerror} (needs CAP_SYS_ADMIN)"
+                ) from None
             finally:
                 os.close(target_fd)
         except BaseException:
@@ -55,15 +58,19 @@ class enter:  # noqa: N801 - used like a function: `with netns.enter(path):`
         self._thread_id = threading.get_native_id()
         return self.path
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         origin_fd, self._origin_fd = self._origin_fd, None
         if origin_fd is None:
             return
         try:
             if threading.get_native_id() != self._thread_id:
-                _restore_failed(self.path, "the context was left from a different thread than it was entered "
-                                           f"from (thread {self._thread_id} is still inside)")
+                _restore_failed(
+                    self.path,
+                    "the context was left from a different thread than it was entered "
+                    f"from (thread {self._thread_id} is still inside)",
+                )
             try:
                 _sys.setns(origin_fd, _sys.CLONE_NEWNET)
             except OSError as err:
@@ -75,9 +82,11 @@ class enter:  # noqa: N801 - used like a function: `with netns.enter(path):`
 def _restore_failed(path: str, reason: str) -> None:
     import logging
 
-    msg = (f"FATAL: thread {threading.get_native_id()} could not return to its own network namespace after "
-           f"entering {path}: {reason}. The thread is now in the WRONG network namespace: every socket or "
-           f"netlink request it makes lands in {path}. Stop using this thread (in a plugin: exit the process).")
+    msg = (
+        f"FATAL: thread {threading.get_native_id()} could not return to its own network namespace after "
+        f"entering {path}: {reason}. The thread is now in the WRONG network namespace: every socket or "
+        f"netlink request it makes lands in {path}. Stop using this thread (in a plugin: exit the process)."
+    )
     logging.getLogger("netns").critical(msg)
     raise NetnsRestoreError(msg)
 

@@ -5,6 +5,7 @@ with ``kind: "cniCacheV1"``, so pycni and libcni-based runtimes (cnitool,
 containerd, CRI-O) read each other's entries. ``config`` holds the network
 configuration's bytes in base64, as Go encodes a byte slice.
 """
+
 from __future__ import annotations
 
 import base64
@@ -68,15 +69,23 @@ class CachedAttachment:
             raise CNIError(ERR_DECODE, f"{path}: cache field 'config' is not base64") from None
         raw_args = d.get("cniArgs") or []
         if not isinstance(raw_args, list) or not all(
-                isinstance(p, list) and len(p) == 2 and all(isinstance(s, str) for s in p) for p in raw_args):
+            isinstance(p, list) and len(p) == 2 and all(isinstance(s, str) for s in p) for p in raw_args
+        ):
             raise CNIError(ERR_DECODE, f"{path}: cache field 'cniArgs' must be a list of [key, value] pairs")
         caps = d.get("capabilityArgs") or {}
         result = d.get("result")
         if not isinstance(caps, dict) or (result is not None and not isinstance(result, dict)):
             raise CNIError(ERR_DECODE, f"{path}: cache fields 'capabilityArgs' and 'result' must be objects")
-        return cls(network_name=text("networkName"), container_id=text("containerId"),
-                   ifname=text("ifName"), config=config, netns=text("netns"),
-                   cni_args=[(k, v) for k, v in raw_args], capability_args=caps, result=result)
+        return cls(
+            network_name=text("networkName"),
+            container_id=text("containerId"),
+            ifname=text("ifName"),
+            config=config,
+            netns=text("netns"),
+            cni_args=[(k, v) for k, v in raw_args],
+            capability_args=caps,
+            result=result,
+        )
 
 
 class ResultCache:
@@ -94,8 +103,11 @@ class ResultCache:
 
     def path(self, network: str, container_id: str, ifname: str) -> str:
         if not network or not container_id or not ifname:
-            raise CNIError(ERR_IO, "a cache entry needs a network name, a container ID and an "
-                           f"interface name (got {network!r}, {container_id!r}, {ifname!r})")
+            raise CNIError(
+                ERR_IO,
+                "a cache entry needs a network name, a container ID and an "
+                f"interface name (got {network!r}, {container_id!r}, {ifname!r})",
+            )
         return os.path.join(self.results_dir, f"{network}-{container_id}-{ifname}")
 
     def save(self, entry: CachedAttachment) -> str:
@@ -106,8 +118,11 @@ class ResultCache:
             os.makedirs(self.results_dir, mode=0o700, exist_ok=True)
             write_atomically(target, data, 0o600)
         except OSError as exc:
-            raise CNIError(ERR_IO, f"cannot write cache entry {target}: {exc.strerror}",
-                           "check that --cache-dir / CNI_CACHE_DIR is writable") from None
+            raise CNIError(
+                ERR_IO,
+                f"cannot write cache entry {target}: {exc.strerror}",
+                "check that --cache-dir / CNI_CACHE_DIR is writable",
+            ) from None
         return target
 
     def load(self, network: str, container_id: str, ifname: str) -> CachedAttachment | None:
@@ -133,8 +148,7 @@ class ResultCache:
         if parsed.get("kind") == CACHE_KIND:
             return CachedAttachment.from_dict(parsed, target)
         if "cniVersion" in parsed:
-            return CachedAttachment(network_name=network, container_id=container_id,
-                                    ifname=ifname, result=parsed)
+            return CachedAttachment(network_name=network, container_id=container_id, ifname=ifname, result=parsed)
         raise CNIError(ERR_DECODE, f"cache entry {target} has unknown kind {parsed.get('kind')!r}")
 
     def remove(self, network: str, container_id: str, ifname: str) -> None:

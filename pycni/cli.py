@@ -4,6 +4,7 @@
 ``cli.add_command(...)``, or be listed in OPTIONAL_COMMANDS to be imported
 only when its command is used (so `pycni --help` stays fast).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -89,10 +90,15 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     ctx.exit()
 
 
-@click.group(cls=LazyGroup, lazy_commands=OPTIONAL_COMMANDS,
-             context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
-              help="Print pycni's version and exit (`pycni version` also lists spec versions and plugins).")
+@click.group(cls=LazyGroup, lazy_commands=OPTIONAL_COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Print pycni's version and exit (`pycni version` also lists spec versions and plugins).",
+)
 def cli() -> None:
     """pycni: CNI plugins and the tools to run them.
 
@@ -141,31 +147,53 @@ CLUSTER_ENV_HELP = _ENV_HEADER + _PATHS_ENV + _CACHE_ENV
 
 def _option_group(*options: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Callable[..., Any]:
     """One decorator applying ``options`` in the order listed (as if stacked top to bottom)."""
+
     def apply(fn: Callable[..., Any]) -> Callable[..., Any]:
         for option in reversed(options):
             fn = option(fn)
         return fn
+
     return apply
 
 
 _common_options = _option_group(
-    click.option("--netconf-path", envvar="NETCONFPATH", default="", show_envvar=False,
-                 help="Directories with network configurations (env NETCONFPATH)."),
-    click.option("--cni-path", envvar="CNI_PATH", default="",
-                 help="Directories with plugin executables (env CNI_PATH)."),
-    click.option("--cache-dir", envvar="CNI_CACHE_DIR", default="/var/lib/cni", show_default=True,
-                 help="Result cache directory (env CNI_CACHE_DIR)."),
+    click.option(
+        "--netconf-path",
+        envvar="NETCONFPATH",
+        default="",
+        show_envvar=False,
+        help="Directories with network configurations (env NETCONFPATH).",
+    ),
+    click.option(
+        "--cni-path", envvar="CNI_PATH", default="", help="Directories with plugin executables (env CNI_PATH)."
+    ),
+    click.option(
+        "--cache-dir",
+        envvar="CNI_CACHE_DIR",
+        default="/var/lib/cni",
+        show_default=True,
+        help="Result cache directory (env CNI_CACHE_DIR).",
+    ),
 )
 
 _attachment_options = _option_group(
-    click.option("--container-id", default=None,
-                 help="Container ID passed to the plugins (default: derived from NETNS)."),
-    click.option("-i", "--ifname", envvar="CNI_IFNAME", default=DEFAULT_IFNAME, show_default=True,
-                 help="Interface name inside the namespace (env CNI_IFNAME)."),
-    click.option("--cni-args", envvar="CNI_ARGS", default="",
-                 help="KEY=VALUE;... arguments for the plugins (env CNI_ARGS)."),
-    click.option("--cap-args", envvar="CAP_ARGS", default="",
-                 help="Capability arguments as a JSON object (env CAP_ARGS)."),
+    click.option(
+        "--container-id", default=None, help="Container ID passed to the plugins (default: derived from NETNS)."
+    ),
+    click.option(
+        "-i",
+        "--ifname",
+        envvar="CNI_IFNAME",
+        default=DEFAULT_IFNAME,
+        show_default=True,
+        help="Interface name inside the namespace (env CNI_IFNAME).",
+    ),
+    click.option(
+        "--cni-args", envvar="CNI_ARGS", default="", help="KEY=VALUE;... arguments for the plugins (env CNI_ARGS)."
+    ),
+    click.option(
+        "--cap-args", envvar="CAP_ARGS", default="", help="Capability arguments as a JSON object (env CAP_ARGS)."
+    ),
 )
 
 
@@ -207,8 +235,13 @@ def _runtime_conf(netns: str, container_id: str | None, ifname: str, cni_args: s
             raise CNIError(ERR_INVALID_ENV, f"CAP_ARGS is not valid JSON: {exc}") from None
         if not isinstance(caps, dict):
             raise CNIError(ERR_INVALID_ENV, "CAP_ARGS must be a JSON object, e.g. '{\"portMappings\": [...]}'")
-    return RuntimeConf(container_id=container_id or derived_container_id(path), netns=path, ifname=ifname,
-                       args=parse_cni_args(cni_args), capability_args=caps)
+    return RuntimeConf(
+        container_id=container_id or derived_container_id(path),
+        netns=path,
+        ifname=ifname,
+        args=parse_cni_args(cni_args),
+        capability_args=caps,
+    )
 
 
 @cli.command("add", epilog=NETWORK_ENV_HELP)
@@ -216,8 +249,17 @@ def _runtime_conf(netns: str, container_id: str | None, ifname: str, cni_args: s
 @click.argument("netns")
 @_attachment_options
 @_common_options
-def add_cmd(network: str, netns: str, container_id: str | None, ifname: str, cni_args: str,
-            cap_args: str, netconf_path: str, cni_path: str, cache_dir: str) -> None:
+def add_cmd(
+    network: str,
+    netns: str,
+    container_id: str | None,
+    ifname: str,
+    cni_args: str,
+    cap_args: str,
+    netconf_path: str,
+    cni_path: str,
+    cache_dir: str,
+) -> None:
     """Attach namespace NETNS to NETWORK and print the result as JSON.
 
     Runs every plugin of the network's configuration with CNI_COMMAND=ADD,
@@ -234,8 +276,9 @@ def add_cmd(network: str, netns: str, container_id: str | None, ifname: str, cni
         except PluginError as exc:
             if len(netlist.plugins) == 1:
                 raise
-            raise CNIError(exc.code, str(exc), f"undo what earlier plugins did with `pycni del {network} "
-                                                f"{netns}`") from None
+            raise CNIError(
+                exc.code, str(exc), f"undo what earlier plugins did with `pycni del {network} {netns}`"
+            ) from None
 
     click.echo(json.dumps(run_reporting_errors(run), indent=4))
 
@@ -245,8 +288,17 @@ def add_cmd(network: str, netns: str, container_id: str | None, ifname: str, cni
 @click.argument("netns")
 @_attachment_options
 @_common_options
-def check_cmd(network: str, netns: str, container_id: str | None, ifname: str, cni_args: str,
-              cap_args: str, netconf_path: str, cni_path: str, cache_dir: str) -> None:
+def check_cmd(
+    network: str,
+    netns: str,
+    container_id: str | None,
+    ifname: str,
+    cni_args: str,
+    cap_args: str,
+    netconf_path: str,
+    cni_path: str,
+    cache_dir: str,
+) -> None:
     """Verify that NETNS is still attached to NETWORK as ADD left it.
 
     Runs every plugin with CNI_COMMAND=CHECK and the cached ADD result.
@@ -254,6 +306,7 @@ def check_cmd(network: str, netns: str, container_id: str | None, ifname: str, c
     otherwise. Needs cniVersion 0.4.0 or later; a network with
     "disableCheck": true is not checked.
     """
+
     def run() -> None:
         netlist = _load(network, netconf_path)
         rt = _runtime_conf(netns, container_id, ifname, cni_args, cap_args)
@@ -268,8 +321,17 @@ def check_cmd(network: str, netns: str, container_id: str | None, ifname: str, c
 @click.argument("netns")
 @_attachment_options
 @_common_options
-def del_cmd(network: str, netns: str, container_id: str | None, ifname: str, cni_args: str,
-            cap_args: str, netconf_path: str, cni_path: str, cache_dir: str) -> None:
+def del_cmd(
+    network: str,
+    netns: str,
+    container_id: str | None,
+    ifname: str,
+    cni_args: str,
+    cap_args: str,
+    netconf_path: str,
+    cni_path: str,
+    cache_dir: str,
+) -> None:
     """Detach NETNS from NETWORK.
 
     Runs the plugins with CNI_COMMAND=DEL in reverse order, with the cached
@@ -289,8 +351,10 @@ def del_cmd(network: str, netns: str, container_id: str | None, ifname: str, cni
             netlist = runtime.cached_netlist(network, rt)
             if netlist is None:
                 raise
-            click.echo(f"note: network {network!r} has no configuration file any more; "
-                       "using the configuration ADD cached", err=True)
+            click.echo(
+                f"note: network {network!r} has no configuration file any more; using the configuration ADD cached",
+                err=True,
+            )
         runtime.delete(netlist, rt)
 
     run_reporting_errors(run)
@@ -306,12 +370,18 @@ def _parse_attachment(value: str) -> tuple[str, str]:
 @cli.command("gc", epilog=CLUSTER_ENV_HELP)
 @click.argument("network")
 @click.argument("netns", required=False)
-@click.option("--valid", "valid", multiple=True, metavar="CONTAINER_ID[:IFNAME]",
-              help="An attachment still in use (repeatable). When given, cached attachments not "
-                   "listed are deleted. Default: every cached attachment is in use.")
+@click.option(
+    "--valid",
+    "valid",
+    multiple=True,
+    metavar="CONTAINER_ID[:IFNAME]",
+    help="An attachment still in use (repeatable). When given, cached attachments not "
+    "listed are deleted. Default: every cached attachment is in use.",
+)
 @_common_options
-def gc_cmd(network: str, netns: str | None, valid: tuple[str, ...], netconf_path: str, cni_path: str,
-           cache_dir: str) -> None:
+def gc_cmd(
+    network: str, netns: str | None, valid: tuple[str, ...], netconf_path: str, cni_path: str, cache_dir: str
+) -> None:
     """Garbage-collect NETWORK: free what no attachment uses any more.
 
     Cached attachments that are not valid get a DEL; then every plugin is
@@ -320,6 +390,7 @@ def gc_cmd(network: str, netns: str | None, valid: tuple[str, ...], netconf_path
     gone. Plugin GC needs cniVersion 1.1.0; "disableGC": true skips it all.
     NETNS is accepted for cnitool compatibility and ignored.
     """
+
     def run() -> None:
         netlist = _load(network, netconf_path)
         attachments = [_parse_attachment(v) for v in valid] if valid else None
@@ -389,6 +460,7 @@ def status_cmd(network: str, netns: str | None, netconf_path: str, cni_path: str
 
 # ---- namespaces ----------------------------------------------------------
 
+
 @cli.group("netns")
 def netns_group() -> None:
     """Create, list, delete and run commands in network namespaces.
@@ -451,6 +523,7 @@ def netns_exec(name: str, command: tuple[str, ...]) -> None:
 
 # ---- version and install -------------------------------------------------
 
+
 def _pycni_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -473,27 +546,64 @@ def version_cmd() -> None:
 
 
 @cli.command("install")
-@click.option("--cni-bin-dir", required=True, type=click.Path(file_okay=False),
-              help="Directory to write the plugin executables to, e.g. /opt/cni/bin (created if missing).")
+@click.option(
+    "--cni-bin-dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory to write the plugin executables to, e.g. /opt/cni/bin (created if missing).",
+)
 @click.option("--force", is_flag=True, help="Replace plugin files that pycni did not write.")
-@click.option("--agent-socket", default="/run/pycni/agent.sock", show_default=True, metavar="PATH",
-              help="Where the executables look for `pycni agent` (give the agent the same --socket).")
-@click.option("--no-agent", is_flag=True,
-              help="Write executables that never try an agent: every call runs the plugin in-process (the cold "
-                   "path). These are always Python shims.")
-@click.option("--native-shim", "shim", flag_value="native",
-              help="Insist on the compiled shim (the default anyway): fail instead of falling back to the "
-                   "Python shim when there is none.")
-@click.option("--python-shim", "shim", flag_value="python",
-              help="Put the Python shim in front of the plugins instead of the compiled one (it starts a Python "
-                   "interpreter on every call, ~10 ms).")
-@click.option("--systemd-unit", is_flag=True,
-              help="Also install the agent's systemd unit (pycni-agent.service) into --systemd-dir, and where "
-                   "systemd runs, reload it and enable and start the agent (systemctl enable --now).")
-@click.option("--systemd-dir", "--unit-dir", "unit_dir", default="/etc/systemd/system", show_default=True,
-              type=click.Path(file_okay=False), help="Where --systemd-unit writes the unit.")
-def install_cmd(cni_bin_dir: str, force: bool, agent_socket: str, no_agent: bool, shim: str | None,
-                systemd_unit: bool, unit_dir: str) -> None:
+@click.option(
+    "--agent-socket",
+    default="/run/pycni/agent.sock",
+    show_default=True,
+    metavar="PATH",
+    help="Where the executables look for `pycni agent` (give the agent the same --socket).",
+)
+@click.option(
+    "--no-agent",
+    is_flag=True,
+    help="Write executables that never try an agent: every call runs the plugin in-process (the cold "
+    "path). These are always Python shims.",
+)
+@click.option(
+    "--native-shim",
+    "shim",
+    flag_value="native",
+    help="Insist on the compiled shim (the default anyway): fail instead of falling back to the "
+    "Python shim when there is none.",
+)
+@click.option(
+    "--python-shim",
+    "shim",
+    flag_value="python",
+    help="Put the Python shim in front of the plugins instead of the compiled one (it starts a Python "
+    "interpreter on every call, ~10 ms).",
+)
+@click.option(
+    "--systemd-unit",
+    is_flag=True,
+    help="Also install the agent's systemd unit (pycni-agent.service) into --systemd-dir, and where "
+    "systemd runs, reload it and enable and start the agent (systemctl enable --now).",
+)
+@click.option(
+    "--systemd-dir",
+    "--unit-dir",
+    "unit_dir",
+    default="/etc/systemd/system",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where --systemd-unit writes the unit.",
+)
+def install_cmd(
+    cni_bin_dir: str,
+    force: bool,
+    agent_socket: str,
+    no_agent: bool,
+    shim: str | None,
+    systemd_unit: bool,
+    unit_dir: str,
+) -> None:
     """Install pycni's plugins as executables in a CNI bin directory.
 
     Writes one small executable per plugin (bridge, host-local, ...). Each
@@ -519,12 +629,12 @@ def install_cmd(cni_bin_dir: str, force: bool, agent_socket: str, no_agent: bool
     unit, and where systemd runs, enable and start it. Without an agent every
     call runs cold (~3-30x the Go plugins' time per pod start).
     """
-    from .install import (agent_command, enable_systemd_unit, install, install_systemd_unit,
-                          warm_path_hint)
+    from .install import agent_command, enable_systemd_unit, install, install_systemd_unit, warm_path_hint
 
     socket_path = None if no_agent else agent_socket
-    done = run_reporting_errors(lambda: install(cni_bin_dir, force=force, agent_socket=socket_path,
-                                                shim=shim or "auto"))
+    done = run_reporting_errors(
+        lambda: install(cni_bin_dir, force=force, agent_socket=socket_path, shim=shim or "auto")
+    )
     for item in done.plugins:
         click.echo(f"wrote {item.path} ({item.target})")
     if done.shim == "compiled":
@@ -535,15 +645,18 @@ def install_cmd(cni_bin_dir: str, force: bool, agent_socket: str, no_agent: bool
         click.echo(f"pycni install: {warm_path_hint(socket_path)}")
         return
     # The agent executes delegates only from directories it is told: this one is where the shims went.
-    unit = run_reporting_errors(lambda: install_systemd_unit(unit_dir, agent_socket=agent_socket,
-                                                             cni_bin_dirs=(os.path.abspath(cni_bin_dir),)))
+    unit = run_reporting_errors(
+        lambda: install_systemd_unit(unit_dir, agent_socket=agent_socket, cni_bin_dirs=(os.path.abspath(cni_bin_dir),))
+    )
     click.echo(f"wrote {unit}")
     outcome = run_reporting_errors(lambda: enable_systemd_unit(unit))
     if outcome.enabled:
         click.echo(f"pycni install: {outcome.message}")
     else:
-        click.echo(f"pycni install: {outcome.message}; meanwhile start the agent with "
-                   f"`{agent_command(agent_socket)}`", err=True)
+        click.echo(
+            f"pycni install: {outcome.message}; meanwhile start the agent with `{agent_command(agent_socket)}`",
+            err=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ runtime would drive it (plugin processes, result cache). The demo shows the
 pods' addresses, pings between pods and from the node, a TCP exchange, a
 port mapping, and removes everything it made, also when interrupted.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,10 @@ def run_demo(pod_count: int) -> int:
         conflist = _example_conflist(os.path.join(workdir, "leases"))
         netlist = parse_conflist(json.dumps(conflist).encode(), f"conf/examples/{EXAMPLE}")
         runtime = CNIRuntime(bin_dir, os.path.join(workdir, "cache"))
-        click.echo(f"pycni demo: network {netlist.name!r} ({', '.join(p['type'] for p in netlist.plugins)}), "
-                   f"work dir {workdir}")
+        click.echo(
+            f"pycni demo: network {netlist.name!r} ({', '.join(p['type'] for p in netlist.plugins)}), "
+            f"work dir {workdir}"
+        )
 
         node = netns.create(f"pycni-demo-node-{tag}")
         cleanup.callback(netns.delete, node)
@@ -82,8 +85,10 @@ def run_demo(pod_count: int) -> int:
             cleanup.callback(_delete_quietly, runtime, netlist, rt, node)
             ip = result["ips"][0]
             pod.address, pod.gateway = ip["address"].split("/")[0], ip.get("gateway", "")
-            click.echo(f"  ADD {pod.name}: eth0 {ip['address']} via {pod.gateway}"
-                       + (f", hostPort {HOST_PORT} -> {POD_PORT}" if caps else ""))
+            click.echo(
+                f"  ADD {pod.name}: eth0 {ip['address']} via {pod.gateway}"
+                + (f", hostPort {HOST_PORT} -> {POD_PORT}" if caps else "")
+            )
 
         click.echo("reachability:")
         for src, dst in zip(pods, pods[1:] + pods[:1]):
@@ -100,8 +105,11 @@ def run_demo(pod_count: int) -> int:
         score.record(f"TCP {pods[0].name} -> {pods[1].name}:{POD_PORT}", ok, detail)
         if any(p["type"] == "portmap" for p in netlist.plugins):
             ok, detail = _tcp_exchange(pods[0].path, pods[1].path, pods[0].gateway, HOST_PORT, POD_PORT)
-            score.record(f"TCP {pods[1].name} -> node {pods[0].gateway}:{HOST_PORT} (portmap to "
-                         f"{pods[0].name}:{POD_PORT})", ok, detail)
+            score.record(
+                f"TCP {pods[1].name} -> node {pods[0].gateway}:{HOST_PORT} (portmap to {pods[0].name}:{POD_PORT})",
+                ok,
+                detail,
+            )
 
         outside = netns.create(f"pycni-demo-outside-{tag}")
         cleanup.callback(netns.delete, outside)
@@ -109,11 +117,15 @@ def run_demo(pod_count: int) -> int:
         click.echo(f"masquerade (ipMasq): pods -> {OUTSIDE_ADDR} in a namespace behind the node:")
         client, server = pods[-1], pods[0]
         ok, detail = _tcp_exchange(outside, client.path, OUTSIDE_ADDR, POD_PORT, POD_PORT)
-        score.record(f"TCP {client.name} -> outside {OUTSIDE_ADDR}:{POD_PORT} arrives from the node",
-                     ok and detail.endswith(NODE_UPLINK), detail)
+        score.record(
+            f"TCP {client.name} -> outside {OUTSIDE_ADDR}:{POD_PORT} arrives from the node",
+            ok and detail.endswith(NODE_UPLINK),
+            detail,
+        )
         ok, detail = _tcp_exchange(server.path, client.path, server.address, POD_PORT, POD_PORT)
-        score.record(f"TCP {client.name} -> {server.name} keeps the pod address",
-                     ok and detail.endswith(client.address), detail)
+        score.record(
+            f"TCP {client.name} -> {server.name} keeps the pod address", ok and detail.endswith(client.address), detail
+        )
 
         click.echo("cleaning up: DEL every pod, remove namespaces and the work dir")
     leftovers = [n for n in netns.list_names() if n.endswith(tag)]
@@ -148,14 +160,29 @@ def _delete_quietly(runtime, netlist, rt, node) -> None:
 
 
 @click.command("demo")
-@click.option("--pods", "pod_count", default=3, show_default=True, type=click.IntRange(2, 8),
-              help="How many pod namespaces to attach (single-node demo).")
-@click.option("--nodes", "node_count", default=None, type=click.IntRange(2, 8), metavar="N",
-              help="Instead: N node namespaces on a simulated underlay running the vxlan overlay "
-                   "(one `pycni agent` per node, the file store, two pods per node).")
-@click.option("--dual-stack", is_flag=True,
-              help="With --nodes: a dual-stack cluster (pod networks 10.244.0.0/16 and fd00:10:244::/56 on the "
-                   "IPv4 underlay); every pod gets an address of each family and the checks run in both.")
+@click.option(
+    "--pods",
+    "pod_count",
+    default=3,
+    show_default=True,
+    type=click.IntRange(2, 8),
+    help="How many pod namespaces to attach (single-node demo).",
+)
+@click.option(
+    "--nodes",
+    "node_count",
+    default=None,
+    type=click.IntRange(2, 8),
+    metavar="N",
+    help="Instead: N node namespaces on a simulated underlay running the vxlan overlay "
+    "(one `pycni agent` per node, the file store, two pods per node).",
+)
+@click.option(
+    "--dual-stack",
+    is_flag=True,
+    help="With --nodes: a dual-stack cluster (pod networks 10.244.0.0/16 and fd00:10:244::/56 on the "
+    "IPv4 underlay); every pod gets an address of each family and the checks run in both.",
+)
 def demo(pod_count: int, node_count: int | None, dual_stack: bool) -> None:
     """Build a live demo network in throwaway namespaces, test it, remove it.
 
@@ -176,8 +203,9 @@ def demo(pod_count: int, node_count: int | None, dual_stack: bool) -> None:
     families.
     """
     if dual_stack and node_count is None:
-        raise click.BadParameter("--dual-stack needs --nodes N (the single-node demo is IPv4)",
-                                 param_hint="--dual-stack")
+        raise click.BadParameter(
+            "--dual-stack needs --nodes N (the single-node demo is IPv4)", param_hint="--dual-stack"
+        )
     if os.geteuid() != 0:
         raise click.ClickException("the demo creates network namespaces: run it as root")
 

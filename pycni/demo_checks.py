@@ -2,6 +2,7 @@
 
 Shared by ``pycni demo`` (one node) and ``pycni demo --nodes N`` (the overlay).
 """
+
 from __future__ import annotations
 
 import socket
@@ -19,7 +20,7 @@ class Pod:
     container_id: str
     address: str = ""
     gateway: str = ""
-    address6: str = ""      # a dual-stack pod's IPv6 address (address and gateway are then the IPv4 ones)
+    address6: str = ""  # a dual-stack pod's IPv6 address (address and gateway are then the IPv4 ones)
     gateway6: str = ""
 
     def address_of(self, version: int) -> str:
@@ -41,8 +42,12 @@ class Scorecard:
 
 
 def ping(ns_name: str, address: str) -> tuple[bool, str]:
-    proc = subprocess.run(["ip", "netns", "exec", ns_name, "ping", "-c", "1", "-W", "2", address],
-                          capture_output=True, text=True, timeout=10)
+    proc = subprocess.run(
+        ["ip", "netns", "exec", ns_name, "ping", "-c", "1", "-W", "2", address],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     rtt = ""
     for line in proc.stdout.splitlines():
         if "time=" in line:

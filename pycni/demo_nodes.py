@@ -20,6 +20,7 @@ bridge comes and goes (the pods' gateway keeps its MAC), and two bad entries
 land in the cluster store (every agent skips them and keeps running). All of
 it is removed at the end, also on Ctrl-C or when a step fails.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,7 @@ from pycni import procs
 EXAMPLE = "10-pycni-vxlan.conflist"
 CLUSTER_NETWORK = "10.244.0.0/16"
 CLUSTER_NETWORK6 = "fd00:10:244::/56"
-UNDERLAY_PREFIX = "192.168.100"      # only ever inside the demo's namespaces
+UNDERLAY_PREFIX = "192.168.100"  # only ever inside the demo's namespaces
 UNDERLAY_BRIDGE = "ul"
 UNDERLAY_BRIDGE_MAC = "02:70:79:00:00:01"
 PODS_PER_NODE = 2
@@ -66,10 +67,10 @@ class DemoNode:
     socket: str
     log: str
     subnet: str = ""
-    subnets: list[str] = field(default_factory=list)   # one per pod family
+    subnets: list[str] = field(default_factory=list)  # one per pod family
     bridge: str = "pycni0"
     pods: list[Pod] = field(default_factory=list)
-    runtime: Any = None      # the node's CNI runtime and network list, to attach more pods
+    runtime: Any = None  # the node's CNI runtime and network list, to attach more pods
     netlist: Any = None
 
     @property
@@ -123,8 +124,9 @@ def _wait_for_states(nodes: list[DemoNode], agents: list[subprocess.Popen]) -> N
     for _ in range(int(AGENT_READY_TIMEOUT / 0.05) + 1):
         for node, proc in list(pending):
             if proc.poll() is not None:
-                raise RuntimeError(f"the agent of {node.label} exited with status {proc.returncode}:\n"
-                                   f"{_log_tail(node)}")
+                raise RuntimeError(
+                    f"the agent of {node.label} exited with status {proc.returncode}:\n{_log_tail(node)}"
+                )
             state = read_state(node.state_dir)
             if state is not None:
                 node.subnet = state.subnet
@@ -136,15 +138,17 @@ def _wait_for_states(nodes: list[DemoNode], agents: list[subprocess.Popen]) -> N
         time.sleep(0.05)
     if pending:
         node = pending[0][0]
-        raise RuntimeError(f"the agent of {node.label} leased no subnet within {AGENT_READY_TIMEOUT:g} s:\n"
-                           f"{_log_tail(node)}")
+        raise RuntimeError(
+            f"the agent of {node.label} leased no subnet within {AGENT_READY_TIMEOUT:g} s:\n{_log_tail(node)}"
+        )
 
 
 def _routes_to(node: DemoNode) -> set[str]:
     dsts = set()
     for family in ("-4", "-6"):
-        done = subprocess.run(["ip", "-n", node.name, "-j", family, "route", "show"], capture_output=True,
-                              text=True, timeout=10)
+        done = subprocess.run(
+            ["ip", "-n", node.name, "-j", family, "route", "show"], capture_output=True, text=True, timeout=10
+        )
         dsts |= {route.get("dst", "") for route in json.loads(done.stdout or "[]")}
     return dsts
 
@@ -165,8 +169,8 @@ def _example_conflist(node: DemoNode) -> dict:
     conflist = json.loads(resources.files("conf").joinpath("examples", EXAMPLE).read_text())
     for plugin in conflist["plugins"]:
         if plugin["type"] == "vxlan":
-            plugin["stateDir"] = node.state_dir   # the node agent's --state-dir
-            plugin["dataDir"] = node.data_dir     # keep leases out of the machine's /var/lib/cni
+            plugin["stateDir"] = node.state_dir  # the node agent's --state-dir
+            plugin["dataDir"] = node.data_dir  # keep leases out of the machine's /var/lib/cni
     return conflist
 
 
@@ -184,8 +188,7 @@ def run_multinode_demo(node_count: int, dual_stack: bool = False) -> int:
         workdir = tempfile.mkdtemp(prefix="pycni-demo-nodes-")
         cleanup.callback(shutil.rmtree, workdir, True)
         kind = "a dual-stack vxlan overlay (IPv4 and IPv6 pods)" if dual_stack else "a vxlan overlay"
-        click.echo(f"pycni demo: {node_count} nodes on {kind}; namespaces tagged {tag}, "
-                   f"work dir {workdir}")
+        click.echo(f"pycni demo: {node_count} nodes on {kind}; namespaces tagged {tag}, work dir {workdir}")
         underlay = f"{tag}-u"
         _new_namespace(cleanup, underlay)
         # A fixed MAC: without one the bridge follows its lowest port MAC and changes as nodes join.
@@ -199,43 +202,75 @@ def run_multinode_demo(node_count: int, dual_stack: bool = False) -> int:
             path = _new_namespace(cleanup, name)
             node_dir = os.path.join(workdir, f"node{i}")
             os.makedirs(node_dir)
-            node = DemoNode(i, name, path, f"{UNDERLAY_PREFIX}.{11 + i}", os.path.join(node_dir, "state"),
-                            os.path.join(node_dir, "ipam"), os.path.join(node_dir, "agent.sock"),
-                            os.path.join(node_dir, "agent.log"))
+            node = DemoNode(
+                i,
+                name,
+                path,
+                f"{UNDERLAY_PREFIX}.{11 + i}",
+                os.path.join(node_dir, "state"),
+                os.path.join(node_dir, "ipam"),
+                os.path.join(node_dir, "agent.sock"),
+                os.path.join(node_dir, "agent.log"),
+            )
             # Both ends created in their final namespaces: nothing passes through the root namespace.
             _ip(name, "link", "add", "eth0", "type", "veth", "peer", "name", f"n{i}", "netns", underlay)
             _ip(underlay, "link", "set", f"n{i}", "master", UNDERLAY_BRIDGE, "up")
             _ip(name, "addr", "add", f"{node.public_ip}/24", "dev", "eth0")
             _ip(name, "link", "set", "eth0", "up")
             nodes.append(node)
-        click.echo(f"underlay: bridge {UNDERLAY_BRIDGE} in {underlay}; nodes "
-                   + ", ".join(f"{n.label} {n.public_ip}" for n in nodes))
+        click.echo(
+            f"underlay: bridge {UNDERLAY_BRIDGE} in {underlay}; nodes "
+            + ", ".join(f"{n.label} {n.public_ip}" for n in nodes)
+        )
 
         store = "file://" + os.path.join(workdir, "store")
         networks = ["--network", CLUSTER_NETWORK] + (["--ipv6-network", CLUSTER_NETWORK6] if dual_stack else [])
-        init = subprocess.run([*pycni, "cluster", "init", "--store", store, *networks],
-                              capture_output=True, text=True, timeout=60)
+        init = subprocess.run(
+            [*pycni, "cluster", "init", "--store", store, *networks], capture_output=True, text=True, timeout=60
+        )
         if init.returncode != 0:
             raise RuntimeError(f"pycni cluster init failed: {(init.stderr or init.stdout).strip()}")
-        click.echo(f"cluster store {store}: network {CLUSTER_NETWORK}"
-                   + (f" and IPv6 network {CLUSTER_NETWORK6}" if dual_stack else ""))
+        click.echo(
+            f"cluster store {store}: network {CLUSTER_NETWORK}"
+            + (f" and IPv6 network {CLUSTER_NETWORK6}" if dual_stack else "")
+        )
 
         agents: list[subprocess.Popen] = []
         for node in nodes:
-            args = [*pycni, "agent", "--store", store, "--public-ip", node.public_ip, "--node-name", node.label,
-                    "--state-dir", node.state_dir, "--socket", node.socket]
+            args = [
+                *pycni,
+                "agent",
+                "--store",
+                store,
+                "--public-ip",
+                node.public_ip,
+                "--node-name",
+                node.label,
+                "--state-dir",
+                node.state_dir,
+                "--socket",
+                node.socket,
+            ]
             with open(node.log, "ab") as log:
                 # `ip netns exec` execs the agent: the PID is the agent's own.
-                proc = subprocess.Popen(["ip", "netns", "exec", node.name, *args], stdin=subprocess.DEVNULL,
-                                        stdout=log, stderr=log, close_fds=True)
+                proc = subprocess.Popen(
+                    ["ip", "netns", "exec", node.name, *args],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    close_fds=True,
+                )
             cleanup.callback(_stop_agent, proc, node)
             agents.append(proc)
         _wait_for_states(nodes, agents)
         for node, proc in zip(nodes, agents):
             click.echo(f"  agent {node.label} (pid {proc.pid}): leased {' and '.join(node.subnets)}")
         took = _wait_converged(nodes)
-        score.record("every node routes every other node's subnet" + ("s (both families)" if dual_stack else ""),
-                     True, f"after {took:.2f} s")
+        score.record(
+            "every node routes every other node's subnet" + ("s (both families)" if dual_stack else ""),
+            True,
+            f"after {took:.2f} s",
+        )
 
         for node in nodes:
             # The node's CNI bin dir: executables that hand each request to this node's agent.
@@ -262,15 +297,18 @@ def run_multinode_demo(node_count: int, dual_stack: bool = False) -> int:
 
         if dual_stack:
             took = _wait_bridge_link_local(nodes)
-            click.echo(f"  (IPv6: {took:.1f} s until every node bridge's link-local address finished duplicate "
-                       f"address detection, which starts when its first pod plugs in; until then a node resolves "
-                       f"no IPv6 neighbour on it)")
+            click.echo(
+                f"  (IPv6: {took:.1f} s until every node bridge's link-local address finished duplicate "
+                f"address detection, which starts when its first pod plugs in; until then a node resolves "
+                f"no IPv6 neighbour on it)"
+            )
         click.echo("reachability" + (" (each family)" if dual_stack else "") + ":")
         for version in families:
             _reachability(nodes, version, score)
         if dual_stack:
-            click.echo("  (pod -> remote node stays IPv4: on this IPv4 underlay the nodes have no IPv6 address of "
-                       "their own)")
+            click.echo(
+                "  (pod -> remote node stays IPv4: on this IPv4 underlay the nodes have no IPv6 address of their own)"
+            )
 
         click.echo("TCP across nodes (the receiver reports the source address it saw):")
         for version in families:
@@ -280,8 +318,11 @@ def run_multinode_demo(node_count: int, dual_stack: bool = False) -> int:
                 source, target = src.address_of(version), dst.address_of(version)
                 ok, detail = _tcp_exchange(dst.path, src.path, target, POD_PORT, POD_PORT)
                 at = f"[{target}]:{POD_PORT}" if version == 6 else f"{target}:{POD_PORT}"
-                score.record(f"{_ipv6(version)}TCP {node.label}/pod0 ({source}) -> {peer.label}/pod1 {at} "
-                             f"across nodes, no NAT", ok and detail.endswith(f"seen from {source}"), detail)
+                score.record(
+                    f"{_ipv6(version)}TCP {node.label}/pod0 ({source}) -> {peer.label}/pod1 {at} across nodes, no NAT",
+                    ok and detail.endswith(f"seen from {source}"),
+                    detail,
+                )
 
         click.echo("like real nodes:")
         _strict_hosts(nodes, score, families)
@@ -299,8 +340,12 @@ def run_multinode_demo(node_count: int, dual_stack: bool = False) -> int:
 
 
 def _tentative(node: DemoNode) -> list[str]:
-    done = subprocess.run(["ip", "-n", node.name, "-6", "-j", "addr", "show", "dev", node.bridge, "tentative"],
-                          capture_output=True, text=True, timeout=10)
+    done = subprocess.run(
+        ["ip", "-n", node.name, "-6", "-j", "addr", "show", "dev", node.bridge, "tentative"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     return [a["local"] for e in json.loads(done.stdout or "[]") for a in e.get("addr_info", []) if a.get("local")]
 
 
@@ -336,14 +381,16 @@ def _reachability(nodes: list[DemoNode], version: int, score: Scorecard) -> None
     for node in nodes:
         a, b = node.pods[0], node.pods[1]
         ok, rtt = _ping(a.name, b.address_of(version))
-        score.record(f"{family}ping {node.label}/pod0 -> {node.label}/pod1 ({b.address_of(version)}), same node",
-                     ok, rtt)
+        score.record(
+            f"{family}ping {node.label}/pod0 -> {node.label}/pod1 ({b.address_of(version)}), same node", ok, rtt
+        )
     for node in nodes:
         peer = nodes[(node.index + 1) % len(nodes)]
         src, dst = node.pods[0], peer.pods[1]
         ok, rtt = _ping(src.name, dst.address_of(version))
-        score.record(f"{family}ping {node.label}/pod0 -> {peer.label}/pod1 ({dst.address_of(version)}), "
-                     f"across nodes", ok, rtt)
+        score.record(
+            f"{family}ping {node.label}/pod0 -> {peer.label}/pod1 ({dst.address_of(version)}), across nodes", ok, rtt
+        )
         target = peer.pods[0].address_of(version)
         ok, rtt = _ping(node.name, target)
         score.record(f"{family}ping {node.label} -> {peer.label}/pod0 ({target}), node to remote pod", ok, rtt)
@@ -355,29 +402,39 @@ def _reachability(nodes: list[DemoNode], version: int, score: Scorecard) -> None
 def _strict_hosts(nodes: list[DemoNode], score: Scorecard, families: Sequence[int] = (4,)) -> None:
     """rp_filter=1 on every node (RHEL's default): a pod reaches another node's own address masqueraded."""
     for node in nodes:
-        subprocess.run(["ip", "netns", "exec", node.name, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1"],
-                       capture_output=True, timeout=10, check=True)
+        subprocess.run(
+            ["ip", "netns", "exec", node.name, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1"],
+            capture_output=True,
+            timeout=10,
+            check=True,
+        )
     for node in nodes:
         peer = nodes[(node.index + 1) % len(nodes)]
         src = node.pods[0]
         ok, detail = _tcp_exchange(peer.path, src.path, peer.public_ip, POD_PORT + 1, POD_PORT + 1)
-        score.record(f"rp_filter=1: TCP {node.label}/pod0 -> {peer.label} {peer.public_ip}, leaves as "
-                     f"{node.public_ip}", ok and detail.endswith(f"seen from {node.public_ip}"), detail)
+        score.record(
+            f"rp_filter=1: TCP {node.label}/pod0 -> {peer.label} {peer.public_ip}, leaves as {node.public_ip}",
+            ok and detail.endswith(f"seen from {node.public_ip}"),
+            detail,
+        )
         for version in families:
             target = peer.pods[0].address_of(version)
             ok, rtt = _ping(src.name, target)
-            score.record(f"rp_filter=1: {_ipv6(version)}ping {node.label}/pod0 -> {peer.label}/pod0 ({target})",
-                         ok, rtt)
+            score.record(
+                f"rp_filter=1: {_ipv6(version)}ping {node.label}/pod0 -> {peer.label}/pod0 ({target})", ok, rtt
+            )
 
 
 def _bridge_mac(node: DemoNode) -> str:
-    done = subprocess.run(["ip", "-n", node.name, "-j", "link", "show", "pycni0"], capture_output=True, text=True,
-                          timeout=10)
+    done = subprocess.run(
+        ["ip", "-n", node.name, "-j", "link", "show", "pycni0"], capture_output=True, text=True, timeout=10
+    )
     return (json.loads(done.stdout or "[{}]")[0] or {}).get("address", "(none)")
 
 
-def _gateway_churn(node: DemoNode, name: str, cleanup: ExitStack, score: Scorecard,
-                   families: Sequence[int] = (4,)) -> None:
+def _gateway_churn(
+    node: DemoNode, name: str, cleanup: ExitStack, score: Scorecard, families: Sequence[int] = (4,)
+) -> None:
     """A pod whose host veth has the lowest MAC on the bridge comes and goes: the gateway's MAC stays."""
     import netns
     from pycni.runtime import RuntimeConf
@@ -396,39 +453,61 @@ def _gateway_churn(node: DemoNode, name: str, cleanup: ExitStack, score: Scoreca
         with netns.enter(node.path):
             node.runtime.delete(node.netlist, rt)
     seen.append(_bridge_mac(node))
-    score.record(f"the gateway of {node.label} keeps its MAC {before} while a pod with MAC 00:00:00:00:00:01 "
-                 f"comes and goes", set(seen) == {before}, " -> ".join(dict.fromkeys(seen)))
+    score.record(
+        f"the gateway of {node.label} keeps its MAC {before} while a pod with MAC 00:00:00:00:00:01 comes and goes",
+        set(seen) == {before},
+        " -> ".join(dict.fromkeys(seen)),
+    )
     for version in families:
         gateway = node.pods[0].gateway_of(version)
         ok, rtt = _ping(node.pods[0].name, gateway)
         score.record(f"{_ipv6(version)}ping {node.label}/pod0 -> its gateway {gateway} after the churn", ok, rtt)
 
 
-def _bad_store_entries(store_dir: str, nodes: list[DemoNode], agents: list[subprocess.Popen],
-                       score: Scorecard, families: Sequence[int] = (4,)) -> None:
+def _bad_store_entries(
+    store_dir: str,
+    nodes: list[DemoNode],
+    agents: list[subprocess.Popen],
+    score: Scorecard,
+    families: Sequence[int] = (4,),
+) -> None:
     """Two values under subnets/ that are no lease: every agent skips them (one warning) and keeps going."""
     from ipam.cluster.filestore import FileStore
 
-    bad = {"subnets/10.244.250.0-24": b"[" * 5000 + b"]" * 5000,
-           "subnets/10.244.251.0-24": json.dumps({"PublicIP": "192.168.100.77%eth0", "BackendType": "vxlan",
-                                                  "BackendData": {"VtepMAC": "0a:00:00:00:00:77"}}).encode()}
+    bad = {
+        "subnets/10.244.250.0-24": b"[" * 5000 + b"]" * 5000,
+        "subnets/10.244.251.0-24": json.dumps(
+            {"PublicIP": "192.168.100.77%eth0", "BackendType": "vxlan", "BackendData": {"VtepMAC": "0a:00:00:00:00:77"}}
+        ).encode(),
+    }
     with FileStore(store_dir) as store:
         for key, value in bad.items():
             store.put(key, value)
         time.sleep(1.0)
         rejected = set()
-        done = subprocess.run([*_pycni_command(), "agent", "status", "--socket", nodes[0].socket, "--json"],
-                              capture_output=True, text=True, timeout=30)
+        done = subprocess.run(
+            [*_pycni_command(), "agent", "status", "--socket", nodes[0].socket, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if done.returncode == 0:
             rejected = {r["key"] for r in json.loads(done.stdout)["overlay"]["rejectedEntries"]}
         running = all(proc.poll() is None for proc in agents)
-        score.record("bad store entries (5000-deep JSON, a zoned address) skipped by the agents, which keep "
-                     "running", running and set(bad) <= rejected, f"{node_count_text(agents)} running")
+        score.record(
+            "bad store entries (5000-deep JSON, a zoned address) skipped by the agents, which keep running",
+            running and set(bad) <= rejected,
+            f"{node_count_text(agents)} running",
+        )
         src, dst = nodes[0].pods[0], nodes[-1].pods[1]
         for version in families:
             ok, rtt = _ping(src.name, dst.address_of(version))
-            score.record(f"{_ipv6(version)}ping {nodes[0].label}/pod0 -> {nodes[-1].label}/pod1 "
-                         f"({dst.address_of(version)}) with them in the store", ok, rtt)
+            score.record(
+                f"{_ipv6(version)}ping {nodes[0].label}/pod0 -> {nodes[-1].label}/pod1 "
+                f"({dst.address_of(version)}) with them in the store",
+                ok,
+                rtt,
+            )
         for key in bad:
             store.delete(key)
 

@@ -1,4 +1,5 @@
 """Running one CNI plugin as a process: find it, set its environment, read its answer."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from cni_plugins.spec.errors import ERR_DECODE, ERR_INVALID_CONFIG, CNIError
-from cni_plugins.spec.exec import (OUTPUT_TAIL, PluginError, find_executable,
-                                   plugin_environment, run_plugin)
+from cni_plugins.spec.exec import OUTPUT_TAIL, PluginError, find_executable, plugin_environment, run_plugin
 
 DEFAULT_CNI_PATH = "/opt/cni/bin"
 
@@ -26,9 +26,17 @@ class PluginRequest:
     args: str | None = None
 
     def env(self, cni_path: list[str]) -> dict[str, str]:
-        return plugin_environment(os.environ, self.command, {
-            "CNI_PATH": ":".join(cni_path), "CNI_CONTAINERID": self.container_id, "CNI_NETNS": self.netns,
-            "CNI_IFNAME": self.ifname, "CNI_ARGS": self.args})
+        return plugin_environment(
+            os.environ,
+            self.command,
+            {
+                "CNI_PATH": ":".join(cni_path),
+                "CNI_CONTAINERID": self.container_id,
+                "CNI_NETNS": self.netns,
+                "CNI_IFNAME": self.ifname,
+                "CNI_ARGS": self.args,
+            },
+        )
 
 
 def split_cni_path(value: str | list[str] | None) -> list[str]:
@@ -46,15 +54,23 @@ def find_plugin(plugin_type: str, cni_path: list[str]) -> str:
     found = find_executable(plugin_type, cni_path)
     if found:
         return found
-    raise CNIError(ERR_INVALID_CONFIG, f"plugin {plugin_type!r} not found in CNI_PATH ({':'.join(cni_path)})",
-                   "set CNI_PATH to the directories holding the plugin executables, "
-                   "or install pycni's plugins with `pycni install --cni-bin-dir DIR`")
+    raise CNIError(
+        ERR_INVALID_CONFIG,
+        f"plugin {plugin_type!r} not found in CNI_PATH ({':'.join(cni_path)})",
+        "set CNI_PATH to the directories holding the plugin executables, "
+        "or install pycni's plugins with `pycni install --cni-bin-dir DIR`",
+    )
 
 
-
-def exec_plugin(plugin_path: str, request: PluginRequest, cni_path: list[str], *,
-                want_result: bool = False, timeout: float | None = None,
-                stderr_sink: Callable[[bytes], None] | None = None) -> dict[str, Any] | None:
+def exec_plugin(
+    plugin_path: str,
+    request: PluginRequest,
+    cni_path: list[str],
+    *,
+    want_result: bool = False,
+    timeout: float | None = None,
+    stderr_sink: Callable[[bytes], None] | None = None,
+) -> dict[str, Any] | None:
     """Run a plugin with the CNI environment and its config on stdin.
 
     Returns the parsed stdout object when ``want_result`` (ADD), else None.
@@ -78,12 +94,17 @@ def exec_plugin(plugin_path: str, request: PluginRequest, cni_path: list[str], *
     try:
         result = json.loads(stdout)
     except ValueError as exc:
-        raise PluginError(ERR_DECODE, f"succeeded but its output is not JSON: {exc}",
-                          f"stdout: {stdout.decode(errors='replace')[:OUTPUT_TAIL]!r}", name,
-                          request.command) from None
+        raise PluginError(
+            ERR_DECODE,
+            f"succeeded but its output is not JSON: {exc}",
+            f"stdout: {stdout.decode(errors='replace')[:OUTPUT_TAIL]!r}",
+            name,
+            request.command,
+        ) from None
     if not isinstance(result, dict):
-        raise PluginError(ERR_DECODE, "succeeded but its output is not a JSON object",
-                          plugin=name, command=request.command)
+        raise PluginError(
+            ERR_DECODE, "succeeded but its output is not a JSON object", plugin=name, command=request.command
+        )
     return result
 
 

@@ -1,4 +1,5 @@
 """`pycni ipam`: look at the host-local address store from a shell."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -16,8 +17,13 @@ def ipam() -> None:
 
 @ipam.command("list")
 @click.argument("network")
-@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True, metavar="DIR",
-              help="The host-local dataDir of the network (ipam.dataDir in its configuration).")
+@click.option(
+    "--data-dir",
+    default=DEFAULT_DATA_DIR,
+    show_default=True,
+    metavar="DIR",
+    help="The host-local dataDir of the network (ipam.dataDir in its configuration).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def list_reservations(network: str, data_dir: str, as_json: bool) -> None:
     """List the addresses reserved in NETWORK and which container interface holds each.
@@ -35,18 +41,25 @@ def list_reservations(network: str, data_dir: str, as_json: bool) -> None:
         raise click.BadParameter(f"{exc.msg}: {network!r}", param_hint="NETWORK") from None
     store = DiskStore(network, data_dir, create=False)
     if not store.exists():
-        raise click.ClickException(f"no host-local store for network {network!r} in {data_dir} "
-                                   "(nothing allocated yet, or give --data-dir)")
+        raise click.ClickException(
+            f"no host-local store for network {network!r} in {data_dir} (nothing allocated yet, or give --data-dir)"
+        )
     reservations = sorted(store.reservations(), key=lambda r: _sort_key(r.ip))
     last = store.last_reserved_all()
     if as_json:
-        click.echo(json.dumps({
-            "network": network,
-            "directory": store.dir,
-            "reservations": [{"ip": r.ip, "containerID": r.container_id, "ifname": r.ifname}
-                             for r in reservations],
-            "lastReserved": {f"{LAST_IP_PREFIX}{k}": v for k, v in last.items()},
-        }, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "network": network,
+                    "directory": store.dir,
+                    "reservations": [
+                        {"ip": r.ip, "containerID": r.container_id, "ifname": r.ifname} for r in reservations
+                    ],
+                    "lastReserved": {f"{LAST_IP_PREFIX}{k}": v for k, v in last.items()},
+                },
+                indent=2,
+            )
+        )
         return
     if not reservations:
         click.echo(f"no addresses reserved in {store.dir}")

@@ -4,6 +4,7 @@ Agents, echo services, etcd members and runtimes that pycni's demo,
 conformance run, benchmarks and tests start are stopped this way, never by
 name.
 """
+
 from __future__ import annotations
 
 import os

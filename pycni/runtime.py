@@ -5,14 +5,20 @@ caches the final result; DEL runs them in reverse with the cached result;
 CHECK replays the cached result through every plugin; GC and STATUS (spec
 1.1.0) ask every plugin to clean up or report health.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from cni_plugins.spec.args import split_cni_args
-from cni_plugins.spec.errors import (ERR_INCOMPATIBLE_VERSION, ERR_INVALID_CONFIG, ERR_INVALID_ENV,
-                                ERR_UNKNOWN_CONTAINER, CNIError)
+from cni_plugins.spec.errors import (
+    ERR_INCOMPATIBLE_VERSION,
+    ERR_INVALID_CONFIG,
+    ERR_INVALID_ENV,
+    ERR_UNKNOWN_CONTAINER,
+    CNIError,
+)
 from cni_plugins.spec.skel import validate_container_id, validate_interface_name
 from cni_plugins.spec.version import at_least
 from conf import NetworkConfigList, build_plugin_config
@@ -40,8 +46,11 @@ class RuntimeConf:
         validate_interface_name(self.ifname)
         for key, value in self.args:
             if not key or any(c in key + value for c in ";=") or not value:
-                raise CNIError(ERR_INVALID_ENV, f"invalid CNI_ARGS pair {key!r}={value!r}",
-                               "CNI_ARGS is KEY=VALUE pairs separated by ';'")
+                raise CNIError(
+                    ERR_INVALID_ENV,
+                    f"invalid CNI_ARGS pair {key!r}={value!r}",
+                    "CNI_ARGS is KEY=VALUE pairs separated by ';'",
+                )
 
     @property
     def args_string(self) -> str:
@@ -86,8 +95,14 @@ class StatusReport:
 class CNIRuntime:
     """Executes network configurations against containers (libcni's CNIConfig)."""
 
-    def __init__(self, cni_path: str | list[str] | None = None, cache_dir: str | None = None, *,
-                 timeout: float | None = None, stderr_sink: Callable[[bytes], None] | None = None) -> None:
+    def __init__(
+        self,
+        cni_path: str | list[str] | None = None,
+        cache_dir: str | None = None,
+        *,
+        timeout: float | None = None,
+        stderr_sink: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.cni_path = split_cni_path(cni_path)
         self.cache = ResultCache(cache_dir)
         self.timeout = timeout
@@ -99,21 +114,32 @@ class CNIRuntime:
         return [find_plugin(plugin["type"], self.cni_path) for plugin in netlist.plugins]
 
     def _run(self, path: str, request: PluginRequest, want_result: bool = False) -> dict[str, Any] | None:
-        return exec_plugin(path, request, self.cni_path, want_result=want_result,
-                           timeout=self.timeout, stderr_sink=self.stderr_sink)
+        return exec_plugin(
+            path, request, self.cni_path, want_result=want_result, timeout=self.timeout, stderr_sink=self.stderr_sink
+        )
 
     def _container_request(self, command: str, config: dict[str, Any], rt: RuntimeConf) -> PluginRequest:
-        return PluginRequest(command=command, config=config, container_id=rt.container_id,
-                             netns=rt.netns, ifname=rt.ifname, args=rt.args_string)
+        return PluginRequest(
+            command=command,
+            config=config,
+            container_id=rt.container_id,
+            netns=rt.netns,
+            ifname=rt.ifname,
+            args=rt.args_string,
+        )
 
     @staticmethod
     def _with_cached_args(rt: RuntimeConf, cached: CachedAttachment | None) -> RuntimeConf:
         """Fill in CNI_ARGS and capability args from ADD's cache entry when none were given."""
         if cached is None:
             return rt
-        return RuntimeConf(container_id=rt.container_id, netns=rt.netns, ifname=rt.ifname,
-                           args=rt.args or list(cached.cni_args),
-                           capability_args=rt.capability_args or dict(cached.capability_args))
+        return RuntimeConf(
+            container_id=rt.container_id,
+            netns=rt.netns,
+            ifname=rt.ifname,
+            args=rt.args or list(cached.cni_args),
+            capability_args=rt.capability_args or dict(cached.capability_args),
+        )
 
     def cached_netlist(self, network: str, rt: RuntimeConf) -> NetworkConfigList | None:
         """The configuration ADD used, from its cache entry (None if there is none).
@@ -140,28 +166,40 @@ class CNIRuntime:
             result = convert_result(answer, netlist.cni_version)
         if result is None:
             raise CNIError(ERR_INVALID_CONFIG, f"network {netlist.name!r} has no plugins")
-        self.cache.save(CachedAttachment(
-            network_name=netlist.name, container_id=rt.container_id, ifname=rt.ifname,
-            config=netlist.source_bytes, netns=rt.netns, cni_args=list(rt.args),
-            capability_args=dict(rt.capability_args), result=result))
+        self.cache.save(
+            CachedAttachment(
+                network_name=netlist.name,
+                container_id=rt.container_id,
+                ifname=rt.ifname,
+                config=netlist.source_bytes,
+                netns=rt.netns,
+                cni_args=list(rt.args),
+                capability_args=dict(rt.capability_args),
+                result=result,
+            )
+        )
         return result
 
     def check(self, netlist: NetworkConfigList, rt: RuntimeConf) -> bool:
         """Run CHECK; False when the network disables it, True when every plugin passed."""
         rt.validate()
         if not at_least(netlist.cni_version, "0.4.0"):
-            raise CNIError(ERR_INCOMPATIBLE_VERSION,
-                           f"configuration version {netlist.cni_version!r} does not support the CHECK command",
-                           "CHECK needs cniVersion 0.4.0 or later")
+            raise CNIError(
+                ERR_INCOMPATIBLE_VERSION,
+                f"configuration version {netlist.cni_version!r} does not support the CHECK command",
+                "CHECK needs cniVersion 0.4.0 or later",
+            )
         if netlist.disable_check:
             return False
         entry = self.cache.load(netlist.name, rt.container_id, rt.ifname)
         if entry is None or entry.result is None:
-            raise CNIError(ERR_UNKNOWN_CONTAINER,
-                           f"could not retrieve cached result for network {netlist.name!r}, container "
-                           f"{rt.container_id!r}, interface {rt.ifname!r}",
-                           f"no entry in {self.cache.results_dir}; was ADD run with the same cache "
-                           "directory, container ID and interface name?")
+            raise CNIError(
+                ERR_UNKNOWN_CONTAINER,
+                f"could not retrieve cached result for network {netlist.name!r}, container "
+                f"{rt.container_id!r}, interface {rt.ifname!r}",
+                f"no entry in {self.cache.results_dir}; was ADD run with the same cache "
+                "directory, container ID and interface name?",
+            )
         previous = convert_result(entry.result, netlist.cni_version)
         rt = self._with_cached_args(rt, entry)
         paths = self._resolve_all(netlist)
@@ -191,8 +229,7 @@ class CNIRuntime:
             self._run(path, self._container_request("DEL", config, rt))
         self.cache.remove(netlist.name, rt.container_id, rt.ifname)
 
-    def gc(self, netlist: NetworkConfigList,
-           valid_attachments: Iterable[tuple[str, str]] | None = None) -> GCReport:
+    def gc(self, netlist: NetworkConfigList, valid_attachments: Iterable[tuple[str, str]] | None = None) -> GCReport:
         """Garbage-collect the network.
 
         ``valid_attachments`` are the (container ID, interface) pairs still in
@@ -213,17 +250,25 @@ class CNIRuntime:
         for entry in cached:
             if (entry.container_id, entry.ifname) in valid:
                 continue
-            stale = RuntimeConf(container_id=entry.container_id, netns=entry.netns, ifname=entry.ifname,
-                                args=list(entry.cni_args), capability_args=dict(entry.capability_args))
+            stale = RuntimeConf(
+                container_id=entry.container_id,
+                netns=entry.netns,
+                ifname=entry.ifname,
+                args=list(entry.cni_args),
+                capability_args=dict(entry.capability_args),
+            )
             try:
                 self.delete(netlist, stale)
                 report.removed.append(entry)
             except CNIError as exc:
-                errors.append(CNIError(exc.code, f"cannot delete stale attachment {entry.container_id} "
-                                                 f"{entry.ifname}: {exc}"))
+                errors.append(
+                    CNIError(exc.code, f"cannot delete stale attachment {entry.container_id} {entry.ifname}: {exc}")
+                )
         if not at_least(netlist.cni_version, "1.1.0"):
-            report.note = (f"plugins were not asked to GC: network {netlist.name!r} has cniVersion "
-                           f"{netlist.cni_version}, GC needs 1.1.0")
+            report.note = (
+                f"plugins were not asked to GC: network {netlist.name!r} has cniVersion "
+                f"{netlist.cni_version}, GC needs 1.1.0"
+            )
         else:
             for plugin in netlist.plugins:
                 config = build_plugin_config(netlist, plugin)
@@ -241,8 +286,9 @@ class CNIRuntime:
     def status(self, netlist: NetworkConfigList) -> StatusReport:
         """Ask every plugin whether it is ready to ADD (spec 1.1.0); the first failure raises."""
         if not at_least(netlist.cni_version, "1.1.0"):
-            return StatusReport(skipped=f"network {netlist.name!r} has cniVersion {netlist.cni_version}; "
-                                        "STATUS needs 1.1.0")
+            return StatusReport(
+                skipped=f"network {netlist.name!r} has cniVersion {netlist.cni_version}; STATUS needs 1.1.0"
+            )
         report = StatusReport()
         for plugin in netlist.plugins:
             path = find_plugin(plugin["type"], self.cni_path)

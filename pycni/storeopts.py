@@ -19,6 +19,7 @@ password comes from a file, read when the store is opened; a file that its
 group or others may read is refused (as ssh refuses such a key): the
 password lets its reader rewrite every node's lease.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,15 +29,17 @@ from typing import Any, Callable
 
 import click
 
-STORE_HELP = ("Where the cluster state lives: file:///DIR for a local directory (one machine, or nodes "
-              "sharing a filesystem), or an etcd v3 cluster (list several members; they are tried in order): "
-              "etcd://HOST:PORT[,HOST:PORT...] (https when TLS files are given), or flannel's --etcd-endpoints "
-              "form http://HOST:PORT[,http://HOST:PORT...] (plain http) or https://HOST:PORT[,https://HOST:PORT...] "
-              "(TLS; without --etcd-cafile the system's trusted CAs verify etcd). PORT defaults to 2379.")
+STORE_HELP = (
+    "Where the cluster state lives: file:///DIR for a local directory (one machine, or nodes "
+    "sharing a filesystem), or an etcd v3 cluster (list several members; they are tried in order): "
+    "etcd://HOST:PORT[,HOST:PORT...] (https when TLS files are given), or flannel's --etcd-endpoints "
+    "form http://HOST:PORT[,http://HOST:PORT...] (plain http) or https://HOST:PORT[,https://HOST:PORT...] "
+    "(TLS; without --etcd-cafile the system's trusted CAs verify etcd). PORT defaults to 2379."
+)
 
 STORE_ENVVAR = "PYCNI_STORE"
 MAX_PASSWORD_FILE = 4096
-_AUTH_META = "pycni.storeopts.auth"   # ctx.meta key: {"username": NAME, "password_file": PATH}
+_AUTH_META = "pycni.storeopts.auth"  # ctx.meta key: {"username": NAME, "password_file": PATH}
 
 
 def _apply(fn: Callable[..., Any], options: list[Callable[..., Any]]) -> Callable[..., Any]:
@@ -47,40 +50,93 @@ def _apply(fn: Callable[..., Any], options: list[Callable[..., Any]]) -> Callabl
 
 def etcd_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--etcd-prefix, the TLS files and the user of an etcd store."""
-    return _apply(fn, [
-        click.option("--etcd-prefix", default="/pycni", show_default=True, metavar="PREFIX",
-                     envvar="PYCNI_ETCD_PREFIX", show_envvar=True,
-                     help="Key prefix in etcd, so several clusters can share one etcd (ignored for file://)."),
-        click.option("--etcd-cafile", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
-                     envvar="PYCNI_ETCD_CAFILE", show_envvar=True,
-                     help="CA certificate that signed etcd's server certificate; turns on TLS for etcd:// "
-                          "(an https:// store without it trusts the system's CAs)."),
-        click.option("--etcd-certfile", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
-                     envvar="PYCNI_ETCD_CERTFILE", show_envvar=True,
-                     help="Client certificate, for etcd started with --client-cert-auth; turns on TLS."),
-        click.option("--etcd-keyfile", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
-                     envvar="PYCNI_ETCD_KEYFILE", show_envvar=True,
-                     help="Private key of --etcd-certfile."),
-        click.option("--etcd-username", metavar="NAME", envvar="PYCNI_ETCD_USERNAME", show_envvar=True,
-                     expose_value=False, callback=_remember_username,
-                     help="etcd user, for an etcd with authentication enabled (its roles must grant readwrite "
-                          "on the --etcd-prefix keys); needs --etcd-password-file."),
-        click.option("--etcd-password-file", metavar="FILE", envvar="PYCNI_ETCD_PASSWORD_FILE", show_envvar=True,
-                     type=click.Path(dir_okay=False), expose_value=False, callback=_remember_password_file,
-                     help="File holding the password of --etcd-username (one line; a trailing newline is "
-                          "ignored). It must not be readable by group or others: chmod 600."),
-    ])
+    return _apply(
+        fn,
+        [
+            click.option(
+                "--etcd-prefix",
+                default="/pycni",
+                show_default=True,
+                metavar="PREFIX",
+                envvar="PYCNI_ETCD_PREFIX",
+                show_envvar=True,
+                help="Key prefix in etcd, so several clusters can share one etcd (ignored for file://).",
+            ),
+            click.option(
+                "--etcd-cafile",
+                type=click.Path(exists=True, dir_okay=False),
+                metavar="FILE",
+                envvar="PYCNI_ETCD_CAFILE",
+                show_envvar=True,
+                help="CA certificate that signed etcd's server certificate; turns on TLS for etcd:// "
+                "(an https:// store without it trusts the system's CAs).",
+            ),
+            click.option(
+                "--etcd-certfile",
+                type=click.Path(exists=True, dir_okay=False),
+                metavar="FILE",
+                envvar="PYCNI_ETCD_CERTFILE",
+                show_envvar=True,
+                help="Client certificate, for etcd started with --client-cert-auth; turns on TLS.",
+            ),
+            click.option(
+                "--etcd-keyfile",
+                type=click.Path(exists=True, dir_okay=False),
+                metavar="FILE",
+                envvar="PYCNI_ETCD_KEYFILE",
+                show_envvar=True,
+                help="Private key of --etcd-certfile.",
+            ),
+            click.option(
+                "--etcd-username",
+                metavar="NAME",
+                envvar="PYCNI_ETCD_USERNAME",
+                show_envvar=True,
+                expose_value=False,
+                callback=_remember_username,
+                help="etcd user, for an etcd with authentication enabled (its roles must grant readwrite "
+                "on the --etcd-prefix keys); needs --etcd-password-file.",
+            ),
+            click.option(
+                "--etcd-password-file",
+                metavar="FILE",
+                envvar="PYCNI_ETCD_PASSWORD_FILE",
+                show_envvar=True,
+                type=click.Path(dir_okay=False),
+                expose_value=False,
+                callback=_remember_password_file,
+                help="File holding the password of --etcd-username (one line; a trailing newline is "
+                "ignored). It must not be readable by group or others: chmod 600.",
+            ),
+        ],
+    )
 
 
 def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--store (required), the etcd options and --timeout."""
-    return _apply(fn, [
-        click.option("--store", "store_url", required=True, metavar="URL", envvar=STORE_ENVVAR, show_envvar=True,
-                     help=STORE_HELP),
-        etcd_options,
-        click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0.1),
-                     metavar="SECONDS", help="How long to wait for each store request."),
-    ])
+    return _apply(
+        fn,
+        [
+            click.option(
+                "--store",
+                "store_url",
+                required=True,
+                metavar="URL",
+                envvar=STORE_ENVVAR,
+                show_envvar=True,
+                help=STORE_HELP,
+            ),
+            etcd_options,
+            click.option(
+                "--timeout",
+                default=5.0,
+                show_default=True,
+                type=click.FloatRange(min=0.1),
+                metavar="SECONDS",
+                help="How long to wait for each store request.",
+            ),
+        ],
+    )
 
 
 def tls_files(cafile: str | None, certfile: str | None, keyfile: str | None) -> Any:
@@ -88,8 +144,9 @@ def tls_files(cafile: str | None, certfile: str | None, keyfile: str | None) -> 
     if not (cafile or certfile or keyfile):
         return None
     if keyfile and not certfile:
-        raise click.BadParameter("a client key needs its certificate: give --etcd-certfile too",
-                                 param_hint="--etcd-keyfile")
+        raise click.BadParameter(
+            "a client key needs its certificate: give --etcd-certfile too", param_hint="--etcd-keyfile"
+        )
     from ipam.cluster import TLSFiles
 
     return TLSFiles(cafile=cafile, certfile=certfile, keyfile=keyfile)
@@ -124,15 +181,18 @@ def read_password_file(path: str) -> str:
             raise click.BadParameter(
                 f"{path} is readable by group or others (mode {mode:04o}), and the password in it lets its "
                 f"reader rewrite every node's lease: chmod 600 {path} (in Kubernetes, a secret volume's "
-                f"defaultMode: 0400)", param_hint=hint)
+                f"defaultMode: 0400)",
+                param_hint=hint,
+            )
         data = os.read(fd, MAX_PASSWORD_FILE + 1)
     except OSError as err:
         raise click.BadParameter(f"cannot read {path}: {err.strerror}", param_hint=hint) from None
     finally:
         os.close(fd)
     if len(data) > MAX_PASSWORD_FILE:
-        raise click.BadParameter(f"{path} is larger than {MAX_PASSWORD_FILE} bytes: it should hold the etcd "
-                                 f"password alone", param_hint=hint)
+        raise click.BadParameter(
+            f"{path} is larger than {MAX_PASSWORD_FILE} bytes: it should hold the etcd password alone", param_hint=hint
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -142,8 +202,9 @@ def read_password_file(path: str) -> str:
     if not password:
         raise click.BadParameter(f"{path} holds no password (its first line is empty)", param_hint=hint)
     if any(line.strip() for line in lines[1:]):
-        raise click.BadParameter(f"{path} has more than one line: it should hold the etcd password alone",
-                                 param_hint=hint)
+        raise click.BadParameter(
+            f"{path} has more than one line: it should hold the etcd password alone", param_hint=hint
+        )
     return password
 
 
@@ -158,11 +219,14 @@ def store_auth(ctx: click.Context | None = None) -> Any:
     given = (ctx.meta.get(_AUTH_META) if ctx is not None else None) or {}
     username, password_file = given.get("username"), given.get("password_file")
     if username and not password_file:
-        raise click.BadParameter("an etcd user needs its password: give --etcd-password-file FILE too",
-                                 param_hint="--etcd-username")
+        raise click.BadParameter(
+            "an etcd user needs its password: give --etcd-password-file FILE too", param_hint="--etcd-username"
+        )
     if password_file and not username:
-        raise click.BadParameter(f"the password in {password_file} needs its user: give --etcd-username NAME too",
-                                 param_hint="--etcd-password-file")
+        raise click.BadParameter(
+            f"the password in {password_file} needs its user: give --etcd-username NAME too",
+            param_hint="--etcd-password-file",
+        )
     if not username:
         return None
     password = read_password_file(password_file)
@@ -174,8 +238,15 @@ def store_auth(ctx: click.Context | None = None) -> Any:
         raise click.BadParameter(str(exc), param_hint="--etcd-username") from None
 
 
-def open_from_options(store_url: str, etcd_prefix: str, etcd_cafile: str | None, etcd_certfile: str | None,
-                      etcd_keyfile: str | None, timeout: float = 5.0, auth: Any = None) -> Any:
+def open_from_options(
+    store_url: str,
+    etcd_prefix: str,
+    etcd_cafile: str | None,
+    etcd_certfile: str | None,
+    etcd_keyfile: str | None,
+    timeout: float = 5.0,
+    auth: Any = None,
+) -> Any:
     """Open the store the options name; a bad URL is a usage error naming --store.
 
     auth is a StoreAuth; None: the etcd user the command line (the current

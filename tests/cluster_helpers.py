@@ -26,6 +26,7 @@ Failures, all inside the test's namespaces and undone on exit:
     with cut_member_link(cluster, 0): ...            # member 0 gone silent for everyone (no RST, no FIN)
     tcp_connections(netns_path, 2379, pid=os.getpid())   # `ss` lines of our connections to the port
 """
+
 from __future__ import annotations
 
 import http.client
@@ -116,9 +117,23 @@ def make_tls_certs(directory: str, server_ips: Sequence[str], *, days: int = 2) 
             raise RuntimeError(f"openssl {' '.join(args)} failed: {done.stderr.strip()}")
 
     key_args = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    openssl("req", "-x509", *key_args, "-keyout", path("ca.key"), "-out", path("ca.crt"), "-days", str(days),
-            "-subj", "/CN=pycni test CA", "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    openssl(
+        "req",
+        "-x509",
+        *key_args,
+        "-keyout",
+        path("ca.key"),
+        "-out",
+        path("ca.crt"),
+        "-days",
+        str(days),
+        "-subj",
+        "/CN=pycni test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
     sans = ",".join(f"IP:{address}" for address in server_ips)
     leaves = {
         "server": ("/CN=etcd", f"subjectAltName={sans}\nextendedKeyUsage=serverAuth,clientAuth\n"),
@@ -127,13 +142,31 @@ def make_tls_certs(directory: str, server_ips: Sequence[str], *, days: int = 2) 
     for name, (subject, extensions) in leaves.items():
         with open(path(f"{name}.ext"), "w") as fh:
             fh.write("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n" + extensions)
-        openssl("req", "-new", *key_args, "-keyout", path(f"{name}.key"), "-out", path(f"{name}.csr"),
-                "-subj", subject)
-        openssl("x509", "-req", "-in", path(f"{name}.csr"), "-CA", path("ca.crt"), "-CAkey", path("ca.key"),
-                "-CAcreateserial", "-out", path(f"{name}.crt"), "-days", str(days),
-                "-extfile", path(f"{name}.ext"))
-    return EtcdTLS(ca=path("ca.crt"), server_cert=path("server.crt"), server_key=path("server.key"),
-                   client_cert=path("client.crt"), client_key=path("client.key"))
+        openssl("req", "-new", *key_args, "-keyout", path(f"{name}.key"), "-out", path(f"{name}.csr"), "-subj", subject)
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            path(f"{name}.csr"),
+            "-CA",
+            path("ca.crt"),
+            "-CAkey",
+            path("ca.key"),
+            "-CAcreateserial",
+            "-out",
+            path(f"{name}.crt"),
+            "-days",
+            str(days),
+            "-extfile",
+            path(f"{name}.ext"),
+        )
+    return EtcdTLS(
+        ca=path("ca.crt"),
+        server_cert=path("server.crt"),
+        server_key=path("server.key"),
+        client_cert=path("client.crt"),
+        client_key=path("client.key"),
+    )
 
 
 # -- one member ---------------------------------------------------------------------------
@@ -144,7 +177,7 @@ class EtcdMember:
     """One etcd process in a test namespace."""
 
     name: str
-    netns: str          # path of the namespace it runs in
+    netns: str  # path of the namespace it runs in
     ip: str
     data_dir: str
     log_path: str
@@ -193,11 +226,21 @@ class EtcdMember:
             return "(no log)"
 
 
-def start_etcd(netns_path: str, ip: str = "127.0.0.1", *, workdir: str, name: str = "etcd0",
-               client_port: int = CLIENT_PORT, peer_port: int = PEER_PORT, tls: EtcdTLS | None = None,
-               initial_cluster: str | None = None, cluster_token: str = "pycni-test",
-               extra_args: Sequence[str] = (), wait: bool = True,
-               startup_timeout: float = STARTUP_TIMEOUT) -> EtcdMember:
+def start_etcd(
+    netns_path: str,
+    ip: str = "127.0.0.1",
+    *,
+    workdir: str,
+    name: str = "etcd0",
+    client_port: int = CLIENT_PORT,
+    peer_port: int = PEER_PORT,
+    tls: EtcdTLS | None = None,
+    initial_cluster: str | None = None,
+    cluster_token: str = "pycni-test",
+    extra_args: Sequence[str] = (),
+    wait: bool = True,
+    startup_timeout: float = STARTUP_TIMEOUT,
+) -> EtcdMember:
     """Start etcd in the namespace at netns_path, listening on ip only.
 
     workdir holds its data directory and log (<workdir>/<name>.data, .log).
@@ -208,27 +251,66 @@ def start_etcd(netns_path: str, ip: str = "127.0.0.1", *, workdir: str, name: st
     """
     netns.validate(netns_path)
     scheme = "https" if tls else "http"
-    member = EtcdMember(name=name, netns=netns_path, ip=ip, data_dir=os.path.join(workdir, f"{name}.data"),
-                        log_path=os.path.join(workdir, f"{name}.log"), client_port=client_port,
-                        peer_port=peer_port, tls=tls)
+    member = EtcdMember(
+        name=name,
+        netns=netns_path,
+        ip=ip,
+        data_dir=os.path.join(workdir, f"{name}.data"),
+        log_path=os.path.join(workdir, f"{name}.log"),
+        client_port=client_port,
+        peer_port=peer_port,
+        tls=tls,
+    )
     client_url = f"{scheme}://{ip}:{client_port}"
     args = [
-        ETCD, "--name", name, "--data-dir", member.data_dir,
-        "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
-        "--listen-peer-urls", member.peer_url, "--initial-advertise-peer-urls", member.peer_url,
-        "--initial-cluster", initial_cluster or f"{name}={member.peer_url}",
-        "--initial-cluster-state", "new", "--initial-cluster-token", cluster_token,
-        *FAST_FLAGS, "--logger", "zap", "--log-level", "warn", "--log-outputs", "stderr",
+        ETCD,
+        "--name",
+        name,
+        "--data-dir",
+        member.data_dir,
+        "--listen-client-urls",
+        client_url,
+        "--advertise-client-urls",
+        client_url,
+        "--listen-peer-urls",
+        member.peer_url,
+        "--initial-advertise-peer-urls",
+        member.peer_url,
+        "--initial-cluster",
+        initial_cluster or f"{name}={member.peer_url}",
+        "--initial-cluster-state",
+        "new",
+        "--initial-cluster-token",
+        cluster_token,
+        *FAST_FLAGS,
+        "--logger",
+        "zap",
+        "--log-level",
+        "warn",
+        "--log-outputs",
+        "stderr",
     ]
     if tls is not None:
-        args += ["--cert-file", tls.server_cert, "--key-file", tls.server_key,
-                 "--client-cert-auth", "--trusted-ca-file", tls.ca]
+        args += [
+            "--cert-file",
+            tls.server_cert,
+            "--key-file",
+            tls.server_key,
+            "--client-cert-auth",
+            "--trusted-ca-file",
+            tls.ca,
+        ]
     args += list(extra_args)
     os.makedirs(workdir, exist_ok=True)
     with open(member.log_path, "ab") as log:
         # nsenter switches only the network namespace, then execs etcd: the PID is etcd's own.
-        member.proc = subprocess.Popen(["nsenter", f"--net={netns_path}", "--", *args], stdin=subprocess.DEVNULL,
-                                       stdout=log, stderr=log, close_fds=True)
+        member.proc = subprocess.Popen(
+            ["nsenter", f"--net={netns_path}", "--", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            close_fds=True,
+        )
     if wait:
         try:
             wait_healthy([member], timeout=startup_timeout)
@@ -247,7 +329,8 @@ def health(member: EtcdMember, timeout: float = 1.0) -> bool:
     with netns.enter(member.netns):
         if context is not None:
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                member.ip, member.client_port, timeout=timeout, context=context)
+                member.ip, member.client_port, timeout=timeout, context=context
+            )
         else:
             conn = http.client.HTTPConnection(member.ip, member.client_port, timeout=timeout)
         try:
@@ -271,9 +354,11 @@ def wait_healthy(members: Sequence[EtcdMember], timeout: float = STARTUP_TIMEOUT
     for _ in range(int(timeout / 0.05) + 1):
         for member in list(pending):
             if not member.running():
-                raise RuntimeError(f"etcd {member.name} exited during start-up "
-                                   f"(status {member.proc.returncode if member.proc else '?'}):\n"
-                                   f"{member.log_tail()}")
+                raise RuntimeError(
+                    f"etcd {member.name} exited during start-up "
+                    f"(status {member.proc.returncode if member.proc else '?'}):\n"
+                    f"{member.log_tail()}"
+                )
             if health(member):
                 pending.remove(member)
         if not pending or time.monotonic() >= deadline:
@@ -335,17 +420,45 @@ def restart_etcd(member: EtcdMember, *, wait: bool = True, startup_timeout: floa
     scheme = "https" if member.tls else "http"
     client_url = f"{scheme}://{member.ip}:{member.client_port}"
     args = [
-        ETCD, "--name", member.name, "--data-dir", member.data_dir,
-        "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
-        "--listen-peer-urls", member.peer_url, "--initial-advertise-peer-urls", member.peer_url,
-        *FAST_FLAGS, "--logger", "zap", "--log-level", "warn", "--log-outputs", "stderr",
+        ETCD,
+        "--name",
+        member.name,
+        "--data-dir",
+        member.data_dir,
+        "--listen-client-urls",
+        client_url,
+        "--advertise-client-urls",
+        client_url,
+        "--listen-peer-urls",
+        member.peer_url,
+        "--initial-advertise-peer-urls",
+        member.peer_url,
+        *FAST_FLAGS,
+        "--logger",
+        "zap",
+        "--log-level",
+        "warn",
+        "--log-outputs",
+        "stderr",
     ]
     if member.tls is not None:
-        args += ["--cert-file", member.tls.server_cert, "--key-file", member.tls.server_key,
-                 "--client-cert-auth", "--trusted-ca-file", member.tls.ca]
+        args += [
+            "--cert-file",
+            member.tls.server_cert,
+            "--key-file",
+            member.tls.server_key,
+            "--client-cert-auth",
+            "--trusted-ca-file",
+            member.tls.ca,
+        ]
     with open(member.log_path, "ab") as log:
-        member.proc = subprocess.Popen(["nsenter", f"--net={member.netns}", "--", *args], stdin=subprocess.DEVNULL,
-                                       stdout=log, stderr=log, close_fds=True)
+        member.proc = subprocess.Popen(
+            ["nsenter", f"--net={member.netns}", "--", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            close_fds=True,
+        )
     if wait:
         try:
             wait_healthy([member], timeout=startup_timeout)
@@ -362,8 +475,12 @@ def tcp_connections(netns_path: str, port: int, *, pid: int | None = None) -> li
     TCP keep-alive is on.
     """
     netns.validate(netns_path)
-    done = subprocess.run(["nsenter", f"--net={netns_path}", "--", "ss", "-tnpoH", "state", "established",
-                           f"( dport = :{port} )"], capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        ["nsenter", f"--net={netns_path}", "--", "ss", "-tnpoH", "state", "established", f"( dport = :{port} )"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"ss failed: {done.stderr.strip()}")
     lines = [line for line in done.stdout.splitlines() if line.strip()]
@@ -378,7 +495,7 @@ def tcp_connections(netns_path: str, port: int, *, pid: int | None = None) -> li
 @dataclass
 class EtcdCluster:
     members: list[EtcdMember]
-    client_netns: str          # the bridge's namespace, which has an address on the members' subnet
+    client_netns: str  # the bridge's namespace, which has an address on the members' subnet
     client_ip: str
     namespaces: list[str] = field(default_factory=list)
 
@@ -389,8 +506,9 @@ class EtcdCluster:
 
 
 @contextmanager
-def etcd_cluster(size: int = 3, *, prefix: str = "etcdc", subnet: str = "10.213.7",
-                 tls: EtcdTLS | None = None) -> Iterator[EtcdCluster]:
+def etcd_cluster(
+    size: int = 3, *, prefix: str = "etcdc", subnet: str = "10.213.7", tls: EtcdTLS | None = None
+) -> Iterator[EtcdCluster]:
     """size etcd members, each in its own namespace, joined by a bridge in one more namespace.
 
     Member i has address <subnet>.<i+1>/24 on its veth; the bridge namespace
@@ -408,7 +526,9 @@ def etcd_cluster(size: int = 3, *, prefix: str = "etcdc", subnet: str = "10.213.
         netns.create(bridge_name)
         names.append(bridge_name)
         ip("-n", bridge_name, "link", "set", "lo", "up")
-        ip("-n", bridge_name, "link", "add", "br0", "address", "02:70:79:00:00:02", "type", "bridge")  # pinned, as a switch
+        ip(
+            "-n", bridge_name, "link", "add", "br0", "address", "02:70:79:00:00:02", "type", "bridge"
+        )  # pinned, as a switch
         ip("-n", bridge_name, "addr", "add", f"{subnet}.254/24", "dev", "br0")
         ip("-n", bridge_name, "link", "set", "br0", "up")
         addresses = [f"{subnet}.{i + 1}" for i in range(size)]
@@ -425,11 +545,22 @@ def etcd_cluster(size: int = 3, *, prefix: str = "etcdc", subnet: str = "10.213.
         initial = ",".join(f"m{i}=http://{address}:{PEER_PORT}" for i, address in enumerate(addresses))
         token = f"pycni-{tag}"
         for i, address in enumerate(addresses):
-            members.append(start_etcd(netns.path_of(names[i + 1]), address, workdir=workdir, name=f"m{i}",
-                                      tls=tls, initial_cluster=initial, cluster_token=token, wait=False))
+            members.append(
+                start_etcd(
+                    netns.path_of(names[i + 1]),
+                    address,
+                    workdir=workdir,
+                    name=f"m{i}",
+                    tls=tls,
+                    initial_cluster=initial,
+                    cluster_token=token,
+                    wait=False,
+                )
+            )
         wait_healthy(members)
-        yield EtcdCluster(members=members, client_netns=netns.path_of(bridge_name), client_ip=f"{subnet}.254",
-                          namespaces=list(names))
+        yield EtcdCluster(
+            members=members, client_netns=netns.path_of(bridge_name), client_ip=f"{subnet}.254", namespaces=list(names)
+        )
     finally:
         for member in members:
             member.stop()
@@ -456,7 +587,7 @@ def partition_member(cluster: EtcdCluster, index: int) -> Iterator[EtcdMember]:
     leader among themselves. Undone on exit, also on failure.
     """
     member = cluster.members[index]
-    routes = []   # (namespace name, address): a blackhole route to address in that namespace
+    routes = []  # (namespace name, address): a blackhole route to address in that namespace
     for i, other in enumerate(cluster.members):
         if i != index:
             routes += [(_ns_name(member.netns), other.ip), (_ns_name(other.netns), member.ip)]
@@ -489,8 +620,9 @@ def cut_member_link(cluster: EtcdCluster, index: int) -> Iterator[EtcdMember]:
 # -- racing nodes ---------------------------------------------------------------------------
 
 
-def _race_worker(url: str, prefix: str, netns_path: str | None, tls, cfg_json: str, public_ip: str,
-                 mac: str, barrier, results) -> None:
+def _race_worker(
+    url: str, prefix: str, netns_path: str | None, tls, cfg_json: str, public_ip: str, mac: str, barrier, results
+) -> None:
     try:
         from ipam.cluster import ClusterConfig, acquire_lease, open_store
 
@@ -508,8 +640,16 @@ def _race_worker(url: str, prefix: str, netns_path: str | None, tls, cfg_json: s
         results.put((public_ip, f"ERROR {type(err).__name__}: {err}"))
 
 
-def race_acquire_leases(url: str, cfg, public_ips: Sequence[str], *, prefix: str = "/pycni",
-                        netns_path: str | None = None, tls=None, timeout: float = 60.0) -> dict[str, str]:
+def race_acquire_leases(
+    url: str,
+    cfg,
+    public_ips: Sequence[str],
+    *,
+    prefix: str = "/pycni",
+    netns_path: str | None = None,
+    tls=None,
+    timeout: float = 60.0,
+) -> dict[str, str]:
     """acquire_lease() for each public IP, each in its own process, all released at once by a barrier.
 
     Returns {public_ip: subnet, or "ERROR ..."}. Each process opens its own
@@ -522,10 +662,14 @@ def race_acquire_leases(url: str, cfg, public_ips: Sequence[str], *, prefix: str
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(len(public_ips))
     results = ctx.Queue()
-    procs = [ctx.Process(target=_race_worker,
-                         args=(url, prefix, netns_path, tls, cfg.to_json(), ip_, f"0a:58:00:00:00:{i:02x}",
-                               barrier, results), daemon=True)
-             for i, ip_ in enumerate(public_ips)]
+    procs = [
+        ctx.Process(
+            target=_race_worker,
+            args=(url, prefix, netns_path, tls, cfg.to_json(), ip_, f"0a:58:00:00:00:{i:02x}", barrier, results),
+            daemon=True,
+        )
+        for i, ip_ in enumerate(public_ips)
+    ]
     found: dict[str, str] = {}
     try:
         for proc in procs:
@@ -563,8 +707,9 @@ def auth_flags(token_ttl: int = 300) -> tuple[str, ...]:
     return ("--auth-token", "simple", "--auth-token-ttl", str(int(token_ttl)), "--bcrypt-cost", "4")
 
 
-def etcd_gateway(member: EtcdMember, path: str, body: dict, *, token: str | None = None,
-                 timeout: float = 5.0) -> tuple[int, dict]:
+def etcd_gateway(
+    member: EtcdMember, path: str, body: dict, *, token: str | None = None, timeout: float = 5.0
+) -> tuple[int, dict]:
     """POST body to etcd's JSON gateway at path, from inside the member's namespace: (HTTP status, answer)."""
     context = None
     if member.tls is not None:
@@ -573,10 +718,11 @@ def etcd_gateway(member: EtcdMember, path: str, body: dict, *, token: str | None
     with netns.enter(member.netns):
         if context is not None:
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                member.ip, member.client_port, timeout=timeout, context=context)
+                member.ip, member.client_port, timeout=timeout, context=context
+            )
         else:
             conn = http.client.HTTPConnection(member.ip, member.client_port, timeout=timeout)
-        conn.connect()   # the socket is made here, inside the namespace
+        conn.connect()  # the socket is made here, inside the namespace
     try:
         headers = {"Content-Type": "application/json"}
         if token:
@@ -623,7 +769,16 @@ def enable_etcd_auth(member: EtcdMember, users: dict[str, tuple[str, str]]) -> N
         role = f"{name}-rw"
         call("/v3/auth/user/add", {"name": name, "password": password})
         call("/v3/auth/role/add", {"name": role})
-        call("/v3/auth/role/grant", {"name": role, "perm": {
-            "permType": "READWRITE", "key": b64(prefix.encode()), "range_end": b64(_prefix_end(prefix.encode()))}})
+        call(
+            "/v3/auth/role/grant",
+            {
+                "name": role,
+                "perm": {
+                    "permType": "READWRITE",
+                    "key": b64(prefix.encode()),
+                    "range_end": b64(_prefix_end(prefix.encode())),
+                },
+            },
+        )
         call("/v3/auth/user/grant", {"user": name, "role": role})
     call("/v3/auth/enable", {})

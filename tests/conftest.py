@@ -8,6 +8,7 @@ Markers (also listed in setup.cfg):
 Tests carrying any of them are skipped, with the reason, when not run as root,
 so test files need no `skipif(os.geteuid() != 0)` of their own.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,8 +43,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         needs = [name for name in NEEDS_ROOT if item.get_closest_marker(name)]
         if needs:
-            item.add_marker(pytest.mark.skip(
-                reason=f"marked {', '.join(needs)}: needs root to create network namespaces"))
+            item.add_marker(
+                pytest.mark.skip(reason=f"marked {', '.join(needs)}: needs root to create network namespaces")
+            )
 
 
 @pytest.fixture(scope="session")
@@ -71,4 +73,3 @@ def make_pod() -> Iterator[Callable[..., Pod]]:
 def node(make_node) -> Node:
     """One node namespace with its directories."""
     return make_node()
-

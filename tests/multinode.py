@@ -30,6 +30,7 @@ namespaces share the machine's host name, real nodes do not). The command is
 ``agent_command()``: the venv's ``pycni agent``; ``PYCNI_AGENT_CMD`` in the
 environment overrides it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -53,9 +54,9 @@ import netns
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNDERLAY_NET = ipaddress.ip_network("192.168.100.0/24")
-UNDERLAY_GATEWAY = "192.168.100.1"   # the underlay bridge's own address (etcd can listen there)
-FIRST_NODE_HOST = 10                 # node i gets 192.168.100.(10 + i)
-FIRST_EXTRA_HOST = 200               # add_host() addresses: 192.168.100.200, .201, ...
+UNDERLAY_GATEWAY = "192.168.100.1"  # the underlay bridge's own address (etcd can listen there)
+FIRST_NODE_HOST = 10  # node i gets 192.168.100.(10 + i)
+FIRST_EXTRA_HOST = 200  # add_host() addresses: 192.168.100.200, .201, ...
 UNDERLAY_BRIDGE = "ul"
 # A fixed MAC for the underlay bridge: a Linux bridge without one takes the lowest MAC of its ports, so a
 # node joining would change it and every node's ARP entry for 192.168.100.1 (etcd) would point nowhere
@@ -101,10 +102,10 @@ def leave_command() -> tuple[str, ...]:
 class Host:
     """A namespace on the underlay: a node (``Node``) or a plain host."""
 
-    name: str            # namespace name (for `ip -n`, `ip netns exec`)
-    path: str            # /run/netns/NAME
-    public_ip: str       # its address on the underlay
-    port: str            # its veth's name inside the underlay namespace
+    name: str  # namespace name (for `ip -n`, `ip netns exec`)
+    path: str  # /run/netns/NAME
+    public_ip: str  # its address on the underlay
+    port: str  # its veth's name inside the underlay namespace
 
     def run(self, *args: str, check: bool = True, timeout: float = CMD_TIMEOUT) -> subprocess.CompletedProcess[str]:
         """Run a command inside this namespace (`ip netns exec`)."""
@@ -117,8 +118,15 @@ class Host:
         out = ip_in(self.name, "-j", *args).stdout.strip()
         return json.loads(out) if out else []
 
-    def ping(self, dst: str, count: int = 1, size: int | None = None, dont_fragment: bool = False,
-             timeout: float = 2.0, src: str | None = None) -> bool:
+    def ping(
+        self,
+        dst: str,
+        count: int = 1,
+        size: int | None = None,
+        dont_fragment: bool = False,
+        timeout: float = 2.0,
+        src: str | None = None,
+    ) -> bool:
         """True if ``count`` echo requests to ``dst`` are all answered within ``timeout`` seconds each."""
         args = ["ping", "-n", "-q", "-c", str(count), "-W", str(timeout), "-i", "0.2"]
         if size is not None:
@@ -137,9 +145,9 @@ class Host:
 @dataclass
 class Node(Host):
     index: int = 0
-    state_dir: str = ""   # the agent's --state-dir (a temp dir)
-    socket: str = ""      # the agent's --socket path
-    log_path: str = ""    # the agent's log file (appended to across restarts)
+    state_dir: str = ""  # the agent's --state-dir (a temp dir)
+    socket: str = ""  # the agent's --socket path
+    log_path: str = ""  # the agent's log file (appended to across restarts)
 
     @property
     def state_file(self) -> str:
@@ -205,9 +213,9 @@ class AgentHandle:
 
 @dataclass
 class Topology:
-    tag: str                     # the per-run prefix every namespace name starts with
+    tag: str  # the per-run prefix every namespace name starts with
     workdir: str
-    underlay: str                # the underlay namespace's name
+    underlay: str  # the underlay namespace's name
     nodes: list[Node] = field(default_factory=list)
     hosts: list[Host] = field(default_factory=list)
     pods: list[Host] = field(default_factory=list)
@@ -234,8 +242,23 @@ class Topology:
         k = len(self.pods)
         name, path = self._new_namespace(f"p{k}")
         port = f"p{k}"
-        ip_in(node.name, "link", "add", port, "mtu", str(mtu), "type", "veth", "peer", "name", "eth0",
-              "mtu", str(mtu), "netns", name)
+        ip_in(
+            node.name,
+            "link",
+            "add",
+            port,
+            "mtu",
+            str(mtu),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "mtu",
+            str(mtu),
+            "netns",
+            name,
+        )
         ip_in(node.name, "link", "set", port, "master", bridge, "up")
         ip_in(name, "addr", "add", address, "dev", "eth0")
         ip_in(name, "link", "set", "eth0", "up")
@@ -268,8 +291,16 @@ class Topology:
         sh("ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         state_dir = self.path(f"n{index}-state")
         os.makedirs(state_dir, mode=0o755, exist_ok=True)
-        node = Node(name=name, path=path, public_ip=address, port=port, index=index, state_dir=state_dir,
-                    socket=self.path(f"n{index}.sock"), log_path=self.path(f"n{index}-agent.log"))
+        node = Node(
+            name=name,
+            path=path,
+            public_ip=address,
+            port=port,
+            index=index,
+            state_dir=state_dir,
+            socket=self.path(f"n{index}.sock"),
+            log_path=self.path(f"n{index}-agent.log"),
+        )
         self.nodes.append(node)
         return node
 
@@ -284,19 +315,43 @@ class Topology:
         self.hosts.append(host)
         return host
 
-    def start_agent(self, node: Node, store_url: str, extra_args: Sequence[str] = (),
-                    wait: bool = True, timeout: float = AGENT_START_TIMEOUT) -> AgentHandle:
+    def start_agent(
+        self,
+        node: Node,
+        store_url: str,
+        extra_args: Sequence[str] = (),
+        wait: bool = True,
+        timeout: float = AGENT_START_TIMEOUT,
+    ) -> AgentHandle:
         """Run the agent for ``node`` (inside its namespace); with wait, until it has written its state file."""
         identity = () if "--node-name" in extra_args else ("--node-name", f"n{node.index}")
-        args = (*agent_command(), "--store", store_url, "--public-ip", node.public_ip,
-                "--state-dir", node.state_dir, "--socket", node.socket, *identity, *extra_args)
+        args = (
+            *agent_command(),
+            "--store",
+            store_url,
+            "--public-ip",
+            node.public_ip,
+            "--state-dir",
+            node.state_dir,
+            "--socket",
+            node.socket,
+            *identity,
+            *extra_args,
+        )
         started = time.time()
         with open(node.log_path, "ab") as log:
             log.write(f"---- {time.strftime('%H:%M:%S')} {shlex.join(args)}\n".encode())
             log.flush()
             env = dict(os.environ, PYTHONUNBUFFERED="1")
-            proc = subprocess.Popen(["ip", "netns", "exec", node.name, *args], stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=log, close_fds=True, cwd=REPO, env=env)
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", node.name, *args],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                close_fds=True,
+                cwd=REPO,
+                env=env,
+            )
         handle = AgentHandle(node=node, proc=proc, args=tuple(args), started=started)
         self.agents.append(handle)
         if wait:
@@ -305,8 +360,9 @@ class Topology:
 
     def leave(self, node: Node, store_url: str, extra_args: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
         """`<agent> leave --store URL --public-ip IP` run inside the node's namespace."""
-        return node.run(*leave_command(), "--store", store_url, "--public-ip", node.public_ip, *extra_args,
-                        check=False, timeout=60)
+        return node.run(
+            *leave_command(), "--store", store_url, "--public-ip", node.public_ip, *extra_args, check=False, timeout=60
+        )
 
     def stop_all(self) -> None:
         for handle in self.agents:
@@ -326,8 +382,10 @@ def wait_agent_ready(handle: AgentHandle, timeout: float = AGENT_START_TIMEOUT) 
         except FileNotFoundError:
             pass
         if not handle.running():
-            raise RuntimeError(f"agent on {handle.node.name} exited with status {handle.proc.returncode} "
-                               f"during start-up:\n{handle.log_tail()}")
+            raise RuntimeError(
+                f"agent on {handle.node.name} exited with status {handle.proc.returncode} "
+                f"during start-up:\n{handle.log_tail()}"
+            )
         if time.monotonic() >= deadline:
             break
         time.sleep(0.05)
@@ -404,8 +462,9 @@ def cluster_topology(n_nodes: int, prefix: str = "mn") -> Iterator[Topology]:
             raise RuntimeError("could not delete namespaces: " + "; ".join(errors))
 
 
-def seen_source(server_ns: str, client_ns: str, dst: str, proto: str = "tcp", port: int = 7000,
-                timeout: float = 3.0) -> str | None:
+def seen_source(
+    server_ns: str, client_ns: str, dst: str, proto: str = "tcp", port: int = 7000, timeout: float = 3.0
+) -> str | None:
     """The source address an echo server in ``server_ns`` sees for a client in ``client_ns``; None: no answer.
 
     The server replies with the peer address it saw, and the client checks that it got exactly that

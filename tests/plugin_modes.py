@@ -24,6 +24,7 @@ puts it in place for the integration tests)::
 that knows its mode and agent; ``running_agent`` starts and stops an agent for
 tests that drive one directly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,9 +67,14 @@ class AgentProcess:
         with open(self.log_path, "ab") as log:
             log.write(f"---- {time.strftime('%H:%M:%S')} {' '.join(self.args)}\n".encode())
             log.flush()
-            self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns_name, *self.args],
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
-                                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            self.proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns_name, *self.args],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                close_fds=True,
+                env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            )
         if wait:
             self.wait_ready()
         return self
@@ -134,13 +140,15 @@ class AgentProcess:
 
 
 @contextlib.contextmanager
-def running_agent(workdir: str, extra_args: Sequence[str] = (), ns_prefix: str = "agt",
-                  socket_path: str | None = None) -> Iterator[AgentProcess]:
+def running_agent(
+    workdir: str, extra_args: Sequence[str] = (), ns_prefix: str = "agt", socket_path: str | None = None
+) -> Iterator[AgentProcess]:
     """An agent serving ``workdir/run/agent.sock`` (the agent creates ``run``, 0700) from a namespace
     of its own; stopped by PID at the end."""
     with netns.temporary(ns_prefix) as ns:
-        agent = AgentProcess(socket_path or os.path.join(workdir, "run", "agent.sock"),
-                             os.path.join(workdir, "agent.log"), ns.name)
+        agent = AgentProcess(
+            socket_path or os.path.join(workdir, "run", "agent.sock"), os.path.join(workdir, "agent.log"), ns.name
+        )
         try:
             agent.start(extra_args)
             yield agent

@@ -6,6 +6,7 @@ namespace), converged; every node with its own CNI bin dirs (`pycni install`
 with the agent, and a cold one), network configuration (the example vxlan
 conflist: vxlan + portmap + bandwidth) and result cache.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,16 @@ from typing import Callable, Iterator, Sequence
 
 import pytest
 
-from multinode import (UNDERLAY_BRIDGE, UNDERLAY_GATEWAY, AgentHandle, Node, Topology, cluster_topology, converged,
-                       wait_for)
+from multinode import (
+    UNDERLAY_BRIDGE,
+    UNDERLAY_GATEWAY,
+    AgentHandle,
+    Node,
+    Topology,
+    cluster_topology,
+    converged,
+    wait_for,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYCNI = os.path.join(os.path.dirname(sys.executable), "pycni")
@@ -37,11 +46,12 @@ PASSING = {"pass", "skip"}
 
 # ---- a cluster whose nodes attach pods through their own CNI directories -------------------
 
+
 @dataclass
 class PodCluster:
     topo: Topology
     store_url: str
-    store_dir: str = ""                       # the file store's directory ("" for etcd)
+    store_dir: str = ""  # the file store's directory ("" for etcd)
     agents: dict[str, AgentHandle] = field(default_factory=dict)
 
     @property
@@ -56,14 +66,24 @@ class PodCluster:
 
     def env(self, node: Node, cni_path: str | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CNI_") and k != "NETCONFPATH"}
-        env.update(NETCONFPATH=self.dir(node, "netd"), CNI_PATH=cni_path or self.dir(node, "bin"),
-                   CNI_CACHE_DIR=self.dir(node, "cache"))
+        env.update(
+            NETCONFPATH=self.dir(node, "netd"),
+            CNI_PATH=cni_path or self.dir(node, "bin"),
+            CNI_CACHE_DIR=self.dir(node, "cache"),
+        )
         return env
 
-    def pycni(self, node: Node, *args: str, timeout: float = 120,
-              cni_path: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ip", "netns", "exec", node.name, PYCNI, *args], capture_output=True, text=True,
-                              timeout=timeout, env=self.env(node, cni_path), stdin=subprocess.DEVNULL)
+    def pycni(
+        self, node: Node, *args: str, timeout: float = 120, cni_path: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["ip", "netns", "exec", node.name, PYCNI, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env(node, cni_path),
+            stdin=subprocess.DEVNULL,
+        )
 
     def subnet(self, node: Node) -> str:
         state = node.read_state()
@@ -81,15 +101,18 @@ def example_conflist(node: Node, ipam_dir: str) -> dict:
     return conflist
 
 
-
-UNDERLAY6_PREFIX = "fd70:7963::"      # the test underlay's IPv6 addresses ("py"): the bridge ::1, node i ::(10+i)
+UNDERLAY6_PREFIX = "fd70:7963::"  # the test underlay's IPv6 addresses ("py"): the bridge ::1, node i ::(10+i)
 
 
 def give_ipv6_underlay(topo: Topology, node: Node) -> str:
     """An IPv6 address on the node's underlay link (the bridge gets ::1 once); returns it."""
     if not getattr(topo, "underlay6", False):
-        subprocess.run(["ip", "-n", topo.underlay, "addr", "add", f"{UNDERLAY6_PREFIX}1/64", "dev",
-                        UNDERLAY_BRIDGE, "nodad"], check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            ["ip", "-n", topo.underlay, "addr", "add", f"{UNDERLAY6_PREFIX}1/64", "dev", UNDERLAY_BRIDGE, "nodad"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
         topo.underlay6 = True  # type: ignore[attr-defined]
     address = f"{UNDERLAY6_PREFIX}{10 + node.index:x}"
     node.ip("addr", "add", f"{address}/64", "dev", "eth0", "nodad")
@@ -109,9 +132,17 @@ def agent_underlay(topo: Topology, node: Node, underlay: str) -> tuple[str, ...]
 
 
 @contextlib.contextmanager
-def pod_cluster(n_nodes: int, store: str, prefix: str, *, network: str = CLUSTER_NETWORK, ipv6_network: str = "",
-                underlay: str = "ipv4", init_args: Sequence[str] = (),
-                prepare: Callable[[Topology], None] | None = None) -> Iterator[PodCluster]:
+def pod_cluster(
+    n_nodes: int,
+    store: str,
+    prefix: str,
+    *,
+    network: str = CLUSTER_NETWORK,
+    ipv6_network: str = "",
+    underlay: str = "ipv4",
+    init_args: Sequence[str] = (),
+    prepare: Callable[[Topology], None] | None = None,
+) -> Iterator[PodCluster]:
     """``n_nodes`` nodes with agents (named n0, n1, ...), converged, each with bin dirs and a conflist.
 
     ``ipv6_network`` makes the cluster dual-stack (with ``network=""``: IPv6 only); ``underlay`` is
@@ -145,8 +176,10 @@ def pod_cluster(n_nodes: int, store: str, prefix: str, *, network: str = CLUSTER
             cluster.agents[node.name] = topo.start_agent(node, store_url, extra_args=extra)
         wait_for(lambda: converged(topo.nodes), CONVERGE_TIMEOUT, what="every node routing every other subnet")
         for node in topo.nodes:
-            for args in (("--cni-bin-dir", cluster.dir(node, "bin"), "--agent-socket", node.socket),
-                         ("--cni-bin-dir", cluster.dir(node, "coldbin"), "--no-agent")):
+            for args in (
+                ("--cni-bin-dir", cluster.dir(node, "bin"), "--agent-socket", node.socket),
+                ("--cni-bin-dir", cluster.dir(node, "coldbin"), "--no-agent"),
+            ):
                 done = subprocess.run([PYCNI, "install", *args], capture_output=True, text=True, timeout=60)
                 assert done.returncode == 0, done.stderr
             os.makedirs(cluster.dir(node, "netd"))

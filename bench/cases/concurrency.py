@@ -5,6 +5,7 @@ them with wait4(), so a new ADD starts the moment one finishes. Duplicates
 are addresses handed to more than one container (must be zero: host-local's
 lock file is the only thing between concurrent ADDs).
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,11 @@ def run(ctx: Context) -> dict[str, Any]:
         if skipped:
             figures[label] = skipped
             continue
-        print(f"  concurrency: {label}, {ctx.settings.concurrency_total} ADDs, "
-              f"{ctx.settings.concurrency_parallel} at a time", flush=True)
+        print(
+            f"  concurrency: {label}, {ctx.settings.concurrency_total} ADDs, "
+            f"{ctx.settings.concurrency_parallel} at a time",
+            flush=True,
+        )
         figures[label] = ctx.attempt(f"concurrency/{label}", lambda: _measure(ctx, label))
     return figures
 
@@ -53,8 +57,9 @@ class Tally:
     first_failure: str = ""
 
 
-def tally_rounds(ctx: Context, label: str, sides: tuple[Side, Side],
-                 around: Callable[[Side], ContextManager[Any]] | None = None) -> dict[str, Tally]:
+def tally_rounds(
+    ctx: Context, label: str, sides: tuple[Side, Side], around: Callable[[Side], ContextManager[Any]] | None = None
+) -> dict[str, Tally]:
     """Every round on both sides, alternating which goes first; ``around(side)`` wraps each side's round."""
     tally = {side.name: Tally() for side in sides}
     for round_no in range(ctx.settings.concurrency_rounds):
@@ -74,12 +79,15 @@ def tally_rounds(ctx: Context, label: str, sides: tuple[Side, Side],
 def _measure(ctx: Context, label: str) -> dict[str, Any]:
     tally = tally_rounds(ctx, label, (ctx.pycni, ctx.reference))
     ours, ref = tally[ctx.pycni.name], tally[ctx.reference.name]
-    out = {"wall": pair(ours.walls, ref.walls, "s"),
-           "per_add": pair(ours.per_add, ref.per_add, "ms", 1000),
-           "per_add_cpu": pair(ours.per_add_cpu, ref.per_add_cpu, "ms", 1000),
-           "duplicates": {"pycni": ours.duplicates, "reference": ref.duplicates},
-           "failures": {"pycni": ours.failures, "reference": ref.failures},
-           "adds": ctx.settings.concurrency_total, "parallel": ctx.settings.concurrency_parallel}
+    out = {
+        "wall": pair(ours.walls, ref.walls, "s"),
+        "per_add": pair(ours.per_add, ref.per_add, "ms", 1000),
+        "per_add_cpu": pair(ours.per_add_cpu, ref.per_add_cpu, "ms", 1000),
+        "duplicates": {"pycni": ours.duplicates, "reference": ref.duplicates},
+        "failures": {"pycni": ours.failures, "reference": ref.failures},
+        "adds": ctx.settings.concurrency_total,
+        "parallel": ctx.settings.concurrency_parallel,
+    }
     first_failure = {name: t.first_failure for name, t in (("pycni", ours), ("reference", ref)) if t.first_failure}
     if first_failure:
         out["first_failure"] = first_failure
@@ -99,8 +107,10 @@ def _round(ctx: Context, side: Side, label: str, round_no: int) -> tuple[float, 
             pods = [cleanup.namespace("pod")]
         conf = configs.bridge(NET, data_dir) if bridged else configs.host_local(NET, data_dir)
         plugin = conf["type"]
-        calls = [Call("ADD", conf, f"conc-{round_no}-{i}", f"/var/run/netns/{pods[i % len(pods)]}")
-                 for i in range(settings.concurrency_total)]
+        calls = [
+            Call("ADD", conf, f"conc-{round_no}-{i}", f"/var/run/netns/{pods[i % len(pods)]}")
+            for i in range(settings.concurrency_total)
+        ]
         outcomes, wall = _run_parallel(side, plugin, calls, node, settings.concurrency_parallel)
         addresses: list[str] = []
         failed, why = 0, ""
@@ -118,8 +128,7 @@ def _round(ctx: Context, side: Side, label: str, round_no: int) -> tuple[float, 
         cleanup.drop_directory(data_dir)
 
 
-def _run_parallel(side: Side, plugin: str, calls: list[Call], node: str,
-                  parallel: int) -> tuple[list[Outcome], float]:
+def _run_parallel(side: Side, plugin: str, calls: list[Call], node: str, parallel: int) -> tuple[list[Outcome], float]:
     """Run all calls, at most `parallel` at once; return the outcomes and the total wall time."""
     pending = list(calls)
     running = {}

@@ -13,6 +13,7 @@ to and receives from an unshaped pod on the same bridge; the figure is the
 measured rate divided by R. Both sides' pods come from the reference bridge so
 that only the bandwidth plugin differs.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,6 +57,7 @@ def _scoped(ctx: Context, measure: Callable[[Context], dict[str, Any]]) -> dict[
 
 # ---- iperf3 between two namespaces ----------------------------------------------
 
+
 def iperf_rounds(ctx: Context, topologies: dict[str, tuple[str, str, str]]) -> dict[str, list[float]]:
     """Gbit/s per topology (server namespace, server address, client namespace) over the dataplane rounds,
     every round in the opposite order of the last, so that none always goes first."""
@@ -71,21 +73,39 @@ def iperf_rounds(ctx: Context, topologies: dict[str, tuple[str, str, str]]) -> d
 def iperf(ctx: Context, server_ns: str, server_ip: str, client_ns: str) -> float:
     """TCP goodput from client_ns to server_ns in bits per second."""
     settings = ctx.settings
-    server = ctx.cleanup.process(subprocess.Popen(
-        [IP, "netns", "exec", server_ns, IPERF, "-s", "-1", "-B", server_ip, "-p", str(PORT)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    server = ctx.cleanup.process(
+        subprocess.Popen(
+            [IP, "netns", "exec", server_ns, IPERF, "-s", "-1", "-B", server_ip, "-p", str(PORT)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    )
     try:
         _wait_listening(server_ns)
-        args = [IP, "netns", "exec", client_ns, IPERF, "-c", server_ip, "-p", str(PORT), "-J",
-                "-t", str(settings.iperf_seconds)]
+        args = [
+            IP,
+            "netns",
+            "exec",
+            client_ns,
+            IPERF,
+            "-c",
+            server_ip,
+            "-p",
+            str(PORT),
+            "-J",
+            "-t",
+            str(settings.iperf_seconds),
+        ]
         if settings.iperf_omit:
             args += ["-O", str(settings.iperf_omit)]
-        proc = subprocess.run(args, capture_output=True, text=True,
-                              timeout=settings.iperf_seconds + settings.iperf_omit + 30)
+        proc = subprocess.run(
+            args, capture_output=True, text=True, timeout=settings.iperf_seconds + settings.iperf_omit + 30
+        )
         report = json.loads(proc.stdout or "{}")
         if proc.returncode != 0 or "error" in report:
-            raise RuntimeError(f"iperf3 {client_ns} -> {server_ip} failed: "
-                               f"{report.get('error') or proc.stderr.strip()}")
+            raise RuntimeError(
+                f"iperf3 {client_ns} -> {server_ip} failed: {report.get('error') or proc.stderr.strip()}"
+            )
         return float(report["end"]["sum_received"]["bits_per_second"])
     finally:
         ctx.cleanup.stop_process(server)
@@ -93,8 +113,9 @@ def iperf(ctx: Context, server_ns: str, server_ip: str, client_ns: str) -> float
 
 def _wait_listening(ns: str) -> None:
     for _ in range(500):  # up to ~10 s (a loaded CI machine)
-        out = subprocess.run([IP, "netns", "exec", ns, "ss", "-Htln", f"sport = :{PORT}"],
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [IP, "netns", "exec", ns, "ss", "-Htln", f"sport = :{PORT}"], capture_output=True, text=True
+        ).stdout
         if out.strip():
             return
         time.sleep(0.02)
@@ -106,6 +127,7 @@ def _ip_of(result: dict[str, Any]) -> str:
 
 
 # ---- throughput -------------------------------------------------------------------
+
 
 def _plugin_pair(ctx: Context, side: Side, bridge_side: Side) -> tuple[str, str, str]:
     """Node + two pods attached by bridge_side's bridge plugin; returns (pod_a, ip_a, pod_b)."""
@@ -159,6 +181,7 @@ def _throughput(ctx: Context) -> dict[str, Any]:
 
 # ---- bandwidth accuracy -------------------------------------------------------------
 
+
 def _shaped(ctx: Context, side: Side, rate_bits: int) -> tuple[str, str, str, str]:
     """Node with a shaped pod A and an unshaped pod B; returns (pod_a, ip_a, pod_b, ip_b)."""
     cleanup = ctx.cleanup
@@ -192,11 +215,10 @@ def _accuracy_at(ctx: Context, rate: int, target: int) -> dict[str, Any]:
         for round_no in range(ctx.settings.dataplane_rounds):
             for side in ctx.both(round_no):
                 pod_a, ip_a, pod_b, ip_b = setups[side.name]
-                if direction == "ingress":   # into the shaped pod
+                if direction == "ingress":  # into the shaped pod
                     bps = iperf(ctx, pod_a, ip_a, pod_b)
-                else:                        # out of the shaped pod
+                else:  # out of the shaped pod
                     bps = iperf(ctx, pod_b, ip_b, pod_a)
                 achieved[side.name].append(bps / target)
-        figures[f"{direction} at {rate} Mbit/s"] = pair(achieved["pycni"], achieved["reference"],
-                                                       "x target")
+        figures[f"{direction} at {rate} Mbit/s"] = pair(achieved["pycni"], achieved["reference"], "x target")
     return figures

@@ -24,6 +24,7 @@ namespace, and everything is removed at the end. Sides alternate per iteration
 and one untimed warm-up iteration runs first. ``run(mode)`` takes the bench
 mode (smoke: 2 iterations, quick: 5, full: 10), a Context, or an int.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,7 +54,7 @@ AGENT_READY_TIMEOUT = 30.0
 def _iterations(mode: Any) -> int:
     if isinstance(mode, int):
         return mode
-    if hasattr(mode, "settings"):   # a bench Context
+    if hasattr(mode, "settings"):  # a bench Context
         mode = mode.settings.mode
     return ITERATIONS.get(str(mode), ITERATIONS["quick"])
 
@@ -84,12 +85,14 @@ class _Side:
             self.data_dir = work / "ipam"
             self.conf_dir = conflist.write(work / "net.d", self.data_dir).parent
             self.cgroup = f"pycni-bench-{uuid.uuid4().hex[:10]}"
-            if bin_dir is None:   # warm: shims for an agent living in this host
+            if bin_dir is None:  # warm: shims for an agent living in this host
                 socket_path = str(work / "agent.sock")
                 bin_dir, _ = plugins.install_pycni(work / "bin", agent_socket=socket_path, native=native)
-                self.agent = self.host.popen([plugins.pycni_command(), "agent", "--socket", socket_path,
-                                              "--log-level", "warning"], log=work / "agent.log")
-                self.host.resident.add(self.agent.pid)   # outlives each runtime's clean-up
+                self.agent = self.host.popen(
+                    [plugins.pycni_command(), "agent", "--socket", socket_path, "--log-level", "warning"],
+                    log=work / "agent.log",
+                )
+                self.host.resident.add(self.agent.pid)  # outlives each runtime's clean-up
                 _wait_for_socket(socket_path, self.agent)
             self.bin_dir = bin_dir
         except BaseException:
@@ -115,8 +118,13 @@ def _wait_for_socket(path: str, agent: Any) -> None:
         time.sleep(0.05)
 
 
-def _measure(sides: dict[str, _Side], n: int, setup: Callable[[_Side], Any],
-             steps: Callable[[_Side, Any, int], dict[str, float]], label: str) -> dict[str, Any]:
+def _measure(
+    sides: dict[str, _Side],
+    n: int,
+    setup: Callable[[_Side], Any],
+    steps: Callable[[_Side, Any, int], dict[str, float]],
+    label: str,
+) -> dict[str, Any]:
     """Run steps(side, state, i) -> {figure: seconds} for a warm-up and n iterations per side, alternating."""
     samples: dict[str, dict[str, list[float]]] = {}
     errors: dict[str, str] = {}
@@ -139,7 +147,7 @@ def _measure(sides: dict[str, _Side], n: int, setup: Callable[[_Side], Any],
                     errors[name] = f"iteration {i}: {_describe(exc)}"
                     continue
                 if i == 0:
-                    continue   # warm-up
+                    continue  # warm-up
                 for figure, seconds in timed.items():
                     samples.setdefault(figure, {s: [] for s in names})[name].append(seconds)
     finally:
@@ -159,10 +167,11 @@ def _measure(sides: dict[str, _Side], n: int, setup: Callable[[_Side], Any],
 
 def run(mode: Any = "quick") -> dict[str, Any]:
     n = _iterations(mode)
-    warm = getattr(mode, "warm", None) is not None      # a bench Context with its warm side
+    warm = getattr(mode, "warm", None) is not None  # a bench Context with its warm side
     native = bool(getattr(mode, "warm_native", False))
-    missing = [r for r in (image.available(), containerd_kit.missing(), podman_kit.missing(),
-                           plugins.reference_missing()) if r]
+    missing = [
+        r for r in (image.available(), containerd_kit.missing(), podman_kit.missing(), plugins.reference_missing()) if r
+    ]
     if os.geteuid() != 0:
         missing.append("needs root")
     if missing:
@@ -177,23 +186,39 @@ def run(mode: Any = "quick") -> dict[str, Any]:
         figures: dict[str, Any] = {"iterations": n, "pycni_path": "cold (pycni install --no-agent)"}
         if warm:
             sides[WARM] = _Side(WARM, work / WARM, native=native)
-            figures["warm_path"] = (f"pycni agent in the runtime's host, "
-                                    f"{'native' if native else 'Python'} shims (pycni install --agent-socket)")
+            figures["warm_path"] = (
+                f"pycni agent in the runtime's host, "
+                f"{'native' if native else 'Python'} shims (pycni install --agent-socket)"
+            )
         if borrowed:
             figures["borrowed_reference_plugins"] = borrowed
 
         # ---- podman run --rm ---------------------------------------------------------
         def podman_setup(side: _Side):
-            runtime = podman_kit.Podman(side.host, side.work / "podman", bin_dir=side.bin_dir,
-                                        conf_dir=side.conf_dir, network=conflist.NETWORK,
-                                        cgroup_parent="/" + side.cgroup)
+            runtime = podman_kit.Podman(
+                side.host,
+                side.work / "podman",
+                bin_dir=side.bin_dir,
+                conf_dir=side.conf_dir,
+                network=conflist.NETWORK,
+                cgroup_parent="/" + side.cgroup,
+            )
             runtime.load_image(archive)
             return runtime
 
         def podman_step(side: _Side, runtime, i: int) -> dict[str, float]:
             start = time.perf_counter()
-            proc = runtime("run", "--rm", "--network", conflist.NETWORK, "--cgroup-parent", "/" + side.cgroup,
-                           image.IMAGE, "true", check=False)
+            proc = runtime(
+                "run",
+                "--rm",
+                "--network",
+                conflist.NETWORK,
+                "--cgroup-parent",
+                "/" + side.cgroup,
+                image.IMAGE,
+                "true",
+                check=False,
+            )
             elapsed = time.perf_counter() - start
             if proc.returncode != 0:
                 raise RuntimeError(f"podman run --rm: {proc.stderr.strip()[-400:]}")
@@ -203,15 +228,21 @@ def run(mode: Any = "quick") -> dict[str, Any]:
 
         # ---- CRI sandbox run / stop / remove ---------------------------------------------
         def cri_setup(side: _Side):
-            runtime = containerd_kit.Containerd(side.host, side.work / "containerd", bin_dir=side.bin_dir,
-                                                conf_dir=side.conf_dir, api_cache=work / "cri-api")
+            runtime = containerd_kit.Containerd(
+                side.host,
+                side.work / "containerd",
+                bin_dir=side.bin_dir,
+                conf_dir=side.conf_dir,
+                api_cache=work / "cri-api",
+            )
             runtime.start()
             runtime.import_image(archive)
             return runtime
 
         def cri_steps(ports: bool, shaped: bool):
-            label = "cri sandbox " + ("+".join(n for n, on in (("hostport", ports), ("bandwidth", shaped)) if on)
-                                      or "plain")
+            label = "cri sandbox " + (
+                "+".join(n for n, on in (("hostport", ports), ("bandwidth", shaped)) if on) or "plain"
+            )
 
             def step(side: _Side, runtime, i: int) -> dict[str, float]:
                 client = runtime.client
@@ -219,8 +250,10 @@ def run(mode: Any = "quick") -> dict[str, Any]:
                 if ports:
                     kwargs["port_mappings"] = [(8080, 80, "tcp")]
                 if shaped:
-                    kwargs["annotations"] = {"kubernetes.io/ingress-bandwidth": "10M",
-                                             "kubernetes.io/egress-bandwidth": "20M"}
+                    kwargs["annotations"] = {
+                        "kubernetes.io/ingress-bandwidth": "10M",
+                        "kubernetes.io/egress-bandwidth": "20M",
+                    }
                 t0 = time.perf_counter()
                 pod = client.run_pod(f"bench-{i}", **kwargs)
                 t1 = time.perf_counter()
@@ -228,8 +261,13 @@ def run(mode: Any = "quick") -> dict[str, Any]:
                 t2 = time.perf_counter()
                 client.remove_pod(pod.id)
                 t3 = time.perf_counter()
-                return {f"{label}/run": t1 - t0, f"{label}/stop": t2 - t1, f"{label}/remove": t3 - t2,
-                        f"{label}/cycle": t3 - t0}
+                return {
+                    f"{label}/run": t1 - t0,
+                    f"{label}/stop": t2 - t1,
+                    f"{label}/remove": t3 - t2,
+                    f"{label}/cycle": t3 - t0,
+                }
+
             return label, step
 
         for ports, shaped in ((False, False), (True, False), (True, True)):
@@ -243,7 +281,7 @@ def run(mode: Any = "quick") -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-if __name__ == "__main__":   # python -m bench.cases.e2e [N]
+if __name__ == "__main__":  # python -m bench.cases.e2e [N]
     import json
 
     print(json.dumps(run(int(sys.argv[1]) if len(sys.argv) > 1 else "quick"), indent=2))

@@ -11,6 +11,7 @@ reference as before; ``warm/add``/``warm/del`` are warm vs reference. A warm
 ``_cpu`` figure is the shims' CPU plus the agent's (read from the agent before
 and after the timed part), so it counts the same work as the others.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,9 +29,9 @@ NET = "benchnet"
 @dataclass
 class LatencyCase:
     name: str
-    needs: list[str]                                   # plugins both sides must have
-    setup: Callable[[str], list[dict[str, Any]]]       # data_dir -> untimed plugins (run with the reference)
-    timed: Callable[[str], list[dict[str, Any]]]       # data_dir -> timed plugins
+    needs: list[str]  # plugins both sides must have
+    setup: Callable[[str], list[dict[str, Any]]]  # data_dir -> untimed plugins (run with the reference)
+    timed: Callable[[str], list[dict[str, Any]]]  # data_dir -> timed plugins
     runtime: Callable[[int], dict[str, Any]] | None = None
 
 
@@ -42,12 +43,27 @@ CASES = [
     LatencyCase("loopback", ["loopback"], lambda d: [], lambda d: [configs.loopback(NET)]),
     LatencyCase("host-local", ["host-local"], lambda d: [], lambda d: [configs.host_local(NET, d)]),
     LatencyCase("bridge", ["bridge", "host-local"], lambda d: [], lambda d: [configs.bridge(NET, d)]),
-    LatencyCase("portmap", ["portmap"], lambda d: [configs.bridge(NET, d)], lambda d: [configs.portmap(NET)],
-                lambda i: configs.port_mappings(10000 + i)),
-    LatencyCase("bandwidth", ["bandwidth"], lambda d: [configs.bridge(NET, d)], lambda d: [configs.bandwidth(NET)],
-                lambda i: configs.shaping(50_000_000)),
-    LatencyCase("chain bridge+portmap+bandwidth", ["bridge", "host-local", "portmap", "bandwidth"], lambda d: [],
-                lambda d: [configs.bridge(NET, d), configs.portmap(NET), configs.bandwidth(NET)], _runtime_chain),
+    LatencyCase(
+        "portmap",
+        ["portmap"],
+        lambda d: [configs.bridge(NET, d)],
+        lambda d: [configs.portmap(NET)],
+        lambda i: configs.port_mappings(10000 + i),
+    ),
+    LatencyCase(
+        "bandwidth",
+        ["bandwidth"],
+        lambda d: [configs.bridge(NET, d)],
+        lambda d: [configs.bandwidth(NET)],
+        lambda i: configs.shaping(50_000_000),
+    ),
+    LatencyCase(
+        "chain bridge+portmap+bandwidth",
+        ["bridge", "host-local", "portmap", "bandwidth"],
+        lambda d: [],
+        lambda d: [configs.bridge(NET, d), configs.portmap(NET), configs.bandwidth(NET)],
+        _runtime_chain,
+    ),
 ]
 
 
@@ -78,19 +94,27 @@ def _measure(ctx: Context, case: LatencyCase) -> dict[str, Any]:
             for side in ctx.rotation(i):
                 add, delete = _one(ctx, case, side, nodes[side.name], dirs[side.name], i)
                 if i >= ctx.settings.warmup:
-                    for figure, value in (("add", add.wall_s), ("del", delete.wall_s),
-                                          ("add_cpu", add.cpu_s), ("del_cpu", delete.cpu_s)):
+                    for figure, value in (
+                        ("add", add.wall_s),
+                        ("del", delete.wall_s),
+                        ("add_cpu", add.cpu_s),
+                        ("del_cpu", delete.cpu_s),
+                    ):
                         samples[figure][side.name].append(value)
     finally:
         for name in nodes.values():
             cleanup.drop_namespace(name)
         for path in dirs.values():
             cleanup.drop_directory(path)
-    out: dict[str, Any] = {figure: pair(by_side[ctx.pycni.name], by_side[ctx.reference.name], "ms", 1000)
-                           for figure, by_side in samples.items()}
+    out: dict[str, Any] = {
+        figure: pair(by_side[ctx.pycni.name], by_side[ctx.reference.name], "ms", 1000)
+        for figure, by_side in samples.items()
+    }
     if ctx.warm is not None:
-        out["warm"] = {figure: pair(by_side[ctx.warm.name], by_side[ctx.reference.name], "ms", 1000)
-                       for figure, by_side in samples.items()}
+        out["warm"] = {
+            figure: pair(by_side[ctx.warm.name], by_side[ctx.reference.name], "ms", 1000)
+            for figure, by_side in samples.items()
+        }
     return out
 
 
@@ -104,8 +128,9 @@ def _timed(ctx: Context, side: Side, run: Callable[[], chain.Timed]) -> chain.Ti
     return timed
 
 
-def _one(ctx: Context, case: LatencyCase, side: Side, node: str, data_dir: str,
-         i: int) -> tuple[chain.Timed, chain.Timed]:
+def _one(
+    ctx: Context, case: LatencyCase, side: Side, node: str, data_dir: str, i: int
+) -> tuple[chain.Timed, chain.Timed]:
     pod = ctx.cleanup.namespace("pod")
     try:
         att = Attachment(f"bench-{side.name}-{i}", f"/var/run/netns/{pod}")

@@ -29,6 +29,7 @@ processes inside their node namespaces and are stopped by PID.
 
 `run(ctx)` returns the figures; bench/__main__.py does not list this case yet.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,8 @@ UNDERLAY_BRIDGE = "ul"
 UNDERLAY_BRIDGE_MAC = "02:70:79:00:00:01"
 CLUSTER_NETWORK = "10.244.0.0/16"
 CLUSTER_NETWORK6 = "fd00:10:244::/56"
-SCALE_NETWORK = "10.0.0.0/8"          # room for 65536 /24 node subnets
-OVERLAY_MTU = 1450                     # underlay 1500 - 50 (VXLAN over IPv4)
+SCALE_NETWORK = "10.0.0.0/8"  # room for 65536 /24 node subnets
+OVERLAY_MTU = 1450  # underlay 1500 - 50 (VXLAN over IPv4)
 VXLAN_PORT = 8472
 AGENT_READY_TIMEOUT = 30.0
 CONVERGE_TIMEOUT = 30.0
@@ -71,8 +72,10 @@ def run(ctx: Context) -> dict[str, Any]:
     if not ctx.pycni.has("vxlan"):
         ctx.note("overlay: skipped, pycni has no vxlan plugin")
         return {"skipped": "no vxlan plugin"}
-    if subprocess.run([*_pycni_command(), "agent", "--help"], capture_output=True, text=True,
-                      timeout=60).returncode != 0:
+    if (
+        subprocess.run([*_pycni_command(), "agent", "--help"], capture_output=True, text=True, timeout=60).returncode
+        != 0
+    ):
         ctx.note("overlay: skipped, `pycni agent` is not available")
         return {"skipped": "no pycni agent"}
     if subprocess.run(["which", IPERF], capture_output=True).returncode == 0:
@@ -84,11 +87,13 @@ def run(ctx: Context) -> dict[str, Any]:
     for size in CONVERGENCE_SIZES[:1] if smoke else CONVERGENCE_SIZES:
         print(f"  overlay: join/leave convergence, {size} nodes", flush=True)
         figures[f"convergence {size} nodes"] = ctx.attempt(
-            f"overlay/convergence {size}", lambda size=size: _scoped(ctx, lambda c: _convergence(c, size)))
+            f"overlay/convergence {size}", lambda size=size: _scoped(ctx, lambda c: _convergence(c, size))
+        )
     many = SMOKE_SCALE_NODES if smoke else SCALE_NODES
     print(f"  overlay: programming {many} remote nodes", flush=True)
     figures[f"program {many} nodes"] = ctx.attempt(
-        f"overlay/program {many}", lambda: _scoped(ctx, lambda c: _program_many(c, many)))
+        f"overlay/program {many}", lambda: _scoped(ctx, lambda c: _program_many(c, many))
+    )
     return figures
 
 
@@ -102,6 +107,7 @@ def _rounds(ctx: Context) -> int:
 
 
 # ---- underlay, nodes, agents ------------------------------------------------------------
+
 
 def _pycni_command() -> list[str]:
     script = os.path.join(os.path.dirname(sys.executable), "pycni")
@@ -150,8 +156,12 @@ class Agent:
 
 
 def _init_cluster(store_url: str, network: str, extra_args: tuple[str, ...] = ()) -> None:
-    done = subprocess.run([*_pycni_command(), "cluster", "init", "--store", store_url, "--network", network,
-                           *extra_args], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [*_pycni_command(), "cluster", "init", "--store", store_url, "--network", network, *extra_args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"pycni cluster init failed: {(done.stderr or done.stdout).strip()}")
 
@@ -168,14 +178,33 @@ def _socket(agent: Agent) -> str:
 
 def _start(ctx: Context, agent: Agent, store_url: str, extra_args: tuple[str, ...] = ()) -> None:
     """Start the agent in its node namespace; ``extra_args`` go after the overlay's own (bench/cases/store.py)."""
-    args = [*_pycni_command(), "agent", "--store", store_url, "--public-ip", agent.public_ip,
-            "--state-dir", agent.state_dir, "--socket", _socket(agent), "--log-file", agent.log, *extra_args]
+    args = [
+        *_pycni_command(),
+        "agent",
+        "--store",
+        store_url,
+        "--public-ip",
+        agent.public_ip,
+        "--state-dir",
+        agent.state_dir,
+        "--socket",
+        _socket(agent),
+        "--log-file",
+        agent.log,
+        *extra_args,
+    ]
     agent.started = time.time()
     # `ip netns exec` execs the agent: the PID is the agent's own. Registered so that the run's
     # cleanup kills it even if this case is interrupted; _stop() ends it politely first.
-    agent.proc = ctx.cleanup.process(subprocess.Popen([IP, "netns", "exec", agent.ns, *args],
-                                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                                      stderr=subprocess.DEVNULL, close_fds=True))
+    agent.proc = ctx.cleanup.process(
+        subprocess.Popen(
+            [IP, "netns", "exec", agent.ns, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            close_fds=True,
+        )
+    )
 
 
 def _stop(ctx: Context, agent: Agent) -> None:
@@ -242,8 +271,10 @@ def _routes(ns: str) -> set[str]:
 
 # ---- throughput ---------------------------------------------------------------------------
 
-def _overlay_pods(ctx: Context, underlay: Underlay, version: int = 4,
-                  init_args: tuple[str, ...] = ()) -> tuple[str, str, str]:
+
+def _overlay_pods(
+    ctx: Context, underlay: Underlay, version: int = 4, init_args: tuple[str, ...] = ()
+) -> tuple[str, str, str]:
     """Two nodes with agents, a pod on each through the vxlan plugin: (pod_b, ip_b, pod_a); ``version``: which
     of the pods' addresses the figure uses (6: the cluster is dual-stack); ``init_args`` for `cluster init`."""
     workdir = ctx.cleanup.directory("overlay")
@@ -254,23 +285,48 @@ def _overlay_pods(ctx: Context, underlay: Underlay, version: int = 4,
         _start(ctx, agent, store)
     _wait_ready(agents)
     subnets = [agent.state().subnet for agent in agents]
-    _poll(lambda: all(subnets[1 - i] in _routes(agent.ns) for i, agent in enumerate(agents)),
-          CONVERGE_TIMEOUT, 0.05, "the two nodes to route each other's subnet")
+    _poll(
+        lambda: all(subnets[1 - i] in _routes(agent.ns) for i, agent in enumerate(agents)),
+        CONVERGE_TIMEOUT,
+        0.05,
+        "the two nodes to route each other's subnet",
+    )
     pods, ips = [], []
     for i, agent in enumerate(agents):
         pod = ctx.cleanup.namespace("ovpod")
-        conf = {"cniVersion": "1.0.0", "name": NET_NAME, "type": "vxlan", "stateDir": agent.state_dir,
-                "dataDir": os.path.join(workdir, f"ipam{i}")}
+        conf = {
+            "cniVersion": "1.0.0",
+            "name": NET_NAME,
+            "type": "vxlan",
+            "stateDir": agent.state_dir,
+            "dataDir": os.path.join(workdir, f"ipam{i}"),
+        }
         result = chain.add(ctx.pycni, [conf], Attachment(f"ov-{i}", f"/var/run/netns/{pod}"), agent.ns).result
         pods.append(pod)
-        ips.append(next(ip["address"].split("/")[0] for ip in result["ips"]
-                        if (":" in ip["address"]) == (version == 6)))
+        ips.append(
+            next(ip["address"].split("/")[0] for ip in result["ips"] if (":" in ip["address"]) == (version == 6))
+        )
     return pods[1], ips[1], pods[0]
 
 
 def _vxlan_device(ns: str, name: str, vni: int, local: str, mtu: int) -> None:
-    topology.ip(ns, "link", "add", name, "type", "vxlan", "id", str(vni), "local", local, "dev", "eth0",
-                "dstport", str(VXLAN_PORT), "nolearning")
+    topology.ip(
+        ns,
+        "link",
+        "add",
+        name,
+        "type",
+        "vxlan",
+        "id",
+        str(vni),
+        "local",
+        local,
+        "dev",
+        "eth0",
+        "dstport",
+        str(VXLAN_PORT),
+        "nolearning",
+    )
     topology.ip(ns, "link", "set", name, "mtu", str(mtu))
     topology.set_up(ns, name)
 
@@ -284,11 +340,40 @@ def _hand_vxlan_pair(ctx: Context, underlay: Underlay) -> tuple[str, str, str]:
         topology.ip(ns, "link", "set", "vx0", "address", f"0a:58:0a:fa:00:0{i + 1}")
     for i, (ns, _local) in enumerate(ends):
         peer_ns, peer_ip = ends[1 - i]
-        topology.ip(ns, "neigh", "add", f"10.250.0.{2 - i}", "lladdr", f"0a:58:0a:fa:00:0{2 - i}", "dev", "vx0",
-                    "nud", "permanent")
+        topology.ip(
+            ns,
+            "neigh",
+            "add",
+            f"10.250.0.{2 - i}",
+            "lladdr",
+            f"0a:58:0a:fa:00:0{2 - i}",
+            "dev",
+            "vx0",
+            "nud",
+            "permanent",
+        )
         topology.ip(ns, "link", "set", "vx0", "up")
-        subprocess.run([IP, "netns", "exec", ns, "bridge", "fdb", "append", f"0a:58:0a:fa:00:0{2 - i}", "dev",
-                        "vx0", "dst", peer_ip, "self", "permanent"], check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            [
+                IP,
+                "netns",
+                "exec",
+                ns,
+                "bridge",
+                "fdb",
+                "append",
+                f"0a:58:0a:fa:00:0{2 - i}",
+                "dev",
+                "vx0",
+                "dst",
+                peer_ip,
+                "self",
+                "permanent",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
     return ends[1][0], "10.250.0.2", ends[0][0]
 
 
@@ -305,8 +390,9 @@ def _hand_overlay(ctx: Context, underlay: Underlay) -> tuple[str, str, str]:
         topology.ip(ns, "link", "set", "vx0", "address", f"0a:58:0a:fb:0{i}:00")
         topology.add_address(ns, "vx0", f"10.251.{i}.0/32")
         pod = ctx.cleanup.namespace("hvpod")
-        topology.ip(ns, "link", "add", "veth0", "mtu", str(OVERLAY_MTU), "type", "veth", "peer", "name", "eth0",
-                    "netns", pod)
+        topology.ip(
+            ns, "link", "add", "veth0", "mtu", str(OVERLAY_MTU), "type", "veth", "peer", "name", "eth0", "netns", pod
+        )
         topology.enslave(ns, "veth0", "br0")
         topology.set_up(ns, "veth0")
         topology.ip(pod, "link", "set", "eth0", "mtu", str(OVERLAY_MTU))
@@ -318,8 +404,27 @@ def _hand_overlay(ctx: Context, underlay: Underlay) -> tuple[str, str, str]:
         j = 1 - i
         peer_mac = f"0a:58:0a:fb:0{j}:00"
         topology.ip(ns, "neigh", "add", f"10.251.{j}.0", "lladdr", peer_mac, "dev", "vx0", "nud", "permanent")
-        subprocess.run([IP, "netns", "exec", ns, "bridge", "fdb", "append", peer_mac, "dev", "vx0", "dst",
-                        nodes[j][1], "self", "permanent"], check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            [
+                IP,
+                "netns",
+                "exec",
+                ns,
+                "bridge",
+                "fdb",
+                "append",
+                peer_mac,
+                "dev",
+                "vx0",
+                "dst",
+                nodes[j][1],
+                "self",
+                "permanent",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
         topology.ip(ns, "route", "add", f"10.251.{j}.0/24", "via", f"10.251.{j}.0", "dev", "vx0", "onlink")
     return pods[1], "10.251.1.2", pods[0]
 
@@ -335,8 +440,9 @@ def _hand_direct(ctx: Context, underlay: Underlay) -> tuple[str, str, str]:
         topology.ip(ns, "link", "set", "br0", "mtu", str(OVERLAY_MTU))
         topology.add_address(ns, "br0", f"10.252.{i}.1/24")
         pod = ctx.cleanup.namespace("hdpod")
-        topology.ip(ns, "link", "add", "veth0", "mtu", str(OVERLAY_MTU), "type", "veth", "peer", "name", "eth0",
-                    "netns", pod)
+        topology.ip(
+            ns, "link", "add", "veth0", "mtu", str(OVERLAY_MTU), "type", "veth", "peer", "name", "eth0", "netns", pod
+        )
         topology.enslave(ns, "veth0", "br0")
         topology.set_up(ns, "veth0")
         topology.ip(pod, "link", "set", "eth0", "mtu", str(OVERLAY_MTU))
@@ -350,10 +456,12 @@ def _hand_direct(ctx: Context, underlay: Underlay) -> tuple[str, str, str]:
 
 
 # (figure, reference, ratio name): each pycni path against the hand-built path it should match.
-RATIOS = (("pycni overlay (vxlan plugin + agents)", "hand-built vxlan pair", "ratio vs vxlan pair"),
-          ("pycni overlay (vxlan plugin + agents)", "hand-built overlay path", "ratio vs hand-built overlay"),
-          ("pycni overlay, direct routing", "hand-built direct path", "direct routing ratio vs hand-built direct"),
-          ("pycni overlay, IPv6 pods", "pycni overlay (vxlan plugin + agents)", "IPv6 pods ratio vs IPv4 pods"))
+RATIOS = (
+    ("pycni overlay (vxlan plugin + agents)", "hand-built vxlan pair", "ratio vs vxlan pair"),
+    ("pycni overlay (vxlan plugin + agents)", "hand-built overlay path", "ratio vs hand-built overlay"),
+    ("pycni overlay, direct routing", "hand-built direct path", "direct routing ratio vs hand-built direct"),
+    ("pycni overlay, IPv6 pods", "pycni overlay (vxlan plugin + agents)", "IPv6 pods ratio vs IPv4 pods"),
+)
 
 
 def _throughput(ctx: Context) -> dict[str, Any]:
@@ -377,6 +485,7 @@ def _throughput(ctx: Context) -> dict[str, Any]:
 
 # ---- join/leave convergence -----------------------------------------------------------------
 
+
 class FdbMonitor:
     """`bridge monitor fdb` in one namespace, every line stamped with time.time() as it arrives."""
 
@@ -384,9 +493,16 @@ class FdbMonitor:
         self.ns = ns
         self.lines: list[tuple[float, str]] = []
         self._lock = threading.Lock()
-        self.proc = ctx.cleanup.process(subprocess.Popen(
-            [IP, "netns", "exec", ns, "bridge", "monitor", "fdb"], stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True, bufsize=1))
+        self.proc = ctx.cleanup.process(
+            subprocess.Popen(
+                [IP, "netns", "exec", ns, "bridge", "monitor", "fdb"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                bufsize=1,
+            )
+        )
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
@@ -451,8 +567,12 @@ def _convergence(ctx: Context, size: int) -> dict[str, Any]:
         _start(ctx, agent, store)
     _wait_ready(members)
     subnets = {agent.ns: agent.state().subnet for agent in members}
-    _poll(lambda: all(set(subnets.values()) - {subnets[a.ns]} <= _routes(a.ns) for a in members),
-          CONVERGE_TIMEOUT, 0.1, f"{size - 1} nodes to route each other")
+    _poll(
+        lambda: all(set(subnets.values()) - {subnets[a.ns]} <= _routes(a.ns) for a in members),
+        CONVERGE_TIMEOUT,
+        0.1,
+        f"{size - 1} nodes to route each other",
+    )
     cluster_up = time.monotonic() - started
     monitors = [FdbMonitor(ctx, agent.ns) for agent in members]
     time.sleep(0.3)  # the monitors subscribe before the first join
@@ -501,6 +621,7 @@ def _convergence(ctx: Context, size: int) -> dict[str, Any]:
 
 # ---- programming 1000 remote nodes -------------------------------------------------------------
 
+
 @dataclass
 class Counts:
     routes: int = 0
@@ -512,13 +633,16 @@ def _count(ns: str, device: str, subnets: set[str], public_ips: set[str]) -> Cou
     routes = _json([IP, "-n", ns, "-j", "route", "show", "dev", device])
     fdb = _json(["bridge", "-n", ns, "-j", "fdb", "show", "dev", device])
     neigh = _json([IP, "-n", ns, "-j", "neigh", "show", "dev", device])
-    return Counts(routes=sum(1 for r in routes if r.get("dst") in subnets),
-                  fdb=sum(1 for f in fdb if f.get("dst") in public_ips),
-                  neigh=sum(1 for n in neigh if "PERMANENT" in n.get("state", [])))
+    return Counts(
+        routes=sum(1 for r in routes if r.get("dst") in subnets),
+        fdb=sum(1 for f in fdb if f.get("dst") in public_ips),
+        neigh=sum(1 for n in neigh if "PERMANENT" in n.get("state", [])),
+    )
 
 
-def _wait_programmed(ns: str, device: str, subnets: set[str], public_ips: set[str], start: float,
-                     want: int) -> dict[str, float]:
+def _wait_programmed(
+    ns: str, device: str, subnets: set[str], public_ips: set[str], start: float, want: int
+) -> dict[str, float]:
     """Seconds from ``start`` until each kind of entry reaches ``want`` (exactly)."""
     reached: dict[str, float] = {}
 
@@ -556,9 +680,15 @@ def _program_many(ctx: Context, count: int = SCALE_NODES) -> dict[str, Any]:
                     subnets.append(str(net))
                 if len(subnets) == count:
                     break
-            leases = [NodeLease(subnet=subnet, public_ip=f"172.16.{i // 250}.{i % 250 + 1}",
-                                vtep_mac=f"0a:58:ac:10:{i // 250:02x}:{i % 250 + 1:02x}", node_name=f"sim{i}")
-                      for i, subnet in enumerate(subnets)]
+            leases = [
+                NodeLease(
+                    subnet=subnet,
+                    public_ip=f"172.16.{i // 250}.{i % 250 + 1}",
+                    vtep_mac=f"0a:58:ac:10:{i // 250:02x}:{i % 250 + 1:02x}",
+                    node_name=f"sim{i}",
+                )
+                for i, subnet in enumerate(subnets)
+            ]
             subnet_set = set(subnets)
             ip_set = {lease.public_ip for lease in leases}
 
@@ -588,6 +718,7 @@ def _program_many(ctx: Context, count: int = SCALE_NODES) -> dict[str, Any]:
             store.close()
     finally:
         _stop(ctx, agent)
+
     def seconds(value: float) -> dict[str, Any]:
         return summary([value], "s")
 

@@ -6,6 +6,7 @@ figure is the ADD latency of pods c+1..c+k; every earlier pod is still
 attached, with its masquerade and port-mapping rules in place. Pods are not
 deleted one by one: dropping the node namespace at the end removes them all.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,8 +27,7 @@ def run(ctx: Context) -> dict[str, Any]:
         return skipped
     settings = ctx.settings
     total = max(settings.scale_checkpoints) + settings.scale_samples
-    print(f"  scale: {total} pods per side (checkpoints {', '.join(map(str, settings.scale_checkpoints))})",
-          flush=True)
+    print(f"  scale: {total} pods per side (checkpoints {', '.join(map(str, settings.scale_checkpoints))})", flush=True)
     cleanup = ctx.cleanup
     sides = (ctx.pycni, ctx.reference)
     nodes = {s.name: cleanup.namespace("node") for s in sides}
@@ -44,8 +44,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 plugins = [configs.bridge(NET, dirs[side.name], ip_masq=True), configs.portmap(NET)]
                 att = Attachment(f"scale-{side.name}-{i}", f"/var/run/netns/{pod}")
                 try:
-                    timed = chain.add(side, plugins, att, nodes[side.name],
-                                      configs.port_mappings(FIRST_HOST_PORT + i))
+                    timed = chain.add(side, plugins, att, nodes[side.name], configs.port_mappings(FIRST_HOST_PORT + i))
                 except Exception as exc:
                     error = f"pod {i + 1}: {exc}"
                     raise
@@ -63,10 +62,10 @@ def run(ctx: Context) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     k = settings.scale_samples
     for c in settings.scale_checkpoints:
-        ours, ref = latencies["pycni"][c:c + k], latencies["reference"][c:c + k]
+        ours, ref = latencies["pycni"][c : c + k], latencies["reference"][c : c + k]
         if len(ours) == k and len(ref) == k:
             figures[f"add after {c} pods"] = pair(ours, ref, "ms", 1000)
-            figures[f"add cpu after {c} pods"] = pair(cpu["pycni"][c:c + k], cpu["reference"][c:c + k], "ms", 1000)
+            figures[f"add cpu after {c} pods"] = pair(cpu["pycni"][c : c + k], cpu["reference"][c : c + k], "ms", 1000)
     if error:
         figures["error"] = error
     return figures

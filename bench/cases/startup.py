@@ -11,6 +11,7 @@ process (perl-base is on every Debian system) that calls wait4 and prints
 ru_maxrss; `memory floor` (`/bin/true` the same way) shows what that adds.
 Without a usable Perl the figure falls back to our own wait4 and says so.
 """
+
 from __future__ import annotations
 
 import platform
@@ -70,8 +71,7 @@ def _maxrss_kib(argv: list[str]) -> int:
     script = _perl_script()
     if script is None:
         return spawn.run(argv, _env(), STDIN, None).maxrss_kib
-    proc = subprocess.run(["perl", "-e", script, *argv], input=STDIN, env=_env(), capture_output=True,
-                          timeout=60)
+    proc = subprocess.run(["perl", "-e", script, *argv], input=STDIN, env=_env(), capture_output=True, timeout=60)
     for line in proc.stderr.decode(errors="replace").splitlines():
         if line.startswith("maxrss_kib="):
             fields = dict(part.split("=", 1) for part in line.split())
@@ -97,11 +97,15 @@ def _measure(ctx: Context, plugin: str) -> dict[str, Any]:
                 memory[side.name].append(float(_maxrss_kib([side.exe(plugin)])))
     if len(sides) < 2:
         only = sides[0].name
-        return {"wall": {only: summary(walls[only], "ms", 1000)},
-                "peak_memory": {only: summary(memory[only], "MiB", 1 / 1024)},
-                "note": "no reference plugin of this type"}
-    return {"wall": pair(walls["pycni"], walls["reference"], "ms", 1000),
-            "peak_memory": pair(memory["pycni"], memory["reference"], "MiB", 1 / 1024)}
+        return {
+            "wall": {only: summary(walls[only], "ms", 1000)},
+            "peak_memory": {only: summary(memory[only], "MiB", 1 / 1024)},
+            "note": "no reference plugin of this type",
+        }
+    return {
+        "wall": pair(walls["pycni"], walls["reference"], "ms", 1000),
+        "peak_memory": pair(memory["pycni"], memory["reference"], "MiB", 1 / 1024),
+    }
 
 
 def _floors(ctx: Context) -> dict[str, Any]:
@@ -113,7 +117,9 @@ def _floors(ctx: Context) -> dict[str, Any]:
         in_node = [spawn.run(["/bin/true"], _env(), b"", node).wall_s for _ in range(n)]
     finally:
         ctx.cleanup.drop_namespace(node)
-    return {"spawn /bin/true": summary(plain, "ms", 1000),
-            "spawn /bin/true via ip netns exec (added to every ADD/DEL figure)": summary(in_node, "ms", 1000),
-            "memory /bin/true": summary([float(_maxrss_kib(["/bin/true"]))], "MiB", 1 / 1024),
-            "memory method": "perl fork+wait4" if _perl_script() else "wait4 from the benchmark (inflated)"}
+    return {
+        "spawn /bin/true": summary(plain, "ms", 1000),
+        "spawn /bin/true via ip netns exec (added to every ADD/DEL figure)": summary(in_node, "ms", 1000),
+        "memory /bin/true": summary([float(_maxrss_kib(["/bin/true"]))], "MiB", 1 / 1024),
+        "memory method": "perl fork+wait4" if _perl_script() else "wait4 from the benchmark (inflated)",
+    }

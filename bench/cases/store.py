@@ -64,6 +64,7 @@ Targets from the issue are printed beside the figures and stored under
 
 `python -m bench --only store` runs it (not part of the default set).
 """
+
 from __future__ import annotations
 
 import base64
@@ -89,21 +90,31 @@ from ..stats import summary
 ETCD = "/usr/bin/etcd"
 CLIENT_PORT = 2379
 PEER_PORT = 2380
-CLUSTER_NETWORK = "10.0.0.0/8"        # 65536 /24 node subnets
+CLUSTER_NETWORK = "10.0.0.0/8"  # 65536 /24 node subnets
 ETCD_START_TIMEOUT = 30.0
-STORE_TIMEOUT = 5.0                    # a simulated node's store requests, as an agent's (overlay/options.py)
+STORE_TIMEOUT = 5.0  # a simulated node's store requests, as an agent's (overlay/options.py)
 WORKER_START_TIMEOUT = 60.0
-HOLD_TIMEOUT = 900.0                   # simulated nodes leasing their subnets
-CONVERGE_TIMEOUT = 180.0               # real agents programming every node
-EVENT_TIMEOUT = 30.0                   # one join or leave reaching every agent
-FAILOVER_TIMEOUT = 90.0                # a change reaching every agent across a partition
+HOLD_TIMEOUT = 900.0  # simulated nodes leasing their subnets
+CONVERGE_TIMEOUT = 180.0  # real agents programming every node
+EVENT_TIMEOUT = 30.0  # one join or leave reaching every agent
+FAILOVER_TIMEOUT = 90.0  # a change reaching every agent across a partition
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-REQUEST_METHODS = ("Range", "Txn", "Put", "DeleteRange", "LeaseGrant", "LeaseRevoke", "LeaseKeepAlive",
-                   "LeaseTimeToLive", "Watch", "Compact")
+REQUEST_METHODS = (
+    "Range",
+    "Txn",
+    "Put",
+    "DeleteRange",
+    "LeaseGrant",
+    "LeaseRevoke",
+    "LeaseKeepAlive",
+    "LeaseTimeToLive",
+    "Watch",
+    "Compact",
+)
 WRITE_METHODS = ("Txn", "Put", "LeaseGrant", "LeaseRevoke")
 TARGETS = {
     "steady state": "keep-alives only (LeaseKeepAlive: 6 per node per minute when renewed every TTL/3 = 10 s), "
-                    "one watch stream per real agent, no new watch streams or connections during the window",
+    "one watch stream per real agent, no new watch streams or connections during the window",
     "join/leave": "p99 < 1 s at 1000 nodes (lease written to programmed on every agent)",
     "simultaneous starts": "all leased < 30 s for 300 nodes, <= 3 store writes per node, 0 duplicate subnets",
     "compaction": "0 lost updates",
@@ -113,27 +124,63 @@ TARGETS = {
 
 @dataclass(frozen=True)
 class Plan:
-    nodes: int             # real + simulated nodes in the cluster
-    real: int              # real agents
-    workers: int           # simulated-node worker processes
-    ttl: int               # lease TTL of every node (s); keep-alive every ttl/3
-    steady_s: float        # each steady-state window
-    events: int            # joins, and as many leaves
-    starts: int            # simultaneous starts
+    nodes: int  # real + simulated nodes in the cluster
+    real: int  # real agents
+    workers: int  # simulated-node worker processes
+    ttl: int  # lease TTL of every node (s); keep-alive every ttl/3
+    steady_s: float  # each steady-state window
+    events: int  # joins, and as many leaves
+    starts: int  # simultaneous starts
     start_workers: int
     start_timeout: float
     compaction_changes: int
-    partition: bool        # the 3-member etcd variant
+    partition: bool  # the 3-member etcd variant
     partition_changes: int
 
 
 PLANS = {
-    "smoke": Plan(nodes=30, real=2, workers=2, ttl=6, steady_s=5, events=2, starts=10, start_workers=2,
-                  start_timeout=60, compaction_changes=2, partition=False, partition_changes=2),
-    "quick": Plan(nodes=1000, real=3, workers=4, ttl=30, steady_s=30, events=5, starts=100, start_workers=4,
-                  start_timeout=180, compaction_changes=4, partition=False, partition_changes=4),
-    "full": Plan(nodes=1000, real=5, workers=8, ttl=30, steady_s=60, events=10, starts=300, start_workers=6,
-                 start_timeout=300, compaction_changes=6, partition=True, partition_changes=6),
+    "smoke": Plan(
+        nodes=30,
+        real=2,
+        workers=2,
+        ttl=6,
+        steady_s=5,
+        events=2,
+        starts=10,
+        start_workers=2,
+        start_timeout=60,
+        compaction_changes=2,
+        partition=False,
+        partition_changes=2,
+    ),
+    "quick": Plan(
+        nodes=1000,
+        real=3,
+        workers=4,
+        ttl=30,
+        steady_s=30,
+        events=5,
+        starts=100,
+        start_workers=4,
+        start_timeout=180,
+        compaction_changes=4,
+        partition=False,
+        partition_changes=4,
+    ),
+    "full": Plan(
+        nodes=1000,
+        real=5,
+        workers=8,
+        ttl=30,
+        steady_s=60,
+        events=10,
+        starts=300,
+        start_workers=6,
+        start_timeout=300,
+        compaction_changes=6,
+        partition=True,
+        partition_changes=6,
+    ),
 }
 
 
@@ -146,8 +193,10 @@ def run(ctx: Context) -> dict[str, Any]:
     if not ctx.pycni.has("vxlan"):
         ctx.note("store: skipped, pycni has no vxlan plugin")
         return {"skipped": "no vxlan plugin"}
-    if subprocess.run([*_pycni_command(), "agent", "--help"], capture_output=True, text=True,
-                      timeout=60).returncode != 0:
+    if (
+        subprocess.run([*_pycni_command(), "agent", "--help"], capture_output=True, text=True, timeout=60).returncode
+        != 0
+    ):
         ctx.note("store: skipped, `pycni agent` is not available")
         return {"skipped": "no pycni agent"}
     plan = PLANS[ctx.settings.mode]
@@ -171,6 +220,7 @@ def run(ctx: Context) -> dict[str, Any]:
 
 # ---- etcd: members, metrics, counters from /proc --------------------------------------------
 
+
 @dataclass
 class EtcdMember:
     name: str
@@ -192,24 +242,52 @@ class EtcdMember:
             return "(no log)"
 
 
-def _start_etcd(ctx: Context, workdir: str, ns: str, ip: str, name: str = "m0", initial: str = "",
-                token: str = "pycni-bench") -> EtcdMember:
+def _start_etcd(
+    ctx: Context, workdir: str, ns: str, ip: str, name: str = "m0", initial: str = "", token: str = "pycni-bench"
+) -> EtcdMember:
     """etcd in namespace ``ns``, listening on ``ip`` only (client and peer); registered for cleanup."""
     member = EtcdMember(name, ns, ip, os.path.join(workdir, f"{name}.data"), os.path.join(workdir, f"{name}.log"))
     peer = f"http://{ip}:{PEER_PORT}"
     client = f"http://{ip}:{CLIENT_PORT}"
-    args = [ETCD, "--name", name, "--data-dir", member.data_dir,
-            "--listen-client-urls", client, "--advertise-client-urls", client,
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", initial or f"{name}={peer}", "--initial-cluster-state", "new",
-            "--initial-cluster-token", token,
-            # fast elections keep a partition's fail-over short (members on veths)
-            "--heartbeat-interval", "50", "--election-timeout", "500",
-            "--logger", "zap", "--log-level", "warn", "--log-outputs", "stderr"]
+    args = [
+        ETCD,
+        "--name",
+        name,
+        "--data-dir",
+        member.data_dir,
+        "--listen-client-urls",
+        client,
+        "--advertise-client-urls",
+        client,
+        "--listen-peer-urls",
+        peer,
+        "--initial-advertise-peer-urls",
+        peer,
+        "--initial-cluster",
+        initial or f"{name}={peer}",
+        "--initial-cluster-state",
+        "new",
+        "--initial-cluster-token",
+        token,
+        # fast elections keep a partition's fail-over short (members on veths)
+        "--heartbeat-interval",
+        "50",
+        "--election-timeout",
+        "500",
+        "--logger",
+        "zap",
+        "--log-level",
+        "warn",
+        "--log-outputs",
+        "stderr",
+    ]
     with open(member.log, "ab") as log:
         # `ip netns exec` execs etcd: the PID is etcd's own, stopped by PID.
-        member.proc = ctx.cleanup.process(subprocess.Popen([IP, "netns", "exec", ns, *args], stdin=subprocess.DEVNULL,
-                                                           stdout=log, stderr=log, close_fds=True))
+        member.proc = ctx.cleanup.process(
+            subprocess.Popen(
+                [IP, "netns", "exec", ns, *args], stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True
+            )
+        )
     return member
 
 
@@ -241,8 +319,9 @@ class EtcdClient:
                 self._conn = conn
             try:
                 payload = json.dumps(body).encode() if body is not None else None
-                self._conn.request(method, path, body=payload,
-                                   headers={"Content-Type": "application/json"} if payload else {})
+                self._conn.request(
+                    method, path, body=payload, headers={"Content-Type": "application/json"} if payload else {}
+                )
                 response = self._conn.getresponse()
                 data = response.read()
                 if response.will_close:
@@ -266,8 +345,11 @@ class EtcdClient:
         return Metrics.parse(self._request("GET", "/metrics").decode())
 
     def revision(self) -> int:
-        answer = json.loads(self._request("POST", "/v3/kv/range",
-                                          {"key": base64.b64encode(b"/pycni/config").decode(), "count_only": True}))
+        answer = json.loads(
+            self._request(
+                "POST", "/v3/kv/range", {"key": base64.b64encode(b"/pycni/config").decode(), "count_only": True}
+            )
+        )
         return int(answer["header"]["revision"])
 
     def compact(self, revision: int) -> None:
@@ -303,20 +385,26 @@ class WriteWatch:
 
         end = bytearray(prefix)
         end[-1] += 1
-        body = {"create_request": {"key": base64.b64encode(prefix).decode(),
-                                   "range_end": base64.b64encode(bytes(end)).decode(), "prev_kv": True}}
+        body = {
+            "create_request": {
+                "key": base64.b64encode(prefix).decode(),
+                "range_end": base64.b64encode(bytes(end)).decode(),
+                "prev_kv": True,
+            }
+        }
         self._conn = http.client.HTTPConnection(member.ip, CLIENT_PORT, timeout=10.0)
         with netns.enter(member.ns):
             self._conn.connect()
-        self._conn.request("POST", "/v3/watch", body=json.dumps(body).encode(),
-                           headers={"Content-Type": "application/json"})
+        self._conn.request(
+            "POST", "/v3/watch", body=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         self._response = self._conn.getresponse()
         if self._response.status != 200:
             raise RuntimeError(f"etcd /v3/watch: HTTP {self._response.status}")
         assert self._conn.sock is not None
         self._sock = self._conn.sock
         self._sock.settimeout(None)
-        self.events: list[tuple[float, str, bool]] = []   # (time.time(), public IP, deleted)
+        self.events: list[tuple[float, str, bool]] = []  # (time.time(), public IP, deleted)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -368,7 +456,7 @@ class WriteWatch:
         self._thread.join(timeout=5)
 
 
-_SAMPLE = re.compile(r'^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')
+_SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
@@ -395,8 +483,9 @@ class Metrics:
                     value = float(match.group(3))
                 except ValueError:
                     continue
-                labels = {k: v.replace('\\"', '"').replace("\\\\", "\\")
-                          for k, v in _LABEL.findall(match.group(2) or "")}
+                labels = {
+                    k: v.replace('\\"', '"').replace("\\\\", "\\") for k, v in _LABEL.findall(match.group(2) or "")
+                }
                 samples[match.group(1)].append((labels, value))
         else:
             for family in text_string_to_metric_families(text):
@@ -405,8 +494,9 @@ class Metrics:
         return cls(dict(samples))
 
     def total(self, name: str, **match: str) -> float:
-        return sum(value for labels, value in self.samples.get(name, [])
-                   if all(labels.get(k) == v for k, v in match.items()))
+        return sum(
+            value for labels, value in self.samples.get(name, []) if all(labels.get(k) == v for k, v in match.items())
+        )
 
     def by_method(self, name: str) -> dict[str, float]:
         """gRPC counters of etcd's own services (not the health service), by method."""
@@ -483,19 +573,50 @@ def _sim_identity(index: int, block: int = SIM_BLOCK) -> tuple[str, str, str]:
 class Worker:
     """A worker process (``python -m bench.cases.store MODE``) in a namespace; JSON lines both ways."""
 
-    def __init__(self, ctx: Context, ns: str, mode: str, store_url: str, ttl: int, log: str,
-                 inbox: "queue.Queue[tuple[Worker, dict[str, Any]]] | None" = None, barrier_fd: int | None = None):
+    def __init__(
+        self,
+        ctx: Context,
+        ns: str,
+        mode: str,
+        store_url: str,
+        ttl: int,
+        log: str,
+        inbox: "queue.Queue[tuple[Worker, dict[str, Any]]] | None" = None,
+        barrier_fd: int | None = None,
+    ):
         self.ctx = ctx
         self.log = log
         self.inbox: queue.Queue = inbox if inbox is not None else queue.Queue()
-        argv = [IP, "netns", "exec", ns, sys.executable, "-m", "bench.cases.store", mode, "--store", store_url,
-                "--ttl", str(ttl)]
+        argv = [
+            IP,
+            "netns",
+            "exec",
+            ns,
+            sys.executable,
+            "-m",
+            "bench.cases.store",
+            mode,
+            "--store",
+            store_url,
+            "--ttl",
+            str(ttl),
+        ]
         if barrier_fd is not None:
             argv += ["--barrier-fd", str(barrier_fd)]
         with open(log, "ab") as err:
-            self.proc = ctx.cleanup.process(subprocess.Popen(
-                argv, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
-                close_fds=True, pass_fds=(barrier_fd,) if barrier_fd is not None else ()))
+            self.proc = ctx.cleanup.process(
+                subprocess.Popen(
+                    argv,
+                    cwd=REPO,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    text=True,
+                    bufsize=1,
+                    close_fds=True,
+                    pass_fds=(barrier_fd,) if barrier_fd is not None else (),
+                )
+            )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -526,7 +647,9 @@ class Worker:
                 _worker, doc = self.inbox.get(timeout=max(0.01, min(0.5, deadline - time.monotonic())))
             except queue.Empty:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"a simulated-node worker exited ({self.proc.returncode}):\n{self._log_tail()}") from None
+                    raise RuntimeError(
+                        f"a simulated-node worker exited ({self.proc.returncode}):\n{self._log_tail()}"
+                    ) from None
                 if time.monotonic() >= deadline:
                     break
                 continue
@@ -555,16 +678,17 @@ class Simulator:
     """The simulated nodes: ``workers`` processes holding leases and keeping them alive."""
 
     def __init__(self, ctx: Context, ns: str, store_url: str, ttl: int, workers: int, logdir: str) -> None:
-        self.workers = [Worker(ctx, ns, "sim", store_url, ttl, os.path.join(logdir, f"sim{i}.log"))
-                        for i in range(workers)]
+        self.workers = [
+            Worker(ctx, ns, "sim", store_url, ttl, os.path.join(logdir, f"sim{i}.log")) for i in range(workers)
+        ]
         for worker in self.workers:
             worker.receive(WORKER_START_TIMEOUT)  # {"ready": ...}
-        self.owner: dict[str, Worker] = {}        # public IP -> the worker holding its lease
+        self.owner: dict[str, Worker] = {}  # public IP -> the worker holding its lease
         self.pids = [w.proc.pid for w in self.workers]
 
     def hold(self, nodes: list[tuple[str, str, str, str]]) -> list[str]:
         """Lease every (public IP, MAC, name, preferred subnet), spread over the workers; failures' messages."""
-        shares = [nodes[i::len(self.workers)] for i in range(len(self.workers))]
+        shares = [nodes[i :: len(self.workers)] for i in range(len(self.workers))]
         for worker, share in zip(self.workers, shares):
             worker.send({"op": "hold", "nodes": share})
         failed: list[str] = []
@@ -613,6 +737,7 @@ class Simulator:
 
 # ---- the worker side (runs in its own process) ------------------------------------------------
 
+
 class _Out:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -629,16 +754,17 @@ class _Keeper:
     Several per worker, so that a slow store (hundreds of nodes starting) delays each node's renewal as
     it would delay a real node's, instead of queueing a worker's share of nodes behind one connection."""
 
-    def __init__(self, url: str, ttl: int, counts: collections.Counter, counts_lock: threading.Lock,
-                 stop: threading.Event) -> None:
+    def __init__(
+        self, url: str, ttl: int, counts: collections.Counter, counts_lock: threading.Lock, stop: threading.Event
+    ) -> None:
         from ipam.cluster import open_store
 
         self.store = open_store(url, timeout=STORE_TIMEOUT)
         self.ttl = ttl
-        self.held: dict[str, Any] = {}           # public IP -> NodeLease
-        self.due: list[tuple[float, str]] = []   # (monotonic time, public IP) heap
+        self.held: dict[str, Any] = {}  # public IP -> NodeLease
+        self.due: list[tuple[float, str]] = []  # (monotonic time, public IP) heap
         self.lock = threading.Lock()
-        self.renewing = threading.Lock()         # held during a renewal, and by "pause" (none in flight)
+        self.renewing = threading.Lock()  # held during a renewal, and by "pause" (none in flight)
         self.counts, self.counts_lock, self.stop = counts, counts_lock, stop
         threading.Thread(target=self._run, daemon=True).start()
 
@@ -720,8 +846,11 @@ class _SimNodes:
         began = time.monotonic()
         for public_ip, mac, name, subnet in nodes:
             try:
-                self._add(acquire_lease(self.store, self.cfg, public_ip, mac, node_name=name,
-                                        preferred_subnet=subnet, ttl=self.ttl))
+                self._add(
+                    acquire_lease(
+                        self.store, self.cfg, public_ip, mac, node_name=name, preferred_subnet=subnet, ttl=self.ttl
+                    )
+                )
             except Exception as exc:
                 failed.append(f"{public_ip}: {type(exc).__name__}: {exc}")
         return {"held": len(nodes) - len(failed), "failed": failed[:20], "s": time.monotonic() - began}
@@ -780,8 +909,15 @@ def _starting_nodes(url: str, ttl: int, barrier_fd: int, out: _Out) -> None:
 
     A node whose acquire_lease() fails with a store error (a timeout, a store that kept changing)
     tries again a second later, as an agent restarted by its supervisor would, until the deadline."""
-    from ipam.cluster import (LeaseExhausted, NodeConflict, StoreError, acquire_lease, open_store, read_config,
-                              renew_lease)
+    from ipam.cluster import (
+        LeaseExhausted,
+        NodeConflict,
+        StoreError,
+        acquire_lease,
+        open_store,
+        read_config,
+        renew_lease,
+    )
 
     request = json.loads(sys.stdin.readline())
     deadline = time.monotonic() + float(request["give_up_after_s"])
@@ -804,8 +940,14 @@ def _starting_nodes(url: str, ttl: int, barrier_fd: int, out: _Out) -> None:
                 retry = isinstance(exc, StoreError) and not isinstance(exc, (LeaseExhausted, NodeConflict))
                 errors += retry
                 if not retry or time.monotonic() + 1.0 >= deadline:
-                    out({"done": public_ip, "failed": f"{type(exc).__name__}: {exc}", "at": time.time(),
-                         "errors": errors})
+                    out(
+                        {
+                            "done": public_ip,
+                            "failed": f"{type(exc).__name__}: {exc}",
+                            "at": time.time(),
+                            "errors": errors,
+                        }
+                    )
                     store.close()
                     return
                 time.sleep(1.0)
@@ -868,18 +1010,26 @@ def worker_main(argv: list[str]) -> None:
 
 # ---- real agents --------------------------------------------------------------------------------
 
+
 def _agent_status(agent: Any) -> dict[str, Any]:
     """`pycni agent status --json`, its overlay part with lists reduced to their length."""
     from .overlay import _pycni_command, _socket
 
-    done = subprocess.run([*_pycni_command(), "agent", "status", "--socket", _socket(agent), "--json"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [*_pycni_command(), "agent", "status", "--socket", _socket(agent), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if done.returncode != 0:
         return {"error": (done.stderr or done.stdout).strip()[-300:]}
     doc = json.loads(done.stdout)
     view = doc.get("overlay", doc) if isinstance(doc, dict) else {}
-    return {key: (len(value) if isinstance(value, list) else value) for key, value in view.items()
-            if not isinstance(value, dict) or key in ("store", "watch")}
+    return {
+        key: (len(value) if isinstance(value, list) else value)
+        for key, value in view.items()
+        if not isinstance(value, dict) or key in ("store", "watch")
+    }
 
 
 def _fdb_dsts(ns: str, device: str) -> set[str]:
@@ -890,8 +1040,9 @@ def _fdb_dsts(ns: str, device: str) -> set[str]:
     return {entry["dst"] for entry in found if entry.get("dst")}
 
 
-def _wait_converged(agents: list[Any], devices: dict[str, str], public_ips: set[str],
-                    timeout: float = CONVERGE_TIMEOUT) -> float:
+def _wait_converged(
+    agents: list[Any], devices: dict[str, str], public_ips: set[str], timeout: float = CONVERGE_TIMEOUT
+) -> float:
     """Until every agent's vxlan device points at exactly the other nodes (none missing, none stale)."""
     from .overlay import _poll
 
@@ -919,13 +1070,16 @@ def _percentile(values: list[float], q: float) -> float:
 def _events_figure(slowest: list[float], every: list[float]) -> dict[str, Any]:
     if not slowest:
         return {"n": 0}
-    return {"p50, every agent programmed": summary([_percentile(slowest, 50)], "ms", 1000),
-            "p99, every agent programmed": summary([_percentile(slowest, 99)], "ms", 1000),
-            "every agent programmed": summary(slowest, "ms", 1000),
-            "each agent": summary(every, "ms", 1000)}
+    return {
+        "p50, every agent programmed": summary([_percentile(slowest, 50)], "ms", 1000),
+        "p99, every agent programmed": summary([_percentile(slowest, 99)], "ms", 1000),
+        "every agent programmed": summary(slowest, "ms", 1000),
+        "each agent": summary(every, "ms", 1000),
+    }
 
 
 # ---- one etcd, 1000 nodes ---------------------------------------------------------------------------
+
 
 class OneEtcd:
     """The cluster of the first four figures: one etcd, real agents, simulated nodes up to plan.nodes."""
@@ -953,14 +1107,28 @@ class OneEtcd:
         start_ns, start_ip = underlay.host("ststart")
         nodes = [underlay.host("stnode") for _ in range(plan.real)]
         agents = [_new_agent(ctx, workdir, ns, ip_) for ns, ip_ in nodes]
-        roles = {underlay_ip: "etcd's own gateway and the bench's scraper", sim_ip: "simulated nodes",
-                 start_ip: "starting nodes", **{a.public_ip: "real agents" for a in agents}}
-        settings = {"nodes": plan.nodes, "real agents": plan.real, "simulated nodes": plan.nodes - plan.real,
-                    "simulator processes": plan.workers, "lease ttl s": plan.ttl, "etcd": _etcd_version(),
-                    "store": url, "network": CLUSTER_NETWORK}
+        roles = {
+            underlay_ip: "etcd's own gateway and the bench's scraper",
+            sim_ip: "simulated nodes",
+            start_ip: "starting nodes",
+            **{a.public_ip: "real agents" for a in agents},
+        }
+        settings = {
+            "nodes": plan.nodes,
+            "real agents": plan.real,
+            "simulated nodes": plan.nodes - plan.real,
+            "simulator processes": plan.workers,
+            "lease ttl s": plan.ttl,
+            "etcd": _etcd_version(),
+            "store": url,
+            "network": CLUSTER_NETWORK,
+        }
         figures["settings"] = settings
-        print(f"  store: etcd {settings['etcd']} at {url}; {plan.nodes - plan.real} simulated nodes in "
-              f"{plan.workers} processes, {plan.real} real agents, lease TTL {plan.ttl} s", flush=True)
+        print(
+            f"  store: etcd {settings['etcd']} at {url}; {plan.nodes - plan.real} simulated nodes in "
+            f"{plan.workers} processes, {plan.real} real agents, lease TTL {plan.ttl} s",
+            flush=True,
+        )
 
         # -- the simulated nodes lease their subnets (each its own, no races: that is figure 3)
         sims = Simulator(ctx, sim_ns, url, plan.ttl, plan.workers, workdir)
@@ -978,8 +1146,10 @@ class OneEtcd:
             if failed:
                 raise RuntimeError(f"{len(failed)} simulated nodes could not lease a subnet: {failed[0]}")
             settings["simulated nodes leased in s"] = round(time.monotonic() - began, 1)
-            print(f"  store: {len(population)} simulated nodes leased in {settings['simulated nodes leased in s']} s",
-                  flush=True)
+            print(
+                f"  store: {len(population)} simulated nodes leased in {settings['simulated nodes leased in s']} s",
+                flush=True,
+            )
 
             # -- baseline: the simulated nodes alone
             print(f"  store: steady state, simulated nodes only ({plan.steady_s:g} s)", flush=True)
@@ -994,8 +1164,11 @@ class OneEtcd:
             public_ips = {node[0] for node in population} | {agent.public_ip for agent in agents}
             _wait_converged(agents, devices, public_ips)
             settings["real agents converged in s"] = round(time.monotonic() - began, 1)
-            print(f"  store: {plan.real} real agents programmed {plan.nodes - 1} remote nodes in "
-                  f"{settings['real agents converged in s']} s", flush=True)
+            print(
+                f"  store: {plan.real} real agents programmed {plan.nodes - 1} remote nodes in "
+                f"{settings['real agents converged in s']} s",
+                flush=True,
+            )
             time.sleep(min(5.0, plan.steady_s / 4))  # let start-up's own traffic settle
 
             print(f"  store: steady state, {plan.nodes} nodes ({plan.steady_s:g} s)", flush=True)
@@ -1006,18 +1179,21 @@ class OneEtcd:
             writes = WriteWatch(member)  # opened after the steady window, so that its stream is not counted there
             time.sleep(0.3)  # the monitors subscribe before the first change
             print(f"  store: {plan.events} joins and {plan.events} leaves", flush=True)
-            figures["join/leave"] = ctx.attempt("store/join-leave",
-                                                lambda: self._join_leave(sims, writes, monitors, agents))
+            figures["join/leave"] = ctx.attempt(
+                "store/join-leave", lambda: self._join_leave(sims, writes, monitors, agents)
+            )
 
             print(f"  store: {plan.starts} nodes starting at one moment", flush=True)
             figures[f"{plan.starts} simultaneous starts"] = ctx.attempt(
-                "store/simultaneous starts", lambda: self._starts(client, sims, start_ns, url, workdir))
+                "store/simultaneous starts", lambda: self._starts(client, sims, start_ns, url, workdir)
+            )
             _wait_converged(agents, devices, public_ips | self._joined(sims))
 
             print("  store: compaction while the agents watch", flush=True)
             figures["compaction"] = ctx.attempt(
                 "store/compaction",
-                lambda: self._compaction(client, sims, writes, monitors, agents, devices, public_ips))
+                lambda: self._compaction(client, sims, writes, monitors, agents, devices, public_ips),
+            )
         finally:
             if writes is not None:
                 writes.close()
@@ -1034,8 +1210,9 @@ class OneEtcd:
 
     # -- figure 1: steady state
 
-    def _window(self, client: EtcdClient, member: EtcdMember, sims: Simulator, agents: list[Any],
-                roles: dict[str, str]) -> dict[str, Any]:
+    def _window(
+        self, client: EtcdClient, member: EtcdMember, sims: Simulator, agents: list[Any], roles: dict[str, str]
+    ) -> dict[str, Any]:
         """Counters at both ends of a steady-state window, gauges sampled every second inside it."""
         assert member.proc is not None
         etcd_pid = member.proc.pid
@@ -1049,10 +1226,17 @@ class OneEtcd:
                 metrics = client.metrics()
             finally:
                 sims.resume()
-            return {"metrics": metrics, "sims": counts, "sim_cpu": sims.cpu_s(),
-                    "etcd_cpu": _proc_cpu_s(etcd_pid), "etcd_tcp": _tcp_counters(etcd_pid),
-                    "agent_cpu": [_proc_cpu_s(p) for p in pids], "agent_tcp": [_tcp_counters(p) for p in pids],
-                    "agent_bytes": [_link_bytes(p, "eth0") for p in pids], "at": time.monotonic()}
+            return {
+                "metrics": metrics,
+                "sims": counts,
+                "sim_cpu": sims.cpu_s(),
+                "etcd_cpu": _proc_cpu_s(etcd_pid),
+                "etcd_tcp": _tcp_counters(etcd_pid),
+                "agent_cpu": [_proc_cpu_s(p) for p in pids],
+                "agent_tcp": [_tcp_counters(p) for p in pids],
+                "agent_bytes": [_link_bytes(p, "eth0") for p in pids],
+                "at": time.monotonic(),
+            }
 
         first = ends()
         samples: dict[str, list[float]] = collections.defaultdict(list)
@@ -1074,8 +1258,7 @@ class OneEtcd:
             samples["agent rss"].extend(_proc_rss_mib(p) for p in pids)
         last = ends()
         statuses = [_agent_status(a) for a in agents]
-        return {"first": first, "last": last, "samples": dict(samples), "statuses": statuses,
-                "agents": len(agents)}
+        return {"first": first, "last": last, "samples": dict(samples), "statuses": statuses, "agents": len(agents)}
 
     def _steady(self, base: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
         plan = self.plan
@@ -1085,19 +1268,24 @@ class OneEtcd:
             return w["last"]["at"] - w["first"]["at"]
 
         def requests(w: dict[str, Any]) -> dict[str, float]:
-            return _delta(w["last"]["metrics"].by_method("grpc_server_msg_received_total"),
-                          w["first"]["metrics"].by_method("grpc_server_msg_received_total"))
+            return _delta(
+                w["last"]["metrics"].by_method("grpc_server_msg_received_total"),
+                w["first"]["metrics"].by_method("grpc_server_msg_received_total"),
+            )
 
         def started(w: dict[str, Any]) -> dict[str, float]:
-            return _delta(w["last"]["metrics"].by_method("grpc_server_started_total"),
-                          w["first"]["metrics"].by_method("grpc_server_started_total"))
+            return _delta(
+                w["last"]["metrics"].by_method("grpc_server_started_total"),
+                w["first"]["metrics"].by_method("grpc_server_started_total"),
+            )
 
         def renewals(w: dict[str, Any]) -> float:
             return w["last"]["sims"].get("renewals", 0) - w["first"]["sims"].get("renewals", 0)
 
         def per_minute(counts: dict[str, float], nodes: int, seconds: float) -> dict[str, Any]:
-            out = {m: summary([counts[m] * 60 / seconds / nodes], "req/node/min") for m in REQUEST_METHODS
-                   if counts.get(m)}
+            out = {
+                m: summary([counts[m] * 60 / seconds / nodes], "req/node/min") for m in REQUEST_METHODS if counts.get(m)
+            }
             out["all methods"] = summary([sum(counts.values()) * 60 / seconds / nodes], "req/node/min")
             return out
 
@@ -1123,36 +1311,48 @@ class OneEtcd:
             "requests per real agent per minute": per_minute(agents_only, plan.real, s1),
             "requests per simulated node per minute (baseline window)": per_minute(req0, n_sims, s0),
             "streams and calls started per real agent per minute": {
-                m: summary([v * 60 / s1 / plan.real], "/agent/min") for m, v in sorted(agent_started.items()) if v},
+                m: summary([v * 60 / s1 / plan.real], "/agent/min") for m, v in sorted(agent_started.items()) if v
+            },
             "open watch streams": summary(samples.get("watch streams", []), "streams"),
             "open watchers": summary(samples.get("watchers", []), "watchers"),
             "watch streams started in the window": summary([start1.get("Watch", 0)], "streams"),
             "watch streams started in the window, simulated nodes only": summary([start0.get("Watch", 0)], "streams"),
             "TCP connections accepted by etcd in the window": summary(
-                [last["etcd_tcp"]["PassiveOpens"] - first["etcd_tcp"]["PassiveOpens"]], "connections"),
+                [last["etcd_tcp"]["PassiveOpens"] - first["etcd_tcp"]["PassiveOpens"]], "connections"
+            ),
             "TCP connections accepted by etcd, simulated nodes only": summary(
-                [base["last"]["etcd_tcp"]["PassiveOpens"] - base["first"]["etcd_tcp"]["PassiveOpens"]], "connections"),
+                [base["last"]["etcd_tcp"]["PassiveOpens"] - base["first"]["etcd_tcp"]["PassiveOpens"]], "connections"
+            ),
             "TCP connections opened per real agent in the window": summary(opened, "connections"),
-            "established connections to etcd": {role[len("connections/"):]: summary(values, "connections")
-                                                for role, values in sorted(samples.items())
-                                                if role.startswith("connections/")},
-            "etcd gRPC bytes in": summary([grpc_bytes(full, "etcd_network_client_grpc_received_bytes_total")],
-                                          "KiB/s", 1 / 1024),
-            "etcd gRPC bytes out": summary([grpc_bytes(full, "etcd_network_client_grpc_sent_bytes_total")],
-                                           "KiB/s", 1 / 1024),
+            "established connections to etcd": {
+                role[len("connections/") :]: summary(values, "connections")
+                for role, values in sorted(samples.items())
+                if role.startswith("connections/")
+            },
+            "etcd gRPC bytes in": summary(
+                [grpc_bytes(full, "etcd_network_client_grpc_received_bytes_total")], "KiB/s", 1 / 1024
+            ),
+            "etcd gRPC bytes out": summary(
+                [grpc_bytes(full, "etcd_network_client_grpc_sent_bytes_total")], "KiB/s", 1 / 1024
+            ),
             "etcd gRPC bytes out, simulated nodes only": summary(
-                [grpc_bytes(base, "etcd_network_client_grpc_sent_bytes_total")], "KiB/s", 1 / 1024),
+                [grpc_bytes(base, "etcd_network_client_grpc_sent_bytes_total")], "KiB/s", 1 / 1024
+            ),
             "real agent bytes on its underlay link (in + out)": summary(wire, "KiB/s", 1 / 1024),
             "real agent CPU": summary(cpu, "%"),
             "real agent RSS": summary(samples.get("agent rss", []), "MiB"),
             "etcd CPU": summary([(last["etcd_cpu"] - first["etcd_cpu"]) / s1 * 100], "%"),
             "etcd CPU, simulated nodes only": summary(
-                [(base["last"]["etcd_cpu"] - base["first"]["etcd_cpu"]) / s0 * 100], "%"),
+                [(base["last"]["etcd_cpu"] - base["first"]["etcd_cpu"]) / s0 * 100], "%"
+            ),
             "etcd RSS": summary(samples.get("etcd rss", []), "MiB"),
             "simulator CPU (all worker processes)": summary([(last["sim_cpu"] - first["sim_cpu"]) / s1 * 100], "%"),
-            "simulated-node renewals": {"baseline window": int(renewals(base)), "window": int(renewals(full)),
-                                        "errors so far": int(last["sims"].get("renew_errors", 0)),
-                                        "lapsed and written again so far": int(last["sims"].get("rewritten", 0))},
+            "simulated-node renewals": {
+                "baseline window": int(renewals(base)),
+                "window": int(renewals(full)),
+                "errors so far": int(last["sims"].get("renew_errors", 0)),
+                "lapsed and written again so far": int(last["sims"].get("rewritten", 0)),
+            },
             "requests by method in the window": {m: int(v) for m, v in sorted(req1.items())},
             "requests by method in the baseline window": {m: int(v) for m, v in sorted(req0.items())},
             "agent status": full["statuses"],
@@ -1160,8 +1360,9 @@ class OneEtcd:
 
     # -- figure 2: join and leave
 
-    def _join_leave(self, sims: Simulator, writes: "WriteWatch", monitors: list[Any],
-                    agents: list[Any]) -> dict[str, Any]:
+    def _join_leave(
+        self, sims: Simulator, writes: "WriteWatch", monitors: list[Any], agents: list[Any]
+    ) -> dict[str, Any]:
         delays: dict[str, tuple[list[float], list[float]]] = {"join": ([], []), "leave": ([], [])}
         missed = {"join": 0, "leave": 0}
         for index in range(self.plan.events):
@@ -1178,13 +1379,17 @@ class OneEtcd:
                     continue
                 delays[kind][0].append(max(each))
                 delays[kind][1].extend(each)
-        return {"events": self.plan.events, "agents": len(monitors),
-                "from": "the lease write: etcd's event on the bench's own watch, or the writer's call "
-                        "returning if that was earlier",
-                "join": {**_events_figure(*delays["join"]),
-                         f"not everywhere within {EVENT_TIMEOUT:g} s": missed["join"]},
-                "leave": {**_events_figure(*delays["leave"]),
-                          f"not everywhere within {EVENT_TIMEOUT:g} s": missed["leave"]}}
+        return {
+            "events": self.plan.events,
+            "agents": len(monitors),
+            "from": "the lease write: etcd's event on the bench's own watch, or the writer's call "
+            "returning if that was earlier",
+            "join": {**_events_figure(*delays["join"]), f"not everywhere within {EVENT_TIMEOUT:g} s": missed["join"]},
+            "leave": {
+                **_events_figure(*delays["leave"]),
+                f"not everywhere within {EVENT_TIMEOUT:g} s": missed["leave"],
+            },
+        }
 
     def _new_identity(self) -> tuple[str, str, str]:
         identity = _sim_identity(self.events, block=JOIN_BLOCK)
@@ -1202,12 +1407,22 @@ class OneEtcd:
         try:
             try:
                 for i in range(plan.start_workers):
-                    workers.append(Worker(self.ctx, ns, "start", url, plan.ttl, os.path.join(workdir, f"start{i}.log"),
-                                          inbox=inbox, barrier_fd=read_end))
+                    workers.append(
+                        Worker(
+                            self.ctx,
+                            ns,
+                            "start",
+                            url,
+                            plan.ttl,
+                            os.path.join(workdir, f"start{i}.log"),
+                            inbox=inbox,
+                            barrier_fd=read_end,
+                        )
+                    )
             finally:
                 os.close(read_end)
             for i, worker in enumerate(workers):  # the nodes give up a little before the bench stops waiting
-                worker.send({"nodes": nodes[i::len(workers)], "give_up_after_s": plan.start_timeout - 10})
+                worker.send({"nodes": nodes[i :: len(workers)], "give_up_after_s": plan.start_timeout - 10})
             for worker in workers:
                 worker.receive(WORKER_START_TIMEOUT)  # {"ready": n}: threads waiting at the barrier
             lapsed = sims.counts().get("rewritten", 0)
@@ -1233,27 +1448,33 @@ class OneEtcd:
             lapsed = sims.counts().get("rewritten", 0) - lapsed
             leased = {ip_: doc for ip_, doc in done.items() if "subnet" in doc}
             failures = [doc["failed"] for doc in done.values() if "failed" in doc]
-            writes = _delta(after.by_method("grpc_server_msg_received_total"),
-                            before.by_method("grpc_server_msg_received_total"))
+            writes = _delta(
+                after.by_method("grpc_server_msg_received_total"), before.by_method("grpc_server_msg_received_total")
+            )
             subnets = collections.Counter(doc["subnet"] for doc in leased.values())
             duplicates = sum(count - 1 for count in subnets.values() if count > 1)
             disagree = self._check_in_store(client, leased)
             times = [doc["at"] - released for doc in leased.values()]
             all_leased = max(times) if len(leased) == plan.starts else None
             figure = {
-                "nodes": plan.starts, "processes": len(workers), "give up after s": plan.start_timeout - 10,
-                "leased": len(leased), "failed": len(failures), "not done in time": plan.starts - len(done),
+                "nodes": plan.starts,
+                "processes": len(workers),
+                "give up after s": plan.start_timeout - 10,
+                "leased": len(leased),
+                "failed": len(failures),
+                "not done in time": plan.starts - len(done),
                 "all leased": summary([all_leased] if all_leased is not None else [], "s"),
                 "time to lease": summary(times, "s"),
-                "store writes per node": summary([sum(writes.get(m, 0) for m in WRITE_METHODS) / plan.starts],
-                                                 "writes/node"),
+                "store writes per node": summary(
+                    [sum(writes.get(m, 0) for m in WRITE_METHODS) / plan.starts], "writes/node"
+                ),
                 "writes by method": {m: int(writes.get(m, 0)) for m in WRITE_METHODS},
                 "requests by method": {m: int(v) for m, v in sorted(writes.items())},
                 # Each successful acquire_lease() ends with one claim Txn that took a subnet; the others lost.
                 "claim transactions that took nothing": summary(
-                    [max(0.0, writes.get("Txn", 0) - len(leased)) / plan.starts], "txns/node"),
-                "attempts failed with a store error, retried 1 s later": sum(d.get("errors", 0)
-                                                                             for d in done.values()),
+                    [max(0.0, writes.get("Txn", 0) - len(leased)) / plan.starts], "txns/node"
+                ),
+                "attempts failed with a store error, retried 1 s later": sum(d.get("errors", 0) for d in done.values()),
                 "duplicate subnets": duplicates + disagree,
                 "first failures": failures[:3],
                 "simulated leases that lapsed meanwhile (renewed too late, written again)": lapsed,
@@ -1285,8 +1506,16 @@ class OneEtcd:
 
     # -- figure 4: compaction
 
-    def _compaction(self, client: EtcdClient, sims: Simulator, writes: "WriteWatch", monitors: list[Any],
-                    agents: list[Any], devices: dict[str, str], public_ips: set[str]) -> dict[str, Any]:
+    def _compaction(
+        self,
+        client: EtcdClient,
+        sims: Simulator,
+        writes: "WriteWatch",
+        monitors: list[Any],
+        agents: list[Any],
+        devices: dict[str, str],
+        public_ips: set[str],
+    ) -> dict[str, Any]:
         delays: list[float] = []
         missed = 0
         live: list[str] = []
@@ -1316,9 +1545,14 @@ class OneEtcd:
             _wait_converged(agents, devices, expected, timeout=EVENT_TIMEOUT)
         except RuntimeError:
             mismatched = [a.ns for a in agents if _fdb_dsts(a.ns, devices[a.ns]) != expected - {a.public_ip}]
-        figure = {"changes": self.plan.compaction_changes, "agents": len(agents), "compacted at revision": compacted_at,
-                  "change to programmed on every agent": summary(delays, "ms", 1000),
-                  "lost updates": missed, "agents whose FDB differs from the store at the end": len(mismatched)}
+        figure = {
+            "changes": self.plan.compaction_changes,
+            "agents": len(agents),
+            "compacted at revision": compacted_at,
+            "change to programmed on every agent": summary(delays, "ms", 1000),
+            "lost updates": missed,
+            "agents whose FDB differs from the store at the end": len(mismatched),
+        }
         return figure
 
 
@@ -1326,8 +1560,12 @@ def _cluster_init(ns: str, url: str) -> None:
     """`pycni cluster init` from inside namespace ``ns`` (etcd listens on addresses there only)."""
     from .overlay import _pycni_command
 
-    done = subprocess.run([IP, "netns", "exec", ns, *_pycni_command(), "cluster", "init", "--store", url,
-                           "--network", CLUSTER_NETWORK], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [IP, "netns", "exec", ns, *_pycni_command(), "cluster", "init", "--store", url, "--network", CLUSTER_NETWORK],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"pycni cluster init failed: {(done.stderr or done.stdout).strip()}")
 
@@ -1349,8 +1587,9 @@ class Missed(RuntimeError):
         self.namespaces = namespaces
 
 
-def _wait_every(monitors: list[Any], public_ip: str, deleted: bool, after: float, written: float,
-                timeout: float = EVENT_TIMEOUT) -> list[float]:
+def _wait_every(
+    monitors: list[Any], public_ip: str, deleted: bool, after: float, written: float, timeout: float = EVENT_TIMEOUT
+) -> list[float]:
     """Seconds from ``written`` until each monitor saw the FDB entry to ``public_ip`` added (deleted)
     after ``after``; Missed (naming the agents) after ``timeout``."""
     stamps: dict[str, float] = {}
@@ -1366,20 +1605,25 @@ def _wait_every(monitors: list[Any], public_ip: str, deleted: bool, after: float
         time.sleep(0.01)
     missing = [m.ns for m in monitors if m.ns not in stamps]
     if missing:
-        raise Missed(f"{len(missing)} of {len(monitors)} agents did not {'delete' if deleted else 'add'} the FDB "
-                     f"entry to {public_ip} within {timeout:g} s", missing)
+        raise Missed(
+            f"{len(missing)} of {len(monitors)} agents did not {'delete' if deleted else 'add'} the FDB "
+            f"entry to {public_ip} within {timeout:g} s",
+            missing,
+        )
     return [stamp - written for stamp in stamps.values()]
 
 
 def _note_missed(ctx: Context, label: str, exc: Missed, agents: list[Any]) -> None:
     from .overlay import _log_tail
 
-    tails = "".join(f"\n    {a.ns}: " + _log_tail(a, 4).strip().replace("\n", "\n      ")
-                    for a in agents if a.ns in exc.namespaces)
+    tails = "".join(
+        f"\n    {a.ns}: " + _log_tail(a, 4).strip().replace("\n", "\n      ") for a in agents if a.ns in exc.namespaces
+    )
     ctx.note(f"{label}: {exc}; their logs end:{tails}")
 
 
 # ---- the 3-member variant: one member partitioned --------------------------------------------------
+
 
 def _partition(ctx: Context, plan: Plan) -> dict[str, Any]:
     from .overlay import FdbMonitor, Underlay, _new_agent, _start, _stop, _wait_ready
@@ -1388,15 +1632,17 @@ def _partition(ctx: Context, plan: Plan) -> dict[str, Any]:
     workdir = ctx.cleanup.directory("store3")
     hosts = [underlay.host("stetcd") for _ in range(3)]
     initial = ",".join(f"m{i}=http://{ip_}:{PEER_PORT}" for i, (_ns, ip_) in enumerate(hosts))
-    members = [_start_etcd(ctx, workdir, ns, ip_, name=f"m{i}", initial=initial, token="pycni-bench-3")
-               for i, (ns, ip_) in enumerate(hosts)]
+    members = [
+        _start_etcd(ctx, workdir, ns, ip_, name=f"m{i}", initial=initial, token="pycni-bench-3")
+        for i, (ns, ip_) in enumerate(hosts)
+    ]
     clients = [EtcdClient(m) for m in members]
     agents: list[Any] = []
     sims: Simulator | None = None
     writes: WriteWatch | None = None
     try:
         _wait_healthy(members, clients)
-        url = "etcd://" + ",".join(m.endpoint for m in members)        # the agents: all three, m0 first
+        url = "etcd://" + ",".join(m.endpoint for m in members)  # the agents: all three, m0 first
         majority = "etcd://" + ",".join(m.endpoint for m in members[1:])  # the writer: m1 and m2
         _cluster_init(members[1].ns, majority)
         sim_ns, _sim_ip = underlay.host("stsim")
@@ -1447,13 +1693,17 @@ def _partition(ctx: Context, plan: Plan) -> dict[str, Any]:
         except Missed as exc:
             healed_missed = 1
             _note_missed(ctx, "store/partition (healed)", exc, agents)
-        figure = {"members": 3, "agents": len(agents), "changes while partitioned": plan.partition_changes,
-                  "partitioned for": summary([partitioned_s], "s"),
-                  "change to programmed on every agent (partitioned)": summary(delays, "ms", 1000),
-                  "lost updates (partitioned)": missed,
-                  "change to programmed on every agent (healed)": summary(healed_delays, "ms", 1000),
-                  "lost updates (healed)": healed_missed,
-                  "agent status": [_agent_status(a) for a in agents]}
+        figure = {
+            "members": 3,
+            "agents": len(agents),
+            "changes while partitioned": plan.partition_changes,
+            "partitioned for": summary([partitioned_s], "s"),
+            "change to programmed on every agent (partitioned)": summary(delays, "ms", 1000),
+            "lost updates (partitioned)": missed,
+            "change to programmed on every agent (healed)": summary(healed_delays, "ms", 1000),
+            "lost updates (healed)": healed_missed,
+            "agent status": [_agent_status(a) for a in agents],
+        }
         return figure
     finally:
         if writes is not None:
@@ -1470,6 +1720,7 @@ def _partition(ctx: Context, plan: Plan) -> dict[str, Any]:
 
 # ---- against the targets --------------------------------------------------------------------------
 
+
 def _median(figure: Any) -> float | None:
     return figure.get("median") if isinstance(figure, dict) else None
 
@@ -1483,36 +1734,49 @@ def _print_against_targets(figures: dict[str, Any], plan: Plan) -> None:
     if "window" in steady:
         per_agent = steady["requests per real agent per minute"]
         methods = ", ".join(f"{m} {fmt(_median(v))}" for m, v in per_agent.items() if m != "all methods")
-        lines.append(f"steady state, per real agent per minute: {methods or 'nothing'}; open watch streams "
-                     f"{fmt(_median(steady['open watch streams']))} for {plan.real} agents; watch streams started "
-                     f"{fmt(_median(steady['watch streams started in the window']))} and TCP connections opened per "
-                     f"agent {fmt(_median(steady['TCP connections opened per real agent in the window']))} in "
-                     f"{fmt(_median(steady['window']))} s")
+        lines.append(
+            f"steady state, per real agent per minute: {methods or 'nothing'}; open watch streams "
+            f"{fmt(_median(steady['open watch streams']))} for {plan.real} agents; watch streams started "
+            f"{fmt(_median(steady['watch streams started in the window']))} and TCP connections opened per "
+            f"agent {fmt(_median(steady['TCP connections opened per real agent in the window']))} in "
+            f"{fmt(_median(steady['window']))} s"
+        )
         lines.append(f"  target: {TARGETS['steady state']}")
     joins = figures.get("join/leave") or {}
     if "join" in joins:
-        lines.append("join / leave p99 (every agent programmed): "
-                     f"{fmt(_median(joins['join'].get('p99, every agent programmed')), ' ms')} / "
-                     f"{fmt(_median(joins['leave'].get('p99, every agent programmed')), ' ms')} at {plan.nodes} nodes")
+        lines.append(
+            "join / leave p99 (every agent programmed): "
+            f"{fmt(_median(joins['join'].get('p99, every agent programmed')), ' ms')} / "
+            f"{fmt(_median(joins['leave'].get('p99, every agent programmed')), ' ms')} at {plan.nodes} nodes"
+        )
         lines.append(f"  target: {TARGETS['join/leave']}")
     starts = figures.get(f"{plan.starts} simultaneous starts") or {}
     if "leased" in starts:
-        leased = (f"all leased in {fmt(_median(starts['all leased']), ' s')}" if 'median' in starts['all leased']
-                  else f"{starts['leased']} leased, {starts['failed']} gave up, {starts['not done in time']} not done")
-        lines.append(f"{plan.starts} simultaneous starts: {leased}, "
-                     f"{starts['attempts failed with a store error, retried 1 s later']} store errors retried, "
-                     f"{fmt(_median(starts['store writes per node']))} writes per node, "
-                     f"{starts['duplicate subnets']} duplicate subnets")
+        leased = (
+            f"all leased in {fmt(_median(starts['all leased']), ' s')}"
+            if "median" in starts["all leased"]
+            else f"{starts['leased']} leased, {starts['failed']} gave up, {starts['not done in time']} not done"
+        )
+        lines.append(
+            f"{plan.starts} simultaneous starts: {leased}, "
+            f"{starts['attempts failed with a store error, retried 1 s later']} store errors retried, "
+            f"{fmt(_median(starts['store writes per node']))} writes per node, "
+            f"{starts['duplicate subnets']} duplicate subnets"
+        )
         lines.append(f"  target: {TARGETS['simultaneous starts']}")
     compaction = figures.get("compaction") or {}
     if "lost updates" in compaction:
-        lines.append(f"compaction: {compaction['lost updates']} lost updates, "
-                     f"{compaction['agents whose FDB differs from the store at the end']} agents differ from the store")
+        lines.append(
+            f"compaction: {compaction['lost updates']} lost updates, "
+            f"{compaction['agents whose FDB differs from the store at the end']} agents differ from the store"
+        )
         lines.append(f"  target: {TARGETS['compaction']}")
     partition = figures.get("partition") or {}
     if "lost updates (partitioned)" in partition:
-        lines.append(f"partition: {partition['lost updates (partitioned)']} lost updates while partitioned, "
-                     f"{partition['lost updates (healed)']} after healing")
+        lines.append(
+            f"partition: {partition['lost updates (partitioned)']} lost updates while partitioned, "
+            f"{partition['lost updates (healed)']} after healing"
+        )
         lines.append(f"  target: {TARGETS['partition']}")
     if lines:
         print("  store: the figures beside the issue's targets (stated, not enforced):")

@@ -22,6 +22,7 @@ shim); with a Python-shim side (``ctx.warm_python``: `pycni install
   time) through the Python shim, served by the agent, against the reference
   in the same iterations; the default install's are ``latency/<case>/warm``.
 """
+
 from __future__ import annotations
 
 import sys
@@ -55,12 +56,16 @@ def run(ctx: Context) -> dict[str, Any]:
         if skipped:
             figures["concurrency"][label] = skipped
             continue
-        print(f"  warm: concurrency {label}, {ctx.settings.concurrency_total} ADDs, "
-              f"{ctx.settings.concurrency_parallel} at a time", flush=True)
+        print(
+            f"  warm: concurrency {label}, {ctx.settings.concurrency_total} ADDs, "
+            f"{ctx.settings.concurrency_parallel} at a time",
+            flush=True,
+        )
         measured = ctx.attempt(f"warm/concurrency/{label}", lambda: _concurrency(ctx, label))
         if python_shim:
             python_shim["concurrency"][label] = measured.pop(
-                "python shim", {"skipped": f"the warm round failed (see warm/concurrency/{label})"})
+                "python shim", {"skipped": f"the warm round failed (see warm/concurrency/{label})"}
+            )
         figures["concurrency"][label] = measured
     if python_shim:
         for case in latency.CASES:
@@ -86,9 +91,11 @@ def _startup(ctx: Context, plugin: str) -> dict[str, Any]:
     from cni_plugins.spec.registry import PLUGINS
 
     module, _, function = PLUGINS[plugin].partition(":")
-    argvs = {"shim": [ctx.pycni.exe(plugin)],
-             "in-process": [sys.executable, "-I", "-c", f"from {module} import {function}; {function}()"],
-             "reference": [ctx.reference.exe(plugin)]}
+    argvs = {
+        "shim": [ctx.pycni.exe(plugin)],
+        "in-process": [sys.executable, "-I", "-c", f"from {module} import {function}; {function}()"],
+        "reference": [ctx.reference.exe(plugin)],
+    }
     if ctx.warm_python is not None:
         argvs["python shim"] = [ctx.warm_python.exe(plugin)]
     for argv in argvs.values():
@@ -99,8 +106,10 @@ def _startup(ctx: Context, plugin: str) -> dict[str, Any]:
         shift = i % len(names)
         for name in names[shift:] + names[:shift]:
             walls[name].append(_wall(argvs[name]))
-    out = {"shim": pair(walls["shim"], walls["reference"], "ms", 1000),
-           "in-process plugin": pair(walls["in-process"], walls["reference"], "ms", 1000)}
+    out = {
+        "shim": pair(walls["shim"], walls["reference"], "ms", 1000),
+        "in-process plugin": pair(walls["in-process"], walls["reference"], "ms", 1000),
+    }
     if "python shim" in walls:
         out["python shim"] = pair(walls["python shim"], walls["reference"], "ms", 1000)
     return out
@@ -125,15 +134,21 @@ def _concurrency(ctx: Context, label: str) -> dict[str, Any]:
     figures = []
     for side in warm_sides:
         warm = tally[side.name]
-        out = {"wall": pair(warm.walls, ref.walls, "s"),
-               "per_add": pair(warm.per_add, ref.per_add, "ms", 1000),
-               "per_add_cpu": pair(warm.per_add_cpu, ref.per_add_cpu, "ms", 1000),
-               "agent_cpu": summary(agent_cpu[side.name], "s"),
-               "warm_duplicates": warm.duplicates, "warm_failures": warm.failures,
-               "reference_duplicates": ref.duplicates, "reference_failures": ref.failures,
-               "adds": ctx.settings.concurrency_total, "parallel": ctx.settings.concurrency_parallel}
-        first_failure = {name: t.first_failure for name, t in ((side.name, warm), (ctx.reference.name, ref))
-                         if t.first_failure}
+        out = {
+            "wall": pair(warm.walls, ref.walls, "s"),
+            "per_add": pair(warm.per_add, ref.per_add, "ms", 1000),
+            "per_add_cpu": pair(warm.per_add_cpu, ref.per_add_cpu, "ms", 1000),
+            "agent_cpu": summary(agent_cpu[side.name], "s"),
+            "warm_duplicates": warm.duplicates,
+            "warm_failures": warm.failures,
+            "reference_duplicates": ref.duplicates,
+            "reference_failures": ref.failures,
+            "adds": ctx.settings.concurrency_total,
+            "parallel": ctx.settings.concurrency_parallel,
+        }
+        first_failure = {
+            name: t.first_failure for name, t in ((side.name, warm), (ctx.reference.name, ref)) if t.first_failure
+        }
         if first_failure:
             out["first_failure"] = first_failure
         figures.append(out)

@@ -5,6 +5,7 @@ them (``shaping.token_buckets`` turns them into the kernel's tbf parameters).
 This is all that the most common call needs (an ADD for a pod without limits
 passes prevResult through), so it stays free of netlink, tc and hashing.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -17,13 +18,20 @@ DEFAULT_LATENCY_MS = 25.0
 MAX_BURST_BYTES = 0xFFFFFFFF
 ENTRY_KEYS = ("ingressRate", "ingressBurst", "egressRate", "egressBurst", "unshapedSubnets", "shapedSubnets")
 
-_ENTRY = {"ingressRate": int, "ingressBurst": int, "egressRate": int, "egressBurst": int,
-          "unshapedSubnets": ListOf(str), "shapedSubnets": ListOf(str)}
+_ENTRY = {
+    "ingressRate": int,
+    "ingressBurst": int,
+    "egressRate": int,
+    "egressBurst": int,
+    "unshapedSubnets": ListOf(str),
+    "shapedSubnets": ListOf(str),
+}
 # The options with their JSON types, decoded by the skeleton (any letter case, null = absent).
 SCHEMA = COMMON.extend(latencyMs=float, runtimeConfig=Schema({"bandwidth": Schema(_ENTRY)}), **_ENTRY)
 
 
 # ---- configuration ------------------------------------------------------------------
+
 
 @dataclass
 class Bandwidth:
@@ -60,16 +68,22 @@ def _uint(entry: dict, key: str, where: str) -> int:
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value >= 1 << 64:
-        raise CNIError(ERR_INVALID_CONFIG, f"failed to parse network configuration: {where}{key} must be "
-                       "a non-negative integer", f"got {value!r}; rates are in bit/s, bursts in bits")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            f"failed to parse network configuration: {where}{key} must be a non-negative integer",
+            f"got {value!r}; rates are in bit/s, bursts in bits",
+        )
     return value
 
 
 def _subnet_list(entry: dict, key: str, where: str) -> list[str]:
     value = entry.get(key) or []
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-        raise CNIError(ERR_INVALID_CONFIG, f"failed to parse network configuration: {where}{key} must be "
-                       "a list of CIDR strings", f"got {value!r}")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            f"failed to parse network configuration: {where}{key} must be a list of CIDR strings",
+            f"got {value!r}",
+        )
     return value
 
 
@@ -78,21 +92,31 @@ def _latency(conf: dict) -> float:
     if value is None:
         return DEFAULT_LATENCY_MS
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 60_000:
-        raise CNIError(ERR_INVALID_CONFIG, "latencyMs must be a number of milliseconds above 0 and at most 60000",
-                       f"got {value!r}")
+        raise CNIError(
+            ERR_INVALID_CONFIG, "latencyMs must be a number of milliseconds above 0 and at most 60000", f"got {value!r}"
+        )
     return float(value)
 
 
 def validate_rate_and_burst(direction: str, rate: int, burst: int) -> None:
     if burst == 0 and rate != 0:
-        raise CNIError(ERR_INVALID_CONFIG, "if rate is set, burst must also be set",
-                       f"{direction}Rate is {rate} but {direction}Burst is 0; set {direction}Burst (bits)")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            "if rate is set, burst must also be set",
+            f"{direction}Rate is {rate} but {direction}Burst is 0; set {direction}Burst (bits)",
+        )
     if rate == 0 and burst != 0:
-        raise CNIError(ERR_INVALID_CONFIG, "if burst is set, rate must also be set",
-                       f"{direction}Burst is {burst} but {direction}Rate is 0; set {direction}Rate (bit/s)")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            "if burst is set, rate must also be set",
+            f"{direction}Burst is {burst} but {direction}Rate is 0; set {direction}Rate (bit/s)",
+        )
     if burst // 8 >= MAX_BURST_BYTES:
-        raise CNIError(ERR_INVALID_CONFIG, "burst cannot be more than 4GB",
-                       f"{direction}Burst is {burst} bits; keep it below {MAX_BURST_BYTES * 8}")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            "burst cannot be more than 4GB",
+            f"{direction}Burst is {burst} bits; keep it below {MAX_BURST_BYTES * 8}",
+        )
 
 
 def parse_bandwidth(conf: dict) -> Bandwidth | None:
@@ -103,17 +127,21 @@ def parse_bandwidth(conf: dict) -> Bandwidth | None:
     else:
         runtime = conf.get("runtimeConfig") or {}
         if not isinstance(runtime, dict):
-            raise CNIError(ERR_INVALID_CONFIG, "failed to parse network configuration: runtimeConfig must be "
-                           "an object")
+            raise CNIError(ERR_INVALID_CONFIG, "failed to parse network configuration: runtimeConfig must be an object")
         entry, where = runtime.get("bandwidth"), "runtimeConfig.bandwidth."
         if entry is None:
             return None
         if not isinstance(entry, dict):
-            raise CNIError(ERR_INVALID_CONFIG, "failed to parse network configuration: runtimeConfig.bandwidth "
-                           "must be an object", f"got {entry!r}")
+            raise CNIError(
+                ERR_INVALID_CONFIG,
+                "failed to parse network configuration: runtimeConfig.bandwidth must be an object",
+                f"got {entry!r}",
+            )
     bw = Bandwidth(
-        ingress_rate=_uint(entry, "ingressRate", where), ingress_burst=_uint(entry, "ingressBurst", where),
-        egress_rate=_uint(entry, "egressRate", where), egress_burst=_uint(entry, "egressBurst", where),
+        ingress_rate=_uint(entry, "ingressRate", where),
+        ingress_burst=_uint(entry, "ingressBurst", where),
+        egress_rate=_uint(entry, "egressRate", where),
+        egress_burst=_uint(entry, "egressBurst", where),
         unshaped_subnets=_subnet_list(entry, "unshapedSubnets", where),
         shaped_subnets=_subnet_list(entry, "shapedSubnets", where),
         latency_ms=latency_ms,
@@ -125,13 +153,18 @@ def parse_bandwidth(conf: dict) -> Bandwidth | None:
 
 def validate_subnets(bw: Bandwidth) -> None:
     if bw.unshaped_subnets and bw.shaped_subnets:
-        raise CNIError(ERR_INVALID_CONFIG, "unshapedSubnets and shapedSubnets cannot be both specified, "
-                       "one of them should be discarded")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            "unshapedSubnets and shapedSubnets cannot be both specified, one of them should be discarded",
+        )
     for subnet in bw.subnets:
         try:
             ipaddress.ip_network(subnet, strict=False)
         except ValueError as exc:
             raise CNIError(ERR_INVALID_CONFIG, f"bad subnet {subnet!r} provided", str(exc)) from None
         if "/" not in subnet:
-            raise CNIError(ERR_INVALID_CONFIG, f"bad subnet {subnet!r} provided",
-                           "give a CIDR with a prefix length, e.g. 10.0.0.0/8")
+            raise CNIError(
+                ERR_INVALID_CONFIG,
+                f"bad subnet {subnet!r} provided",
+                "give a CIDR with a prefix length, e.g. 10.0.0.0/8",
+            )

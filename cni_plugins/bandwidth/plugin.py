@@ -39,6 +39,7 @@ Beyond the reference:
   lives on the host veth, which disappears with the pod's namespace.
 * Validation errors are the spec's code 7 (the reference reports 999).
 """
+
 from __future__ import annotations
 
 from types import ModuleType
@@ -72,8 +73,11 @@ def cmd_add(req: CmdArgs) -> Result:
         return previous if previous is not None else Result(cni_version=req.cni_version)
     validate_subnets(bw)
     if previous is None:
-        raise CNIError(ERR_INVALID_CONFIG, "must be called as chained plugin",
-                       "list bandwidth after bridge (or ptp) in a .conflist so it receives prevResult")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            "must be called as chained plugin",
+            "list bandwidth after bridge (or ptp) in a .conflist so it receives prevResult",
+        )
     shaping = _shaping()
     ingress, egress = shaping.token_buckets(bw, req.warn)
     name = shaping.ifb_name(req.network_name, req.container_id)
@@ -83,14 +87,18 @@ def cmd_add(req: CmdArgs) -> Result:
         if found.shaped:
             shaping.clear(ipr, found)  # a repeated ADD starts from a clean slate
         try:
-            ifb = shaping.build(ipr, host, name, shaping.ifb_alias(req.network_name, req.container_id, req.ifname),
-                                ingress, egress, bw)
+            ifb = shaping.build(
+                ipr, host, name, shaping.ifb_alias(req.network_name, req.container_id, req.ifname), ingress, egress, bw
+            )
             if ifb is not None:
                 previous.interfaces.append(Interface(name=ifb.name, mac=ifb.mac))
         except shaping.TcError as exc:
             shaping.teardown(ipr, name, host)
-            raise CNIError(ERR_INTERNAL, f"shaping {host.name} failed: {exc}",
-                           f"the ifb device is {name}; everything this ADD created was removed") from None
+            raise CNIError(
+                ERR_INTERNAL,
+                f"shaping {host.name} failed: {exc}",
+                f"the ifb device is {name}; everything this ADD created was removed",
+            ) from None
         except BaseException:
             shaping.teardown(ipr, name, host)
             raise
@@ -108,8 +116,9 @@ def cmd_check(req: CmdArgs) -> None:
     bw = parse_bandwidth(req.conf)
     previous = prev_result(req)
     if previous is None:
-        raise CNIError(ERR_INVALID_CONFIG, "must be called as a chained plugin",
-                       "CHECK needs the prevResult of the ADD it checks")
+        raise CNIError(
+            ERR_INVALID_CONFIG, "must be called as a chained plugin", "CHECK needs the prevResult of the ADD it checks"
+        )
     if bw is not None:
         validate_subnets(bw)
     shaping = _shaping()
@@ -121,14 +130,18 @@ def cmd_check(req: CmdArgs) -> None:
         ifb = shaping.find_link(ipr, name)
         if egress is None:
             if ifb is not None:
-                raise CNIError(ERR_INTERNAL, f"ifb device {name} exists but no egress shaping is configured",
-                               "run DEL and ADD again")
+                raise CNIError(
+                    ERR_INTERNAL,
+                    f"ifb device {name} exists but no egress shaping is configured",
+                    "run DEL and ADD again",
+                )
             return None
         if ifb is None:
             raise CNIError(ERR_INTERNAL, f"get ifb device: {name} not found", "run DEL and ADD again")
         if not shaping.our_redirects(ipr, host.index, ifb.index):
-            raise CNIError(ERR_INTERNAL, f"no filter on {host.name} redirects its traffic to {name}",
-                           "run DEL and ADD again")
+            raise CNIError(
+                ERR_INTERNAL, f"no filter on {host.name} redirects its traffic to {name}", "run DEL and ADD again"
+            )
         shaping.check_root(ipr, ifb, egress, bw, "egress")
     return None
 

@@ -6,6 +6,7 @@ enters the pod's namespace to learn its peer. The ifb is named and marked
 the way the reference names it (see ``ifb_name``), so either implementation
 finds the other's.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -24,16 +25,19 @@ IFB_PREFIX = "bwp"
 IFB_NAME_LENGTH = 15
 
 
-def token_buckets(bw: Bandwidth, warn: Callable[[str], None] | None = None
-                  ) -> tuple[TokenBucket | None, TokenBucket | None]:
+def token_buckets(
+    bw: Bandwidth, warn: Callable[[str], None] | None = None
+) -> tuple[TokenBucket | None, TokenBucket | None]:
     """(ingress, egress) TokenBucket or None each; a value the kernel cannot take is a config error.
 
     A burst too long for the kernel's buffer field at that rate is clamped to
     the most it holds, and ``warn`` says so.
     """
     out = []
-    for direction, on, rate, burst in (("ingress", bw.shapes_ingress, bw.ingress_rate, bw.ingress_burst),
-                                       ("egress", bw.shapes_egress, bw.egress_rate, bw.egress_burst)):
+    for direction, on, rate, burst in (
+        ("ingress", bw.shapes_ingress, bw.ingress_rate, bw.ingress_burst),
+        ("egress", bw.shapes_egress, bw.egress_rate, bw.egress_burst),
+    ):
         if not on:
             out.append(None)
             continue
@@ -42,13 +46,16 @@ def token_buckets(bw: Bandwidth, warn: Callable[[str], None] | None = None
         except ValueError as exc:
             raise CNIError(ERR_INVALID_CONFIG, f"invalid {direction} limits", str(exc)) from None
         if bucket.clamped and warn is not None:
-            warn(f"bandwidth: {direction}Burst {burst} bits is more than tbf can hold at {rate} bit/s; "
-                 f"using the largest burst it can: {bucket.burst_bytes * 8} bits")
+            warn(
+                f"bandwidth: {direction}Burst {burst} bits is more than tbf can hold at {rate} bit/s; "
+                f"using the largest burst it can: {bucket.burst_bytes * 8} bits"
+            )
         out.append(bucket)
     return out[0], out[1]
 
 
 # ---- the names of a pod's ifb -------------------------------------------------------------
+
 
 def ifb_name(network: str, container_id: str) -> str:
     """``bwp`` + sha512(network name + container ID), 15 characters: the reference's name."""
@@ -79,6 +86,7 @@ def is_ifb_of(link: ip.Link, network: str) -> bool:
 
 # ---- the host side of the pod's veth ------------------------------------------------------
 
+
 def _container_link(ifname: str) -> ip.Link | None:
     with open_rtnl() as ipr:
         return find_link(ipr, ifname)
@@ -87,29 +95,39 @@ def _container_link(ifname: str) -> ip.Link | None:
 def _container_end(netns: str, ifname: str) -> ip.Link:
     inside = in_netns(netns, _container_link, ifname)
     if inside is None or inside.kind != "veth" or inside.peer_index <= 0:
-        raise CNIError(ERR_INTERNAL, f"container interface {ifname} has no veth peer",
-                       "bandwidth chains after a plugin that connects the pod with a veth pair (bridge, ptp)")
+        raise CNIError(
+            ERR_INTERNAL,
+            f"container interface {ifname} has no veth peer",
+            "bandwidth chains after a plugin that connects the pod with a veth pair (bridge, ptp)",
+        )
     return inside
 
 
 def _check_peer(host: ip.Link | None, inside: ip.Link) -> ip.Link:
     if host is None or host.kind != "veth" or host.peer_index != inside.index:
-        raise CNIError(ERR_INTERNAL, f"veth peer with index {inside.peer_index} is not in host ns",
-                       "run the plugin in the namespace that holds the host end of the pod's veth")
+        raise CNIError(
+            ERR_INTERNAL,
+            f"veth peer with index {inside.peer_index} is not in host ns",
+            "run the plugin in the namespace that holds the host end of the pod's veth",
+        )
     return host
 
 
 def _check_listed(host: ip.Link, result: Result) -> None:
     """prevResult must list ``host`` as a host interface."""
     if not any(i.name == host.name and not i.sandbox for i in result.interfaces):
-        raise CNIError(ERR_INVALID_CONFIG, "no veth peer of container interface found in host ns",
-                       f"prevResult has no host interface named {host.name}")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            "no veth peer of container interface found in host ns",
+            f"prevResult has no host interface named {host.name}",
+        )
 
 
 def _check_interfaces(result: Result) -> None:
     if not result.interfaces:
-        raise CNIError(ERR_INVALID_CONFIG, "no interfaces provided",
-                       "prevResult must list the interfaces of the previous plugin")
+        raise CNIError(
+            ERR_INVALID_CONFIG, "no interfaces provided", "prevResult must list the interfaces of the previous plugin"
+        )
 
 
 def host_interface(ipr: rtnl.Rtnl, netns: str, ifname: str, result: Result) -> ip.Link:
@@ -122,6 +140,7 @@ def host_interface(ipr: rtnl.Rtnl, netns: str, ifname: str, result: Result) -> i
 
 
 # ---- what is there: one look (plain rtnetlink socket) -------------------------------------
+
 
 @dataclass
 class Survey:
@@ -140,17 +159,23 @@ class Survey:
 
 def _look_requests(host_index: int, ifb: str) -> list[rtnl.Request]:
     """The pod's ifb, the root and the ingress qdisc of its host veth: read them with ``_survey_from``."""
-    return [rtnl.get_link(name=ifb), tc.get_qdisc_request(host_index, tc.TC_H_ROOT),
-            tc.get_qdisc_request(host_index, tc.TC_H_INGRESS)]
+    return [
+        rtnl.get_link(name=ifb),
+        tc.get_qdisc_request(host_index, tc.TC_H_ROOT),
+        tc.get_qdisc_request(host_index, tc.TC_H_INGRESS),
+    ]
 
 
 def _survey_from(host: ip.Link, answers: list[rtnl.Answer]) -> Survey:
     link, root, ingress = answers
     ifb = ip.link_from(link)
     ingress_qdisc = tc.qdisc_at(ingress)
-    return Survey(host=host, root=tc.qdisc_at(root),
-                  ingress=ingress_qdisc is not None and ingress_qdisc.kind == "ingress",
-                  ifb=ifb if ifb is not None and ifb.kind == "ifb" else None)
+    return Survey(
+        host=host,
+        root=tc.qdisc_at(root),
+        ingress=ingress_qdisc is not None and ingress_qdisc.kind == "ingress",
+        ifb=ifb if ifb is not None and ifb.kind == "ifb" else None,
+    )
 
 
 def survey(ipr: rtnl.Rtnl, netns: str, ifname: str, ifb: str, result: Result | None = None) -> Survey:
@@ -172,6 +197,7 @@ def survey_at(ipr: rtnl.Rtnl, host: ip.Link, ifb: str) -> Survey:
 
 
 # ---- building and removing the shaping ---------------------------------------------------
+
 
 def clear(ipr: rtnl.Rtnl, found: Survey) -> None:
     """Remove what ``survey`` found: our root qdisc, our ingress redirect and the ifb (in one round trip)."""
@@ -218,16 +244,24 @@ def remove(ipr: rtnl.Rtnl, netns: str, ifname: str, ifb: str) -> None:
         teardown(ipr, ifb, None)
 
 
-def shape_requests(index: int, bucket: tc.TokenBucket, bw: Bandwidth, match_source: bool,
-                   mtu: int) -> list[rtnl.Request]:
+def shape_requests(
+    index: int, bucket: tc.TokenBucket, bw: Bandwidth, match_source: bool, mtu: int
+) -> list[rtnl.Request]:
     """The root qdisc of ``index``: htb (with its classes and filters) when subnets are listed, else tbf."""
     if bw.subnets:
         return tc.htb_requests(index, bucket, bw.subnets, bw.subnets_are_shaped, match_source, mtu)
     return [tc.tbf_request(index, bucket)]
 
 
-def build(ipr: rtnl.Rtnl, host: ip.Link, ifb: str, alias: str, ingress: tc.TokenBucket | None,
-          egress: tc.TokenBucket | None, bw: Bandwidth) -> ip.Link | None:
+def build(
+    ipr: rtnl.Rtnl,
+    host: ip.Link,
+    ifb: str,
+    alias: str,
+    ingress: tc.TokenBucket | None,
+    egress: tc.TokenBucket | None,
+    bw: Bandwidth,
+) -> ip.Link | None:
     """The pod's shaping in two round trips (one without egress shaping); the new ifb, if any.
 
     First the shaping toward the pod (the host veth's root qdisc) and the ifb;
@@ -279,13 +313,15 @@ def remove_ifbs(ipr: rtnl.Rtnl, ifbs: list[ip.Link]) -> None:
 
 # ---- checking ---------------------------------------------------------------------------
 
+
 def check_root(ipr: rtnl.Rtnl, link: ip.Link, bucket: tc.TokenBucket | None, bw: Bandwidth | None, what: str) -> None:
     """The root qdisc of ``link`` shapes as configured (and none is there when nothing is)."""
     roots = [q for q in tc.list_qdiscs(ipr, link.index) if is_our_root(q)]
     if bucket is None:
         if roots:
-            raise CNIError(ERR_INTERNAL, f"{what} shaping found on {link.name} but none is configured",
-                           "run DEL and ADD again")
+            raise CNIError(
+                ERR_INTERNAL, f"{what} shaping found on {link.name} but none is configured", "run DEL and ADD again"
+            )
         return
     if not roots:
         raise CNIError(ERR_INTERNAL, f"Failed to find qdisc for {what} shaping on {link.name}")
@@ -297,8 +333,11 @@ def check_root(ipr: rtnl.Rtnl, link: ip.Link, bucket: tc.TokenBucket | None, bw:
         raise CNIError(ERR_INTERNAL, f"{what} qdisc on {link.name} is {root.kind}, expected tbf")
     for key, want in (("rate", bucket.rate), ("limit", bucket.limit), ("buffer", bucket.buffer)):
         if root.options.get(key) != want:
-            raise CNIError(ERR_INTERNAL, f"{key.capitalize()} doesn't match",
-                           f"{what} tbf on {link.name} has {key} {root.options.get(key)}, config wants {want}")
+            raise CNIError(
+                ERR_INTERNAL,
+                f"{key.capitalize()} doesn't match",
+                f"{what} tbf on {link.name} has {key} {root.options.get(key)}, config wants {want}",
+            )
 
 
 def _check_htb(ipr: rtnl.Rtnl, link: ip.Link, root: tc.Qdisc, bucket: tc.TokenBucket, bw: Bandwidth, what: str) -> None:
@@ -306,17 +345,25 @@ def _check_htb(ipr: rtnl.Rtnl, link: ip.Link, root: tc.Qdisc, bucket: tc.TokenBu
         raise CNIError(ERR_INTERNAL, f"{what} qdisc on {link.name} is {root.kind}, expected htb for subnets")
     default = tc.UNSHAPED_CLASS if bw.subnets_are_shaped else tc.SHAPED_CLASS
     if root.options.get("default") != default & 0xFFFF:
-        raise CNIError(ERR_INTERNAL, "Default class does not match",
-                       f"{what} htb on {link.name} defaults to 1:{root.options.get('default'):x}")
+        raise CNIError(
+            ERR_INTERNAL,
+            "Default class does not match",
+            f"{what} htb on {link.name} defaults to 1:{root.options.get('default'):x}",
+        )
     classes = {c.handle: c for c in tc.list_htb_classes(ipr, link.index)}
     shaped = classes.get(tc.SHAPED_CLASS)
     if shaped is None or tc.UNSHAPED_CLASS not in classes:
         raise CNIError(ERR_INTERNAL, f"htb classes missing on {link.name}", "expected 1:1 (unshaped) and 1:30 (shaped)")
     if shaped.rate != bucket.rate or shaped.buffer != bucket.buffer:
-        raise CNIError(ERR_INTERNAL, "Rate or burst does not match for the shaped class",
-                       f"{link.name}: rate {shaped.rate} buffer {shaped.buffer}, config wants "
-                       f"{bucket.rate} and {bucket.buffer}")
+        raise CNIError(
+            ERR_INTERNAL,
+            "Rate or burst does not match for the shaped class",
+            f"{link.name}: rate {shaped.rate} buffer {shaped.buffer}, config wants {bucket.rate} and {bucket.buffer}",
+        )
     filters = tc.list_u32_filters(ipr, link.index, tc.ROOT_HANDLE)
     if len(filters) != len(bw.subnets):
-        raise CNIError(ERR_INTERNAL, f"subnet filters on {link.name} do not match the configuration",
-                       f"{len(filters)} filters for {len(bw.subnets)} subnets")
+        raise CNIError(
+            ERR_INTERNAL,
+            f"subnet filters on {link.name} do not match the configuration",
+            f"{len(filters)} filters for {len(bw.subnets)} subnets",
+        )

@@ -3,6 +3,7 @@
 Same option names, defaults and refusals as the reference; a value of the
 wrong JSON type is a decode error naming the option.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -22,10 +23,21 @@ DEFAULT_MASQ_BACKEND = "nftables"
 # Every option the reference bridge reads, with its JSON type: the skeleton decodes with this
 # (any letter case, null = absent, wrong type = error 7 naming the option; lenient on DEL).
 SCHEMA = COMMON.extend(
-    bridge=str, isGateway=bool, isDefaultGateway=bool, forceAddress=bool, ipMasq=bool, ipMasqBackend=str,
-    mtu=int, hairpinMode=bool, promiscMode=bool, vlan=int,
+    bridge=str,
+    isGateway=bool,
+    isDefaultGateway=bool,
+    forceAddress=bool,
+    ipMasq=bool,
+    ipMasqBackend=str,
+    mtu=int,
+    hairpinMode=bool,
+    promiscMode=bool,
+    vlan=int,
     vlanTrunk=ListOf(Schema({"minID": int, "maxID": int, "id": int})),
-    preserveDefaultVlan=bool, enabledad=bool, macspoofchk=bool, disableContainerInterface=bool,
+    preserveDefaultVlan=bool,
+    enabledad=bool,
+    macspoofchk=bool,
+    disableContainerInterface=bool,
     portIsolation=bool,
     ipam=Schema({"type": str}),
     runtimeConfig=Schema({"mac": str}),
@@ -48,7 +60,7 @@ class BridgeConf:
     hairpin_mode: bool = False
     promisc_mode: bool = False
     vlan: int = 0
-    vlans: list[int] = field(default_factory=list)   # the expanded vlanTrunk
+    vlans: list[int] = field(default_factory=list)  # the expanded vlanTrunk
     vlan_trunk_set: bool = False
     preserve_default_vlan: bool = False
     enable_dad: bool = False
@@ -103,11 +115,17 @@ def _trunk_vlans(trunk: Any) -> list[int]:
 def _mac(value: str, where: str) -> str:
     parts = value.split(":")
     if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p) for p in parts):
-        raise CNIError(ERR_INVALID_CONFIG, f"invalid MAC address {value!r} in {where}",
-                       "write it as six hex pairs, e.g. 0a:58:0a:f4:00:05")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            f"invalid MAC address {value!r} in {where}",
+            "write it as six hex pairs, e.g. 0a:58:0a:f4:00:05",
+        )
     if int(parts[0], 16) & 1:
-        raise CNIError(ERR_INVALID_CONFIG, f"MAC address {value!r} in {where} is a multicast address",
-                       "the first octet must be even")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            f"MAC address {value!r} in {where} is a multicast address",
+            "the first octet must be even",
+        )
     return value.lower()
 
 
@@ -140,13 +158,19 @@ def load_conf(conf: dict[str, Any], cni_args: str) -> BridgeConf:
         n.vlans = _trunk_vlans(conf["vlanTrunk"])
         n.vlan_trunk_set = True
     if n.vlan and n.vlans:
-        raise CNIError(ERR_INVALID_CONFIG, "cannot set vlan and vlanTrunk at the same time",
-                       "a port is either an access port (vlan) or a trunk (vlanTrunk)")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            "cannot set vlan and vlanTrunk at the same time",
+            "a port is either an access port (vlan) or a trunk (vlanTrunk)",
+        )
     if n.mtu and not 68 <= n.mtu <= 65535:
         raise CNIError(ERR_INVALID_CONFIG, f"invalid MTU {n.mtu}", "an MTU is between 68 and 65535")
     if n.ip_masq_backend not in MASQ_BACKENDS:
-        raise CNIError(ERR_INVALID_CONFIG, f"unknown ipmasq backend {n.ip_masq_backend!r}",
-                       f"ipMasqBackend must be one of {', '.join(MASQ_BACKENDS)}")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            f"unknown ipmasq backend {n.ip_masq_backend!r}",
+            f"ipMasqBackend must be one of {', '.join(MASQ_BACKENDS)}",
+        )
 
     # MAC precedence as in the reference: CNI_ARGS MAC < args.cni.mac < runtimeConfig.mac.
     if cni_args:
@@ -167,8 +191,14 @@ def load_conf(conf: dict[str, Any], cni_args: str) -> BridgeConf:
 
 def validate_for_add(n: BridgeConf) -> None:
     if n.is_layer3 and n.disable_container_interface:
-        raise CNIError(ERR_INVALID_CONFIG, "cannot use IPAM when DisableContainerInterface flag is set",
-                       "drop 'ipam' for a layer-2 only attachment, or enable the container interface")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            "cannot use IPAM when DisableContainerInterface flag is set",
+            "drop 'ipam' for a layer-2 only attachment, or enable the container interface",
+        )
     if n.hairpin_mode and n.promisc_mode:
-        raise CNIError(ERR_INVALID_CONFIG, "cannot set hairpin mode and promiscuous mode at the same time",
-                       "choose hairpinMode or promiscMode")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            "cannot set hairpin mode and promiscuous mode at the same time",
+            "choose hairpinMode or promiscMode",
+        )

@@ -15,6 +15,7 @@ Same options, defaults and results as the reference bridge plugin
 delegation to IPAM in ``shared.ipam``, the container side in ``shared.container``
 and the masquerading in ``shared.masq``; options are read in ``config``.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -40,9 +41,11 @@ BRIDGE_INDEX, HOST_INDEX, CONTAINER_INDEX = 0, 1, 2
 
 # ---- ADD --------------------------------------------------------------------------
 
+
 @dataclass
 class Gateways:
     """Gateway addresses (CIDR with the pod prefix) the bridge takes, per family."""
+
     v4: list[str] = field(default_factory=list)
     v6: list[str] = field(default_factory=list)
 
@@ -95,22 +98,27 @@ def cmd_add(req: CmdArgs) -> Result:
 
 def _add(req: CmdArgs, n: BridgeConf, undo: Undo) -> Result:
     with _open_netlink(n) as ipr:
-        bridge = ip.ensure_bridge(ipr, n.bridge, n.mtu, n.promisc_mode, n.vlan_filtering,
-                                  mac=names.stable_bridge_mac(n.bridge))
+        bridge = ip.ensure_bridge(
+            ipr, n.bridge, n.mtu, n.promisc_mode, n.vlan_filtering, mac=names.stable_bridge_mac(n.bridge)
+        )
         host_name, pod_end = container.create_veth(req, n.mtu, n.mac)
         undo.push(f"delete veth {host_name}", lambda: container.delete_host_link(host_name))
         host = _attach_host_veth(ipr, n, host_name, bridge.index, pod_end.peer_index)
         # MTUs show only in 1.1.0 results (the first spec version with interface MTUs).
-        result = Result(cni_version=req.cni_version, interfaces=[
-            Interface(name=bridge.name, mac=bridge.mac, mtu=bridge.mtu),
-            Interface(name=host.name, mac=host.mac, mtu=host.mtu),
-            Interface(name=pod_end.name, mac=pod_end.mac, mtu=pod_end.mtu, sandbox=req.netns),
-        ])
+        result = Result(
+            cni_version=req.cni_version,
+            interfaces=[
+                Interface(name=bridge.name, mac=bridge.mac, mtu=bridge.mtu),
+                Interface(name=host.name, mac=host.mac, mtu=host.mtu),
+                Interface(name=pod_end.name, mac=pod_end.mac, mtu=pod_end.mtu, sandbox=req.netns),
+            ],
+        )
 
         if n.mac_spoof_check:
             spoofchk.setup(req.network_name, req.container_id, req.ifname, host.name, pod_end.mac)
-            undo.push("remove mac spoof check",
-                      lambda: spoofchk.teardown(req.network_name, req.container_id, req.ifname))
+            undo.push(
+                "remove mac spoof check", lambda: spoofchk.teardown(req.network_name, req.container_id, req.ifname)
+            )
 
         if n.is_layer3:
             _add_layer3(req, n, ipr, bridge, result, undo, pod_end.index)
@@ -136,15 +144,17 @@ def _open_netlink(n: BridgeConf) -> Any:
     return ip.open_netlink() if n.vlan_filtering else ip.open_rtnl()
 
 
-def _add_layer3(req: CmdArgs, n: BridgeConf, ipr: Any, bridge: Any, result: Result, undo: Undo,
-                pod_index: int = 0) -> None:
+def _add_layer3(
+    req: CmdArgs, n: BridgeConf, ipr: Any, bridge: Any, result: Result, undo: Undo, pod_index: int = 0
+) -> None:
     """Addresses from IPAM into the container, the gateway onto the bridge, masquerading."""
     ipam_result = ipam_exec.exec_add(req)
     undo.push("release IPAM lease", lambda: ipam_exec.exec_del(req))
     result.ips, result.routes, result.dns = ipam_result.ips, ipam_result.routes, ipam_result.dns
     if not result.ips:
-        raise CNIError(ERR_INTERNAL, "IPAM plugin returned missing IP config",
-                       f"{n.ipam_type} answered ADD without an address")
+        raise CNIError(
+            ERR_INTERNAL, "IPAM plugin returned missing IP config", f"{n.ipam_type} answered ADD without an address"
+        )
     gateways = plan_gateways(result, n)
     netns.run_in(req.netns, container.configure_container, req.ifname, result, n.enable_dad, pod_index)
     if n.is_gateway:
@@ -152,10 +162,17 @@ def _add_layer3(req: CmdArgs, n: BridgeConf, ipr: Any, bridge: Any, result: Resu
         if vlan_iface is not None:
             result.interfaces.append(vlan_iface)
     if n.ip_masq:
-        undo.push("remove masquerading", lambda: masq.teardown_masq(
-            req.network_name, req.container_id, req.ifname, backend=n.ip_masq_backend))
-        masq.setup_masq(req.network_name, req.container_id, req.ifname, [ipc.address for ipc in result.ips],
-                        backend=n.ip_masq_backend)
+        undo.push(
+            "remove masquerading",
+            lambda: masq.teardown_masq(req.network_name, req.container_id, req.ifname, backend=n.ip_masq_backend),
+        )
+        masq.setup_masq(
+            req.network_name,
+            req.container_id,
+            req.ifname,
+            [ipc.address for ipc in result.ips],
+            backend=n.ip_masq_backend,
+        )
 
 
 def _attach_host_veth(ipr: Any, n: BridgeConf, host_name: str, bridge_index: int, host_index: int = 0) -> Any:
@@ -169,11 +186,11 @@ def _attach_host_veth(ipr: Any, n: BridgeConf, host_name: str, bridge_index: int
         try:
             host = ip.bring_up_port(ipr, host_index, bridge_index, n.hairpin_mode, n.port_isolation)
         except ip.AttachError as exc:
-            raise CNIError(ERR_INTERNAL, f"failed to connect {host_name!r} to bridge {n.bridge!r}: "
-                           f"{ip.describe(exc.cause)}") from None
+            raise CNIError(
+                ERR_INTERNAL, f"failed to connect {host_name!r} to bridge {n.bridge!r}: {ip.describe(exc.cause)}"
+            ) from None
         if host.name != host_name:
-            raise CNIError(ERR_INTERNAL, f"host veth {host_name!r} not found",
-                           f"ifindex {host_index} is {host.name!r}")
+            raise CNIError(ERR_INTERNAL, f"host veth {host_name!r} not found", f"ifindex {host_index} is {host.name!r}")
         return host
     host = ip.get_link(ipr, host_name, "host veth")
     ip.set_up(ipr, host.index)
@@ -181,8 +198,9 @@ def _attach_host_veth(ipr: Any, n: BridgeConf, host_name: str, bridge_index: int
     try:
         ip.attach_port(ipr, host.index, bridge_index, n.hairpin_mode, n.port_isolation)
     except Exception as exc:
-        raise CNIError(ERR_INTERNAL, f"failed to connect {host_name!r} to bridge {n.bridge!r}: "
-                       f"{ip.describe(exc)}") from None
+        raise CNIError(
+            ERR_INTERNAL, f"failed to connect {host_name!r} to bridge {n.bridge!r}: {ip.describe(exc)}"
+        ) from None
     _setup_port_vlans(ipr, n, host.index, host_name)
     return ip.get_link(ipr, host_name, "host veth")
 
@@ -203,8 +221,9 @@ def _setup_port_vlans(ipr: Any, n: BridgeConf, port: int, port_name: str) -> Non
     except CNIError:
         raise
     except Exception as exc:
-        raise CNIError(ERR_INTERNAL, f"failed to setup vlan tag on interface {port_name!r}: "
-                       f"{ip.describe(exc)}") from None
+        raise CNIError(
+            ERR_INTERNAL, f"failed to setup vlan tag on interface {port_name!r}: {ip.describe(exc)}"
+        ) from None
 
 
 def _configure_gateways(ipr: Any, n: BridgeConf, bridge: Any, gws: Gateways) -> Interface | None:
@@ -230,23 +249,25 @@ def ensure_gateway_address(ipr: Any, link: Any, family: int, cidr: str, force: b
     """Put ``cidr`` on the bridge. Another IPv4 address (or an overlapping IPv6 one)
     is replaced when ``force`` is set, an error otherwise (ensureAddr)."""
 
-
     wanted = ipaddress.ip_interface(cidr)
     for existing, _flags in ip.addresses(ipr, link.index, family):
         if existing == wanted:
             return
         if family == 4 or wanted.ip in existing.network or existing.ip in wanted.network:
             if not force:
-                raise CNIError(ERR_INTERNAL, f"failed to set bridge addr: {link.name!r} already has an IP "
-                               f"address different from {cidr}",
-                               f"it has {existing}; set forceAddress to replace it")
+                raise CNIError(
+                    ERR_INTERNAL,
+                    f"failed to set bridge addr: {link.name!r} already has an IP address different from {cidr}",
+                    f"it has {existing}; set forceAddress to replace it",
+                )
             ip.del_address(ipr, link.index, str(existing))
     try:
         ip.add_address(ipr, link.index, cidr)
     except Exception as exc:
         if ip.netlink_errno(exc) != ip.EEXIST:
-            raise CNIError(ERR_INTERNAL, f"could not add IP address {cidr} to {link.name!r}: "
-                           f"{ip.describe(exc)}") from None
+            raise CNIError(
+                ERR_INTERNAL, f"could not add IP address {cidr} to {link.name!r}: {ip.describe(exc)}"
+            ) from None
     # Pin the bridge's MAC to the one it had before this ADD attached a port, as the reference
     # does: a bridge this plugin created has it pinned already, an adopted one may not.
     ip.set_mac(ipr, link.index, link.mac)
@@ -275,6 +296,7 @@ def _ensure_vlan_gateway(ipr: Any, n: BridgeConf, bridge: Any) -> Any:
 
 # ---- DEL --------------------------------------------------------------------------
 
+
 def cmd_del(req: CmdArgs) -> None:
     """Remove the container's interface, its lease, spoof check and masquerading.
 
@@ -299,14 +321,18 @@ def cmd_del(req: CmdArgs) -> None:
     if n.is_layer3 and n.ip_masq:
         # Found by network and container ID: the namespace may be gone already.
         for backend in _masq_backends_to_clean(n):
-            attempt(lambda backend=backend: masq.teardown_masq(
-                req.network_name, req.container_id, req.ifname, backend=backend))
+            attempt(
+                lambda backend=backend: masq.teardown_masq(
+                    req.network_name, req.container_id, req.ifname, backend=backend
+                )
+            )
     if failures:
         raise failures[0]
     return None
 
 
 # ---- CHECK ------------------------------------------------------------------------
+
 
 def cmd_check(req: CmdArgs) -> None:
     n = load_conf(req.conf, req.args)
@@ -319,13 +345,16 @@ def cmd_check(req: CmdArgs) -> None:
     assert result is not None
 
     bridge_entry = next((i for i in result.interfaces if i.name == n.bridge), Interface(name=""))
-    container_entry = next((i for i in result.interfaces if i.name == req.ifname and i.sandbox == req.netns),
-                           Interface(name=""))
+    container_entry = next(
+        (i for i in result.interfaces if i.name == req.ifname and i.sandbox == req.netns), Interface(name="")
+    )
     with ip.open_netlink() as ipr:
         bridge = _check_bridge(ipr, bridge_entry, n)
         if req.netns != container_entry.sandbox:
-            raise CNIError(ERR_INTERNAL, f"Sandbox in prevResult {container_entry.sandbox} doesn't match "
-                           f"configured netns: {req.netns}")
+            raise CNIError(
+                ERR_INTERNAL,
+                f"Sandbox in prevResult {container_entry.sandbox} doesn't match configured netns: {req.netns}",
+            )
         container = netns.run_in(req.netns, _check_container_interface, container_entry)
         veth_found = False
         for entry in result.interfaces:
@@ -338,15 +367,23 @@ def cmd_check(req: CmdArgs) -> None:
         raise CNIError(ERR_INTERNAL, f"CNI veth created for bridge {n.bridge} was not found")
     netns.run_in(req.netns, _check_container_state, req.ifname, result)
     if n.is_layer3 and n.ip_masq:
-        masq.check_masq(req.network_name, req.container_id, req.ifname, [ipc.address for ipc in result.ips],
-                        backend=n.ip_masq_backend)
+        masq.check_masq(
+            req.network_name,
+            req.container_id,
+            req.ifname,
+            [ipc.address for ipc in result.ips],
+            backend=n.ip_masq_backend,
+        )
     return None
 
 
 def _check_bridge(ipr: Any, entry: Interface, n: BridgeConf) -> Any:
     if not entry.name:
-        raise CNIError(ERR_INTERNAL, f"CNI created bridge {n.bridge} in host namespace was not found",
-                       "prevResult lists no interface named after the configured bridge")
+        raise CNIError(
+            ERR_INTERNAL,
+            f"CNI created bridge {n.bridge} in host namespace was not found",
+            "prevResult lists no interface named after the configured bridge",
+        )
     if entry.sandbox:
         raise CNIError(ERR_INTERNAL, f"Interface {entry.name} should not be in sandbox")
     link = ip.find_link(ipr, entry.name)
@@ -358,8 +395,11 @@ def _check_bridge(ipr: Any, entry: Interface, n: BridgeConf) -> Any:
         raise CNIError(ERR_INTERNAL, f"Bridge interface {entry.name} Mac doesn't match: {entry.mac}")
     promisc = link.promisc
     if promisc != n.promisc_mode:
-        raise CNIError(ERR_INTERNAL, f"Bridge interface {entry.name} configured Promisc Mode {n.promisc_mode} "
-                       f"doesn't match current state: {promisc}")
+        raise CNIError(
+            ERR_INTERNAL,
+            f"Bridge interface {entry.name} configured Promisc Mode {n.promisc_mode} "
+            f"doesn't match current state: {promisc}",
+        )
     return link
 
 
@@ -373,8 +413,7 @@ def _check_container_interface(entry: Interface) -> Any:
     if link.kind != "veth":
         raise CNIError(ERR_INTERNAL, f"Error: Container interface {entry.name} not of type veth")
     if entry.mac and entry.mac.lower() != link.mac.lower():
-        raise CNIError(ERR_INTERNAL, f"Interface {entry.name} Mac {entry.mac} doesn't match container Mac: "
-                       f"{link.mac}")
+        raise CNIError(ERR_INTERNAL, f"Interface {entry.name} Mac {entry.mac} doesn't match container Mac: {link.mac}")
     return link
 
 
@@ -413,12 +452,15 @@ def _check_container_state(ifname: str, result: Result) -> None:
         for route in result.routes:
             dst = ipaddress.ip_network(route.dst, strict=False)
             wanted_gw = ipaddress.ip_address(route.gw) if route.gw else None
-            if not any(r.dst == dst and (wanted_gw is None or (r.gw and ipaddress.ip_address(r.gw) == wanted_gw))
-                       for r in tables[dst.version]):
+            if not any(
+                r.dst == dst and (wanted_gw is None or (r.gw and ipaddress.ip_address(r.gw) == wanted_gw))
+                for r in tables[dst.version]
+            ):
                 raise CNIError(ERR_INTERNAL, f"Expected Route {route.to_dict('1.1.0')} not found in routing table")
 
 
 # ---- GC and STATUS ----------------------------------------------------------------
+
 
 def cmd_gc(req: CmdArgs) -> None:
     n = load_conf(req.conf, "")
@@ -440,6 +482,7 @@ def cmd_status(req: CmdArgs) -> None:
 
 
 # ---- helpers ----------------------------------------------------------------------
+
 
 def _masq_backends_to_clean(n: BridgeConf) -> list[str]:
     """The backends whose masquerade state DEL and GC remove.

@@ -5,6 +5,7 @@ kernel or NIC computes wrong checksums for encapsulated packets (flannel #1279,
 the ``ethtool -K flannel.1 tx-checksum-ip-generic off`` workaround). Acts on
 the network namespace of the calling thread.
 """
+
 from __future__ import annotations
 
 import array
@@ -37,8 +38,9 @@ def _ethtool_value(ifname: str, cmd: int, data: int = 0) -> int:
             fcntl.ioctl(sock.fileno(), SIOCETHTOOL, ifreq)
         except OSError as exc:
             what = {errno.ENODEV: "no such interface", errno.EOPNOTSUPP: "not supported by the driver"}
-            raise EthtoolError(exc.errno, f"ethtool ioctl 0x{cmd:x} on {ifname}: "
-                               f"{what.get(exc.errno, exc.strerror)}") from None
+            raise EthtoolError(
+                exc.errno, f"ethtool ioctl 0x{cmd:x} on {ifname}: {what.get(exc.errno, exc.strerror)}"
+            ) from None
     return value[1]
 
 

@@ -16,6 +16,7 @@ without following a link; ``ensure_private_dir`` makes one for writing (mode
 0700), tightening a root-owned directory that grants more (the 0755 of an older
 version) and refusing one that someone else owns or may write.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,7 +60,7 @@ def write_atomically(path: str, data: bytes, mode: int, prefix: str = ".pycni-tm
 
 def temp_writer_gone(name: str, prefix: str) -> bool:
     """Whether the process named in a temporary file's name (``PREFIX<pid>-...``) no longer runs."""
-    pid_text = name[len(prefix):].partition("-")[0]
+    pid_text = name[len(prefix) :].partition("-")[0]
     if not pid_text.isdigit() or not 0 < int(pid_text) <= 1 << 22:  # 1 << 22: the kernel's largest pid_max
         return True
     try:
@@ -144,8 +145,11 @@ def open_trusted_dir(path: str, fix: str) -> int | None:
     except NotADirectoryError:
         # O_NOFOLLOW|O_DIRECTORY on a symlink fails with ENOTDIR, not ELOOP: tell them apart.
         if stat.S_ISLNK(os.lstat(path).st_mode):
-            raise UntrustedPath(path, "is a symbolic link; refusing to follow it",
-                                "make it a real directory (and check who planted the link)") from None
+            raise UntrustedPath(
+                path,
+                "is a symbolic link; refusing to follow it",
+                "make it a real directory (and check who planted the link)",
+            ) from None
         raise UntrustedPath(path, "is not a directory", "remove it") from None
     try:
         problem = trust_problem(os.fstat(fd))
@@ -179,8 +183,10 @@ def ensure_private_dir(path: str, mode: int = 0o700) -> bool:
             created = True
         except FileExistsError:
             pass
-    fix = (f"it must belong to root and be writable by root alone: remove it, or check what is in it "
-           f"and run `chown root:root {path} && chmod {mode:04o} {path}`")
+    fix = (
+        f"it must belong to root and be writable by root alone: remove it, or check what is in it "
+        f"and run `chown root:root {path} && chmod {mode:04o} {path}`"
+    )
     fd = open_trusted_dir(path, fix)
     if fd is None:  # removed between mkdir and open: that is not ours to fight over
         raise FileNotFoundError(2, "No such file or directory", path)
@@ -198,8 +204,9 @@ def ensure_private_dir(path: str, mode: int = 0o700) -> bool:
         os.close(fd)
 
 
-def read_regular_file(path: str, max_bytes: int, *, dir_fd: int | None = None,
-                      trusted: str | None = None) -> bytes | None:
+def read_regular_file(
+    path: str, max_bytes: int, *, dir_fd: int | None = None, trusted: str | None = None
+) -> bytes | None:
     """At most ``max_bytes + 1`` bytes of ``path`` (more than ``max_bytes``: the caller's "too large").
 
     None if there is no such file. Never follows a symlink at ``path`` (OSError with errno ELOOP);

@@ -14,6 +14,7 @@ by root and not writable by group or others, for a root-owned executable that
 group and others cannot write either. The child keeps the tool's own name as
 argv[0] (multi-call binaries such as xtables-nft-multi dispatch on it).
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,13 @@ from cni_plugins.spec.errors import ERR_INTERNAL, CNIError
 DEFAULT_TIMEOUT = 30.0
 # Debian package that provides each tool, for the "not found" advice.
 PACKAGES: Mapping[str, str] = {
-    "nft": "nftables", "iptables": "iptables", "ip6tables": "iptables", "iptables-restore": "iptables",
-    "ip6tables-restore": "iptables", "iptables-save": "iptables", "conntrack": "conntrack",
+    "nft": "nftables",
+    "iptables": "iptables",
+    "ip6tables": "iptables",
+    "iptables-restore": "iptables",
+    "ip6tables-restore": "iptables",
+    "iptables-save": "iptables",
+    "conntrack": "conntrack",
 }
 
 
@@ -77,8 +83,16 @@ def find_tool(name: str, path: str | None = None) -> str | None:
 class HostToolError(CNIError):
     """A host tool failed: ``missing`` (not installed), ``timed_out``, or a non-zero ``returncode``."""
 
-    def __init__(self, msg: str, details: str = "", *, missing: bool = False, timed_out: bool = False,
-                 returncode: int | None = None, stderr: str = "") -> None:
+    def __init__(
+        self,
+        msg: str,
+        details: str = "",
+        *,
+        missing: bool = False,
+        timed_out: bool = False,
+        returncode: int | None = None,
+        stderr: str = "",
+    ) -> None:
         super().__init__(ERR_INTERNAL, msg, details)
         self.missing = missing
         self.timed_out = timed_out
@@ -86,8 +100,7 @@ class HostToolError(CNIError):
         self.stderr = stderr
 
 
-def run(argv: list[str], stdin: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-        alternative: str = "") -> str:
+def run(argv: list[str], stdin: str | None = None, timeout: float = DEFAULT_TIMEOUT, alternative: str = "") -> str:
     """Run ``argv`` and return its stdout; raise HostToolError unless it exits 0.
 
     ``alternative`` completes the advice when the tool is missing (e.g. "or
@@ -98,18 +111,26 @@ def run(argv: list[str], stdin: str | None = None, timeout: float = DEFAULT_TIME
     try:
         if executable is None:
             raise FileNotFoundError(tool)
-        proc = subprocess.run(argv, executable=executable, input=stdin, capture_output=True, text=True,
-                              timeout=timeout, check=False)
+        proc = subprocess.run(
+            argv, executable=executable, input=stdin, capture_output=True, text=True, timeout=timeout, check=False
+        )
     except FileNotFoundError:
         package = PACKAGES.get(tool, tool)
         advice = f"install {package} (Debian: apt-get install {package})"
-        raise HostToolError(f"the {tool} command was not found (looked on PATH and in {', '.join(SAFE_DIRS)})",
-                            f"{advice} {alternative}".strip(), missing=True) from None
+        raise HostToolError(
+            f"the {tool} command was not found (looked on PATH and in {', '.join(SAFE_DIRS)})",
+            f"{advice} {alternative}".strip(),
+            missing=True,
+        ) from None
     except subprocess.TimeoutExpired:
-        raise HostToolError(f"{' '.join(argv)} did not finish within {timeout:g}s",
-                            "another program may hold its lock; try again", timed_out=True) from None
+        raise HostToolError(
+            f"{' '.join(argv)} did not finish within {timeout:g}s",
+            "another program may hold its lock; try again",
+            timed_out=True,
+        ) from None
     if proc.returncode != 0:
         stderr = proc.stderr.strip()
-        raise HostToolError(f"{' '.join(argv)} failed (exit {proc.returncode})", stderr,
-                            returncode=proc.returncode, stderr=stderr)
+        raise HostToolError(
+            f"{' '.join(argv)} failed (exit {proc.returncode})", stderr, returncode=proc.returncode, stderr=stderr
+        )
     return proc.stdout

@@ -4,6 +4,7 @@ Used where a plugin only needs to flip a link up or down and read its
 addresses (loopback): it keeps pyroute2's ~90 ms import off that path.
 All calls act on the network namespace of the calling thread.
 """
+
 from __future__ import annotations
 
 import fcntl

@@ -15,6 +15,7 @@ with every function here:
 
 pyroute2 is imported on first use; importing this module costs nothing.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -87,11 +88,12 @@ def describe(exc: BaseException) -> str:
 
 
 def random_veth_name() -> str:
-    """"veth" + 8 hex digits, the reference's host-side name (NetworkManager ignores veth*)."""
+    """ "veth" + 8 hex digits, the reference's host-side name (NetworkManager ignores veth*)."""
     return "veth" + secrets.token_hex(4)
 
 
 # ---- links ----------------------------------------------------------------
+
 
 @dataclass
 class Link:
@@ -103,11 +105,11 @@ class Link:
     mtu: int
     kind: str
     master: int
-    peer_index: int      # IFLA_LINK: for a veth, the peer's index in the peer's namespace
+    peer_index: int  # IFLA_LINK: for a veth, the peer's index in the peer's namespace
     oper_state: str
     flags: int
     promiscuity: int
-    alias: str = ""      # IFLA_IFALIAS (bandwidth marks its ifb devices with it)
+    alias: str = ""  # IFLA_IFALIAS (bandwidth marks its ifb devices with it)
     txqlen: int = 0
 
     @property
@@ -220,8 +222,10 @@ def delete_link_by_name(ipr: Any, name: str) -> None:
 
 # ---- veth -----------------------------------------------------------------
 
-def create_veth_in_container(ipr: Any, container_ifname: str, host_ns_fd: int, mtu: int = 0,
-                             mac: str = "", host_ifname: str = "") -> tuple[str, Link]:
+
+def create_veth_in_container(
+    ipr: Any, container_ifname: str, host_ns_fd: int, mtu: int = 0, mac: str = "", host_ifname: str = ""
+) -> tuple[str, Link]:
     """Create a veth pair from inside the container's namespace, host end in ``host_ns_fd``.
 
     Returns the host end's name and the container end. A random host name
@@ -245,36 +249,49 @@ def create_veth_in_container(ipr: Any, container_ifname: str, host_ns_fd: int, m
         except NetlinkError as exc:
             if exc.code == EEXIST:
                 if find_link(ipr, container_ifname) is not None:
-                    raise CNIError(ERR_INTERNAL, f"container veth name {container_ifname!r} already exists",
-                                   "an interface of that name is already in the container; "
-                                   "use another CNI_IFNAME or remove it (DEL)") from None
+                    raise CNIError(
+                        ERR_INTERNAL,
+                        f"container veth name {container_ifname!r} already exists",
+                        "an interface of that name is already in the container; "
+                        "use another CNI_IFNAME or remove it (DEL)",
+                    ) from None
                 if host_ifname:
                     raise CNIError(ERR_INTERNAL, f"host veth name {host_ifname!r} already exists") from None
                 continue  # the random host name is taken on the host: draw another one
-            raise CNIError(ERR_INTERNAL, f"failed to make veth pair: {describe(exc)}",
-                           f"creating {container_ifname} (mtu {mtu or 'default'}, mac {mac or 'random'})") from None
+            raise CNIError(
+                ERR_INTERNAL,
+                f"failed to make veth pair: {describe(exc)}",
+                f"creating {container_ifname} (mtu {mtu or 'default'}, mac {mac or 'random'})",
+            ) from None
         return peer_name, get_link(ipr, container_ifname, "container veth")
     raise CNIError(ERR_INTERNAL, "failed to find a unique veth name", "10 random names were all taken")
 
 
-def _create_veth_lean(ipr: Rtnl, container_ifname: str, host_ns_fd: int, mtu: int, mac: str,
-                      host_ifname: str) -> tuple[str, Link]:
+def _create_veth_lean(
+    ipr: Rtnl, container_ifname: str, host_ns_fd: int, mtu: int, mac: str, host_ifname: str
+) -> tuple[str, Link]:
     """create_veth_in_container in one round trip per attempt: the add and the look at the new end together."""
     for _attempt in range(10):
         peer_name = host_ifname or random_veth_name()
-        added, got = ipr.run([rtnl.add_veth(container_ifname, peer_name, host_ns_fd, mtu, mac),
-                              rtnl.get_link(name=container_ifname)])
+        added, got = ipr.run(
+            [rtnl.add_veth(container_ifname, peer_name, host_ns_fd, mtu, mac), rtnl.get_link(name=container_ifname)]
+        )
         if added.error == EEXIST:
             if link_from(got) is not None:
-                raise CNIError(ERR_INTERNAL, f"container veth name {container_ifname!r} already exists",
-                               "an interface of that name is already in the container; "
-                               "use another CNI_IFNAME or remove it (DEL)") from None
+                raise CNIError(
+                    ERR_INTERNAL,
+                    f"container veth name {container_ifname!r} already exists",
+                    "an interface of that name is already in the container; use another CNI_IFNAME or remove it (DEL)",
+                ) from None
             if host_ifname:
                 raise CNIError(ERR_INTERNAL, f"host veth name {host_ifname!r} already exists") from None
             continue  # the random host name is taken on the host: draw another one
         if added.error:
-            raise CNIError(ERR_INTERNAL, f"failed to make veth pair: {describe(rtnl.NetlinkError(added.error))}",
-                           f"creating {container_ifname} (mtu {mtu or 'default'}, mac {mac or 'random'})")
+            raise CNIError(
+                ERR_INTERNAL,
+                f"failed to make veth pair: {describe(rtnl.NetlinkError(added.error))}",
+                f"creating {container_ifname} (mtu {mtu or 'default'}, mac {mac or 'random'})",
+            )
         link = link_from(got)
         if link is None:
             raise CNIError(ERR_INTERNAL, f"container veth {container_ifname!r} not found")
@@ -284,6 +301,7 @@ def _create_veth_lean(ipr: Rtnl, container_ifname: str, host_ns_fd: int, mtu: in
 
 # ---- bridges ----------------------------------------------------------------
 
+
 @dataclass
 class Bridge(Link):
     """A bridge as ``ensure_bridge`` leaves it; ``created``: that call made it."""
@@ -291,8 +309,16 @@ class Bridge(Link):
     created: bool = False
 
 
-def ensure_bridge(ipr: Any, name: str, mtu: int = 0, promisc: bool = False,
-                  vlan_filtering: bool = False, *, mac: str | None = None, dad: bool = True) -> Bridge:
+def ensure_bridge(
+    ipr: Any,
+    name: str,
+    mtu: int = 0,
+    promisc: bool = False,
+    vlan_filtering: bool = False,
+    *,
+    mac: str | None = None,
+    dad: bool = True,
+) -> Bridge:
     """Create the bridge unless it exists; make sure it is a bridge and up.
 
     A bridge this call creates gets ``mac`` as its address in the request that
@@ -310,14 +336,18 @@ def ensure_bridge(ipr: Any, name: str, mtu: int = 0, promisc: bool = False,
     created = _add_bridge(ipr, name, mtu, vlan_filtering, mac)
     bridge = get_link(ipr, name, "bridge")
     if bridge.kind != "bridge":
-        raise CNIError(ERR_INTERNAL, f"failed to create bridge {name!r}: {name!r} already exists but is not a bridge",
-                       "pick another 'bridge' name or remove that interface")
+        raise CNIError(
+            ERR_INTERNAL,
+            f"failed to create bridge {name!r}: {name!r} already exists but is not a bridge",
+            "pick another 'bridge' name or remove that interface",
+        )
     if vlan_filtering and not bridge_vlan_filtering(ipr, bridge.index):
         try:
             ipr.link("set", index=bridge.index, kind="bridge", br_vlan_filtering=1)
         except NetlinkError as exc:
-            raise CNIError(ERR_INTERNAL, f"failed to enable vlan filtering on bridge {name!r}: "
-                           f"{describe(exc)}") from None
+            raise CNIError(
+                ERR_INTERNAL, f"failed to enable vlan filtering on bridge {name!r}: {describe(exc)}"
+            ) from None
     if promisc and not bridge.promisc:
         set_promisc(ipr, bridge.index)
     # We own the routes on this interface, so router advertisements must not add any.
@@ -330,22 +360,28 @@ def ensure_bridge(ipr: Any, name: str, mtu: int = 0, promisc: bool = False,
     return Bridge(**vars(get_link(ipr, name, "bridge")), created=created)
 
 
-def _ensure_bridge_lean(ipr: Rtnl, name: str, mtu: int, promisc: bool, vlan_filtering: bool, mac: str | None,
-                        dad: bool) -> Bridge:
+def _ensure_bridge_lean(
+    ipr: Rtnl, name: str, mtu: int, promisc: bool, vlan_filtering: bool, mac: str | None, dad: bool
+) -> Bridge:
     """ensure_bridge in one round trip for a bridge that is there and up (two when it is new)."""
     if vlan_filtering:
         raise _no_pyroute2_api("a bridge with VLAN filtering")
     added, got = ipr.run([rtnl.add_bridge(name, mtu, mac), rtnl.get_link(name=name)])
     if added.error and added.error != EEXIST:
-        raise CNIError(ERR_INTERNAL, f"failed to create bridge {name!r}: could not add {name!r}: "
-                       f"{describe(rtnl.NetlinkError(added.error))}",
-                       _bridge_add_hint(added.error, vlan_filtering, mac))
+        raise CNIError(
+            ERR_INTERNAL,
+            f"failed to create bridge {name!r}: could not add {name!r}: {describe(rtnl.NetlinkError(added.error))}",
+            _bridge_add_hint(added.error, vlan_filtering, mac),
+        )
     bridge = link_from(got)
     if bridge is None:
         raise CNIError(ERR_INTERNAL, f"bridge {name!r} not found")
     if bridge.kind != "bridge":
-        raise CNIError(ERR_INTERNAL, f"failed to create bridge {name!r}: {name!r} already exists but is not a bridge",
-                       "pick another 'bridge' name or remove that interface")
+        raise CNIError(
+            ERR_INTERNAL,
+            f"failed to create bridge {name!r}: {name!r} already exists but is not a bridge",
+            "pick another 'bridge' name or remove that interface",
+        )
     # We own the routes on this interface, so router advertisements must not add any.
     write_sysctl(f"net/ipv6/conf/{name}/accept_ra", "0", ignore_errors=True)
     if not dad:
@@ -389,8 +425,11 @@ def _add_bridge(ipr: Any, name: str, mtu: int, vlan_filtering: bool, mac: str | 
     except NetlinkError as exc:
         if exc.code == EEXIST:
             return False
-        raise CNIError(ERR_INTERNAL, f"failed to create bridge {name!r}: could not add {name!r}: {describe(exc)}",
-                       _bridge_add_hint(exc.code, vlan_filtering, mac)) from None
+        raise CNIError(
+            ERR_INTERNAL,
+            f"failed to create bridge {name!r}: could not add {name!r}: {describe(exc)}",
+            _bridge_add_hint(exc.code, vlan_filtering, mac),
+        ) from None
     return True
 
 
@@ -414,8 +453,9 @@ def bridge_vlan_filtering(ipr: Any, index: int) -> bool:
 def attach_port(ipr: Any, port: int, bridge: int, hairpin: bool = False, isolated: bool = False) -> None:
     """Enslave ``port`` to ``bridge`` and set its hairpin and isolation flags."""
     if _lean(ipr):
-        failed = rtnl.first_failure(ipr.run([rtnl.set_link(port, master=bridge),
-                                             rtnl.set_bridge_port(port, hairpin, isolated)]))
+        failed = rtnl.first_failure(
+            ipr.run([rtnl.set_link(port, master=bridge), rtnl.set_bridge_port(port, hairpin, isolated)])
+        )
         if failed is not None:
             failed.check()
         return
@@ -439,8 +479,14 @@ def bring_up_port(ipr: Any, port: int, bridge: int, hairpin: bool = False, isola
     together (one round trip).
     """
     if _lean(ipr):
-        up, master, flags, got = ipr.run([rtnl.set_link(port, up=True), rtnl.set_link(port, master=bridge),
-                                          rtnl.set_bridge_port(port, hairpin, isolated), rtnl.get_link(index=port)])
+        up, master, flags, got = ipr.run(
+            [
+                rtnl.set_link(port, up=True),
+                rtnl.set_link(port, master=bridge),
+                rtnl.set_bridge_port(port, hairpin, isolated),
+                rtnl.get_link(index=port),
+            ]
+        )
         up.check()
         failed = rtnl.first_failure([master, flags])
         if failed is not None:
@@ -557,9 +603,12 @@ def settle_addresses(ipr: Any, link: Link, timeout: float = DAD_SETTLE_TIMEOUT) 
         tentative = False
         for address, flags in addresses(ipr, link.index, 6):
             if flags & IFA_F_DADFAILED:
-                raise CNIError(ERR_INTERNAL, f"failed to settle addresses for {link.name!r}: "
-                               f"link {link.name} has address {address.ip} in DADFAILED state",
-                               "another host on the link already uses this address")
+                raise CNIError(
+                    ERR_INTERNAL,
+                    f"failed to settle addresses for {link.name!r}: "
+                    f"link {link.name} has address {address.ip} in DADFAILED state",
+                    "another host on the link already uses this address",
+                )
             if flags & IFA_F_TENTATIVE:
                 tentative = True
         if not tentative:
@@ -567,17 +616,21 @@ def settle_addresses(ipr: Any, link: Link, timeout: float = DAD_SETTLE_TIMEOUT) 
         if time.monotonic() >= deadline:
             current = link_by_index(ipr, link.index)
             if current is not None and current.oper_state == "UP":
-                raise CNIError(ERR_INTERNAL, f"failed to settle addresses for {link.name!r}: link "
-                               f"{link.name} still has tentative addresses after {timeout:g} seconds")
+                raise CNIError(
+                    ERR_INTERNAL,
+                    f"failed to settle addresses for {link.name!r}: link "
+                    f"{link.name} still has tentative addresses after {timeout:g} seconds",
+                )
             return
         time.sleep(DAD_SETTLE_INTERVAL)
 
 
 # ---- routes ---------------------------------------------------------------
 
+
 @dataclass
 class RouteSpec:
-    dst: str                 # CIDR
+    dst: str  # CIDR
     gw: str | None = None
     priority: int | None = None
     table: int | None = None
@@ -590,8 +643,12 @@ def add_route(ipr: Any, index: int, route: RouteSpec) -> None:
         ipr.call(route_request(index, route))
         return
     net = ipaddress.ip_network(route.dst, strict=False)
-    spec: dict[str, Any] = {"dst": f"{net.network_address}/{net.prefixlen}", "oif": index,
-                            "family": 2 if net.version == 4 else 10, "proto": RTPROT_BOOT}
+    spec: dict[str, Any] = {
+        "dst": f"{net.network_address}/{net.prefixlen}",
+        "oif": index,
+        "family": 2 if net.version == 4 else 10,
+        "proto": RTPROT_BOOT,
+    }
     if route.gw:
         spec["gateway"] = route.gw
     if route.priority is not None:
@@ -619,8 +676,12 @@ class RouteEntry:
 def routes(ipr: Any, family: int) -> list[RouteEntry]:
     """Every route of a family (4 or 6) in every table, multipath gateways flattened."""
     if _lean(ipr):
-        return [RouteEntry(*hop) for kind, payload in ipr.call(rtnl.dump_routes(family))
-                if kind == rtnl.RTM_NEWROUTE for hop in rtnl.parse_route(payload)]
+        return [
+            RouteEntry(*hop)
+            for kind, payload in ipr.call(rtnl.dump_routes(family))
+            if kind == rtnl.RTM_NEWROUTE
+            for hop in rtnl.parse_route(payload)
+        ]
     out = []
     for msg in ipr.get_routes(family=2 if family == 4 else 10):
         dst = msg.get_attr("RTA_DST") or ("0.0.0.0" if family == 4 else "::")
@@ -636,6 +697,7 @@ def routes(ipr: Any, family: int) -> list[RouteEntry]:
 
 
 # ---- sysctl -----------------------------------------------------------------
+
 
 def _sysctl_path(name: str) -> str:
     # Slash-separated keys keep interface names with dots (VLANs) intact.
@@ -681,6 +743,7 @@ def enable_forwarding(families: Iterable[int]) -> None:
 
 # ---- waits -----------------------------------------------------------------
 
+
 def wait_oper_up(ipr: Any, name: str, delays_ms: Iterable[int] = PORT_UP_DELAYS_MS) -> Link:
     """Wait (bounded) until ``name`` is operationally up, as a new bridge port becomes."""
     link: Link | None = None
@@ -691,15 +754,22 @@ def wait_oper_up(ipr: Any, name: str, delays_ms: Iterable[int] = PORT_UP_DELAYS_
         if link.oper_state == "UP":
             return link
     state = link.oper_state if link else "missing"
-    raise CNIError(ERR_INTERNAL, f"bridge port in error state: {state}",
-                   f"host veth {name} did not come up; is the container end up?")
+    raise CNIError(
+        ERR_INTERNAL,
+        f"bridge port in error state: {state}",
+        f"host veth {name} did not come up; is the container end up?",
+    )
 
 
 # ---- listing links (added for kernel/tc.py and the bandwidth plugin, issue 9) ----
 
+
 def list_links(ipr: Any) -> list[Link]:
     """Every link of the calling thread's network namespace."""
     if _lean(ipr):
-        return [Link(**vars(rtnl.parse_link(payload))) for kind, payload in ipr.call(rtnl.dump_links())
-                if kind == rtnl.RTM_NEWLINK]
+        return [
+            Link(**vars(rtnl.parse_link(payload)))
+            for kind, payload in ipr.call(rtnl.dump_links())
+            if kind == rtnl.RTM_NEWLINK
+        ]
     return [_link_from_msg(msg) for msg in ipr.get_links()]

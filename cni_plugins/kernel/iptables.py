@@ -9,6 +9,7 @@ itself is bounded by a timeout.
 
 Everything runs in the calling thread's network namespace.
 """
+
 from __future__ import annotations
 
 import shlex
@@ -79,9 +80,11 @@ def quote(word: str) -> str:
     """Quote one argument for an iptables-restore line (it splits on spaces and knows double quotes)."""
     if word and all(c.isalnum() or c in "-_./:!=" for c in word):
         return word
-    if any(c in '\n\r\\' for c in word):
-        raise IptablesError(f"refusing to put {word!r} into an iptables-restore batch",
-                            "newlines and backslashes cannot be quoted safely")
+    if any(c in "\n\r\\" for c in word):
+        raise IptablesError(
+            f"refusing to put {word!r} into an iptables-restore batch",
+            "newlines and backslashes cannot be quoted safely",
+        )
     return '"' + word.replace('"', '\\"') + '"'
 
 

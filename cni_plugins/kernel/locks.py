@@ -10,6 +10,7 @@ Two kinds, one waiting loop:
 
 Both wait with a bounded deadline and then raise the spec's "try again" error.
 """
+
 from __future__ import annotations
 
 import errno
@@ -30,8 +31,11 @@ def _wait(try_once: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not try_once():
         if time.monotonic() > deadline:
-            raise CNIError(ERR_TRY_AGAIN, f"timed out after {timeout:g}s waiting for {what}",
-                           "another pycni call holds it; try again")
+            raise CNIError(
+                ERR_TRY_AGAIN,
+                f"timed out after {timeout:g}s waiting for {what}",
+                "another pycni call holds it; try again",
+            )
         time.sleep(_POLL)
 
 
@@ -44,9 +48,13 @@ def file_lock(path: str, what: str = "", timeout: float = DEFAULT_TIMEOUT, mode:
     except OSError as exc:
         if exc.errno != errno.ELOOP:
             raise
-        raise CNIError(ERR_IO, f"lock file {path} is a symbolic link; refusing to follow it",
-                       "remove the link (and check who planted it); the lock is created on first use") from None
+        raise CNIError(
+            ERR_IO,
+            f"lock file {path} is a symbolic link; refusing to follow it",
+            "remove the link (and check who planted it); the lock is created on first use",
+        ) from None
     try:
+
         def attempt() -> bool:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -67,6 +75,7 @@ def netns_lock(name: str, what: str = "", timeout: float = DEFAULT_TIMEOUT) -> I
     """Hold the abstract socket ``name`` of the calling thread's network namespace."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
+
         def attempt() -> bool:
             try:
                 sock.bind("\0" + name)

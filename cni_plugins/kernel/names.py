@@ -10,6 +10,7 @@ Stable MACs come from the same kind of hash: sha256 of a seed naming the
 device's owner (a node and a bridge name, a node's VTEP identity), so a device
 re-created after a restart or a reboot gets the address its neighbours know.
 """
+
 from __future__ import annotations
 
 import hashlib

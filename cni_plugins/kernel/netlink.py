@@ -10,6 +10,7 @@ pyroute2 import this one first. Anyone who later asks the package for a public
 name (``from pyroute2 import NDB``) triggers the real ``__init__`` then, so
 the shortcut never breaks other users of pyroute2 in the same process.
 """
+
 from __future__ import annotations
 
 import sys

@@ -8,6 +8,7 @@ that end up inside a ruleset (names, comments) must pass ``identifier`` or
 Everything runs in the calling thread's network namespace: a child process
 inherits the namespace of the thread that starts it.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,9 @@ def run(args: list[str], stdin: str | None = None) -> str:
     try:
         return hostcmd.run([NFT, *args], stdin, TIMEOUT_SECONDS, alternative="or choose the iptables backend")
     except hostcmd.HostToolError as err:
-        raise NftError(err.msg, err.details, not_found="No such file or directory" in err.stderr,
-                       missing=err.missing) from None
+        raise NftError(
+            err.msg, err.details, not_found="No such file or directory" in err.stderr, missing=err.missing
+        ) from None
 
 
 def list_json(*what: str) -> list[dict[str, Any]] | None:
@@ -70,8 +72,11 @@ def apply(ruleset: str) -> None:
 def identifier(name: str) -> str:
     """Return ``name`` if it is a plain nft identifier (table, chain, set names); else raise."""
     if not _IDENTIFIER_RE.match(name):
-        raise CNIError(ERR_INVALID_CONFIG, f"{name!r} is not a valid nftables name",
-                       "use letters, digits and '_' (at most 64), starting with a letter or '_'")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            f"{name!r} is not a valid nftables name",
+            "use letters, digits and '_' (at most 64), starting with a letter or '_'",
+        )
     return name
 
 
@@ -79,8 +84,11 @@ def comment(text: str) -> str:
     """Return ``text`` as a quoted nft comment, cut to the kernel's limit; raise if it is unsafe."""
     if not _COMMENT_RE.match(text):
         bad = sorted({c for c in text if not _COMMENT_RE.match(c)})
-        raise CNIError(ERR_INVALID_CONFIG, "refusing to put unsafe characters into an nftables comment",
-                       f"{text!r} contains {bad!r}")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            "refusing to put unsafe characters into an nftables comment",
+            f"{text!r} contains {bad!r}",
+        )
     return '"' + text[:COMMENT_MAX] + '"'
 
 

@@ -16,6 +16,7 @@ Each request carries NLM_F_ACK; a new entry also NLM_F_CREATE | NLM_F_REPLACE
 can treat "not there" on a delete as success. Everything acts in the network
 namespace the socket was opened in (the calling thread's).
 """
+
 from __future__ import annotations
 
 import errno
@@ -46,7 +47,7 @@ NETLINK_CAP_ACK = 10
 _NLMSGHDR = struct.Struct("=IHHII")
 _NDMSG = struct.Struct("=BxxxiHBB")
 _RTMSG = struct.Struct("=BBBBBBBBI")
-_CHUNK_BYTES = 32 * 1024   # requests per sendmsg: well under the socket's send buffer
+_CHUNK_BYTES = 32 * 1024  # requests per sendmsg: well under the socket's send buffer
 _MAX_WAIT = 30.0
 
 
@@ -71,7 +72,7 @@ class Request:
     kind: int
     flags: int
     body: bytes
-    what: str   # for error messages: "add neighbour 10.244.3.0 -> 0a:..."
+    what: str  # for error messages: "add neighbour 10.244.3.0 -> 0a:..."
 
 
 def neigh(add: bool, ifindex: int, ip: str, mac: str) -> Request:
@@ -80,30 +81,59 @@ def neigh(add: bool, ifindex: int, ip: str, mac: str) -> Request:
     body = _NDMSG.pack(family, ifindex, NUD_PERMANENT, 0, 0) + _attr(NDA_DST, packed)
     if add:
         body += _attr(NDA_LLADDR, _mac(mac))
-    return Request(RTM_NEWNEIGH if add else RTM_DELNEIGH, NLM_F_CREATE | NLM_F_REPLACE if add else 0, body,
-                   f"{'add' if add else 'remove'} neighbour {ip} -> {mac}")
+    return Request(
+        RTM_NEWNEIGH if add else RTM_DELNEIGH,
+        NLM_F_CREATE | NLM_F_REPLACE if add else 0,
+        body,
+        f"{'add' if add else 'remove'} neighbour {ip} -> {mac}",
+    )
 
 
 def fdb(add: bool, ifindex: int, mac: str, dst: str) -> Request:
     """`bridge fdb replace MAC dev IFINDEX dst DST self permanent` (or its delete)."""
     _family, packed = _address(dst)
-    body = _NDMSG.pack(AF_BRIDGE, ifindex, NUD_PERMANENT, NTF_SELF, 0) + _attr(NDA_LLADDR, _mac(mac)) \
+    body = (
+        _NDMSG.pack(AF_BRIDGE, ifindex, NUD_PERMANENT, NTF_SELF, 0)
+        + _attr(NDA_LLADDR, _mac(mac))
         + _attr(NDA_DST, packed)
-    return Request(RTM_NEWNEIGH if add else RTM_DELNEIGH, NLM_F_CREATE | NLM_F_REPLACE if add else 0, body,
-                   f"{'add' if add else 'remove'} fdb {mac} -> {dst}")
+    )
+    return Request(
+        RTM_NEWNEIGH if add else RTM_DELNEIGH,
+        NLM_F_CREATE | NLM_F_REPLACE if add else 0,
+        body,
+        f"{'add' if add else 'remove'} fdb {mac} -> {dst}",
+    )
 
 
-def onlink_route(add: bool, ifindex: int, dst: str, gateway: str, protocol: int, table: int = 254,
-                 onlink: bool = True) -> Request:
+def onlink_route(
+    add: bool, ifindex: int, dst: str, gateway: str, protocol: int, table: int = 254, onlink: bool = True
+) -> Request:
     """`ip route replace DST via GATEWAY dev IFINDEX [onlink]` in ``table`` (or its delete)."""
     net = ipaddress.ip_network(dst)
     family, gw = _address(gateway)
-    body = _RTMSG.pack(family, net.prefixlen, 0, 0, table if table < 256 else 252, protocol if add else 0,
-                       RT_SCOPE_UNIVERSE, RTN_UNICAST, RTNH_F_ONLINK if onlink else 0)
-    body += _attr(RTA_DST, net.network_address.packed) + _attr(RTA_GATEWAY, gw) + \
-        _attr(RTA_OIF, struct.pack("=i", ifindex)) + _attr(RTA_TABLE, struct.pack("=I", table))
-    return Request(RTM_NEWROUTE if add else RTM_DELROUTE, NLM_F_CREATE | NLM_F_REPLACE if add else 0, body,
-                   f"{'add' if add else 'remove'} route {net} via {gateway}")
+    body = _RTMSG.pack(
+        family,
+        net.prefixlen,
+        0,
+        0,
+        table if table < 256 else 252,
+        protocol if add else 0,
+        RT_SCOPE_UNIVERSE,
+        RTN_UNICAST,
+        RTNH_F_ONLINK if onlink else 0,
+    )
+    body += (
+        _attr(RTA_DST, net.network_address.packed)
+        + _attr(RTA_GATEWAY, gw)
+        + _attr(RTA_OIF, struct.pack("=i", ifindex))
+        + _attr(RTA_TABLE, struct.pack("=I", table))
+    )
+    return Request(
+        RTM_NEWROUTE if add else RTM_DELROUTE,
+        NLM_F_CREATE | NLM_F_REPLACE if add else 0,
+        body,
+        f"{'add' if add else 'remove'} route {net} via {gateway}",
+    )
 
 
 class BatchSocket:
@@ -113,7 +143,7 @@ class BatchSocket:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
-            try:   # acknowledgements without a copy of the request: smaller, so more of them fit
+            try:  # acknowledgements without a copy of the request: smaller, so more of them fit
                 self._sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
             except OSError:
                 pass
@@ -153,8 +183,9 @@ class BatchSocket:
         data = bytearray()
         for offset, request in enumerate(requests):
             length = _NLMSGHDR.size + len(request.body)
-            data += _NLMSGHDR.pack(length, request.kind, NLM_F_REQUEST | NLM_F_ACK | request.flags,
-                                   (first + offset) & 0xFFFFFFFF, 0)
+            data += _NLMSGHDR.pack(
+                length, request.kind, NLM_F_REQUEST | NLM_F_ACK | request.flags, (first + offset) & 0xFFFFFFFF, 0
+            )
             data += request.body
         self._seq = (first + len(requests)) & 0xFFFFFFFF
         self._sock.sendall(bytes(data))
@@ -175,8 +206,11 @@ class BatchSocket:
                             answers[index] = -code
                     offset += (length + 3) & ~3
         except socket.timeout:
-            raise OSError(errno.ETIMEDOUT, f"no answer to {len(requests) - len(answers)} of {len(requests)} "
-                                           f"netlink requests within {_MAX_WAIT:g} s") from None
+            raise OSError(
+                errno.ETIMEDOUT,
+                f"no answer to {len(requests) - len(answers)} of {len(requests)} "
+                f"netlink requests within {_MAX_WAIT:g} s",
+            ) from None
         finally:
             self._sock.settimeout(None)
         return [answers[i] for i in range(len(requests))]

@@ -1,4 +1,5 @@
 """Plugin-side use of the netns library: CNI errors instead of library errors."""
+
 from __future__ import annotations
 
 import os
@@ -11,8 +12,11 @@ T = TypeVar("T")
 
 
 def _netns_error(path: str, exc: Exception) -> CNIError:
-    return CNIError(ERR_INVALID_NETNS, f"failed to open netns {path!r}",
-                    f"{exc}; CNI_NETNS must be a network namespace path such as /var/run/netns/NAME")
+    return CNIError(
+        ERR_INVALID_NETNS,
+        f"failed to open netns {path!r}",
+        f"{exc}; CNI_NETNS must be a network namespace path such as /var/run/netns/NAME",
+    )
 
 
 def check_netns(path: str) -> None:

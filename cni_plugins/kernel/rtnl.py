@@ -21,6 +21,7 @@ A dump (``dump=True``) must be the last request of a batch: the kernel runs
 one dump per socket at a time and answers a second one started while the
 first is still going with EBUSY.
 """
+
 from __future__ import annotations
 
 import errno
@@ -63,17 +64,17 @@ IFF_UP, IFF_PROMISC = 0x1, 0x100
 OPER_STATES = ("UNKNOWN", "NOTPRESENT", "DOWN", "LOWERLAYERDOWN", "TESTING", "DORMANT", "UP")
 
 NLMSGHDR = struct.Struct("=IHHII")
-IFINFOMSG = struct.Struct("=BxHiII")     # family, type, index, flags, change
-IFADDRMSG = struct.Struct("=BBBBi")      # family, prefixlen, flags, scope, index
-RTMSG = struct.Struct("=BBBBBBBBI")      # family, dst_len, src_len, tos, table, protocol, scope, type, flags
-RTNEXTHOP = struct.Struct("=HBBi")       # len, flags, hops, ifindex
+IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+IFADDRMSG = struct.Struct("=BBBBi")  # family, prefixlen, flags, scope, index
+RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
+RTNEXTHOP = struct.Struct("=HBBi")  # len, flags, hops, ifindex
 _NLA = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _I32 = struct.Struct("=i")
 
 SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10
-_RECV_BYTES = 1 << 18    # a dump part is at most 32 KiB; one GET answer far less
+_RECV_BYTES = 1 << 18  # a dump part is at most 32 KiB; one GET answer far less
 _TIMEOUT = 30.0
 
 
@@ -88,6 +89,7 @@ class NetlinkError(Exception):
 
 
 # ---- attributes ----------------------------------------------------------------------
+
 
 def attr(kind: int, payload: bytes) -> bytes:
     """One netlink attribute, padded to 4 bytes."""
@@ -112,7 +114,7 @@ def attrs(data: bytes | memoryview, offset: int = 0, end: int | None = None) -> 
         length, kind = _NLA.unpack_from(view, offset)
         if length < 4 or offset + length > end:
             break
-        out.setdefault(kind & NLA_TYPE_MASK, view[offset + 4:offset + length])
+        out.setdefault(kind & NLA_TYPE_MASK, view[offset + 4 : offset + length])
         offset += (length + 3) & ~3
     return out
 
@@ -126,7 +128,7 @@ def attr_list(data: bytes | memoryview) -> list[tuple[int, memoryview]]:
         length, kind = _NLA.unpack_from(view, offset)
         if length < 4 or offset + length > len(view):
             break
-        out.append((kind & NLA_TYPE_MASK, view[offset + 4:offset + length]))
+        out.append((kind & NLA_TYPE_MASK, view[offset + 4 : offset + length]))
         offset += (length + 3) & ~3
     return out
 
@@ -151,6 +153,7 @@ def mac_bytes(text: str) -> bytes:
 
 # ---- requests and answers --------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Request:
     """One rtnetlink request: message type, flags (NLM_F_REQUEST is added) and body."""
@@ -166,8 +169,10 @@ class Request:
 
     def encode(self, seq: int) -> bytes:
         """The whole netlink message, header included, with sequence number ``seq``."""
-        return NLMSGHDR.pack(NLMSGHDR.size + len(self.body), self.kind, NLM_F_REQUEST | self.flags,
-                             seq & 0xFFFFFFFF, 0) + self.body
+        return (
+            NLMSGHDR.pack(NLMSGHDR.size + len(self.body), self.kind, NLM_F_REQUEST | self.flags, seq & 0xFFFFFFFF, 0)
+            + self.body
+        )
 
 
 @dataclass
@@ -254,7 +259,7 @@ class Rtnl:
                                 answer.error = -code if code < 0 else 0
                             pending -= 1
                         else:
-                            answer.messages.append((kind, cview[offset + NLMSGHDR.size:offset + length]))
+                            answer.messages.append((kind, cview[offset + NLMSGHDR.size : offset + length]))
                     offset += (length + 3) & ~3
         except socket.timeout:
             raise NetlinkError(errno.ETIMEDOUT, f"no answer from the kernel within {_TIMEOUT:g} s") from None
@@ -262,6 +267,7 @@ class Rtnl:
 
 
 # ---- links -------------------------------------------------------------------------------
+
 
 def _ifinfo(index: int = 0, flags: int = 0, change: int = 0, family: int = AF_UNSPEC) -> bytes:
     return IFINFOMSG.pack(family, 0, index, flags, change)
@@ -277,8 +283,16 @@ def dump_links() -> Request:
     return Request(RTM_GETLINK, NLM_F_DUMP, _ifinfo(), "list links")
 
 
-def set_link(index: int, *, up: bool | None = None, promisc: bool | None = None, mac: str = "",
-             master: int | None = None, alias: str | None = None, mtu: int = 0) -> Request:
+def set_link(
+    index: int,
+    *,
+    up: bool | None = None,
+    promisc: bool | None = None,
+    mac: str = "",
+    master: int | None = None,
+    alias: str | None = None,
+    mtu: int = 0,
+) -> Request:
     """`ip link set` on ``index``: flags (up, promisc) and attributes, as pyroute2's link("set") sends them."""
     flags = change = 0
     if up is not None:
@@ -339,8 +353,13 @@ def add_veth(name: str, peer: str, peer_ns_fd: int, mtu: int = 0, mac: str = "")
 
 def add_ifb(name: str, mtu: int, txqlen: int, up: bool = True) -> Request:
     """`ip link add NAME mtu M txqueuelen Q type ifb` [up]."""
-    body = _ifinfo(0, IFF_UP if up else 0, IFF_UP if up else 0) + attr_str(IFLA_IFNAME, name) + \
-        attr_u32(IFLA_MTU, mtu) + attr_u32(IFLA_TXQLEN, txqlen) + _linkinfo("ifb")
+    body = (
+        _ifinfo(0, IFF_UP if up else 0, IFF_UP if up else 0)
+        + attr_str(IFLA_IFNAME, name)
+        + attr_u32(IFLA_MTU, mtu)
+        + attr_u32(IFLA_TXQLEN, txqlen)
+        + _linkinfo("ifb")
+    )
     return Request(RTM_NEWLINK, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body, f"add ifb {name}")
 
 
@@ -377,11 +396,20 @@ def parse_link(payload: memoryview) -> LinkInfo:
     kind = as_str(attrs(info).get(IFLA_INFO_KIND)) if info is not None else ""
     oper = a.get(IFLA_OPERSTATE)
     state = OPER_STATES[oper[0]] if oper is not None and len(oper) and oper[0] < len(OPER_STATES) else "UNKNOWN"
-    return LinkInfo(name=as_str(a.get(IFLA_IFNAME)), index=index, mac=as_mac(a.get(IFLA_ADDRESS)),
-                    mtu=as_u32(a.get(IFLA_MTU)), kind=kind, master=as_u32(a.get(IFLA_MASTER)),
-                    peer_index=as_u32(a.get(IFLA_LINK)), oper_state=state, flags=flags,
-                    promiscuity=as_u32(a.get(IFLA_PROMISCUITY)), alias=as_str(a.get(IFLA_IFALIAS)),
-                    txqlen=as_u32(a.get(IFLA_TXQLEN)))
+    return LinkInfo(
+        name=as_str(a.get(IFLA_IFNAME)),
+        index=index,
+        mac=as_mac(a.get(IFLA_ADDRESS)),
+        mtu=as_u32(a.get(IFLA_MTU)),
+        kind=kind,
+        master=as_u32(a.get(IFLA_MASTER)),
+        peer_index=as_u32(a.get(IFLA_LINK)),
+        oper_state=state,
+        flags=flags,
+        promiscuity=as_u32(a.get(IFLA_PROMISCUITY)),
+        alias=as_str(a.get(IFLA_IFALIAS)),
+        txqlen=as_u32(a.get(IFLA_TXQLEN)),
+    )
 
 
 def link_of(answer: Answer) -> LinkInfo | None:
@@ -396,6 +424,7 @@ def link_of(answer: Answer) -> LinkInfo | None:
 
 
 # ---- addresses -------------------------------------------------------------------------------
+
 
 def _ifaddr(index: int, iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> bytes:
     return IFADDRMSG.pack(AF_INET6 if iface.version == 6 else AF_INET, iface.network.prefixlen, 0, 0, index)
@@ -444,13 +473,22 @@ def parse_address(payload: memoryview) -> tuple[int, ipaddress.IPv4Interface | i
 
 # ---- routes --------------------------------------------------------------------------------------
 
-def append_route(index: int, dst: str, gateway: str | None = None, priority: int | None = None,
-                 table: int | None = None, scope: int | None = None, protocol: int = 3) -> Request:
+
+def append_route(
+    index: int,
+    dst: str,
+    gateway: str | None = None,
+    priority: int | None = None,
+    table: int | None = None,
+    scope: int | None = None,
+    protocol: int = 3,
+) -> Request:
     """`ip route append DST [via GW] dev INDEX [metric P] [table T] [scope S] proto boot`, as pyroute2 sends it."""
     net = ipaddress.ip_network(dst, strict=False)
     rt_table = RT_TABLE_MAIN if table is None else (table if table < 256 else RT_TABLE_COMPAT)
-    body = RTMSG.pack(AF_INET6 if net.version == 6 else AF_INET, net.prefixlen, 0, 0, rt_table, protocol,
-                      scope or 0, RTN_UNICAST, 0)
+    body = RTMSG.pack(
+        AF_INET6 if net.version == 6 else AF_INET, net.prefixlen, 0, 0, rt_table, protocol, scope or 0, RTN_UNICAST, 0
+    )
     if net.prefixlen:
         body += attr(RTA_DST, net.network_address.packed)
     body += attr(RTA_OIF, _I32.pack(index))
@@ -468,8 +506,9 @@ def dump_routes(family: int) -> Request:
     return Request(RTM_GETROUTE, NLM_F_DUMP, RTMSG.pack(af, 0, 0, 0, RT_TABLE_MAIN, 0, 0, 0, 0), "list routes")
 
 
-def parse_route(payload: memoryview) -> list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str | None,
-                                                   int | None, int]]:
+def parse_route(
+    payload: memoryview,
+) -> list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str | None, int | None, int]]:
     """(dst, gateway, oif, table) per next hop of one RTM_NEWROUTE (multipath flattened)."""
     family, dst_len, _src_len, _tos, rt_table, _proto, _scope, _type, _flags = RTMSG.unpack_from(payload)
     a = attrs(payload, RTMSG.size)
@@ -494,5 +533,11 @@ def parse_route(payload: memoryview) -> list[tuple[ipaddress.IPv4Network | ipadd
         return out
     gw = a.get(RTA_GATEWAY)
     oif = a.get(RTA_OIF)
-    return [(net, str(ipaddress.ip_address(bytes(gw))) if gw is not None else None,
-             as_u32(oif) if oif is not None else None, table)]
+    return [
+        (
+            net,
+            str(ipaddress.ip_address(bytes(gw))) if gw is not None else None,
+            as_u32(oif) if oif is not None else None,
+            table,
+        )
+    ]

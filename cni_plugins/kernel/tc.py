@@ -18,6 +18,7 @@ Links (the ifb devices included) are ``kernel.ip.Link``s, looked up with
 ``ip.find_link`` / ``ip.link_by_index`` (None when missing), like everywhere
 else. Nothing here imports pyroute2.
 """
+
 from __future__ import annotations
 
 import errno
@@ -60,6 +61,7 @@ class TcError(Exception):
 
 # ---- parameter arithmetic ----------------------------------------------------
 
+
 @lru_cache(maxsize=1)
 def tick_in_usec() -> float:
     """Kernel packet-scheduler ticks per microsecond (from /proc/net/psched)."""
@@ -101,8 +103,9 @@ class TokenBucket:
             raise ValueError(f"rate {rate_bits} bit/s is below the minimum of 8 bit/s")
         if rate > U32_MAX:
             # pyroute2 has no TCA_TBF_RATE64 attribute to carry a larger rate
-            raise ValueError(f"rate {rate_bits} bit/s is above the supported maximum of "
-                             f"{U32_MAX * 8} bit/s (34 Gbit/s)")
+            raise ValueError(
+                f"rate {rate_bits} bit/s is above the supported maximum of {U32_MAX * 8} bit/s (34 Gbit/s)"
+            )
         if burst <= 0:
             raise ValueError(f"burst {burst_bits} bits is below the minimum of 8 bits")
         burst_usec = int(burst * TIME_UNITS_PER_SEC / rate)
@@ -116,8 +119,9 @@ class TokenBucket:
         latency_usec = TIME_UNITS_PER_SEC * (latency_ms / 1000.0)
         limit = int(rate * latency_usec / TIME_UNITS_PER_SEC) + burst
         if limit > U32_MAX:
-            raise ValueError(f"queue limit {limit} bytes (rate x latency + burst) exceeds 4 GB; "
-                             "lower the latency, rate or burst")
+            raise ValueError(
+                f"queue limit {limit} bytes (rate x latency + burst) exceeds 4 GB; lower the latency, rate or burst"
+            )
         return cls(rate=rate, buffer=time_to_ticks(burst_usec), limit=limit, clamped=clamped)
 
     @property
@@ -141,10 +145,10 @@ TCA_MIRRED_PARMS = 2
 TCA_EGRESS_REDIR, TC_ACT_STOLEN = 1, 4
 TC_U32_TERMINAL = 1
 
-_TCMSG = struct.Struct("=BxxxiIII")         # family, ifindex, handle, parent, info
-_RATESPEC = struct.Struct("=BBHhHI")         # cell_log, linklayer, overhead, cell_align, mpu, rate
-_U32_SEL = struct.Struct("=BBBxHHhhI")       # flags, offshift, nkeys, offmask, off, offoff, hoff, hmask
-_MIRRED = struct.Struct("=IIiiiiI")          # tc_gen (index, capab, action, refcnt, bindcnt), eaction, ifindex
+_TCMSG = struct.Struct("=BxxxiIII")  # family, ifindex, handle, parent, info
+_RATESPEC = struct.Struct("=BBHhHI")  # cell_log, linklayer, overhead, cell_align, mpu, rate
+_U32_SEL = struct.Struct("=BBBxHHhhI")  # flags, offshift, nkeys, offmask, off, offoff, hoff, hmask
+_MIRRED = struct.Struct("=IIiiiiI")  # tc_gen (index, capab, action, refcnt, bindcnt), eaction, ifindex
 _CELL_LOG = 3  # what tc (and pyroute2) derive for the default 1600-byte MTU: 1600 >> 3 fits a 256-slot table
 
 
@@ -157,8 +161,9 @@ def _ratespec(rate: int) -> bytes:
     return _RATESPEC.pack(_CELL_LOG, 0, 0, -1, 0, rate) if rate else bytes(_RATESPEC.size)
 
 
-def _request(kind: int, flags: int, index: int, handle: int, parent: int, attrs: bytes, what: str,
-             info: int = 0) -> rtnl.Request:
+def _request(
+    kind: int, flags: int, index: int, handle: int, parent: int, attrs: bytes, what: str, info: int = 0
+) -> rtnl.Request:
     return rtnl.Request(kind, flags, _tcmsg(index, handle, parent, info) + attrs, what)
 
 
@@ -175,26 +180,50 @@ def _u32_selector(keys: list[str]) -> bytes:
 def tbf_request(index: int, bucket: TokenBucket) -> rtnl.Request:
     """`tc qdisc add dev X root handle 1: tbf ...` with exact parameters."""
     parms = _ratespec(bucket.rate) + _ratespec(0) + struct.pack("=III", bucket.limit, bucket.buffer, 0)
-    return _request(RTM_NEWQDISC, CREATE, index, ROOT_HANDLE, TC_H_ROOT,
-                    rtnl.attr_str(TCA_KIND, "tbf") + rtnl.attr(TCA_OPTIONS, rtnl.attr(TCA_TBF_PARMS, parms)),
-                    "create tbf qdisc")
+    return _request(
+        RTM_NEWQDISC,
+        CREATE,
+        index,
+        ROOT_HANDLE,
+        TC_H_ROOT,
+        rtnl.attr_str(TCA_KIND, "tbf") + rtnl.attr(TCA_OPTIONS, rtnl.attr(TCA_TBF_PARMS, parms)),
+        "create tbf qdisc",
+    )
 
 
 def ingress_request(index: int) -> rtnl.Request:
-    return _request(RTM_NEWQDISC, CREATE, index, INGRESS_HANDLE, TC_H_INGRESS,
-                    rtnl.attr_str(TCA_KIND, "ingress") + rtnl.attr(TCA_OPTIONS, bytes(4)), "create ingress qdisc")
+    return _request(
+        RTM_NEWQDISC,
+        CREATE,
+        index,
+        INGRESS_HANDLE,
+        TC_H_INGRESS,
+        rtnl.attr_str(TCA_KIND, "ingress") + rtnl.attr(TCA_OPTIONS, bytes(4)),
+        "create ingress qdisc",
+    )
 
 
 def redirect_request(index: int, target_index: int) -> rtnl.Request:
     """Match every packet arriving on `index` and redirect it to the egress of `target_index`."""
     mirred = _MIRRED.pack(0, 0, TC_ACT_STOLEN, 0, 0, TCA_EGRESS_REDIR, target_index)
-    action = rtnl.attr_str(TCA_ACT_KIND, "mirred") + \
-        rtnl.attr(TCA_ACT_OPTIONS | rtnl.NLA_F_NESTED, rtnl.attr(TCA_MIRRED_PARMS, mirred))
-    options = rtnl.attr(TCA_U32_ACT, rtnl.attr(1, action)) + rtnl.attr_u32(TCA_U32_CLASSID, UNSHAPED_CLASS) + \
-        rtnl.attr(TCA_U32_SEL, _u32_selector(["0x0/0x0+0"]))  # match all
-    return _request(RTM_NEWTFILTER, CREATE, index, 0, INGRESS_HANDLE,
-                    rtnl.attr_str(TCA_KIND, "u32") + rtnl.attr(TCA_OPTIONS, options), "add redirect filter",
-                    info=(1 << 16) | socket.htons(ETH_P_ALL))
+    action = rtnl.attr_str(TCA_ACT_KIND, "mirred") + rtnl.attr(
+        TCA_ACT_OPTIONS | rtnl.NLA_F_NESTED, rtnl.attr(TCA_MIRRED_PARMS, mirred)
+    )
+    options = (
+        rtnl.attr(TCA_U32_ACT, rtnl.attr(1, action))
+        + rtnl.attr_u32(TCA_U32_CLASSID, UNSHAPED_CLASS)
+        + rtnl.attr(TCA_U32_SEL, _u32_selector(["0x0/0x0+0"]))
+    )  # match all
+    return _request(
+        RTM_NEWTFILTER,
+        CREATE,
+        index,
+        0,
+        INGRESS_HANDLE,
+        rtnl.attr_str(TCA_KIND, "u32") + rtnl.attr(TCA_OPTIONS, options),
+        "add redirect filter",
+        info=(1 << 16) | socket.htons(ETH_P_ALL),
+    )
 
 
 def _htb_class_options(rate: int, buffer: int, mtu: int) -> bytes:
@@ -203,13 +232,15 @@ def _htb_class_options(rate: int, buffer: int, mtu: int) -> bytes:
     parms = _ratespec(capped) + _ratespec(capped) + struct.pack("=IIIII", buffer, buffer, quantum, 0, 0)
     options = rtnl.attr(TCA_HTB_PARMS, parms)
     if rate > U32_MAX:
-        options += rtnl.attr(TCA_HTB_RATE64, struct.pack("=Q", rate)) + \
-            rtnl.attr(TCA_HTB_CEIL64, struct.pack("=Q", rate))
+        options += rtnl.attr(TCA_HTB_RATE64, struct.pack("=Q", rate)) + rtnl.attr(
+            TCA_HTB_CEIL64, struct.pack("=Q", rate)
+        )
     return options
 
 
-def htb_requests(index: int, bucket: TokenBucket, subnets: Iterable[str], subnets_are_shaped: bool,
-                 match_source: bool, mtu: int) -> list[rtnl.Request]:
+def htb_requests(
+    index: int, bucket: TokenBucket, subnets: Iterable[str], subnets_are_shaped: bool, match_source: bool, mtu: int
+) -> list[rtnl.Request]:
     """Root htb: the configured rate for shaped traffic, ~unlimited for the rest.
 
     With ``subnets_are_shaped`` only traffic to/from ``subnets`` is shaped, else
@@ -220,16 +251,38 @@ def htb_requests(index: int, bucket: TokenBucket, subnets: Iterable[str], subnet
     default = UNSHAPED_CLASS if subnets_are_shaped else SHAPED_CLASS
     init = struct.pack("=IIIII", 3, 10, default & 0xFFFF, 0, 0)  # version, rate2quantum, defcls, debug, direct_pkts
     htb = rtnl.attr_str(TCA_KIND, "htb")
-    out = [_request(RTM_NEWQDISC, CREATE, index, ROOT_HANDLE, TC_H_ROOT,
-                    htb + rtnl.attr(TCA_OPTIONS, rtnl.attr(TCA_HTB_INIT, init)), "create htb qdisc"),
-           _request(RTM_NEWTCLASS, CREATE, index, SHAPED_CLASS, ROOT_HANDLE,
-                    htb + rtnl.attr(TCA_OPTIONS, _htb_class_options(bucket.rate, bucket.buffer, mtu)),
-                    "create shaped htb class")]
-    uncapped_buffer = time_to_ticks(int((UNCAPPED_RATE_BYTES // 1000 + mtu) * TIME_UNITS_PER_SEC
-                                        / UNCAPPED_RATE_BYTES))
-    out.append(_request(RTM_NEWTCLASS, CREATE, index, UNSHAPED_CLASS, ROOT_HANDLE,
-                        htb + rtnl.attr(TCA_OPTIONS, _htb_class_options(UNCAPPED_RATE_BYTES, uncapped_buffer, mtu)),
-                        "create unshaped htb class"))
+    out = [
+        _request(
+            RTM_NEWQDISC,
+            CREATE,
+            index,
+            ROOT_HANDLE,
+            TC_H_ROOT,
+            htb + rtnl.attr(TCA_OPTIONS, rtnl.attr(TCA_HTB_INIT, init)),
+            "create htb qdisc",
+        ),
+        _request(
+            RTM_NEWTCLASS,
+            CREATE,
+            index,
+            SHAPED_CLASS,
+            ROOT_HANDLE,
+            htb + rtnl.attr(TCA_OPTIONS, _htb_class_options(bucket.rate, bucket.buffer, mtu)),
+            "create shaped htb class",
+        ),
+    ]
+    uncapped_buffer = time_to_ticks(int((UNCAPPED_RATE_BYTES // 1000 + mtu) * TIME_UNITS_PER_SEC / UNCAPPED_RATE_BYTES))
+    out.append(
+        _request(
+            RTM_NEWTCLASS,
+            CREATE,
+            index,
+            UNSHAPED_CLASS,
+            ROOT_HANDLE,
+            htb + rtnl.attr(TCA_OPTIONS, _htb_class_options(UNCAPPED_RATE_BYTES, uncapped_buffer, mtu)),
+            "create unshaped htb class",
+        )
+    )
     target = SHAPED_CLASS if subnets_are_shaped else UNSHAPED_CLASS
     out += [subnet_filter_request(index, subnet, target, match_source) for subnet in subnets]
     return out
@@ -245,9 +298,9 @@ def subnet_keys(subnet: str, match_source: bool) -> tuple[int, list[str]]:
     packed_addr, packed_mask = net.network_address.packed, net.netmask.packed
     keys = []
     for word in range(0, len(packed_addr), 4):
-        (mask,) = struct.unpack(">I", packed_mask[word:word + 4])
+        (mask,) = struct.unpack(">I", packed_mask[word : word + 4])
         if mask:
-            (value,) = struct.unpack(">I", packed_addr[word:word + 4])
+            (value,) = struct.unpack(">I", packed_addr[word : word + 4])
             keys.append(f"0x{value:08x}/0x{mask:08x}+{offset + word}")
     if not keys:  # a /0: match every packet of the family
         keys.append(f"0x0/0x0+{offset}")
@@ -258,9 +311,16 @@ def subnet_filter_request(index: int, subnet: str, classid: int, match_source: b
     protocol, keys = subnet_keys(subnet, match_source)
     prio = HTB_PRIO_IPV4 if protocol == ETH_P_IP else HTB_PRIO_IPV6
     options = rtnl.attr_u32(TCA_U32_CLASSID, classid) + rtnl.attr(TCA_U32_SEL, _u32_selector(keys))
-    return _request(RTM_NEWTFILTER, CREATE, index, 0, ROOT_HANDLE,
-                    rtnl.attr_str(TCA_KIND, "u32") + rtnl.attr(TCA_OPTIONS, options), f"add htb filter for {subnet}",
-                    info=(prio << 16) | socket.htons(protocol))
+    return _request(
+        RTM_NEWTFILTER,
+        CREATE,
+        index,
+        0,
+        ROOT_HANDLE,
+        rtnl.attr_str(TCA_KIND, "u32") + rtnl.attr(TCA_OPTIONS, options),
+        f"add htb filter for {subnet}",
+        info=(prio << 16) | socket.htons(protocol),
+    )
 
 
 def delete_qdisc_request(index: int, handle: int, parent: int) -> rtnl.Request:
@@ -292,6 +352,7 @@ def dump_filters_request(index: int, parent: int) -> rtnl.Request:
 
 # ---- sending -----------------------------------------------------------------------
 
+
 def run(ipr: rtnl.Rtnl, requests: list[rtnl.Request]) -> list[rtnl.Answer]:
     """Send ``requests`` in one round trip; TcError for the first one the kernel refused.
 
@@ -319,6 +380,7 @@ def delete_qdisc(ipr: rtnl.Rtnl, index: int, handle: int, parent: int) -> bool:
 
 
 # ---- reading back --------------------------------------------------------------
+
 
 @dataclass
 class Qdisc:
@@ -425,21 +487,28 @@ def u32_filters_from(messages: list[tuple[int, Any]]) -> list[U32Filter]:
                 break
             mask, value = struct.unpack_from(">II", sel, offset)
             keys.append((value, mask, struct.unpack_from("=i", sel, offset + 8)[0]))
-        out.append(U32Filter(prio=info >> 16, protocol=socket.ntohs(info & 0xFFFF),
-                             classid=rtnl.as_u32(options.get(TCA_U32_CLASSID)), keys=keys, redirect_to=redirects))
+        out.append(
+            U32Filter(
+                prio=info >> 16,
+                protocol=socket.ntohs(info & 0xFFFF),
+                classid=rtnl.as_u32(options.get(TCA_U32_CLASSID)),
+                keys=keys,
+                redirect_to=redirects,
+            )
+        )
     return out
 
 
 def list_qdiscs(ipr: rtnl.Rtnl, index: int | None = None) -> list[Qdisc]:
     """The qdiscs of one device (of every device when ``index`` is None), defaults left out."""
     found = [qdisc_from(payload) for kind, payload in ipr.call(dump_qdiscs_request()) if kind == RTM_NEWQDISC]
-    return [q for q in found if (index is None or q.index == index)
-            and q.kind not in ("pfifo_fast", "noqueue", "mq")]
+    return [q for q in found if (index is None or q.index == index) and q.kind not in ("pfifo_fast", "noqueue", "mq")]
 
 
 def list_htb_classes(ipr: rtnl.Rtnl, index: int) -> list[HtbClass]:
-    found = (htb_class_from(payload) for kind, payload in ipr.call(dump_classes_request(index))
-             if kind == RTM_NEWTCLASS)
+    found = (
+        htb_class_from(payload) for kind, payload in ipr.call(dump_classes_request(index)) if kind == RTM_NEWTCLASS
+    )
     return [c for c in found if c is not None]
 
 
@@ -448,6 +517,7 @@ def list_u32_filters(ipr: rtnl.Rtnl, index: int, parent: int) -> list[U32Filter]
 
 
 # ---- ifb devices --------------------------------------------------------------------
+
 
 def ifb_requests(name: str, mtu: int, txqlen: int = 0) -> list[rtnl.Request]:
     """Create the ifb (up, with the given MTU) and look at it: read the answers with ``ifb_created``.

@@ -17,6 +17,7 @@ them against what the cluster store wants.
 Every function acts in the network namespace of the calling thread, through an
 IPRoute socket from ``cni_plugins.kernel.ip.open_netlink()``.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -105,8 +106,9 @@ def overlay_mtu(underlay_mtu: int, underlay_ipv6: bool = False) -> int:
     """The MTU a VXLAN device (and the pods behind it) can use over an underlay of ``underlay_mtu``."""
     mtu = underlay_mtu - (VXLAN_OVERHEAD_V6 if underlay_ipv6 else VXLAN_OVERHEAD_V4)
     if mtu < MIN_MTU:
-        raise ValueError(f"underlay MTU {underlay_mtu} leaves {mtu} bytes for the overlay; at least "
-                         f"{MIN_MTU} are needed")
+        raise ValueError(
+            f"underlay MTU {underlay_mtu} leaves {mtu} bytes for the overlay; at least {MIN_MTU} are needed"
+        )
     return mtu
 
 
@@ -136,8 +138,11 @@ def vxlan_device(ipr: Any, name: str) -> VxlanDevice | None:
     info = msg.get_attr("IFLA_LINKINFO")
     kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
     if kind != "vxlan":
-        raise CNIError(ERR_INTERNAL, f"{name!r} exists but is a {kind or 'non-VXLAN'} device, not vxlan",
-                       "pick another VXLAN device name or remove that interface")
+        raise CNIError(
+            ERR_INTERNAL,
+            f"{name!r} exists but is a {kind or 'non-VXLAN'} device, not vxlan",
+            "pick another VXLAN device name or remove that interface",
+        )
     data = info.get_attr("IFLA_INFO_DATA")
 
     def attr(key: str, default: Any = None) -> Any:
@@ -145,14 +150,30 @@ def vxlan_device(ipr: Any, name: str) -> VxlanDevice | None:
         return default if value is None else value
 
     return VxlanDevice(
-        name=name, index=msg["index"], vni=attr("IFLA_VXLAN_ID", 0), port=attr("IFLA_VXLAN_PORT", 0),
-        local=attr("IFLA_VXLAN_LOCAL") or attr("IFLA_VXLAN_LOCAL6"), underlay_index=attr("IFLA_VXLAN_LINK", 0),
-        learning=bool(attr("IFLA_VXLAN_LEARNING", 1)), mac=_norm_mac(msg.get_attr("IFLA_ADDRESS") or ""),
-        mtu=msg.get_attr("IFLA_MTU") or 0, up=bool(msg["flags"] & 0x1))
+        name=name,
+        index=msg["index"],
+        vni=attr("IFLA_VXLAN_ID", 0),
+        port=attr("IFLA_VXLAN_PORT", 0),
+        local=attr("IFLA_VXLAN_LOCAL") or attr("IFLA_VXLAN_LOCAL6"),
+        underlay_index=attr("IFLA_VXLAN_LINK", 0),
+        learning=bool(attr("IFLA_VXLAN_LEARNING", 1)),
+        mac=_norm_mac(msg.get_attr("IFLA_ADDRESS") or ""),
+        mtu=msg.get_attr("IFLA_MTU") or 0,
+        up=bool(msg["flags"] & 0x1),
+    )
 
 
-def ensure_vxlan(ipr: Any, name: str, vni: int, port: int, local_ip: str, underlay_index: int, mtu: int,
-                 mac: str, learning: bool = False) -> VxlanDevice:
+def ensure_vxlan(
+    ipr: Any,
+    name: str,
+    vni: int,
+    port: int,
+    local_ip: str,
+    underlay_index: int,
+    mtu: int,
+    mac: str,
+    learning: bool = False,
+) -> VxlanDevice:
     """Make ``name`` a VXLAN device with exactly these settings, up.
 
     A device whose VNI, port, local address, underlay link or learning flag
@@ -165,20 +186,31 @@ def ensure_vxlan(ipr: Any, name: str, vni: int, port: int, local_ip: str, underl
     mac = _norm_mac(mac)
     current = vxlan_device(ipr, name)
     if current is not None:
-        same = (current.vni == vni and current.port == port and current.learning == learning
-                and current.local is not None and ipaddress.ip_address(current.local) == local
-                and (not underlay_index or current.underlay_index == underlay_index))
+        same = (
+            current.vni == vni
+            and current.port == port
+            and current.learning == learning
+            and current.local is not None
+            and ipaddress.ip_address(current.local) == local
+            and (not underlay_index or current.underlay_index == underlay_index)
+        )
         if not same:
             try:
                 ipr.link("del", index=current.index)
             except NetlinkError as exc:
                 if exc.code != ENODEV:
-                    raise CNIError(ERR_INTERNAL, f"cannot replace VXLAN device {name!r}: {describe(exc)}") \
-                        from None
+                    raise CNIError(ERR_INTERNAL, f"cannot replace VXLAN device {name!r}: {describe(exc)}") from None
             current = None
     if current is None:
-        spec: dict[str, Any] = {"ifname": name, "kind": "vxlan", "vxlan_id": vni, "vxlan_port": port,
-                                "vxlan_learning": 1 if learning else 0, "address": mac, "mtu": mtu}
+        spec: dict[str, Any] = {
+            "ifname": name,
+            "kind": "vxlan",
+            "vxlan_id": vni,
+            "vxlan_port": port,
+            "vxlan_learning": 1 if learning else 0,
+            "address": mac,
+            "mtu": mtu,
+        }
         spec["vxlan_local6" if local.version == 6 else "vxlan_local"] = str(local)
         if underlay_index:
             spec["vxlan_link"] = underlay_index
@@ -187,10 +219,15 @@ def ensure_vxlan(ipr: Any, name: str, vni: int, port: int, local_ip: str, underl
         except NetlinkError as exc:
             hint = ""
             if exc.code == EEXIST:
-                hint = (f"another VXLAN device may already use VNI {vni} on UDP port {port}; "
-                        f"remove it or use another VNI/port")
-            raise CNIError(ERR_INTERNAL, f"cannot create VXLAN device {name!r} (VNI {vni}, port {port}, "
-                           f"local {local}): {describe(exc)}", hint) from None
+                hint = (
+                    f"another VXLAN device may already use VNI {vni} on UDP port {port}; "
+                    f"remove it or use another VNI/port"
+                )
+            raise CNIError(
+                ERR_INTERNAL,
+                f"cannot create VXLAN device {name!r} (VNI {vni}, port {port}, local {local}): {describe(exc)}",
+                hint,
+            ) from None
     else:
         if current.mac != mac:
             ipr.link("set", index=current.index, address=mac)
@@ -239,14 +276,18 @@ def fdb_entries(ipr: Any, index: int) -> list[FdbEntry]:
 
 def set_fdb(ipr: Any, index: int, entry: FdbEntry) -> None:
     """`bridge fdb replace MAC dev DEV dst IP self permanent`: one VTEP per MAC."""
-    ipr.neigh("replace", family=AF_BRIDGE, ifindex=index, lladdr=entry.mac, dst=entry.dst,
-              state=NUD_PERMANENT, flags=NTF_SELF)
+    ipr.neigh(
+        "replace", family=AF_BRIDGE, ifindex=index, lladdr=entry.mac, dst=entry.dst, state=NUD_PERMANENT, flags=NTF_SELF
+    )
 
 
 def del_fdb(ipr: Any, index: int, entry: FdbEntry) -> bool:
     """Delete one FDB entry; False if it was not there."""
-    return _ignore_missing(lambda: ipr.neigh("del", family=AF_BRIDGE, ifindex=index, lladdr=entry.mac,
-                                             dst=entry.dst, state=NUD_PERMANENT, flags=NTF_SELF))
+    return _ignore_missing(
+        lambda: ipr.neigh(
+            "del", family=AF_BRIDGE, ifindex=index, lladdr=entry.mac, dst=entry.dst, state=NUD_PERMANENT, flags=NTF_SELF
+        )
+    )
 
 
 # ---- neighbours ----------------------------------------------------------------------
@@ -266,14 +307,25 @@ def neigh_entries(ipr: Any, index: int, family: int = 4) -> list[NeighEntry]:
 
 def set_neigh(ipr: Any, index: int, entry: NeighEntry) -> None:
     """`ip neigh replace IP lladdr MAC dev DEV nud permanent`."""
-    ipr.neigh("replace", ifindex=index, dst=entry.ip, lladdr=entry.mac, state=NUD_PERMANENT,
-              family=AF_INET6 if ipaddress.ip_address(entry.ip).version == 6 else AF_INET)
+    ipr.neigh(
+        "replace",
+        ifindex=index,
+        dst=entry.ip,
+        lladdr=entry.mac,
+        state=NUD_PERMANENT,
+        family=AF_INET6 if ipaddress.ip_address(entry.ip).version == 6 else AF_INET,
+    )
 
 
 def del_neigh(ipr: Any, index: int, entry: NeighEntry) -> bool:
-    return _ignore_missing(lambda: ipr.neigh(
-        "del", ifindex=index, dst=entry.ip,
-        family=AF_INET6 if ipaddress.ip_address(entry.ip).version == 6 else AF_INET))
+    return _ignore_missing(
+        lambda: ipr.neigh(
+            "del",
+            ifindex=index,
+            dst=entry.ip,
+            family=AF_INET6 if ipaddress.ip_address(entry.ip).version == 6 else AF_INET,
+        )
+    )
 
 
 # ---- onlink routes ----------------------------------------------------------------------
@@ -298,16 +350,32 @@ def onlink_routes(ipr: Any, index: int, family: int = 4) -> list[OnlinkRoute]:
 def set_onlink_route(ipr: Any, index: int, route: OnlinkRoute) -> None:
     """`ip route replace DST via GW dev DEV onlink` (the device must be up)."""
     net = ipaddress.ip_network(route.dst)
-    ipr.route("replace", dst=str(net.network_address), dst_len=net.prefixlen, gateway=route.gw, oif=index,
-              flags=RTNH_F_ONLINK, proto=RTPROT_BOOT, table=RT_TABLE_MAIN,
-              family=AF_INET6 if net.version == 6 else AF_INET)
+    ipr.route(
+        "replace",
+        dst=str(net.network_address),
+        dst_len=net.prefixlen,
+        gateway=route.gw,
+        oif=index,
+        flags=RTNH_F_ONLINK,
+        proto=RTPROT_BOOT,
+        table=RT_TABLE_MAIN,
+        family=AF_INET6 if net.version == 6 else AF_INET,
+    )
 
 
 def del_onlink_route(ipr: Any, index: int, route: OnlinkRoute) -> bool:
     net = ipaddress.ip_network(route.dst)
-    return _ignore_missing(lambda: ipr.route(
-        "del", dst=str(net.network_address), dst_len=net.prefixlen, gateway=route.gw, oif=index,
-        table=RT_TABLE_MAIN, family=AF_INET6 if net.version == 6 else AF_INET))
+    return _ignore_missing(
+        lambda: ipr.route(
+            "del",
+            dst=str(net.network_address),
+            dst_len=net.prefixlen,
+            gateway=route.gw,
+            oif=index,
+            table=RT_TABLE_MAIN,
+            family=AF_INET6 if net.version == 6 else AF_INET,
+        )
+    )
 
 
 def _ignore_missing(call: Any) -> bool:

@@ -6,6 +6,7 @@ that it is up. The configured interface name is ignored: this plugin only
 ever works on `lo`. It flips flags with an ioctl (kernel.ifioctl), never netlink:
 no pyroute2 on this path.
 """
+
 from __future__ import annotations
 
 from cni_plugins.kernel import ifioctl
@@ -26,8 +27,11 @@ def _bring_up() -> tuple[str | None, str | None]:
     v6 = ifioctl.ipv6_addresses(LOOPBACK)
     for addr in ([v4] if v4 else []) + v6:
         if not addr.ip.is_loopback:
-            raise CNIError(ERR_INTERNAL, f"loopback interface found with non-loopback address {addr.ip}",
-                           "remove the address from lo in the container")
+            raise CNIError(
+                ERR_INTERNAL,
+                f"loopback interface found with non-loopback address {addr.ip}",
+                "remove the address from lo in the container",
+            )
     return (str(v4) if v4 else None), (str(v6[0]) if v6 else None)
 
 
@@ -36,8 +40,9 @@ def cmd_add(req: CmdArgs) -> Result:
     v4, v6 = in_netns(req.netns, _bring_up)
     if previous is not None:
         return previous
-    result = Result(cni_version=req.cni_version,
-                    interfaces=[Interface(name=LOOPBACK, mac="00:00:00:00:00:00", sandbox=req.netns)])
+    result = Result(
+        cni_version=req.cni_version, interfaces=[Interface(name=LOOPBACK, mac="00:00:00:00:00:00", sandbox=req.netns)]
+    )
     for address in (v4, v6):
         if address:
             result.ips.append(IPConfig(address=address, interface=0))
@@ -63,4 +68,3 @@ def _check_up() -> None:
 def cmd_check(req: CmdArgs) -> None:
     in_netns(req.netns, _check_up)
     return None
-

@@ -5,6 +5,7 @@ imports none of them. It is also all that portmap's most common call needs
 (an ADD for a pod without host ports passes prevResult through), so it stays
 free of the backends, host tools and hashing.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -28,26 +29,92 @@ _NFT_FORBIDDEN = re.compile(r"[;#\n\r\x00-\x1f\x7f]")
 # Conditions are match expressions. These words only begin statements (verdicts, NAT,
 # logging, counting, rate limits, setting a field with "set", set/map updates...), never a
 # match: a condition holding one, outside a quoted string, is refused.
-_NFT_STATEMENT_WORDS = frozenset({
-    "accept", "drop", "reject", "jump", "goto", "return", "queue", "continue", "vmap",
-    "dnat", "snat", "masquerade", "redirect", "tproxy", "fwd", "dup",
-    "log", "counter", "limit", "quota", "notrack", "meter", "synproxy", "flow", "flowtable",
-    "set", "add", "update", "delete", "reset", "destroy", "last", "xt", "count",
-})
+_NFT_STATEMENT_WORDS = frozenset(
+    {
+        "accept",
+        "drop",
+        "reject",
+        "jump",
+        "goto",
+        "return",
+        "queue",
+        "continue",
+        "vmap",
+        "dnat",
+        "snat",
+        "masquerade",
+        "redirect",
+        "tproxy",
+        "fwd",
+        "dup",
+        "log",
+        "counter",
+        "limit",
+        "quota",
+        "notrack",
+        "meter",
+        "synproxy",
+        "flow",
+        "flowtable",
+        "set",
+        "add",
+        "update",
+        "delete",
+        "reset",
+        "destroy",
+        "last",
+        "xt",
+        "count",
+    }
+)
 _NFT_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 _NFT_QUOTED = re.compile(r'"[^"]*"')
 # iptables options that are not matches: targets (in any spelling getopt accepts: "--jump=X",
 # "-jX", an unambiguous prefix like "--ju"), tables and commands, and global switches.
 _IPT_SHORT_FORBIDDEN = set("jgtAIDRNXFZPELSCVhwc")
 _IPT_SHORT_NO_ARGUMENT = set("f46vnx")  # "-fjACCEPT" is "-f -j ACCEPT" to getopt
-_IPT_LONG_FORBIDDEN = ("--jump", "--goto", "--table", "--append", "--insert", "--delete", "--replace",
-                       "--new-chain", "--delete-chain", "--flush", "--zero", "--policy", "--rename-chain",
-                       "--list", "--list-rules", "--check", "--help", "--version", "--wait", "--wait-interval",
-                       "--modprobe", "--set-counters", "--line-numbers", "--exact", "--numeric", "--verbose",
-                       "--set")  # "--set": xt_recent's, which writes state
+_IPT_LONG_FORBIDDEN = (
+    "--jump",
+    "--goto",
+    "--table",
+    "--append",
+    "--insert",
+    "--delete",
+    "--replace",
+    "--new-chain",
+    "--delete-chain",
+    "--flush",
+    "--zero",
+    "--policy",
+    "--rename-chain",
+    "--list",
+    "--list-rules",
+    "--check",
+    "--help",
+    "--version",
+    "--wait",
+    "--wait-interval",
+    "--modprobe",
+    "--set-counters",
+    "--line-numbers",
+    "--exact",
+    "--numeric",
+    "--verbose",
+    "--set",
+)  # "--set": xt_recent's, which writes state
 # Match modules that keep or change state (rate limits, quotas, recent lists, accounting).
-_IPT_STATEFUL_MATCHES = {"limit", "hashlimit", "recent", "quota", "quota2", "connlimit", "nfacct", "statistic",
-                         "connbytes", "condition"}
+_IPT_STATEFUL_MATCHES = {
+    "limit",
+    "hashlimit",
+    "recent",
+    "quota",
+    "quota2",
+    "connlimit",
+    "nfacct",
+    "statistic",
+    "connbytes",
+    "condition",
+}
 _CHAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,27}$")
 
 ContainerAddress = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -72,8 +139,13 @@ PORT_MAPPING = Schema({"hostPort": int, "containerPort": int, "protocol": str, "
 # Every option the reference portmap reads, with its JSON type (decoded by the skeleton: any
 # letter case, as containerd and CRI-O send capability arguments; null = absent; wrong type = 7).
 SCHEMA = COMMON.extend(
-    snat=bool, masqAll=bool, markMasqBit=int, externalSetMarkChain=str, backend=str,
-    conditionsV4=ListOf(str), conditionsV6=ListOf(str),
+    snat=bool,
+    masqAll=bool,
+    markMasqBit=int,
+    externalSetMarkChain=str,
+    backend=str,
+    conditionsV4=ListOf(str),
+    conditionsV6=ListOf(str),
     runtimeConfig=Schema({"portMappings": ListOf(PORT_MAPPING)}),
 )
 
@@ -89,8 +161,8 @@ class PortMapConfig:
     conditions_v4: list[str] = field(default_factory=list)
     conditions_v6: list[str] = field(default_factory=list)
     mappings: list[PortMapping] = field(default_factory=list)
-    mappings_given: bool = False      # the runtime sent port mappings (even ones DEL had to skip)
-    backend_unknown: bool = False     # DEL only: the backend named is none we know; clean both
+    mappings_given: bool = False  # the runtime sent port mappings (even ones DEL had to skip)
+    backend_unknown: bool = False  # DEL only: the backend named is none we know; clean both
 
     @property
     def mark(self) -> int:
@@ -135,6 +207,7 @@ def container_targets(result: Result | None, ifname: str) -> Targets:
 
 # ---- parsing -------------------------------------------------------------------
 
+
 def parse_config(conf: dict, warn: Callable[[str], None] | None = None) -> PortMapConfig:
     """Validate the plugin's options; raise CNIError (code 7 or 2) on bad input.
 
@@ -142,6 +215,7 @@ def parse_config(conf: dict, warn: Callable[[str], None] | None = None) -> PortM
     mapping is skipped, an unknown backend means "clean both", bad conditions
     or mark options are ignored; each is reported through ``warn``.
     """
+
     def tolerate(step: Callable[[], Any], fallback: Any) -> Any:
         if warn is None:
             return step()
@@ -204,8 +278,10 @@ def _parse_marks(conf: dict, cfg: PortMapConfig) -> None:
         cfg.mark_bit = mark_bit
     if external is not None:
         if not isinstance(external, str) or not _CHAIN_NAME.fullmatch(external):
-            raise invalid_config(f"externalSetMarkChain: {external!r} is not a valid iptables chain name",
-                                 "use up to 28 letters, digits, '_', '.', '-'")
+            raise invalid_config(
+                f"externalSetMarkChain: {external!r} is not a valid iptables chain name",
+                "use up to 28 letters, digits, '_', '.', '-'",
+            )
         cfg.external_set_mark_chain = external
 
 
@@ -242,8 +318,11 @@ def _parse_mapping(raw: Any, n: int) -> PortMapping:
         ports[key] = port
     protocol = raw.get("protocol") or "tcp"
     if not isinstance(protocol, str) or protocol.lower() not in PROTOCOLS:
-        raise CNIError(ERR_UNSUPPORTED_FIELD, f"{what}.protocol: unsupported protocol {protocol!r}",
-                       f"use one of {', '.join(PROTOCOLS)}")
+        raise CNIError(
+            ERR_UNSUPPORTED_FIELD,
+            f"{what}.protocol: unsupported protocol {protocol!r}",
+            f"use one of {', '.join(PROTOCOLS)}",
+        )
     host_ip = raw.get("hostIP") or ""
     if not isinstance(host_ip, str):
         raise invalid_config(f"{what}.hostIP must be a string, got {host_ip!r}")
@@ -253,8 +332,10 @@ def _parse_mapping(raw: Any, n: int) -> PortMapping:
                 raise ValueError(host_ip)
             host_ip = str(ipaddress.ip_address(host_ip))
         except ValueError:
-            raise invalid_config(f"{what}.hostIP: {host_ip!r} is not an IP address",
-                       "give a plain IPv4 or IPv6 address, or leave hostIP out for every address") from None
+            raise invalid_config(
+                f"{what}.hostIP: {host_ip!r} is not an IP address",
+                "give a plain IPv4 or IPv6 address, or leave hostIP out for every address",
+            ) from None
     return PortMapping(ports["hostPort"], ports["containerPort"], protocol.lower(), host_ip)
 
 
@@ -279,20 +360,26 @@ def _validate_nft_conditions(key: str, conditions: list[str]) -> None:
     # items ("meta mark", "set 1") is caught too.
     for cond in [*conditions, " ".join(conditions)]:
         if _NFT_FORBIDDEN.search(cond):
-            raise invalid_config(f"{key}: {cond!r} contains a character not allowed in a condition",
-                       "conditions are nft match expressions; ';', '#' and control characters are refused")
+            raise invalid_config(
+                f"{key}: {cond!r} contains a character not allowed in a condition",
+                "conditions are nft match expressions; ';', '#' and control characters are refused",
+            )
         if cond.count('"') % 2:
             raise invalid_config(f"{key}: {cond!r} has an unbalanced quote")
         bare = _NFT_QUOTED.sub(" ", cond)
         if "\\" in bare or any(bare.count(o) != bare.count(c) for o, c in ("{}", "()", "[]")):
-            raise invalid_config(f"{key}: {cond!r} has an unbalanced bracket or a backslash",
-                                 "a condition is one match expression (sets in braces are fine)")
+            raise invalid_config(
+                f"{key}: {cond!r} has an unbalanced bracket or a backslash",
+                "a condition is one match expression (sets in braces are fine)",
+            )
         words = {w.lower() for w in _NFT_WORD.findall(bare)}
         statements = sorted(words & _NFT_STATEMENT_WORDS)
         if statements:
-            raise invalid_config(f"{key}: {cond!r} holds a statement ({', '.join(statements)}), not only matches",
-                       "conditions may only match packets (e.g. 'ip saddr 10.0.0.0/8'); quote a name "
-                       "that happens to be one of these words")
+            raise invalid_config(
+                f"{key}: {cond!r} holds a statement ({', '.join(statements)}), not only matches",
+                "conditions may only match packets (e.g. 'ip saddr 10.0.0.0/8'); quote a name "
+                "that happens to be one of these words",
+            )
 
 
 def _ipt_option(arg: str) -> tuple[str, str] | None:
@@ -313,31 +400,38 @@ def _validate_ipt_conditions(key: str, conditions: list[str]) -> None:
         if expect_module:
             expect_module = False
             if cond.lower() in _IPT_STATEFUL_MATCHES:
-                raise invalid_config(f"{key}: the match module {cond!r} keeps state; it is not allowed",
-                                     "conditions may only match packets (e.g. -s, -d, -i, -m conntrack)")
+                raise invalid_config(
+                    f"{key}: the match module {cond!r} keeps state; it is not allowed",
+                    "conditions may only match packets (e.g. -s, -d, -i, -m conntrack)",
+                )
         option = _ipt_option(cond)
         if option is None:
             continue
         name, value = option
         if len(name) == 2 and name[1] in _IPT_SHORT_NO_ARGUMENT and value:
-            raise invalid_config(f"{key}: {cond!r} combines short options",
-                                 "give each option as its own list item")
-        forbidden = (name[1:] in _IPT_SHORT_FORBIDDEN if len(name) == 2 and name[1] != "-"
-                     else any(full.startswith(name) for full in _IPT_LONG_FORBIDDEN))
+            raise invalid_config(f"{key}: {cond!r} combines short options", "give each option as its own list item")
+        forbidden = (
+            name[1:] in _IPT_SHORT_FORBIDDEN
+            if len(name) == 2 and name[1] != "-"
+            else any(full.startswith(name) for full in _IPT_LONG_FORBIDDEN)
+        )
         if forbidden:
-            raise invalid_config(f"{key}: {cond!r} is not allowed",
-                                 "conditions may only match packets: no target, jump, table or command")
+            raise invalid_config(
+                f"{key}: {cond!r} is not allowed",
+                "conditions may only match packets: no target, jump, table or command",
+            )
         if name in ("-m", "--match") or (len(name) > 3 and "--match".startswith(name)):
             if value:
                 if value.lower() in _IPT_STATEFUL_MATCHES:
-                    raise invalid_config(f"{key}: the match module {value!r} keeps state; it is not allowed",
-                                         "conditions may only match packets (e.g. -s, -d, -i, -m conntrack)")
+                    raise invalid_config(
+                        f"{key}: the match module {value!r} keeps state; it is not allowed",
+                        "conditions may only match packets (e.g. -s, -d, -i, -m conntrack)",
+                    )
             else:
                 expect_module = True
 
 
-def _choose_backend(requested: Any, external: str | None, cond4: list[str] | None,
-                    cond6: list[str] | None) -> str:
+def _choose_backend(requested: Any, external: str | None, cond4: list[str] | None, cond6: list[str] | None) -> str:
     needs: dict[str, list[str]] = {IPTABLES: [], NFTABLES: []}
     if external is not None:
         needs[IPTABLES].append("externalSetMarkChain")
@@ -350,9 +444,11 @@ def _choose_backend(requested: Any, external: str | None, cond4: list[str] | Non
     elif requested in (NFTABLES, IPTABLES):
         backend = requested
     else:
-        raise invalid_config(f"unrecognized backend {requested!r}", "use \"nftables\" or \"iptables\"")
+        raise invalid_config(f"unrecognized backend {requested!r}", 'use "nftables" or "iptables"')
     wrong = IPTABLES if backend == NFTABLES else NFTABLES
     if needs[wrong]:
-        raise invalid_config(f"{backend} backend was requested but configuration contains {wrong}-specific "
-                   f"options {needs[wrong]}", f"set \"backend\": \"{wrong}\" or rewrite those options")
+        raise invalid_config(
+            f"{backend} backend was requested but configuration contains {wrong}-specific options {needs[wrong]}",
+            f'set "backend": "{wrong}" or rewrite those options',
+        )
     return backend

@@ -6,6 +6,7 @@ has installed its mappings, stale UDP conntrack entries for the mapped ports
 are dropped (so new datagrams take the DNAT) and route_localnet is set where
 localhost traffic must reach the container.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -45,8 +46,10 @@ def flush_udp_conntrack(cfg: PortMapConfig, family: int, warn: Callable[[str], N
     ports = sorted({m.host_port for m in cfg.mappings_for(family) if m.protocol == "udp"})
     for port in ports:
         try:
-            hostcmd.run(["conntrack", "-D", "-f", "ipv4" if family == 4 else "ipv6",
-                         "-p", "udp", "--orig-port-dst", str(port)], timeout=TOOL_TIMEOUT)
+            hostcmd.run(
+                ["conntrack", "-D", "-f", "ipv4" if family == 4 else "ipv6", "-p", "udp", "--orig-port-dst", str(port)],
+                timeout=TOOL_TIMEOUT,
+            )
         except hostcmd.HostToolError as err:
             if err.returncode == 1:  # nothing to delete
                 continue

@@ -13,6 +13,7 @@ host's own rules keep precedence (CVE-2019-9946). Within CNI-HOSTPORT-DNAT a
 container's entry goes first, so the latest container to claim a port wins.
 Every value reaches iptables as its own argument (no shell, no restore file).
 """
+
 from __future__ import annotations
 
 import re
@@ -117,8 +118,11 @@ class Iptables:
 
     def check(self, chain: Chain) -> None:
         if not self.chain_exists(chain.name):
-            raise CNIError(ERR_INTERNAL, f"chain {chain.name} not found in {self.binary} table nat",
-                           "run ADD again to restore the port mappings")
+            raise CNIError(
+                ERR_INTERNAL,
+                f"chain {chain.name} not found in {self.binary} table nat",
+                "run ADD again to restore the port mappings",
+            )
         for rule in chain.rules:
             if not self.exists(chain.name, rule):
                 raise CNIError(ERR_INTERNAL, f"rule {' '.join(rule)} not found in chain {chain.name}")
@@ -130,32 +134,38 @@ class Iptables:
 
 # ---- the chains ------------------------------------------------------------------
 
+
 def _mark(cfg: PortMapConfig) -> str:
     return f"{cfg.mark:#x}/{cfg.mark:#x}"
 
 
 def setmark_chain(cfg: PortMapConfig) -> Chain:
-    return Chain(SETMARK, rules=[["-m", "comment", "--comment", "CNI portfwd masquerade mark",
-                                  "-j", "MARK", "--set-xmark", _mark(cfg)]])
+    return Chain(
+        SETMARK,
+        rules=[["-m", "comment", "--comment", "CNI portfwd masquerade mark", "-j", "MARK", "--set-xmark", _mark(cfg)]],
+    )
 
 
 def masq_chain(cfg: PortMapConfig) -> Chain:
-    return Chain(MASQ, rules=[["-m", "mark", "--mark", _mark(cfg), "-j", "MASQUERADE"]],
-                 entry_chains=("POSTROUTING",),
-                 entry_rules=[["-m", "comment", "--comment", "CNI portfwd requiring masquerade"]])
+    return Chain(
+        MASQ,
+        rules=[["-m", "mark", "--mark", _mark(cfg), "-j", "MASQUERADE"]],
+        entry_chains=("POSTROUTING",),
+        entry_rules=[["-m", "comment", "--comment", "CNI portfwd requiring masquerade"]],
+    )
 
 
 def toplevel_chain() -> Chain:
-    return Chain(TOPLEVEL_DNAT, entry_chains=("PREROUTING", "OUTPUT"),
-                 entry_rules=[["-m", "addrtype", "--dst-type", "LOCAL"]])
+    return Chain(
+        TOPLEVEL_DNAT, entry_chains=("PREROUTING", "OUTPUT"), entry_rules=[["-m", "addrtype", "--dst-type", "LOCAL"]]
+    )
 
 
 def dnat_chain(network: str, container_id: str) -> Chain:
     return Chain(dnat_chain_name(network, container_id), entry_chains=(TOPLEVEL_DNAT,), prepend_entry=True)
 
 
-def _fill_dnat_chain(chain: Chain, cfg: PortMapConfig, owner: Owner, family: int,
-                     target: ContainerAddress) -> None:
+def _fill_dnat_chain(chain: Chain, cfg: PortMapConfig, owner: Owner, family: int, target: ContainerAddress) -> None:
     # Like the reference, the entry rules list every mapped port (a port whose hostIP is of
     # the other family just finds no rule in the container's chain).
     by_proto: dict[str, list[int]] = {}
@@ -164,10 +174,21 @@ def _fill_dnat_chain(chain: Chain, cfg: PortMapConfig, owner: Owner, family: int
     for proto in sorted(by_proto):
         ports = by_proto[proto]
         for start in range(0, len(ports), 15):  # multiport takes at most 15 ports
-            chain.entry_rules.append(["-m", "comment", "--comment", _comment(owner.network, owner.container_id),
-                                      "-m", "multiport", "-p", proto, "--destination-ports",
-                                      ",".join(str(p) for p in ports[start:start + 15]),
-                                      *cfg.conditions(family)])
+            chain.entry_rules.append(
+                [
+                    "-m",
+                    "comment",
+                    "--comment",
+                    _comment(owner.network, owner.container_id),
+                    "-m",
+                    "multiport",
+                    "-p",
+                    proto,
+                    "--destination-ports",
+                    ",".join(str(p) for p in ports[start : start + 15]),
+                    *cfg.conditions(family),
+                ]
+            )
     setmark = cfg.external_set_mark_chain or SETMARK
     everything = "0.0.0.0/0" if family == 4 else "::/0"
     for m in cfg.mappings_for(family):
@@ -189,6 +210,7 @@ def _container_chain(cfg: PortMapConfig, owner: Owner, family: int, target: Cont
 
 
 # ---- the backend interface --------------------------------------------------------
+
 
 def add(cfg: PortMapConfig, owner: Owner, targets: Targets) -> None:
     done: list[Iptables] = []
@@ -215,8 +237,9 @@ def add(cfg: PortMapConfig, owner: Owner, targets: Targets) -> None:
 def delete(cfg: PortMapConfig, owner: Owner) -> None:
     usable = [ipt for ipt in (Iptables(4), Iptables(6)) if ipt.usable()]
     if not usable:
-        raise CNIError(ERR_INTERNAL, "neither iptables nor ip6tables is usable",
-                       "install iptables, or use \"backend\": \"nftables\"")
+        raise CNIError(
+            ERR_INTERNAL, "neither iptables nor ip6tables is usable", 'install iptables, or use "backend": "nftables"'
+        )
     for ipt in usable:
         ipt.teardown(dnat_chain(owner.network, owner.container_id))
 

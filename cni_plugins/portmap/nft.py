@@ -16,6 +16,7 @@ interface name), which is what DEL and GC match. Each change is one
 table is read and the transaction applied, so that DEL removes an element
 only while it still belongs to the container being deleted.
 """
+
 from __future__ import annotations
 
 import re
@@ -35,8 +36,11 @@ TABLE = "pycni_portmap"
 # released when its holder dies, no file left behind.
 LOCK_NAME = "pycni-portmap-nft-lock"
 LOCK_TIMEOUT = 30.0
-BASE_CHAINS = (("prerouting", "prerouting", "dstnat", "dnat"), ("output", "output", "-100", "dnat"),
-               ("postrouting", "postrouting", "srcnat", "masq"))
+BASE_CHAINS = (
+    ("prerouting", "prerouting", "dstnat", "dnat"),
+    ("output", "output", "-100", "dnat"),
+    ("postrouting", "postrouting", "srcnat", "masq"),
+)
 _NETWORK_CHAIN = re.compile(r"^n([0-9a-f]{12})_dnat$")
 _KEY_PART = re.compile(r"^[0-9A-Za-z:./\-]+$")
 
@@ -94,6 +98,7 @@ class TableState:
 
 # ---- reading the table ------------------------------------------------------------
 
+
 def _value_parts(value: Any) -> tuple[str, ...]:
     if isinstance(value, dict) and "concat" in value:
         parts: list[str] = []
@@ -142,6 +147,7 @@ def read_state() -> TableState:
 
 # ---- writing ---------------------------------------------------------------------
 
+
 def _obj(kind: str, name: str) -> str:
     return f"{kind} {FAMILY} {TABLE} {name}"
 
@@ -158,10 +164,13 @@ def _elem_text(key: tuple[str, ...], data: tuple[str, ...] = (), comment: str = 
 def _network_objects(names: Names) -> list[str]:
     lines = []
     for family, addr in ((4, "ipv4_addr"), (6, "ipv6_addr")):
-        lines.append(f"add {_obj('map', names.hip(family))} "
-                     f"{{ type {addr} . inet_proto . inet_service : {addr} . inet_service; }}")
-        lines.append(f"add {_obj('map', names.any(family))} "
-                     f"{{ type inet_proto . inet_service : {addr} . inet_service; }}")
+        lines.append(
+            f"add {_obj('map', names.hip(family))} "
+            f"{{ type {addr} . inet_proto . inet_service : {addr} . inet_service; }}"
+        )
+        lines.append(
+            f"add {_obj('map', names.any(family))} {{ type inet_proto . inet_service : {addr} . inet_service; }}"
+        )
         lines.append(f"add {_obj('set', names.src(family))} {{ type {addr}; flags interval; auto-merge; }}")
     lines.append(f"add {_obj('chain', names.dnat)}")
     lines.append(f"add {_obj('chain', names.masq)}")
@@ -211,7 +220,8 @@ def _desired_elements(cfg: PortMapConfig, names: Names, targets: Targets) -> dic
                 wanted.setdefault(names.any(family), []).append(Element((m.protocol, str(m.host_port)), data))
             else:
                 wanted.setdefault(names.hip(family), []).append(
-                    Element((m.host_ip, m.protocol, str(m.host_port)), data))
+                    Element((m.host_ip, m.protocol, str(m.host_port)), data)
+                )
     return wanted
 
 
@@ -269,6 +279,7 @@ def _remove_owners(network: str, doomed_of: Callable[[str], bool]) -> None:
 
 # ---- the backend interface ------------------------------------------------------------
 
+
 def add(cfg: PortMapConfig, owner: Owner, targets: Targets) -> None:
     names = Names(network_hash(cfg.network))
     wanted = _desired_elements(cfg, names, targets)
@@ -286,8 +297,9 @@ def add(cfg: PortMapConfig, owner: Owner, targets: Targets) -> None:
                 if elem.owner == owner.key or elem.key in new_keys:
                     lines.append(f"delete element {FAMILY} {TABLE} {map_name} {_elem_text(elem.key)}")
             for elem in wanted.get(map_name, []):
-                lines.append(f"add element {FAMILY} {TABLE} {map_name} "
-                             f"{_elem_text(elem.key, elem.data, owner.comment)}")
+                lines.append(
+                    f"add element {FAMILY} {TABLE} {map_name} {_elem_text(elem.key, elem.data, owner.comment)}"
+                )
         for family, prefixes in _masq_sources(cfg, targets).items():
             lines.append(f"add element {FAMILY} {TABLE} {names.src(family)} {{ {', '.join(prefixes)} }}")
         nft.apply("\n".join(lines) + "\n")
@@ -306,22 +318,32 @@ def check(cfg: PortMapConfig, owner: Owner, targets: Targets) -> None:
     names = Names(network_hash(cfg.network))
     state = read_state()
     if not state.exists or names.h not in state.networks:
-        raise CNIError(ERR_INTERNAL, f"no nftables port mappings for network {cfg.network!r}",
-                       f"table {FAMILY} {TABLE} lacks the network's chain {names.dnat}; run ADD again")
+        raise CNIError(
+            ERR_INTERNAL,
+            f"no nftables port mappings for network {cfg.network!r}",
+            f"table {FAMILY} {TABLE} lacks the network's chain {names.dnat}; run ADD again",
+        )
     for chain, _hook, _priority, target in BASE_CHAINS:
         if getattr(names, target) not in state.jumps.get(chain, set()):
-            raise CNIError(ERR_INTERNAL, f"nftables chain {chain} does not jump to {getattr(names, target)}",
-                           "run ADD again to restore the port mappings")
+            raise CNIError(
+                ERR_INTERNAL,
+                f"nftables chain {chain} does not jump to {getattr(names, target)}",
+                "run ADD again to restore the port mappings",
+            )
     for map_name, elems in _desired_elements(cfg, names, targets).items():
         present = {(e.key, e.data) for e in state.elements.get(map_name, []) if e.owner == owner.key}
         for elem in elems:
             if (elem.key, elem.data) not in present:
-                raise CNIError(ERR_INTERNAL, f"missing port mapping {' . '.join(elem.key)} -> "
-                               f"{' . '.join(elem.data)} in nftables map {map_name}",
-                               "run ADD again to restore the port mappings")
+                raise CNIError(
+                    ERR_INTERNAL,
+                    f"missing port mapping {' . '.join(elem.key)} -> "
+                    f"{' . '.join(elem.data)} in nftables map {map_name}",
+                    "run ADD again to restore the port mappings",
+                )
 
 
 # ---- locking -------------------------------------------------------------------
+
 
 def table_lock() -> ContextManager[None]:
     """The per-namespace lock, held for one read of the table and the transaction that follows."""

@@ -1,4 +1,5 @@
 """Who a port mapping belongs to: the key that DEL and GC match on."""
+
 from __future__ import annotations
 
 import re

@@ -15,6 +15,7 @@ iptables-only options (``externalSetMarkChain``, iptables-style conditions)
 and names no backend, the iptables backend is chosen, so configurations
 written for the reference keep working.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -22,8 +23,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from cni_plugins.portmap import config
-from cni_plugins.portmap.config import (IPTABLES, PortMapConfig, Targets, container_targets, invalid_config,
-                                        parse_config)
+from cni_plugins.portmap.config import IPTABLES, PortMapConfig, Targets, container_targets, invalid_config, parse_config
 from cni_plugins.spec.errors import CNIError
 from cni_plugins.spec.skel import CmdArgs, gc_attachments, prev_result
 
@@ -50,10 +50,11 @@ def _node_side() -> ModuleType:
 
 # ---- commands -----------------------------------------------------------------
 
+
 def cmd_add(req: CmdArgs) -> Result:
     cfg, previous, targets = _chained_request(
-        req, invalid_config("must be called as chained plugin",
-                            "portmap needs prevResult from a plugin such as bridge"))
+        req, invalid_config("must be called as chained plugin", "portmap needs prevResult from a plugin such as bridge")
+    )
     if not targets.items():
         return previous  # no host port to map: prevResult passes through
     node = _node_side()
@@ -89,7 +90,8 @@ def cmd_del(req: CmdArgs) -> None:
 
 def cmd_check(req: CmdArgs) -> None:
     cfg, _previous, targets = _chained_request(
-        req, invalid_config("Required prevResult missing", "CHECK needs the prevResult that ADD returned"))
+        req, invalid_config("Required prevResult missing", "CHECK needs the prevResult that ADD returned")
+    )
     if targets.items():
         node = _node_side()
         node.backend(cfg).check(cfg, _owner(node, req), targets)

@@ -6,6 +6,7 @@ is slow and serialises concurrent ADDs under the kernel's rtnl lock). Inside
 the container: the sysctls, addresses, link up and routes of a CNI result,
 as the reference's ipam.ConfigureIface does.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -27,9 +28,11 @@ def create_veth(req: CmdArgs, mtu: int = 0, mac: str = "") -> tuple[str, Any]:
     """
     host_fd = os.open(netns.current_path(), os.O_RDONLY | os.O_CLOEXEC)
     try:
+
         def create() -> tuple[str, Any]:
             with ip.open_rtnl() as cipr:
                 return ip.create_veth_in_container(cipr, req.ifname, host_fd, mtu, mac)
+
         return netns.run_in(req.netns, create)
     finally:
         os.close(host_fd)
@@ -51,6 +54,7 @@ def set_container_up(ifname: str) -> None:
 
 def delete_container_link(req: CmdArgs) -> None:
     """Remove the request's interface from its container (gone already: nothing to do)."""
+
     def delete() -> None:
         with ip.open_rtnl() as ipr:
             ip.delete_link_by_name(ipr, req.ifname)
@@ -82,8 +86,7 @@ def configure_container(ifname: str, result: Result, enable_dad: bool, index: in
     mine = [ipc for ipc in result.ips if ipc.interface is not None]
     for ipc in mine:  # every address checked before any is added
         if not 0 <= ipc.interface < len(result.interfaces) or result.interfaces[ipc.interface].name != ifname:
-            raise CNIError(ERR_INTERNAL, f"failed to add IP addr {ipc.address} to {ifname!r}: "
-                           "invalid interface index")
+            raise CNIError(ERR_INTERNAL, f"failed to add IP addr {ipc.address} to {ifname!r}: invalid interface index")
     if any(ipc.family == 6 for ipc in mine):
         enable_ipv6(ifname)
 
@@ -96,8 +99,9 @@ def configure_container(ifname: str, result: Result, enable_dad: bool, index: in
         gateway_of: dict[int, str] = {}
         steps = []
         for ipc in mine:
-            steps.append(_Step(rtnl.add_address(index, ipc.address),
-                               f"failed to add IP addr {ipc.address} to {ifname!r}"))
+            steps.append(
+                _Step(rtnl.add_address(index, ipc.address), f"failed to add IP addr {ipc.address} to {ifname!r}")
+            )
             if ipc.gateway:
                 gateway_of.setdefault(ipaddress.ip_address(ipc.gateway).version, ipc.gateway)
         steps.append(_Step(rtnl.set_link(index, up=True)))
@@ -107,10 +111,13 @@ def configure_container(ifname: str, result: Result, enable_dad: bool, index: in
             ip.settle_addresses(ipr, ip.get_link(ipr, ifname, "container interface"))
         for route in result.routes:
             gw = route.gw or gateway_of.get(route.family)
-            steps.append(_Step(ip.route_request(index, ip.RouteSpec(route.dst, gw, route.priority, route.table,
-                                                                    route.scope)),
-                               f"failed to add route '{route.dst} via {gw} dev {ifname}'",
-                               "check the routes that IPAM returned"))
+            steps.append(
+                _Step(
+                    ip.route_request(index, ip.RouteSpec(route.dst, gw, route.priority, route.table, route.scope)),
+                    f"failed to add route '{route.dst} via {gw} dev {ifname}'",
+                    "check the routes that IPAM returned",
+                )
+            )
         _run(ipr, steps)
 
 
@@ -147,6 +154,7 @@ def enable_ipv6(ifname: str) -> None:
             try:
                 ip.write_sysctl(key, "0")
             except OSError as exc:
-                raise CNIError(ERR_INTERNAL, f"failed to enable IPv6 for interface {dev!r} ({key}={current}): "
-                               f"{exc.strerror}") from None
+                raise CNIError(
+                    ERR_INTERNAL, f"failed to enable IPv6 for interface {dev!r} ({key}={current}): {exc.strerror}"
+                ) from None
     ip.write_sysctl(f"net/ipv6/conf/{ifname}/keep_addr_on_down", "1", ignore_errors=True)

@@ -16,6 +16,7 @@ an executable outside the directories the agent's operator allowed is never
 run (``ExecRefused``: the plugin undoes what it did and the caller runs the
 request itself), and the one that runs gets the caller's CNI_NETNS.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -49,9 +50,17 @@ def delegate(req: CmdArgs, plugin_type: str, command: str, conf: dict[str, Any] 
         path = policy.executable(path)
         netns, stdin = policy.child_request(sub.netns, sub.conf, sub.stdin_data)
     base = {k: v for k, v in req.environ.items() if k != AGENT_NETNS_VARIABLE}
-    env = plugin_environment(base, command, {
-        "CNI_CONTAINERID": sub.container_id, "CNI_NETNS": netns, "CNI_IFNAME": sub.ifname,
-        "CNI_ARGS": sub.args, "CNI_PATH": sub.path})
+    env = plugin_environment(
+        base,
+        command,
+        {
+            "CNI_CONTAINERID": sub.container_id,
+            "CNI_NETNS": netns,
+            "CNI_IFNAME": sub.ifname,
+            "CNI_ARGS": sub.args,
+            "CNI_PATH": sub.path,
+        },
+    )
     stdout, stderr = run_plugin(path, command, env, stdin, req.timeout)
     if stderr:
         req.warn(stderr.decode(errors="replace").rstrip("\n"))

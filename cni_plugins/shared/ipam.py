@@ -5,6 +5,7 @@ the command changed (``delegate``): found in CNI_PATH and executed, or served
 in-process when that executable is this suite's own. Its result is read in the
 configuration's cniVersion; an error object it prints is passed on with its code.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -34,6 +34,7 @@ guards), like the portmap plugin's: no file anywhere (no ``/run/pycni``),
 released when its holder dies, and calls working on different namespaces
 ("nodes") never wait for each other.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -73,8 +74,10 @@ IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 # ---- the API the bridge plugin calls ----------------------------------------
 
-def setup_masq(network: str, container_id: str, ifname: str, addresses: list[str],
-               backend: str = DEFAULT_BACKEND) -> None:
+
+def setup_masq(
+    network: str, container_id: str, ifname: str, addresses: list[str], backend: str = DEFAULT_BACKEND
+) -> None:
     """Masquerade traffic from each pod address to destinations outside its subnet."""
     owner = Owner.checked(network, container_id, ifname)
     pods = parse_addresses(addresses)
@@ -90,8 +93,9 @@ def teardown_masq(network: str, container_id: str, ifname: str, backend: str = D
     _backend(backend).teardown(Owner.checked(network, container_id, ifname))
 
 
-def check_masq(network: str, container_id: str, ifname: str, addresses: list[str],
-               backend: str = DEFAULT_BACKEND) -> None:
+def check_masq(
+    network: str, container_id: str, ifname: str, addresses: list[str], backend: str = DEFAULT_BACKEND
+) -> None:
     """Raise CNIError unless the masquerading for these pod addresses is in place."""
     owner = Owner.checked(network, container_id, ifname)
     pods = parse_addresses(addresses)
@@ -105,6 +109,7 @@ def gc_masq(network: str, valid: list[tuple[str, str]], backend: str = DEFAULT_B
 
 
 # ---- inputs -------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Owner:
@@ -120,8 +125,11 @@ class Owner:
         validate_container_id(container_id)
         validate_interface_name(ifname)
         if not _IFNAME_RE.match(ifname):
-            raise CNIError(ERR_INVALID_ENV, "interface name has characters that cannot go into a firewall comment",
-                           f"{ifname!r}: use letters, digits and _ . - @ + = %")
+            raise CNIError(
+                ERR_INVALID_ENV,
+                "interface name has characters that cannot go into a firewall comment",
+                f"{ifname!r}: use letters, digits and _ . - @ + = %",
+            )
         return cls(network, container_id, ifname)
 
     @property
@@ -156,8 +164,11 @@ class PodAddress:
 
 def parse_addresses(addresses: Iterable[str]) -> list[PodAddress]:
     if isinstance(addresses, (str, bytes)) or not isinstance(addresses, (list, tuple)):
-        raise CNIError(ERR_INVALID_CONFIG, "pod addresses must be a list of CIDR strings",
-                       f"got {addresses!r}; e.g. ['10.88.0.5/24', 'fd00::5/64']")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            "pod addresses must be a list of CIDR strings",
+            f"got {addresses!r}; e.g. ['10.88.0.5/24', 'fd00::5/64']",
+        )
     pods: list[PodAddress] = []
     for text in addresses:
         try:
@@ -165,8 +176,11 @@ def parse_addresses(addresses: Iterable[str]) -> list[PodAddress]:
                 raise ValueError(text)
             iface = ipaddress.ip_interface(text)
         except ValueError:
-            raise CNIError(ERR_INVALID_CONFIG, f"invalid pod address {text!r}",
-                           "expected an address with prefix length, e.g. 10.88.0.5/24 or fd00::5/64") from None
+            raise CNIError(
+                ERR_INVALID_CONFIG,
+                f"invalid pod address {text!r}",
+                "expected an address with prefix length, e.g. 10.88.0.5/24 or fd00::5/64",
+            ) from None
         pod = PodAddress(ip=iface.ip, subnet=iface.network)
         if pod not in pods:
             pods.append(pod)
@@ -178,7 +192,7 @@ def _backend(name: str) -> "_Backend":
         return _NftablesBackend()
     if name == "iptables":
         return _IptablesBackend()
-    raise CNIError(ERR_INVALID_CONFIG, f"unknown ipMasq backend {name!r}", "use \"nftables\" or \"iptables\"")
+    raise CNIError(ERR_INVALID_CONFIG, f"unknown ipMasq backend {name!r}", 'use "nftables" or "iptables"')
 
 
 class _Backend:
@@ -201,6 +215,7 @@ def _locked() -> ContextManager[None]:
 
 
 # ---- nftables -------------------------------------------------------------------
+
 
 def subnet_chain(subnet: IPNetwork) -> str:
     """The chain that masquerades everything leaving ``subnet``, e.g. net4_0a580000_24."""
@@ -265,8 +280,10 @@ def _base_script() -> list[str]:
     lines = [f"add table {t} {{ comment {nft.comment('pod address masquerading by pycni')}; }}"]
     for family, name in POD_MAPS.items():
         lines.append(f"add map {t} {name} {{ type {_NFT_ADDR_TYPE[family]} : verdict; }}")
-    lines += [f"add chain {t} {BASE_CHAIN} {{ type nat hook postrouting priority srcnat; policy accept; }}",
-              f"flush chain {t} {BASE_CHAIN}"]
+    lines += [
+        f"add chain {t} {BASE_CHAIN} {{ type nat hook postrouting priority srcnat; policy accept; }}",
+        f"flush chain {t} {BASE_CHAIN}",
+    ]
     for family in POD_MAPS:
         lines.append(f"add rule {t} {BASE_CHAIN} {_NFT_FAMILY_WORD[family]} daddr {MULTICAST[family]} return")
     for family, name in POD_MAPS.items():
@@ -276,8 +293,11 @@ def _base_script() -> list[str]:
 
 def _subnet_script(subnet: IPNetwork) -> list[str]:
     chain, t = subnet_chain(subnet), _table()
-    return [f"add chain {t} {chain}", f"flush chain {t} {chain}",
-            f"add rule {t} {chain} {_NFT_FAMILY_WORD[subnet.version]} daddr != {subnet} masquerade"]
+    return [
+        f"add chain {t} {chain}",
+        f"flush chain {t} {chain}",
+        f"add rule {t} {chain} {_NFT_FAMILY_WORD[subnet.version]} daddr != {subnet} masquerade",
+    ]
 
 
 def _delete_script(state: _NftState, doomed: list[_NftEntry], added_chains: set[str] = frozenset()) -> list[str]:
@@ -309,8 +329,10 @@ class _NftablesBackend(_Backend):
             lines += _delete_script(state, doomed, added_chains=set(chains))
             note = nft.comment(owner.nft_comment)
             for pod in pods:
-                lines.append(f"add element {t} {POD_MAPS[pod.family]} "
-                             f"{{ {pod.ip} comment {note} : jump {subnet_chain(pod.subnet)} }}")
+                lines.append(
+                    f"add element {t} {POD_MAPS[pod.family]} "
+                    f"{{ {pod.ip} comment {note} : jump {subnet_chain(pod.subnet)} }}"
+                )
             nft.apply("\n".join(lines) + "\n")
 
     def teardown(self, owner: Owner) -> None:
@@ -354,12 +376,15 @@ class _NftablesBackend(_Backend):
             if entry is None:
                 raise _missing(f"no masquerade entry for {pod.ip} in map {family_map}")
             if entry.tag != owner.tag:
-                raise _missing(f"the masquerade entry for {pod.ip} belongs to another attachment",
-                               f"its comment is {entry.element.comment!r}")
+                raise _missing(
+                    f"the masquerade entry for {pod.ip} belongs to another attachment",
+                    f"its comment is {entry.element.comment!r}",
+                )
             chain = subnet_chain(pod.subnet)
             if entry.element.jump_target != chain:
-                raise _missing(f"the masquerade entry for {pod.ip} jumps to {entry.element.jump_target!r}, "
-                               f"expected {chain}")
+                raise _missing(
+                    f"the masquerade entry for {pod.ip} jumps to {entry.element.jump_target!r}, expected {chain}"
+                )
             if not any(_masquerades_outside(expr, pod.subnet) for expr in state.rules.get(chain, [])):
                 raise _missing(f"chain {chain} does not masquerade traffic leaving {pod.subnet}")
 
@@ -370,14 +395,16 @@ def _has_vmap(expr: list[dict], map_name: str) -> bool:
 
 def _masquerades_outside(expr: list[dict], subnet: IPNetwork) -> bool:
     masquerades = any("masquerade" in stmt for stmt in expr)
-    excludes = any(stmt.get("match", {}).get("op") == "!="
-                   and stmt["match"].get("right") == {"prefix": {"addr": str(subnet.network_address),
-                                                                 "len": subnet.prefixlen}}
-                   for stmt in expr)
+    excludes = any(
+        stmt.get("match", {}).get("op") == "!="
+        and stmt["match"].get("right") == {"prefix": {"addr": str(subnet.network_address), "len": subnet.prefixlen}}
+        for stmt in expr
+    )
     return masquerades and excludes
 
 
 # ---- iptables -------------------------------------------------------------------
+
 
 def iptables_chain(network: str, container_id: str) -> str:
     """The reference's chain name (utils.FormatChainName): CNI- + sha512(network + containerID) in hex."""
@@ -435,14 +462,27 @@ class _IptablesBackend(_Backend):
                 # every ACCEPT before the MASQUERADE.
                 batch = ["*nat", f":{chain} - [0:0]"]
                 for subnet in subnets:
-                    batch.append(iptables.rule_line("-A", chain, ["-d", str(subnet), "-m", "comment",
-                                                                  "--comment", note, "-j", "ACCEPT"]))
-                batch.append(iptables.rule_line("-A", chain, ["!", "-d", MULTICAST[family], "-m", "comment",
-                                                              "--comment", note, "-j", "MASQUERADE"]))
+                    batch.append(
+                        iptables.rule_line(
+                            "-A", chain, ["-d", str(subnet), "-m", "comment", "--comment", note, "-j", "ACCEPT"]
+                        )
+                    )
+                batch.append(
+                    iptables.rule_line(
+                        "-A",
+                        chain,
+                        ["!", "-d", MULTICAST[family], "-m", "comment", "--comment", note, "-j", "MASQUERADE"],
+                    )
+                )
                 for pod in mine:
                     if pod.ip not in jumped:
-                        batch.append(iptables.rule_line("-A", "POSTROUTING", ["-s", str(pod.ip), "-m", "comment",
-                                                                              "--comment", note, "-j", chain]))
+                        batch.append(
+                            iptables.rule_line(
+                                "-A",
+                                "POSTROUTING",
+                                ["-s", str(pod.ip), "-m", "comment", "--comment", note, "-j", chain],
+                            )
+                        )
                 batch.append("COMMIT")
                 iptables.restore(family, "\n".join(batch) + "\n")
 
@@ -493,8 +533,11 @@ class _IptablesBackend(_Backend):
     def _comment(network: str, container_id: str) -> str:
         note = iptables_comment(network, container_id)
         if len(note) > _IPT_COMMENT_MAX:
-            raise CNIError(ERR_INVALID_CONFIG, "network name and container ID are too long for an iptables comment",
-                           f"together at most {_IPT_COMMENT_MAX - len(iptables_comment('', ''))} characters")
+            raise CNIError(
+                ERR_INVALID_CONFIG,
+                "network name and container ID are too long for an iptables comment",
+                f"together at most {_IPT_COMMENT_MAX - len(iptables_comment('', ''))} characters",
+            )
         return note
 
     @staticmethod

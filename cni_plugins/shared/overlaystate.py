@@ -27,6 +27,7 @@ state directory that an older version left at 0755 to 0700 (one warning on the
 still read (nobody else can write it) and replaced by a 0600 one at the next
 write. Standard library only: this module sits on the plugin's cold path.
 """
+
 from __future__ import annotations
 
 import errno
@@ -38,8 +39,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from cni_plugins.kernel.files import (NotRegularFile, UntrustedPath, ensure_private_dir, open_trusted_dir,
-                                     read_regular_file, write_atomically)
+from cni_plugins.kernel.files import (
+    NotRegularFile,
+    UntrustedPath,
+    ensure_private_dir,
+    open_trusted_dir,
+    read_regular_file,
+    write_atomically,
+)
 
 STATE_FILE = "overlay.json"
 FILE_MODE = 0o600
@@ -57,19 +64,19 @@ class OverlayStateError(ValueError):
 
 @dataclass(frozen=True)
 class OverlayState:
-    network: str          # the cluster pod CIDR, e.g. "10.244.0.0/16"
-    subnet: str           # this node's leased pod subnet, e.g. "10.244.3.0/24"
-    gateway: str          # the bridge address in the subnet, e.g. "10.244.3.1"
-    mtu: int              # pod MTU (underlay MTU minus the VXLAN overhead)
-    bridge: str           # the node bridge pods attach to
-    vxlan_device: str     # the node's VXLAN device
+    network: str  # the cluster pod CIDR, e.g. "10.244.0.0/16"
+    subnet: str  # this node's leased pod subnet, e.g. "10.244.3.0/24"
+    gateway: str  # the bridge address in the subnet, e.g. "10.244.3.1"
+    mtu: int  # pod MTU (underlay MTU minus the VXLAN overhead)
+    bridge: str  # the node bridge pods attach to
+    vxlan_device: str  # the node's VXLAN device
     vni: int
-    public_ip: str        # the node's underlay (VTEP) address
-    vtep_mac: str         # the VXLAN device's MAC
+    public_ip: str  # the node's underlay (VTEP) address
+    vtep_mac: str  # the VXLAN device's MAC
     port: int = DEFAULT_VXLAN_PORT
     node_name: str = ""
-    lease_expires: float = 0.0   # 0: unknown (a state file of an older agent)
-    lease_lost: str = ""         # why the node lost its subnet ("" while it holds it)
+    lease_expires: float = 0.0  # 0: unknown (a state file of an older agent)
+    lease_lost: str = ""  # why the node lost its subnet ("" while it holds it)
     # A dual-stack cluster's IPv6 pods (network/subnet/gateway above are then the IPv4 ones; in an IPv6-only
     # cluster they are the IPv6 ones and these stay empty).
     network6: str = ""
@@ -86,24 +93,31 @@ class OverlayState:
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = dict(self.extra)
-        data.update({
-            "network": self.network,
-            "subnet": self.subnet,
-            "gateway": self.gateway,
-            "mtu": self.mtu,
-            "bridge": self.bridge,
-            "vxlanDevice": self.vxlan_device,
-            "vni": self.vni,
-            "port": self.port,
-            "publicIP": self.public_ip,
-            "vtepMAC": self.vtep_mac,
-            "nodeName": self.node_name,
-            "leaseExpires": self.lease_expires,
-            "leaseLost": self.lease_lost,
-        })
-        for key, value in (("ipv6Network", self.network6), ("ipv6Subnet", self.subnet6),
-                           ("ipv6Gateway", self.gateway6), ("ipv6VxlanDevice", self.vxlan_device6),
-                           ("publicIPv6", self.public_ipv6), ("ipv6VtepMAC", self.vtep_mac6)):
+        data.update(
+            {
+                "network": self.network,
+                "subnet": self.subnet,
+                "gateway": self.gateway,
+                "mtu": self.mtu,
+                "bridge": self.bridge,
+                "vxlanDevice": self.vxlan_device,
+                "vni": self.vni,
+                "port": self.port,
+                "publicIP": self.public_ip,
+                "vtepMAC": self.vtep_mac,
+                "nodeName": self.node_name,
+                "leaseExpires": self.lease_expires,
+                "leaseLost": self.lease_lost,
+            }
+        )
+        for key, value in (
+            ("ipv6Network", self.network6),
+            ("ipv6Subnet", self.subnet6),
+            ("ipv6Gateway", self.gateway6),
+            ("ipv6VxlanDevice", self.vxlan_device6),
+            ("publicIPv6", self.public_ipv6),
+            ("ipv6VtepMAC", self.vtep_mac6),
+        ):
             if value:
                 data[key] = value
         return data
@@ -119,20 +133,44 @@ class OverlayState:
     def from_dict(cls, data: Any) -> "OverlayState":
         if not isinstance(data, dict):
             raise OverlayStateError("overlay state must be a JSON object")
-        known = {"network", "subnet", "gateway", "mtu", "bridge", "vxlanDevice", "vni", "port",
-                 "publicIP", "vtepMAC", "nodeName", "leaseExpires", "leaseLost", *_SECOND}
-        missing = [k for k in ("network", "subnet", "gateway", "mtu", "bridge", "vxlanDevice",
-                               "vni", "publicIP", "vtepMAC") if k not in data]
+        known = {
+            "network",
+            "subnet",
+            "gateway",
+            "mtu",
+            "bridge",
+            "vxlanDevice",
+            "vni",
+            "port",
+            "publicIP",
+            "vtepMAC",
+            "nodeName",
+            "leaseExpires",
+            "leaseLost",
+            *_SECOND,
+        }
+        missing = [
+            k
+            for k in ("network", "subnet", "gateway", "mtu", "bridge", "vxlanDevice", "vni", "publicIP", "vtepMAC")
+            if k not in data
+        ]
         if missing:
             raise OverlayStateError(f"overlay state lacks {', '.join(missing)}")
         try:
             return cls(
-                network=data["network"], subnet=data["subnet"], gateway=data["gateway"],
-                mtu=data["mtu"], bridge=data["bridge"], vxlan_device=data["vxlanDevice"],
-                vni=data["vni"], port=data.get("port", DEFAULT_VXLAN_PORT),
-                public_ip=data["publicIP"], vtep_mac=data["vtepMAC"],
+                network=data["network"],
+                subnet=data["subnet"],
+                gateway=data["gateway"],
+                mtu=data["mtu"],
+                bridge=data["bridge"],
+                vxlan_device=data["vxlanDevice"],
+                vni=data["vni"],
+                port=data.get("port", DEFAULT_VXLAN_PORT),
+                public_ip=data["publicIP"],
+                vtep_mac=data["vtepMAC"],
                 node_name=data.get("nodeName", ""),
-                lease_expires=data.get("leaseExpires", 0.0), lease_lost=data.get("leaseLost", ""),
+                lease_expires=data.get("leaseExpires", 0.0),
+                lease_lost=data.get("leaseLost", ""),
                 **{name: data.get(key, "") for key, name in _SECOND.items()},
                 extra={k: v for k, v in data.items() if k not in known},
             )
@@ -142,25 +180,45 @@ class OverlayState:
             raise OverlayStateError(f"invalid overlay state: {exc}") from None
 
 
-_SECOND = {"ipv6Network": "network6", "ipv6Subnet": "subnet6", "ipv6Gateway": "gateway6",
-           "ipv6VxlanDevice": "vxlan_device6", "publicIPv6": "public_ipv6", "ipv6VtepMAC": "vtep_mac6"}
+_SECOND = {
+    "ipv6Network": "network6",
+    "ipv6Subnet": "subnet6",
+    "ipv6Gateway": "gateway6",
+    "ipv6VxlanDevice": "vxlan_device6",
+    "publicIPv6": "public_ipv6",
+    "ipv6VtepMAC": "vtep_mac6",
+}
 
 
 def validate_state(state: OverlayState) -> None:
     """Raise OverlayStateError unless every field is well formed and consistent."""
+
     def fail(msg: str) -> None:
         raise OverlayStateError(f"invalid overlay state: {msg}")
 
-    for name in ("network", "subnet", "gateway", "bridge", "vxlan_device", "public_ip", "vtep_mac",
-                 "node_name", "lease_lost", *_SECOND.values()):
+    for name in (
+        "network",
+        "subnet",
+        "gateway",
+        "bridge",
+        "vxlan_device",
+        "public_ip",
+        "vtep_mac",
+        "node_name",
+        "lease_lost",
+        *_SECOND.values(),
+    ):
         if not isinstance(getattr(state, name), str):
             fail(f"{name} must be a string")
     for name in ("mtu", "vni", "port"):
         value = getattr(state, name)
         if not isinstance(value, int) or isinstance(value, bool):
             fail(f"{name} must be an integer")
-    if isinstance(state.lease_expires, bool) or not isinstance(state.lease_expires, (int, float)) \
-            or not 0 <= state.lease_expires < 1e11:
+    if (
+        isinstance(state.lease_expires, bool)
+        or not isinstance(state.lease_expires, (int, float))
+        or not 0 <= state.lease_expires < 1e11
+    ):
         fail("leaseExpires must be a time in seconds since the epoch")
     if len(state.lease_lost) > 4096:
         fail("leaseLost is too long")
@@ -219,8 +277,10 @@ def lease_problem(state: OverlayState, now: float | None = None) -> str:
     now = time.time() if now is None else now
     if state.lease_expires and now > state.lease_expires:
         ago = now - state.lease_expires
-        return (f"this node's lease of {subnets} lapsed {ago:.0f} s ago: the node agent has not renewed it "
-                f"(is it running, and can it reach the cluster store?)")
+        return (
+            f"this node's lease of {subnets} lapsed {ago:.0f} s ago: the node agent has not renewed it "
+            f"(is it running, and can it reach the cluster store?)"
+        )
     return ""
 
 
@@ -242,7 +302,9 @@ def _ensure_dir(state_dir: str) -> None:
         logging.getLogger("pycni.state").warning(
             "tightened the state directory %s to mode %04o: only root may read or write the node's overlay "
             "state (older versions made it 0755)",
-            state_dir, DIR_MODE)
+            state_dir,
+            DIR_MODE,
+        )
 
 
 def write_state(state_dir: str, state: OverlayState) -> str:
@@ -259,8 +321,11 @@ def read_state(state_dir: str) -> Optional[OverlayState]:
     """The node's overlay state, or None when no agent has written one (yet)."""
     path = state_path(state_dir)
     try:
-        dir_fd = open_trusted_dir(state_dir, f"only root may write the node's overlay state: check what is in "
-                                             f"it, then `chown root:root {state_dir} && chmod 0700 {state_dir}`")
+        dir_fd = open_trusted_dir(
+            state_dir,
+            f"only root may write the node's overlay state: check what is in "
+            f"it, then `chown root:root {state_dir} && chmod 0700 {state_dir}`",
+        )
     except UntrustedPath as exc:
         raise OverlayStateError(f"refusing the state directory: {exc}") from None
     except OSError as exc:
@@ -268,9 +333,13 @@ def read_state(state_dir: str) -> Optional[OverlayState]:
     if dir_fd is None:
         return None
     try:
-        raw = read_regular_file(STATE_FILE, MAX_STATE_BYTES, dir_fd=dir_fd,
-                                trusted=f"only root may write it: remove {path} and restart the node agent, "
-                                        f"which writes it again (mode 0600)")
+        raw = read_regular_file(
+            STATE_FILE,
+            MAX_STATE_BYTES,
+            dir_fd=dir_fd,
+            trusted=f"only root may write it: remove {path} and restart the node agent, "
+            f"which writes it again (mode 0600)",
+        )
     except UntrustedPath as exc:
         raise OverlayStateError(f"refusing the overlay state: {path} {exc.problem}: {exc.fix}") from None
     except NotRegularFile:

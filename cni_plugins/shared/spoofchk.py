@@ -7,6 +7,7 @@ Chain names derive from a hash of network, container ID and interface, and
 every rule's comment carries a tag of the network and that hash, so DEL finds
 one attachment's rules without its namespace and GC finds a network's stale ones.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -17,7 +18,7 @@ from cni_plugins.spec.errors import ERR_INTERNAL, CNIError
 TABLE = "nat"
 BASE = "PREROUTING"
 _CHAIN_PREFIX = "cni_br_iface_"
-_UNSAFE = set('"\\;{}#$ \t\n\'')
+_UNSAFE = set("\"\\;{}#$ \t\n'")
 
 
 def _digest(text: str, length: int) -> str:
@@ -59,10 +60,11 @@ def setup(network: str, container_id: str, ifname: str, host_iface: str, mac: st
         f"}}\n"
         f"flush chain bridge {TABLE} {chain}\n"
         f"flush chain bridge {TABLE} {mac_chain}\n"
-        f"add rule bridge {TABLE} {BASE} iifname \"{host_iface}\" jump {chain} comment {note}\n"
+        f'add rule bridge {TABLE} {BASE} iifname "{host_iface}" jump {chain} comment {note}\n'
         f"add rule bridge {TABLE} {chain} jump {mac_chain} comment {note}\n"
         f"add rule bridge {TABLE} {mac_chain} ether saddr {mac.lower()} return comment {note}\n"
-        f"add rule bridge {TABLE} {mac_chain} drop comment {note}\n")
+        f"add rule bridge {TABLE} {mac_chain} drop comment {note}\n"
+    )
 
 
 def _installed() -> tuple[list[dict[str, Any]], set[str]] | None:
@@ -87,7 +89,7 @@ def _jump_handles(base_rules: list[dict[str, Any]]) -> dict[str, list[int]]:
         for stmt in rule.get("expr", []):
             target = stmt.get("jump", {}).get("target", "")
             if target.startswith(_CHAIN_PREFIX):
-                jumps.setdefault(target[len(_CHAIN_PREFIX):], []).append(int(rule["handle"]))
+                jumps.setdefault(target[len(_CHAIN_PREFIX) :], []).append(int(rule["handle"]))
     return jumps
 
 

@@ -1,4 +1,5 @@
 """Rollback as data: what a failing ADD must take back, newest first."""
+
 from __future__ import annotations
 
 from typing import Any, Callable

@@ -1,4 +1,5 @@
 """Parsing of CNI_ARGS ("K1=V1;K2=V2") with the reference's IgnoreUnknown rule."""
+
 from __future__ import annotations
 
 from cni_plugins.spec.errors import ERR_INVALID_ENV, CNIError
@@ -28,8 +29,11 @@ def split_cni_args(raw: str, allow_empty_value: bool = True) -> list[tuple[str, 
             continue
         key, sep, value = item.partition("=")
         if not sep or "=" in value or not key or (not value and not allow_empty_value):
-            raise CNIError(ERR_INVALID_ENV, f"CNI_ARGS: invalid pair {item!r}",
-                           "CNI_ARGS is KEY=VALUE pairs separated by ';', e.g. IP=10.1.0.5;IgnoreUnknown=1")
+            raise CNIError(
+                ERR_INVALID_ENV,
+                f"CNI_ARGS: invalid pair {item!r}",
+                "CNI_ARGS is KEY=VALUE pairs separated by ';', e.g. IP=10.1.0.5;IgnoreUnknown=1",
+            )
         pairs.append((key, value))
     return pairs
 
@@ -53,6 +57,9 @@ def load_args(raw: str, known: set[str] | frozenset[str]) -> dict[str, str]:
         if key in known:
             out[key] = value
         elif not ignore_unknown:
-            raise CNIError(ERR_INVALID_ENV, f"CNI_ARGS: unknown argument {key!r}",
-                           "set IgnoreUnknown=1 in CNI_ARGS to let the plugin skip arguments it does not use")
+            raise CNIError(
+                ERR_INVALID_ENV,
+                f"CNI_ARGS: unknown argument {key!r}",
+                "set IgnoreUnknown=1 in CNI_ARGS to let the plugin skip arguments it does not use",
+            )
     return out

@@ -17,6 +17,7 @@ linear time. Every refusal is a ValueError whose message says what was wrong.
 
     doc = loads(entry.value, max_bytes=4096, max_depth=8)
 """
+
 from __future__ import annotations
 
 import json

@@ -16,6 +16,7 @@ module); the skeleton decodes with it, and the plugin reads plain dicts whose
 known keys have their canonical spelling and the right types.
 ``get_field`` remains for reading a decoded mapping with a default.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -23,8 +24,14 @@ from typing import Any, Callable, Mapping, Union
 
 from cni_plugins.spec.errors import ERR_DECODE, ERR_INVALID_CONFIG, CNIError
 
-_WHAT = {int: "an integer", bool: "true or false", str: "a string", list: "a list", dict: "an object",
-         float: "a number"}
+_WHAT = {
+    int: "an integer",
+    bool: "true or false",
+    str: "a string",
+    list: "a list",
+    dict: "an object",
+    float: "a number",
+}
 
 
 class AnyValue:
@@ -60,11 +67,18 @@ class Schema:
 Spec = Union[type, Schema, ListOf, AnyValue]
 
 # The keys every network configuration may carry (the spec's, and what runtimes inject).
-COMMON = Schema({
-    "cniVersion": str, "name": str, "type": str, "prevResult": ANY, "capabilities": dict,
-    "runtimeConfig": Schema(), "args": Schema(), "dns": Schema({
-        "nameservers": ListOf(str), "domain": str, "search": ListOf(str), "options": ListOf(str)}),
-})
+COMMON = Schema(
+    {
+        "cniVersion": str,
+        "name": str,
+        "type": str,
+        "prevResult": ANY,
+        "capabilities": dict,
+        "runtimeConfig": Schema(),
+        "args": Schema(),
+        "dns": Schema({"nameservers": ListOf(str), "domain": str, "search": ListOf(str), "options": ListOf(str)}),
+    }
+)
 
 
 def json_type(value: Any) -> str:
@@ -102,16 +116,21 @@ class _Dropped(Exception):
     pass
 
 
-def decode(conf: Mapping[str, Any], schema: Schema, *, lenient: bool = False,
-           warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+def decode(
+    conf: Mapping[str, Any], schema: Schema, *, lenient: bool = False, warn: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """``conf`` with known keys in canonical spelling, nulls removed, types checked (see module doc)."""
+
     def bad(path: str, spec: Spec, value: Any) -> Any:
         if lenient:
             if warn is not None:
                 warn(f"ignoring {path}: it must be {_describe(spec)}, got {json_type(value)}")
             raise _Dropped
-        raise CNIError(ERR_INVALID_CONFIG, f"{path} must be {_describe(spec)}, got {json_type(value)}",
-                       f"fix the option {path!r} in the network configuration")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            f"{path} must be {_describe(spec)}, got {json_type(value)}",
+            f"fix the option {path!r} in the network configuration",
+        )
 
     def value_of(spec: Spec, value: Any, path: str) -> Any:
         if isinstance(spec, AnyValue):
@@ -155,14 +174,14 @@ def decode(conf: Mapping[str, Any], schema: Schema, *, lenient: bool = False,
     return obj(schema, conf, "")
 
 
-def get_field(conf: Mapping[str, Any], key: str, kind: type, default: Any = None, *, where: str = "",
-              code: int = ERR_DECODE) -> Any:
+def get_field(
+    conf: Mapping[str, Any], key: str, kind: type, default: Any = None, *, where: str = "", code: int = ERR_DECODE
+) -> Any:
     """``conf[key]`` checked to be of ``kind``; ``default`` when absent or null."""
     value = conf.get(key)
     if value is None:
         return default
     if not is_kind(value, kind):
         name = f"{where}.{key}" if where else key
-        raise CNIError(code, f"failed to load netconf: {name} must be {_WHAT.get(kind, kind.__name__)}, "
-                       f"got {value!r}")
+        raise CNIError(code, f"failed to load netconf: {name} must be {_WHAT.get(kind, kind.__name__)}, got {value!r}")
     return value

@@ -3,6 +3,7 @@
 Codes are the ones the CNI specification (1.1.0) reserves; plugins may add
 their own from 100 upwards.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,4 +45,3 @@ class CNIError(Exception):
         if self.details:
             return f"{self.msg}; {self.details}"
         return self.msg
-

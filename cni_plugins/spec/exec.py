@@ -14,6 +14,7 @@ means the namespace the caller passed. Anything else raises ``ExecRefused``
 and the caller runs the whole request in its own process. The cold path (a
 plugin process the runtime started) has no policy and no such limits.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,8 @@ class ExecRefused(BaseException):
 class ExecPolicy:
     """What a request the agent serves may execute, and the CNI_NETNS a delegate gets."""
 
-    allowed_dirs: tuple[str, ...]   # real paths of the directories delegates may come from
-    caller_netns: str = ""          # CNI_NETNS as the caller gave it ("" when it was not replaced)
+    allowed_dirs: tuple[str, ...]  # real paths of the directories delegates may come from
+    caller_netns: str = ""  # CNI_NETNS as the caller gave it ("" when it was not replaced)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> ExecPolicy | None:
@@ -71,8 +72,10 @@ class ExecPolicy:
         real = os.path.realpath(directory or ".")
         if real not in self.allowed_dirs:
             allowed = ", ".join(self.allowed_dirs) or "none"
-            raise ExecRefused(f"{path} is outside the directories the pycni agent may execute plugins from "
-                              f"({allowed}; see pycni agent --cni-bin-dir)")
+            raise ExecRefused(
+                f"{path} is outside the directories the pycni agent may execute plugins from "
+                f"({allowed}; see pycni agent --cni-bin-dir)"
+            )
         return os.path.join(real, name)
 
     def child_request(self, netns: str, conf: dict[str, Any], stdin: bytes) -> tuple[str, bytes]:
@@ -89,11 +92,15 @@ class ExecPolicy:
         try:
             here, passed = os.stat(self.caller_netns), os.stat(netns)
         except OSError as exc:
-            raise ExecRefused(f"CNI_NETNS {self.caller_netns} cannot be handed to a delegated plugin: "
-                              f"the agent cannot see it ({exc.strerror})") from None
+            raise ExecRefused(
+                f"CNI_NETNS {self.caller_netns} cannot be handed to a delegated plugin: "
+                f"the agent cannot see it ({exc.strerror})"
+            ) from None
         if (here.st_dev, here.st_ino) != (passed.st_dev, passed.st_ino):
-            raise ExecRefused(f"CNI_NETNS {self.caller_netns} is another namespace for the agent than for the "
-                              f"caller: a delegated plugin would act on the wrong one")
+            raise ExecRefused(
+                f"CNI_NETNS {self.caller_netns} is another namespace for the agent than for the "
+                f"caller: a delegated plugin would act on the wrong one"
+            )
         replaced = replace_sandbox(conf, netns, self.caller_netns)
         return self.caller_netns, stdin if replaced is None else json.dumps(replaced).encode()
 
@@ -131,8 +138,11 @@ class PluginError(CNIError):
 def check_plugin_name(name: str, what: str = "plugin type") -> None:
     """A plugin name is a plain file name: no path separators, not '.' or '..' (CVE-2021-20206 class)."""
     if not name or "/" in name or "\\" in name or name in (".", ".."):
-        raise CNIError(ERR_INVALID_CONFIG, f"invalid {what} {name!r}",
-                       "a plugin type is the plain file name of an executable in CNI_PATH")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            f"invalid {what} {name!r}",
+            "a plugin type is the plain file name of an executable in CNI_PATH",
+        )
 
 
 def find_executable(name: str, path_dirs: list[str]) -> str | None:
@@ -148,14 +158,19 @@ def find_plugin(name: str, path_dirs: list[str]) -> str:
     """The executable for plugin type ``name`` in CNI_PATH, or the spec's error."""
     check_plugin_name(name)
     if not path_dirs:
-        raise CNIError(ERR_INVALID_CONFIG, f"failed to find plugin {name!r}: CNI_PATH is empty",
-                       "set CNI_PATH to the directories holding the plugin executables")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            f"failed to find plugin {name!r}: CNI_PATH is empty",
+            "set CNI_PATH to the directories holding the plugin executables",
+        )
     found = find_executable(name, path_dirs)
     if found:
         return found
-    raise CNIError(ERR_INVALID_CONFIG, f"failed to find plugin {name!r} in path {path_dirs}",
-                   "install the plugin into a CNI_PATH directory (`pycni install --cni-bin-dir DIR`) "
-                   "or fix the plugin type")
+    raise CNIError(
+        ERR_INVALID_CONFIG,
+        f"failed to find plugin {name!r} in path {path_dirs}",
+        "install the plugin into a CNI_PATH directory (`pycni install --cni-bin-dir DIR`) or fix the plugin type",
+    )
 
 
 def plugin_environment(base: Mapping[str, str], command: str, cni: Mapping[str, str | None]) -> dict[str, str]:
@@ -175,8 +190,7 @@ def error_from_output(plugin: str, returncode: int, stdout: bytes, stderr: bytes
     except ValueError:
         parsed = None
     if isinstance(parsed, dict) and isinstance(parsed.get("code"), int) and "msg" in parsed:
-        return PluginError(parsed["code"], str(parsed.get("msg", "")), str(parsed.get("details", "") or ""),
-                           plugin)
+        return PluginError(parsed["code"], str(parsed.get("msg", "")), str(parsed.get("details", "") or ""), plugin)
     tail = stderr.decode(errors="replace").strip()[-OUTPUT_TAIL:]
     how = f"killed by signal {-returncode}" if returncode < 0 else f"exited with status {returncode}"
     details = f"stderr: {tail}" if tail else "it wrote nothing to stderr"
@@ -185,20 +199,25 @@ def error_from_output(plugin: str, returncode: int, stdout: bytes, stderr: bytes
     return PluginError(ERR_INTERNAL, f"{how} without a CNI error object on stdout", details, plugin)
 
 
-def run_plugin(path: str, command: str, env: Mapping[str, str], stdin: bytes,
-               timeout: float | None) -> tuple[bytes, bytes]:
+def run_plugin(
+    path: str, command: str, env: Mapping[str, str], stdin: bytes, timeout: float | None
+) -> tuple[bytes, bytes]:
     """Run one plugin process; return (stdout, stderr) or raise PluginError."""
     name = os.path.basename(path)
     try:
-        proc = subprocess.run([path], input=stdin, env=dict(env), capture_output=True,
-                              timeout=timeout, check=False)
+        proc = subprocess.run([path], input=stdin, env=dict(env), capture_output=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
-        raise PluginError(ERR_TRY_AGAIN, f"did not answer {command} within {timeout:g} s",
-                          "it may be waiting on a lock held by another request; try again",
-                          plugin=name, command=command) from None
+        raise PluginError(
+            ERR_TRY_AGAIN,
+            f"did not answer {command} within {timeout:g} s",
+            "it may be waiting on a lock held by another request; try again",
+            plugin=name,
+            command=command,
+        ) from None
     except OSError as exc:
-        raise PluginError(ERR_INTERNAL, f"cannot execute {path}: {exc.strerror}",
-                          plugin=name, command=command) from None
+        raise PluginError(
+            ERR_INTERNAL, f"cannot execute {path}: {exc.strerror}", plugin=name, command=command
+        ) from None
     if proc.returncode != 0:
         error = error_from_output(name, proc.returncode, proc.stdout, proc.stderr)
         error.command = command

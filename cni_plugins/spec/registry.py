@@ -10,6 +10,7 @@ call the same code in-process with identical results.
 Nothing here imports a plugin module until ``funcs`` is called, so this
 module sits in the contract layer without pointing up at the plugins.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -5,6 +5,7 @@ take a ``CmdArgs`` and return a ``Result`` (or nothing). ``dispatch`` does the
 validation the spec and the reference skeleton do and turns every failure
 into the spec's error object, so it can also serve requests in-process.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,25 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from cni_plugins.spec.errors import (ERR_DECODE, ERR_INCOMPATIBLE_VERSION, ERR_INTERNAL, ERR_INVALID_CONFIG,
-                     ERR_INVALID_ENV, ERR_INVALID_NETNS, ERR_IO, ERR_UNKNOWN_CONTAINER, CNIError)
-from cni_plugins.spec.version import (CURRENT_VERSION, SUPPORTED_VERSIONS, at_least, config_version,
-                      require_supported, version_info)
+from cni_plugins.spec.errors import (
+    ERR_DECODE,
+    ERR_INCOMPATIBLE_VERSION,
+    ERR_INTERNAL,
+    ERR_INVALID_CONFIG,
+    ERR_INVALID_ENV,
+    ERR_INVALID_NETNS,
+    ERR_IO,
+    ERR_UNKNOWN_CONTAINER,
+    CNIError,
+)
+from cni_plugins.spec.version import (
+    CURRENT_VERSION,
+    SUPPORTED_VERSIONS,
+    at_least,
+    config_version,
+    require_supported,
+    version_info,
+)
 
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
 # Which environment variables each command needs (the spec's table).
@@ -97,10 +113,21 @@ class CmdArgs:
         """The same request with another configuration (and command): what a delegated plugin gets."""
         import json
 
-        return CmdArgs(command=command or self.command, container_id=self.container_id, netns=self.netns,
-                       ifname=self.ifname, args=self.args, path=self.path, stdin_data=json.dumps(conf).encode(),
-                       conf=conf, cni_version=config_version(conf), netns_override=self.netns_override,
-                       environ=self.environ, diagnostics=self.diagnostics, timeout=self.timeout)
+        return CmdArgs(
+            command=command or self.command,
+            container_id=self.container_id,
+            netns=self.netns,
+            ifname=self.ifname,
+            args=self.args,
+            path=self.path,
+            stdin_data=json.dumps(conf).encode(),
+            conf=conf,
+            cni_version=config_version(conf),
+            netns_override=self.netns_override,
+            environ=self.environ,
+            diagnostics=self.diagnostics,
+            timeout=self.timeout,
+        )
 
 
 PluginFunc = Callable[[CmdArgs], Any]
@@ -141,8 +168,9 @@ class PluginFuncs:
 
     def func(self, command: str) -> PluginFunc | None:
         """The function serving ``command`` (None: the plugin has nothing to do for it)."""
-        explicit = {"ADD": self.add, "DEL": self.delete, "CHECK": self.check,
-                    "GC": self.gc, "STATUS": self.status}[command]
+        explicit = {"ADD": self.add, "DEL": self.delete, "CHECK": self.check, "GC": self.gc, "STATUS": self.status}[
+            command
+        ]
         if explicit is not None or not self.module:
             return explicit
         import importlib
@@ -152,26 +180,31 @@ class PluginFuncs:
 
 # ---- validation ----------------------------------------------------------
 
+
 def validate_container_id(container_id: str) -> None:
     if not container_id:
-        raise CNIError(ERR_UNKNOWN_CONTAINER, "missing containerID",
-                       "set CNI_CONTAINERID to the container's ID")
+        raise CNIError(ERR_UNKNOWN_CONTAINER, "missing containerID", "set CNI_CONTAINERID to the container's ID")
     if not _NAME_RE.fullmatch(container_id):
         raise CNIError(ERR_INVALID_ENV, "invalid characters in containerID", repr(container_id))
     if len(container_id) > MAX_CONTAINER_ID:
-        raise CNIError(ERR_INVALID_ENV, "containerID is too long",
-                       f"it has {len(container_id)} characters; pycni accepts at most {MAX_CONTAINER_ID}")
+        raise CNIError(
+            ERR_INVALID_ENV,
+            "containerID is too long",
+            f"it has {len(container_id)} characters; pycni accepts at most {MAX_CONTAINER_ID}",
+        )
 
 
 def validate_network_name(name: Any) -> None:
     if not name:
-        raise CNIError(ERR_INVALID_CONFIG, "missing network name",
-                       "the network configuration needs a 'name'")
+        raise CNIError(ERR_INVALID_CONFIG, "missing network name", "the network configuration needs a 'name'")
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise CNIError(ERR_INVALID_CONFIG, "invalid characters found in network name", repr(name))
     if len(name) > MAX_NETWORK_NAME:
-        raise CNIError(ERR_INVALID_CONFIG, "network name is too long",
-                       f"it has {len(name)} characters; pycni accepts at most {MAX_NETWORK_NAME}")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            "network name is too long",
+            f"it has {len(name)} characters; pycni accepts at most {MAX_NETWORK_NAME}",
+        )
 
 
 def interface_name_problem(name: str) -> str | None:
@@ -198,8 +231,11 @@ def validate_link_name(name: str, option: str) -> None:
     """An interface name given in the configuration (a configuration error, code 7)."""
     problem = interface_name_problem(name)
     if problem:
-        raise CNIError(ERR_INVALID_CONFIG, f"invalid {option} {name!r}: {problem}",
-                       "an interface name has at most 15 bytes, is not . or .., and has no '/', ':' or spaces")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            f"invalid {option} {name!r}: {problem}",
+            "an interface name has at most 15 bytes, is not . or .., and has no '/', ':' or spaces",
+        )
 
 
 MAX_DEPTH = 64  # nesting deeper than any configuration needs is refused, not recursed into
@@ -219,14 +255,21 @@ def parse_config(stdin_data: bytes) -> dict[str, Any]:
             raise ValueError("a byte-order mark is not valid JSON")
         conf = json.loads(text, parse_constant=_no_constant)
     except RecursionError:
-        raise CNIError(ERR_DECODE, "error decoding network config: nesting too deep",
-                       f"a network configuration nests at most {MAX_DEPTH} levels") from None
+        raise CNIError(
+            ERR_DECODE,
+            "error decoding network config: nesting too deep",
+            f"a network configuration nests at most {MAX_DEPTH} levels",
+        ) from None
     except ValueError as exc:
-        raise CNIError(ERR_DECODE, f"error decoding network config: {exc}",
-                       "stdin must hold the network configuration as a JSON object") from None
+        raise CNIError(
+            ERR_DECODE,
+            f"error decoding network config: {exc}",
+            "stdin must hold the network configuration as a JSON object",
+        ) from None
     if not isinstance(conf, dict):
-        raise CNIError(ERR_DECODE, "error decoding network config: expected a JSON object",
-                       f"got {type(conf).__name__}")
+        raise CNIError(
+            ERR_DECODE, "error decoding network config: expected a JSON object", f"got {type(conf).__name__}"
+        )
     check_strings(conf)
     return conf
 
@@ -248,19 +291,28 @@ def check_strings(conf: Any) -> None:
     while stack:
         value, path, depth = stack.pop()
         if depth > MAX_DEPTH:
-            raise CNIError(ERR_DECODE, "error decoding network config: nesting too deep",
-                           f"{path or 'the document'} nests deeper than {MAX_DEPTH} levels")
+            raise CNIError(
+                ERR_DECODE,
+                "error decoding network config: nesting too deep",
+                f"{path or 'the document'} nests deeper than {MAX_DEPTH} levels",
+            )
         if isinstance(value, str):
             why = _bad_string(value)
             if why:
-                raise CNIError(ERR_INVALID_CONFIG, f"invalid string at {path or 'top level'}: {why}",
-                               "configuration strings must be valid UTF-8 text without NUL")
+                raise CNIError(
+                    ERR_INVALID_CONFIG,
+                    f"invalid string at {path or 'top level'}: {why}",
+                    "configuration strings must be valid UTF-8 text without NUL",
+                )
         elif isinstance(value, dict):
             for key, item in value.items():
                 why = _bad_string(key)
                 if why:
-                    raise CNIError(ERR_INVALID_CONFIG, f"invalid key in {path or 'top level'}: {why}",
-                                   "configuration keys must be valid UTF-8 text without NUL")
+                    raise CNIError(
+                        ERR_INVALID_CONFIG,
+                        f"invalid key in {path or 'top level'}: {why}",
+                        "configuration keys must be valid UTF-8 text without NUL",
+                    )
                 stack.append((item, f"{path}.{key}" if path else key, depth + 1))
         elif isinstance(value, list):
             stack.extend((item, f"{path}[{n}]", depth + 1) for n, item in enumerate(value))
@@ -278,10 +330,12 @@ def gc_attachments(conf: Mapping[str, Any]) -> list[tuple[str, str]]:
         raise CNIError(ERR_INVALID_CONFIG, f"{key} must be a list of attachments")
     out = []
     for n, item in enumerate(raw):
-        if (not isinstance(item, dict) or not isinstance(item.get("containerID"), str)
-                or not isinstance(item.get("ifname"), str)):
-            raise CNIError(ERR_INVALID_CONFIG, f"{key}[{n}] must be an object with string "
-                           "'containerID' and 'ifname'")
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("containerID"), str)
+            or not isinstance(item.get("ifname"), str)
+        ):
+            raise CNIError(ERR_INVALID_CONFIG, f"{key}[{n}] must be an object with string 'containerID' and 'ifname'")
         out.append((item["containerID"], item["ifname"]))
     return out
 
@@ -297,6 +351,7 @@ def _same_netns_as_plugin(path: str) -> bool:
 
 # ---- dispatch -----------------------------------------------------------
 
+
 @dataclass
 class Outcome:
     exit_code: int
@@ -308,19 +363,26 @@ def read_request(environ: Mapping[str, str], stdin_data: bytes) -> CmdArgs:
     """Turn the environment and stdin into a validated CmdArgs (or raise CNIError)."""
     command = environ.get("CNI_COMMAND", "")
     if not command:
-        raise CNIError(ERR_INVALID_ENV, "required env variables [CNI_COMMAND] missing",
-                       f"set CNI_COMMAND to one of {', '.join(COMMANDS)}")
+        raise CNIError(
+            ERR_INVALID_ENV,
+            "required env variables [CNI_COMMAND] missing",
+            f"set CNI_COMMAND to one of {', '.join(COMMANDS)}",
+        )
     if command not in COMMANDS:
-        raise CNIError(ERR_INVALID_ENV, f"unknown CNI_COMMAND: {command}",
-                       f"CNI_COMMAND must be one of {', '.join(COMMANDS)}")
+        raise CNIError(
+            ERR_INVALID_ENV, f"unknown CNI_COMMAND: {command}", f"CNI_COMMAND must be one of {', '.join(COMMANDS)}"
+        )
     for name in ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH"):
         why = _bad_string(environ.get(name, ""))
         if why:
             raise CNIError(ERR_INVALID_ENV, f"{name} {why}", "CNI environment values must be valid UTF-8 text")
     missing = [name for name in _REQUIRED_ENV[command] if not environ.get(name)]
     if missing:
-        raise CNIError(ERR_INVALID_ENV, f"required env variables [{','.join(missing)}] missing",
-                       f"{command} needs {', '.join(_REQUIRED_ENV[command])}")
+        raise CNIError(
+            ERR_INVALID_ENV,
+            f"required env variables [{','.join(missing)}] missing",
+            f"{command} needs {', '.join(_REQUIRED_ENV[command])}",
+        )
     override = environ.get("CNI_NETNS_OVERRIDE", "").lower() in ("1", "true")
     req = CmdArgs(
         command=command,
@@ -347,8 +409,11 @@ def read_request(environ: Mapping[str, str], stdin_data: bytes) -> CmdArgs:
 def _check_version(req: CmdArgs, funcs: PluginFuncs) -> None:
     minimum = _MIN_VERSION.get(req.command)
     if minimum and not at_least(req.cni_version, minimum):
-        raise CNIError(ERR_INCOMPATIBLE_VERSION, f"config version does not allow {req.command}",
-                       f"{req.command} needs cniVersion {minimum} or later; the config has {req.cni_version}")
+        raise CNIError(
+            ERR_INCOMPATIBLE_VERSION,
+            f"config version does not allow {req.command}",
+            f"{req.command} needs cniVersion {minimum} or later; the config has {req.cni_version}",
+        )
     require_supported(req.cni_version, funcs.supported_versions)
 
 
@@ -360,8 +425,11 @@ def run_command(req: CmdArgs, funcs: PluginFuncs) -> Any:
     """
     _check_version(req, funcs)
     if req.command in ("ADD", "CHECK") and not req.netns_override and _same_netns_as_plugin(req.netns):
-        raise CNIError(ERR_INVALID_NETNS, "plugin's netns and netns from CNI_NETNS should not be the same",
-                       f"CNI_NETNS={req.netns} is the namespace the plugin runs in; give the container's")
+        raise CNIError(
+            ERR_INVALID_NETNS,
+            "plugin's netns and netns from CNI_NETNS should not be the same",
+            f"CNI_NETNS={req.netns} is the namespace the plugin runs in; give the container's",
+        )
     func = funcs.func(req.command)
     if func is None:
         return None  # an optional command the plugin has nothing to do for (add and delete are required)
@@ -464,4 +532,5 @@ def prev_result(req: CmdArgs):
     if raw is None:
         return None
     from cni_plugins.spec.types import Result
+
     return Result.from_dict(raw, req.cni_version)

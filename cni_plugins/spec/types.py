@@ -9,6 +9,7 @@ version's JSON, ``Result.to_dict`` writes any version's JSON:
 * 1.1.0: adds interface ``mtu``/``socketPath``/``pciID`` and route
   ``mtu``/``advmss``/``priority``/``table``/``scope``.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -232,8 +233,11 @@ class Result:
             raise _decode_error("result: expected a JSON object")
         version = version or d.get("cniVersion") or "0.1.0"
         if version not in SUPPORTED_VERSIONS:
-            raise CNIError(ERR_INCOMPATIBLE_VERSION, f"unsupported result version {version!r}",
-                           f"supported versions are {list(SUPPORTED_VERSIONS)}")
+            raise CNIError(
+                ERR_INCOMPATIBLE_VERSION,
+                f"unsupported result version {version!r}",
+                f"supported versions are {list(SUPPORTED_VERSIONS)}",
+            )
         if is_legacy(version):
             return cls._from_legacy(d, version)
         interfaces = d.get("interfaces") or []
@@ -263,10 +267,12 @@ class Result:
                 continue
             if not isinstance(block, dict):
                 raise _decode_error(f"result.{key}: expected an object")
-            result.ips.append(IPConfig(
-                address=_cidr(block.get("ip"), f"{key}.ip"),
-                gateway=_ip(block.get("gateway"), f"{key}.gateway"),
-            ))
+            result.ips.append(
+                IPConfig(
+                    address=_cidr(block.get("ip"), f"{key}.ip"),
+                    gateway=_ip(block.get("gateway"), f"{key}.gateway"),
+                )
+            )
             routes = block.get("routes") or []
             if not isinstance(routes, list):
                 raise _decode_error(f"{key}.routes: expected a list")
@@ -285,8 +291,11 @@ class Result:
     def to_dict(self, version: str | None = None) -> dict[str, Any]:
         version = version or self.cni_version
         if version not in SUPPORTED_VERSIONS:
-            raise CNIError(ERR_INCOMPATIBLE_VERSION, f"cannot write a result in version {version!r}",
-                           f"supported versions are {list(SUPPORTED_VERSIONS)}")
+            raise CNIError(
+                ERR_INCOMPATIBLE_VERSION,
+                f"cannot write a result in version {version!r}",
+                f"supported versions are {list(SUPPORTED_VERSIONS)}",
+            )
         if is_legacy(version):
             return self._to_legacy(version)
         out: dict[str, Any] = {"cniVersion": version}
@@ -309,9 +318,11 @@ class Result:
                 block["gateway"] = ip.gateway
             blocks[ip.family] = block
         if not blocks:
-            raise CNIError(ERR_INCOMPATIBLE_VERSION,
-                           f"cannot convert result to version {version}: it has no IP address",
-                           "0.1.0 and 0.2.0 results need at least one address")
+            raise CNIError(
+                ERR_INCOMPATIBLE_VERSION,
+                f"cannot convert result to version {version}: it has no IP address",
+                "0.1.0 and 0.2.0 results need at least one address",
+            )
         for route in self.routes:
             block = blocks.get(route.family)
             if block is not None:

@@ -1,4 +1,5 @@
 """CNI specification versions: which exist, how to compare them, what each allows."""
+
 from __future__ import annotations
 
 from cni_plugins.spec.errors import ERR_DECODE, ERR_INCOMPATIBLE_VERSION, CNIError

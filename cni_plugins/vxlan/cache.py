@@ -18,6 +18,7 @@ group or others is refused with an I/O error (code 5) that names it and what
 to do. A root-owned cache directory left at 0755 by an older version is
 tightened to 0700 when the plugin next writes to it. Standard library only.
 """
+
 from __future__ import annotations
 
 import errno
@@ -27,8 +28,15 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from cni_plugins.kernel.files import (NotRegularFile, UntrustedPath, ensure_private_dir, open_trusted_dir,
-                                     read_regular_file, remove_orphaned_temps, write_atomically)
+from cni_plugins.kernel.files import (
+    NotRegularFile,
+    UntrustedPath,
+    ensure_private_dir,
+    open_trusted_dir,
+    read_regular_file,
+    remove_orphaned_temps,
+    write_atomically,
+)
 from cni_plugins.spec.errors import ERR_IO, CNIError
 
 SUBDIR = "vxlan"
@@ -76,14 +84,20 @@ def _open_dir(state_dir: str) -> int | None:
     """A descriptor of the cache directory, after checking it and the state directory; None if absent."""
     directory = cache_dir(state_dir)
     try:
-        fd = open_trusted_dir(state_dir, f"only root may write the node's state: check what is in it, then "
-                                         f"`chown root:root {state_dir} && chmod 0700 {state_dir}`")
+        fd = open_trusted_dir(
+            state_dir,
+            f"only root may write the node's state: check what is in it, then "
+            f"`chown root:root {state_dir} && chmod 0700 {state_dir}`",
+        )
         if fd is None:
             return None
         os.close(fd)
-        return open_trusted_dir(directory, f"only root may write the delegate cache: remove {directory} (DEL "
-                                           f"then uses the node's current configuration) or check its contents "
-                                           f"and run `chown root:root {directory} && chmod 0700 {directory}`")
+        return open_trusted_dir(
+            directory,
+            f"only root may write the delegate cache: remove {directory} (DEL "
+            f"then uses the node's current configuration) or check its contents "
+            f"and run `chown root:root {directory} && chmod 0700 {directory}`",
+        )
     except UntrustedPath as exc:
         raise _refused(exc) from None
     except OSError as exc:
@@ -94,9 +108,13 @@ def _read(dir_fd: int, directory: str, name: str) -> CachedDelegate | None:
     """The entry ``name`` of the cache directory; None if absent or not a cache entry at all."""
     path = os.path.join(directory, name)
     try:
-        raw = read_regular_file(name, MAX_BYTES, dir_fd=dir_fd,
-                                trusted=f"only root may write a cached delegate: remove {path} (DEL then uses "
-                                        f"the node's current configuration)")
+        raw = read_regular_file(
+            name,
+            MAX_BYTES,
+            dir_fd=dir_fd,
+            trusted=f"only root may write a cached delegate: remove {path} (DEL then uses "
+            f"the node's current configuration)",
+        )
     except UntrustedPath as exc:
         exc.path = path
         raise _refused(exc) from None
@@ -128,8 +146,11 @@ def load(state_dir: str, network: str, container_id: str, ifname: str) -> Cached
     try:
         for name in _candidates(network, container_id, ifname):
             entry = _read(dir_fd, cache_dir(state_dir), name)
-            if entry is not None and (entry.network, entry.container_id, entry.ifname) == \
-                    (network, container_id, ifname):
+            if entry is not None and (entry.network, entry.container_id, entry.ifname) == (
+                network,
+                container_id,
+                ifname,
+            ):
                 return entry
         return None
     finally:
@@ -144,14 +165,20 @@ def _ensure_dirs(state_dir: str) -> None:
         except UntrustedPath as exc:
             raise _refused(exc) from None
         except OSError as exc:
-            raise CNIError(ERR_IO, f"cannot create the delegate cache directory {path}: {exc.strerror}",
-                           "stateDir must be a writable directory (the node agent's --state-dir)") from None
+            raise CNIError(
+                ERR_IO,
+                f"cannot create the delegate cache directory {path}: {exc.strerror}",
+                "stateDir must be a writable directory (the node agent's --state-dir)",
+            ) from None
         if tightened:
             import logging  # rare (once after an upgrade): not on the cold path otherwise
 
             logging.getLogger("pycni.state").warning(
                 "tightened %s to mode %04o: only root may read or write the vxlan delegate cache (older "
-                "versions made it 0755)", path, DIR_MODE)
+                "versions made it 0755)",
+                path,
+                DIR_MODE,
+            )
 
 
 def save(state_dir: str, network: str, container_id: str, ifname: str, delegate: dict[str, Any]) -> str:
@@ -166,15 +193,19 @@ def save(state_dir: str, network: str, container_id: str, ifname: str, delegate:
         for name in _candidates(network, container_id, ifname):
             entry = _read(dir_fd, directory, name)
             if not _lexists(dir_fd, name) or (
-                    entry is not None and (entry.network, entry.container_id, entry.ifname)
-                    == (network, container_id, ifname)):
+                entry is not None
+                and (entry.network, entry.container_id, entry.ifname) == (network, container_id, ifname)
+            ):
                 path = os.path.join(directory, name)
                 break
     finally:
         os.close(dir_fd)
     if path is None:
-        raise CNIError(ERR_IO, f"cannot cache the delegate of {network}/{container_id}/{ifname}",
-                       f"files in {directory} that belong to other attachments are in the way")
+        raise CNIError(
+            ERR_IO,
+            f"cannot cache the delegate of {network}/{container_id}/{ifname}",
+            f"files in {directory} that belong to other attachments are in the way",
+        )
     body = {"network": network, "containerID": container_id, "ifname": ifname, "delegate": delegate}
     data = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
     try:

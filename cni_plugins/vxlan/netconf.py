@@ -26,6 +26,7 @@ Options (all optional)::
                       they override the derived ones
     dns               passed to the bridge
 """
+
 from __future__ import annotations
 
 import os
@@ -57,8 +58,14 @@ _IPAM_DERIVED_KEYS = ("ranges", "subnet", "rangeStart", "rangeEnd", "gateway", "
 # The plugin's own options with their JSON types, decoded by the skeleton (any letter case,
 # null = absent, a wrong type is error 7); "delegate" holds bridge options, checked by the bridge.
 SCHEMA = COMMON.extend(
-    stateDir=str, dataDir=str, mtu=int, hairpinMode=bool, isDefaultGateway=bool, bridge=str,
-    ipam=Schema({"type": str, "routes": ListOf(dict), "dataDir": str, "resolvConf": str}), delegate=dict,
+    stateDir=str,
+    dataDir=str,
+    mtu=int,
+    hairpinMode=bool,
+    isDefaultGateway=bool,
+    bridge=str,
+    ipam=Schema({"type": str, "routes": ListOf(dict), "dataDir": str, "resolvConf": str}),
+    delegate=dict,
 )
 
 
@@ -68,11 +75,11 @@ class VxlanConf:
     cni_version: str
     state_dir: str = DEFAULT_STATE_DIR
     data_dir: str = DEFAULT_DATA_DIR
-    mtu: int = 0                    # 0: the overlay's MTU from the node state
+    mtu: int = 0  # 0: the overlay's MTU from the node state
     hairpin_mode: bool = True
     is_default_gateway: bool = True
-    bridge: str = ""                # "": the node state's bridge
-    ipam: dict[str, Any] = field(default_factory=dict)      # extra IPAM keys (type, routes, resolvConf...)
+    bridge: str = ""  # "": the node state's bridge
+    ipam: dict[str, Any] = field(default_factory=dict)  # extra IPAM keys (type, routes, resolvConf...)
     delegate: dict[str, Any] = field(default_factory=dict)  # extra bridge options, as flannel's "delegate"
     dns: dict[str, Any] | None = None
 
@@ -88,8 +95,11 @@ def _get(conf: dict[str, Any], key: str, kind: type, default: Any) -> Any:
 def _directory(conf: dict[str, Any], key: str, default: str) -> str:
     value = _get(conf, key, str, "") or default
     if not os.path.isabs(value) or "\x00" in value:
-        raise CNIError(ERR_INVALID_CONFIG, f"{key} must be an absolute path, got {value!r}",
-                       "a plugin's working directory is whatever the runtime left it; give the full path")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            f"{key} must be an absolute path, got {value!r}",
+            "a plugin's working directory is whatever the runtime left it; give the full path",
+        )
     return os.path.normpath(value)
 
 
@@ -101,8 +111,11 @@ def load_conf(conf: dict[str, Any], cni_version: str) -> VxlanConf:
     n.data_dir = _directory(conf if conf.get("dataDir") else ipam, "dataDir", DEFAULT_DATA_DIR)
     n.mtu = _get(conf, "mtu", int, 0)
     if n.mtu and not 68 <= n.mtu <= 65535:
-        raise CNIError(ERR_INVALID_CONFIG, f"invalid MTU {n.mtu}", "an MTU is between 68 and 65535; "
-                       "leave mtu out to use the overlay's MTU from the node agent")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            f"invalid MTU {n.mtu}",
+            "an MTU is between 68 and 65535; leave mtu out to use the overlay's MTU from the node agent",
+        )
     n.hairpin_mode = _get(conf, "hairpinMode", bool, True)
     n.is_default_gateway = _get(conf, "isDefaultGateway", bool, True)
     n.bridge = _get(conf, "bridge", str, "")
@@ -117,17 +130,26 @@ def load_conf(conf: dict[str, Any], cni_version: str) -> VxlanConf:
         raise CNIError(ERR_DECODE, "failed to load netconf: ipam.routes must be a list of routes")
     derived = sorted(k for k in ipam if k in _IPAM_DERIVED_KEYS and k != "dataDir")
     if derived:
-        raise CNIError(ERR_INVALID_CONFIG, f"ipam.{derived[0]} cannot be set for a vxlan network",
-                       "the pod range is the node's leased subnet, which the node agent assigns")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            f"ipam.{derived[0]} cannot be set for a vxlan network",
+            "the pod range is the node's leased subnet, which the node agent assigns",
+        )
 
     delegate = _get(conf, "delegate", dict, {})
     if delegate.get("type", DELEGATE_TYPE) != DELEGATE_TYPE:
-        raise CNIError(ERR_INVALID_CONFIG, f"delegate type {delegate.get('type')!r} is not supported",
-                       "pods of a vxlan network attach to the node's bridge: leave delegate.type out")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            f"delegate type {delegate.get('type')!r} is not supported",
+            "pods of a vxlan network attach to the node's bridge: leave delegate.type out",
+        )
     owned = sorted(k for k in delegate if k in _OWNED_KEYS)
     if owned:
-        raise CNIError(ERR_INVALID_CONFIG, f"delegate.{owned[0]} cannot be set",
-                       "name and cniVersion come from the network configuration, ipam from the node's lease")
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            f"delegate.{owned[0]} cannot be set",
+            "name and cniVersion come from the network configuration, ipam from the node's lease",
+        )
     n.delegate = {k: v for k, v in delegate.items() if k != "type"}
     n.dns = _get(conf, "dns", dict, None)
     return n
@@ -139,15 +161,17 @@ def derive_delegate(n: VxlanConf, state: OverlayState) -> dict[str, Any]:
     On a dual-stack node the pod gets an address of each family (host-local, one range per family), a
     route to each cluster network and, with isDefaultGateway, a default route of each family.
     """
-    pools = state.pools()   # a dual-stack node: one range per family, and a route to each cluster network
+    pools = state.pools()  # a dual-stack node: one range per family, and a route to each cluster network
     routes = list(n.ipam.get("routes") or []) + [{"dst": network} for network, _subnet, _gw in pools]
     ipam = dict(n.ipam)
-    ipam.update({
-        "type": n.ipam_type,
-        "dataDir": n.data_dir,
-        "ranges": [[{"subnet": subnet, "gateway": gateway}] for _network, subnet, gateway in pools],
-        "routes": routes,
-    })
+    ipam.update(
+        {
+            "type": n.ipam_type,
+            "dataDir": n.data_dir,
+            "ranges": [[{"subnet": subnet, "gateway": gateway}] for _network, subnet, gateway in pools],
+            "routes": routes,
+        }
+    )
     conf: dict[str, Any] = {
         "cniVersion": n.cni_version,
         "name": n.name,

@@ -33,28 +33,44 @@ limited (51) when the VXLAN device is missing, and otherwise the bridge's
 cached configurations of attachments no longer valid and passes the valid
 list to the bridge's GC, which releases the addresses of the rest.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from cni_plugins.shared.delegate import run_in_process
 from cni_plugins.shared.overlaystate import OverlayState, OverlayStateError, lease_problem, read_state, state_path
-from cni_plugins.spec.errors import (ERR_INTERNAL, ERR_IO, ERR_LIMITED_CONNECTIVITY, ERR_PLUGIN_NOT_AVAILABLE,
-                                     ERR_TRY_AGAIN, CNIError)
+from cni_plugins.spec.errors import (
+    ERR_INTERNAL,
+    ERR_IO,
+    ERR_LIMITED_CONNECTIVITY,
+    ERR_PLUGIN_NOT_AVAILABLE,
+    ERR_TRY_AGAIN,
+    CNIError,
+)
 from cni_plugins.spec.skel import CmdArgs, gc_attachments
 from cni_plugins.vxlan import cache
-from cni_plugins.vxlan.netconf import (DELEGATE_TYPE, SCHEMA, VxlanConf,  # noqa: F401 (SCHEMA: skeleton)
-                                        delegate_request, delegate_subnet,
-                                       derive_delegate, fallback_delegate, load_conf)
+from cni_plugins.vxlan.netconf import (
+    DELEGATE_TYPE,
+    SCHEMA,  # noqa: F401 (what the skeleton decodes the configuration with)
+    VxlanConf,
+    delegate_request,
+    delegate_subnet,
+    derive_delegate,
+    fallback_delegate,
+    load_conf,
+)
 
 if TYPE_CHECKING:
     from cni_plugins.spec.types import Result
 
 
 def _agent_hint(n: VxlanConf) -> str:
-    return (f"the node agent writes {state_path(n.state_dir)} once it holds a subnet lease: run "
-            f"`pycni agent --store URL --public-ip IP --state-dir {n.state_dir}` on this node "
-            f"(and `pycni cluster init` once per cluster)")
+    return (
+        f"the node agent writes {state_path(n.state_dir)} once it holds a subnet lease: run "
+        f"`pycni agent --store URL --public-ip IP --state-dir {n.state_dir}` on this node "
+        f"(and `pycni cluster init` once per cluster)"
+    )
 
 
 def node_state(n: VxlanConf, unreadable_code: int = ERR_IO) -> OverlayState | None:
@@ -62,12 +78,16 @@ def node_state(n: VxlanConf, unreadable_code: int = ERR_IO) -> OverlayState | No
     try:
         return read_state(n.state_dir)
     except OverlayStateError as exc:
-        raise CNIError(unreadable_code, f"cannot use the node's overlay state: {exc}",
-                       f"the node agent writes {state_path(n.state_dir)} when it starts: fix what the message "
-                       f"names, then restart the agent") from None
+        raise CNIError(
+            unreadable_code,
+            f"cannot use the node's overlay state: {exc}",
+            f"the node agent writes {state_path(n.state_dir)} when it starts: fix what the message "
+            f"names, then restart the agent",
+        ) from None
     except OSError as exc:
-        raise CNIError(unreadable_code, f"cannot read the node's overlay state in {n.state_dir}: "
-                       f"{exc.strerror}") from None
+        raise CNIError(
+            unreadable_code, f"cannot read the node's overlay state in {n.state_dir}: {exc.strerror}"
+        ) from None
 
 
 def _delegate(req: CmdArgs, delegate: dict[str, Any], command: str) -> Result | None:
@@ -76,6 +96,7 @@ def _delegate(req: CmdArgs, delegate: dict[str, Any], command: str) -> Result | 
 
 
 # ---- ADD ----------------------------------------------------------------------------
+
 
 def cmd_add(req: CmdArgs) -> Result:
     n = load_conf(req.conf, req.cni_version)
@@ -108,6 +129,7 @@ def cmd_add(req: CmdArgs) -> Result:
 
 # ---- DEL ----------------------------------------------------------------------------
 
+
 def cmd_del(req: CmdArgs) -> None:
     n = load_conf(req.conf, req.cni_version)
     cached = cache.load(n.state_dir, n.name, req.container_id, req.ifname)
@@ -127,25 +149,30 @@ def cmd_del(req: CmdArgs) -> None:
 
 # ---- CHECK --------------------------------------------------------------------------
 
+
 def cmd_check(req: CmdArgs) -> None:
     n = load_conf(req.conf, req.cni_version)
     state = node_state(n, ERR_INTERNAL)
     cached = cache.load(n.state_dir, n.name, req.container_id, req.ifname)
     if cached is None and state is None:
-        raise CNIError(ERR_INTERNAL, "this node has no overlay subnet lease and no record of this attachment",
-                       _agent_hint(n))
+        raise CNIError(
+            ERR_INTERNAL, "this node has no overlay subnet lease and no record of this attachment", _agent_hint(n)
+        )
     delegate = cached.delegate if cached is not None else derive_delegate(n, state)  # type: ignore[arg-type]
     if state is not None:
         used = delegate_subnet(delegate)
         if used is not None and used != state.subnet:
-            raise CNIError(ERR_INTERNAL, f"the node's pod subnet is now {state.subnet}, but this pod was "
-                           f"addressed from {used}",
-                           "the node's lease changed (a new lease after the old one expired); recreate the pod")
+            raise CNIError(
+                ERR_INTERNAL,
+                f"the node's pod subnet is now {state.subnet}, but this pod was addressed from {used}",
+                "the node's lease changed (a new lease after the old one expired); recreate the pod",
+            )
     _delegate(req, delegate, "CHECK")
     return None
 
 
 # ---- STATUS and GC ------------------------------------------------------------------
+
 
 def cmd_status(req: CmdArgs) -> None:
     n = load_conf(req.conf, req.cni_version)
@@ -154,12 +181,16 @@ def cmd_status(req: CmdArgs) -> None:
         raise CNIError(ERR_PLUGIN_NOT_AVAILABLE, "this node has no overlay subnet lease yet", _agent_hint(n))
     problem = lease_problem(state)
     if problem:
-        raise CNIError(ERR_PLUGIN_NOT_AVAILABLE, problem,
-                       "the node agent's log says more (`pycni agent status` shows the lease)")
+        raise CNIError(
+            ERR_PLUGIN_NOT_AVAILABLE, problem, "the node agent's log says more (`pycni agent status` shows the lease)"
+        )
     if not _link_exists(state.vxlan_device):
-        raise CNIError(ERR_LIMITED_CONNECTIVITY, f"the overlay device {state.vxlan_device} is missing",
-                       "pods on this node reach each other but no other node; the node agent recreates "
-                       "the device: check that it is running")
+        raise CNIError(
+            ERR_LIMITED_CONNECTIVITY,
+            f"the overlay device {state.vxlan_device} is missing",
+            "pods on this node reach each other but no other node; the node agent recreates "
+            "the device: check that it is running",
+        )
     _delegate(req, derive_delegate(n, state), "STATUS")
     return None
 
@@ -187,4 +218,3 @@ def cmd_gc(req: CmdArgs) -> None:
     _delegate(req, delegate, "GC")
     cache.remove_stale(n.state_dir, n.name, valid)
     return None
-

@@ -54,8 +54,17 @@ other nodes, and renews its lease with refresh() (one request on etcd).
 Every value read from the store is input: bounded decoding, every field
 checked, a bad lease rejected with a reason (see leases.py).
 """
-from .errors import (Compacted, ConfigConflict, LeaseExhausted, LeaseLost, NodeConflict, StoreError, StoreUnavailable,
-                     UnreadableEntry)
+
+from .errors import (
+    Compacted,
+    ConfigConflict,
+    LeaseExhausted,
+    LeaseLost,
+    NodeConflict,
+    StoreError,
+    StoreUnavailable,
+    UnreadableEntry,
+)
 from .leases import (
     CONFIG_KEY,
     SUBNETS_PREFIX,

@@ -3,6 +3,7 @@
 Every error is a StoreError, so a caller that only needs "the store failed"
 catches that one class; the subclasses say what the caller can do about it.
 """
+
 from __future__ import annotations
 
 

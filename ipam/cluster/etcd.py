@@ -104,6 +104,7 @@ The URL forms (see open_store): etcd://HOST:PORT[,...] (https iff TLS files
 are given) and flannel's --etcd-endpoints form, http://HOST:PORT[,...] or
 https://HOST:PORT[,...] (https without TLS files: the system's trusted CAs).
 """
+
 from __future__ import annotations
 
 import base64
@@ -125,8 +126,22 @@ from typing import Any, ContextManager, Sequence
 from cni_plugins.spec import boundedjson
 
 from .errors import Compacted, ResponseTooLarge, StoreError, StoreUnavailable
-from .store import (ACCEPTED_URLS, Backoff, Claims, Entry, Event, Store, StoreAuth, TLSFiles, Watch,
-                    check_claim_keys, check_ttl, check_value, validate_key, validate_prefix)
+from .store import (
+    ACCEPTED_URLS,
+    Backoff,
+    Claims,
+    Entry,
+    Event,
+    Store,
+    StoreAuth,
+    TLSFiles,
+    Watch,
+    check_claim_keys,
+    check_ttl,
+    check_value,
+    validate_key,
+    validate_prefix,
+)
 
 DEFAULT_CLIENT_PORT = 2379
 
@@ -153,27 +168,34 @@ _CONNECTION_ERRORS = (OSError, http.client.HTTPException)
 # clientv3.WithRequireLeader sends: the member cancels the stream when it loses its leader.
 REQUIRE_LEADER_HEADER = ("Grpc-Metadata-hasleader", "true")
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # one unary answer, and one watch batch reassembled from its fragments
-_READ_PIECE = 1024 * 1024             # a unary answer is read in pieces this large (never one 64 MiB buffer)
-MAX_WATCH_MESSAGE = 4 * 1024 * 1024   # one message of the watch stream (etcd fragments bigger batches)
-MAX_WATCH_HEAD = 64 * 1024            # the HTTP status line and headers of the watch answer
+_READ_PIECE = 1024 * 1024  # a unary answer is read in pieces this large (never one 64 MiB buffer)
+MAX_WATCH_MESSAGE = 4 * 1024 * 1024  # one message of the watch stream (etcd fragments bigger batches)
+MAX_WATCH_HEAD = 64 * 1024  # the HTTP status line and headers of the watch answer
 MAX_WATCH_DEPTH = 16
-WATCH_SILENCE_LIMIT = 1800.0          # seconds without a byte before a stream counts as dead (3x etcd's
-                                      # default progress interval; TCP keep-alive notices dead peers sooner)
-KEEPALIVE = (10, 5, 3)                # TCP keep-alive of a watch socket: idle s, interval s, probes
-HEALTHY_STREAM_AGE = 5.0              # a stream that lived this long had been fine: reconnect without back-off
-MAX_LEASE_CACHE = 4096                # keys whose lease the store remembers (for one-request refresh)
-_EVENT_OVERHEAD = 64                  # bytes an event costs beyond its key and value (for the batch bound)
+WATCH_SILENCE_LIMIT = 1800.0  # seconds without a byte before a stream counts as dead (3x etcd's
+# default progress interval; TCP keep-alive notices dead peers sooner)
+KEEPALIVE = (10, 5, 3)  # TCP keep-alive of a watch socket: idle s, interval s, probes
+HEALTHY_STREAM_AGE = 5.0  # a stream that lived this long had been fine: reconnect without back-off
+MAX_LEASE_CACHE = 4096  # keys whose lease the store remembers (for one-request refresh)
+_EVENT_OVERHEAD = 64  # bytes an event costs beyond its key and value (for the batch bound)
 
 _OPERATIONS = {
-    "/v3/kv/range": "range", "/v3/kv/put": "put", "/v3/kv/txn": "txn", "/v3/kv/deleterange": "deleterange",
-    "/v3/lease/grant": "lease_grant", "/v3/lease/keepalive": "lease_keepalive",
-    "/v3/lease/revoke": "lease_revoke", "/v3/lease/timetolive": "lease_timetolive",
-    "/v3/watch": "watch_open", "/v3/maintenance/status": "status", AUTHENTICATE: "authenticate",
+    "/v3/kv/range": "range",
+    "/v3/kv/put": "put",
+    "/v3/kv/txn": "txn",
+    "/v3/kv/deleterange": "deleterange",
+    "/v3/lease/grant": "lease_grant",
+    "/v3/lease/keepalive": "lease_keepalive",
+    "/v3/lease/revoke": "lease_revoke",
+    "/v3/lease/timetolive": "lease_timetolive",
+    "/v3/watch": "watch_open",
+    "/v3/maintenance/status": "status",
+    AUTHENTICATE: "authenticate",
 }
 
 
 log = logging.getLogger("pycni.store")
-_plaintext_warned = False              # the plain-http warning is logged once per process
+_plaintext_warned = False  # the plain-http warning is logged once per process
 _plaintext_lock = threading.Lock()
 
 
@@ -184,19 +206,27 @@ def _warn_plaintext(url: str, auth: StoreAuth | None = None) -> None:
         if _plaintext_warned:
             return
         _plaintext_warned = True
-    password = (f"; the password of etcd user {auth.username!r} and its token cross the network in clear too"
-                if auth is not None else "")
-    log.warning("the etcd store %s is used without TLS: lease traffic is unauthenticated and unencrypted, so "
-                "anyone who can reach etcd's client port can read the leases and rewrite them (and with them "
-                "where every node sends pod traffic)%s; serve etcd over TLS with client certificates and give "
-                "--etcd-cafile, --etcd-certfile and --etcd-keyfile (or an https:// store URL)", url, password)
+    password = (
+        f"; the password of etcd user {auth.username!r} and its token cross the network in clear too"
+        if auth is not None
+        else ""
+    )
+    log.warning(
+        "the etcd store %s is used without TLS: lease traffic is unauthenticated and unencrypted, so "
+        "anyone who can reach etcd's client port can read the leases and rewrite them (and with them "
+        "where every node sends pod traffic)%s; serve etcd over TLS with client certificates and give "
+        "--etcd-cafile, --etcd-certfile and --etcd-keyfile (or an https:// store URL)",
+        url,
+        password,
+    )
 
 
 def _too_large(what: str) -> ResponseTooLarge:
     return ResponseTooLarge(
         f"{what} is larger than {MAX_RESPONSE_BYTES} bytes ({MAX_RESPONSE_BYTES >> 20} MiB), the most this "
         f"client reads at once; pycni's own keys take a few hundred bytes per node, so something else fills "
-        f"its key prefix: give each cluster its own --etcd-prefix, or remove the keys that do not belong there")
+        f"its key prefix: give each cluster its own --etcd-prefix, or remove the keys that do not belong there"
+    )
 
 
 @dataclass(frozen=True)
@@ -219,9 +249,11 @@ def parse_endpoints(url: str, rest: str, scheme: str = "etcd") -> list[Endpoint]
     if not rest.strip().rstrip("/"):
         raise StoreError(f"invalid store URL {url!r}: use {ACCEPTED_URLS}")
     if "@" in rest:
-        shown = re.sub(r"[^/,@]*@", "***@", url)   # never echo a password
-        raise StoreError(f"invalid store URL {shown!r}: user names and passwords do not belong in the URL; "
-                         f"give --etcd-username and --etcd-password-file")
+        shown = re.sub(r"[^/,@]*@", "***@", url)  # never echo a password
+        raise StoreError(
+            f"invalid store URL {shown!r}: user names and passwords do not belong in the URL; "
+            f"give --etcd-username and --etcd-password-file"
+        )
     endpoints = []
     for item in rest.split(","):
         item = item.strip()
@@ -229,9 +261,11 @@ def parse_endpoints(url: str, rest: str, scheme: str = "etcd") -> list[Endpoint]
         if sep:
             other = item_scheme.lower()
             if other != scheme:
-                raise StoreError(f"invalid store URL {url!r}: it mixes {scheme}:// and {other}:// endpoints; "
-                                 f"one store reaches all its members the same way: give every endpoint the same "
-                                 f"scheme (https:// for TLS, http:// for plain http)")
+                raise StoreError(
+                    f"invalid store URL {url!r}: it mixes {scheme}:// and {other}:// endpoints; "
+                    f"one store reaches all its members the same way: give every endpoint the same "
+                    f"scheme (https:// for TLS, http:// for plain http)"
+                )
             item = tail.strip()
         item = item.rstrip("/")
         if "/" in item or "?" in item or "#" in item:
@@ -246,8 +280,7 @@ def parse_endpoints(url: str, rest: str, scheme: str = "etcd") -> list[Endpoint]
             if ":" in port_text:
                 raise StoreError(f"invalid etcd endpoint {item!r} in {url!r}: write IPv6 as [ADDR]:PORT")
         if not host:
-            raise StoreError(f"invalid etcd endpoint {item!r} in {url!r}: the host is missing; "
-                             f"use {ACCEPTED_URLS}")
+            raise StoreError(f"invalid etcd endpoint {item!r} in {url!r}: the host is missing; use {ACCEPTED_URLS}")
         if port_text:
             if not port_text.isdigit() or not 0 < int(port_text) < 65536:
                 raise StoreError(f"invalid etcd endpoint {item!r} in {url!r}: the port must be 1..65535")
@@ -298,8 +331,16 @@ class _EndpointFailed(Exception):
 class EtcdStore(Store):
     """A Store backed by an etcd v3 cluster; see the module docstring."""
 
-    def __init__(self, endpoints: list[Endpoint], *, prefix: str = "/pycni", tls: TLSFiles | None = None,
-                 auth: StoreAuth | None = None, timeout: float = 5.0, scheme: str = "etcd") -> None:
+    def __init__(
+        self,
+        endpoints: list[Endpoint],
+        *,
+        prefix: str = "/pycni",
+        tls: TLSFiles | None = None,
+        auth: StoreAuth | None = None,
+        timeout: float = 5.0,
+        scheme: str = "etcd",
+    ) -> None:
         """scheme is the URL's: "etcd" (https iff tls), "https" (TLS; tls None: the system's CAs) or "http"."""
         if not endpoints:
             raise StoreError(f"no etcd endpoints given: use {ACCEPTED_URLS}")
@@ -312,8 +353,10 @@ class EtcdStore(Store):
         self.endpoints = list(endpoints)
         self._url_scheme = scheme
         if scheme == "http" and tls is not None and any((tls.cafile, tls.certfile, tls.keyfile)):
-            raise StoreError(f"TLS files were given for the plain-http store {self.url()}: write its endpoints as "
-                             f"https://HOST:PORT to use TLS (or drop the TLS files)")
+            raise StoreError(
+                f"TLS files were given for the plain-http store {self.url()}: write its endpoints as "
+                f"https://HOST:PORT to use TLS (or drop the TLS files)"
+            )
         if scheme == "https" and tls is None:
             tls = TLSFiles()  # the system's trusted CAs verify the server
         if scheme == "http":
@@ -338,8 +381,9 @@ class EtcdStore(Store):
         try:
             self._ns_fd: int | None = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as err:
-            raise StoreError(f"cannot open this thread's network namespace: {err.strerror} "
-                             f"(is /proc mounted?)") from None
+            raise StoreError(
+                f"cannot open this thread's network namespace: {err.strerror} (is /proc mounted?)"
+            ) from None
         st = os.fstat(self._ns_fd)
         self._ns_id = (st.st_dev, st.st_ino)
         self._lock = threading.Lock()  # guards the shared connection used by unary requests
@@ -350,8 +394,14 @@ class EtcdStore(Store):
         self._leases_lock = threading.Lock()
         self._stats_lock = threading.Lock()
         self._requests: dict[str, int] = {}
-        self._counters: dict[str, int] = {"watch_reconnects": 0, "watch_events": 0, "errors": 0,
-                                          "connections": 0, "bytes_sent": 0, "bytes_received": 0}
+        self._counters: dict[str, int] = {
+            "watch_reconnects": 0,
+            "watch_events": 0,
+            "errors": 0,
+            "connections": 0,
+            "bytes_sent": 0,
+            "bytes_received": 0,
+        }
 
     def __repr__(self) -> str:
         return f"EtcdStore({self.url()!r}, prefix={self.prefix!r})"
@@ -400,17 +450,25 @@ class EtcdStore(Store):
         if lease:
             put["lease"] = str(lease)
         sends = _Sends()
-        answer = self._call("/v3/kv/txn", {
-            "compare": [{"key": full, "target": "VERSION", "result": "EQUAL", "version": "0"}],
-            "success": [{"request_put": put}],
-            "failure": [{"request_range": {"key": full}}],
-        }, sends)
+        answer = self._call(
+            "/v3/kv/txn",
+            {
+                "compare": [{"key": full, "target": "VERSION", "result": "EQUAL", "version": "0"}],
+                "success": [{"request_put": put}],
+                "failure": [{"request_range": {"key": full}}],
+            },
+            sends,
+        )
         if answer.get("succeeded", False):
             self._remember_lease(key, lease)
             return True
         found = _failure_kv(answer)
-        if found is not None and found.value == value and found.lease == lease and (
-                lease or (sends.count > 1 and found.version == 1)):
+        if (
+            found is not None
+            and found.value == value
+            and found.lease == lease
+            and (lease or (sends.count > 1 and found.version == 1))
+        ):
             self._remember_lease(key, lease)
             return True  # our first attempt committed; its answer was lost and the retry met our own key
         if lease:
@@ -439,19 +497,27 @@ class EtcdStore(Store):
         if lease:
             put["lease"] = str(lease)
         sends = _Sends()
-        answer = self._call("/v3/kv/txn", {
-            "compare": [{"key": full, "target": "MOD", "result": "EQUAL",
-                         "mod_revision": str(int(expected_mod_revision))}],
-            "success": [{"request_put": put}],
-            "failure": [{"request_range": {"key": full}}],
-        }, sends)
+        answer = self._call(
+            "/v3/kv/txn",
+            {
+                "compare": [
+                    {"key": full, "target": "MOD", "result": "EQUAL", "mod_revision": str(int(expected_mod_revision))}
+                ],
+                "success": [{"request_put": put}],
+                "failure": [{"request_range": {"key": full}}],
+            },
+            sends,
+        )
         if answer.get("succeeded", False):
             self._remember_lease(key, lease)
             return True
         found = _failure_kv(answer)
-        if found is not None and found.value == value and found.lease == lease and (
-                lease or (sends.count > 1
-                          and found.create_revision <= expected_mod_revision < found.mod_revision)):
+        if (
+            found is not None
+            and found.value == value
+            and found.lease == lease
+            and (lease or (sends.count > 1 and found.create_revision <= expected_mod_revision < found.mod_revision))
+        ):
             self._remember_lease(key, lease)
             return True  # our first attempt committed; its answer was lost and the retry met our own write
         if lease:
@@ -607,8 +673,9 @@ class EtcdStore(Store):
         if lease:
             # Guarded: if a candidate already carries our lease, an earlier send of this txn created it.
             body: dict[str, Any] = {
-                "compare": [{"key": full, "target": "LEASE", "result": "NOT_EQUAL", "lease": str(lease)}
-                            for full in fulls],
+                "compare": [
+                    {"key": full, "target": "LEASE", "result": "NOT_EQUAL", "lease": str(lease)} for full in fulls
+                ],
                 "success": [{"request_txn": level(0)}],
                 "failure": [{"request_range": {"key": full}} for full in fulls],
             }
@@ -644,10 +711,13 @@ class EtcdStore(Store):
     def _delete_if_unchanged(self, key: str, mod_revision: int) -> None:
         full = _b64(self._full(key))
         try:
-            self._call("/v3/kv/txn", {
-                "compare": [{"key": full, "target": "MOD", "result": "EQUAL", "mod_revision": str(mod_revision)}],
-                "success": [{"request_delete_range": {"key": full}}],
-            })
+            self._call(
+                "/v3/kv/txn",
+                {
+                    "compare": [{"key": full, "target": "MOD", "result": "EQUAL", "mod_revision": str(mod_revision)}],
+                    "success": [{"request_delete_range": {"key": full}}],
+                },
+            )
         except StoreError:
             pass  # it stays taken; the node that holds it is us, and release_lease frees it
 
@@ -663,14 +733,18 @@ class EtcdStore(Store):
             return None
         if not key.startswith(self._base):
             return None
-        return key[len(self._base):]
+        return key[len(self._base) :]
 
     def _entry(self, kv: dict[str, Any]) -> Entry | None:
         key = self._relative(base64.b64decode(kv.get("key", "")))
         if key is None:
             return None
-        return Entry(key=key, value=base64.b64decode(kv.get("value", "")),
-                     mod_revision=int(kv.get("mod_revision", 0)), version=int(kv.get("version", 0)))
+        return Entry(
+            key=key,
+            value=base64.b64decode(kv.get("value", "")),
+            mod_revision=int(kv.get("mod_revision", 0)),
+            version=int(kv.get("version", 0)),
+        )
 
     # -- statistics ---------------------------------------------------------------
 
@@ -702,8 +776,7 @@ class EtcdStore(Store):
         endpoint = self.endpoints[index]
         conn: http.client.HTTPConnection
         if self._ssl is not None:
-            conn = http.client.HTTPSConnection(endpoint.host, endpoint.port, timeout=self.timeout,
-                                               context=self._ssl)
+            conn = http.client.HTTPSConnection(endpoint.host, endpoint.port, timeout=self.timeout, context=self._ssl)
         else:
             conn = http.client.HTTPConnection(endpoint.host, endpoint.port, timeout=self.timeout)
         conn.auto_open = 0  # never reconnect behind our back (that could be in the wrong namespace)
@@ -756,12 +829,14 @@ class EtcdStore(Store):
             try:
                 return self._post(index, path, payload, sends, self._token)
             except _TokenRefused as refused:
-                sends.count -= 1   # etcd refused it for its token before carrying it out: it was not a send
+                sends.count -= 1  # etcd refused it for its token before carrying it out: it was not a send
                 if self._auth is None:
                     raise StoreError(f"etcd refused {path}: {refused}: {_NEEDS_USER}") from None
                 if renewed:
-                    raise StoreError(f"etcd refused {path} for user {self._auth.username!r} although it has just "
-                                     f"authenticated: {refused}") from None
+                    raise StoreError(
+                        f"etcd refused {path} for user {self._auth.username!r} although it has just "
+                        f"authenticated: {refused}"
+                    ) from None
                 self._token, self._auth_off = None, False
                 self._authenticate(index)
                 renewed = True
@@ -828,10 +903,13 @@ class EtcdStore(Store):
         except (ValueError, RecursionError):
             text = data[:200].decode("utf-8", "replace").strip()
             if "HTTPS" in text:
-                raise _EndpointFailed(f"the server speaks TLS ({text!r}): use TLS files "
-                                      f"(--etcd-cafile, and a client certificate if it asks for one)") from None
-            raise _EndpointFailed(f"HTTP {status} from {path} with a non-JSON body {text!r}: "
-                                  f"is this an etcd v3 (>= 3.4) client URL?") from None
+                raise _EndpointFailed(
+                    f"the server speaks TLS ({text!r}): use TLS files "
+                    f"(--etcd-cafile, and a client certificate if it asks for one)"
+                ) from None
+            raise _EndpointFailed(
+                f"HTTP {status} from {path} with a non-JSON body {text!r}: is this an etcd v3 (>= 3.4) client URL?"
+            ) from None
         if not isinstance(answer, dict):
             raise _EndpointFailed(f"unexpected answer from {path}: {str(answer)[:200]}")
         if status == 200:
@@ -844,8 +922,10 @@ class EtcdStore(Store):
                 raise _AuthNotEnabled(text)
             if "authentication failed" in text:
                 name = self._auth.username if self._auth is not None else "?"
-                raise StoreError(f"etcd refused user {name!r}: wrong password, or no such user ({text}); check "
-                                 f"--etcd-username and the file --etcd-password-file names")
+                raise StoreError(
+                    f"etcd refused user {name!r}: wrong password, or no such user ({text}); check "
+                    f"--etcd-username and the file --etcd-password-file names"
+                )
         if code == _GRPC_UNAUTHENTICATED or any(marker in text for marker in _TOKEN_ERRORS):
             raise _TokenRefused(text)
         if code == _GRPC_PERMISSION_DENIED:
@@ -882,16 +962,26 @@ class EtcdStore(Store):
             answer = self._post(index, AUTHENTICATE, payload, _Sends(), None)
         except _AuthNotEnabled:
             if not self._auth_off:
-                log.warning("etcd at %s does not have authentication enabled: going on without a token (etcd "
-                            "user %r is not needed there, and anyone who reaches etcd can change the leases)",
-                            self._endpoint_url(index), auth.username)
+                log.warning(
+                    "etcd at %s does not have authentication enabled: going on without a token (etcd "
+                    "user %r is not needed there, and anyone who reaches etcd can change the leases)",
+                    self._endpoint_url(index),
+                    auth.username,
+                )
             self._auth_off = True
             return
         token = answer.get("token")
-        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LEN or not token.isascii() \
-                or not token.isprintable():
-            raise StoreError(f"etcd at {self._endpoint_url(index)} authenticated user {auth.username!r} but "
-                             f"answered without a usable token: {str(answer)[:200]}")
+        if (
+            not isinstance(token, str)
+            or not token
+            or len(token) > MAX_TOKEN_LEN
+            or not token.isascii()
+            or not token.isprintable()
+        ):
+            raise StoreError(
+                f"etcd at {self._endpoint_url(index)} authenticated user {auth.username!r} but "
+                f"answered without a usable token: {str(answer)[:200]}"
+            )
         self._auth_off = False
         self._token = token
 
@@ -905,7 +995,7 @@ class EtcdStore(Store):
         with self._lock:
             if self._token != stale:
                 return
-            self._auth_off = False   # etcd refused the request without a token: ask again even if it was off
+            self._auth_off = False  # etcd refused the request without a token: ask again even if it was off
             failures: list[str] = []
             count = len(self.endpoints)
             first = self._preferred
@@ -925,8 +1015,10 @@ class EtcdStore(Store):
         if self._auth is None:
             return _NEEDS_USER
         where = self._base or "every key"
-        return (f"the roles of etcd user {self._auth.username!r} do not grant it {where}: grant one of them "
-                f"readwrite on the prefix (etcdctl role grant-permission ROLE --prefix=true readwrite {where})")
+        return (
+            f"the roles of etcd user {self._auth.username!r} do not grant it {where}: grant one of them "
+            f"readwrite on the prefix (etcdctl role grant-permission ROLE --prefix=true readwrite {where})"
+        )
 
     # -- watch streams ----------------------------------------------------------
 
@@ -972,8 +1064,9 @@ class EtcdStore(Store):
                 if self._auth is None:
                     raise _EndpointFailed(f"{refused}: {_NEEDS_USER}") from None
                 if renewed:
-                    raise _EndpointFailed(f"{refused} (for user {self._auth.username!r}, although it has just "
-                                          f"authenticated)") from None
+                    raise _EndpointFailed(
+                        f"{refused} (for user {self._auth.username!r}, although it has just authenticated)"
+                    ) from None
                 self._renew_token(stream.token)
                 renewed = True
             except _EndpointFailed as failure:
@@ -1009,13 +1102,13 @@ class _WatchStream:
         self.url = url
         self.opened_at = time.monotonic()
         self.last_data = self.opened_at
-        self.delivered = False   # events or a progress notification came: the stream was useful
-        self.token: str | None = None   # the auth token the watch request carried
-        self._raw = b""          # bytes read, not yet de-chunked
-        self._data = b""         # de-chunked bytes, not yet a complete message
+        self.delivered = False  # events or a progress notification came: the stream was useful
+        self.token: str | None = None  # the auth token the watch request carried
+        self._raw = b""  # bytes read, not yet de-chunked
+        self._data = b""  # de-chunked bytes, not yet a complete message
         self._chunk_left = 0
         self._chunk_crlf = False
-        self._ended = False      # the server sent the last chunk: deliver what came, then report the end
+        self._ended = False  # the server sent the last chunk: deliver what came, then report the end
         self._messages: list[dict[str, Any]] = []
 
     def start(self, payload: bytes, deadline: float) -> None:
@@ -1025,8 +1118,10 @@ class _WatchStream:
         name, value = REQUIRE_LEADER_HEADER
         self.token = token = store._token
         auth = f"Authorization: {token}\r\n" if token else ""
-        head = (f"POST /v3/watch HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(payload)}\r\n{name}: {value}\r\n{auth}\r\n").encode("ascii")
+        head = (
+            f"POST /v3/watch HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n{name}: {value}\r\n{auth}\r\n"
+        ).encode("ascii")
         try:
             _set_keepalive(self.sock, *store.keepalive)
             self.sock.settimeout(max(0.01, deadline - time.monotonic()))
@@ -1050,7 +1145,7 @@ class _WatchStream:
                 for i, message in enumerate(messages):
                     result = _watch_result(message, self.url)  # errors: no leader, compacted, canceled
                     if result.get("created"):
-                        self._messages = messages[i + 1:] + self._messages  # events may follow at once
+                        self._messages = messages[i + 1 :] + self._messages  # events may follow at once
                         return
                 if time.monotonic() >= deadline:
                     raise _EndpointFailed("timed out waiting for the watch to be created")
@@ -1102,8 +1197,7 @@ class _WatchStream:
             data = sock.recv(65536)
         except TimeoutError as err:  # socket.timeout is TimeoutError, and so is ETIMEDOUT
             if err.errno == errno.ETIMEDOUT:
-                raise _StreamLost("connection timed out: the member stopped answering TCP keep-alive "
-                                  "probes") from None
+                raise _StreamLost("connection timed out: the member stopped answering TCP keep-alive probes") from None
             return None  # our own read timeout: nothing arrived in time
         except OSError as err:
             raise _StreamLost(self.store._describe(err)) from None
@@ -1154,7 +1248,7 @@ class _WatchStream:
         if chunked:
             self._dechunk()
             return self._data
-        return self._raw[:int(length)] if length.isdigit() else self._raw
+        return self._raw[: int(length)] if length.isdigit() else self._raw
 
     def _dechunk(self) -> None:
         """Move the payload of complete chunks from _raw to _data (HTTP/1.1 chunked transfer coding)."""
@@ -1187,7 +1281,7 @@ class _WatchStream:
                 size = int(size_text, 16)
             except ValueError:
                 raise _StreamLost(f"a malformed chunk size {size_text[:20]!r} in the watch stream") from None
-            self._raw = self._raw[end + 2:]
+            self._raw = self._raw[end + 2 :]
             if size == 0:
                 self._ended = True  # its last messages (an error, say) are still to be read
                 return
@@ -1200,7 +1294,8 @@ class _WatchStream:
             raise ResponseTooLarge(
                 f"a message of the watch stream from {self.url} is larger than {MAX_WATCH_MESSAGE} bytes, "
                 f"the most this client reads at once; etcd splits larger batches itself unless its "
-                f"--max-request-bytes is set above {MAX_WATCH_MESSAGE // 2} bytes: lower it")
+                f"--max-request-bytes is set above {MAX_WATCH_MESSAGE // 2} bytes: lower it"
+            )
 
     def _split(self) -> None:
         """Decode every complete (newline-terminated) message in _data."""
@@ -1214,7 +1309,7 @@ class _WatchStream:
                 if not self._data.strip():
                     self._data = b""
                     return
-            line, self._data = self._data[:end].strip(), self._data[end + 1:]
+            line, self._data = self._data[:end].strip(), self._data[end + 1 :]
             if not line:
                 continue
             try:
@@ -1237,18 +1332,17 @@ class _EtcdWatch(Watch):
         self._range_end = _prefix_end(full) if full else b"\0"
         self.revision = after_revision
         self._stream: _WatchStream | None = None
-        self._next_index: int | None = None   # where to reconnect: after the endpoint that failed
+        self._next_index: int | None = None  # where to reconnect: after the endpoint that failed
         self._opened = 0
         self._backoff = Backoff()
         self._last_error = ""
         self._compacted: Compacted | None = None
         self._fragments: list[Event | None] = []
-        self._fragment_bytes = 0               # decoded keys and values in _fragments
+        self._fragment_bytes = 0  # decoded keys and values in _fragments
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"<watch of {self._prefix or '(everything)'} at revision {self.revision}, " \
-               f"{self.url or 'not connected'}>"
+        return f"<watch of {self._prefix or '(everything)'} at revision {self.revision}, {self.url or 'not connected'}>"
 
     @property
     def url(self) -> str | None:
@@ -1268,7 +1362,7 @@ class _EtcdWatch(Watch):
             raise Compacted(str(self._compacted), compact_revision=self._compacted.compact_revision)
         deadline = time.monotonic() + max(0.0, timeout)
         reopened = False
-        lost_message = ""   # set when this call lost the stream and reconnects at once
+        lost_message = ""  # set when this call lost the stream and reconnects at once
         while True:
             if self._stream is None:
                 try:
@@ -1276,8 +1370,10 @@ class _EtcdWatch(Watch):
                 except StoreUnavailable as err:
                     if not lost_message:
                         raise
-                    raise StoreUnavailable(f"{lost_message}; reconnecting failed: {err} (the watch tries "
-                                           f"again from revision {self.revision + 1} on the next call)") from None
+                    raise StoreUnavailable(
+                        f"{lost_message}; reconnecting failed: {err} (the watch tries "
+                        f"again from revision {self.revision + 1} on the next call)"
+                    ) from None
             stream = self._stream
             assert stream is not None
             try:
@@ -1294,8 +1390,9 @@ class _EtcdWatch(Watch):
                 else:
                     self._backoff.failed()
                 if reopened or self._backoff.remaining() > 0 or self._closed:
-                    raise StoreUnavailable(f"{self._last_error}; the watch reconnects from revision "
-                                           f"{self.revision + 1} on the next call") from None
+                    raise StoreUnavailable(
+                        f"{self._last_error}; the watch reconnects from revision {self.revision + 1} on the next call"
+                    ) from None
                 reopened = True
                 lost_message = self._last_error
                 continue
@@ -1331,13 +1428,17 @@ class _EtcdWatch(Watch):
         if wait > 0:
             if time.monotonic() + wait > deadline:
                 time.sleep(max(0.0, deadline - time.monotonic()))
-                raise StoreUnavailable(f"{self._last_error} (the watch tries again in "
-                                       f"{self._backoff.remaining():.1f} s)")
+                raise StoreUnavailable(
+                    f"{self._last_error} (the watch tries again in {self._backoff.remaining():.1f} s)"
+                )
             time.sleep(wait)
         store = self._store
         request: dict[str, Any] = {
-            "key": _b64(self._key), "range_end": _b64(self._range_end),
-            "start_revision": str(self.revision + 1), "progress_notify": True, "fragment": True,
+            "key": _b64(self._key),
+            "range_end": _b64(self._range_end),
+            "start_revision": str(self.revision + 1),
+            "progress_notify": True,
+            "fragment": True,
         }
         first = self._next_index
         if first is None:
@@ -1417,8 +1518,11 @@ class _EtcdWatch(Watch):
         try:
             key = self._store._relative(base64.b64decode(kv.get("key", ""), validate=True))
             value = base64.b64decode(kv.get("value", ""), validate=True)
-            mod_revision, version, lease = (_int(kv.get("mod_revision", 0)), _int(kv.get("version", 0)),
-                                            _int(kv.get("lease", 0)))
+            mod_revision, version, lease = (
+                _int(kv.get("mod_revision", 0)),
+                _int(kv.get("version", 0)),
+                _int(kv.get("lease", 0)),
+            )
         except (TypeError, ValueError):
             return None
         if key is None or not key.startswith(self._prefix):
@@ -1469,8 +1573,11 @@ def _watch_result(message: dict[str, Any], url: str) -> dict[str, Any]:
         raise _EndpointFailed(f"an unexpected watch message {str(message)[:200]}")
     compact = _int(result.get("compact_revision", 0))
     if compact:
-        raise Compacted(f"the watched revision is compacted (etcd keeps history from revision {compact}): "
-                        f"list again, then watch from the listed revision", compact_revision=compact)
+        raise Compacted(
+            f"the watched revision is compacted (etcd keeps history from revision {compact}): "
+            f"list again, then watch from the listed revision",
+            compact_revision=compact,
+        )
     if result.get("canceled"):
         reason = str(result.get("cancel_reason") or "no reason given")
         if any(marker in reason for marker in _TOKEN_ERRORS):
@@ -1511,8 +1618,7 @@ def _walk_claim(keys: list[str], chain: dict[str, Any], value: bytes) -> tuple[s
         if not isinstance(responses, list) or not responses:
             break
         found = _range_kv(responses[0])
-        if earlier is None and found is not None and found.value == value and found.version == 1 \
-                and found.lease == 0:
+        if earlier is None and found is not None and found.value == value and found.version == 1 and found.lease == 0:
             earlier = Entry(key, found.value, found.mod_revision, found.version)
         if len(responses) < 2 or not isinstance(responses[1], dict):
             break
@@ -1543,8 +1649,7 @@ def _ssl_context(tls: TLSFiles) -> ssl.SSLContext:
             raise StoreError("an etcd client key was given without its certificate: give --etcd-certfile too")
     except (OSError, ssl.SSLError) as err:
         files = ", ".join(f for f in (tls.cafile, tls.certfile, tls.keyfile) if f)
-        raise StoreError(f"cannot load the etcd TLS files ({files}): {getattr(err, 'strerror', None) or err}") \
-            from None
+        raise StoreError(f"cannot load the etcd TLS files ({files}): {getattr(err, 'strerror', None) or err}") from None
     return context
 
 
@@ -1555,15 +1660,25 @@ def _describe(err: BaseException, tls: bool = False, client_cert: bool = False) 
     else:
         cert_hint = "the server did not accept the client certificate: is it signed by a CA the server trusts?"
     if isinstance(err, ssl.SSLCertVerificationError):
-        return (f"TLS certificate verification failed: {err.verify_message or err} "
-                f"(is the CA file the one that signed the server certificate, and does the certificate "
-                f"name this host or IP?)")
+        return (
+            f"TLS certificate verification failed: {err.verify_message or err} "
+            f"(is the CA file the one that signed the server certificate, and does the certificate "
+            f"name this host or IP?)"
+        )
     if isinstance(err, ssl.SSLEOFError):
         return f"the server closed the TLS connection ({cert_hint})"
     if isinstance(err, ssl.SSLError):
         reason = (err.reason or str(err)).lower()
-        if any(word in reason for word in ("certificate_required", "certificate required", "bad_certificate",
-                                           "unknown_ca", "handshake_failure")):
+        if any(
+            word in reason
+            for word in (
+                "certificate_required",
+                "certificate required",
+                "bad_certificate",
+                "unknown_ca",
+                "handshake_failure",
+            )
+        ):
             return f"TLS handshake refused ({err.reason or err}): {cert_hint}"
         if "wrong_version_number" in reason or "wrong version number" in reason:
             return f"TLS failed ({err.reason or err}): the server does not speak TLS; use it without TLS files"
@@ -1571,11 +1686,14 @@ def _describe(err: BaseException, tls: bool = False, client_cert: bool = False) 
     if isinstance(err, (socket.timeout, TimeoutError)):
         return "timed out"
     if isinstance(err, (ConnectionResetError, BrokenPipeError)) or (
-            tls and isinstance(err, http.client.RemoteDisconnected)):
+        tls and isinstance(err, http.client.RemoteDisconnected)
+    ):
         if tls:
             return f"connection reset by the server during TLS ({cert_hint})"
-        return ("connection reset by the server (if it serves TLS, give TLS files: a CA file, and a client "
-                "certificate if it asks for one)")
+        return (
+            "connection reset by the server (if it serves TLS, give TLS files: a CA file, and a client "
+            "certificate if it asks for one)"
+        )
     if isinstance(err, OSError) and err.errno is not None:
         return os.strerror(err.errno).lower() if err.errno != errno.ECONNREFUSED else "connection refused"
     if isinstance(err, http.client.RemoteDisconnected):
@@ -1584,8 +1702,9 @@ def _describe(err: BaseException, tls: bool = False, client_cert: bool = False) 
 
 
 def _is_stale_connection(err: BaseException) -> bool:
-    return isinstance(err, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
-                            http.client.BadStatusLine))
+    return isinstance(
+        err, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, http.client.BadStatusLine)
+    )
 
 
 def _b64(data: bytes) -> str:
@@ -1619,14 +1738,16 @@ def _failure_kv(answer: dict[str, Any]) -> _FoundKey | None:
         return None
     kv = kvs[0]
     try:
-        return _FoundKey(value=base64.b64decode(kv.get("value", ""), validate=True),
-                         lease=int(kv.get("lease", 0)), version=int(kv.get("version", 0)),
-                         create_revision=int(kv.get("create_revision", 0)),
-                         mod_revision=int(kv.get("mod_revision", 0)))
+        return _FoundKey(
+            value=base64.b64decode(kv.get("value", ""), validate=True),
+            lease=int(kv.get("lease", 0)),
+            version=int(kv.get("version", 0)),
+            create_revision=int(kv.get("create_revision", 0)),
+            mod_revision=int(kv.get("mod_revision", 0)),
+        )
     except (TypeError, ValueError):  # binascii.Error is a ValueError
         return None
 
 
 def _revision(answer: dict[str, Any]) -> int:
     return int((answer.get("header") or {}).get("revision", 0))
-

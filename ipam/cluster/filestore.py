@@ -64,6 +64,7 @@ and the store refuses them), or use etcd. The lock is taken with a deadline
 a busy lock is waited for longer, up to six timeouts): on timeout
 StoreUnavailable names the process(es) holding it, from /proc/locks.
 """
+
 from __future__ import annotations
 
 import base64
@@ -83,8 +84,19 @@ from cni_plugins.kernel.files import lock_holders, trust_problem
 from cni_plugins.spec import boundedjson
 
 from .errors import Compacted, StoreError, StoreUnavailable, UnreadableEntry
-from .store import (Backoff, Claims, Entry, Event, Store, Watch, check_claim_keys, check_ttl, check_value,
-                    validate_key, validate_prefix)
+from .store import (
+    Backoff,
+    Claims,
+    Entry,
+    Event,
+    Store,
+    Watch,
+    check_claim_keys,
+    check_ttl,
+    check_value,
+    validate_key,
+    validate_prefix,
+)
 
 LOCK_FILE = ".lock"
 REVISION_FILE = ".revision"
@@ -97,14 +109,14 @@ POLL_INTERVAL = 0.05
 MAX_CHANGES_BYTES = 256 * 1024
 # A record holds one value; larger records are refused when written and skipped when listed.
 MAX_RECORD_BYTES = 1024 * 1024
-MAX_RECORD_DEPTH = 4          # a record is one flat object
+MAX_RECORD_DEPTH = 4  # a record is one flat object
 MAX_EXPIRY_BYTES = 64 * 1024 * 1024
-DIR_MODE = 0o700             # the store's directory (when the store creates it) and the directories in it
-FILE_MODE = 0o600            # every file: the lock, the bookkeeping files, the records
-DEFAULT_LOCK_TIMEOUT = 5.0   # seconds to wait for the lock before StoreUnavailable
-_LOCK_POLL_MAX = 0.002       # the longest pause between two attempts at a busy lock (when polled)
-_LOCK_BUSY_FACTOR = 6        # a lock that changes hands all along is waited for up to this many timeouts
-_MAX_LOCK_WAITERS = 16       # helper threads per store in a blocking flock() (see _flock)
+DIR_MODE = 0o700  # the store's directory (when the store creates it) and the directories in it
+FILE_MODE = 0o600  # every file: the lock, the bookkeeping files, the records
+DEFAULT_LOCK_TIMEOUT = 5.0  # seconds to wait for the lock before StoreUnavailable
+_LOCK_POLL_MAX = 0.002  # the longest pause between two attempts at a busy lock (when polled)
+_LOCK_BUSY_FACTOR = 6  # a lock that changes hands all along is waited for up to this many timeouts
+_MAX_LOCK_WAITERS = 16  # helper threads per store in a blocking flock() (see _flock)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -129,7 +141,7 @@ class FileStore(Store):
         self.directory = os.path.normpath(directory)
         if timeout is None or not timeout > 0:
             raise StoreError(f"invalid file store timeout {timeout!r}: give seconds > 0")
-        self.timeout = float(timeout)   # how long to wait for the lock
+        self.timeout = float(timeout)  # how long to wait for the lock
         try:
             if not os.path.isdir(self.directory):
                 try:
@@ -146,20 +158,27 @@ class FileStore(Store):
         if problem:
             os.close(self._dir_fd)
             self._dir_fd = None
-            raise StoreError(f"refusing the file store {self.directory}: it {problem}; only root may change the "
-                             f"cluster's leases: `chown root {self.directory} && chmod go-w {self.directory}` "
-                             f"(on a network filesystem, export it with no_root_squash) or use etcd")
+            raise StoreError(
+                f"refusing the file store {self.directory}: it {problem}; only root may change the "
+                f"cluster's leases: `chown root {self.directory} && chmod go-w {self.directory}` "
+                f"(on a network filesystem, export it with no_root_squash) or use etcd"
+            )
         self._tightened = False
         self._waiters_lock = threading.Lock()
-        self._waiters = 0                                    # _LockWaiter threads still in flock()
-        self._warned: dict[str, tuple[int, ...] | None] = {}   # key -> the file version warned about
+        self._waiters = 0  # _LockWaiter threads still in flock()
+        self._warned: dict[str, tuple[int, ...] | None] = {}  # key -> the file version warned about
         self._expiry_lock = threading.Lock()
-        self._expiry_seen: tuple[int, ...] | None = None     # stat identity of .expiry when last read
-        self._earliest: float | None = None                  # its earliest expiry (None: no TTL key)
+        self._expiry_seen: tuple[int, ...] | None = None  # stat identity of .expiry when last read
+        self._earliest: float | None = None  # its earliest expiry (None: no TTL key)
         self._stats_lock = threading.Lock()
         self._requests: dict[str, int] = {}
-        self._counters: dict[str, int] = {"errors": 0, "watch_reconnects": 0, "watch_polls": 0,
-                                          "record_reads": 0, "watch_events": 0}
+        self._counters: dict[str, int] = {
+            "errors": 0,
+            "watch_reconnects": 0,
+            "watch_polls": 0,
+            "record_reads": 0,
+            "watch_events": 0,
+        }
 
     def __repr__(self) -> str:
         return f"FileStore({self.directory!r})"
@@ -253,7 +272,7 @@ class FileStore(Store):
                 now = _wall_clock()
                 old = self._read_record(parent, leaf, key)
                 live = old if old is not None and not _expired(old, now) else None  # an expired key's deletion
-                revision = self._read_revision() + 1                              # is part of this change
+                revision = self._read_revision() + 1  # is part of this change
                 if live is None:
                     record = _record(key, value, revision, revision, 1, ttl, now)
                 else:
@@ -354,8 +373,7 @@ class FileStore(Store):
                 ttl = old.get("ttl")
                 if ttl is None:
                     return True  # no TTL: nothing to renew, and it does not expire
-                record = _record(key, old["raw"], old["mod_revision"], old["create_revision"], old["version"],
-                                 ttl, now)
+                record = _record(key, old["raw"], old["mod_revision"], old["create_revision"], old["version"], ttl, now)
                 self._write_record(parent, leaf, key, self._encode(key, record), exclusive=False)
                 self._expiry_after(key, record, old)  # later than before: the index may follow the record
                 return True
@@ -372,9 +390,12 @@ class FileStore(Store):
             with self._io("read the store revision"):
                 current = self._read_revision()
             if current < after_revision:
-                raise Compacted(f"the file store {self.directory} is at revision {current}, behind the "
-                                f"revision {after_revision} being watched from (was it re-created?): "
-                                f"list again", compact_revision=current)
+                raise Compacted(
+                    f"the file store {self.directory} is at revision {current}, behind the "
+                    f"revision {after_revision} being watched from (was it re-created?): "
+                    f"list again",
+                    compact_revision=current,
+                )
             if current > checked:
                 found = self._changes_since(prefix, after_revision)
                 if found is not None:
@@ -416,15 +437,20 @@ class FileStore(Store):
             current = self._read_revision()
             compacted, changes = self._read_changes()
             if after_revision < compacted:
-                raise Compacted(f"revision {after_revision} of the file store {self.directory} is compacted "
-                                f"(changes up to {compacted} are no longer logged): list again",
-                                compact_revision=compacted)
+                raise Compacted(
+                    f"revision {after_revision} of the file store {self.directory} is compacted "
+                    f"(changes up to {compacted} are no longer logged): list again",
+                    compact_revision=compacted,
+                )
             last: dict[str, int] = {}
             for revision, key in changes:
                 if after_revision < revision <= current and key.startswith(prefix):
                     last[key] = max(revision, last.get(key, 0))
-            events = [event for event in (self._event(key, revision) for key, revision in last.items())
-                      if event is not None and event.mod_revision > after_revision]
+            events = [
+                event
+                for event in (self._event(key, revision) for key, revision in last.items())
+                if event is not None and event.mod_revision > after_revision
+            ]
         events.sort(key=lambda e: (e.mod_revision, e.key))
         return events, current
 
@@ -593,8 +619,9 @@ class FileStore(Store):
                     raise ValueError(head)
                 validate_key(key)
             except (ValueError, StoreError):
-                raise StoreError(f"{self.directory}/{EXPIRY_FILE} line {number} is not \"EXPIRES KEY\": "
-                                 f"{line[:80]!r}") from None
+                raise StoreError(
+                    f'{self.directory}/{EXPIRY_FILE} line {number} is not "EXPIRES KEY": {line[:80]!r}'
+                ) from None
             index[key] = expires
         return index
 
@@ -630,10 +657,13 @@ class FileStore(Store):
             yield
         except OSError as err:
             if err.errno == errno.ELOOP:
-                raise StoreError(f"cannot {action} in the file store {self.directory}: refusing to follow a "
-                                 f"symbolic link{_name(err)}") from None
-            raise StoreUnavailable(f"cannot {action} in the file store {self.directory}: "
-                                   f"{err.strerror or err}{_name(err)}") from None
+                raise StoreError(
+                    f"cannot {action} in the file store {self.directory}: refusing to follow a "
+                    f"symbolic link{_name(err)}"
+                ) from None
+            raise StoreUnavailable(
+                f"cannot {action} in the file store {self.directory}: {err.strerror or err}{_name(err)}"
+            ) from None
 
     @contextmanager
     def _locked(self, exclusive: bool) -> Iterator[None]:
@@ -649,9 +679,14 @@ class FileStore(Store):
                 os.fchmod(fd, FILE_MODE)  # an older version's 0644: anyone could open it and hold it
                 if not self._tightened:
                     self._tightened = True
-                    log.warning("tightened the lock file %s/%s to mode %04o (it was %04o: any local user "
-                                "could open it and hold the lock)", self.directory, LOCK_FILE, FILE_MODE,
-                                stat.S_IMODE(info.st_mode))
+                    log.warning(
+                        "tightened the lock file %s/%s to mode %04o (it was %04o: any local user "
+                        "could open it and hold the lock)",
+                        self.directory,
+                        LOCK_FILE,
+                        FILE_MODE,
+                        stat.S_IMODE(info.st_mode),
+                    )
             self._flock(fd, exclusive)
             yield
         finally:
@@ -703,21 +738,29 @@ class FileStore(Store):
                 mark, changes, last_progress = current, changes + 1, time.monotonic()
         waited = time.monotonic() - start
         if changes:
-            raise StoreUnavailable(f"timed out after {waited:.0f} s waiting for the lock {self.directory}/"
-                                   f"{LOCK_FILE} of the file store: it is busy, not stuck ({changes} changes "
-                                   f"were committed meanwhile); too many nodes write to this store at once: "
-                                   f"try again, and use etcd for a cluster this busy")
+            raise StoreUnavailable(
+                f"timed out after {waited:.0f} s waiting for the lock {self.directory}/"
+                f"{LOCK_FILE} of the file store: it is busy, not stuck ({changes} changes "
+                f"were committed meanwhile); too many nodes write to this store at once: "
+                f"try again, and use etcd for a cluster this busy"
+            )
         holders = lock_holders(fd)
         if holders:
             who = ", ".join(f"PID {pid} ({command})" for pid, command in holders)
-            advice = (f"held by {who}; pycni holds it for milliseconds at a time, so that process is stuck "
-                      f"or is not pycni: stop it (kill {' '.join(str(pid) for pid, _ in holders)}; a process "
-                      f"it started may have inherited the lock and hold it too) and try again")
+            advice = (
+                f"held by {who}; pycni holds it for milliseconds at a time, so that process is stuck "
+                f"or is not pycni: stop it (kill {' '.join(str(pid) for pid, _ in holders)}; a process "
+                f"it started may have inherited the lock and hold it too) and try again"
+            )
         else:
-            advice = ("no process on this machine holds it according to /proc/locks: on a shared filesystem "
-                      "another node holds it; find the stuck process there and stop it, then try again")
-        raise StoreUnavailable(f"timed out after {self.timeout:g} s waiting for the lock "
-                               f"{self.directory}/{LOCK_FILE} of the file store: {advice}")
+            advice = (
+                "no process on this machine holds it according to /proc/locks: on a shared filesystem "
+                "another node holds it; find the stuck process there and stop it, then try again"
+            )
+        raise StoreUnavailable(
+            f"timed out after {self.timeout:g} s waiting for the lock "
+            f"{self.directory}/{LOCK_FILE} of the file store: {advice}"
+        )
 
     def _lock_waiter(self, fd: int, operation: int) -> "_LockWaiter | None":
         """A helper thread in a blocking flock() on a duplicate of fd; None when too many wait already."""
@@ -750,9 +793,11 @@ class FileStore(Store):
     def _check_owner(self, info: os.stat_result, name: str) -> None:
         """StoreError unless the store's file name (stat info) belongs to root (this process's euid)."""
         if info.st_uid not in (0, os.geteuid()):
-            raise StoreError(f"refusing {self.directory}/{name}: it is owned by uid {info.st_uid}, not by root; "
-                             f"only root may use the file store: remove it (the store makes it again, mode "
-                             f"{FILE_MODE:04o}); on a network filesystem, export the store with no_root_squash")
+            raise StoreError(
+                f"refusing {self.directory}/{name}: it is owned by uid {info.st_uid}, not by root; "
+                f"only root may use the file store: remove it (the store makes it again, mode "
+                f"{FILE_MODE:04o}); on a network filesystem, export the store with no_root_squash"
+            )
 
     def _open_dir(self, parts: list[str], create: bool) -> int | None:
         """An fd for DIR/parts..., never through a symlink; None if missing and not create."""
@@ -775,11 +820,15 @@ class FileStore(Store):
                 except NotADirectoryError:
                     # O_NOFOLLOW|O_DIRECTORY on a symlink fails with ENOTDIR, not ELOOP: tell them apart.
                     if stat.S_ISLNK(os.lstat(part, dir_fd=fd).st_mode):
-                        raise StoreError(f"cannot use {'/'.join(parts)} in the file store {self.directory}: "
-                                         f"refusing to follow the symbolic link {part}") from None
-                    raise StoreError(f"cannot use {'/'.join(parts)} in the file store {self.directory}: "
-                                     f"{part} is a key, not a directory (the file store cannot hold both "
-                                     f"a key and keys under it)") from None
+                        raise StoreError(
+                            f"cannot use {'/'.join(parts)} in the file store {self.directory}: "
+                            f"refusing to follow the symbolic link {part}"
+                        ) from None
+                    raise StoreError(
+                        f"cannot use {'/'.join(parts)} in the file store {self.directory}: "
+                        f"{part} is a key, not a directory (the file store cannot hold both "
+                        f"a key and keys under it)"
+                    ) from None
                 os.close(fd)
                 fd = nxt
         except BaseException:
@@ -814,14 +863,18 @@ class FileStore(Store):
                 raise ValueError(f"it is larger than {MAX_RECORD_BYTES} bytes")
             return _parse_record(data)
         except (ValueError, KeyError, TypeError) as err:
-            raise _BadRecord(f"{self.directory}/{key} is not a valid store record ({err}); "
-                             f"remove it or restore it from a backup", identity) from None
+            raise _BadRecord(
+                f"{self.directory}/{key} is not a valid store record ({err}); remove it or restore it from a backup",
+                identity,
+            ) from None
 
     def _encode(self, key: str, record: dict[str, Any]) -> bytes:
         data = (json.dumps(record, sort_keys=True) + "\n").encode()
         if len(data) > MAX_RECORD_BYTES:
-            raise StoreError(f"cannot store {key} in the file store {self.directory}: its record would be "
-                             f"{len(data)} bytes, more than the {MAX_RECORD_BYTES} allowed; store a smaller value")
+            raise StoreError(
+                f"cannot store {key} in the file store {self.directory}: its record would be "
+                f"{len(data)} bytes, more than the {MAX_RECORD_BYTES} allowed; store a smaller value"
+            )
         return data
 
     def _write_record(self, parent: int, leaf: str, key: str, data: bytes, exclusive: bool) -> bool:
@@ -836,8 +889,7 @@ class FileStore(Store):
                 try:
                     os.rename(tmp, leaf, src_dir_fd=parent, dst_dir_fd=parent)
                 except IsADirectoryError:
-                    raise StoreError(f"key {key} in the file store {self.directory} is a directory of keys") \
-                        from None
+                    raise StoreError(f"key {key} in the file store {self.directory} is a directory of keys") from None
                 tmp = None
             os.fsync(parent)
             return True
@@ -858,7 +910,7 @@ class FileStore(Store):
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -883,8 +935,12 @@ class FileStore(Store):
 
     def _commit(self, revision: int, *keys: str) -> None:
         """Record a change of keys: append it to the change log, then publish the new revision."""
-        fd = os.open(CHANGES_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     FILE_MODE, dir_fd=self._fd)
+        fd = os.open(
+            CHANGES_FILE,
+            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+            FILE_MODE,
+            dir_fd=self._fd,
+        )
         try:
             info = os.fstat(fd)
             self._check_owner(info, CHANGES_FILE)
@@ -925,8 +981,8 @@ class FileStore(Store):
 
     def _trim_changes(self) -> None:
         compacted, changes = self._read_changes()
-        keep = changes[len(changes) // 2:]
-        dropped = changes[:len(changes) // 2]
+        keep = changes[len(changes) // 2 :]
+        dropped = changes[: len(changes) // 2]
         if dropped:
             compacted = max(compacted, dropped[-1][0])
         lines = [f"#compacted {compacted}\n"] + [f"{rev} {key}\n" for rev, key in keep]
@@ -937,9 +993,11 @@ class FileStore(Store):
         with self._io("read the change log"), self._locked(exclusive=False):
             compacted, changes = self._read_changes()
         if after_revision < compacted:
-            raise Compacted(f"revision {after_revision} of the file store {self.directory} is compacted "
-                            f"(changes up to {compacted} are no longer logged): list again",
-                            compact_revision=compacted)
+            raise Compacted(
+                f"revision {after_revision} of the file store {self.directory} is compacted "
+                f"(changes up to {compacted} are no longer logged): list again",
+                compact_revision=compacted,
+            )
         newest = [rev for rev, key in changes if rev > after_revision and key.startswith(prefix)]
         return max(newest) if newest else None
 
@@ -979,11 +1037,19 @@ class FileStore(Store):
                     self._skip(key, err.identity, str(err))
                     continue
                 except (StoreError, OSError) as err:
-                    if isinstance(err, OSError) and err.errno not in (errno.ELOOP, errno.EACCES, errno.EPERM,
-                                                                      errno.EIO, errno.EISDIR):
+                    if isinstance(err, OSError) and err.errno not in (
+                        errno.ELOOP,
+                        errno.EACCES,
+                        errno.EPERM,
+                        errno.EIO,
+                        errno.EISDIR,
+                    ):
                         raise
-                    self._skip(key, _identity(fd, name), f"cannot read {self.directory}/{key}: "
-                                                         f"{err.strerror if isinstance(err, OSError) else err}")
+                    self._skip(
+                        key,
+                        _identity(fd, name),
+                        f"cannot read {self.directory}/{key}: {err.strerror if isinstance(err, OSError) else err}",
+                    )
                     continue
                 if record is not None:
                     self._warned.pop(key, None)
@@ -1072,8 +1138,9 @@ class _FileWatch(Watch):
         if wait > 0:  # the last poll failed: not again before the back-off
             if time.monotonic() + wait > deadline:
                 time.sleep(max(0.0, deadline - time.monotonic()))
-                raise StoreUnavailable(f"{self._last_error} (the watch tries again in "
-                                       f"{self._backoff.remaining():.1f} s)")
+                raise StoreUnavailable(
+                    f"{self._last_error} (the watch tries again in {self._backoff.remaining():.1f} s)"
+                )
             time.sleep(wait)
         while True:
             try:
@@ -1104,9 +1171,11 @@ class _FileWatch(Watch):
         with store._io("read the store revision"):
             current = store._read_revision()
         if current < self.revision:
-            raise Compacted(f"the file store {store.directory} is at revision {current}, behind the revision "
-                            f"{self.revision} being watched from (was it re-created?): list again",
-                            compact_revision=current)
+            raise Compacted(
+                f"the file store {store.directory} is at revision {current}, behind the revision "
+                f"{self.revision} being watched from (was it re-created?): list again",
+                compact_revision=current,
+            )
         if current == self.revision:
             return []
         events, seen = store._events_since(self._prefix, self.revision)
@@ -1117,10 +1186,15 @@ class _FileWatch(Watch):
         self._closed = True
 
 
-def _record(key: str, value: bytes, mod_revision: int, create_revision: int, version: int,
-            ttl: int | None, now: float = 0.0) -> dict[str, Any]:
-    record: dict[str, Any] = {"key": key, "mod_revision": mod_revision, "create_revision": create_revision,
-                              "version": version}
+def _record(
+    key: str, value: bytes, mod_revision: int, create_revision: int, version: int, ttl: int | None, now: float = 0.0
+) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "key": key,
+        "mod_revision": mod_revision,
+        "create_revision": create_revision,
+        "version": version,
+    }
     try:
         record["value"] = value.decode("utf-8")  # readable when it is text (it is JSON for leases)
     except UnicodeDecodeError:
@@ -1151,8 +1225,9 @@ def _parse_record(data: bytes) -> dict[str, Any]:
     if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0):
         raise ValueError("ttl is not a whole number of seconds")
     expires = record.get("expires")
-    if expires is not None and (isinstance(expires, bool) or not isinstance(expires, (int, float))
-                                or not math.isfinite(expires)):
+    if expires is not None and (
+        isinstance(expires, bool) or not isinstance(expires, (int, float)) or not math.isfinite(expires)
+    ):
         raise ValueError("expires is not a time")
     record["raw"] = value
     return record

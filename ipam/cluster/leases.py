@@ -82,6 +82,7 @@ without a name (older writers, flannel) is adopted. The public IPv6 and the
 VTEP MACs are attributes the node rewrites, not its identity: a lease is the
 node's when it holds the node's public IP (and, when both are named, its name).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -114,9 +115,9 @@ MAX_NODE_NAME = 253
 DEFAULT_SUBNET_LEN = 24
 DEFAULT_IPV6_SUBNET_LEN = 64
 _MAX_ROUNDS = 64  # list-and-claim rounds before giving up on a store that keeps changing under us
-ORDERED_CANDIDATES = 8           # a new node's first claim tries the lowest free subnets in address order,
+ORDERED_CANDIDATES = 8  # a new node's first claim tries the lowest free subnets in address order,
 CLAIM_CANDIDATES = MAX_CLAIM_KEYS  # then fills up to this many with subnets picked at random
-CLAIMS_PER_LISTING = 3           # claims made from one listing before listing again
+CLAIMS_PER_LISTING = 3  # claims made from one listing before listing again
 _random = random.SystemRandom()  # no state shared with forked siblings: racing nodes pick differently
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
@@ -132,8 +133,8 @@ class Pool:
     holds subnet i of the IPv4 pool and subnet i of the IPv6 pool.
     """
 
-    version: int      # 4 or 6
-    network: str      # CIDR
+    version: int  # 4 or 6
+    network: str  # CIDR
     subnet_len: int
 
     @functools.cached_property
@@ -160,8 +161,7 @@ class Pool:
         """True if subnet is one of this pool's node subnets (its family, inside the network, its length)."""
         net = ipaddress.ip_network(subnet)
         whole = self.ip_network
-        return net.version == whole.version and net.prefixlen == self.subnet_len and \
-            net.subnet_of(whole)  # type: ignore[arg-type]
+        return net.version == whole.version and net.prefixlen == self.subnet_len and net.subnet_of(whole)  # type: ignore[arg-type]
 
     def index_of(self, subnet: str | IPNetwork) -> int | None:
         """The index of one of this pool's node subnets; None if subnet does not fit the pool."""
@@ -198,7 +198,7 @@ class ClusterConfig:
     port: int = 8472
     ipv6_network: str = ""
     ipv6_subnet_len: int = DEFAULT_IPV6_SUBNET_LEN
-    direct_routing: bool = False   # flannel's Backend.DirectRouting: same-subnet nodes route without VXLAN
+    direct_routing: bool = False  # flannel's Backend.DirectRouting: same-subnet nodes route without VXLAN
 
     def __post_init__(self) -> None:
         if not isinstance(self.direct_routing, bool):
@@ -210,33 +210,43 @@ class ClusterConfig:
         self.network = _config_network(self.network, 4)
         self.ipv6_network = _config_network(self.ipv6_network, 6)
         if not self.network and not self.ipv6_network:
-            raise ValueError("a cluster needs a pod network: give an IPv4 network (network, --network), an IPv6 "
-                             "network (ipv6_network, --ipv6-network), or both for a dual-stack cluster")
+            raise ValueError(
+                "a cluster needs a pod network: give an IPv4 network (network, --network), an IPv6 "
+                "network (ipv6_network, --ipv6-network), or both for a dual-stack cluster"
+            )
         pools: list[Pool] = []
         if self.network:
             net = ipaddress.ip_network(self.network)
             longest = net.max_prefixlen - 2  # a node subnet needs room for a gateway and pods
             if not net.prefixlen < self.subnet_len <= longest:
-                raise ValueError(f"invalid subnet length /{self.subnet_len} for the network {net}: node subnets "
-                                 f"must be longer than /{net.prefixlen} (so the network holds several) and at "
-                                 f"most /{longest}")
+                raise ValueError(
+                    f"invalid subnet length /{self.subnet_len} for the network {net}: node subnets "
+                    f"must be longer than /{net.prefixlen} (so the network holds several) and at "
+                    f"most /{longest}"
+                )
             pools.append(Pool(4, self.network, self.subnet_len))
         elif self.subnet_len != DEFAULT_SUBNET_LEN:
-            raise ValueError(f"invalid subnet length /{self.subnet_len}: subnet_len (--subnet-len) is the length of "
-                             f"the IPv4 subnets, and this cluster has no IPv4 network; the IPv6 subnets' length is "
-                             f"ipv6_subnet_len (--ipv6-subnet-len)")
+            raise ValueError(
+                f"invalid subnet length /{self.subnet_len}: subnet_len (--subnet-len) is the length of "
+                f"the IPv4 subnets, and this cluster has no IPv4 network; the IPv6 subnets' length is "
+                f"ipv6_subnet_len (--ipv6-subnet-len)"
+            )
         if self.ipv6_network:
             net6 = ipaddress.ip_network(self.ipv6_network)
             longest6 = net6.max_prefixlen - 2
             if not net6.prefixlen < self.ipv6_subnet_len <= longest6:
-                raise ValueError(f"invalid IPv6 subnet length /{self.ipv6_subnet_len} for the IPv6 network {net6}: "
-                                 f"node subnets must be longer than /{net6.prefixlen} (so the network holds "
-                                 f"several) and at most /{longest6}")
+                raise ValueError(
+                    f"invalid IPv6 subnet length /{self.ipv6_subnet_len} for the IPv6 network {net6}: "
+                    f"node subnets must be longer than /{net6.prefixlen} (so the network holds "
+                    f"several) and at most /{longest6}"
+                )
             pools.append(Pool(6, self.ipv6_network, self.ipv6_subnet_len))
         elif self.ipv6_subnet_len != DEFAULT_IPV6_SUBNET_LEN:
-            raise ValueError(f"invalid IPv6 subnet length /{self.ipv6_subnet_len}: ipv6_subnet_len "
-                             f"(--ipv6-subnet-len) is the length of the IPv6 subnets, and this cluster has no IPv6 "
-                             f"network (give ipv6_network, --ipv6-network)")
+            raise ValueError(
+                f"invalid IPv6 subnet length /{self.ipv6_subnet_len}: ipv6_subnet_len "
+                f"(--ipv6-subnet-len) is the length of the IPv6 subnets, and this cluster has no IPv6 "
+                f"network (give ipv6_network, --ipv6-network)"
+            )
         if not 1 <= self.vni <= MAX_VNI:
             raise ValueError(f"invalid VNI {self.vni}: it must be 1..{MAX_VNI}")
         if not 1 <= self.port <= 65535:
@@ -301,15 +311,19 @@ class ClusterConfig:
     def _ipv4_pool(self, what: str) -> Pool:
         pool = self.pool(4)
         if pool is None:
-            raise ValueError(f"this cluster is IPv6-only ({self.ipv6_network}): it has no IPv4 network, so "
-                             f"ClusterConfig.{what} means nothing; use pools or pool(6) (code that handles "
-                             f"every family)")
+            raise ValueError(
+                f"this cluster is IPv6-only ({self.ipv6_network}): it has no IPv4 network, so "
+                f"ClusterConfig.{what} means nothing; use pools or pool(6) (code that handles "
+                f"every family)"
+            )
         return pool
 
     def describe(self) -> str:
-        return ", ".join([pool.describe() for pool in self._current_pools()] +
-                         [f"VNI {self.vni}", f"UDP port {self.port}"] +
-                         (["direct routing between nodes on one underlay subnet"] if self.direct_routing else []))
+        return ", ".join(
+            [pool.describe() for pool in self._current_pools()]
+            + [f"VNI {self.vni}", f"UDP port {self.port}"]
+            + (["direct routing between nodes on one underlay subnet"] if self.direct_routing else [])
+        )
 
     def to_json(self) -> str:
         """flannel's net-conf.json layout ("EnableIPv4": false only for an IPv6-only cluster)."""
@@ -357,15 +371,17 @@ class ClusterConfig:
         if enable4 is False:
             network, subnet_len = "", DEFAULT_SUBNET_LEN
         elif enable4 is True and not network:
-            raise ValueError("the cluster configuration has \"EnableIPv4\": true but no \"Network\"")
+            raise ValueError('the cluster configuration has "EnableIPv4": true but no "Network"')
         if enable6 is False:
             network6, subnet_len6 = "", DEFAULT_IPV6_SUBNET_LEN
         elif enable6 is True and not network6:
-            raise ValueError("the cluster configuration has \"EnableIPv6\": true but no \"IPv6Network\"")
+            raise ValueError('the cluster configuration has "EnableIPv6": true but no "IPv6Network"')
         if not network and not network6:
-            raise ValueError("the cluster configuration has no \"Network\"" if enable4 is not False else
-                             "the cluster configuration has \"EnableIPv4\": false and no \"IPv6Network\": "
-                             "it has no pod network")
+            raise ValueError(
+                'the cluster configuration has no "Network"'
+                if enable4 is not False
+                else 'the cluster configuration has "EnableIPv4": false and no "IPv6Network": it has no pod network'
+            )
         if not network:
             subnet_len = DEFAULT_SUBNET_LEN
         if not network6:
@@ -374,26 +390,37 @@ class ClusterConfig:
         if backend is None:
             backend = {}
         if not isinstance(backend, dict):
-            raise ValueError(f"the cluster configuration's \"Backend\" must be an object, not {json_type(backend)}")
+            raise ValueError(f'the cluster configuration\'s "Backend" must be an object, not {json_type(backend)}')
         backend_type = backend.get("Type")
         if backend_type is None:
             backend_type = BACKEND_TYPE
         if backend_type != BACKEND_TYPE:
-            raise ValueError(f"the cluster configuration is for backend {backend_type!r}; pycni only "
-                             f"implements {BACKEND_TYPE!r}")
+            raise ValueError(
+                f"the cluster configuration is for backend {backend_type!r}; pycni only implements {BACKEND_TYPE!r}"
+            )
         direct = backend.get("DirectRouting")
         if direct is not None and not isinstance(direct, bool):
-            raise ValueError(f"the cluster configuration's \"Backend.DirectRouting\" must be true or false, not "
-                             f"{json_type(direct)}")
-        return cls(network=network, subnet_len=subnet_len, vni=_whole(backend, "VNI", 1, "Backend."),
-                   port=_whole(backend, "Port", 8472, "Backend."), ipv6_network=network6,
-                   ipv6_subnet_len=subnet_len6, direct_routing=bool(direct))
+            raise ValueError(
+                f'the cluster configuration\'s "Backend.DirectRouting" must be true or false, not {json_type(direct)}'
+            )
+        return cls(
+            network=network,
+            subnet_len=subnet_len,
+            vni=_whole(backend, "VNI", 1, "Backend."),
+            port=_whole(backend, "Port", 8472, "Backend."),
+            ipv6_network=network6,
+            ipv6_subnet_len=subnet_len6,
+            direct_routing=bool(direct),
+        )
 
 
 def _config_network(value: object, version: int) -> str:
     """A pool's network as a canonical CIDR string ("" for none); ValueError saying what is wrong."""
-    name, flag, example = (("network", "--network", "10.244.0.0/16") if version == 4 else
-                           ("ipv6_network", "--ipv6-network", "fd00:10:244::/56"))
+    name, flag, example = (
+        ("network", "--network", "10.244.0.0/16")
+        if version == 4
+        else ("ipv6_network", "--ipv6-network", "fd00:10:244::/56")
+    )
     what = "cluster network" if version == 4 else "cluster IPv6 network"
     if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
         value = str(value)
@@ -411,10 +438,14 @@ def _config_network(value: object, version: int) -> str:
         raise ValueError(f"invalid {what} {value!r}: it has host bits set; did you mean {loose}?") from None
     if net.version != version:
         if version == 4:
-            raise ValueError(f"invalid cluster network {value!r}: it is an IPv6 network; the IPv6 pod network is "
-                             f"given as ipv6_network (--ipv6-network), network (--network) is the IPv4 one")
-        raise ValueError(f"invalid cluster IPv6 network {value!r}: it is an IPv4 network; the IPv4 pod network is "
-                         f"given as network (--network), ipv6_network (--ipv6-network) is the IPv6 one")
+            raise ValueError(
+                f"invalid cluster network {value!r}: it is an IPv6 network; the IPv6 pod network is "
+                f"given as ipv6_network (--ipv6-network), network (--network) is the IPv4 one"
+            )
+        raise ValueError(
+            f"invalid cluster IPv6 network {value!r}: it is an IPv4 network; the IPv4 pod network is "
+            f"given as network (--network), ipv6_network (--ipv6-network) is the IPv6 one"
+        )
     return str(net)
 
 
@@ -430,8 +461,9 @@ def _network_field(doc: dict[str, Any], name: str, example: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise ValueError(f"the cluster configuration's \"{name}\" must be a string such as "
-                         f"\"{example}\", not {json_type(value)}")
+        raise ValueError(
+            f'the cluster configuration\'s "{name}" must be a string such as "{example}", not {json_type(value)}'
+        )
     return value
 
 
@@ -439,8 +471,9 @@ def _flag(doc: dict[str, Any], name: str) -> bool | None:
     value = doc.get(name)
     if value is None or isinstance(value, bool):
         return value
-    raise ValueError(f"the cluster configuration's \"{name}\" must be true or false, not {json_type(value)} "
-                     f"({_short(value)})")
+    raise ValueError(
+        f'the cluster configuration\'s "{name}" must be true or false, not {json_type(value)} ({_short(value)})'
+    )
 
 
 def _whole(doc: dict[str, Any], name: str, default: int, where: str = "") -> int:
@@ -448,8 +481,10 @@ def _whole(doc: dict[str, Any], name: str, default: int, where: str = "") -> int
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"the cluster configuration's \"{where}{name}\" must be a whole number, "
-                         f"not {json_type(value)} ({_short(value)})")
+        raise ValueError(
+            f'the cluster configuration\'s "{where}{name}" must be a whole number, '
+            f"not {json_type(value)} ({_short(value)})"
+        )
     return value
 
 
@@ -474,7 +509,7 @@ class NodeLease:
     ipv6_subnet: str = ""
     public_ipv6: str = ""
     vtep_mac6: str = ""
-    vni: int = field(default=0, compare=False)   # BackendData.VNI, as newer flannel writes it (0: not written)
+    vni: int = field(default=0, compare=False)  # BackendData.VNI, as newer flannel writes it (0: not written)
 
     @property
     def key(self) -> str:
@@ -497,8 +532,11 @@ class NodeLease:
     def to_json(self) -> str:
         """flannel's lease value, plus the node's name."""
         vni = {"VNI": self.vni} if self.vni else {}
-        doc: dict[str, Any] = {"PublicIP": self.public_ip, "BackendType": BACKEND_TYPE,
-                               "BackendData": {"VtepMAC": self.vtep_mac, **vni}}
+        doc: dict[str, Any] = {
+            "PublicIP": self.public_ip,
+            "BackendType": BACKEND_TYPE,
+            "BackendData": {"VtepMAC": self.vtep_mac, **vni},
+        }
         if self.public_ipv6:
             doc["PublicIPv6"] = self.public_ipv6
         if self.vtep_mac6:
@@ -508,8 +546,7 @@ class NodeLease:
         return json.dumps(doc, sort_keys=True)
 
     @classmethod
-    def from_json(cls, subnet: str, data: str | bytes, mod_revision: int = 0,
-                  ipv6_subnet: str = "") -> "NodeLease":
+    def from_json(cls, subnet: str, data: str | bytes, mod_revision: int = 0, ipv6_subnet: str = "") -> "NodeLease":
         """Parse a lease value (the subnets come from its key); ValueError naming the field if it is not valid.
 
         subnet is the IPv4 subnet (an IPv6 one given here, with no
@@ -563,7 +600,7 @@ def subnet_from_key(key: str) -> str | None:
     """10.244.1.0/24 for subnets/10.244.1.0-24; None for any other key (a dual-stack key too: subnets_from_key)."""
     if not isinstance(key, str) or not key.startswith(SUBNETS_PREFIX):
         return None
-    net = _key_part(key[len(SUBNETS_PREFIX):])
+    net = _key_part(key[len(SUBNETS_PREFIX) :])
     return str(net) if net is not None else None
 
 
@@ -580,8 +617,9 @@ def lease_key(subnet: str | IPNetwork | None = "", ipv6_subnet: str | IPNetwork 
             continue
         net = ipaddress.ip_network(text)
         if net.version != version:
-            raise ValueError(f"{net} is not an IPv{version} subnet: a lease key takes the IPv4 subnet first, "
-                             f"the IPv6 subnet second")
+            raise ValueError(
+                f"{net} is not an IPv{version} subnet: a lease key takes the IPv4 subnet first, the IPv6 subnet second"
+            )
         parts.append(f"{net.network_address}-{net.prefixlen}")
     if not parts:
         raise ValueError("a lease key needs a subnet: give the IPv4 subnet, the IPv6 subnet, or both")
@@ -598,7 +636,7 @@ def subnets_from_key(key: str) -> tuple[str, str] | None:
     """
     if not isinstance(key, str) or not key.startswith(SUBNETS_PREFIX):
         return None
-    parts = key[len(SUBNETS_PREFIX):].split(KEY_JOIN)
+    parts = key[len(SUBNETS_PREFIX) :].split(KEY_JOIN)
     if len(parts) > 2:
         return None
     nets = [_key_part(part) for part in parts]
@@ -624,7 +662,7 @@ def _key_networks(key: str) -> list[IPNetwork]:
     """Every subnet a key under subnets/ names, read leniently: what the key takes, whatever else is wrong with it."""
     if not key.startswith(SUBNETS_PREFIX):
         return []
-    nets = (_key_part(part) for part in key[len(SUBNETS_PREFIX):].split(KEY_JOIN))
+    nets = (_key_part(part) for part in key[len(SUBNETS_PREFIX) :].split(KEY_JOIN))
     return [net for net in nets if net is not None]
 
 
@@ -652,14 +690,18 @@ def init_cluster(store: Store, cfg: ClusterConfig) -> bool:
         try:
             existing = ClusterConfig.from_json(entry.value)
         except ValueError as err:
-            raise ConfigConflict(f"the store already holds a cluster configuration that pycni cannot read "
-                                 f"({err}); refusing to overwrite it with {cfg.describe()}") from None
+            raise ConfigConflict(
+                f"the store already holds a cluster configuration that pycni cannot read "
+                f"({err}); refusing to overwrite it with {cfg.describe()}"
+            ) from None
         if existing == cfg:
             return False
-        raise ConfigConflict(f"the store already holds a different cluster configuration ({existing.describe()}); "
-                             f"refusing to replace it with ({cfg.describe()}): nodes hold leases from the "
-                             f"existing one. Use the existing settings, or a new store (another directory, "
-                             f"or another --etcd-prefix)")
+        raise ConfigConflict(
+            f"the store already holds a different cluster configuration ({existing.describe()}); "
+            f"refusing to replace it with ({cfg.describe()}): nodes hold leases from the "
+            f"existing one. Use the existing settings, or a new store (another directory, "
+            f"or another --etcd-prefix)"
+        )
     raise StoreError("the cluster configuration keeps disappearing while it is being written; try again")
 
 
@@ -667,8 +709,10 @@ def read_config(store: Store) -> ClusterConfig:
     """The stored cluster configuration; StoreError if there is none or it is invalid."""
     entry = store.get(CONFIG_KEY)
     if entry is None:
-        raise StoreError("the store holds no cluster configuration: run `pycni cluster init --store URL "
-                         "--network CIDR` (and/or --ipv6-network CIDR) first")
+        raise StoreError(
+            "the store holds no cluster configuration: run `pycni cluster init --store URL "
+            "--network CIDR` (and/or --ipv6-network CIDR) first"
+        )
     try:
         return ClusterConfig.from_json(entry.value)
     except ValueError as err:
@@ -713,10 +757,20 @@ def list_leases(store: Store, cfg: ClusterConfig | None = None) -> tuple[list[No
     return scan.leases, scan.revision
 
 
-def acquire_lease(store: Store, cfg: ClusterConfig, public_ip: str, vtep_mac: str, node_name: str = "",
-                  preferred_subnet: str | None = None, ttl: int | None = None,
-                  previous: NodeLease | None = None, *, public_ipv6: str = "", vtep_mac6: str = "",
-                  preferred_ipv6_subnet: str | None = None) -> NodeLease:
+def acquire_lease(
+    store: Store,
+    cfg: ClusterConfig,
+    public_ip: str,
+    vtep_mac: str,
+    node_name: str = "",
+    preferred_subnet: str | None = None,
+    ttl: int | None = None,
+    previous: NodeLease | None = None,
+    *,
+    public_ipv6: str = "",
+    vtep_mac6: str = "",
+    preferred_ipv6_subnet: str | None = None,
+) -> NodeLease:
     """Lease a subnet of each of the cluster's pools for the node whose underlay address is public_ip.
 
     The subnets come as one lease under one key (subnet i of the IPv4 pool
@@ -757,14 +811,23 @@ def acquire_lease(store: Store, cfg: ClusterConfig, public_ip: str, vtep_mac: st
     address = ipaddress.ip_address(public_ip)
     for pool in cfg.pools:
         if _inside(address, pool.ip_network):
-            raise ValueError(f"invalid node public IP {public_ip}: it is inside the cluster network {pool.network}, "
-                             f"so it is a pod address; give the node's underlay address")
+            raise ValueError(
+                f"invalid node public IP {public_ip}: it is inside the cluster network {pool.network}, "
+                f"so it is a pod address; give the node's underlay address"
+            )
     vtep_mac = _check_mac(vtep_mac)
     node_name = _check_node_name(node_name)
     public_ipv6, vtep_mac6 = _check_second_underlay(cfg, public_ip, public_ipv6, vtep_mac6)
     preferred = _preferred_subnets(cfg, preferred_subnet, preferred_ipv6_subnet)
-    wanted = NodeLease(subnet="", public_ip=public_ip, vtep_mac=vtep_mac, node_name=node_name,
-                       public_ipv6=public_ipv6, vtep_mac6=vtep_mac6, vni=cfg.vni)
+    wanted = NodeLease(
+        subnet="",
+        public_ip=public_ip,
+        vtep_mac=vtep_mac,
+        node_name=node_name,
+        public_ipv6=public_ipv6,
+        vtep_mac6=vtep_mac6,
+        vni=cfg.vni,
+    )
     addresses = {public_ip: "--public-ip", **({public_ipv6: "--public-ipv6"} if public_ipv6 else {})}
     with _claims(store, ttl) as claims:  # on etcd: one lease for every claim of this call, revoked if none wins
         for _ in range(_MAX_ROUNDS):
@@ -776,8 +839,11 @@ def acquire_lease(store: Store, cfg: ClusterConfig, public_ip: str, vtep_mac: st
                         raise NodeConflict(_conflict_message(lease, node_name, held, addresses[held]))
             mine = [lease for lease in leases if lease.public_ip == public_ip]
             if not mine and previous is not None:
-                mine = [lease for lease in leases
-                        if _is_previous(lease, previous) and _same_node(lease.node_name, node_name)]
+                mine = [
+                    lease
+                    for lease in leases
+                    if _is_previous(lease, previous) and _same_node(lease.node_name, node_name)
+                ]
             if mine:
                 mine.sort(key=lambda lease: (not _is_preferred(lease, preferred), _lease_sort_key(lease)))
                 updated = _update_own(store, mine[0], wanted, ttl)
@@ -791,12 +857,14 @@ def acquire_lease(store: Store, cfg: ClusterConfig, public_ip: str, vtep_mac: st
             if claimed is not None:
                 return claimed
             # Every candidate of this listing was taken meanwhile: list again.
-    raise StoreError(f"could not lease a subnet for {public_ip}: the leases kept changing during "
-                     f"{_MAX_ROUNDS} attempts; try again")
+    raise StoreError(
+        f"could not lease a subnet for {public_ip}: the leases kept changing during {_MAX_ROUNDS} attempts; try again"
+    )
 
 
-def _claim_new(claims: Claims, space: "_FreeSpace", wanted: NodeLease,
-               preferred: dict[int, IPNetwork]) -> NodeLease | None:
+def _claim_new(
+    claims: Claims, space: "_FreeSpace", wanted: NodeLease, preferred: dict[int, IPNetwork]
+) -> NodeLease | None:
     """Up to CLAIMS_PER_LISTING claims from one listing; the lease won, or None when the listing is used up."""
     value = wanted.to_json().encode()
     index, pair_key, pair_indices = space.preferred(preferred)
@@ -849,13 +917,17 @@ def renew_lease(store: Store, lease: NodeLease, ttl: int | None) -> NodeLease:
         except ValueError as err:
             raise LeaseLost(f"the lease of {what} was replaced by an unreadable entry ({err})") from None
         if current.public_ip != lease.public_ip:
-            raise LeaseLost(f"the {_subnet_word(lease)} {what} {_is_are(lease)} now leased to {current.public_ip}"
-                            f"{' (' + current.node_name + ')' if current.node_name else ''}, "
-                            f"not {lease.public_ip}: acquire a new lease")
+            raise LeaseLost(
+                f"the {_subnet_word(lease)} {what} {_is_are(lease)} now leased to {current.public_ip}"
+                f"{' (' + current.node_name + ')' if current.node_name else ''}, "
+                f"not {lease.public_ip}: acquire a new lease"
+            )
         if not _same_node(current.node_name, lease.node_name):
-            raise LeaseLost(f"the {_subnet_word(lease)} {what} {_is_are(lease)} now leased to the node "
-                            f"{current.node_name!r} (also at {current.public_ip}), not to {lease.node_name!r}: "
-                            f"acquire a new lease")
+            raise LeaseLost(
+                f"the {_subnet_word(lease)} {what} {_is_are(lease)} now leased to the node "
+                f"{current.node_name!r} (also at {current.public_ip}), not to {lease.node_name!r}: "
+                f"acquire a new lease"
+            )
         if ttl is None or store.refresh(key):
             return current
         # expired between get and refresh: go round and write it again
@@ -877,8 +949,10 @@ def _check_no_other_holder(store: Store, lease: NodeLease) -> None:
                     holder = f" (the node at {other.public_ip}{', ' + other.node_name if other.node_name else ''})"
                 except ValueError:
                     pass
-                raise LeaseLost(f"the lease of {_subnets_text(lease.subnets)} expired and {net} is now held under "
-                                f"{entry.key}{holder}: acquire a new lease")
+                raise LeaseLost(
+                    f"the lease of {_subnets_text(lease.subnets)} expired and {net} is now held under "
+                    f"{entry.key}{holder}: acquire a new lease"
+                )
 
 
 def release_lease(store: Store, public_ip: str) -> bool:
@@ -900,14 +974,18 @@ def _check_entry(entry: Entry, cfg: ClusterConfig | None) -> dict[str, str]:
     key = entry.key
     subnets = subnets_from_key(key)
     if subnets is None:
-        raise ValueError(f"{key}: not a subnet lease key (subnets/ADDRESS-PREFIXLEN, such as "
-                         f"subnets/10.244.1.0-24, or for a dual-stack lease subnets/IPV4-LEN&IPV6-LEN, such as "
-                         f"subnets/10.244.1.0-24&fd00:10:244:1::-64)")
+        raise ValueError(
+            f"{key}: not a subnet lease key (subnets/ADDRESS-PREFIXLEN, such as "
+            f"subnets/10.244.1.0-24, or for a dual-stack lease subnets/IPV4-LEN&IPV6-LEN, such as "
+            f"subnets/10.244.1.0-24&fd00:10:244:1::-64)"
+        )
     canonical = lease_key(*subnets)
     if canonical != key:
         held = [subnet for subnet in subnets if subnet]
-        raise ValueError(f"{key}: not the canonical key of the {'subnet' if len(held) == 1 else 'subnets'} "
-                         f"{_subnets_text(held)} (that is {canonical})")
+        raise ValueError(
+            f"{key}: not the canonical key of the {'subnet' if len(held) == 1 else 'subnets'} "
+            f"{_subnets_text(held)} (that is {canonical})"
+        )
     nets = [ipaddress.ip_network(subnet) for subnet in subnets if subnet]
     try:
         if cfg is not None:
@@ -920,9 +998,11 @@ def _check_entry(entry: Entry, cfg: ClusterConfig | None) -> dict[str, str]:
                 address = ipaddress.ip_address(fields[name])
                 for pool in cfg.pools:
                     if _inside(address, pool.ip_network):
-                        raise ValueError(f"{'PublicIP' if name == 'public_ip' else 'PublicIPv6'} {address} is inside "
-                                         f"the cluster network {pool.network} (a pod address, not a node's underlay "
-                                         f"address)")
+                        raise ValueError(
+                            f"{'PublicIP' if name == 'public_ip' else 'PublicIPv6'} {address} is inside "
+                            f"the cluster network {pool.network} (a pod address, not a node's underlay "
+                            f"address)"
+                        )
     except ValueError as err:
         raise ValueError(f"{key}: {err}") from None
     return {"subnet": subnets[0], "ipv6_subnet": subnets[1], **fields}
@@ -933,17 +1013,22 @@ def _check_fits(cfg: ClusterConfig, nets: list[IPNetwork]) -> None:
     pools = cfg.pools
     if len(nets) == 1 and cfg.pool(nets[0].version) is None:
         only = pools[0]
-        raise ValueError(f"the subnet {nets[0]} is IPv{nets[0].version}, the cluster network {only.network} is "
-                         f"IPv{only.version}")
+        raise ValueError(
+            f"the subnet {nets[0]} is IPv{nets[0].version}, the cluster network {only.network} is IPv{only.version}"
+        )
     if len(nets) == 1 and len(pools) == 2:
         net = nets[0]
-        raise ValueError(f"the key holds only the IPv{net.version} subnet {net}; this dual-stack cluster leases "
-                         f"an IPv4 and an IPv6 subnet together under one key (subnets/IPV4-LEN&IPV6-LEN)")
+        raise ValueError(
+            f"the key holds only the IPv{net.version} subnet {net}; this dual-stack cluster leases "
+            f"an IPv4 and an IPv6 subnet together under one key (subnets/IPV4-LEN&IPV6-LEN)"
+        )
     if len(nets) == 2 and len(pools) == 1:
         only = pools[0]
         other = nets[0] if only.version == 6 else nets[1]
-        raise ValueError(f"the key holds the IPv{other.version} subnet {other} too, and this cluster is "
-                         f"IPv{only.version}-only (its network is {only.network})")
+        raise ValueError(
+            f"the key holds the IPv{other.version} subnet {other} too, and this cluster is "
+            f"IPv{only.version}-only (its network is {only.network})"
+        )
     for net in nets:
         pool = cfg.pool(net.version)
         assert pool is not None
@@ -951,8 +1036,10 @@ def _check_fits(cfg: ClusterConfig, nets: list[IPNetwork]) -> None:
         if not net.subnet_of(whole):  # type: ignore[arg-type]
             raise ValueError(f"the subnet {net} is outside the cluster network {whole}")
         if net.prefixlen != pool.subnet_len:
-            raise ValueError(f"the subnet {net} is a /{net.prefixlen}; this cluster leases /{pool.subnet_len} "
-                             f"subnets{' of ' + pool.network if len(pools) == 2 else ''}")
+            raise ValueError(
+                f"the subnet {net} is a /{net.prefixlen}; this cluster leases /{pool.subnet_len} "
+                f"subnets{' of ' + pool.network if len(pools) == 2 else ''}"
+            )
 
 
 def _lease_fields(nets: list[IPNetwork], data: bytes | str) -> dict[str, Any]:
@@ -966,8 +1053,9 @@ def _lease_fields(nets: list[IPNetwork], data: bytes | str) -> dict[str, Any]:
     public_ip = _stored_public_ip(doc.get("PublicIP"))
     backend_type = doc.get("BackendType")
     if backend_type is not None and backend_type != BACKEND_TYPE:
-        raise ValueError(f"BackendType {_short(backend_type)} is not {BACKEND_TYPE!r} (pycni only implements "
-                         f"the vxlan backend)")
+        raise ValueError(
+            f"BackendType {_short(backend_type)} is not {BACKEND_TYPE!r} (pycni only implements the vxlan backend)"
+        )
     backend = doc.get("BackendData")
     if not isinstance(backend, dict):
         raise ValueError(f"BackendData must be an object holding VtepMAC, not {json_type(backend)}")
@@ -985,18 +1073,23 @@ def _lease_fields(nets: list[IPNetwork], data: bytes | str) -> dict[str, Any]:
             raise ValueError(f"BackendV6Data must be an object holding VtepMAC, not {json_type(backend6)}")
         vtep_mac6 = _stored_mac(backend6.get("VtepMAC"), "BackendV6Data.VtepMAC")
     if public_ipv6 and not vtep_mac6:
-        raise ValueError(f"PublicIPv6 {public_ipv6} comes without BackendV6Data.VtepMAC (the MAC of the VXLAN "
-                         f"device on that underlay): a second underlay needs both")
+        raise ValueError(
+            f"PublicIPv6 {public_ipv6} comes without BackendV6Data.VtepMAC (the MAC of the VXLAN "
+            f"device on that underlay): a second underlay needs both"
+        )
     if vtep_mac6 and not public_ipv6:
-        raise ValueError(f"BackendV6Data.VtepMAC {vtep_mac6} comes without PublicIPv6 (the underlay address of "
-                         f"that VXLAN device): a second underlay needs both")
+        raise ValueError(
+            f"BackendV6Data.VtepMAC {vtep_mac6} comes without PublicIPv6 (the underlay address of "
+            f"that VXLAN device): a second underlay needs both"
+        )
     node_name = doc.get("NodeName")
     if node_name is None:
         node_name = ""
     problem = _node_name_problem(node_name)
     if problem:
-        raise ValueError(f"NodeName {_short(node_name)} {problem}" if isinstance(node_name, str)
-                         else f"NodeName {problem}")
+        raise ValueError(
+            f"NodeName {_short(node_name)} {problem}" if isinstance(node_name, str) else f"NodeName {problem}"
+        )
     net6 = next((net for net in nets if net.version == 6), None)
     for name, value in doc.items():
         if name.lower() == "subnet":
@@ -1005,8 +1098,14 @@ def _lease_fields(nets: list[IPNetwork], data: bytes | str) -> dict[str, Any]:
             if net6 is None:
                 raise ValueError(f"{name} {_short(value)} names an IPv6 subnet, and the key holds none")
             _check_own_subnet(name, value, net6)
-    return {"public_ip": public_ip, "vtep_mac": vtep_mac, "node_name": node_name, "public_ipv6": public_ipv6,
-            "vtep_mac6": vtep_mac6, "vni": vni}
+    return {
+        "public_ip": public_ip,
+        "vtep_mac": vtep_mac,
+        "node_name": node_name,
+        "public_ipv6": public_ipv6,
+        "vtep_mac6": vtep_mac6,
+        "vni": vni,
+    }
 
 
 def _check_own_subnet(name: str, value: object, net: IPNetwork) -> None:
@@ -1041,8 +1140,7 @@ def _stored_public_ipv6(value: object, public_ip: str) -> str:
         raise ValueError(f"PublicIPv6 {_short(value)} {problem}")
     assert address is not None
     if address.version != 6:
-        raise ValueError(f"PublicIPv6 {_short(value)} is an IPv4 address; PublicIPv6 is a node's IPv6 underlay "
-                         f"address")
+        raise ValueError(f"PublicIPv6 {_short(value)} is an IPv4 address; PublicIPv6 is a node's IPv6 underlay address")
     if str(address) == public_ip:
         raise ValueError(f"PublicIPv6 {address} is PublicIP itself; PublicIPv6 is a second underlay address")
     return str(address)
@@ -1067,9 +1165,12 @@ def _public_ip_problem(text: str) -> tuple[IPAddress | None, str]:
         address = ipaddress.ip_address(text)
     except ValueError:
         return None, "is not an IPv4 or IPv6 address"
-    for bad, what in ((address.is_unspecified, "the unspecified address"), (address.is_loopback, "a loopback address"),
-                      (address.is_multicast, "a multicast address"),
-                      (address == ipaddress.IPv4Address("255.255.255.255"), "the broadcast address")):
+    for bad, what in (
+        (address.is_unspecified, "the unspecified address"),
+        (address.is_loopback, "a loopback address"),
+        (address.is_multicast, "a multicast address"),
+        (address == ipaddress.IPv4Address("255.255.255.255"), "the broadcast address"),
+    ):
         if bad:
             return None, f"is {what}, not a node's unicast underlay address"
     return address, ""
@@ -1107,31 +1208,39 @@ def _same_node(stored: str, mine: str) -> bool:
 
 
 def _conflict_message(lease: NodeLease, node_name: str, address: str, flag: str) -> str:
-    return (f"the public IP {address} already holds the lease of {_subnets_text(lease.subnets)} for the node "
-            f"{lease.node_name!r}, and this node is {node_name!r}: two nodes cannot share one underlay address. "
-            f"If {lease.node_name!r} still runs, stop its agent or give this node its own {flag}; if "
-            f"{lease.node_name!r} is gone, release its lease with `pycni agent leave --store URL --public-ip "
-            f"{lease.public_ip}` and start this agent again")
+    return (
+        f"the public IP {address} already holds the lease of {_subnets_text(lease.subnets)} for the node "
+        f"{lease.node_name!r}, and this node is {node_name!r}: two nodes cannot share one underlay address. "
+        f"If {lease.node_name!r} still runs, stop its agent or give this node its own {flag}; if "
+        f"{lease.node_name!r} is gone, release its lease with `pycni agent leave --store URL --public-ip "
+        f"{lease.public_ip}` and start this agent again"
+    )
 
 
 def _exhausted_message(cfg: ClusterConfig) -> str:
     pools = cfg.pools
-    release = ("Release the leases of nodes that left (`pycni agent leave` on them, or release_lease), or create "
-               "the cluster with")
+    release = (
+        "Release the leases of nodes that left (`pycni agent leave` on them, or release_lease), or create "
+        "the cluster with"
+    )
     if len(pools) == 1:
         pool = pools[0]
         prefix = pool.ip_network.prefixlen
-        return (f"no free subnet left: all {pool.subnet_count} /{pool.subnet_len} subnets of {pool.network} are "
-                f"leased. {release} a larger network or a longer subnet length (for example /{prefix - 1} "
-                f"instead of /{prefix}) in a new store")
+        return (
+            f"no free subnet left: all {pool.subnet_count} /{pool.subnet_len} subnets of {pool.network} are "
+            f"leased. {release} a larger network or a longer subnet length (for example /{prefix - 1} "
+            f"instead of /{prefix}) in a new store"
+        )
     smaller = min(pools, key=lambda pool: pool.subnet_count)
     prefix = smaller.ip_network.prefixlen
-    return (f"no free subnet pair left: this dual-stack cluster has room for {cfg.lease_count} leases, each subnet "
-            f"i of {pools[0].network} (/{pools[0].subnet_len}) with subnet i of {pools[1].network} "
-            f"(/{pools[1].subnet_len}), and every index is taken; the smaller pool, {smaller.subnet_count} "
-            f"/{smaller.subnet_len} subnets of {smaller.network}, sets the count. {release} a larger network or "
-            f"a longer subnet length for {smaller.network} (for example /{prefix - 1} instead of /{prefix}) in "
-            f"a new store")
+    return (
+        f"no free subnet pair left: this dual-stack cluster has room for {cfg.lease_count} leases, each subnet "
+        f"i of {pools[0].network} (/{pools[0].subnet_len}) with subnet i of {pools[1].network} "
+        f"(/{pools[1].subnet_len}), and every index is taken; the smaller pool, {smaller.subnet_count} "
+        f"/{smaller.subnet_len} subnets of {smaller.network}, sets the count. {release} a larger network or "
+        f"a longer subnet length for {smaller.network} (for example /{prefix - 1} instead of /{prefix}) in "
+        f"a new store"
+    )
 
 
 def _subnets_text(subnets: Sequence[str]) -> str:
@@ -1229,9 +1338,14 @@ def _identity(lease: NodeLease) -> tuple[str, str, str, str, str]:
 
 def _is_previous(lease: NodeLease, previous: NodeLease) -> bool:
     """lease is exactly the one previous describes: its subnets, addresses and VTEP MACs (names are checked apart)."""
-    return (lease.subnet, lease.ipv6_subnet, lease.public_ip, lease.vtep_mac, lease.public_ipv6, lease.vtep_mac6) == \
-        (previous.subnet, previous.ipv6_subnet, previous.public_ip, previous.vtep_mac, previous.public_ipv6,
-         previous.vtep_mac6)
+    return (lease.subnet, lease.ipv6_subnet, lease.public_ip, lease.vtep_mac, lease.public_ipv6, lease.vtep_mac6) == (
+        previous.subnet,
+        previous.ipv6_subnet,
+        previous.public_ip,
+        previous.vtep_mac,
+        previous.public_ipv6,
+        previous.vtep_mac6,
+    )
 
 
 class _Spans:
@@ -1382,9 +1496,14 @@ class _FreeSpace:
 
 
 def _update_own(store: Store, lease: NodeLease, wanted: NodeLease, ttl: int | None) -> NodeLease | None:
-    mine = dc_replace(lease, public_ip=wanted.public_ip, vtep_mac=wanted.vtep_mac,
-                      node_name=wanted.node_name or lease.node_name, public_ipv6=wanted.public_ipv6,
-                      vtep_mac6=wanted.vtep_mac6)
+    mine = dc_replace(
+        lease,
+        public_ip=wanted.public_ip,
+        vtep_mac=wanted.vtep_mac,
+        node_name=wanted.node_name or lease.node_name,
+        public_ipv6=wanted.public_ipv6,
+        vtep_mac6=wanted.vtep_mac6,
+    )
     if mine == lease and (ttl is None or (store.ttl(lease.key) == ttl and store.refresh(lease.key))):
         return lease  # unchanged and alive: no write (and no revision bump that wakes every watcher)
     # Changed, expired, or written with another TTL (the node restarted with a new --lease-ttl): write it.
@@ -1394,12 +1513,15 @@ def _update_own(store: Store, lease: NodeLease, wanted: NodeLease, ttl: int | No
     return None
 
 
-def _preferred_subnets(cfg: ClusterConfig, preferred_subnet: str | None,
-                       preferred_ipv6_subnet: str | None) -> dict[int, IPNetwork]:
+def _preferred_subnets(
+    cfg: ClusterConfig, preferred_subnet: str | None, preferred_ipv6_subnet: str | None
+) -> dict[int, IPNetwork]:
     """{version: subnet} of the preferred subnets that fit the cluster's pools; ValueError for unparsable ones."""
     found: dict[int, IPNetwork] = {}
-    for name, text, version in (("preferred IPv6 subnet", preferred_ipv6_subnet, 6),
-                                ("preferred subnet", preferred_subnet, None)):
+    for name, text, version in (
+        ("preferred IPv6 subnet", preferred_ipv6_subnet, 6),
+        ("preferred subnet", preferred_subnet, None),
+    ):
         if not text:
             continue
         try:
@@ -1407,8 +1529,7 @@ def _preferred_subnets(cfg: ClusterConfig, preferred_subnet: str | None,
         except (ValueError, TypeError) as err:
             raise ValueError(f"invalid {name} {text!r}: {err}") from None
         if version is not None and net.version != version:
-            raise ValueError(f"invalid {name} {text!r}: it is IPv{net.version}; give the IPv4 one as "
-                             f"preferred_subnet")
+            raise ValueError(f"invalid {name} {text!r}: it is IPv{net.version}; give the IPv4 one as preferred_subnet")
         pool = cfg.pool(net.version)
         if pool is not None and pool.fits(net):
             found.setdefault(net.version, net)
@@ -1419,8 +1540,9 @@ def _is_preferred(lease: NodeLease, preferred: dict[int, IPNetwork]) -> bool:
     return bool(preferred) and all(lease.subnet_of(version) == str(net) for version, net in preferred.items())
 
 
-def _check_second_underlay(cfg: ClusterConfig, public_ip: str, public_ipv6: object,
-                           vtep_mac6: object) -> tuple[str, str]:
+def _check_second_underlay(
+    cfg: ClusterConfig, public_ip: str, public_ipv6: object, vtep_mac6: object
+) -> tuple[str, str]:
     """(public IPv6, IPv6 VTEP MAC) of a node's second underlay, ("", "") for none; ValueError saying what is wrong."""
     if public_ipv6 is None:
         public_ipv6 = ""
@@ -1429,31 +1551,43 @@ def _check_second_underlay(cfg: ClusterConfig, public_ip: str, public_ipv6: obje
     if not public_ipv6 and not vtep_mac6:
         return "", ""
     if cfg.pool(6) is None:
-        raise ValueError(f"invalid node public IPv6 {_short(public_ipv6 or vtep_mac6)}: this cluster has no IPv6 pod "
-                         f"network ({cfg.describe()}), so a second, IPv6 underlay would carry nothing; leave "
-                         f"--public-ipv6 out")
+        raise ValueError(
+            f"invalid node public IPv6 {_short(public_ipv6 or vtep_mac6)}: this cluster has no IPv6 pod "
+            f"network ({cfg.describe()}), so a second, IPv6 underlay would carry nothing; leave "
+            f"--public-ipv6 out"
+        )
     if not public_ipv6:
-        raise ValueError(f"the IPv6-underlay VTEP MAC {_short(vtep_mac6)} needs its underlay address: give "
-                         f"public_ipv6 (--public-ipv6) too")
+        raise ValueError(
+            f"the IPv6-underlay VTEP MAC {_short(vtep_mac6)} needs its underlay address: give "
+            f"public_ipv6 (--public-ipv6) too"
+        )
     if not vtep_mac6:
-        raise ValueError(f"the public IPv6 {_short(public_ipv6)} needs the MAC of the VXLAN device on it: give "
-                         f"vtep_mac6 too")
+        raise ValueError(
+            f"the public IPv6 {_short(public_ipv6)} needs the MAC of the VXLAN device on it: give vtep_mac6 too"
+        )
     address, problem = _public_ip_problem(public_ipv6) if isinstance(public_ipv6, str) else (None, "is not a string")
     if problem:
-        raise ValueError(f"invalid node public IPv6 {_short(public_ipv6)}: it {problem}; give the node's IPv6 "
-                         f"underlay address")
+        raise ValueError(
+            f"invalid node public IPv6 {_short(public_ipv6)}: it {problem}; give the node's IPv6 underlay address"
+        )
     assert address is not None
     if address.version != 6:
-        raise ValueError(f"invalid node public IPv6 {address}: it is an IPv4 address; --public-ipv6 is the node's "
-                         f"IPv6 underlay address (its main address, IPv4 or IPv6, is --public-ip)")
+        raise ValueError(
+            f"invalid node public IPv6 {address}: it is an IPv4 address; --public-ipv6 is the node's "
+            f"IPv6 underlay address (its main address, IPv4 or IPv6, is --public-ip)"
+        )
     if str(address) == public_ip:
-        raise ValueError(f"invalid node public IPv6 {address}: it is the node's public IP already; --public-ipv6 "
-                         f"is a second, IPv6 underlay address (leave it out when the node has one underlay)")
+        raise ValueError(
+            f"invalid node public IPv6 {address}: it is the node's public IP already; --public-ipv6 "
+            f"is a second, IPv6 underlay address (leave it out when the node has one underlay)"
+        )
     pool6 = cfg.pool(6)
     assert pool6 is not None
     if _inside(address, pool6.ip_network):
-        raise ValueError(f"invalid node public IPv6 {address}: it is inside the cluster network {pool6.network}, so "
-                         f"it is a pod address; give the node's IPv6 underlay address")
+        raise ValueError(
+            f"invalid node public IPv6 {address}: it is inside the cluster network {pool6.network}, so "
+            f"it is a pod address; give the node's IPv6 underlay address"
+        )
     mac, mac_problem = _mac_problem(vtep_mac6) if isinstance(vtep_mac6, str) else ("", "is not a string")
     if mac_problem:
         raise ValueError(f"invalid IPv6-underlay VTEP MAC {_short(vtep_mac6)}: it {mac_problem}")
@@ -1464,8 +1598,9 @@ def _check_ip(value: object) -> str:
     """A node's own public IP as given by its operator; ValueError saying what is wrong."""
     address, problem = _public_ip_problem(value) if isinstance(value, str) else (None, "is not a string")
     if problem:
-        raise ValueError(f"invalid node public IP {_short(value)}: it {problem}; give the node's underlay IPv4 "
-                         f"or IPv6 address")
+        raise ValueError(
+            f"invalid node public IP {_short(value)}: it {problem}; give the node's underlay IPv4 or IPv6 address"
+        )
     return str(address)
 
 
@@ -1481,8 +1616,10 @@ def _check_node_name(value: object) -> str:
         return ""
     problem = _node_name_problem(value)
     if problem:
-        raise ValueError(f"invalid node name {_short(value)}: it {problem}; give the node's host name (at most "
-                         f"{MAX_NODE_NAME} characters, no control characters)")
+        raise ValueError(
+            f"invalid node name {_short(value)}: it {problem}; give the node's host name (at most "
+            f"{MAX_NODE_NAME} characters, no control characters)"
+        )
     return value  # type: ignore[return-value]
 
 

@@ -20,6 +20,7 @@ What a store offers, and what each part costs on etcd:
     wait(prefix, rev, timeout)  a short-lived watch (kept for simple callers)
     stats()                     what this store object has sent so far
 """
+
 from __future__ import annotations
 
 import abc
@@ -30,10 +31,12 @@ from typing import Any, Sequence
 
 from .errors import StoreError
 
-ACCEPTED_URLS = ("file:///DIR (a local directory, created if missing), "
-                 "etcd://HOST:PORT[,HOST:PORT...] (etcd v3; https when TLS files are given), or flannel's "
-                 "--etcd-endpoints form http://HOST:PORT[,http://HOST:PORT...] (etcd v3, plain http) and "
-                 "https://HOST:PORT[,https://HOST:PORT...] (etcd v3 over TLS)")
+ACCEPTED_URLS = (
+    "file:///DIR (a local directory, created if missing), "
+    "etcd://HOST:PORT[,HOST:PORT...] (etcd v3; https when TLS files are given), or flannel's "
+    "--etcd-endpoints form http://HOST:PORT[,http://HOST:PORT...] (etcd v3, plain http) and "
+    "https://HOST:PORT[,https://HOST:PORT...] (etcd v3 over TLS)"
+)
 
 MAX_KEY_LEN = 1024
 
@@ -164,7 +167,7 @@ class Claims(abc.ABC):
         self.close()
 
 
-MAX_CLAIM_KEYS = 16   # keys one create_first() may try (one nested txn level each on etcd)
+MAX_CLAIM_KEYS = 16  # keys one create_first() may try (one nested txn level each on etcd)
 
 # A watch whose stream is lost waits this long before it tries again, doubling up to the maximum.
 WATCH_BACKOFF_MIN = 0.2
@@ -179,8 +182,8 @@ class Backoff:
     """
 
     def __init__(self) -> None:
-        self.delay = 0.0   # the last back-off (0: none, the next attempt may go at once)
-        self.until = 0.0   # monotonic time before which no attempt is made
+        self.delay = 0.0  # the last back-off (0: none, the next attempt may go at once)
+        self.until = 0.0  # monotonic time before which no attempt is made
 
     def failed(self) -> None:
         self.delay = WATCH_BACKOFF_MIN if self.delay <= 0 else min(self.delay * 2, WATCH_BACKOFF_MAX)
@@ -202,16 +205,16 @@ def validate_key(key: str) -> str:
     if len(key) > MAX_KEY_LEN:
         raise StoreError(f"invalid store key {key[:40]!r}...: longer than {MAX_KEY_LEN} characters")
     if key.startswith("/"):
-        raise StoreError(f"invalid store key {key!r}: keys are relative to the store prefix, "
-                         f"drop the leading '/'")
+        raise StoreError(f"invalid store key {key!r}: keys are relative to the store prefix, drop the leading '/'")
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in key):
         raise StoreError(f"invalid store key {key!r}: it must not contain NUL or other control characters")
     for part in key.split("/"):
         if part in ("", ".", ".."):
             raise StoreError(f"invalid store key {key!r}: empty, '.' and '..' components are not allowed")
         if part.startswith("."):
-            raise StoreError(f"invalid store key {key!r}: components must not start with '.' "
-                             f"(reserved for the store's own files)")
+            raise StoreError(
+                f"invalid store key {key!r}: components must not start with '.' (reserved for the store's own files)"
+            )
     return key
 
 

@@ -1,5 +1,6 @@
 """Opening the cluster store a URL names: file:///DIR, etcd://HOST:PORT[,HOST:PORT...], or flannel's
 --etcd-endpoints form http(s)://HOST:PORT[,http(s)://HOST:PORT...]."""
+
 from __future__ import annotations
 
 from .errors import StoreError
@@ -10,8 +11,14 @@ from .store import ACCEPTED_URLS, Store, StoreAuth, TLSFiles
 ETCD_SCHEMES = ("etcd", "http", "https")
 
 
-def open_store(url: str, *, prefix: str = "/pycni", tls: TLSFiles | None = None, auth: StoreAuth | None = None,
-               timeout: float = 5.0) -> Store:
+def open_store(
+    url: str,
+    *,
+    prefix: str = "/pycni",
+    tls: TLSFiles | None = None,
+    auth: StoreAuth | None = None,
+    timeout: float = 5.0,
+) -> Store:
     """Open the cluster store at url.
 
     file:///DIR opens a local file store in DIR (created if missing; prefix
@@ -42,17 +49,22 @@ def open_store(url: str, *, prefix: str = "/pycni", tls: TLSFiles | None = None,
         others = [item.partition("://")[0].strip().lower() for item in rest.split(",")[1:] if "://" in item]
         if others:
             other = others[0]
-            raise StoreError(f"invalid store URL {url!r}: it mixes file:// and {other}:// endpoints; a file store "
-                             f"is one directory, and one store reaches all its members the same way")
+            raise StoreError(
+                f"invalid store URL {url!r}: it mixes file:// and {other}:// endpoints; a file store "
+                f"is one directory, and one store reaches all its members the same way"
+            )
         if auth is not None:
             raise StoreError(f"an etcd user was given for the file store {url}; it only applies to etcd stores")
         if not rest.startswith("/"):
-            raise StoreError(f"invalid store URL {url!r}: a file store needs an absolute directory, "
-                             f"as in file:///var/lib/pycni/cluster (three slashes)")
+            raise StoreError(
+                f"invalid store URL {url!r}: a file store needs an absolute directory, "
+                f"as in file:///var/lib/pycni/cluster (three slashes)"
+            )
         if "?" in rest or "#" in rest:
             raise StoreError(f"invalid store URL {url!r}: query strings and fragments are not supported")
         return FileStore(rest, timeout=timeout)
     if sep and scheme in ETCD_SCHEMES:
-        return EtcdStore(parse_endpoints(url, rest, scheme), prefix=prefix, tls=tls, auth=auth, timeout=timeout,
-                         scheme=scheme)
+        return EtcdStore(
+            parse_endpoints(url, rest, scheme), prefix=prefix, tls=tls, auth=auth, timeout=timeout, scheme=scheme
+        )
     raise StoreError(f"unsupported store URL {url!r}: use {ACCEPTED_URLS}")

@@ -1,4 +1,5 @@
 """`pycni agent`: the resident per-node process behind the plugin shims (and the overlay's node agent)."""
+
 from __future__ import annotations
 
 import faulthandler
@@ -44,8 +45,7 @@ def _log_stream(log: logging.Logger) -> Any:
     return sys.stderr
 
 
-def _check_metrics_address(_ctx: click.Context, _param: click.Parameter,
-                            value: str | None) -> tuple[str, int] | None:
+def _check_metrics_address(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[str, int] | None:
     if value is None:
         return None
     from .metrics import parse_address  # standard library only: prometheus_client loads when it starts
@@ -64,50 +64,120 @@ def _check_bin_dirs(_ctx: click.Context, _param: click.Parameter, value: tuple[s
 
 
 @click.group("agent", invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--socket", "socket_path", metavar="PATH",
-              help=f"Unix socket to serve on [default: {DEFAULT_SOCKET}, or STATE_DIR/agent.sock with "
-                   "--state-dir]. Its directory is created 0700; the socket is 0600 (root only). Install the "
-                   "shims with the same path: pycni install --agent-socket PATH.")
-@click.option("--max-concurrency", default=16, show_default=True, type=click.IntRange(min=1),
-              help="Requests served at the same time; more wait for a free slot.")
-@click.option("--queue-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0), metavar="SECONDS",
-              help="Longest wait for a free slot; then the caller gets 'try again later' (CNI code 11).")
-@click.option("--request-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
-              metavar="SECONDS", help="Longest a request may run; then the caller gets 'try again later'.")
-@click.option("--grace", default=30.0, show_default=True, type=click.FloatRange(min=0), metavar="SECONDS",
-              help="On SIGTERM: how long requests in flight may still finish.")
-@click.option("--cni-bin-dir", "cni_bin_dirs", multiple=True, metavar="DIR", callback=_check_bin_dirs,
-              help=f"A directory the agent may execute delegated plugins from (an IPAM plugin that is not "
-                   f"pycni's own, e.g. the reference host-local or dhcp); repeat for more [default: "
-                   f"{DEFAULT_CNI_BIN_DIR}]. So do the directories `pycni install` wrote this socket's plugins "
-                   f"into while the agent ran (listed in SOCKET{BIN_DIRS_RECORD_SUFFIX}); one that others than "
-                   "root may write to never does. A request that needs another executable runs in its "
-                   "caller's process.")
-@click.option("--max-connections", default=256, show_default=True, type=click.IntRange(min=1),
-              help="Connections open at once (requests running, queued or still arriving); one more is "
-                   "refused at once and its plugin runs in the caller's process.")
-@click.option("--read-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.1),
-              metavar="SECONDS", help="Longest a caller may take to send its whole request; then it is cut off.")
-@click.option("--metrics-address", metavar="HOST:PORT", callback=_check_metrics_address,
-              envvar="PYCNI_METRICS_ADDRESS", show_envvar=True,
-              help="Serve /metrics (Prometheus text format: requests per plugin, command and outcome with "
-                   "latency histograms, requests not served and why; in overlay mode the lease, reconciles, "
-                   "store and watch state, remote nodes) and /healthz (200, or 503 with the reason) over HTTP "
-                   "on this address, e.g. 127.0.0.1:9917 or [::1]:9917 [default: off]. It listens in the "
-                   "agent's own network namespace; give a loopback address unless the metrics may be read "
-                   "from the network.")
-@click.option("--log-file", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Append the log here [default: stderr, i.e. the journal under systemd, where every line "
-                   "carries its level's journal priority and no timestamp of its own].")
+@click.option(
+    "--socket",
+    "socket_path",
+    metavar="PATH",
+    help=f"Unix socket to serve on [default: {DEFAULT_SOCKET}, or STATE_DIR/agent.sock with "
+    "--state-dir]. Its directory is created 0700; the socket is 0600 (root only). Install the "
+    "shims with the same path: pycni install --agent-socket PATH.",
+)
+@click.option(
+    "--max-concurrency",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Requests served at the same time; more wait for a free slot.",
+)
+@click.option(
+    "--queue-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="Longest wait for a free slot; then the caller gets 'try again later' (CNI code 11).",
+)
+@click.option(
+    "--request-timeout",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    metavar="SECONDS",
+    help="Longest a request may run; then the caller gets 'try again later'.",
+)
+@click.option(
+    "--grace",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="On SIGTERM: how long requests in flight may still finish.",
+)
+@click.option(
+    "--cni-bin-dir",
+    "cni_bin_dirs",
+    multiple=True,
+    metavar="DIR",
+    callback=_check_bin_dirs,
+    help=f"A directory the agent may execute delegated plugins from (an IPAM plugin that is not "
+    f"pycni's own, e.g. the reference host-local or dhcp); repeat for more [default: "
+    f"{DEFAULT_CNI_BIN_DIR}]. So do the directories `pycni install` wrote this socket's plugins "
+    f"into while the agent ran (listed in SOCKET{BIN_DIRS_RECORD_SUFFIX}); one that others than "
+    "root may write to never does. A request that needs another executable runs in its "
+    "caller's process.",
+)
+@click.option(
+    "--max-connections",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Connections open at once (requests running, queued or still arriving); one more is "
+    "refused at once and its plugin runs in the caller's process.",
+)
+@click.option(
+    "--read-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    metavar="SECONDS",
+    help="Longest a caller may take to send its whole request; then it is cut off.",
+)
+@click.option(
+    "--metrics-address",
+    metavar="HOST:PORT",
+    callback=_check_metrics_address,
+    envvar="PYCNI_METRICS_ADDRESS",
+    show_envvar=True,
+    help="Serve /metrics (Prometheus text format: requests per plugin, command and outcome with "
+    "latency histograms, requests not served and why; in overlay mode the lease, reconciles, "
+    "store and watch state, remote nodes) and /healthz (200, or 503 with the reason) over HTTP "
+    "on this address, e.g. 127.0.0.1:9917 or [::1]:9917 [default: off]. It listens in the "
+    "agent's own network namespace; give a loopback address unless the metrics may be read "
+    "from the network.",
+)
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Append the log here [default: stderr, i.e. the journal under systemd, where every line "
+    "carries its level's journal priority and no timestamp of its own].",
+)
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
-@click.option("--profile-dir", type=click.Path(file_okay=False), hidden=True,
-              help="Write a cProfile of every request's work to this directory (diagnosis).")
+@click.option(
+    "--profile-dir",
+    type=click.Path(file_okay=False),
+    hidden=True,
+    help="Write a cProfile of every request's work to this directory (diagnosis).",
+)
 @overlay_flags
 @click.pass_context
-def agent(ctx: click.Context, socket_path: str | None, max_concurrency: int, queue_timeout: float,
-          request_timeout: float, grace: float, cni_bin_dirs: tuple[str, ...], max_connections: int,
-          read_timeout: float, metrics_address: tuple[str, int] | None, log_file: str | None, log_level: str,
-          profile_dir: str | None, leave: bool, **flags: Any) -> None:
+def agent(
+    ctx: click.Context,
+    socket_path: str | None,
+    max_concurrency: int,
+    queue_timeout: float,
+    request_timeout: float,
+    grace: float,
+    cni_bin_dirs: tuple[str, ...],
+    max_connections: int,
+    read_timeout: float,
+    metrics_address: tuple[str, int] | None,
+    log_file: str | None,
+    log_level: str,
+    profile_dir: str | None,
+    leave: bool,
+    **flags: Any,
+) -> None:
     """Serve CNI requests for the installed plugin shims (the warm path).
 
     Runs in the foreground until SIGTERM or Ctrl-C. The executables written by
@@ -146,10 +216,21 @@ def agent(ctx: click.Context, socket_path: str | None, max_concurrency: int, que
     if socket_path is None:
         socket_path = os.path.join(flags["state_dir"], "agent.sock") if flags["state_dir"] else DEFAULT_SOCKET
     log = _logger(log_file, log_level)
-    code = serve(socket_path, log, max_concurrency=max_concurrency, queue_timeout=queue_timeout,
-                 request_timeout=request_timeout, grace=grace, overlay=overlay, leave=leave,
-                 profile_dir=profile_dir or "", cni_bin_dirs=cni_bin_dirs or (DEFAULT_CNI_BIN_DIR,),
-                 max_connections=max_connections, read_timeout=read_timeout, metrics_address=metrics_address)
+    code = serve(
+        socket_path,
+        log,
+        max_concurrency=max_concurrency,
+        queue_timeout=queue_timeout,
+        request_timeout=request_timeout,
+        grace=grace,
+        overlay=overlay,
+        leave=leave,
+        profile_dir=profile_dir or "",
+        cni_bin_dirs=cni_bin_dirs or (DEFAULT_CNI_BIN_DIR,),
+        max_connections=max_connections,
+        read_timeout=read_timeout,
+        metrics_address=metrics_address,
+    )
     sys.exit(code)
 
 
@@ -176,7 +257,7 @@ class _Overlay:
         def run() -> None:
             try:
                 if start_first and not self.node.start_retrying(self.stop_event):
-                    return   # stopped while waiting for the store
+                    return  # stopped while waiting for the store
                 self.node.run(self.stop_event)
             except BaseException as exc:  # reported, then the agent stops: a supervisor restarts it
                 self.failed = exc
@@ -200,21 +281,39 @@ class _Overlay:
         self.node.close(leave=leave)
 
 
-def serve(socket_path: str, log: logging.Logger, *, max_concurrency: int = 16, queue_timeout: float = 10.0,
-          request_timeout: float = 60.0, grace: float = 30.0, overlay: OverlayOptions | None = None,
-          leave: bool = False, profile_dir: str = "", cni_bin_dirs: tuple[str, ...] = (DEFAULT_CNI_BIN_DIR,),
-          max_connections: int = 256, read_timeout: float = 10.0,
-          metrics_address: tuple[str, int] | None = None) -> int:
+def serve(
+    socket_path: str,
+    log: logging.Logger,
+    *,
+    max_concurrency: int = 16,
+    queue_timeout: float = 10.0,
+    request_timeout: float = 60.0,
+    grace: float = 30.0,
+    overlay: OverlayOptions | None = None,
+    leave: bool = False,
+    profile_dir: str = "",
+    cni_bin_dirs: tuple[str, ...] = (DEFAULT_CNI_BIN_DIR,),
+    max_connections: int = 256,
+    read_timeout: float = 10.0,
+    metrics_address: tuple[str, int] | None = None,
+) -> int:
     """Run the agent until SIGTERM/SIGINT; the process's exit status."""
     from .server import Agent, AgentError, AgentOptions, notify_systemd, use_journal_format
 
     # Under systemd, log lines carry their journal priority and leave the timestamp to journald.
     use_journal_format(logging.getLogger("pycni"))
     node: _Overlay | None = None
-    options = AgentOptions(socket_path=socket_path, max_concurrency=max_concurrency, queue_timeout=queue_timeout,
-                           request_timeout=request_timeout, grace=grace, profile_dir=profile_dir,
-                           cni_bin_dirs=tuple(cni_bin_dirs), max_connections=max_connections,
-                           read_timeout=read_timeout)
+    options = AgentOptions(
+        socket_path=socket_path,
+        max_concurrency=max_concurrency,
+        queue_timeout=queue_timeout,
+        request_timeout=request_timeout,
+        grace=grace,
+        profile_dir=profile_dir,
+        cni_bin_dirs=tuple(cni_bin_dirs),
+        max_connections=max_connections,
+        read_timeout=read_timeout,
+    )
     signals = {"count": 0}
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -253,7 +352,7 @@ def serve(socket_path: str, log: logging.Logger, *, max_concurrency: int = 16, q
         # SIGUSR1 writes every thread's stack to the log (--log-file, else stderr): what a stuck agent is doing,
         # without stopping it.
         faulthandler.register(signal.SIGUSR1, file=_log_stream(log), all_threads=True)
-        waiting = False   # for the store: the node starts in the background once it answers
+        waiting = False  # for the store: the node starts in the background once it answers
         if node is not None:
             from pycni.overlay.node import StoreNotReady
 
@@ -264,8 +363,11 @@ def serve(socket_path: str, log: logging.Logger, *, max_concurrency: int = 16, q
                     click.echo(f"Error: overlay: {_one_line(exc)} (--exit-on-store-error)", err=True)
                     return 1
                 waiting = True
-                log.warning("overlay: %s; serving CNI requests meanwhile and retrying the store with back-off "
-                            "(the vxlan plugin answers STATUS 50 until the node holds a lease)", _one_line(exc))
+                log.warning(
+                    "overlay: %s; serving CNI requests meanwhile and retrying the store with back-off "
+                    "(the vxlan plugin answers STATUS 50 until the node holds a lease)",
+                    _one_line(exc),
+                )
             except Exception as exc:
                 click.echo(f"Error: overlay: {_one_line(exc)}", err=True)
                 return 1
@@ -297,22 +399,27 @@ def serve(socket_path: str, log: logging.Logger, *, max_concurrency: int = 16, q
             metrics.close()
 
 
-def _metrics_endpoint(address: tuple[str, int], server: Any, node: _Overlay | None,
-                      overlay: OverlayOptions | None, log: logging.Logger) -> Any:
+def _metrics_endpoint(
+    address: tuple[str, int], server: Any, node: _Overlay | None, overlay: OverlayOptions | None, log: logging.Logger
+) -> Any:
     from .metrics import MetricsEndpoint, Sources, reconcile_max_age
 
     if node is None or overlay is None:
         sources = Sources(server)
     else:
-        sources = Sources(server, overlay_status=node.node.status,
-                          overlay_failure=lambda: _one_line(node.failed) if node.failed is not None else "",
-                          reconcile_max_age=reconcile_max_age(overlay.reconcile_interval))
+        sources = Sources(
+            server,
+            overlay_status=node.node.status,
+            overlay_failure=lambda: _one_line(node.failed) if node.failed is not None else "",
+            reconcile_max_age=reconcile_max_age(overlay.reconcile_interval),
+        )
     return MetricsEndpoint(address[0], address[1], sources, log.getChild("metrics"))
 
 
 @agent.command("status")
-@click.option("--socket", "socket_path", default=DEFAULT_SOCKET, show_default=True, metavar="PATH",
-              help="The agent's socket.")
+@click.option(
+    "--socket", "socket_path", default=DEFAULT_SOCKET, show_default=True, metavar="PATH", help="The agent's socket."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the whole status document as JSON.")
 def status_cmd(socket_path: str, as_json: bool) -> None:
     """Is the agent alive; what it served, how fast (p50/p99 per plugin and command)."""
@@ -361,39 +468,69 @@ def format_status(doc: dict[str, Any]) -> str:
         f"executable not allowed), {requests.get('denied', 0)} denied, {requests.get('over_capacity', 0)} over "
         f"the connection cap",
     ]
-    rows = [(plugin, command, figures) for plugin, by_command in sorted(doc.get("latency", {}).items())
-            for command, figures in sorted(by_command.items())]
+    rows = [
+        (plugin, command, figures)
+        for plugin, by_command in sorted(doc.get("latency", {}).items())
+        for command, figures in sorted(by_command.items())
+    ]
     if rows:
         lines.append("")
         lines.append(f"{'plugin':<12} {'command':<8} {'count':>7} {'errors':>7} {'p50 ms':>9} {'p99 ms':>9}")
         for plugin, command, figures in rows:
             p50 = figures.get("p50_ms")
             p99 = figures.get("p99_ms")
-            lines.append(f"{plugin:<12} {command:<8} {figures.get('count', 0):>7} {figures.get('errors', 0):>7} "
-                         f"{'-' if p50 is None else f'{p50:.2f}':>9} {'-' if p99 is None else f'{p99:.2f}':>9}")
+            lines.append(
+                f"{plugin:<12} {command:<8} {figures.get('count', 0):>7} {figures.get('errors', 0):>7} "
+                f"{'-' if p50 is None else f'{p50:.2f}':>9} {'-' if p99 is None else f'{p99:.2f}':>9}"
+            )
     if "overlay" in doc:
         store = doc["overlay"].get("store") or {}
         if store:
             requests = store.get("requests") or {}
             counts = requests.get("requests") if isinstance(requests.get("requests"), dict) else requests
-            asked = ", ".join(f"{name} {count}" for name, count in sorted(counts.items())
-                              if isinstance(count, int) and count) or "none"
+            asked = (
+                ", ".join(
+                    f"{name} {count}" for name, count in sorted(counts.items()) if isinstance(count, int) and count
+                )
+                or "none"
+            )
             lines.append("")
-            lines.append(f"store:    watch {store.get('watch')} at revision {store.get('revision')}; "
-                         f"{store.get('relists', 0)} re-lists, {store.get('errors', 0)} errors; requests: {asked}")
+            lines.append(
+                f"store:    watch {store.get('watch')} at revision {store.get('revision')}; "
+                f"{store.get('relists', 0)} re-lists, {store.get('errors', 0)} errors; requests: {asked}"
+            )
         lines.append("")
         lines.append("overlay: " + json.dumps(doc["overlay"], indent=2, sort_keys=True, default=str))
     return "\n".join(lines)
 
 
 @agent.command("leave")
-@click.option("--store", "store_url", required=True, metavar="URL", envvar="PYCNI_STORE", show_envvar=True,
-              help="The cluster store (as for the agent).")
-@click.option("--public-ip", required=True, metavar="IP", envvar="PYCNI_PUBLIC_IP", show_envvar=True,
-              help="The node's underlay address (as for the agent).")
+@click.option(
+    "--store",
+    "store_url",
+    required=True,
+    metavar="URL",
+    envvar="PYCNI_STORE",
+    show_envvar=True,
+    help="The cluster store (as for the agent).",
+)
+@click.option(
+    "--public-ip",
+    required=True,
+    metavar="IP",
+    envvar="PYCNI_PUBLIC_IP",
+    show_envvar=True,
+    help="The node's underlay address (as for the agent).",
+)
 @etcd_options
-def leave_cmd(store_url: str, public_ip: str, etcd_prefix: str, etcd_cafile: str | None,
-              etcd_certfile: str | None, etcd_keyfile: str | None) -> None:
+def leave_cmd(
+    store_url: str,
+    public_ip: str,
+    etcd_prefix: str,
+    etcd_cafile: str | None,
+    etcd_certfile: str | None,
+    etcd_keyfile: str | None,
+) -> None:
     """Remove this node from the overlay: give back its subnet lease and VTEP entry.
 
     For a node leaving the cluster for good, after its agent has stopped

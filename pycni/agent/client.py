@@ -1,4 +1,5 @@
 """Talking to a running agent from Python: status, and CNI requests as a shim sends them (tests)."""
+
 from __future__ import annotations
 
 import json
@@ -44,17 +45,23 @@ def status(socket_path: str = protocol.DEFAULT_SOCKET, timeout: float = 5.0) -> 
 
 @dataclass
 class Answer:
-    kind: str                 # "done", "refused"
-    accepted: bool            # the agent said it started the work
+    kind: str  # "done", "refused"
+    accepted: bool  # the agent said it started the work
     exit_code: int | None = None
     stdout: bytes = b""
     stderr: bytes = b""
     reason: str = ""
 
 
-def send_cni(socket_path: str, plugin_type: str, environ: Mapping[str, str], stdin: bytes,
-             netns_path: str = "/proc/thread-self/ns/net", version: str | None = None,
-             timeout: float = 30.0) -> Answer:
+def send_cni(
+    socket_path: str,
+    plugin_type: str,
+    environ: Mapping[str, str],
+    stdin: bytes,
+    netns_path: str = "/proc/thread-self/ns/net",
+    version: str | None = None,
+    timeout: float = 30.0,
+) -> Answer:
     """Send one CNI request the way a shim does and wait for the final answer.
 
     ``netns_path`` is the caller's own network namespace; CNI_NETNS (from
@@ -68,8 +75,9 @@ def send_cni(socket_path: str, plugin_type: str, environ: Mapping[str, str], std
             except OSError:
                 pass
         with _connect(socket_path, timeout) as sock:
-            message = protocol.request(version or protocol.pycni_version(), protocol.KIND_CNI, plugin_type,
-                                       dict(environ), stdin)
+            message = protocol.request(
+                version or protocol.pycni_version(), protocol.KIND_CNI, plugin_type, dict(environ), stdin
+            )
             rights = b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)
             sent = sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
             if sent < len(message):

@@ -26,6 +26,7 @@ waited for at most ``STATUS_WAIT`` seconds: a node stuck behind its lock makes
 Standard library only at import time: ``prometheus_client`` is imported when
 the endpoint starts, so neither `pycni agent --help` nor a plugin pays for it.
 """
+
 from __future__ import annotations
 
 import io
@@ -38,10 +39,10 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
 
-MAX_CONNECTIONS = 8          # connections served at once; one more is closed unanswered
-CONNECTION_DEADLINE = 5.0    # seconds a client has to send its request and take the answer, in all
-STATUS_WAIT = 2.0            # longest wait for the overlay node's status
-RECONCILE_SLACK = 15.0       # a reconcile is stale after max(3 intervals, 1 interval + this)
+MAX_CONNECTIONS = 8  # connections served at once; one more is closed unanswered
+CONNECTION_DEADLINE = 5.0  # seconds a client has to send its request and take the answer, in all
+STATUS_WAIT = 2.0  # longest wait for the overlay node's status
+RECONCILE_SLACK = 15.0  # a reconcile is stale after max(3 intervals, 1 interval + this)
 INF = float("inf")
 WATCH_STATES = ("not started", "streaming", "reconnecting", "re-listing")
 LEASE_STATES = ("valid", "lapsed", "lost")
@@ -74,6 +75,7 @@ def format_address(host: str, port: int) -> str:
 
 
 # ---- what the endpoint reads ------------------------------------------------------------------
+
 
 class _Call:
     __slots__ = ("done", "value", "error")
@@ -123,8 +125,8 @@ class _OneAtATime:
 class Snapshot:
     """The overlay node's status as one scrape or health check sees it."""
 
-    status: dict[str, Any] | None      # None: no overlay mode, or the status could not be had
-    problem: str = ""                  # why not (overlay mode), or why the node's loop stopped
+    status: dict[str, Any] | None  # None: no overlay mode, or the status could not be had
+    problem: str = ""  # why not (overlay mode), or why the node's loop stopped
 
 
 class Sources:
@@ -135,9 +137,15 @@ class Sources:
     seconds after which the last completed reconcile is stale.
     """
 
-    def __init__(self, agent: Any, overlay_status: Callable[[], dict[str, Any]] | None = None,
-                 overlay_failure: Callable[[], str] | None = None, reconcile_max_age: float = 45.0,
-                 status_wait: float = STATUS_WAIT, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        agent: Any,
+        overlay_status: Callable[[], dict[str, Any]] | None = None,
+        overlay_failure: Callable[[], str] | None = None,
+        reconcile_max_age: float = 45.0,
+        status_wait: float = STATUS_WAIT,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.agent = agent
         self.overlay = overlay_status is not None
         self._status = _OneAtATime(overlay_status, status_wait) if overlay_status is not None else None
@@ -207,6 +215,7 @@ def _one_line(value: Any) -> str:
 
 # ---- /metrics ------------------------------------------------------------------------------------
 
+
 class AgentCollector:
     """A prometheus_client collector: every figure is read when scraped."""
 
@@ -214,159 +223,244 @@ class AgentCollector:
         self.sources = sources
 
     def describe(self) -> list[Any]:
-        return []   # nothing fixed to register: the families depend on the mode and on what was served
+        return []  # nothing fixed to register: the families depend on the mode and on what was served
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
-                                            InfoMetricFamily)
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+            InfoMetricFamily,
+        )
 
         agent = self.sources.agent
         yield InfoMetricFamily("pycni_agent", "The agent's pycni version.", value={"version": str(agent.version)})
-        yield GaugeMetricFamily("pycni_agent_start_time_seconds", "When the agent started (Unix time).",
-                                value=agent.started_at)
-        yield GaugeMetricFamily("pycni_agent_serving", "1 while the agent accepts requests on its socket.",
-                                value=1 if agent.serving else 0)
+        yield GaugeMetricFamily(
+            "pycni_agent_start_time_seconds", "When the agent started (Unix time).", value=agent.started_at
+        )
+        yield GaugeMetricFamily(
+            "pycni_agent_serving", "1 while the agent accepts requests on its socket.", value=1 if agent.serving else 0
+        )
 
         requests = CounterMetricFamily(
-            "pycni_agent_requests", "CNI requests the agent ran warm, by plugin type, command and outcome "
-            "(error: the plugin answered a CNI error).", labels=["plugin", "command", "outcome"])
+            "pycni_agent_requests",
+            "CNI requests the agent ran warm, by plugin type, command and outcome "
+            "(error: the plugin answered a CNI error).",
+            labels=["plugin", "command", "outcome"],
+        )
         latency = HistogramMetricFamily(
-            "pycni_agent_request_duration_seconds", "Time from a request's arrival to its result, warm requests.",
-            labels=["plugin", "command"])
+            "pycni_agent_request_duration_seconds",
+            "Time from a request's arrival to its result, warm requests.",
+            labels=["plugin", "command"],
+        )
         for (plugin, command), figures in sorted(agent.stats.histograms().items()):
             requests.add_metric([plugin, command, "success"], figures["count"] - figures["errors"])
             requests.add_metric([plugin, command, "error"], figures["errors"])
-            latency.add_metric([plugin, command], [(_le(bound), count) for bound, count in figures["buckets"]],
-                               figures["sum"])
+            latency.add_metric(
+                [plugin, command], [(_le(bound), count) for bound, count in figures["buckets"]], figures["sum"]
+            )
         yield requests
         yield latency
 
         counts = agent.stats.counts()
-        yield CounterMetricFamily("pycni_agent_requests_served", "Requests the agent ran warm (all plugins).",
-                                  value=counts.get("served", 0))
+        yield CounterMetricFamily(
+            "pycni_agent_requests_served", "Requests the agent ran warm (all plugins).", value=counts.get("served", 0)
+        )
         not_served = CounterMetricFamily(
-            "pycni_agent_requests_not_served", "Requests the agent did not run warm, by reason. refused (another "
+            "pycni_agent_requests_not_served",
+            "Requests the agent did not run warm, by reason. refused (another "
             "pycni version, unknown plugin, oversized), declined (a namespace or executable the agent may not "
             "use) and over_capacity (--max-connections): the caller ran the plugin itself (cold). busy (no free "
             "slot within --queue-timeout) and timed_out (over --request-timeout; the work went on): the caller "
-            "was told to try again later. denied (not root) and bad_request: nothing ran.", labels=["reason"])
-        for reason, key in (("refused", "refused"), ("declined", "declined"), ("over_capacity", "over_capacity"),
-                            ("busy", "busy"), ("timed_out", "timed_out"), ("denied", "denied"),
-                            ("bad_request", "bad_requests")):
+            "was told to try again later. denied (not root) and bad_request: nothing ran.",
+            labels=["reason"],
+        )
+        for reason, key in (
+            ("refused", "refused"),
+            ("declined", "declined"),
+            ("over_capacity", "over_capacity"),
+            ("busy", "busy"),
+            ("timed_out", "timed_out"),
+            ("denied", "denied"),
+            ("bad_request", "bad_requests"),
+        ):
             not_served.add_metric([reason], counts.get(key, 0))
         yield not_served
 
         load = agent.load()
         yield GaugeMetricFamily("pycni_agent_requests_in_flight", "Requests running now.", value=load["in_flight"])
-        yield GaugeMetricFamily("pycni_agent_requests_queued", "Requests waiting for a free slot now.",
-                                value=load["queued"])
+        yield GaugeMetricFamily(
+            "pycni_agent_requests_queued", "Requests waiting for a free slot now.", value=load["queued"]
+        )
         yield GaugeMetricFamily("pycni_agent_connections", "Socket connections open now.", value=load["connections"])
-        yield GaugeMetricFamily("pycni_agent_max_concurrency", "Requests served at once (--max-concurrency).",
-                                value=agent.options.max_concurrency)
+        yield GaugeMetricFamily(
+            "pycni_agent_max_concurrency",
+            "Requests served at once (--max-concurrency).",
+            value=agent.options.max_concurrency,
+        )
 
         snap = self.sources.snapshot()
         healthy, _reason = self.sources.health(snap)
         yield GaugeMetricFamily("pycni_agent_healthy", "1 when /healthz answers 200.", value=1 if healthy else 0)
         if self.sources.overlay:
-            yield GaugeMetricFamily("pycni_overlay_status_available",
-                                    "1 when the overlay node reported its status for this scrape.",
-                                    value=0 if snap.status is None else 1)
+            yield GaugeMetricFamily(
+                "pycni_overlay_status_available",
+                "1 when the overlay node reported its status for this scrape.",
+                value=0 if snap.status is None else 1,
+            )
             if snap.status is not None:
                 yield from overlay_families(snap.status)
 
 
 def overlay_families(status: dict[str, Any]) -> Iterator[Any]:
     """The overlay node's figures as metric families (from ``OverlayNode.status()``)."""
-    from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
-                                        InfoMetricFamily)
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 
     def number(key: str, default: float = 0) -> float:
         value = status.get(key)
         return value if isinstance(value, (int, float)) and not isinstance(value, bool) else default
 
-    yield InfoMetricFamily("pycni_overlay", "This node in the overlay.", value={
-        "node": str(status.get("nodeName") or ""), "public_ip": str(status.get("publicIP") or ""),
-        "network": str(status.get("network") or ""), "vni": str(status.get("vni") or ""),
-        "vxlan_device": str(status.get("vxlanDevice") or "")})
-    yield GaugeMetricFamily("pycni_overlay_ready", "1 once the node has programmed its entries (and until it stops).",
-                            value=1 if status.get("ready") else 0)
+    yield InfoMetricFamily(
+        "pycni_overlay",
+        "This node in the overlay.",
+        value={
+            "node": str(status.get("nodeName") or ""),
+            "public_ip": str(status.get("publicIP") or ""),
+            "network": str(status.get("network") or ""),
+            "vni": str(status.get("vni") or ""),
+            "vxlan_device": str(status.get("vxlanDevice") or ""),
+        },
+    )
+    yield GaugeMetricFamily(
+        "pycni_overlay_ready",
+        "1 once the node has programmed its entries (and until it stops).",
+        value=1 if status.get("ready") else 0,
+    )
 
     lease = status.get("lease")
-    states = GaugeMetricFamily("pycni_overlay_lease_state", "1 for the state the node's subnet lease is in.",
-                               labels=["state"])
+    states = GaugeMetricFamily(
+        "pycni_overlay_lease_state", "1 for the state the node's subnet lease is in.", labels=["state"]
+    )
     for state in LEASE_STATES + ((lease,) if isinstance(lease, str) and lease not in LEASE_STATES else ()):
         states.add_metric([state], 1 if state == lease else 0)
     yield states
     subnets = [s for s in status.get("subnets") or [] if isinstance(s, str)]
-    yield GaugeMetricFamily("pycni_overlay_leases_held", "Pod subnets this node holds a valid lease of (one per "
-                            "address family).", value=len(subnets) if lease == "valid" else 0)
-    leased = GaugeMetricFamily("pycni_overlay_lease_subnet", "The pod subnets this node uses (1 while the lease "
-                               "is valid, 0 while it is lapsed or lost).", labels=["subnet"])
+    yield GaugeMetricFamily(
+        "pycni_overlay_leases_held",
+        "Pod subnets this node holds a valid lease of (one per address family).",
+        value=len(subnets) if lease == "valid" else 0,
+    )
+    leased = GaugeMetricFamily(
+        "pycni_overlay_lease_subnet",
+        "The pod subnets this node uses (1 while the lease is valid, 0 while it is lapsed or lost).",
+        labels=["subnet"],
+    )
     for subnet in subnets:
         leased.add_metric([subnet], 1 if lease == "valid" else 0)
     yield leased
     if isinstance(status.get("leaseExpires"), (int, float)) and status["leaseExpires"]:
-        yield GaugeMetricFamily("pycni_overlay_lease_expiry_timestamp_seconds", "When the store drops the lease "
-                                "unless it is renewed (Unix time).", value=status["leaseExpires"])
+        yield GaugeMetricFamily(
+            "pycni_overlay_lease_expiry_timestamp_seconds",
+            "When the store drops the lease unless it is renewed (Unix time).",
+            value=status["leaseExpires"],
+        )
 
-    yield CounterMetricFamily("pycni_overlay_reconciles", "Full reconciles completed (start, re-lists, periodic "
-                              "kernel checks, lost notifications).", value=number("reconciles"))
+    yield CounterMetricFamily(
+        "pycni_overlay_reconciles",
+        "Full reconciles completed (start, re-lists, periodic kernel checks, lost notifications).",
+        value=number("reconciles"),
+    )
     if isinstance(status.get("lastReconcile"), (int, float)):
-        yield GaugeMetricFamily("pycni_overlay_last_reconcile_timestamp_seconds",
-                                "When the last full reconcile completed (Unix time).", value=status["lastReconcile"])
+        yield GaugeMetricFamily(
+            "pycni_overlay_last_reconcile_timestamp_seconds",
+            "When the last full reconcile completed (Unix time).",
+            value=status["lastReconcile"],
+        )
     durations = status.get("reconcileDuration")
     if isinstance(durations, dict) and isinstance(durations.get("buckets"), list):
         # {"count": n, "sum": seconds, "buckets": [[upper bound, cumulative count], ...]}, +Inf implied by count
         buckets = [(float(bound), int(count)) for bound, count in durations["buckets"] if float(bound) != INF]
-        histogram = HistogramMetricFamily("pycni_overlay_reconcile_duration_seconds",
-                                          "How long full reconciles took.")
-        histogram.add_metric([], [(_le(bound), count) for bound, count in buckets]
-                             + [("+Inf", int(durations.get("count", buckets[-1][1] if buckets else 0)))],
-                             float(durations.get("sum", 0.0)))
+        histogram = HistogramMetricFamily("pycni_overlay_reconcile_duration_seconds", "How long full reconciles took.")
+        histogram.add_metric(
+            [],
+            [(_le(bound), count) for bound, count in buckets]
+            + [("+Inf", int(durations.get("count", buckets[-1][1] if buckets else 0)))],
+            float(durations.get("sum", 0.0)),
+        )
         yield histogram
-    yield CounterMetricFamily("pycni_overlay_store_events", "Store events applied one lease at a time.",
-                              value=number("events"))
-    yield CounterMetricFamily("pycni_overlay_kernel_changes", "FDB, neighbour and route entries written.",
-                              value=number("changes"))
-    yield CounterMetricFamily("pycni_overlay_device_repairs", "Times a device attribute had drifted and was set "
-                              "again.", value=number("repairs"))
-    yield CounterMetricFamily("pycni_overlay_entry_repairs", "Entries set right after a netlink notification "
-                              "showed them changed.", value=number("entryRepairs"))
+    yield CounterMetricFamily(
+        "pycni_overlay_store_events", "Store events applied one lease at a time.", value=number("events")
+    )
+    yield CounterMetricFamily(
+        "pycni_overlay_kernel_changes", "FDB, neighbour and route entries written.", value=number("changes")
+    )
+    yield CounterMetricFamily(
+        "pycni_overlay_device_repairs",
+        "Times a device attribute had drifted and was set again.",
+        value=number("repairs"),
+    )
+    yield CounterMetricFamily(
+        "pycni_overlay_entry_repairs",
+        "Entries set right after a netlink notification showed them changed.",
+        value=number("entryRepairs"),
+    )
 
     store = status.get("store") if isinstance(status.get("store"), dict) else {}
-    yield GaugeMetricFamily("pycni_overlay_store_reachable", "1 when the last request to the cluster store "
-                            "succeeded.", value=1 if status.get("storeReachable") else 0)
-    yield CounterMetricFamily("pycni_overlay_store_errors", "Failed store requests and watch interruptions.",
-                              value=store.get("errors", 0) if isinstance(store.get("errors"), int) else 0)
-    yield CounterMetricFamily("pycni_overlay_store_relists", "Full re-lists of the leases (after start).",
-                              value=store.get("relists", 0) if isinstance(store.get("relists"), int) else 0)
-    yield GaugeMetricFamily("pycni_overlay_store_revision", "The store revision the node's view is at.",
-                            value=number("storeRevision"))
+    yield GaugeMetricFamily(
+        "pycni_overlay_store_reachable",
+        "1 when the last request to the cluster store succeeded.",
+        value=1 if status.get("storeReachable") else 0,
+    )
+    yield CounterMetricFamily(
+        "pycni_overlay_store_errors",
+        "Failed store requests and watch interruptions.",
+        value=store.get("errors", 0) if isinstance(store.get("errors"), int) else 0,
+    )
+    yield CounterMetricFamily(
+        "pycni_overlay_store_relists",
+        "Full re-lists of the leases (after start).",
+        value=store.get("relists", 0) if isinstance(store.get("relists"), int) else 0,
+    )
+    yield GaugeMetricFamily(
+        "pycni_overlay_store_revision", "The store revision the node's view is at.", value=number("storeRevision")
+    )
     watch = store.get("watch")
-    watch_state = GaugeMetricFamily("pycni_overlay_store_watch", "1 for the state the node's store watch is in.",
-                                    labels=["state"])
+    watch_state = GaugeMetricFamily(
+        "pycni_overlay_store_watch", "1 for the state the node's store watch is in.", labels=["state"]
+    )
     for state in WATCH_STATES + ((watch,) if isinstance(watch, str) and watch not in WATCH_STATES else ()):
         watch_state.add_metric([state.replace(" ", "_").replace("-", "_")], 1 if state == watch else 0)
     yield watch_state
     client = store.get("requests") if isinstance(store.get("requests"), dict) else {}
     operations = client.get("requests") if isinstance(client.get("requests"), dict) else {}
-    asked = CounterMetricFamily("pycni_overlay_store_requests", "Requests the node's store client sent, by "
-                                "operation.", labels=["operation"])
+    asked = CounterMetricFamily(
+        "pycni_overlay_store_requests", "Requests the node's store client sent, by operation.", labels=["operation"]
+    )
     for operation, count in sorted(operations.items()):
         if isinstance(count, int):
             asked.add_metric([str(operation)], count)
     yield asked
 
-    yield GaugeMetricFamily("pycni_overlay_remote_nodes", "Other nodes whose entries this node has programmed.",
-                            value=number("remotes"))
+    yield GaugeMetricFamily(
+        "pycni_overlay_remote_nodes", "Other nodes whose entries this node has programmed.", value=number("remotes")
+    )
     remotes = status.get("remoteNodes")
-    yield GaugeMetricFamily("pycni_overlay_remote_subnets", "Remote pod subnets programmed (a node per address "
-                            "family).", value=len(remotes) if isinstance(remotes, list) else 0)
+    yield GaugeMetricFamily(
+        "pycni_overlay_remote_subnets",
+        "Remote pod subnets programmed (a node per address family).",
+        value=len(remotes) if isinstance(remotes, list) else 0,
+    )
     skipped, rejected = status.get("skipped"), status.get("rejectedEntries")
-    yield GaugeMetricFamily("pycni_overlay_skipped_leases", "Leases read but not programmed (conflicts, foreign "
-                            "backends).", value=len(skipped) if isinstance(skipped, list) else 0)
-    yield GaugeMetricFamily("pycni_overlay_rejected_store_entries", "Store entries that are no acceptable lease.",
-                            value=len(rejected) if isinstance(rejected, list) else 0)
+    yield GaugeMetricFamily(
+        "pycni_overlay_skipped_leases",
+        "Leases read but not programmed (conflicts, foreign backends).",
+        value=len(skipped) if isinstance(skipped, list) else 0,
+    )
+    yield GaugeMetricFamily(
+        "pycni_overlay_rejected_store_entries",
+        "Store entries that are no acceptable lease.",
+        value=len(rejected) if isinstance(rejected, list) else 0,
+    )
 
 
 def _le(bound: float) -> str:
@@ -385,6 +479,7 @@ def registry_for(sources: Sources) -> Any:
 
 
 # ---- the HTTP side -----------------------------------------------------------------------------
+
 
 class _DeadlineReader(io.RawIOBase):
     """Reads from the socket until the connection's deadline, however the bytes trickle in."""
@@ -419,7 +514,7 @@ class _DeadlineWriter:
         if left <= 0:
             raise TimeoutError("the client did not take the answer in time")
         self._sock.settimeout(left)
-        self._sock.sendall(data)   # the timeout bounds the whole call
+        self._sock.sendall(data)  # the timeout bounds the whole call
         return len(data)
 
     def flush(self) -> None:
@@ -430,7 +525,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
     server_version = "pycni-agent"
     sys_version = ""
-    protocol_version = "HTTP/1.0"   # one request per connection
+    protocol_version = "HTTP/1.0"  # one request per connection
 
     def setup(self) -> None:
         self.connection = self.request
@@ -510,16 +605,25 @@ class _HTTPServer(ThreadingHTTPServer):
         import sys
 
         exc = sys.exc_info()[1]
-        self.endpoint.log.debug("metrics endpoint: a connection from %s ended: %s", client_address[0],
-                                _one_line(exc) if exc else "?")
+        self.endpoint.log.debug(
+            "metrics endpoint: a connection from %s ended: %s", client_address[0], _one_line(exc) if exc else "?"
+        )
 
 
 class MetricsEndpoint:
     """/metrics and /healthz on ``host:port``: the socket is bound when this is made (in the namespace of
     the calling thread), ``start()`` serves it on a thread of its own, ``close()`` stops it."""
 
-    def __init__(self, host: str, port: int, sources: Sources, log: logging.Logger | None = None, *,
-                 max_connections: int = MAX_CONNECTIONS, deadline: float = CONNECTION_DEADLINE) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        sources: Sources,
+        log: logging.Logger | None = None,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        deadline: float = CONNECTION_DEADLINE,
+    ) -> None:
         self.sources = sources
         self.log = log or logging.getLogger("pycni.agent.metrics")
         self.max_connections = max_connections
@@ -527,7 +631,8 @@ class MetricsEndpoint:
         self.registry = registry_for(sources)
         self._turned_away_logged = 0.0
         family, _type, _proto, _name, sockaddr = socket.getaddrinfo(
-            host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST | socket.AI_PASSIVE)[0]
+            host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST | socket.AI_PASSIVE
+        )[0]
         self._server = _HTTPServer(sockaddr, family, self)
         self._thread: threading.Thread | None = None
 
@@ -537,8 +642,9 @@ class MetricsEndpoint:
         return format_address(str(host), int(port))
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
-                                        daemon=True, name="pycni-metrics")
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True, name="pycni-metrics"
+        )
         self._thread.start()
 
     def close(self) -> None:
@@ -562,5 +668,4 @@ class MetricsEndpoint:
         now = time.monotonic()
         if now - self._turned_away_logged > 60:
             self._turned_away_logged = now
-            self.log.warning("metrics endpoint: %d connections open; closing more unanswered",
-                             self.max_connections)
+            self.log.warning("metrics endpoint: %d connections open; closing more unanswered", self.max_connections)

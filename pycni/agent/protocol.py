@@ -44,6 +44,7 @@ against an agent built from this module and against the real one, with the
 same tests: framing, relaying, refusal, fallback, version skew and size
 limits. Change the format here, in both shims and in the agent together.
 """
+
 from __future__ import annotations
 
 import functools
@@ -104,7 +105,7 @@ def split_fields(body: bytes, count: int | None = None) -> list[bytes]:
         pos += 4
         if pos + size > len(body):
             raise ProtocolError("truncated field")
-        out.append(body[pos:pos + size])
+        out.append(body[pos : pos + size])
         pos += size
     if count is not None and len(out) != count:
         raise ProtocolError(f"expected {count} fields, got {len(out)}")

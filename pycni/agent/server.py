@@ -43,6 +43,7 @@ socket file (if it is still ours), let queued requests go (closed before
 being accepted: their shims run them in-process), and wait up to ``grace``
 seconds for accepted ones to finish.
 """
+
 from __future__ import annotations
 
 import errno
@@ -75,15 +76,15 @@ _IPAM_DELEGATORS = {"bridge": "", "vxlan": "host-local"}
 class AgentOptions:
     socket_path: str = protocol.DEFAULT_SOCKET
     max_concurrency: int = 16
-    max_connections: int = 256      # connections open at once; one more is refused at once (it runs cold)
-    queue_timeout: float = 10.0     # longest wait for a free slot before "try again later"
-    request_timeout: float = 60.0   # longest a request may run before "try again later"
-    grace: float = 30.0             # how long a stopping agent lets accepted requests finish
-    read_timeout: float = 10.0      # longest a connected peer may take to send its whole request
+    max_connections: int = 256  # connections open at once; one more is refused at once (it runs cold)
+    queue_timeout: float = 10.0  # longest wait for a free slot before "try again later"
+    request_timeout: float = 60.0  # longest a request may run before "try again later"
+    grace: float = 30.0  # how long a stopping agent lets accepted requests finish
+    read_timeout: float = 10.0  # longest a connected peer may take to send its whole request
     # Where delegated executables may come from (with the directories `pycni install` recorded for the socket).
     cni_bin_dirs: tuple[str, ...] = (protocol.DEFAULT_CNI_BIN_DIR,)
-    warm_up: bool = True            # import every plugin before serving
-    profile_dir: str = ""           # write a cProfile of every request's work here (diagnosis only)
+    warm_up: bool = True  # import every plugin before serving
+    profile_dir: str = ""  # write a cProfile of every request's work here (diagnosis only)
 
 
 class AgentError(Exception):
@@ -132,8 +133,12 @@ class _Slots:
 class Agent:
     """A CNI request server; ``start()``, ``serve_forever()`` (until ``stop()``), ``close()``."""
 
-    def __init__(self, options: AgentOptions, log: logging.Logger | None = None,
-                 extra_status: Callable[[], dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        options: AgentOptions,
+        log: logging.Logger | None = None,
+        extra_status: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         self.options = options
         self.log = log or logging.getLogger("pycni.agent")
         self.extra_status = extra_status
@@ -171,14 +176,20 @@ class Agent:
         if self.options.warm_up:
             warm_up(self.log)
         self._listen()
-        self.log.info("pycni agent %s serving on %s (pid %d, max %d concurrent requests, timeout %g s)",
-                      self.version, self.options.socket_path, os.getpid(), self.options.max_concurrency,
-                      self.options.request_timeout)
+        self.log.info(
+            "pycni agent %s serving on %s (pid %d, max %d concurrent requests, timeout %g s)",
+            self.version,
+            self.options.socket_path,
+            os.getpid(),
+            self.options.max_concurrency,
+            self.options.request_timeout,
+        )
         self.log.info("delegated plugins may be executed from: %s", ", ".join(self.allowed_dirs()) or "nowhere")
         problem = protocol.unsafe_socket(self.options.socket_path)
         if problem:
-            self.log.warning("the plugin shims will not use this socket (%s): they run every plugin in-process",
-                             problem)
+            self.log.warning(
+                "the plugin shims will not use this socket (%s): they run every plugin in-process", problem
+            )
 
     def _listen(self) -> None:
         path = os.path.abspath(self.options.socket_path)
@@ -244,8 +255,9 @@ class Agent:
                 continue
             conn.setblocking(True)
             try:
-                threading.Thread(target=self._serve_connection, args=(conn,), daemon=True,
-                                 name="pycni-agent-conn").start()
+                threading.Thread(
+                    target=self._serve_connection, args=(conn,), daemon=True, name="pycni-agent-conn"
+                ).start()
             except RuntimeError as exc:  # no thread to serve it (resource limits): it runs cold
                 self._connection_done()
                 conn.close()
@@ -256,8 +268,9 @@ class Agent:
         self.stats.count("over_capacity")
         try:
             conn.setblocking(False)
-            conn.send(protocol.answer(protocol.REFUSED, f"busy: {self.options.max_connections} connections "
-                                                        f"open".encode()))
+            conn.send(
+                protocol.answer(protocol.REFUSED, f"busy: {self.options.max_connections} connections open".encode())
+            )
         except OSError:
             pass
         finally:
@@ -265,8 +278,10 @@ class Agent:
         now = time.monotonic()
         if now - self._turned_away_logged > 10:
             self._turned_away_logged = now
-            self.log.warning("%d connections open: refusing more (their shims run the plugins in-process); "
-                             "see --max-connections", self.options.max_connections)
+            self.log.warning(
+                "%d connections open: refusing more (their shims run the plugins in-process); see --max-connections",
+                self.options.max_connections,
+            )
 
     def _connection_done(self) -> None:
         with self._connections_lock:
@@ -315,13 +330,18 @@ class Agent:
         deadline = time.monotonic() + self.options.grace
         with self._in_flight_cond:
             if self._in_flight:
-                self.log.info("stopping: waiting up to %g s for %d request(s) in flight",
-                              self.options.grace, self._in_flight)
+                self.log.info(
+                    "stopping: waiting up to %g s for %d request(s) in flight", self.options.grace, self._in_flight
+                )
             while self._in_flight:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    self.log.warning("stopping with %d request(s) still running after the %g s grace period; "
-                                     "their callers get 'try again later'", self._in_flight, self.options.grace)
+                    self.log.warning(
+                        "stopping with %d request(s) still running after the %g s grace period; "
+                        "their callers get 'try again later'",
+                        self._in_flight,
+                        self.options.grace,
+                    )
                     break
                 self._in_flight_cond.wait(left)
         self.log.info("pycni agent stopped")
@@ -347,8 +367,7 @@ class Agent:
             with conn:
                 deadline = time.monotonic() + self.options.read_timeout
                 conn.settimeout(self.options.read_timeout)
-                pid, uid, _ = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                               _PEERCRED.size))
+                pid, uid, _ = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
                 if uid != 0:
                     self.stats.count("denied")
                     self.log.warning("refused a connection from pid %d uid %d: the agent serves root only", pid, uid)
@@ -357,8 +376,7 @@ class Agent:
                     return
                 try:
                     body, fds = _read_request(conn, deadline)
-                    version, kind, plugin_type, env_block, stdin = protocol.split_fields(body,
-                                                                                        protocol.REQUEST_FIELDS)
+                    version, kind, plugin_type, env_block, stdin = protocol.split_fields(body, protocol.REQUEST_FIELDS)
                 except _NothingSent:
                     self.log.debug("pid %d hung up without a request", pid)
                     return
@@ -390,8 +408,12 @@ class Agent:
                     return
                 if job.refusal:
                     self.stats.count("declined")
-                    self.log.info("refused a %s request from pid %d (it runs in the caller's process): %s",
-                                  job.plugin_type, pid, job.refusal)
+                    self.log.info(
+                        "refused a %s request from pid %d (it runs in the caller's process): %s",
+                        job.plugin_type,
+                        pid,
+                        job.refusal,
+                    )
                     _send(conn, protocol.answer(protocol.REFUSED, job.refusal.encode()))
                     return
                 self._serve_cni(conn, pid, job)
@@ -406,8 +428,10 @@ class Agent:
         from cni_plugins.spec.registry import PACKAGES
 
         if version.decode(errors="replace") != self.version:
-            return (f"version mismatch: the shim is pycni {version.decode(errors='replace')}, "
-                    f"the agent pycni {self.version}")
+            return (
+                f"version mismatch: the shim is pycni {version.decode(errors='replace')}, "
+                f"the agent pycni {self.version}"
+            )
         if kind != protocol.KIND_CNI:
             return f"unknown request kind {kind.decode(errors='replace')!r}"
         if plugin_type.decode(errors="replace") not in PACKAGES:
@@ -424,8 +448,13 @@ class Agent:
         """
         caller_environ = protocol.parse_environ(env_block)  # ProtocolError: a malformed request
         environ = dict(self._base_environ)
-        environ.update({k: v for k, v in caller_environ.items()
-                        if k.startswith(protocol.FORWARDED_PREFIXES) and not k.startswith(protocol.AGENT_ONLY_PREFIX)})
+        environ.update(
+            {
+                k: v
+                for k, v in caller_environ.items()
+                if k.startswith(protocol.FORWARDED_PREFIXES) and not k.startswith(protocol.AGENT_ONLY_PREFIX)
+            }
+        )
         conf = _load_conf(stdin)
         job = _Job(plugin_type, environ, stdin, fds, _conf_version(conf))
         problem = _netns_problem(fds[0])
@@ -435,8 +464,10 @@ class Agent:
         path = environ.get("CNI_NETNS", "")
         if path:
             if len(fds) < 2:
-                job.refusal = (f"the caller could not open CNI_NETNS {path} (the agent never opens it "
-                               f"itself: it may name another namespace here)")
+                job.refusal = (
+                    f"the caller could not open CNI_NETNS {path} (the agent never opens it "
+                    f"itself: it may name another namespace here)"
+                )
                 return job
             netns_fd, problem = _reopen_netns(fds[1])
             if netns_fd is None:
@@ -491,8 +522,9 @@ class Agent:
                 self.log.warning("ignoring %s: it must be a file of root's that nobody else may write to", path)
             else:
                 text = os.read(fd, _RECORD_MAX).decode("utf-8", "replace")
-                dirs = tuple(line.strip() for line in text.splitlines()
-                             if line.strip().startswith("/") and ":" not in line)
+                dirs = tuple(
+                    line.strip() for line in text.splitlines() if line.strip().startswith("/") and ":" not in line
+                )
         except OSError:
             return ()
         finally:
@@ -505,8 +537,10 @@ class Agent:
         environ, plugin_type, cni_version = job.environ, job.plugin_type, job.cni_version
         command = environ.get("CNI_COMMAND", "")
         rid = self._next_id()
-        what = (f"#{rid} {plugin_type} {command or '-'} container={environ.get('CNI_CONTAINERID', '-')} "
-                f"ifname={environ.get('CNI_IFNAME', '-')} pid={pid}")
+        what = (
+            f"#{rid} {plugin_type} {command or '-'} container={environ.get('CNI_CONTAINERID', '-')} "
+            f"ifname={environ.get('CNI_IFNAME', '-')} pid={pid}"
+        )
         queued = command not in ("STATUS", "VERSION")
         if queued:
             got = self._slots.acquire(self.options.queue_timeout)
@@ -515,42 +549,68 @@ class Agent:
                 return
             if not got:
                 self.stats.count("busy")
-                self.log.warning("%s: no free slot within %g s (%d running); answered 'try again later'",
-                                 what, self.options.queue_timeout, self.options.max_concurrency)
-                _send(conn, _try_again(cni_version, "the pycni agent is busy",
-                                       f"no free slot within {self.options.queue_timeout:g} s; try again later"))
+                self.log.warning(
+                    "%s: no free slot within %g s (%d running); answered 'try again later'",
+                    what,
+                    self.options.queue_timeout,
+                    self.options.max_concurrency,
+                )
+                _send(
+                    conn,
+                    _try_again(
+                        cni_version,
+                        "the pycni agent is busy",
+                        f"no free slot within {self.options.queue_timeout:g} s; try again later",
+                    ),
+                )
                 return
         with self._in_flight_cond:
             self._in_flight += 1
         try:
             try:
-                _send(conn, protocol.answer(protocol.ACCEPTED, repr(self.options.request_timeout).encode(),
-                                            json.dumps(cni_version).encode()))
+                _send(
+                    conn,
+                    protocol.answer(
+                        protocol.ACCEPTED, repr(self.options.request_timeout).encode(), json.dumps(cni_version).encode()
+                    ),
+                )
             except OSError as exc:  # the caller is gone before the work started: do nothing
                 self.log.info("%s: caller went away before the request was accepted (%s)", what, exc)
                 if queued:
                     self._slots.release()
                 return
-            worker = threading.Thread(target=self._work, args=(job, what, queued, received), daemon=True,
-                                      name=f"pycni-agent-req{rid}")
+            worker = threading.Thread(
+                target=self._work, args=(job, what, queued, received), daemon=True, name=f"pycni-agent-req{rid}"
+            )
             try:
                 worker.start()
             except RuntimeError as exc:  # cannot start a thread (resource limits): nothing ran
                 if queued:
                     self._slots.release()
                 self.log.error("%s: cannot start a worker: %s", what, exc)
-                _send(conn, _try_again(cni_version, "the pycni agent cannot take the request now",
-                                       f"{exc}; try again later"))
+                _send(
+                    conn,
+                    _try_again(cni_version, "the pycni agent cannot take the request now", f"{exc}; try again later"),
+                )
                 return
             job.started = True  # from here the worker owns (and closes) the request's descriptors
             if not job.done.wait(self.options.request_timeout):
                 job.abandoned = True
                 self.stats.count("timed_out")
-                self.log.error("%s: no result within %g s; answered 'try again later' (the work goes on "
-                               "in the background and keeps its slot)", what, self.options.request_timeout)
-                _send(conn, _try_again(cni_version, "the pycni agent timed out serving the request",
-                                       f"{plugin_type} {command} took longer than "
-                                       f"{self.options.request_timeout:g} s; try again later"))
+                self.log.error(
+                    "%s: no result within %g s; answered 'try again later' (the work goes on "
+                    "in the background and keeps its slot)",
+                    what,
+                    self.options.request_timeout,
+                )
+                _send(
+                    conn,
+                    _try_again(
+                        cni_version,
+                        "the pycni agent timed out serving the request",
+                        f"{plugin_type} {command} took longer than {self.options.request_timeout:g} s; try again later",
+                    ),
+                )
                 return
             assert job.answer is not None
             try:
@@ -573,6 +633,7 @@ class Agent:
         refused = ""
         try:
             try:
+
                 def serve() -> Any:
                     return dispatch(registry.funcs(job.plugin_type), job.environ, job.stdin)
 
@@ -593,8 +654,11 @@ class Agent:
                 self.log.error("%s: %s: %s", what, type(exc).__name__, exc)
                 from cni_plugins.spec.errors import ERR_INTERNAL, CNIError
 
-                code, stdout, stderr = 1, (CNIError(ERR_INTERNAL, f"pycni agent: {exc}").to_json(
-                    job.cni_version) + "\n").encode(), b""
+                code, stdout, stderr = (
+                    1,
+                    (CNIError(ERR_INTERNAL, f"pycni agent: {exc}").to_json(job.cni_version) + "\n").encode(),
+                    b"",
+                )
                 job.answer = protocol.answer(protocol.DONE, str(code).encode(), stdout, stderr)
         finally:
             _close_all(job.fds)
@@ -605,8 +669,12 @@ class Agent:
             suffix = " (after its caller was told to try again)" if job.abandoned else ""
             if refused:
                 self.stats.count("declined")
-                self.log.info("%s: refused part-way, its work undone (it runs in the caller's process): %s%s",
-                              what, refused, suffix)
+                self.log.info(
+                    "%s: refused part-way, its work undone (it runs in the caller's process): %s%s",
+                    what,
+                    refused,
+                    suffix,
+                )
             else:
                 self.stats.served(job.plugin_type, command, elapsed, code == 0)
                 # Every failure is worth a line; successes only at debug level (a busy node serves many).
@@ -663,8 +731,7 @@ def _cpu_seconds() -> dict[str, float]:
 
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"self": round(own.ru_utime + own.ru_stime, 6),
-            "children": round(children.ru_utime + children.ru_stime, 6)}
+    return {"self": round(own.ru_utime + own.ru_stime, 6), "children": round(children.ru_utime + children.ru_stime, 6)}
 
 
 class _NetnsName:
@@ -680,22 +747,36 @@ class _NetnsName:
 
     def shown(self, stdout: bytes, stderr: bytes) -> tuple[bytes, bytes]:
         """The output as the caller would see it from a plugin process: its own CNI_NETNS path."""
-        return (self._ours_re.sub(lambda _: self._in_json, stdout),
-                self._ours_re.sub(lambda _: self.caller.encode("utf-8", "surrogateescape"), stderr))
+        return (
+            self._ours_re.sub(lambda _: self._in_json, stdout),
+            self._ours_re.sub(lambda _: self.caller.encode("utf-8", "surrogateescape"), stderr),
+        )
 
 
 class _Job:
     """One request: what the worker runs, and the descriptors it owns once it has started."""
 
-    __slots__ = ("plugin_type", "environ", "stdin", "fds", "cni_version", "netns", "refusal", "answer", "done",
-                 "abandoned", "started")
+    __slots__ = (
+        "plugin_type",
+        "environ",
+        "stdin",
+        "fds",
+        "cni_version",
+        "netns",
+        "refusal",
+        "answer",
+        "done",
+        "abandoned",
+        "started",
+    )
 
-    def __init__(self, plugin_type: str, environ: dict[str, str], stdin: bytes, fds: list[int],
-                 cni_version: str) -> None:
+    def __init__(
+        self, plugin_type: str, environ: dict[str, str], stdin: bytes, fds: list[int], cni_version: str
+    ) -> None:
         self.plugin_type = plugin_type
         self.environ = environ
         self.stdin = stdin
-        self.fds = fds                      # [the caller's own namespace, (its CNI_NETNS O_PATH, reopened)]
+        self.fds = fds  # [the caller's own namespace, (its CNI_NETNS O_PATH, reopened)]
         self.cni_version = cni_version
         self.netns: _NetnsName | None = None
         self.refusal = ""
@@ -834,8 +915,9 @@ def _read_request(conn: socket.socket, deadline: float) -> tuple[bytes, list[int
     try:
         while len(head) < 12:
             _time_left(conn, deadline)
-            data, ancdata, flags, _ = conn.recvmsg(12 - len(head), socket.CMSG_SPACE(_MAX_FDS * _FD.size),
-                                                   socket.MSG_CMSG_CLOEXEC)
+            data, ancdata, flags, _ = conn.recvmsg(
+                12 - len(head), socket.CMSG_SPACE(_MAX_FDS * _FD.size), socket.MSG_CMSG_CLOEXEC
+            )
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     usable = len(payload) - len(payload) % _FD.size
@@ -851,8 +933,10 @@ def _read_request(conn: socket.socket, deadline: float) -> tuple[bytes, list[int
             raise protocol.ProtocolError("not a pycni agent request (or another protocol version)")
         (size,) = struct.unpack(">I", head[8:12])
         if size > protocol.MAX_BODY:
-            raise _Oversized(f"a request of {size} bytes is larger than the agent takes "
-                             f"({protocol.MAX_BODY >> 20} MiB); run it in-process")
+            raise _Oversized(
+                f"a request of {size} bytes is larger than the agent takes "
+                f"({protocol.MAX_BODY >> 20} MiB); run it in-process"
+            )
         chunks = []
         while size:
             _time_left(conn, deadline)
@@ -914,9 +998,11 @@ def _prepare_directory(directory: str) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise AgentError(f"{directory} is not a directory")
     if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise AgentError(f"refusing to put the agent's socket in {directory}: it must belong to "
-                         f"uid {os.geteuid()} and not be writable by group or others "
-                         f"(mode {stat.S_IMODE(st.st_mode):04o}); use a directory like /run/pycni")
+        raise AgentError(
+            f"refusing to put the agent's socket in {directory}: it must belong to "
+            f"uid {os.geteuid()} and not be writable by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); use a directory like /run/pycni"
+        )
 
 
 def _take_lock(path: str) -> int:
@@ -925,7 +1011,7 @@ def _take_lock(path: str) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise AgentError(f"another pycni agent is serving {path[:-len('.lock')]} (it holds {path})") from None
+        raise AgentError(f"another pycni agent is serving {path[: -len('.lock')]} (it holds {path})") from None
     return fd
 
 
@@ -1000,8 +1086,11 @@ def use_journal_format(logger: logging.Logger) -> bool:
     """Give the handlers of ``logger`` that write to the journal (under systemd) the journal's format."""
     switched = False
     for handler in logger.handlers:
-        if (isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
-                and is_journal_stream(handler.stream)):
+        if (
+            isinstance(handler, logging.StreamHandler)
+            and not isinstance(handler, logging.FileHandler)
+            and is_journal_stream(handler.stream)
+        ):
             handler.setFormatter(JournalFormatter())
             switched = True
     return switched

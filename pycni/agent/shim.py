@@ -33,6 +33,7 @@ touches only modules the interpreter has already loaded or builds in
 sets it for the plugins its requests execute, so a delegated shim never calls
 back into the agent that is waiting for it.
 """
+
 from __future__ import annotations
 
 from cni_plugins.spec.skel import Outcome
@@ -48,7 +49,7 @@ CONNECT_TIMEOUT = 5.0
 
 # The shim's text. Placeholders in {{ }} are filled by ``script``; everything else is
 # literal Python, kept small because it is compiled on every call.
-_TEMPLATE = '''\
+_TEMPLATE = """\
 #!{{python}} -IS
 {{marker}}
 # pycni-plugin: {{plugin_type}}
@@ -254,7 +255,7 @@ if kind != b"D":
 out(2, a[2])
 out(1, a[1])
 posix._exit(int(a[0]))
-'''
+"""
 
 
 def render(outcome: Outcome) -> tuple[int, bytes, bytes]:
@@ -262,8 +263,11 @@ def render(outcome: Outcome) -> tuple[int, bytes, bytes]:
     stdout = outcome.stdout
     if stdout and not stdout.endswith("\n"):
         stdout += "\n"
-    return (outcome.exit_code, stdout.encode("utf-8", "surrogateescape"),
-            outcome.stderr.encode("utf-8", "backslashreplace"))
+    return (
+        outcome.exit_code,
+        stdout.encode("utf-8", "surrogateescape"),
+        outcome.stderr.encode("utf-8", "backslashreplace"),
+    )
 
 
 def version_answer(plugin_type: str) -> bytes | None:
@@ -281,11 +285,18 @@ def version_answer(plugin_type: str) -> bytes | None:
 
 
 NATIVE_SOURCE = "native_shim.c"
-NATIVE_IDENT = b"pycni-native-shim v1"   # the string native_shim.c keeps in its binary
+NATIVE_IDENT = b"pycni-native-shim v1"  # the string native_shim.c keeps in its binary
 
 
-def native_script(plugin_type: str, target: str, python: str, marker: str, shim_binary: str, socket_path: str,
-                  version: str | None = None) -> str:
+def native_script(
+    plugin_type: str,
+    target: str,
+    python: str,
+    marker: str,
+    shim_binary: str,
+    socket_path: str,
+    version: str | None = None,
+) -> str:
     """The plugin file for the native shim: a "#!" line naming ``shim_binary``, then its settings.
 
     The binary (compiled from native_shim.c) reads them from this file; its
@@ -309,15 +320,20 @@ def native_script(plugin_type: str, target: str, python: str, marker: str, shim_
     for key, value in settings.items():
         if "\n" in value or "\0" in value:
             raise ValueError(f"the native shim's {key} cannot hold a newline or NUL: {value!r}")
-    lines = [f"#!{shim_binary}", marker, f"# pycni-plugin: {plugin_type}",
-             f"# Warm: {shim_binary} (pycni's native shim) sends the request to `pycni agent` (socket",
-             f"# {socket_path}). Cold, when the agent cannot be reached: {target} runs under {python}."]
+    lines = [
+        f"#!{shim_binary}",
+        marker,
+        f"# pycni-plugin: {plugin_type}",
+        f"# Warm: {shim_binary} (pycni's native shim) sends the request to `pycni agent` (socket",
+        f"# {socket_path}). Cold, when the agent cannot be reached: {target} runs under {python}.",
+    ]
     lines += [f"{key}={value}" for key, value in settings.items()]
     return "\n".join(lines) + "\n"
 
 
-def script(plugin_type: str, target: str, python: str, marker: str, socket_path: str | None,
-           version: str | None = None) -> str:
+def script(
+    plugin_type: str, target: str, python: str, marker: str, socket_path: str | None, version: str | None = None
+) -> str:
     """The shim's source for ``plugin_type`` (``target`` is its cold entry point, "module:function").
 
     ``socket_path`` None writes a shim that never tries an agent (cold only).

@@ -1,4 +1,5 @@
 """What the agent has served: counts, latency percentiles and histograms per plugin and command."""
+
 from __future__ import annotations
 
 import bisect
@@ -26,8 +27,8 @@ class _Series:
         self.count = 0
         self.errors = 0
         self.samples: deque[float] = deque(maxlen=WINDOW)
-        self.seconds = 0.0                          # sum of every request's latency, since start
-        self.buckets = [0] * (len(BUCKETS) + 1)     # requests per latency bucket (the last: above BUCKETS[-1])
+        self.seconds = 0.0  # sum of every request's latency, since start
+        self.buckets = [0] * (len(BUCKETS) + 1)  # requests per latency bucket (the last: above BUCKETS[-1])
 
 
 class Stats:
@@ -40,8 +41,16 @@ class Stats:
         # oversized); declined: requests the agent's rules send back to their caller's process (CNI_NETNS
         # without a usable descriptor, a delegate outside --cni-bin-dir); over_capacity: connections refused
         # unread at --max-connections. The callers of all three ran the plugin themselves.
-        self.counters = {"served": 0, "refused": 0, "declined": 0, "busy": 0, "timed_out": 0, "denied": 0,
-                         "over_capacity": 0, "bad_requests": 0}
+        self.counters = {
+            "served": 0,
+            "refused": 0,
+            "declined": 0,
+            "busy": 0,
+            "timed_out": 0,
+            "denied": 0,
+            "over_capacity": 0,
+            "bad_requests": 0,
+        }
 
     def count(self, name: str) -> None:
         with self._lock:
@@ -67,8 +76,12 @@ class Stats:
                 for n in series.buckets:
                     running += n
                     cumulative.append(running)
-                out[key] = {"count": series.count, "errors": series.errors, "sum": series.seconds,
-                            "buckets": list(zip((*BUCKETS, float("inf")), cumulative))}
+                out[key] = {
+                    "count": series.count,
+                    "errors": series.errors,
+                    "sum": series.seconds,
+                    "buckets": list(zip((*BUCKETS, float("inf")), cumulative)),
+                }
             return out
 
     def counts(self) -> dict[str, int]:

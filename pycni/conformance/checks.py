@@ -20,6 +20,7 @@ nodes have an address of their own of that family (a dual-stack cluster on an
 IPv4 underlay has no IPv6 node addresses). Outside an IPv4-only cluster every
 failure message starts with the family ("IPv6 TCP ...").
 """
+
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -28,11 +29,25 @@ from typing import Callable
 
 from . import client
 from .diagnose import Leg, explain_no_reply, explain_pmtu, explain_refused, explain_seen, explain_strict_peer
-from .model import (FAIL, HOSTPORT, NO_SNAT, NODE_POD, OTHER_NODE, PASS, PMTU, POD_NODE, SAME_NODE, SKIP, Check,
-                    Party, family_check, split_check)
+from .model import (
+    FAIL,
+    HOSTPORT,
+    NO_SNAT,
+    NODE_POD,
+    OTHER_NODE,
+    PASS,
+    PMTU,
+    POD_NODE,
+    SAME_NODE,
+    SKIP,
+    Check,
+    Party,
+    family_check,
+    split_check,
+)
 
-PMTU_PACKET = 1400            # bytes of IP packet
-PMTU_SIZES = (1280, PMTU_PACKET)   # the IPv6 minimum MTU, then what the pods' MTU of 1450 must carry
+PMTU_PACKET = 1400  # bytes of IP packet
+PMTU_SIZES = (1280, PMTU_PACKET)  # the IPv6 minimum MTU, then what the pods' MTU of 1450 must carry
 ICMP_OVERHEAD = client.HEADER_BYTES[4]
 SMALL_PAYLOAD = 56
 
@@ -60,28 +75,62 @@ def _at(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
-def _row_for(exchange: client.Exchange, check: str, src: Party, dst: Party, what: str, legs: list[Leg],
-             timeout: float, expect_label: str, port: int, hostport: bool = False,
-             underlay: tuple[Party, Party] | None = None, version: int = 4) -> Check:
+def _row_for(
+    exchange: client.Exchange,
+    check: str,
+    src: Party,
+    dst: Party,
+    what: str,
+    legs: list[Leg],
+    timeout: float,
+    expect_label: str,
+    port: int,
+    hostport: bool = False,
+    underlay: tuple[Party, Party] | None = None,
+    version: int = 4,
+) -> Check:
     if exchange.ok:
         if exchange.label != expect_label:
-            return _failed(check, src, dst, f"{what}: answered by {exchange.label or 'something else'}, "
-                                            f"not {expect_label}")
+            return _failed(
+                check, src, dst, f"{what}: answered by {exchange.label or 'something else'}, not {expect_label}"
+            )
         return Check(check, src.node, dst.node, PASS, exchange.latency_ms, f"seen from {exchange.peer}")
     if exchange.error == "refused":
         return _failed(check, src, dst, explain_refused(what, port, hostport, dst.node))
     return _failed(check, src, dst, explain_no_reply(what, legs, timeout, exchange.error, underlay, version))
 
 
-def _no_snat(exchange: client.Exchange, check: str, src: Party, dst: Party, sender_pod: str, receiver_pod: str,
-             parties: list[Party], between_nodes: bool, via: str, family: str = "") -> Check:
+def _no_snat(
+    exchange: client.Exchange,
+    check: str,
+    src: Party,
+    dst: Party,
+    sender_pod: str,
+    receiver_pod: str,
+    parties: list[Party],
+    between_nodes: bool,
+    via: str,
+    family: str = "",
+) -> Check:
     if not exchange.ok:
         return Check(check, src.node, dst.node, SKIP, None, f"not measured: no reply (see {via})")
     if exchange.peer == sender_pod:
-        return Check(check, src.node, dst.node, PASS, exchange.latency_ms,
-                     f"the pod {receiver_pod} saw {exchange.peer}, the sender's own address")
-    return Check(check, src.node, dst.node, FAIL, exchange.latency_ms,
-                 family + explain_seen(exchange.peer, sender_pod, src, parties, between_nodes))
+        return Check(
+            check,
+            src.node,
+            dst.node,
+            PASS,
+            exchange.latency_ms,
+            f"the pod {receiver_pod} saw {exchange.peer}, the sender's own address",
+        )
+    return Check(
+        check,
+        src.node,
+        dst.node,
+        FAIL,
+        exchange.latency_ms,
+        family + explain_seen(exchange.peer, sender_pod, src, parties, between_nodes),
+    )
 
 
 def own_checks(local: Local, parties: list[Party]) -> list[Check]:
@@ -130,45 +179,68 @@ def _peer_family(local: Local, peer: Party, parties: list[Party], version: int) 
     # pod -> pod across nodes, TCP and UDP; the TCP exchange also tells what source the receiver saw.
     what = f"{tag}TCP {probe} -> {_at(target, port)}"
     tcp = client.tcp_exchange(local.probe_netns, target, port, t)
-    row = _row_for(tcp, name(OTHER_NODE), me, peer, what, [there, back], t, peer.probe_label, port,
-                   version=version)
+    row = _row_for(tcp, name(OTHER_NODE), me, peer, what, [there, back], t, peer.probe_label, port, version=version)
     udp = client.udp_exchange(local.probe_netns, target, port, t)
     if row.result == PASS and not udp.ok:
         what = f"{tag}UDP {probe} -> {_at(target, port)}"
-        row = _failed(name(OTHER_NODE), me, peer,
-                      f"TCP passes but {explain_no_reply(what, [there, back], t, udp.error)}")
+        row = _failed(
+            name(OTHER_NODE), me, peer, f"TCP passes but {explain_no_reply(what, [there, back], t, udp.error)}"
+        )
     elif row.result == PASS:
         row.message = f"TCP and UDP; seen from {tcp.peer}"
     rows.append(row)
-    rows.append(_no_snat(tcp if tcp.ok else udp, name(NO_SNAT), me, peer, probe, target, parties, True,
-                         name(OTHER_NODE), tag))
+    rows.append(
+        _no_snat(tcp if tcp.ok else udp, name(NO_SNAT), me, peer, probe, target, parties, True, name(OTHER_NODE), tag)
+    )
 
     # the node itself -> the other node's pod (from its VXLAN address, through the overlay)
     what = f"{tag}TCP node {me.node} -> pod {_at(target, port)}"
     ex = client.tcp_exchange(None, target, port, t)
-    rows.append(_row_for(ex, name(NODE_POD), me, peer, what, [there, back], t, peer.probe_label, port,
-                         version=version))
+    rows.append(_row_for(ex, name(NODE_POD), me, peer, what, [there, back], t, peer.probe_label, port, version=version))
 
     mine, theirs = me.node_ip(version), peer.node_ip(version)
     if mine and theirs:
         # a pod -> the other node's own address: out over the underlay, the reply back through the overlay
         what = f"{tag}TCP pod {probe} -> node {_at(theirs, port)}"
         ex = client.tcp_exchange(local.probe_netns, theirs, port, t)
-        row = _row_for(ex, name(POD_NODE), me, peer, what, [back], t, peer.node_label, port, underlay=(me, peer),
-                       version=version)
+        row = _row_for(
+            ex, name(POD_NODE), me, peer, what, [back], t, peer.node_label, port, underlay=(me, peer), version=version
+        )
         if row.result == FAIL:
             row.message += explain_strict_peer(me, peer, version)
         rows.append(row)
 
         # hostPort on the other node, asked from this node over the underlay
         if peer.host_port is None:
-            rows.append(Check(name(HOSTPORT), me.node, peer.node, SKIP, None,
-                              "not measured: the network has no portmap plugin (no portMappings capability)"))
+            rows.append(
+                Check(
+                    name(HOSTPORT),
+                    me.node,
+                    peer.node,
+                    SKIP,
+                    None,
+                    "not measured: the network has no portmap plugin (no portMappings capability)",
+                )
+            )
         else:
             what = f"{tag}TCP node {mine} -> {_at(theirs, peer.host_port)} (hostPort of {target})"
             ex = client.tcp_exchange(None, theirs, peer.host_port, t)
-            rows.append(_row_for(ex, name(HOSTPORT), me, peer, what, [], t, peer.probe_label, peer.host_port,
-                                 hostport=True, underlay=(me, peer), version=version))
+            rows.append(
+                _row_for(
+                    ex,
+                    name(HOSTPORT),
+                    me,
+                    peer,
+                    what,
+                    [],
+                    t,
+                    peer.probe_label,
+                    peer.host_port,
+                    hostport=True,
+                    underlay=(me, peer),
+                    version=version,
+                )
+            )
 
     rows.append(pmtu_check(local, peer, version))
     return rows
@@ -182,22 +254,40 @@ def pmtu_check(local: Local, peer: Party, version: int | None = None) -> Check:
     source, target = me.probe(version), peer.probe(version)
     small = client.icmp_echo(local.probe_netns, target, SMALL_PAYLOAD, False, t)
     if not small.ok:
-        return Check(check, me.node, peer.node, SKIP, None,
-                     f"not measured: small ICMP echoes get no answer either ({small.error}; see "
-                     f"{family_check(OTHER_NODE, version)})")
+        return Check(
+            check,
+            me.node,
+            peer.node,
+            SKIP,
+            None,
+            f"not measured: small ICMP echoes get no answer either ({small.error}; see "
+            f"{family_check(OTHER_NODE, version)})",
+        )
     crossed: int | None = None
     big = small
     for size in PMTU_SIZES:
         big = client.icmp_echo(local.probe_netns, target, size - client.HEADER_BYTES[version], True, t, tries=3)
         if not big.ok:
             what = f"{tag}ICMP{'v6' if version == 6 else ''} {source} -> {target}"
-            return Check(check, me.node, peer.node, FAIL, None,
-                         explain_pmtu(what, big.error, size, me, peer, t, version, crossed))
+            return Check(
+                check,
+                me.node,
+                peer.node,
+                FAIL,
+                None,
+                explain_pmtu(what, big.error, size, me, peer, t, version, crossed),
+            )
         crossed = size
     sizes = " and ".join(f"{size}-byte" for size in PMTU_SIZES)
     how = "with DF cross" if version == 4 else "cross unfragmented"
-    return Check(check, me.node, peer.node, PASS, big.latency_ms,
-                 f"{sizes} packets {how} (small ones in {small.latency_ms:.2f} ms)")
+    return Check(
+        check,
+        me.node,
+        peer.node,
+        PASS,
+        big.latency_ms,
+        f"{sizes} packets {how} (small ones in {small.latency_ms:.2f} ms)",
+    )
 
 
 def contrast_families(rows: list[Check]) -> list[Check]:
@@ -210,13 +300,15 @@ def contrast_families(rows: list[Check]) -> list[Check]:
         check, version = split_check(row.check)
         other = 4 if version == 6 else 6
         if (family_check(check, other), row.source, row.target) in passed:
-            row.message += (f"; the same check passes in IPv{other} between these nodes, so the fault is "
-                            f"IPv{version}'s alone")
+            row.message += (
+                f"; the same check passes in IPv{other} between these nodes, so the fault is IPv{version}'s alone"
+            )
     return rows
 
 
-def run_checks(local: Local, peers: list[Party], workers: int = 8,
-               progress: Callable[[str], None] = lambda _m: None) -> list[Check]:
+def run_checks(
+    local: Local, peers: list[Party], workers: int = 8, progress: Callable[[str], None] = lambda _m: None
+) -> list[Check]:
     """All checks, the peers' in parallel (each worker opens its sockets in the probe's namespace itself)."""
     parties = [local.me, *peers]
     rows: list[Check] = []

@@ -5,6 +5,7 @@ pod's; None: the caller's, i.e. the node's) and talks to an address, never a
 name: nothing here resolves DNS. The result says what was observed (a reply,
 or why not: a timeout, a refusal, an ICMP error) and how long it took.
 """
+
 from __future__ import annotations
 
 import errno
@@ -28,15 +29,23 @@ IPV6_PMTUDISC_DO = getattr(socket, "IPV6_PMTUDISC_DO", 2)
 IPV6_DONTFRAG = getattr(socket, "IPV6_DONTFRAG", 62)
 ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY, ICMP_UNREACH = 8, 0, 3
 ICMP6_UNREACH, ICMP6_PACKET_TOO_BIG, ICMP6_ECHO_REQUEST, ICMP6_ECHO_REPLY = 1, 2, 128, 129
-HEADER_BYTES = {4: 20 + 8, 6: 40 + 8}    # IP header + ICMP header: an echo's packet is its payload + these
-_UNREACH_CODES = {0: "network unreachable", 1: "host unreachable", 3: "port unreachable",
-                  9: "rejected: network administratively prohibited",
-                  10: "rejected: host administratively prohibited",
-                  13: "rejected: administratively prohibited"}
-_UNREACH6_CODES = {0: "unreachable (no route to destination)", 1: "rejected: administratively prohibited",
-                   3: "unreachable (address unreachable)", 4: "port unreachable",
-                   5: "rejected: source address failed ingress/egress policy",
-                   6: "rejected: reject route to destination"}
+HEADER_BYTES = {4: 20 + 8, 6: 40 + 8}  # IP header + ICMP header: an echo's packet is its payload + these
+_UNREACH_CODES = {
+    0: "network unreachable",
+    1: "host unreachable",
+    3: "port unreachable",
+    9: "rejected: network administratively prohibited",
+    10: "rejected: host administratively prohibited",
+    13: "rejected: administratively prohibited",
+}
+_UNREACH6_CODES = {
+    0: "unreachable (no route to destination)",
+    1: "rejected: administratively prohibited",
+    3: "unreachable (address unreachable)",
+    4: "port unreachable",
+    5: "rejected: source address failed ingress/egress policy",
+    6: "rejected: reject route to destination",
+}
 _ids = iter(range(1, 1 << 30))
 _ids_lock = threading.Lock()
 
@@ -46,7 +55,7 @@ class Exchange:
     ok: bool
     latency_ms: float | None = None
     reply: dict[str, Any] = field(default_factory=dict)
-    error: str = ""          # timeout, refused, unreachable, reset, emsgsize..., frag-needed..., rejected...
+    error: str = ""  # timeout, refused, unreachable, reset, emsgsize..., frag-needed..., rejected...
 
     @property
     def peer(self) -> str:
@@ -175,7 +184,7 @@ def _echo_request(ident: int, seq: int, payload: bytes) -> bytes:
 
 
 def _match(packet: bytes, address: str, ident: int, seq: int) -> str | None:
-    """"ok" for our echo reply, an error text for an ICMP error about our request, else None."""
+    """ "ok" for our echo reply, an error text for an ICMP error about our request, else None."""
     if len(packet) < 20:
         return None
     ihl = (packet[0] & 0x0F) * 4
@@ -191,7 +200,7 @@ def _match(packet: bytes, address: str, ident: int, seq: int) -> str | None:
         inner = icmp[8:]
         inner_ihl = (inner[0] & 0x0F) * 4
         inner_dst = socket.inet_ntoa(inner[16:20])
-        inner_icmp = inner[inner_ihl:inner_ihl + 8]
+        inner_icmp = inner[inner_ihl : inner_ihl + 8]
         if inner_dst != address or len(inner_icmp) < 8:
             return None
         if struct.unpack("!HH", inner_icmp[4:8]) != (ident, seq):
@@ -237,8 +246,9 @@ def _same(a: str, b: str) -> bool:
         return False
 
 
-def icmp_echo(netns_path: str | None, address: str, size: int, dont_fragment: bool, timeout: float,
-              tries: int = 2) -> Exchange:
+def icmp_echo(
+    netns_path: str | None, address: str, size: int, dont_fragment: bool, timeout: float, tries: int = 2
+) -> Exchange:
     """One ICMP echo (ICMPv6 to an IPv6 address) with ``size`` bytes of payload: the IP packet is
     size + 28 bytes (IPv6: size + 48).
 

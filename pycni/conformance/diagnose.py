@@ -11,6 +11,7 @@ and the FDB entry sending Y's VTEP MAC to Y's public IP. Missing entries are
 named first (they explain a loss for certain), then firewall rules that drop
 packets, then the underlay.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,8 +27,8 @@ class Leg:
 
     src: Party
     dst: Party
-    returning: bool = False   # the replies' leg
-    version: int = 4          # the pod family whose packets take it
+    returning: bool = False  # the replies' leg
+    version: int = 4  # the pod family whose packets take it
 
 
 def missing_entries(leg: Leg) -> list[str]:
@@ -38,9 +39,11 @@ def missing_entries(leg: Leg) -> list[str]:
     where = f"node {src.node}"
     family = "IPv6 " if version == 6 else ""
     if not isinstance(facts, dict):
-        return [f"{where} has no {family}overlay entries at all for node {dst.node} ({dst.public_ip}): "
-                f"missing FDB entry (its agent does not know the node's lease"
-                + (" or its IPv6 subnet)" if version == 6 else ")")]
+        return [
+            f"{where} has no {family}overlay entries at all for node {dst.node} ({dst.public_ip}): "
+            f"missing FDB entry (its agent does not know the node's lease"
+            + (" or its IPv6 subnet)" if version == 6 else ")")
+        ]
     out = []
     device, mac, public = src.lane_to(dst, version)
     device = str(facts.get("device") or device or "the VXLAN device")
@@ -49,8 +52,7 @@ def missing_entries(leg: Leg) -> list[str]:
         out.append(f"{where} has no route to {subnet} via {vtep} on {device}: missing route")
     if not facts.get("neigh", True):
         table = "NDP/neighbour" if version == 6 else "ARP/neighbour"
-        out.append(f"{where} has no {table} entry for remote VTEP {vtep} ({mac}) on {device}: "
-                   f"missing neighbour entry")
+        out.append(f"{where} has no {table} entry for remote VTEP {vtep} ({mac}) on {device}: missing neighbour entry")
     if not facts.get("fdb", True):
         out.append(f"{where} has no ARP/FDB for remote VTEP {mac} -> {public} on {device}: missing FDB entry")
     return out
@@ -65,8 +67,14 @@ def _underlay_address(party: Party, other: Party, version: int) -> str:
     return other.lane_to(party, version)[2] or party.public_ip
 
 
-def explain_no_reply(what: str, legs: Iterable[Leg], timeout: float, error: str = "timeout",
-                     underlay: tuple[Party, Party] | None = None, version: int | None = None) -> str:
+def explain_no_reply(
+    what: str,
+    legs: Iterable[Leg],
+    timeout: float,
+    error: str = "timeout",
+    underlay: tuple[Party, Party] | None = None,
+    version: int | None = None,
+) -> str:
     """Why ``what`` (e.g. "TCP 10.244.1.5 -> 10.244.2.7:7080") got no answer.
 
     ``legs``: the overlay legs the packets and replies take; ``underlay``: the
@@ -97,9 +105,11 @@ def explain_no_reply(what: str, legs: Iterable[Leg], timeout: float, error: str 
         leg = legs[0]
         ends = " and ".join(_underlay_address(a, b, leg.version) for a, b in ((leg.src, leg.dst), (leg.dst, leg.src)))
         port = leg.src.facts.get("vxlanPort") or 8472
-        return (f"{what}: {heard}, though the FDB, neighbour and route entries are in place on both nodes and "
-                f"no firewall drop rule was found: packets lost on the underlay between {ends} "
-                f"(is UDP {port}, VXLAN, blocked on the way?)")
+        return (
+            f"{what}: {heard}, though the FDB, neighbour and route entries are in place on both nodes and "
+            f"no firewall drop rule was found: packets lost on the underlay between {ends} "
+            f"(is UDP {port}, VXLAN, blocked on the way?)"
+        )
     addresses = [(p.node_ip(version) if version else "") or p.public_ip for p in nodes]
     ends = " and ".join(addresses) or "the nodes"
     return f"{what}: {heard}; nothing on the nodes explains it: packets lost on the underlay between {ends}"
@@ -112,16 +122,20 @@ def explain_strict_peer(sender: Party, receiver: Party, version: int = 4) -> str
     the firewall facts name.
     """
     if version == 4 and receiver.facts.get("rpFilter") == 1 and not sender.facts.get("masquerades", True):
-        return (f"; node {receiver.node} drops pod sources arriving on its underlay (rp_filter=1), and node "
-                f"{sender.node} does not masquerade traffic leaving the cluster network (its agent runs with "
-                f"--no-ip-masq?)")
+        return (
+            f"; node {receiver.node} drops pod sources arriving on its underlay (rp_filter=1), and node "
+            f"{sender.node} does not masquerade traffic leaving the cluster network (its agent runs with "
+            f"--no-ip-masq?)"
+        )
     return ""
 
 
 def explain_refused(what: str, port: int, hostport: bool = False, node: str = "") -> str:
     if hostport:
-        return (f"{what}: connection refused: no hostPort DNAT for port {port} on node {node} "
-                f"(is portmap in the network's plugin chain, and the probe's mapping in table pycni_portmap?)")
+        return (
+            f"{what}: connection refused: no hostPort DNAT for port {port} on node {node} "
+            f"(is portmap in the network's plugin chain, and the probe's mapping in table pycni_portmap?)"
+        )
     return f"{what}: connection refused: nothing listens on port {port} there (the echo service stopped?)"
 
 
@@ -148,14 +162,17 @@ def classify_address(address: str, parties: Iterable[Party]) -> str:
     return "an address outside the cluster"
 
 
-def explain_seen(seen: str, sender_pod: str, sender: Party, parties: Iterable[Party],
-                 between_nodes: bool = True) -> str:
+def explain_seen(
+    seen: str, sender_pod: str, sender: Party, parties: Iterable[Party], between_nodes: bool = True
+) -> str:
     """The receiver saw ``seen`` instead of ``sender_pod``: SNAT on the way, and whose rule it may be."""
     parties = list(parties)
     kind = classify_address(seen, parties)
     where = "between nodes" if between_nodes else "on the node"
-    message = (f"reply came from {seen} ({kind}), not the pod {sender_pod}: the receiver saw a translated "
-               f"source address: SNAT {where}")
+    message = (
+        f"reply came from {seen} ({kind}), not the pod {sender_pod}: the receiver saw a translated "
+        f"source address: SNAT {where}"
+    )
     nat_rules = describe_firewall(sender.facts.get("firewall") or [], "nats")
     if nat_rules:
         message += f" (node {sender.node}: {nat_rules})"
@@ -163,34 +180,50 @@ def explain_seen(seen: str, sender_pod: str, sender: Party, parties: Iterable[Pa
 
 
 IPV6_MIN_MTU = 1280
-VXLAN_OVERHEAD = {4: 50, 6: 70}   # outer IP + UDP + VXLAN + inner Ethernet, by the underlay's family
+VXLAN_OVERHEAD = {4: 50, 6: 70}  # outer IP + UDP + VXLAN + inner Ethernet, by the underlay's family
 
 
-def explain_pmtu(what: str, error: str, size: int, sender: Party, receiver: Party, timeout: float,
-                 version: int = 4, passed: int | None = None) -> str:
+def explain_pmtu(
+    what: str,
+    error: str,
+    size: int,
+    sender: Party,
+    receiver: Party,
+    timeout: float,
+    version: int = 4,
+    passed: int | None = None,
+) -> str:
     """``size``-byte DF packets (IPv6: packets, which routers never fragment) fail while smaller ones pass
     (``passed``: the largest size that crossed; small ones by default)."""
     import ipaddress
 
     dont_fragment = "with DF" if version == 4 else "unfragmented"
     if error.startswith("emsgsize"):
-        return (f"{what}: the pod refuses to send {size}-byte packets {dont_fragment} ({error}): the pod's MTU "
-                f"({sender.mtu}) is below {size}: MTU mismatch")
+        return (
+            f"{what}: the pod refuses to send {size}-byte packets {dont_fragment} ({error}): the pod's MTU "
+            f"({sender.mtu}) is below {size}: MTU mismatch"
+        )
     minimum = ""
     if version == 6 and size <= IPV6_MIN_MTU:
-        minimum = (f"; {IPV6_MIN_MTU} bytes is the least every IPv6 link must carry, so IPv6 breaks on this path "
-                   f"for packets of ordinary size")
+        minimum = (
+            f"; {IPV6_MIN_MTU} bytes is the least every IPv6 link must carry, so IPv6 breaks on this path "
+            f"for packets of ordinary size"
+        )
     if error.startswith("frag-needed") or error.startswith("packet-too-big"):
-        return (f"{what}: a hop answered '{'fragmentation needed' if version == 4 else 'packet too big'}' "
-                f"({error}): a link on the path carries less than {size} bytes: MTU mismatch{minimum}")
+        return (
+            f"{what}: a hop answered '{'fragmentation needed' if version == 4 else 'packet too big'}' "
+            f"({error}): a link on the path carries less than {size} bytes: MTU mismatch{minimum}"
+        )
     underlay = sender.lane_to(receiver, version)[2] or receiver.public_ip
     try:
         overhead = VXLAN_OVERHEAD[ipaddress.ip_address(underlay).version]
     except ValueError:
         overhead = VXLAN_OVERHEAD[4]
     smaller = "small packets pass" + (f" ({passed}-byte ones too)" if passed else "")
-    return (f"{what}: no reply to {size}-byte {'DF ' if version == 4 else ''}packets while {smaller} "
-            f"(no reply within {timeout:g}s): MTU mismatch (the pods' MTU is {sender.mtu} on {sender.node} and "
-            f"{receiver.mtu} on {receiver.node}; with VXLAN's {overhead} bytes the underlay between "
-            f"{_underlay_address(sender, receiver, version)} and {underlay} must carry {size + overhead}-byte "
-            f"packets){minimum}")
+    return (
+        f"{what}: no reply to {size}-byte {'DF ' if version == 4 else ''}packets while {smaller} "
+        f"(no reply within {timeout:g}s): MTU mismatch (the pods' MTU is {sender.mtu} on {sender.node} and "
+        f"{receiver.mtu} on {receiver.node}; with VXLAN's {overhead} bytes the underlay between "
+        f"{_underlay_address(sender, receiver, version)} and {underlay} must carry {size + overhead}-byte "
+        f"packets){minimum}"
+    )

@@ -14,6 +14,7 @@ The service prints ``ready`` once both sockets are bound, exits on SIGTERM,
 when its parent dies (PR_SET_PDEATHSIG) and after ``--lifetime`` seconds at
 the latest, so a crashed run leaves nothing listening.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,7 @@ def answer(request: bytes, peer: str, label: str) -> bytes | None:
     line = request.split(b"\n", 1)[0].strip()
     if not line.startswith(REQUEST_PREFIX):
         return None
-    nonce = line[len(REQUEST_PREFIX):].decode("ascii", "replace")[:64]
+    nonce = line[len(REQUEST_PREFIX) :].decode("ascii", "replace")[:64]
     return (json.dumps({"service": SERVICE, "label": label, "peer": peer, "nonce": nonce}) + "\n").encode()
 
 

@@ -9,6 +9,7 @@ that carries it), and a summary of firewall chains that are not pycni's own
 but drop, reject or rewrite addresses on the paths pod traffic takes (with the
 IP families their drop rules can match).
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -40,8 +41,11 @@ def _device_entries(device: str) -> tuple[set, set, set]:
     """(FDB (mac, dst), neighbours (address, mac), onlink routes (dst, gateway)) of one VXLAN device."""
     fdb = {(e.get("mac", "").lower(), e.get("dst", "")) for e in readers.fdb(device)}
     neigh = {(_norm(e.get("dst", "")), (e.get("lladdr") or "").lower()) for e in readers.neighbours(device)}
-    routes = {(_norm_net(r.get("dst", "")), _norm(r.get("gateway", "")))
-              for version in (4, 6) for r in readers.routes(None, "dev", device, version=version)}
+    routes = {
+        (_norm_net(r.get("dst", "")), _norm(r.get("gateway", "")))
+        for version in (4, 6)
+        for r in readers.routes(None, "dev", device, version=version)
+    }
     return fdb, neigh, routes
 
 
@@ -59,8 +63,9 @@ def _norm_net(dst: str) -> str:
         return dst
 
 
-def datapath_facts(vxlan_device: str, leases: Iterable[Any], own_public_ip: str,
-                   vxlan_device6: str = "") -> dict[str, dict[str, Any]]:
+def datapath_facts(
+    vxlan_device: str, leases: Iterable[Any], own_public_ip: str, vxlan_device6: str = ""
+) -> dict[str, dict[str, Any]]:
     """public IP of every other leased node -> {"fdb": bool, "neigh": bool, "route": bool} for its IPv4 pods,
     plus "ipv6": {"fdb", "neigh", "route", "device"} for its IPv6 pods when it has an IPv6 subnet.
 
@@ -115,7 +120,8 @@ def masquerade_facts(public_ip: str, ruleset: list[dict[str, Any]] | None = None
     masquerades = any(
         (obj.get("rule") or {}).get("table") == f"{OWN_TABLE_PREFIX}overlay"
         and any(isinstance(e, dict) and "masquerade" in e for e in obj["rule"].get("expr", []))
-        for obj in objects)
+        for obj in objects
+    )
     return {"rpFilter": max(values) if values else 0, "masquerades": masquerades}
 
 
@@ -167,8 +173,16 @@ def firewall_facts(ruleset: list[dict[str, Any]] | None = None) -> list[dict[str
         chain = obj.get("chain")
         if chain and chain.get("hook") in _HOOKS and not chain.get("table", "").startswith(OWN_TABLE_PREFIX):
             key = (chain.get("family", ""), chain.get("table", ""), chain.get("name", ""))
-            chains[key] = {"table": f"{key[0]} {key[1]}", "chain": key[2], "hook": chain["hook"],
-                           "policy": chain.get("policy", "accept"), "drops": 0, "nats": 0, "drops4": 0, "drops6": 0}
+            chains[key] = {
+                "table": f"{key[0]} {key[1]}",
+                "chain": key[2],
+                "hook": chain["hook"],
+                "policy": chain.get("policy", "accept"),
+                "drops": 0,
+                "nats": 0,
+                "drops4": 0,
+                "drops6": 0,
+            }
     # Rules in regular chains jumped to from a base chain count for that base chain's table as a whole.
     by_table: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for entry in chains.values():
@@ -207,7 +221,7 @@ def drops_for(entry: dict[str, Any], version: int | None) -> tuple[int, bool]:
 
 
 def describe_firewall(entries: list[dict[str, Any]], kind: str = "drops", version: int | None = None) -> str:
-    """"table inet fw chain forward: 1 drop rule" for the entries that have ``kind`` (drops or nats).
+    """ "table inet fw chain forward: 1 drop rule" for the entries that have ``kind`` (drops or nats).
 
     With ``version`` only the drop rules and policies that can drop packets of that IP family count;
     rules that drop that family only are said to ("1 drop/reject rule, IPv6 only").
@@ -226,6 +240,8 @@ def describe_firewall(entries: list[dict[str, Any]], kind: str = "drops", versio
             if bits:
                 parts.append(f"table {entry['table']} chain {entry['chain']} ({entry['hook']}): {', '.join(bits)}")
         elif entry.get("nats"):
-            parts.append(f"table {entry['table']} chain {entry['chain']} ({entry['hook']}): "
-                         f"{entry['nats']} masquerade/snat rule{'s' if entry['nats'] != 1 else ''}")
+            parts.append(
+                f"table {entry['table']} chain {entry['chain']} ({entry['hook']}): "
+                f"{entry['nats']} masquerade/snat rule{'s' if entry['nats'] != 1 else ''}"
+            )
     return "; ".join(parts)

@@ -13,6 +13,7 @@ per pod family the nodes have, and their IPv6 rows carry the family in the
 name (``pod-pod-other-node/ipv6``), so an IPv4-only cluster's matrix is what
 it always was and a dual-stack cluster's lists each path twice.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -53,17 +54,21 @@ def family_check(check: str, version: int) -> str:
 def split_check(name: str) -> tuple[str, int]:
     """("pmtu", 6) for "pmtu/ipv6"; (name, 4) for every other name."""
     if name.endswith(IPV6_SUFFIX):
-        return name[:-len(IPV6_SUFFIX)], 6
+        return name[: -len(IPV6_SUFFIX)], 6
     return name, 4
 
 
-CHECKS = (PROBE_POD, GATEWAY_MAC,
-          *(name for check in FAMILY_CHECKS for name in (check, family_check(check, 6))),
-          STORE_ENTRIES, RENDEZVOUS)
+CHECKS = (
+    PROBE_POD,
+    GATEWAY_MAC,
+    *(name for check in FAMILY_CHECKS for name in (check, family_check(check, 6))),
+    STORE_ENTRIES,
+    RENDEZVOUS,
+)
 
 CHECK_HELP = {
     PROBE_POD: "the node attaches its probe pods through the CNI network, with an address of every pod family "
-               "its overlay state names (only listed when it cannot)",
+    "its overlay state names (only listed when it cannot)",
     GATEWAY_MAC: "the pods' gateway keeps its MAC while a pod with the lowest MAC on the bridge comes and goes",
     SAME_NODE: "a pod reaches another pod on its own node (TCP)",
     OTHER_NODE: "a pod reaches a pod on another node (TCP and UDP)",
@@ -72,15 +77,17 @@ CHECK_HELP = {
     POD_NODE: "a pod reaches a node's own address (TCP; to another node masqueraded, so strict rp_filter passes it)",
     HOSTPORT: "a pod's hostPort answers on its node's address, asked from another node",
     PMTU: "1280-byte (the IPv6 minimum MTU) and 1400-byte packets with DF set cross between pods on two nodes "
-          "(ICMP echo)",
+    "(ICMP echo)",
     STORE_ENTRIES: "every entry under subnets/ in the cluster store is a valid lease that the agents program",
     RENDEZVOUS: "every node holding a lease took part",
 }
 for _check in FAMILY_CHECKS:
     CHECK_HELP[family_check(_check, 6)] = f"IPv6: as {_check}, between the pods' IPv6 addresses" + (
-        " (nodes with an IPv6 address of their own)" if _check in (POD_NODE, HOSTPORT) else "")
-CHECK_HELP[family_check(PMTU, 6)] = ("IPv6: 1280-byte (the IPv6 minimum MTU) and 1400-byte ICMPv6 echoes cross "
-                                     "unfragmented between pods on two nodes")
+        " (nodes with an IPv6 address of their own)" if _check in (POD_NODE, HOSTPORT) else ""
+    )
+CHECK_HELP[family_check(PMTU, 6)] = (
+    "IPv6: 1280-byte (the IPv6 minimum MTU) and 1400-byte ICMPv6 echoes cross unfragmented between pods on two nodes"
+)
 del _check
 
 _NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
@@ -141,24 +148,24 @@ class Party:
     underlay.
     """
 
-    node: str               # the node's id in the matrix (its name, or its public IP)
-    public_ip: str          # the node's own (underlay) address; its node echo listens there
-    subnet: str             # the node's pod subnet
+    node: str  # the node's id in the matrix (its name, or its public IP)
+    public_ip: str  # the node's own (underlay) address; its node echo listens there
+    subnet: str  # the node's pod subnet
     vtep_mac: str
     vxlan_device: str
-    mtu: int                # pod MTU
-    probe_ip: str           # the probe pod: echo service, hostPort target
-    client_ip: str          # a second pod on the node (the same-node check's client)
+    mtu: int  # pod MTU
+    probe_ip: str  # the probe pod: echo service, hostPort target
+    client_ip: str  # a second pod on the node (the same-node check's client)
     echo_port: int
-    host_port: int | None   # None: the network has no portmap plugin
-    session: str            # random per run: results name the sessions they measured
+    host_port: int | None  # None: the network has no portmap plugin
+    session: str  # random per run: results name the sessions they measured
     heartbeat: float = 0.0  # wall-clock time of the last refresh
     facts: dict[str, Any] = field(default_factory=dict)
-    subnet6: str = ""       # the node's IPv6 pod subnet (dual-stack)
-    probe_ip6: str = ""     # the probe pod's IPv6 address (dual-stack)
-    client_ip6: str = ""    # the client pod's IPv6 address (dual-stack)
-    public_ipv6: str = ""   # the node's own IPv6 address besides an IPv4 public_ip ("" if it has none)
-    vtep_mac6: str = ""     # the VXLAN device on that IPv6 underlay
+    subnet6: str = ""  # the node's IPv6 pod subnet (dual-stack)
+    probe_ip6: str = ""  # the probe pod's IPv6 address (dual-stack)
+    client_ip6: str = ""  # the client pod's IPv6 address (dual-stack)
+    public_ipv6: str = ""  # the node's own IPv6 address besides an IPv4 public_ip ("" if it has none)
+    vtep_mac6: str = ""  # the VXLAN device on that IPv6 underlay
     vxlan_device6: str = ""
     # The address the node's lease holds, when the run was told to use another one for its node checks
     # (`conformance run --public-ip`); "" when they are the same. The rendezvous, the datapath facts and the
@@ -216,10 +223,21 @@ class Party:
         return f"{self.node}/node"
 
     def to_dict(self) -> dict[str, Any]:
-        data = {"node": self.node, "publicIP": self.public_ip, "subnet": self.subnet, "vtepMAC": self.vtep_mac,
-                "vxlanDevice": self.vxlan_device, "mtu": self.mtu, "probeIP": self.probe_ip,
-                "clientIP": self.client_ip, "echoPort": self.echo_port, "hostPort": self.host_port,
-                "session": self.session, "heartbeat": self.heartbeat, "facts": self.facts}
+        data = {
+            "node": self.node,
+            "publicIP": self.public_ip,
+            "subnet": self.subnet,
+            "vtepMAC": self.vtep_mac,
+            "vxlanDevice": self.vxlan_device,
+            "mtu": self.mtu,
+            "probeIP": self.probe_ip,
+            "clientIP": self.client_ip,
+            "echoPort": self.echo_port,
+            "hostPort": self.host_port,
+            "session": self.session,
+            "heartbeat": self.heartbeat,
+            "facts": self.facts,
+        }
         if self.lease_ip and self.lease_ip != self.public_ip:
             data["leaseIP"] = self.lease_ip
         for key, name in _SECOND_FAMILY.items():
@@ -252,18 +270,28 @@ class Party:
             if net6.version != 6:
                 raise ValueError(f"ipv6Subnet {subnet6!r} is not an IPv6 network")
             subnet6 = str(net6)
-        return cls(node=node, public_ip=_address(data.get("publicIP"), "publicIP"),
-                   subnet=str(ipaddress.ip_network(str(data.get("subnet")), strict=True)),
-                   vtep_mac=str(data.get("vtepMAC", "")), vxlan_device=str(data.get("vxlanDevice", "")),
-                   mtu=int(data.get("mtu", 0)), probe_ip=_address(data.get("probeIP"), "probeIP"),
-                   client_ip=_address(data.get("clientIP"), "clientIP"), echo_port=echo_port,
-                   host_port=host_port, session=str(data.get("session", "")),
-                   heartbeat=float(data.get("heartbeat", 0.0)), facts=facts, subnet6=subnet6,
-                   probe_ip6=_optional_address(data.get("ipv6ProbeIP"), "ipv6ProbeIP", 6),
-                   client_ip6=_optional_address(data.get("ipv6ClientIP"), "ipv6ClientIP", 6),
-                   public_ipv6=_optional_address(data.get("publicIPv6"), "publicIPv6", 6),
-                   vtep_mac6=str(data.get("ipv6VtepMAC") or ""), vxlan_device6=str(data.get("ipv6VxlanDevice") or ""),
-                   lease_ip=_optional_address(data.get("leaseIP"), "leaseIP", None))
+        return cls(
+            node=node,
+            public_ip=_address(data.get("publicIP"), "publicIP"),
+            subnet=str(ipaddress.ip_network(str(data.get("subnet")), strict=True)),
+            vtep_mac=str(data.get("vtepMAC", "")),
+            vxlan_device=str(data.get("vxlanDevice", "")),
+            mtu=int(data.get("mtu", 0)),
+            probe_ip=_address(data.get("probeIP"), "probeIP"),
+            client_ip=_address(data.get("clientIP"), "clientIP"),
+            echo_port=echo_port,
+            host_port=host_port,
+            session=str(data.get("session", "")),
+            heartbeat=float(data.get("heartbeat", 0.0)),
+            facts=facts,
+            subnet6=subnet6,
+            probe_ip6=_optional_address(data.get("ipv6ProbeIP"), "ipv6ProbeIP", 6),
+            client_ip6=_optional_address(data.get("ipv6ClientIP"), "ipv6ClientIP", 6),
+            public_ipv6=_optional_address(data.get("publicIPv6"), "publicIPv6", 6),
+            vtep_mac6=str(data.get("ipv6VtepMAC") or ""),
+            vxlan_device6=str(data.get("ipv6VxlanDevice") or ""),
+            lease_ip=_optional_address(data.get("leaseIP"), "leaseIP", None),
+        )
 
     @classmethod
     def from_json(cls, raw: bytes) -> "Party":
@@ -271,8 +299,14 @@ class Party:
 
 
 # The second family's keys in a Party's JSON (absent in the entries of IPv4-only nodes and older runs).
-_SECOND_FAMILY = {"ipv6Subnet": "subnet6", "ipv6ProbeIP": "probe_ip6", "ipv6ClientIP": "client_ip6",
-                  "publicIPv6": "public_ipv6", "ipv6VtepMAC": "vtep_mac6", "ipv6VxlanDevice": "vxlan_device6"}
+_SECOND_FAMILY = {
+    "ipv6Subnet": "subnet6",
+    "ipv6ProbeIP": "probe_ip6",
+    "ipv6ClientIP": "client_ip6",
+    "publicIPv6": "public_ipv6",
+    "ipv6VtepMAC": "vtep_mac6",
+    "ipv6VxlanDevice": "vxlan_device6",
+}
 
 
 @dataclass
@@ -280,25 +314,36 @@ class Check:
     """One row of the matrix."""
 
     check: str
-    source: str       # the node the check ran from
-    target: str       # the node it went to
-    result: str       # pass, fail or skip
+    source: str  # the node the check ran from
+    target: str  # the node it went to
+    result: str  # pass, fail or skip
     latency_ms: float | None = None
     message: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         latency = None if self.latency_ms is None else round(self.latency_ms, 3)
-        return {"check": self.check, "from": self.source, "to": self.target, "result": self.result,
-                "latencyMs": latency, "message": self.message}
+        return {
+            "check": self.check,
+            "from": self.source,
+            "to": self.target,
+            "result": self.result,
+            "latencyMs": latency,
+            "message": self.message,
+        }
 
     @classmethod
     def from_dict(cls, data: Any) -> "Check":
         if not isinstance(data, dict) or data.get("result") not in RESULTS:
             raise ValueError(f"invalid conformance row {data!r}")
         latency = data.get("latencyMs")
-        return cls(check=str(data.get("check", "")), source=str(data.get("from", "")),
-                   target=str(data.get("to", "")), result=data["result"],
-                   latency_ms=None if latency is None else float(latency), message=str(data.get("message", "")))
+        return cls(
+            check=str(data.get("check", "")),
+            source=str(data.get("from", "")),
+            target=str(data.get("to", "")),
+            result=data["result"],
+            latency_ms=None if latency is None else float(latency),
+            message=str(data.get("message", "")),
+        )
 
     @property
     def sort_key(self) -> tuple[int, str, str]:
@@ -316,17 +361,23 @@ class NodeResults:
     started: float
     finished: float
     checks: list[Check] = field(default_factory=list)
-    peers: dict[str, str] = field(default_factory=dict)   # node -> session of every peer it measured
-    lease_ip: str = ""      # the lease's address when --public-ip named another one (see Party.lease_ip)
+    peers: dict[str, str] = field(default_factory=dict)  # node -> session of every peer it measured
+    lease_ip: str = ""  # the lease's address when --public-ip named another one (see Party.lease_ip)
 
     @property
     def lease_address(self) -> str:
         return self.lease_ip or self.public_ip
 
     def to_json(self) -> bytes:
-        data = {"node": self.node, "publicIP": self.public_ip, "session": self.session,
-                "started": self.started, "finished": self.finished, "peers": self.peers,
-                "checks": [c.to_dict() for c in self.checks]}
+        data = {
+            "node": self.node,
+            "publicIP": self.public_ip,
+            "session": self.session,
+            "started": self.started,
+            "finished": self.finished,
+            "peers": self.peers,
+            "checks": [c.to_dict() for c in self.checks],
+        }
         if self.lease_ip and self.lease_ip != self.public_ip:
             data["leaseIP"] = self.lease_ip
         return json.dumps(data, sort_keys=True).encode()
@@ -339,8 +390,13 @@ class NodeResults:
         peers = data.get("peers") or {}
         if not isinstance(peers, dict):
             raise ValueError("peers must be an object")
-        return cls(node=str(data.get("node", "")), public_ip=str(data.get("publicIP", "")),
-                   session=str(data.get("session", "")), started=float(data.get("started", 0.0)),
-                   finished=float(data.get("finished", 0.0)),
-                   checks=[Check.from_dict(row) for row in data["checks"]],
-                   peers={str(k): str(v) for k, v in peers.items()}, lease_ip=str(data.get("leaseIP") or ""))
+        return cls(
+            node=str(data.get("node", "")),
+            public_ip=str(data.get("publicIP", "")),
+            session=str(data.get("session", "")),
+            started=float(data.get("started", 0.0)),
+            finished=float(data.get("finished", 0.0)),
+            checks=[Check.from_dict(row) for row in data["checks"]],
+            peers={str(k): str(v) for k, v in peers.items()},
+            lease_ip=str(data.get("leaseIP") or ""),
+        )

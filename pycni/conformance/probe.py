@@ -7,6 +7,7 @@ run created is recorded in ``<state-dir>/conformance.json`` before it is
 created, so `pycni conformance clean` finds it after a crash; the echo
 services' PIDs are recorded too.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,13 +44,13 @@ def probe_netns_names(node_id: str, state_dir: str) -> list[str]:
 
 @dataclass
 class ProbeRecord:
-    role: str            # one of ROLES
-    netns: str           # pinned path
+    role: str  # one of ROLES
+    netns: str  # pinned path
     container_id: str
     ifname: str = "eth0"
     address: str = ""
     host_ifname: str = ""  # the host end of its veth, when the result names one
-    addresses: list[str] = field(default_factory=list)   # every address the result gave it (one per family)
+    addresses: list[str] = field(default_factory=list)  # every address the result gave it (one per family)
 
     def address_of(self, version: int) -> str:
         """The pod's address of IP ``version`` ("" when it has none)."""
@@ -81,11 +82,19 @@ class Record:
         except (OSError, ValueError):
             return None
         known = set(ProbeRecord.__dataclass_fields__)
-        probes = [ProbeRecord(**{k: v for k, v in p.items() if k in known}) for p in data.get("probes", [])
-                  if isinstance(p, dict)]
-        return cls(network=data.get("network", ""), netconf_path=data.get("netconf_path", ""),
-                   cni_path=data.get("cni_path", ""), cache_dir=data.get("cache_dir", ""), probes=probes,
-                   echo_pids=[int(p) for p in data.get("echo_pids", [])])
+        probes = [
+            ProbeRecord(**{k: v for k, v in p.items() if k in known})
+            for p in data.get("probes", [])
+            if isinstance(p, dict)
+        ]
+        return cls(
+            network=data.get("network", ""),
+            netconf_path=data.get("netconf_path", ""),
+            cni_path=data.get("cni_path", ""),
+            cache_dir=data.get("cache_dir", ""),
+            probes=probes,
+            echo_pids=[int(p) for p in data.get("echo_pids", [])],
+        )
 
     @staticmethod
     def remove(state_dir: str) -> None:
@@ -132,8 +141,7 @@ class ProbePods:
         from pycni.runtime import RuntimeConf
 
         name = f"{NETNS_PREFIX}{self.tag}-{role}"
-        probe = ProbeRecord(role=role, netns=netns.path_of(name),
-                            container_id=f"{CONTAINER_PREFIX}{self.tag}-{role}")
+        probe = ProbeRecord(role=role, netns=netns.path_of(name), container_id=f"{CONTAINER_PREFIX}{self.tag}-{role}")
         self.record.probes = [p for p in self.record.probes if p.role != role] + [probe]
         self.record.save(self.state_dir)
         if netns.exists(name):  # left over from a run that did not finish
@@ -144,11 +152,11 @@ class ProbePods:
             raise RuntimeError(
                 f"this process runs in a private mount namespace (`ip netns exec`?): the probe pod's pin "
                 f"{probe.netns} is invisible to the node agent and other processes; switch only the network "
-                f"namespace instead (nsenter --net=/run/netns/NODE pycni conformance run ...)")
+                f"namespace instead (nsenter --net=/run/netns/NODE pycni conformance run ...)"
+            )
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], capture_output=True, timeout=10, check=False)
         caps = {"portMappings": port_mappings} if port_mappings else {}
-        rt = RuntimeConf(container_id=probe.container_id, netns=probe.netns, ifname=probe.ifname,
-                         capability_args=caps)
+        rt = RuntimeConf(container_id=probe.container_id, netns=probe.netns, ifname=probe.ifname, capability_args=caps)
         try:
             result = self.runtime.add(self.netlist, rt)
         except BaseException:
@@ -160,9 +168,10 @@ class ProbePods:
             self._delete(probe)
             raise RuntimeError(f"network {self.netlist.name!r} gave the probe pod no address")
         probe.address = probe.addresses[0]
-        hosts = [i.get("name", "") for i in result.get("interfaces") or []
-                 if isinstance(i, dict) and not i.get("sandbox")]
-        probe.host_ifname = hosts[-1] if hosts else ""   # bridge results list the bridge, then the host veth
+        hosts = [
+            i.get("name", "") for i in result.get("interfaces") or [] if isinstance(i, dict) and not i.get("sandbox")
+        ]
+        probe.host_ifname = hosts[-1] if hosts else ""  # bridge results list the bridge, then the host veth
         self.record.save(self.state_dir)
         return probe
 
@@ -208,6 +217,7 @@ def delete_probe(runtime: Any, netlist: Any, probe: ProbeRecord) -> list[str]:
 
 # ---- echo services ----------------------------------------------------------------------
 
+
 @dataclass
 class EchoProcess:
     proc: subprocess.Popen
@@ -228,12 +238,24 @@ def start_echo(netns_path: str | None, address: str, port: int, label: str, life
     """The echo service as a child process, once it is listening."""
     import select
 
-    args = [sys.executable, "-m", "pycni.conformance.echo", "--address", address, "--port", str(port),
-            "--label", label, "--lifetime", f"{lifetime:.0f}"]
+    args = [
+        sys.executable,
+        "-m",
+        "pycni.conformance.echo",
+        "--address",
+        address,
+        "--port",
+        str(port),
+        "--label",
+        label,
+        "--lifetime",
+        f"{lifetime:.0f}",
+    ]
     if netns_path:
         args += ["--netns", netns_path]
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            close_fds=True)
+    proc = subprocess.Popen(
+        args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True
+    )
     echo = EchoProcess(proc, label)
     deadline = time.monotonic() + ECHO_READY_TIMEOUT
     line = b""
@@ -245,8 +267,10 @@ def start_echo(netns_path: str | None, address: str, port: int, label: str, life
     if line.strip() != b"ready":
         echo.stop()
         err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-        raise RuntimeError(f"the echo service for {label} on {address}:{port} did not start: "
-                           f"{err.splitlines()[-1] if err else 'no answer within %gs' % ECHO_READY_TIMEOUT}")
+        raise RuntimeError(
+            f"the echo service for {label} on {address}:{port} did not start: "
+            f"{err.splitlines()[-1] if err else 'no answer within %gs' % ECHO_READY_TIMEOUT}"
+        )
     proc.stderr.close()
     return echo
 

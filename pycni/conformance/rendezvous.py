@@ -11,6 +11,7 @@ Entries whose heartbeat is older than STALE_AFTER seconds are ignored: they
 were left by a run that died. The comparison uses wall-clock time across
 nodes, so the nodes' clocks must agree within a few seconds (NTP).
 """
+
 from __future__ import annotations
 
 import threading
@@ -30,7 +31,7 @@ WAIT_SLICE = 1.0
 @dataclass
 class Peers:
     found: list[Party] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)   # public IPs of leased nodes that never published
+    missing: list[str] = field(default_factory=list)  # public IPs of leased nodes that never published
 
 
 def read_parties(store: Store, now: float | None = None) -> list[Party]:
@@ -142,8 +143,9 @@ class Rendezvous:
     def publish_results(self, results: NodeResults) -> None:
         self.store.put(results_key(self.me.node), results.to_json())
 
-    def wait_for_results(self, peers: list[Party], timeout: float,
-                         sleep: Callable[[float], None] = time.sleep) -> list[str]:
+    def wait_for_results(
+        self, peers: list[Party], timeout: float, sleep: Callable[[float], None] = time.sleep
+    ) -> list[str]:
         """Wait until every peer has written results for the session we measured; returns the late ones."""
         deadline = time.monotonic() + timeout
         pending = list(peers)

@@ -1,4 +1,5 @@
 """The matrix: every node's rows, as a table or as JSON, and the verdict."""
+
 from __future__ import annotations
 
 import json
@@ -38,9 +39,17 @@ def collect(results: Iterable[NodeResults], leased: Iterable[str] = ()) -> list[
     rows = [row for r in results for row in r.checks]
     reported = {r.lease_address for r in results}
     for public_ip in sorted(set(leased) - reported):
-        rows.append(Check(RENDEZVOUS, public_ip, "-", FAIL, None,
-                          f"node {public_ip} holds a subnet lease but wrote no conformance results: run "
-                          f"`pycni conformance run` there (or `pycni agent leave` if it is gone)"))
+        rows.append(
+            Check(
+                RENDEZVOUS,
+                public_ip,
+                "-",
+                FAIL,
+                None,
+                f"node {public_ip} holds a subnet lease but wrote no conformance results: run "
+                f"`pycni conformance run` there (or `pycni agent leave` if it is gone)",
+            )
+        )
     return sorted(rows, key=lambda r: r.sort_key)
 
 
@@ -65,27 +74,31 @@ def table(rows: list[Check], width: int = 0) -> str:
     for cell in cells:
         text = "  ".join(value.ljust(widths[i]) for i, value in enumerate(cell[:5])) + "  " + cell[5]
         if width and len(text) > width and cell[3] == PASS.upper():
-            text = text[:max(width - 1, 20)] + "…"
+            text = text[: max(width - 1, 20)] + "…"
         lines.append(text.rstrip())
     counts = summary(rows)
     verdict = "PASS" if passed(rows) else "FAIL"
     lines.append("")
-    lines.append(f"{verdict}: {len(rows)} checks, {counts[PASS]} passed, {counts[FAIL]} failed, "
-                 f"{counts[SKIP]} skipped (DNS-free: every check dials addresses from the store)")
+    lines.append(
+        f"{verdict}: {len(rows)} checks, {counts[PASS]} passed, {counts[FAIL]} failed, "
+        f"{counts[SKIP]} skipped (DNS-free: every check dials addresses from the store)"
+    )
     return "\n".join(lines)
 
 
 def _node(r: NodeResults) -> dict[str, Any]:
-    return {"node": r.node, "publicIP": r.public_ip, "session": r.session, "started": r.started,
-            "finished": r.finished}
+    return {"node": r.node, "publicIP": r.public_ip, "session": r.session, "started": r.started, "finished": r.finished}
 
 
 def ignored_note(ignored: Iterable[NodeResults]) -> str:
     ignored = list(ignored)
     if not ignored:
         return ""
-    return ("ignored results of an earlier run from " + ", ".join(sorted(r.node for r in ignored))
-            + " (they did not take part in the newest run)")
+    return (
+        "ignored results of an earlier run from "
+        + ", ".join(sorted(r.node for r in ignored))
+        + " (they did not take part in the newest run)"
+    )
 
 
 def as_json(rows: list[Check], results: Iterable[NodeResults] = (), ignored: Iterable[NodeResults] = ()) -> str:

@@ -26,6 +26,7 @@ probe published and waits (bounded by ``wait``) until the cluster is complete;
 if it never is, the run checks the nodes it met and fails with a rendezvous row
 that names them and says how many are missing.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -61,7 +62,7 @@ class RunOptions:
     wait: float = DEFAULT_WAIT
     check_timeout: float = DEFAULT_CHECK_TIMEOUT
     keep_probes: bool = False
-    expect_nodes: int = 0        # wait for at least this many nodes (this one included); 0: the leased ones
+    expect_nodes: int = 0  # wait for at least this many nodes (this one included); 0: the leased ones
 
 
 def choose_node_id(requested: str, state_name: str, public_ip: str, leases: list) -> str:
@@ -69,8 +70,10 @@ def choose_node_id(requested: str, state_name: str, public_ip: str, leases: list
     else its public IP (always unique in a cluster)."""
     if requested:
         if not valid_node_id(requested):
-            raise ConformanceError(f"invalid --node-name {requested!r}: use letters, digits and . _ : - "
-                                   f"(at most 63 characters, not 'results')")
+            raise ConformanceError(
+                f"invalid --node-name {requested!r}: use letters, digits and . _ : - "
+                f"(at most 63 characters, not 'results')"
+            )
         return requested
     names = [lease.node_name for lease in leases if lease.public_ip != public_ip]
     if state_name and valid_node_id(state_name) and state_name not in names:
@@ -95,8 +98,10 @@ def run_node(store, opts: RunOptions, log: Callable[[str], None]) -> tuple[NodeR
     except OverlayStateError as exc:
         raise ConformanceError(str(exc)) from None
     if state is None:
-        raise ConformanceError(f"no overlay state in {opts.state_dir}: is `pycni agent --store ... --state-dir "
-                               f"{opts.state_dir}` running on this node? (give --state-dir where it writes)")
+        raise ConformanceError(
+            f"no overlay state in {opts.state_dir}: is `pycni agent --store ... --state-dir "
+            f"{opts.state_dir}` running on this node? (give --state-dir where it writes)"
+        )
     # public_ip: where the node checks reach this node (--public-ip); lease_ip: the address its lease holds,
     # by which the other nodes know it (the rendezvous, the datapath facts, the VXLAN lanes).
     public_ip = opts.public_ip or state.public_ip
@@ -109,8 +114,9 @@ def run_node(store, opts: RunOptions, log: Callable[[str], None]) -> tuple[NodeR
     lifetime = 2 * opts.wait + 300
 
     with ExitStack() as undo:
-        record = Record(network=opts.network, netconf_path=opts.netconf_path, cni_path=opts.cni_path,
-                        cache_dir=opts.cache_dir)
+        record = Record(
+            network=opts.network, netconf_path=opts.netconf_path, cni_path=opts.cni_path, cache_dir=opts.cache_dir
+        )
         try:
             pods = ProbePods(record, opts.state_dir, tag)
             mappings = None
@@ -122,29 +128,37 @@ def run_node(store, opts: RunOptions, log: Callable[[str], None]) -> tuple[NodeR
             peer_pod = pods.add("client")
         except Exception as exc:
             # The report shows why this node has no rows (the run itself ends with the error).
-            _publish_failure(store, node_id, public_ip, started,
-                             f"cannot attach a probe pod to network {opts.network!r}: {exc}")
+            _publish_failure(
+                store, node_id, public_ip, started, f"cannot attach a probe pod to network {opts.network!r}: {exc}"
+            )
             raise
         families = [ipaddress.ip_network(subnet).version for _net, subnet, _gw in state.pools()]
         addresses = {v: (probe.address_of(v), peer_pod.address_of(v)) for v in families}
-        log(f"node {node_id} ({public_ip}): probe pod {', '.join(a for a, _ in addresses.values() if a)} (hostPort "
+        log(
+            f"node {node_id} ({public_ip}): probe pod {', '.join(a for a, _ in addresses.values() if a)} (hostPort "
             f"{opts.host_port if mappings else 'n/a'}), client pod {', '.join(c for _, c in addresses.values() if c)} "
-            f"on network {opts.network}")
+            f"on network {opts.network}"
+        )
         own_rows = [gateway_mac_check(node_id, state.bridge, pods)]
         own_rows += _missing_families(node_id, opts.network, state, addresses)
-        pods_of = _published_pods(state, addresses) or {"subnet": state.subnet, "probe_ip": probe.address,
-                                                        "client_ip": peer_pod.address}
+        pods_of = _published_pods(state, addresses) or {
+            "subnet": state.subnet,
+            "probe_ip": probe.address,
+            "client_ip": peer_pod.address,
+        }
         usable = [v for v in families if all(addresses[v])]
         public_ipv6 = state.public_ipv6 if ipaddress.ip_address(public_ip).version == 4 else ""
 
         if 6 in usable:
             waited = _settle_ipv6(state.bridge)
             if waited >= 0.1:
-                log(f"waited {waited:.1f}s for the IPv6 link-local address of {state.bridge} to finish duplicate "
-                    f"address detection (the node resolves no IPv6 neighbour there before)")
-        bind_any = "::" if 6 in usable else "0.0.0.0"      # "::" serves both families (echo.bind_sockets)
+                log(
+                    f"waited {waited:.1f}s for the IPv6 link-local address of {state.bridge} to finish duplicate "
+                    f"address detection (the node resolves no IPv6 neighbour there before)"
+                )
+        bind_any = "::" if 6 in usable else "0.0.0.0"  # "::" serves both families (echo.bind_sockets)
         echoes: list = []
-        undo.callback(lambda: [echo.stop() for echo in echoes])   # registered first: a signal may come any time
+        undo.callback(lambda: [echo.stop() for echo in echoes])  # registered first: a signal may come any time
         services = [(probe.netns, bind_any, f"{node_id}/probe"), (None, public_ip, f"{node_id}/node")]
         if public_ipv6:
             services.append((None, public_ipv6, f"{node_id}/node"))
@@ -153,42 +167,87 @@ def run_node(store, opts: RunOptions, log: Callable[[str], None]) -> tuple[NodeR
             record.echo_pids.append(echoes[-1].pid)
             record.save(opts.state_dir)
 
-        facts = {"datapath": datapath_facts(state.vxlan_device, leases, lease_ip, state.vxlan_device6),
-                 "firewall": firewall_facts(), "vxlanPort": cfg.port if cfg else state.port,
-                 **masquerade_facts(public_ip)}
-        me = Party(node=node_id, public_ip=public_ip, vtep_mac=state.vtep_mac, vxlan_device=state.vxlan_device,
-                   mtu=state.mtu, echo_port=opts.echo_port, host_port=opts.host_port if mappings else None,
-                   session=secrets.token_hex(6), facts=facts, public_ipv6=public_ipv6,
-                   vtep_mac6=state.vtep_mac6 if public_ipv6 else "",
-                   vxlan_device6=state.vxlan_device6 if public_ipv6 else "",
-                   lease_ip=lease_ip if lease_ip != public_ip else "", **pods_of)
+        facts = {
+            "datapath": datapath_facts(state.vxlan_device, leases, lease_ip, state.vxlan_device6),
+            "firewall": firewall_facts(),
+            "vxlanPort": cfg.port if cfg else state.port,
+            **masquerade_facts(public_ip),
+        }
+        me = Party(
+            node=node_id,
+            public_ip=public_ip,
+            vtep_mac=state.vtep_mac,
+            vxlan_device=state.vxlan_device,
+            mtu=state.mtu,
+            echo_port=opts.echo_port,
+            host_port=opts.host_port if mappings else None,
+            session=secrets.token_hex(6),
+            facts=facts,
+            public_ipv6=public_ipv6,
+            vtep_mac6=state.vtep_mac6 if public_ipv6 else "",
+            vxlan_device6=state.vxlan_device6 if public_ipv6 else "",
+            lease_ip=lease_ip if lease_ip != public_ip else "",
+            **pods_of,
+        )
         meeting = Rendezvous(store, me, log)
         undo.callback(meeting.withdraw)
         meeting.clear_previous()
         meeting.publish()
         meeting.start_heartbeat()
 
-        refresh = DatapathRefresh(me, meeting, leases, log, lambda current: datapath_facts(
-            state.vxlan_device, current, lease_ip, state.vxlan_device6))
+        refresh = DatapathRefresh(
+            me,
+            meeting,
+            leases,
+            log,
+            lambda current: datapath_facts(state.vxlan_device, current, lease_ip, state.vxlan_device6),
+        )
         peers = meet(store, me, opts.expect_nodes, opts.wait, log, on_leases=refresh)
-        log(f"checking against {len(peers.found)} other node(s): "
-            + (", ".join(f"{p.node} ({p.public_ip})" for p in peers.found) or "none"))
+        log(
+            f"checking against {len(peers.found)} other node(s): "
+            + (", ".join(f"{p.node} ({p.public_ip})" for p in peers.found) or "none")
+        )
         # Judged after the meeting: the leases of nodes that came up while this one waited are in the store now.
-        own_rows.append(store_entries_check(node_id, store, cfg, lease_ip, state.subnet, state.vtep_mac,
-                                            ipv6_subnet=state.subnet6, public_ipv6=state.public_ipv6,
-                                            vtep_mac6=state.vtep_mac6))
+        own_rows.append(
+            store_entries_check(
+                node_id,
+                store,
+                cfg,
+                lease_ip,
+                state.subnet,
+                state.vtep_mac,
+                ipv6_subnet=state.subnet6,
+                public_ipv6=state.public_ipv6,
+                vtep_mac6=state.vtep_mac6,
+            )
+        )
         local = Local(me=me, probe_netns=probe.netns, client_netns=peer_pod.netns, timeout=opts.check_timeout)
         rows = sorted(run_checks(local, peers.found) + own_rows, key=lambda r: r.sort_key)
         for public in peers.missing:
-            rows.append(Check(RENDEZVOUS, node_id, public, FAIL, None,
-                              f"node {public} holds a subnet lease but published no probe within "
-                              f"{opts.wait:g}s: run `pycni conformance run` there"))
+            rows.append(
+                Check(
+                    RENDEZVOUS,
+                    node_id,
+                    public,
+                    FAIL,
+                    None,
+                    f"node {public} holds a subnet lease but published no probe within "
+                    f"{opts.wait:g}s: run `pycni conformance run` there",
+                )
+            )
         if peers.shortfall:
             rows.append(Check(RENDEZVOUS, node_id, "-", FAIL, None, peers.shortfall_message(opts.wait)))
             log(f"error: {peers.shortfall_message(opts.wait)}")
-        results = NodeResults(node=node_id, public_ip=public_ip, session=me.session, started=started,
-                              finished=time.time(), checks=rows, peers={p.node: p.session for p in peers.found},
-                              lease_ip=me.lease_ip)
+        results = NodeResults(
+            node=node_id,
+            public_ip=public_ip,
+            session=me.session,
+            started=started,
+            finished=time.time(),
+            checks=rows,
+            peers={p.node: p.session for p in peers.found},
+            lease_ip=me.lease_ip,
+        )
         meeting.publish_results(results)
         late = meeting.wait_for_results(peers.found, opts.wait)
         if late:
@@ -198,8 +257,8 @@ def run_node(store, opts: RunOptions, log: Callable[[str], None]) -> tuple[NodeR
         return results, rows
 
 
-MEET_SLICE = 1.0          # the longest the meeting sleeps between two looks at the store
-FACTS_RECHECK = 5.0       # how often incomplete datapath facts are read again while waiting
+MEET_SLICE = 1.0  # the longest the meeting sleeps between two looks at the store
+FACTS_RECHECK = 5.0  # how often incomplete datapath facts are read again while waiting
 
 
 @dataclass
@@ -207,14 +266,14 @@ class Met:
     """Who came to the meeting: the peers to check against, and who did not come."""
 
     me: Party
-    found: list[Party] = field(default_factory=list)   # the other nodes' published probes
-    missing: list[str] = field(default_factory=list)   # public IPs of leased nodes that published no probe
-    expect_nodes: int = 0                               # --expect-nodes (0: the leased nodes are the cluster)
-    leased: set[str] = field(default_factory=set)      # public IPs holding a lease, this node's included
+    found: list[Party] = field(default_factory=list)  # the other nodes' published probes
+    missing: list[str] = field(default_factory=list)  # public IPs of leased nodes that published no probe
+    expect_nodes: int = 0  # --expect-nodes (0: the leased nodes are the cluster)
+    leased: set[str] = field(default_factory=set)  # public IPs holding a lease, this node's included
 
     @property
     def present(self) -> list[str]:
-        """"node (public IP)" of every node that holds a lease and published its probe, this one first."""
+        """ "node (public IP)" of every node that holds a lease and published its probe, this one first."""
         others = [p for p in self.found if p.lease_address in self.leased]
         return [f"{self.me.node} ({self.me.public_ip})"] + [f"{p.node} ({p.public_ip})" for p in others]
 
@@ -228,19 +287,29 @@ class Met:
         unleased = self.shortfall - len(self.missing)
         why = []
         if self.missing:
-            why.append(f"{len(self.missing)} of them hold a subnet lease but published no probe "
-                       f"({', '.join(self.missing)})")
+            why.append(
+                f"{len(self.missing)} of them hold a subnet lease but published no probe ({', '.join(self.missing)})"
+            )
         if unleased > 0:
             why.append(f"{unleased} hold no subnet lease (is their agent running against this store?)")
-        return (f"expected {self.expect_nodes} nodes (--expect-nodes {self.expect_nodes}), but within "
-                f"{waited:g}s only {len(present)} held a subnet lease and published a probe: "
-                f"{', '.join(present)}; {self.shortfall} missing" + (f": {'; '.join(why)}" if why else "")
-                + ". Start `pycni conformance run` with the same --expect-nodes on the missing nodes within "
-                  "--wait of this one, or give --expect-nodes the number of nodes the cluster really has")
+        return (
+            f"expected {self.expect_nodes} nodes (--expect-nodes {self.expect_nodes}), but within "
+            f"{waited:g}s only {len(present)} held a subnet lease and published a probe: "
+            f"{', '.join(present)}; {self.shortfall} missing"
+            + (f": {'; '.join(why)}" if why else "")
+            + ". Start `pycni conformance run` with the same --expect-nodes on the missing nodes within "
+            "--wait of this one, or give --expect-nodes the number of nodes the cluster really has"
+        )
 
 
-def meet(store, me: Party, expect_nodes: int, wait: float, log: Callable[[str], None],
-         on_leases: Callable[[list], None] | None = None) -> Met:
+def meet(
+    store,
+    me: Party,
+    expect_nodes: int,
+    wait: float,
+    log: Callable[[str], None],
+    on_leases: Callable[[list], None] | None = None,
+) -> Met:
     """Wait (at most ``wait`` seconds) until every node holding a lease has published its probe and, with
     ``expect_nodes``, until at least that many nodes (this one included) hold a lease and have published.
 
@@ -265,7 +334,7 @@ def meet(store, me: Party, expect_nodes: int, wait: float, log: Callable[[str], 
         met.missing = sorted(ip for ip in met.leased if ip != me.lease_address and ip not in parties)
         met.found = sorted((p for ip, p in parties.items() if ip in met.leased), key=lambda p: p.node)
         if not met.missing and not met.shortfall:
-            met.found = sorted(parties.values(), key=lambda p: p.node)   # as ever: every fresh probe
+            met.found = sorted(parties.values(), key=lambda p: p.node)  # as ever: every fresh probe
             return met
         left = deadline - time.monotonic()
         if left <= 0:
@@ -273,8 +342,11 @@ def meet(store, me: Party, expect_nodes: int, wait: float, log: Callable[[str], 
         status = _waiting_for(met)
         if status != said:
             said = status
-            log(f"{status} (waiting up to {left:.0f}s more)" if left >= 10 else
-                f"{status} (waiting up to {left:.1f}s more)")
+            log(
+                f"{status} (waiting up to {left:.0f}s more)"
+                if left >= 10
+                else f"{status} (waiting up to {left:.1f}s more)"
+            )
         try:
             _, revision = store.list(PREFIX)
             store.wait(PREFIX, revision, min(MEET_SLICE, left))
@@ -289,8 +361,10 @@ def _waiting_for(met: Met) -> str:
         parts.append(f"{len(met.missing)} node(s) holding a lease to publish their probes: {', '.join(met.missing)}")
     unleased = met.shortfall - len(met.missing)
     if unleased > 0:
-        parts.append(f"{unleased} more node(s) to come up (--expect-nodes {met.expect_nodes}; here so far: "
-                     f"{', '.join(met.present)})")
+        parts.append(
+            f"{unleased} more node(s) to come up (--expect-nodes {met.expect_nodes}; here so far: "
+            f"{', '.join(met.present)})"
+        )
     return "waiting for " + "; and for ".join(parts)
 
 
@@ -303,16 +377,18 @@ class DatapathRefresh:
     missing (the agent programs a new node's entries a moment after its lease appears).
     """
 
-    def __init__(self, me: Party, meeting, leases: list, log: Callable[[str], None],
-                 read: Callable[[list], dict[str, Any]]) -> None:
+    def __init__(
+        self, me: Party, meeting, leases: list, log: Callable[[str], None], read: Callable[[list], dict[str, Any]]
+    ) -> None:
         self.me, self.meeting, self.log, self.read = me, meeting, log, read
         self.leases_seen = _lease_key(leases)
         self.read_at = time.monotonic()
 
     def __call__(self, leases: list) -> None:
         key = _lease_key(leases)
-        if key == self.leases_seen and (_complete(self.me.facts.get("datapath"))
-                                        or time.monotonic() - self.read_at < FACTS_RECHECK):
+        if key == self.leases_seen and (
+            _complete(self.me.facts.get("datapath")) or time.monotonic() - self.read_at < FACTS_RECHECK
+        ):
             return
         self.leases_seen, self.read_at = key, time.monotonic()
         try:
@@ -321,13 +397,24 @@ class DatapathRefresh:
             self.log(f"warning: cannot read this node's overlay entries again: {exc}")
             return
         if datapath != self.me.facts.get("datapath"):
-            self.me.facts = {**self.me.facts, "datapath": datapath}   # the heartbeat publishes self.me too
+            self.me.facts = {**self.me.facts, "datapath": datapath}  # the heartbeat publishes self.me too
             self.meeting.publish()
 
 
 def _lease_key(leases: list) -> tuple:
-    return tuple(sorted((lease.public_ip, lease.subnet, lease.vtep_mac, getattr(lease, "ipv6_subnet", ""),
-                         getattr(lease, "public_ipv6", ""), getattr(lease, "vtep_mac6", "")) for lease in leases))
+    return tuple(
+        sorted(
+            (
+                lease.public_ip,
+                lease.subnet,
+                lease.vtep_mac,
+                getattr(lease, "ipv6_subnet", ""),
+                getattr(lease, "public_ipv6", ""),
+                getattr(lease, "vtep_mac6", ""),
+            )
+            for lease in leases
+        )
+    )
 
 
 def _complete(datapath: Any) -> bool:
@@ -384,19 +471,33 @@ def _missing_families(node_id: str, network: str, state, addresses: dict[int, tu
         if probe_ip and client_ip:
             continue
         subnet = subnets[version]
-        rows.append(Check(PROBE_POD, node_id, node_id, FAIL, None,
-                          f"the probe pods attached to network {network!r} got no IPv{version} address, though "
-                          f"this node leases the IPv{version} pod subnet {subnet} (does the network's IPAM give "
-                          f"out every family the overlay state names?); no IPv{version} checks from or to this "
-                          f"node"))
+        rows.append(
+            Check(
+                PROBE_POD,
+                node_id,
+                node_id,
+                FAIL,
+                None,
+                f"the probe pods attached to network {network!r} got no IPv{version} address, though "
+                f"this node leases the IPv{version} pod subnet {subnet} (does the network's IPAM give "
+                f"out every family the overlay state names?); no IPv{version} checks from or to this "
+                f"node",
+            )
+        )
     return rows
 
 
 def _publish_failure(store, node_id: str, public_ip: str, started: float, message: str) -> None:
     from ipam.cluster import StoreError
 
-    results = NodeResults(node=node_id, public_ip=public_ip, session="failed", started=started,
-                          finished=time.time(), checks=[Check(PROBE_POD, node_id, node_id, FAIL, None, message)])
+    results = NodeResults(
+        node=node_id,
+        public_ip=public_ip,
+        session="failed",
+        started=started,
+        finished=time.time(),
+        checks=[Check(PROBE_POD, node_id, node_id, FAIL, None, message)],
+    )
     try:
         store.put(results_key(node_id), results.to_json())
     except StoreError:
@@ -450,8 +551,9 @@ def clean_node(state_dir: str, log: Callable[[str], None]) -> int:
         current = netlist
         if current is None and runtime is not None:
             try:
-                current = runtime.cached_netlist(record.network, RuntimeConf(probe.container_id, probe.netns,
-                                                                             probe.ifname))
+                current = runtime.cached_netlist(
+                    record.network, RuntimeConf(probe.container_id, probe.netns, probe.ifname)
+                )
             except Exception:
                 current = None
         problems += delete_probe(runtime, current, probe)

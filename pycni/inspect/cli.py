@@ -6,6 +6,7 @@ configuration's DirectRouting says which of them are routed without VXLAN.
 ``--cluster`` on a node of the cluster also reads this node's view, so every
 node of the cluster gets a health mark from what this node's kernel holds.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,29 +43,72 @@ def _emit(data: bytes, output: str | None, fmt: str) -> None:
 
 
 @click.command("inspect")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True,
-              help="text and json need nothing else; dot is Graphviz source; svg and png run Graphviz's `dot`.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Write to FILE instead of stdout.")
-@click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, metavar="DIR",
-              help="The node agent's --state-dir (overlay.json: node name, subnet, gateway, MTU).")
-@click.option("--cache-dir", envvar="CNI_CACHE_DIR", default=DEFAULT_CACHE_DIR, show_default=True, metavar="DIR",
-              help="The runtime's result cache (env CNI_CACHE_DIR; containerd, CRI-O, podman and pycni share "
-                   "libcni's layout): pods, their namespaces, container IDs and the pod names the runtime passed.")
-@click.option("--ipam-dir", "ipam_dirs", multiple=True, metavar="DIR",
-              help="host-local data directories to read leases from (repeatable) [default: "
-                   f"{DEFAULT_IPAM_DIR}, plus every dataDir the cached configurations name].")
-@click.option("--store", "store_url", metavar="URL", envvar=STORE_ENVVAR, show_envvar=True,
-              help="The cluster store (file:///DIR, etcd://HOST:PORT[,...] or http(s)://HOST:PORT[,...]): its "
-                   "leases name the remote nodes and are the reference for the entries this node needs, so a "
-                   "missing one shows up; its DirectRouting setting says which nodes are routed without VXLAN.")
-@click.option("--cluster", "whole_cluster", is_flag=True,
-              help="Show every node and lease of the cluster (needs --store) instead of this node; run on a "
-                   "node, each other node's health mark says whether this node can reach its pods.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="text",
+    show_default=True,
+    help="text and json need nothing else; dot is Graphviz source; svg and png run Graphviz's `dot`.",
+)
+@click.option(
+    "--output", "-o", type=click.Path(dir_okay=False), metavar="FILE", help="Write to FILE instead of stdout."
+)
+@click.option(
+    "--state-dir",
+    default=DEFAULT_STATE_DIR,
+    show_default=True,
+    metavar="DIR",
+    help="The node agent's --state-dir (overlay.json: node name, subnet, gateway, MTU).",
+)
+@click.option(
+    "--cache-dir",
+    envvar="CNI_CACHE_DIR",
+    default=DEFAULT_CACHE_DIR,
+    show_default=True,
+    metavar="DIR",
+    help="The runtime's result cache (env CNI_CACHE_DIR; containerd, CRI-O, podman and pycni share "
+    "libcni's layout): pods, their namespaces, container IDs and the pod names the runtime passed.",
+)
+@click.option(
+    "--ipam-dir",
+    "ipam_dirs",
+    multiple=True,
+    metavar="DIR",
+    help="host-local data directories to read leases from (repeatable) [default: "
+    f"{DEFAULT_IPAM_DIR}, plus every dataDir the cached configurations name].",
+)
+@click.option(
+    "--store",
+    "store_url",
+    metavar="URL",
+    envvar=STORE_ENVVAR,
+    show_envvar=True,
+    help="The cluster store (file:///DIR, etcd://HOST:PORT[,...] or http(s)://HOST:PORT[,...]): its "
+    "leases name the remote nodes and are the reference for the entries this node needs, so a "
+    "missing one shows up; its DirectRouting setting says which nodes are routed without VXLAN.",
+)
+@click.option(
+    "--cluster",
+    "whole_cluster",
+    is_flag=True,
+    help="Show every node and lease of the cluster (needs --store) instead of this node; run on a "
+    "node, each other node's health mark says whether this node can reach its pods.",
+)
 @etcd_options
-def inspect(fmt: str, output: str | None, state_dir: str, cache_dir: str, ipam_dirs: tuple[str, ...],
-            store_url: str | None, whole_cluster: bool, etcd_prefix: str, etcd_cafile: str | None,
-            etcd_certfile: str | None, etcd_keyfile: str | None) -> None:
+def inspect(
+    fmt: str,
+    output: str | None,
+    state_dir: str,
+    cache_dir: str,
+    ipam_dirs: tuple[str, ...],
+    store_url: str | None,
+    whole_cluster: bool,
+    etcd_prefix: str,
+    etcd_cafile: str | None,
+    etcd_certfile: str | None,
+    etcd_keyfile: str | None,
+) -> None:
     """Show this node's container network: what is connected to what, and whether it is healthy.
 
     \b
@@ -112,7 +156,7 @@ def inspect(fmt: str, output: str | None, state_dir: str, cache_dir: str, ipam_d
             try:
                 direct_routing = read_config(store).direct_routing
             except StoreError:
-                pass   # no (valid) configuration: leases alone still name the remote nodes
+                pass  # no (valid) configuration: leases alone still name the remote nodes
             if whole_cluster:
                 cluster_view = read_cluster(store, store_url, _this_node(state_dir))
         except StoreError as exc:
@@ -126,12 +170,25 @@ def inspect(fmt: str, output: str | None, state_dir: str, cache_dir: str, ipam_d
             # Run on a node of the cluster: its kernel says whether each other node is reachable.
             from .cluster import judge
 
-            judge(cluster_view, collect(cache_dir=cache_dir, state_dir=state_dir, ipam_dirs=list(ipam_dirs) or None,
-                                        leases=leases, direct_routing=direct_routing))
+            judge(
+                cluster_view,
+                collect(
+                    cache_dir=cache_dir,
+                    state_dir=state_dir,
+                    ipam_dirs=list(ipam_dirs) or None,
+                    leases=leases,
+                    direct_routing=direct_routing,
+                ),
+            )
         text, doc, dot = (lambda: cluster_text(cluster_view)), cluster_view.to_dict, (lambda: cluster_dot(cluster_view))
     else:
-        view = collect(cache_dir=cache_dir, state_dir=state_dir, ipam_dirs=list(ipam_dirs) or None, leases=leases,
-                       direct_routing=direct_routing)
+        view = collect(
+            cache_dir=cache_dir,
+            state_dir=state_dir,
+            ipam_dirs=list(ipam_dirs) or None,
+            leases=leases,
+            direct_routing=direct_routing,
+        )
         text, doc, dot = (lambda: node_text(view)), view.to_dict, (lambda: node_dot(view))
     try:
         if fmt == "text":
@@ -153,6 +210,6 @@ def _this_node(state_dir: str) -> str:
         from cni_plugins.shared.overlaystate import read_state
 
         state = read_state(state_dir)
-    except Exception:   # no node here (or not readable): the cluster is then shown from the store alone
+    except Exception:  # no node here (or not readable): the cluster is then shown from the store alone
         return ""
     return state.public_ip if state else ""

@@ -10,6 +10,7 @@ when its lease is valid, matches its overlay state and its devices exist.
 Every lease gets a mark either way: "ok" with what was checked, or the
 problems.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,13 +21,13 @@ from typing import Any
 class LeaseView:
     node_name: str
     public_ip: str
-    subnet: str                 # the IPv4 subnet ("" in an IPv6-only cluster)
+    subnet: str  # the IPv4 subnet ("" in an IPv6-only cluster)
     vtep_mac: str
-    ipv6_subnet: str = ""       # the IPv6 subnet ("" without an IPv6 pod network)
-    public_ipv6: str = ""       # a second, IPv6 underlay address, and the VTEP MAC there
+    ipv6_subnet: str = ""  # the IPv6 subnet ("" without an IPv6 pod network)
+    public_ipv6: str = ""  # a second, IPv6 underlay address, and the VTEP MAC there
     vtep_mac6: str = ""
-    mode: str = ""              # as judged from a node: "this node", "vxlan", "direct" or "direct + vxlan"
-    problems: list[str] = field(default_factory=list)   # empty: healthy
+    mode: str = ""  # as judged from a node: "this node", "vxlan", "direct" or "direct + vxlan"
+    problems: list[str] = field(default_factory=list)  # empty: healthy
 
     @property
     def subnets(self) -> list[str]:
@@ -57,12 +58,12 @@ class ClusterView:
     vni: int | None = None
     port: int | None = None
     leases: list[LeaseView] = field(default_factory=list)
-    this_node: str = ""            # public IP of the node this ran on, if it is one
+    this_node: str = ""  # public IP of the node this ran on, if it is one
     ipv6_network: str = ""
     ipv6_subnet_len: int | None = None
-    direct_routing: bool = False   # Backend.DirectRouting: nodes on one underlay subnet route without VXLAN
+    direct_routing: bool = False  # Backend.DirectRouting: nodes on one underlay subnet route without VXLAN
     rejected: list[RejectedView] = field(default_factory=list)
-    seen_from: str = ""            # the node whose kernel judged the other nodes ("" when run off the cluster)
+    seen_from: str = ""  # the node whose kernel judged the other nodes ("" when run off the cluster)
 
     @property
     def networks(self) -> list[str]:
@@ -76,32 +77,56 @@ class ClusterView:
         return not self.rejected and all(lease.healthy for lease in self.leases)
 
     def pools(self) -> list[str]:
-        """"cluster network 10.244.0.0/16: /24 per node" for each pod family."""
+        """ "cluster network 10.244.0.0/16: /24 per node" for each pod family."""
         pools = []
         if self.network:
             pools.append(f"cluster network {self.network}: /{self.subnet_len} per node")
         if self.ipv6_network:
-            pools.append(f"{'IPv6 network' if self.network else 'cluster IPv6 network'} {self.ipv6_network}: "
-                         f"/{self.ipv6_subnet_len} per node")
+            pools.append(
+                f"{'IPv6 network' if self.network else 'cluster IPv6 network'} {self.ipv6_network}: "
+                f"/{self.ipv6_subnet_len} per node"
+            )
         return pools
 
     def describe(self) -> str:
         if not self.networks:
             return f"no cluster configuration in {self.store} (run `pycni cluster init`)"
         direct = ", direct routing on one underlay subnet" if self.direct_routing else ""
-        return (f"{', '.join(self.pools())}, VXLAN VNI {self.vni} on UDP {self.port}{direct}; {len(self.leases)} "
-                f"node(s) in {self.store}")
+        return (
+            f"{', '.join(self.pools())}, VXLAN VNI {self.vni} on UDP {self.port}{direct}; {len(self.leases)} "
+            f"node(s) in {self.store}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"store": self.store, "network": self.network, "subnetLen": self.subnet_len, "vni": self.vni,
-                "port": self.port, "thisNode": self.this_node, "ipv6Network": self.ipv6_network,
-                "ipv6SubnetLen": self.ipv6_subnet_len, "directRouting": self.direct_routing,
-                "seenFrom": self.seen_from, "healthy": self.healthy,
-                "leases": [{"nodeName": l.node_name, "publicIP": l.public_ip, "subnet": l.subnet,
-                            "vtepMAC": l.vtep_mac, "ipv6Subnet": l.ipv6_subnet, "publicIPv6": l.public_ipv6,
-                            "ipv6VtepMAC": l.vtep_mac6, "healthy": l.healthy, "mode": l.mode,
-                            "problems": l.problems} for l in self.leases],
-                "rejected": [{"key": r.key, "reason": r.reason} for r in self.rejected]}
+        return {
+            "store": self.store,
+            "network": self.network,
+            "subnetLen": self.subnet_len,
+            "vni": self.vni,
+            "port": self.port,
+            "thisNode": self.this_node,
+            "ipv6Network": self.ipv6_network,
+            "ipv6SubnetLen": self.ipv6_subnet_len,
+            "directRouting": self.direct_routing,
+            "seenFrom": self.seen_from,
+            "healthy": self.healthy,
+            "leases": [
+                {
+                    "nodeName": l.node_name,
+                    "publicIP": l.public_ip,
+                    "subnet": l.subnet,
+                    "vtepMAC": l.vtep_mac,
+                    "ipv6Subnet": l.ipv6_subnet,
+                    "publicIPv6": l.public_ipv6,
+                    "ipv6VtepMAC": l.vtep_mac6,
+                    "healthy": l.healthy,
+                    "mode": l.mode,
+                    "problems": l.problems,
+                }
+                for l in self.leases
+            ],
+            "rejected": [{"key": r.key, "reason": r.reason} for r in self.rejected],
+        }
 
 
 def cluster_view(store: Any, store_url: str, this_node: str = "") -> ClusterView:
@@ -120,8 +145,10 @@ def cluster_view(store: Any, store_url: str, this_node: str = "") -> ClusterView
         view.direct_routing = bool(getattr(cfg, "direct_routing", False))
         if cfg.ipv6_network:
             view.ipv6_network, view.ipv6_subnet_len = cfg.ipv6_network, cfg.ipv6_subnet_len
-    view.leases = [LeaseView(l.node_name, l.public_ip, l.subnet, l.vtep_mac, l.ipv6_subnet, l.public_ipv6,
-                             l.vtep_mac6) for l in scan.leases]
+    view.leases = [
+        LeaseView(l.node_name, l.public_ip, l.subnet, l.vtep_mac, l.ipv6_subnet, l.public_ipv6, l.vtep_mac6)
+        for l in scan.leases
+    ]
     # A reason reads "KEY: what is wrong"; the key is shown beside it already.
     view.rejected = [RejectedView(r.key, r.reason.removeprefix(f"{r.key}: ")) for r in scan.rejected]
     judge(view)
@@ -160,8 +187,7 @@ def _same_node(remote: Any, lease: LeaseView) -> bool:
 
 def _state_mismatch(lease: LeaseView, node: Any) -> list[str]:
     out = []
-    for mine, stored, what in ((node.subnet, lease.subnet, "subnet"), (node.subnet6, lease.ipv6_subnet,
-                                                                        "IPv6 subnet")):
+    for mine, stored, what in ((node.subnet, lease.subnet, "subnet"), (node.subnet6, lease.ipv6_subnet, "IPv6 subnet")):
         if mine and stored and mine != stored:
             out.append(f"its overlay state has {what} {mine}, the store {stored}")
     return out
@@ -171,8 +197,12 @@ def _clashes(view: ClusterView) -> None:
     """Two leases naming one underlay address or one VTEP MAC: both nodes' pods are unreachable."""
     owners: dict[tuple[str, str], list[LeaseView]] = {}
     for lease in view.leases:
-        for what, value in (("underlay address", lease.public_ip), ("underlay address", lease.public_ipv6),
-                            ("VTEP MAC", lease.vtep_mac), ("VTEP MAC", lease.vtep_mac6)):
+        for what, value in (
+            ("underlay address", lease.public_ip),
+            ("underlay address", lease.public_ipv6),
+            ("VTEP MAC", lease.vtep_mac),
+            ("VTEP MAC", lease.vtep_mac6),
+        ):
             holders = owners.setdefault((what, value.lower()), []) if value else []
             if value and not any(h is lease for h in holders):
                 holders.append(lease)

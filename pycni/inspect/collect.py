@@ -37,6 +37,7 @@ there decides the mode: a family whose route on the underlay link is found is
 only when neither is there does the cluster's DirectRouting setting say
 which entries are missing.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -75,9 +76,9 @@ def _bracket(address: str) -> str:
 
 @dataclass
 class Shaping:
-    ingress_bits: int | None = None     # rate toward the pod (tbf on the host veth), bits/s
-    ingress_burst: int | None = None    # bytes
-    egress_bits: int | None = None      # rate from the pod (tbf on its ifb), bits/s
+    ingress_bits: int | None = None  # rate toward the pod (tbf on the host veth), bits/s
+    ingress_burst: int | None = None  # bytes
+    egress_bits: int | None = None  # rate from the pod (tbf on its ifb), bits/s
     egress_burst: int | None = None
     ifb: str = ""
 
@@ -95,7 +96,7 @@ class Pod:
     container_id: str
     network: str = ""
     ifname: str = "eth0"
-    netns: str = ""                 # path
+    netns: str = ""  # path
     netns_name: str = ""
     addresses: list[str] = field(default_factory=list)
     mac: str = ""
@@ -103,13 +104,13 @@ class Pod:
     host_veth: str = ""
     bridge: str = ""
     gateway: str = ""
-    masquerade: str = ""            # how its traffic leaving the cluster is masqueraded, "" if not
+    masquerade: str = ""  # how its traffic leaving the cluster is masqueraded, "" if not
     port_mappings: list[PortMapping] = field(default_factory=list)
     shaping: Shaping | None = None
-    source: str = "cache"           # cache, lease or veth: where this pod was found
-    gateway6: str = ""              # a dual-stack pod's IPv6 gateway (gateway is then the IPv4 one)
-    pod_namespace: str = ""         # K8S_POD_NAMESPACE and K8S_POD_NAME of the CNI_ARGS the runtime passed
-    pod_name: str = ""              # (kept in the result cache's cniArgs), "" when it passed none
+    source: str = "cache"  # cache, lease or veth: where this pod was found
+    gateway6: str = ""  # a dual-stack pod's IPv6 gateway (gateway is then the IPv4 one)
+    pod_namespace: str = ""  # K8S_POD_NAMESPACE and K8S_POD_NAME of the CNI_ARGS the runtime passed
+    pod_name: str = ""  # (kept in the result cache's cniArgs), "" when it passed none
 
     @property
     def label(self) -> str:
@@ -174,10 +175,10 @@ class Remote:
     vtep_address6: str = ""
     neigh6: bool = False
     route6: bool = False
-    direct: str = ""                # the first family's next hop on the underlay when routed directly
-    direct6: str = ""               # the IPv6 family's, likewise
-    direct_dev: str = ""            # the link the direct routes are (or belong) on
-    store_checked: bool = False     # the store's leases were read: a remote it does not hold is stale
+    direct: str = ""  # the first family's next hop on the underlay when routed directly
+    direct6: str = ""  # the IPv6 family's, likewise
+    direct_dev: str = ""  # the link the direct routes are (or belong) on
+    store_checked: bool = False  # the store's leases were read: a remote it does not hold is stale
 
     @property
     def dual(self) -> bool:
@@ -190,7 +191,7 @@ class Remote:
 
     @property
     def mode(self) -> str:
-        """"vxlan", "direct", or "direct + vxlan" when one family is routed directly and the other is not."""
+        """ "vxlan", "direct", or "direct + vxlan" when one family is routed directly and the other is not."""
         if not self.direct and not self.direct6:
             return "vxlan"
         return "direct" if not self.needs_fdb else "direct + vxlan"
@@ -249,7 +250,7 @@ class NodeView:
     subnet: str = ""
     gateway: str = ""
     mtu: int | None = None
-    underlay: str = ""              # the interface holding the public IP
+    underlay: str = ""  # the interface holding the public IP
     # A dual-stack node's IPv6 pods (network/subnet/gateway above are then the IPv4 ones), and its own
     # IPv6 address (--public-ipv6) with the interface holding it, as its overlay state names them.
     network6: str = ""
@@ -264,13 +265,16 @@ class NodeView:
     overlay_masquerade: bool = False
     portmap_entries: list[PortMapping] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    direct_routing: bool = False    # the cluster's Backend.DirectRouting (read from the store)
-    own_problems: list[str] = field(default_factory=list)   # its lease, state and devices (empty: all well)
+    direct_routing: bool = False  # the cluster's Backend.DirectRouting (read from the store)
+    own_problems: list[str] = field(default_factory=list)  # its lease, state and devices (empty: all well)
 
     def problems(self) -> list[str]:
         """Why this node is unhealthy: its own problems, then how many remote nodes it cannot reach."""
-        bad = list(dict.fromkeys(r.node_name or r.public_ip or r.subnet or "?"
-                                 for vx in self.vxlans for r in vx.remotes if not r.healthy))
+        bad = list(
+            dict.fromkeys(
+                r.node_name or r.public_ip or r.subnet or "?" for vx in self.vxlans for r in vx.remotes if not r.healthy
+            )
+        )
         if not bad:
             return list(self.own_problems)
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
@@ -326,6 +330,7 @@ def rate(bits: int) -> str:
 
 # ---- the runtime cache and the leases ---------------------------------------------------------
 
+
 def _data_dirs(config: bytes) -> list[str]:
     """host-local dataDirs a cached network configuration names (the vxlan plugin's dataDir too)."""
     try:
@@ -358,8 +363,13 @@ def cached_pods(cache_dir: str, notes: list[str]) -> tuple[list[Pod], list[str],
     data_dirs: list[str] = []
     host_names: dict[int, list[str]] = {}
     for entry in entries:
-        pod = Pod(container_id=entry.container_id, network=entry.network_name, ifname=entry.ifname,
-                  netns=entry.netns, source="cache")
+        pod = Pod(
+            container_id=entry.container_id,
+            network=entry.network_name,
+            ifname=entry.ifname,
+            netns=entry.netns,
+            source="cache",
+        )
         pod.pod_namespace, pod.pod_name = pod_identity(entry.cni_args)
         result = entry.result or {}
         interfaces = result.get("interfaces") or []
@@ -407,13 +417,16 @@ def leased_pods(ipam_dirs: list[str], known: list[Pod]) -> list[Pod]:
                 ifname = lines[1].strip() if len(lines) > 1 and lines[1].strip() else "eth0"
                 if (container_id, ifname) in have or address in have:
                     continue
-                pod = found.setdefault((container_id, ifname), Pod(container_id=container_id, network=network,
-                                                                    ifname=ifname, source="lease"))
+                pod = found.setdefault(
+                    (container_id, ifname),
+                    Pod(container_id=container_id, network=network, ifname=ifname, source="lease"),
+                )
                 pod.addresses.append(address)
     return list(found.values())
 
 
 # ---- kernel ------------------------------------------------------------------------------
+
 
 def _kind(link: dict[str, Any]) -> str:
     return (link.get("linkinfo") or {}).get("info_kind", "")
@@ -439,8 +452,11 @@ def _read_pod_interface(pod: Pod, notes: list[str]) -> None:
     entry = entries[0]
     pod.mac = entry.get("address", pod.mac)
     pod.mtu = entry.get("mtu", pod.mtu)
-    live = [f"{a['local']}/{a['prefixlen']}" for a in entry.get("addr_info", [])
-            if not (a.get("scope") == "link" and a.get("family") == "inet6")]
+    live = [
+        f"{a['local']}/{a['prefixlen']}"
+        for a in entry.get("addr_info", [])
+        if not (a.get("scope") == "link" and a.get("family") == "inet6")
+    ]
     if live:
         pod.addresses = live
 
@@ -526,10 +542,10 @@ def _shaping(qdiscs: list[dict[str, Any]], host_veth: str, ifb: str) -> Shaping 
 class Lanes:
     """What this node's overlay state says about its VXLAN devices: which remote pods each one carries."""
 
-    public_ips: tuple[str, ...]        # this node's own underlay addresses
-    device: str                        # the main device (on --public-ip)
-    device6: str = ""                  # the second device, on --public-ipv6's underlay ("" without one)
-    families: tuple[int, ...] = (4,)   # the cluster's pod families
+    public_ips: tuple[str, ...]  # this node's own underlay addresses
+    device: str  # the main device (on --public-ip)
+    device6: str = ""  # the second device, on --public-ipv6's underlay ("" without one)
+    families: tuple[int, ...] = (4,)  # the cluster's pod families
 
     def carries(self, device: str, lease: Any) -> tuple[str, str, list[int]] | None:
         """(the remote's underlay address, its VTEP MAC, the pod families) that ``device`` carries to the node of
@@ -541,7 +557,7 @@ class Lanes:
         if device != self.device:
             return None
         if self.device6 and public6 and mac6:
-            held = [v for v in held if v != 6]   # its IPv6 pods go through the second device
+            held = [v for v in held if v != 6]  # its IPv6 pods go through the second device
         return (lease.public_ip, lease.vtep_mac, held) if held else None
 
 
@@ -595,9 +611,16 @@ class DirectRoutes:
         return route if route[0] in addresses else None
 
 
-def direct_routes(enabled: bool, underlays: list[str], addrs: dict[str, list[str]], own: list[str],
-                  pod_networks: list[str], vxlan_devices: list[str], errors: readers.ReadErrors | None = None,
-                  lease_subnets: list[str] = ()) -> DirectRoutes:
+def direct_routes(
+    enabled: bool,
+    underlays: list[str],
+    addrs: dict[str, list[str]],
+    own: list[str],
+    pod_networks: list[str],
+    vxlan_devices: list[str],
+    errors: readers.ReadErrors | None = None,
+    lease_subnets: list[str] = (),
+) -> DirectRoutes:
     """Read what DirectRoutes holds: the subnets on the ``underlays`` links, and the main table's routes with
     a gateway, off the VXLAN devices, into a pod network (or to a lease's subnet)."""
     out = DirectRoutes(enabled=enabled, own=frozenset(_norm(a) for a in own if a))
@@ -651,8 +674,14 @@ def _norm(address: str) -> str:
         return address
 
 
-def _remotes(vx: Vxlan, leases: list[Any] | None, own_public_ip: str, notes: list[str],
-             lanes: Lanes | None = None, direct: DirectRoutes | None = None) -> list[Remote]:
+def _remotes(
+    vx: Vxlan,
+    leases: list[Any] | None,
+    own_public_ip: str,
+    notes: list[str],
+    lanes: Lanes | None = None,
+    direct: DirectRoutes | None = None,
+) -> list[Remote]:
     """The remote nodes of one VXLAN device: its FDB, neighbour and onlink route entries (each pod family),
     joined with the store's leases when there are any (``lanes``: which leases' pods the device carries;
     without an overlay state every lease's pods are expected on every device). With ``direct``, a lease's
@@ -662,7 +691,7 @@ def _remotes(vx: Vxlan, leases: list[Any] | None, own_public_ip: str, notes: lis
     neigh = readers.neighbours(vx.name)
     routes = readers.routes(None, "dev", vx.name) + readers.routes(None, "dev", vx.name, version=6)
     by_mac: dict[str, Remote] = {}
-    families: dict[str, dict[int, dict[str, Any]]] = {}   # VTEP MAC -> family -> subnet, vtep, neigh, route
+    families: dict[str, dict[int, dict[str, Any]]] = {}  # VTEP MAC -> family -> subnet, vtep, neigh, route
     for entry in fdb:
         mac = entry["mac"].lower()
         by_mac.setdefault(mac, Remote(public_ip=entry["dst"], vtep_mac=mac)).fdb = True
@@ -679,16 +708,16 @@ def _remotes(vx: Vxlan, leases: list[Any] | None, own_public_ip: str, notes: lis
     unmatched = []
     for route in routes:
         gateway = _norm(route.get("gateway", ""))
-        if not gateway:          # the kernel's own routes (its addresses, link-local)
+        if not gateway:  # the kernel's own routes (its addresses, link-local)
             continue
         mac = vtep_to_mac.get(gateway)
         if mac is None:
-            unmatched.append((route.get("dst", ""), gateway))   # no neighbour entry names its VTEP
+            unmatched.append((route.get("dst", ""), gateway))  # no neighbour entry names its VTEP
             continue
         family = families[mac][6 if ":" in gateway else 4]
         family["route"], family["subnet"] = True, route.get("dst", "")
     remotes = list(by_mac.values())
-    candidates: list[tuple[Any, str, int]] = []   # (lease, VTEP MAC, family): where a direct route may stand
+    candidates: list[tuple[Any, str, int]] = []  # (lease, VTEP MAC, family): where a direct route may stand
     if leases is not None:
         for remote in remotes:
             remote.store_checked = True
@@ -714,17 +743,27 @@ def _remotes(vx: Vxlan, leases: list[Any] | None, own_public_ip: str, notes: lis
             for version in versions:
                 subnet = _lease_subnet(lease, version)
                 family = families.setdefault(mac, {}).setdefault(
-                    version, {"subnet": "", "vtep": "", "neigh": False, "route": False})
+                    version, {"subnet": "", "vtep": "", "neigh": False, "route": False}
+                )
                 family["subnet"] = family["subnet"] or subnet
                 family["vtep"] = family["vtep"] or str(ipaddress.ip_network(subnet).network_address)
                 candidates.append((lease, mac, version))
             if remote.public_ip != public_ip:
-                notes.append(f"{vx.name}: the FDB sends VTEP {mac} to {remote.public_ip}, but the store says node "
-                             f"{lease.node_name or lease.public_ip} is at {public_ip}")
+                notes.append(
+                    f"{vx.name}: the FDB sends VTEP {mac} to {remote.public_ip}, but the store says node "
+                    f"{lease.node_name or lease.public_ip} is at {public_ip}"
+                )
     for dst, gateway in unmatched:
         # A route to a node whose neighbour entry is missing: the store's lease names that VTEP address.
-        owner = next(((mac, version) for mac, found in families.items() for version, family in found.items()
-                      if family["vtep"] == gateway), None)
+        owner = next(
+            (
+                (mac, version)
+                for mac, found in families.items()
+                for version, family in found.items()
+                if family["vtep"] == gateway
+            ),
+            None,
+        )
         if owner is None:
             remotes.append(Remote(subnet=dst, vtep_address=gateway, route=True, store_checked=leases is not None))
         else:
@@ -751,8 +790,9 @@ def _remotes(vx: Vxlan, leases: list[Any] | None, own_public_ip: str, notes: lis
     return sorted(remotes, key=lambda r: (r.subnet or "~", r.public_ip))
 
 
-def _judge_direct(family: dict[str, Any], lease: Any, version: int, device: str, direct: DirectRoutes,
-                  notes: list[str]) -> None:
+def _judge_direct(
+    family: dict[str, Any], lease: Any, version: int, device: str, direct: DirectRoutes, notes: list[str]
+) -> None:
     """Decide whether one pod family of a remote is routed directly (see the module docstring): a route via
     the remote's underlay address on another link makes it so; an onlink route on the VXLAN device makes it
     VXLAN; with neither, the cluster's setting says which entries are missing."""
@@ -771,8 +811,10 @@ def _judge_direct(family: dict[str, Any], lease: Any, version: int, device: str,
     other = direct.routes.get(str(ipaddress.ip_network(subnet)))
     if other is not None and other[1] != device:
         direct.claimed.add(str(ipaddress.ip_network(subnet)))
-        notes.append(f"{subnet} (node {lease.node_name or lease.public_ip}) is routed via {other[0]} on "
-                     f"{other[1]}, but the node is at {hop}")
+        notes.append(
+            f"{subnet} (node {lease.node_name or lease.public_ip}) is routed via {other[0]} on "
+            f"{other[1]}, but the node is at {hop}"
+        )
 
 
 def _stray_direct_routes(direct: DirectRoutes, store_checked: bool) -> list[Remote]:
@@ -782,14 +824,21 @@ def _stray_direct_routes(direct: DirectRoutes, store_checked: bool) -> list[Remo
     for dst, (gateway, link) in sorted(direct.routes.items()):
         if dst in direct.claimed:
             continue
-        out.append(Remote(public_ip=gateway, subnet=dst, direct=gateway, direct_dev=link, route=True,
-                          store_checked=store_checked))
+        out.append(
+            Remote(
+                public_ip=gateway, subnet=dst, direct=gateway, direct_dev=link, route=True, store_checked=store_checked
+            )
+        )
     return out
 
 
-def collect(cache_dir: str = DEFAULT_CACHE_DIR, state_dir: str = DEFAULT_STATE_DIR,
-            ipam_dirs: list[str] | None = None, leases: list[Any] | None = None,
-            direct_routing: bool = False) -> NodeView:
+def collect(
+    cache_dir: str = DEFAULT_CACHE_DIR,
+    state_dir: str = DEFAULT_STATE_DIR,
+    ipam_dirs: list[str] | None = None,
+    leases: list[Any] | None = None,
+    direct_routing: bool = False,
+) -> NodeView:
     """The node's network, read now (see the module docstring).
 
     ``leases`` are the cluster store's (None: not read), ``direct_routing`` its
@@ -812,32 +861,58 @@ def collect(cache_dir: str = DEFAULT_CACHE_DIR, state_dir: str = DEFAULT_STATE_D
         view.network, view.subnet, view.gateway, view.mtu = state.network, state.subnet, state.gateway, state.mtu
         view.network6, view.subnet6, view.gateway6 = state.network6, state.subnet6, state.gateway6
         view.public_ipv6 = state.public_ipv6
-        lanes = Lanes(tuple(a for a in (state.public_ip, state.public_ipv6) if a), state.vxlan_device,
-                      state.vxlan_device6,
-                      tuple(ipaddress.ip_network(subnet).version for _net, subnet, _gw in state.pools()))
+        lanes = Lanes(
+            tuple(a for a in (state.public_ip, state.public_ipv6) if a),
+            state.vxlan_device,
+            state.vxlan_device6,
+            tuple(ipaddress.ip_network(subnet).version for _net, subnet, _gw in state.pools()),
+        )
 
     links = readers.links(errors)
     addrs = readers.addresses(errors)
     nsids = readers.netns_ids(errors)
     by_name = {link["ifname"]: link for link in links}
     if view.public_ip:
-        view.underlay = next((name for name, cidrs in addrs.items()
-                              if any(c.split("/")[0] == view.public_ip for c in cidrs)), "")
+        view.underlay = next(
+            (name for name, cidrs in addrs.items() if any(c.split("/")[0] == view.public_ip for c in cidrs)), ""
+        )
     if view.public_ipv6:
-        view.underlay6 = next((name for name, cidrs in addrs.items()
-                               if any(_norm(c.split("/")[0]) == _norm(view.public_ipv6) for c in cidrs)), "")
+        view.underlay6 = next(
+            (
+                name
+                for name, cidrs in addrs.items()
+                if any(_norm(c.split("/")[0]) == _norm(view.public_ipv6) for c in cidrs)
+            ),
+            "",
+        )
 
     for link in links:
         if _kind(link) == "bridge":
-            view.bridges.append(Bridge(name=link["ifname"], mac=link.get("address", ""), mtu=link.get("mtu"),
-                                       state=link.get("operstate", ""), addresses=addrs.get(link["ifname"], []),
-                                       ports=sorted(l["ifname"] for l in links if l.get("master") == link["ifname"])))
+            view.bridges.append(
+                Bridge(
+                    name=link["ifname"],
+                    mac=link.get("address", ""),
+                    mtu=link.get("mtu"),
+                    state=link.get("operstate", ""),
+                    addresses=addrs.get(link["ifname"], []),
+                    ports=sorted(l["ifname"] for l in links if l.get("master") == link["ifname"]),
+                )
+            )
         elif _kind(link) == "vxlan":
             data = (link.get("linkinfo") or {}).get("info_data") or {}
-            view.vxlans.append(Vxlan(name=link["ifname"], vni=data.get("id"), port=data.get("port"),
-                                     local=data.get("local") or data.get("local6", ""), underlay=data.get("link", ""),
-                                     mac=link.get("address", ""), mtu=link.get("mtu"),
-                                     addresses=addrs.get(link["ifname"], []), learning=data.get("learning")))
+            view.vxlans.append(
+                Vxlan(
+                    name=link["ifname"],
+                    vni=data.get("id"),
+                    port=data.get("port"),
+                    local=data.get("local") or data.get("local6", ""),
+                    underlay=data.get("link", ""),
+                    mac=link.get("address", ""),
+                    mtu=link.get("mtu"),
+                    addresses=addrs.get(link["ifname"], []),
+                    learning=data.get("learning"),
+                )
+            )
 
     pods, data_dirs, host_names = cached_pods(cache_dir, view.notes)
     dirs = list(ipam_dirs if ipam_dirs is not None else [DEFAULT_IPAM_DIR])
@@ -897,11 +972,19 @@ def collect(cache_dir: str = DEFAULT_CACHE_DIR, state_dir: str = DEFAULT_STATE_D
 
     direct = None
     if view.vxlans:
-        lease_subnets = [subnet for lease in leases or [] for subnet in (_lease_subnet(lease, 4),
-                                                                         _lease_subnet(lease, 6)) if subnet]
-        direct = direct_routes(direct_routing, [view.underlay, view.underlay6], addrs,
-                               [view.public_ip, view.public_ipv6], view.networks, [vx.name for vx in view.vxlans],
-                               errors, lease_subnets)
+        lease_subnets = [
+            subnet for lease in leases or [] for subnet in (_lease_subnet(lease, 4), _lease_subnet(lease, 6)) if subnet
+        ]
+        direct = direct_routes(
+            direct_routing,
+            [view.underlay, view.underlay6],
+            addrs,
+            [view.public_ip, view.public_ipv6],
+            view.networks,
+            [vx.name for vx in view.vxlans],
+            errors,
+            lease_subnets,
+        )
     for vx in view.vxlans:
         vx.remotes = _remotes(vx, leases, view.public_ip, view.notes, lanes, direct)
     if direct is not None:
@@ -935,8 +1018,11 @@ def _node_problems(view: NodeView, state: Any, state_error: str) -> list[str]:
         if state.bridge not in {b.name for b in view.bridges}:
             out.append(f"bridge {state.bridge} is missing")
         devices = {vx.name for vx in view.vxlans}
-        out += [f"VXLAN device {name} is missing" for name in (state.vxlan_device, state.vxlan_device6)
-                if name and name not in devices]
+        out += [
+            f"VXLAN device {name} is missing"
+            for name in (state.vxlan_device, state.vxlan_device6)
+            if name and name not in devices
+        ]
     return out
 
 
@@ -946,7 +1032,6 @@ def _in_networks(addresses: list[str], networks: list[str]) -> bool:
             ip = ipaddress.ip_address(address)
         except ValueError:
             continue
-        if any(ip.version == ipaddress.ip_network(net).version and ip in ipaddress.ip_network(net)
-               for net in networks):
+        if any(ip.version == ipaddress.ip_network(net).version and ip in ipaddress.ip_network(net) for net in networks):
             return True
     return False

@@ -6,6 +6,7 @@ A tool that is missing or fails yields an empty answer and a note in
 ``ReadErrors`` rather than an exception: a picture with one part missing is
 more useful than none, and the note says what is missing.
 """
+
 from __future__ import annotations
 
 import json
@@ -97,8 +98,11 @@ def neighbours(device: str, errors: ReadErrors | None = None) -> list[dict[str, 
 
 def netns_ids(errors: ReadErrors | None = None) -> dict[int, str]:
     """nsid -> namespace name, for the namespaces pinned under /run/netns that hold this one's peers."""
-    return {int(entry["nsid"]): entry.get("name", "") for entry in ip_json("netns", "list-id", errors=errors)
-            if "nsid" in entry}
+    return {
+        int(entry["nsid"]): entry.get("name", "")
+        for entry in ip_json("netns", "list-id", errors=errors)
+        if "nsid" in entry
+    }
 
 
 def qdiscs(errors: ReadErrors | None = None) -> list[dict[str, Any]]:

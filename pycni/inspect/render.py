@@ -21,6 +21,7 @@ a health mark: a green check with what was checked ("ok · vxlan", "ok ·
 direct") or a red cross with the problems. Long values are wrapped between
 items, never inside one, so every address and MAC stays one piece of text.
 """
+
 from __future__ import annotations
 
 import html
@@ -36,13 +37,21 @@ from .collect import NodeView, Pod, Remote, short_id
 GRAPHVIZ_FORMATS = ("svg", "png")
 DOT_TIMEOUT = 60
 FONT = "Helvetica"
-MAX_ASPECT = 2.5        # widest picture allowed, width:height
-POD_COLUMNS = 3         # pods side by side above their bridge
-GRID_COLUMNS = 5        # node cards side by side
-WRAP = 46               # characters per line of a card row
-MEMBERS_SHOWN = 4       # underlay addresses listed on the underlay card; more are counted
-COLORS = {"pod": "#e8f1fb", "bridge": "#fff4d6", "vxlan": "#e6f5e6", "underlay": "#eeeeee",
-          "remote": "#f3e8fb", "bad": "#fde2e2", "node": "#fafafa", "this": "#fff4d6"}
+MAX_ASPECT = 2.5  # widest picture allowed, width:height
+POD_COLUMNS = 3  # pods side by side above their bridge
+GRID_COLUMNS = 5  # node cards side by side
+WRAP = 46  # characters per line of a card row
+MEMBERS_SHOWN = 4  # underlay addresses listed on the underlay card; more are counted
+COLORS = {
+    "pod": "#e8f1fb",
+    "bridge": "#fff4d6",
+    "vxlan": "#e6f5e6",
+    "underlay": "#eeeeee",
+    "remote": "#f3e8fb",
+    "bad": "#fde2e2",
+    "node": "#fafafa",
+    "this": "#fff4d6",
+}
 OK_COLOR, OK_FILL = "#1b6e2c", "#d9f2de"
 BAD_COLOR, BAD_FILL = "#b00020", "#fbd5d5"
 
@@ -56,6 +65,7 @@ def _ok(flag: bool) -> str:
 
 
 # ---- text ---------------------------------------------------------------------------------
+
 
 def _pod_lines(pod: Pod, last: bool) -> list[str]:
     branch, stem = ("└─", "   ") if last else ("├─", "│  ")
@@ -95,15 +105,20 @@ def _remote_lines(remote: Remote, last: bool) -> list[str]:
     else:
         how = f"VTEP {remote.vtep_mac or '?'} at {remote.vtep_address or '?'}"
         entries = f"fdb {_ok(remote.fdb)}, neighbour {_ok(remote.neigh)}, route {_ok(remote.route)}"
-    lines = [f"  {branch} node {name}  {remote.public_ip or '?'}  subnet {remote.subnet or '?'}  "
-             f"{how}  ({entries}{store})"]
+    lines = [
+        f"  {branch} node {name}  {remote.public_ip or '?'}  subnet {remote.subnet or '?'}  {how}  ({entries}{store})"
+    ]
     if remote.dual:
         if remote.direct6:
-            lines.append(f"  {stem}    IPv6 subnet {remote.subnet6 or '?'}  direct via {remote.direct6}  "
-                         f"(direct route {_ok(remote.route6)})")
+            lines.append(
+                f"  {stem}    IPv6 subnet {remote.subnet6 or '?'}  direct via {remote.direct6}  "
+                f"(direct route {_ok(remote.route6)})"
+            )
         else:
-            lines.append(f"  {stem}    IPv6 subnet {remote.subnet6 or '?'}  VTEP at {remote.vtep_address6 or '?'}  "
-                         f"(neighbour {_ok(remote.neigh6)}, route {_ok(remote.route6)})")
+            lines.append(
+                f"  {stem}    IPv6 subnet {remote.subnet6 or '?'}  VTEP at {remote.vtep_address6 or '?'}  "
+                f"(neighbour {_ok(remote.neigh6)}, route {_ok(remote.route6)})"
+            )
     return lines
 
 
@@ -112,7 +127,7 @@ def _remote_line(remote: Remote, last: bool) -> str:
 
 
 def _node_addresses(view: NodeView) -> str:
-    """"192.168.100.10 on eth0, fd70::10 on eth0": the node's own addresses and where they are."""
+    """ "192.168.100.10 on eth0, fd70::10 on eth0": the node's own addresses and where they are."""
     parts = []
     for address, where in ((view.public_ip, view.underlay), (view.public_ipv6, view.underlay6)):
         if address:
@@ -132,14 +147,18 @@ def node_text(view: NodeView) -> str:
     lines.append(title)
     lines.append(f"  health: {_health_text(view.problems())}")
     if view.subnet:
-        lines.append(f"  overlay: subnet {view.subnet} of {view.network}, gateway {view.gateway}, pod MTU {view.mtu}"
-                     + (", direct routing on" if view.direct_routing else ""))
+        lines.append(
+            f"  overlay: subnet {view.subnet} of {view.network}, gateway {view.gateway}, pod MTU {view.mtu}"
+            + (", direct routing on" if view.direct_routing else "")
+        )
     if view.subnet6:
         lines.append(f"  overlay IPv6: subnet {view.subnet6} of {view.network6}, gateway {view.gateway6}")
     for bridge in view.bridges:
         lines.append("")
-        lines.append(f"bridge {bridge.name}  {', '.join(bridge.addresses) or 'no address'}  mac {bridge.mac}  "
-                     f"mtu {bridge.mtu}  {bridge.state.lower()}")
+        lines.append(
+            f"bridge {bridge.name}  {', '.join(bridge.addresses) or 'no address'}  mac {bridge.mac}  "
+            f"mtu {bridge.mtu}  {bridge.state.lower()}"
+        )
         pods = [p for p in view.pods if p.bridge == bridge.name]
         if not pods:
             lines.append("  (no pods)")
@@ -154,9 +173,11 @@ def node_text(view: NodeView) -> str:
     for vx in view.vxlans:
         lines.append("")
         learning = "" if vx.learning is None else ("  learning on" if vx.learning else "  learning off")
-        lines.append(f"vxlan {vx.name}  VNI {vx.vni}  UDP {vx.port}  local {vx.local or '?'}"
-                     f"{' via ' + vx.underlay if vx.underlay else ''}  {', '.join(vx.addresses)}  mac {vx.mac}  "
-                     f"mtu {vx.mtu}{learning}")
+        lines.append(
+            f"vxlan {vx.name}  VNI {vx.vni}  UDP {vx.port}  local {vx.local or '?'}"
+            f"{' via ' + vx.underlay if vx.underlay else ''}  {', '.join(vx.addresses)}  mac {vx.mac}  "
+            f"mtu {vx.mtu}{learning}"
+        )
         if not vx.remotes:
             lines.append("  (no remote nodes)")
         for i, remote in enumerate(vx.remotes):
@@ -171,8 +192,9 @@ def node_text(view: NodeView) -> str:
     else:
         lines.append("  pycni_overlay  (no table)")
     lines.append("  pycni_portmap  " + ("; ".join(m.describe() for m in view.portmap_entries) or "(no mappings)"))
-    masq = sorted({f"{', '.join(p.ips)} via {p.masquerade}" for p in view.pods
-                   if p.masquerade.startswith("pycni_masq")})
+    masq = sorted(
+        {f"{', '.join(p.ips)} via {p.masquerade}" for p in view.pods if p.masquerade.startswith("pycni_masq")}
+    )
     lines.append("  pycni_masq     " + ("; ".join(masq) or "(no entries)"))
     if view.notes:
         lines.append("")
@@ -207,8 +229,11 @@ def cluster_text(view: ClusterView) -> str:
     count = len(columns)
     widths = [max(len(r[i]) for r in rows) for i in range(count)]
     # The last column (HEALTH) is not padded: its width would only push "this node" away.
-    lines += ["  ".join(r[i].ljust(widths[i]) if i < count - 1 or r[count] else r[i] for i in range(count))
-              + ("  " + r[count] if r[count] else "") for r in rows]
+    lines += [
+        "  ".join(r[i].ljust(widths[i]) if i < count - 1 or r[count] else r[i] for i in range(count))
+        + ("  " + r[count] if r[count] else "")
+        for r in rows
+    ]
     if not view.leases:
         lines.append("(no leases)")
     if view.seen_from:
@@ -219,6 +244,7 @@ def cluster_text(view: ClusterView) -> str:
 
 
 # ---- Graphviz: pieces ----------------------------------------------------------------------
+
 
 def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
@@ -252,16 +278,18 @@ def _mark(problems: list[str], ok_text: str = "ok") -> str:
     return f'<FONT COLOR="{BAD_COLOR}"><B>✗</B> {_wrap("; ".join(problems), WRAP - 2)}</FONT>'
 
 
-def _card(title: str, rows: Iterable[str], color: str, mark: str = "", healthy: bool = True,
-          border: str = "#777777") -> str:
+def _card(
+    title: str, rows: Iterable[str], color: str, mark: str = "", healthy: bool = True, border: str = "#777777"
+) -> str:
     """One box: a bold title, the health mark on a band of its own, then the rows."""
     cells = "".join(f'<TR><TD ALIGN="LEFT" BALIGN="LEFT">{row}</TD></TR>' for row in rows)
     band = ""
     if mark:
-        band = (f'<TR><TD ALIGN="LEFT" BALIGN="LEFT" BGCOLOR="{OK_FILL if healthy else BAD_FILL}">{mark}'
-                f'</TD></TR>')
-    return (f'<TABLE BORDER="1" CELLBORDER="0" CELLSPACING="0" CELLPADDING="3" BGCOLOR="{color}" '
-            f'COLOR="{border}"><TR><TD ALIGN="LEFT"><B>{title}</B></TD></TR>{band}{cells}</TABLE>')
+        band = f'<TR><TD ALIGN="LEFT" BALIGN="LEFT" BGCOLOR="{OK_FILL if healthy else BAD_FILL}">{mark}</TD></TR>'
+    return (
+        f'<TABLE BORDER="1" CELLBORDER="0" CELLSPACING="0" CELLPADDING="3" BGCOLOR="{color}" '
+        f'COLOR="{border}"><TR><TD ALIGN="LEFT"><B>{title}</B></TD></TR>{band}{cells}</TABLE>'
+    )
 
 
 def _table(title: str, rows: Iterable[str], color: str, mark: str = "", healthy: bool = True) -> str:
@@ -277,7 +305,7 @@ def _grid(cards: list[str], columns: int) -> str:
     """Cards in rows of ``columns`` (an HTML-like table: the grid is exact whatever dot does)."""
     rows = []
     for start in range(0, len(cards), columns):
-        cells = "".join(f'<TD VALIGN="TOP">{card}</TD>' for card in cards[start:start + columns])
+        cells = "".join(f'<TD VALIGN="TOP">{card}</TD>' for card in cards[start : start + columns])
         rows.append(f"<TR>{cells}</TR>")
     return f'<<TABLE BORDER="0" CELLBORDER="0" CELLSPACING="8" CELLPADDING="0">{"".join(rows)}</TABLE>>'
 
@@ -289,6 +317,7 @@ def _title(lines: list[str]) -> str:
 
 
 # ---- Graphviz: a node --------------------------------------------------------------------------
+
 
 def _pod_card(pod: Pod) -> str:
     rows = [_e(", ".join(pod.addresses) or "no address")]
@@ -312,11 +341,13 @@ def _shaping_lines(pod: Pod) -> list[str]:
     if shaping is None:
         return lines
     if shaping.ingress_bits is not None:
-        lines.append(f"shaping to pod {rate(shaping.ingress_bits)}, burst {shaping.ingress_burst} B "
-                     f"(tbf on {pod.host_veth})")
+        lines.append(
+            f"shaping to pod {rate(shaping.ingress_bits)}, burst {shaping.ingress_burst} B (tbf on {pod.host_veth})"
+        )
     if shaping.egress_bits is not None:
-        lines.append(f"shaping from pod {rate(shaping.egress_bits)}, burst {shaping.egress_burst} B "
-                     f"(tbf on ifb {shaping.ifb})")
+        lines.append(
+            f"shaping from pod {rate(shaping.egress_bits)}, burst {shaping.egress_burst} B (tbf on ifb {shaping.ifb})"
+        )
     return lines
 
 
@@ -330,12 +361,21 @@ def _remote_card(remote: Remote) -> str:
         rows.append(_small(f"routed via {_e(hops)}" + (f" on {_e(remote.direct_dev)}" if remote.direct_dev else "")))
     if remote.needs_fdb:
         rows.append(_small(f"VTEP {_e(remote.vtep_mac or '?')}"))
-        vteps = [a for a, direct in ((remote.vtep_address, remote.direct), (remote.vtep_address6, remote.direct6))
-                 if a and not direct]
+        vteps = [
+            a
+            for a, direct in ((remote.vtep_address, remote.direct), (remote.vtep_address6, remote.direct6))
+            if a and not direct
+        ]
         rows.append(_small(f"VTEP address {_e(', '.join(vteps) or '?')}"))
     healthy = not problems
-    return _card(f"node {_e(remote.node_name or '?')}", rows, COLORS["remote"] if healthy else COLORS["bad"],
-                 _mark(problems, f"ok · {remote.mode}"), healthy, "#777777" if healthy else BAD_COLOR)
+    return _card(
+        f"node {_e(remote.node_name or '?')}",
+        rows,
+        COLORS["remote"] if healthy else COLORS["bad"],
+        _mark(problems, f"ok · {remote.mode}"),
+        healthy,
+        "#777777" if healthy else BAD_COLOR,
+    )
 
 
 def _health_line(problems: list[str], ok_text: str) -> str:
@@ -350,29 +390,36 @@ def node_dot(view: NodeView) -> str:
     title = [f"pycni inspect: node {_e(view.name or '?')}"]
     if view.subnet:
         subnets = f"{view.subnet} of {view.network}" + (f", {view.subnet6} of {view.network6}" if view.subnet6 else "")
-        title.append(_e(f"pod subnet {subnets}, pod MTU {view.mtu}")
-                     + (_e(", direct routing on") if view.direct_routing else ""))
+        title.append(
+            _e(f"pod subnet {subnets}, pod MTU {view.mtu}") + (_e(", direct routing on") if view.direct_routing else "")
+        )
     plural = "s" if len(remotes) != 1 else ""
-    title.append(_health_line(problems, f"healthy, {len(remotes)} other node{plural} reachable" if remotes
-                              else "healthy"))
-    out = ["digraph pycni {",
-           f'  graph [rankdir=TB, newrank=true, fontname="{FONT}", fontsize=12, labelloc=t, label={_title(title)}, '
-           'nodesep=0.3, ranksep=0.45, bgcolor="white", pad=0.25];',
-           f'  node [shape=plain, fontname="{FONT}", fontsize=10];',
-           f'  edge [fontname="{FONT}", fontsize=9, color="#666666", arrowsize=0.6];']
+    title.append(
+        _health_line(problems, f"healthy, {len(remotes)} other node{plural} reachable" if remotes else "healthy")
+    )
+    out = [
+        "digraph pycni {",
+        f'  graph [rankdir=TB, newrank=true, fontname="{FONT}", fontsize=12, labelloc=t, label={_title(title)}, '
+        'nodesep=0.3, ranksep=0.45, bgcolor="white", pad=0.25];',
+        f'  node [shape=plain, fontname="{FONT}", fontsize=10];',
+        f'  edge [fontname="{FONT}", fontsize=9, color="#666666", arrowsize=0.6];',
+    ]
     node_label = f"node {view.name or '?'}  {_node_addresses(view)}".strip()
     mark = _health_line(view.own_problems, "node ok")
-    out.append(f'  subgraph cluster_node {{ label=<<B>{_e(node_label)}</B><BR/>{mark}>; '
-               f'style="rounded,filled"; fillcolor="{COLORS["node"]}"; '
-               f'color="{"#999999" if not view.own_problems else BAD_COLOR}";')
+    out.append(
+        f"  subgraph cluster_node {{ label=<<B>{_e(node_label)}</B><BR/>{mark}>; "
+        f'style="rounded,filled"; fillcolor="{COLORS["node"]}"; '
+        f'color="{"#999999" if not view.own_problems else BAD_COLOR}";'
+    )
     pod_ids = {id(pod): _id("pod", str(i)) for i, pod in enumerate(view.pods)}
     for pod in view.pods:
         out.append(f"  {pod_ids[id(pod)]} [label={_pod_card(pod)}];")
     # Pods in rows of POD_COLUMNS above their bridge: each row one rank, rows stacked by invisible edges.
-    groups = [[p for p in view.pods if p.bridge == b.name] for b in view.bridges] + \
-        [[p for p in view.pods if not p.bridge]]
+    groups = [[p for p in view.pods if p.bridge == b.name] for b in view.bridges] + [
+        [p for p in view.pods if not p.bridge]
+    ]
     for pods in groups:
-        rows = [pods[i:i + POD_COLUMNS] for i in range(0, len(pods), POD_COLUMNS)]
+        rows = [pods[i : i + POD_COLUMNS] for i in range(0, len(pods), POD_COLUMNS)]
         for row in rows:
             if len(row) > 1:
                 out.append("  { rank=same; " + "; ".join(pod_ids[id(p)] for p in row) + "; }")
@@ -380,13 +427,18 @@ def node_dot(view: NodeView) -> str:
             for k, pod in enumerate(lower):
                 out.append(f"  {pod_ids[id(upper[min(k, len(upper) - 1)])]} -> {pod_ids[id(pod)]} [style=invis];")
     for bridge in view.bridges:
-        rows = [_e(", ".join(bridge.addresses) or "no address"),
-                _small(f"mac {_e(bridge.mac)}  mtu {_e(bridge.mtu)}  {_e(bridge.state.lower())}")]
-        out.append(f'  {_id("br", bridge.name)} [label={_table("bridge " + _e(bridge.name), rows, COLORS["bridge"])}];')
+        rows = [
+            _e(", ".join(bridge.addresses) or "no address"),
+            _small(f"mac {_e(bridge.mac)}  mtu {_e(bridge.mtu)}  {_e(bridge.state.lower())}"),
+        ]
+        out.append(f"  {_id('br', bridge.name)} [label={_table('bridge ' + _e(bridge.name), rows, COLORS['bridge'])}];")
     for vx in view.vxlans:
-        rows = [_e(", ".join(vx.addresses) or "no address"),
-                _small(f"VNI {_e(vx.vni)}  UDP {_e(vx.port)}  mtu {_e(vx.mtu)}"), _small(f"mac {_e(vx.mac)}")]
-        out.append(f'  {_id("vx", vx.name)} [label={_table("vxlan " + _e(vx.name), rows, COLORS["vxlan"])}];')
+        rows = [
+            _e(", ".join(vx.addresses) or "no address"),
+            _small(f"VNI {_e(vx.vni)}  UDP {_e(vx.port)}  mtu {_e(vx.mtu)}"),
+            _small(f"mac {_e(vx.mac)}"),
+        ]
+        out.append(f"  {_id('vx', vx.name)} [label={_table('vxlan ' + _e(vx.name), rows, COLORS['vxlan'])}];")
     underlays = _underlays(view)
     for name, addresses in underlays.items():
         rows = [_e(", ".join(addresses))]
@@ -394,7 +446,7 @@ def node_dot(view: NodeView) -> str:
             rows.append(_small(f"VXLAN accepted from {len(view.overlay_members)} members (pycni_overlay)"))
         elif view.overlay_members:
             rows.append(_small(_wrap("VXLAN accepted from " + ", ".join(view.overlay_members))))
-        out.append(f'  {_id("ul", name)} [label={_table("underlay " + _e(name), rows, COLORS["underlay"])}];')
+        out.append(f"  {_id('ul', name)} [label={_table('underlay ' + _e(name), rows, COLORS['underlay'])}];")
     level = [_id("vx", vx.name) for vx in view.vxlans] + [_id("ul", name) for name in underlays]
     if len(level) > 1:
         out.append("  { rank=same; " + "; ".join(level) + "; }")
@@ -442,6 +494,7 @@ def _underlay_of(vx, view: NodeView, underlays: dict[str, list[str]]) -> str:
 
 # ---- Graphviz: the cluster -----------------------------------------------------------------------
 
+
 def _lease_card(view: ClusterView, lease: LeaseView) -> str:
     this = view.is_this_node(lease)
     rows = [_e(", ".join(lease.addresses))]
@@ -449,9 +502,9 @@ def _lease_card(view: ClusterView, lease: LeaseView) -> str:
     rows.append(_small(f"VTEP {_e(lease.vtep_mac)}"))
     if lease.vtep_mac6:
         rows.append(_small(f"IPv6 VTEP {_e(lease.vtep_mac6)}"))
-    if lease.mode:                     # judged from a node
+    if lease.mode:  # judged from a node
         ok = f"ok · {lease.mode}"
-    else:                              # the store alone: the lease is valid and clashes with none
+    else:  # the store alone: the lease is valid and clashes with none
         ok = "lease ok"
     healthy = lease.healthy
     color = (COLORS["this"] if this else COLORS["remote"]) if healthy else COLORS["bad"]
@@ -460,8 +513,7 @@ def _lease_card(view: ClusterView, lease: LeaseView) -> str:
 
 
 def _rejected_card(key: str, reason: str) -> str:
-    return _card(_e(key), [_small(_wrap(reason))], COLORS["bad"], _mark(["rejected by every agent"]), False,
-                 BAD_COLOR)
+    return _card(_e(key), [_small(_wrap(reason))], COLORS["bad"], _mark(["rejected by every agent"]), False, BAD_COLOR)
 
 
 def _store_lines(store: str, width: int = 70) -> list[str]:
@@ -480,8 +532,10 @@ def cluster_dot(view: ClusterView) -> str:
     title = ["pycni cluster"]
     if view.networks:
         title += [_e(pool) for pool in view.pools()]
-        title.append(_e(f"VXLAN VNI {view.vni} on UDP {view.port}")
-                     + (_e(", direct routing on one underlay subnet") if view.direct_routing else ""))
+        title.append(
+            _e(f"VXLAN VNI {view.vni} on UDP {view.port}")
+            + (_e(", direct routing on one underlay subnet") if view.direct_routing else "")
+        )
     else:
         title.append(_e("no cluster configuration (run `pycni cluster init`)"))
     store = _store_lines(f"{len(view.leases)} node(s) in {view.store}")
@@ -497,10 +551,11 @@ def cluster_dot(view: ClusterView) -> str:
     title.append(_health_line(problems, ok if view.leases else "no nodes"))
     cards = [_lease_card(view, lease) for lease in view.leases]
     cards += [_rejected_card(r.key, r.reason) for r in view.rejected]
-    out = ["graph pycni_cluster {",
-           f'  graph [fontname="{FONT}", fontsize=12, labelloc=t, label={_title(title)}, bgcolor="white", '
-           'pad=0.25];',
-           f'  node [shape=plain, fontname="{FONT}", fontsize=10];']
+    out = [
+        "graph pycni_cluster {",
+        f'  graph [fontname="{FONT}", fontsize=12, labelloc=t, label={_title(title)}, bgcolor="white", pad=0.25];',
+        f'  node [shape=plain, fontname="{FONT}", fontsize=10];',
+    ]
     if cards:
         out.append(f"  nodes [label={_grid(cards, _columns(len(cards)))}];")
     else:
@@ -510,6 +565,7 @@ def cluster_dot(view: ClusterView) -> str:
 
 
 # ---- running Graphviz ------------------------------------------------------------------------
+
 
 def _dot(exe: str, args: list[str], source: bytes) -> bytes:
     try:
@@ -540,8 +596,9 @@ def graphviz(dot_source: str, fmt: str, max_aspect: float | None = MAX_ASPECT) -
         raise RenderError(f"unknown picture format {fmt!r}")
     exe = shutil.which("dot")
     if exe is None:
-        raise RenderError("Graphviz is not installed (Debian: apt-get install graphviz); "
-                          "--format text, json and dot work without it")
+        raise RenderError(
+            "Graphviz is not installed (Debian: apt-get install graphviz); --format text, json and dot work without it"
+        )
     source = dot_source.encode()
     args = [f"-T{fmt}"] + (["-Gdpi=96"] if fmt == "png" else [])
     if max_aspect:

@@ -6,6 +6,7 @@ VXLAN device, FDB/neighbour/route reconcile, the overlay's nftables table.
 ``pycni agent`` runs it; ``python -m pycni.overlay`` is a stand-alone runner with
 the same options (for tests and hosts without the warm agent).
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -32,6 +32,7 @@ a full check replaces the sets' contents in one transaction (flush + add).
 Everything put into a ruleset is parsed first (addresses with ``ipaddress``,
 the port as an int). Runs ``nft`` in the calling thread's network namespace.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -51,10 +52,10 @@ POSTROUTING_RULES = 3
 
 @dataclass(frozen=True)
 class FirewallSpec:
-    network: str            # the cluster pod CIDR ("" in an IPv6-only cluster)
-    port: int               # the VXLAN UDP port
+    network: str  # the cluster pod CIDR ("" in an IPv6-only cluster)
+    port: int  # the VXLAN UDP port
     masquerade: bool = True  # masquerade pod traffic that leaves the cluster network
-    network6: str = ""      # a dual-stack (or IPv6-only) cluster's IPv6 pod CIDR
+    network6: str = ""  # a dual-stack (or IPv6-only) cluster's IPv6 pod CIDR
 
     @property
     def networks(self) -> list[str]:
@@ -153,7 +154,7 @@ def render_members(members: Iterable[str]) -> str:
 class TableState:
     members: set[str]
     sets: set[str]
-    rules: dict[str, int]    # chain -> number of rules
+    rules: dict[str, int]  # chain -> number of rules
 
     def intact(self, spec: FirewallSpec) -> bool:
         """The sets and exactly the chains of ``spec``, each with its number of rules."""

@@ -51,6 +51,7 @@ checked before they are written into a script. Missing tools are no error
 (nothing of theirs can drop). Everything runs in the calling thread's network
 namespace.
 """
+
 from __future__ import annotations
 
 import functools
@@ -66,7 +67,7 @@ COMMENT_PREFIX = "pycni-overlay: accept cluster network "
 
 _IPTABLES_TOOL = {4: "iptables", 6: "ip6tables"}
 _IP_WORD = {4: "ip", 6: "ip6"}
-_NFT_FAMILY_VERSIONS = {"ip": (4,), "ip6": (6,), "inet": (4, 6)}   # families whose forward chains we change
+_NFT_FAMILY_VERSIONS = {"ip": (4,), "ip6": (6,), "inet": (4, 6)}  # families whose forward chains we change
 _NFT_XT_FAMILY = {"ip": 4, "ip6": 6}
 _XT_TABLES = {"filter", "mangle", "raw", "security", "nat"}
 _XT_CHAINS = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
@@ -110,8 +111,10 @@ class AcceptRule:
         return [flag, str(self.network), "-m", "comment", "--comment", self.comment, "-j", "ACCEPT"]
 
     def nft_statement(self) -> str:
-        return (f"{_IP_WORD[self.network.version]} {self.direction} {self.network} accept "
-                f"comment {nft.comment(self.comment)}")
+        return (
+            f"{_IP_WORD[self.network.version]} {self.direction} {self.network} accept "
+            f"comment {nft.comment(self.comment)}"
+        )
 
     def nft_signature(self) -> tuple[str, str, str, IPNetwork]:
         return self.comment, _IP_WORD[self.network.version], self.direction, self.network
@@ -120,8 +123,7 @@ class AcceptRule:
 def accept_rules(networks: list[IPNetwork], versions: Iterable[int]) -> list[AcceptRule]:
     """Our rules for the networks of the given IP versions, in the order they go at the top of a chain."""
     wanted = set(versions)
-    return [AcceptRule(net, direction) for net in networks if net.version in wanted
-            for direction in ("saddr", "daddr")]
+    return [AcceptRule(net, direction) for net in networks if net.version in wanted for direction in ("saddr", "daddr")]
 
 
 def ensure_forward_accept(networks: Iterable[str]) -> list[str]:
@@ -136,16 +138,19 @@ def ensure_forward_accept(networks: Iterable[str]) -> list[str]:
             continue
         wanted = [rule.iptables_args() for rule in accept_rules(nets, [family])]
         own = [rule for rule in view.rules if _iptables_comment(rule).startswith(COMMENT_PREFIX)]
-        if view.rules[:len(wanted)] == wanted and len(own) == len(wanted):
+        if view.rules[: len(wanted)] == wanted and len(own) == len(wanted):
             continue
         batch = ["*filter"]
         batch += [iptables.rule_line("-D", "FORWARD", rule) for rule in own]
-        batch += [iptables.rule_line("-I", "FORWARD", [str(position), *args])
-                  for position, args in enumerate(wanted, start=1)]
+        batch += [
+            iptables.rule_line("-I", "FORWARD", [str(position), *args]) for position, args in enumerate(wanted, start=1)
+        ]
         batch.append("COMMIT")
         iptables.restore(family, "\n".join(batch) + "\n")
-        actions.append(f"{_IPTABLES_TOOL[family]} filter FORWARD (policy DROP): put the accept rules for "
-                       f"{_net_list(nets, family)} first" + (f" (removed {len(own)} of ours)" if own else ""))
+        actions.append(
+            f"{_IPTABLES_TOOL[family]} filter FORWARD (policy DROP): put the accept rules for "
+            f"{_net_list(nets, family)} first" + (f" (removed {len(own)} of ours)" if own else "")
+        )
     ruleset = _list_nft()
     if ruleset is not None:
         script: list[str] = []
@@ -154,24 +159,26 @@ def ensure_forward_accept(networks: Iterable[str]) -> list[str]:
                 continue
             reason = _skipped(chain, ruleset, sees)
             if reason is not None:
-                log.debug("nft %s %s %s drops by policy; left alone: %s", chain.family, chain.table, chain.name,
-                          reason)
+                log.debug("nft %s %s %s drops by policy; left alone: %s", chain.family, chain.table, chain.name, reason)
                 continue
             versions = _NFT_FAMILY_VERSIONS[chain.family]
             wanted_rules = accept_rules(nets, versions)
             own = [rule for rule in chain.rules if _nft_is_own(rule)]
-            first = [_nft_signature(rule) for rule in chain.rules[:len(wanted_rules)]]
+            first = [_nft_signature(rule) for rule in chain.rules[: len(wanted_rules)]]
             if first == [rule.nft_signature() for rule in wanted_rules] and len(own) == len(wanted_rules):
                 continue
             where = f"{chain.family} {chain.table} {chain.name}"
             script += [f"delete rule {where} handle {_handle(rule)}" for rule in own]
             script += [f"insert rule {where} {rule.nft_statement()}" for rule in reversed(wanted_rules)]
             if wanted_rules:
-                actions.append(f"nft {where} (policy drop): put the accept rules for {_net_list(nets, *versions)} "
-                               f"first" + (f" (removed {len(own)} of ours)" if own else ""))
+                actions.append(
+                    f"nft {where} (policy drop): put the accept rules for {_net_list(nets, *versions)} "
+                    f"first" + (f" (removed {len(own)} of ours)" if own else "")
+                )
             else:
-                actions.append(f"nft {where} (policy drop): removed {len(own)} accept rule(s) of ours "
-                               f"for other networks")
+                actions.append(
+                    f"nft {where} (policy drop): removed {len(own)} accept rule(s) of ours for other networks"
+                )
         if script:
             nft.apply("\n".join(script) + "\n")
     for action in actions:
@@ -194,8 +201,10 @@ def remove_forward_accept(networks: Iterable[str]) -> list[str]:
         if doomed:
             batch = ["*filter", *(iptables.rule_line("-D", "FORWARD", rule) for rule in doomed), "COMMIT"]
             iptables.restore(family, "\n".join(batch) + "\n")
-            actions.append(f"{_IPTABLES_TOOL[family]} filter FORWARD: removed {len(doomed)} accept rule(s) "
-                           f"for {_net_list(nets, family)}")
+            actions.append(
+                f"{_IPTABLES_TOOL[family]} filter FORWARD: removed {len(doomed)} accept rule(s) "
+                f"for {_net_list(nets, family)}"
+            )
     ruleset = _list_nft()
     if ruleset is not None:
         script: list[str] = []
@@ -240,11 +249,12 @@ def forward_drops() -> list[str]:
 
 # ---- iptables ----------------------------------------------------------------------------
 
+
 @dataclass
 class _IptablesForward:
     policy: str | None
     rules: list[list[str]]
-    shared_with_nft: bool   # the nf_tables variant: its tables show up in the nft listing too
+    shared_with_nft: bool  # the nf_tables variant: its tables show up in the nft listing too
 
 
 def _list_iptables_forward(family: int) -> _IptablesForward | None:
@@ -257,8 +267,7 @@ def _list_iptables_forward(family: int) -> _IptablesForward | None:
             return None
         if "incompatible" in err.details:
             # A table iptables-nft cannot read (made by nft by hand): the nft path looks after it.
-            log.debug("%s cannot read the filter table (%s); leaving it to nft", _IPTABLES_TOOL[family],
-                      err.details)
+            log.debug("%s cannot read the filter table (%s); leaving it to nft", _IPTABLES_TOOL[family], err.details)
             return None
         raise
     policy = None
@@ -266,8 +275,11 @@ def _list_iptables_forward(family: int) -> _IptablesForward | None:
         words = line.split()
         if len(words) == 3 and words[:2] == ["-P", "FORWARD"]:
             policy = words[2]
-    return _IptablesForward(policy=policy, rules=iptables.parse_listing(text).rules_of("FORWARD"),
-                            shared_with_nft=_iptables_variant(family) == "nf_tables")
+    return _IptablesForward(
+        policy=policy,
+        rules=iptables.parse_listing(text).rules_of("FORWARD"),
+        shared_with_nft=_iptables_variant(family) == "nf_tables",
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -289,6 +301,7 @@ def _iptables_comment(rule: list[str]) -> str:
 
 # ---- nftables ----------------------------------------------------------------------------
 
+
 @dataclass
 class _NftChain:
     family: str
@@ -305,14 +318,17 @@ class _NftChain:
     @property
     def writable(self) -> bool:
         """Our scripts can name this chain: a family we change, and names nft reads back unquoted."""
-        return (self.family in _NFT_FAMILY_VERSIONS and bool(_NFT_NAME_RE.match(self.table))
-                and bool(_NFT_NAME_RE.match(self.name)))
+        return (
+            self.family in _NFT_FAMILY_VERSIONS
+            and bool(_NFT_NAME_RE.match(self.table))
+            and bool(_NFT_NAME_RE.match(self.name))
+        )
 
 
 @dataclass
 class _NftRuleset:
     chains: list[_NftChain]
-    xt_tables: set[tuple[str, str]]   # (family, table) holding rules with xt expressions (iptables-nft's)
+    xt_tables: set[tuple[str, str]]  # (family, table) holding rules with xt expressions (iptables-nft's)
 
 
 def _list_nft() -> _NftRuleset | None:
@@ -352,8 +368,10 @@ def _is_xtables(chain: _NftChain, ruleset: _NftRuleset, sees: dict[int, bool]) -
     version = _NFT_XT_FAMILY.get(chain.family)
     if version is None:
         return False
-    looks_xt = ((chain.table in _XT_TABLES and chain.name in _XT_CHAINS)
-                or (chain.family, chain.table) in ruleset.xt_tables)
+    looks_xt = (chain.table in _XT_TABLES and chain.name in _XT_CHAINS) or (
+        chain.family,
+        chain.table,
+    ) in ruleset.xt_tables
     if not looks_xt:
         return False
     if version in sees:
@@ -390,8 +408,11 @@ def _nft_signature(rule: dict[str, Any]) -> tuple[str, str, str, IPNetwork] | No
     if not isinstance(match, dict) or match.get("op") != "==":
         return None
     payload = (match.get("left") or {}).get("payload") if isinstance(match.get("left"), dict) else None
-    if not isinstance(payload, dict) or payload.get("protocol") not in ("ip", "ip6") \
-            or payload.get("field") not in ("saddr", "daddr"):
+    if (
+        not isinstance(payload, dict)
+        or payload.get("protocol") not in ("ip", "ip6")
+        or payload.get("field") not in ("saddr", "daddr")
+    ):
         return None
     right = match.get("right")
     try:

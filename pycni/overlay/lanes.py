@@ -15,6 +15,7 @@ address (/32, /128), which the other nodes' neighbour and route entries point at
 what the node owns. Both act through the caller's netlink socket, in its
 namespace.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -29,18 +30,18 @@ from pycni.overlay.reconcile import MAIN, V6
 
 @dataclass
 class Lane:
-    kind: str                       # MAIN or V6
-    name: str                       # the VXLAN device
-    public_ip: str                  # the local underlay address
+    kind: str  # MAIN or V6
+    name: str  # the VXLAN device
+    public_ip: str  # the local underlay address
     vtep_mac: str
-    underlay_device: str = ""       # a link the operator named (--underlay-device, main lane only)
-    families: list[int] = field(default_factory=list)   # pod families whose VTEP address of this node lives here
+    underlay_device: str = ""  # a link the operator named (--underlay-device, main lane only)
+    families: list[int] = field(default_factory=list)  # pod families whose VTEP address of this node lives here
     index: int = 0
     mtu: int = 0
     underlay: kip.Link | None = None
-    missing: bool = False           # its underlay link is gone (the device went with it)
+    missing: bool = False  # its underlay link is gone (the device went with it)
     entries: Entries | None = None
-    direct_nets: tuple = ()         # direct routing: the underlay link's own subnets (remotes there skip VXLAN)
+    direct_nets: tuple = ()  # direct routing: the underlay link's own subnets (remotes there skip VXLAN)
 
     @property
     def underlay_version(self) -> int:
@@ -82,8 +83,9 @@ def vtep_addresses(lane: Lane, subnets: list[str]) -> list[str]:
 
 def ensure(ipr: Any, lane: Lane, vni: int, port: int, underlay: kip.Link, mtu: int) -> kvx.VxlanDevice:
     """Create the lane's device, or set it right (kvx.ensure_vxlan re-creates what cannot change in place)."""
-    device = kvx.ensure_vxlan(ipr, lane.name, vni, port, lane.public_ip, underlay.index, mtu, lane.vtep_mac,
-                              learning=False)
+    device = kvx.ensure_vxlan(
+        ipr, lane.name, vni, port, lane.public_ip, underlay.index, mtu, lane.vtep_mac, learning=False
+    )
     lane.index, lane.mtu, lane.underlay = device.index, mtu, underlay
     return device
 
@@ -96,11 +98,16 @@ def drift(ipr: Any, lane: Lane, vni: int, port: int, underlay: kip.Link, mtu: in
         return [f"{name} is missing"]
     out = []
     local = ipaddress.ip_address(device.local) if device.local else None
-    for what, have, want in (("VNI", device.vni, vni), ("port", device.port, port),
-                             ("local address", local, ipaddress.ip_address(lane.public_ip)),
-                             ("underlay link", device.underlay_index, underlay.index),
-                             ("learning", device.learning, False), ("MAC", device.mac, lane.vtep_mac),
-                             ("MTU", device.mtu, mtu), ("up", device.up, True)):
+    for what, have, want in (
+        ("VNI", device.vni, vni),
+        ("port", device.port, port),
+        ("local address", local, ipaddress.ip_address(lane.public_ip)),
+        ("underlay link", device.underlay_index, underlay.index),
+        ("learning", device.learning, False),
+        ("MAC", device.mac, lane.vtep_mac),
+        ("MTU", device.mtu, mtu),
+        ("up", device.up, True),
+    ):
         if have != want:
             out.append(f"{name} {what} is {have}, not {want}")
     for text in addresses:

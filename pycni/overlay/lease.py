@@ -18,6 +18,7 @@ says why: ``leaseExpires`` in the past, or ``leaseLost``). Nothing here
 touches the kernel: ``OverlayNode`` asks ``has_pods`` and reconfigures the
 node when ``subnet`` changed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,16 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from ipam.cluster import (ClusterConfig, LeaseExhausted, LeaseLost, NodeConflict, NodeLease, Store, acquire_lease,
-                          renew_lease)
+from ipam.cluster import (
+    ClusterConfig,
+    LeaseExhausted,
+    LeaseLost,
+    NodeConflict,
+    NodeLease,
+    Store,
+    acquire_lease,
+    renew_lease,
+)
 
 VALID, LAPSED, LOST = "valid", "lapsed", "lost"
 
@@ -38,21 +47,28 @@ class Identity:
     public_ip: str
     vtep_mac: str
     node_name: str
-    public_ipv6: str = ""      # a second, IPv6 underlay (dual-stack), and the VTEP MAC of the device there
+    public_ipv6: str = ""  # a second, IPv6 underlay (dual-stack), and the VTEP MAC of the device there
     vtep_mac6: str = ""
 
 
 class LeaseKeeper:
     """Holds this node's lease; every method may raise StoreError when the store cannot be reached."""
 
-    def __init__(self, store: Store, cfg: ClusterConfig, me: Identity, ttl: int, log: logging.Logger,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: Store,
+        cfg: ClusterConfig,
+        me: Identity,
+        ttl: int,
+        log: logging.Logger,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.store, self.cfg, self.me, self.ttl, self.log = store, cfg, me, ttl, log
         self.clock = clock
-        self.lease: NodeLease | None = None   # the lease held, or (lapsed, lost) the subnet the pods are on
+        self.lease: NodeLease | None = None  # the lease held, or (lapsed, lost) the subnet the pods are on
         self.state = VALID
-        self.valid_until = 0.0                # wall clock: the store drops the lease after this unless renewed
-        self.problem = ""                     # lost: why, and what the operator can do
+        self.valid_until = 0.0  # wall clock: the store drops the lease after this unless renewed
+        self.problem = ""  # lost: why, and what the operator can do
         self._exhausted_logged = False
 
     @property
@@ -91,11 +107,18 @@ class LeaseKeeper:
             self._lose(previous, self._holder(previous))
             return
         if preferred and preferred not in lease.subnets:
-            self.log.warning("the subnet %s of the previous run is taken and no pod was left on it; leased %s",
-                             _label(previous), _label(lease))
+            self.log.warning(
+                "the subnet %s of the previous run is taken and no pod was left on it; leased %s",
+                _label(previous),
+                _label(lease),
+            )
         elif renumbered is not None:
-            self.log.warning("this node's underlay address changed from %s to %s: its lease of %s moved with it",
-                             renumbered.public_ip, self.me.public_ip, _label(lease))
+            self.log.warning(
+                "this node's underlay address changed from %s to %s: its lease of %s moved with it",
+                renumbered.public_ip,
+                self.me.public_ip,
+                _label(lease),
+            )
         self._hold(lease, began)
 
     # ---- while running ----------------------------------------------------------------
@@ -136,10 +159,14 @@ class LeaseKeeper:
         """True the moment a valid lease has passed its TTL without a renewal (the store dropped it)."""
         if self.state == VALID and self.lease is not None and self.clock() > self.valid_until:
             self.state = LAPSED
-            self.log.error("this node's lease of %s lapsed %s ago (not renewed within its TTL of %d s: is the "
-                           "cluster store reachable?); pods keep their addresses, new pods wait ('try again later') "
-                           "until the lease is renewed", _label(self.lease), _ago(self.clock() - self.valid_until),
-                           self.ttl)
+            self.log.error(
+                "this node's lease of %s lapsed %s ago (not renewed within its TTL of %d s: is the "
+                "cluster store reachable?); pods keep their addresses, new pods wait ('try again later') "
+                "until the lease is renewed",
+                _label(self.lease),
+                _ago(self.clock() - self.valid_until),
+                self.ttl,
+            )
             return True
         return False
 
@@ -168,8 +195,9 @@ class LeaseKeeper:
             return False
         old = self.lease.subnets
         self._hold(lease, began)
-        self.log.warning("no pod was left on the lost subnet %s: this node now leases %s", " and ".join(old),
-                         _label(lease))
+        self.log.warning(
+            "no pod was left on the lost subnet %s: this node now leases %s", " and ".join(old), _label(lease)
+        )
         return lease.subnets != old
 
     def _hold(self, lease: NodeLease, began: float) -> None:
@@ -180,13 +208,18 @@ class LeaseKeeper:
         self._exhausted_logged = False
 
     def _lose(self, lost: NodeLease, holder: NodeLease | None, detail: str = "") -> None:
-        who = (f"{holder.public_ip}" + (f" ({holder.node_name})" if holder.node_name else "")) if holder else \
-            "another node"
+        who = (
+            (f"{holder.public_ip}" + (f" ({holder.node_name})" if holder.node_name else ""))
+            if holder
+            else "another node"
+        )
         subnets = _label(lost)
-        self.problem = (f"the subnet {subnets} is now leased to {who}{': ' + detail if detail and not holder else ''}"
-                        f". Pods on this node keep their addresses but new pods cannot start. Drain this node's "
-                        f"pods: once none is left the agent leases a free subnet (or takes {subnets} back as "
-                        f"soon as it is free)")
+        self.problem = (
+            f"the subnet {subnets} is now leased to {who}{': ' + detail if detail and not holder else ''}"
+            f". Pods on this node keep their addresses but new pods cannot start. Drain this node's "
+            f"pods: once none is left the agent leases a free subnet (or takes {subnets} back as "
+            f"soon as it is free)"
+        )
         if self.state != LOST:
             self.log.error("this node lost its subnet lease: %s", self.problem)
         self.lease = replace(lost, mod_revision=0)
@@ -194,8 +227,17 @@ class LeaseKeeper:
 
     def _acquire(self, **where: object) -> NodeLease:
         me = self.me
-        return acquire_lease(self.store, self.cfg, me.public_ip, me.vtep_mac, node_name=me.node_name, ttl=self.ttl,
-                             public_ipv6=me.public_ipv6, vtep_mac6=me.vtep_mac6, **where)  # type: ignore[arg-type]
+        return acquire_lease(
+            self.store,
+            self.cfg,
+            me.public_ip,
+            me.vtep_mac,
+            node_name=me.node_name,
+            ttl=self.ttl,
+            public_ipv6=me.public_ipv6,
+            vtep_mac6=me.vtep_mac6,
+            **where,
+        )  # type: ignore[arg-type]
 
     def _holder(self, lease: NodeLease) -> NodeLease | None:
         """Who holds ``lease``'s key in the store now (None: nobody)."""
@@ -215,8 +257,11 @@ class LeaseKeeper:
 
 def _same(stored: NodeLease, previous: NodeLease) -> bool:
     """The stored lease is exactly the one this node held before (its underlay address may have changed since)."""
-    return (stored.public_ip, stored.vtep_mac, stored.node_name) == (previous.public_ip, previous.vtep_mac,
-                                                                    previous.node_name)
+    return (stored.public_ip, stored.vtep_mac, stored.node_name) == (
+        previous.public_ip,
+        previous.vtep_mac,
+        previous.node_name,
+    )
 
 
 def _label(lease: NodeLease) -> str:

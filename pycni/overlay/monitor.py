@@ -13,6 +13,7 @@ agent repairs exactly the entry that changed: O(1) work per notification, and
 its own writes (which notify too) cost a dictionary lookup each. Lost
 notifications (an overrun) are reported as None: then everything is checked.
 """
+
 from __future__ import annotations
 
 import errno
@@ -80,7 +81,7 @@ def _attrs(body: bytes, offset: int) -> dict[int, bytes]:
         length, kind = _RTATTR.unpack_from(body, offset)
         if length < 4:
             break
-        out.setdefault(kind & 0x3FFF, body[offset + 4: offset + length])
+        out.setdefault(kind & 0x3FFF, body[offset + 4 : offset + length])
         offset += _align(length)
     return out
 
@@ -112,7 +113,7 @@ def changes(data: bytes) -> list[Change] | None:
         length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
         if length < _NLMSGHDR.size:
             break
-        body = data[offset + _NLMSGHDR.size: offset + length]
+        body = data[offset + _NLMSGHDR.size : offset + length]
         offset += _align(length)
         if kind == NLMSG_OVERRUN:
             return None
@@ -127,8 +128,16 @@ def changes(data: bytes) -> list[Change] | None:
                 continue
             attrs = _attrs(body, 12)
             ip_family = AF_INET6 if len(attrs.get(NDA_DST, b"")) == 16 else AF_INET
-            out.append(Change("fdb" if family == AF_BRIDGE else "neigh", ifindex, kind == RTM_DELNEIGH, permanent,
-                              ip=_ip(ip_family, attrs.get(NDA_DST)), mac=_mac(attrs.get(NDA_LLADDR))))
+            out.append(
+                Change(
+                    "fdb" if family == AF_BRIDGE else "neigh",
+                    ifindex,
+                    kind == RTM_DELNEIGH,
+                    permanent,
+                    ip=_ip(ip_family, attrs.get(NDA_DST)),
+                    mac=_mac(attrs.get(NDA_LLADDR)),
+                )
+            )
         elif kind in (RTM_NEWROUTE, RTM_DELROUTE) and len(body) >= 12:
             family, dst_len, _src_len, _tos, table = struct.unpack_from("=BBBBB", body, 0)
             attrs = _attrs(body, 12)
@@ -137,8 +146,16 @@ def changes(data: bytes) -> list[Change] | None:
                 continue
             table = struct.unpack("=I", attrs[RTA_TABLE][:4])[0] if len(attrs.get(RTA_TABLE, b"")) >= 4 else table
             dst = _ip(family, attrs.get(RTA_DST)) or ("0.0.0.0" if family == AF_INET else "::")
-            out.append(Change("route", struct.unpack("=i", oif[:4])[0], kind == RTM_DELROUTE, dst=f"{dst}/{dst_len}",
-                              gateway=_ip(family, attrs.get(RTA_GATEWAY)), table=table))
+            out.append(
+                Change(
+                    "route",
+                    struct.unpack("=i", oif[:4])[0],
+                    kind == RTM_DELROUTE,
+                    dst=f"{dst}/{dst_len}",
+                    gateway=_ip(family, attrs.get(RTA_GATEWAY)),
+                    table=table,
+                )
+            )
     return out
 
 
@@ -167,9 +184,12 @@ class KernelMonitor:
     were lost (check everything).
     """
 
-    def __init__(self, watched: Callable[[], dict[str, set[int]] | None],
-                 on_change: Callable[[list[Change] | None], None],
-                 log_error: Callable[[str], None] = lambda msg: None) -> None:
+    def __init__(
+        self,
+        watched: Callable[[], dict[str, set[int]] | None],
+        on_change: Callable[[list[Change] | None], None],
+        log_error: Callable[[str], None] = lambda msg: None,
+    ) -> None:
         self._watched = watched
         self._on_change = on_change
         self._log_error = log_error
@@ -226,8 +246,11 @@ class KernelMonitor:
                 complete = False
                 continue
             watched = self._watched()
-            into.extend(c for c in found
-                        if watched is None or c.index in watched.get("neigh" if c.kind == "fdb" else c.kind, ()))
+            into.extend(
+                c
+                for c in found
+                if watched is None or c.index in watched.get("neigh" if c.kind == "fdb" else c.kind, ())
+            )
         return complete
 
     def _loop(self) -> None:

@@ -37,6 +37,7 @@ Everything acts in the network namespace of the thread that called start():
 the netlink sockets are opened there, and other threads (run, the monitor)
 switch into it before touching the kernel or running nft.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -57,9 +58,25 @@ from cni_plugins.kernel import vxlan as kvx
 from cni_plugins.kernel.names import stable_bridge_mac
 from cni_plugins.shared import overlaystate
 from cni_plugins.spec.errors import CNIError
-from ipam.cluster import (CONFIG_KEY, SUBNETS_PREFIX, ClusterConfig, Compacted, Entry, LeaseExhausted, NodeConflict, NodeLease,
-                          RejectedLease, StoreError, StoreUnavailable, TLSFiles, check_entries, open_store,
-                          read_config, release_lease, scan_leases)
+from ipam.cluster import (
+    CONFIG_KEY,
+    SUBNETS_PREFIX,
+    ClusterConfig,
+    Compacted,
+    Entry,
+    LeaseExhausted,
+    NodeConflict,
+    NodeLease,
+    RejectedLease,
+    StoreError,
+    StoreUnavailable,
+    TLSFiles,
+    check_entries,
+    open_store,
+    read_config,
+    release_lease,
+    scan_leases,
+)
 from pycni.overlay import firewall, forward, subnetenv
 from pycni.overlay import lanes as lanes_mod
 from pycni.overlay.entries import Entries
@@ -69,13 +86,13 @@ from pycni.overlay.monitor import Change, KernelMonitor
 from pycni.overlay.options import OverlayOptions
 from pycni.overlay.reconcile import Delta, Own
 
-WAIT_SLICE = 1.0        # longest single watch.next(): bounds how long stop/close take
-RELIST_JITTER = 0.2     # the safety re-list comes every relist_interval +- 20 %
+WAIT_SLICE = 1.0  # longest single watch.next(): bounds how long stop/close take
+RELIST_JITTER = 0.2  # the safety re-list comes every relist_interval +- 20 %
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 5.0
 CLOSE_TIMEOUT = 15.0
-START_RETRY_MIN = 1.0       # start-up without a store: the first retry after 1 s, doubling ...
-START_RETRY_MAX = 60.0      # ... up to a minute between attempts (each one logged)
+START_RETRY_MIN = 1.0  # start-up without a store: the first retry after 1 s, doubling ...
+START_RETRY_MAX = 60.0  # ... up to a minute between attempts (each one logged)
 STORE_DOWN_REMINDER = 60.0  # while the store stays away with the same error, warn again this often
 IFNAMSIZ = 15
 
@@ -90,19 +107,19 @@ class StoreNotReady(OverlayError):
 
 @dataclass
 class _Status:
-    last_reconcile: float | None = None     # wall-clock time of the last completed reconcile
+    last_reconcile: float | None = None  # wall-clock time of the last completed reconcile
     store_reachable: bool = False
     store_error: str = ""
-    store_down_since: float = 0.0           # monotonic time the current outage began (0: none yet)
-    store_warned_at: float = 0.0            # monotonic time of the last "unavailable" warning
+    store_down_since: float = 0.0  # monotonic time the current outage began (0: none yet)
+    store_warned_at: float = 0.0  # monotonic time of the last "unavailable" warning
     last_error: str = ""
-    reconciles: int = 0                     # full reconciles (start, re-lists, periodic checks, lost notifications)
-    events: int = 0                         # store events applied one lease at a time
-    changes: int = 0                        # kernel entries written since start
-    repairs: int = 0                        # times a device attribute had drifted and was set again
-    entry_repairs: int = 0                  # entries set right after a netlink notification showed them changed
+    reconciles: int = 0  # full reconciles (start, re-lists, periodic checks, lost notifications)
+    events: int = 0  # store events applied one lease at a time
+    changes: int = 0  # kernel entries written since start
+    repairs: int = 0  # times a device attribute had drifted and was set again
+    entry_repairs: int = 0  # entries set right after a netlink notification showed them changed
     revision: int = 0
-    watch: str = "not started"              # streaming, reconnecting, re-listing
+    watch: str = "not started"  # streaming, reconnecting, re-listing
     relists: int = 0
     store_errors: int = 0
 
@@ -111,8 +128,14 @@ def vtep_mac_seed(public_ip: str, vni: int, node_name: str) -> str:
     return f"pycni-vtep|{ipaddress.ip_address(public_ip)}|{vni}|{node_name}"
 
 
-def leave_cluster(store_url: str, public_ip: str, prefix: str = "/pycni", tls: TLSFiles | None = None,
-                  timeout: float = 5.0, auth: Any = None) -> bool:
+def leave_cluster(
+    store_url: str,
+    public_ip: str,
+    prefix: str = "/pycni",
+    tls: TLSFiles | None = None,
+    timeout: float = 5.0,
+    auth: Any = None,
+) -> bool:
     """Release every lease held by ``public_ip``: the other nodes drop their entries for it.
 
     Returns False if it held none. It may run anywhere that reaches the store;
@@ -152,7 +175,7 @@ class OverlayNode:
     def __init__(self, opts: OverlayOptions, log: logging.Logger | None = None) -> None:
         self.opts = opts
         self.log = log or logging.getLogger("pycni.overlay")
-        self._lock = threading.RLock()          # kernel state, netlink socket
+        self._lock = threading.RLock()  # kernel state, netlink socket
         self._status = _Status()
         self._closed = threading.Event()
         self._run_done = threading.Event()
@@ -164,19 +187,19 @@ class OverlayNode:
         self._home_ino = 0
         self._cfg: ClusterConfig | None = None
         self._keeper: LeaseKeeper | None = None
-        self._view: dict[str, NodeLease] = {}   # accepted leases by key, kept in step by the watch (and while the
-        self._rejected: dict[str, RejectedLease] = {}   # store is down); keys that are no acceptable lease
-        self._direct_changed = False            # an underlay's subnets changed: re-judge the remotes in full
-        self._lanes: list[Lane] = []            # the VXLAN devices: MAIN (and V6 on a dual underlay)
+        self._view: dict[str, NodeLease] = {}  # accepted leases by key, kept in step by the watch (and while the
+        self._rejected: dict[str, RejectedLease] = {}  # store is down); keys that are no acceptable lease
+        self._direct_changed = False  # an underlay's subnets changed: re-judge the remotes in full
+        self._lanes: list[Lane] = []  # the VXLAN devices: MAIN (and V6 on a dual underlay)
         self._batch: nlbatch.BatchSocket | None = None
-        self._firewall_members: set[str] = set()   # what the nft member sets hold, as last written
+        self._firewall_members: set[str] = set()  # what the nft member sets hold, as last written
         self._monitor: KernelMonitor | None = None
         self._node_name = ""
-        self._bridge_mac = ""                   # what the bridge keeps: set at creation, or adopted once
-        self._mtu = 0                           # pod MTU: the smallest of the lanes'
+        self._bridge_mac = ""  # what the bridge keeps: set at creation, or adopted once
+        self._mtu = 0  # pod MTU: the smallest of the lanes'
         self._bridge_index = 0
         self._warned_skips: set[str] = set()
-        self._subnet_env = ""                   # the subnet.env text last written
+        self._subnet_env = ""  # the subnet.env text last written
 
     # ---- life cycle ----------------------------------------------------------------
 
@@ -187,8 +210,7 @@ class OverlayNode:
         try:
             public = ipaddress.ip_address(self.opts.public_ip)
         except ValueError:
-            raise OverlayError(f"invalid public IP {self.opts.public_ip!r}: give the node's underlay address") \
-                from None
+            raise OverlayError(f"invalid public IP {self.opts.public_ip!r}: give the node's underlay address") from None
         self.opts.public_ip = str(public)
         if self.opts.public_ipv6:
             try:
@@ -196,8 +218,9 @@ class OverlayNode:
             except ValueError:
                 public6 = None
             if public6 is None or public6.version != 6:
-                raise OverlayError(f"invalid --public-ipv6 {self.opts.public_ipv6!r}: give the node's IPv6 underlay "
-                                   f"address")
+                raise OverlayError(
+                    f"invalid --public-ipv6 {self.opts.public_ipv6!r}: give the node's IPv6 underlay address"
+                )
             self.opts.public_ipv6 = str(public6)
         ttl = self.opts.lease_ttl
         if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 3:
@@ -240,11 +263,14 @@ class OverlayNode:
     def _start(self) -> None:
         opts = self.opts
         try:
-            self._store = open_store(opts.store_url, prefix=opts.etcd_prefix, tls=opts.tls, auth=opts.auth,
-                                     timeout=opts.store_timeout)
+            self._store = open_store(
+                opts.store_url, prefix=opts.etcd_prefix, tls=opts.tls, auth=opts.auth, timeout=opts.store_timeout
+            )
             if self._store.get(CONFIG_KEY) is None:
-                raise StoreNotReady(f"the cluster store {opts.store_url} holds no cluster configuration yet: run "
-                                    f"`pycni cluster init --store URL --network CIDR` once for the cluster")
+                raise StoreNotReady(
+                    f"the cluster store {opts.store_url} holds no cluster configuration yet: run "
+                    f"`pycni cluster init --store URL --network CIDR` once for the cluster"
+                )
             cfg = read_config(self._store)
         except StoreUnavailable as exc:
             raise StoreNotReady(f"the cluster store {opts.store_url} does not answer: {exc}") from None
@@ -264,21 +290,29 @@ class OverlayNode:
                 if lane.underlay_device:
                     raise OverlayError(f"underlay device {lane.underlay_device!r} does not exist")
                 flag = "--public-ip" if lane.kind == MAIN else "--public-ipv6"
-                raise OverlayError(f"no interface holds the public IP {lane.public_ip}: give the node's underlay "
-                                   f"address ({flag}) or name the device (--underlay-device)")
+                raise OverlayError(
+                    f"no interface holds the public IP {lane.public_ip}: give the node's underlay "
+                    f"address ({flag}) or name the device (--underlay-device)"
+                )
             if lane.underlay_device:
                 holder = kvx.underlay_link_for(self._ipr, lane.public_ip)
                 if holder is None or holder.index != underlay.index:
-                    self.log.warning("the public IP %s is not an address of the underlay device %s", lane.public_ip,
-                                     underlay.name)
+                    self.log.warning(
+                        "the public IP %s is not an address of the underlay device %s", lane.public_ip, underlay.name
+                    )
             lane.underlay = underlay
             lane.mtu = self._lane_mtu(lane, underlay)
         self._mtu = min(lane.mtu for lane in self._lanes)
 
         main = self._lanes[0]
         v6 = self._lane(V6)
-        me = Identity(opts.public_ip, main.vtep_mac, self._node_name, public_ipv6=v6.public_ip if v6 else "",
-                      vtep_mac6=v6.vtep_mac if v6 else "")
+        me = Identity(
+            opts.public_ip,
+            main.vtep_mac,
+            self._node_name,
+            public_ipv6=v6.public_ip if v6 else "",
+            vtep_mac6=v6.vtep_mac if v6 else "",
+        )
         keeper = LeaseKeeper(self._store, cfg, me, opts.lease_ttl, self.log)
         try:
             keeper.take(self._previous_lease(cfg), has_pods=self._bridge_has_pods())
@@ -287,14 +321,22 @@ class OverlayNode:
         except LeaseExhausted as exc:
             raise OverlayError(f"no subnet left for this node: {exc}") from None
         except StoreUnavailable as exc:
-            raise StoreNotReady(f"the cluster store {opts.store_url} stopped answering while leasing a subnet "
-                                f"for {opts.public_ip}: {exc}") from None
+            raise StoreNotReady(
+                f"the cluster store {opts.store_url} stopped answering while leasing a subnet "
+                f"for {opts.public_ip}: {exc}"
+            ) from None
         except (StoreError, ValueError) as exc:
             raise OverlayError(f"cannot lease a subnet for {opts.public_ip}: {exc}") from None
         self._keeper = keeper
         if keeper.state == VALID:
-            self.log.info("leased %s for %s (%s), VTEP MAC %s; %s", keeper.subnet, opts.public_ip, self._node_name,
-                          ", ".join(f"{lane.name} {lane.vtep_mac}" for lane in self._lanes), cfg.describe())
+            self.log.info(
+                "leased %s for %s (%s), VTEP MAC %s; %s",
+                keeper.subnet,
+                opts.public_ip,
+                self._node_name,
+                ", ".join(f"{lane.name} {lane.vtep_mac}" for lane in self._lanes),
+                cfg.describe(),
+            )
         try:  # know the other members before the firewall is (re)built, so their VXLAN is never dropped
             self._scan()
         except StoreError as exc:
@@ -316,8 +358,9 @@ class OverlayNode:
         except Exception as exc:
             self._status.last_error = f"{type(exc).__name__}: {exc}"
             self.log.warning("the first reconcile failed (run() retries): %s", exc)
-        self._monitor = KernelMonitor(self._watched_indexes, self._kernel_changed,
-                                      lambda msg: self.log.warning("%s", msg))
+        self._monitor = KernelMonitor(
+            self._watched_indexes, self._kernel_changed, lambda msg: self.log.warning("%s", msg)
+        )
         self._monitor.start()
 
     def _plan_lanes(self, cfg: ClusterConfig) -> list[Lane]:
@@ -327,18 +370,32 @@ class OverlayNode:
         main_ip = ipaddress.ip_address(opts.public_ip)
         v6_lane = bool(opts.public_ipv6) and 6 in families and main_ip.version == 4
         if opts.public_ipv6 and not v6_lane:
-            self.log.warning("--public-ipv6 %s is not used: %s", opts.public_ipv6,
-                             "the cluster has no IPv6 pod network" if 6 not in families else
-                             "--public-ip is IPv6 already, so every pod family runs over it")
-        main = Lane(MAIN, opts.vxlan_device or f"pycni.{cfg.vni}", opts.public_ip,
-                    kvx.stable_vtep_mac(vtep_mac_seed(opts.public_ip, cfg.vni, self._node_name)),
-                    underlay_device=opts.underlay_device,
-                    families=[v for v in families if not (v == 6 and v6_lane)])
+            self.log.warning(
+                "--public-ipv6 %s is not used: %s",
+                opts.public_ipv6,
+                "the cluster has no IPv6 pod network"
+                if 6 not in families
+                else "--public-ip is IPv6 already, so every pod family runs over it",
+            )
+        main = Lane(
+            MAIN,
+            opts.vxlan_device or f"pycni.{cfg.vni}",
+            opts.public_ip,
+            kvx.stable_vtep_mac(vtep_mac_seed(opts.public_ip, cfg.vni, self._node_name)),
+            underlay_device=opts.underlay_device,
+            families=[v for v in families if not (v == 6 and v6_lane)],
+        )
         lanes = [main]
         if v6_lane:
-            lanes.append(Lane(V6, f"pycni6.{cfg.vni}", opts.public_ipv6,
-                              kvx.stable_vtep_mac(vtep_mac_seed(opts.public_ipv6, cfg.vni, self._node_name)),
-                              families=[6]))
+            lanes.append(
+                Lane(
+                    V6,
+                    f"pycni6.{cfg.vni}",
+                    opts.public_ipv6,
+                    kvx.stable_vtep_mac(vtep_mac_seed(opts.public_ipv6, cfg.vni, self._node_name)),
+                    families=[6],
+                )
+            )
         return lanes
 
     def _lane(self, kind: str) -> Lane | None:
@@ -361,13 +418,20 @@ class OverlayNode:
             return None
         pools = {net: subnet for net, subnet, _gw in previous.pools()}
         if set(pools) != {pool.network for pool in cfg.pools}:
-            self.log.info("the previous overlay state is for the network %s; not reusing its subnet",
-                          " and ".join(pools))
+            self.log.info(
+                "the previous overlay state is for the network %s; not reusing its subnet", " and ".join(pools)
+            )
             return None
         by_version = {ipaddress.ip_network(subnet).version: subnet for subnet in pools.values()}
-        return NodeLease(subnet=by_version.get(4, ""), public_ip=previous.public_ip, vtep_mac=previous.vtep_mac,
-                         node_name=previous.node_name, ipv6_subnet=by_version.get(6, ""),
-                         public_ipv6=previous.public_ipv6, vtep_mac6=previous.vtep_mac6)
+        return NodeLease(
+            subnet=by_version.get(4, ""),
+            public_ip=previous.public_ip,
+            vtep_mac=previous.vtep_mac,
+            node_name=previous.node_name,
+            ipv6_subnet=by_version.get(6, ""),
+            public_ipv6=previous.public_ipv6,
+            vtep_mac6=previous.vtep_mac6,
+        )
 
     def run(self, stop: threading.Event) -> None:
         """Watch the store and reconcile until ``stop`` is set (or close() is called)."""
@@ -384,6 +448,7 @@ class OverlayNode:
         """One long-lived watch on the store; a full re-list only at start, after a compaction or when the watch
         cannot be resumed, and every relist_interval (jittered) as a safety net. In steady state the store sees
         the lease keep-alive and nothing else; the kernel is checked locally every reconcile_interval."""
+
         def stopping() -> bool:
             return stop.is_set() or self._closed.is_set()
 
@@ -435,7 +500,7 @@ class OverlayNode:
                     # The watch resumes by itself from its revision (bounded, jittered back-off): keep it.
                     self._store_down(exc)
                     self._status.watch = "reconnecting" if watch is not None else "re-listing"
-                    if time.monotonic() >= next_check:   # keep the kernel as the last view says meanwhile
+                    if time.monotonic() >= next_check:  # keep the kernel as the last view says meanwhile
                         self._reconcile_kernel_safely()
                         next_check = time.monotonic() + self.opts.reconcile_interval
                     stop.wait(backoff)
@@ -554,22 +619,40 @@ class OverlayNode:
             "leaseProblem": (keeper.problem or None) if keeper else None,
             "vtepMAC": main.vtep_mac if main else None,
             "vxlanDevice": main.name if main else None,
-            "lanes": [{"kind": lane.kind, "device": lane.name, "publicIP": lane.public_ip, "vtepMAC": lane.vtep_mac,
-                       "mtu": lane.mtu, "families": lane.families,
-                       "underlay": None if lane.missing or lane.underlay is None else lane.underlay.name}
-                      for lane in self._lanes],
+            "lanes": [
+                {
+                    "kind": lane.kind,
+                    "device": lane.name,
+                    "publicIP": lane.public_ip,
+                    "vtepMAC": lane.vtep_mac,
+                    "mtu": lane.mtu,
+                    "families": lane.families,
+                    "underlay": None if lane.missing or lane.underlay is None else lane.underlay.name,
+                }
+                for lane in self._lanes
+            ],
             "bridge": self.opts.bridge,
             "bridgeMAC": self._bridge_mac or None,
             "underlay": None if main is None or main.missing or main.underlay is None else main.underlay.name,
             "ipMasq": self.opts.ip_masq,
             "mtu": self._mtu or None,
-            "remotes": len({r.node_name or r.public_ip for r in remotes}),   # nodes (a remote per family and lane)
+            "remotes": len({r.node_name or r.public_ip for r in remotes}),  # nodes (a remote per family and lane)
             "directRouting": cfg.direct_routing if cfg else None,
-            "remoteNodes": [{"subnet": r.subnet, "publicIP": r.public_ip, "vtepMAC": r.vtep_mac,
-                             "nodeName": r.node_name, "via": r.direct or "vxlan"} for r in remotes],
+            "remoteNodes": [
+                {
+                    "subnet": r.subnet,
+                    "publicIP": r.public_ip,
+                    "vtepMAC": r.vtep_mac,
+                    "nodeName": r.node_name,
+                    "via": r.direct or "vxlan",
+                }
+                for r in remotes
+            ],
             "skipped": skipped,
-            "rejectedEntries": [{"key": r.key, "revision": r.mod_revision, "reason": r.reason}
-                                for r in sorted(self._rejected.values(), key=lambda r: r.key)],
+            "rejectedEntries": [
+                {"key": r.key, "revision": r.mod_revision, "reason": r.reason}
+                for r in sorted(self._rejected.values(), key=lambda r: r.key)
+            ],
             "lastReconcile": st.last_reconcile,
             "reconciles": st.reconciles,
             "events": st.events,
@@ -579,8 +662,13 @@ class OverlayNode:
             "storeRevision": st.revision,
             "storeReachable": st.store_reachable,
             "storeError": st.store_error or None,
-            "store": {"watch": st.watch, "revision": st.revision, "relists": st.relists, "errors": st.store_errors,
-                      "requests": self._store_stats()},
+            "store": {
+                "watch": st.watch,
+                "revision": st.revision,
+                "relists": st.relists,
+                "errors": st.store_errors,
+                "requests": self._store_stats(),
+            },
             "lastError": st.last_error or None,
         }
 
@@ -588,7 +676,7 @@ class OverlayNode:
         store = self._store
         try:
             return store.stats() if store is not None else {}
-        except Exception as exc:   # status must answer whatever the store does
+        except Exception as exc:  # status must answer whatever the store does
             return {"error": str(exc)}
 
     # ---- node devices ---------------------------------------------------------------------
@@ -604,9 +692,15 @@ class OverlayNode:
                 raise OverlayError(f"the underlay link of {lane.name} (holding {lane.public_ip}) is gone")
             mtu = self._lane_mtu(lane, underlay)
             if lane.mtu and mtu != lane.mtu:
-                self.log.warning("the underlay %s now has MTU %d: %s's MTU is %d (was %d); pods that exist keep "
-                                 "their MTU until they are re-created", underlay.name, underlay.mtu, lane.name, mtu,
-                                 lane.mtu)
+                self.log.warning(
+                    "the underlay %s now has MTU %d: %s's MTU is %d (was %d); pods that exist keep "
+                    "their MTU until they are re-created",
+                    underlay.name,
+                    underlay.mtu,
+                    lane.name,
+                    mtu,
+                    lane.mtu,
+                )
             lane.underlay, lane.mtu = underlay, mtu
             lane.direct_nets = self._direct_nets(underlay)
         self._mtu = min(lane.mtu for lane in self._lanes)
@@ -649,8 +743,9 @@ class OverlayNode:
             else:
                 # Pods resolved the gateway to its current MAC: keep that one.
                 self._bridge_mac = bridge.mac
-                self.log.info("adopted the existing bridge %s with its MAC %s (pods are attached to it)", name,
-                              bridge.mac)
+                self.log.info(
+                    "adopted the existing bridge %s with its MAC %s (pods are attached to it)", name, bridge.mac
+                )
         elif not self._bridge_mac:
             self._bridge_mac = derived
         if adopting or bridge.mac != self._bridge_mac:
@@ -695,8 +790,9 @@ class OverlayNode:
 
     def _firewall_spec(self) -> firewall.FirewallSpec:
         assert self._cfg is not None
-        return firewall.FirewallSpec(self._cfg.network, self._cfg.port, masquerade=self.opts.ip_masq,
-                                     network6=self._cfg.ipv6_network)
+        return firewall.FirewallSpec(
+            self._cfg.network, self._cfg.port, masquerade=self.opts.ip_masq, network6=self._cfg.ipv6_network
+        )
 
     def _ensure_forward(self) -> None:
         for action in forward.ensure_forward_accept(self._networks()):
@@ -705,7 +801,7 @@ class OverlayNode:
     def _write_state(self) -> None:
         assert self._cfg is not None and self._keeper is not None
         cfg, keeper = self._cfg, self._keeper
-        pools = []   # (network, subnet, gateway), IPv4 first
+        pools = []  # (network, subnet, gateway), IPv4 first
         for subnet in keeper.subnets:
             net = ipaddress.ip_network(subnet)
             pool = cfg.pool(net.version)
@@ -715,22 +811,39 @@ class OverlayNode:
         network6, subnet6, gateway6 = pools[1] if len(pools) > 1 else ("", "", "")
         main, v6 = self._lanes[0], self._lane(V6)
         state = overlaystate.OverlayState(
-            network=network, subnet=subnet, gateway=gateway, mtu=self._mtu, bridge=self.opts.bridge,
-            vxlan_device=main.name, vni=cfg.vni, port=cfg.port, public_ip=self.opts.public_ip,
-            vtep_mac=main.vtep_mac, node_name=self._node_name, lease_expires=round(keeper.valid_until, 3),
-            lease_lost=keeper.problem if keeper.state == LOST else "", network6=network6, subnet6=subnet6,
-            gateway6=gateway6, vxlan_device6=v6.name if v6 else "", public_ipv6=v6.public_ip if v6 else "",
-            vtep_mac6=v6.vtep_mac if v6 else "")
+            network=network,
+            subnet=subnet,
+            gateway=gateway,
+            mtu=self._mtu,
+            bridge=self.opts.bridge,
+            vxlan_device=main.name,
+            vni=cfg.vni,
+            port=cfg.port,
+            public_ip=self.opts.public_ip,
+            vtep_mac=main.vtep_mac,
+            node_name=self._node_name,
+            lease_expires=round(keeper.valid_until, 3),
+            lease_lost=keeper.problem if keeper.state == LOST else "",
+            network6=network6,
+            subnet6=subnet6,
+            gateway6=gateway6,
+            vxlan_device6=v6.name if v6 else "",
+            public_ipv6=v6.public_ip if v6 else "",
+            vtep_mac6=v6.vtep_mac if v6 else "",
+        )
         overlaystate.write_state(self.opts.state_dir, state)
         text = subnetenv.render([(net, sub) for net, sub, _gw in pools], self._mtu, self.opts.ip_masq)
         if text != self._subnet_env:
             try:
                 subnetenv.write(self._subnet_file, text)
                 self._subnet_env = text
-            except OSError as exc:   # the overlay works without it: say so, try again at the next write
+            except OSError as exc:  # the overlay works without it: say so, try again at the next write
                 self._status.last_error = f"cannot write {self._subnet_file}: {exc.strerror or exc}"
-                self.log.warning("cannot write flannel's subnet file %s: %s (check --subnet-file)",
-                                 self._subnet_file, exc.strerror or exc)
+                self.log.warning(
+                    "cannot write flannel's subnet file %s: %s (check --subnet-file)",
+                    self._subnet_file,
+                    exc.strerror or exc,
+                )
 
     @property
     def _subnet_file(self) -> str:
@@ -781,15 +894,17 @@ class OverlayNode:
     def _warn_rejected(self, entry: RejectedLease) -> None:
         known = self._rejected.get(entry.key)
         if known is None or known.mod_revision != entry.mod_revision:
-            self.log.warning("ignoring the store entry %s (revision %d): %s", entry.key, entry.mod_revision,
-                             entry.reason)
+            self.log.warning(
+                "ignoring the store entry %s (revision %d): %s", entry.key, entry.mod_revision, entry.reason
+            )
 
     def _store_up(self) -> None:
         st = self._status
         if not st.store_reachable:
             if st.store_error:
-                self.log.info("the cluster store is reachable again (after %.1f s)",
-                              time.monotonic() - st.store_down_since)
+                self.log.info(
+                    "the cluster store is reachable again (after %.1f s)", time.monotonic() - st.store_down_since
+                )
             st.store_down_since = 0.0
             st.store_reachable = True
             st.store_error = ""
@@ -812,13 +927,16 @@ class OverlayNode:
         self._store_up()
         if self._own_lease_gone():
             if self._keeper is not None and self._keeper.state != LOST:
-                self.log.warning("this node's lease of %s is gone from the store; taking it again",
-                                 self._keeper.subnet)
+                self.log.warning("this node's lease of %s is gone from the store; taking it again", self._keeper.subnet)
             self._renew()
             self._scan()
         self._reconcile_kernel()
-        self.log.debug("revision %d: listed in %.1f ms, reconciled in %.1f ms", self._status.revision,
-                       (listed - began) * 1000, (time.monotonic() - listed) * 1000)
+        self.log.debug(
+            "revision %d: listed in %.1f ms, reconciled in %.1f ms",
+            self._status.revision,
+            (listed - began) * 1000,
+            (time.monotonic() - listed) * 1000,
+        )
 
     def _apply_events(self, events: list[Any]) -> None:
         """Store events, one lease at a time: O(1) kernel work per changed node (the incremental reconcile)."""
@@ -872,20 +990,27 @@ class OverlayNode:
                 continue
             outcome = lane.entries.apply(self._batch, lane.index, delta, _underlay_index(lane))
             self._status.changes += outcome.done
-            self.log.info("store change on %s: +%d -%d remote subnets (%s)", lane.name, len(delta.add),
-                          len(delta.remove), ", ".join(sorted({r.subnet for r in delta.add + delta.remove}))[:200])
+            self.log.info(
+                "store change on %s: +%d -%d remote subnets (%s)",
+                lane.name,
+                len(delta.add),
+                len(delta.remove),
+                ", ".join(sorted({r.subnet for r in delta.add + delta.remove}))[:200],
+            )
             if outcome.failures:
                 self._status.last_error = "; ".join(outcome.failures)
-                self.log.warning("%d entries could not be written: %s", len(outcome.failures),
-                                 "; ".join(outcome.failures))
+                self.log.warning(
+                    "%d entries could not be written: %s", len(outcome.failures), "; ".join(outcome.failures)
+                )
         self._sync_members()
         self._warn_skips()
 
     def _warn_skips(self, skipped: list[str] | None = None) -> None:
         """One warning per lease that is read but not programmed, when it starts being skipped."""
         if skipped is None:
-            skipped = sorted({r for lane in self._lanes if lane.entries is not None
-                              for r in lane.entries.table.skipped()})
+            skipped = sorted(
+                {r for lane in self._lanes if lane.entries is not None for r in lane.entries.table.skipped()}
+            )
         for reason in skipped:
             if reason not in self._warned_skips:
                 self.log.warning("ignoring lease %s", reason)
@@ -905,7 +1030,7 @@ class OverlayNode:
             return
         try:
             firewall.update_members(add=wanted - self._firewall_members, remove=self._firewall_members - wanted)
-        except CNIError:   # the table changed under us: rebuild it whole
+        except CNIError:  # the table changed under us: rebuild it whole
             firewall.ensure_firewall(self._firewall_spec(), wanted)
         self._firewall_members = wanted
 
@@ -919,12 +1044,16 @@ class OverlayNode:
     def _own(self, lane: Lane) -> Own:
         """This node as ``lane`` judges other leases."""
         assert self._cfg is not None and self._keeper is not None
-        return Own(ipaddress.ip_address(lane.public_ip),
-                   tuple(ipaddress.ip_network(s) for s in self._keeper.subnets),
-                   tuple(pool.ip_network for pool in self._cfg.pools), lane.vtep_mac, lane.kind,
-                   v6_lane=self._lane(V6) is not None,
-                   node_ips=frozenset(ipaddress.ip_address(other.public_ip) for other in self._lanes),
-                   direct_nets=lane.direct_nets)
+        return Own(
+            ipaddress.ip_address(lane.public_ip),
+            tuple(ipaddress.ip_network(s) for s in self._keeper.subnets),
+            tuple(pool.ip_network for pool in self._cfg.pools),
+            lane.vtep_mac,
+            lane.kind,
+            v6_lane=self._lane(V6) is not None,
+            node_ips=frozenset(ipaddress.ip_address(other.public_ip) for other in self._lanes),
+            direct_nets=lane.direct_nets,
+        )
 
     def _direct_nets(self, underlay: kip.Link) -> tuple:
         """With DirectRouting: the underlay link's subnets; their nodes get plain routes instead of VXLAN."""
@@ -950,12 +1079,14 @@ class OverlayNode:
                 wanted = lane.entries.table.wanted()
                 skipped |= set(wanted.skipped)
                 if todo:
-                    self.log.info("reconcile %s: %s (%d remote subnets)", lane.name, todo.summary(),
-                                  len(wanted.remotes))
+                    self.log.info(
+                        "reconcile %s: %s (%d remote subnets)", lane.name, todo.summary(), len(wanted.remotes)
+                    )
                 if outcome.failures:
                     self._status.last_error = "; ".join(outcome.failures)
-                    self.log.warning("reconcile left %d entries wrong: %s", len(outcome.failures),
-                                     "; ".join(outcome.failures))
+                    self.log.warning(
+                        "reconcile left %d entries wrong: %s", len(outcome.failures), "; ".join(outcome.failures)
+                    )
             self._warn_skips(sorted(skipped))
             if with_firewall:
                 members = self._programmed_members()
@@ -974,8 +1105,11 @@ class OverlayNode:
             underlay = lanes_mod.find_underlay(self._ipr, lane)
             if underlay is None:
                 if not lane.missing:
-                    self.log.warning("the underlay link holding %s is gone: %s is down on this node until it is back",
-                                     lane.underlay_device or lane.public_ip, lane.name)
+                    self.log.warning(
+                        "the underlay link holding %s is gone: %s is down on this node until it is back",
+                        lane.underlay_device or lane.public_ip,
+                        lane.name,
+                    )
                     lane.missing = True
                 ready = False
                 continue
@@ -989,16 +1123,26 @@ class OverlayNode:
             nets = self._direct_nets(underlays[lane.name])
             if nets != lane.direct_nets:
                 # The underlay's subnets changed: which nodes are neighbours on the wire changed with them.
-                self.log.info("the underlay %s is on %s now: re-judging which nodes are routed directly",
-                              underlays[lane.name].name, ", ".join(map(str, nets)) or "no subnet")
+                self.log.info(
+                    "the underlay %s is on %s now: re-judging which nodes are routed directly",
+                    underlays[lane.name].name,
+                    ", ".join(map(str, nets)) or "no subnet",
+                )
                 lane.direct_nets = nets
                 self._direct_changed = True
         drift = []
         subnets = self._keeper.subnets
         for lane in self._lanes:
             underlay = underlays[lane.name]
-            drift += lanes_mod.drift(self._ipr, lane, self._cfg.vni, self._cfg.port, underlay,
-                                     self._lane_mtu(lane, underlay), lanes_mod.vtep_addresses(lane, subnets))
+            drift += lanes_mod.drift(
+                self._ipr,
+                lane,
+                self._cfg.vni,
+                self._cfg.port,
+                underlay,
+                self._lane_mtu(lane, underlay),
+                lanes_mod.vtep_addresses(lane, subnets),
+            )
         drift += self._bridge_drift(subnets)
         if not self.opts.tx_checksum_offload:
             drift += self._tx_checksum_drift()
@@ -1018,7 +1162,7 @@ class OverlayNode:
                 if get_tx_checksum(lane.name):
                     out.append(f"{lane.name} has transmit checksum offload on")
             except EthtoolError:
-                pass   # a missing device is drift of its own (lanes_mod.drift)
+                pass  # a missing device is drift of its own (lanes_mod.drift)
         return out
 
     def _bridge_drift(self, subnets: list[str]) -> list[str]:
@@ -1065,8 +1209,7 @@ class OverlayNode:
                     if outcome.done:
                         self._status.entry_repairs += outcome.done
                         self._status.changes += outcome.done
-                        self.log.info("set %d entries on %s right that were changed under us", outcome.done,
-                                      lane.name)
+                        self.log.info("set %d entries on %s right that were changed under us", outcome.done, lane.name)
                     if outcome.failures:
                         self._status.last_error = "; ".join(outcome.failures)
                         self.log.warning("could not set entries right: %s", "; ".join(outcome.failures))
@@ -1093,8 +1236,11 @@ class OverlayNode:
             self.log.warning("the cluster store is unavailable (%s); keeping the current entries", message)
             st.store_warned_at = now
         elif now - st.store_warned_at >= STORE_DOWN_REMINDER:
-            self.log.warning("the cluster store is still unavailable after %.0f s (%s); keeping the current "
-                             "entries", now - st.store_down_since, message)
+            self.log.warning(
+                "the cluster store is still unavailable after %.0f s (%s); keeping the current entries",
+                now - st.store_down_since,
+                message,
+            )
             st.store_warned_at = now
         st.store_reachable = False
         st.store_error = message

@@ -4,6 +4,7 @@ Pure functions of the cluster's leases and of listings of kernel entries, so
 the decisions of the reconcile loop are testable without root. The node
 agent (``node.py``) lists, calls ``plan()`` and applies the result.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -36,7 +37,7 @@ class Remote:
     public_ip: str
     vtep_mac: str
     node_name: str = ""
-    direct: str = ""   # the next hop on the underlay when routed directly ("": through VXLAN)
+    direct: str = ""  # the next hop on the underlay when routed directly ("": through VXLAN)
 
     @property
     def vtep_address(self) -> str:
@@ -62,16 +63,16 @@ class Wanted:
     fdb: set[FdbEntry] = field(default_factory=set)
     neigh: set[NeighEntry] = field(default_factory=set)
     routes: set[OnlinkRoute] = field(default_factory=set)
-    direct_routes: set[OnlinkRoute] = field(default_factory=set)   # via the underlay, without VXLAN
-    members: set[str] = field(default_factory=set)     # underlay addresses of the accepted remotes (not this node)
-    skipped: list[str] = field(default_factory=list)   # why a lease was not turned into entries (sorted)
+    direct_routes: set[OnlinkRoute] = field(default_factory=set)  # via the underlay, without VXLAN
+    members: set[str] = field(default_factory=set)  # underlay addresses of the accepted remotes (not this node)
+    skipped: list[str] = field(default_factory=list)  # why a lease was not turned into entries (sorted)
 
 
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
-MAIN, V6 = "main", "v6"   # the VXLAN device on --public-ip's underlay; the one on --public-ipv6's
+MAIN, V6 = "main", "v6"  # the VXLAN device on --public-ip's underlay; the one on --public-ipv6's
 
 
 @dataclass(frozen=True)
@@ -84,21 +85,26 @@ class Own:
     underlay too go through the V6 lane when this node has one (``v6_lane``).
     """
 
-    public_ip: ipaddress._BaseAddress               # this lane's local underlay address
-    subnets: tuple[ipaddress._BaseNetwork, ...]     # this node's pod subnets, one per family
-    networks: tuple[ipaddress._BaseNetwork, ...]    # the cluster's pod networks, one per family
-    vtep_mac: str = ""                              # this lane's VTEP MAC
+    public_ip: ipaddress._BaseAddress  # this lane's local underlay address
+    subnets: tuple[ipaddress._BaseNetwork, ...]  # this node's pod subnets, one per family
+    networks: tuple[ipaddress._BaseNetwork, ...]  # the cluster's pod networks, one per family
+    vtep_mac: str = ""  # this lane's VTEP MAC
     lane: str = MAIN
-    v6_lane: bool = False                           # (main lane) the node has a V6 lane too
-    node_ips: frozenset = frozenset()               # every underlay address of this node
-    direct_nets: tuple[ipaddress._BaseNetwork, ...] = ()   # direct routing: the underlay's own subnets
+    v6_lane: bool = False  # (main lane) the node has a V6 lane too
+    node_ips: frozenset = frozenset()  # every underlay address of this node
+    direct_nets: tuple[ipaddress._BaseNetwork, ...] = ()  # direct routing: the underlay's own subnets
 
     @classmethod
     def of(cls, own_public_ip: str, own_subnet: str, network: str, own_vtep_mac: str = "") -> "Own":
         """One family on one lane (the IPv4-only overlay)."""
         ip = ipaddress.ip_address(own_public_ip)
-        return cls(ip, (ipaddress.ip_network(own_subnet),), (ipaddress.ip_network(network),),
-                   own_vtep_mac.strip().lower(), node_ips=frozenset({ip}))
+        return cls(
+            ip,
+            (ipaddress.ip_network(own_subnet),),
+            (ipaddress.ip_network(network),),
+            own_vtep_mac.strip().lower(),
+            node_ips=frozenset({ip}),
+        )
 
     def own_subnet(self, version: int) -> ipaddress._BaseNetwork | None:
         return next((s for s in self.subnets if s.version == version), None)
@@ -123,7 +129,7 @@ def _lane_of(lease: LeaseLike, own: Own) -> tuple[object, str, list[int]]:
     if own.lane == V6:
         return ipv6_public, ipv6_mac, [6] if ipv6_public and ipv6_mac and 6 in families else []
     if own.v6_lane and ipv6_public and ipv6_mac:
-        families = [v for v in families if v != 6]   # its IPv6 pods go through the V6 lane
+        families = [v for v in families if v != 6]  # its IPv6 pods go through the V6 lane
     return lease.public_ip, lease.vtep_mac, families
 
 
@@ -134,8 +140,12 @@ def _direct_hop(lease: LeaseLike, version: int, own: Own) -> str:
         return ""
     for text in (lease.public_ip, getattr(lease, "public_ipv6", "") or ""):
         address = _underlay(text)
-        if address is not None and address.version == version and address not in own.node_ips and \
-                any(address.version == net.version and address in net for net in own.direct_nets):
+        if (
+            address is not None
+            and address.version == version
+            and address not in own.node_ips
+            and any(address.version == net.version and address in net for net in own.direct_nets)
+        ):
             return str(address)
     return ""
 
@@ -186,20 +196,24 @@ def judge(lease: LeaseLike, own: Own) -> tuple[Remote, ...] | str | None:
             return f"{subnet}: overlaps this node's subnet {mine}"
         if public_ip.version == cluster.version and public_ip in cluster:
             return f"{subnet}: underlay {public_ip} is inside the cluster network {cluster} (a pod address)"
-        remotes.append(Remote(str(subnet), str(public_ip), mac, lease.node_name or "",
-                              direct=_direct_hop(lease, version, own)))
+        remotes.append(
+            Remote(str(subnet), str(public_ip), mac, lease.node_name or "", direct=_direct_hop(lease, version, own))
+        )
     if own.vtep_mac and mac == own.vtep_mac:
         return f"{label}: VTEP MAC {mac} is this node's own"
     return tuple(remotes)
 
 
 def _claimed_twice(remote: Remote, others: Iterable[str]) -> str:
-    return (f"{remote.subnet}: VTEP MAC {remote.vtep_mac} is also claimed by {', '.join(sorted(others))}; none of "
-            f"them is programmed")
+    return (
+        f"{remote.subnet}: VTEP MAC {remote.vtep_mac} is also claimed by {', '.join(sorted(others))}; none of "
+        f"them is programmed"
+    )
 
 
-def wanted_state(leases: Iterable[LeaseLike], own_public_ip: str, own_subnet: str, network: str, *,
-                 own_vtep_mac: str = "") -> Wanted:
+def wanted_state(
+    leases: Iterable[LeaseLike], own_public_ip: str, own_subnet: str, network: str, *, own_vtep_mac: str = ""
+) -> Wanted:
     """The entries this node wants for ``leases`` (its own lease excluded).
 
     A lease with this node's public IP or subnet is this node's (skipped
@@ -245,10 +259,10 @@ class RemoteTable:
 
     def __init__(self, own: Own) -> None:
         self.own = own
-        self._candidates: dict[str, tuple[Remote, ...]] = {}   # key -> a lease's remotes that passed judge()
-        self._skipped: dict[str, str] = {}         # key -> why it is not programmed (judge, or its MAC)
-        self._by_mac: dict[str, set[str]] = {}     # VTEP MAC -> keys of the candidates claiming it
-        self._members: dict[str, int] = {}         # underlay address -> programmed remotes there
+        self._candidates: dict[str, tuple[Remote, ...]] = {}  # key -> a lease's remotes that passed judge()
+        self._skipped: dict[str, str] = {}  # key -> why it is not programmed (judge, or its MAC)
+        self._by_mac: dict[str, set[str]] = {}  # VTEP MAC -> keys of the candidates claiming it
+        self._members: dict[str, int] = {}  # underlay address -> programmed remotes there
         # The programmed remotes by what identifies each of their kernel entries (for the netlink monitor).
         self.by_fdb_mac: dict[str, Remote] = {}
         self.by_vtep_address: dict[str, Remote] = {}
@@ -303,9 +317,15 @@ class RemoteTable:
             self._members[remote.public_ip] = count
         else:
             self._members.pop(remote.public_ip, None)
-        indexes = ((self.by_subnet, remote.subnet),) if remote.direct else \
-            ((self.by_fdb_mac, remote.vtep_mac), (self.by_vtep_address, remote.vtep_address),
-             (self.by_subnet, remote.subnet))
+        indexes = (
+            ((self.by_subnet, remote.subnet),)
+            if remote.direct
+            else (
+                (self.by_fdb_mac, remote.vtep_mac),
+                (self.by_vtep_address, remote.vtep_address),
+                (self.by_subnet, remote.subnet),
+            )
+        )
         for index, name in indexes:
             if step > 0:
                 index[name] = remote
@@ -400,8 +420,7 @@ class Plan:
         return ", ".join(parts) or "no change"
 
 
-def plan(wanted: Wanted, fdb: Iterable[FdbEntry], neigh: Iterable[NeighEntry],
-         routes: Iterable[OnlinkRoute]) -> Plan:
+def plan(wanted: Wanted, fdb: Iterable[FdbEntry], neigh: Iterable[NeighEntry], routes: Iterable[OnlinkRoute]) -> Plan:
     """The changes that make the VXLAN device's entries match ``wanted``.
 
     Every permanent entry on the device is the agent's own (the device is),

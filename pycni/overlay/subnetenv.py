@@ -14,6 +14,7 @@ other tools source it. The agent writes the same keys for its lease (by default
 Written atomically (a temp file and a rename, mode 0644) whenever its content
 changes, removed when the node leaves the cluster.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -35,8 +36,10 @@ def render(pools: list[tuple[str, str]], mtu: int, ip_masq: bool) -> str:
     for network, subnet in pools:
         net = ipaddress.ip_network(subnet)
         key = "FLANNEL" if net.version == 4 else "FLANNEL_IPV6"
-        lines += [f"{key}_NETWORK={ipaddress.ip_network(network)}",
-                  f"{key}_SUBNET={net.network_address + 1}/{net.prefixlen}"]
+        lines += [
+            f"{key}_NETWORK={ipaddress.ip_network(network)}",
+            f"{key}_SUBNET={net.network_address + 1}/{net.prefixlen}",
+        ]
     lines += [f"FLANNEL_MTU={int(mtu)}", f"FLANNEL_IPMASQ={'true' if ip_masq else 'false'}"]
     return "\n".join(lines) + "\n"
 

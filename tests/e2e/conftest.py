@@ -15,6 +15,7 @@ time included) is not compared.
 The busybox image and cnitool are built once and kept in the pytest cache
 (``.pytest_cache/d/pycni-e2e``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,9 +35,9 @@ from tests.e2e.kit.host import Host
 
 @dataclass(frozen=True)
 class PluginSet:
-    kind: str            # "reference" or "pycni"
-    path: Path           # the real plugin directory
-    borrowed: tuple[str, ...] = ()   # reference plugins added to pycni's directory
+    kind: str  # "reference" or "pycni"
+    path: Path  # the real plugin directory
+    borrowed: tuple[str, ...] = ()  # reference plugins added to pycni's directory
 
     @property
     def is_reference(self) -> bool:
@@ -93,11 +94,11 @@ class Site:
     host: Host
     plugins: PluginSet
     root: Path
-    bin_dir: Path        # the wrappers: what the runtime is given as its CNI bin dir / CNI_PATH
-    log_dir: Path        # what the wrappers logged
-    conf_dir: Path       # holds the e2e network's conflist
-    data_dir: Path       # host-local's dataDir
-    cgroup_parent: str   # a cgroup name of our own, e.g. "pycni-e2e-1a2b3c4d5e"
+    bin_dir: Path  # the wrappers: what the runtime is given as its CNI bin dir / CNI_PATH
+    log_dir: Path  # what the wrappers logged
+    conf_dir: Path  # holds the e2e network's conflist
+    data_dir: Path  # host-local's dataDir
+    cgroup_parent: str  # a cgroup name of our own, e.g. "pycni-e2e-1a2b3c4d5e"
 
     @property
     def cgroup_path(self) -> str:
@@ -117,8 +118,11 @@ class Site:
     def host_veth(self, container_id: str) -> str | None:
         """The host-side veth the bridge ADD for container_id reported."""
         for request in self.requests():
-            if (request.plugin, request.command) == ("bridge", "ADD") and \
-                    request.env.get("CNI_CONTAINERID") == container_id and request.rc == 0:
+            if (
+                (request.plugin, request.command) == ("bridge", "ADD")
+                and request.env.get("CNI_CONTAINERID") == container_id
+                and request.rc == 0
+            ):
                 for iface in (request.answer or {}).get("interfaces", []):
                     if "sandbox" not in iface and iface.get("name") != conflist.BRIDGE:
                         return iface["name"]
@@ -134,7 +138,7 @@ def short_path(target: Path) -> Iterator[Path]:
     """
     link = Path(tempfile.mkdtemp(prefix="pe2e-", dir="/tmp" if os.path.isdir("/tmp") else None))
     link.rmdir()
-    link.symlink_to(target, target_is_directory=True)   # FileExistsError if the name was taken meanwhile
+    link.symlink_to(target, target_is_directory=True)  # FileExistsError if the name was taken meanwhile
     try:
         yield link
     finally:

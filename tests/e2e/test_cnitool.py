@@ -12,6 +12,7 @@ DNAT chain on an IPv4-only network ("could not check ipv6 dnat"), and
 bandwidth panics without bandwidth runtime config. A CHECK from the reference
 may fail with exactly those and nothing else; pycni's must pass.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,13 +35,11 @@ pytestmark = pytest.mark.e2e
 HOST_PORT = 8080
 CONVENTIONS = {  # the CNI conventions' spelling (what cnitool users and podman write)
     "portMappings": [{"hostPort": HOST_PORT, "containerPort": 80, "protocol": "tcp"}],
-    "bandwidth": {"ingressRate": 10_000_000, "ingressBurst": 200_000,
-                  "egressRate": 20_000_000, "egressBurst": 200_000},
+    "bandwidth": {"ingressRate": 10_000_000, "ingressBurst": 200_000, "egressRate": 20_000_000, "egressBurst": 200_000},
 }
 CONTAINERD_CASE = {  # the same, as containerd 1.6 spells it (go-cni's untagged Go structs)
     "portMappings": [{"HostPort": HOST_PORT, "ContainerPort": 80, "Protocol": "tcp", "HostIP": ""}],
-    "bandwidth": {"IngressRate": 10_000_000, "IngressBurst": 200_000,
-                  "EgressRate": 20_000_000, "EgressBurst": 200_000},
+    "bandwidth": {"IngressRate": 10_000_000, "IngressBurst": 200_000, "EgressRate": 20_000_000, "EgressBurst": 200_000},
 }
 # The reference bridge's per-container masquerade chain (CNI- and 24 hex digits); see test_gc.
 REFERENCE_MASQ_CHAIN = re.compile(r"\bCNI-[0-9a-f]{24}\b")
@@ -81,8 +80,24 @@ class Cni:
         www.mkdir(parents=True)
         (www / "index.html").write_text(f"{name}\n")
         pod.server = subprocess.Popen(
-            ["ip", "netns", "exec", pod.ns.name, sys.executable, "-m", "http.server", "80", "--bind", "0.0.0.0",
-             "--directory", str(www)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [
+                "ip",
+                "netns",
+                "exec",
+                pod.ns.name,
+                sys.executable,
+                "-m",
+                "http.server",
+                "80",
+                "--bind",
+                "0.0.0.0",
+                "--directory",
+                str(www),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.stack.callback(procs.stop_popen, pod.server)
         return pod
 
@@ -91,16 +106,24 @@ class Cni:
         procs.stop_popen(pod.server)
         netns.delete(pod.path)
 
-    def __call__(self, command: str, pod: Pod | None = None, *, caps: dict | None = None,
-                 netconf: Path | None = None) -> subprocess.CompletedProcess[str]:
-        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-               "NETCONFPATH": str(netconf or self.site.conf_dir), "CNI_PATH": str(self.site.bin_dir),
-               "CNI_CACHE_DIR": str(self.cache_dir), "CNI_IFNAME": "eth0"}
+    def __call__(
+        self, command: str, pod: Pod | None = None, *, caps: dict | None = None, netconf: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "NETCONFPATH": str(netconf or self.site.conf_dir),
+            "CNI_PATH": str(self.site.bin_dir),
+            "CNI_CACHE_DIR": str(self.cache_dir),
+            "CNI_IFNAME": "eth0",
+        }
         if caps is not None:
             env["CAP_ARGS"] = json.dumps(caps)
         argv = [str(self.exe), command, conflist.NETWORK] + ([pod.path] if pod else [])
-        return procs.run(["ip", "netns", "exec", self.site.host.name, "env", "-i",
-                          *(f"{k}={v}" for k, v in env.items()), *argv], check=False, timeout=120)
+        return procs.run(
+            ["ip", "netns", "exec", self.site.host.name, "env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv],
+            check=False,
+            timeout=120,
+        )
 
     def add(self, pod: Pod, caps: dict | None = None) -> Pod:
         proc = self("add", pod, caps=caps)
@@ -108,8 +131,11 @@ class Cni:
             pytest.fail(f"cnitool add failed: {proc.stderr.strip()[-1500:]}\n{self.site.calls()}")
         result = json.loads(proc.stdout)
         pod.ip = result["ips"][0]["address"].split("/")[0]
-        pod.container_id = next(r.env["CNI_CONTAINERID"] for r in reversed(self.site.requests())
-                                if r.command == "ADD" and r.env.get("CNI_NETNS") == pod.path)
+        pod.container_id = next(
+            r.env["CNI_CONTAINERID"]
+            for r in reversed(self.site.requests())
+            if r.command == "ADD" and r.env.get("CNI_NETNS") == pod.path
+        )
         return pod
 
     def ok(self, command: str, pod: Pod | None = None, **kwargs) -> None:
@@ -117,8 +143,9 @@ class Cni:
         assert proc.returncode == 0, f"cnitool {command} failed: {proc.stderr.strip()[-1500:]}\n{self.site.calls()}"
 
     def leftovers(self, pods: list[Pod], **kwargs) -> list[str]:
-        return self.site.leftovers(cache_dir=self.cache_dir, ids=[p.container_id for p in pods],
-                                   ips=[p.ip for p in pods], **kwargs)
+        return self.site.leftovers(
+            cache_dir=self.cache_dir, ids=[p.container_id for p in pods], ips=[p.ip for p in pods], **kwargs
+        )
 
 
 @pytest.fixture
@@ -150,8 +177,11 @@ def check(cni: Cni, pod: Pod, caps: dict | None) -> None:
 
 
 def unexpected_failures(site) -> list[str]:
-    return [r.summary() for r in site.requests() if r.rc not in (0, None)
-            and not (site.plugins.is_reference and known_reference_check_bug(r))]
+    return [
+        r.summary()
+        for r in site.requests()
+        if r.rc not in (0, None) and not (site.plugins.is_reference and known_reference_check_bug(r))
+    ]
 
 
 def test_add_check_status_del(site, cni):
@@ -171,9 +201,9 @@ def test_add_check_status_del(site, cni):
 
     check(cni, a, CONVENTIONS)
     check(cni, b, None)
-    cni.ok("status")   # cniVersion 1.0.0: libcni sends no STATUS before 1.1.0 (see test_gc_and_status_on_1_1_0)
+    cni.ok("status")  # cniVersion 1.0.0: libcni sends no STATUS before 1.1.0 (see test_gc_and_status_on_1_1_0)
 
-    for pod, caps in ((a, CONVENTIONS), (b, None), (a, CONVENTIONS)):   # the second DEL of a: no cache, no prevResult
+    for pod, caps in ((a, CONVENTIONS), (b, None), (a, CONVENTIONS)):  # the second DEL of a: no cache, no prevResult
         cni.ok("del", pod, caps=caps)
     cni.ok("del", b)
     assert not unexpected_failures(site), site.calls()
@@ -184,8 +214,9 @@ def test_containerd_letter_case_has_the_same_effect(site, cni):
     """Capability arguments spelt as containerd sends them (HostPort, IngressRate) map the port and shape."""
     pod = cni.add(cni.pod("pod-c"), CONTAINERD_CASE)
     wait_for(lambda: site.host.http_get(f"http://{pod.ip}/") == "pod-c\n", timeout=15, what="pod-c's server")
-    assert site.host.http_get(f"http://{HOST_IP}:{HOST_PORT}/", where="outside") == "pod-c\n", \
+    assert site.host.http_get(f"http://{HOST_IP}:{HOST_PORT}/", where="outside") == "pod-c\n", (
         f"hostPort not mapped from {CONTAINERD_CASE['portMappings']}\n{site.calls()}"
+    )
     veth = site.host_veth(pod.container_id)
     assert shaping.tbf_rate(site.host, veth) == "10Mbit", site.host.net("tc", "qdisc", "show").stdout
     assert "20Mbit" in shaping.egress_rates(site.host).values(), site.host.net("tc", "qdisc", "show").stdout
@@ -233,9 +264,9 @@ def test_gc_and_status_on_1_1_0(site, cni):
     if site.plugins.is_reference:
         pytest.skip("the reference v1.1.1 implements CNI spec up to 1.0.0 (GC/STATUS: 'missing containerID')")
     lost = cni.add(cni.pod("pod-lost"), CONVENTIONS)
-    for entry in (cni.cache_dir / "results").iterdir():   # the runtime lost track of it ...
+    for entry in (cni.cache_dir / "results").iterdir():  # the runtime lost track of it ...
         entry.unlink()
-    cni.remove_pod(lost)                                  # ... and the container is gone
+    cni.remove_pod(lost)  # ... and the container is gone
     newer = conflist.write(site.root / "net110.d", site.data_dir, cni_version="1.1.0").parent
     cni.ok("status", netconf=newer)
     cni.ok("gc", netconf=newer)

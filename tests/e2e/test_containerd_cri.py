@@ -19,6 +19,7 @@ plugins (seen through the capture wrappers):
   RemovePodSandbox: DEL again with ``CNI_NETNS=""`` and no prevResult. A DEL
   that fails keeps the sandbox from being removed (and the lease and veth stay).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,7 @@ from tests.e2e.kit.host import HOST_IP, wait_for
 pytestmark = pytest.mark.e2e
 
 HOST_PORT = 8080
-INGRESS, EGRESS = "10M", "20M"   # kubernetes.io/ingress-bandwidth, egress-bandwidth (bits/s)
+INGRESS, EGRESS = "10M", "20M"  # kubernetes.io/ingress-bandwidth, egress-bandwidth (bits/s)
 WEB = ["/bin/sh", "-c", "hostname > /tmp/index.html; exec httpd -f -p 80 -h /tmp"]
 
 
@@ -42,8 +43,9 @@ WEB = ["/bin/sh", "-c", "hostname > /tmp/index.html; exec httpd -f -p 80 -h /tmp
 def containerd(site, busybox_archive, e2e_cache):
     if reason := containerd_kit.missing():
         pytest.skip(reason)
-    runtime = containerd_kit.Containerd(site.host, site.root / "containerd", bin_dir=site.bin_dir,
-                                        conf_dir=site.conf_dir, api_cache=e2e_cache)
+    runtime = containerd_kit.Containerd(
+        site.host, site.root / "containerd", bin_dir=site.bin_dir, conf_dir=site.conf_dir, api_cache=e2e_cache
+    )
     try:
         runtime.start()
         runtime.import_image(busybox_archive)
@@ -68,9 +70,13 @@ def bandwidth_annotations() -> dict[str, str]:
 
 def run_pod(site, runtime, name: str, *, ports=(), shaped: bool = False) -> Pod:
     try:
-        return runtime.client.run_pod(name, port_mappings=list(ports),
-                                      annotations=bandwidth_annotations() if shaped else {},
-                                      cgroup_parent=site.cgroup_path, log_directory=str(site.root / "pods" / name))
+        return runtime.client.run_pod(
+            name,
+            port_mappings=list(ports),
+            annotations=bandwidth_annotations() if shaped else {},
+            cgroup_parent=site.cgroup_path,
+            log_directory=str(site.root / "pods" / name),
+        )
     except grpc.RpcError as exc:
         pytest.fail(f"RunPodSandbox {name} failed: {exc.details()}\n{site.calls()}")
 
@@ -105,18 +111,24 @@ def test_pods_reach_each_other_the_host_and_a_host_port(site, containerd):
         # (no -T: busybox-static's wget crashes with it; ExecSync's timeout bounds the call)
         code, out, err = containerd.client.exec_sync(container, ["wget", "-q", "-O-", f"http://{target}/"])
         assert (code, out.strip()) == (0, expected), f"pod -> {target}: exit {code} {out!r} {err!r}"
-    assert site.host.http_get(f"http://{HOST_IP}:{HOST_PORT}/", where="outside") == "pod-a\n", \
+    assert site.host.http_get(f"http://{HOST_IP}:{HOST_PORT}/", where="outside") == "pod-a\n", (
         f"hostPort {HOST_PORT} not reached from the outside namespace\n{site.calls()}"
-    assert not shaping.ifb_devices(site.host) and shaping.tbf_rate(site.host, site.host_veth(a.id)) is None, \
+    )
+    assert not shaping.ifb_devices(site.host) and shaping.tbf_rate(site.host, site.host_veth(a.id)) is None, (
         "shaped although no bandwidth annotation asked for it"
+    )
 
     # the kubelet stops a sandbox more than once before removing it
     stop_and_remove(site, containerd, a, stops=2)
     stop_and_remove(site, containerd, b, stops=2)
     failed = [r.summary() for r in site.requests() if r.rc not in (0, None)]
     assert not failed, f"plugin calls failed: {failed}\n{site.calls()}"
-    left = site.leftovers(cache_dir=site.host.path("/var/lib/cni"), netns_dir=site.host.path("/run/netns"),
-                          ids=[a.id, b.id], ips=[ip_a, ip_b])
+    left = site.leftovers(
+        cache_dir=site.host.path("/var/lib/cni"),
+        netns_dir=site.host.path("/run/netns"),
+        ids=[a.id, b.id],
+        ips=[ip_a, ip_b],
+    )
     assert not left, f"{left}\n{site.calls()}"
 
 
@@ -127,13 +139,14 @@ def test_bandwidth_annotations_shape_the_pod(site, containerd):
     veth = site.host_veth(pod.id)
     assert veth, site.calls()
     qdiscs = site.host.net("tc", "qdisc", "show").stdout
-    assert shaping.tbf_rate(site.host, veth) == "10Mbit", qdiscs        # ingress: tbf on the host veth
+    assert shaping.tbf_rate(site.host, veth) == "10Mbit", qdiscs  # ingress: tbf on the host veth
     assert "20Mbit" in shaping.egress_rates(site.host).values(), qdiscs  # egress: tbf on an ifb
     stop_and_remove(site, containerd, pod)
     failed = [r.summary() for r in site.requests() if r.rc not in (0, None)]
     assert not failed, f"plugin calls failed: {failed}\n{site.calls()}"
-    left = site.leftovers(cache_dir=site.host.path("/var/lib/cni"), netns_dir=site.host.path("/run/netns"),
-                          ids=[pod.id], ips=[ip])
+    left = site.leftovers(
+        cache_dir=site.host.path("/var/lib/cni"), netns_dir=site.host.path("/run/netns"), ids=[pod.id], ips=[ip]
+    )
     assert not left, f"{left}\n{site.calls()}"
 
 
@@ -142,8 +155,12 @@ def test_failed_sandbox_leaves_nothing(site, one_address, containerd):
     first = run_pod(site, containerd, "pod-first", ports=[(HOST_PORT, 80, "tcp")])
     assert containerd.client.pod_ip(first.id) == one_address
     with pytest.raises(grpc.RpcError) as failure:
-        containerd.client.run_pod("pod-second", port_mappings=[(HOST_PORT + 1, 80, "tcp")],
-                                  cgroup_parent=site.cgroup_path, log_directory=str(site.root / "pods" / "second"))
+        containerd.client.run_pod(
+            "pod-second",
+            port_mappings=[(HOST_PORT + 1, 80, "tcp")],
+            cgroup_parent=site.cgroup_path,
+            log_directory=str(site.root / "pods" / "second"),
+        )
     assert "failed to setup network" in failure.value.details(), failure.value.details()
     second_id = next(r.env["CNI_CONTAINERID"] for r in reversed(site.requests()) if r.command == "ADD")
     assert second_id != first.id
@@ -151,17 +168,25 @@ def test_failed_sandbox_leaves_nothing(site, one_address, containerd):
     assert dels_of_second and all(r.rc == 0 for r in dels_of_second), site.calls()
     assert [p.id for p in containerd.client.list_pods()] == [first.id], "the failed sandbox was kept"
     stop_and_remove(site, containerd, first)
-    left = site.leftovers(cache_dir=site.host.path("/var/lib/cni"), netns_dir=site.host.path("/run/netns"),
-                          ids=[first.id, second_id], ips=[one_address])
+    left = site.leftovers(
+        cache_dir=site.host.path("/var/lib/cni"),
+        netns_dir=site.host.path("/run/netns"),
+        ids=[first.id, second_id],
+        ips=[one_address],
+    )
     assert not left, f"{left}\n{site.calls()}"
 
 
 def test_what_containerd_sends(site, containerd):
     """containerd's capability arguments carry Go field names (HostPort, IngressRate): see the module doc."""
     try:
-        pod = containerd.client.run_pod("pod-caps", port_mappings=[(HOST_PORT, 80, "tcp")],
-                                        annotations=bandwidth_annotations(), cgroup_parent=site.cgroup_path,
-                                        log_directory=str(site.root / "pods" / "caps"))
+        pod = containerd.client.run_pod(
+            "pod-caps",
+            port_mappings=[(HOST_PORT, 80, "tcp")],
+            annotations=bandwidth_annotations(),
+            cgroup_parent=site.cgroup_path,
+            log_directory=str(site.root / "pods" / "caps"),
+        )
         containerd.client.stop_pod(pod.id)
         containerd.client.remove_pod(pod.id)
     except grpc.RpcError:
@@ -172,10 +197,14 @@ def test_what_containerd_sends(site, containerd):
         for key, value in runtime_config.items():
             sent.setdefault((request.plugin, key), value)
     assert sent.get(("portmap", "portMappings")) == [
-        {"HostPort": HOST_PORT, "ContainerPort": 80, "Protocol": "tcp", "HostIP": ""}], site.calls()
+        {"HostPort": HOST_PORT, "ContainerPort": 80, "Protocol": "tcp", "HostIP": ""}
+    ], site.calls()
     assert sent.get(("bandwidth", "bandwidth")) == {
-        "IngressRate": 10_000_000, "IngressBurst": 4294967295, "EgressRate": 20_000_000,
-        "EgressBurst": 4294967295}, site.calls()
+        "IngressRate": 10_000_000,
+        "IngressBurst": 4294967295,
+        "EgressRate": 20_000_000,
+        "EgressBurst": 4294967295,
+    }, site.calls()
     bridge_add = next(r for r in site.requests() if (r.plugin, r.command) == ("bridge", "ADD"))
     args = dict(pair.split("=", 1) for pair in bridge_add.env["CNI_ARGS"].split(";"))
     assert args.keys() >= {"IgnoreUnknown", "K8S_POD_NAMESPACE", "K8S_POD_NAME", "K8S_POD_INFRA_CONTAINER_ID"}
@@ -194,8 +223,8 @@ def test_five_sandbox_cycles_leave_nothing(site, containerd):
         rulesets.append(leftovers.ruleset(site.host))
     failed = [r.summary() for r in site.requests() if r.rc not in (0, None)]
     assert not failed, f"plugin calls failed: {failed}\n{site.calls()}"
-    left = site.leftovers(cache_dir=site.host.path("/var/lib/cni"), netns_dir=site.host.path("/run/netns"),
-                          ids=ids, ips=ips)
+    left = site.leftovers(
+        cache_dir=site.host.path("/var/lib/cni"), netns_dir=site.host.path("/run/netns"), ids=ids, ips=ips
+    )
     assert not left, f"{left}\n{site.calls()}"
     assert rulesets[-1] == rulesets[0], "the firewall grew over the cycles"
-

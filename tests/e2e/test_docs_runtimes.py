@@ -5,6 +5,7 @@ containerd CRI section, the podman containers.conf keys and cnitool's
 environment. These checks tie each snippet to what kit/ hands the runtimes, so
 the documentation cannot drift from what is tested. No root needed.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,10 @@ def _blocks(kind: str) -> list[str]:
 
 def _shape(raw: dict) -> list:
     """What must match: version, plugin types in order, their capabilities, the IPAM type."""
-    return [raw["cniVersion"], [(p["type"], p.get("capabilities"), (p.get("ipam") or {}).get("type"))
-                                for p in raw["plugins"]]]
+    return [
+        raw["cniVersion"],
+        [(p["type"], p.get("capabilities"), (p.get("ipam") or {}).get("type")) for p in raw["plugins"]],
+    ]
 
 
 def test_documented_conflist_is_the_tested_one():

@@ -24,6 +24,7 @@ Nothing of the machine's is used.
 Every request the plugins got for an example network carries the file's own
 ``cniVersion`` (1.0.0: what libcni 1.1 reads), and every result answers in it.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -51,9 +52,18 @@ VXLAN = "10-pycni-vxlan.conflist"
 LOOPBACK = "99-loopback.conf"
 
 # What `pycni agent` would have written after leasing this node a subnet of the example's cluster network.
-NODE_STATE = {"network": "10.244.0.0/16", "subnet": "10.244.5.0/24", "gateway": "10.244.5.1", "mtu": 1450,
-              "bridge": "pycni0", "vxlan_device": "pycni.1", "vni": 1, "public_ip": HOST_IP,
-              "vtep_mac": "0a:e2:e0:00:00:01", "node_name": "e2e-node"}
+NODE_STATE = {
+    "network": "10.244.0.0/16",
+    "subnet": "10.244.5.0/24",
+    "gateway": "10.244.5.1",
+    "mtu": 1450,
+    "bridge": "pycni0",
+    "vxlan_device": "pycni.1",
+    "vni": 1,
+    "public_ip": HOST_IP,
+    "vtep_mac": "0a:e2:e0:00:00:01",
+    "node_name": "e2e-node",
+}
 _WRITE_STATE = """
 import json, sys
 from cni_plugins.shared.overlaystate import OverlayState, write_state
@@ -116,8 +126,7 @@ def no_failed_calls(site) -> None:
 def data_dir(site, name: str) -> Path:
     """host-local's data directory for the example, as the host sees it (its default unless the file says)."""
     plugin = example(name)["plugins"][0]
-    return site.host.path(plugin.get("dataDir") or (plugin.get("ipam") or {}).get("dataDir")
-                          or "/var/lib/cni/networks")
+    return site.host.path(plugin.get("dataDir") or (plugin.get("ipam") or {}).get("dataDir") or "/var/lib/cni/networks")
 
 
 def left_behind(site, name: str, *, ids=(), ips=()) -> list[str]:
@@ -128,7 +137,7 @@ def left_behind(site, name: str, *, ids=(), ips=()) -> list[str]:
     problems = []
     if held := leftovers.leases(leases_dir, network):
         problems.append(f"leases still held in {leases_dir}: {held}")
-    bridges = {f"{b} (bridge)" for b in (plugin.get("bridge"), NODE_STATE["bridge"]) if b}   # bridges stay
+    bridges = {f"{b} (bridge)" for b in (plugin.get("bridge"), NODE_STATE["bridge"]) if b}  # bridges stay
     if extra := [link for link in leftovers.links(site.host) if link not in bridges]:
         problems.append(f"links left in the host namespace: {extra}")
     if qdiscs := leftovers.shaping(site.host):
@@ -152,6 +161,7 @@ def test_examples_are_in_a_version_debian_12_runtimes_read():
 
 # ---- containerd (CRI) ---------------------------------------------------------------------
 
+
 @pytest.fixture
 def start_containerd(site, busybox_archive, e2e_cache):
     """start(conf_dir): containerd with conf_dir as its CNI conf_dir, the image imported; stopped afterwards."""
@@ -160,8 +170,9 @@ def start_containerd(site, busybox_archive, e2e_cache):
     started = []
 
     def start(conf_dir: Path) -> containerd_kit.Containerd:
-        runtime = containerd_kit.Containerd(site.host, site.root / "containerd", bin_dir=site.bin_dir,
-                                            conf_dir=conf_dir, api_cache=e2e_cache)
+        runtime = containerd_kit.Containerd(
+            site.host, site.root / "containerd", bin_dir=site.bin_dir, conf_dir=conf_dir, api_cache=e2e_cache
+        )
         started.append(runtime)
         try:
             runtime.start()
@@ -205,8 +216,13 @@ def test_containerd_runs_the_bridge_example(site, start_containerd):
     pod_id, address = sandbox_cycle(site, containerd, "example-bridge", BRIDGE, bridge_subnet())
     no_failed_calls(site)
     assert_spoken_in_the_files_version(site, BRIDGE)
-    assert {(r.plugin, r.command) for r in site.requests() if (r.conf or {}).get("name") == "pycni-bridge"} >= \
-        {("bridge", "ADD"), ("host-local", "ADD"), ("portmap", "ADD"), ("bandwidth", "ADD"), ("bridge", "DEL")}
+    assert {(r.plugin, r.command) for r in site.requests() if (r.conf or {}).get("name") == "pycni-bridge"} >= {
+        ("bridge", "ADD"),
+        ("host-local", "ADD"),
+        ("portmap", "ADD"),
+        ("bandwidth", "ADD"),
+        ("bridge", "DEL"),
+    }
     # containerd's lo comes from its own built-in loopback list, not from 99-loopback.conf
     loopback = [r.conf for r in site.requests() if r.plugin == "loopback" and r.command == "ADD"]
     assert loopback and all(conf["name"] != example(LOOPBACK)["name"] for conf in loopback), loopback
@@ -225,11 +241,18 @@ def test_containerd_runs_the_vxlan_example(site, start_containerd):
 
 # ---- podman -------------------------------------------------------------------------------
 
+
 def start_podman(site, busybox_archive, conf_dir: Path, network: str, request) -> podman_kit.Podman:
     if reason := podman_kit.missing():
         pytest.skip(reason)
-    runtime = podman_kit.Podman(site.host, site.root / "podman", bin_dir=site.bin_dir, conf_dir=conf_dir,
-                                network=network, cgroup_parent=site.cgroup_path)
+    runtime = podman_kit.Podman(
+        site.host,
+        site.root / "podman",
+        bin_dir=site.bin_dir,
+        conf_dir=conf_dir,
+        network=network,
+        cgroup_parent=site.cgroup_path,
+    )
     request.addfinalizer(runtime.close)
     runtime.load_image(busybox_archive)
     return runtime
@@ -238,15 +261,31 @@ def start_podman(site, busybox_archive, conf_dir: Path, network: str, request) -
 def podman_ok(site, podman, *args: str) -> str:
     proc = podman(*args, check=False)
     if proc.returncode != 0:
-        pytest.fail(f"podman {' '.join(args)} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}\n"
-                    f"{site.calls()}")
+        pytest.fail(
+            f"podman {' '.join(args)} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}\n{site.calls()}"
+        )
     return proc.stdout
 
 
 def container_cycle(site, podman, network: str, subnet) -> tuple[list[str], str]:
     """A container on the network: its address in subnet, lo up; removed. (container IDs, address)."""
-    out = podman_ok(site, podman, "run", "--rm", "--network", network, "--cgroup-parent", site.cgroup_path,
-                    "--pull", "never", image.IMAGE, "ip", "-o", "addr", "show")
+    out = podman_ok(
+        site,
+        podman,
+        "run",
+        "--rm",
+        "--network",
+        network,
+        "--cgroup-parent",
+        site.cgroup_path,
+        "--pull",
+        "never",
+        image.IMAGE,
+        "ip",
+        "-o",
+        "addr",
+        "show",
+    )
     match = re.search(r"eth0\s+inet (\d+\.\d+\.\d+\.\d+)/", out)
     assert match and in_subnet(match.group(1), subnet), out
     assert re.search(r"\blo\s+inet 127\.0\.0\.1/8", out), out
@@ -258,7 +297,7 @@ def test_podman_runs_the_bridge_example(site, busybox_archive, request):
     conf_dir = install(site.root / "examples.d", BRIDGE, LOOPBACK)
     podman = start_podman(site, busybox_archive, conf_dir, example(BRIDGE)["name"], request)
     listed = podman_ok(site, podman, "network", "ls", "--format", "{{.Name}}").split()
-    assert "pycni-bridge" in listed and "lo" not in listed, listed   # podman reads *.conflist only
+    assert "pycni-bridge" in listed and "lo" not in listed, listed  # podman reads *.conflist only
     inspected = json.loads(podman_ok(site, podman, "network", "inspect", "pycni-bridge"))[0]
     assert [s["subnet"] for s in inspected["subnets"]] == [str(bridge_subnet())], inspected
 
@@ -283,6 +322,7 @@ def test_podman_runs_the_vxlan_example(site, busybox_archive, request):
 
 # ---- cnitool: 99-loopback.conf ------------------------------------------------------------
 
+
 def test_cnitool_runs_the_loopback_example(site, e2e_cache):
     """libcni loads the single-plugin .conf by its name ("lo") and brings lo up in a pod namespace."""
     try:
@@ -296,9 +336,18 @@ def test_cnitool_runs_the_loopback_example(site, e2e_cache):
     # in the host's mount namespace: the pod namespace's pin and libcni's cache are the host's private ones
     site.host.run("ip", "netns", "add", pod)
     try:
+
         def cni(command: str):
-            proc = site.host.run("env", "-i", *(f"{k}={v}" for k, v in env.items()), str(exe), command, name,
-                                 f"/run/netns/{pod}", check=False)
+            proc = site.host.run(
+                "env",
+                "-i",
+                *(f"{k}={v}" for k, v in env.items()),
+                str(exe),
+                command,
+                name,
+                f"/run/netns/{pod}",
+                check=False,
+            )
             assert proc.returncode == 0, f"cnitool {command} {name}: {proc.stderr.strip()[-1500:]}\n{site.calls()}"
             return proc.stdout
 

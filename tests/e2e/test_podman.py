@@ -17,6 +17,7 @@ through the capture wrappers):
 - ``podman rm``: one DEL with the netns and the cached prevResult.
 podman itself also holds each published host port open (conmon listens on it).
 """
+
 from __future__ import annotations
 
 import re
@@ -37,8 +38,14 @@ WEB = ["sh", "-c", "hostname > /tmp/index.html; exec httpd -f -p 80 -h /tmp"]
 def podman(site, busybox_archive):
     if reason := podman_kit.missing():
         pytest.skip(reason)
-    runtime = podman_kit.Podman(site.host, site.root / "podman", bin_dir=site.bin_dir, conf_dir=site.conf_dir,
-                                network=conflist.NETWORK, cgroup_parent=site.cgroup_path)
+    runtime = podman_kit.Podman(
+        site.host,
+        site.root / "podman",
+        bin_dir=site.bin_dir,
+        conf_dir=site.conf_dir,
+        network=conflist.NETWORK,
+        cgroup_parent=site.cgroup_path,
+    )
     try:
         runtime.load_image(busybox_archive)
         yield runtime
@@ -49,8 +56,9 @@ def podman(site, busybox_archive):
 def run(site, podman, *args: str):
     proc = podman(*args, check=False)
     if proc.returncode != 0:
-        pytest.fail(f"podman {' '.join(args)} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}\n"
-                    f"{site.calls()}")
+        pytest.fail(
+            f"podman {' '.join(args)} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}\n{site.calls()}"
+        )
     return proc
 
 
@@ -59,13 +67,46 @@ def container_ids(site) -> list[str]:
 
 
 def test_containers_talk_and_publish_a_port(site, podman):
-    run(site, podman, "run", "-d", "--name", "web-a", "--hostname", "web-a", "--network", conflist.NETWORK,
-        "--cgroup-parent", site.cgroup_path, "-p", f"{HOST_PORT}:80", image.IMAGE, *WEB)
-    run(site, podman, "run", "-d", "--name", "web-b", "--hostname", "web-b", "--network", conflist.NETWORK,
-        "--cgroup-parent", site.cgroup_path, image.IMAGE, *WEB)
+    run(
+        site,
+        podman,
+        "run",
+        "-d",
+        "--name",
+        "web-a",
+        "--hostname",
+        "web-a",
+        "--network",
+        conflist.NETWORK,
+        "--cgroup-parent",
+        site.cgroup_path,
+        "-p",
+        f"{HOST_PORT}:80",
+        image.IMAGE,
+        *WEB,
+    )
+    run(
+        site,
+        podman,
+        "run",
+        "-d",
+        "--name",
+        "web-b",
+        "--hostname",
+        "web-b",
+        "--network",
+        conflist.NETWORK,
+        "--cgroup-parent",
+        site.cgroup_path,
+        image.IMAGE,
+        *WEB,
+    )
 
-    sent = [r.conf["runtimeConfig"]["portMappings"] for r in site.requests()
-            if (r.plugin, r.command) == ("portmap", "ADD") and "runtimeConfig" in (r.conf or {})]
+    sent = [
+        r.conf["runtimeConfig"]["portMappings"]
+        for r in site.requests()
+        if (r.plugin, r.command) == ("portmap", "ADD") and "runtimeConfig" in (r.conf or {})
+    ]
     assert sent == [[{"hostPort": HOST_PORT, "containerPort": 80, "protocol": "tcp"}]], site.calls()
 
     ip_a, ip_b = podman.ip_of("web-a"), podman.ip_of("web-b")
@@ -75,20 +116,23 @@ def test_containers_talk_and_publish_a_port(site, podman):
     for name, target, expected in (("web-a", ip_b, "web-b"), ("web-b", ip_a, "web-a")):
         out = run(site, podman, "exec", name, "wget", "-q", "-O-", f"http://{target}/").stdout
         assert out.strip() == expected, f"{name} -> {target}: {out!r}"
-    assert site.host.http_get(f"http://{HOST_IP}:{HOST_PORT}/", where="outside") == "web-a\n", \
+    assert site.host.http_get(f"http://{HOST_IP}:{HOST_PORT}/", where="outside") == "web-a\n", (
         f"hostPort {HOST_PORT} not reached from the outside namespace\n{site.calls()}"
+    )
 
     veth_a = site.host_veth(container_ids_for(site, "web-a"))
     assert veth_a, site.calls()
-    assert shaping.tbf_rate(site.host, veth_a) is None and not shaping.ifb_devices(site.host), \
+    assert shaping.tbf_rate(site.host, veth_a) is None and not shaping.ifb_devices(site.host), (
         "shaped although podman asked for no bandwidth limits"
+    )
 
     ids = container_ids(site)
     run(site, podman, "rm", "--force", "--time", "0", "web-a", "web-b")
     failed = [r.summary() for r in site.requests() if r.rc not in (0, None)]
     assert not failed, f"plugin calls failed: {failed}\n{site.calls()}"
-    left = site.leftovers(cache_dir=site.host.path("/var/lib/cni"), netns_dir=site.host.path("/run/netns"),
-                          ids=ids, ips=[ip_a, ip_b])
+    left = site.leftovers(
+        cache_dir=site.host.path("/var/lib/cni"), netns_dir=site.host.path("/run/netns"), ids=ids, ips=[ip_a, ip_b]
+    )
     assert not left, f"{left}\n{site.calls()}"
 
 
@@ -103,15 +147,36 @@ def container_ids_for(site, name: str) -> str:
 def test_five_run_rm_cycles_leave_nothing(site, podman):
     ips, rulesets = [], []
     for _i in range(5):
-        out = run(site, podman, "run", "--rm", "--network", conflist.NETWORK, "--cgroup-parent", site.cgroup_path,
-                  "-p", f"{HOST_PORT + 1}:80", image.IMAGE, "ip", "-4", "-o", "addr", "show", "eth0").stdout
+        out = run(
+            site,
+            podman,
+            "run",
+            "--rm",
+            "--network",
+            conflist.NETWORK,
+            "--cgroup-parent",
+            site.cgroup_path,
+            "-p",
+            f"{HOST_PORT + 1}:80",
+            image.IMAGE,
+            "ip",
+            "-4",
+            "-o",
+            "addr",
+            "show",
+            "eth0",
+        ).stdout
         match = re.search(r"inet (\d+\.\d+\.\d+\.\d+)/", out)
         assert match and conflist.in_subnet(match.group(1)), out
         ips.append(match.group(1))
         rulesets.append(leftovers.ruleset(site.host))
     failed = [r.summary() for r in site.requests() if r.rc not in (0, None)]
     assert not failed, f"plugin calls failed: {failed}\n{site.calls()}"
-    left = site.leftovers(cache_dir=site.host.path("/var/lib/cni"), netns_dir=site.host.path("/run/netns"),
-                          ids=container_ids(site), ips=ips)
+    left = site.leftovers(
+        cache_dir=site.host.path("/var/lib/cni"),
+        netns_dir=site.host.path("/run/netns"),
+        ids=container_ids(site),
+        ips=ips,
+    )
     assert not left, f"{left}\n{site.calls()}"
     assert rulesets[-1] == rulesets[0], "the firewall grew over the cycles"

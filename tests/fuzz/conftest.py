@@ -3,6 +3,7 @@
 PYCNI_FUZZ_EXAMPLES sets the number of generated requests per plugin (default 300,
 what CI runs); PYCNI_FUZZ_REPORT names a file to write the tallies to as JSON.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,4 +40,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     for t in TALLIES:
         terminalreporter.write_line(
             f"{t.plugin:<11} {t.cases:>5} cases ({t.processes} as processes), tracebacks {t.tracebacks}, "
-            f"state changes {t.state_changes} in {t.batches} batches, codes {dict(sorted(t.codes.items(), key=str))}")
+            f"state changes {t.state_changes} in {t.batches} batches, codes {dict(sorted(t.codes.items(), key=str))}"
+        )

@@ -30,6 +30,7 @@ the v1.1.1 reference answers 1; the spec lets either fit ("incompatible" vs
 "cannot decode"), and pycni keeps 1 for versions it can read but does not
 support.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,17 +46,39 @@ from .harness import FUZZ_IFNAME, NETWORK, FuzzNode, Request
 ERR_VERSION, ERR_UNSUPPORTED, ERR_ENV, ERR_DECODE, ERR_CONFIG, ERR_NETNS = 1, 2, 4, 6, 7, 8
 CONTAINER_COMMANDS = ("ADD", "DEL", "CHECK")
 ALL_COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS")
-REQUIRED_ENV = {"ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
-                "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
-                "DEL": ("CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH"), "GC": ("CNI_PATH",), "STATUS": ("CNI_PATH",)}
+REQUIRED_ENV = {
+    "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
+    "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
+    "DEL": ("CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH"),
+    "GC": ("CNI_PATH",),
+    "STATUS": ("CNI_PATH",),
+}
 
 # Shell, ruleset, path and format syntax; each holds a character no name, ID or address allows.
-PAYLOADS = ['"; flush ruleset', "$(reboot)", "`id`", "x\nflush ruleset", "../../../etc/passwd", "} ; drop",
-            "a' OR '1'='1", "-j ACCEPT", "%s%n%x", "\u202eevil", "a b", "${IFS}", "|nc -l 4444",
-            "x;y", "<script>", "\\\\x00", "ip saddr 1.2.3.4 }", "*", "10.0.0.1 } counter", "#comment"]
+PAYLOADS = [
+    '"; flush ruleset',
+    "$(reboot)",
+    "`id`",
+    "x\nflush ruleset",
+    "../../../etc/passwd",
+    "} ; drop",
+    "a' OR '1'='1",
+    "-j ACCEPT",
+    "%s%n%x",
+    "\u202eevil",
+    "a b",
+    "${IFS}",
+    "|nc -l 4444",
+    "x;y",
+    "<script>",
+    "\\\\x00",
+    "ip saddr 1.2.3.4 }",
+    "*",
+    "10.0.0.1 } counter",
+    "#comment",
+]
 # Interface names the kernel (and the spec) refuse: too long, or with '/', ':' or whitespace.
-BAD_IFNAMES = ["a" * 16, "eth 0", "eth/0", "eth:0", ".", "..", "eth0\n", "\teth", "x" * 100, "eth0 ; reboot",
-               "../../x"]
+BAD_IFNAMES = ["a" * 16, "eth 0", "eth/0", "eth:0", ".", "..", "eth0\n", "\teth", "x" * 100, "eth0 ; reboot", "../../x"]
 
 
 @dataclass
@@ -73,8 +96,8 @@ class Profile:
     schema: Schema
     base: Callable[[FuzzNode], dict[str, Any]]
     bad: list[Bad] = field(default_factory=list)
-    commands: tuple[str, ...] = ALL_COMMANDS   # the commands the plugin serves (with checks)
-    ifname: str = ""        # CNI_IFNAME of its requests ("": the harness's free FUZZ_IFNAME)
+    commands: tuple[str, ...] = ALL_COMMANDS  # the commands the plugin serves (with checks)
+    ifname: str = ""  # CNI_IFNAME of its requests ("": the harness's free FUZZ_IFNAME)
     uses_netns: bool = True  # reads CNI_NETNS (IPAM and portmap do not: a bogus one is not their business)
     # CNI_ARGS values it must refuse on ADD: malformed pairs and unknown keys are 4; a well-formed
     # argument with a value the plugin cannot take may be 4 or 7 (e.g. MAC=zz), listed as (value, codes).
@@ -82,6 +105,7 @@ class Profile:
 
 
 # ---- the schema's options ------------------------------------------------------------------
+
 
 def schema_leaves(schema: Schema, path: tuple = ()) -> list[tuple[tuple, Any]]:
     """Every option (nested ones too) as (path, spec); list items get index 0."""
@@ -108,7 +132,7 @@ def _spec_leaves(spec: Any, here: tuple) -> list[tuple[tuple, Any]]:
 def wrong_type(spec: Any) -> st.SearchStrategy:
     """A JSON value that is not of ``spec``'s type (never null: null means absent)."""
     text = st.text(max_size=8)
-    ints = st.integers(min_value=-(2 ** 70), max_value=2 ** 70)
+    ints = st.integers(min_value=-(2**70), max_value=2**70)
     floats = st.floats(allow_nan=False, allow_infinity=False).filter(lambda f: f != int(f))
     lists = st.lists(st.integers(0, 9), max_size=2)
     dicts = st.dictionaries(st.text(max_size=3), st.integers(0, 9), max_size=2)
@@ -168,6 +192,7 @@ def _find_key(obj: dict, key: str) -> str | None:
 
 # ---- requests ---------------------------------------------------------------------------------
 
+
 def encode(conf: Any) -> bytes:
     return json.dumps(conf).encode()
 
@@ -179,8 +204,10 @@ def _env(profile: Profile, fn: FuzzNode, command: str) -> dict[str, str | None]:
 def _config_for(profile: Profile, fn: FuzzNode, command: str) -> dict[str, Any]:
     conf = profile.base(fn)
     if command in ("GC",):
-        conf["cni.dev/valid-attachments"] = [{"containerID": "base", "ifname": "eth1"},
-                                             {"containerID": "basevx", "ifname": "eth3"}]
+        conf["cni.dev/valid-attachments"] = [
+            {"containerID": "base", "ifname": "eth1"},
+            {"containerID": "basevx", "ifname": "eth3"},
+        ]
     return conf
 
 
@@ -188,8 +215,24 @@ def _config_for(profile: Profile, fn: FuzzNode, command: str) -> dict[str, Any]:
 def json_defect(draw, profile: Profile, fn: FuzzNode) -> Request:
     command = draw(st.sampled_from(profile.commands))
     good = encode(_config_for(profile, fn, command))
-    kind = draw(st.sampled_from(["truncated", "garbage", "nan", "deep", "not-object", "bad-utf8", "trailing",
-                                 "empty", "control", "bom", "utf16", "single-quotes"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "truncated",
+                "garbage",
+                "nan",
+                "deep",
+                "not-object",
+                "bad-utf8",
+                "trailing",
+                "empty",
+                "control",
+                "bom",
+                "utf16",
+                "single-quotes",
+            ]
+        )
+    )
     if kind == "truncated":
         cut = draw(st.integers(0, len(good) - 1))
         stdin = good[:cut]
@@ -208,7 +251,7 @@ def json_defect(draw, profile: Profile, fn: FuzzNode) -> Request:
         at = draw(st.integers(1, len(good) - 2))
         byte = draw(st.sampled_from([b"\xff", b"\xc0\xaf", b"\xed\xa0\x80", b"\x80"]))
         quote = good.index(b'"', at) if b'"' in good[at:] else 1
-        stdin = good[:quote + 1] + byte + good[quote + 1:]
+        stdin = good[: quote + 1] + byte + good[quote + 1 :]
     elif kind == "trailing":
         stdin = good + draw(st.sampled_from([b"{}", b" x", b",", b"]", b"\x00"]))
     elif kind == "empty":
@@ -241,8 +284,14 @@ def type_defect(draw, profile: Profile, fn: FuzzNode) -> Request:
     key_case = draw(st.sampled_from([str, str.lower, str.upper]))
     set_path(conf, path, value, key_case if path[-1] not in ("cniVersion", "name") else str)
     expect = {ERR_DECODE, ERR_CONFIG} if path == ("cniVersion",) else {ERR_CONFIG}
-    return Request(profile.plugin, "ADD", _env(profile, fn, "ADD"), encode(conf), frozenset(expect),
-                   f"type/{'.'.join(map(str, path))}")
+    return Request(
+        profile.plugin,
+        "ADD",
+        _env(profile, fn, "ADD"),
+        encode(conf),
+        frozenset(expect),
+        f"type/{'.'.join(map(str, path))}",
+    )
 
 
 @st.composite
@@ -251,8 +300,14 @@ def value_defect(draw, profile: Profile, fn: FuzzNode) -> Request:
     value = draw(st.sampled_from(bad.values))
     conf = _config_for(profile, fn, "ADD")
     set_path(conf, bad.path, value)
-    return Request(profile.plugin, "ADD", _env(profile, fn, "ADD"), encode(conf), bad.codes,
-                   f"value/{'.'.join(map(str, bad.path))}")
+    return Request(
+        profile.plugin,
+        "ADD",
+        _env(profile, fn, "ADD"),
+        encode(conf),
+        bad.codes,
+        f"value/{'.'.join(map(str, bad.path))}",
+    )
 
 
 def _payload(draw) -> str:
@@ -263,17 +318,22 @@ def _payload(draw) -> str:
 @st.composite
 def injection_defect(draw, profile: Profile, fn: FuzzNode) -> Request:
     target = draw(st.sampled_from(["name", "container", "ifname"]))
-    command = draw(st.sampled_from([c for c in profile.commands if c in CONTAINER_COMMANDS]
-                                   if target != "name" else profile.commands))
+    command = draw(
+        st.sampled_from(
+            [c for c in profile.commands if c in CONTAINER_COMMANDS] if target != "name" else profile.commands
+        )
+    )
     conf = _config_for(profile, fn, command)
     env = _env(profile, fn, command)
     if target == "name":
-        conf["name"] = (_payload(draw) if draw(st.booleans())
-                        else draw(st.sampled_from(["a" * 101, "-net", ".net", "_net", ""])))
+        conf["name"] = (
+            _payload(draw) if draw(st.booleans()) else draw(st.sampled_from(["a" * 101, "-net", ".net", "_net", ""]))
+        )
         expect = {ERR_CONFIG}
     elif target == "container":
-        env["CNI_CONTAINERID"] = (_payload(draw) if draw(st.booleans())
-                                  else draw(st.sampled_from(["c" * 129, "-c", ".", "c" * 1000])))
+        env["CNI_CONTAINERID"] = (
+            _payload(draw) if draw(st.booleans()) else draw(st.sampled_from(["c" * 129, "-c", ".", "c" * 1000]))
+        )
         expect = {ERR_ENV}
     else:
         env["CNI_IFNAME"] = draw(st.sampled_from(BAD_IFNAMES))
@@ -315,8 +375,14 @@ def string_defect(draw, profile: Profile, fn: FuzzNode) -> Request:
         at = draw(st.integers(0, len(text)))
         container[last] = text[:at] + bad + text[at:]
     # ensure_ascii (the default) writes NUL and lone surrogates as \\u escapes: valid JSON text.
-    return Request(profile.plugin, command, _env(profile, fn, command), encode(conf), frozenset({ERR_CONFIG}),
-                   f"string/{'key' if is_key else 'value'}")
+    return Request(
+        profile.plugin,
+        command,
+        _env(profile, fn, command),
+        encode(conf),
+        frozenset({ERR_CONFIG}),
+        f"string/{'key' if is_key else 'value'}",
+    )
 
 
 @st.composite
@@ -331,8 +397,11 @@ def env_defect(draw, profile: Profile, fn: FuzzNode) -> Request:
     expect = {ERR_ENV}
     only_here = False
     if kind == "command":
-        env["CNI_COMMAND"] = draw(st.sampled_from([None, "", "add", "Add", "DELETE", "ADD ", " ADD", "VERSION;rm",
-                                                   "ADD\n", "CHECK2", "\u0410DD"]))
+        env["CNI_COMMAND"] = draw(
+            st.sampled_from(
+                [None, "", "add", "Add", "DELETE", "ADD ", " ADD", "VERSION;rm", "ADD\n", "CHECK2", "\u0410DD"]
+            )
+        )
         # Run by hand with no CNI_COMMAND, a plugin executable prints what it is and exits 0 (as the
         # reference's skeleton does): only dispatch, which serves requests, answers that with code 4.
         only_here = not env["CNI_COMMAND"]
@@ -353,8 +422,9 @@ def env_defect(draw, profile: Profile, fn: FuzzNode) -> Request:
         command = draw(st.sampled_from([c for c in ("ADD", "CHECK") if c in profile.commands]))
         env = _env(profile, fn, command)
         conf = _config_for(profile, fn, command)
-        env["CNI_NETNS"] = draw(st.sampled_from(["/nonexistent/netns", "/etc/hostname", "/", "/proc/1/ns/mnt",
-                                                 "relative/ns", "/dev/null"]))
+        env["CNI_NETNS"] = draw(
+            st.sampled_from(["/nonexistent/netns", "/etc/hostname", "/", "/proc/1/ns/mnt", "relative/ns", "/dev/null"])
+        )
         expect = {ERR_ENV, ERR_NETNS}
     elif kind == "own-netns":
         command = draw(st.sampled_from([c for c in ("ADD", "CHECK") if c in profile.commands]))
@@ -368,8 +438,9 @@ def env_defect(draw, profile: Profile, fn: FuzzNode) -> Request:
         conf = _config_for(profile, fn, command)
         choice = draw(st.sampled_from(profile.bad_args))
         env["CNI_ARGS"], expect = (choice, {ERR_ENV}) if isinstance(choice, str) else choice
-    return Request(profile.plugin, command, env, encode(conf), frozenset(expect), f"env/{kind}",
-                   in_process_only=only_here)
+    return Request(
+        profile.plugin, command, env, encode(conf), frozenset(expect), f"env/{kind}", in_process_only=only_here
+    )
 
 
 @st.composite
@@ -381,20 +452,44 @@ def version_defect(draw, profile: Profile, fn: FuzzNode) -> Request:
         conf["cniVersion"] = draw(st.sampled_from(["9.9.9", "1.2.0", "2.0.0", "0.0.1", "0.5.0", "1.1.1", "10"]))
         expect = {ERR_VERSION}
     elif kind == "unparseable":
-        conf["cniVersion"] = draw(st.sampled_from(["x.y.z", "1.0.0.0", "-1.0.0", "1..0", "v1.0.0", "1.0.0-rc1",
-                                                   "one", "1.0.0 ", "\u0661.0.0"]))
+        conf["cniVersion"] = draw(
+            st.sampled_from(
+                ["x.y.z", "1.0.0.0", "-1.0.0", "1..0", "v1.0.0", "1.0.0-rc1", "one", "1.0.0 ", "\u0661.0.0"]
+            )
+        )
         expect = {ERR_DECODE, ERR_VERSION}  # pycni: 6 (cannot decode); the reference: 1
     else:
-        command, conf["cniVersion"] = draw(st.sampled_from(
-            [(c, v) for c, v in (("CHECK", "0.3.1"), ("CHECK", "0.2.0"), ("GC", "1.0.0"), ("STATUS", "1.0.0"),
-                                 ("GC", "0.4.0"), ("STATUS", "0.1.0")) if c in profile.commands]))
+        command, conf["cniVersion"] = draw(
+            st.sampled_from(
+                [
+                    (c, v)
+                    for c, v in (
+                        ("CHECK", "0.3.1"),
+                        ("CHECK", "0.2.0"),
+                        ("GC", "1.0.0"),
+                        ("STATUS", "1.0.0"),
+                        ("GC", "0.4.0"),
+                        ("STATUS", "0.1.0"),
+                    )
+                    if c in profile.commands
+                ]
+            )
+        )
         expect = {ERR_VERSION}
-    return Request(profile.plugin, command, _env(profile, fn, command), encode(conf), frozenset(expect), f"version/{kind}")
+    return Request(
+        profile.plugin, command, _env(profile, fn, command), encode(conf), frozenset(expect), f"version/{kind}"
+    )
 
 
 def malformed_request(profile: Profile, fn: FuzzNode) -> st.SearchStrategy:
-    kinds = [json_defect(profile, fn), type_defect(profile, fn), injection_defect(profile, fn),
-             string_defect(profile, fn), env_defect(profile, fn), version_defect(profile, fn)]
+    kinds = [
+        json_defect(profile, fn),
+        type_defect(profile, fn),
+        injection_defect(profile, fn),
+        string_defect(profile, fn),
+        env_defect(profile, fn),
+        version_defect(profile, fn),
+    ]
     if profile.bad:
         kinds.append(value_defect(profile, fn))
         kinds.append(value_defect(profile, fn))  # the plugin-specific values get more weight

@@ -14,6 +14,7 @@ in the test's directory). A bounded number per plugin (``PYCNI_FUZZ_AGENT_EXAMPL
 * nothing in the node changed (the same snapshot as test_fuzz_plugins.py takes);
 * afterwards the agent itself still serves a valid request (loopback ADD) with a correct result.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,11 +80,12 @@ def test_malformed_requests_through_the_agent_are_refused_cleanly_and_leak_nothi
     sent: list[str] = []
     problems: list[str] = []
 
-    @settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(req=malformed_request(profile, fn))
     def one_request(req) -> None:
-        assume(not req.in_process_only)      # a NUL in the environment cannot reach execve, nor the shim
+        assume(not req.in_process_only)  # a NUL in the environment cannot reach execve, nor the shim
         answer = run_process(fn, req)
         sent.append(req.what)
         problem = judge(req, answer)
@@ -111,9 +113,13 @@ def test_the_agent_still_serves_valid_requests_after_the_fuzzing(warm):
     fn, agent = warm
     served = agent.status()["requests"]["served"]
     env = {"PATH": os.environ["PATH"], **{k: v for k, v in fn.env("ADD", ifname="lo").items() if v is not None}}
-    done = subprocess.run(["ip", "netns", "exec", fn.node.name, os.path.join(fn.bin_dir, "loopback")],
-                          input=b'{"cniVersion": "1.1.0", "name": "fuzznet", "type": "loopback"}', env=env,
-                          capture_output=True, timeout=30)
+    done = subprocess.run(
+        ["ip", "netns", "exec", fn.node.name, os.path.join(fn.bin_dir, "loopback")],
+        input=b'{"cniVersion": "1.1.0", "name": "fuzznet", "type": "loopback"}',
+        env=env,
+        capture_output=True,
+        timeout=30,
+    )
     assert done.returncode == 0, done
     result = json.loads(done.stdout)
     assert result["cniVersion"] == "1.1.0" and result["interfaces"][0]["name"] == "lo", result

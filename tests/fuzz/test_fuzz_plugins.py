@@ -16,6 +16,7 @@ Most requests go through the skeleton's ``dispatch`` in this process, inside
 the node namespace; one in ``PROCESS_EVERY`` runs as a real plugin process in
 the node, as a runtime runs it.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,15 +32,21 @@ from .requests import malformed_request
 pytestmark = pytest.mark.integration
 
 EXAMPLES = int(os.environ.get("PYCNI_FUZZ_EXAMPLES", "300"))
-PROCESS_EVERY = 10   # one request in ten runs as a process
+PROCESS_EVERY = 10  # one request in ten runs as a process
 # PYCNI_FUZZ_SURVEY=1: record every problem and go on (a survey), rather than stop at the first
 SURVEY = os.environ.get("PYCNI_FUZZ_SURVEY") == "1"
-BATCH = 25           # requests between two state snapshots
+BATCH = 25  # requests between two state snapshots
 
 
 def fuzz_settings():
-    return settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
-                    suppress_health_check=list(HealthCheck), print_blob=True)
+    return settings(
+        max_examples=EXAMPLES,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        print_blob=True,
+    )
 
 
 @pytest.mark.parametrize("plugin", sorted(PROFILES))
@@ -59,8 +66,11 @@ def test_malformed_requests_are_refused_cleanly(plugin, fuzz_env, tallies):
         tally.batches += 1
         if now != baseline:
             tally.state_changes += 1
-            changes.append(state_diff(baseline, now) + "\nafter one of these requests:\n"
-                           + "\n".join(r.describe() for r in pending))
+            changes.append(
+                state_diff(baseline, now)
+                + "\nafter one of these requests:\n"
+                + "\n".join(r.describe() for r in pending)
+            )
             baseline = now  # the next batch is judged on its own
         pending.clear()
 

@@ -11,6 +11,7 @@ to a JSON file. Requests whose strings name directories are left out: a Go
 plugin decodes an unpaired surrogate to U+FFFD and would create that
 directory wherever the mangled path points.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,10 @@ from .requests import malformed_request
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(os.environ.get("PYCNI_FUZZ_REFERENCE") != "1",
-                       reason="a survey of the reference plugins: set PYCNI_FUZZ_REFERENCE=1 to run it"),
+    pytest.mark.skipif(
+        os.environ.get("PYCNI_FUZZ_REFERENCE") != "1",
+        reason="a survey of the reference plugins: set PYCNI_FUZZ_REFERENCE=1 to run it",
+    ),
 ]
 
 EXAMPLES = int(os.environ.get("PYCNI_FUZZ_EXAMPLES", "300"))
@@ -55,8 +58,14 @@ def test_reference_survey(plugin, reference_env, capsys):
     examples: dict[str, str] = {}
     state = {"before": snapshot(reference_env)}
 
-    @settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck), phases=[__import__("hypothesis").Phase.generate])
+    @settings(
+        max_examples=EXAMPLES,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        phases=[__import__("hypothesis").Phase.generate],
+    )
     @given(req=malformed_request(profile, reference_env))
     def one(req) -> None:
         assume(req.command in ("ADD", "DEL", "CHECK") and not req.in_process_only)
@@ -74,9 +83,13 @@ def test_reference_survey(plugin, reference_env, capsys):
             departures["panic"] += 1
             examples.setdefault("panic", f"{kind}: {answer.stderr[:300]}")
         if problem:
-            label = ("accepted" if answer.exit_code == 0 else
-                     f"code {error_code(answer)} not {'/'.join(map(str, sorted(req.expect)))}"
-                     if problem.startswith("code") else "no error object")
+            label = (
+                "accepted"
+                if answer.exit_code == 0
+                else f"code {error_code(answer)} not {'/'.join(map(str, sorted(req.expect)))}"
+                if problem.startswith("code")
+                else "no error object"
+            )
             departures[f"{label}: {kind}"] += 1
             examples.setdefault(f"{label}: {kind}", f"{problem.splitlines()[0][:300]}\n{req.describe()[:700]}")
         after = snapshot(reference_env)
@@ -89,7 +102,9 @@ def test_reference_survey(plugin, reference_env, capsys):
     one()
     SURVEY[plugin] = {**tally.as_dict(), "departures": dict(departures.most_common()), "examples": examples}
     with capsys.disabled():
-        print(f"\nreference {plugin}: {tally.cases} requests, state changes {tally.state_changes}, "
-              f"codes {dict(sorted(tally.codes.items(), key=str))}")
+        print(
+            f"\nreference {plugin}: {tally.cases} requests, state changes {tally.state_changes}, "
+            f"codes {dict(sorted(tally.codes.items(), key=str))}"
+        )
         for what, count in departures.most_common(25):
             print(f"  {count:>4}  {what}")

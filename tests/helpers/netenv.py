@@ -6,6 +6,7 @@ when the test fails. Deleting a node's namespace removes everything built in
 it (bridges, veth host ends, firewall tables); a node deletes its pods first.
 Nothing here creates or changes anything in the machine's own namespace.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,11 +29,19 @@ T = TypeVar("T")
 TAG = "pt"  # every test namespace's name starts with this
 
 
-def sh(*args: str, check: bool = True, timeout: float = 30, input: str | None = None,
-       env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def sh(
+    *args: str, check: bool = True, timeout: float = 30, input: str | None = None, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a command (text in and out, output captured); raise on failure unless check=False."""
-    return subprocess.run(list(args), capture_output=True, text=True, check=check, timeout=timeout, input=input,
-                          env=None if env is None else dict(env))
+    return subprocess.run(
+        list(args),
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=timeout,
+        input=input,
+        env=None if env is None else dict(env),
+    )
 
 
 def ns_name(ns: Any) -> str:
@@ -163,21 +172,30 @@ class Node(Netns):
         return path
 
     # ---- running plugins and the runtime --------------------------------------------
-    def run(self, plugin_type: str, command: str, conf: Mapping[str, Any] | None, pod: Pod | None = None,
-            **kwargs: Any) -> Outcome:
+    def run(
+        self, plugin_type: str, command: str, conf: Mapping[str, Any] | None, pod: Pod | None = None, **kwargs: Any
+    ) -> Outcome:
         """Run <cni_path>/<plugin_type> in this node with CNI_PATH=cni_path and CNI_NETNS=pod's path.
 
         Other keywords go to run_plugin (container_id, ifname, args, netns when pod is None, env).
         """
         if pod is not None:
             kwargs["netns"] = pod.path
-        return run_plugin(os.path.join(self.cni_path, plugin_type), command, conf, node=self,
-                          path=self.cni_path, **kwargs)
+        return run_plugin(
+            os.path.join(self.cni_path, plugin_type), command, conf, node=self, path=self.cni_path, **kwargs
+        )
 
     def pycni(self, *args: str, cap_args: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """`pycni <args>` in this node with conf_dir, cni_path and cache_dir."""
-        return run_pycni(*args, node=self, conf_dir=self.conf_dir, cni_path=self.cni_path,
-                         cache_dir=self.cache_dir, cap_args=cap_args, timeout=timeout)
+        return run_pycni(
+            *args,
+            node=self,
+            conf_dir=self.conf_dir,
+            cni_path=self.cni_path,
+            cache_dir=self.cache_dir,
+            cap_args=cap_args,
+            timeout=timeout,
+        )
 
 
 @contextlib.contextmanager
@@ -188,8 +206,9 @@ def temporary_pod(tag: str = "pod") -> Iterator[Pod]:
 
 
 @contextlib.contextmanager
-def temporary_node(tag: str = "node", *, root: str | os.PathLike[str] | None = None,
-                   cni_path: str = REFERENCE_DIR) -> Iterator[Node]:
+def temporary_node(
+    tag: str = "node", *, root: str | os.PathLike[str] | None = None, cni_path: str = REFERENCE_DIR
+) -> Iterator[Node]:
     """A node namespace named pt-<tag>-<8 hex> with its directories, deleted on exit with its pods.
 
     root: where its directories go (a subdirectory named after the namespace

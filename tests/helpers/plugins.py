@@ -1,4 +1,5 @@
 """Running CNI plugins the way a runtime does: a real process, the CNI environment, config on stdin."""
+
 from __future__ import annotations
 
 import inspect
@@ -42,8 +43,8 @@ class Outcome:
 # directory -> the agent's socket. Every request run_plugin sends through one of them must reach that
 # agent, checked per request (warm_served_check), so a warm test that silently ran cold fails.
 WARM_BIN_DIRS: dict[str, str] = {}
-AGENT_COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS")   # VERSION: the shim answers it itself
-DECLINED_NOTE = "pycni: the agent refused the request ("   # the agent's own verdict, relayed by the shim
+AGENT_COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS")  # VERSION: the shim answers it itself
+DECLINED_NOTE = "pycni: the agent refused the request ("  # the agent's own verdict, relayed by the shim
 
 
 def agent_counters(socket_path: str) -> tuple[int, int]:
@@ -61,8 +62,9 @@ def warm_socket_for(argv: Sequence[str], variables: Mapping[str, str | None]) ->
     return WARM_BIN_DIRS.get(os.path.dirname(os.path.realpath(argv[0])))
 
 
-def warm_served_check(argv: Sequence[str], command: str, socket_path: str, before: tuple[int, int],
-                      err: str, cni_netns: str = "") -> None:
+def warm_served_check(
+    argv: Sequence[str], command: str, socket_path: str, before: tuple[int, int], err: str, cni_netns: str = ""
+) -> None:
     """The agent behind ``socket_path`` served this request: its served counter moved and the shim wrote no
     note of running the plugin itself. The one cold run allowed is the agent's designed refusal of a
     CNI_NETNS that is no network namespace (its declined counter moved, the shim relayed that reason):
@@ -74,21 +76,37 @@ def warm_served_check(argv: Sequence[str], command: str, socket_path: str, befor
     notes = [line for line in err.splitlines() if line.startswith("pycni: ")]
     served = after[0] > before[0] and not notes
     bogus_netns = bool(cni_netns) and not netns.is_netns(cni_netns)
-    declined = (bogus_netns and after[1] > before[1] and len(notes) == 1
-                and notes[0].startswith(DECLINED_NOTE) and f"CNI_NETNS {cni_netns}" in notes[0])
+    declined = (
+        bogus_netns
+        and after[1] > before[1]
+        and len(notes) == 1
+        and notes[0].startswith(DECLINED_NOTE)
+        and f"CNI_NETNS {cni_netns}" in notes[0]
+    )
     assert served or declined, (
         f"warm mode: {argv[0]} {command} was not served by the agent at {socket_path} (served, declined: "
-        f"{before} -> {after}); stderr: {err[-1000:]}")
+        f"{before} -> {after}); stderr: {err[-1000:]}"
+    )
 
 
 def _ns_name(node: Any) -> str:
     return node if isinstance(node, str) else node.name
 
 
-def run_plugin(exe_or_argv: str | os.PathLike[str] | Sequence[str], command: str, conf: Mapping[str, Any] | None,
-               *, node: Any = None, netns: str | os.PathLike[str] = "", container_id: str = "c1",
-               ifname: str = "eth0", args: str = "", path: str | None = None,
-               env: Mapping[str, str | None] | None = None, timeout: float = 60) -> Outcome:
+def run_plugin(
+    exe_or_argv: str | os.PathLike[str] | Sequence[str],
+    command: str,
+    conf: Mapping[str, Any] | None,
+    *,
+    node: Any = None,
+    netns: str | os.PathLike[str] = "",
+    container_id: str = "c1",
+    ifname: str = "eth0",
+    args: str = "",
+    path: str | None = None,
+    env: Mapping[str, str | None] | None = None,
+    timeout: float = 60,
+) -> Outcome:
     """Run a plugin executable with CNI_COMMAND=command and conf (JSON) on stdin.
 
     node: a namespace (Node, netns.Namespace or name) to run the plugin in, via
@@ -102,27 +120,37 @@ def run_plugin(exe_or_argv: str | os.PathLike[str] | Sequence[str], command: str
     if path is None:
         path = os.path.dirname(argv[0]) if len(argv) == 1 and os.path.isabs(argv[0]) else REFERENCE_DIR
     variables: dict[str, str | None] = {
-        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "CNI_COMMAND": command,
-        "CNI_CONTAINERID": container_id, "CNI_NETNS": os.fspath(netns), "CNI_IFNAME": ifname,
-        "CNI_PATH": path, "CNI_ARGS": args}
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": container_id,
+        "CNI_NETNS": os.fspath(netns),
+        "CNI_IFNAME": ifname,
+        "CNI_PATH": path,
+        "CNI_ARGS": args,
+    }
     variables.update(env or {})
     warm_socket = warm_socket_for(argv, variables)
     counters_before = agent_counters(warm_socket) if warm_socket else (0, 0)
     exe = argv[0]
     if node is not None:
         argv = ["ip", "netns", "exec", _ns_name(node), *argv]
-    proc = subprocess.run(argv, input=None if conf is None else json.dumps(conf).encode(),
-                          stdin=subprocess.DEVNULL if conf is None else None,
-                          env={k: v for k, v in variables.items() if v is not None},
-                          capture_output=True, timeout=timeout)
+    proc = subprocess.run(
+        argv,
+        input=None if conf is None else json.dumps(conf).encode(),
+        stdin=subprocess.DEVNULL if conf is None else None,
+        env={k: v for k, v in variables.items() if v is not None},
+        capture_output=True,
+        timeout=timeout,
+    )
     text, err = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
     if warm_socket:
         warm_served_check([exe], command, warm_socket, counters_before, err, variables.get("CNI_NETNS") or "")
     try:
         out = json.loads(text) if text.strip() else None
     except json.JSONDecodeError:
-        raise AssertionError(f"{argv} {command} wrote no JSON (exit {proc.returncode}):\n"
-                             f"stdout: {text[-2000:]}\nstderr: {err[-2000:]}") from None
+        raise AssertionError(
+            f"{argv} {command} wrote no JSON (exit {proc.returncode}):\nstdout: {text[-2000:]}\nstderr: {err[-2000:]}"
+        ) from None
     return Outcome(proc.returncode, out, err)
 
 
@@ -132,9 +160,15 @@ def pycni_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "pycni.cli"]
 
 
-def run_pycni(*args: str, node: Any, conf_dir: str | os.PathLike[str], cni_path: str,
-              cache_dir: str | os.PathLike[str], cap_args: dict | None = None,
-              timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_pycni(
+    *args: str,
+    node: Any,
+    conf_dir: str | os.PathLike[str],
+    cni_path: str,
+    cache_dir: str | os.PathLike[str],
+    cap_args: dict | None = None,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
     """`pycni <args>` (the runtime CLI) inside a node namespace, with its own config, plugin and cache dirs.
 
     CNI_* and CAP_ARGS from our own environment are not passed on; cap_args
@@ -144,8 +178,14 @@ def run_pycni(*args: str, node: Any, conf_dir: str | os.PathLike[str], cni_path:
     env.update(NETCONFPATH=os.fspath(conf_dir), CNI_PATH=cni_path, CNI_CACHE_DIR=os.fspath(cache_dir))
     if cap_args is not None:
         env["CAP_ARGS"] = json.dumps(cap_args)
-    return subprocess.run(["ip", "netns", "exec", _ns_name(node), *pycni_command(), *args],
-                          capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    return subprocess.run(
+        ["ip", "netns", "exec", _ns_name(node), *pycni_command(), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def launchers(tmp_path_factory: Any) -> str:

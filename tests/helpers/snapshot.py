@@ -8,6 +8,7 @@ directories (type, mode, a hash of the content). Volatile details (counters,
 timers, LOWER_UP, DAD flags) are left out so two snapshots of an idle node
 compare equal. ``state_diff`` says what differs.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -45,9 +46,19 @@ def links(ns: str) -> list[tuple]:
     rows = []
     for link in _json(["ip", "-n", ns, "-d", "-j", "link", "show"]):
         info = link.get("linkinfo", {})
-        rows.append((link["ifname"], info.get("info_kind", ""), info.get("info_slave_kind", ""),
-                     link.get("master", ""), link.get("mtu"), link.get("address", ""), link.get("ifalias", ""),
-                     tuple(sorted(f for f in link.get("flags", []) if f not in _CARRIER_FLAGS)), link.get("txqlen")))
+        rows.append(
+            (
+                link["ifname"],
+                info.get("info_kind", ""),
+                info.get("info_slave_kind", ""),
+                link.get("master", ""),
+                link.get("mtu"),
+                link.get("address", ""),
+                link.get("ifalias", ""),
+                tuple(sorted(f for f in link.get("flags", []) if f not in _CARRIER_FLAGS)),
+                link.get("txqlen"),
+            )
+        )
     return sorted(rows)
 
 
@@ -67,9 +78,15 @@ def routes(ns: str, derived: bool = True) -> list[str]:
         for route in _json(["ip", "-n", ns, family, "-j", "route", "show", "table", "all"]):
             if route.get("type") == "multicast" or (not derived and route.get("protocol") == "kernel"):
                 continue
-            rows.append(json.dumps({k: route.get(k) for k in ("type", "dst", "gateway", "dev", "table",
-                                                              "protocol", "scope", "prefsrc", "metric")},
-                                   sort_keys=True))
+            rows.append(
+                json.dumps(
+                    {
+                        k: route.get(k)
+                        for k in ("type", "dst", "gateway", "dev", "table", "protocol", "scope", "prefsrc", "metric")
+                    },
+                    sort_keys=True,
+                )
+            )
     return sorted(rows)
 
 
@@ -107,10 +124,17 @@ def files(dirs: Iterable[os.PathLike[str] | str], ignore: Iterable[str] = ()) ->
     return out
 
 
-def node_snapshot(ns: str, data_dirs: Iterable[Path | str] = (), pods: Iterable[str] = (),
-                  ignore_files: Iterable[str] = (), derived_routes: bool = True) -> dict[str, Any]:
+def node_snapshot(
+    ns: str,
+    data_dirs: Iterable[Path | str] = (),
+    pods: Iterable[str] = (),
+    ignore_files: Iterable[str] = (),
+    derived_routes: bool = True,
+) -> dict[str, Any]:
     state: dict[str, Any] = {
-        "links": links(ns), "addresses": addresses(ns), "routes": routes(ns, derived_routes),
+        "links": links(ns),
+        "addresses": addresses(ns),
+        "routes": routes(ns, derived_routes),
         "tc": traffic_control(ns),
         "nft": _text(["ip", "netns", "exec", ns, "nft", "-s", "list", "ruleset"]),
         "files": files(data_dirs, ignore_files),

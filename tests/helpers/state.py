@@ -4,6 +4,7 @@ Every reader takes the namespace first (a Node, Pod, netns.Namespace or name).
 None reads the caller's own namespace; readers only read, so that is safe for
 "the machine's own links did not change" checks.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,6 +27,7 @@ def ip_json(ns: Any, *args: str) -> Any:
 
 
 # ---- links, addresses, routes, neighbours ----------------------------------------------
+
 
 def links(ns: Any, *, details: bool = False) -> list[dict]:
     """Every link (`ip -j [-d] link show`)."""
@@ -71,6 +73,7 @@ def sysctl(ns: Any, key: str) -> str:
 
 # ---- firewall ---------------------------------------------------------------------------
 
+
 def nft_ruleset(ns: Any) -> list[dict]:
     """`nft -j list ruleset`: its objects (tables, chains, rules, sets, maps), metainfo left out."""
     out = _run(ns, "nft", "-j", "list", "ruleset").stdout
@@ -96,6 +99,7 @@ def iptables_rules(ns: Any, table: str = "nat", family: int = 4) -> list[str]:
 
 
 # ---- traffic control --------------------------------------------------------------------
+
 
 def tc_qdiscs(ns: Any, dev: str | None = None) -> list[dict]:
     """`tc -j qdisc show [dev D]`."""

@@ -10,6 +10,7 @@ from the test: the plugin waits on it exactly as behind a concurrent ADD.
 CNI_NETNS names a real pod namespace even for host-local (which never opens
 it): the agent serves only requests whose CNI_NETNS their caller could open.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,6 +43,7 @@ SUBNET = "10.91.0.0/24"
 
 # ---- helpers ----------------------------------------------------------------------------
 
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
@@ -68,13 +70,25 @@ def shims(workdir: Path, agent: AgentProcess, shim_kind: str) -> str:
 
 
 def host_local_conf(data_dir: Any, version: str = "1.0.0", network: str = NET) -> dict:
-    return {"cniVersion": version, "name": network, "type": "bridge",
-            "ipam": {"type": "host-local", "dataDir": str(data_dir), "ranges": [[{"subnet": SUBNET}]]}}
+    return {
+        "cniVersion": version,
+        "name": network,
+        "type": "bridge",
+        "ipam": {"type": "host-local", "dataDir": str(data_dir), "ranges": [[{"subnet": SUBNET}]]},
+    }
 
 
 def bridge_conf(node, version: str = "1.0.0", **extra: Any) -> dict:
-    return {"cniVersion": version, "name": NET, "type": "bridge", "bridge": "cni0", "isGateway": True,
-            "ipMasq": True, "ipam": node.host_local(ranges=[[{"subnet": SUBNET}]]), **extra}
+    return {
+        "cniVersion": version,
+        "name": NET,
+        "type": "bridge",
+        "bridge": "cni0",
+        "isGateway": True,
+        "ipMasq": True,
+        "ipam": node.host_local(ranges=[[{"subnet": SUBNET}]]),
+        **extra,
+    }
 
 
 def leases(data_dir: Any, network: str = NET) -> dict[str, str]:
@@ -82,8 +96,11 @@ def leases(data_dir: Any, network: str = NET) -> dict[str, str]:
     path = Path(data_dir) / network
     if not path.is_dir():
         return {}
-    return {f.name: f.read_text().splitlines()[0] for f in path.iterdir()
-            if f.name != "lock" and not f.name.startswith("last_reserved_ip")}
+    return {
+        f.name: f.read_text().splitlines()[0]
+        for f in path.iterdir()
+        if f.name != "lock" and not f.name.startswith("last_reserved_ip")
+    }
 
 
 @contextlib.contextmanager
@@ -155,6 +172,7 @@ NOT_REACHED = "agent not reached"
 
 # ---- the warm path does the work in the caller's namespace ------------------------------------
 
+
 def test_requests_are_served_in_the_callers_namespace_with_cold_results(agent, shims, make_node):
     """An agent in its own namespace serves two nodes; each node's state lands in that node, and
     the results and state equal the cold path's (a third node, the same shims with no agent)."""
@@ -163,25 +181,52 @@ def test_requests_are_served_in_the_callers_namespace_with_cold_results(agent, s
     for n, node in enumerate(nodes):
         pod = node.pod()
         env = {"PYCNI_NO_AGENT": "1"} if n == 2 else {}
-        add = run_plugin(os.path.join(shims, "bridge"), "ADD", bridge_conf(node), node=node, netns=pod,
-                         container_id="ctr", env=env)
+        add = run_plugin(
+            os.path.join(shims, "bridge"), "ADD", bridge_conf(node), node=node, netns=pod, container_id="ctr", env=env
+        )
         assert add.code == 0, add
         assert NOT_REACHED not in add.err
         for step in ("portmap", "bandwidth"):
-            conf = {"cniVersion": "1.0.0", "name": NET, "type": step, "prevResult": add.out,
-                    "runtimeConfig": {"portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}],
-                                      "bandwidth": {"ingressRate": 8_000_000, "ingressBurst": 80_000,
-                                                    "egressRate": 8_000_000, "egressBurst": 80_000}}}
-            chained = run_plugin(os.path.join(shims, step), "ADD", conf, node=node, netns=pod, container_id="ctr",
-                                 env=env)
+            conf = {
+                "cniVersion": "1.0.0",
+                "name": NET,
+                "type": step,
+                "prevResult": add.out,
+                "runtimeConfig": {
+                    "portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}],
+                    "bandwidth": {
+                        "ingressRate": 8_000_000,
+                        "ingressBurst": 80_000,
+                        "egressRate": 8_000_000,
+                        "egressBurst": 80_000,
+                    },
+                },
+            }
+            chained = run_plugin(
+                os.path.join(shims, step), "ADD", conf, node=node, netns=pod, container_id="ctr", env=env
+            )
             assert chained.code == 0, chained
             add = chained
-        check = run_plugin(os.path.join(shims, "bridge"), "CHECK", dict(bridge_conf(node), prevResult=add.out),
-                           node=node, netns=pod, container_id="ctr", env=env)
+        check = run_plugin(
+            os.path.join(shims, "bridge"),
+            "CHECK",
+            dict(bridge_conf(node), prevResult=add.out),
+            node=node,
+            netns=pod,
+            container_id="ctr",
+            env=env,
+        )
         assert check.code == 0, check
         names = link_names(node)
-        results.append((normalise(add.out), "cni0" in names, any(n.startswith("veth") for n in names),
-                        "pycni" in nft_text(node), sorted(node.leases(NET))))
+        results.append(
+            (
+                normalise(add.out),
+                "cni0" in names,
+                any(n.startswith("veth") for n in names),
+                "pycni" in nft_text(node),
+                sorted(node.leases(NET)),
+            )
+        )
     assert results[0] == results[1] == results[2]
     assert results[0][1:4] == (True, True, True)
     # Nothing in the agent's own namespace: no bridge, no veth, no firewall.
@@ -198,15 +243,35 @@ def test_loopback_host_local_errors_and_version_match_cold(agent, shims, make_no
     for mode, env in (("warm", {}), ("cold", {"PYCNI_NO_AGENT": "1"})):
         pod = make_pod()
         data_dir = node.ipam_dir / mode
-        lo = run_plugin(os.path.join(shims, "loopback"), "ADD", {"cniVersion": "0.4.0", "name": "lo",
-                                                                  "type": "loopback"},
-                        node=node, netns=pod, env=env)
-        hl = run_plugin(os.path.join(shims, "host-local"), "ADD", host_local_conf(data_dir), node=node, netns=pod,
-                        container_id="c1", env=env)
-        dl = run_plugin(os.path.join(shims, "host-local"), "DEL", host_local_conf(data_dir), node=node, netns=pod,
-                        container_id="c1", env=env)
-        bad = run_plugin(os.path.join(shims, "bridge"), "ADD", {"cniVersion": "1.0.0", "name": "x y"},
-                         node=node, netns=pod, env=env)
+        lo = run_plugin(
+            os.path.join(shims, "loopback"),
+            "ADD",
+            {"cniVersion": "0.4.0", "name": "lo", "type": "loopback"},
+            node=node,
+            netns=pod,
+            env=env,
+        )
+        hl = run_plugin(
+            os.path.join(shims, "host-local"),
+            "ADD",
+            host_local_conf(data_dir),
+            node=node,
+            netns=pod,
+            container_id="c1",
+            env=env,
+        )
+        dl = run_plugin(
+            os.path.join(shims, "host-local"),
+            "DEL",
+            host_local_conf(data_dir),
+            node=node,
+            netns=pod,
+            container_id="c1",
+            env=env,
+        )
+        bad = run_plugin(
+            os.path.join(shims, "bridge"), "ADD", {"cniVersion": "1.0.0", "name": "x y"}, node=node, netns=pod, env=env
+        )
         version = run_plugin(os.path.join(shims, "bridge"), "VERSION", None, env=env)
         lo.out["interfaces"][0]["sandbox"] = "<netns>"
         outcomes.append([(o.code, o.out) for o in (lo, hl, dl, bad, version)])
@@ -223,8 +288,7 @@ def _lo_up(pod) -> bool:
     return "UP" in json.loads(pod.ip("-j", "link", "show", "lo").stdout)[0]["flags"]
 
 
-def test_a_caller_seeing_another_namespace_at_cni_netns_is_served_in_the_one_it_sees(agent, shims, make_node,
-                                                                                    make_pod):
+def test_a_caller_seeing_another_namespace_at_cni_netns_is_served_in_the_one_it_sees(agent, shims, make_node, make_pod):
     """A runtime in a mount namespace of its own may see another namespace at CNI_NETNS than the agent does.
 
     Here the caller has pod ``other`` bind-mounted over pod ``meant``'s path (a private mount namespace,
@@ -234,12 +298,23 @@ def test_a_caller_seeing_another_namespace_at_cni_netns_is_served_in_the_one_it_
     """
     node, meant, other = make_node(), make_pod(), make_pod()
     conf = {"cniVersion": "1.0.0", "name": "lo", "type": "loopback"}
-    private_view = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                    'mount --bind "$1" "$2" && exec "$3"', "sh", other.path, meant.path, os.path.join(shims, "loopback")]
+    private_view = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        'mount --bind "$1" "$2" && exec "$3"',
+        "sh",
+        other.path,
+        meant.path,
+        os.path.join(shims, "loopback"),
+    ]
     lo = run_plugin(private_view, "ADD", conf, node=node, netns=meant, path=shims)
     assert lo.code == 0 and lo.err == "", lo
     assert lo.out["interfaces"][0]["sandbox"] == meant.path
-    assert _lo_up(other) and not _lo_up(meant)        # what the caller meant, not what the agent sees
+    assert _lo_up(other) and not _lo_up(meant)  # what the caller meant, not what the agent sees
     counters = agent.status()["requests"]
     assert counters["served"] == 1 and counters["refused"] == counters["declined"] == 0
     # The same path seen alike: served there.
@@ -250,13 +325,15 @@ def test_a_caller_seeing_another_namespace_at_cni_netns_is_served_in_the_one_it_
 
 # ---- fallback: down, killed mid-request, restarted ----------------------------------------------
 
+
 def test_agent_down_runs_cold_and_says_so(workdir, make_node, shim_kind):
     bin_dir = str(workdir / "bin")
     missing = str(workdir / "nothing" / "agent.sock")
     install(bin_dir, missing, native=shim_kind == "native")
     node = make_node()
-    add = run_plugin(os.path.join(bin_dir, "bridge"), "ADD", bridge_conf(node), node=node, netns=node.pod(),
-                     container_id="ctr")
+    add = run_plugin(
+        os.path.join(bin_dir, "bridge"), "ADD", bridge_conf(node), node=node, netns=node.pod(), container_id="ctr"
+    )
     assert add.code == 0, add
     assert f"{NOT_REACHED} at {missing}" in add.err and add.err.count("\n") == 1
     assert node.leases(NET) == ["10.91.0.2"]
@@ -274,8 +351,14 @@ def test_socket_refusing_connections_runs_cold(workdir, make_node, shim_kind):
         sock.bind(str(stale))  # bound, never listening: connect() gets ECONNREFUSED
         install(bin_dir, str(stale), native=shim_kind == "native")
         node = make_node()
-        add = run_plugin(os.path.join(bin_dir, "host-local"), "ADD", host_local_conf(node.ipam_dir), node=node,
-                         netns="/x", container_id="c1")
+        add = run_plugin(
+            os.path.join(bin_dir, "host-local"),
+            "ADD",
+            host_local_conf(node.ipam_dir),
+            node=node,
+            netns="/x",
+            container_id="c1",
+        )
     assert add.code == 0 and "Connection refused" in add.err
 
 
@@ -303,8 +386,14 @@ def test_killed_mid_request_answers_try_again_and_never_runs_twice(agent, shims,
     node = make_node()
     victim = f"victim-{os.urandom(4).hex()}"
     with store_locked(node.ipam_dir):
-        pending = Background(os.path.join(shims, "host-local"), "ADD", host_local_conf(node.ipam_dir), node=node,
-                             netns=node.pod(), container_id=victim)
+        pending = Background(
+            os.path.join(shims, "host-local"),
+            "ADD",
+            host_local_conf(node.ipam_dir),
+            node=node,
+            netns=node.pod(),
+            container_id=victim,
+        )
         wait_for(lambda: in_flight(agent) == 1, what="the request to be in flight")
         agent.kill()
         # The shim must answer while the lock is still held; one that runs the request itself waits for the
@@ -351,11 +440,13 @@ def test_sigterm_finishes_in_flight_lets_queued_run_cold_and_removes_only_the_so
         install(bin_dir, agent.socket_path, native=shim_kind == "native")
         exe = os.path.join(bin_dir, "host-local")
         with store_locked(node.ipam_dir):
-            accepted = Background(exe, "ADD", host_local_conf(node.ipam_dir), node=node, netns=node.pod(),
-                                  container_id="accepted")
+            accepted = Background(
+                exe, "ADD", host_local_conf(node.ipam_dir), node=node, netns=node.pod(), container_id="accepted"
+            )
             wait_for(lambda: in_flight(agent) == 1, what="the first request to be in flight")
-            queued = Background(exe, "ADD", host_local_conf(node.ipam_dir), node=node, netns=node.pod(),
-                                container_id="queued")
+            queued = Background(
+                exe, "ADD", host_local_conf(node.ipam_dir), node=node, netns=node.pod(), container_id="queued"
+            )
             wait_for(lambda: agent.status()["queued"] == 1, what="the second request to queue")
             agent.signal(signal.SIGTERM)
             wait_for(lambda: not os.path.exists(agent.socket_path), what="the socket to go")
@@ -374,14 +465,19 @@ def test_sigterm_finishes_in_flight_lets_queued_run_cold_and_removes_only_the_so
 
 # ---- limits: concurrency, queue, timeouts, STATUS ------------------------------------------------
 
+
 def test_parallel_adds_all_succeed_with_distinct_addresses(workdir, make_node, shim_kind):
     node = make_node()
     with running_agent(str(workdir), ["--max-concurrency", "4"]) as agent:
         bin_dir = str(workdir / "bin")
         install(bin_dir, agent.socket_path, native=shim_kind == "native")
         pods = [node.pod() for _ in range(16)]
-        runs = [Background(os.path.join(bin_dir, "bridge"), "ADD", bridge_conf(node), node=node, netns=pod,
-                           container_id=f"ctr{n}") for n, pod in enumerate(pods)]
+        runs = [
+            Background(
+                os.path.join(bin_dir, "bridge"), "ADD", bridge_conf(node), node=node, netns=pod, container_id=f"ctr{n}"
+            )
+            for n, pod in enumerate(pods)
+        ]
         outcomes = [run.result(90) for run in runs]
         assert all(o.code == 0 and NOT_REACHED not in o.err for o in outcomes), [o for o in outcomes if o.code]
         addresses = [o.out["ips"][0]["address"] for o in outcomes]
@@ -389,8 +485,12 @@ def test_parallel_adds_all_succeed_with_distinct_addresses(workdir, make_node, s
         assert all(ipaddress.ip_interface(a) in ipaddress.ip_network(SUBNET) for a in addresses)
         assert agent.status()["latency"]["bridge"]["ADD"]["count"] == 16
         assert len(node.leases(NET)) == 16
-        deletes = [Background(os.path.join(bin_dir, "bridge"), "DEL", bridge_conf(node), node=node, netns=pod,
-                              container_id=f"ctr{n}") for n, pod in enumerate(pods)]
+        deletes = [
+            Background(
+                os.path.join(bin_dir, "bridge"), "DEL", bridge_conf(node), node=node, netns=pod, container_id=f"ctr{n}"
+            )
+            for n, pod in enumerate(pods)
+        ]
         assert all(run.result(90).code == 0 for run in deletes)
         assert node.leases(NET) == []
 
@@ -404,11 +504,13 @@ def test_request_timeout_and_full_queue_answer_try_again_while_status_answers_at
         exe = os.path.join(bin_dir, "host-local")
         with store_locked(node.ipam_dir):
             started = time.monotonic()
-            slow = Background(exe, "ADD", host_local_conf(node.ipam_dir), node=node, netns=node.pod(),
-                              container_id="slow")
+            slow = Background(
+                exe, "ADD", host_local_conf(node.ipam_dir), node=node, netns=node.pod(), container_id="slow"
+            )
             wait_for(lambda: in_flight(agent) == 1, what="the request to be in flight")
-            busy = run_plugin(exe, "ADD", host_local_conf(node.ipam_dir), node=node, netns=node.pod(),
-                              container_id="busy")
+            busy = run_plugin(
+                exe, "ADD", host_local_conf(node.ipam_dir), node=node, netns=node.pod(), container_id="busy"
+            )
             assert busy.code == 1 and busy.out["code"] == 11 and "busy" in busy.out["msg"], busy
             status_conf = dict(host_local_conf(node.ipam_dir, "1.1.0"))
             quick = time.monotonic()
@@ -425,12 +527,14 @@ def test_request_timeout_and_full_queue_answer_try_again_while_status_answers_at
         wait_for(lambda: in_flight(agent) == 0, what="the slot to be free")
         counters = agent.status()["requests"]
         assert counters["busy"] == 1 and counters["timed_out"] == 1
-        delete = run_plugin(exe, "DEL", host_local_conf(node.ipam_dir), node=node, netns=node.pod(),
-                            container_id="slow")
+        delete = run_plugin(
+            exe, "DEL", host_local_conf(node.ipam_dir), node=node, netns=node.pod(), container_id="slow"
+        )
         assert delete.code == 0 and leases(node.ipam_dir) == {}
 
 
 # ---- versions and peers ------------------------------------------------------------------------
+
 
 def test_version_mismatch_is_refused_and_the_shim_runs_cold(agent, shims, make_node, shim_kind):
     from cni_plugins.spec.registry import PLUGINS
@@ -439,11 +543,28 @@ def test_version_mismatch_is_refused_and_the_shim_runs_cold(agent, shims, make_n
 
     exe = Path(shims) / "host-local-other-release"
     if shim_kind == "native":
-        exe.write_text(native_script("host-local", PLUGINS["host-local"], sys.executable, f"{MARKER}: test",
-                                     os.path.join(shims, NATIVE_SHIM), agent.socket_path, version="0.0.0+other"))
+        exe.write_text(
+            native_script(
+                "host-local",
+                PLUGINS["host-local"],
+                sys.executable,
+                f"{MARKER}: test",
+                os.path.join(shims, NATIVE_SHIM),
+                agent.socket_path,
+                version="0.0.0+other",
+            )
+        )
     else:
-        exe.write_text(script("host-local", PLUGINS["host-local"], sys.executable, f"{MARKER}: test",
-                              agent.socket_path, version="0.0.0+other"))
+        exe.write_text(
+            script(
+                "host-local",
+                PLUGINS["host-local"],
+                sys.executable,
+                f"{MARKER}: test",
+                agent.socket_path,
+                version="0.0.0+other",
+            )
+        )
     exe.chmod(0o755)
     node = make_node()
     outcome = run_plugin(str(exe), "ADD", host_local_conf(node.ipam_dir), node=node, netns="/x", container_id="c1")
@@ -536,8 +657,9 @@ def test_agent_status_from_another_user_is_refused_and_reported(workdir):
             command = [pycni, "agent", "status", "--socket", agent.socket_path]
 
             def as_nobody() -> subprocess.CompletedProcess[str]:
-                return subprocess.run([*NOBODY, *command], capture_output=True, text=True, timeout=60,
-                                      stdin=subprocess.DEVNULL, cwd="/")
+                return subprocess.run(
+                    [*NOBODY, *command], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, cwd="/"
+                )
 
             closed = as_nobody()
             assert closed.returncode == 1 and closed.stdout == "", closed
@@ -573,19 +695,41 @@ def test_a_second_agent_on_the_same_socket_is_refused_and_unsafe_directories_too
 def test_status_command_reports_latency_per_plugin_and_command(agent, shims, make_node):
     node = make_node()
     for cid in ("c1", "c2", "c3"):
-        run_plugin(os.path.join(shims, "host-local"), "ADD", host_local_conf(node.ipam_dir), node=node,
-                   netns=node.pod(), container_id=cid)
+        run_plugin(
+            os.path.join(shims, "host-local"),
+            "ADD",
+            host_local_conf(node.ipam_dir),
+            node=node,
+            netns=node.pod(),
+            container_id=cid,
+        )
     pycni = os.path.join(os.path.dirname(sys.executable), "pycni")
-    text = subprocess.run([pycni, "agent", "status", "--socket", agent.socket_path], capture_output=True,
-                          text=True, timeout=30, check=True).stdout
+    text = subprocess.run(
+        [pycni, "agent", "status", "--socket", agent.socket_path],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
     assert "alive:    yes" in text and "3 served" in text
     row = next(line for line in text.splitlines() if line.startswith("host-local"))
     assert row.split()[:4] == ["host-local", "ADD", "3", "0"]
-    doc = json.loads(subprocess.run([pycni, "agent", "status", "--socket", agent.socket_path, "--json"],
-                                    capture_output=True, text=True, timeout=30, check=True).stdout)
+    doc = json.loads(
+        subprocess.run(
+            [pycni, "agent", "status", "--socket", agent.socket_path, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    )
     figures = doc["latency"]["host-local"]["ADD"]
     assert doc["alive"] and doc["pid"] == agent.pid and figures["count"] == 3
     assert 0 < figures["p50_ms"] <= figures["p99_ms"]
-    gone = subprocess.run([pycni, "agent", "status", "--socket", str(Path(agent.socket_path).with_name("x.sock"))],
-                          capture_output=True, text=True, timeout=30)
+    gone = subprocess.run(
+        [pycni, "agent", "status", "--socket", str(Path(agent.socket_path).with_name("x.sock"))],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert gone.returncode == 1 and "no pycni agent" in gone.stderr

@@ -9,6 +9,7 @@ behaviour: one error line, exit 1.
 Everything runs in namespaces of the test (tests/multinode.py: an underlay namespace and node namespaces;
 etcd listens on the underlay bridge's address), agents on sockets of the test, stopped by PID.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -26,8 +27,11 @@ from cluster_helpers import CLIENT_PORT, etcd_skip_reason, start_etcd  # noqa: E
 from multinode import UNDERLAY_GATEWAY, cluster_topology, wait_for  # noqa: E402
 from pod_cluster import PYCNI  # noqa: E402
 
-pytestmark = [pytest.mark.integration, pytest.mark.multinode,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.multinode,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
+]
 
 METRICS = "127.0.0.1:9918"
 
@@ -45,8 +49,9 @@ def healthz(ns_path: str) -> tuple[int, str]:
 
 
 def agent_status(socket_path: str) -> int:
-    return subprocess.run([PYCNI, "agent", "status", "--socket", socket_path], capture_output=True, text=True,
-                          timeout=30).returncode
+    return subprocess.run(
+        [PYCNI, "agent", "status", "--socket", socket_path], capture_output=True, text=True, timeout=30
+    ).returncode
 
 
 def read(path: str) -> dict[str, str]:
@@ -61,23 +66,42 @@ def test_an_agent_started_20_s_before_etcd_serves_meanwhile_and_joins_once_etcd_
         pytest.skip(reason)
     with cluster_topology(1, "boot") as topo:
         node = topo.nodes[0]
-        store_url = f"etcd://{UNDERLAY_GATEWAY}:{CLIENT_PORT}"    # nothing listens there yet
+        store_url = f"etcd://{UNDERLAY_GATEWAY}:{CLIENT_PORT}"  # nothing listens there yet
         handle = topo.start_agent(node, store_url, extra_args=("--metrics-address", METRICS), wait=False)
         member = None
         try:
             # It serves CNI requests at once, and says why it is not healthy.
-            wait_for(lambda: os.path.exists(node.socket) and agent_status(node.socket) in (0, 1), 20,
-                     what="the agent serving its socket")
+            wait_for(
+                lambda: os.path.exists(node.socket) and agent_status(node.socket) in (0, 1),
+                20,
+                what="the agent serving its socket",
+            )
             code, why = healthz(node.path)
             assert code == 503 and "store" in why, why
             time.sleep(max(0.0, 20 - (time.time() - handle.started)))
             assert handle.running and node.read_state() is None
             log = open(node.log_path).read()
             retries = [line for line in log.splitlines() if "does not answer" in line and "; retry " in line]
-            assert len(retries) >= 3, log[-2000:]     # 1, 2, 4, 8 s apart: each retry said, less often as it goes
+            assert len(retries) >= 3, log[-2000:]  # 1, 2, 4, 8 s apart: each retry said, less often as it goes
             member = start_etcd(topo.underlay_path, UNDERLAY_GATEWAY, workdir=topo.path("etcd"))
-            done = subprocess.run(["ip", "netns", "exec", node.name, PYCNI, "cluster", "init", "--store", store_url,
-                                   "--network", "10.244.0.0/16"], capture_output=True, text=True, timeout=60)
+            done = subprocess.run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    node.name,
+                    PYCNI,
+                    "cluster",
+                    "init",
+                    "--store",
+                    store_url,
+                    "--network",
+                    "10.244.0.0/16",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert done.returncode == 0, done.stderr
             # 20 s in, the back-off has reached 16 s between attempts: the node joins within one more.
             wait_for(lambda: node.read_state() is not None, 40, interval=0.2, what="the node leasing its subnet")
@@ -98,22 +122,48 @@ def test_an_uninitialised_store_is_waited_for_and_subnet_env_is_written_where_as
         subnet_file = str(tmp_path / "flannel" / "subnet.env")
         handle = topo.start_agent(node, store_url, extra_args=("--subnet-file", subnet_file, "--leave"), wait=False)
         try:
-            wait_for(lambda: "holds no cluster configuration yet" in open(node.log_path).read(), 20,
-                     what="the agent saying the store is not initialised")
+            wait_for(
+                lambda: "holds no cluster configuration yet" in open(node.log_path).read(),
+                20,
+                what="the agent saying the store is not initialised",
+            )
             assert handle.running and not os.path.exists(subnet_file)
-            done = subprocess.run([PYCNI, "cluster", "init", "--store", store_url, "--network", "10.77.0.0/16",
-                                   "--subnet-len", "26", "--ipv6-network", "fd00:77::/56"],
-                                  capture_output=True, text=True, timeout=60)
+            done = subprocess.run(
+                [
+                    PYCNI,
+                    "cluster",
+                    "init",
+                    "--store",
+                    store_url,
+                    "--network",
+                    "10.77.0.0/16",
+                    "--subnet-len",
+                    "26",
+                    "--ipv6-network",
+                    "fd00:77::/56",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert done.returncode == 0, done.stderr
-            wait_for(lambda: node.read_state() is not None and os.path.exists(subnet_file), 15, interval=0.1,
-                     what="the node joining")
+            wait_for(
+                lambda: node.read_state() is not None and os.path.exists(subnet_file),
+                15,
+                interval=0.1,
+                what="the node joining",
+            )
             state = node.read_state()
             env = read(subnet_file)
             gateway = state["gateway"]
-            assert env == {"FLANNEL_NETWORK": "10.77.0.0/16", "FLANNEL_SUBNET": f"{gateway}/26",
-                           "FLANNEL_IPV6_NETWORK": "fd00:77::/56",
-                           "FLANNEL_IPV6_SUBNET": f"{state['ipv6Gateway']}/64",
-                           "FLANNEL_MTU": str(state["mtu"]), "FLANNEL_IPMASQ": "true"}, env
+            assert env == {
+                "FLANNEL_NETWORK": "10.77.0.0/16",
+                "FLANNEL_SUBNET": f"{gateway}/26",
+                "FLANNEL_IPV6_NETWORK": "fd00:77::/56",
+                "FLANNEL_IPV6_SUBNET": f"{state['ipv6Gateway']}/64",
+                "FLANNEL_MTU": str(state["mtu"]),
+                "FLANNEL_IPMASQ": "true",
+            }, env
             assert oct(os.stat(subnet_file).st_mode & 0o777) == "0o644"
         finally:
             handle.stop()
@@ -124,8 +174,9 @@ def test_an_uninitialised_store_is_waited_for_and_subnet_env_is_written_where_as
 def test_exit_on_store_error_ends_the_agent_with_one_line():
     with cluster_topology(1, "boote") as topo:
         node = topo.nodes[0]
-        handle = topo.start_agent(node, f"etcd://{UNDERLAY_GATEWAY}:{CLIENT_PORT}",
-                                  extra_args=("--exit-on-store-error",), wait=False)
+        handle = topo.start_agent(
+            node, f"etcd://{UNDERLAY_GATEWAY}:{CLIENT_PORT}", extra_args=("--exit-on-store-error",), wait=False
+        )
         handle.proc.wait(timeout=60)
         assert handle.proc.returncode == 1
         errors = [line for line in open(node.log_path).read().splitlines() if line.startswith("Error:")]

@@ -23,6 +23,7 @@ has a second underlay port, eth1, so --underlay-device names a link other than t
 
 Every agent is stopped by PID (the topology's teardown), also on failure; every namespace is the test's.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,12 +48,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.multinode]
 PYCNI = os.path.join(os.path.dirname(sys.executable), "pycni")
 NETWORK = "10.244.0.0/16"
 BRIDGE, VXLAN, UNDERLAY = "afbr0", "afvx.1", "eth1"
-SECOND_ADDRESS = "192.168.100.40/24"     # n0's eth1
+SECOND_ADDRESS = "192.168.100.40/24"  # n0's eth1
 LEASE_TTL = 6
 RECONCILE = 0.25
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+
 
 class NotifySocket:
     """A unix datagram socket standing in for systemd's notify socket."""
@@ -95,7 +97,7 @@ def tx_checksumming(node) -> str:
         out = node.run("ethtool", "-k", VXLAN).stdout
         line = next(line for line in out.splitlines() if line.startswith("tx-checksumming:"))
         return line.split(":", 1)[1].split()[0]
-    from pyroute2.ethtool import Ethtool   # an implementation independent of pycni's ioctl
+    from pyroute2.ethtool import Ethtool  # an implementation independent of pycni's ioctl
 
     with node.enter():
         tool = Ethtool()
@@ -118,12 +120,19 @@ def lease_record(store_dir: str, subnet: str) -> dict:
 
 
 def entries(node, dev: str) -> tuple[set, set, set]:
-    fdb = {(e["mac"], e["dst"]) for e in json.loads(node.run("bridge", "-j", "fdb", "show", "dev", dev).stdout or "[]")
-           if e.get("dst") and e.get("state") == "permanent"}
-    neigh = {(e["dst"], e["lladdr"]) for e in node.ip_json("neigh", "show", "dev", dev)
-             if "PERMANENT" in e.get("state", [])}
-    routes = {(e["dst"], e.get("gateway")) for e in node.ip_json("route", "show", "dev", dev)
-              if "onlink" in e.get("flags", [])}
+    fdb = {
+        (e["mac"], e["dst"])
+        for e in json.loads(node.run("bridge", "-j", "fdb", "show", "dev", dev).stdout or "[]")
+        if e.get("dst") and e.get("state") == "permanent"
+    }
+    neigh = {
+        (e["dst"], e["lladdr"]) for e in node.ip_json("neigh", "show", "dev", dev) if "PERMANENT" in e.get("state", [])
+    }
+    routes = {
+        (e["dst"], e.get("gateway"))
+        for e in node.ip_json("route", "show", "dev", dev)
+        if "onlink" in e.get("flags", [])
+    }
     return fdb, neigh, routes
 
 
@@ -150,9 +159,23 @@ class Flagged:
         self.bin_dir = topo.path("n0-bin")
         self.ipam_dir = topo.path("n0-ipam")
         self.agent = None
-        self.args = ("--log-file", self.log_file, "--log-level", "debug", "--bridge", BRIDGE, "--vxlan-device",
-                     VXLAN, "--underlay-device", UNDERLAY, "--lease-ttl", str(LEASE_TTL), "--reconcile-interval",
-                     str(RECONCILE), "--disable-tx-checksum-offload")
+        self.args = (
+            "--log-file",
+            self.log_file,
+            "--log-level",
+            "debug",
+            "--bridge",
+            BRIDGE,
+            "--vxlan-device",
+            VXLAN,
+            "--underlay-device",
+            UNDERLAY,
+            "--lease-ttl",
+            str(LEASE_TTL),
+            "--reconcile-interval",
+            str(RECONCILE),
+            "--disable-tx-checksum-offload",
+        )
 
     def start_n0(self):
         with notify_env(self.notify.path):
@@ -167,14 +190,32 @@ class Flagged:
     def attach_pod(self, tag: str):
         """A pod on n0 through the installed vxlan shim (served by n0's agent); its namespace and address."""
         name, path = self.topo.add_namespace(tag)
-        conf = {"cniVersion": "1.0.0", "name": "afnet", "type": "vxlan", "stateDir": self.n0.state_dir,
-                "dataDir": self.ipam_dir}
-        env = {"PATH": os.environ["PATH"], "CNI_COMMAND": "ADD", "CNI_CONTAINERID": tag, "CNI_NETNS": path,
-               "CNI_IFNAME": "eth0", "CNI_PATH": self.bin_dir, "CNI_ARGS": ""}
-        done = subprocess.run(["ip", "netns", "exec", self.n0.name, os.path.join(self.bin_dir, "vxlan")],
-                              input=json.dumps(conf), text=True, capture_output=True, env=env, timeout=60)
+        conf = {
+            "cniVersion": "1.0.0",
+            "name": "afnet",
+            "type": "vxlan",
+            "stateDir": self.n0.state_dir,
+            "dataDir": self.ipam_dir,
+        }
+        env = {
+            "PATH": os.environ["PATH"],
+            "CNI_COMMAND": "ADD",
+            "CNI_CONTAINERID": tag,
+            "CNI_NETNS": path,
+            "CNI_IFNAME": "eth0",
+            "CNI_PATH": self.bin_dir,
+            "CNI_ARGS": "",
+        }
+        done = subprocess.run(
+            ["ip", "netns", "exec", self.n0.name, os.path.join(self.bin_dir, "vxlan")],
+            input=json.dumps(conf),
+            text=True,
+            capture_output=True,
+            env=env,
+            timeout=60,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
-        assert "running the plugin in this process" not in done.stderr, done.stderr   # the shim's cold note
+        assert "running the plugin in this process" not in done.stderr, done.stderr  # the shim's cold note
         result = json.loads(done.stdout)
         return name, result["ips"][0]["address"].split("/")[0]
 
@@ -198,14 +239,19 @@ def flagged() -> Iterator[Flagged]:
             f.start_n0()
             topo.start_agent(n1, f.store_url)
             wait_for(lambda: converged(topo.nodes), 20, what="both nodes routing each other's subnet")
-            subprocess.run([PYCNI, "install", "--cni-bin-dir", f.bin_dir, "--agent-socket", n0.socket],
-                           check=True, capture_output=True, timeout=120)
+            subprocess.run(
+                [PYCNI, "install", "--cni-bin-dir", f.bin_dir, "--agent-socket", n0.socket],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
             yield f
         finally:
             notify.close()
 
 
 # ---- tests ---------------------------------------------------------------------------------------
+
 
 def test_bridge_vxlan_device_and_underlay_device_carry_the_names_given(flagged):
     f = flagged
@@ -214,21 +260,28 @@ def test_bridge_vxlan_device_and_underlay_device_carry_the_names_given(flagged):
     link = f.n0.ip_json("-d", "link", "show", VXLAN)[0]
     assert link["linkinfo"]["info_kind"] == "vxlan"
     assert link["linkinfo"]["info_data"]["local"] == f.n0.public_ip
-    assert link["linkinfo"]["info_data"]["link"] == UNDERLAY, link     # eth1, not eth0 (which holds --public-ip)
+    assert link["linkinfo"]["info_data"]["link"] == UNDERLAY, link  # eth1, not eth0 (which holds --public-ip)
     bridge = f.n0.ip_json("-d", "link", "show", BRIDGE)[0]
     assert bridge["linkinfo"]["info_kind"] == "bridge"
-    assert [a["local"] for a in f.n0.ip_json("addr", "show", BRIDGE)[0]["addr_info"] if a["family"] == "inet"] \
-        == [state["gateway"]]
+    assert [a["local"] for a in f.n0.ip_json("addr", "show", BRIDGE)[0]["addr_info"] if a["family"] == "inet"] == [
+        state["gateway"]
+    ]
     names = {l["ifname"] for l in f.n0.ip_json("link", "show")}
     assert "pycni0" not in names and "pycni.1" not in names
-    assert {"pycni0", "pycni.1"} <= {l["ifname"] for l in f.n1.ip_json("link", "show")}   # n1: the defaults
+    assert {"pycni0", "pycni.1"} <= {l["ifname"] for l in f.n1.ip_json("link", "show")}  # n1: the defaults
     status = agent_status(f.n0)["overlay"]
     assert status["underlay"] == UNDERLAY and status["bridge"] == BRIDGE
     # n1 knows n0 by its --public-ip, and a pod on n0 (attached by the warm shim) reaches n1 across the overlay.
     n1_state = f.state(f.n1)
     pod, address = f.attach_pod("p0")
-    assert subprocess.run(["ip", "netns", "exec", pod, "ping", "-c", "1", "-W", "2", n1_state["gateway"]],
-                          capture_output=True, timeout=30).returncode == 0
+    assert (
+        subprocess.run(
+            ["ip", "netns", "exec", pod, "ping", "-c", "1", "-W", "2", n1_state["gateway"]],
+            capture_output=True,
+            timeout=30,
+        ).returncode
+        == 0
+    )
     assert f.n1.ping(address)
 
 
@@ -240,13 +293,16 @@ def test_tx_checksum_offload_is_off_on_the_vxlan_device_and_kept_off(flagged):
         assert "tx-checksumming: on" in f.n1.run("ethtool", "-k", "pycni.1").stdout
         # Turned on by hand (other software, an operator): the agent owns the attribute and sets it back.
         f.n0.run("ethtool", "-K", VXLAN, "tx", "on")
-        wait_for(lambda: tx_checksumming(f.n0) == "off", 3, interval=0.05,
-                 what="tx-checksumming turned off again after `ethtool -K tx on`")
+        wait_for(
+            lambda: tx_checksumming(f.n0) == "off",
+            3,
+            interval=0.05,
+            what="tx-checksumming turned off again after `ethtool -K tx on`",
+        )
     # The device deleted: re-created with the offload off again.
     mac = f.state(f.n0)["vtepMAC"]
     f.n0.ip("link", "del", VXLAN)
-    wait_for(lambda: bool(f.n0.ip("link", "show", VXLAN, check=False).returncode == 0), 5,
-             what=f"{VXLAN} re-created")
+    wait_for(lambda: bool(f.n0.ip("link", "show", VXLAN, check=False).returncode == 0), 5, what=f"{VXLAN} re-created")
     wait_for(lambda: f.n0.ip_json("link", "show", VXLAN)[0]["address"] == mac, 5, what="the VTEP MAC back")
     assert tx_checksumming(f.n0) == "off"
 
@@ -258,10 +314,14 @@ def test_lease_ttl_is_the_lease_records_ttl_and_it_is_renewed_at_a_third(flagged
     assert first["ttl"] == LEASE_TTL
     assert 0 < first["expires"] - time.time() <= LEASE_TTL + 0.5
     # Renewal every 2 s: within 3 s the expiry has moved on (a keep-alive at the TTL or later would not).
-    wait_for(lambda: lease_record(f.store_dir, subnet)["expires"] > first["expires"] + 0.5, 3, interval=0.1,
-             what="the lease's expiry to move on")
+    wait_for(
+        lambda: lease_record(f.store_dir, subnet)["expires"] > first["expires"] + 0.5,
+        3,
+        interval=0.1,
+        what="the lease's expiry to move on",
+    )
     assert lease_record(f.store_dir, subnet)["ttl"] == LEASE_TTL
-    assert lease_record(f.store_dir, f.state(f.n1)["subnet"])["ttl"] == 86400    # n1: the default
+    assert lease_record(f.store_dir, f.state(f.n1)["subnet"])["ttl"] == 86400  # n1: the default
     assert agent_status(f.n0)["overlay"]["lease"] == "valid"
 
 
@@ -293,12 +353,15 @@ def test_the_log_goes_to_the_log_file_and_sigusr1_dumps_every_threads_stack_ther
             fh.seek(size)
             return fh.read()
 
-    wait_for(lambda: dumped().count("File ") > 0 and "most recent call first" in dumped(), 5,
-             what="the stack dump in the log file")
-    time.sleep(0.2)   # the dump is written in one go from the signal handler; let it finish
+    wait_for(
+        lambda: dumped().count("File ") > 0 and "most recent call first" in dumped(),
+        5,
+        what="the stack dump in the log file",
+    )
+    time.sleep(0.2)  # the dump is written in one go from the signal handler; let it finish
     dump = dumped()
     stacks = dump.count("most recent call first")
-    assert stacks >= min(threads, 3), dump     # one per thread: the main thread, the overlay loop, servers...
+    assert stacks >= min(threads, 3), dump  # one per thread: the main thread, the overlay loop, servers...
     assert "Current thread" in dump and "serve_forever" in dump and "pycni/overlay/node.py" in dump, dump
     assert f.agent.running()
     assert agent_status(f.n0)["pid"] == f.agent.pid
@@ -315,9 +378,9 @@ def test_sigkill_keeps_the_datapath_and_a_restart_keeps_subnet_mac_and_serves_ag
     n0_entries, n1_entries = entries(f.n0, VXLAN), entries(f.n1, "pycni.1")
     assert all(n0_entries) and all(n1_entries)
     f.notify.drain()
-    f.agent.stop(sigterm=False)                      # SIGKILL: no clean-up at all
+    f.agent.stop(sigterm=False)  # SIGKILL: no clean-up at all
     assert f.agent.proc.returncode == -signal.SIGKILL
-    assert os.path.exists(f.n0.socket)               # a stale socket left behind
+    assert os.path.exists(f.n0.socket)  # a stale socket left behind
     # Dead agent: the kernel keeps every entry, traffic keeps flowing, a pod attached before still reaches n1.
     assert entries(f.n0, VXLAN) == n0_entries and entries(f.n1, "pycni.1") == n1_entries
     assert f.n1.ping(before["gateway"])
@@ -331,10 +394,16 @@ def test_sigkill_keeps_the_datapath_and_a_restart_keeps_subnet_mac_and_serves_ag
     assert entries(f.n1, "pycni.1") == n1_entries
     served = agent_status(f.n0)["requests"]["served"]
     pod, address = f.attach_pod("p1")
-    assert agent_status(f.n0)["requests"]["served"] > served          # the restarted agent served the ADD
+    assert agent_status(f.n0)["requests"]["served"] > served  # the restarted agent served the ADD
     assert f.n1.ping(address)
-    assert subprocess.run(["ip", "netns", "exec", pod, "ping", "-c", "1", "-W", "2", f.state(f.n1)["gateway"]],
-                          capture_output=True, timeout=30).returncode == 0
+    assert (
+        subprocess.run(
+            ["ip", "netns", "exec", pod, "ping", "-c", "1", "-W", "2", f.state(f.n1)["gateway"]],
+            capture_output=True,
+            timeout=30,
+        ).returncode
+        == 0
+    )
 
 
 def test_sigterm_says_stopping_and_exits_cleanly(flagged):

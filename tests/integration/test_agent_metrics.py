@@ -16,6 +16,7 @@ test reads it by entering the namespace on its own thread (``http_get``).
   reconcile completes; /healthz turns 503 once the last one is stale, and
   200 again when the address is back.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,10 @@ from tests.multinode import UNDERLAY_GATEWAY, cluster_topology, converged, ip_in
 from tests.multinode import wait_for as wait_until
 from tests.plugin_modes import AgentProcess, install
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
+]
 
 PORT = 9917
 ADDRESS = f"127.0.0.1:{PORT}"
@@ -53,9 +56,10 @@ NETWORK = "10.244.0.0/16"
 
 # ---- reading the endpoint ------------------------------------------------------------------------
 
+
 def http_get(ns: str, path: str, timeout: float = 10.0, port: int = PORT) -> tuple[int, str, str]:
     """(status, content type, body) of GET http://127.0.0.1:PORT/PATH inside namespace ``ns``."""
-    with netns.enter(ns):   # the connection's socket is made (and stays) in the namespace
+    with netns.enter(ns):  # the connection's socket is made (and stays) in the namespace
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
         conn.connect()
     try:
@@ -95,7 +99,7 @@ def wait_health(ns: str, predicate, timeout: float, what: str) -> tuple[int, str
     def check() -> bool:
         try:
             seen.append(healthz(ns))
-        except (OSError, http.client.HTTPException) as exc:   # refused, or closed unanswered: not yet
+        except (OSError, http.client.HTTPException) as exc:  # refused, or closed unanswered: not yet
             seen.append((0, f"{type(exc).__name__}: {exc}"))
             return False
         return predicate(*seen[-1])
@@ -109,9 +113,11 @@ def wait_health(ns: str, predicate, timeout: float, what: str) -> tuple[int, str
 
 # ---- an agent without overlay mode -------------------------------------------------------------
 
+
 @contextlib.contextmanager
-def metrics_agent(workdir: Path, extra: tuple[str, ...] = (), address: str = ADDRESS,
-                  wait: bool = True) -> Iterator[AgentProcess]:
+def metrics_agent(
+    workdir: Path, extra: tuple[str, ...] = (), address: str = ADDRESS, wait: bool = True
+) -> Iterator[AgentProcess]:
     """An agent in a namespace of its own (loopback up) serving metrics on its 127.0.0.1; stopped by PID."""
     with netns.temporary("agm") as ns:
         ip_in(ns.name, "link", "set", "lo", "up")
@@ -124,8 +130,12 @@ def metrics_agent(workdir: Path, extra: tuple[str, ...] = (), address: str = ADD
 
 
 def host_local_conf(data_dir: Any, version: str = "1.0.0") -> dict:
-    return {"cniVersion": version, "name": NET, "type": "bridge",
-            "ipam": {"type": "host-local", "dataDir": str(data_dir), "ranges": [[{"subnet": SUBNET}]]}}
+    return {
+        "cniVersion": version,
+        "name": NET,
+        "type": "bridge",
+        "ipam": {"type": "host-local", "dataDir": str(data_dir), "ranges": [[{"subnet": SUBNET}]]},
+    }
 
 
 def test_real_requests_move_the_counts_and_histograms(tmp_path, make_node):
@@ -143,25 +153,41 @@ def test_real_requests_move_the_counts_and_histograms(tmp_path, make_node):
         install(str(bin_dir), agent.socket_path)
         exe = str(bin_dir / "host-local")
         for cid in ("c1", "c2", "c3"):
-            add = run_plugin(exe, "ADD", host_local_conf(node.ipam_dir), node=node, netns=node.pod(),
-                             container_id=cid)
+            add = run_plugin(exe, "ADD", host_local_conf(node.ipam_dir), node=node, netns=node.pod(), container_id=cid)
             assert add.code == 0 and "not reached" not in add.err, add
-        delete = run_plugin(exe, "DEL", host_local_conf(node.ipam_dir), node=node, netns=node.pod(),
-                            container_id="c1")
+        delete = run_plugin(exe, "DEL", host_local_conf(node.ipam_dir), node=node, netns=node.pod(), container_id="c1")
         assert delete.code == 0
-        bad = run_plugin(str(bin_dir / "bridge"), "ADD", {"cniVersion": "1.0.0", "name": "x y"}, node=node,
-                         netns=node.pod())
+        bad = run_plugin(
+            str(bin_dir / "bridge"), "ADD", {"cniVersion": "1.0.0", "name": "x y"}, node=node, netns=node.pod()
+        )
         assert bad.code == 1 and bad.out["code"] == 7
-        lo = run_plugin(str(bin_dir / "loopback"), "ADD", {"cniVersion": "1.0.0", "name": "lo", "type": "loopback"},
-                        node=node, netns=node.pod())
+        lo = run_plugin(
+            str(bin_dir / "loopback"),
+            "ADD",
+            {"cniVersion": "1.0.0", "name": "lo", "type": "loopback"},
+            node=node,
+            netns=node.pod(),
+        )
         assert lo.code == 0
         # A shim of another pycni release: refused, and run cold by its shim.
         other = bin_dir / "host-local-other"
-        other.write_text(script("host-local", PLUGINS["host-local"], sys.executable, f"{MARKER}: test",
-                                agent.socket_path, version="0.0.0+other"))
+        other.write_text(
+            script(
+                "host-local",
+                PLUGINS["host-local"],
+                sys.executable,
+                f"{MARKER}: test",
+                agent.socket_path,
+                version="0.0.0+other",
+            )
+        )
         other.chmod(0o755)
-        assert run_plugin(str(other), "ADD", host_local_conf(node.ipam_dir), node=node, netns=node.pod(),
-                          container_id="c9").code == 0
+        assert (
+            run_plugin(
+                str(other), "ADD", host_local_conf(node.ipam_dir), node=node, netns=node.pod(), container_id="c9"
+            ).code
+            == 0
+        )
 
         got = scrape(agent.ns_name)
         assert value(got, "pycni_agent_requests_total", plugin="host-local", command="ADD", outcome="success") == 3
@@ -176,8 +202,11 @@ def test_real_requests_move_the_counts_and_histograms(tmp_path, make_node):
         assert value(got, "pycni_agent_request_duration_seconds_count", **labels) == 3
         assert 0 < value(got, "pycni_agent_request_duration_seconds_sum", **labels) < 30
         histogram = got["pycni_agent_request_duration_seconds_bucket"]
-        buckets = sorted((float(dict(k)["le"]), v) for k, v in histogram.items()
-                         if dict(k)["plugin"] == "host-local" and dict(k)["command"] == "ADD")
+        buckets = sorted(
+            (float(dict(k)["le"]), v)
+            for k, v in histogram.items()
+            if dict(k)["plugin"] == "host-local" and dict(k)["command"] == "ADD"
+        )
         assert buckets[-1] == (float("inf"), 3)
         assert [v for _le, v in buckets] == sorted(v for _le, v in buckets)
         assert value(got, "pycni_agent_requests_in_flight") == 0
@@ -211,13 +240,23 @@ def test_healthz_is_503_while_the_agent_stops(tmp_path, make_node):
         install(str(bin_dir), agent.socket_path)
         outcomes: list[Any] = []
         with store_locked(node.ipam_dir):
-            pending = threading.Thread(target=lambda: outcomes.append(run_plugin(
-                str(bin_dir / "host-local"), "ADD", host_local_conf(node.ipam_dir), node=node, netns=node.pod(),
-                container_id="held")), daemon=True)
+            pending = threading.Thread(
+                target=lambda: outcomes.append(
+                    run_plugin(
+                        str(bin_dir / "host-local"),
+                        "ADD",
+                        host_local_conf(node.ipam_dir),
+                        node=node,
+                        netns=node.pod(),
+                        container_id="held",
+                    )
+                ),
+                daemon=True,
+            )
             pending.start()
             wait_until(lambda: agent.status()["in_flight"] == 1, 10, what="the request to be in flight")
             assert value(scrape(agent.ns_name), "pycni_agent_requests_in_flight") == 1
-            agent.signal(signal.SIGTERM)   # it drains the request in flight (up to --grace) before it exits
+            agent.signal(signal.SIGTERM)  # it drains the request in flight (up to --grace) before it exits
             code, reason = wait_health(agent.ns_name, lambda c, _r: c == 503, 10, "503 while stopping")
             assert reason == "the agent is stopping"
             assert value(scrape(agent.ns_name), "pycni_agent_serving") == 0
@@ -235,11 +274,11 @@ def test_slow_and_surplus_clients_cannot_stall_the_endpoint(tmp_path):
         with netns.enter(agent.ns_name):
             slow = socket.create_connection(("127.0.0.1", PORT), timeout=10)
         try:
-            slow.sendall(b"GET /metr")       # and then nothing more
+            slow.sendall(b"GET /metr")  # and then nothing more
             started = time.monotonic()
             assert healthz(agent.ns_name) == (200, "ok")
             assert time.monotonic() - started < 2
-            assert slow.recv(100) == b""     # cut off: the whole request must come within the deadline
+            assert slow.recv(100) == b""  # cut off: the whole request must come within the deadline
             assert time.monotonic() - started < CONNECTION_DEADLINE + 3
         finally:
             slow.close()
@@ -267,12 +306,11 @@ def test_slow_and_surplus_clients_cannot_stall_the_endpoint(tmp_path):
 
 
 def test_an_address_the_namespace_lacks_stops_the_agent_with_a_reason(tmp_path):
-    with metrics_agent(tmp_path, address="192.0.2.1:9917", wait=False) as agent:   # no such address in there
+    with metrics_agent(tmp_path, address="192.0.2.1:9917", wait=False) as agent:  # no such address in there
         assert agent.proc.wait(30) == 1
         assert "cannot serve metrics on 192.0.2.1:9917: Cannot assign requested address" in agent.log_text()
         assert not os.path.exists(agent.socket_path)
-    bad = subprocess.run([PYCNI, "agent", "--metrics-address", "127.0.0.1"], capture_output=True, text=True,
-                         timeout=60)
+    bad = subprocess.run([PYCNI, "agent", "--metrics-address", "127.0.0.1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
 
 
@@ -286,12 +324,13 @@ def test_under_systemd_the_agent_log_carries_journal_priorities(tmp_path, monkey
         assert healthz(agent.ns_name) == (200, "ok")
     lines = [line for line in log.read_text().splitlines() if not line.startswith("---- ")]
     assert "<6>INFO pycni.agent: metrics on http://127.0.0.1:9917/metrics, health on /healthz" in lines
-    assert "<7>DEBUG pycni.agent.metrics: metrics endpoint: 127.0.0.1 \"GET /healthz HTTP/1.1\" 200 -" in lines
+    assert '<7>DEBUG pycni.agent.metrics: metrics endpoint: 127.0.0.1 "GET /healthz HTTP/1.1" 200 -' in lines
     assert lines and all(line[:3] in ("<6>", "<7>", "<4>", "<3>") for line in lines), lines
-    assert not any(line[3:7].isdigit() for line in lines)    # no timestamp: journald has one
+    assert not any(line[3:7].isdigit() for line in lines)  # no timestamp: journald has one
 
 
 # ---- overlay mode ----------------------------------------------------------------------------------
+
 
 def _cluster_init(node, store_url: str) -> None:
     done = node.run(PYCNI, "cluster", "init", "--store", store_url, "--network", NETWORK, check=False)
@@ -308,8 +347,9 @@ def test_overlay_metrics_and_health_through_a_store_outage_and_a_lapsed_lease(tm
             store = f"etcd://{UNDERLAY_GATEWAY}:2379"
             n0, n1 = topo.nodes
             _cluster_init(n0, store)
-            watched = topo.start_agent(n0, store, extra_args=("--metrics-address", ADDRESS, "--lease-ttl", "3",
-                                                              "--reconcile-interval", "0.5"))
+            watched = topo.start_agent(
+                n0, store, extra_args=("--metrics-address", ADDRESS, "--lease-ttl", "3", "--reconcile-interval", "0.5")
+            )
             topo.start_agent(n1, store)
             wait_until(lambda: converged(topo.nodes), 20, what="both nodes routing each other's subnet")
             wait_health(n0.name, lambda c, _r: c == 200, 10, "a healthy node")
@@ -322,25 +362,40 @@ def test_overlay_metrics_and_health_through_a_store_outage_and_a_lapsed_lease(tm
             assert value(got, "pycni_overlay_lease_subnet", subnet=subnet) == 1
             assert value(got, "pycni_overlay_store_reachable") == 1
             assert value(got, "pycni_overlay_store_watch", state="streaming") == 1
-            assert value(got, "pycni_overlay_kernel_changes_total") >= 3     # FDB, neighbour, route for n1
+            assert value(got, "pycni_overlay_kernel_changes_total") >= 3  # FDB, neighbour, route for n1
             assert value(got, "pycni_overlay_ready") == 1 and value(got, "pycni_agent_healthy") == 1
-            assert value(got, "pycni_overlay_info", node="n0", public_ip=n0.public_ip, network=NETWORK, vni="1",
-                         vxlan_device="pycni.1") == 1
+            assert (
+                value(
+                    got,
+                    "pycni_overlay_info",
+                    node="n0",
+                    public_ip=n0.public_ip,
+                    network=NETWORK,
+                    vni="1",
+                    vxlan_device="pycni.1",
+                )
+                == 1
+            )
             assert value(got, "pycni_overlay_store_requests_total", operation="range") >= 1
             # Real reconciles (every 0.5 s here) move the count and the time of the last one.
             reconciles = value(got, "pycni_overlay_reconciles_total")
             last = value(got, "pycni_overlay_last_reconcile_timestamp_seconds")
             assert reconciles >= 1 and abs(time.time() - last) < 10
-            wait_until(lambda: value(scrape(n0.name), "pycni_overlay_reconciles_total") >= reconciles + 2, 10,
-                       interval=0.2, what="two more reconciles")
+            wait_until(
+                lambda: value(scrape(n0.name), "pycni_overlay_reconciles_total") >= reconciles + 2,
+                10,
+                interval=0.2,
+                what="two more reconciles",
+            )
             assert value(scrape(n0.name), "pycni_overlay_last_reconcile_timestamp_seconds") > last
             errors = value(got, "pycni_overlay_store_errors_total")
 
             # The store goes away: 503 naming it; past the 3 s TTL the lease lapses too.
             etcd.stop()
             try:
-                code, reason = wait_health(n0.name, lambda c, r: c == 503 and "cluster store" in r, 20,
-                                           "503 for the store")
+                code, reason = wait_health(
+                    n0.name, lambda c, r: c == 503 and "cluster store" in r, 20, "503 for the store"
+                )
                 assert reason.startswith("the cluster store did not answer"), reason
                 code, reason = wait_health(n0.name, lambda c, r: "lapsed" in r, 20, "503 for the lapsed lease")
                 assert code == 503 and f"the subnet lease of {subnet} is lapsed" in reason, reason
@@ -371,8 +426,7 @@ def test_overlay_health_turns_503_when_the_reconcile_goes_stale(tmp_path):
         node = topo.nodes[0]
         store = "file://" + topo.path("store")
         _cluster_init(node, store)
-        handle = topo.start_agent(node, store, extra_args=("--metrics-address", ADDRESS,
-                                                           "--reconcile-interval", "0.5"))
+        handle = topo.start_agent(node, store, extra_args=("--metrics-address", ADDRESS, "--reconcile-interval", "0.5"))
         wait_health(node.name, lambda c, _r: c == 200, 10, "a healthy node")
         # Without its public address the node finds no underlay: no reconcile completes from here on.
         ip_in(node.name, "addr", "del", f"{node.public_ip}/24", "dev", "eth0")
@@ -382,7 +436,7 @@ def test_overlay_health_turns_503_when_the_reconcile_goes_stale(tmp_path):
             code, reason = wait_health(node.name, lambda c, _r: c == 503, limit + 15, "503 for a stale reconcile")
             assert time.monotonic() - started > limit - 2
             assert reason.startswith("the last reconcile completed") and f"stale after {limit:g} s" in reason, reason
-            assert "store" not in reason and "lease" not in reason      # the file store and the lease are fine
+            assert "store" not in reason and "lease" not in reason  # the file store and the lease are fine
             assert value(scrape(node.name), "pycni_agent_healthy") == 0
         finally:
             ip_in(node.name, "addr", "add", f"{node.public_ip}/24", "dev", "eth0")

@@ -17,6 +17,7 @@ Every agent runs in a namespace of its own on a socket under the test's
 directory (``running_agent``) and is stopped by PID; every helper process is
 stopped by PID; plugins run with their host side in node namespaces.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -106,8 +107,9 @@ def fake_ipam_runs(record: Path) -> list[tuple[str, str, list[int]]]:
     runs = []
     for line in record.read_text().splitlines():
         command, netns_part, chain_part = line.split(" ", 2)
-        runs.append((command, netns_part.removeprefix("netns="),
-                     [int(p) for p in chain_part.removeprefix("chain=").split()]))
+        runs.append(
+            (command, netns_part.removeprefix("netns="), [int(p) for p in chain_part.removeprefix("chain=").split()])
+        )
     return runs
 
 
@@ -116,8 +118,7 @@ def bridge_conf() -> dict:
 
 
 @pytest.mark.parametrize("allowed", ["nowhere", "--cni-bin-dir", "install record"])
-def test_a_delegate_outside_the_allowed_directories_never_runs_under_the_agent(tmp_path, make_node, shim_kind,
-                                                                               allowed):
+def test_a_delegate_outside_the_allowed_directories_never_runs_under_the_agent(tmp_path, make_node, shim_kind, allowed):
     """A bridge request whose CNI_PATH leads to a script: the agent never executes it itself.
 
     Not allowed: the agent refuses before doing anything and the script runs under the shim's own
@@ -137,8 +138,15 @@ def test_a_delegate_outside_the_allowed_directories_never_runs_under_the_agent(t
         if allowed == "install record":
             assert Path(agent.socket_path + ".cni-bin-dirs").read_text() == f"{bin_dir}\n"
         cni_path = f"{bin_dir}:{script_dir}"
-        add = run_plugin(os.path.join(bin_dir, "bridge"), "ADD", bridge_conf(), node=node, netns=pod,
-                         container_id="ctr", path=cni_path)
+        add = run_plugin(
+            os.path.join(bin_dir, "bridge"),
+            "ADD",
+            bridge_conf(),
+            node=node,
+            netns=pod,
+            container_id="ctr",
+            path=cni_path,
+        )
         assert add.code == 0, add
         assert add.out["ips"][0]["address"] == "10.77.0.5/24"
         [(command, netns_seen, chain)] = fake_ipam_runs(record)
@@ -156,8 +164,15 @@ def test_a_delegate_outside_the_allowed_directories_never_runs_under_the_agent(t
             assert counters["served"] == 1 and counters["declined"] == 0
         # The container got what the IPAM plugin said, wherever it ran.
         assert "10.77.0.5/24" in pod.ip("-o", "addr", "show", "eth0").stdout
-        delete = run_plugin(os.path.join(bin_dir, "bridge"), "DEL", bridge_conf(), node=node, netns=pod,
-                            container_id="ctr", path=cni_path)
+        delete = run_plugin(
+            os.path.join(bin_dir, "bridge"),
+            "DEL",
+            bridge_conf(),
+            node=node,
+            netns=pod,
+            container_id="ctr",
+            path=cni_path,
+        )
         assert delete.code == 0, delete
         assert [link for link in link_names(node) if link.startswith("veth")] == []
 
@@ -179,8 +194,14 @@ def test_a_refusal_part_way_through_add_leaves_nothing_behind(tmp_path, make_nod
     write_fake_ipam(script_dir, record)
     node = make_node()
     pod = node.pod()
-    environ = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "ctr", "CNI_NETNS": pod.path, "CNI_IFNAME": "eth0",
-               "CNI_PATH": str(script_dir), AGENT_BIN_DIRS_VARIABLE: "/nonexistent-allowed-dir"}
+    environ = {
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": "ctr",
+        "CNI_NETNS": pod.path,
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": str(script_dir),
+        AGENT_BIN_DIRS_VARIABLE: "/nonexistent-allowed-dir",
+    }
     failure: list[BaseException] = []
 
     def add_in_node() -> None:  # a thread of its own: the namespace switch never touches the test's thread
@@ -205,6 +226,7 @@ def test_a_refusal_part_way_through_add_leaves_nothing_behind(tmp_path, make_nod
 
 # ---- namespaces come as descriptors ------------------------------------------------------------
 
+
 @pytest.fixture
 def agent(tmp_path) -> Iterator[AgentProcess]:
     with running_agent(str(tmp_path)) as proc:
@@ -226,12 +248,20 @@ def test_a_cni_netns_the_caller_cannot_open_is_never_resolved_by_the_agent(agent
     is untouched.
     """
     node, pod = make_node(), make_pod()
-    hidden_view = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                   'mount -t tmpfs none "$(dirname "$1")" && exec "$2"', "sh", pod.path,
-                   os.path.join(shims, "loopback")]
+    hidden_view = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        'mount -t tmpfs none "$(dirname "$1")" && exec "$2"',
+        "sh",
+        pod.path,
+        os.path.join(shims, "loopback"),
+    ]
     lo = run_plugin(hidden_view, "ADD", LOOPBACK_CONF, node=node, netns=pod, path=shims)
-    cold = run_plugin(hidden_view, "ADD", LOOPBACK_CONF, node=node, netns=pod, path=shims,
-                      env={"PYCNI_NO_AGENT": "1"})
+    cold = run_plugin(hidden_view, "ADD", LOOPBACK_CONF, node=node, netns=pod, path=shims, env={"PYCNI_NO_AGENT": "1"})
     assert lo.code == cold.code != 0 and lo.out == cold.out, (lo, cold)
     [note] = note_lines(lo)
     assert f"the agent refused the request (the caller could not open CNI_NETNS {pod.path}" in note
@@ -245,12 +275,15 @@ def test_a_cni_netns_that_is_no_network_namespace_is_refused(agent, shims, make_
     plain = tmp_path / "not-a-netns"
     plain.write_text("")
     warm = run_plugin(os.path.join(shims, "loopback"), "ADD", LOOPBACK_CONF, node=node, netns=str(plain))
-    cold = run_plugin(os.path.join(shims, "loopback"), "ADD", LOOPBACK_CONF, node=node, netns=str(plain),
-                      env={"PYCNI_NO_AGENT": "1"})
+    cold = run_plugin(
+        os.path.join(shims, "loopback"), "ADD", LOOPBACK_CONF, node=node, netns=str(plain), env={"PYCNI_NO_AGENT": "1"}
+    )
     assert warm.code == cold.code != 0 and warm.out == cold.out, (warm, cold)
     [note] = note_lines(warm)
-    assert f"the agent refused the request (CNI_NETNS {plain}: the descriptor the caller passed is not a " \
-           f"network namespace)" in note
+    assert (
+        f"the agent refused the request (CNI_NETNS {plain}: the descriptor the caller passed is not a "
+        f"network namespace)" in note
+    )
     assert agent.status()["requests"]["declined"] == 1
 
 
@@ -296,9 +329,12 @@ class Impostor:
         self.thread: threading.Thread | None = None
         self.stopping = threading.Event()
         if listener_uid:  # a process of that user listens (SO_PEERCRED reports whoever called listen)
-            self.proc = subprocess.Popen([sys.executable, "-c", _LISTENER, str(self.sock.fileno()),
-                                          str(listener_uid)], pass_fds=[self.sock.fileno()],
-                                         stdout=subprocess.PIPE, text=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _LISTENER, str(self.sock.fileno()), str(listener_uid)],
+                pass_fds=[self.sock.fileno()],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             assert self.proc.stdout is not None and self.proc.stdout.readline() == "ready\n"
         else:
             self.sock.listen(16)
@@ -346,8 +382,16 @@ def write_shim(bin_dir: Path, name: str, plugin_type: str, socket_path: str, nat
 
     path = bin_dir / name
     if native:
-        path.write_text(native_script(plugin_type, PLUGINS[plugin_type], sys.executable, f"{MARKER}: test",
-                                      str(bin_dir / NATIVE_SHIM), socket_path))
+        path.write_text(
+            native_script(
+                plugin_type,
+                PLUGINS[plugin_type],
+                sys.executable,
+                f"{MARKER}: test",
+                str(bin_dir / NATIVE_SHIM),
+                socket_path,
+            )
+        )
     else:
         path.write_text(script(plugin_type, PLUGINS[plugin_type], sys.executable, f"{MARKER}: test", socket_path))
     path.chmod(0o755)
@@ -368,15 +412,28 @@ def test_an_impostor_socket_is_refused_by_install_and_the_shims(tmp_path, make_n
         directory = tmp_path / "safe"
         directory.mkdir(mode=0o700)
         options = {"owner": _NOBODY} if kind == "socket of another user" else {"listener_uid": _NOBODY}
-        why = (f"{directory / 'agent.sock'} belongs to uid {_NOBODY}, not root" if kind == "socket of another user"
-               else f"the process serving it is not root (uid {_NOBODY})")
+        why = (
+            f"{directory / 'agent.sock'} belongs to uid {_NOBODY}, not root"
+            if kind == "socket of another user"
+            else f"the process serving it is not root (uid {_NOBODY})"
+        )
     socket_path = directory / "agent.sock"
     node = make_node()
     with impostor(socket_path, **options) as fake:
         if kind == "writable directory":
-            refused = subprocess.run([os.path.join(os.path.dirname(sys.executable), "pycni"), "install",
-                                      "--cni-bin-dir", str(tmp_path / "bin2"), "--agent-socket", str(socket_path)],
-                                     capture_output=True, text=True, timeout=120)
+            refused = subprocess.run(
+                [
+                    os.path.join(os.path.dirname(sys.executable), "pycni"),
+                    "install",
+                    "--cni-bin-dir",
+                    str(tmp_path / "bin2"),
+                    "--agent-socket",
+                    str(socket_path),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert refused.returncode == 1, refused
             assert f"refusing the agent socket {socket_path}: {why}" in refused.stderr
             assert not (tmp_path / "bin2").exists()
@@ -384,8 +441,9 @@ def test_an_impostor_socket_is_refused_by_install_and_the_shims(tmp_path, make_n
         pod = node.pod()
         lo = run_plugin(exe, "ADD", LOOPBACK_CONF, node=node, netns=pod)
         assert lo.code == 0, lo
-        assert note_lines(lo) == [f"pycni: not using the agent socket {socket_path}: {why}; "
-                                  f"running loopback in-process"], lo.err
+        assert note_lines(lo) == [
+            f"pycni: not using the agent socket {socket_path}: {why}; running loopback in-process"
+        ], lo.err
         assert lo_up(pod)
     assert fake.requests == 0
 
@@ -406,6 +464,7 @@ def test_the_shims_trust_a_root_socket_under_a_sticky_directory(tmp_path, make_n
 
 # ---- large requests --------------------------------------------------------------------------
 
+
 def test_a_20_mib_stdin_runs_cold_and_is_answered_cleanly(agent, shims, make_node):
     node = make_node()
     conf = dict(LOOPBACK_CONF, padding="x" * (20 * 2**20))
@@ -418,8 +477,9 @@ def test_a_20_mib_stdin_runs_cold_and_is_answered_cleanly(agent, shims, make_nod
             outcome.out["interfaces"][0]["sandbox"] = "<pod>"
         outcomes.append((outcome.code, outcome.out))
         if not env:
-            assert note_lines(outcome) == ["pycni: the request is larger than the agent takes (16 MiB); "
-                                           "running loopback in-process"], outcome.err
+            assert note_lines(outcome) == [
+                "pycni: the request is larger than the agent takes (16 MiB); running loopback in-process"
+            ], outcome.err
     assert outcomes[0] == outcomes[1]
     counters = agent.status()["requests"]
     assert counters["served"] == counters["refused"] == counters["bad_requests"] == 0, counters
@@ -428,10 +488,17 @@ def test_a_20_mib_stdin_runs_cold_and_is_answered_cleanly(agent, shims, make_nod
 
 # ---- the agent's own resources: descriptors, connections, time ---------------------------------
 
-def _frame(stdin: bytes = b"{}", env: dict | None = None, version: str | None = None,
-           plugin_type: str = "loopback") -> bytes:
-    return protocol.request(version or protocol.pycni_version(), protocol.KIND_CNI, plugin_type,
-                            env if env is not None else {"CNI_COMMAND": "ADD"}, stdin)
+
+def _frame(
+    stdin: bytes = b"{}", env: dict | None = None, version: str | None = None, plugin_type: str = "loopback"
+) -> bytes:
+    return protocol.request(
+        version or protocol.pycni_version(),
+        protocol.KIND_CNI,
+        plugin_type,
+        env if env is not None else {"CNI_COMMAND": "ADD"},
+        stdin,
+    )
 
 
 def _talk(socket_path: str, data: bytes, fds: list[int] = (), wait: float = 5.0) -> bytes:
@@ -462,8 +529,13 @@ def test_descriptors_stay_flat_under_hostile_requests(tmp_path, make_node):
     plain.write_text("")
     with running_agent(str(tmp_path), ["--read-timeout", "0.5"]) as agent:
         path = agent.socket_path
-        env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": pod.path, "CNI_IFNAME": "eth0",
-               "CNI_PATH": "/nonexistent"}
+        env = {
+            "CNI_COMMAND": "ADD",
+            "CNI_CONTAINERID": "c1",
+            "CNI_NETNS": pod.path,
+            "CNI_IFNAME": "eth0",
+            "CNI_PATH": "/nonexistent",
+        }
         warm = send_cni(path, "loopback", env, json.dumps(LOOPBACK_CONF).encode(), netns_path=node.path)
         assert warm.kind == "done" and warm.exit_code == 0, warm
         wait_for(lambda: agent.status()["in_flight"] == 0, what="the warm-up to finish")
@@ -476,16 +548,16 @@ def test_descriptors_stay_flat_under_hostile_requests(tmp_path, make_node):
         sent = 0
         try:
             hostile: list[tuple[bytes, list[int]]] = [
-                (_frame(b"[" * 200_000, env), [own, target]),                           # nesting too deep
-                (b"GARBAGE!" + b"\x00" * 64, [own, target]),                           # not a frame
-                (_frame(b"{}", env, version="0.0.0-other"), [own, target]),            # another version
+                (_frame(b"[" * 200_000, env), [own, target]),  # nesting too deep
+                (b"GARBAGE!" + b"\x00" * 64, [own, target]),  # not a frame
+                (_frame(b"{}", env, version="0.0.0-other"), [own, target]),  # another version
                 (protocol.MAGIC + (protocol.MAX_BODY + 1).to_bytes(4, "big"), [own, target]),  # too large
-                (_frame(json.dumps(LOOPBACK_CONF).encode(), env), [own]),              # CNI_NETNS, no descriptor
-                (_frame(json.dumps(LOOPBACK_CONF).encode(), env), [own, regular]),     # a file as CNI_NETNS
+                (_frame(json.dumps(LOOPBACK_CONF).encode(), env), [own]),  # CNI_NETNS, no descriptor
+                (_frame(json.dumps(LOOPBACK_CONF).encode(), env), [own, regular]),  # a file as CNI_NETNS
                 (_frame(json.dumps(LOOPBACK_CONF).encode(), env), [regular_rd, target]),  # a file as its own
-                (_frame(json.dumps(LOOPBACK_CONF).encode(), env), [read_end, target]),    # a pipe as its own
-                (_frame(b"{}", env, plugin_type="no-such-plugin"), [own, target]),     # unknown plugin
-                (_frame(b"{}", env)[:40], [own, target]),                               # truncated, then closed
+                (_frame(json.dumps(LOOPBACK_CONF).encode(), env), [read_end, target]),  # a pipe as its own
+                (_frame(b"{}", env, plugin_type="no-such-plugin"), [own, target]),  # unknown plugin
+                (_frame(b"{}", env)[:40], [own, target]),  # truncated, then closed
             ]
             for _ in range(22):
                 for data, fds in hostile:
@@ -496,16 +568,20 @@ def test_descriptors_stay_flat_under_hostile_requests(tmp_path, make_node):
                 for _ in range(20):
                     sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
                     sock.connect(path)
-                    sock.sendmsg([_frame(b"{}", env)[:30]],
-                                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("2i", own, target))])
+                    sock.sendmsg(
+                        [_frame(b"{}", env)[:30]],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("2i", own, target))],
+                    )
                     sent += 1
                 time.sleep(1.5)
         finally:
             for fd in (own, target, regular, regular_rd, read_end, write_end):
                 os.close(fd)
         assert sent >= 200
-        wait_for(lambda: _fd_count(agent.pid) <= baseline, what=f"the agent's descriptors to return to "
-                                                                f"{baseline} (now {_fd_count(agent.pid)})")
+        wait_for(
+            lambda: _fd_count(agent.pid) <= baseline,
+            what=f"the agent's descriptors to return to {baseline} (now {_fd_count(agent.pid)})",
+        )
         counters = agent.status()["requests"]
         assert counters["declined"] >= 4 * 22 and counters["refused"] >= 3 * 22
         again = send_cni(path, "loopback", env, json.dumps(LOOPBACK_CONF).encode(), netns_path=node.path)
@@ -535,8 +611,9 @@ def test_connections_are_bounded_and_slow_clients_cut_off(tmp_path):
                 sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
                 sock.connect(path)
                 silent.append(sock)
-            wait_for(lambda: len(os.listdir(f"/proc/{agent.pid}/task")) >= threads_before + 4,
-                     what="a thread per connection")
+            wait_for(
+                lambda: len(os.listdir(f"/proc/{agent.pid}/task")) >= threads_before + 4, what="a thread per connection"
+            )
             started = time.monotonic()
             answer = _talk(path, _frame(), wait=3)
             assert answer[:1] == protocol.REFUSED and b"busy" in answer, answer
@@ -582,20 +659,21 @@ def test_garbage_on_the_socket_never_stops_the_agent(tmp_path, make_node):
             valid = _frame(b"{}", {"CNI_COMMAND": "ADD", "CNI_NETNS": "/proc/self/ns/net"})
             for n in range(150):
                 choice = n % 6
-                if choice == 0:    # random bytes, sometimes with descriptors of every kind
+                if choice == 0:  # random bytes, sometimes with descriptors of every kind
                     data = rng.randbytes(rng.randint(1, 4096))
                 elif choice == 1:  # a frame cut anywhere
-                    data = valid[:rng.randint(1, len(valid) - 1)]
+                    data = valid[: rng.randint(1, len(valid) - 1)]
                 elif choice == 2:  # huge declared lengths
                     data = protocol.MAGIC + rng.choice([b"\xff\xff\xff\xff", b"\x80\x00\x00\x00"])
                 elif choice == 3:  # fields whose lengths overrun the body, or too few of them
                     body = struct.pack(">I", 0xFFFFFF00) + b"abc"
                     data = protocol.MAGIC + struct.pack(">I", len(body)) + body
                 elif choice == 4:  # an environment that is no environment
-                    body = protocol.fields(protocol.pycni_version().encode(), b"cni", b"loopback", b"NOEQUALS\x00=",
-                                           b"{}")
+                    body = protocol.fields(
+                        protocol.pycni_version().encode(), b"cni", b"loopback", b"NOEQUALS\x00=", b"{}"
+                    )
                     data = protocol.MAGIC + struct.pack(">I", len(body)) + body
-                else:              # a valid frame, descriptors of the wrong kind or too many of them
+                else:  # a valid frame, descriptors of the wrong kind or too many of them
                     data = valid
                 fds = rng.choice([[], odd_fds[:1], odd_fds[1:], odd_fds, odd_fds * 5])
                 _talk(path, data, fds, wait=2)
@@ -614,6 +692,7 @@ def test_garbage_on_the_socket_never_stops_the_agent(tmp_path, make_node):
 
 
 # ---- install: where the socket may live ----------------------------------------------------------
+
 
 def test_install_records_its_bin_dir_only_for_an_agent_serving_a_safe_socket(tmp_path):
     from pycni.install import CNIError, install_plugins, socket_directory_problem
@@ -638,8 +717,11 @@ def test_install_records_its_bin_dir_only_for_an_agent_serving_a_safe_socket(tmp
     sticky = tmp_path / "sticky"
     sticky.mkdir()
     sticky.chmod(0o1777)
-    with pytest.raises(CNIError, match="does not exist yet and .* is writable by group or others \\(mode 1777\\): "
-                                       "another user could create it first"):
+    with pytest.raises(
+        CNIError,
+        match="does not exist yet and .* is writable by group or others \\(mode 1777\\): "
+        "another user could create it first",
+    ):
         install_plugins(str(tmp_path / "bin3"), agent_socket=str(sticky / "run" / "agent.sock"))
     nobodys = tmp_path / "nobodys"
     nobodys.mkdir(mode=0o700)

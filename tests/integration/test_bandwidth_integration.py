@@ -12,6 +12,7 @@ Where v1.1.1 departs from the spec these tests follow the spec and say so:
 its validation errors carry code 999 (ours: 7, invalid network config), and
 its CHECK panics when no bandwidth is configured (ours: success).
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,8 +37,9 @@ NETWORK = "bwnet"
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-    pytest.mark.skipif(not os.path.exists(f"{REFERENCE}/bandwidth"),
-                       reason="reference CNI plugins not installed in /usr/lib/cni"),
+    pytest.mark.skipif(
+        not os.path.exists(f"{REFERENCE}/bandwidth"), reason="reference CNI plugins not installed in /usr/lib/cni"
+    ),
 ]
 
 
@@ -79,9 +81,14 @@ class Node:
     def attach(self, container_id: str) -> Pod:
         pod_ns = f"pt-bwp-{secrets.token_hex(4)}"
         path = netns.create(pod_ns)
-        conf = {"cniVersion": "1.0.0", "name": NETWORK, "type": "bridge", "bridge": "cni0",
-                "isGateway": True,
-                "ipam": {"type": "host-local", "subnet": "10.77.0.0/24", "dataDir": str(self.ipam_dir)}}
+        conf = {
+            "cniVersion": "1.0.0",
+            "name": NETWORK,
+            "type": "bridge",
+            "bridge": "cni0",
+            "isGateway": True,
+            "ipam": {"type": "host-local", "subnet": "10.77.0.0/24", "dataDir": str(self.ipam_dir)},
+        }
         pod = Pod(ns=pod_ns, path=path, container_id=container_id, prev={}, ip="")
         self.pods.append(pod)
         rc, out = run_plugin(f"{REFERENCE}/bridge", "ADD", conf, self, pod)
@@ -136,14 +143,25 @@ def make_node(tmp_path):
         netns.delete(node.name)
 
 
-def run_plugin(exe: str, command: str, conf: dict, node: Node, pod: Pod | None,
-               container_id: str | None = None) -> tuple[int, dict]:
+def run_plugin(
+    exe: str, command: str, conf: dict, node: Node, pod: Pod | None, container_id: str | None = None
+) -> tuple[int, dict]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CNI_")}
-    env.update(CNI_COMMAND=command, CNI_PATH=REFERENCE, CNI_IFNAME=pod.ifname if pod else "eth0",
-               CNI_CONTAINERID=container_id or (pod.container_id if pod else "none"),
-               CNI_NETNS=pod.path if pod else "")
-    proc = subprocess.run(["ip", "netns", "exec", node.name, exe], input=json.dumps(conf),
-                          capture_output=True, text=True, env=env, timeout=60)
+    env.update(
+        CNI_COMMAND=command,
+        CNI_PATH=REFERENCE,
+        CNI_IFNAME=pod.ifname if pod else "eth0",
+        CNI_CONTAINERID=container_id or (pod.container_id if pod else "none"),
+        CNI_NETNS=pod.path if pod else "",
+    )
+    proc = subprocess.run(
+        ["ip", "netns", "exec", node.name, exe],
+        input=json.dumps(conf),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert "Traceback" not in proc.stdout
     return proc.returncode, (json.loads(proc.stdout) if proc.stdout.strip() else {})
 
@@ -175,17 +193,22 @@ LIMITS = {"ingressRate": 8_000_000, "ingressBurst": 80_000, "egressRate": 50_000
 
 # ---- ADD compared with the reference ---------------------------------------------------------
 
-@pytest.mark.parametrize("options", [
-    pytest.param(LIMITS, id="both-directions"),
-    pytest.param({"ingressRate": 1_000_000, "ingressBurst": 16_000}, id="ingress-only"),
-    pytest.param({"egressRate": 123_456_789, "egressBurst": 9_999_999}, id="egress-only"),
-    pytest.param({"runtimeConfig": {"bandwidth": LIMITS}, "capabilities": {"bandwidth": True}},
-                 id="runtimeConfig"),
-    pytest.param({"ingressRate": 2_000_000, "ingressBurst": 40_000,
-                  "runtimeConfig": {"bandwidth": LIMITS}}, id="top-level-wins"),
-    pytest.param({"runtimeConfig": {"bandwidth": {"ingressRate": 0, "ingressBurst": 0}}}, id="zero-is-noop"),
-    pytest.param({}, id="unconfigured-is-noop"),
-])
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param(LIMITS, id="both-directions"),
+        pytest.param({"ingressRate": 1_000_000, "ingressBurst": 16_000}, id="ingress-only"),
+        pytest.param({"egressRate": 123_456_789, "egressBurst": 9_999_999}, id="egress-only"),
+        pytest.param({"runtimeConfig": {"bandwidth": LIMITS}, "capabilities": {"bandwidth": True}}, id="runtimeConfig"),
+        pytest.param(
+            {"ingressRate": 2_000_000, "ingressBurst": 40_000, "runtimeConfig": {"bandwidth": LIMITS}},
+            id="top-level-wins",
+        ),
+        pytest.param({"runtimeConfig": {"bandwidth": {"ingressRate": 0, "ingressBurst": 0}}}, id="zero-is-noop"),
+        pytest.param({}, id="unconfigured-is-noop"),
+    ],
+)
 def test_add_matches_reference(make_node, ours, options):
     our_node, our_pod, ref_node, ref_pod = twin_pods(make_node)
     rc_ours, res_ours = run_plugin(ours, "ADD", bw_conf(our_pod, **options), our_node, our_pod)
@@ -196,8 +219,9 @@ def test_add_matches_reference(make_node, ours, options):
     assert our_node.ifbs() == ref_node.ifbs()
     if res_ours != our_pod.prev:
         # The reference accepts what we built as its own (its CHECK panics when nothing is configured).
-        rc, out = run_plugin(f"{REFERENCE}/bandwidth", "CHECK", bw_conf(our_pod, **options) | {"prevResult": res_ours},
-                             our_node, our_pod)
+        rc, out = run_plugin(
+            f"{REFERENCE}/bandwidth", "CHECK", bw_conf(our_pod, **options) | {"prevResult": res_ours}, our_node, our_pod
+        )
         assert rc == 0, out
 
 
@@ -229,16 +253,28 @@ def test_latency_option(make_node, ours):
 
 # ---- validation ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("options", [
-    {"ingressRate": 1_000_000},
-    {"ingressBurst": 1_000_000},
-    {"egressRate": 1_000_000, "egressBurst": 0},
-    {"egressBurst": 8 * 0xFFFFFFFF, "egressRate": 1_000_000},
-    {"runtimeConfig": {"bandwidth": {"egressRate": 5}}},
-    {"ingressRate": -1, "ingressBurst": 10},
-    {"ingressRate": "8M", "ingressBurst": 80_000},
-], ids=["rate-no-burst", "burst-no-rate", "egress-burst-zero", "burst-over-4GB", "runtime-rate-no-burst",
-        "negative", "string"])
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"ingressRate": 1_000_000},
+        {"ingressBurst": 1_000_000},
+        {"egressRate": 1_000_000, "egressBurst": 0},
+        {"egressBurst": 8 * 0xFFFFFFFF, "egressRate": 1_000_000},
+        {"runtimeConfig": {"bandwidth": {"egressRate": 5}}},
+        {"ingressRate": -1, "ingressBurst": 10},
+        {"ingressRate": "8M", "ingressBurst": 80_000},
+    ],
+    ids=[
+        "rate-no-burst",
+        "burst-no-rate",
+        "egress-burst-zero",
+        "burst-over-4GB",
+        "runtime-rate-no-burst",
+        "negative",
+        "string",
+    ],
+)
 def test_invalid_config_is_code_7_and_changes_nothing(make_node, ours, options):
     our_node, our_pod, ref_node, ref_pod = twin_pods(make_node)
     before = our_node.qdiscs(), our_node.ifbs()
@@ -249,12 +285,15 @@ def test_invalid_config_is_code_7_and_changes_nothing(make_node, ours, options):
     assert rc_ref != 0
 
 
-@pytest.mark.parametrize("options", [
-    {"shapedSubnets": ["10.0.0.0/8"], "unshapedSubnets": ["10.1.0.0/16"], **LIMITS},
-    {"unshapedSubnets": ["not-a-subnet"], **LIMITS},
-    {"latencyMs": 0, **LIMITS},
-    {"ingressRate": 7, "ingressBurst": 100},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"shapedSubnets": ["10.0.0.0/8"], "unshapedSubnets": ["10.1.0.0/16"], **LIMITS},
+        {"unshapedSubnets": ["not-a-subnet"], **LIMITS},
+        {"latencyMs": 0, **LIMITS},
+        {"ingressRate": 7, "ingressBurst": 100},
+    ],
+)
 def test_invalid_extensions_are_code_7(make_node, ours, options):
     node = make_node()
     pod = node.attach("ctr-bad")
@@ -274,6 +313,7 @@ def test_not_chained_is_an_error(make_node, ours):
 
 # ---- CHECK ---------------------------------------------------------------------------------
 
+
 def test_check(make_node, ours):
     node = make_node()
     pod = node.attach("ctr-chk")
@@ -288,8 +328,27 @@ def test_check(make_node, ours):
     rc, err = run_plugin(ours, "CHECK", {k: v for k, v in check.items() if k not in LIMITS}, node, pod)
     assert rc != 0 and "none is configured" in err["msg"], err
     # Someone changed the qdisc behind our back.
-    sh("ip", "netns", "exec", node.name, "tc", "qdisc", "replace", "dev", pod.host_veth, "root", "handle", "1:",
-       "tbf", "rate", "9mbit", "burst", "10000", "latency", "25ms")
+    sh(
+        "ip",
+        "netns",
+        "exec",
+        node.name,
+        "tc",
+        "qdisc",
+        "replace",
+        "dev",
+        pod.host_veth,
+        "root",
+        "handle",
+        "1:",
+        "tbf",
+        "rate",
+        "9mbit",
+        "burst",
+        "10000",
+        "latency",
+        "25ms",
+    )
     rc, err = run_plugin(ours, "CHECK", check, node, pod)
     assert rc != 0 and "doesn't match" in err["msg"], err
     # The ifb gone: reported (once ADD has put the shaping back, so only the ifb is wrong).
@@ -318,13 +377,52 @@ def test_check_compares_burst_and_latency_not_only_the_rate(make_node, ours, sub
     assert run_plugin(ours, "CHECK", check, node, pod)[0] == 0
     if subnets:
         # The shaped class changed behind our back: same rate, another burst.
-        sh("ip", "netns", "exec", node.name, "tc", "class", "change", "dev", pod.host_veth, "parent", "1:",
-           "classid", "1:30", "htb", "rate", "8mbit", "ceil", "8mbit", "burst", "20000b")
+        sh(
+            "ip",
+            "netns",
+            "exec",
+            node.name,
+            "tc",
+            "class",
+            "change",
+            "dev",
+            pod.host_veth,
+            "parent",
+            "1:",
+            "classid",
+            "1:30",
+            "htb",
+            "rate",
+            "8mbit",
+            "ceil",
+            "8mbit",
+            "burst",
+            "20000b",
+        )
     else:
         # The qdisc replaced behind our back: same rate, another burst (the limit kept), then another latency.
         for burst, latency in (("20000", "25ms"), ("10000", "50ms")):
-            sh("ip", "netns", "exec", node.name, "tc", "qdisc", "replace", "dev", pod.host_veth, "root",
-               "handle", "1:", "tbf", "rate", "8mbit", "burst", burst, "latency", latency)
+            sh(
+                "ip",
+                "netns",
+                "exec",
+                node.name,
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
+                pod.host_veth,
+                "root",
+                "handle",
+                "1:",
+                "tbf",
+                "rate",
+                "8mbit",
+                "burst",
+                burst,
+                "latency",
+                latency,
+            )
             rc, err = run_plugin(ours, "CHECK", check, node, pod)
             assert rc != 0 and "doesn't match" in err["msg"], (burst, latency, err)
         return
@@ -337,7 +435,7 @@ def test_check_without_bandwidth_config_succeeds(make_node, ours):
     node = make_node()
     pod = node.attach("ctr-nobw")
     rc, res = run_plugin(ours, "ADD", bw_conf(pod), node, pod)
-    assert rc == 0 and res == pod.prev, res   # nothing configured: the result passes through unchanged
+    assert rc == 0 and res == pod.prev, res  # nothing configured: the result passes through unchanged
     assert node.qdiscs() == [] and node.ifbs() == []
     rc, out = run_plugin(ours, "CHECK", bw_conf(pod), node, pod)
     assert rc == 0 and out == {}, out
@@ -345,6 +443,7 @@ def test_check_without_bandwidth_config_succeeds(make_node, ours):
 
 
 # ---- DEL -----------------------------------------------------------------------------------
+
 
 def test_del_removes_everything_and_is_idempotent(make_node, ours):
     our_node, our_pod, ref_node, ref_pod = twin_pods(make_node, "ctr-del")
@@ -369,6 +468,7 @@ def installed_shaping(node: Node, pod: Pod) -> dict[str, tuple[str, int, int]]:
     """What tc shows in the node's namespace, as (qdisc kind, rate in bit/s, burst in bits) per direction:
     "ingress" is the root qdisc of the pod's host veth (traffic toward the pod), "egress" the root qdisc of
     the ifb that the veth's ingress qdisc redirects to (traffic from the pod); "ifb" is that device's name."""
+
     def root(dev: str) -> dict | None:
         qdiscs = json.loads(sh("ip", "netns", "exec", node.name, "tc", "-j", "qdisc", "show", "dev", dev).stdout)
         return next((q for q in qdiscs if q.get("root") and q["kind"] not in ("noqueue", "pfifo_fast")), None)
@@ -376,20 +476,28 @@ def installed_shaping(node: Node, pod: Pod) -> dict[str, tuple[str, int, int]]:
     def bucket(q: dict | None) -> tuple[str, int, int] | None:
         if q is None:
             return None
-        burst = q["options"]["burst"]   # "<bytes>b/<cell>"
+        burst = q["options"]["burst"]  # "<bytes>b/<cell>"
         return q["kind"], q["options"]["rate"] * 8, int(str(burst).split("b")[0]) * 8
 
     out: dict = {"ingress": bucket(root(pod.host_veth))}
-    redirects = [a["to_dev"] for f in node.filters(pod.host_veth, "ffff:") if "actions" in f.get("options", {})
-                 for a in f["options"]["actions"] if "to_dev" in a]
+    redirects = [
+        a["to_dev"]
+        for f in node.filters(pod.host_veth, "ffff:")
+        if "actions" in f.get("options", {})
+        for a in f["options"]["actions"]
+        if "to_dev" in a
+    ]
     out["ifb"] = redirects[0] if len(redirects) == 1 else redirects
     out["egress"] = bucket(root(redirects[0])) if len(redirects) == 1 else None
     return out
 
 
 def expected_shaping(limits: dict, ifb: str) -> dict:
-    return {"ingress": ("tbf", limits["ingressRate"], limits["ingressBurst"]), "ifb": ifb,
-            "egress": ("tbf", limits["egressRate"], limits["egressBurst"])}
+    return {
+        "ingress": ("tbf", limits["ingressRate"], limits["ingressBurst"]),
+        "ifb": ifb,
+        "egress": ("tbf", limits["egressRate"], limits["egressBurst"]),
+    }
 
 
 def test_add_twice_replaces(make_node, ours):
@@ -421,6 +529,7 @@ def test_failed_add_leaves_nothing_behind(make_node, ours):
 
 # ---- GC ------------------------------------------------------------------------------------
 
+
 def test_gc_removes_ifbs_of_gone_attachments(make_node, ours):
     node = make_node()
     keep, gone, leaked = node.attach("ctr-keep"), node.attach("ctr-gone"), node.attach("ctr-leaked")
@@ -436,8 +545,12 @@ def test_gc_removes_ifbs_of_gone_attachments(make_node, ours):
     no_list = {"cniVersion": "1.1.0", "name": NETWORK, "type": "bandwidth"}
     assert run_plugin(ours, "GC", no_list, node, None)[0] == 0
     assert len(node.ifbs()) == 4  # without a list of valid attachments nothing is judged stale
-    gc = {"cniVersion": "1.1.0", "name": NETWORK, "type": "bandwidth",
-          "cni.dev/valid-attachments": [{"containerID": "ctr-keep", "ifname": "eth0"}]}
+    gc = {
+        "cniVersion": "1.1.0",
+        "name": NETWORK,
+        "type": "bandwidth",
+        "cni.dev/valid-attachments": [{"containerID": "ctr-keep", "ifname": "eth0"}],
+    }
     rc, out = run_plugin(ours, "GC", gc, node, None)
     assert rc == 0, out
     assert sorted(node.ifb_aliases().values()) == [f"{NETWORK}/ctr-keep/eth0", "othernet/ctr-other/eth0"]
@@ -445,12 +558,14 @@ def test_gc_removes_ifbs_of_gone_attachments(make_node, ours):
     devs = {q["dev"] for q in node.qdiscs()}
     assert "host-veth-ctr-leaked" not in devs and "host-veth-ctr-keep" in devs
     check = bw_conf(keep, **LIMITS)
-    check["prevResult"]["interfaces"].append({"name": next(iter(
-        n for n, a in node.ifb_aliases().items() if a.startswith(NETWORK)))})
+    check["prevResult"]["interfaces"].append(
+        {"name": next(iter(n for n, a in node.ifb_aliases().items() if a.startswith(NETWORK)))}
+    )
     assert run_plugin(ours, "CHECK", check, node, keep)[0] == 0
 
 
 # ---- shaped / unshaped subnets -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("key,default", [("unshapedSubnets", "0x30"), ("shapedSubnets", "0x1")])
 def test_subnets_build_htb(make_node, ours, key, default):
@@ -461,8 +576,12 @@ def test_subnets_build_htb(make_node, ours, key, default):
     assert rc == 0, res
     roots = [q for q in node.qdiscs() if q.get("root")]
     assert [q["kind"] for q in roots] == ["htb", "htb"]
-    assert all(hex(q["options"]["default"]) == default if isinstance(q["options"]["default"], int)
-               else q["options"]["default"] == default for q in roots)
+    assert all(
+        hex(q["options"]["default"]) == default
+        if isinstance(q["options"]["default"], int)
+        else q["options"]["default"] == default
+        for q in roots
+    )
     classes = sh("ip", "netns", "exec", node.name, "tc", "class", "show", "dev", pod.host_veth).stdout
     assert "class htb 1:30 root prio 0 rate 8Mbit ceil 8Mbit burst 10000b cburst 10000b" in classes
     assert "class htb 1:1 root prio 0 rate 100Gbit ceil 100Gbit" in classes
@@ -471,12 +590,16 @@ def test_subnets_build_htb(make_node, ours, key, default):
     for dev, v4, v6 in ((pod.host_veth, 12, 8), (res["interfaces"][-1]["name"], 16, 24)):
         text = sh("ip", "netns", "exec", node.name, "tc", "filter", "show", "dev", dev, "parent", "1:").stdout
         matches = sorted(line.strip() for line in text.splitlines() if line.strip().startswith("match"))
-        assert matches == sorted([f"match 0a630000/ffff0000 at {v4}", f"match fd000099/ffffffff at {v6}",
-                                  f"match 00000000/ffffffff at {v6 + 4}"]), text
+        assert matches == sorted(
+            [
+                f"match 0a630000/ffff0000 at {v4}",
+                f"match fd000099/ffffffff at {v6}",
+                f"match 00000000/ffffffff at {v6 + 4}",
+            ]
+        ), text
     assert run_plugin(ours, "CHECK", bw_conf(pod, **options) | {"prevResult": res}, node, pod)[0] == 0
     other = "shapedSubnets" if key == "unshapedSubnets" else "unshapedSubnets"
-    rc, _ = run_plugin(ours, "CHECK", bw_conf(pod, **{other: options[key]}, **LIMITS) | {"prevResult": res},
-                       node, pod)
+    rc, _ = run_plugin(ours, "CHECK", bw_conf(pod, **{other: options[key]}, **LIMITS) | {"prevResult": res}, node, pod)
     assert rc != 0
     assert run_plugin(ours, "DEL", bw_conf(pod, **options), node, pod)[0] == 0
     assert node.qdiscs() == [] and node.ifbs() == []
@@ -484,19 +607,37 @@ def test_subnets_build_htb(make_node, ours, key, default):
 
 # ---- real traffic ----------------------------------------------------------------------------------
 
+
 def iperf(node: Node, client: Pod, server: Pod, reverse: bool, seconds: int = 2) -> float:
     """Receiver-side TCP throughput in bit/s from `client` to `server` (server to client with reverse)."""
     port = str(5201 + secrets.randbelow(1000))
-    srv = subprocess.Popen(["ip", "netns", "exec", server.ns, "iperf3", "-s", "-1", "-p", port],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    srv = subprocess.Popen(
+        ["ip", "netns", "exec", server.ns, "iperf3", "-s", "-1", "-p", port],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:  # bounded wait for the listener
             if f":{port} " in sh("ip", "netns", "exec", server.ns, "ss", "-Hltn").stdout:
                 break
             time.sleep(0.05)
-        args = ["ip", "netns", "exec", client.ns, "iperf3", "-c", server.ip, "-p", port, "-J",
-                "-t", str(seconds), "-O", "1"] + (["-R"] if reverse else [])
+        args = [
+            "ip",
+            "netns",
+            "exec",
+            client.ns,
+            "iperf3",
+            "-c",
+            server.ip,
+            "-p",
+            port,
+            "-J",
+            "-t",
+            str(seconds),
+            "-O",
+            "1",
+        ] + (["-R"] if reverse else [])
         out = json.loads(sh(*args, timeout=seconds + 20).stdout)
         return out["end"]["sum_received"]["bits_per_second"]
     finally:
@@ -509,8 +650,12 @@ def iperf(node: Node, client: Pod, server: Pod, reverse: bool, seconds: int = 2)
 def test_tcp_throughput_is_shaped(make_node, ours, ingress, egress):
     node = make_node()
     shaped, peer = node.attach("ctr-shaped"), node.attach("ctr-peer")
-    options = {"ingressRate": ingress, "ingressBurst": ingress // 100,
-               "egressRate": egress, "egressBurst": egress // 100}
+    options = {
+        "ingressRate": ingress,
+        "ingressBurst": ingress // 100,
+        "egressRate": egress,
+        "egressBurst": egress // 100,
+    }
     rc, res = run_plugin(ours, "ADD", bw_conf(shaped, **options), node, shaped)
     assert rc == 0, res
     to_pod = iperf(node, shaped, peer, reverse=True)
@@ -523,14 +668,20 @@ def test_tcp_throughput_is_shaped(make_node, ours, ingress, egress):
 def test_unshaped_subnet_is_not_limited(make_node, ours):
     node = make_node()
     shaped, peer = node.attach("ctr-shaped"), node.attach("ctr-peer")
-    options = {"unshapedSubnets": [f"{peer.ip}/32"], "ingressRate": 8_000_000, "ingressBurst": 80_000,
-               "egressRate": 8_000_000, "egressBurst": 80_000}
+    options = {
+        "unshapedSubnets": [f"{peer.ip}/32"],
+        "ingressRate": 8_000_000,
+        "ingressBurst": 80_000,
+        "egressRate": 8_000_000,
+        "egressBurst": 80_000,
+    }
     rc, res = run_plugin(ours, "ADD", bw_conf(shaped, **options), node, shaped)
     assert rc == 0, res
     assert iperf(node, shaped, peer, reverse=True, seconds=1) > 80_000_000
     assert iperf(node, shaped, peer, reverse=False, seconds=1) > 80_000_000
-    rc, res = run_plugin(ours, "ADD", bw_conf(shaped, **(options | {"unshapedSubnets": ["192.0.2.0/24"]})),
-                         node, shaped)
+    rc, res = run_plugin(
+        ours, "ADD", bw_conf(shaped, **(options | {"unshapedSubnets": ["192.0.2.0/24"]})), node, shaped
+    )
     assert rc == 0, res
     rate = iperf(node, shaped, peer, reverse=True, seconds=1)
     assert rate < 8_800_000, rate

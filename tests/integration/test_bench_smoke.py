@@ -11,6 +11,7 @@ nothing here. (The machine's own links are not compared: the benchmark only
 ever creates links inside its namespaces, and a machine-wide comparison fails
 whenever anything else on the machine adds or removes one.)
 """
+
 import json
 import os
 import secrets
@@ -27,8 +28,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(not has_reference("loopback"),
-                       reason="needs the reference plugins in /usr/lib/cni (containernetworking-plugins)"),
+    pytest.mark.skipif(
+        not has_reference("loopback"),
+        reason="needs the reference plugins in /usr/lib/cni (containernetworking-plugins)",
+    ),
 ]
 
 
@@ -44,9 +47,14 @@ def test_smoke_run_produces_ratios_and_no_duplicates(tmp_path):
     tag = f"pbt{secrets.token_hex(4)}"  # this run's namespaces and directories, nobody else's
     assert not _bench_namespaces(tag) and not _bench_temp_dirs(tag)
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--json", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYCNI_BENCH_PREFIX=tag))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYCNI_BENCH_PREFIX=tag),
+    )
     # Exit code 0 also means no figure failed (bench exits 1 on any "error" entry).
     assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
     doc = json.loads(out.read_text())
@@ -90,9 +98,14 @@ def test_smoke_store_case_on_etcd(tmp_path):
     """
     tag = f"pbt{secrets.token_hex(4)}"
     out = tmp_path / "store.json"
-    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--only", "store", "--no-warm", "--json",
-                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYCNI_BENCH_PREFIX=tag))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--only", "store", "--no-warm", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYCNI_BENCH_PREFIX=tag),
+    )
     assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
     store = json.loads(out.read_text())["results"]["store"]
     assert "error" not in store, store["error"]

@@ -6,6 +6,7 @@ the same configuration and host-local IPAM: pycni's when it is installed,
 the reference's otherwise, so their addresses come out identical and the
 results can be compared field by field (MACs and veth names aside).
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -31,6 +32,7 @@ VERSIONS = ["0.2.0", "0.3.1", "0.4.0", "1.0.0"]
 
 # ---- harness ----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def bin_dir_ref_ipam(launcher_dir, tmp_path_factory):
     """pycni's bridge with the reference host-local, so IPAM goes through fork/exec."""
@@ -53,8 +55,15 @@ def pair(bridge_node):
     return bridge_node("ours"), bridge_node("ref")
 
 
-def bridge(node: Node, command: str, conf: dict, pod: Pod | None = None, container_id: str = "ctr1",
-           cni_args: str = "", netns_path: str | None = None) -> Outcome:
+def bridge(
+    node: Node,
+    command: str,
+    conf: dict,
+    pod: Pod | None = None,
+    container_id: str = "ctr1",
+    cni_args: str = "",
+    netns_path: str | None = None,
+) -> Outcome:
     """The node's bridge (<CNI_PATH>/bridge) run inside the node; CNI_NETNS is pod's unless netns_path is given."""
     netns_path = netns_path if netns_path is not None else (pod.path if pod else "")
     return node.run("bridge", command, conf, netns=netns_path, container_id=container_id, args=cni_args)
@@ -91,11 +100,19 @@ def pod_state(pod: Pod, ifname: str = "eth0") -> dict:
     return {
         "mtu": link["mtu"],
         "up": "UP" in link["flags"],
-        "addrs": sorted((a["family"], a["local"], a["prefixlen"], a.get("broadcast", ""))
-                        for a in addrs if a.get("scope") == "global"),
-        "routes": sorted(json.dumps({k: r.get(k) for k in ("dst", "gateway", "dev", "protocol", "scope",
-                                                           "metric", "prefsrc")}, sort_keys=True)
-                         for r in routes if not r["dst"].startswith("fe80") and r.get("type") != "multicast"),
+        "addrs": sorted(
+            (a["family"], a["local"], a["prefixlen"], a.get("broadcast", ""))
+            for a in addrs
+            if a.get("scope") == "global"
+        ),
+        "routes": sorted(
+            json.dumps(
+                {k: r.get(k) for k in ("dst", "gateway", "dev", "protocol", "scope", "metric", "prefsrc")},
+                sort_keys=True,
+            )
+            for r in routes
+            if not r["dst"].startswith("fe80") and r.get("type") != "multicast"
+        ),
     }
 
 
@@ -120,6 +137,7 @@ def with_prev(conf: dict, result: dict) -> dict:
 
 # ---- results and state match the reference --------------------------------------------
 
+
 def test_ipv4_gateway_matches_reference_in_every_version(pair):
     """ADD/CHECK/DEL×2 for each result version on the same nodes; everything a pod,
     the bridge and the IPAM store show must match the reference."""
@@ -135,8 +153,12 @@ def test_ipv4_gateway_matches_reference_in_every_version(pair):
             add = bridge(node, "ADD", conf, pod, cid)
             assert add.code == 0, (node.cni_path, add.out, add.err)
             veth = add.out["interfaces"][1]["name"] if "interfaces" in add.out else None
-            state = {"result": normalise(add.out), "pod": pod_state(pod), "bridge": bridge_state(node),
-                     "leases": node.leases("podnet")}
+            state = {
+                "result": normalise(add.out),
+                "pod": pod_state(pod),
+                "bridge": bridge_state(node),
+                "leases": node.leases("podnet"),
+            }
             if veth:
                 assert veth.startswith("veth") and len(veth) == 12
                 state["hairpin"] = port_of(node, veth)["hairpin"]
@@ -163,8 +185,12 @@ def test_delegating_to_the_reference_host_local(bridge_node):
     seen = []
     for node in (bridge_node("ours-exec"), bridge_node("ours")):
         pod = node.pod()
-        conf = bridge_conf(node, "0.4.0", isDefaultGateway=True,
-                           ipam=ipam_conf(node, ranges=[[{"subnet": "10.26.0.0/24"}], [{"subnet": "fd00:26::/64"}]]))
+        conf = bridge_conf(
+            node,
+            "0.4.0",
+            isDefaultGateway=True,
+            ipam=ipam_conf(node, ranges=[[{"subnet": "10.26.0.0/24"}], [{"subnet": "fd00:26::/64"}]]),
+        )
         add = bridge(node, "ADD", conf, pod)
         assert add.code == 0, add.out
         assert bridge(node, "CHECK", with_prev(conf, add.out), pod).code == 0
@@ -180,20 +206,35 @@ def test_dual_stack_options_match_reference(pair):
     seen = {}
     for node in (ours, ref):
         pod = node.pod()
-        ipam = ipam_conf(node, ranges=[[{"subnet": "10.23.0.0/24"}], [{"subnet": "fd00:23::/64"}]],
-                         routes=[{"dst": "192.168.0.0/16"}, {"dst": "fd00:99::/64"}])
-        conf = bridge_conf(node, "1.0.0", bridge="br-ds", isGateway=True, mtu=1400, hairpinMode=True,
-                           ipam=ipam, runtimeConfig={"mac": "0a:58:0a:17:00:02"},
-                           dns={"nameservers": ["10.23.0.10"], "search": ["svc.cluster.local"]})
+        ipam = ipam_conf(
+            node,
+            ranges=[[{"subnet": "10.23.0.0/24"}], [{"subnet": "fd00:23::/64"}]],
+            routes=[{"dst": "192.168.0.0/16"}, {"dst": "fd00:99::/64"}],
+        )
+        conf = bridge_conf(
+            node,
+            "1.0.0",
+            bridge="br-ds",
+            isGateway=True,
+            mtu=1400,
+            hairpinMode=True,
+            ipam=ipam,
+            runtimeConfig={"mac": "0a:58:0a:17:00:02"},
+            dns={"nameservers": ["10.23.0.10"], "search": ["svc.cluster.local"]},
+        )
         add = bridge(node, "ADD", conf, pod)
         assert add.code == 0, (node.cni_path, add.out, add.err)
         assert add.out["interfaces"][2]["mac"] == "0a:58:0a:17:00:02"
-        state = {"result": normalise(add.out), "pod": pod_state(pod), "bridge": bridge_state(node, "br-ds"),
-                 "hairpin": port_of(node, add.out["interfaces"][1]["name"])["hairpin"],
-                 "accept_dad": sysctl(pod, "net/ipv6/conf/eth0/accept_dad"),
-                 "arp_notify": sysctl(pod, "net/ipv4/conf/eth0/arp_notify"),
-                 "forwarding6": sysctl(node, "net/ipv6/conf/all/forwarding"),
-                 "veth_mtu": ip_json(node, "link", "show", add.out["interfaces"][1]["name"])[0]["mtu"]}
+        state = {
+            "result": normalise(add.out),
+            "pod": pod_state(pod),
+            "bridge": bridge_state(node, "br-ds"),
+            "hairpin": port_of(node, add.out["interfaces"][1]["name"])["hairpin"],
+            "accept_dad": sysctl(pod, "net/ipv6/conf/eth0/accept_dad"),
+            "arp_notify": sysctl(pod, "net/ipv4/conf/eth0/arp_notify"),
+            "forwarding6": sysctl(node, "net/ipv6/conf/all/forwarding"),
+            "veth_mtu": ip_json(node, "link", "show", add.out["interfaces"][1]["name"])[0]["mtu"],
+        }
         check = bridge(node, "CHECK", with_prev(conf, add.out), pod)
         if node is ref:
             # v1.1.1 looks up a result route without "gw" as a route with no gateway,
@@ -217,10 +258,14 @@ def test_dual_stack_options_match_reference(pair):
 def test_mac_precedence_matches_reference(pair):
     """CNI_ARGS MAC < args.cni.mac < runtimeConfig.mac."""
     ours, ref = pair
-    cases = [({}, "0a:58:00:00:00:01"),
-             ({"args": {"cni": {"mac": "0a:58:00:00:00:02"}}}, "0a:58:00:00:00:02"),
-             ({"args": {"cni": {"mac": "0a:58:00:00:00:02"}}, "runtimeConfig": {"mac": "0a:58:00:00:00:03"}},
-              "0a:58:00:00:00:03")]
+    cases = [
+        ({}, "0a:58:00:00:00:01"),
+        ({"args": {"cni": {"mac": "0a:58:00:00:00:02"}}}, "0a:58:00:00:00:02"),
+        (
+            {"args": {"cni": {"mac": "0a:58:00:00:00:02"}}, "runtimeConfig": {"mac": "0a:58:00:00:00:03"}},
+            "0a:58:00:00:00:03",
+        ),
+    ]
     for n, (extra, expected) in enumerate(cases):
         for node in (ours, ref):
             pod = node.pod()
@@ -243,8 +288,12 @@ def test_layer2_only_matches_reference(pair, version):
         add = bridge(node, "ADD", conf, pod)
         assert add.code == 0, (node.cni_path, add.out, add.err)
         link = ip_json(pod, "addr", "show", "eth0")[0]
-        seen[node.cni_path] = (normalise(add.out), "UP" in link["flags"],
-                             [a for a in link["addr_info"] if a.get("scope") == "global"], bridge_state(node, "br-l2"))
+        seen[node.cni_path] = (
+            normalise(add.out),
+            "UP" in link["flags"],
+            [a for a in link["addr_info"] if a.get("scope") == "global"],
+            bridge_state(node, "br-l2"),
+        )
         if version == "1.0.0":
             check = bridge(node, "CHECK", with_prev(conf, add.out), pod)
             if node is ref:
@@ -277,6 +326,7 @@ def test_force_address_and_promisc_match_reference(pair):
 
 
 # ---- errors -----------------------------------------------------------------
+
 
 def test_errors_match_reference(pair):
     ours, ref = pair
@@ -338,6 +388,7 @@ def test_check_detects_changes_like_reference(pair):
 
 # ---- DEL -------------------------------------------------------------------------
 
+
 def test_del_without_or_after_netns(bridge_node):
     node = bridge_node("ours")
     conf = bridge_conf(node)
@@ -358,6 +409,7 @@ def test_del_without_or_after_netns(bridge_node):
 
 # ---- failure rollback ----------------------------------------------------------------
 
+
 def test_failed_add_rolls_back(bridge_node):
     """ADD failing after IPAM (the bridge holds another address, no forceAddress) and
     failing in IPAM (exhausted) leave no veth, no lease, no container interface."""
@@ -376,8 +428,12 @@ def test_failed_add_rolls_back(bridge_node):
     assert bridge_state(node)["addrs"] == [("10.99.0.1", 24)]
 
     # An MTU too small for IPv6 (< 1280) fails when the IPv6 address is added, after IPAM.
-    small = bridge_conf(node, bridge="br-mtu", mtu=1000,
-                        ipam=ipam_conf(node, ranges=[[{"subnet": "10.27.0.0/24"}], [{"subnet": "fd00:27::/64"}]]))
+    small = bridge_conf(
+        node,
+        bridge="br-mtu",
+        mtu=1000,
+        ipam=ipam_conf(node, ranges=[[{"subnet": "10.27.0.0/24"}], [{"subnet": "fd00:27::/64"}]]),
+    )
     add = bridge(node, "ADD", small, pod, "rb-mtu")
     assert add.code != 0 and "fd00:27::" in add.out["msg"], add.out
     assert node.leases("podnet") == [] and "eth0" not in link_names(pod)
@@ -393,6 +449,7 @@ def test_failed_add_rolls_back(bridge_node):
 
 
 # ---- traffic ----------------------------------------------------------------------
+
 
 def test_pods_reach_each_other_gateway_and_node(bridge_node):
     node = bridge_node("ours")
@@ -410,8 +467,10 @@ def test_pods_reach_each_other_gateway_and_node(bridge_node):
         addrs.append([ipaddress.ip_interface(ip["address"]).ip for ip in add.out["ips"]])
     # The bridge's IPv6 gateway address is usable once its DAD is done (bounded wait).
     for _ in range(50):
-        if not any("tentative" in a.get("flags", []) or a.get("tentative")
-                   for a in ip_json(node, "-6", "addr", "show", "cni0")[0]["addr_info"]):
+        if not any(
+            "tentative" in a.get("flags", []) or a.get("tentative")
+            for a in ip_json(node, "-6", "addr", "show", "cni0")[0]["addr_info"]
+        ):
             break
         time.sleep(0.1)
     a4, a6 = addrs[1]
@@ -440,6 +499,7 @@ def test_port_isolation_blocks_pod_to_pod(bridge_node):
 
 
 # ---- options the reference v1.1.1 lacks or that need kernel features -----------------
+
 
 def test_enabledad_and_disable_container_interface(bridge_node):
     node = bridge_node("ours")
@@ -540,7 +600,7 @@ def firewall(node: Node, backend: str) -> str:
 
 @pytest.mark.parametrize("backend", ["nftables", "iptables"])
 def test_ip_masq_rules_follow_the_pod(bridge_node, backend):
-    host_lock = "/run/pycni/masq.lock"   # the lock is the node namespace's own now: nothing on the host
+    host_lock = "/run/pycni/masq.lock"  # the lock is the node namespace's own now: nothing on the host
     lock_existed = os.path.lexists(host_lock)
     node = bridge_node("ours")
     pods = [node.pod(), node.pod()]
@@ -645,8 +705,9 @@ def test_del_with_a_named_masquerade_backend_leaves_the_other_backend_alone(brid
     that another configuration put in the other backend stays exactly as it was."""
     node = bridge_node("ours")
     keep_pod, pod = node.pod(), node.pod()
-    kept = bridge(node, "ADD", bridge_conf(node, "1.1.0", isGateway=True, ipMasq=True, ipMasqBackend=other),
-                  keep_pod, "keep")
+    kept = bridge(
+        node, "ADD", bridge_conf(node, "1.1.0", isGateway=True, ipMasq=True, ipMasqBackend=other), keep_pod, "keep"
+    )
     assert kept.code == 0, kept.out
     kept_ip = kept.out["ips"][0]["address"].split("/")[0]
     assert kept_ip in masq_state(node, other)
@@ -743,16 +804,34 @@ def test_an_existing_bridge_is_adopted_as_it_is(bridge_node, chosen):
 
 
 CHURN_CYCLES = 3
-CHURN_HOLD = 0.3        # s a churning pod stays attached with the lowest MAC
-FLOOD_SECONDS = 7.0     # the flood lasts this long at least, and until the churn is over (400+ packets)
-FLOOD_COUNT = 1000      # at 10 ms a 10 s bound; stopped earlier by SIGINT
-FLOOD_DEADLINE = 30     # s, ping's own bound
+CHURN_HOLD = 0.3  # s a churning pod stays attached with the lowest MAC
+FLOOD_SECONDS = 7.0  # the flood lasts this long at least, and until the churn is over (400+ packets)
+FLOOD_COUNT = 1000  # at 10 ms a 10 s bound; stopped earlier by SIGINT
+FLOOD_DEADLINE = 30  # s, ping's own bound
 
 
 def start_flood(pod: Pod, target: str) -> subprocess.Popen:
-    return subprocess.Popen(["ip", "netns", "exec", pod.name, "ping", "-n", "-q", "-i", "0.01",
-                             "-c", str(FLOOD_COUNT), "-w", str(FLOOD_DEADLINE), target],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            pod.name,
+            "ping",
+            "-n",
+            "-q",
+            "-i",
+            "0.01",
+            "-c",
+            str(FLOOD_COUNT),
+            "-w",
+            str(FLOOD_DEADLINE),
+            target,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def stop_flood(proc: subprocess.Popen) -> tuple[int, int]:

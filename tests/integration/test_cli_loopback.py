@@ -1,4 +1,5 @@
 """`pycni install` + pycni's own loopback plugin, run through `pycni add/check/del`."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,12 @@ def test_installed_loopback_through_pycni(make_node, tmp_path):
     # A socket of the test's own (no agent there: the shims run cold), never the machine's /run/pycni one,
     # where an agent of someone else's may be serving.
     socket_path = tmp_path / "run" / "agent.sock"
-    installed = subprocess.run([*pycni_command(), "install", "--cni-bin-dir", str(bin_dir),
-                                "--agent-socket", str(socket_path)], capture_output=True, text=True, check=False)
+    installed = subprocess.run(
+        [*pycni_command(), "install", "--cni-bin-dir", str(bin_dir), "--agent-socket", str(socket_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert installed.returncode == 0, installed.stderr
     assert (bin_dir / "loopback").exists()
 

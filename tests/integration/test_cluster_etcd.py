@@ -5,6 +5,7 @@ namespace these tests create, listening on 127.0.0.1 there (or on veth
 addresses for the 3-member cluster); clients are built inside that namespace
 and used from the test thread, which stays in its own namespace.
 """
+
 from __future__ import annotations
 
 import base64
@@ -132,8 +133,10 @@ def test_wait_times_out_and_wakes(store, backend):
     assert store.wait("w/", rev, timeout=0.3) is None
     assert 0.25 <= time.monotonic() - start < 2
     other = backend.open()  # a second client makes the change
-    writers = [threading.Timer(0.1, lambda: other.put("x/outside", b"1")),
-               threading.Timer(0.3, lambda: other.put("w/inside", b"1"))]
+    writers = [
+        threading.Timer(0.1, lambda: other.put("x/outside", b"1")),
+        threading.Timer(0.3, lambda: other.put("w/inside", b"1")),
+    ]
     for w in writers:
         w.start()
     try:
@@ -155,7 +158,9 @@ def test_lease_lifecycle(store, cfg):
     assert acquire_lease(store, cfg, "192.168.1.10", "0a:58:0a:00:00:99").subnet == a.subnet
     leases, _ = list_leases(store)
     assert [(l.subnet, l.public_ip, l.vtep_mac) for l in leases] == [
-        ("10.244.0.0/24", "192.168.1.10", "0a:58:0a:00:00:99"), ("10.244.9.0/24", "192.168.1.11", MAC_B)]
+        ("10.244.0.0/24", "192.168.1.10", "0a:58:0a:00:00:99"),
+        ("10.244.9.0/24", "192.168.1.11", MAC_B),
+    ]
     assert release_lease(store, "192.168.1.10") is True
     c = acquire_lease(store, cfg, "192.168.1.12", MAC_A)
     assert c.subnet == a.subnet
@@ -181,8 +186,7 @@ def test_eight_processes_racing_get_different_subnets(backend, store, cfg):
     assert set(results.values()) == {f"10.244.{i}.0/24" for i in range(8)}
     assert {(l.public_ip, l.subnet) for l in list_leases(store)[0]} == set(results.items())
     # Racing again, the same nodes get the same subnets back.
-    assert race_acquire_leases(backend.url, cfg, ips, prefix=backend.prefix,
-                               netns_path=backend.netns_path) == results
+    assert race_acquire_leases(backend.url, cfg, ips, prefix=backend.prefix, netns_path=backend.netns_path) == results
 
 
 # -- etcd specifics -------------------------------------------------------------------------
@@ -383,8 +387,16 @@ def test_tls_with_client_certificates(tmp_path):
                 s.close()
         # The command line with TLS options, as a real process in the namespace.
         url = member.url
-        args = ["--store", url, "--etcd-cafile", certs.ca, "--etcd-certfile", certs.client_cert,
-                "--etcd-keyfile", certs.client_key]
+        args = [
+            "--store",
+            url,
+            "--etcd-cafile",
+            certs.ca,
+            "--etcd-certfile",
+            certs.client_cert,
+            "--etcd-keyfile",
+            certs.client_key,
+        ]
         done = _cli(member.netns, "leases", *args, "--json")
         assert done.returncode == 0, done.stderr
         assert [l["publicIP"] for l in json.loads(done.stdout)["leases"]] == ["192.168.5.1"]
@@ -404,8 +416,12 @@ def _error_lines(stderr: str) -> int:
 
 def _cli(netns_path: str, *args: str) -> subprocess.CompletedProcess[str]:
     code = "from pycni.cluster_cmd import cluster; cluster(prog_name='pycni cluster')"
-    return subprocess.run(["nsenter", f"--net={netns_path}", "--", sys.executable, "-c", code, *args],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["nsenter", f"--net={netns_path}", "--", sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_cli_init_against_etcd(etcd):
@@ -428,16 +444,16 @@ def test_cli_init_against_etcd(etcd):
     # The key really lives at PREFIX/config in etcd.
     with netns.enter(etcd.netns):
         conn = http.client.HTTPConnection(etcd.ip, etcd.client_port, timeout=5)
-        conn.request("POST", "/v3/kv/range",
-                     body=json.dumps({"key": base64.b64encode(f"{prefix}/config".encode()).decode()}))
+        conn.request(
+            "POST", "/v3/kv/range", body=json.dumps({"key": base64.b64encode(f"{prefix}/config".encode()).decode()})
+        )
         answer = json.loads(conn.getresponse().read())
         conn.close()
     assert answer["count"] == "1"
 
 
 def test_cli_unreachable_etcd_is_one_line_exit_1(etcd):
-    done = _cli(etcd.netns, "init", "--store", "etcd://127.0.0.1:1", "--network", "10.244.0.0/16",
-                "--timeout", "1")
+    done = _cli(etcd.netns, "init", "--store", "etcd://127.0.0.1:1", "--network", "10.244.0.0/16", "--timeout", "1")
     assert done.returncode == 1
     error = done.stderr.split("\n", 1)[1] if _PLAIN_HTTP_WARNING in done.stderr else done.stderr
     assert error.startswith("Error: no etcd endpoint") and "connection refused" in error

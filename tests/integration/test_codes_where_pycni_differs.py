@@ -10,6 +10,7 @@
 
 Both sides run as real processes inside a node namespace with the same input.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,10 @@ import pytest
 
 from tests.helpers.plugins import REFERENCE_DIR, has_reference, run_plugin
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(not has_reference("bridge"), reason="needs the reference plugins in /usr/lib/cni")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not has_reference("bridge"), reason="needs the reference plugins in /usr/lib/cni"),
+]
 
 
 def codes(node, launcher_dir, plugin, conf, **kwargs):
@@ -44,7 +47,12 @@ def test_unparseable_cni_version(make_node, launcher_dir, version):
 
 def test_netns_that_is_not_a_namespace(make_node, launcher_dir):
     node = make_node("codes")
-    conf = {"cniVersion": "1.0.0", "name": "net", "type": "bridge", "bridge": "cd0",
-            "ipam": node.host_local(subnet="10.93.0.0/24")}
+    conf = {
+        "cniVersion": "1.0.0",
+        "name": "net",
+        "type": "bridge",
+        "bridge": "cd0",
+        "ipam": node.host_local(subnet="10.93.0.0/24"),
+    }
     assert codes(node, launcher_dir, "bridge", conf, netns="/etc/hostname") == {"pycni": 8, "reference": 999}
     assert node.leases("net") == []

@@ -13,6 +13,7 @@ the start of its ADD and the end of its DEL), as a runtime does. Afterwards:
 * the node is as it was before: no veth, lease, temporary file, masquerade
   or port-mapping entry (tests/helpers/snapshot.py).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -42,14 +43,26 @@ RANGE = {"subnet": "10.95.0.0/28", "rangeEnd": "10.95.0.11"}
 
 
 def bridge_conf(node: Node, **extra: Any) -> dict[str, Any]:
-    return {"cniVersion": VERSION, "name": NETWORK, "type": "bridge", "bridge": "cc0", "isGateway": True,
-            "ipMasq": True, "ipam": {"type": "host-local", "dataDir": str(node.ipam_dir),
-                                     "ranges": [[RANGE]]}, **extra}
+    return {
+        "cniVersion": VERSION,
+        "name": NETWORK,
+        "type": "bridge",
+        "bridge": "cc0",
+        "isGateway": True,
+        "ipMasq": True,
+        "ipam": {"type": "host-local", "dataDir": str(node.ipam_dir), "ranges": [[RANGE]]},
+        **extra,
+    }
 
 
 def portmap_conf(port: int, **extra: Any) -> dict[str, Any]:
-    return {"cniVersion": VERSION, "name": NETWORK, "type": "portmap",
-            "runtimeConfig": {"portMappings": [{"hostPort": port, "containerPort": 80, "protocol": "tcp"}]}, **extra}
+    return {
+        "cniVersion": VERSION,
+        "name": NETWORK,
+        "type": "portmap",
+        "runtimeConfig": {"portMappings": [{"hostPort": port, "containerPort": 80, "protocol": "tcp"}]},
+        **extra,
+    }
 
 
 def test_100_concurrent_add_del_with_gc(make_node, launcher_dir):
@@ -58,8 +71,9 @@ def test_100_concurrent_add_del_with_gc(make_node, launcher_dir):
     portmap = os.path.join(launcher_dir, "portmap")
 
     def call(exe: str, command: str, conf: dict, container_id: str, netns_path: str) -> Any:
-        return run_plugin(exe, command, conf, node=node, netns=netns_path, container_id=container_id,
-                          path=launcher_dir, timeout=120)
+        return run_plugin(
+            exe, command, conf, node=node, netns=netns_path, container_id=container_id, path=launcher_dir, timeout=120
+        )
 
     # Warm up once so the node's lasting pieces (bridge, tables) exist before the baseline.
     with netns.temporary("pt-cpod") as pod:
@@ -72,9 +86,9 @@ def test_100_concurrent_add_del_with_gc(make_node, launcher_dir):
     baseline = node_snapshot(node.name, [node.ipam_dir], ignore_files=["last_reserved_ip.*"], derived_routes=False)
 
     lock = threading.Lock()
-    registry = threading.Lock()      # held by GC while it runs: no attachment starts meanwhile
-    live: dict[str, str] = {}        # container ID -> address, while its ADD result stands
-    maybe_state: set[str] = set()    # container IDs between the start of ADD and the end of DEL
+    registry = threading.Lock()  # held by GC while it runs: no attachment starts meanwhile
+    live: dict[str, str] = {}  # container ID -> address, while its ADD result stands
+    maybe_state: set[str] = set()  # container IDs between the start of ADD and the end of DEL
     problems: list[str] = []
     addresses: list[str] = []
     stop = threading.Event()

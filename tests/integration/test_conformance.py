@@ -26,6 +26,7 @@ fd00:10:244::/56 on the IPv4 underlay): every row of both families passes
 IPv4 row passes. Last, two nodes of each other kind (both underlays, an IPv6
 underlay, IPv6 only) pass the rows they have.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,22 +57,47 @@ RUN_TIMEOUT = 120
 
 # ---- running conformance on every node at once ------------------------------------------------
 
+
 def conformance_command(cluster: PodCluster, node: Node, *extra: str) -> list[str]:
     # nsenter switches only the network namespace: `ip netns exec` would also give the run a private
     # mount namespace, where the probe pods' pins under /run/netns are invisible to the node agent.
-    return ["nsenter", f"--net={node.path}", PYCNI, "conformance", "run", "--store", cluster.store_url,
-            "--network", NET_NAME, "--state-dir", node.state_dir, "--check-timeout", CHECK_TIMEOUT, *extra]
+    return [
+        "nsenter",
+        f"--net={node.path}",
+        PYCNI,
+        "conformance",
+        "run",
+        "--store",
+        cluster.store_url,
+        "--network",
+        NET_NAME,
+        "--state-dir",
+        node.state_dir,
+        "--check-timeout",
+        CHECK_TIMEOUT,
+        *extra,
+    ]
 
 
-def conformance_everywhere(cluster: PodCluster, cni_paths: dict[str, str] | None = None,
-                           extra: Sequence[str] = (), nodes: Sequence[Node] | None = None) -> dict:
+def conformance_everywhere(
+    cluster: PodCluster,
+    cni_paths: dict[str, str] | None = None,
+    extra: Sequence[str] = (),
+    nodes: Sequence[Node] | None = None,
+) -> dict:
     """`pycni conformance run` on every node (or ``nodes``) concurrently, then the report (JSON) and its exit status."""
     procs = []
     for node in cluster.nodes if nodes is None else nodes:
         args = conformance_command(cluster, node, "--wait", "60", *extra)
         env = cluster.env(node, (cni_paths or {}).get(node.name))
-        procs.append((node, subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                             env=env, stdin=subprocess.DEVNULL)))
+        procs.append(
+            (
+                node,
+                subprocess.Popen(
+                    args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL
+                ),
+            )
+        )
     outputs = {}
     try:
         for node, proc in procs:
@@ -80,7 +106,7 @@ def conformance_everywhere(cluster: PodCluster, cni_paths: dict[str, str] | None
     finally:
         for _node, proc in procs:
             if proc.poll() is None:
-                proc.kill()   # by PID: the process we started
+                proc.kill()  # by PID: the process we started
                 proc.wait(timeout=10)
     for rc, out, err in outputs.values():
         assert rc in (0, 1), f"conformance run crashed (exit {rc}):\n{out}\n{err}"
@@ -99,8 +125,9 @@ def probe_addresses(report: dict) -> dict[str, set[str]]:
     """node id -> its probe pod's addresses, as each node's run logged them ("node n0 (ip): probe pod A[, B] ...")."""
     out: dict[str, set[str]] = {}
     for _rc, out_text, err_text in report["runs"].values():
-        for node, addresses in re.findall(r"node (\S+) \([^)]*\): probe pod ([^ ]+(?:, [^ ]+)*) \(hostPort",
-                                          out_text + err_text):
+        for node, addresses in re.findall(
+            r"node (\S+) \([^)]*\): probe pod ([^ ]+(?:, [^ ]+)*) \(hostPort", out_text + err_text
+        ):
             out.setdefault(node, set()).update(addresses.split(", "))
     assert out, "no run logged its probe pod's addresses"
     return out
@@ -125,11 +152,12 @@ def no_leftovers(cluster: PodCluster) -> None:
         assert not os.path.exists(os.path.join(node.state_dir, "conformance.json"))
 
 
-EXPECTED_ROWS = 3 * 6 + 6 * 6   # per node: 6 on itself; per ordered pair of nodes: 6
-OWN_ROWS = {"gateway-mac", "store-entries"}   # a node's own set-up: no exchange, no latency
+EXPECTED_ROWS = 3 * 6 + 6 * 6  # per node: 6 on itself; per ordered pair of nodes: 6
+OWN_ROWS = {"gateway-mac", "store-entries"}  # a node's own set-up: no exchange, no latency
 
 
 # ---- the healthy cluster -----------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module", params=["file", pytest.param("etcd", marks=pytest.mark.etcd)])
 def cluster(request) -> Iterator[PodCluster]:
@@ -146,8 +174,10 @@ def test_a_healthy_cluster_passes_every_check(cluster):
     nodes = {r["from"] for r in report["checks"]}
     assert nodes == {"n0", "n1", "n2"}
     checks = {r["check"] for r in report["checks"]}
-    assert checks == {"pod-pod-same-node", "pod-pod-other-node", "no-snat", "node-pod", "pod-node", "hostport",
-                      "pmtu"} | OWN_ROWS
+    assert (
+        checks
+        == {"pod-pod-same-node", "pod-pod-other-node", "no-snat", "node-pod", "pod-node", "hostport", "pmtu"} | OWN_ROWS
+    )
     for row in report["checks"]:
         if row["check"] not in OWN_ROWS:
             assert row["latencyMs"] is not None and row["latencyMs"] >= 0
@@ -167,8 +197,15 @@ def test_a_healthy_cluster_passes_every_check(cluster):
         assert rc == 0 and "FAIL" not in out.replace("FAIL:", "")
     no_leftovers(cluster)
     # `clean` removes the store keys; a report afterwards has nothing to show.
-    done = cluster.pycni(cluster.nodes[1], "conformance", "clean", "--store", cluster.store_url, "--state-dir",
-                         cluster.nodes[1].state_dir)
+    done = cluster.pycni(
+        cluster.nodes[1],
+        "conformance",
+        "clean",
+        "--store",
+        cluster.store_url,
+        "--state-dir",
+        cluster.nodes[1].state_dir,
+    )
     assert done.returncode == 0, done.stderr
     assert "3 key(s)" in done.stdout
     done = cluster.pycni(cluster.nodes[0], "conformance", "report", "--store", cluster.store_url)
@@ -177,6 +214,7 @@ def test_a_healthy_cluster_passes_every_check(cluster):
 
 # ---- faults ------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def file_cluster() -> Iterator[PodCluster]:
     with pod_cluster(3, "file", "cff") as c:
@@ -184,8 +222,9 @@ def file_cluster() -> Iterator[PodCluster]:
 
 
 def nft_in(node: Node, script: str) -> None:
-    done = subprocess.run(["ip", "netns", "exec", node.name, "nft", "-f", "-"], input=script, text=True,
-                          capture_output=True, timeout=30)
+    done = subprocess.run(
+        ["ip", "netns", "exec", node.name, "nft", "-f", "-"], input=script, text=True, capture_output=True, timeout=30
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -195,12 +234,17 @@ def nft_fault(node: Node, family: str, table: str, body: str) -> Iterator[None]:
     try:
         yield
     finally:
-        subprocess.run(["ip", "netns", "exec", node.name, "nft", "delete", "table", family, table],
-                       capture_output=True, timeout=30)
+        subprocess.run(
+            ["ip", "netns", "exec", node.name, "nft", "delete", "table", family, table], capture_output=True, timeout=30
+        )
 
 
-def assert_exactly(report: dict, expected_fail: set[tuple[str, str, str]], words: str,
-                   expected_skip: set[tuple[str, str, str]] = frozenset()) -> None:
+def assert_exactly(
+    report: dict,
+    expected_fail: set[tuple[str, str, str]],
+    words: str,
+    expected_skip: set[tuple[str, str, str]] = frozenset(),
+) -> None:
     fails = failing(report)
     assert set(fails) == expected_fail, report["table"]
     assert skipped(report) == set(expected_skip), report["table"]
@@ -213,21 +257,28 @@ def assert_exactly(report: dict, expected_fail: set[tuple[str, str, str]], words
 def test_snat_between_nodes_fails_no_snat_only(file_cluster):
     c = file_cluster
     n0 = c.nodes[0]
-    body = ("  chain postrouting {\n    type nat hook postrouting priority srcnat - 10; policy accept;\n"
-            f"    oifname \"pycni.1\" ip saddr {CLUSTER_NETWORK} masquerade\n  }}")
+    body = (
+        "  chain postrouting {\n    type nat hook postrouting priority srcnat - 10; policy accept;\n"
+        f'    oifname "pycni.1" ip saddr {CLUSTER_NETWORK} masquerade\n  }}'
+    )
     with nft_fault(n0, "ip", "conformance_fault_snat", body):
         report = conformance_everywhere(c)
     assert_exactly(report, {("no-snat", "n0", "n1"), ("no-snat", "n0", "n2")}, "SNAT between nodes")
     vtep = str(__import__("ipaddress").ip_network(c.subnet(n0)).network_address)
     for message in failing(report).values():
         assert f"reply came from {vtep} (node n0's VXLAN device address), not the pod" in message
-        assert "conformance_fault_snat" in message     # the rule that did it, from n0's published facts
+        assert "conformance_fault_snat" in message  # the rule that did it, from n0's published facts
     no_leftovers(c)
 
 
 def fdb_entries(node: Node) -> set[tuple[str, str]]:
-    out = subprocess.run(["ip", "netns", "exec", node.name, "bridge", "-j", "fdb", "show", "dev", "pycni.1"],
-                         capture_output=True, text=True, timeout=10, check=True).stdout
+    out = subprocess.run(
+        ["ip", "netns", "exec", node.name, "bridge", "-j", "fdb", "show", "dev", "pycni.1"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout
     return {(e["mac"], e.get("dst", "")) for e in json.loads(out or "[]")}
 
 
@@ -237,15 +288,23 @@ def test_missing_fdb_entry_fails_the_overlay_paths_between_two_nodes(file_cluste
     vtep_mac = n2.read_state()["vtepMAC"]
     assert (vtep_mac, n2.public_ip) in fdb_entries(n1)
     with agent_paused(c.agents[n1.name], c.store_dir):
-        subprocess.run(["ip", "netns", "exec", n1.name, "bridge", "fdb", "del", vtep_mac, "dev", "pycni.1",
-                        "dst", n2.public_ip], check=True, capture_output=True, timeout=10)
+        subprocess.run(
+            ["ip", "netns", "exec", n1.name, "bridge", "fdb", "del", vtep_mac, "dev", "pycni.1", "dst", n2.public_ip],
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
         assert (vtep_mac, n2.public_ip) not in fdb_entries(n1)
         # n1's agent is stopped, so n1 attaches its probes without it (the plugins' cold path).
         report = conformance_everywhere(c, cni_paths={n1.name: c.dir(n1, "coldbin")})
     wait_for(lambda: (vtep_mac, n2.public_ip) in fdb_entries(n1), 15, what="the agent to restore the FDB entry")
     # pod -> node is not among them: it leaves masqueraded, so the answer comes back over the underlay.
-    expected = {("pod-pod-other-node", "n1", "n2"), ("pod-pod-other-node", "n2", "n1"),
-                ("node-pod", "n1", "n2"), ("node-pod", "n2", "n1")}
+    expected = {
+        ("pod-pod-other-node", "n1", "n2"),
+        ("pod-pod-other-node", "n2", "n1"),
+        ("node-pod", "n1", "n2"),
+        ("node-pod", "n2", "n1"),
+    }
     skipped_rows = {("no-snat", "n1", "n2"), ("no-snat", "n2", "n1"), ("pmtu", "n1", "n2"), ("pmtu", "n2", "n1")}
     assert_exactly(report, expected, "missing FDB entry", skipped_rows)
     for (_check, src, _dst), message in failing(report).items():
@@ -258,7 +317,7 @@ def test_missing_fdb_entry_fails_the_overlay_paths_between_two_nodes(file_cluste
 def test_mtu_mismatch_on_the_underlay_fails_pmtu_only(file_cluster):
     c = file_cluster
     n2 = c.nodes[2]
-    port = n2.port   # n2's veth end in the underlay namespace
+    port = n2.port  # n2's veth end in the underlay namespace
     subprocess.run(["ip", "-n", c.topo.underlay, "link", "set", port, "mtu", "1400"], check=True, timeout=10)
     try:
         report = conformance_everywhere(c)
@@ -274,8 +333,10 @@ def test_mtu_mismatch_on_the_underlay_fails_pmtu_only(file_cluster):
 def test_firewall_drop_fails_the_paths_into_that_node(file_cluster):
     c = file_cluster
     n1 = c.nodes[1]
-    body = ("  chain forward {\n    type filter hook forward priority filter; policy accept;\n"
-            "    iifname \"pycni.1\" ct state new drop\n  }")
+    body = (
+        "  chain forward {\n    type filter hook forward priority filter; policy accept;\n"
+        '    iifname "pycni.1" ct state new drop\n  }'
+    )
     with nft_fault(n1, "inet", "conformance_fault_fw", body):
         report = conformance_everywhere(c)
     expected = {(check, src, "n1") for check in ("pod-pod-other-node", "node-pod") for src in ("n0", "n2")}
@@ -293,12 +354,19 @@ def test_a_node_that_never_runs_is_reported_missing(file_cluster):
     c = file_cluster
     # n2 took part in an earlier run (a passing row of then must not hide its absence now).
     with open_store(c.store_url) as store:
-        store.put(results_key("n2"), NodeResults("n2", c.nodes[2].public_ip, "earlier", 1.0, 2.0,
-                                                 [Check("pmtu", "n2", "n0", "pass", 0.1)]).to_json())
+        store.put(
+            results_key("n2"),
+            NodeResults(
+                "n2", c.nodes[2].public_ip, "earlier", 1.0, 2.0, [Check("pmtu", "n2", "n0", "pass", 0.1)]
+            ).to_json(),
+        )
     report = conformance_everywhere(c, nodes=c.nodes[:2], extra=("--wait", "3"))
     missing = c.nodes[2].public_ip
-    assert set(failing(report)) == {("rendezvous", "n0", missing), ("rendezvous", "n1", missing),
-                                    ("rendezvous", missing, "-")}, report["table"]
+    assert set(failing(report)) == {
+        ("rendezvous", "n0", missing),
+        ("rendezvous", "n1", missing),
+        ("rendezvous", missing, "-"),
+    }, report["table"]
     assert all(f"{missing} holds a subnet lease but" in m for m in failing(report).values())
     assert len(report["checks"]) == 2 * (6 + 6 + 1) + 1
     # n2's results of the earlier runs are not mixed in: they are named as ignored.
@@ -311,9 +379,27 @@ def test_a_node_that_never_runs_is_reported_missing(file_cluster):
 def test_a_node_that_cannot_attach_its_probe_says_why(file_cluster):
     c = file_cluster
     n0 = c.nodes[0]
-    done = subprocess.run(["nsenter", f"--net={n0.path}", PYCNI, "conformance", "run", "--store", c.store_url,
-                           "--network", "no-such-network", "--state-dir", n0.state_dir, "--wait", "1"],
-                          capture_output=True, text=True, timeout=60, env=c.env(n0))
+    done = subprocess.run(
+        [
+            "nsenter",
+            f"--net={n0.path}",
+            PYCNI,
+            "conformance",
+            "run",
+            "--store",
+            c.store_url,
+            "--network",
+            "no-such-network",
+            "--state-dir",
+            n0.state_dir,
+            "--wait",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=c.env(n0),
+    )
     assert done.returncode == 1 and "no network named 'no-such-network'" in done.stderr
     report = c.pycni(n0, "conformance", "report", "--store", c.store_url, "--json")
     rows = json.loads(report.stdout)["checks"]
@@ -327,8 +413,9 @@ def test_sigterm_removes_what_a_run_made(file_cluster):
     n0 = c.nodes[0]
     log = open(c.topo.path("sigterm-run.log"), "w+")
     # nsenter execs pycni: the PID is the run's own.
-    proc = subprocess.Popen(conformance_command(c, n0, "--wait", "60"), stdout=log, stderr=log,
-                            stdin=subprocess.DEVNULL, env=c.env(n0))
+    proc = subprocess.Popen(
+        conformance_command(c, n0, "--wait", "60"), stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=c.env(n0)
+    )
     try:
         key = os.path.join(c.store_dir, "conformance", "n0")
         wait_for(lambda: os.path.exists(key) or proc.poll() is not None, 30, what="the run to publish its probe")
@@ -355,15 +442,29 @@ def test_kept_probes_are_removed_by_clean(file_cluster):
     c = file_cluster
     report = conformance_everywhere(c, extra=("--keep-probes",))
     assert report["exit"] == 0, report["table"]
-    kept = {name for name in probe_names(c) if not name.endswith("-churn")}   # the gateway check's pod went
+    kept = {name for name in probe_names(c) if not name.endswith("-churn")}  # the gateway check's pod went
     assert kept <= set(netns.list_names())
     assert not (probe_names(c) - kept) & set(netns.list_names())
     for node in c.nodes:
         leases = os.listdir(os.path.join(c.dir(node, "ipam"), NET_NAME))
         assert len([f for f in leases if f[0].isdigit()]) == 2
-        done = subprocess.run(["nsenter", f"--net={node.path}", PYCNI, "conformance", "clean", "--store",
-                               c.store_url, "--state-dir", node.state_dir], capture_output=True, text=True,
-                              timeout=60, env=c.env(node))
+        done = subprocess.run(
+            [
+                "nsenter",
+                f"--net={node.path}",
+                PYCNI,
+                "conformance",
+                "clean",
+                "--store",
+                c.store_url,
+                "--state-dir",
+                node.state_dir,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=c.env(node),
+        )
         assert done.returncode == 0, done.stderr
         assert "removed 2 probe pod(s) on this node" in done.stdout
         leases = os.listdir(os.path.join(c.dir(node, "ipam"), NET_NAME))
@@ -388,6 +489,7 @@ def expected_rows(names: Sequence[str], families: Sequence[int], node_addresses:
     """The rows of a healthy run: per node its own set-up and its own probe, per ordered pair of nodes the
     paths between them, once per pod family (the IPv6 rows named <check>/ipv6); pod-node and hostport only
     in the families the nodes have an address of their own of."""
+
     def name(check: str, version: int) -> str:
         return check + "/ipv6" if version == 6 else check
 
@@ -395,7 +497,8 @@ def expected_rows(names: Sequence[str], families: Sequence[int], node_addresses:
     for version in families:
         own = ["pod-pod-same-node", "no-snat", "node-pod"] + (["pod-node"] if version in node_addresses else [])
         pair = ["pod-pod-other-node", "no-snat", "node-pod", "pmtu"] + (
-            ["pod-node", "hostport"] if version in node_addresses else [])
+            ["pod-node", "hostport"] if version in node_addresses else []
+        )
         rows |= {(name(check, version), a, a) for a in names for check in own}
         rows |= {(name(check, version), a, b) for a in names for b in names if a != b for check in pair}
     return rows
@@ -433,7 +536,7 @@ def test_a_healthy_dual_stack_cluster_passes_every_row_of_both_families(dual_clu
         if row["check"] == "no-snat/ipv6":
             seen = ipaddress.ip_address(row["message"].split(" saw ")[1].split(",")[0])
             assert seen in subnets6[row["from"]], row
-            if row["from"] != row["to"]:   # across nodes the sender is the probe pod: its own IPv6 address
+            if row["from"] != row["to"]:  # across nodes the sender is the probe pod: its own IPv6 address
                 assert str(seen) in senders[row["from"]], (row, senders)
         if row["check"] == "pmtu/ipv6":
             assert row["message"].startswith("1280-byte and 1400-byte packets cross unfragmented"), row
@@ -445,8 +548,10 @@ def test_a_healthy_dual_stack_cluster_passes_every_row_of_both_families(dual_clu
 def test_an_ipv6_only_firewall_drop_fails_exactly_the_ipv6_paths_into_that_node(dual_cluster):
     c = dual_cluster
     n1 = c.nodes[1]
-    body = ("  chain forward {\n    type filter hook forward priority filter; policy accept;\n"
-            "    iifname \"pycni.1\" meta nfproto ipv6 ct state new drop\n  }")
+    body = (
+        "  chain forward {\n    type filter hook forward priority filter; policy accept;\n"
+        '    iifname "pycni.1" meta nfproto ipv6 ct state new drop\n  }'
+    )
     with nft_fault(n1, "inet", "conformance_fault_fw6", body):
         report = conformance_everywhere(c)
     expected = {(check, src, "n1") for check in ("pod-pod-other-node/ipv6", "node-pod/ipv6") for src in ("n0", "n2")}
@@ -456,8 +561,10 @@ def test_an_ipv6_only_firewall_drop_fails_exactly_the_ipv6_paths_into_that_node(
     assert report["exit"] == 1 and len(report["checks"]) == DUAL_ROWS
     for message in failing(report).values():
         assert message.startswith("IPv6 TCP "), message
-        assert ("packets dropped: firewall (node n1: table inet conformance_fault_fw6 chain forward (forward): "
-                "1 drop/reject rule, IPv6 only)") in message, message
+        assert (
+            "packets dropped: firewall (node n1: table inet conformance_fault_fw6 chain forward (forward): "
+            "1 drop/reject rule, IPv6 only)"
+        ) in message, message
         assert "the same check passes in IPv4 between these nodes, so the fault is IPv6's alone" in message
     # Every IPv4 row still passes.
     assert {r["result"] for r in report["checks"] if not r["check"].endswith("/ipv6")} == {"pass"}
@@ -482,12 +589,14 @@ def test_every_kind_of_dual_stack_and_ipv6_cluster_passes_the_rows_it_has(kind):
         report = conformance_everywhere(c)
         families = [4, 6] if network else [6]
         assert report["exit"] == 0, report["table"]
-        assert {(r["check"], r["from"], r["to"]) for r in report["checks"]} == \
-            expected_rows(["n0", "n1"], families, node_addresses), report["table"]
+        assert {(r["check"], r["from"], r["to"]) for r in report["checks"]} == expected_rows(
+            ["n0", "n1"], families, node_addresses
+        ), report["table"]
         assert {r["result"] for r in report["checks"]} == {"pass"}, report["table"]
         if 6 in node_addresses:
-            publics6 = {f"n{n.index}": n.public_ip if ":" in n.public_ip else n.read_state()["publicIPv6"]
-                        for n in c.nodes}
+            publics6 = {
+                f"n{n.index}": n.public_ip if ":" in n.public_ip else n.read_state()["publicIPv6"] for n in c.nodes
+            }
             for row in report["checks"]:
                 if row["check"] in ("pod-node/ipv6", "hostport/ipv6") and row["from"] != row["to"]:
                     # pod -> another node's IPv6 address leaves masqueraded, like IPv4

@@ -15,6 +15,7 @@ does), with a non-default echo port and hostPort and --json, keeping its probes;
 
 Everything lives in the cluster's namespaces and temporary directory; processes are stopped by PID.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,11 +43,37 @@ def run_everywhere(cluster: PodCluster, per_node: dict[str, Sequence[str]], wait
     """`conformance run` on every node at once, with each node's extra flags; {node name: (rc, out, err)}."""
     procs = []
     for node in cluster.nodes:
-        args = ["nsenter", f"--net={node.path}", PYCNI, "conformance", "run", "--store", cluster.store_url,
-                "--network", NET_NAME, "--state-dir", node.state_dir, "--check-timeout", "2", "--wait", wait,
-                *per_node.get(node.name, ())]
-        procs.append((node, subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                             env=cluster.env(node), stdin=subprocess.DEVNULL)))
+        args = [
+            "nsenter",
+            f"--net={node.path}",
+            PYCNI,
+            "conformance",
+            "run",
+            "--store",
+            cluster.store_url,
+            "--network",
+            NET_NAME,
+            "--state-dir",
+            node.state_dir,
+            "--check-timeout",
+            "2",
+            "--wait",
+            wait,
+            *per_node.get(node.name, ()),
+        ]
+        procs.append(
+            (
+                node,
+                subprocess.Popen(
+                    args,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=cluster.env(node),
+                    stdin=subprocess.DEVNULL,
+                ),
+            )
+        )
     outputs = {}
     try:
         for node, proc in procs:
@@ -55,15 +82,30 @@ def run_everywhere(cluster: PodCluster, per_node: dict[str, Sequence[str]], wait
     finally:
         for _node, proc in procs:
             if proc.poll() is None:
-                proc.kill()   # by PID: the process we started
+                proc.kill()  # by PID: the process we started
                 proc.wait(timeout=10)
     return outputs
 
 
 def clean(cluster: PodCluster, node, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["nsenter", f"--net={node.path}", PYCNI, "conformance", "clean", "--store",
-                           cluster.store_url, "--state-dir", node.state_dir, *extra], capture_output=True,
-                          text=True, timeout=60, env=cluster.env(node))
+    return subprocess.run(
+        [
+            "nsenter",
+            f"--net={node.path}",
+            PYCNI,
+            "conformance",
+            "clean",
+            "--store",
+            cluster.store_url,
+            "--state-dir",
+            node.state_dir,
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cluster.env(node),
+    )
 
 
 def report(cluster: PodCluster) -> subprocess.CompletedProcess[str]:
@@ -89,7 +131,7 @@ def test_ports_json_and_clean_keep_results(cluster):
     for node in c.nodes:
         rc, out, err = outputs[node.name]
         assert rc == 0, out + err
-        doc = json.loads(out)                                     # --json: one document, nothing else
+        doc = json.loads(out)  # --json: one document, nothing else
         assert doc["passed"] is True
         rows = doc["checks"]
         assert rows and {r["from"] for r in rows} == {names[node.name]}
@@ -103,13 +145,15 @@ def test_ports_json_and_clean_keep_results(cluster):
     assert store_keys(c) == {f"results/{names[n.name]}" for n in c.nodes}
     probes = {name for node in c.nodes for name in probe_netns_names(c.name(node), node.state_dir)}
     kept = probes & set(netns.list_names())
-    assert len(kept) >= 2 * len(c.nodes), (probes, kept)                  # --keep-probes: the pods are there
+    assert len(kept) >= 2 * len(c.nodes), (probes, kept)  # --keep-probes: the pods are there
     # clean --keep-results: probes and rendezvous keys go, results stay and the report still shows them.
     for node in c.nodes:
         done = clean(c, node, "--keep-results")
         assert done.returncode == 0, done.stderr
         assert "removed 2 probe pod(s) on this node" in done.stdout
-        assert f"tcp . {HOST_PORT} " not in node.run("nft", "list", "ruleset").stdout, done.stdout + done.stderr   # the hostPort mapping went
+        assert f"tcp . {HOST_PORT} " not in node.run("nft", "list", "ruleset").stdout, (
+            done.stdout + done.stderr
+        )  # the hostPort mapping went
     assert store_keys(c) == {f"results/{names[n.name]}" for n in c.nodes}
     shown = report(c)
     assert shown.returncode == 0, shown.stderr

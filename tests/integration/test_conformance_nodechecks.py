@@ -1,11 +1,12 @@
 """The conformance checks of a node's own set-up, each against the fault it names. Root only.
 
-    gateway-mac     a bridge whose MAC follows its ports (made without an address, the kernel's way)
-                    fails; a bridge with its own address passes. Real bridges and veths in a test
-                    namespace; the third probe pod is a veth pair the stand-in for ProbePods plugs in.
-    store-entries   a file store holding a value that is no lease, and two leases with one VTEP MAC.
-    pod-node        a strict receiver (rp_filter=1) and a sender without masquerading: the row says so.
+gateway-mac     a bridge whose MAC follows its ports (made without an address, the kernel's way)
+                fails; a bridge with its own address passes. Real bridges and veths in a test
+                namespace; the third probe pod is a veth pair the stand-in for ProbePods plugs in.
+store-entries   a file store holding a value that is no lease, and two leases with one VTEP MAC.
+pod-node        a strict receiver (rp_filter=1) and a sender without masquerading: the row says so.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,10 @@ from pycni.conformance.model import FAIL, GATEWAY_MAC, PASS, STORE_ENTRIES, Part
 from pycni.conformance.nodechecks import LOWEST_MAC, gateway_mac_check, store_entries_check
 from pycni.conformance.probe import ProbeRecord
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
+]
 
 
 def ip(ns: str, *args: str) -> None:
@@ -38,8 +41,19 @@ class VethPods:
 
     def add(self, role: str) -> ProbeRecord:
         host = f"h-{role}"[:15]
-        ip(self.ns, "link", "add", host, "address", "0a:00:00:00:00:20", "type", "veth", "peer", "name",
-           f"c-{role}"[:15])
+        ip(
+            self.ns,
+            "link",
+            "add",
+            host,
+            "address",
+            "0a:00:00:00:00:20",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            f"c-{role}"[:15],
+        )
         ip(self.ns, "link", "set", host, "master", self.bridge, "up")
         self.added.append(role)
         return ProbeRecord(role=role, netns="", container_id=role, address="10.0.0.9", host_ifname=host)
@@ -95,8 +109,7 @@ def test_store_entries_check_lists_what_the_agents_skip(tmp_path):
         row = store_entries_check("n0", store, cfg, "192.168.100.10", own.subnet, own.vtep_mac)
         assert row.check == STORE_ENTRIES and row.result == PASS and "2 leases" in row.message
         store.put("subnets/10.244.200.0-24", b"[" * 3000 + b"]" * 3000)
-        twin = {"PublicIP": "192.168.100.12", "BackendType": "vxlan",
-                "BackendData": {"VtepMAC": "0a:00:00:00:00:11"}}
+        twin = {"PublicIP": "192.168.100.12", "BackendType": "vxlan", "BackendData": {"VtepMAC": "0a:00:00:00:00:11"}}
         store.put("subnets/10.244.201.0-24", json.dumps(twin).encode())
         row = store_entries_check("n0", store, cfg, "192.168.100.10", own.subnet, own.vtep_mac)
     assert row.result == FAIL
@@ -105,10 +118,21 @@ def test_store_entries_check_lists_what_the_agents_skip(tmp_path):
 
 
 def party(node: str, index: int, facts: dict) -> Party:
-    return Party(node=node, public_ip=f"192.168.100.{10 + index}", subnet=f"10.244.{index}.0/24",
-                 vtep_mac=f"0a:58:00:00:00:0{index}", vxlan_device="pycni.1", mtu=1450,
-                 probe_ip=f"10.244.{index}.2", client_ip=f"10.244.{index}.3", echo_port=7080, host_port=None,
-                 session=f"s{index}", heartbeat=time.time(), facts=facts)
+    return Party(
+        node=node,
+        public_ip=f"192.168.100.{10 + index}",
+        subnet=f"10.244.{index}.0/24",
+        vtep_mac=f"0a:58:00:00:00:0{index}",
+        vxlan_device="pycni.1",
+        mtu=1450,
+        probe_ip=f"10.244.{index}.2",
+        client_ip=f"10.244.{index}.3",
+        echo_port=7080,
+        host_port=None,
+        session=f"s{index}",
+        heartbeat=time.time(),
+        facts=facts,
+    )
 
 
 def test_a_strict_receiver_and_a_sender_without_masquerade_are_named():

@@ -6,6 +6,7 @@ from the reference plugins; pycni must give the same state. DEL must finish
 (and remove everything) even when the configuration carries values only ADD
 could have refused.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,9 @@ def side(request, make_node, launcher_dir):
 def test_capability_args_in_go_letter_case_give_the_same_shaping(side):
     node, kind = side
     pod = node.pod()
-    runtime = {"Bandwidth": {"IngressRate": 8_000_000, "IngressBurst": 80_000,
-                             "EgressRate": 4_000_000, "EgressBurst": 40_000}}
+    runtime = {
+        "Bandwidth": {"IngressRate": 8_000_000, "IngressBurst": 80_000, "EgressRate": 4_000_000, "EgressBurst": 40_000}
+    }
     chain(node, pod, [bridge(node), {"type": "bandwidth", "capabilities": {"bandwidth": True}}], runtime=runtime)
     veth = host_veth(node)
     kinds = sorted(q["kind"] for q in tc_qdiscs(node, veth))
@@ -80,15 +82,22 @@ def test_capability_args_in_go_letter_case_give_the_same_port_mapping(make_node,
 def test_del_succeeds_with_config_that_add_would_refuse(make_node, launcher_dir):
     node = make_node(cni_path=launcher_dir)
     pod = node.pod()
-    runtime = {"portMappings": [{"hostPort": 18081, "containerPort": 80, "protocol": "tcp"}],
-               "bandwidth": {"ingressRate": 8_000_000, "ingressBurst": 80_000}}
-    plugins = [bridge(node), {"type": "portmap", "capabilities": {"portMappings": True}},
-               {"type": "bandwidth", "capabilities": {"bandwidth": True}}]
+    runtime = {
+        "portMappings": [{"hostPort": 18081, "containerPort": 80, "protocol": "tcp"}],
+        "bandwidth": {"ingressRate": 8_000_000, "ingressBurst": 80_000},
+    }
+    plugins = [
+        bridge(node),
+        {"type": "portmap", "capabilities": {"portMappings": True}},
+        {"type": "bandwidth", "capabilities": {"bandwidth": True}},
+    ]
     confs = chain(node, pod, plugins, runtime=runtime)
     assert "18081" in nft_text(node, "table", "inet", "pycni_portmap")
     # What DEL now gets: a mapping ADD would refuse, an unknown backend, a bad rate.
-    broken = {"portMappings": [{"hostPort": "eighty", "containerPort": 0, "protocol": "carrier-pigeon"}],
-              "bandwidth": {"ingressRate": "fast", "ingressBurst": -1}}
+    broken = {
+        "portMappings": [{"hostPort": "eighty", "containerPort": 0, "protocol": "carrier-pigeon"}],
+        "bandwidth": {"ingressRate": "fast", "ingressBurst": -1},
+    }
     for conf in reversed(confs):
         conf = {**conf, "runtimeConfig": broken}
         conf.pop("prevResult", None)

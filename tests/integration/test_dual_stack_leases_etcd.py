@@ -9,6 +9,7 @@ test_lease_contention.py). Entries written straight into etcd with its JSON
 gateway, the way any tool could, are rejected with a reason naming the key
 and the field, and their subnets are never handed out.
 """
+
 from __future__ import annotations
 
 import base64
@@ -86,8 +87,16 @@ def _claimer(backend: Backend, cfg_json: str, i: int, barrier, results) -> None:
         store = backend.open(timeout=30)
         cfg = ClusterConfig.from_json(cfg_json)
         barrier.wait(timeout=60)
-        lease = acquire_lease(store, cfg, public_ip, f"0a:58:00:00:04:{i:02x}", node_name=f"node-{i}", ttl=TTL,
-                              public_ipv6=f"fd01::{i + 1:x}", vtep_mac6=f"0a:58:00:00:06:{i:02x}")
+        lease = acquire_lease(
+            store,
+            cfg,
+            public_ip,
+            f"0a:58:00:00:04:{i:02x}",
+            node_name=f"node-{i}",
+            ttl=TTL,
+            public_ipv6=f"fd01::{i + 1:x}",
+            vtep_mac6=f"0a:58:00:00:06:{i:02x}",
+        )
         requests = store.stats()["requests"]
         store.close()
         results.put((public_ip, (lease.subnet, lease.ipv6_subnet, lease.key), requests))
@@ -100,8 +109,10 @@ def _race(backend: Backend, cfg: ClusterConfig, count: int, timeout: float = 120
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(count)
     results = ctx.Queue()
-    procs = [ctx.Process(target=_claimer, args=(backend, cfg.to_json(), i, barrier, results), daemon=True)
-             for i in range(count)]
+    procs = [
+        ctx.Process(target=_claimer, args=(backend, cfg.to_json(), i, barrier, results), daemon=True)
+        for i in range(count)
+    ]
     found: dict[str, tuple] = {}
     try:
         for proc in procs:
@@ -127,7 +138,7 @@ def _race(backend: Backend, cfg: ClusterConfig, count: int, timeout: float = 120
 
 
 def test_thirty_dual_stack_nodes_at_once_share_no_subnet_with_few_writes(backend):
-    cfg = ClusterConfig(NET4, ipv6_network=NET6)   # 256 pairs
+    cfg = ClusterConfig(NET4, ipv6_network=NET6)  # 256 pairs
     with backend.open() as store:
         init_cluster(store, cfg)
     results = _race(backend, cfg, NODES)
@@ -141,15 +152,18 @@ def test_thirty_dual_stack_nodes_at_once_share_no_subnet_with_few_writes(backend
     with backend.open() as store:
         scan = scan_leases(store, cfg)
         assert scan.rejected == []
-        assert {(l.public_ip, (l.subnet, l.ipv6_subnet, l.key)) for l in scan.leases} == \
-            {(ip_, lease) for ip_, (lease, _) in results.items()}
+        assert {(l.public_ip, (l.subnet, l.ipv6_subnet, l.key)) for l in scan.leases} == {
+            (ip_, lease) for ip_, (lease, _) in results.items()
+        }
         assert all(l.public_ipv6 and l.vtep_mac6 for l in scan.leases)
-        assert len(store.list("subnets/")[0]) == NODES   # one key per node
+        assert len(store.list("subnets/")[0]) == NODES  # one key per node
     writes = [sum(requests.get(op, 0) for op in WRITES) for _, requests in results.values()]
     average = sum(writes) / len(writes)
     totals = {op: sum(requests.get(op, 0) for _, requests in results.values()) for op in WRITES + ("range",)}
-    print(f"\n{backend.url.split(':')[0]}: {NODES} dual-stack nodes, writes per node: average {average:.2f}, "
-          f"max {max(writes)}; totals {totals}")
+    print(
+        f"\n{backend.url.split(':')[0]}: {NODES} dual-stack nodes, writes per node: average {average:.2f}, "
+        f"max {max(writes)}; totals {totals}"
+    )
     assert average <= 3, (average, totals)
     assert max(writes) <= 6, writes
     if backend.url.startswith("etcd"):
@@ -161,11 +175,12 @@ def test_renew_and_release_the_pair(backend):
     cfg = ClusterConfig(NET4, ipv6_network=NET6)
     with backend.open() as store:
         init_cluster(store, cfg)
-        a = acquire_lease(store, cfg, "192.168.1.10", MAC_A, node_name="a", ttl=TTL, public_ipv6="fd01::10",
-                          vtep_mac6=MAC_6A)
+        a = acquire_lease(
+            store, cfg, "192.168.1.10", MAC_A, node_name="a", ttl=TTL, public_ipv6="fd01::10", vtep_mac6=MAC_6A
+        )
         assert a.key == "subnets/10.244.0.0-24&fd00:10:244::-64" and store.ttl(a.key) == TTL
         assert renew_lease(store, a, ttl=TTL) == a
-        store.delete(a.key)                                    # lapsed
+        store.delete(a.key)  # lapsed
         assert renew_lease(store, a, ttl=TTL).key == a.key and store.ttl(a.key) == TTL
         assert release_lease(store, "192.168.1.10") is True
         assert store.list("subnets/")[0] == []
@@ -192,15 +207,30 @@ def etcd_put(member, key: str, value: bytes) -> None:
     assert response.status == 200, answer
 
 
-def dual_value(public_ip: object = "192.168.1.20", mac: object = MAC_C, public_ipv6: object = "fd01::20",
-               mac6: object = MAC_6A, **extra: object) -> bytes:
-    return json.dumps({"PublicIP": public_ip, "PublicIPv6": public_ipv6, "BackendType": "vxlan",
-                       "BackendData": {"VtepMAC": mac}, "BackendV6Data": {"VtepMAC": mac6}, **extra}).encode()
+def dual_value(
+    public_ip: object = "192.168.1.20",
+    mac: object = MAC_C,
+    public_ipv6: object = "fd01::20",
+    mac6: object = MAC_6A,
+    **extra: object,
+) -> bytes:
+    return json.dumps(
+        {
+            "PublicIP": public_ip,
+            "PublicIPv6": public_ipv6,
+            "BackendType": "vxlan",
+            "BackendData": {"VtepMAC": mac},
+            "BackendV6Data": {"VtepMAC": mac6},
+            **extra,
+        }
+    ).encode()
 
 
-BAD = {   # in a /28 + /124 dual-stack cluster of 4 pairs: index i is 10.9.0.{4i}/30 with fd00::{4i}/126
-    "subnets/10.9.0.0-30&fd00::-126": (dual_value(public_ipv6="fd01::20%eth0"), "PublicIPv6 'fd01::20%eth0' carries "
-                                                                                "a zone"),
+BAD = {  # in a /28 + /124 dual-stack cluster of 4 pairs: index i is 10.9.0.{4i}/30 with fd00::{4i}/126
+    "subnets/10.9.0.0-30&fd00::-126": (
+        dual_value(public_ipv6="fd01::20%eth0"),
+        "PublicIPv6 'fd01::20%eth0' carries a zone",
+    ),
     "subnets/fd00::4-126": (dual_value(), "the key holds only the IPv6 subnet fd00::4/126"),
     "subnets/10.9.0.8-30&fd00:0::8-126": (dual_value(), "not the canonical key"),
 }
@@ -223,8 +253,7 @@ def test_bad_dual_entries_are_rejected_and_their_subnets_stay_taken(etcd):
         assert (scan.leases[0].public_ipv6, scan.leases[0].vtep_mac6) == ("fd01::23", MAC_6A)
         assert sorted(r.key for r in scan.rejected) == sorted(BAD)
         for rejected in scan.rejected:
-            assert rejected.reason.startswith(f"{rejected.key}: ") and BAD[rejected.key][1] in rejected.reason, \
-                rejected
+            assert rejected.reason.startswith(f"{rejected.key}: ") and BAD[rejected.key][1] in rejected.reason, rejected
         # Every index is touched by some key, readable or not: nothing is left to hand out.
         with pytest.raises(LeaseExhausted, match="room for 4 leases"):
             acquire_lease(store, cfg, "192.168.1.30", MAC_A, node_name="node-30")

@@ -14,6 +14,7 @@ etcd and the proxy run inside a namespace these tests create, both on
 127.0.0.1 there; the proxy's threads are bounded by socket timeouts and the
 server is shut down by the fixture.
 """
+
 from __future__ import annotations
 
 import base64
@@ -52,8 +53,8 @@ class LosingProxy:
         self.netns_path = netns_path
         self.upstream = upstream
         self.keep_alive = keep_alive
-        self.paths: list[str] = []       # every request forwarded, in order
-        self.lost: list[bytes] = []      # the answers it kept from the client
+        self.paths: list[str] = []  # every request forwarded, in order
+        self.lost: list[bytes] = []  # the answers it kept from the client
         self._armed = False
         self._lock = threading.Lock()
         proxy = self
@@ -82,8 +83,9 @@ class LosingProxy:
 
         with netns.enter(netns_path):  # the listening socket, and the threads started from here, live there
             self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-            self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                           name="losing-proxy", daemon=True)
+            self.thread = threading.Thread(
+                target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name="losing-proxy", daemon=True
+            )
             self.thread.start()
 
     @property

@@ -10,6 +10,7 @@ keep-alive). refresh() is one keep-alive request.
 etcd runs in namespaces these tests create (tests/cluster_helpers.py); every
 member is stopped by PID and every partition undone on exit.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -108,7 +109,7 @@ def test_puts_and_deletes_arrive_in_order_with_values(pair):
         r3 = writer.put("subnets/a", b"")
         assert writer.delete("subnets/b") is True
         events = _collect(watch, 4)
-        b = writer.list("")[1] - 1   # the create of subnets/b came right before the put of a
+        b = writer.list("")[1] - 1  # the create of subnets/b came right before the put of a
         assert events == [
             Event("put", "subnets/a", b"one", r1, 1),
             Event("put", "subnets/b", bytes(range(256)), r1 + 2, 1),
@@ -126,7 +127,7 @@ def test_puts_and_deletes_arrive_in_order_with_values(pair):
 def test_one_connection_carries_many_events_and_idle_seconds(pair, etcd):
     watcher, writer = pair
     _, rev = watcher.list("k/")
-    writer.get("k/0")   # both stores have their kept-alive unary connection now
+    writer.get("k/0")  # both stores have their kept-alive unary connection now
     before = tcp_connections(etcd.netns, etcd.client_port, pid=os.getpid())
     watch = watcher.watch("k/", rev)
     try:
@@ -135,19 +136,19 @@ def test_one_connection_carries_many_events_and_idle_seconds(pair, etcd):
             for i in range(20):
                 writer.put(f"k/{i}", b"%d" % round_)
             seen += _collect(watch, 20)
-            assert watch.next(timeout=1.2) == []   # idle between the bursts
+            assert watch.next(timeout=1.2) == []  # idle between the bursts
         assert len(seen) == 60 and len({e.mod_revision for e in seen}) == 60
         assert [e.mod_revision for e in seen] == sorted(e.mod_revision for e in seen)
         stats = watcher.stats()
         assert stats["requests"]["watch_open"] == 1 and stats["watch_reconnects"] == 0
-        assert stats["connections"] == 2      # one for list(), one for the stream
+        assert stats["connections"] == 2  # one for list(), one for the stream
         after = tcp_connections(etcd.netns, etcd.client_port, pid=os.getpid())
         # ours: writer's and watcher's kept-alive unary connections were there before; one stream more.
         # A connection is its addresses: the rest of an `ss` line (timers) changes from one look to the next.
         known = {tuple(line.split()[2:4]) for line in before}
         assert len(after) == len(before) + 1, (before, after)
         stream = [line for line in after if tuple(line.split()[2:4]) not in known]
-        assert len(stream) == 1 and "timer:(keepalive," in stream[0], stream   # the stream has TCP keep-alive
+        assert len(stream) == 1 and "timer:(keepalive," in stream[0], stream  # the stream has TCP keep-alive
     finally:
         watch.close()
 
@@ -159,7 +160,7 @@ def test_an_idle_watch_sends_and_receives_nothing(pair):
     try:
         writer.put("idle/x", b"1")
         assert len(_collect(watch, 1)) == 1
-        writer.put("elsewhere", b"not under the prefix")   # etcd filters it server-side: no bytes
+        writer.put("elsewhere", b"not under the prefix")  # etcd filters it server-side: no bytes
         quiet = watcher.stats()
         start = time.monotonic()
         assert watch.next(timeout=3.5) == []
@@ -183,7 +184,7 @@ def test_a_member_restart_loses_and_repeats_nothing(tmp_path):
             member.stop()
             with pytest.raises(StoreUnavailable, match="lost the watch connection"):
                 watch.next(timeout=3)
-            with pytest.raises(StoreUnavailable):   # still down: reconnecting fails (after the back-off)
+            with pytest.raises(StoreUnavailable):  # still down: reconnecting fails (after the back-off)
                 watch.next(timeout=1)
             restart_etcd(member)
             # Written through the restarted member while the watch is not connected.
@@ -192,9 +193,11 @@ def test_a_member_restart_loses_and_repeats_nothing(tmp_path):
             changes.append(writer.list("")[1])
             events = _collect(watch, 3, errors=[])
             assert [(e.kind, e.key, e.mod_revision) for e in events] == [
-                ("put", "subnets/c", changes[0]), ("put", "subnets/b", changes[1]),
-                ("delete", "subnets/a", changes[2])]
-            assert watch.next(timeout=0.3) == []   # nothing twice
+                ("put", "subnets/c", changes[0]),
+                ("put", "subnets/b", changes[1]),
+                ("delete", "subnets/a", changes[2]),
+            ]
+            assert watch.next(timeout=0.3) == []  # nothing twice
             assert watcher.stats()["watch_reconnects"] >= 1
         finally:
             if watch is not None:
@@ -348,10 +351,10 @@ def test_a_tls_watch_keeps_one_handshake(tmp_path):
                     assert watcher.refresh("t/lease") is True
                     assert watch.next(timeout=1) == []
                 stats = watcher.stats()
-                assert stats["connections"] == 2   # two TLS handshakes in all: unary requests, the stream
+                assert stats["connections"] == 2  # two TLS handshakes in all: unary requests, the stream
                 assert stats["requests"]["watch_open"] == 1
                 ours = tcp_connections(member.netns, member.client_port, pid=os.getpid())
-                assert len(ours) == 3, ours   # the watcher's two and the writer's one
+                assert len(ours) == 3, ours  # the watcher's two and the writer's one
         finally:
             watcher.close()
             writer.close()

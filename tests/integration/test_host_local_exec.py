@@ -12,6 +12,7 @@ test says so: the reference reports every error as 999 (internal), pycni uses
 7 (invalid config) and 4 (invalid environment) for bad input; the reference
 accepts a gateway outside the subnet, which upstream host-local now rejects.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -26,10 +27,12 @@ import netns
 from tests.helpers.plugins import Outcome, has_reference, reference, run_plugin
 
 REFERENCE = reference("host-local")
-POD_NETNS = ""   # the module's namespace (pod_netns), set before any test runs
+POD_NETNS = ""  # the module's namespace (pod_netns), set before any test runs
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(not has_reference("host-local"), reason="reference host-local not installed")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not has_reference("host-local"), reason="reference host-local not installed"),
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -60,13 +63,19 @@ def snapshot(data_dir: str, network: str = "net1") -> dict[str, tuple[str, bytes
     path = os.path.join(data_dir, network)
     if not os.path.isdir(path):
         return None
-    return {name: (oct(os.stat(os.path.join(path, name)).st_mode), open(os.path.join(path, name), "rb").read())
-            for name in sorted(os.listdir(path))}
+    return {
+        name: (oct(os.stat(os.path.join(path, name)).st_mode), open(os.path.join(path, name), "rb").read())
+        for name in sorted(os.listdir(path))
+    }
 
 
 def make_conf(data_dir: str, ipam: dict, version: str = "1.0.0", **top: Any) -> dict:
-    conf = {"cniVersion": version, "name": "net1", "type": "bridge",
-            "ipam": {"type": "host-local", "dataDir": data_dir, **ipam}}
+    conf = {
+        "cniVersion": version,
+        "name": "net1",
+        "type": "bridge",
+        "ipam": {"type": "host-local", "dataDir": data_dir, **ipam},
+    }
     conf.update(top)
     return conf
 
@@ -93,9 +102,12 @@ def compare(pycni_bin: str, dirs, ipam: dict, steps: list[Step], version: str = 
     ref_dir, our_dir = dirs
     outcomes = []
     for n, step in enumerate(steps):
-        ref = run(REFERENCE, step.command, make_conf(ref_dir, ipam, version, **step.top), step.cid, step.ifname, step.args)
-        ours = run(pycni_bin, step.command, make_conf(our_dir, ipam, version, **step.top), step.cid, step.ifname,
-                   step.args)
+        ref = run(
+            REFERENCE, step.command, make_conf(ref_dir, ipam, version, **step.top), step.cid, step.ifname, step.args
+        )
+        ours = run(
+            pycni_bin, step.command, make_conf(our_dir, ipam, version, **step.top), step.cid, step.ifname, step.args
+        )
         where = f"step {n} {step}"
         assert ours.code == ref.code, f"{where}: reference {ref.out}, pycni {ours.out}"
         if ref.code == 0:
@@ -113,31 +125,56 @@ def addresses(outcomes: list[Outcome]) -> list[str]:
 
 # ---- same answers as the reference ---------------------------------------------
 
+
 def test_sequence_with_exhaustion_release_and_reuse(pycni_bin, dirs):
     ipam = {"subnet": "10.1.2.0/29", "routes": [{"dst": "0.0.0.0/0"}, {"dst": "192.168.0.0/16", "gw": "10.1.2.1"}]}
     steps = [Step("ADD", f"c{n}") for n in range(1, 7)]
-    steps += [Step("DEL", "c3"), Step("ADD", "c7"), Step("ADD", "c1"), Step("DEL", "nobody"),
-              Step("CHECK", "c1"), Step("CHECK", "c9"), Step("ADD", "c8"), Step("DEL", "c1"), Step("DEL", "c1"),
-              Step("ADD", "c9"), Step("ADD", "c1", "eth1")]
+    steps += [
+        Step("DEL", "c3"),
+        Step("ADD", "c7"),
+        Step("ADD", "c1"),
+        Step("DEL", "nobody"),
+        Step("CHECK", "c1"),
+        Step("CHECK", "c9"),
+        Step("ADD", "c8"),
+        Step("DEL", "c1"),
+        Step("DEL", "c1"),
+        Step("ADD", "c9"),
+        Step("ADD", "c1", "eth1"),
+    ]
     outcomes = compare(pycni_bin, dirs, ipam, steps)
-    assert outcomes[5].error == (999, "failed to allocate for range 0: no IP addresses available in range set: "
-                                      "10.1.2.1-10.1.2.6")
+    assert outcomes[5].error == (
+        999,
+        "failed to allocate for range 0: no IP addresses available in range set: 10.1.2.1-10.1.2.6",
+    )
     assert addresses(outcomes)[:5] == [f"10.1.2.{n}/29" for n in range(2, 7)]
 
 
 def test_multi_range_set_with_bounds_and_gateway(pycni_bin, dirs):
-    ipam = {"ranges": [[{"subnet": "10.2.0.0/28", "rangeStart": "10.2.0.10", "rangeEnd": "10.2.0.12",
-                         "gateway": "10.2.0.11"},
-                        {"subnet": "10.3.0.0/29", "rangeEnd": "10.3.0.3"}]]}
-    steps = [Step("ADD", f"c{n}") for n in range(6)] + [Step("DEL", "c2"), Step("DEL", "c0"),
-                                                          Step("ADD", "c6"), Step("ADD", "c7"), Step("ADD", "c8")]
+    ipam = {
+        "ranges": [
+            [
+                {"subnet": "10.2.0.0/28", "rangeStart": "10.2.0.10", "rangeEnd": "10.2.0.12", "gateway": "10.2.0.11"},
+                {"subnet": "10.3.0.0/29", "rangeEnd": "10.3.0.3"},
+            ]
+        ]
+    }
+    steps = [Step("ADD", f"c{n}") for n in range(6)] + [
+        Step("DEL", "c2"),
+        Step("DEL", "c0"),
+        Step("ADD", "c6"),
+        Step("ADD", "c7"),
+        Step("ADD", "c8"),
+    ]
     compare(pycni_bin, dirs, ipam, steps)
 
 
 @pytest.mark.parametrize("version", ["0.2.0", "0.3.1", "0.4.0", "1.0.0"])
 def test_dual_stack_every_result_version(pycni_bin, dirs, version):
-    ipam = {"ranges": [[{"subnet": "10.4.0.0/24"}], [{"subnet": "fd00:4::/64", "rangeStart": "fd00:4::10"}]],
-            "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0", "gw": "fd00:4::1"}]}
+    ipam = {
+        "ranges": [[{"subnet": "10.4.0.0/24"}], [{"subnet": "fd00:4::/64", "rangeStart": "fd00:4::10"}]],
+        "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0", "gw": "fd00:4::1"}],
+    }
     steps = [Step("ADD", "c1"), Step("ADD", "c2"), Step("DEL", "c1"), Step("ADD", "c3")]
     if version >= "0.4.0":
         steps += [Step("CHECK", "c2"), Step("CHECK", "c1")]
@@ -155,8 +192,15 @@ def test_several_range_sets_per_family(pycni_bin, dirs):
 def _requested_steps(request) -> list[Step]:
     """c1 asks for .5 (granted), c2 for .5 (taken), c3 for an address outside every range, c4 for the
     gateway, c5 for nothing."""
-    return [request("c1", "10.7.0.5"), request("c2", "10.7.0.5"), request("c3", "10.99.0.5"),
-            request("c4", "10.7.0.1"), Step("ADD", "c5"), Step("DEL", "c1"), request("c6", "10.7.0.5/24")]
+    return [
+        request("c1", "10.7.0.5"),
+        request("c2", "10.7.0.5"),
+        request("c3", "10.99.0.5"),
+        request("c4", "10.7.0.1"),
+        Step("ADD", "c5"),
+        Step("DEL", "c1"),
+        request("c6", "10.7.0.5/24"),
+    ]
 
 
 @pytest.mark.parametrize("route", ["cni_args", "args.cni.ips", "runtimeConfig.ips"])
@@ -170,8 +214,11 @@ def test_requested_ips_through_every_route(pycni_bin, dirs, route):
 
     outcomes = compare(pycni_bin, dirs, {"subnet": "10.7.0.0/24"}, _requested_steps(request))
     assert outcomes[0].out["ips"][0]["address"] == "10.7.0.5/24"
-    assert outcomes[1].error == (999, "failed to allocate for range 0: requested IP address 10.7.0.5 is not "
-                                      "available in range set 10.7.0.1-10.7.0.254")
+    assert outcomes[1].error == (
+        999,
+        "failed to allocate for range 0: requested IP address 10.7.0.5 is not "
+        "available in range set 10.7.0.1-10.7.0.254",
+    )
     assert outcomes[2].error == (999, "failed to allocate all requested IPs: 10.99.0.5")
     # c3's failed ADD reserved .6 before failing and released it, but the round-robin moved on
     assert outcomes[4].out["ips"][0]["address"] == "10.7.0.7/24"
@@ -193,16 +240,22 @@ def test_comma_separated_ip_arg_goes_beyond_the_reference(pycni_bin, tmp_path):
 
 def test_resolv_conf(pycni_bin, dirs, tmp_path):
     resolv = tmp_path / "resolv.conf"
-    resolv.write_text("# generated\nnameserver 10.0.0.53\nnameserver fd00::53\ndomain example.org\n"
-                      "search a.example.org b.example.org\noptions ndots:2 edns0\n")
+    resolv.write_text(
+        "# generated\nnameserver 10.0.0.53\nnameserver fd00::53\ndomain example.org\n"
+        "search a.example.org b.example.org\noptions ndots:2 edns0\n"
+    )
     outcomes = compare(pycni_bin, dirs, {"subnet": "10.10.0.0/24", "resolvConf": str(resolv)}, [Step("ADD", "c1")])
     assert outcomes[0].out["dns"]["nameservers"] == ["10.0.0.53", "fd00::53"]
 
 
 def test_ip_ranges_capability(pycni_bin, dirs):
     runtime = {"runtimeConfig": {"ipRanges": [[{"subnet": "10.11.0.0/24", "rangeStart": "10.11.0.100"}]]}}
-    compare(pycni_bin, dirs, {"ranges": [[{"subnet": "fd00:11::/64"}]]},
-            [Step("ADD", "c1", top=runtime), Step("ADD", "c2", top=runtime), Step("DEL", "c1", top=runtime)])
+    compare(
+        pycni_bin,
+        dirs,
+        {"ranges": [[{"subnet": "fd00:11::/64"}]]},
+        [Step("ADD", "c1", top=runtime), Step("ADD", "c2", top=runtime), Step("DEL", "c1", top=runtime)],
+    )
 
 
 def test_release_of_legacy_id_only_files(pycni_bin, dirs):
@@ -211,9 +264,13 @@ def test_release_of_legacy_id_only_files(pycni_bin, dirs):
         os.makedirs(os.path.join(d, "net1"))
         with open(os.path.join(d, "net1", "10.12.0.7"), "w") as handle:
             handle.write("old-container")
-    compare(pycni_bin, dirs, {"subnet": "10.12.0.0/24"},
-            [Step("CHECK", "old-container"), Step("DEL", "old-container"), Step("CHECK", "old-container")],
-            "0.4.0")
+    compare(
+        pycni_bin,
+        dirs,
+        {"subnet": "10.12.0.0/24"},
+        [Step("CHECK", "old-container"), Step("DEL", "old-container"), Step("CHECK", "old-container")],
+        "0.4.0",
+    )
     assert "10.12.0.7" not in snapshot(our_dir)
 
 
@@ -275,6 +332,7 @@ def test_gateway_outside_subnet_rejected_like_upstream(pycni_bin, tmp_path):
 
 # ---- sharing one directory with the reference ---------------------------------------
 
+
 def test_interleaved_with_reference_on_one_directory(pycni_bin, tmp_path):
     conf = make_conf(str(tmp_path), {"ranges": [[{"subnet": "10.40.0.0/28"}], [{"subnet": "fd00:40::/124"}]]})
     binaries = [REFERENCE, pycni_bin]
@@ -288,8 +346,10 @@ def test_interleaved_with_reference_on_one_directory(pycni_bin, tmp_path):
     last = run(REFERENCE, "ADD", conf, "c98")
     assert [ip["address"] for ip in last.out["ips"]] == ["10.40.0.14/28", "fd00:40::e/124"]
     full = run(pycni_bin, "ADD", conf, "c99")
-    assert full.error == (999, "failed to allocate for range 0: no IP addresses available in range set: "
-                               "10.40.0.1-10.40.0.14")
+    assert full.error == (
+        999,
+        "failed to allocate for range 0: no IP addresses available in range set: 10.40.0.1-10.40.0.14",
+    )
     for n in range(12):  # each releases what the other one reserved
         assert run(binaries[(n + 1) % 2], "DEL", conf, f"c{n}").code == 0
     assert run(pycni_bin, "DEL", conf, "c98").code == 0
@@ -319,13 +379,17 @@ def test_200_concurrent_adds_then_dels(pycni_bin, tmp_path):
 
 # ---- what the reference cannot do: GC and STATUS (spec 1.1.0) -------------------------------
 
+
 def test_gc_releases_exactly_the_invalid_attachments(pycni_bin, tmp_path):
     old = make_conf(str(tmp_path), {"subnet": "10.60.0.0/24"})
     for n in range(6):
         binary = REFERENCE if n % 2 else pycni_bin
         assert run(binary, "ADD", old, f"c{n}").code == 0
-    valid = [{"containerID": "c1", "ifname": "eth0"}, {"containerID": "c4", "ifname": "eth0"},
-             {"containerID": "c5", "ifname": "eth1"}]
+    valid = [
+        {"containerID": "c1", "ifname": "eth0"},
+        {"containerID": "c4", "ifname": "eth0"},
+        {"containerID": "c5", "ifname": "eth1"},
+    ]
     new = make_conf(str(tmp_path), {"subnet": "10.60.0.0/24"}, "1.1.0", **{"cni.dev/valid-attachments": valid})
     assert run(pycni_bin, "GC", new, "").code == 0
     left = {name: data for name, (_, data) in snapshot(str(tmp_path)).items() if name.startswith("10.")}
@@ -356,8 +420,12 @@ def test_status(pycni_bin, tmp_path):
 def test_result_1_1_0_and_version(pycni_bin, tmp_path):
     conf = make_conf(str(tmp_path), {"subnet": "10.62.0.0/24", "routes": [{"dst": "0.0.0.0/0", "mtu": 1400}]}, "1.1.0")
     outcome = run(pycni_bin, "ADD", conf)
-    assert outcome.out == {"cniVersion": "1.1.0", "ips": [{"address": "10.62.0.2/24", "gateway": "10.62.0.1"}],
-                           "routes": [{"dst": "0.0.0.0/0", "mtu": 1400}], "dns": {}}
+    assert outcome.out == {
+        "cniVersion": "1.1.0",
+        "ips": [{"address": "10.62.0.2/24", "gateway": "10.62.0.1"}],
+        "routes": [{"dst": "0.0.0.0/0", "mtu": 1400}],
+        "dns": {},
+    }
     version = run(pycni_bin, "VERSION", {})
     assert "1.1.0" in version.out["supportedVersions"]
 
@@ -367,8 +435,10 @@ def test_in_process_api_matches_the_executable(pycni_bin, tmp_path, version):
     from cni_plugins.spec.errors import CNIError
     from ipam import host_local
 
-    ipam = {"ranges": [[{"subnet": "10.70.0.0/30"}], [{"subnet": "fd00:70::/64"}]],
-            "routes": [{"dst": "0.0.0.0/0", "gw": "10.70.0.1"}]}
+    ipam = {
+        "ranges": [[{"subnet": "10.70.0.0/30"}], [{"subnet": "fd00:70::/64"}]],
+        "routes": [{"dst": "0.0.0.0/0", "gw": "10.70.0.1"}],
+    }
     api_dir, exe_dir = str(tmp_path / "api"), str(tmp_path / "exe")
     api_conf, exe_conf = make_conf(api_dir, ipam, version), make_conf(exe_dir, ipam, version)
     assert host_local.allocate(api_conf, "c1", "eth0").to_dict(version) == run(pycni_bin, "ADD", exe_conf).out

@@ -19,6 +19,7 @@ PYCNI_DOCS_PICTURES=1 also writes docs/inspect-example.png (node n0 of the
 2-node cluster) and docs/inspect-cluster.png (the 20-node cluster): that is
 how the pictures in the README were made.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,8 +45,9 @@ from pod_cluster import NET_NAME, PYCNI, PodCluster, agent_paused, pod_cluster  
 
 pytestmark = [pytest.mark.integration, pytest.mark.multinode]
 
-needs_graphviz = pytest.mark.skipif(shutil.which("dot") is None,
-                                    reason="Graphviz's dot is missing (apt-get install graphviz)")
+needs_graphviz = pytest.mark.skipif(
+    shutil.which("dot") is None, reason="Graphviz's dot is missing (apt-get install graphviz)"
+)
 HOST_PORT = 18000
 BANDWIDTH = {"ingressRate": 10_000_000, "ingressBurst": 100_000, "egressRate": 20_000_000, "egressBurst": 100_000}
 
@@ -53,12 +55,12 @@ BANDWIDTH = {"ingressRate": 10_000_000, "ingressBurst": 100_000, "egressRate": 2
 @dataclass
 class LivePod:
     node: int
-    name: str            # namespace name
+    name: str  # namespace name
     container_id: str
     address: str
     mac: str
     host_veth: str
-    title: str           # K8S_POD_NAMESPACE/K8S_POD_NAME, as passed in CNI_ARGS
+    title: str  # K8S_POD_NAMESPACE/K8S_POD_NAME, as passed in CNI_ARGS
 
 
 @dataclass
@@ -71,8 +73,9 @@ class Live:
 
 
 def _ip_json(*args: str) -> list[dict]:
-    return json.loads(subprocess.run(["ip", "-j", *args], capture_output=True, text=True, check=True,
-                                     timeout=10).stdout or "[]")
+    return json.loads(
+        subprocess.run(["ip", "-j", *args], capture_output=True, text=True, check=True, timeout=10).stdout or "[]"
+    )
 
 
 def _host_veth(node_ns: str, pod_ns: str) -> str:
@@ -95,24 +98,37 @@ def live() -> Iterator[Live]:
                 title = f"shop/{('web', 'cache')[j]}-n{node.index}"
                 env["CNI_ARGS"] = kubelet_args(*title.split("/"), container_id)
                 if node.index == 0 and j == 0:
-                    env["CAP_ARGS"] = json.dumps({"portMappings": [{"hostPort": HOST_PORT, "containerPort": 80,
-                                                                    "protocol": "tcp"}], "bandwidth": BANDWIDTH})
+                    env["CAP_ARGS"] = json.dumps(
+                        {
+                            "portMappings": [{"hostPort": HOST_PORT, "containerPort": 80, "protocol": "tcp"}],
+                            "bandwidth": BANDWIDTH,
+                        }
+                    )
                 cmd = ["ip", "netns", "exec", node.name, PYCNI, "add", NET_NAME, name, "--container-id", container_id]
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
                 assert done.returncode == 0, done.stderr
-                stack.callback(subprocess.run, ["ip", "netns", "exec", node.name, PYCNI, "del", NET_NAME, name,
-                                                "--container-id", container_id], env=env, capture_output=True)
+                stack.callback(
+                    subprocess.run,
+                    ["ip", "netns", "exec", node.name, PYCNI, "del", NET_NAME, name, "--container-id", container_id],
+                    env=env,
+                    capture_output=True,
+                )
                 link = _ip_json("-n", name, "addr", "show", "eth0")[0]
                 address = next(a["local"] for a in link["addr_info"] if a["family"] == "inet")
-                pods.append(LivePod(node.index, name, container_id, address, link["address"],
-                                    _host_veth(node.name, name), title))
+                pods.append(
+                    LivePod(
+                        node.index, name, container_id, address, link["address"], _host_veth(node.name, name), title
+                    )
+                )
         yield Live(c, pods)
 
 
 def kubelet_args(namespace: str, name: str, container_id: str) -> str:
     """CNI_ARGS as the kubelet (through containerd or CRI-O) passes them."""
-    return (f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};"
-            f"K8S_POD_INFRA_CONTAINER_ID={container_id};K8S_POD_UID=4c1f3a52-8d67-4b8e-9a31-{container_id[-12:]:0>12}")
+    return (
+        f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};"
+        f"K8S_POD_INFRA_CONTAINER_ID={container_id};K8S_POD_UID=4c1f3a52-8d67-4b8e-9a31-{container_id[-12:]:0>12}"
+    )
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -128,8 +144,23 @@ def svg_texts(svg: str) -> str:
 def inspect(live: Live, index: int, *args: str) -> subprocess.CompletedProcess:
     c = live.cluster
     node = c.nodes[index]
-    cmd = ["ip", "netns", "exec", node.name, PYCNI, "inspect", "--state-dir", node.state_dir,
-           "--cache-dir", c.dir(node, "cache"), "--ipam-dir", c.dir(node, "ipam"), "--store", c.store_url, *args]
+    cmd = [
+        "ip",
+        "netns",
+        "exec",
+        node.name,
+        PYCNI,
+        "inspect",
+        "--state-dir",
+        node.state_dir,
+        "--cache-dir",
+        c.dir(node, "cache"),
+        "--ipam-dir",
+        c.dir(node, "ipam"),
+        "--store",
+        c.store_url,
+        *args,
+    ]
     done = subprocess.run(cmd, capture_output=True, timeout=60, env=c.env(node))
     assert done.returncode == 0, done.stderr.decode()
     return done
@@ -140,8 +171,7 @@ def expected_strings(live: Live, index: int) -> list[str]:
     c = live.cluster
     node, other = c.nodes[index], c.nodes[1 - index]
     state, remote = node.read_state(), other.read_state()
-    out = [f"n{index}", state["vtepMAC"], remote["vtepMAC"], other.public_ip, remote["subnet"],
-           state["gateway"]]
+    out = [f"n{index}", state["vtepMAC"], remote["vtepMAC"], other.public_ip, remote["subnet"], state["gateway"]]
     for pod in live.on(index):
         out += [pod.container_id, pod.address, pod.mac, pod.host_veth, pod.name, pod.title]
     return out
@@ -166,8 +196,10 @@ def test_json_matches_the_live_state(live):
     node = c.nodes[0]
     state = node.read_state()
     assert (doc["name"], doc["public_ip"], doc["subnet"]) == ("n0", node.public_ip, state["subnet"])
-    got = {(p["container_id"], p["addresses"][0].split("/")[0], p["mac"], p["host_veth"], p["netns_name"])
-           for p in doc["pods"]}
+    got = {
+        (p["container_id"], p["addresses"][0].split("/")[0], p["mac"], p["host_veth"], p["netns_name"])
+        for p in doc["pods"]
+    }
     want = {(p.container_id, p.address, p.mac, p.host_veth, p.name) for p in live.on(0)}
     assert got == want
     for pod in doc["pods"]:
@@ -177,14 +209,22 @@ def test_json_matches_the_live_state(live):
     shaped = next(p for p in doc["pods"] if p["container_id"] == live.on(0)[0].container_id)
     assert shaped["shaping"]["ingress_bits"] == BANDWIDTH["ingressRate"]
     assert shaped["shaping"]["egress_bits"] == BANDWIDTH["egressRate"]
-    assert shaped["port_mappings"] == [{"protocol": "tcp", "host_port": HOST_PORT, "pod_ip": live.on(0)[0].address,
-                                        "container_port": 80, "host_ip": ""}]
+    assert shaped["port_mappings"] == [
+        {
+            "protocol": "tcp",
+            "host_port": HOST_PORT,
+            "pod_ip": live.on(0)[0].address,
+            "container_port": 80,
+            "host_ip": "",
+        }
+    ]
     (vx,) = doc["vxlans"]
     assert vx["name"] == state["vxlanDevice"] and vx["mac"] == state["vtepMAC"]
     other = c.nodes[1]
-    assert [(r["public_ip"], r["subnet"], r["vtep_mac"], r["node_name"], r["fdb"], r["neigh"], r["route"])
-            for r in vx["remotes"]] == [(other.public_ip, other.read_state()["subnet"],
-                                         other.read_state()["vtepMAC"], "n1", True, True, True)]
+    assert [
+        (r["public_ip"], r["subnet"], r["vtep_mac"], r["node_name"], r["fdb"], r["neigh"], r["route"])
+        for r in vx["remotes"]
+    ] == [(other.public_ip, other.read_state()["subnet"], other.read_state()["vtepMAC"], "n1", True, True, True)]
     bridges = {b["name"]: b for b in doc["bridges"]}
     assert set(bridges[state["bridge"]]["ports"]) >= {p.host_veth for p in live.on(0)}
 
@@ -224,8 +264,10 @@ def test_cluster_view_draws_every_node_and_lease(live):
     assert doc["thisNode"] == c.nodes[1].public_ip and len(doc["leases"]) == 2
     # Judged from n1's kernel: itself, and n0 through VXLAN; both marked healthy.
     assert doc["seenFrom"] == "n1" and doc["healthy"] is True
-    assert {(l["nodeName"], l["mode"], l["healthy"]) for l in doc["leases"]} == {("n0", "vxlan", True),
-                                                                                 ("n1", "this node", True)}
+    assert {(l["nodeName"], l["mode"], l["healthy"]) for l in doc["leases"]} == {
+        ("n0", "vxlan", True),
+        ("n1", "this node", True),
+    }
     assert svg_texts(svg).count("✓ ok") == 2
 
 
@@ -234,16 +276,19 @@ def test_a_missing_fdb_entry_is_shown_as_missing(live):
     n0, n1 = c.nodes
     mac = n1.read_state()["vtepMAC"]
     with agent_paused(c.agents[n0.name], c.store_dir):
-        subprocess.run(["ip", "netns", "exec", n0.name, "bridge", "fdb", "del", mac, "dev", "pycni.1",
-                        "dst", n1.public_ip], check=True, capture_output=True, timeout=10)
+        subprocess.run(
+            ["ip", "netns", "exec", n0.name, "bridge", "fdb", "del", mac, "dev", "pycni.1", "dst", n1.public_ip],
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
         text = inspect(live, 0).stdout.decode()
         dot = inspect(live, 0, "--format", "dot").stdout.decode()
         cluster = json.loads(inspect(live, 0, "--cluster", "--format", "json").stdout)
     assert "fdb MISSING, neighbour ok, route ok, in store" in text
     assert "  health: PROBLEM: 1 remote node unhealthy: n1" in text
     assert "missing: FDB" in dot and dot.startswith("digraph")
-    assert {(l["nodeName"], tuple(l["problems"])) for l in cluster["leases"]} == {("n0", ()),
-                                                                                  ("n1", ("missing: FDB",))}
+    assert {(l["nodeName"], tuple(l["problems"])) for l in cluster["leases"]} == {("n0", ()), ("n1", ("missing: FDB",))}
 
 
 def test_text_needs_no_graphviz(live, tmp_path):
@@ -254,8 +299,18 @@ def test_text_needs_no_graphviz(live, tmp_path):
     tools = ("ip", "bridge", "nft", "tc")
     for tool in tools:
         os.symlink(shutil.which(tool), tmp_path / tool)
-    cmd = ["ip", "netns", "exec", node.name, PYCNI, "inspect", "--state-dir", node.state_dir, "--cache-dir",
-           c.dir(node, "cache")]
+    cmd = [
+        "ip",
+        "netns",
+        "exec",
+        node.name,
+        PYCNI,
+        "inspect",
+        "--state-dir",
+        node.state_dir,
+        "--cache-dir",
+        c.dir(node, "cache"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0 and live.on(0)[0].address in done.stdout
     done = subprocess.run(cmd + ["--format", "svg"], capture_output=True, text=True, timeout=60, env=env)
@@ -273,7 +328,7 @@ class DualPod:
     node: int
     name: str
     container_id: str
-    addresses: dict[int, str]    # family -> address
+    addresses: dict[int, str]  # family -> address
 
 
 @dataclass
@@ -287,8 +342,10 @@ class Dual:
 def dual(request) -> Iterator[Dual]:
     """Two dual-stack nodes with a pod each (the first with a hostPort): both pod families over the IPv4
     underlay's pycni.1, or (both underlays) the IPv6 pods over a second device, pycni6.1, on an IPv6 one."""
-    with pod_cluster(2, "file", f"id{request.param[0]}", ipv6_network=NETWORK6, underlay=request.param) as c, \
-            contextlib.ExitStack() as stack:
+    with (
+        pod_cluster(2, "file", f"id{request.param[0]}", ipv6_network=NETWORK6, underlay=request.param) as c,
+        contextlib.ExitStack() as stack,
+    ):
         pods = []
         for node in c.nodes:
             name = f"{c.topo.tag}-d{node.index}"
@@ -297,16 +354,22 @@ def dual(request) -> Iterator[Dual]:
             container_id = f"inspect-dual-n{node.index}"
             env = c.env(node)
             if node.index == 0:
-                env["CAP_ARGS"] = json.dumps({"portMappings": [{"hostPort": HOST_PORT, "containerPort": 80,
-                                                                "protocol": "tcp"}]})
+                env["CAP_ARGS"] = json.dumps(
+                    {"portMappings": [{"hostPort": HOST_PORT, "containerPort": 80, "protocol": "tcp"}]}
+                )
             cmd = ["ip", "netns", "exec", node.name, PYCNI, "add", NET_NAME, name, "--container-id", container_id]
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
             assert done.returncode == 0, done.stderr
-            stack.callback(subprocess.run, ["ip", "netns", "exec", node.name, PYCNI, "del", NET_NAME, name,
-                                            "--container-id", container_id], env=env, capture_output=True)
+            stack.callback(
+                subprocess.run,
+                ["ip", "netns", "exec", node.name, PYCNI, "del", NET_NAME, name, "--container-id", container_id],
+                env=env,
+                capture_output=True,
+            )
             link = _ip_json("-n", name, "addr", "show", "eth0")[0]
-            addresses = {4 if a["family"] == "inet" else 6: a["local"] for a in link["addr_info"]
-                         if a.get("scope") != "link"}
+            addresses = {
+                4 if a["family"] == "inet" else 6: a["local"] for a in link["addr_info"] if a.get("scope") != "link"
+            }
             assert sorted(addresses) == [4, 6], link
             pods.append(DualPod(node.index, name, container_id, addresses))
         yield Dual(c, request.param, pods)
@@ -338,10 +401,14 @@ def test_dual_stack_text_shows_both_families_of_pods_nodes_and_remotes(dual):
     else:
         assert f"node n0  {n0.public_ip} on eth0, {state['publicIPv6']} on eth0" in text
         assert f"vxlan pycni6.1  VNI 1  UDP 8472  local {state['publicIPv6']}" in text
-        assert (f"node n1  {remote['publicIPv6']}  subnet {remote['ipv6Subnet']}  VTEP {remote['ipv6VtepMAC']} at "
-                f"{vtep6}  (fdb ok, neighbour ok, route ok, in store)") in text
-        assert (f"node n1  {n1.public_ip}  subnet {remote['subnet']}  VTEP {remote['vtepMAC']} at "
-                f"{remote['subnet'].split('/')[0]}  (fdb ok, neighbour ok, route ok, in store)") in text
+        assert (
+            f"node n1  {remote['publicIPv6']}  subnet {remote['ipv6Subnet']}  VTEP {remote['ipv6VtepMAC']} at "
+            f"{vtep6}  (fdb ok, neighbour ok, route ok, in store)"
+        ) in text
+        assert (
+            f"node n1  {n1.public_ip}  subnet {remote['subnet']}  VTEP {remote['vtepMAC']} at "
+            f"{remote['subnet'].split('/')[0]}  (fdb ok, neighbour ok, route ok, in store)"
+        ) in text
     assert "MISSING" not in text
 
 
@@ -353,17 +420,23 @@ def test_dual_stack_json_and_cluster_view_hold_both_families(dual):
     assert (doc["subnet"], doc["subnet6"], doc["network6"]) == (state["subnet"], state["ipv6Subnet"], NETWORK6)
     (pod,) = doc["pods"]
     assert [a.split("/")[0] for a in pod["addresses"]] == [dual.pods[0].addresses[4], dual.pods[0].addresses[6]]
-    remotes = {(vx["name"], r["subnet"], r["subnet6"], r["fdb"], r["neigh"], r["route"], r["neigh6"], r["route6"])
-               for vx in doc["vxlans"] for r in vx["remotes"]}
+    remotes = {
+        (vx["name"], r["subnet"], r["subnet6"], r["fdb"], r["neigh"], r["route"], r["neigh6"], r["route6"])
+        for vx in doc["vxlans"]
+        for r in vx["remotes"]
+    }
     if dual.underlay == "ipv4":
         assert remotes == {("pycni.1", remote["subnet"], remote["ipv6Subnet"], True, True, True, True, True)}
     else:
         assert doc["public_ipv6"] == state["publicIPv6"]
-        assert remotes == {("pycni.1", remote["subnet"], "", True, True, True, False, False),
-                           ("pycni6.1", remote["ipv6Subnet"], "", True, True, True, False, False)}
+        assert remotes == {
+            ("pycni.1", remote["subnet"], "", True, True, True, False, False),
+            ("pycni6.1", remote["ipv6Subnet"], "", True, True, True, False, False),
+        }
     text = inspect_dual(dual, 1, "--cluster")
-    assert text.splitlines()[0].startswith(f"cluster network 10.244.0.0/16: /24 per node, IPv6 network {NETWORK6}: "
-                                           f"/64 per node")
+    assert text.splitlines()[0].startswith(
+        f"cluster network 10.244.0.0/16: /24 per node, IPv6 network {NETWORK6}: /64 per node"
+    )
     for node in c.nodes:
         s = node.read_state()
         line = next(line for line in text.splitlines() if line.startswith(f"n{node.index} "))
@@ -394,8 +467,12 @@ def test_a_missing_ipv6_neighbour_entry_is_shown_as_missing(dual):
     device = "pycni.1" if dual.underlay == "ipv4" else "pycni6.1"
     vtep6 = remote["ipv6Subnet"].split("/")[0]
     with agent_paused(c.agents[n0.name], c.store_dir):
-        subprocess.run(["ip", "netns", "exec", n0.name, "ip", "-6", "neigh", "del", vtep6, "dev", device],
-                       check=True, capture_output=True, timeout=10)
+        subprocess.run(
+            ["ip", "netns", "exec", n0.name, "ip", "-6", "neigh", "del", vtep6, "dev", device],
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
         text = inspect_dual(dual, 0)
         dot = inspect_dual(dual, 0, "--format", "dot")
     if dual.underlay == "ipv4":
@@ -409,15 +486,15 @@ def test_a_missing_ipv6_neighbour_entry_is_shown_as_missing(dual):
 # ---- twenty nodes: readable pictures, a health mark on every node, the pods' own names -----------------
 
 TWENTY = 20
-POD_ID = hashlib.sha256(b"pycni inspect web-0").hexdigest()       # 64 hex digits, as containerd's
+POD_ID = hashlib.sha256(b"pycni inspect web-0").hexdigest()  # 64 hex digits, as containerd's
 UNNAMED_ID = hashlib.sha256(b"pycni inspect unnamed").hexdigest()
 
 
 @dataclass
 class Twenty:
     cluster: PodCluster
-    macs: dict[str, str]         # node name -> VTEP MAC of the leases without an agent
-    subnets: dict[str, str]      # node name -> pod subnet, all twenty
+    macs: dict[str, str]  # node name -> VTEP MAC of the leases without an agent
+    subnets: dict[str, str]  # node name -> pod subnet, all twenty
 
 
 def fake_mac(index: int) -> str:
@@ -451,8 +528,12 @@ def twenty() -> Iterator[Twenty]:
             cmd = ["ip", "netns", "exec", n0.name, PYCNI, "add", NET_NAME, name, "--container-id", container_id]
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
             assert done.returncode == 0, done.stderr
-            stack.callback(subprocess.run, ["ip", "netns", "exec", n0.name, PYCNI, "del", NET_NAME, name,
-                                            "--container-id", container_id], env=env, capture_output=True)
+            stack.callback(
+                subprocess.run,
+                ["ip", "netns", "exec", n0.name, PYCNI, "del", NET_NAME, name, "--container-id", container_id],
+                env=env,
+                capture_output=True,
+            )
         yield Twenty(c, macs, subnets)
 
 
@@ -513,13 +594,17 @@ def test_an_unhealthy_node_among_twenty_keeps_its_red_mark_with_the_reason(twent
     n0 = c.nodes[0]
     with agent_paused(c.agents[n0.name], c.store_dir):
         vtep = twenty.subnets["n7"].split("/")[0]
-        subprocess.run(["ip", "netns", "exec", n0.name, "ip", "neigh", "del", vtep, "dev", "pycni.1"],
-                       check=True, capture_output=True, timeout=10)
+        subprocess.run(
+            ["ip", "netns", "exec", n0.name, "ip", "neigh", "del", vtep, "dev", "pycni.1"],
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
         doc = json.loads(inspect20(twenty, "--cluster", "--format", "json"))
         texts = svg_texts(inspect20(twenty, "--cluster", "--format", "svg").decode())
     problems = {l["nodeName"]: l["problems"] for l in doc["leases"] if l["problems"]}
     assert problems == {"n7": ["missing: neighbour"]}
-    assert texts.count("✗") == 2 and "missing: neighbour" in texts     # the title's and n7's
+    assert texts.count("✗") == 2 and "missing: neighbour" in texts  # the title's and n7's
     assert texts.count("✓ ok") == TWENTY - 1
     assert "1 of 20 nodes unhealthy (seen from node n0)" in texts
 
@@ -528,8 +613,18 @@ def test_the_store_can_come_from_pycni_store(twenty):
     c = twenty.cluster
     node = c.nodes[1]
     env = {**c.env(node), "PYCNI_STORE": c.store_url}
-    base = ["ip", "netns", "exec", node.name, PYCNI, "inspect", "--state-dir", node.state_dir, "--cache-dir",
-            c.dir(node, "cache")]
+    base = [
+        "ip",
+        "netns",
+        "exec",
+        node.name,
+        PYCNI,
+        "inspect",
+        "--state-dir",
+        node.state_dir,
+        "--cache-dir",
+        c.dir(node, "cache"),
+    ]
     done = subprocess.run(base + ["--cluster"], capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stderr
     assert "(health as seen from node n1)" in done.stdout and len(done.stdout.splitlines()) >= TWENTY + 2
@@ -538,15 +633,23 @@ def test_the_store_can_come_from_pycni_store(twenty):
     assert done.returncode == 2 and "--cluster needs --store URL (or PYCNI_STORE)" in done.stderr
 
 
-@pytest.mark.skipif(os.environ.get("PYCNI_DOCS_PICTURES") != "1",
-                    reason="writes docs/inspect-*.png: set PYCNI_DOCS_PICTURES=1 to make the README's pictures")
+@pytest.mark.skipif(
+    os.environ.get("PYCNI_DOCS_PICTURES") != "1",
+    reason="writes docs/inspect-*.png: set PYCNI_DOCS_PICTURES=1 to make the README's pictures",
+)
 @needs_graphviz
 def test_make_the_docs_pictures(live, twenty):
     docs = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs")
-    wait_for(lambda: json.loads(inspect20(twenty, "--cluster", "--format", "json"))["healthy"], 10, interval=0.5,
-             what="every node healthy again (the agents repair what earlier tests removed)")
-    for name, data in (("inspect-example.png", inspect(live, 0, "--format", "png").stdout),
-                       ("inspect-cluster.png", inspect20(twenty, "--cluster", "--format", "png"))):
+    wait_for(
+        lambda: json.loads(inspect20(twenty, "--cluster", "--format", "json"))["healthy"],
+        10,
+        interval=0.5,
+        what="every node healthy again (the agents repair what earlier tests removed)",
+    )
+    for name, data in (
+        ("inspect-example.png", inspect(live, 0, "--format", "png").stdout),
+        ("inspect-cluster.png", inspect20(twenty, "--cluster", "--format", "png")),
+    ):
         width, height = png_size(data)
         assert width / height <= 2.5
         with open(os.path.join(docs, name), "wb") as fh:

@@ -23,6 +23,7 @@ the trial count); a failure names the seed, trial and delay. Our plugins run
 cold here, each call its own process, since it is the plugin process that
 is killed; the warm path's process is a shim whose agent carries on.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,16 +67,23 @@ class Env:
     state_dir: str = ""  # the vxlan plugin's: the node's overlay state, as the agent writes it
 
     def ipam(self) -> dict[str, Any]:
-        return {"type": "host-local", "dataDir": str(self.node.ipam_dir),
-                "ranges": [[{"subnet": "10.97.0.0/24"}], [{"subnet": "fd97::/64"}]]}
+        return {
+            "type": "host-local",
+            "dataDir": str(self.node.ipam_dir),
+            "ranges": [[{"subnet": "10.97.0.0/24"}], [{"subnet": "fd97::/64"}]],
+        }
 
     def conf(self, plugin: str, **extra: Any) -> dict[str, Any]:
         base: dict[str, Any] = {"cniVersion": VERSION, "name": NETWORK, "type": plugin}
         if plugin in ("bridge", "host-local"):
             base.update(type="bridge", bridge="kb0", isGateway=True, ipMasq=True, ipam=self.ipam())
         if plugin == "portmap":
-            base["runtimeConfig"] = {"portMappings": [{"hostPort": 19080, "containerPort": 80, "protocol": "tcp"},
-                                                      {"hostPort": 19081, "containerPort": 81, "protocol": "udp"}]}
+            base["runtimeConfig"] = {
+                "portMappings": [
+                    {"hostPort": 19080, "containerPort": 80, "protocol": "tcp"},
+                    {"hostPort": 19081, "containerPort": 81, "protocol": "udp"},
+                ]
+            }
         if plugin == "bandwidth":
             base.update(LIMITS)
         if plugin == "vxlan":
@@ -87,18 +95,36 @@ class Env:
         return ["ip", "netns", "exec", self.node.name, os.path.join(self.bin_dir, plugin)]
 
     def environ(self, command: str, container_id: str, netns_path: str) -> dict[str, str]:
-        return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "CNI_COMMAND": command,
-                "CNI_CONTAINERID": container_id, "CNI_NETNS": netns_path, "CNI_IFNAME": IFNAME,
-                "CNI_PATH": self.bin_dir, "CNI_ARGS": ""}
+        return {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": container_id,
+            "CNI_NETNS": netns_path,
+            "CNI_IFNAME": IFNAME,
+            "CNI_PATH": self.bin_dir,
+            "CNI_ARGS": "",
+        }
 
     def run(self, plugin: str, command: str, conf: dict[str, Any], container_id: str, netns_path: str) -> Any:
-        out = run_plugin(os.path.join(self.bin_dir, plugin), command, conf, node=self.node, netns=netns_path,
-                         container_id=container_id, ifname=IFNAME, path=self.bin_dir)
+        out = run_plugin(
+            os.path.join(self.bin_dir, plugin),
+            command,
+            conf,
+            node=self.node,
+            netns=netns_path,
+            container_id=container_id,
+            ifname=IFNAME,
+            path=self.bin_dir,
+        )
         return out
 
     def snapshot(self) -> dict[str, Any]:
-        return node_snapshot(self.node.name, [self.node.ipam_dir, self.state_dir], ignore_files=["last_reserved_ip.*"],
-                             derived_routes=False)
+        return node_snapshot(
+            self.node.name,
+            [self.node.ipam_dir, self.state_dir],
+            ignore_files=["last_reserved_ip.*"],
+            derived_routes=False,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -108,19 +134,37 @@ def env(cold_bin) -> Iterator[Env]:
         if os.path.exists(os.path.join(cold_bin, "vxlan")):
             from cni_plugins.shared.overlaystate import OverlayState, write_state
 
-            write_state(str(state_dir), OverlayState(
-                network="10.96.0.0/16", subnet="10.96.1.0/24", gateway="10.96.1.1", mtu=1450, bridge="kvx0",
-                vxlan_device="kvx.1", vni=1, public_ip="192.0.2.1", vtep_mac="0a:00:00:00:00:02"))
+            write_state(
+                str(state_dir),
+                OverlayState(
+                    network="10.96.0.0/16",
+                    subnet="10.96.1.0/24",
+                    gateway="10.96.1.1",
+                    mtu=1450,
+                    bridge="kvx0",
+                    vxlan_device="kvx.1",
+                    vni=1,
+                    public_ip="192.0.2.1",
+                    vtep_mac="0a:00:00:00:00:02",
+                ),
+            )
         yield Env(node, cold_bin, str(state_dir))
 
 
 # ---- one trial ---------------------------------------------------------------------------------
 
+
 def steps_for(target: str) -> list[str]:
     """The plugins the trial's ADD runs, in order (chained ones after a clean bridge ADD)."""
-    return {"chain": ["bridge", "portmap", "bandwidth"], "bridge": ["bridge"], "portmap": ["portmap"],
-            "bandwidth": ["bandwidth"], "host-local": ["host-local"], "loopback": ["loopback"],
-            "vxlan": ["vxlan"]}[target]
+    return {
+        "chain": ["bridge", "portmap", "bandwidth"],
+        "bridge": ["bridge"],
+        "portmap": ["portmap"],
+        "bandwidth": ["bandwidth"],
+        "host-local": ["host-local"],
+        "loopback": ["loopback"],
+        "vxlan": ["vxlan"],
+    }[target]
 
 
 def prerequisite(target: str) -> str | None:
@@ -130,9 +174,14 @@ def prerequisite(target: str) -> str | None:
 
 def start(env: Env, plugin: str, conf: dict[str, Any], container_id: str, netns_path: str) -> subprocess.Popen:
     """The plugin as a process of its own process group (so a kill reaches its nft/tc children too)."""
-    proc = subprocess.Popen(env.argv(plugin), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env.environ("ADD", container_id, netns_path),
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        env.argv(plugin),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env.environ("ADD", container_id, netns_path),
+        start_new_session=True,
+    )
     assert proc.stdin is not None
     proc.stdin.write(json.dumps(conf).encode())
     proc.stdin.close()
@@ -170,8 +219,9 @@ def run_add_until(env: Env, target: str, container_id: str, netns_path: str, del
     return "completed", time.monotonic() - began
 
 
-def recover(env: Env, target: str, container_id: str, pod, how: str,
-            baseline: dict[str, Any] | None = None) -> list[str]:
+def recover(
+    env: Env, target: str, container_id: str, pod, how: str, baseline: dict[str, Any] | None = None
+) -> list[str]:
     """The runtime's clean-up; returns the plugins' failures and, with a baseline, every stage
     after which the node was not back to it (each path must clean up on its own: DEL without
     the GC after it, GC without a DEL before it)."""
@@ -184,6 +234,7 @@ def recover(env: Env, target: str, container_id: str, pod, how: str,
         now = env.snapshot()
         if now != baseline:
             failures.append(f"after {stage}, left behind:\n{state_diff(baseline, now)}")
+
     plugins = list(reversed(steps_for(target)))
     if prerequisite(target):
         plugins.append("bridge")  # the chain's first plugin is deleted last

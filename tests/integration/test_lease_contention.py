@@ -9,6 +9,7 @@ lease handling is checked on its own: granted once, revoked when no claim
 wins, and a claim whose answer was lost keeps the key it created (and only
 that one).
 """
+
 from __future__ import annotations
 
 import base64
@@ -85,9 +86,14 @@ def _race(backend: Backend, cfg: ClusterConfig, count: int, timeout: float = 120
     barrier = ctx.Barrier(count)
     results = ctx.Queue()
     ips = [f"192.168.{10 + i // 200}.{1 + i % 200}" for i in range(count)]
-    procs = [ctx.Process(target=_claimer, args=(backend, cfg.to_json(), address, f"0a:58:00:00:{i // 256:02x}:{i % 256:02x}",
-                                                barrier, results), daemon=True)
-             for i, address in enumerate(ips)]
+    procs = [
+        ctx.Process(
+            target=_claimer,
+            args=(backend, cfg.to_json(), address, f"0a:58:00:00:{i // 256:02x}:{i % 256:02x}", barrier, results),
+            daemon=True,
+        )
+        for i, address in enumerate(ips)
+    ]
     found: dict[str, tuple[str, dict]] = {}
     try:
         for proc in procs:
@@ -113,7 +119,7 @@ def _race(backend: Backend, cfg: ClusterConfig, count: int, timeout: float = 120
 
 
 def test_sixty_nodes_at_once_get_distinct_subnets_with_few_writes(backend):
-    cfg = ClusterConfig("10.244.0.0/16")   # 256 subnets of /24
+    cfg = ClusterConfig("10.244.0.0/16")  # 256 subnets of /24
     with backend.open() as store:
         init_cluster(store, cfg)
     results = _race(backend, cfg, NODES)
@@ -123,13 +129,16 @@ def test_sixty_nodes_at_once_get_distinct_subnets_with_few_writes(backend):
     subnets = [subnet for subnet, _ in results.values()]
     assert len(set(subnets)) == NODES, "a subnet was leased twice"
     with backend.open() as store:
-        assert {(l.public_ip, l.subnet) for l in list_leases(store, cfg)[0]} == \
-            {(ip_, subnet) for ip_, (subnet, _) in results.items()}
+        assert {(l.public_ip, l.subnet) for l in list_leases(store, cfg)[0]} == {
+            (ip_, subnet) for ip_, (subnet, _) in results.items()
+        }
     writes = [sum(requests.get(op, 0) for op in WRITES) for _, requests in results.values()]
     average = sum(writes) / len(writes)
     totals = {op: sum(requests.get(op, 0) for _, requests in results.values()) for op in WRITES + ("range",)}
-    print(f"\n{backend.url.split(':')[0]}: {NODES} nodes, writes per node: average {average:.2f}, max {max(writes)}; "
-          f"totals {totals}")
+    print(
+        f"\n{backend.url.split(':')[0]}: {NODES} nodes, writes per node: average {average:.2f}, max {max(writes)}; "
+        f"totals {totals}"
+    )
     assert average <= 3, (average, totals)
     assert max(writes) <= 6, writes
     if backend.url.startswith("etcd"):
@@ -194,7 +203,7 @@ def test_claims_grant_one_lease_and_revoke_it_when_no_claim_wins(etcd):
             assert _lease_ttl(etcd, lease_id) > 0
         requests = store.stats()["requests"]
         assert (requests.get("lease_grant"), requests.get("txn"), requests.get("lease_revoke")) == (1, 2, 1)
-        assert _lease_ttl(etcd, lease_id) == -1   # revoked
+        assert _lease_ttl(etcd, lease_id) == -1  # revoked
         with store.claims(ttl=TTL) as claims:
             entry = claims.create_first(["subnets/s0", "subnets/s9", "subnets/s8"], b"mine")
             lease_id = claims._lease
@@ -225,7 +234,7 @@ def test_a_claim_whose_answer_was_lost_keeps_only_the_key_it_created(etcd, keep_
             assert [(e.key, e.value) for e in entries] == [("subnets/a", b"theirs"), ("subnets/b", b"mine")]
             assert entry.mod_revision == other.get("subnets/b").mod_revision
             if ttl is not None:
-                assert other.ttl("subnets/b") == ttl   # the claims' lease stayed with the key
+                assert other.ttl("subnets/b") == ttl  # the claims' lease stayed with the key
         finally:
             store.close()
             other.close()

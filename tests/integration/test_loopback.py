@@ -1,4 +1,5 @@
 """loopback as a real process, side by side with the reference loopback."""
+
 import sys
 
 import pytest
@@ -63,8 +64,12 @@ def test_legacy_version_result(pods):
 
 
 def test_prev_result_passes_through(pods):
-    prev = {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0", "sandbox": pods[0].path}],
-            "ips": [{"address": "10.0.0.5/24", "interface": 0}], "dns": {}}
+    prev = {
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": "eth0", "sandbox": pods[0].path}],
+        "ips": [{"address": "10.0.0.5/24", "interface": 0}],
+        "dns": {},
+    }
     conf = {"cniVersion": "1.0.0", "name": "lo", "type": "loopback", "prevResult": prev}
     add = run_plugin(ours_cmd(), "ADD", conf, netns=pods[0])
     assert add.code == 0 and add.out == prev and lo_up(pods[0])

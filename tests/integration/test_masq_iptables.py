@@ -3,6 +3,7 @@
 Uses Debian's iptables (nf_tables variant here; either works) inside node
 namespaces that each test creates.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -91,8 +92,12 @@ def test_setup_adds_to_the_containers_chain_like_the_reference(node):
 
 
 def test_gc_removes_the_networks_stale_containers_only(node):
-    for network, cid, addr in [("net1", "a", "10.88.0.2/24"), ("net1", "b", "10.88.0.3/24"),
-                               ("net1", "c", "fd00::4/64"), ("net2", "a", "10.77.0.2/24")]:
+    for network, cid, addr in [
+        ("net1", "a", "10.88.0.2/24"),
+        ("net1", "b", "10.88.0.3/24"),
+        ("net1", "c", "fd00::4/64"),
+        ("net2", "a", "10.77.0.2/24"),
+    ]:
         node.run_in(setup_masq, network, cid, "eth0", [addr], B)
     node.run_in(gc_masq, "net1", [("b", "eth0")], B)
     text = "\n".join(nat_rules(node, 4) + nat_rules(node, 6))
@@ -102,8 +107,15 @@ def test_gc_removes_the_networks_stale_containers_only(node):
 
 
 def _reference_bridge(command: str, node, pod) -> dict | None:
-    conf = {"cniVersion": "0.4.0", "name": "refnet", "type": "bridge", "bridge": "cni-m0", "isGateway": True,
-            "ipMasq": True, "ipam": node.host_local(subnet="10.88.0.0/24")}
+    conf = {
+        "cniVersion": "0.4.0",
+        "name": "refnet",
+        "type": "bridge",
+        "bridge": "cni-m0",
+        "isGateway": True,
+        "ipMasq": True,
+        "ipam": node.host_local(subnet="10.88.0.0/24"),
+    }
     outcome = run_plugin(REFERENCE_BRIDGE, command, conf, node=node, netns=pod, container_id="ref-ctr")
     assert outcome.code == 0, (outcome.out, outcome.err)
     return outcome.out

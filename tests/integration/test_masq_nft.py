@@ -3,6 +3,7 @@
 Each test creates its own node namespace(s) and calls the masq API inside them;
 the root namespace is never touched.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,10 @@ def test_setup_writes_one_element_per_address_with_owner_comment(node):
     assert '"@pods4"' in base and '"@pods6"' in base
     (v4,) = by_chain["net4_0a580000_24"]
     assert {"masquerade": None} in v4
-    assert any(s.get("match", {}).get("op") == "!=" and s["match"]["right"] == {"prefix": {"addr": "10.88.0.0", "len": 24}}
-               for s in v4)
+    assert any(
+        s.get("match", {}).get("op") == "!=" and s["match"]["right"] == {"prefix": {"addr": "10.88.0.0", "len": 24}}
+        for s in v4
+    )
     node.run_in(check_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24", "fd00::5/64"])
 
 
@@ -116,8 +119,12 @@ def test_a_reused_address_belongs_to_its_newest_owner(node):
 
 
 def test_gc_keeps_only_valid_attachments_of_that_network(node):
-    for cid, ifname, addr in [("a", "eth0", "10.88.0.2/24"), ("b", "eth0", "10.88.0.3/24"),
-                              ("b", "net1", "10.88.0.4/24"), ("c", "eth0", "10.88.0.5/24")]:
+    for cid, ifname, addr in [
+        ("a", "eth0", "10.88.0.2/24"),
+        ("b", "eth0", "10.88.0.3/24"),
+        ("b", "net1", "10.88.0.4/24"),
+        ("c", "eth0", "10.88.0.5/24"),
+    ]:
         node.run_in(setup_masq, "net1", cid, ifname, [addr])
     node.run_in(setup_masq, "net2", "z", "eth0", ["10.77.0.2/24"])
     node.run_in(gc_masq, "net1", [("b", "eth0"), ("c", "eth0"), ("z", "eth0")])
@@ -156,9 +163,11 @@ def test_injection_attempts_are_rejected_and_change_nothing(node, backend):
     node.run_in(setup_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24"], backend)
     before = ruleset(node)
     for network, cid, ifname, code in INJECTIONS:
-        for call in (lambda: setup_masq(network, cid, ifname, ["10.88.0.9/24"], backend),
-                     lambda: teardown_masq(network, cid, ifname, backend),
-                     lambda: check_masq(network, cid, ifname, ["10.88.0.9/24"], backend)):
+        for call in (
+            lambda: setup_masq(network, cid, ifname, ["10.88.0.9/24"], backend),
+            lambda: teardown_masq(network, cid, ifname, backend),
+            lambda: check_masq(network, cid, ifname, ["10.88.0.9/24"], backend),
+        ):
             with pytest.raises(CNIError) as info:
                 node.run_in(call)
             assert info.value.code == code, (network, cid, ifname, info.value)
@@ -173,10 +182,12 @@ def test_injection_attempts_are_rejected_and_change_nothing(node, backend):
 
 
 def test_unknown_backend_is_a_config_error(node):
-    for call in (lambda: setup_masq("net1", "c", "eth0", ["10.88.0.5/24"], "ebtables"),
-                 lambda: teardown_masq("net1", "c", "eth0", "ebtables"),
-                 lambda: check_masq("net1", "c", "eth0", ["10.88.0.5/24"], "ebtables"),
-                 lambda: gc_masq("net1", [], "ebtables")):
+    for call in (
+        lambda: setup_masq("net1", "c", "eth0", ["10.88.0.5/24"], "ebtables"),
+        lambda: teardown_masq("net1", "c", "eth0", "ebtables"),
+        lambda: check_masq("net1", "c", "eth0", ["10.88.0.5/24"], "ebtables"),
+        lambda: gc_masq("net1", [], "ebtables"),
+    ):
         with pytest.raises(CNIError) as info:
             node.run_in(call)
         assert info.value.code == 7 and "backend" in info.value.msg
@@ -221,7 +232,7 @@ def test_the_lock_is_the_node_namespace_s_own_and_leaves_no_file(make_node):
     from cni_plugins.kernel import locks
     from cni_plugins.shared import masq
 
-    host_lock = "/run/pycni/masq.lock"   # where the lock file used to be
+    host_lock = "/run/pycni/masq.lock"  # where the lock file used to be
     existed = os.path.lexists(host_lock)
     a, b = make_node(), make_node()
     held, release, finished = threading.Event(), threading.Event(), []
@@ -235,9 +246,12 @@ def test_the_lock_is_the_node_namespace_s_own_and_leaves_no_file(make_node):
     holder.start()
     try:
         assert held.wait(5)
-        b.run_in(setup_masq, "net1", "ctr-b", "eth0", ["10.88.0.6/24"])   # another namespace: no wait
-        waiter = threading.Thread(target=lambda: finished.append(
-            a.run_in(setup_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24"]) or time.monotonic()))
+        b.run_in(setup_masq, "net1", "ctr-b", "eth0", ["10.88.0.6/24"])  # another namespace: no wait
+        waiter = threading.Thread(
+            target=lambda: finished.append(
+                a.run_in(setup_masq, "net1", "ctr-a", "eth0", ["10.88.0.5/24"]) or time.monotonic()
+            )
+        )
         waiter.start()
         time.sleep(0.3)
         assert finished == [] and elements(a) == {}, "setup in node a ran while a's lock was held"

@@ -14,6 +14,7 @@ the node's postrouting hook and must keep the pod's source address; traffic to
 the outside must leave with the node's address (the outside could not even
 answer otherwise).
 """
+
 from __future__ import annotations
 
 import select
@@ -38,11 +39,18 @@ def topology(make_node, make_pod):
     ns = {"node": node, **{role: make_pod(role) for role in ("pod", "peer", "outside")}}
     for dev, other in (("vpod", "pod"), ("vpeer", "peer"), ("vout", "outside")):
         node.ip("link", "add", dev, "type", "veth", "peer", "name", "eth0", "netns", ns[other].name)
-    node.exec("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
-              "net.ipv4.conf.vpod.proxy_arp=1", "net.ipv4.conf.vpeer.proxy_arp=1",
-              "net.ipv6.conf.vpod.proxy_ndp=1", "net.ipv6.conf.vpeer.proxy_ndp=1",
-              # Answer proxied ARP/NDP at once instead of after a random delay of up to 0.8 s.
-              *(f"net.{v}.neigh.{dev}.proxy_delay=0" for v in ("ipv4", "ipv6") for dev in ("vpod", "vpeer")))
+    node.exec(
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+        "net.ipv6.conf.all.forwarding=1",
+        "net.ipv4.conf.vpod.proxy_arp=1",
+        "net.ipv4.conf.vpeer.proxy_arp=1",
+        "net.ipv6.conf.vpod.proxy_ndp=1",
+        "net.ipv6.conf.vpeer.proxy_ndp=1",
+        # Answer proxied ARP/NDP at once instead of after a random delay of up to 0.8 s.
+        *(f"net.{v}.neigh.{dev}.proxy_delay=0" for v in ("ipv4", "ipv6") for dev in ("vpod", "vpeer")),
+    )
     node.exec("sysctl", "-qw", *(f"net.ipv6.conf.{dev}.accept_dad=0" for dev in ("vpod", "vpeer", "vout")))
     for dev in ("lo", "vpod", "vpeer", "vout"):
         node.ip("link", "set", dev, "up")
@@ -55,8 +63,11 @@ def topology(make_node, make_pod):
         node.ip("-6", "route", "add", f"fd00::{pod_end}/128", "dev", dev)
     for addr, dev in (("fd00::6", "vpod"), ("fd00::5", "vpeer"), ("fd00::1", "vpeer")):
         node.ip("-6", "neigh", "add", "proxy", addr, "dev", dev)
-    for role, v4, v6 in (("pod", "10.88.0.5/24", "fd00::5/64"), ("peer", "10.88.0.6/24", "fd00::6/64"),
-                         ("outside", "10.99.0.2/24", "fd01::2/64")):
+    for role, v4, v6 in (
+        ("pod", "10.88.0.5/24", "fd00::5/64"),
+        ("peer", "10.88.0.6/24", "fd00::6/64"),
+        ("outside", "10.99.0.2/24", "fd01::2/64"),
+    ):
         pod = ns[role]
         pod.exec("sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0")
         pod.ip("addr", "add", v4, "dev", "eth0")
@@ -67,8 +78,16 @@ def topology(make_node, make_pod):
         ns[role].ip("route", "add", "default", "via", "10.88.0.1", "dev", "eth0")
         ns[role].ip("-6", "route", "add", "default", "via", "fd00::1", "dev", "eth0")
     # Resolve the neighbours once, so that later single pings do not race address resolution.
-    for src, dst in (("pod", "10.88.0.1"), ("pod", "fd00::1"), ("node", "10.99.0.2"), ("node", "fd01::2"),
-                     ("node", "10.88.0.5"), ("node", "fd00::5"), ("node", "10.88.0.6"), ("node", "fd00::6")):
+    for src, dst in (
+        ("pod", "10.88.0.1"),
+        ("pod", "fd00::1"),
+        ("node", "10.99.0.2"),
+        ("node", "fd01::2"),
+        ("node", "10.88.0.5"),
+        ("node", "fd00::5"),
+        ("node", "10.88.0.6"),
+        ("node", "fd00::6"),
+    ):
         assert ping(ns[src], dst), f"test topology broken: {src} cannot reach {dst}"
     return ns
 

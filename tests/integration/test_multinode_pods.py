@@ -14,6 +14,7 @@ address) is masqueraded.
 
 Last, `pycni demo --nodes 2` runs and leaves nothing behind.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,11 +32,22 @@ import pytest
 import netns
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from multinode import (UNDERLAY_GATEWAY, Host, Node, Topology, cluster_topology, converged, seen_source,  # noqa: E402
-                       wait_for)
+from multinode import (
+    UNDERLAY_GATEWAY,
+    Host,
+    Node,
+    Topology,
+    cluster_topology,
+    converged,
+    seen_source,  # noqa: E402
+    wait_for,
+)
 
-pytestmark = [pytest.mark.integration, pytest.mark.multinode,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.multinode,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
+]
 
 NETWORK = "10.244.0.0/16"
 NET_NAME = "podnet"
@@ -47,6 +59,7 @@ ECHO_PORT = 7000
 
 
 # ---- pods --------------------------------------------------------------------------------
+
 
 @dataclass
 class Pod:
@@ -62,25 +75,35 @@ NOT_REACHED = "agent not reached"
 
 
 def plugin_env(command: str, bin_dir: str, pod: Pod | None = None) -> dict[str, str]:
-    return {"PATH": os.environ["PATH"], "CNI_COMMAND": command, "CNI_PATH": bin_dir,
-            "CNI_CONTAINERID": pod.container_id if pod else "", "CNI_NETNS": pod.path if pod else "",
-            "CNI_IFNAME": "eth0"}
+    return {
+        "PATH": os.environ["PATH"],
+        "CNI_COMMAND": command,
+        "CNI_PATH": bin_dir,
+        "CNI_CONTAINERID": pod.container_id if pod else "",
+        "CNI_NETNS": pod.path if pod else "",
+        "CNI_IFNAME": "eth0",
+    }
 
 
 def vxlan_conf(node: Node, data_dir: str, version: str = "1.1.0") -> dict:
-    return {"cniVersion": version, "name": NET_NAME, "type": "vxlan", "stateDir": node.state_dir,
-            "dataDir": data_dir}
+    return {"cniVersion": version, "name": NET_NAME, "type": "vxlan", "stateDir": node.state_dir, "dataDir": data_dir}
 
 
-def run_vxlan(node: Node, bin_dir: str, command: str, conf: dict, pod: Pod | None = None,
-              cold: bool = False) -> tuple[int, Any]:
+def run_vxlan(
+    node: Node, bin_dir: str, command: str, conf: dict, pod: Pod | None = None, cold: bool = False
+) -> tuple[int, Any]:
     """The vxlan executable in the node's namespace. Its shim hands the request to the node's agent
     (the warm path; the test fails if the agent is not reached) unless ``cold``."""
     env = plugin_env(command, bin_dir, pod)
     if cold:
         env["PYCNI_NO_AGENT"] = "1"
-    proc = subprocess.run(["ip", "netns", "exec", node.name, os.path.join(bin_dir, "vxlan")],
-                          input=json.dumps(conf).encode(), env=env, capture_output=True, timeout=60)
+    proc = subprocess.run(
+        ["ip", "netns", "exec", node.name, os.path.join(bin_dir, "vxlan")],
+        input=json.dumps(conf).encode(),
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
     out = json.loads(proc.stdout) if proc.stdout.strip() else None
     if not cold:
         assert NOT_REACHED not in proc.stderr.decode(errors="replace"), proc.stderr
@@ -88,6 +111,7 @@ def run_vxlan(node: Node, bin_dir: str, command: str, conf: dict, pod: Pod | Non
 
 
 # ---- the cluster -------------------------------------------------------------------------
+
 
 @dataclass
 class Cluster:
@@ -174,6 +198,7 @@ def cluster(request) -> Iterator[Cluster]:
 
 # ---- packets -------------------------------------------------------------------------------
 
+
 def ping(ns_name: str, dst: str, size: int | None = None, dont_fragment: bool = False, count: int = 1) -> bool:
     args = ["ip", "netns", "exec", ns_name, "ping", "-n", "-q", "-c", str(count), "-W", "2", "-i", "0.2"]
     if size is not None:
@@ -190,6 +215,7 @@ def node_pairs(c: Cluster) -> list[tuple[Node, Node]]:
 
 # ---- tests ----------------------------------------------------------------------------------
 
+
 def test_pods_get_addresses_from_their_nodes_subnet_and_overlay_mtu(cluster):
     seen = set()
     for node in cluster.nodes:
@@ -198,8 +224,11 @@ def test_pods_get_addresses_from_their_nodes_subnet_and_overlay_mtu(cluster):
         for pod in cluster.pods[node.index]:
             assert ipaddress.ip_address(pod.address) in subnet
             assert pod.result["interfaces"][2]["mtu"] == mtu
-            link = json.loads(subprocess.run(["ip", "-n", pod.name, "-j", "link", "show", "eth0"],
-                                             capture_output=True, check=True).stdout)[0]
+            link = json.loads(
+                subprocess.run(
+                    ["ip", "-n", pod.name, "-j", "link", "show", "eth0"], capture_output=True, check=True
+                ).stdout
+            )[0]
             assert link["mtu"] == mtu
             seen.add(pod.address)
     assert len(seen) == N_NODES * PODS_PER_NODE
@@ -270,8 +299,9 @@ def test_only_traffic_leaving_the_cluster_is_masqueraded(cluster):
     assert outside is not None
     for node in cluster.nodes:
         pod = cluster.pods[node.index][0]
-        assert seen_source(outside.path, pod.path, outside.public_ip) == node.public_ip, \
+        assert seen_source(outside.path, pod.path, outside.public_ip) == node.public_ip, (
             f"{pod.name} -> outside host should arrive from its node {node.public_ip}"
+        )
         peer_node = cluster.nodes[(node.index + 1) % len(cluster.nodes)]
         peer = cluster.pods[peer_node.index][1]
         assert seen_source(peer.path, pod.path, peer.address) == pod.address
@@ -309,9 +339,11 @@ def test_a_new_pod_on_the_cold_path_is_reachable_at_once_and_del_removes_it(clus
 
 # ---- the demo --------------------------------------------------------------------------------
 
+
 def test_demo_with_two_nodes_runs_green_and_leaves_nothing_behind():
-    proc = subprocess.run([PYCNI, "demo", "--nodes", "2"], capture_output=True, text=True, timeout=600,
-                          stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [PYCNI, "demo", "--nodes", "2"], capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FAIL" not in proc.stdout
     match = re.search(r"namespaces tagged (pycni-demo-[0-9a-f]+)", proc.stdout)

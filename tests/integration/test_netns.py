@@ -3,6 +3,7 @@
 Everything happens in namespaces these tests create (random names, removed in
 finally); the root namespace is only read.
 """
+
 from __future__ import annotations
 
 import os

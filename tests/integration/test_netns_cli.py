@@ -4,6 +4,7 @@ Every namespace has a fresh name of this test (pt-cli-<8 hex>) and is deleted in
 test fails; the machine's own namespace is only read (the inode of this process's namespace), and only
 the test's own names are looked for in listings.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,9 @@ PYCNI = os.path.join(os.path.dirname(sys.executable), "pycni")
 
 
 def pycni_netns(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PYCNI, "netns", *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [PYCNI, "netns", *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
 
 
 @pytest.fixture
@@ -41,10 +43,11 @@ def test_add_prints_the_pinned_path_of_a_new_namespace_that_ip_netns_sees(name):
     assert done.returncode == 0, done.stderr
     path = done.stdout.strip()
     assert path == netns.path_of(name) and os.path.exists(path)
-    assert name in netns_list()                                         # `ip netns list`
-    assert os.stat(path).st_ino != os.stat("/proc/self/ns/net").st_ino    # a namespace of its own
-    links = subprocess.run(["ip", "-n", name, "-o", "link", "show"], capture_output=True, text=True, timeout=30,
-                           check=True).stdout.splitlines()
+    assert name in netns_list()  # `ip netns list`
+    assert os.stat(path).st_ino != os.stat("/proc/self/ns/net").st_ino  # a namespace of its own
+    links = subprocess.run(
+        ["ip", "-n", name, "-o", "link", "show"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout.splitlines()
     assert len(links) == 1 and ": lo:" in links[0] and "state DOWN" in links[0]
     # The same name again: an error on stderr, nothing on stdout, the namespace untouched.
     inode = os.stat(path).st_ino
@@ -56,7 +59,7 @@ def test_add_prints_the_pinned_path_of_a_new_namespace_that_ip_netns_sees(name):
 
 def test_list_shows_the_names_one_per_line(name):
     assert name not in pycni_netns("list").stdout.splitlines()
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)     # made by the other tool
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)  # made by the other tool
     listed = pycni_netns("list")
     assert listed.returncode == 0, listed.stderr
     assert name in listed.stdout.splitlines()
@@ -70,8 +73,9 @@ def test_exec_runs_inside_the_namespace_and_passes_the_exit_status_on(name):
     assert inside.stdout.strip() == f"net:[{os.stat(path).st_ino}]"
     # A change made through exec is there, in that namespace only.
     assert pycni_netns("exec", name, "ip", "link", "set", "lo", "up").returncode == 0
-    lo = subprocess.run(["ip", "-n", name, "-o", "link", "show", "lo"], capture_output=True, text=True,
-                        timeout=30, check=True).stdout
+    lo = subprocess.run(
+        ["ip", "-n", name, "-o", "link", "show", "lo"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
     assert "UP" in lo.split("<")[1].split(">")[0]
     assert pycni_netns("exec", name, "sh", "-c", "exit 7").returncode == 7
     assert pycni_netns("exec", name, "sh", "-c", "kill -TERM $$").returncode == 128 + 15
@@ -83,8 +87,9 @@ def test_exec_runs_inside_the_namespace_and_passes_the_exit_status_on(name):
 
 def test_del_removes_the_namespace_and_its_interfaces(name):
     assert pycni_netns("add", name).returncode == 0
-    subprocess.run(["ip", "-n", name, "link", "add", "cli0", "type", "veth", "peer", "name", "cli1"], check=True,
-                   timeout=30)
+    subprocess.run(
+        ["ip", "-n", name, "link", "add", "cli0", "type", "veth", "peer", "name", "cli1"], check=True, timeout=30
+    )
     done = pycni_netns("del", name)
     assert done.returncode == 0, done.stderr
     assert not os.path.exists(netns.path_of(name))

@@ -9,6 +9,7 @@ Every assertion is on kernel state read with `ip`/`bridge`/`nft` inside the node
 namespaces, or on packets that really cross the overlay. The tests of one store
 kind share one cluster and run in file order; each leaves the three agents running.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -35,7 +36,7 @@ VNI = 1
 PORT = 8472
 VXLAN = f"pycni.{VNI}"
 PYCNI = os.path.join(os.path.dirname(sys.executable), "pycni")
-CONVERGE_LIMIT = 1.0   # join/leave must be seen by every other node within this (seconds)
+CONVERGE_LIMIT = 1.0  # join/leave must be seen by every other node within this (seconds)
 
 
 # ---- kernel state as the tools show it ------------------------------------------------------
@@ -43,24 +44,36 @@ CONVERGE_LIMIT = 1.0   # join/leave must be seen by every other node within this
 
 def fdb(node) -> set[tuple[str, str]]:
     """(mac, dst) of the permanent `self` FDB entries on the node's VXLAN device."""
-    return {(e["mac"], e["dst"]) for e in node.ip_json_cmd("bridge", "-j", "fdb", "show", "dev", VXLAN)
-            if e.get("dst") and e.get("state") == "permanent" and "self" in e.get("flags", [])}
+    return {
+        (e["mac"], e["dst"])
+        for e in node.ip_json_cmd("bridge", "-j", "fdb", "show", "dev", VXLAN)
+        if e.get("dst") and e.get("state") == "permanent" and "self" in e.get("flags", [])
+    }
 
 
 def neighbours(node) -> set[tuple[str, str]]:
-    return {(e["dst"], e["lladdr"]) for e in node.ip_json("neigh", "show", "dev", VXLAN)
-            if "PERMANENT" in e.get("state", [])}
+    return {
+        (e["dst"], e["lladdr"])
+        for e in node.ip_json("neigh", "show", "dev", VXLAN)
+        if "PERMANENT" in e.get("state", [])
+    }
 
 
 def routes(node) -> set[tuple[str, str]]:
-    return {(e["dst"], e["gateway"]) for e in node.ip_json("route", "show", "dev", VXLAN)
-            if "onlink" in e.get("flags", []) and e.get("gateway")}
+    return {
+        (e["dst"], e["gateway"])
+        for e in node.ip_json("route", "show", "dev", VXLAN)
+        if "onlink" in e.get("flags", []) and e.get("gateway")
+    }
 
 
 def expected_entries(remote_state: dict) -> tuple[tuple[str, str], tuple[str, str], tuple[str, str]]:
     vtep_address = remote_state["subnet"].split("/")[0]
-    return ((remote_state["vtepMAC"], remote_state["publicIP"]), (vtep_address, remote_state["vtepMAC"]),
-            (remote_state["subnet"], vtep_address))
+    return (
+        (remote_state["vtepMAC"], remote_state["publicIP"]),
+        (vtep_address, remote_state["vtepMAC"]),
+        (remote_state["subnet"], vtep_address),
+    )
 
 
 def has_entries_for(node, remote_state: dict) -> bool:
@@ -70,8 +83,11 @@ def has_entries_for(node, remote_state: dict) -> bool:
 
 def has_no_entries_for(node, remote_state: dict) -> bool:
     f, n, r = expected_entries(remote_state)
-    return (not any(e[1] == remote_state["publicIP"] for e in fdb(node)) and n not in neighbours(node)
-            and not any(e[0] == remote_state["subnet"] for e in routes(node)))
+    return (
+        not any(e[1] == remote_state["publicIP"] for e in fdb(node))
+        and n not in neighbours(node)
+        and not any(e[0] == remote_state["subnet"] for e in routes(node))
+    )
 
 
 def nft_counter(node, comment: str) -> int:
@@ -99,7 +115,7 @@ class FastProbe:
 
         self.node = node
         with netns.enter(node.path):
-            self.ipr = kip.open_netlink()   # the socket stays in the node's namespace
+            self.ipr = kip.open_netlink()  # the socket stays in the node's namespace
 
     def entries(self) -> tuple[set, set, set]:
         from cni_plugins.kernel import vxlan as kvx
@@ -108,9 +124,11 @@ class FastProbe:
         if not link:
             return set(), set(), set()
         index = link[0]
-        return ({(e.mac, e.dst) for e in kvx.fdb_entries(self.ipr, index)},
-                {(e.ip, e.mac) for e in kvx.neigh_entries(self.ipr, index)},
-                {(e.dst, e.gw) for e in kvx.onlink_routes(self.ipr, index)})
+        return (
+            {(e.mac, e.dst) for e in kvx.fdb_entries(self.ipr, index)},
+            {(e.ip, e.mac) for e in kvx.neigh_entries(self.ipr, index)},
+            {(e.dst, e.gw) for e in kvx.onlink_routes(self.ipr, index)},
+        )
 
     def has(self, remote_state: dict) -> bool:
         f, n, r = expected_entries(remote_state)
@@ -193,8 +211,20 @@ def cluster(request):
                 c.store_url = f"etcd://{UNDERLAY_GATEWAY}:2379"
             else:
                 c.store_url = "file://" + topo.path("store")
-            init = topo.nodes[0].run(PYCNI, "cluster", "init", "--store", c.store_url, "--network", NETWORK,
-                                     "--vni", str(VNI), "--port", str(PORT), check=False)
+            init = topo.nodes[0].run(
+                PYCNI,
+                "cluster",
+                "init",
+                "--store",
+                c.store_url,
+                "--network",
+                NETWORK,
+                "--vni",
+                str(VNI),
+                "--port",
+                str(PORT),
+                check=False,
+            )
             assert init.returncode == 0, init.stderr
             for node in topo.nodes:
                 _add_json_helper(node)
@@ -203,8 +233,9 @@ def cluster(request):
             for node in c.nodes:
                 for other in states:
                     if other["publicIP"] != node.public_ip:
-                        wait_for(lambda: has_entries_for(node, other), 5,
-                                 what=f"{node.name} learning {other['subnet']}")
+                        wait_for(
+                            lambda: has_entries_for(node, other), 5, what=f"{node.name} learning {other['subnet']}"
+                        )
             yield c
         finally:
             topo.stop_all()
@@ -230,11 +261,17 @@ def test_each_node_leases_a_distinct_subnet_and_builds_its_devices(cluster):
         assert link["mtu"] == underlay_mtu - 50 == state["mtu"]
         assert link["address"] == state["vtepMAC"]
         assert "UP" in link["flags"]
-        vx_addrs = [(a["local"], a["prefixlen"]) for a in node.ip_json("addr", "show", VXLAN)[0]["addr_info"]
-                    if a["family"] == "inet"]
+        vx_addrs = [
+            (a["local"], a["prefixlen"])
+            for a in node.ip_json("addr", "show", VXLAN)[0]["addr_info"]
+            if a["family"] == "inet"
+        ]
         assert vx_addrs == [(state["subnet"].split("/")[0], 32)]
-        br_addrs = [(a["local"], a["prefixlen"]) for a in node.ip_json("addr", "show", "pycni0")[0]["addr_info"]
-                    if a["family"] == "inet"]
+        br_addrs = [
+            (a["local"], a["prefixlen"])
+            for a in node.ip_json("addr", "show", "pycni0")[0]["addr_info"]
+            if a["family"] == "inet"
+        ]
         assert br_addrs == [(state["gateway"], int(state["subnet"].split("/")[1]))]
         assert node.run("cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip() == "1"
 
@@ -259,7 +296,7 @@ def test_traffic_crosses_the_overlay(cluster):
     # 1400 bytes of ICMP payload + 28 of headers fit the 1450-byte overlay MTU without fragmenting.
     assert a.ping(gateway, count=3, size=1400, dont_fragment=True)
     assert a.ping(gateway, size=1450 - 28, dont_fragment=True)
-    assert not a.ping(gateway, size=1450 - 27, dont_fragment=True, timeout=1)   # one byte over the MTU
+    assert not a.ping(gateway, size=1450 - 27, dont_fragment=True, timeout=1)  # one byte over the MTU
     # The pod-to-pod path keeps the source: the answer comes back to node A's own overlay address.
     assert a.ping(gateway, src=cluster.state(a)["gateway"])
 
@@ -301,9 +338,11 @@ def test_join_and_leave_converge_within_a_second(cluster, capsys):
         assert release_lease(store, newcomer.public_ip)
         leave_time = measure(probes, lambda p: p.lacks(state), timeout=10)
         with capsys.disabled():
-            print(f"\n[{cluster.kind}] join: lease in store -> entries on all 3 other nodes {join_time * 1000:.0f} ms "
-                  f"(agent process start -> done {(learned - spawned) * 1000:.0f} ms); "
-                  f"leave: lease released -> entries gone on all 3 {leave_time * 1000:.0f} ms")
+            print(
+                f"\n[{cluster.kind}] join: lease in store -> entries on all 3 other nodes {join_time * 1000:.0f} ms "
+                f"(agent process start -> done {(learned - spawned) * 1000:.0f} ms); "
+                f"leave: lease released -> entries gone on all 3 {leave_time * 1000:.0f} ms"
+            )
         assert join_time < CONVERGE_LIMIT
         assert leave_time < CONVERGE_LIMIT
     finally:
@@ -317,7 +356,7 @@ def test_restart_keeps_subnet_and_vtep_mac(cluster):
     before = cluster.state(node)
     mac_before = node.ip_json("link", "show", VXLAN)[0]["address"]
     peer_fdb_before = fdb(peer)
-    assert cluster.agents[node.index].stop() == 0            # SIGTERM: a clean exit
+    assert cluster.agents[node.index].stop() == 0  # SIGTERM: a clean exit
     # The entries outlive the agent: traffic keeps flowing while it is down.
     assert peer.ping(before["gateway"])
     assert node.ip_json("link", "show", VXLAN)[0]["address"] == mac_before
@@ -338,7 +377,7 @@ def test_a_renumbered_node_keeps_its_subnet_and_drops_the_old_address(cluster):
 
     def renumber(frm: str, to: str) -> None:
         assert cluster.agents[node.index].stop() == 0
-        node.ip("addr", "del", f"{frm}/24", "dev", "eth0")   # first: deleting a primary drops its secondaries
+        node.ip("addr", "del", f"{frm}/24", "dev", "eth0")  # first: deleting a primary drops its secondaries
         node.ip("addr", "add", f"{to}/24", "dev", "eth0")
         node.public_ip = to
         cluster.start(node)
@@ -347,24 +386,35 @@ def test_a_renumbered_node_keeps_its_subnet_and_drops_the_old_address(cluster):
     try:
         after = cluster.state(node)
         assert (after["subnet"], after["publicIP"]) == (before["subnet"], new_ip)
-        assert after["vtepMAC"] != before["vtepMAC"]           # derived from the address
+        assert after["vtepMAC"] != before["vtepMAC"]  # derived from the address
         info = node.ip_json("-d", "link", "show", VXLAN)[0]["linkinfo"]["info_data"]
         assert info["local"] == new_ip
         with cluster.store() as store:
             from ipam.cluster import list_leases
+
             held = {l.public_ip: l.subnet for l in list_leases(store)[0]}
         assert held.get(new_ip) == before["subnet"] and old_ip not in held, held
         for peer in peers:
             stale_neigh = expected_entries(before)[1]
-            wait_for(lambda: has_entries_for(peer, after) and not any(dst == old_ip for _mac, dst in fdb(peer))
-                     and stale_neigh not in neighbours(peer), 5, what=f"{peer.name} following the renumbered node")
+            wait_for(
+                lambda: (
+                    has_entries_for(peer, after)
+                    and not any(dst == old_ip for _mac, dst in fdb(peer))
+                    and stale_neigh not in neighbours(peer)
+                ),
+                5,
+                what=f"{peer.name} following the renumbered node",
+            )
             assert old_ip not in nft_members(peer)
             assert peer.ping(after["gateway"])
     finally:
         renumber(new_ip, old_ip)
     restored = cluster.state(node)
-    assert (restored["subnet"], restored["publicIP"], restored["vtepMAC"]) == \
-        (before["subnet"], old_ip, before["vtepMAC"])
+    assert (restored["subnet"], restored["publicIP"], restored["vtepMAC"]) == (
+        before["subnet"],
+        old_ip,
+        before["vtepMAC"],
+    )
     for peer in peers:
         wait_for(lambda: has_entries_for(peer, restored), 5, what=f"{peer.name} following the node back")
 
@@ -384,9 +434,14 @@ def test_hand_deleted_entries_are_repaired(cluster):
     wait_for(lambda: has_entries_for(node, rs) and len(neighbours(node)) == 2, 5, what="neighbour entry corrected")
     # Even the device itself: deleted, it comes back with every entry.
     node.ip("link", "del", VXLAN)
-    wait_for(lambda: node.ip("link", "show", VXLAN, check=False).returncode == 0
-             and all(has_entries_for(node, cluster.state(o)) for o in cluster.nodes if o is not node),
-             5, what="VXLAN device re-created")
+    wait_for(
+        lambda: (
+            node.ip("link", "show", VXLAN, check=False).returncode == 0
+            and all(has_entries_for(node, cluster.state(o)) for o in cluster.nodes if o is not node)
+        ),
+        5,
+        what="VXLAN device re-created",
+    )
     assert node.ping(rs["gateway"])
     print(f"\n[{cluster.kind}] FDB entry repaired {took * 1000:.0f} ms after `bridge fdb del`")
 
@@ -448,16 +503,33 @@ def test_vxlan_from_a_non_member_is_dropped(cluster):
     # The outsider builds a VTEP of its own that speaks the cluster's VNI and port and knows the target's
     # VTEP MAC: its frames are valid VXLAN, they only come from an address that holds no lease.
     if outsider.ip("link", "show", "vx", check=False).returncode != 0:
-        outsider.ip("link", "add", "vx", "type", "vxlan", "id", str(VNI), "dstport", str(PORT), "local",
-                    outsider.public_ip, "dev", "eth0", "nolearning")
+        outsider.ip(
+            "link",
+            "add",
+            "vx",
+            "type",
+            "vxlan",
+            "id",
+            str(VNI),
+            "dstport",
+            str(PORT),
+            "local",
+            outsider.public_ip,
+            "dev",
+            "eth0",
+            "nolearning",
+        )
         outsider.ip("link", "set", "vx", "up")
         outsider.ip("addr", "add", "10.244.250.0/32", "dev", "vx")
         outsider.run("bridge", "fdb", "append", ts["vtepMAC"], "dev", "vx", "dst", target.public_ip)
         vtep_address = ts["subnet"].split("/")[0]
         outsider.ip("neigh", "replace", vtep_address, "lladdr", ts["vtepMAC"], "dev", "vx", "nud", "permanent")
         outsider.ip("route", "replace", ts["subnet"], "via", vtep_address, "dev", "vx", "onlink")
-    dropped, accepted, rx = (nft_counter(target, "vxlan from non-members"),
-                             nft_counter(target, "vxlan from ipv4 members"), rx_packets(target))
+    dropped, accepted, rx = (
+        nft_counter(target, "vxlan from non-members"),
+        nft_counter(target, "vxlan from ipv4 members"),
+        rx_packets(target),
+    )
     assert not outsider.ping(ts["gateway"], count=5, timeout=0.3)
     dropped_after, rx_after = nft_counter(target, "vxlan from non-members"), rx_packets(target)
     assert dropped_after - dropped >= 5, "the outsider's VXLAN packets were not dropped by the member filter"
@@ -479,10 +551,10 @@ def test_pod_traffic_is_masqueraded_only_when_it_leaves_the_cluster(cluster):
     pod = topo.add_pod(a, f"{pod_ip}/{sa['subnet'].split('/')[1]}", sa["gateway"], sa["mtu"])
     outside = topo.hosts[0] if topo.hosts else topo.add_host()
     assert pod.ping(sb["gateway"]), "pod on A cannot reach node B's pod subnet"
-    assert udp_source(pod, b, sb["gateway"]) == pod_ip          # pod -> other node's pod network: no NAT
-    assert udp_source(pod, b, b.public_ip) == a.public_ip       # pod -> another node's own address: NAT
-    assert udp_source(pod, a, a.public_ip) == pod_ip            # pod -> its own node: no NAT
-    assert udp_source(pod, outside, outside.public_ip) == a.public_ip   # pod -> outside: masqueraded
+    assert udp_source(pod, b, sb["gateway"]) == pod_ip  # pod -> other node's pod network: no NAT
+    assert udp_source(pod, b, b.public_ip) == a.public_ip  # pod -> another node's own address: NAT
+    assert udp_source(pod, a, a.public_ip) == pod_ip  # pod -> its own node: no NAT
+    assert udp_source(pod, outside, outside.public_ip) == a.public_ip  # pod -> outside: masqueraded
     assert pod.ping(outside.public_ip)
 
 
@@ -513,7 +585,7 @@ def test_store_outage_keeps_traffic_and_recovers(cluster):
     etcd = cluster.etcd
     etcd.stop()
     try:
-        time.sleep(1.5)   # the agents notice and back off
+        time.sleep(1.5)  # the agents notice and back off
         for node in cluster.nodes:
             assert cluster.agents[node.index].running(), f"agent on {node.name} died with the store"
         assert a.ping(gateway, count=3), "traffic stopped while the store was down"
@@ -536,16 +608,18 @@ def test_store_outage_keeps_traffic_and_recovers(cluster):
             agent = cluster.agents[node.index]
             agent.dump_threads()
             raise AssertionError(f"{exc}\n{agent.log_tail(120)}") from None
-    print(f"\n[etcd] after the outage, a new node was learned by all {len(cluster.nodes)} nodes "
-          f"{time.monotonic() - started:.2f} s after it was ready")
+    print(
+        f"\n[etcd] after the outage, a new node was learned by all {len(cluster.nodes)} nodes "
+        f"{time.monotonic() - started:.2f} s after it was ready"
+    )
     assert a.ping(state["gateway"])
 
 
 # ---- the OverlayNode API in-process ------------------------------------------------------------
 
 
-RENEW_TTL = 6            # seconds: the in-process node's lease; it keeps it alive every TTL/3 = 2 s
-RENEW_WATCH = 5.5        # seconds of watching the lease in etcd: at least two keep-alives
+RENEW_TTL = 6  # seconds: the in-process node's lease; it keeps it alive every TTL/3 = 2 s
+RENEW_WATCH = 5.5  # seconds of watching the lease in etcd: at least two keep-alives
 
 
 def lease_in_etcd(member, key: str) -> tuple[int, int, int]:
@@ -579,14 +653,16 @@ def watch_lease(member, key: str, seconds: float, interval: float = 0.2) -> list
 def assert_kept_alive(samples: list[tuple[float, int, int, int]], ttl: int) -> None:
     """The keep-alive itself, seen in etcd: one lease all along (never expired and re-created), granted
     ``ttl``, refreshed again and again, and never left to drop below half its TTL."""
-    table = "\n".join(f"  {t:5.2f} s  lease {lease:x}  {left} s left of {granted}" for t, lease, left, granted in samples)
+    table = "\n".join(
+        f"  {t:5.2f} s  lease {lease:x}  {left} s left of {granted}" for t, lease, left, granted in samples
+    )
     leases = {lease for _t, lease, _left, _granted in samples}
     assert len(leases) == 1 and 0 not in leases, f"the lease changed or vanished (it expired):\n{table}"
     assert {granted for *_rest, granted in samples} == {ttl}, table
     lowest = min(left for _t, _lease, left, _granted in samples)
     assert lowest >= ttl / 2, f"the lease fell to {lowest} s left of {ttl} before it was renewed:\n{table}"
     refreshes = sum(1 for before, after in zip(samples, samples[1:]) if after[2] > before[2])
-    expected = int(samples[-1][0] // (ttl / 3))   # renewal periods watched
+    expected = int(samples[-1][0] // (ttl / 3))  # renewal periods watched
     assert refreshes >= expected >= 2, f"{refreshes} keep-alives seen in {expected} renewal periods:\n{table}"
 
 
@@ -612,9 +688,17 @@ def test_in_process_node_renews_a_short_lease_and_leaves_cleanly():
             _add_json_helper(b)
             assert a.run(PYCNI, "cluster", "init", "--store", store_url, "--network", NETWORK).returncode == 0
             topo.start_agent(b, store_url)
-            node = OverlayNode(OverlayOptions(store_url=store_url, public_ip=a.public_ip, state_dir=a.state_dir,
-                                              node_name="in-process", lease_ttl=RENEW_TTL, reconcile_interval=0.5,
-                                              tx_checksum_offload=False))
+            node = OverlayNode(
+                OverlayOptions(
+                    store_url=store_url,
+                    public_ip=a.public_ip,
+                    state_dir=a.state_dir,
+                    node_name="in-process",
+                    lease_ttl=RENEW_TTL,
+                    reconcile_interval=0.5,
+                    tx_checksum_offload=False,
+                )
+            )
             stop = threading.Event()
             started, failure = threading.Event(), []
 

@@ -13,6 +13,7 @@ n2 is another subnet away, so it and the others keep the VXLAN path. Pods on eve
 addresses (no SNAT), a direct route deleted by hand comes back, conformance passes on the mixed cluster,
 and a node that leaves takes its direct routes with it, on itself and on the others.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -34,8 +35,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from multinode import UNDERLAY_GATEWAY, UNDERLAY_NET, Node, Topology, route_dsts, wait_for  # noqa: E402
 from pod_cluster import NET_NAME, PASSING, PYCNI, RUN_TIMEOUT, PodCluster, pod_cluster  # noqa: E402
 
-pytestmark = [pytest.mark.integration, pytest.mark.multinode,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.multinode,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
+]
 
 OTHER_NET = ipaddress.ip_network("172.31.5.0/24")
 OTHER_ROUTER = "172.31.5.1"
@@ -61,10 +65,18 @@ def move_to_other_subnet(node: Node) -> None:
 
 
 def two_subnets(topo: Topology) -> None:
-    subprocess.run(["ip", "-n", topo.underlay, "addr", "add", f"{OTHER_ROUTER}/{OTHER_NET.prefixlen}", "dev", "ul"],
-                   check=True, capture_output=True, timeout=30)
-    subprocess.run(["ip", "netns", "exec", topo.underlay, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True,
-                   capture_output=True, timeout=30)
+    subprocess.run(
+        ["ip", "-n", topo.underlay, "addr", "add", f"{OTHER_ROUTER}/{OTHER_NET.prefixlen}", "dev", "ul"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    subprocess.run(
+        ["ip", "netns", "exec", topo.underlay, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
     move_to_other_subnet(topo.nodes[2])
     for node in topo.nodes[:2]:
         node.ip("route", "add", str(OTHER_NET), "via", UNDERLAY_GATEWAY)
@@ -73,9 +85,14 @@ def two_subnets(topo: Topology) -> None:
 def add_pod(cluster: PodCluster, node: Node, label: str) -> Pod:
     name, path = cluster.topo.add_namespace(f"{label}-{uuid.uuid4().hex[:4]}")
     container_id = uuid.uuid4().hex
-    done = subprocess.run(["ip", "netns", "exec", node.name, PYCNI, "add", NET_NAME, path, "--container-id",
-                           container_id], capture_output=True, text=True, timeout=120, env=cluster.env(node),
-                          stdin=subprocess.DEVNULL)
+    done = subprocess.run(
+        ["ip", "netns", "exec", node.name, PYCNI, "add", NET_NAME, path, "--container-id", container_id],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=cluster.env(node),
+        stdin=subprocess.DEVNULL,
+    )
     assert done.returncode == 0, done.stderr
     address = str(ipaddress.ip_interface(json.loads(done.stdout)["ips"][0]["address"]).ip)
     return Pod(name, node, container_id, address)
@@ -105,8 +122,12 @@ def vxlan_packets(node: Node) -> tuple[int, int]:
 
 
 def ping(ns: str, dst: str, count: int = 5) -> bool:
-    done = subprocess.run(["ip", "netns", "exec", ns, "ping", "-n", "-q", "-c", str(count), "-i", "0.05", "-W", "2",
-                           dst], capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        ["ip", "netns", "exec", ns, "ping", "-n", "-q", "-c", str(count), "-i", "0.05", "-W", "2", dst],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return done.returncode == 0
 
 
@@ -147,8 +168,9 @@ def test_same_subnet_nodes_route_directly_and_the_node_on_another_subnet_through
         assert far["dev"] == VXLAN and "onlink" in far.get("flags", []), far
     for there in (n0, n1):
         far = route(n2, cluster.subnet(there))
-        assert far["dev"] == VXLAN and far["gateway"] == str(ipaddress.ip_network(cluster.subnet(there))
-                                                             .network_address), far
+        assert far["dev"] == VXLAN and far["gateway"] == str(
+            ipaddress.ip_network(cluster.subnet(there)).network_address
+        ), far
 
 
 def test_pods_on_every_pair_of_nodes_talk_with_their_own_addresses(cluster):
@@ -178,8 +200,9 @@ def test_no_packet_between_same_subnet_nodes_goes_through_vxlan(cluster):
 
 def test_the_status_names_the_direct_hop_of_each_remote(cluster):
     n0, n1, n2 = cluster.nodes
-    done = subprocess.run([PYCNI, "agent", "status", "--socket", n0.socket, "--json"], capture_output=True,
-                          text=True, timeout=30)
+    done = subprocess.run(
+        [PYCNI, "agent", "status", "--socket", n0.socket, "--json"], capture_output=True, text=True, timeout=30
+    )
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
     overlay = doc.get("overlay", doc)
@@ -200,10 +223,33 @@ def test_a_direct_route_deleted_by_hand_comes_back(cluster):
 def test_conformance_passes_on_the_mixed_cluster(cluster):
     procs = []
     for node in cluster.nodes:
-        args = ["nsenter", f"--net={node.path}", PYCNI, "conformance", "run", "--store", cluster.store_url,
-                "--network", NET_NAME, "--state-dir", node.state_dir, "--check-timeout", "2", "--wait", "60"]
-        procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env=cluster.env(node), stdin=subprocess.DEVNULL))
+        args = [
+            "nsenter",
+            f"--net={node.path}",
+            PYCNI,
+            "conformance",
+            "run",
+            "--store",
+            cluster.store_url,
+            "--network",
+            NET_NAME,
+            "--state-dir",
+            node.state_dir,
+            "--check-timeout",
+            "2",
+            "--wait",
+            "60",
+        ]
+        procs.append(
+            subprocess.Popen(
+                args,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=cluster.env(node),
+                stdin=subprocess.DEVNULL,
+            )
+        )
     outputs = []
     try:
         for proc in procs:
@@ -217,21 +263,26 @@ def test_conformance_passes_on_the_mixed_cluster(cluster):
     assert all(code == 0 for code, _o, _e in outputs), outputs
     logged = "".join(out + err for _code, out, err in outputs)
     node = cluster.nodes[0]
-    done = subprocess.run(["nsenter", f"--net={node.path}", PYCNI, "conformance", "report", "--store",
-                           cluster.store_url, "--json"], capture_output=True, text=True, timeout=60,
-                          env=cluster.env(node), stdin=subprocess.DEVNULL)
+    done = subprocess.run(
+        ["nsenter", f"--net={node.path}", PYCNI, "conformance", "report", "--store", cluster.store_url, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cluster.env(node),
+        stdin=subprocess.DEVNULL,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout)
     assert report["passed"] is True
     failing = [row for row in report["checks"] if row["result"] not in PASSING]
     assert not failing, failing
-    other_node = {(r["from"], r["to"]) for r in report["checks"]
-                  if r["check"] == "pod-pod-other-node" and r["result"] == "pass"}
+    other_node = {
+        (r["from"], r["to"]) for r in report["checks"] if r["check"] == "pod-pod-other-node" and r["result"] == "pass"
+    }
     assert {("n0", "n1"), ("n1", "n0"), ("n0", "n2"), ("n2", "n0")} <= other_node, other_node
     # No SNAT on the direct routes either: the receiver saw the sending probe pod's own address.
     senders: dict[str, set[str]] = {}
-    for node, addresses in re.findall(r"node (\S+) \([^)]*\): probe pod ([^ ]+(?:, [^ ]+)*) \(hostPort",
-                                      logged):
+    for node, addresses in re.findall(r"node (\S+) \([^)]*\): probe pod ([^ ]+(?:, [^ ]+)*) \(hostPort", logged):
         senders.setdefault(node, set()).update(addresses.split(", "))
     for row in report["checks"]:
         if row["check"] == "no-snat" and row["from"] != row["to"]:
@@ -246,8 +297,11 @@ def test_a_node_that_leaves_takes_its_direct_routes_with_it(cluster):
     handle = topo.start_agent(newcomer, cluster.store_url, extra_args=("--leave",))
     try:
         subnet = newcomer.read_state()["subnet"]
-        wait_for(lambda: subnet in route_dsts(n0) and subnet in route_dsts(n1) and subnet in route_dsts(n2), 5,
-                 what="every node routing the newcomer")
+        wait_for(
+            lambda: subnet in route_dsts(n0) and subnet in route_dsts(n1) and subnet in route_dsts(n2),
+            5,
+            what="every node routing the newcomer",
+        )
         assert route(n0, subnet)["gateway"] == newcomer.public_ip
         mine = [route(newcomer, cluster.subnet(n)) for n in (n0, n1)]
         assert [r["dev"] for r in mine] == ["eth0", "eth0"], mine
@@ -255,7 +309,10 @@ def test_a_node_that_leaves_takes_its_direct_routes_with_it(cluster):
         handle.stop()
     # Its own direct routes went with it, and the others dropped theirs to it.
     network = ipaddress.ip_network("10.244.0.0/16")
-    left = [r for r in newcomer.ip_json("route", "show") if r["dst"] != "default" and
-            ipaddress.ip_network(r["dst"]).subnet_of(network)]
+    left = [
+        r
+        for r in newcomer.ip_json("route", "show")
+        if r["dst"] != "default" and ipaddress.ip_network(r["dst"]).subnet_of(network)
+    ]
     assert not left, left
     wait_for(lambda: not any(subnet in route_dsts(n) for n in (n0, n1, n2)), 5, what="the others dropping it")

@@ -16,6 +16,7 @@ family with the receiver seeing the sender's own address; node -> remote pod in 
 joining and leaving converges in each family within a second; a restart keeps both subnets and MACs;
 VXLAN from a non-member is dropped in each underlay family; IPv6 hostPorts map.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -36,8 +37,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from multinode import Node, route_dsts, state_subnets, wait_for  # noqa: E402
 from pod_cluster import NET_NAME, PYCNI, PodCluster, agent_underlay, pod_cluster  # noqa: E402
 
-pytestmark = [pytest.mark.integration, pytest.mark.multinode,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.multinode,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
+]
 
 NETWORK4 = "10.244.0.0/16"
 NETWORK6 = "fd00:10:244::/56"
@@ -52,11 +56,13 @@ KINDS = {
     "dual-both-underlays": (NETWORK4, NETWORK6, "dual"),
     "ipv6-only": ("", NETWORK6, "ipv4"),
 }
-PARAMS = [pytest.param(("dual-ipv4-underlay", "file"), id="dual-ipv4-underlay-file"),
-          pytest.param(("dual-ipv4-underlay", "etcd"), id="dual-ipv4-underlay-etcd", marks=pytest.mark.etcd),
-          pytest.param(("dual-ipv6-underlay", "file"), id="dual-ipv6-underlay-file"),
-          pytest.param(("dual-both-underlays", "file"), id="dual-both-underlays-file"),
-          pytest.param(("ipv6-only", "file"), id="ipv6-only-file")]
+PARAMS = [
+    pytest.param(("dual-ipv4-underlay", "file"), id="dual-ipv4-underlay-file"),
+    pytest.param(("dual-ipv4-underlay", "etcd"), id="dual-ipv4-underlay-etcd", marks=pytest.mark.etcd),
+    pytest.param(("dual-ipv6-underlay", "file"), id="dual-ipv6-underlay-file"),
+    pytest.param(("dual-both-underlays", "file"), id="dual-both-underlays-file"),
+    pytest.param(("ipv6-only", "file"), id="ipv6-only-file"),
+]
 
 
 @dataclass
@@ -65,7 +71,7 @@ class Pod:
     path: str
     node: Node
     container_id: str
-    addresses: dict[int, str] = field(default_factory=dict)   # family -> address
+    addresses: dict[int, str] = field(default_factory=dict)  # family -> address
 
 
 def add_pod(cluster: PodCluster, node: Node, label: str, host_port: bool = False) -> Pod:
@@ -74,10 +80,17 @@ def add_pod(cluster: PodCluster, node: Node, label: str, host_port: bool = False
     args = ["add", NET_NAME, path, "--container-id", pod.container_id]
     env = cluster.env(node)
     if host_port:
-        env["CAP_ARGS"] = json.dumps({"portMappings": [{"hostPort": HOST_PORT, "containerPort": ECHO_PORT,
-                                                        "protocol": "tcp"}]})
-    done = subprocess.run(["ip", "netns", "exec", node.name, PYCNI, *args], capture_output=True, text=True,
-                          timeout=120, env=env, stdin=subprocess.DEVNULL)
+        env["CAP_ARGS"] = json.dumps(
+            {"portMappings": [{"hostPort": HOST_PORT, "containerPort": ECHO_PORT, "protocol": "tcp"}]}
+        )
+    done = subprocess.run(
+        ["ip", "netns", "exec", node.name, PYCNI, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
     assert done.returncode == 0, done.stderr
     for ip in json.loads(done.stdout)["ips"]:
         address = ipaddress.ip_interface(ip["address"])
@@ -86,13 +99,18 @@ def add_pod(cluster: PodCluster, node: Node, label: str, host_port: bool = False
 
 
 def ping(ns: str, dst: str) -> bool:
-    done = subprocess.run(["ip", "netns", "exec", ns, "ping", "-n", "-q", "-c", "2", "-i", "0.2", "-W", "2", dst],
-                          capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        ["ip", "netns", "exec", ns, "ping", "-n", "-q", "-c", "2", "-i", "0.2", "-W", "2", dst],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return done.returncode == 0
 
 
-def seen_source(server_ns: str, client_ns: str, dst: str, port: int = ECHO_PORT, timeout: float = 3.0,
-                listen: int = ECHO_PORT) -> str | None:
+def seen_source(
+    server_ns: str, client_ns: str, dst: str, port: int = ECHO_PORT, timeout: float = 3.0, listen: int = ECHO_PORT
+) -> str | None:
     """The source address a TCP server in ``server_ns`` (on ``listen``) sees for a client in ``client_ns``
     connecting to ``dst``:``port`` (either family)."""
     family = socket.AF_INET6 if ":" in dst else socket.AF_INET
@@ -125,11 +143,14 @@ def families(kind: str) -> list[int]:
 def cluster(request) -> Iterator[PodCluster]:
     kind, store = request.param
     network, network6, underlay = KINDS[kind]
-    with pod_cluster(2, store, f"ds{kind[:1]}{underlay[-1]}", network=network, ipv6_network=network6,
-                     underlay=underlay) as c:
+    with pod_cluster(
+        2, store, f"ds{kind[:1]}{underlay[-1]}", network=network, ipv6_network=network6, underlay=underlay
+    ) as c:
         c.kind = kind  # type: ignore[attr-defined]
-        c.test_pods = {node.name: add_pod(c, node, f"p{node.index}", host_port=True)  # type: ignore[attr-defined]
-                       for node in c.nodes}
+        c.test_pods = {
+            node.name: add_pod(c, node, f"p{node.index}", host_port=True)  # type: ignore[attr-defined]
+            for node in c.nodes
+        }
         yield c
 
 
@@ -145,13 +166,25 @@ def test_every_pod_gets_an_address_of_each_family_from_its_nodes_subnets(cluster
         subnets = {ipaddress.ip_network(s).version: ipaddress.ip_network(s) for s in state_subnets(state)}
         for version, address in pod.addresses.items():
             assert ipaddress.ip_address(address) in subnets[version]
-        link = json.loads(subprocess.run(["ip", "-n", pod.name, "-j", "link", "show", "eth0"], capture_output=True,
-                                         check=True, timeout=30).stdout)[0]
+        link = json.loads(
+            subprocess.run(
+                ["ip", "-n", pod.name, "-j", "link", "show", "eth0"], capture_output=True, check=True, timeout=30
+            ).stdout
+        )[0]
         assert link["mtu"] == state["mtu"]
         for version in families(cluster.kind):
-            routes = {r["dst"] for r in json.loads(subprocess.run(
-                ["ip", "-n", pod.name, "-j", f"-{version}", "route", "show"], capture_output=True, check=True,
-                timeout=30).stdout or "[]")}
+            routes = {
+                r["dst"]
+                for r in json.loads(
+                    subprocess.run(
+                        ["ip", "-n", pod.name, "-j", f"-{version}", "route", "show"],
+                        capture_output=True,
+                        check=True,
+                        timeout=30,
+                    ).stdout
+                    or "[]"
+                )
+            }
             network = NETWORK4 if version == 4 else NETWORK6
             assert "default" in routes and network in routes, (version, routes)
 
@@ -159,11 +192,22 @@ def test_every_pod_gets_an_address_of_each_family_from_its_nodes_subnets(cluster
 def test_the_pods_ipv6_gateway_is_usable_at_once_no_duplicate_address_detection_on_the_bridge(cluster):
     for node in cluster.nodes:  # every kind has IPv6 pods
         bridge = node.read_state()["bridge"]
-        dad = subprocess.run(["ip", "netns", "exec", node.name, "sysctl", "-n", f"net.ipv6.conf.{bridge}.accept_dad"],
-                             capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+        dad = subprocess.run(
+            ["ip", "netns", "exec", node.name, "sysctl", "-n", f"net.ipv6.conf.{bridge}.accept_dad"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.strip()
         assert dad == "0", dad
-        shown = json.loads(subprocess.run(["ip", "-n", node.name, "-j", "-6", "addr", "show", "dev", bridge],
-                                          capture_output=True, check=True, timeout=30).stdout)[0]
+        shown = json.loads(
+            subprocess.run(
+                ["ip", "-n", node.name, "-j", "-6", "addr", "show", "dev", bridge],
+                capture_output=True,
+                check=True,
+                timeout=30,
+            ).stdout
+        )[0]
         # Every address, the link-local one included, is usable: none tentative, so the first packets go at once.
         assert shown["addr_info"] and not [a for a in shown["addr_info"] if a.get("tentative")], shown
 
@@ -178,7 +222,7 @@ def test_flannels_subnet_env_names_each_family_of_the_node(cluster):
         if network:
             wanted |= {"FLANNEL_NETWORK": network, "FLANNEL_SUBNET": f"{state['gateway']}/24"}
         if network6:
-            v6 = "ipv6" if network else ""   # an IPv6-only node's one subnet is its "subnet"
+            v6 = "ipv6" if network else ""  # an IPv6-only node's one subnet is its "subnet"
             gateway6 = state["ipv6Gateway"] if v6 else state["gateway"]
             wanted |= {"FLANNEL_IPV6_NETWORK": network6, "FLANNEL_IPV6_SUBNET": f"{gateway6}/64"}
         assert env == wanted, (node.name, env)
@@ -206,13 +250,19 @@ def test_a_node_reaches_remote_pods_in_each_family(cluster):
     for version in families(cluster.kind):
         assert ping(a.name, dst.addresses[version]), f"IPv{version}"
         seen = seen_source(dst.path, a.path, dst.addresses[version])
-        vtep = {ipaddress.ip_network(s).version: str(ipaddress.ip_network(s).network_address)
-                for s in state_subnets(a.read_state())}
+        vtep = {
+            ipaddress.ip_network(s).version: str(ipaddress.ip_network(s).network_address)
+            for s in state_subnets(a.read_state())
+        }
         assert seen is not None and ipaddress.ip_address(seen) == ipaddress.ip_address(vtep[version]), seen
 
 
-@pytest.mark.parametrize("cluster", [("dual-ipv6-underlay", "file"), ("dual-both-underlays", "file")],
-                         indirect=True, ids=["dual-ipv6-underlay-file", "dual-both-underlays-file"])
+@pytest.mark.parametrize(
+    "cluster",
+    [("dual-ipv6-underlay", "file"), ("dual-both-underlays", "file")],
+    indirect=True,
+    ids=["dual-ipv6-underlay-file", "dual-both-underlays-file"],
+)
 def test_ipv6_host_ports_map_too(cluster):
     """Only nodes with an IPv6 address of their own have one to map a port on."""
     a, b = cluster.nodes[0], cluster.nodes[1]
@@ -231,14 +281,22 @@ def test_a_join_and_a_leave_converge_in_each_family_within_a_second(cluster):
     assert len(subnets) == len(families(cluster.kind))
     old = cluster.nodes[:2]
     # From the newcomer's state file (written right after its lease) to every other node routing it.
-    took = wait_for(lambda: all(set(subnets) <= route_dsts(node) for node in old), 10, interval=0.01,
-                    what="the others routing the newcomer's subnets")
+    took = wait_for(
+        lambda: all(set(subnets) <= route_dsts(node) for node in old),
+        10,
+        interval=0.01,
+        what="the others routing the newcomer's subnets",
+    )
     assert took < CONVERGE_LIMIT, f"join took {took:.2f} s"
     handle.stop()
     done = topo.leave(newcomer, cluster.store_url)
     assert done.returncode == 0, done.stderr
-    took = wait_for(lambda: not any(set(subnets) & route_dsts(node) for node in old), 10, interval=0.01,
-                    what="the others dropping the newcomer's subnets")
+    took = wait_for(
+        lambda: not any(set(subnets) & route_dsts(node) for node in old),
+        10,
+        interval=0.01,
+        what="the others dropping the newcomer's subnets",
+    )
     assert took < CONVERGE_LIMIT, f"leave took {took:.2f} s"
 
 
@@ -247,14 +305,18 @@ def test_a_restart_keeps_both_subnets_and_every_mac(cluster):
     before = node.read_state()
     handle = cluster.agents[node.name]
     handle.stop()
-    extra = ("--node-name", f"n{node.index}", *(("--public-ipv6", before["publicIPv6"])
-                                                 if before.get("publicIPv6") else ()))
+    extra = (
+        "--node-name",
+        f"n{node.index}",
+        *(("--public-ipv6", before["publicIPv6"]) if before.get("publicIPv6") else ()),
+    )
     cluster.agents[node.name] = cluster.topo.start_agent(node, cluster.store_url, extra_args=extra)
     after = node.read_state()
     for key in ("subnet", "ipv6Subnet", "vtepMAC", "ipv6VtepMAC", "gateway", "ipv6Gateway"):
         assert after.get(key) == before.get(key), key
-    assert ping(pods(cluster)[cluster.nodes[1].name].name, pods(cluster)[node.name].addresses[families(
-        cluster.kind)[-1]])
+    assert ping(
+        pods(cluster)[cluster.nodes[1].name].name, pods(cluster)[node.name].addresses[families(cluster.kind)[-1]]
+    )
 
 
 def test_vxlan_from_a_non_member_is_dropped_in_each_underlay_family(cluster):
@@ -276,8 +338,11 @@ def test_vxlan_from_a_non_member_is_dropped_in_each_underlay_family(cluster):
         with sender:
             for _ in range(5):
                 sender.sendto(b"\x08\x00\x00\x00\x00\x00\x01\x00" + b"\x00" * 50, (address, 8472))
-        wait_for(lambda: counter(target, "vxlan from non-members") >= before + 5, 5,
-                 what=f"the non-member's datagrams to {address} dropped")
+        wait_for(
+            lambda: counter(target, "vxlan from non-members") >= before + 5,
+            5,
+            what=f"the non-member's datagrams to {address} dropped",
+        )
 
 
 def counter(node: Node, comment: str) -> int:
@@ -289,8 +354,7 @@ def counter(node: Node, comment: str) -> int:
     raise AssertionError(f"no rule {comment!r}")
 
 
-@pytest.mark.parametrize("cluster", [("dual-both-underlays", "file")], indirect=True,
-                         ids=["dual-both-underlays-file"])
+@pytest.mark.parametrize("cluster", [("dual-both-underlays", "file")], indirect=True, ids=["dual-both-underlays-file"])
 def test_both_lanes_on_a_dual_underlay(cluster):
     """With --public-ipv6 the IPv6 pods' traffic rides the IPv6 underlay on a second VXLAN device."""
     a = cluster.nodes[0]
@@ -299,8 +363,10 @@ def test_both_lanes_on_a_dual_underlay(cluster):
     info = a.ip_json("-d", "link", "show", "pycni6.1")[0]["linkinfo"]["info_data"]
     assert info.get("local6") == state["publicIPv6"]
     b_state = cluster.nodes[1].read_state()
-    fdb6 = {(e["mac"], e.get("dst")) for e in json.loads(a.run("bridge", "-j", "fdb", "show", "dev",
-                                                                  "pycni6.1").stdout or "[]")}
+    fdb6 = {
+        (e["mac"], e.get("dst"))
+        for e in json.loads(a.run("bridge", "-j", "fdb", "show", "dev", "pycni6.1").stdout or "[]")
+    }
     assert (b_state["ipv6VtepMAC"], b_state["publicIPv6"]) in fdb6
     routes6 = {r["dst"] for r in a.ip_json("-6", "route", "show", "dev", "pycni6.1")}
     assert b_state["ipv6Subnet"] in routes6

@@ -15,6 +15,7 @@ all three endpoints and the TLS flags (--etcd-cafile, --etcd-certfile, --etcd-ke
 
 Every etcd and agent is stopped by PID when the module ends, also on failure.
 """
+
 from __future__ import annotations
 
 import base64
@@ -27,15 +28,21 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cluster_helpers import (etcd_gateway, etcd_skip_reason, make_tls_certs, start_etcd,  # noqa: E402
-                             tcp_connections, wait_healthy)
+from cluster_helpers import (
+    etcd_gateway,
+    etcd_skip_reason,
+    make_tls_certs,
+    start_etcd,  # noqa: E402
+    tcp_connections,
+    wait_healthy,
+)
 from multinode import UNDERLAY_GATEWAY, cluster_topology, converged, wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.multinode, pytest.mark.etcd]
 
 PYCNI = os.path.join(os.path.dirname(sys.executable), "pycni")
 NETWORK = "10.244.0.0/16"
-PORTS = ((2379, 2380), (22379, 22380), (32379, 32380))   # (client, peer) of members m0, m1, m2
+PORTS = ((2379, 2380), (22379, 22380), (32379, 32380))  # (client, peer) of members m0, m1, m2
 VXLAN = "pycni.1"
 
 
@@ -43,8 +50,14 @@ class TLSCluster:
     def __init__(self, topo, members, certs) -> None:
         self.topo, self.members, self.certs = topo, members, certs
         self.url = "etcd://" + ",".join(m.endpoint for m in members)
-        self.tls_args = ("--etcd-cafile", certs.ca, "--etcd-certfile", certs.client_cert,
-                         "--etcd-keyfile", certs.client_key)
+        self.tls_args = (
+            "--etcd-cafile",
+            certs.ca,
+            "--etcd-certfile",
+            certs.client_cert,
+            "--etcd-keyfile",
+            certs.client_key,
+        )
         self.agents: dict[str, object] = {}
 
     def start(self, node):
@@ -64,8 +77,11 @@ def remote_subnets(node) -> set[str]:
 
 def bump_revision(member) -> int:
     """Write a key outside the cluster's prefix; the store's revision after it (past every lease event)."""
-    status, answer = etcd_gateway(member, "/v3/kv/put", {"key": base64.b64encode(b"/eo-test/bump").decode(),
-                                                         "value": base64.b64encode(b"1").decode()})
+    status, answer = etcd_gateway(
+        member,
+        "/v3/kv/put",
+        {"key": base64.b64encode(b"/eo-test/bump").decode(), "value": base64.b64encode(b"1").decode()},
+    )
     assert status == 200, answer
     return int(answer["header"]["revision"])
 
@@ -81,14 +97,26 @@ def tls_cluster() -> Iterator[TLSCluster]:
         members = []
         try:
             for i, (client, peer) in enumerate(PORTS):
-                members.append(start_etcd(topo.underlay_path, UNDERLAY_GATEWAY, workdir=topo.path("etcd"),
-                                          name=f"m{i}", client_port=client, peer_port=peer, tls=certs,
-                                          initial_cluster=initial, cluster_token=f"eo-{topo.tag}", wait=False))
+                members.append(
+                    start_etcd(
+                        topo.underlay_path,
+                        UNDERLAY_GATEWAY,
+                        workdir=topo.path("etcd"),
+                        name=f"m{i}",
+                        client_port=client,
+                        peer_port=peer,
+                        tls=certs,
+                        initial_cluster=initial,
+                        cluster_token=f"eo-{topo.tag}",
+                        wait=False,
+                    )
+                )
             wait_healthy(members)
             cluster = TLSCluster(topo, members, certs)
             n0 = topo.nodes[0]
-            init = n0.run(PYCNI, "cluster", "init", "--store", cluster.url, *cluster.tls_args, "--network", NETWORK,
-                          check=False)
+            init = n0.run(
+                PYCNI, "cluster", "init", "--store", cluster.url, *cluster.tls_args, "--network", NETWORK, check=False
+            )
             assert init.returncode == 0, init.stdout + init.stderr
             cluster.start(topo.nodes[0])
             cluster.start(topo.nodes[1])
@@ -116,8 +144,9 @@ def test_agents_lease_and_converge_over_tls_and_a_client_without_a_certificate_i
     assert listed.returncode == 0, listed.stderr
     assert s0["subnet"] in listed.stdout and s1["subnet"] in listed.stdout
     # ... and refused without it: etcd asks for a client certificate.
-    refused = n0.run(PYCNI, "cluster", "leases", "--store", c.url, "--etcd-cafile", c.certs.ca, "--timeout", "2",
-                     check=False)
+    refused = n0.run(
+        PYCNI, "cluster", "leases", "--store", c.url, "--etcd-cafile", c.certs.ca, "--timeout", "2", check=False
+    )
     assert refused.returncode != 0 and s0["subnet"] not in refused.stdout
 
 
@@ -135,16 +164,20 @@ def test_with_the_first_member_down_a_node_joins_and_a_compaction_makes_a_paused
         c.start(n2)
         s2 = n2.read_state()
         wait_for(lambda: s2["subnet"] in remote_subnets(n1), 5, what="n1 learning n2 with member 0 down")
-        wait_for(lambda: remote_subnets(n2) == {n0.read_state()["subnet"], n1.read_state()["subnet"]}, 5,
-                 what="n2 learning n0 and n1")
+        wait_for(
+            lambda: remote_subnets(n2) == {n0.read_state()["subnet"], n1.read_state()["subnet"]},
+            5,
+            what="n2 learning n0 and n1",
+        )
         assert c.status(n1)["storeReachable"] is True
         # Compact the store past everything n0's watch has seen, n2's lease included (etcd keeps the
         # compaction revision itself: one more write puts n2's event behind it).
         compacted_at = bump_revision(c.members[1])
-        status, answer = etcd_gateway(c.members[1], "/v3/kv/compaction",
-                                      {"revision": str(compacted_at), "physical": True})
+        status, answer = etcd_gateway(
+            c.members[1], "/v3/kv/compaction", {"revision": str(compacted_at), "physical": True}
+        )
         assert status == 200, answer
-        assert s2["subnet"] not in remote_subnets(n0)            # paused: it has not seen n2 yet
+        assert s2["subnet"] not in remote_subnets(n0)  # paused: it has not seen n2 yet
     finally:
         os.kill(agent0.pid, signal.SIGCONT)
     assert compacted_at
@@ -161,5 +194,8 @@ def test_with_the_first_member_down_a_node_joins_and_a_compaction_makes_a_paused
     c.agents[n2.name].stop()
     left = n2.run(PYCNI, "agent", "leave", "--store", c.url, "--public-ip", n2.public_ip, *c.tls_args, check=False)
     assert left.returncode == 0, left.stderr
-    wait_for(lambda: s2["subnet"] not in remote_subnets(n0) | remote_subnets(n1), 5,
-             what="n0 and n1 dropping n2 after it left")
+    wait_for(
+        lambda: s2["subnet"] not in remote_subnets(n0) | remote_subnets(n1),
+        5,
+        what="n0 and n1 dropping n2 after it left",
+    )

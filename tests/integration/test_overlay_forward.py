@@ -6,6 +6,7 @@ as Docker sets it, an nftables.conf-style `inet filter` forward chain with
 policy drop, and a three-namespace chain (A - router R - B) whose router drops
 forwarded traffic until the rules are in.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,12 +22,20 @@ NET4 = "10.244.0.0/16"
 NET6 = "fd00:10::/48"
 NOTE4 = f'"pycni-overlay: accept cluster network {NET4}"'
 NOTE6 = f'"pycni-overlay: accept cluster network {NET6}"'
-OURS4 = [f"-A FORWARD -s {NET4} -m comment --comment {NOTE4} -j ACCEPT",
-         f"-A FORWARD -d {NET4} -m comment --comment {NOTE4} -j ACCEPT"]
-OURS6 = [f"-A FORWARD -s {NET6} -m comment --comment {NOTE6} -j ACCEPT",
-         f"-A FORWARD -d {NET6} -m comment --comment {NOTE6} -j ACCEPT"]
-NFT_OURS = [f"ip saddr {NET4} accept comment {NOTE4}", f"ip daddr {NET4} accept comment {NOTE4}",
-            f"ip6 saddr {NET6} accept comment {NOTE6}", f"ip6 daddr {NET6} accept comment {NOTE6}"]
+OURS4 = [
+    f"-A FORWARD -s {NET4} -m comment --comment {NOTE4} -j ACCEPT",
+    f"-A FORWARD -d {NET4} -m comment --comment {NOTE4} -j ACCEPT",
+]
+OURS6 = [
+    f"-A FORWARD -s {NET6} -m comment --comment {NOTE6} -j ACCEPT",
+    f"-A FORWARD -d {NET6} -m comment --comment {NOTE6} -j ACCEPT",
+]
+NFT_OURS = [
+    f"ip saddr {NET4} accept comment {NOTE4}",
+    f"ip daddr {NET4} accept comment {NOTE4}",
+    f"ip6 saddr {NET6} accept comment {NOTE6}",
+    f"ip6 daddr {NET6} accept comment {NOTE6}",
+]
 
 INET_FILTER = """
 table inet filter {
@@ -61,8 +70,11 @@ def chain_rules(ns, family: str, table: str, chain: str) -> list[str]:
 def nft_comments(ns) -> list[tuple[str, str, str, str]]:
     """(family, table, chain, comment) of every rule with an nft comment."""
     objects = json.loads(ns.exec("nft", "-j", "list", "ruleset").stdout)["nftables"]
-    return [(r["family"], r["table"], r["chain"], r["comment"])
-            for r in (o["rule"] for o in objects if "rule" in o) if "comment" in r]
+    return [
+        (r["family"], r["table"], r["chain"], r["comment"])
+        for r in (o["rule"] for o in objects if "rule" in o)
+        if "comment" in r
+    ]
 
 
 def ensure(ns, *networks: str) -> list[str]:
@@ -84,8 +96,10 @@ def test_iptables_forward_drop_gets_our_rules_first_and_loses_them_on_remove(mak
     ns.exec("iptables", "-w", "-P", "FORWARD", "DROP")
     ns.exec("ip6tables", "-w", "-P", "FORWARD", "DROP")
     before4, before6 = forward_chain(ns, 4), forward_chain(ns, 6)
-    assert ns.run_in(forward.forward_drops) == ["iptables: filter FORWARD, policy DROP",
-                                                "ip6tables: filter FORWARD, policy DROP"]
+    assert ns.run_in(forward.forward_drops) == [
+        "iptables: filter FORWARD, policy DROP",
+        "ip6tables: filter FORWARD, policy DROP",
+    ]
 
     actions = ensure(ns, NET4, NET6)
     assert len(actions) == 2 and "iptables filter FORWARD" in actions[0] and "ip6tables" in actions[1]
@@ -102,8 +116,9 @@ def test_iptables_forward_drop_gets_our_rules_first_and_loses_them_on_remove(mak
     assert ensure(ns, NET4, NET6) == [actions[0] + " (removed 2 of ours)"]
     assert forward_chain(ns, 4) == [before4[0], *OURS4, theirs, *before4[1:]]
     # One of ours deleted by hand: repaired.
-    ns.exec("iptables", "-w", "-D", "FORWARD", "-d", NET4, "-m", "comment", "--comment", NOTE4.strip('"'),
-            "-j", "ACCEPT")
+    ns.exec(
+        "iptables", "-w", "-D", "FORWARD", "-d", NET4, "-m", "comment", "--comment", NOTE4.strip('"'), "-j", "ACCEPT"
+    )
     assert forward_chain(ns, 4) == [before4[0], OURS4[0], theirs, *before4[1:]]
     assert len(ensure(ns, NET4, NET6)) == 1
     assert forward_chain(ns, 4) == [before4[0], *OURS4, theirs, *before4[1:]]
@@ -142,7 +157,10 @@ def test_iptables_rules_stay_while_the_policy_is_accept(make_pod):
 
 def test_nft_forward_drop_chain_gets_our_rules_first_and_loses_them_on_remove(make_pod):
     ns = make_pod("fwd")
-    _nft_load(ns, INET_FILTER + """
+    _nft_load(
+        ns,
+        INET_FILTER
+        + """
 table ip my-fw {
     chain fwd-drop {
         type filter hook forward priority 10; policy drop;
@@ -157,15 +175,20 @@ table inet open {
         type filter hook forward priority 5; policy accept;
     }
 }
-""")
+""",
+    )
     before = ruleset_text(ns)
     inet_before = chain_rules(ns, "inet", "filter", "forward")
-    assert ns.run_in(forward.forward_drops) == ["nft: inet filter forward, policy drop",
-                                                "nft: ip my-fw fwd-drop, policy drop"]
+    assert ns.run_in(forward.forward_drops) == [
+        "nft: inet filter forward, policy drop",
+        "nft: ip my-fw fwd-drop, policy drop",
+    ]
 
     actions = ensure(ns, NET4, NET6)
-    assert actions == [f"nft inet filter forward (policy drop): put the accept rules for {NET4}, {NET6} first",
-                       f"nft ip my-fw fwd-drop (policy drop): put the accept rules for {NET4} first"]
+    assert actions == [
+        f"nft inet filter forward (policy drop): put the accept rules for {NET4}, {NET6} first",
+        f"nft ip my-fw fwd-drop (policy drop): put the accept rules for {NET4} first",
+    ]
     assert chain_rules(ns, "inet", "filter", "forward") == NFT_OURS + inet_before
     assert chain_rules(ns, "ip", "my-fw", "fwd-drop") == NFT_OURS[:2] + ["counter packets 0 bytes 0"]
     assert chain_rules(ns, "ip", "my-fw", "other") == ['iifname "eth7" accept']
@@ -181,21 +204,25 @@ table inet open {
 
     assert len(remove(ns, NET4, NET6)) == 2
     assert chain_rules(ns, "inet", "filter", "forward") == ['iifname "eth8" drop'] + inet_before
-    ns.exec("nft", "delete", "rule", "inet", "filter", "forward", "handle", _first_handle(ns, "inet", "filter",
-                                                                                            "forward"))
+    ns.exec(
+        "nft", "delete", "rule", "inet", "filter", "forward", "handle", _first_handle(ns, "inet", "filter", "forward")
+    )
     assert ruleset_text(ns).replace("packets 0 bytes 0", "") == before.replace("packets 0 bytes 0", "")
     assert remove(ns, NET4, NET6) == []
 
 
 def test_nft_chains_left_alone_are_reported(make_pod):
     ns = make_pod("fwd")
-    _nft_load(ns, """
+    _nft_load(
+        ns,
+        """
 table bridge l2 {
     chain forward {
         type filter hook forward priority 0; policy drop;
     }
 }
-""")
+""",
+    )
     ns.exec("iptables", "-w", "-t", "mangle", "-P", "FORWARD", "DROP")
     before = ruleset_text(ns)
     assert sorted(ns.run_in(forward.forward_drops)) == [
@@ -213,8 +240,10 @@ table bridge l2 {
 def routed(make_pod):
     """A (10.244.1.2) - R (router, forwarding on) - B (10.244.2.2); veths made in their final namespaces."""
     a, r, b = make_pod("fwa"), make_pod("fwr"), make_pod("fwb")
-    for ns, peer, address, gateway in ((a, "a0", "10.244.1.2/24", "10.244.1.1"),
-                                       (b, "b0", "10.244.2.2/24", "10.244.2.1")):
+    for ns, peer, address, gateway in (
+        (a, "a0", "10.244.1.2/24", "10.244.1.1"),
+        (b, "b0", "10.244.2.2/24", "10.244.2.1"),
+    ):
         ns.ip("link", "add", "eth0", "type", "veth", "peer", "name", peer, "netns", r.name)
         ns.ip("addr", "add", address, "dev", "eth0")
         ns.ip("link", "set", "eth0", "up")
@@ -270,7 +299,7 @@ HOSTILE = [
     '10.244.0.0/16" -j DROP',
     "10.244.0.0/16 -j DROP",
     "10.244.0.0/16\n-P FORWARD ACCEPT",
-    "10.244.0.1/16",          # host bits set: not a network
+    "10.244.0.1/16",  # host bits set: not a network
     "10.244.0.0/33",
     "",
     "pods",
@@ -306,8 +335,14 @@ def test_networks_must_be_a_list_of_strings(make_pod):
 def _nft_load(ns, ruleset: str) -> None:
     import subprocess
 
-    subprocess.run(["ip", "netns", "exec", ns.name, "nft", "-f", "-"], input=ruleset, text=True, check=True,
-                   capture_output=True, timeout=30)
+    subprocess.run(
+        ["ip", "netns", "exec", ns.name, "nft", "-f", "-"],
+        input=ruleset,
+        text=True,
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
 
 
 def _first_handle(ns, family: str, table: str, chain: str) -> str:

@@ -12,6 +12,7 @@ through the same store code (no netlink: simulated remote nodes). Then:
       opened once (the store's own request counters, read through `pycni agent status`);
     - `pycni agent status` shows the store side.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,9 +30,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cluster_helpers import etcd_skip_reason, start_etcd  # noqa: E402
 from multinode import UNDERLAY_GATEWAY, cluster_topology, wait_for  # noqa: E402
 
-pytestmark = [pytest.mark.integration, pytest.mark.multinode, pytest.mark.etcd,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
-              pytest.mark.skipif(etcd_skip_reason() is not None, reason=etcd_skip_reason() or "")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.multinode,
+    pytest.mark.etcd,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
+    pytest.mark.skipif(etcd_skip_reason() is not None, reason=etcd_skip_reason() or ""),
+]
 
 PYCNI = os.path.join(os.path.dirname(sys.executable), "pycni")
 NETWORK = "10.244.0.0/16"
@@ -40,8 +45,9 @@ VXLAN = "pycni.1"
 
 
 def status(node) -> dict:
-    done = subprocess.run([PYCNI, "agent", "status", "--socket", node.socket, "--json"], capture_output=True,
-                          text=True, timeout=30)
+    done = subprocess.run(
+        [PYCNI, "agent", "status", "--socket", node.socket, "--json"], capture_output=True, text=True, timeout=30
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)["overlay"]
 
@@ -89,11 +95,11 @@ def entry_keys(found: list, index: int) -> set[tuple[str, bool, str]]:
             continue
         what = change.mac if change.kind == "fdb" else change.ip if change.kind == "neigh" else change.dst
         if change.kind == "fdb" and not change.ip:
-            continue   # the device's own address
+            continue  # the device's own address
         if change.kind in ("fdb", "neigh") and not change.deleted and not change.permanent:
-            continue   # the kernel's own state changes (a deleted entry still referenced goes FAILED)
+            continue  # the kernel's own state changes (a deleted entry still referenced goes FAILED)
         if change.kind == "route" and (change.table != 254 or not change.gateway):
-            continue   # the kernel's own (local and link-local) routes of the device
+            continue  # the kernel's own (local and link-local) routes of the device
         keys.add((change.kind, change.deleted, what))
     return keys
 
@@ -112,8 +118,14 @@ def test_one_event_costs_one_nodes_entries_and_steady_state_only_the_keep_alive(
             try:
                 cfg = ClusterConfig(NETWORK)
                 for i in range(SIMULATED):
-                    acquire_lease(store, cfg, f"172.16.{i // 250}.{i % 250 + 1}",
-                                  f"0a:00:00:00:{i >> 8:02x}:{i & 0xff:02x}", node_name=f"sim{i}", ttl=3600)
+                    acquire_lease(
+                        store,
+                        cfg,
+                        f"172.16.{i // 250}.{i % 250 + 1}",
+                        f"0a:00:00:00:{i >> 8:02x}:{i & 0xFF:02x}",
+                        node_name=f"sim{i}",
+                        ttl=3600,
+                    )
                 agent = topo.start_agent(n0, url, extra_args=("--lease-ttl", "6", "--log-level", "debug"))
                 wait_for(lambda: fdb_count(n0) == SIMULATED, 30, interval=0.2, what="n0 programming every node")
                 index = n0.ip_json("link", "show", VXLAN)[0]["ifindex"]
@@ -123,17 +135,20 @@ def test_one_event_costs_one_nodes_entries_and_steady_state_only_the_keep_alive(
                 # -- a node joins: exactly its three entries appear
                 watcher = Notifications(n0.path)
                 try:
-                    joined = acquire_lease(store, cfg, "172.16.9.9", "0a:00:00:00:99:99", node_name="joiner",
-                                           ttl=3600)
+                    joined = acquire_lease(store, cfg, "172.16.9.9", "0a:00:00:00:99:99", node_name="joiner", ttl=3600)
                     found = watcher.collect(1.5)
                 finally:
                     watcher.close()
                 vtep = joined.subnet.split("/")[0]
-                assert entry_keys(found, index) == {("fdb", False, "0a:00:00:00:99:99"), ("neigh", False, vtep),
-                                                    ("route", False, joined.subnet)}
+                assert entry_keys(found, index) == {
+                    ("fdb", False, "0a:00:00:00:99:99"),
+                    ("neigh", False, vtep),
+                    ("route", False, joined.subnet),
+                }
                 after = status(n0)
-                assert after["reconciles"] == before["reconciles"], \
+                assert after["reconciles"] == before["reconciles"], (
                     f"a full reconcile ran for one event:\n{agent.log_tail(30)}"
+                )
                 assert after["events"] == before["events"] + 1
                 assert after["changes"] == before["changes"] + 3
 
@@ -144,8 +159,11 @@ def test_one_event_costs_one_nodes_entries_and_steady_state_only_the_keep_alive(
                     found = watcher.collect(1.5)
                 finally:
                     watcher.close()
-                assert entry_keys(found, index) == {("fdb", True, "0a:00:00:00:99:99"), ("neigh", True, vtep),
-                                                    ("route", True, joined.subnet)}
+                assert entry_keys(found, index) == {
+                    ("fdb", True, "0a:00:00:00:99:99"),
+                    ("neigh", True, vtep),
+                    ("route", True, joined.subnet),
+                }
                 assert status(n0)["reconciles"] == before["reconciles"]
             finally:
                 store.close()
@@ -154,13 +172,17 @@ def test_one_event_costs_one_nodes_entries_and_steady_state_only_the_keep_alive(
             first = status(n0)["store"]["requests"]["requests"]
             time.sleep(5.0)
             last = status(n0)["store"]
-            asked = {op: count - first.get(op, 0) for op, count in last["requests"]["requests"].items()
-                     if count != first.get(op, 0)}
+            asked = {
+                op: count - first.get(op, 0)
+                for op, count in last["requests"]["requests"].items()
+                if count != first.get(op, 0)
+            }
             assert set(asked) <= {"lease_keepalive"}, f"the idle agent asked the store for {asked}"
             assert 1 <= asked.get("lease_keepalive", 0) <= 4, asked
             assert last["relists"] == 0 and last["watch"] == "streaming"
-            text = subprocess.run([PYCNI, "agent", "status", "--socket", n0.socket], capture_output=True, text=True,
-                                  timeout=30).stdout
+            text = subprocess.run(
+                [PYCNI, "agent", "status", "--socket", n0.socket], capture_output=True, text=True, timeout=30
+            ).stdout
             assert "store:    watch streaming at revision" in text and "lease_keepalive" in text
             assert agent.running()
         finally:

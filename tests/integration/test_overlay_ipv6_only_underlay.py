@@ -14,6 +14,7 @@ cluster has no IPv4 at all: `cluster init --ipv6-network` alone, every node's --
       full-MTU packet with DF crosses while one byte more does not
     - a node reaches the other node's pod
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -43,9 +44,14 @@ IPV6_VXLAN_OVERHEAD = 70
 def add_pod(cluster: PodCluster, node, label: str) -> tuple[str, str, list[str]]:
     """A pod on node through `pycni add`; (namespace name, its path, its addresses)."""
     name, path = cluster.topo.add_namespace(f"{label}-{uuid.uuid4().hex[:4]}")
-    done = subprocess.run(["ip", "netns", "exec", node.name, PYCNI, "add", NET_NAME, path, "--container-id",
-                           uuid.uuid4().hex], capture_output=True, text=True, timeout=120, env=cluster.env(node),
-                          stdin=subprocess.DEVNULL)
+    done = subprocess.run(
+        ["ip", "netns", "exec", node.name, PYCNI, "add", NET_NAME, path, "--container-id", uuid.uuid4().hex],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=cluster.env(node),
+        stdin=subprocess.DEVNULL,
+    )
     assert done.returncode == 0, done.stderr
     return name, path, [ip["address"] for ip in json.loads(done.stdout)["ips"]]
 
@@ -82,7 +88,7 @@ def seen_source(server_path: str, client_path: str, dst: str, timeout: float = 3
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[PodCluster]:
     with pod_cluster(2, "file", "v6u", network="", ipv6_network=NETWORK6, underlay="ipv6") as c:
-        c.pods = {node.name: add_pod(c, node, f"p{node.index}") for node in c.nodes}   # type: ignore[attr-defined]
+        c.pods = {node.name: add_pod(c, node, f"p{node.index}") for node in c.nodes}  # type: ignore[attr-defined]
         yield c
 
 
@@ -95,8 +101,13 @@ def test_pods_get_only_an_ipv6_address_of_their_nodes_subnet(cluster):
         assert len(addresses) == 1
         address = ipaddress.ip_interface(addresses[0])
         assert address.version == 6 and address.ip in subnet
-        inet = subprocess.run(["ip", "-n", name, "-4", "-o", "addr", "show", "dev", "eth0"], capture_output=True,
-                              text=True, timeout=30, check=True).stdout
+        inet = subprocess.run(
+            ["ip", "-n", name, "-4", "-o", "addr", "show", "dev", "eth0"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
         assert inet.strip() == ""
 
 
@@ -123,7 +134,7 @@ def test_pod_pairs_talk_across_nodes_with_their_own_addresses_at_the_full_mtu(cl
         seen = seen_source(dst_path, src_path, dst)
         if seen is None or ipaddress.ip_address(seen) != ipaddress.ip_interface(src_address).ip:
             failures.append(f"TCP {a.name} pod -> {b.name} pod: the receiver saw {seen}, not {src_address}")
-        if not ping6(src_name, dst, size=mtu - 48):          # 40 bytes of IPv6 + 8 of ICMPv6: exactly the MTU
+        if not ping6(src_name, dst, size=mtu - 48):  # 40 bytes of IPv6 + 8 of ICMPv6: exactly the MTU
             failures.append(f"a {mtu}-byte packet with DF {a.name} pod -> {b.name} pod")
         if ping6(src_name, dst, size=mtu - 47, count=1):
             failures.append(f"a packet one byte over the {mtu}-byte MTU crossed {a.name} -> {b.name}")

@@ -8,6 +8,7 @@ MTU leaves room for the 70-byte IPv6 VXLAN header (1500 - 70 = 1430, where an
 IPv4 underlay gives 1450), the member set the firewall keeps is the IPv6 one,
 and pod packets cross at exactly that MTU with DF set.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,12 +56,12 @@ def test_pods_cross_an_ipv6_underlay_at_its_mtu(tmp_path):
 
             def programmed(node=node, entry=entry) -> bool:
                 out = node.run("bridge", "-j", "fdb", "show", "dev", VXLAN).stdout.strip()
-                return entry in {(e["mac"], e.get("dst")) for e in (json.loads(out) if out else [])
-                                 if e.get("state") == "permanent"}
+                return entry in {
+                    (e["mac"], e.get("dst")) for e in (json.loads(out) if out else []) if e.get("state") == "permanent"
+                }
 
             wait_for(programmed, 10, what=f"{node.name}'s FDB entry for {other['publicIP']}")
-            members = json.loads(node.run("nft", "-j", "list", "set", "inet", "pycni_overlay",
-                                          "members6").stdout)
+            members = json.loads(node.run("nft", "-j", "list", "set", "inet", "pycni_overlay", "members6").stdout)
             elements = next(obj["set"].get("elem", []) for obj in members["nftables"] if "set" in obj)
             assert set(elements) == {a.public_ip, b.public_ip}
 

@@ -19,6 +19,7 @@ and asserts on kernel state and on packets that really flow:
 The tests of one store kind share one cluster and run in file order; each leaves every agent of
 the first three nodes running as it found it.
 """
+
 from __future__ import annotations
 
 import base64
@@ -43,16 +44,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from multinode import UNDERLAY_BRIDGE, UNDERLAY_GATEWAY, AgentHandle, Node, seen_source, wait_for  # noqa: E402
 from pod_cluster import NET_NAME, PYCNI, PodCluster, agent_paused, pod_cluster  # noqa: E402
 
-pytestmark = [pytest.mark.integration, pytest.mark.multinode,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.multinode,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
+]
 
 BRIDGE = "pycni0"
 VXLAN = "pycni.1"
-LOWEST_MAC = "00:00:00:00:00:01"   # lower than any MAC a veth gets: an unpinned bridge would take it
+LOWEST_MAC = "00:00:00:00:00:01"  # lower than any MAC a veth gets: an unpinned bridge would take it
 SHORT_TTL = "3"
 
 
 # ---- pods --------------------------------------------------------------------------------------
+
 
 @dataclass
 class Pod:
@@ -68,8 +73,15 @@ def add_pod(cluster: PodCluster, node: Node, label: str, cold: bool = False) -> 
     """A pod namespace attached by `pycni add` through the node's CNI bin dir (the warm path unless cold)."""
     name, path = cluster.topo.add_namespace(f"{label}-{uuid.uuid4().hex[:4]}")
     container_id = uuid.uuid4().hex
-    done = cluster.pycni(node, "add", NET_NAME, path, "--container-id", container_id,
-                         cni_path=cluster.dir(node, "coldbin") if cold else None)
+    done = cluster.pycni(
+        node,
+        "add",
+        NET_NAME,
+        path,
+        "--container-id",
+        container_id,
+        cni_path=cluster.dir(node, "coldbin") if cold else None,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     address = result["ips"][0]["address"].split("/")[0]
@@ -87,26 +99,48 @@ def in_ns(ns: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def ping(ns: str, dst: str, count: int = 1, timeout: float = 2.0) -> bool:
-    done = subprocess.run(["ip", "netns", "exec", ns, "ping", "-n", "-q", "-c", str(count), "-i", "0.2",
-                           "-W", str(timeout), dst], capture_output=True, text=True, timeout=count * 3 + 10)
+    done = subprocess.run(
+        ["ip", "netns", "exec", ns, "ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", str(timeout), dst],
+        capture_output=True,
+        text=True,
+        timeout=count * 3 + 10,
+    )
     return done.returncode == 0
 
 
 def vxlan_plugin(cluster: PodCluster, node: Node, command: str, pod: Pod | None = None) -> tuple[int, dict]:
     """The node's vxlan plugin as a process on the cold path (the agent may be paused): (exit, JSON output)."""
-    conf = {"cniVersion": "1.1.0", "name": NET_NAME, "type": "vxlan", "stateDir": node.state_dir,
-            "dataDir": cluster.dir(node, "ipam")}
-    env = {"PATH": os.environ["PATH"], "CNI_COMMAND": command, "CNI_PATH": cluster.dir(node, "coldbin"),
-           "CNI_CONTAINERID": pod.container_id if pod else "", "CNI_NETNS": pod.path if pod else "",
-           "CNI_IFNAME": "eth1", "PYCNI_NO_AGENT": "1"}
-    done = subprocess.run(["ip", "netns", "exec", node.name, os.path.join(cluster.dir(node, "coldbin"), "vxlan")],
-                          input=json.dumps(conf), env=env, capture_output=True, text=True, timeout=60)
+    conf = {
+        "cniVersion": "1.1.0",
+        "name": NET_NAME,
+        "type": "vxlan",
+        "stateDir": node.state_dir,
+        "dataDir": cluster.dir(node, "ipam"),
+    }
+    env = {
+        "PATH": os.environ["PATH"],
+        "CNI_COMMAND": command,
+        "CNI_PATH": cluster.dir(node, "coldbin"),
+        "CNI_CONTAINERID": pod.container_id if pod else "",
+        "CNI_NETNS": pod.path if pod else "",
+        "CNI_IFNAME": "eth1",
+        "PYCNI_NO_AGENT": "1",
+    }
+    done = subprocess.run(
+        ["ip", "netns", "exec", node.name, os.path.join(cluster.dir(node, "coldbin"), "vxlan")],
+        input=json.dumps(conf),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return done.returncode, (json.loads(done.stdout) if done.stdout.strip() else {})
 
 
 def agent_status(node: Node) -> dict:
-    done = subprocess.run([PYCNI, "agent", "status", "--socket", node.socket, "--json"], capture_output=True,
-                          text=True, timeout=30)
+    done = subprocess.run(
+        [PYCNI, "agent", "status", "--socket", node.socket, "--json"], capture_output=True, text=True, timeout=30
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)["overlay"]
 
@@ -132,8 +166,11 @@ def fdb(node: Node) -> set[tuple[str, str]]:
 
 
 def routes(node: Node) -> set[str]:
-    return {r["dst"] for r in node.ip_json("route", "show", "dev", VXLAN)} if \
-        node.ip("link", "show", VXLAN, check=False).returncode == 0 else set()
+    return (
+        {r["dst"] for r in node.ip_json("route", "show", "dev", VXLAN)}
+        if node.ip("link", "show", VXLAN, check=False).returncode == 0
+        else set()
+    )
 
 
 def programmed(node: Node, remote: Node) -> bool:
@@ -151,6 +188,7 @@ def members(node: Node) -> set[str]:
 
 
 # ---- the cluster ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module", params=["file", pytest.param("etcd", marks=pytest.mark.etcd)])
 def cluster(request) -> Iterator[PodCluster]:
@@ -180,6 +218,7 @@ def all_pairs_ping(cluster: PodCluster, nodes: list[Node] | None = None) -> list
 
 # ---- 1. the gateway MAC -------------------------------------------------------------------------
 
+
 @NODE_LOCAL
 def test_gateway_mac_never_moves_while_a_pod_with_the_lowest_mac_comes_and_goes(cluster):
     n0, n1 = cluster.nodes[0], cluster.nodes[1]
@@ -188,8 +227,12 @@ def test_gateway_mac_never_moves_while_a_pod_with_the_lowest_mac_comes_and_goes(
     mac_before = link(n0, BRIDGE)["address"]
     assert mac_before == agent_status(n0)["bridgeMAC"]
     # A flood of 10 ms pings from a pod on n1 into the pod on n0: its replies leave through the gateway.
-    flood = subprocess.Popen(["ip", "netns", "exec", flooder.name, "ping", "-n", "-q", "-i", "0.01", "-c", "400",
-                              "-W", "1", target.address], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    flood = subprocess.Popen(
+        ["ip", "netns", "exec", flooder.name, "ping", "-n", "-q", "-i", "0.01", "-c", "400", "-W", "1", target.address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen_macs = set()
     try:
         time.sleep(0.3)
@@ -219,6 +262,7 @@ def test_gateway_mac_never_moves_while_a_pod_with_the_lowest_mac_comes_and_goes(
 
 
 # ---- 2. strict hosts: rp_filter=1 everywhere ---------------------------------------------------
+
 
 @contextlib.contextmanager
 def strict_rp_filter(nodes: list[Node]) -> Iterator[None]:
@@ -278,15 +322,33 @@ def test_no_ip_masq_leaves_pod_sources_alone(cluster):
 
 # ---- 3. node identity -----------------------------------------------------------------------------
 
+
 def test_a_second_agent_with_another_nodes_public_ip_refuses_to_start(cluster):
     n0, n1 = cluster.nodes[0], cluster.nodes[1]
     before = n0.read_state()
     host = cluster.topo.add_host()
     state_dir = cluster.topo.path(f"impostor-{cluster.kind}")
     os.makedirs(state_dir, exist_ok=True)
-    cmd = ["ip", "netns", "exec", host.name, PYCNI, "agent", "--store", cluster.store_url, "--public-ip",
-           n0.public_ip, "--underlay-device", "eth0", "--node-name", "impostor", "--state-dir", state_dir,
-           "--socket", os.path.join(state_dir, "agent.sock")]
+    cmd = [
+        "ip",
+        "netns",
+        "exec",
+        host.name,
+        PYCNI,
+        "agent",
+        "--store",
+        cluster.store_url,
+        "--public-ip",
+        n0.public_ip,
+        "--underlay-device",
+        "eth0",
+        "--node-name",
+        "impostor",
+        "--state-dir",
+        state_dir,
+        "--socket",
+        os.path.join(state_dir, "agent.sock"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert done.returncode != 0
     assert "impostor" in done.stderr and "n0" in done.stderr and n0.public_ip in done.stderr, done.stderr
@@ -298,6 +360,7 @@ def test_a_second_agent_with_another_nodes_public_ip_refuses_to_start(cluster):
 
 
 # ---- 4. lapsed and lost leases -------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def paused(cluster: PodCluster, handle: AgentHandle) -> Iterator[None]:
@@ -321,8 +384,9 @@ def put_raw(cluster: PodCluster, key: str, value: bytes) -> None:
         with contextlib.closing(FileStore(cluster.store_dir)) as store:
             store.put(key, value)
         return
-    body = json.dumps({"key": base64.b64encode(f"/pycni/{key}".encode()).decode(),
-                       "value": base64.b64encode(value).decode()})
+    body = json.dumps(
+        {"key": base64.b64encode(f"/pycni/{key}".encode()).decode(), "value": base64.b64encode(value).decode()}
+    )
     with netns.enter(cluster.nodes[0].path):
         conn = http.client.HTTPConnection(UNDERLAY_GATEWAY, 2379, timeout=10)
         conn.connect()
@@ -378,8 +442,12 @@ def test_a_lapsed_lease_is_taken_back_and_a_lost_one_never_renumbers_the_node(cl
         assert ping(pods(cluster)[n0.name].name, pod.address, count=2)
 
         # -- paused past its TTL while another node takes the subnet
-        thief = {"PublicIP": "192.168.100.99", "BackendType": "vxlan",
-                 "BackendData": {"VtepMAC": "0a:00:00:00:99:99"}, "NodeName": "thief"}
+        thief = {
+            "PublicIP": "192.168.100.99",
+            "BackendType": "vxlan",
+            "BackendData": {"VtepMAC": "0a:00:00:00:99:99"},
+            "NodeName": "thief",
+        }
         with paused(cluster, handle):
             wait_for(lambda: not programmed(n0, n2), 15, what="the other nodes dropping the lapsed node")
             put_raw(cluster, lease_key(subnet), json.dumps(thief).encode())
@@ -406,12 +474,14 @@ def test_a_lapsed_lease_is_taken_back_and_a_lost_one_never_renumbers_the_node(cl
 
 
 def addresses_in(pod: Pod, ifname: str) -> set[str]:
-    out = subprocess.run(["ip", "-n", pod.name, "-j", "addr", "show", ifname], capture_output=True, text=True,
-                         timeout=30).stdout
+    out = subprocess.run(
+        ["ip", "-n", pod.name, "-j", "addr", "show", ifname], capture_output=True, text=True, timeout=30
+    ).stdout
     return {f"{a['local']}/{a['prefixlen']}" for a in json.loads(out)[0]["addr_info"]}
 
 
 # ---- 5. drift -------------------------------------------------------------------------------------
+
 
 @NODE_LOCAL
 def test_every_kind_of_drift_is_repaired_within_a_second(cluster):
@@ -428,10 +498,17 @@ def test_every_kind_of_drift_is_repaired_within_a_second(cluster):
     def healthy() -> bool:
         info = vx()
         data = info.get("linkinfo", {}).get("info_data", {})
-        return (info.get("address") == vtep_mac and info.get("mtu") == mtu and data.get("learning") is False
-                and data.get("local") == n0.public_ip and data.get("port") == 8472 and data.get("id") == 1
-                and link(n0, BRIDGE)["address"] == bridge_mac and f"{gateway}/{prefix}" in addresses(n0, BRIDGE)
-                and programmed(n0, n1))
+        return (
+            info.get("address") == vtep_mac
+            and info.get("mtu") == mtu
+            and data.get("learning") is False
+            and data.get("local") == n0.public_ip
+            and data.get("port") == 8472
+            and data.get("id") == 1
+            and link(n0, BRIDGE)["address"] == bridge_mac
+            and f"{gateway}/{prefix}" in addresses(n0, BRIDGE)
+            and programmed(n0, n1)
+        )
 
     def recreate(*args: str) -> None:
         # Another program re-creates the device its own way, while the agent is paused (it would
@@ -462,11 +539,12 @@ def test_every_kind_of_drift_is_repaired_within_a_second(cluster):
 
 # ---- 6. the underlay link deleted and created again ----------------------------------------------
 
+
 @NODE_LOCAL
 def test_an_underlay_link_recreated_brings_the_overlay_back_within_two_seconds(cluster):
     n0, n1 = cluster.nodes[0], cluster.nodes[1]
     topo = cluster.topo
-    n1.ip("link", "del", "eth0")   # its peer in the underlay goes too, and the kernel deletes the VXLAN device
+    n1.ip("link", "del", "eth0")  # its peer in the underlay goes too, and the kernel deletes the VXLAN device
     wait_for(lambda: n1.ip("link", "show", VXLAN, check=False).returncode != 0, 5, what="the VXLAN device gone")
     time.sleep(0.5)
     n1.ip("link", "add", "eth0", "type", "veth", "peer", "name", n1.port, "netns", topo.underlay)
@@ -483,6 +561,7 @@ def test_an_underlay_link_recreated_brings_the_overlay_back_within_two_seconds(c
 
 # ---- 7. hosts whose FORWARD policy is DROP --------------------------------------------------------
 
+
 def forward_rules(node: Node) -> list[str]:
     return node.run("iptables", "-w", "-S", "FORWARD").stdout.splitlines()
 
@@ -495,8 +574,11 @@ def test_forward_policy_drop_does_not_stop_pod_traffic(cluster):
             node.run("iptables", "-w", "-P", "FORWARD", "DROP")
         # The agents find the drop policy at their next reconcile and put their accept rules first.
         for node in nodes:
-            wait_for(lambda node=node: any("pycni" in r for r in forward_rules(node)[1:2]), 15,
-                     what=f"accept rules first in {node.name}'s FORWARD chain")
+            wait_for(
+                lambda node=node: any("pycni" in r for r in forward_rules(node)[1:2]),
+                15,
+                what=f"accept rules first in {node.name}'s FORWARD chain",
+            )
         assert not all_pairs_ping(cluster)
         p0 = pods(cluster)[nodes[0].name]
         assert seen_source(outside.path, p0.path, outside.public_ip) == nodes[0].public_ip
@@ -517,8 +599,9 @@ def test_forward_policy_drop_does_not_stop_pod_traffic(cluster):
         n2 = nodes[2]
         if not cluster.agents[n2.name].running():
             cluster.agents[n2.name] = cluster.topo.start_agent(n2, cluster.store_url)
-    wait_for(lambda: all(programmed(a, b) for a in nodes for b in nodes if a is not b), 15,
-             what="the node back everywhere")
+    wait_for(
+        lambda: all(programmed(a, b) for a in nodes for b in nodes if a is not b), 15, what="the node back everywhere"
+    )
 
 
 # ---- 8. bad entries in the store (last: it adds a fourth node) -------------------------------------
@@ -527,17 +610,21 @@ BAD_ENTRIES = {
     "subnets/10.244.200.0-24": b"this is not JSON {",
     "subnets/10.244.201.0-24": b"[" * 5000 + b"]" * 5000,
     "subnets/10.244.202.0-24": json.dumps({"PublicIP": 12, "BackendData": {"VtepMAC": ["x"]}}).encode(),
-    "subnets/10.244.203.0-24": json.dumps({"PublicIP": "192.168.100.77%eth0", "BackendType": "vxlan",
-                                           "BackendData": {"VtepMAC": "0a:00:00:00:00:77"}}).encode(),
-    "subnets/10.99.0.0-24": json.dumps({"PublicIP": "192.168.100.78", "BackendType": "vxlan",
-                                        "BackendData": {"VtepMAC": "0a:00:00:00:00:78"}}).encode(),
+    "subnets/10.244.203.0-24": json.dumps(
+        {"PublicIP": "192.168.100.77%eth0", "BackendType": "vxlan", "BackendData": {"VtepMAC": "0a:00:00:00:00:77"}}
+    ).encode(),
+    "subnets/10.99.0.0-24": json.dumps(
+        {"PublicIP": "192.168.100.78", "BackendType": "vxlan", "BackendData": {"VtepMAC": "0a:00:00:00:00:78"}}
+    ).encode(),
     # a pod's address as public IP, claiming a real node's VTEP MAC
-    "subnets/10.244.204.0-24": b"",   # filled in by the test with n1's MAC
+    "subnets/10.244.204.0-24": b"",  # filled in by the test with n1's MAC
     # one MAC, two leases: neither is programmed
-    "subnets/10.244.205.0-24": json.dumps({"PublicIP": "192.168.100.79", "BackendType": "vxlan",
-                                           "BackendData": {"VtepMAC": "0a:00:00:00:00:79"}}).encode(),
-    "subnets/10.244.206.0-24": json.dumps({"PublicIP": "192.168.100.80", "BackendType": "vxlan",
-                                           "BackendData": {"VtepMAC": "0a:00:00:00:00:79"}}).encode(),
+    "subnets/10.244.205.0-24": json.dumps(
+        {"PublicIP": "192.168.100.79", "BackendType": "vxlan", "BackendData": {"VtepMAC": "0a:00:00:00:00:79"}}
+    ).encode(),
+    "subnets/10.244.206.0-24": json.dumps(
+        {"PublicIP": "192.168.100.80", "BackendType": "vxlan", "BackendData": {"VtepMAC": "0a:00:00:00:00:79"}}
+    ).encode(),
 }
 BAD_IPS = {"192.168.100.77", "192.168.100.78", "192.168.100.79", "192.168.100.80", "10.244.1.5"}
 
@@ -545,10 +632,10 @@ BAD_IPS = {"192.168.100.77", "192.168.100.78", "192.168.100.79", "192.168.100.80
 def test_bad_store_entries_are_skipped_and_never_stop_a_node(cluster):
     nodes = cluster.nodes[:3]
     entries = dict(BAD_ENTRIES)
-    entries["subnets/10.244.204.0-24"] = json.dumps({
-        "PublicIP": "10.244.1.5", "BackendType": "vxlan",
-        "BackendData": {"VtepMAC": nodes[1].read_state()["vtepMAC"]}}).encode()
-    if cluster.store_dir:   # and a record file that is no record at all
+    entries["subnets/10.244.204.0-24"] = json.dumps(
+        {"PublicIP": "10.244.1.5", "BackendType": "vxlan", "BackendData": {"VtepMAC": nodes[1].read_state()["vtepMAC"]}}
+    ).encode()
+    if cluster.store_dir:  # and a record file that is no record at all
         os.makedirs(os.path.join(cluster.store_dir, "subnets"), exist_ok=True)
         with open(os.path.join(cluster.store_dir, "subnets", "10.244.207.0-24"), "w") as fh:
             fh.write("garbage")
@@ -556,13 +643,20 @@ def test_bad_store_entries_are_skipped_and_never_stop_a_node(cluster):
         put_raw(cluster, key, value)
     time.sleep(1.5)
     for node in nodes:
-        assert cluster.agents[node.name].running(), f"the agent on {node.name} stopped:\n" \
-            f"{cluster.agents[node.name].log_tail()}"
+        assert cluster.agents[node.name].running(), (
+            f"the agent on {node.name} stopped:\n{cluster.agents[node.name].log_tail()}"
+        )
     status = agent_status(nodes[0])
     rejected = {r["key"] for r in status["rejectedEntries"]}
     skipped = " ".join(status["skipped"])
-    for key in ("subnets/10.244.200.0-24", "subnets/10.244.201.0-24", "subnets/10.244.202.0-24",
-                "subnets/10.244.203.0-24", "subnets/10.99.0.0-24", "subnets/10.244.204.0-24"):
+    for key in (
+        "subnets/10.244.200.0-24",
+        "subnets/10.244.201.0-24",
+        "subnets/10.244.202.0-24",
+        "subnets/10.244.203.0-24",
+        "subnets/10.99.0.0-24",
+        "subnets/10.244.204.0-24",
+    ):
         assert key in rejected, (key, status["rejectedEntries"])
     assert "10.244.205.0/24" in skipped and "10.244.206.0/24" in skipped, status["skipped"]
     # Nothing of them reached the kernel or the firewall.
@@ -575,8 +669,11 @@ def test_bad_store_entries_are_skipped_and_never_stop_a_node(cluster):
     newcomer = cluster.topo.add_node()
     cluster.agents[newcomer.name] = cluster.topo.start_agent(newcomer, cluster.store_url)
     for node in nodes:
-        wait_for(lambda node=node: programmed(node, newcomer) and programmed(newcomer, node), 10,
-                 what=f"{node.name} and the newcomer programming each other")
+        wait_for(
+            lambda node=node: programmed(node, newcomer) and programmed(newcomer, node),
+            10,
+            what=f"{node.name} and the newcomer programming each other",
+        )
     # One warning per bad entry, however many reconciles ran since.
     log = open(nodes[0].log_path, errors="replace").read()
     for key in entries:

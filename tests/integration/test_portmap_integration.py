@@ -10,6 +10,7 @@ these tests do not depend on pycni's own bridge. Echo servers run in the pods
 as processes (`ip netns exec`), started and stopped by PID; clients run in this
 process inside the namespaces with bounded timeouts.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -26,8 +27,10 @@ import pytest
 
 import netns
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
+]
 
 REF_DIR = "/usr/lib/cni"
 NODE_V4, NODE_V6 = "192.168.77.1", "fd77::1"
@@ -39,7 +42,7 @@ NETWORK = "pmnet"
 OURS = [sys.executable, "-c", "from cni_plugins.portmap import main; main()"]
 REFERENCE = [os.path.join(REF_DIR, "portmap")]
 
-SERVER = r'''
+SERVER = r"""
 import os, socket, sys, selectors
 tag, ports = sys.argv[1], [int(p) for p in sys.argv[2:]]
 sel = selectors.DefaultSelector()
@@ -69,7 +72,7 @@ while True:
         else:
             data, addr = s.recvfrom(2048)
             s.sendto(f"{tag} {peer(addr)} {s.getsockname()[1]}".encode(), addr)
-'''
+"""
 
 
 def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -100,25 +103,53 @@ class Node:
     pods: list[Pod] = field(default_factory=list)
 
     # ---- running plugins ----------------------------------------------------------
-    def run_plugin(self, cmd: list[str], command: str, conf: dict, container_id: str = "ctr",
-                   netns_path: str = "", ifname: str = "eth0") -> tuple[int, dict | None]:
-        env = {"PATH": os.environ["PATH"], "CNI_COMMAND": command, "CNI_CONTAINERID": container_id,
-               "CNI_NETNS": netns_path, "CNI_IFNAME": ifname, "CNI_PATH": REF_DIR}
-        proc = subprocess.run(["ip", "netns", "exec", self.node.name, *cmd], input=json.dumps(conf).encode(),
-                              env=env, capture_output=True, timeout=30)
+    def run_plugin(
+        self,
+        cmd: list[str],
+        command: str,
+        conf: dict,
+        container_id: str = "ctr",
+        netns_path: str = "",
+        ifname: str = "eth0",
+    ) -> tuple[int, dict | None]:
+        env = {
+            "PATH": os.environ["PATH"],
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": container_id,
+            "CNI_NETNS": netns_path,
+            "CNI_IFNAME": ifname,
+            "CNI_PATH": REF_DIR,
+        }
+        proc = subprocess.run(
+            ["ip", "netns", "exec", self.node.name, *cmd],
+            input=json.dumps(conf).encode(),
+            env=env,
+            capture_output=True,
+            timeout=30,
+        )
         out = json.loads(proc.stdout) if proc.stdout.strip() else None
         return proc.returncode, out
 
     def bridge_conf(self) -> dict:
-        return {"cniVersion": "1.0.0", "name": NETWORK, "type": "bridge", "bridge": "cni0",
-                "isGateway": True, "hairpinMode": True,
-                "ipam": {"type": "host-local", "dataDir": os.path.join(self.workdir, "ipam"),
-                         "ranges": [[{"subnet": "10.88.0.0/24"}], [{"subnet": "fd88::/64"}]],
-                         "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]}}
+        return {
+            "cniVersion": "1.0.0",
+            "name": NETWORK,
+            "type": "bridge",
+            "bridge": "cni0",
+            "isGateway": True,
+            "hairpinMode": True,
+            "ipam": {
+                "type": "host-local",
+                "dataDir": os.path.join(self.workdir, "ipam"),
+                "ranges": [[{"subnet": "10.88.0.0/24"}], [{"subnet": "fd88::/64"}]],
+                "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
+            },
+        }
 
     def add_pod(self, pod_ns: netns.Namespace, container_id: str, ports: list[int]) -> Pod:
-        rc, result = self.run_plugin([os.path.join(REF_DIR, "bridge")], "ADD", self.bridge_conf(),
-                                     container_id, pod_ns.path)
+        rc, result = self.run_plugin(
+            [os.path.join(REF_DIR, "bridge")], "ADD", self.bridge_conf(), container_id, pod_ns.path
+        )
         assert rc == 0, result
         pod = Pod(pod_ns, container_id, result)
         pod.server = start_server(pod_ns.name, container_id, ports, self.workdir)
@@ -126,8 +157,13 @@ class Node:
         return pod
 
     def portmap_conf(self, pod: Pod, mappings: list[dict], **extra) -> dict:
-        conf = {"cniVersion": "1.0.0", "name": NETWORK, "type": "portmap",
-                "runtimeConfig": {"portMappings": mappings}, "prevResult": pod.prev_result}
+        conf = {
+            "cniVersion": "1.0.0",
+            "name": NETWORK,
+            "type": "portmap",
+            "runtimeConfig": {"portMappings": mappings},
+            "prevResult": pod.prev_result,
+        }
         conf.update(extra)
         return conf
 
@@ -150,8 +186,12 @@ def start_server(ns_name: str, tag: str, ports: list[int], workdir: str) -> subp
     if not os.path.exists(script):
         with open(script, "w") as fh:
             fh.write(SERVER)
-    proc = subprocess.Popen(["ip", "netns", "exec", ns_name, sys.executable, script, tag, *map(str, ports)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns_name, sys.executable, script, tag, *map(str, ports)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     ready, _, _ = select.select([proc.stdout], [], [], 10)
     if not ready or proc.stdout.readline().strip() != "ready":
         stop_server(proc)
@@ -180,12 +220,22 @@ def build_node(workdir: str, node: netns.Namespace, outside: netns.Namespace) ->
     sh("ip", "-n", o, "link", "set", "eth0", "up")
     sh("ip", "-n", o, "route", "add", "default", "via", NODE_V4)
     sh("ip", "-n", o, "-6", "route", "add", "default", "via", NODE_V6)
-    sh("ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
-       "net.ipv6.conf.default.accept_dad=0")  # no DAD wait for the bridge's IPv6 address
+    sh(
+        "ip",
+        "netns",
+        "exec",
+        n,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+        "net.ipv6.conf.all.forwarding=1",
+        "net.ipv6.conf.default.accept_dad=0",
+    )  # no DAD wait for the bridge's IPv6 address
     return Node(node, outside, workdir)
 
 
 # ---- clients ------------------------------------------------------------------------
+
 
 def ask(ns: netns.Namespace, host: str, port: int, proto: str = "tcp", timeout: float = 1.0) -> str | None:
     """Connect (TCP) or send a datagram (UDP) from inside ``ns``; the echo reply or None."""
@@ -217,6 +267,7 @@ def ask_until(ns: netns.Namespace, host: str, port: int, proto: str = "tcp", tri
 
 
 # ---- fixtures ---------------------------------------------------------------------------
+
 
 class Topology:
     """A node with two pods (A, B) whose echo servers listen on ports 80 and 81."""
@@ -296,11 +347,14 @@ def owner_comment_present(env: Node, container_id: str) -> bool:
     return f"/{container_id}/" in env.nft_ruleset()
 
 
-TCP_UDP = [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
-           {"hostPort": 8081, "containerPort": 81, "protocol": "udp"}]
+TCP_UDP = [
+    {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
+    {"hostPort": 8081, "containerPort": 81, "protocol": "udp"},
+]
 
 
 # ---- nftables backend (the default) ------------------------------------------------------
+
 
 def test_add_forwards_tcp_udp_v4_v6_and_del_removes(env):
     a = env.pods[0]
@@ -335,8 +389,9 @@ def test_hairpin_and_localhost_are_masqueraded(env):
     assert ask(b.ns, NODE_V4, 8080) == f"ctrA {BRIDGE_V4} 80"
     # 127.0.0.1 in the node: route_localnet on the bridge and masquerade.
     assert ask(env.node, "127.0.0.1", 8080) == f"ctrA {BRIDGE_V4} 80"
-    route_localnet = sh("ip", "netns", "exec", env.node.name, "sysctl", "-n",
-                        "net.ipv4.conf.cni0.route_localnet").stdout.strip()
+    route_localnet = sh(
+        "ip", "netns", "exec", env.node.name, "sysctl", "-n", "net.ipv4.conf.cni0.route_localnet"
+    ).stdout.strip()
     assert route_localnet == "1"
     assert pm_del(env, a, TCP_UDP)[0] == 0
 
@@ -360,9 +415,11 @@ def test_masq_all_and_mark_bit(env):
 
 def test_host_ip_restricts_the_address(env):
     a = env.pods[0]
-    mappings = [{"hostPort": 9090, "containerPort": 80, "protocol": "tcp", "hostIP": NODE_V4},
-                {"hostPort": 9091, "containerPort": 80, "protocol": "tcp", "hostIP": NODE_V6},
-                {"hostPort": 9092, "containerPort": 80, "protocol": "tcp", "hostIP": "0.0.0.0"}]
+    mappings = [
+        {"hostPort": 9090, "containerPort": 80, "protocol": "tcp", "hostIP": NODE_V4},
+        {"hostPort": 9091, "containerPort": 80, "protocol": "tcp", "hostIP": NODE_V6},
+        {"hostPort": 9092, "containerPort": 80, "protocol": "tcp", "hostIP": "0.0.0.0"},
+    ]
     assert pm_add(env, a, mappings)[0] == 0
     assert tag(ask(env.outside, NODE_V4, 9090)) == "ctrA"
     assert ask(env.outside, NODE_V4_EXTRA, 9090) is None
@@ -376,10 +433,14 @@ def test_host_ip_restricts_the_address(env):
 
 def test_two_pods_share_a_host_port_by_host_ip_or_protocol(env):
     a, b = env.pods
-    map_a = [{"hostPort": 7000, "containerPort": 80, "protocol": "tcp", "hostIP": NODE_V4},
-             {"hostPort": 7001, "containerPort": 80, "protocol": "tcp"}]
-    map_b = [{"hostPort": 7000, "containerPort": 80, "protocol": "tcp", "hostIP": NODE_V4_EXTRA},
-             {"hostPort": 7001, "containerPort": 81, "protocol": "udp"}]
+    map_a = [
+        {"hostPort": 7000, "containerPort": 80, "protocol": "tcp", "hostIP": NODE_V4},
+        {"hostPort": 7001, "containerPort": 80, "protocol": "tcp"},
+    ]
+    map_b = [
+        {"hostPort": 7000, "containerPort": 80, "protocol": "tcp", "hostIP": NODE_V4_EXTRA},
+        {"hostPort": 7001, "containerPort": 81, "protocol": "udp"},
+    ]
     assert pm_add(env, a, map_a)[0] == 0
     assert pm_add(env, b, map_b)[0] == 0
     assert tag(ask(env.outside, NODE_V4, 7000)) == "ctrA"
@@ -448,8 +509,19 @@ def test_check(env):
     rc, out = env.run_plugin(OURS, "CHECK", conf, a.container_id, a.ns.path)
     assert rc == 0, out
     net = [line for line in env.nft_ruleset().splitlines() if "map n" in line][0].split()[1][:13]
-    sh("ip", "netns", "exec", env.node.name, "nft", "delete", "element", "inet", "pycni_portmap",
-       f"{net}_any4", "{ udp . 8081 }")
+    sh(
+        "ip",
+        "netns",
+        "exec",
+        env.node.name,
+        "nft",
+        "delete",
+        "element",
+        "inet",
+        "pycni_portmap",
+        f"{net}_any4",
+        "{ udp . 8081 }",
+    )
     rc, out = env.run_plugin(OURS, "CHECK", conf, a.container_id, a.ns.path)
     assert rc == 1 and "8081" in out["msg"]
     no_prev = dict(conf)
@@ -464,8 +536,12 @@ def test_gc_removes_mappings_of_invalid_attachments(env):
     map_b = [{"hostPort": 7201, "containerPort": 80, "protocol": "tcp"}]
     assert pm_add(env, a, map_a)[0] == 0
     assert pm_add(env, b, map_b)[0] == 0
-    gc_conf = {"cniVersion": "1.1.0", "name": NETWORK, "type": "portmap",
-               "cni.dev/valid-attachments": [{"containerID": "ctrB", "ifname": "eth0"}]}
+    gc_conf = {
+        "cniVersion": "1.1.0",
+        "name": NETWORK,
+        "type": "portmap",
+        "cni.dev/valid-attachments": [{"containerID": "ctrB", "ifname": "eth0"}],
+    }
     rc, out = env.run_plugin(OURS, "GC", gc_conf)
     assert rc == 0, out
     assert not owner_comment_present(env, "ctrA") and owner_comment_present(env, "ctrB")
@@ -485,29 +561,32 @@ def test_conditions_v4_limit_forwarding(env):
     assert tag(ask(env.node, NODE_V4, 7300)) == "ctrA"
 
 
-@pytest.mark.parametrize("extra, mappings, code", [
-    ({"conditionsV4": ["ip saddr 1.2.3.4; flush ruleset"]}, TCP_UDP, 7),
-    ({"conditionsV4": ["ip saddr 1.2.3.4\nflush ruleset"]}, TCP_UDP, 7),
-    ({"conditionsV6": ["ip6 saddr ::1 accept"]}, TCP_UDP, 7),
-    ({}, [{"hostPort": 1, "containerPort": 80, "protocol": "tcp", "hostIP": "1.2.3.4 } ; flush ruleset"}], 7),
-    ({}, [{"hostPort": 1, "containerPort": 80, "protocol": "tcp; flush ruleset"}], 2),
-    ({}, [{"hostPort": 70000, "containerPort": 80, "protocol": "tcp"}], 7),
-    ({}, [{"hostPort": "80", "containerPort": 80, "protocol": "tcp"}], 7),
-    ({"markMasqBit": 32}, TCP_UDP, 7),
-    ({"markMasqBit": 3, "externalSetMarkChain": "X"}, TCP_UDP, 7),
-    ({"backend": "iptables", "externalSetMarkChain": "X -j ACCEPT"}, TCP_UDP, 7),
-    ({"backend": "iptables", "conditionsV4": ["-s", "1.2.3.4", "-j", "ACCEPT"]}, TCP_UDP, 7),
-    ({"backend": "nftables", "conditionsV4": ["-s", "1.2.3.4"]}, TCP_UDP, 7),
-    ({"backend": "pf"}, TCP_UDP, 7),
-    ({"name": 'pm"; flush ruleset'}, TCP_UDP, 7),
-    # conditions hold match expressions only: statements are refused before any rule is written
-    ({"conditionsV4": ["meta mark set 0x1"]}, TCP_UDP, 7),
-    ({"conditionsV4": ["ip saddr 10.0.0.0/8", "log prefix pwned", "counter"]}, TCP_UDP, 7),
-    ({"conditionsV6": ["ip6 saddr ::1 limit rate 1/second"]}, TCP_UDP, 7),
-    ({"backend": "iptables", "conditionsV4": ["-s", "1.2.3.4", "--jump=ACCEPT"]}, TCP_UDP, 7),
-    ({"backend": "iptables", "conditionsV4": ["-m", "limit", "--limit", "1/s"]}, TCP_UDP, 7),
-    ({"backend": "iptables", "conditionsV6": ["-s", "::1", "-g", "KUBE-X"]}, TCP_UDP, 7),
-])
+@pytest.mark.parametrize(
+    "extra, mappings, code",
+    [
+        ({"conditionsV4": ["ip saddr 1.2.3.4; flush ruleset"]}, TCP_UDP, 7),
+        ({"conditionsV4": ["ip saddr 1.2.3.4\nflush ruleset"]}, TCP_UDP, 7),
+        ({"conditionsV6": ["ip6 saddr ::1 accept"]}, TCP_UDP, 7),
+        ({}, [{"hostPort": 1, "containerPort": 80, "protocol": "tcp", "hostIP": "1.2.3.4 } ; flush ruleset"}], 7),
+        ({}, [{"hostPort": 1, "containerPort": 80, "protocol": "tcp; flush ruleset"}], 2),
+        ({}, [{"hostPort": 70000, "containerPort": 80, "protocol": "tcp"}], 7),
+        ({}, [{"hostPort": "80", "containerPort": 80, "protocol": "tcp"}], 7),
+        ({"markMasqBit": 32}, TCP_UDP, 7),
+        ({"markMasqBit": 3, "externalSetMarkChain": "X"}, TCP_UDP, 7),
+        ({"backend": "iptables", "externalSetMarkChain": "X -j ACCEPT"}, TCP_UDP, 7),
+        ({"backend": "iptables", "conditionsV4": ["-s", "1.2.3.4", "-j", "ACCEPT"]}, TCP_UDP, 7),
+        ({"backend": "nftables", "conditionsV4": ["-s", "1.2.3.4"]}, TCP_UDP, 7),
+        ({"backend": "pf"}, TCP_UDP, 7),
+        ({"name": 'pm"; flush ruleset'}, TCP_UDP, 7),
+        # conditions hold match expressions only: statements are refused before any rule is written
+        ({"conditionsV4": ["meta mark set 0x1"]}, TCP_UDP, 7),
+        ({"conditionsV4": ["ip saddr 10.0.0.0/8", "log prefix pwned", "counter"]}, TCP_UDP, 7),
+        ({"conditionsV6": ["ip6 saddr ::1 limit rate 1/second"]}, TCP_UDP, 7),
+        ({"backend": "iptables", "conditionsV4": ["-s", "1.2.3.4", "--jump=ACCEPT"]}, TCP_UDP, 7),
+        ({"backend": "iptables", "conditionsV4": ["-m", "limit", "--limit", "1/s"]}, TCP_UDP, 7),
+        ({"backend": "iptables", "conditionsV6": ["-s", "::1", "-g", "KUBE-X"]}, TCP_UDP, 7),
+    ],
+)
 def test_bad_input_is_rejected_and_changes_nothing(env, extra, mappings, code):
     a = env.pods[0]
     assert pm_add(env, a, [{"hostPort": 7400, "containerPort": 80, "protocol": "tcp"}])[0] == 0
@@ -527,13 +606,14 @@ def test_odd_interface_name_is_data_not_syntax(env):
     rc, out = env.run_plugin(OURS, "ADD", conf, a.container_id, a.ns.path, ifname='e"t}h;0')
     assert rc == 0, out
     assert tag(ask(env.outside, NODE_V4, 7500)) == "ctrA"
-    assert 'e_t_h_0' in env.nft_ruleset()
+    assert "e_t_h_0" in env.nft_ruleset()
     rc, out = env.run_plugin(OURS, "DEL", conf, a.container_id, "", ifname='e"t}h;0')
     assert rc == 0, out
     assert "pycni_portmap" not in env.nft_ruleset()
 
 
 # ---- iptables backend ----------------------------------------------------------------------
+
 
 def test_iptables_backend_layout_and_traffic(env):
     a = env.pods[0]
@@ -544,10 +624,12 @@ def test_iptables_backend_layout_and_traffic(env):
     assert ask(a.ns, NODE_V4, 8080) == f"ctrA {BRIDGE_V4} 80"
     assert ask(env.node, "127.0.0.1", 8080) == f"ctrA {BRIDGE_V4} 80"
     saved = env.iptables_save()
-    for line in ("-A PREROUTING -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT",
-                 "-A OUTPUT -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT",
-                 "-A POSTROUTING -m comment --comment \"CNI portfwd requiring masquerade\" -j CNI-HOSTPORT-MASQ",
-                 "-A CNI-HOSTPORT-MASQ -m mark --mark 0x2000/0x2000 -j MASQUERADE"):
+    for line in (
+        "-A PREROUTING -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT",
+        "-A OUTPUT -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT",
+        '-A POSTROUTING -m comment --comment "CNI portfwd requiring masquerade" -j CNI-HOSTPORT-MASQ',
+        "-A CNI-HOSTPORT-MASQ -m mark --mark 0x2000/0x2000 -j MASQUERADE",
+    ):
         assert line in saved
     assert "CNI-DN-" in saved and "pycni_portmap" not in env.nft_ruleset()
     conf = env.portmap_conf(a, TCP_UDP, backend="iptables")
@@ -569,14 +651,17 @@ def test_iptables_check_fails_on_broken_state(env):
     assert env.run_plugin(OURS, "CHECK", conf, a.container_id, a.ns.path)[0] == 0
 
     def rules(family: int, *needles: str) -> list[str]:
-        return [line for line in env.iptables_save(family).splitlines()
-                if line.startswith("-A ") and all(n in line for n in needles)]
+        return [
+            line
+            for line in env.iptables_save(family).splitlines()
+            if line.startswith("-A ") and all(n in line for n in needles)
+        ]
 
     breakages = [
-        (4, ("-A CNI-DN-", "DNAT", "--dport 8080")),        # the v4 DNAT of one mapping
-        (6, ("-A CNI-DN-", "DNAT", "--dport 8081")),        # the v6 DNAT of another
-        (4, ("-A CNI-DN-", "CNI-HOSTPORT-SETMARK")),        # the mark for hairpin masquerade
-        (4, ("-A CNI-HOSTPORT-DNAT", "-j CNI-DN-")),        # the jump into the container's chain
+        (4, ("-A CNI-DN-", "DNAT", "--dport 8080")),  # the v4 DNAT of one mapping
+        (6, ("-A CNI-DN-", "DNAT", "--dport 8081")),  # the v6 DNAT of another
+        (4, ("-A CNI-DN-", "CNI-HOSTPORT-SETMARK")),  # the mark for hairpin masquerade
+        (4, ("-A CNI-HOSTPORT-DNAT", "-j CNI-DN-")),  # the jump into the container's chain
     ]
     for family, needles in breakages:
         found = rules(family, *needles)
@@ -598,8 +683,13 @@ def test_iptables_backend_gc(env):
     map_b = [{"hostPort": 7201, "containerPort": 80, "protocol": "tcp"}]
     assert pm_add(env, a, map_a, backend="iptables")[0] == 0
     assert pm_add(env, b, map_b, backend="iptables")[0] == 0
-    gc_conf = {"cniVersion": "1.1.0", "name": NETWORK, "type": "portmap", "backend": "iptables",
-               "cni.dev/valid-attachments": [{"containerID": "ctrB", "ifname": "eth0"}]}
+    gc_conf = {
+        "cniVersion": "1.1.0",
+        "name": NETWORK,
+        "type": "portmap",
+        "backend": "iptables",
+        "cni.dev/valid-attachments": [{"containerID": "ctrB", "ifname": "eth0"}],
+    }
     rc, out = env.run_plugin(OURS, "GC", gc_conf)
     assert rc == 0, out
     saved = env.iptables_save()
@@ -609,6 +699,7 @@ def test_iptables_backend_gc(env):
 
 
 # ---- side by side with the reference (v1.1.1: iptables) ------------------------------------
+
 
 @pytest.fixture(scope="module")
 def ref_topo(tmp_path_factory):
@@ -620,8 +711,10 @@ def ref_env(ref_topo):
     yield from clean_firewall(ref_topo)
 
 
-MIXED = TCP_UDP + [{"hostPort": 9090, "containerPort": 80, "protocol": "tcp", "hostIP": NODE_V4},
-                   {"hostPort": 9091, "containerPort": 81, "protocol": "udp", "hostIP": NODE_V6}]
+MIXED = TCP_UDP + [
+    {"hostPort": 9090, "containerPort": 80, "protocol": "tcp", "hostIP": NODE_V4},
+    {"hostPort": 9091, "containerPort": 81, "protocol": "udp", "hostIP": NODE_V6},
+]
 
 
 def reachability(env: Node) -> dict[str, str | None]:
@@ -677,13 +770,16 @@ def test_iptables_backend_writes_the_reference_rules(env, ref_env):
     assert "-A CNI-HOSTPORT-DNAT" in env.iptables_save()
 
 
-@pytest.mark.parametrize("extra, mappings", [
-    ({"markMasqBit": 32}, TCP_UDP),
-    ({"markMasqBit": -1}, TCP_UDP),
-    ({"markMasqBit": 3, "externalSetMarkChain": "X"}, TCP_UDP),
-    ({}, [{"hostPort": 0, "containerPort": 80, "protocol": "tcp"}]),
-    ({}, [{"hostPort": 80, "containerPort": -1, "protocol": "tcp"}]),
-])
+@pytest.mark.parametrize(
+    "extra, mappings",
+    [
+        ({"markMasqBit": 32}, TCP_UDP),
+        ({"markMasqBit": -1}, TCP_UDP),
+        ({"markMasqBit": 3, "externalSetMarkChain": "X"}, TCP_UDP),
+        ({}, [{"hostPort": 0, "containerPort": 80, "protocol": "tcp"}]),
+        ({}, [{"hostPort": 80, "containerPort": -1, "protocol": "tcp"}]),
+    ],
+)
 def test_bad_config_fails_like_the_reference(env, ref_env, extra, mappings):
     for node, cmd in ((env, OURS), (ref_env, REFERENCE)):
         rc, out = pm_add(node, node.pods[0], mappings, cmd, **extra)
@@ -717,8 +813,9 @@ def test_stale_udp_conntrack_entries_are_flushed_on_add(env):
         sock.bind((OUT_V4, 40000))
         sock.settimeout(0.5)
         sock.sendto(b"early", (NODE_V4, 8082))  # no mapping yet: conntrack remembers a plain flow
-        listing = sh("ip", "netns", "exec", env.node.name, "conntrack", "-L", "-p", "udp",
-                     "--orig-port-dst", "8082").stdout
+        listing = sh(
+            "ip", "netns", "exec", env.node.name, "conntrack", "-L", "-p", "udp", "--orig-port-dst", "8082"
+        ).stdout
         assert "dport=8082" in listing
         mapping = [{"hostPort": 8082, "containerPort": 81, "protocol": "udp"}]
         assert pm_add(env, env.pods[0], mapping)[0] == 0
@@ -751,10 +848,12 @@ def test_older_versions_pass_prev_result_like_the_reference(env, ref_env, versio
     outputs = {}
     for label, node, cmd in (("ours", env, OURS), ("ref", ref_env, REFERENCE)):
         a = node.pods[0]
-        prev = {"cniVersion": version,
-                "interfaces": [{"name": "eth0", "sandbox": a.ns.path}],
-                "ips": [{"version": "4", "address": f"{a.v4}/24", "gateway": BRIDGE_V4, "interface": 0}],
-                "dns": {}}
+        prev = {
+            "cniVersion": version,
+            "interfaces": [{"name": "eth0", "sandbox": a.ns.path}],
+            "ips": [{"version": "4", "address": f"{a.v4}/24", "gateway": BRIDGE_V4, "interface": 0}],
+            "dns": {},
+        }
         conf = dict(node.portmap_conf(a, TCP_UDP), cniVersion=version, prevResult=prev)
         rc, out = node.run_plugin(cmd, "ADD", conf, a.container_id, a.ns.path)
         assert rc == 0, (label, out)
@@ -768,8 +867,25 @@ def test_iptables_backend_appends_to_the_kernel_hooks(env):
     """CVE-2019-9946: the host's own nat rules must stay ahead of the port mappings."""
     n = env.node.name
     for chain in ("PREROUTING", "OUTPUT", "POSTROUTING"):
-        sh("ip", "netns", "exec", n, "iptables", "-w", "5", "-t", "nat", "-A", chain,
-           "-p", "tcp", "--dport", "1", "-j", "RETURN")
+        sh(
+            "ip",
+            "netns",
+            "exec",
+            n,
+            "iptables",
+            "-w",
+            "5",
+            "-t",
+            "nat",
+            "-A",
+            chain,
+            "-p",
+            "tcp",
+            "--dport",
+            "1",
+            "-j",
+            "RETURN",
+        )
     assert pm_add(env, env.pods[0], TCP_UDP, backend="iptables")[0] == 0
     for chain in ("PREROUTING", "OUTPUT", "POSTROUTING"):
         rules = sh("ip", "netns", "exec", n, "iptables", "-t", "nat", "-S", chain).stdout.splitlines()[1:]

@@ -3,6 +3,7 @@
 Each fake plugin records its environment and stdin, then answers like a
 plugin would; its behaviour is steered from the configuration it gets.
 """
+
 from __future__ import annotations
 
 import base64
@@ -84,8 +85,13 @@ def env(tmp_path, monkeypatch):
     return Env()
 
 
-RT = RuntimeConf(container_id="ctr1", netns="/var/run/netns/pod1", ifname="eth0",
-                 args=[("K8S_POD_NAME", "web")], capability_args={"portMappings": [{"hostPort": 80}]})
+RT = RuntimeConf(
+    container_id="ctr1",
+    netns="/var/run/netns/pod1",
+    ifname="eth0",
+    args=[("K8S_POD_NAME", "web")],
+    capability_args={"portMappings": [{"hostPort": 80}]},
+)
 
 
 def test_add_runs_chain_in_order_and_caches(env):
@@ -95,8 +101,14 @@ def test_add_runs_chain_in_order_and_caches(env):
     assert [c["plugin"] for c in calls] == ["a", "b", "c"]
     assert [i["name"] for i in result["interfaces"]] == ["a", "b", "c"]
     first, second, third = calls
-    assert first["env"] == {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "ctr1", "CNI_NETNS": "/var/run/netns/pod1",
-                            "CNI_IFNAME": "eth0", "CNI_ARGS": "K8S_POD_NAME=web", "CNI_PATH": str(env.bin)}
+    assert first["env"] == {
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": "ctr1",
+        "CNI_NETNS": "/var/run/netns/pod1",
+        "CNI_IFNAME": "eth0",
+        "CNI_ARGS": "K8S_POD_NAME=web",
+        "CNI_PATH": str(env.bin),
+    }
     assert "prevResult" not in first["conf"]
     assert first["conf"]["name"] == "fakenet" and first["conf"]["cniVersion"] == "1.0.0"
     assert [i["name"] for i in second["conf"]["prevResult"]["interfaces"]] == ["a"]
@@ -201,8 +213,7 @@ def test_plugin_error_object_is_reported(env):
     with pytest.raises(PluginError) as info:
         env.runtime.add(netlist, RT)
     error = info.value
-    assert (error.code, error.msg, error.details, error.plugin, error.command) == (11, "try later", "busy", "b",
-                                                                                   "ADD")
+    assert (error.code, error.msg, error.details, error.plugin, error.command) == (11, "try later", "busy", "b", "ADD")
     assert "plugin 'b' failed (ADD): try later; busy" == str(error)
     assert not (env.cache / "results" / "fakenet-ctr1-eth0").exists()
 
@@ -224,12 +235,15 @@ def test_missing_plugin_names_dirs_and_runs_nothing(env):
     assert env.calls() == []
 
 
-@pytest.mark.parametrize("bad", [
-    RuntimeConf(container_id="../../etc", netns="/x"),
-    RuntimeConf(container_id="c1", netns="/x", ifname="../x"),
-    RuntimeConf(container_id="c1", netns="/x", ifname="a-very-long-interface-name"),
-    RuntimeConf(container_id="c1", netns="/x", args=[("A", "b;c")]),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        RuntimeConf(container_id="../../etc", netns="/x"),
+        RuntimeConf(container_id="c1", netns="/x", ifname="../x"),
+        RuntimeConf(container_id="c1", netns="/x", ifname="a-very-long-interface-name"),
+        RuntimeConf(container_id="c1", netns="/x", args=[("A", "b;c")]),
+    ],
+)
 def test_runtime_conf_is_validated(env, bad):
     netlist = env.network([{"type": "a"}])
     for operation in (env.runtime.add, env.runtime.delete, env.runtime.check):
@@ -251,8 +265,10 @@ def test_gc_sends_valid_attachments_from_cache(env):
     assert [c["plugin"] for c in calls] == ["a", "b"]
     for call in calls:
         assert call["env"] == {"CNI_COMMAND": "GC", "CNI_PATH": str(env.bin)}
-        assert call["conf"]["cni.dev/valid-attachments"] == [{"containerID": "ctr1", "ifname": "eth0"},
-                                                             {"containerID": "ctr2", "ifname": "net1"}]
+        assert call["conf"]["cni.dev/valid-attachments"] == [
+            {"containerID": "ctr1", "ifname": "eth0"},
+            {"containerID": "ctr2", "ifname": "net1"},
+        ]
     assert report.removed == [] and report.plugins == ["a", "b"]
     assert len(ResultCache(str(env.cache)).list()) == 3
 
@@ -264,8 +280,10 @@ def test_gc_deletes_attachments_not_valid(env):
     env.calls()
     report = env.runtime.gc(netlist, [("ctr1", "eth0")])
     calls = env.calls()
-    assert [(c["env"]["CNI_COMMAND"], c["env"].get("CNI_CONTAINERID")) for c in calls] == [("DEL", "ctr2"),
-                                                                                          ("GC", None)]
+    assert [(c["env"]["CNI_COMMAND"], c["env"].get("CNI_CONTAINERID")) for c in calls] == [
+        ("DEL", "ctr2"),
+        ("GC", None),
+    ]
     assert calls[0]["env"]["CNI_NETNS"] == "/var/run/netns/pod2"
     assert calls[1]["conf"]["cni.dev/valid-attachments"] == [{"containerID": "ctr1", "ifname": "eth0"}]
     assert [e.container_id for e in report.removed] == ["ctr2"]
@@ -294,8 +312,9 @@ def test_status(env):
     assert env.runtime.status(netlist).plugins == ["a", "b"]
     calls = env.calls()
     assert [c["env"] for c in calls] == [{"CNI_COMMAND": "STATUS", "CNI_PATH": str(env.bin)}] * 2
-    failing = env.network([{"type": "a", "fail": {"STATUS": [50, "not ready", "no leases"]}}, {"type": "b"}],
-                          version="1.1.0")
+    failing = env.network(
+        [{"type": "a", "fail": {"STATUS": [50, "not ready", "no leases"]}}, {"type": "b"}], version="1.1.0"
+    )
     with pytest.raises(PluginError) as info:
         env.runtime.status(failing)
     assert info.value.code == 50

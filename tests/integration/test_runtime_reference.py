@@ -5,6 +5,7 @@ bridge, its firewall rules and the IPAM directory live there) and pod
 namespace, runs `pycni` inside the node namespace with `ip netns exec`, and
 removes everything afterwards, also on failure.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,18 +24,22 @@ pytestmark = [
 
 
 def bridge_network(name: str, subnet: str, node: Node, with_portmap: bool) -> dict:
-    plugins: list[dict] = [{
-        "type": "bridge", "bridge": "cni-t0", "isGateway": True, "ipMasq": True,
-        "ipam": node.host_local(subnet=subnet, routes=[{"dst": "0.0.0.0/0"}]),
-    }]
+    plugins: list[dict] = [
+        {
+            "type": "bridge",
+            "bridge": "cni-t0",
+            "isGateway": True,
+            "ipMasq": True,
+            "ipam": node.host_local(subnet=subnet, routes=[{"dst": "0.0.0.0/0"}]),
+        }
+    ]
     if with_portmap:
         plugins.append({"type": "portmap", "capabilities": {"portMappings": True}})
     return {"cniVersion": "1.0.0", "name": name, "plugins": plugins}
 
 
 def pod_addresses(pod) -> list[str]:
-    return [f"{a['local']}/{a['prefixlen']}" for a in addresses(pod) if a["ifname"] == "eth0"
-            and a["family"] == "inet"]
+    return [f"{a['local']}/{a['prefixlen']}" for a in addresses(pod) if a["ifname"] == "eth0" and a["family"] == "inet"]
 
 
 def container_id_of(node: Node, network: str, pod) -> str:
@@ -106,16 +111,17 @@ def test_plugin_type_with_path_is_refused_before_anything_runs(node, tmp_path):
     bin_dir.mkdir(parents=True)
     marker = tmp_path / "EXECUTED"
     evil = tmp_path / "something"
-    evil.write_text(f"#!/bin/sh\ntouch {marker}\necho '{{\"cniVersion\":\"1.0.0\"}}'\n")
+    evil.write_text(f'#!/bin/sh\ntouch {marker}\necho \'{{"cniVersion":"1.0.0"}}\'\n')
     evil.chmod(0o755)
     # A harmless plugin first in the chain: not even it may run.
     first_marker = tmp_path / "FIRST-RAN"
     first = bin_dir / "first"
-    first.write_text(f"#!/bin/sh\ntouch {first_marker}\necho '{{\"cniVersion\":\"1.0.0\"}}'\n")
+    first.write_text(f'#!/bin/sh\ntouch {first_marker}\necho \'{{"cniVersion":"1.0.0"}}\'\n')
     first.chmod(0o755)
     node.cni_path = str(bin_dir)
-    node.write_network({"cniVersion": "1.0.0", "name": "evilnet",
-                        "plugins": [{"type": "first"}, {"type": "../../something"}]})
+    node.write_network(
+        {"cniVersion": "1.0.0", "name": "evilnet", "plugins": [{"type": "first"}, {"type": "../../something"}]}
+    )
 
     for command in ("add", "check", "del"):
         run = node.pycni(command, "evilnet", pod.name)

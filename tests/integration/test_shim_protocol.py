@@ -23,6 +23,7 @@ dataDir, fresh for every call), so a cold run needs no namespace at all. A
 call's cold result is compared with the same executable run with
 PYCNI_NO_AGENT=1, which never tries an agent.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,6 +59,7 @@ def shim_kind(request) -> str:
 
 # ---- the shims ---------------------------------------------------------------------------------
 
+
 @dataclass
 class Shims:
     """pycni's plugins as `pycni install` writes them, with one kind of shim, for one agent socket."""
@@ -79,8 +81,15 @@ class Shims:
         path = self.bin_dir / f"{PLUGIN}-{version}"
         marker = f"{MARKER}: test, another release"
         if self.kind == "compiled":
-            text = native_script(PLUGIN, PLUGINS[PLUGIN], sys.executable, marker, str(self.bin_dir / NATIVE_SHIM),
-                                 str(self.socket_path), version=version)
+            text = native_script(
+                PLUGIN,
+                PLUGINS[PLUGIN],
+                sys.executable,
+                marker,
+                str(self.bin_dir / NATIVE_SHIM),
+                str(self.socket_path),
+                version=version,
+            )
         else:
             text = script(PLUGIN, PLUGINS[PLUGIN], sys.executable, marker, str(self.socket_path), version=version)
         path.write_text(text)
@@ -90,16 +99,23 @@ class Shims:
     def conf(self, version: str = "0.4.0", **extra: object) -> bytes:
         """A host-local configuration with a dataDir of its own (so every call allocates the same address)."""
         data_dir = self.bin_dir.parent / f"ipam-{next(self.data_dirs)}"
-        return json.dumps({"cniVersion": version, "name": "protonet", "type": "bridge",
-                           "ipam": {"type": PLUGIN, "dataDir": str(data_dir), "ranges": [[{"subnet": SUBNET}]]},
-                           **extra}).encode()
+        return json.dumps(
+            {
+                "cniVersion": version,
+                "name": "protonet",
+                "type": "bridge",
+                "ipam": {"type": PLUGIN, "dataDir": str(data_dir), "ranges": [[{"subnet": SUBNET}]]},
+                **extra,
+            }
+        ).encode()
 
 
 def install_shims(workdir: Path, kind: str, socket_path: Path) -> Shims:
     from pycni.install import install
 
-    done = install(str(workdir / "bin"), agent_socket=str(socket_path),
-                   shim="native" if kind == "compiled" else "python")
+    done = install(
+        str(workdir / "bin"), agent_socket=str(socket_path), shim="native" if kind == "compiled" else "python"
+    )
     assert done.shim == kind, done.note
     return Shims(kind, workdir / "bin", socket_path)
 
@@ -130,11 +146,19 @@ class Call:
         return [line for line in self.err.decode(errors="replace").splitlines() if line.startswith("pycni: ")]
 
 
-def call(exe: str, stdin: bytes, command: str = "ADD", netns: str = "/nonexistent/netns", node: str | None = None,
-         **env: str) -> Call:
+def call(
+    exe: str, stdin: bytes, command: str = "ADD", netns: str = "/nonexistent/netns", node: str | None = None, **env: str
+) -> Call:
     """Run a plugin executable as a runtime does (CNI_* environment, config on stdin), in ``node`` if given."""
-    variables = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": command, "CNI_CONTAINERID": "c1",
-                 "CNI_NETNS": netns, "CNI_IFNAME": "eth0", "CNI_PATH": os.path.dirname(exe), **env}
+    variables = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": "c1",
+        "CNI_NETNS": netns,
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": os.path.dirname(exe),
+        **env,
+    }
     argv = ["ip", "netns", "exec", node, exe] if node else [exe]
     proc = subprocess.run(argv, input=stdin, env=variables, capture_output=True, timeout=CALL_TIMEOUT)
     return Call(proc.returncode, proc.stdout, proc.stderr)
@@ -156,6 +180,7 @@ def try_again(cni_version: str, msg: str) -> bytes:
 
 # ---- an agent built from the protocol module -----------------------------------------------------
 
+
 @dataclass
 class Request:
     """One request as the agent decodes it: its five fields, and what its descriptors are."""
@@ -169,7 +194,7 @@ class Request:
     descriptors: list[os.stat_result]
 
 
-HANG = b""   # in a script: say nothing more and keep the connection open until the shim gives up
+HANG = b""  # in a script: say nothing more and keep the connection open until the shim gives up
 
 
 class ScriptedAgent:
@@ -214,7 +239,7 @@ class ScriptedAgent:
         self.requests.append(request)
         for frame in self.script(request):
             if frame == HANG:
-                while conn.recv(4096):   # until the shim closes its end
+                while conn.recv(4096):  # until the shim closes its end
                     pass
                 return
             conn.sendall(frame)
@@ -226,7 +251,7 @@ class ScriptedAgent:
             data, ancdata, _, _ = conn.recvmsg(12 - len(head), socket.CMSG_SPACE(8 * 4))
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds += struct.unpack(f"{len(payload) // 4}i", payload[:len(payload) - len(payload) % 4])
+                    fds += struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) - len(payload) % 4])
             if not data:
                 if head:
                     raise EOFError("the shim closed in the middle of a header")
@@ -236,8 +261,15 @@ class ScriptedAgent:
             (size,) = struct.unpack(">I", head[8:12])
             body = protocol.recv_exact(conn, size)
             version, kind, plugin_type, env, stdin = protocol.split_fields(body, protocol.REQUEST_FIELDS)
-            return Request(head[:8], version.decode(), kind, plugin_type.decode(), protocol.parse_environ(env),
-                           stdin, [os.fstat(fd) for fd in fds])
+            return Request(
+                head[:8],
+                version.decode(),
+                kind,
+                plugin_type.decode(),
+                protocol.parse_environ(env),
+                stdin,
+                [os.fstat(fd) for fd in fds],
+            )
         finally:
             for fd in fds:
                 os.close(fd)
@@ -274,21 +306,34 @@ def refused(reason: str) -> bytes:
 
 # ---- framing -------------------------------------------------------------------------------------
 
+
 def test_the_request_is_one_frame_of_five_fields_with_the_namespaces_as_descriptors(shims, tmp_path):
     stdin = shims.conf()
-    cni_netns = tmp_path / "a-netns-path"   # any file will do: the shim opens it O_PATH and sends that
+    cni_netns = tmp_path / "a-netns-path"  # any file will do: the shim opens it O_PATH and sends that
     cni_netns.write_text("")
     with scripted_agent(shims, lambda r: [accepted(), done(0, b"{}\n", b"")]) as agent:
-        answer = call(shims.exe(), stdin, netns=str(cni_netns), CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAME=p",
-                      PYCNI_EXTRA="kept", UNRELATED="dropped")
+        answer = call(
+            shims.exe(),
+            stdin,
+            netns=str(cni_netns),
+            CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAME=p",
+            PYCNI_EXTRA="kept",
+            UNRELATED="dropped",
+        )
     assert (answer.code, answer.out, answer.err) == (0, b"{}\n", b""), answer
     [request] = agent.requests
     assert request.magic == protocol.MAGIC
     assert request.version == protocol.pycni_version()
     assert (request.kind, request.plugin_type) == (protocol.KIND_CNI, PLUGIN)
-    assert request.environ == {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": str(cni_netns),
-                               "CNI_IFNAME": "eth0", "CNI_PATH": str(shims.bin_dir),
-                               "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAME=p", "PYCNI_EXTRA": "kept"}
+    assert request.environ == {
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": "c1",
+        "CNI_NETNS": str(cni_netns),
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": str(shims.bin_dir),
+        "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAME=p",
+        "PYCNI_EXTRA": "kept",
+    }
     assert request.stdin == stdin
     # First the caller's own network namespace, then what CNI_NETNS is for the caller.
     own, target = request.descriptors
@@ -339,14 +384,20 @@ def test_an_unexpected_frame_is_an_error_to_try_again_never_a_cold_run(shims):
         answer = call(shims.exe(), shims.conf(version="0.3.1"))
     assert len(agent.requests) == 1
     assert (answer.code, answer.out, answer.notes) == (
-        1, try_again("0.3.1", "unexpected answer from the pycni agent; try again"), [])
+        1,
+        try_again("0.3.1", "unexpected answer from the pycni agent; try again"),
+        [],
+    )
 
 
 # ---- refusal and fallback ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("frames", [[refused("the agent has no plugin 'host-local'")],
-                                    [accepted(), refused("the agent has no plugin 'host-local'")]],
-                         ids=["refused at once", "refused after accepting"])
+
+@pytest.mark.parametrize(
+    "frames",
+    [[refused("the agent has no plugin 'host-local'")], [accepted(), refused("the agent has no plugin 'host-local'")]],
+    ids=["refused at once", "refused after accepting"],
+)
 def test_a_refused_request_runs_in_process_with_the_same_stdin(shims, frames):
     stdin = shims.conf()
     with scripted_agent(shims, lambda r: frames) as agent:
@@ -397,6 +448,7 @@ def test_accepted_work_is_never_run_twice(shims):
 
 # ---- size limits ----------------------------------------------------------------------------------
 
+
 def test_several_mib_of_stdin_travel_in_one_request(shims):
     stdin = shims.conf(padding="x" * (6 * MIB))
     with scripted_agent(shims, lambda r: [accepted(), done(0, b"ok", b"")]) as agent:
@@ -410,13 +462,14 @@ def test_a_request_over_the_limit_runs_in_process_with_all_of_its_stdin(shims):
     stdin = shims.conf(padding=padding)
     with scripted_agent(shims, lambda r: [refused("unexpected")]) as agent:
         answer = call(shims.exe(), stdin)
-    assert agent.requests == [] and agent.silent == 1   # connected, then sent nothing
+    assert agent.requests == [] and agent.silent == 1  # connected, then sent nothing
     assert answer.notes == [running_cold(f"the request is larger than the agent takes ({protocol.MAX_BODY >> 20} MiB)")]
     expected = cold(shims, shims.conf(padding=padding))
     assert (answer.code, answer.out) == (expected.code, expected.out) == (0, expected.out)
 
 
 # ---- the real agent --------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def agent_and_shims(tmp_path: Path, shim_kind: str):
@@ -464,15 +517,17 @@ def _exchange(socket_path: str, data: bytes, fds: tuple[int, ...] = ()) -> tuple
 def test_the_agent_answers_each_kind_of_frame_as_the_protocol_says(tmp_path):
     """The other end, driven with ``protocol``'s own frames: what the scripted agent stands in for."""
     with running_agent(str(tmp_path)) as agent:
-        kind, items = _exchange(agent.socket_path, protocol.request(protocol.pycni_version(), protocol.KIND_STATUS,
-                                                                    "", {}, b""))
+        kind, items = _exchange(
+            agent.socket_path, protocol.request(protocol.pycni_version(), protocol.KIND_STATUS, "", {}, b"")
+        )
         assert kind == protocol.STATUS and json.loads(items[0])["version"] == protocol.pycni_version()
         own = os.open("/proc/self/ns/net", os.O_RDONLY)
         try:
             skewed = protocol.request("0.0.0+other", protocol.KIND_CNI, PLUGIN, {"CNI_COMMAND": "ADD"}, b"{}")
             kind, items = _exchange(agent.socket_path, skewed, (own,))
-            assert kind == protocol.REFUSED and items[0].decode().startswith("version mismatch: the shim is "
-                                                                            "pycni 0.0.0+other")
+            assert kind == protocol.REFUSED and items[0].decode().startswith(
+                "version mismatch: the shim is pycni 0.0.0+other"
+            )
             unknown = protocol.request(protocol.pycni_version(), protocol.KIND_CNI, "no-such-plugin", {}, b"{}")
             kind, items = _exchange(agent.socket_path, unknown, (own,))
             assert (kind, items) == (protocol.REFUSED, [b"the agent has no plugin 'no-such-plugin'"])
@@ -481,5 +536,5 @@ def test_the_agent_answers_each_kind_of_frame_as_the_protocol_says(tmp_path):
         oversized = protocol.MAGIC + struct.pack(">I", protocol.MAX_BODY + 1)
         kind, items = _exchange(agent.socket_path, oversized)
         assert kind == protocol.REFUSED and b"larger than the agent takes" in items[0]
-        assert _exchange(agent.socket_path, b"PYCNIA\x00\x02" + bytes(4)) is None   # another protocol version
+        assert _exchange(agent.socket_path, b"PYCNIA\x00\x02" + bytes(4)) is None  # another protocol version
         assert agent.alive()

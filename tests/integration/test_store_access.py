@@ -7,6 +7,7 @@ it expires), and the PYCNI_* environment variables for the store flags.
 Root only: every etcd runs inside a namespace these tests create and is
 stopped by its PID when its context manager exits, also on failure.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,7 +53,7 @@ needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="open
 MAC_A = "0a:58:0a:00:00:0a"
 MAC_B = "0a:58:0a:00:00:0b"
 PASSWORD = "pycni-etcd-pw"
-TOKEN_TTL = 2          # seconds an idle simple token lives (etcd --auth-token-ttl)
+TOKEN_TTL = 2  # seconds an idle simple token lives (etcd --auth-token-ttl)
 # Warnings a command may log on stderr besides its one-line error.
 _WARNINGS = ("is used without TLS", "does not have authentication enabled")
 
@@ -72,8 +73,13 @@ def _cli(netns_path: str, group: str, *args: str, env: dict[str, str] | None = N
     code = f"from {module} import {group}; {group}(prog_name='pycni {group}')"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PYCNI_") and k != "SSL_CERT_FILE"}
     full_env.update(env or {})
-    return subprocess.run(["nsenter", f"--net={netns_path}", "--", sys.executable, "-c", code, *args],
-                          capture_output=True, text=True, timeout=60, env=full_env)
+    return subprocess.run(
+        ["nsenter", f"--net={netns_path}", "--", sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=full_env,
+    )
 
 
 def _errors(stderr: str) -> list[str]:
@@ -111,7 +117,7 @@ def _auth() -> StoreAuth:
 
 def test_an_http_endpoint_list_reaches_etcd(plain):
     prefix = _prefix()
-    url = f"http://127.0.0.1:1,http://{plain.endpoint}/"      # a dead member first, as flannel users list them
+    url = f"http://127.0.0.1:1,http://{plain.endpoint}/"  # a dead member first, as flannel users list them
     store = _open(plain, url, prefix=prefix)
     try:
         assert store.url() == f"http://127.0.0.1:1,http://{plain.endpoint}"
@@ -132,8 +138,12 @@ def test_an_https_endpoint_list_is_tls(tmp_path):
     with etcd_in_netns("sahttps", tls=certs) as member:
         url = f"https://127.0.0.1:1,https://{member.endpoint}"
         good = _open(member, url, tls=certs.client_files())
-        system_cas = _open(member, f"https://{member.endpoint}", timeout=2,
-                           tls=TLSFiles(certfile=certs.client_cert, keyfile=certs.client_key))
+        system_cas = _open(
+            member,
+            f"https://{member.endpoint}",
+            timeout=2,
+            tls=TLSFiles(certfile=certs.client_cert, keyfile=certs.client_key),
+        )
         try:
             cfg = ClusterConfig("10.244.0.0/16")
             assert init_cluster(good, cfg)
@@ -147,25 +157,40 @@ def test_an_https_endpoint_list_is_tls(tmp_path):
             good.close()
             system_cas.close()
         # The system's trust store (OpenSSL reads SSL_CERT_FILE) with the test CA in it: no --etcd-cafile needed.
-        done = _cli(member.netns, "cluster", "leases", "--store", url, "--etcd-certfile", certs.client_cert,
-                    "--etcd-keyfile", certs.client_key, "--json", env={"SSL_CERT_FILE": certs.ca})
+        done = _cli(
+            member.netns,
+            "cluster",
+            "leases",
+            "--store",
+            url,
+            "--etcd-certfile",
+            certs.client_cert,
+            "--etcd-keyfile",
+            certs.client_key,
+            "--json",
+            env={"SSL_CERT_FILE": certs.ca},
+        )
         assert done.returncode == 0, done.stderr
         assert [lease["publicIP"] for lease in json.loads(done.stdout)["leases"]] == ["192.168.11.1"]
         assert "without TLS" not in done.stderr
         # http:// is plain http: TLS files with it are a mistake, said as such.
-        refused = _cli(member.netns, "cluster", "leases", "--store", f"http://{member.endpoint}",
-                       "--etcd-cafile", certs.ca)
+        refused = _cli(
+            member.netns, "cluster", "leases", "--store", f"http://{member.endpoint}", "--etcd-cafile", certs.ca
+        )
         assert refused.returncode == 2 and "write its endpoints as https://HOST:PORT" in refused.stderr
 
 
 def test_a_list_mixing_schemes_is_refused(plain):
     prefix = _prefix()
-    for url, words in [(f"http://{plain.endpoint},https://{plain.endpoint}", "mixes http:// and https://"),
-                       (f"etcd://{plain.endpoint},http://{plain.endpoint}", "mixes etcd:// and http://")]:
+    for url, words in [
+        (f"http://{plain.endpoint},https://{plain.endpoint}", "mixes http:// and https://"),
+        (f"etcd://{plain.endpoint},http://{plain.endpoint}", "mixes etcd:// and http://"),
+    ]:
         with pytest.raises(StoreError, match=words):
             open_store(url)
-        done = _cli(plain.netns, "cluster", "init", "--store", url, "--etcd-prefix", prefix,
-                    "--network", "10.244.0.0/16")
+        done = _cli(
+            plain.netns, "cluster", "init", "--store", url, "--etcd-prefix", prefix, "--network", "10.244.0.0/16"
+        )
         assert done.returncode == 2 and words in done.stderr, done.stderr
     store = _open(plain, f"http://{plain.endpoint}", prefix=prefix)
     try:
@@ -183,8 +208,18 @@ def test_cluster_init_and_leases_as_an_etcd_user(authed, password_file):
     refused = _cli(authed.netns, "cluster", "init", *base, "--network", "10.60.0.0/16")
     assert refused.returncode == 1 and len(_errors(refused.stderr)) == 1, refused.stderr
     assert "etcd has authentication enabled: give an etcd user with --etcd-username" in refused.stderr
-    done = _cli(authed.netns, "cluster", "init", *base, "--network", "10.60.0.0/16", "--etcd-username", "pycni",
-                "--etcd-password-file", password_file)
+    done = _cli(
+        authed.netns,
+        "cluster",
+        "init",
+        *base,
+        "--network",
+        "10.60.0.0/16",
+        "--etcd-username",
+        "pycni",
+        "--etcd-password-file",
+        password_file,
+    )
     assert done.returncode == 0, done.stderr
     assert "cluster initialised" in done.stdout
     env = {"PYCNI_ETCD_USERNAME": "pycni", "PYCNI_ETCD_PASSWORD_FILE": password_file}
@@ -198,8 +233,19 @@ def test_a_wrong_password_or_unknown_user_is_a_one_line_error(authed, tmp_path):
     wrong.write_text("not-the-password\n")
     wrong.chmod(0o600)
     for user in ("pycni", "nobody"):
-        done = _cli(authed.netns, "cluster", "leases", "--store", authed.url, "--etcd-prefix", _prefix(),
-                    "--etcd-username", user, "--etcd-password-file", str(wrong))
+        done = _cli(
+            authed.netns,
+            "cluster",
+            "leases",
+            "--store",
+            authed.url,
+            "--etcd-prefix",
+            _prefix(),
+            "--etcd-username",
+            user,
+            "--etcd-password-file",
+            str(wrong),
+        )
         assert done.returncode == 1, done.stderr
         [error] = _errors(done.stderr)
         assert error.startswith(f"Error: etcd refused user '{user}': wrong password, or no such user")
@@ -208,8 +254,17 @@ def test_a_wrong_password_or_unknown_user_is_a_one_line_error(authed, tmp_path):
 
 def test_a_group_readable_password_file_is_refused(authed, password_file):
     os.chmod(password_file, 0o640)
-    done = _cli(authed.netns, "cluster", "leases", "--store", authed.url, "--etcd-username", "pycni",
-                "--etcd-password-file", password_file)
+    done = _cli(
+        authed.netns,
+        "cluster",
+        "leases",
+        "--store",
+        authed.url,
+        "--etcd-username",
+        "pycni",
+        "--etcd-password-file",
+        password_file,
+    )
     assert done.returncode == 2 and "readable by group or others (mode 0640)" in done.stderr
     assert PASSWORD not in done.stderr
 
@@ -224,7 +279,7 @@ def test_an_overlay_lease_and_its_watch_as_an_etcd_user(authed):
         mine = acquire_lease(a, cfg, "192.168.20.1", MAC_A, node_name="a")
         _, rev = list_leases(a)
         with a.watch("subnets/", rev) as watch:
-            assert watch.next(0.2) == []                       # the stream is up, with the token
+            assert watch.next(0.2) == []  # the stream is up, with the token
             theirs = acquire_lease(b, cfg, "192.168.20.2", MAC_B, node_name="b")
             events = []
             for _ in range(20):
@@ -233,7 +288,7 @@ def test_an_overlay_lease_and_its_watch_as_an_etcd_user(authed):
                     break
         assert [(e.kind, e.key) for e in events] == [("put", f"subnets/{theirs.subnet.replace('/', '-')}")]
         assert a.refresh(f"subnets/{mine.subnet.replace('/', '-')}")
-        assert a.stats()["requests"]["authenticate"] == 1      # one token served every request and the watch
+        assert a.stats()["requests"]["authenticate"] == 1  # one token served every request and the watch
     finally:
         a.close()
         b.close()
@@ -251,7 +306,7 @@ def test_an_expired_token_is_renewed_for_requests_and_watches(authed):
         watch = a.watch("subnets/", rev)
         try:
             assert watch.next(0.2) == []
-            time.sleep(TOKEN_TTL + 2)                          # a's token expires (etcd checks every second)
+            time.sleep(TOKEN_TTL + 2)  # a's token expires (etcd checks every second)
             # The open stream goes on: etcd checked the token when the watch was created.
             theirs = acquire_lease(b, cfg, "192.168.21.2", MAC_B)
             events = []
@@ -286,8 +341,11 @@ def test_an_expired_token_is_renewed_for_requests_and_watches(authed):
 def test_a_user_without_the_prefix_is_told_what_to_grant(authed):
     store = _open(authed, authed.url, prefix=_prefix(), auth=StoreAuth("other", "other-pw"), timeout=2)
     try:
-        with pytest.raises(StoreError, match=r"permission denied: the roles of etcd user 'other' do not grant it "
-                                             r"/t/\w+/: grant one of them readwrite on the prefix"):
+        with pytest.raises(
+            StoreError,
+            match=r"permission denied: the roles of etcd user 'other' do not grant it "
+            r"/t/\w+/: grant one of them readwrite on the prefix",
+        ):
             store.get("config")
         with store.watch("subnets/", 1) as watch:
             with pytest.raises(StoreUnavailable, match="permission denied.*'other'"):
@@ -305,8 +363,21 @@ def test_agent_leave_as_an_etcd_user(authed, password_file):
         acquire_lease(store, cfg, "192.168.22.1", MAC_A)
     finally:
         store.close()
-    done = _cli(authed.netns, "agent", "leave", "--store", authed.url, "--public-ip", "192.168.22.1",
-                "--etcd-prefix", prefix, "--etcd-username", "pycni", "--etcd-password-file", password_file)
+    done = _cli(
+        authed.netns,
+        "agent",
+        "leave",
+        "--store",
+        authed.url,
+        "--public-ip",
+        "192.168.22.1",
+        "--etcd-prefix",
+        prefix,
+        "--etcd-username",
+        "pycni",
+        "--etcd-password-file",
+        password_file,
+    )
     assert done.returncode == 0, done.stderr
     assert "released the lease of 192.168.22.1" in done.stdout
 
@@ -320,7 +391,7 @@ def test_credentials_for_an_etcd_without_authentication_are_not_needed(plain, ca
             assert read_config(store) == cfg
         [warning] = [r.getMessage() for r in caplog.records if "authentication enabled" in r.getMessage()]
         assert "does not have authentication enabled: going on without a token" in warning
-        assert store.stats()["requests"]["authenticate"] == 1   # asked once, then no more
+        assert store.stats()["requests"]["authenticate"] == 1  # asked once, then no more
     finally:
         store.close()
 
@@ -352,12 +423,12 @@ def test_authentication_turned_on_while_a_store_is_open():
         try:
             cfg = ClusterConfig("10.244.0.0/16")
             assert init_cluster(store, cfg)
-            assert store.stats()["requests"]["authenticate"] == 1     # "not enabled": no token
+            assert store.stats()["requests"]["authenticate"] == 1  # "not enabled": no token
             enable_etcd_auth(member, {"pycni": (PASSWORD, "/t/")})
-            assert read_config(store) == cfg                           # "user name is empty": authenticate
+            assert read_config(store) == cfg  # "user name is empty": authenticate
             lease = acquire_lease(store, cfg, "192.168.23.1", MAC_A)
             key = f"subnets/{lease.subnet.replace('/', '-')}"
-            with store.watch("subnets/", store.get(key).mod_revision - 1) as watch:   # replays the lease's put
+            with store.watch("subnets/", store.get(key).mod_revision - 1) as watch:  # replays the lease's put
                 events = []
                 for _ in range(20):
                     events += watch.next(0.5)

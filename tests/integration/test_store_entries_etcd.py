@@ -16,6 +16,7 @@ pycni's etcd store:
     subnets/10.244.10/11    two leases with one VTEP MAC       each well-formed (accepted); the overlay
                                                                programs neither
 """
+
 from __future__ import annotations
 
 import base64
@@ -56,8 +57,9 @@ MAC_D = "0a:58:0a:00:00:0d"
 
 
 def lease_value(public_ip: object, mac: object, **extra: object) -> bytes:
-    return json.dumps({"PublicIP": public_ip, "BackendType": "vxlan", "BackendData": {"VtepMAC": mac},
-                       **extra}).encode()
+    return json.dumps(
+        {"PublicIP": public_ip, "BackendType": "vxlan", "BackendData": {"VtepMAC": mac}, **extra}
+    ).encode()
 
 
 # key -> (value, what the rejection says)
@@ -65,13 +67,14 @@ BAD = {
     "subnets/10.244.0.0-24": (b"{not json", "not JSON"),
     "subnets/10.244.1.0-24": (b"[" * 5000 + b"]" * 5000, "larger than the 4096 bytes allowed"),
     "subnets/10.244.2.0-24": (b'{"PublicIP": ' + b"[" * 3000, "nests deeper than 8 levels"),
-    "subnets/10.244.3.0-24": (b'{"PublicIP": 3232235786, "BackendData": {"VtepMAC": ["0a"]}, "NodeName": 7}',
-                              "PublicIP must be a string"),
+    "subnets/10.244.3.0-24": (
+        b'{"PublicIP": 3232235786, "BackendData": {"VtepMAC": ["0a"]}, "NodeName": 7}',
+        "PublicIP must be a string",
+    ),
     "subnets/10.244.4.0-24": (lease_value("192.0.2.77%eth0", MAC_C), "PublicIP '192.0.2.77%eth0' carries a zone"),
     "subnets/10.244.5.0-24": (lease_value("fd00::77%eth0", MAC_C), "PublicIP 'fd00::77%eth0' carries a zone"),
     "subnets/10.99.0.0-24": (lease_value("192.168.1.30", MAC_C), "outside the cluster network 10.244.0.0/16"),
-    "subnets/10.244.6.0-24": (lease_value("10.244.77.7", MAC_C), "PublicIP 10.244.77.7 is inside the cluster "
-                                                                 "network"),
+    "subnets/10.244.6.0-24": (lease_value("10.244.77.7", MAC_C), "PublicIP 10.244.77.7 is inside the cluster network"),
 }
 GOOD = {
     "subnets/10.244.8.0-24": lease_value("192.168.1.8", MAC_A, NodeName="node-8"),
@@ -131,7 +134,9 @@ def test_scan_accepts_the_good_entries_and_rejects_each_bad_one_with_a_reason(et
     assert scan.revision == store.list("subnets/")[1]
     assert [lease.key for lease in scan.leases] == [*GOOD, *SAME_MAC]
     assert [(l.public_ip, l.vtep_mac, l.node_name) for l in scan.leases[:2]] == [
-        ("192.168.1.8", MAC_A, "node-8"), ("192.168.1.9", MAC_B, "")]
+        ("192.168.1.8", MAC_A, "node-8"),
+        ("192.168.1.9", MAC_B, ""),
+    ]
     assert sorted(r.key for r in scan.rejected) == sorted(BAD)
     for rejected in scan.rejected:
         _value, why = BAD[rejected.key]
@@ -149,13 +154,17 @@ def test_scan_accepts_the_good_entries_and_rejects_each_bad_one_with_a_reason(et
 
 
 def test_acquire_never_hands_out_a_subnet_whose_key_exists(etcd, prefix, store):
-    small = ClusterConfig("10.9.0.0/28", subnet_len=30)   # four subnets: .0, .4, .8, .12
+    small = ClusterConfig("10.9.0.0/28", subnet_len=30)  # four subnets: .0, .4, .8, .12
     init_cluster(store, small)
-    write_all(etcd, prefix, {
-        "subnets/10.9.0.0-30": b"[" * 5000 + b"]" * 5000,
-        "subnets/10.9.0.4-030": lease_value("192.168.1.4", MAC_A),              # not canonical, still taken
-        "subnets/10.9.0.8-30": lease_value("192.0.2.77%eth0", MAC_B),
-    })
+    write_all(
+        etcd,
+        prefix,
+        {
+            "subnets/10.9.0.0-30": b"[" * 5000 + b"]" * 5000,
+            "subnets/10.9.0.4-030": lease_value("192.168.1.4", MAC_A),  # not canonical, still taken
+            "subnets/10.9.0.8-30": lease_value("192.0.2.77%eth0", MAC_B),
+        },
+    )
     assert scan_leases(store, small).leases == []
     lease = acquire_lease(store, small, "192.168.1.20", MAC_C, node_name="node-20")
     assert lease.subnet == "10.9.0.12/30"
@@ -177,8 +186,11 @@ def test_another_node_name_on_a_held_public_ip_is_a_conflict(etcd, prefix, store
     cfg = ClusterConfig(NET)
     init_cluster(store, cfg)
     etcd_put(etcd, f"{prefix}/subnets/10.244.3.0-24", lease_value("192.168.1.3", MAC_A, NodeName="node-a"))
-    with pytest.raises(NodeConflict, match=r"'node-a'.*'node-b'.*pycni agent leave --store URL --public-ip "
-                                           r"192\.168\.1\.3"):
+    with pytest.raises(
+        NodeConflict,
+        match=r"'node-a'.*'node-b'.*pycni agent leave --store URL --public-ip "
+        r"192\.168\.1\.3",
+    ):
         acquire_lease(store, cfg, "192.168.1.3", MAC_B, node_name="node-b")
     # Written by an older agent or flannel (no NodeName): adopted.
     etcd_put(etcd, f"{prefix}/subnets/10.244.4.0-24", lease_value("192.168.1.4", MAC_C))

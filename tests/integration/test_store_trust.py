@@ -17,6 +17,7 @@
 Another uid is simulated with os.chown to 65534 (nobody); no user is added.
 Every process a test starts is stopped by its PID; every namespace is deleted.
 """
+
 from __future__ import annotations
 
 import base64
@@ -86,7 +87,7 @@ def test_an_older_world_readable_lock_is_tightened(tmp_path, caplog):
     finally:
         store.close()
     assert mode(lock) == 0o600
-    assert mode(directory) == 0o755      # an existing directory is the administrator's (not writable by others)
+    assert mode(directory) == 0o755  # an existing directory is the administrator's (not writable by others)
     tightened = [r for r in caplog.records if "tightened the lock file" in r.getMessage()]
     assert len(tightened) == 1
 
@@ -107,10 +108,13 @@ def test_a_lock_or_bookkeeping_file_of_another_uid_is_refused(tmp_path, name):
         store.close()
 
 
-@pytest.mark.parametrize("tamper, problem", [
-    (lambda p: os.chown(p, NOBODY, -1), f"is owned by uid {NOBODY}"),
-    (lambda p: os.chmod(p, 0o777), "is writable by group and others"),
-])
+@pytest.mark.parametrize(
+    "tamper, problem",
+    [
+        (lambda p: os.chown(p, NOBODY, -1), f"is owned by uid {NOBODY}"),
+        (lambda p: os.chmod(p, 0o777), "is writable by group and others"),
+    ],
+)
 def test_a_store_directory_someone_else_could_write_is_refused(tmp_path, tamper, problem):
     directory = tmp_path / "store"
     directory.mkdir()
@@ -138,7 +142,7 @@ def lock_held_by_another_process(lock_path: str) -> Iterator[subprocess.Popen]:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
         yield proc
     finally:
-        proc.kill()          # by its PID
+        proc.kill()  # by its PID
         proc.wait(timeout=10)
 
 
@@ -157,7 +161,7 @@ def test_a_lock_held_elsewhere_fails_after_the_deadline_naming_the_holder(tmp_pa
                 message = str(info.value)
                 assert f"timed out after 0.5 s waiting for the lock {directory}/.lock" in message
                 assert f"PID {holder.pid} (lockholder)" in message and f"kill {holder.pid}" in message
-            assert store.get("config") is not None    # reading one key takes no lock
+            assert store.get("config") is not None  # reading one key takes no lock
             # open_store passes its timeout on to the file store's lock
             other = open_store(f"file://{directory}", timeout=0.3)
             try:
@@ -167,7 +171,7 @@ def test_a_lock_held_elsewhere_fails_after_the_deadline_naming_the_holder(tmp_pa
                 assert time.monotonic() - started < 2.5
             finally:
                 other.close()
-        store.put("config", b"{}")   # free again once the holder is gone
+        store.put("config", b"{}")  # free again once the holder is gone
     finally:
         store.close()
 
@@ -202,7 +206,7 @@ def test_a_tls_etcd_store_does_not_warn(tmp_path, monkeypatch, caplog):
             open_store("etcd://127.0.0.1:2379", tls=tls).close()
     assert _store_warnings(caplog) == []
     with caplog.at_level(logging.WARNING, logger="pycni.store"):
-        open_store("etcd://127.0.0.1:2379").close()   # a later plain store still warns
+        open_store("etcd://127.0.0.1:2379").close()  # a later plain store still warns
     assert len(_store_warnings(caplog)) == 1
 
 
@@ -281,11 +285,21 @@ def _open_in(ns: str, url: str, **kwargs):
 
 def _lease_kv(i: int) -> dict:
     subnet = f"10.{i >> 8}.{i & 255}.0-24"
-    value = json.dumps({"PublicIP": f"192.168.{i >> 8}.{i & 255}", "BackendType": "vxlan",
-                        "BackendData": {"VtepMAC": "0a:58:0a:f4:01:01"}, "NodeName": f"node-{i:06d}"})
-    return {"key": base64.b64encode(f"/pycni/subnets/{subnet}".encode()).decode(),
-            "value": base64.b64encode(value.encode()).decode(),
-            "mod_revision": str(i + 2), "create_revision": str(i + 2), "version": "1"}
+    value = json.dumps(
+        {
+            "PublicIP": f"192.168.{i >> 8}.{i & 255}",
+            "BackendType": "vxlan",
+            "BackendData": {"VtepMAC": "0a:58:0a:f4:01:01"},
+            "NodeName": f"node-{i:06d}",
+        }
+    )
+    return {
+        "key": base64.b64encode(f"/pycni/subnets/{subnet}".encode()).decode(),
+        "value": base64.b64encode(value.encode()).decode(),
+        "mod_revision": str(i + 2),
+        "create_revision": str(i + 2),
+        "version": "1",
+    }
 
 
 def test_a_listing_of_many_leases_fits_and_an_oversized_answer_is_refused(monkeypatch):
@@ -293,27 +307,30 @@ def test_a_listing_of_many_leases_fits_and_an_oversized_answer_is_refused(monkey
     bound = etcd_module.MAX_RESPONSE_BYTES
     assert bound == 64 * MiB
     leases = 20000
-    listing = json.dumps({"header": {"revision": str(leases + 2)},
-                          "kvs": [_lease_kv(i) for i in range(leases)], "count": str(leases)}).encode()
-    assert 4 * MiB < len(listing) < bound   # far beyond one watch message, far inside the bound
+    listing = json.dumps(
+        {"header": {"revision": str(leases + 2)}, "kvs": [_lease_kv(i) for i in range(leases)], "count": str(leases)}
+    ).encode()
+    assert 4 * MiB < len(listing) < bound  # far beyond one watch message, far inside the bound
     sent = {"chunked": 0}
 
     def answer(path: str, body: bytes, conn: socket.socket) -> None:
         request = json.loads(body)
         key = base64.b64decode(request["key"]).decode()
-        if key.startswith("/pycni/subnets/"):            # the listing, chunked as the gateway sends it
+        if key.startswith("/pycni/subnets/"):  # the listing, chunked as the gateway sends it
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
             for i in range(0, len(listing), MiB):
-                conn.sendall(_chunk(listing[i:i + MiB]))
+                conn.sendall(_chunk(listing[i : i + MiB]))
             conn.sendall(b"0\r\n\r\n")
-        elif key == "/pycni/by-length":                  # too large by its Content-Length: nothing is read
-            conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                         f"Content-Length: {bound + 1}\r\n\r\n".encode() + b'{"kvs": [')
-            conn.recv(1)                                 # until the client hangs up (or 10 s)
-        else:                                            # too large as it streams: the client stops reading
+        elif key == "/pycni/by-length":  # too large by its Content-Length: nothing is read
+            conn.sendall(
+                f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {bound + 1}\r\n\r\n".encode()
+                + b'{"kvs": ['
+            )
+            conn.recv(1)  # until the client hangs up (or 10 s)
+        else:  # too large as it streams: the client stops reading
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
             piece = _chunk(b" " * MiB)
-            for _ in range(bound // MiB + 8):             # bounded: a little more than the bound
+            for _ in range(bound // MiB + 8):  # bounded: a little more than the bound
                 conn.sendall(piece)
                 sent["chunked"] += MiB
             conn.sendall(b"0\r\n\r\n")
@@ -338,18 +355,30 @@ def test_a_listing_of_many_leases_fits_and_an_oversized_answer_is_refused(monkey
 
 def test_a_watch_batch_larger_than_the_bound_is_refused(monkeypatch):
     too_large = store_errors.ResponseTooLarge
-    monkeypatch.setattr(etcd_module, "MAX_RESPONSE_BYTES", MiB)   # the bound, scaled down for the test
+    monkeypatch.setattr(etcd_module, "MAX_RESPONSE_BYTES", MiB)  # the bound, scaled down for the test
     value = base64.b64encode(b"v" * (100 * 1024)).decode()
 
     def answer(path: str, body: bytes, conn: socket.socket) -> None:
         assert path == "/v3/watch"
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
-        conn.sendall(_chunk(json.dumps({"result": {"header": {"revision": "5"}, "created": True}}).encode()
-                            + b"\n"))
-        for i in range(20):                    # 20 fragments of 100 KiB each: 2 MiB in one batch
-            message = {"result": {"header": {"revision": "7"}, "fragment": i < 19, "events": [
-                {"kv": {"key": base64.b64encode(f"/pycni/subnets/10.244.{i}.0-24".encode()).decode(),
-                        "value": value, "mod_revision": "7", "version": "1"}}]}}
+        conn.sendall(_chunk(json.dumps({"result": {"header": {"revision": "5"}, "created": True}}).encode() + b"\n"))
+        for i in range(20):  # 20 fragments of 100 KiB each: 2 MiB in one batch
+            message = {
+                "result": {
+                    "header": {"revision": "7"},
+                    "fragment": i < 19,
+                    "events": [
+                        {
+                            "kv": {
+                                "key": base64.b64encode(f"/pycni/subnets/10.244.{i}.0-24".encode()).decode(),
+                                "value": value,
+                                "mod_revision": "7",
+                                "version": "1",
+                            }
+                        }
+                    ],
+                }
+            }
             conn.sendall(_chunk(json.dumps(message).encode() + b"\n"))
         time.sleep(2)
         conn.sendall(b"0\r\n\r\n")
@@ -359,9 +388,9 @@ def test_a_watch_batch_larger_than_the_bound_is_refused(monkeypatch):
         watch = store.watch("subnets/", 5)
         try:
             with pytest.raises(too_large, match="one batch of watch events .* larger than 1048576 bytes"):
-                for _ in range(20):            # bounded; the first batch is the oversized one
+                for _ in range(20):  # bounded; the first batch is the oversized one
                     watch.next(2.0)
-            assert watch.revision == 5        # nothing of the refused batch was applied
+            assert watch.revision == 5  # nothing of the refused batch was applied
         finally:
             watch.close()
             store.close()
@@ -404,8 +433,14 @@ def test_a_relative_path_entry_is_never_used(tmp_path, monkeypatch):
     with fresh_netns("trust") as ns, netns.enter(ns):
         for path in (".", "", ":bin", "./"):
             with path_set_to(path):
-                assert hostcmd.find_tool("nft") in ("/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft", "/bin/nft",
-                                                    "/usr/local/sbin/nft", "/usr/local/bin/nft")
+                assert hostcmd.find_tool("nft") in (
+                    "/usr/sbin/nft",
+                    "/sbin/nft",
+                    "/usr/bin/nft",
+                    "/bin/nft",
+                    "/usr/local/sbin/nft",
+                    "/usr/local/bin/nft",
+                )
                 hostcmd.run(["nft", "list", "tables"])
             assert not (tmp_path / "nft.ran").exists(), f"PATH={path!r} ran ./nft"
 
@@ -417,12 +452,16 @@ def test_the_fallback_directories_must_be_roots_alone(tmp_path, monkeypatch):
     tool.write_text("#!/bin/sh\necho fallback\n")
     os.chmod(tool, 0o755)
     monkeypatch.setattr(hostcmd, "SAFE_DIRS", (str(safe),))
-    monkeypatch.setenv("PATH", "")   # nothing here needs another program from PATH
+    monkeypatch.setenv("PATH", "")  # nothing here needs another program from PATH
     os.chmod(safe, 0o755)
     assert hostcmd.find_tool("pycni-trust-tool") == str(tool)
     assert hostcmd.run(["pycni-trust-tool"]).strip() == "fallback"
-    for tamper in (lambda: os.chmod(safe, 0o777), lambda: os.chmod(safe, 0o775),
-                   lambda: os.chown(safe, NOBODY, -1), lambda: os.chmod(tool, 0o757)):
+    for tamper in (
+        lambda: os.chmod(safe, 0o777),
+        lambda: os.chmod(safe, 0o775),
+        lambda: os.chown(safe, NOBODY, -1),
+        lambda: os.chmod(tool, 0o757),
+    ):
         os.chown(safe, 0, -1)
         os.chmod(safe, 0o755)
         os.chmod(tool, 0o755)

@@ -36,6 +36,7 @@ cluster store is etcd started in the underlay namespace (tests/cluster_helpers.p
 Each script runs through `nsenter --net=NODE`, which switches only the network
 namespace (see test_conformance.py for why not `ip netns exec`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,6 +73,7 @@ def steps() -> list[str]:
 
 # ---- the files ---------------------------------------------------------------------------------
 
+
 def test_every_step_is_valid_bash():
     for name in steps() + ["lib.sh"]:
         done = subprocess.run(["bash", "-n", os.path.join(STEPS, name)], capture_output=True, text=True, timeout=30)
@@ -90,12 +92,19 @@ def test_the_vagrantfile_runs_every_node_step_in_order():
 
 
 def _vagrant_env(tmp_path) -> dict[str, str]:
-    return dict(os.environ, VAGRANT_DOTFILE_PATH=str(tmp_path / "dot"), VAGRANT_HOME=str(tmp_path / "home"),
-                VAGRANT_CHECKPOINT_DISABLE="1", VAGRANT_NO_COLOR="1")
+    return dict(
+        os.environ,
+        VAGRANT_DOTFILE_PATH=str(tmp_path / "dot"),
+        VAGRANT_HOME=str(tmp_path / "home"),
+        VAGRANT_CHECKPOINT_DISABLE="1",
+        VAGRANT_NO_COLOR="1",
+    )
 
 
-@pytest.mark.skipif(shutil.which("vagrant") is None,
-                    reason="the vagrant binary is missing (apt-get install vagrant); cannot run `vagrant validate`")
+@pytest.mark.skipif(
+    shutil.which("vagrant") is None,
+    reason="the vagrant binary is missing (apt-get install vagrant); cannot run `vagrant validate`",
+)
 @pytest.mark.parametrize("nodes", ["3", "5"])
 def test_vagrant_validate(tmp_path, nodes):
     # --ignore-provider: neither provider (vagrant-libvirt, VirtualBox) is usable on the CI machine, and
@@ -103,8 +112,15 @@ def test_vagrant_validate(tmp_path, nodes):
     env = _vagrant_env(tmp_path)
     env["PYCNI_NODES"] = nodes
     dot_existed = os.path.lexists(os.path.join(VAGRANT_DIR, ".vagrant"))
-    done = subprocess.run(["vagrant", "validate", "--ignore-provider"], cwd=VAGRANT_DIR, capture_output=True,
-                          text=True, timeout=180, env=env, stdin=subprocess.DEVNULL)
+    done = subprocess.run(
+        ["vagrant", "validate", "--ignore-provider"],
+        cwd=VAGRANT_DIR,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Vagrantfile validated successfully" in done.stdout
     assert f"node{nodes}:" in done.stdout and "etcd:" in done.stdout
@@ -118,15 +134,24 @@ def test_vagrant_validate_catches_a_broken_vagrantfile(tmp_path):
     with open(os.path.join(VAGRANT_DIR, "Vagrantfile")) as fh:
         text = fh.read().replace("node.vm.hostname = name", "node.vm.hostnme = name")
     (tmp_path / "Vagrantfile").write_text(text)
-    done = subprocess.run(["vagrant", "validate", "--ignore-provider"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=180, env=_vagrant_env(tmp_path), stdin=subprocess.DEVNULL)
+    done = subprocess.run(
+        ["vagrant", "validate", "--ignore-provider"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=_vagrant_env(tmp_path),
+        stdin=subprocess.DEVNULL,
+    )
     assert done.returncode != 0 and "hostnme" in done.stdout + done.stderr
 
 
 # ---- running the steps -------------------------------------------------------------------------
 
-def run_step(name: str, env: dict[str, str], node: Node | None = None,
-             timeout: float = STEP_TIMEOUT) -> subprocess.CompletedProcess[str]:
+
+def run_step(
+    name: str, env: dict[str, str], node: Node | None = None, timeout: float = STEP_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
     args = ["bash", os.path.join(STEPS, name)]
     if node is not None:
         args = ["nsenter", f"--net={node.path}", *args]
@@ -141,21 +166,36 @@ def installed(tmp_path_factory) -> Iterator[str]:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     # pip, the build backend and the dependencies (click, pyroute2, netaddr) come from this test run's
     # venv, so the install works offline; on the VMs the venv has its own pip, which uses PyPI.
-    site = subprocess.run([str(venv / "bin" / "python"), "-c",
-                           "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     with open(os.path.join(site, "_pycni_test_deps.pth"), "w") as fh:
         fh.write(sysconfig.get_path("purelib") + "\n")
     # The step's source is a checkout of the test's own (as the synced folder is the VM's), so what the step
     # does to its source is judged on files no one else touches: `pip install -e .` in the real checkout
     # legitimately makes build/ (setup.py build_shim), and another run may be doing so right now.
     src = base / "src"
-    shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", ".vagrant"))
+    shutil.copytree(
+        REPO,
+        src,
+        symlinks=True,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", ".vagrant"
+        ),
+    )
     before = _tree(src)
-    env = dict(os.environ, PYCNI_SRC=str(src), PYCNI_VENV=str(venv), PYCNI_APT="0",
-               PYCNI_PIP_ARGS="--no-index --no-deps --no-build-isolation", PYCNI_BIN_LINK=str(base / "bin" / "pycni"),
-               PYCNI_NODE_NAME="ci")
+    env = dict(
+        os.environ,
+        PYCNI_SRC=str(src),
+        PYCNI_VENV=str(venv),
+        PYCNI_APT="0",
+        PYCNI_PIP_ARGS="--no-index --no-deps --no-build-isolation",
+        PYCNI_BIN_LINK=str(base / "bin" / "pycni"),
+        PYCNI_NODE_NAME="ci",
+    )
     done = run_step("10-install.sh", env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert os.path.realpath(base / "bin" / "pycni") == str(venv / "bin" / "pycni")
@@ -181,14 +221,30 @@ def node_env(installed: str, workdir: str, node: Node, store_url: str) -> dict[s
         return os.path.join(workdir, f"n{node.index}-{what}")
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CNI_", "PYCNI_"))}
-    env.update(PYCNI_VENV=installed, PYCNI_SRC=REPO, PYCNI_APT="0", PYCNI_BIN_LINK="",
-               CNI_BIN_DIR=path("bin"), CNI_CONF_DIR=path("netd"), CNI_CACHE_DIR=path("cache"),
-               CNI_IPAM_DIR=path("ipam"), PYCNI_STATE_DIR=node.state_dir, PYCNI_SOCKET=node.socket,
-               PYCNI_STORE=store_url, PYCNI_CLUSTER_CIDR="10.244.0.0/16", PYCNI_NETWORK="pycni-vxlan",
-               PYCNI_PUBLIC_IP=node.public_ip, PYCNI_NODE_NAME=f"node{node.index + 1}",
-               PYCNI_NODES="3", PYCNI_AGENT_RUNNER="exec", PYCNI_CONFORMANCE_RUNNER="foreground",
-               PYCNI_CONFORMANCE_WAIT="60", PYCNI_REPORT_WAIT="60", PYCNI_UNIT_DIR=path("units"),
-               PYCNI_SYSTEMCTL="false")   # never the machine's systemd
+    env.update(
+        PYCNI_VENV=installed,
+        PYCNI_SRC=REPO,
+        PYCNI_APT="0",
+        PYCNI_BIN_LINK="",
+        CNI_BIN_DIR=path("bin"),
+        CNI_CONF_DIR=path("netd"),
+        CNI_CACHE_DIR=path("cache"),
+        CNI_IPAM_DIR=path("ipam"),
+        PYCNI_STATE_DIR=node.state_dir,
+        PYCNI_SOCKET=node.socket,
+        PYCNI_STORE=store_url,
+        PYCNI_CLUSTER_CIDR="10.244.0.0/16",
+        PYCNI_NETWORK="pycni-vxlan",
+        PYCNI_PUBLIC_IP=node.public_ip,
+        PYCNI_NODE_NAME=f"node{node.index + 1}",
+        PYCNI_NODES="3",
+        PYCNI_AGENT_RUNNER="exec",
+        PYCNI_CONFORMANCE_RUNNER="foreground",
+        PYCNI_CONFORMANCE_WAIT="60",
+        PYCNI_REPORT_WAIT="60",
+        PYCNI_UNIT_DIR=path("units"),
+        PYCNI_SYSTEMCTL="false",
+    )  # never the machine's systemd
     return env
 
 
@@ -216,8 +272,13 @@ def start_agent_step(topo, node: Node, env: dict[str, str], stack: contextlib.Ex
     log = open(topo.path(f"n{node.index}-agent-step.log"), "wb")
     stack.callback(log.close)
     # nsenter execs bash, bash execs the agent: the PID is the agent's own.
-    proc = subprocess.Popen(["nsenter", f"--net={node.path}", "bash", os.path.join(STEPS, "40-agent.sh")],
-                            env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["nsenter", f"--net={node.path}", "bash", os.path.join(STEPS, "40-agent.sh")],
+        env=env,
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+    )
     stack.callback(_stop, proc)
     wait_for(lambda: node.read_state() is not None or proc.poll() is not None, 30, what=f"the agent on {node.name}")
     assert proc.poll() is None, open(log.name).read()
@@ -239,13 +300,28 @@ def test_the_steps_bring_up_a_cluster_that_passes_conformance(installed):
             assert os.access(os.path.join(envs[node.name]["CNI_BIN_DIR"], "vxlan"), os.X_OK)
         for node in topo.nodes:
             start_agent_step(topo, node, envs[node.name], stack)
-        wait_for(lambda: all(len([r for r in n.ip_json("route", "show") if "onlink" in r.get("flags", [])]) == 2
-                             for n in topo.nodes), 20, what="every node routing to the others")
+        wait_for(
+            lambda: all(
+                len([r for r in n.ip_json("route", "show") if "onlink" in r.get("flags", [])]) == 2 for n in topo.nodes
+            ),
+            20,
+            what="every node routing to the others",
+        )
 
-        procs = [(node, subprocess.Popen(["nsenter", f"--net={node.path}", "bash",
-                                          os.path.join(STEPS, "50-conformance.sh")],
-                                         env=envs[node.name], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                         text=True, stdin=subprocess.DEVNULL)) for node in topo.nodes]
+        procs = [
+            (
+                node,
+                subprocess.Popen(
+                    ["nsenter", f"--net={node.path}", "bash", os.path.join(STEPS, "50-conformance.sh")],
+                    env=envs[node.name],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    stdin=subprocess.DEVNULL,
+                ),
+            )
+            for node in topo.nodes
+        ]
         outputs = {}
         for node, proc in procs:
             stack.callback(_stop, proc)
@@ -257,9 +333,8 @@ def test_the_steps_bring_up_a_cluster_that_passes_conformance(installed):
         assert done.returncode == 0, done.stdout + done.stderr
         assert "PASS: 54 checks, 54 passed, 0 failed" in done.stdout
         assert {f"node{i}" for i in (1, 2, 3)} <= set(re.findall(r"\bnode\d\b", done.stdout))
-        assert "cluster network 10.244.0.0/16" in done.stderr     # pycni inspect --cluster
-        probes = {name for node in topo.nodes
-                  for name in probe_netns_names(f"node{node.index + 1}", node.state_dir)}
+        assert "cluster network 10.244.0.0/16" in done.stderr  # pycni inspect --cluster
+        probes = {name for node in topo.nodes for name in probe_netns_names(f"node{node.index + 1}", node.state_dir)}
         assert not probes & set(netns.list_names())
 
 
@@ -311,7 +386,9 @@ def _run_state(runs: Path, name: str) -> tuple[bool, str | None, str]:
 
 def _outputs(runs: Path) -> str:
     """The background runs' output so far, for assertion messages."""
-    return "".join(f"\n--- {log.stem}'s conformance run:\n{log.read_text()[-3000:]}" for log in sorted(runs.glob("*.log")))
+    return "".join(
+        f"\n--- {log.stem}'s conformance run:\n{log.read_text()[-3000:]}" for log in sorted(runs.glob("*.log"))
+    )
 
 
 @pytest.mark.integration
@@ -328,8 +405,12 @@ def test_the_steps_node_by_node_as_vagrant_runs_them_meet_on_every_node(installe
         for node in topo.nodes:
             name = f"node{node.index + 1}"
             env = envs[name] = node_env(installed, topo.workdir, node, store_url)
-            env.update(PYCNI_CONFORMANCE_RUNNER="systemd-run", PYCNI_SYSTEMD_RUN=str(stand_in),
-                       PYCNI_CONFORMANCE_WAIT="150", PYCNI_JOIN_WAIT="60")
+            env.update(
+                PYCNI_CONFORMANCE_RUNNER="systemd-run",
+                PYCNI_SYSTEMD_RUN=str(stand_in),
+                PYCNI_CONFORMANCE_WAIT="150",
+                PYCNI_JOIN_WAIT="60",
+            )
             # This node's whole provisioning, before the next node's first step.
             for step in ("20-plugins.sh", "30-cluster-init.sh"):
                 done = run_step(step, env, node)
@@ -340,13 +421,16 @@ def test_the_steps_node_by_node_as_vagrant_runs_them_meet_on_every_node(installe
             assert done.returncode == 0, f"50-conformance on {name}: {done.stdout}{done.stderr}{_outputs(runs)}"
             assert f"[50-conformance {name}] joined: the run waits for 3 node(s) in total" in done.stderr
             # Joined: its probe is up, or (the last node, whose run completes the meeting at once) already checked.
-            assert (re.search(rf"^{name}\s+{re.escape(node.public_ip)}\s.*\byes: probe", done.stderr, re.M)
-                    or (node.index == 2 and f"node {name} took part: its run has finished already" in done.stderr)), \
-                done.stderr
+            assert re.search(rf"^{name}\s+{re.escape(node.public_ip)}\s.*\byes: probe", done.stderr, re.M) or (
+                node.index == 2 and f"node {name} took part: its run has finished already" in done.stderr
+            ), done.stderr
             if node.index < 2:
                 # Its run did not check this node alone and leave: it keeps its probe up and waits for the rest.
-                wait_for(lambda: "more node(s) to come up (--expect-nodes 3" in _run_state(runs, name)[2], 15,
-                         what=f"{name}'s run to say what it waits for")
+                wait_for(
+                    lambda: "more node(s) to come up (--expect-nodes 3" in _run_state(runs, name)[2],
+                    15,
+                    what=f"{name}'s run to say what it waits for",
+                )
                 for earlier in range(node.index + 1):
                     running, rc, out = _run_state(runs, f"node{earlier + 1}")
                     assert running, f"node{earlier + 1}'s run ended (exit {rc}) before node3 came:\n{out}"
@@ -363,39 +447,62 @@ def test_the_steps_node_by_node_as_vagrant_runs_them_meet_on_every_node(installe
             others = sorted(f"node{j}" for j in (1, 2, 3) if j != i)
             assert rc == "0", f"node{i}'s run exited {rc}:\n{out}"
             assert f"checking against 2 other node(s): {others[0]} (" in out and f"{others[1]} (" in out, out
-        report = subprocess.run(["nsenter", f"--net={last.path}", os.path.join(installed, "bin", "pycni"),
-                                 "conformance", "report", "--store", store_url, "--json", "--expect-nodes", "3"],
-                                capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        report = subprocess.run(
+            [
+                "nsenter",
+                f"--net={last.path}",
+                os.path.join(installed, "bin", "pycni"),
+                "conformance",
+                "report",
+                "--store",
+                store_url,
+                "--json",
+                "--expect-nodes",
+                "3",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
         assert report.returncode == 0, report.stdout + report.stderr
         matrix = json.loads(report.stdout)
         names = {"node1", "node2", "node3"}
         assert {n["node"] for n in matrix["nodes"]} == names and matrix["ignored"] == []
-        assert {(r["from"], r["to"]) for r in matrix["checks"] if r["check"] == "pod-pod-other-node"} == \
-            {(a, b) for a in names for b in names if a != b}
+        assert {(r["from"], r["to"]) for r in matrix["checks"] if r["check"] == "pod-pod-other-node"} == {
+            (a, b) for a in names for b in names if a != b
+        }
         assert {r["result"] for r in matrix["checks"]} == {"pass"}
 
         for i in (1, 2, 3):
             _stop_background_run(runs / f"node{i}.pid")
-        probes = {name for node in topo.nodes
-                  for name in probe_netns_names(f"node{node.index + 1}", node.state_dir)}
+        probes = {name for node in topo.nodes for name in probe_netns_names(f"node{node.index + 1}", node.state_dir)}
         assert not probes & set(netns.list_names())
 
 
 def test_the_agent_step_installs_a_systemd_unit_with_the_node_overlay_options(installed, tmp_path):
     calls = tmp_path / "systemctl.log"
     stub = tmp_path / "systemctl"
-    stub.write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\n")
+    stub.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
     stub.chmod(0o755)
     state_dir = tmp_path / "state"
     state_dir.mkdir()
-    (state_dir / "overlay.json").write_text("{}")   # what the started agent would write
-    socket_path = str(tmp_path / "run" / "agent.sock")   # the test's own: never the machine's /run/pycni
+    (state_dir / "overlay.json").write_text("{}")  # what the started agent would write
+    socket_path = str(tmp_path / "run" / "agent.sock")  # the test's own: never the machine's /run/pycni
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CNI_", "PYCNI_"))}
-    env.update(PYCNI_VENV=installed, PYCNI_AGENT_RUNNER="systemd", PYCNI_SYSTEMCTL=str(stub),
-               PYCNI_UNIT_DIR=str(tmp_path / "units"), CNI_BIN_DIR=str(tmp_path / "bin"),
-               PYCNI_STATE_DIR=str(state_dir), PYCNI_SOCKET=socket_path,
-               PYCNI_STORE="etcd://192.168.56.10:2379", PYCNI_PUBLIC_IP="192.168.56.11", PYCNI_NODE_NAME="node1",
-               PYCNI_AGENT_WAIT="5")
+    env.update(
+        PYCNI_VENV=installed,
+        PYCNI_AGENT_RUNNER="systemd",
+        PYCNI_SYSTEMCTL=str(stub),
+        PYCNI_UNIT_DIR=str(tmp_path / "units"),
+        CNI_BIN_DIR=str(tmp_path / "bin"),
+        PYCNI_STATE_DIR=str(state_dir),
+        PYCNI_SOCKET=socket_path,
+        PYCNI_STORE="etcd://192.168.56.10:2379",
+        PYCNI_PUBLIC_IP="192.168.56.11",
+        PYCNI_NODE_NAME="node1",
+        PYCNI_AGENT_WAIT="5",
+    )
     # Writes files only (a unit, a drop-in, plugin executables) and calls the stub: nothing is started.
     done = run_step("40-agent.sh", env)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -406,6 +513,10 @@ def test_the_agent_step_installs_a_systemd_unit_with_the_node_overlay_options(in
     assert dropin.splitlines()[-2:] == [
         "ExecStart=",
         f"ExecStart={pycni} agent --socket {socket_path} --store etcd://192.168.56.10:2379 "
-        f"--public-ip 192.168.56.11 --state-dir {state_dir} --node-name node1"]
-    assert calls.read_text().splitlines() == ["daemon-reload", "enable --now pycni-agent.service",
-                                              "restart pycni-agent.service"]
+        f"--public-ip 192.168.56.11 --state-dir {state_dir} --node-name node1",
+    ]
+    assert calls.read_text().splitlines() == [
+        "daemon-reload",
+        "enable --now pycni-agent.service",
+        "restart pycni-agent.service",
+    ]

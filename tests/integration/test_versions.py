@@ -1,4 +1,5 @@
 """Every pycni plugin supports at least the spec versions its reference counterpart does."""
+
 import os
 import sys
 

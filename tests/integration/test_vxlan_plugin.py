@@ -7,6 +7,7 @@ directory, and runs every plugin process (`ip netns exec NODE <bin>/vxlan`,
 with the executables `pycni install` writes, cold and warm). The plugin's
 bridge delegate creates the bridge itself. Pods are namespaces of their own.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,10 @@ import pytest
 import netns
 from cni_plugins.shared.overlaystate import OverlayState, remove_state, write_state
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
+]
 
 NETWORK = "10.244.0.0/16"
 SUBNET = "10.244.5.0/24"
@@ -37,6 +40,7 @@ VERSIONS = ["0.2.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 
 
 # ---- harness ----------------------------------------------------------------------------
+
 
 @pytest.fixture
 def bin_dir(launcher_dir):
@@ -54,9 +58,18 @@ class Outcome:
 
 
 def node_state(**changes: Any) -> OverlayState:
-    fields = dict(network=NETWORK, subnet=SUBNET, gateway=GATEWAY, mtu=MTU, bridge=BRIDGE,
-                  vxlan_device=VXLAN_DEV, vni=1, public_ip="192.168.100.10", vtep_mac="0a:10:00:00:00:0a",
-                  node_name="node-a")
+    fields = dict(
+        network=NETWORK,
+        subnet=SUBNET,
+        gateway=GATEWAY,
+        mtu=MTU,
+        bridge=BRIDGE,
+        vxlan_device=VXLAN_DEV,
+        vni=1,
+        public_ip="192.168.100.10",
+        vtep_mac="0a:10:00:00:00:0a",
+        node_name="node-a",
+    )
     fields.update(changes)
     return OverlayState(**fields)
 
@@ -79,18 +92,41 @@ class Node:
         return pod
 
     def conf(self, version: str = "1.0.0", **options: Any) -> dict:
-        conf = {"cniVersion": version, "name": NET_NAME, "type": "vxlan", "stateDir": self.state_dir,
-                "dataDir": self.data_dir}
+        conf = {
+            "cniVersion": version,
+            "name": NET_NAME,
+            "type": "vxlan",
+            "stateDir": self.state_dir,
+            "dataDir": self.data_dir,
+        }
         conf.update(options)
         return conf
 
-    def run(self, command: str, conf: dict, pod: Any = None, container_id: str = "ctr1", ifname: str = "eth0",
-            netns_path: str | None = None, plugin: str = "vxlan") -> Outcome:
-        env = {"PATH": os.environ["PATH"], "CNI_COMMAND": command, "CNI_CONTAINERID": container_id,
-               "CNI_NETNS": netns_path if netns_path is not None else (pod.path if pod else ""),
-               "CNI_IFNAME": ifname, "CNI_PATH": self.bin_dir}
-        proc = subprocess.run(["ip", "netns", "exec", self.name, os.path.join(self.bin_dir, plugin)],
-                              input=json.dumps(conf).encode(), env=env, capture_output=True, timeout=60)
+    def run(
+        self,
+        command: str,
+        conf: dict,
+        pod: Any = None,
+        container_id: str = "ctr1",
+        ifname: str = "eth0",
+        netns_path: str | None = None,
+        plugin: str = "vxlan",
+    ) -> Outcome:
+        env = {
+            "PATH": os.environ["PATH"],
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": container_id,
+            "CNI_NETNS": netns_path if netns_path is not None else (pod.path if pod else ""),
+            "CNI_IFNAME": ifname,
+            "CNI_PATH": self.bin_dir,
+        }
+        proc = subprocess.run(
+            ["ip", "netns", "exec", self.name, os.path.join(self.bin_dir, plugin)],
+            input=json.dumps(conf).encode(),
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
         out = json.loads(proc.stdout) if proc.stdout.strip() else None
         return Outcome(proc.returncode, out, proc.stderr.decode(errors="replace"))
 
@@ -114,18 +150,27 @@ class Node:
         return sorted(os.listdir(path)) if os.path.isdir(path) else []
 
     def veths(self) -> list[str]:
-        return sorted(link["ifname"] for link in self.ip_json("-d", "link", "show")
-                      if link.get("linkinfo", {}).get("info_kind") == "veth")
+        return sorted(
+            link["ifname"]
+            for link in self.ip_json("-d", "link", "show")
+            if link.get("linkinfo", {}).get("info_kind") == "veth"
+        )
 
     def ping(self, pod: Any, address: str) -> bool:
-        proc = subprocess.run(["ip", "netns", "exec", pod.name, "ping", "-n", "-c", "1", "-W", "2", address],
-                              capture_output=True, timeout=10)
+        proc = subprocess.run(
+            ["ip", "netns", "exec", pod.name, "ping", "-n", "-c", "1", "-W", "2", address],
+            capture_output=True,
+            timeout=10,
+        )
         return proc.returncode == 0
 
 
 def _vxlan_device(node_name: str) -> None:
-    proc = subprocess.run(["ip", "-n", node_name, "link", "add", VXLAN_DEV, "type", "vxlan", "id", "1",
-                           "dstport", "8472", "nolearning"], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["ip", "-n", node_name, "link", "add", VXLAN_DEV, "type", "vxlan", "id", "1", "dstport", "8472", "nolearning"],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot create a VXLAN device in a namespace: {proc.stderr.strip()}")
 
@@ -152,6 +197,7 @@ def pod_routes(node: Node, pod: Any) -> dict[str, str | None]:
 
 # ---- ADD ------------------------------------------------------------------------------
 
+
 def test_add_addresses_the_pod_from_the_node_subnet_with_overlay_mtu_and_routes(node):
     pod = node.pod()
     result = node.add(pod)
@@ -169,16 +215,16 @@ def test_add_addresses_the_pod_from_the_node_subnet_with_overlay_mtu_and_routes(
 
     eth0 = node.ip_json("addr", "show", "dev", "eth0", ns=pod.name)[0]
     assert eth0["mtu"] == MTU
-    assert f"{address.ip}/{address.network.prefixlen}" in [f"{a['local']}/{a['prefixlen']}"
-                                                           for a in eth0["addr_info"] if a["family"] == "inet"]
+    assert f"{address.ip}/{address.network.prefixlen}" in [
+        f"{a['local']}/{a['prefixlen']}" for a in eth0["addr_info"] if a["family"] == "inet"
+    ]
     routes = pod_routes(node, pod)
     assert routes["default"] == GATEWAY
     assert routes[NETWORK] == GATEWAY
 
     # The bridge the delegate created: gateway address, overlay MTU; the pod's port in hairpin mode.
     bridge = node.ip_json("addr", "show", "dev", BRIDGE)[0]
-    assert [f"{a['local']}/{a['prefixlen']}" for a in bridge["addr_info"] if a["family"] == "inet"] == \
-        [f"{GATEWAY}/24"]
+    assert [f"{a['local']}/{a['prefixlen']}" for a in bridge["addr_info"] if a["family"] == "inet"] == [f"{GATEWAY}/24"]
     host_veth = result["interfaces"][1]["name"]
     port = node.ip_json("-d", "link", "show", "dev", host_veth)[0]
     assert port["master"] == BRIDGE and port["mtu"] == MTU
@@ -234,10 +280,16 @@ def test_add_with_a_broken_state_file_reports_an_io_error(node):
     assert "overlay state" in outcome.out["msg"]
 
 
-@pytest.mark.parametrize("options, code", [({"mtu": 20}, 7), ({"stateDir": "relative/dir"}, 7),
-                                           ({"delegate": {"type": "macvlan"}}, 7),
-                                           ({"ipam": {"subnet": "10.1.0.0/16"}}, 7),
-                                           ({"hairpinMode": "yes"}, 7)])  # a wrong JSON type is 7, naming the option
+@pytest.mark.parametrize(
+    "options, code",
+    [
+        ({"mtu": 20}, 7),
+        ({"stateDir": "relative/dir"}, 7),
+        ({"delegate": {"type": "macvlan"}}, 7),
+        ({"ipam": {"subnet": "10.1.0.0/16"}}, 7),
+        ({"hairpinMode": "yes"}, 7),
+    ],
+)  # a wrong JSON type is 7, naming the option
 def test_invalid_configurations_are_refused(node, options, code):
     outcome = node.run("ADD", node.conf(**options), node.pod())
     assert outcome.rc != 0 and outcome.out["code"] == code, outcome.out
@@ -245,6 +297,7 @@ def test_invalid_configurations_are_refused(node, options, code):
 
 
 # ---- results in every version ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_result_in_the_configured_version(node, version):
@@ -272,6 +325,7 @@ def test_result_in_the_configured_version(node, version):
 
 
 # ---- DEL --------------------------------------------------------------------------------------
+
 
 def test_del_removes_veth_lease_and_cache_and_is_idempotent(node):
     pod = node.pod()
@@ -326,6 +380,7 @@ def test_del_after_the_lease_changed_releases_from_the_old_subnet(node):
 
 # ---- CHECK ------------------------------------------------------------------------------------
 
+
 def test_check_passes_then_fails_when_the_node_subnet_changed(node):
     pod = node.pod()
     result = node.add(pod)
@@ -346,6 +401,7 @@ def test_check_notices_a_missing_container_interface(node):
 
 
 # ---- STATUS and GC -----------------------------------------------------------------------------
+
 
 def test_status_follows_the_lease_and_the_vxlan_device(node):
     conf = node.conf(version="1.1.0")
@@ -387,12 +443,14 @@ def test_version_lists_every_version(node):
 
 # ---- chained with portmap and bandwidth ------------------------------------------------------
 
+
 def test_chain_with_portmap_and_bandwidth_adds_checks_and_deletes_cleanly(node, tmp_path):
     from conf import parse_conflist
     from pycni.runtime import CNIRuntime, RuntimeConf
 
     conflist = {
-        "cniVersion": "1.1.0", "name": NET_NAME,
+        "cniVersion": "1.1.0",
+        "name": NET_NAME,
         "plugins": [
             {"type": "vxlan", "stateDir": node.state_dir, "dataDir": node.data_dir},
             {"type": "portmap", "capabilities": {"portMappings": True}},
@@ -402,20 +460,34 @@ def test_chain_with_portmap_and_bandwidth_adds_checks_and_deletes_cleanly(node, 
     netlist = parse_conflist(json.dumps(conflist).encode(), "test")
     runtime = CNIRuntime(node.bin_dir, str(tmp_path / "cache"))
     pod = node.pod()
-    rt = RuntimeConf(container_id="chain1", netns=pod.path, ifname="eth0", capability_args={
-        "portMappings": [{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}],
-        "bandwidth": {"ingressRate": 8_000_000, "ingressBurst": 64_000,
-                      "egressRate": 8_000_000, "egressBurst": 64_000}})
+    rt = RuntimeConf(
+        container_id="chain1",
+        netns=pod.path,
+        ifname="eth0",
+        capability_args={
+            "portMappings": [{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}],
+            "bandwidth": {
+                "ingressRate": 8_000_000,
+                "ingressBurst": 64_000,
+                "egressRate": 8_000_000,
+                "egressBurst": 64_000,
+            },
+        },
+    )
     with netns.enter(node.ns.path):
         result = runtime.add(netlist, rt)
     try:
         assert result["ips"][0]["address"].startswith("10.244.5.")
         host_veth = result["interfaces"][1]["name"]
-        qdiscs = json.loads(subprocess.run(["tc", "-n", node.name, "-j", "qdisc", "show", "dev", host_veth],
-                                           capture_output=True, check=True).stdout)
+        qdiscs = json.loads(
+            subprocess.run(
+                ["tc", "-n", node.name, "-j", "qdisc", "show", "dev", host_veth], capture_output=True, check=True
+            ).stdout
+        )
         assert [q["kind"] for q in qdiscs].count("tbf") == 1
-        ruleset = subprocess.run(["ip", "netns", "exec", node.name, "nft", "list", "ruleset"],
-                                 capture_output=True, text=True, check=True).stdout
+        ruleset = subprocess.run(
+            ["ip", "netns", "exec", node.name, "nft", "list", "ruleset"], capture_output=True, text=True, check=True
+        ).stdout
         assert "18080" in ruleset
         with netns.enter(node.ns.path):
             assert runtime.check(netlist, rt)
@@ -423,11 +495,15 @@ def test_chain_with_portmap_and_bandwidth_adds_checks_and_deletes_cleanly(node, 
         with netns.enter(node.ns.path):
             runtime.delete(netlist, rt)
     assert node.veths() == [] and node.leases() == [] and node.cache_files() == []
-    ifb = [link["ifname"] for link in node.ip_json("-d", "link", "show")
-           if link.get("linkinfo", {}).get("info_kind") == "ifb"]
+    ifb = [
+        link["ifname"]
+        for link in node.ip_json("-d", "link", "show")
+        if link.get("linkinfo", {}).get("info_kind") == "ifb"
+    ]
     assert ifb == []
-    ruleset = subprocess.run(["ip", "netns", "exec", node.name, "nft", "list", "ruleset"],
-                             capture_output=True, text=True, check=True).stdout
+    ruleset = subprocess.run(
+        ["ip", "netns", "exec", node.name, "nft", "list", "ruleset"], capture_output=True, text=True, check=True
+    ).stdout
     assert "18080" not in ruleset and "chain1" not in ruleset
     with netns.enter(node.ns.path):
         runtime.delete(netlist, rt)  # a second DEL of the whole chain succeeds too

@@ -1,4 +1,5 @@
 """Fixtures several unit test modules share."""
+
 from __future__ import annotations
 
 import time

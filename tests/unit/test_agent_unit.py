@@ -5,6 +5,7 @@ The in-process agent tests replace the plugin behind a type with test functions
 its network namespace) and hold a request up on purpose. They need root only
 because the agent enters the caller's namespace (setns) for every request.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,6 +35,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the agent enters netw
 
 # ---- protocol ---------------------------------------------------------------------------
 
+
 def test_request_round_trip():
     env = {"CNI_COMMAND": "ADD", "CNI_ARGS": "IP=10.0.0.5;K=a=b", "PYCNI_X": ""}
     frame = protocol.request("1.2.3", protocol.KIND_CNI, "bridge", env, b'{"x": "\x00\xff"}')
@@ -60,6 +62,7 @@ def test_field_count_and_environment_entries_are_checked():
 
 
 # ---- statistics ---------------------------------------------------------------------------
+
 
 def test_percentiles_are_nearest_rank():
     values = [float(v) for v in range(1, 101)]
@@ -95,11 +98,17 @@ def test_slots_time_out_and_let_waiters_go_when_draining():
 
 # ---- what a shim writes --------------------------------------------------------------------
 
+
 def test_render_writes_what_plugin_main_writes():
     conf = json.dumps({"cniVersion": "1.0.0", "name": "bad name", "type": "loopback"}).encode()
     env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c", "CNI_NETNS": "/x", "CNI_IFNAME": "eth0", "CNI_PATH": "/x"}
-    proc = subprocess.run([sys.executable, "-c", "from cni_plugins.loopback import main; main()"], input=conf,
-                          env=env, capture_output=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", "from cni_plugins.loopback import main; main()"],
+        input=conf,
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
     code, stdout, stderr = render(dispatch(registry.funcs("loopback"), env, conf))
     assert (code, stdout, stderr) == (proc.returncode, proc.stdout, proc.stderr)
     assert render(Outcome(0, "{}")) == (0, b"{}\n", b"")
@@ -108,8 +117,16 @@ def test_render_writes_what_plugin_main_writes():
 
 def _write_shim(tmp_path: Path, plugin_type: str, socket_path: str | None, version: str | None = None) -> str:
     path = tmp_path / plugin_type
-    path.write_text(script(plugin_type, registry.PLUGINS[plugin_type], sys.executable,
-                           f"{MARKER}: the pycni {plugin_type!r} CNI plugin.", socket_path, version))
+    path.write_text(
+        script(
+            plugin_type,
+            registry.PLUGINS[plugin_type],
+            sys.executable,
+            f"{MARKER}: the pycni {plugin_type!r} CNI plugin.",
+            socket_path,
+            version,
+        )
+    )
     path.chmod(0o755)
     return str(path)
 
@@ -124,15 +141,19 @@ def test_shims_are_recognised_and_compile(tmp_path, plugin_type):
     assert MARKER in text
     module = registry.PACKAGES[plugin_type]
     assert module in text[:512]  # older in-process delegation looks for the module name in a launcher's head
-    warm_imports = text[text.index("import posix"):].split("\n", 1)[0]
+    warm_imports = text[text.index("import posix") :].split("\n", 1)[0]
     assert warm_imports == "import posix, sys, _socket"
 
 
 def test_shim_answers_version_alone_and_without_a_command_runs_the_plugin(tmp_path):
     path = _write_shim(tmp_path, "bridge", str(tmp_path / "no" / "agent.sock"))
     proc = subprocess.run([path], env={"CNI_COMMAND": "VERSION"}, capture_output=True, timeout=30)
-    cold = subprocess.run([sys.executable, "-c", "from cni_plugins.bridge import main; main()"],
-                          env={"CNI_COMMAND": "VERSION"}, capture_output=True, timeout=30)
+    cold = subprocess.run(
+        [sys.executable, "-c", "from cni_plugins.bridge import main; main()"],
+        env={"CNI_COMMAND": "VERSION"},
+        capture_output=True,
+        timeout=30,
+    )
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, cold.stdout, b"")
     assert proc.stdout == version_answer("bridge")
     about = subprocess.run([path], env={}, capture_output=True, timeout=30)
@@ -142,32 +163,49 @@ def test_shim_answers_version_alone_and_without_a_command_runs_the_plugin(tmp_pa
 def test_shim_without_agent_runs_cold_with_one_line_note(tmp_path):
     missing = str(tmp_path / "no" / "agent.sock")
     path = _write_shim(tmp_path, "host-local", missing)
-    conf = {"cniVersion": "1.0.0", "name": "n", "ipam": {"type": "host-local", "dataDir": str(tmp_path / "d"),
-                                                          "ranges": [[{"subnet": "10.1.2.0/24"}]]}}
-    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/x", "CNI_IFNAME": "eth0",
-           "CNI_PATH": str(tmp_path)}
+    conf = {
+        "cniVersion": "1.0.0",
+        "name": "n",
+        "ipam": {"type": "host-local", "dataDir": str(tmp_path / "d"), "ranges": [[{"subnet": "10.1.2.0/24"}]]},
+    }
+    env = {
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": "c1",
+        "CNI_NETNS": "/x",
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": str(tmp_path),
+    }
     proc = subprocess.run([path], input=json.dumps(conf).encode(), env=env, capture_output=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["ips"][0]["address"] == "10.1.2.2/24"
-    assert proc.stderr.decode() == (f"pycni: agent not reached at {missing} (No such file or directory); "
-                                    f"running host-local in-process\n")
-    silent = subprocess.run([path], input=json.dumps(conf).encode(), env=dict(env, PYCNI_NO_AGENT="1",
-                                                                              CNI_CONTAINERID="c2"),
-                            capture_output=True, timeout=60)
+    assert proc.stderr.decode() == (
+        f"pycni: agent not reached at {missing} (No such file or directory); running host-local in-process\n"
+    )
+    silent = subprocess.run(
+        [path],
+        input=json.dumps(conf).encode(),
+        env=dict(env, PYCNI_NO_AGENT="1", CNI_CONTAINERID="c2"),
+        capture_output=True,
+        timeout=60,
+    )
     assert silent.returncode == 0 and silent.stderr == b""
 
 
 def test_cold_only_shims_never_try_an_agent(tmp_path):
     path = _write_shim(tmp_path, "loopback", None)
     assert "S = ''" in Path(path).read_text()
-    about = subprocess.run([path], env={"CNI_COMMAND": "DEL", "CNI_CONTAINERID": "c", "CNI_IFNAME": "lo",
-                                        "CNI_PATH": "/x"},
-                           input=b'{"cniVersion": "1.0.0", "name": "n", "type": "loopback"}',
-                           capture_output=True, timeout=30)
+    about = subprocess.run(
+        [path],
+        env={"CNI_COMMAND": "DEL", "CNI_CONTAINERID": "c", "CNI_IFNAME": "lo", "CNI_PATH": "/x"},
+        input=b'{"cniVersion": "1.0.0", "name": "n", "type": "loopback"}',
+        capture_output=True,
+        timeout=30,
+    )
     assert about.returncode == 0 and about.stderr == b""
 
 
 # ---- an agent served in this process ---------------------------------------------------------
+
 
 class Recorder:
     """Plugin functions for the type "loopback" that report what their request saw."""
@@ -187,8 +225,13 @@ class Recorder:
             raise SystemExit(3)  # what a plugin must never do in the agent: still one request's failure
         environ = getattr(req, "environ", None) or {}
         self.netns_seen.append(req.netns)
-        return {"cniVersion": req.cni_version, "netns": os.stat("/proc/thread-self/ns/net").st_ino,
-                "environ": dict(environ), "cni_netns": req.netns, "cni_netns_ino": os.stat(req.netns).st_ino}
+        return {
+            "cniVersion": req.cni_version,
+            "netns": os.stat("/proc/thread-self/ns/net").st_ino,
+            "environ": dict(environ),
+            "cni_netns": req.netns,
+            "cni_netns_ino": os.stat(req.netns).st_ino,
+        }
 
     def funcs(self) -> PluginFuncs:
         return PluginFuncs(add=self.add, delete=lambda req: None, status=lambda req: None)
@@ -227,8 +270,14 @@ def pod() -> Iterator[str]:
 
 
 def cni_env(pod: str, **extra: str) -> dict[str, str]:
-    return {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": pod, "CNI_IFNAME": "eth0",
-            "CNI_PATH": "/x", **extra}
+    return {
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": "c1",
+        "CNI_NETNS": pod,
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": "/x",
+        **extra,
+    }
 
 
 CONF = b'{"cniVersion": "1.0.0", "name": "n", "type": "loopback"}'
@@ -245,15 +294,27 @@ def test_a_request_sees_only_its_own_environment_and_its_callers_namespace(tmp_p
         answers: dict[str, Any] = {}
 
         def call(tag: str, netns_path: str) -> None:
-            answers[tag] = send_cni(agent.options.socket_path, "loopback",
-                                    cni_env(pod, CNI_CONTAINERID=tag, CNI_ARGS=f"TAG={tag}", PYCNI_LOG_LEVEL=tag,
-                                            PATH="/caller/bin", LD_PRELOAD="/caller/evil.so",
-                                            PYCNI_AGENT_CNI_BIN_DIRS="/caller/bin"),
-                                    CONF, netns_path=netns_path)
+            answers[tag] = send_cni(
+                agent.options.socket_path,
+                "loopback",
+                cni_env(
+                    pod,
+                    CNI_CONTAINERID=tag,
+                    CNI_ARGS=f"TAG={tag}",
+                    PYCNI_LOG_LEVEL=tag,
+                    PATH="/caller/bin",
+                    LD_PRELOAD="/caller/evil.so",
+                    PYCNI_AGENT_CNI_BIN_DIRS="/caller/bin",
+                ),
+                CONF,
+                netns_path=netns_path,
+            )
 
         recorder.gate.clear()
-        threads = [threading.Thread(target=call, args=("one", ns.path)),
-                   threading.Thread(target=call, args=("two", "/proc/self/ns/net"))]
+        threads = [
+            threading.Thread(target=call, args=("one", ns.path)),
+            threading.Thread(target=call, args=("two", "/proc/self/ns/net")),
+        ]
         for t in threads:
             t.start()
         for _ in threads:
@@ -274,7 +335,7 @@ def test_a_request_sees_only_its_own_environment_and_its_callers_namespace(tmp_p
         assert out["cni_netns_ino"] == pods and out["cni_netns"] == pod
         assert env["PYCNI_AGENT_CNI_NETNS"] == pod and env["PYCNI_AGENT_CNI_BIN_DIRS"] != "/caller/bin"
         assert env["CNI_CONTAINERID"] == tag and env["CNI_ARGS"] == f"TAG={tag}" and env["PYCNI_LOG_LEVEL"] == tag
-        assert env["CNI_IFNAME"] == "eth0"                          # the caller's, not the agent's
+        assert env["CNI_IFNAME"] == "eth0"  # the caller's, not the agent's
         assert env["PATH"] != "/caller/bin" and "LD_PRELOAD" not in env  # never the caller's
         assert env["AGENT_ONLY"] == "agent" and env[protocol.NO_AGENT_VARIABLE] == "1"
     assert theirs != mine
@@ -294,8 +355,7 @@ def test_refusals_do_nothing(tmp_path, recorder, pod):
         assert unknown.kind == "refused" and "no plugin" in unknown.reason
         with socket.socket(socket.AF_UNIX) as sock:  # a request without the caller's namespace
             sock.connect(path)
-            sock.sendall(protocol.request(protocol.pycni_version(), protocol.KIND_CNI, "loopback", cni_env(pod),
-                                          CONF))
+            sock.sendall(protocol.request(protocol.pycni_version(), protocol.KIND_CNI, "loopback", cni_env(pod), CONF))
             kind, items = protocol.read_answer(sock)
         assert kind == protocol.REFUSED and b"network namespace" in items[0]
         with socket.socket(socket.AF_UNIX) as sock:  # garbage: dropped, the agent carries on
@@ -328,8 +388,12 @@ def test_busy_timeout_and_status_at_once(tmp_path, recorder, pod):
         assert busy.exit_code == 1 and not busy.accepted
         assert json.loads(busy.stdout)["code"] == 11
         started = time.monotonic()
-        ready = send_cni(path, "loopback", cni_env(pod, CNI_COMMAND="STATUS"),
-                         b'{"cniVersion": "1.1.0", "name": "n", "type": "loopback"}')
+        ready = send_cni(
+            path,
+            "loopback",
+            cni_env(pod, CNI_COMMAND="STATUS"),
+            b'{"cniVersion": "1.1.0", "name": "n", "type": "loopback"}',
+        )
         assert ready.exit_code == 0 and time.monotonic() - started < 2.0  # not behind the slot (held 30 s)
         first.join(10)
         timed_out = slow[0]
@@ -354,14 +418,22 @@ def test_busy_timeout_and_status_at_once(tmp_path, recorder, pod):
 @pytest.mark.integration
 def test_a_failing_plugin_is_an_error_object_and_the_agent_carries_on(tmp_path, recorder, pod):
     with served(tmp_path) as agent:
-        boom = send_cni(agent.options.socket_path, "loopback", cni_env(pod),
-                        b'{"cniVersion": "0.4.0", "name": "n", "type": "loopback", "explode": true}')
+        boom = send_cni(
+            agent.options.socket_path,
+            "loopback",
+            cni_env(pod),
+            b'{"cniVersion": "0.4.0", "name": "n", "type": "loopback", "explode": true}',
+        )
         assert boom.exit_code == 1
         error = json.loads(boom.stdout)
         assert error["code"] == 999 and error["cniVersion"] == "0.4.0" and "boom" in error["msg"]
         assert b"Traceback" in boom.stderr
-        exits = send_cni(agent.options.socket_path, "loopback", cni_env(pod),
-                         b'{"cniVersion": "1.0.0", "name": "n", "type": "loopback", "exit": true}')
+        exits = send_cni(
+            agent.options.socket_path,
+            "loopback",
+            cni_env(pod),
+            b'{"cniVersion": "1.0.0", "name": "n", "type": "loopback", "exit": true}',
+        )
         assert exits.exit_code == 1 and json.loads(exits.stdout)["code"] == 999
         assert send_cni(agent.options.socket_path, "loopback", cni_env(pod), CONF).exit_code == 0
 
@@ -412,8 +484,7 @@ def test_status_carries_the_overlay_part_and_survives_its_failure(tmp_path):
             raise RuntimeError("store unreachable")
         return {"overlay": {"subnet": "10.244.1.0/24"}}
 
-    agent = Agent(AgentOptions(socket_path=str(tmp_path / "run" / "agent.sock"), warm_up=False),
-                  extra_status=overlay)
+    agent = Agent(AgentOptions(socket_path=str(tmp_path / "run" / "agent.sock"), warm_up=False), extra_status=overlay)
     agent.start()
     thread = threading.Thread(target=agent.serve_forever, daemon=True)
     thread.start()
@@ -430,18 +501,22 @@ def test_status_carries_the_overlay_part_and_survives_its_failure(tmp_path):
 def test_systemd_unit_runs_this_installations_agent(tmp_path):
     from pycni.install import CNIError, install_systemd_unit
 
-    path = install_systemd_unit(str(tmp_path / "units"), pycni_command="/opt/pycni/bin/pycni",
-                                agent_socket="/run/pycni/agent.sock")
+    path = install_systemd_unit(
+        str(tmp_path / "units"), pycni_command="/opt/pycni/bin/pycni", agent_socket="/run/pycni/agent.sock"
+    )
     text = Path(path).read_text()
     assert Path(path).name == "pycni-agent.service" and Path(path).stat().st_mode & 0o777 == 0o644
     exec_lines = [line for line in text.splitlines() if line.startswith("ExecStart=")]
     assert exec_lines == ["ExecStart=/opt/pycni/bin/pycni agent --socket /run/pycni/agent.sock"]
-    assert "Type=notify" in text and "KillSignal=SIGTERM" in text and "RuntimeDirectory" not in text.split("[Service]")[1]
+    assert (
+        "Type=notify" in text and "KillSignal=SIGTERM" in text and "RuntimeDirectory" not in text.split("[Service]")[1]
+    )
     with pytest.raises(CNIError):
         install_systemd_unit(str(tmp_path / "units"), pycni_command="/opt/my pycni/pycni")
 
 
 # ---- trust boundaries, piece by piece -----------------------------------------------------------
+
 
 def test_unsafe_directories_and_sockets(tmp_path):
     from pycni.agent.protocol import unsafe_directory, unsafe_socket
@@ -460,7 +535,7 @@ def test_unsafe_directories_and_sockets(tmp_path):
     below.mkdir(mode=0o700)
     assert "is writable by group or others" in unsafe_directory(str(below))  # a parent anyone may rename in
     open_dir.chmod(0o1777)
-    assert unsafe_directory(str(below)) == ""                                 # sticky: nobody can
+    assert unsafe_directory(str(below)) == ""  # sticky: nobody can
     link = tmp_path / "link"
     link.symlink_to(open_dir)
     assert unsafe_directory(str(link)) == f"{open_dir} is writable by group or others (mode 1777)"
@@ -529,11 +604,19 @@ def test_a_delegate_outside_the_policy_is_never_executed(tmp_path):
     script_dir = tmp_path / "bin"
     script_dir.mkdir()
     script = script_dir / "foreign-ipam"
-    script.write_text(f"#!/bin/sh\ntouch {marker}\necho '{{\"cniVersion\": \"1.0.0\", \"ips\": []}}'\n")
+    script.write_text(f'#!/bin/sh\ntouch {marker}\necho \'{{"cniVersion": "1.0.0", "ips": []}}\'\n')
     script.chmod(0o755)
     conf = {"cniVersion": "1.0.0", "name": "n", "ipam": {"type": "foreign-ipam"}}
-    base = dict(command="ADD", container_id="c", netns="", ifname="eth0", path=str(script_dir), conf=conf,
-                stdin_data=json.dumps(conf).encode(), cni_version="1.0.0")
+    base = dict(
+        command="ADD",
+        container_id="c",
+        netns="",
+        ifname="eth0",
+        path=str(script_dir),
+        conf=conf,
+        stdin_data=json.dumps(conf).encode(),
+        cni_version="1.0.0",
+    )
     refused = CmdArgs(**base, environ={AGENT_BIN_DIRS_VARIABLE: "/opt/elsewhere"})
     with pytest.raises(ExecRefused):
         delegate(refused, "foreign-ipam", "ADD")
@@ -549,8 +632,9 @@ def test_outputs_name_the_callers_netns_path_again():
     from pycni.agent.server import _NetnsName
 
     name = _NetnsName(caller='/run/netns/pod "1"', ours="/proc/42/fd/7")
-    stdout, stderr = name.shown(b'{"sandbox": "/proc/42/fd/7", "other": "/proc/42/fd/70"}',
-                                b"cannot open /proc/42/fd/7\n")
+    stdout, stderr = name.shown(
+        b'{"sandbox": "/proc/42/fd/7", "other": "/proc/42/fd/70"}', b"cannot open /proc/42/fd/7\n"
+    )
     assert json.loads(stdout) == {"sandbox": '/run/netns/pod "1"', "other": "/proc/42/fd/70"}
     assert stderr == b'cannot open /run/netns/pod "1"\n'
 
@@ -602,16 +686,22 @@ def test_install_refuses_a_socket_someone_else_could_own(tmp_path):
 def test_systemd_unit_carries_the_cni_bin_dirs(tmp_path):
     from pycni.install import CNIError, install_systemd_unit
 
-    path = install_systemd_unit(str(tmp_path / "units"), pycni_command="/opt/pycni/bin/pycni",
-                                agent_socket="/run/pycni/agent.sock", cni_bin_dirs=("/usr/libexec/cni",))
-    assert "ExecStart=/opt/pycni/bin/pycni agent --socket /run/pycni/agent.sock --cni-bin-dir /usr/libexec/cni" \
+    path = install_systemd_unit(
+        str(tmp_path / "units"),
+        pycni_command="/opt/pycni/bin/pycni",
+        agent_socket="/run/pycni/agent.sock",
+        cni_bin_dirs=("/usr/libexec/cni",),
+    )
+    assert (
+        "ExecStart=/opt/pycni/bin/pycni agent --socket /run/pycni/agent.sock --cni-bin-dir /usr/libexec/cni"
         in Path(path).read_text().splitlines()
+    )
     with pytest.raises(CNIError):
-        install_systemd_unit(str(tmp_path / "units"), pycni_command="/opt/pycni/bin/pycni",
-                             cni_bin_dirs=("/a:b",))
+        install_systemd_unit(str(tmp_path / "units"), pycni_command="/opt/pycni/bin/pycni", cni_bin_dirs=("/a:b",))
 
 
 # ---- metrics, health and the journal -------------------------------------------------------------
+
 
 def test_stats_histograms_are_cumulative_and_since_start():
     from pycni.agent.stats import BUCKETS
@@ -624,19 +714,22 @@ def test_stats_histograms_are_cumulative_and_since_start():
     assert figures["sum"] == pytest.approx(120.0415)
     buckets = dict(figures["buckets"])
     assert list(buckets) == [*BUCKETS, float("inf")]
-    assert buckets[0.001] == 2            # an upper bound holds what equals it (Prometheus "le")
+    assert buckets[0.001] == 2  # an upper bound holds what equals it (Prometheus "le")
     assert buckets[0.01] == 2 and buckets[0.025] == 4 and buckets[60.0] == 4 and buckets[float("inf")] == 5
     counts = [n for _bound, n in figures["buckets"]]
     assert counts == sorted(counts)
     assert stats.counts()["served"] == 5
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("127.0.0.1:9917", ("127.0.0.1", 9917)),
-    ("0.0.0.0:1", ("0.0.0.0", 1)),
-    ("[::1]:9917", ("::1", 9917)),
-    ("[fe80::1%eth0]:65535", ("fe80::1%eth0", 65535)),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("127.0.0.1:9917", ("127.0.0.1", 9917)),
+        ("0.0.0.0:1", ("0.0.0.0", 1)),
+        ("[::1]:9917", ("::1", 9917)),
+        ("[fe80::1%eth0]:65535", ("fe80::1%eth0", 65535)),
+    ],
+)
 def test_metrics_addresses(text, expected):
     from pycni.agent.metrics import format_address, parse_address
 
@@ -644,11 +737,20 @@ def test_metrics_addresses(text, expected):
     assert format_address(*expected) == text
 
 
-@pytest.mark.parametrize("text, says", [
-    ("9917", "HOST:PORT"), (":9917", "HOST:PORT"), ("localhost:9917", "IP address"),
-    ("::1:9917", "in brackets"), ("[127.0.0.1]:9917", "IPv6 addresses only"), ("127.0.0.1:0", "1 to 65535"),
-    ("127.0.0.1:65536", "1 to 65535"), ("127.0.0.1:http", "1 to 65535"), ("[::1]", "HOST:PORT"),
-])
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("9917", "HOST:PORT"),
+        (":9917", "HOST:PORT"),
+        ("localhost:9917", "IP address"),
+        ("::1:9917", "in brackets"),
+        ("[127.0.0.1]:9917", "IPv6 addresses only"),
+        ("127.0.0.1:0", "1 to 65535"),
+        ("127.0.0.1:65536", "1 to 65535"),
+        ("127.0.0.1:http", "1 to 65535"),
+        ("[::1]", "HOST:PORT"),
+    ],
+)
 def test_bad_metrics_addresses_say_what_is_wrong(text, says):
     from pycni.agent.metrics import parse_address
 
@@ -678,7 +780,8 @@ def test_neither_the_agent_help_nor_a_cold_plugin_imports_prometheus_client():
         "from cni_plugins.spec import registry, skel\n"
         "for plugin_type in registry.PACKAGES:\n"
         "    registry.funcs(plugin_type)\n"
-        "print(sorted(m for m in sys.modules if m.startswith('prometheus_client')))\n")
+        "print(sorted(m for m in sys.modules if m.startswith('prometheus_client')))\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
@@ -717,10 +820,14 @@ def test_under_systemd_every_line_carries_its_journal_priority_and_no_timestamp(
     stream.flush()
     lines = Path(stream.name).read_text().splitlines()
     stream.close()
-    assert lines[:6] == ["<7>DEBUG pycni-test-journal.on: tick",
-                         "<6>INFO pycni-test-journal.on: serving on /run/pycni/agent.sock",
-                         "<4>WARNING pycni-test-journal.on: two", "<4>lines",
-                         "<3>ERROR pycni-test-journal.on: failed", "<2>CRITICAL pycni-test-journal.on: gone"]
+    assert lines[:6] == [
+        "<7>DEBUG pycni-test-journal.on: tick",
+        "<6>INFO pycni-test-journal.on: serving on /run/pycni/agent.sock",
+        "<4>WARNING pycni-test-journal.on: two",
+        "<4>lines",
+        "<3>ERROR pycni-test-journal.on: failed",
+        "<2>CRITICAL pycni-test-journal.on: gone",
+    ]
     trace = lines[6:]
     assert trace[0] == "<3>ERROR pycni-test-journal.on: with a traceback" and len(trace) > 3
     assert all(line.startswith("<3>") for line in trace) and trace[-1] == "<3>ValueError: boom"
@@ -744,20 +851,42 @@ def test_elsewhere_the_log_keeps_its_format(tmp_path, monkeypatch):
     line = Path(stream.name).read_text().splitlines()[0]
     stream.close()
     assert not line.startswith("<") and f"pycni-agent[{os.getpid()}] WARNING pycni-test-journal.off: plain" in line
-    assert line[:4].isdigit()   # the timestamp stays
+    assert line[:4].isdigit()  # the timestamp stays
 
 
 def _overlay_status(**changes: Any) -> dict[str, Any]:
     status = {
-        "ready": True, "nodeName": "n0", "publicIP": "192.168.100.10", "network": "10.244.0.0/16", "vni": 1,
-        "vxlanDevice": "pycni.1", "subnet": "10.244.3.0/24", "subnets": ["10.244.3.0/24"], "lease": "valid",
-        "leaseExpires": 2_000_000_000.0, "leaseProblem": None, "remotes": 2,
-        "remoteNodes": [{"subnet": "10.244.1.0/24"}, {"subnet": "10.244.2.0/24"}], "skipped": [],
+        "ready": True,
+        "nodeName": "n0",
+        "publicIP": "192.168.100.10",
+        "network": "10.244.0.0/16",
+        "vni": 1,
+        "vxlanDevice": "pycni.1",
+        "subnet": "10.244.3.0/24",
+        "subnets": ["10.244.3.0/24"],
+        "lease": "valid",
+        "leaseExpires": 2_000_000_000.0,
+        "leaseProblem": None,
+        "remotes": 2,
+        "remoteNodes": [{"subnet": "10.244.1.0/24"}, {"subnet": "10.244.2.0/24"}],
+        "skipped": [],
         "rejectedEntries": [{"key": "/pycni/subnets/x", "revision": 3, "reason": "bad"}],
-        "lastReconcile": 1_000.0, "reconciles": 7, "events": 4, "changes": 12, "repairs": 1, "entryRepairs": 2,
-        "storeRevision": 42, "storeReachable": True, "storeError": None,
-        "store": {"watch": "streaming", "revision": 42, "relists": 3, "errors": 5,
-                  "requests": {"requests": {"range": 9, "txn": 2}, "errors": 1}},
+        "lastReconcile": 1_000.0,
+        "reconciles": 7,
+        "events": 4,
+        "changes": 12,
+        "repairs": 1,
+        "entryRepairs": 2,
+        "storeRevision": 42,
+        "storeReachable": True,
+        "storeError": None,
+        "store": {
+            "watch": "streaming",
+            "revision": 42,
+            "relists": 3,
+            "errors": 5,
+            "requests": {"requests": {"range": 9, "txn": 2}, "errors": 1},
+        },
     }
     status.update(changes)
     return status
@@ -814,8 +943,15 @@ def test_metrics_count_requests_by_plugin_command_and_outcome():
     assert buckets[(*hl[:1], ("le", "+Inf"), *hl[1:])] == 3
     assert got["pycni_agent_requests_served_total"][()] == 4
     not_served = {dict(k)["reason"]: v for k, v in got["pycni_agent_requests_not_served_total"].items()}
-    assert not_served == {"refused": 1, "declined": 2, "over_capacity": 0, "busy": 1, "timed_out": 0,
-                          "denied": 0, "bad_request": 1}
+    assert not_served == {
+        "refused": 1,
+        "declined": 2,
+        "over_capacity": 0,
+        "busy": 1,
+        "timed_out": 0,
+        "denied": 0,
+        "bad_request": 1,
+    }
     assert got["pycni_agent_requests_in_flight"][()] == 1 and got["pycni_agent_requests_queued"][()] == 2
     assert got["pycni_agent_info"][(("version", "9.9.9"),)] == 1
     assert got["pycni_agent_healthy"][()] == 1 and got["pycni_agent_serving"][()] == 1
@@ -844,17 +980,19 @@ def test_metrics_of_an_overlay_node():
     assert got["pycni_overlay_rejected_store_entries"][()] == 1
     assert got["pycni_overlay_kernel_changes_total"][()] == 12
     assert got["pycni_agent_healthy"][()] == 1
-    assert "pycni_overlay_reconcile_duration_seconds_count" not in got   # the node does not time them (yet)
+    assert "pycni_overlay_reconcile_duration_seconds_count" not in got  # the node does not time them (yet)
     # When the node reports its reconcile durations, they are a histogram.
     status["reconcileDuration"] = {"count": 3, "sum": 0.3, "buckets": [[0.05, 1], [0.1, 2]]}
     got = _scrape(Sources(_FakeAgent(), overlay_status=lambda: status, clock=lambda: 1_005.0))
     assert got["pycni_overlay_reconcile_duration_seconds_count"][()] == 3
-    assert got["pycni_overlay_reconcile_duration_seconds_bucket"] == {(("le", "0.05"),): 1, (("le", "0.1"),): 2,
-                                                                      (("le", "+Inf"),): 3}
+    assert got["pycni_overlay_reconcile_duration_seconds_bucket"] == {
+        (("le", "0.05"),): 1,
+        (("le", "0.1"),): 2,
+        (("le", "+Inf"),): 3,
+    }
     assert got["pycni_overlay_reconcile_duration_seconds_sum"][()] == pytest.approx(0.3)
     # A lapsed lease: held no more, and unhealthy.
-    got = _scrape(Sources(_FakeAgent(), overlay_status=lambda: _overlay_status(lease="lapsed"),
-                          clock=lambda: 1_005.0))
+    got = _scrape(Sources(_FakeAgent(), overlay_status=lambda: _overlay_status(lease="lapsed"), clock=lambda: 1_005.0))
     assert got["pycni_overlay_leases_held"][()] == 0 and got["pycni_agent_healthy"][()] == 0
     assert got["pycni_overlay_lease_subnet"][(("subnet", "10.244.3.0/24"),)] == 0
 
@@ -866,7 +1004,7 @@ def test_a_scraper_asking_for_openmetrics_gets_it():
 
     agent = _FakeAgent()
     agent.stats.served("bridge", "ADD", 0.01, True)
-    endpoint = MetricsEndpoint.__new__(MetricsEndpoint)   # the rendering only: no socket
+    endpoint = MetricsEndpoint.__new__(MetricsEndpoint)  # the rendering only: no socket
     endpoint.registry = registry_for(Sources(agent, overlay_status=_overlay_status, clock=lambda: 1_005.0))
     code, content_type, body = endpoint.metrics("application/openmetrics-text; version=1.0.0")
     assert code == 200 and content_type.startswith("application/openmetrics-text")
@@ -891,8 +1029,7 @@ def test_health_of_an_overlay_node_names_every_reason_in_one_line():
 
     def health(now: float = 1_005.0, **changes: Any) -> tuple[bool, str]:
         status = _overlay_status(**changes)
-        return Sources(_FakeAgent(), overlay_status=lambda: status, reconcile_max_age=20.0,
-                       clock=lambda: now).health()
+        return Sources(_FakeAgent(), overlay_status=lambda: status, reconcile_max_age=20.0, clock=lambda: now).health()
 
     assert health() == (True, "ok")
     ok, reason = health(storeReachable=False, storeError="etcd 192.168.100.1:2379:\n connection refused")
@@ -902,11 +1039,14 @@ def test_health_of_an_overlay_node_names_every_reason_in_one_line():
     ok, reason = health(now=1_021.0)
     assert not ok and reason == "the last reconcile completed 21 s ago (stale after 20 s)"
     ok, reason = health(now=1_021.0, storeReachable=False, storeError="", lease=None, lastReconcile=None)
-    assert reason == ("the cluster store has not answered yet; no subnet lease yet; "
-                      "no reconcile has completed yet")
+    assert reason == ("the cluster store has not answered yet; no subnet lease yet; no reconcile has completed yet")
     assert "\n" not in reason
-    failed = Sources(_FakeAgent(), overlay_status=lambda: _overlay_status(), clock=lambda: 1_005.0,
-                     overlay_failure=lambda: "RuntimeError: boom")
+    failed = Sources(
+        _FakeAgent(),
+        overlay_status=lambda: _overlay_status(),
+        clock=lambda: 1_005.0,
+        overlay_failure=lambda: "RuntimeError: boom",
+    )
     assert failed.health() == (False, "the overlay reconcile loop stopped: RuntimeError: boom")
     assert reconcile_max_age(10.0) == 30.0 and reconcile_max_age(0.5) == 15.5 and reconcile_max_age(60) == 180
 
@@ -929,7 +1069,7 @@ def test_a_stuck_overlay_node_makes_health_say_so_without_hanging():
             ok, reason = sources.health()
             assert not ok and reason == "the overlay node did not report its status (no answer within 0.2 s)"
         assert time.monotonic() - started < 3
-        assert len(calls) == 1            # one call in flight at a time, shared by every caller
+        assert len(calls) == 1  # one call in flight at a time, shared by every caller
         got = _scrape(sources)
         assert got["pycni_overlay_status_available"][()] == 0 and got["pycni_agent_healthy"][()] == 0
     finally:

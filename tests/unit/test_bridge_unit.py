@@ -1,4 +1,5 @@
 """bridge without namespaces: configuration, gateway planning, IPAM delegation, rollback."""
+
 from __future__ import annotations
 
 import json
@@ -24,6 +25,7 @@ def conf(**options):
 
 
 # ---- configuration ------------------------------------------------------------------
+
 
 def test_defaults_match_the_reference():
     n = bridge.load_conf(conf(), "")
@@ -64,33 +66,47 @@ def test_vlan_trunk_expands_sorted_and_unique():
     assert n.vlans == [10, 11, 12, 42] and n.vlan_filtering
 
 
-@pytest.mark.parametrize("trunk, message", [
-    ([{"minID": 0, "maxID": 3}], "minID"),
-    ([{"minID": 5, "maxID": 4095}], "maxID"),
-    ([{"minID": 9, "maxID": 3}], "greater"),
-    ([{"maxID": 3}], "minID is missing"),
-    ([{"minID": 3}], "maxID is missing"),
-    ([{"id": 4095}], "trunk id"),
-])
+@pytest.mark.parametrize(
+    "trunk, message",
+    [
+        ([{"minID": 0, "maxID": 3}], "minID"),
+        ([{"minID": 5, "maxID": 4095}], "maxID"),
+        ([{"minID": 9, "maxID": 3}], "greater"),
+        ([{"maxID": 3}], "minID is missing"),
+        ([{"minID": 3}], "maxID is missing"),
+        ([{"id": 4095}], "trunk id"),
+    ],
+)
 def test_bad_vlan_trunk(trunk, message):
     with pytest.raises(CNIError) as err:
         bridge.load_conf(conf(vlanTrunk=trunk), "")
     assert message in err.value.msg
 
 
-@pytest.mark.parametrize("options, code", [
-    ({"vlan": 4095}, 7), ({"vlan": -1}, 7), ({"vlan": 3, "vlanTrunk": [{"id": 4}]}, 7),
-    ({"mtu": 20}, 7), ({"mtu": "1500"}, 6), ({"isGateway": "yes"}, 6), ({"ipMasqBackend": "pf"}, 7),
-    ({"bridge": "a-much-too-long-bridge-name"}, 7), ({"ipam": []}, 7),
-])
+@pytest.mark.parametrize(
+    "options, code",
+    [
+        ({"vlan": 4095}, 7),
+        ({"vlan": -1}, 7),
+        ({"vlan": 3, "vlanTrunk": [{"id": 4}]}, 7),
+        ({"mtu": 20}, 7),
+        ({"mtu": "1500"}, 6),
+        ({"isGateway": "yes"}, 6),
+        ({"ipMasqBackend": "pf"}, 7),
+        ({"bridge": "a-much-too-long-bridge-name"}, 7),
+        ({"ipam": []}, 7),
+    ],
+)
 def test_invalid_options(options, code):
     with pytest.raises(CNIError) as err:
         bridge.load_conf(conf(**options), "")
     assert err.value.code == code
 
 
-@pytest.mark.parametrize("options", [{"hairpinMode": True, "promiscMode": True},
-                                     {"disableContainerInterface": True, "ipam": {"type": "host-local"}}])
+@pytest.mark.parametrize(
+    "options",
+    [{"hairpinMode": True, "promiscMode": True}, {"disableContainerInterface": True, "ipam": {"type": "host-local"}}],
+)
 def test_conflicting_options_rejected_before_any_change(options):
     req = CmdArgs(command="ADD", container_id="c", netns="/nonexistent", ifname="eth0", conf=conf(**options))
     with pytest.raises(CNIError) as err:
@@ -100,10 +116,16 @@ def test_conflicting_options_rejected_before_any_change(options):
 
 # ---- gateways --------------------------------------------------------------------
 
+
 def ipam_result(*addresses, gateway=None, routes=()):
-    return Result.from_dict({"cniVersion": "1.0.0",
-                             "ips": [{"address": a, **({"gateway": gateway} if gateway else {})} for a in addresses],
-                             "routes": list(routes)}, "1.0.0")
+    return Result.from_dict(
+        {
+            "cniVersion": "1.0.0",
+            "ips": [{"address": a, **({"gateway": gateway} if gateway else {})} for a in addresses],
+            "routes": list(routes),
+        },
+        "1.0.0",
+    )
 
 
 def test_gateways_default_to_first_address_of_the_subnet():
@@ -129,6 +151,7 @@ def test_no_gateway_without_is_gateway():
 
 # ---- rollback --------------------------------------------------------------------
 
+
 def test_undo_runs_newest_first_and_survives_failures():
     from cni_plugins.shared.undo import Undo
 
@@ -144,6 +167,7 @@ def test_undo_runs_newest_first_and_survives_failures():
 
 # ---- IPAM delegation --------------------------------------------------------------
 
+
 def write_plugin(directory, name, body):
     path = directory / name
     path.write_text(f"#!/bin/sh\n{body}\n")
@@ -153,14 +177,25 @@ def write_plugin(directory, name, body):
 
 def request(tmp_path, ipam_type="fake", version="1.0.0", **extra):
     cfg = conf(cniVersion=version, ipam={"type": ipam_type}, **extra)
-    return CmdArgs(command="ADD", container_id="c1", netns="/run/netns/x", ifname="eth0",
-                   path=f"{tmp_path / 'empty'}:{tmp_path}", stdin_data=json.dumps(cfg).encode(), conf=cfg,
-                   cni_version=version)
+    return CmdArgs(
+        command="ADD",
+        container_id="c1",
+        netns="/run/netns/x",
+        ifname="eth0",
+        path=f"{tmp_path / 'empty'}:{tmp_path}",
+        stdin_data=json.dumps(cfg).encode(),
+        conf=cfg,
+        cni_version=version,
+    )
 
 
 def test_exec_add_reads_the_result_in_the_config_version(tmp_path):
-    write_plugin(tmp_path, "fake", 'cat >/dev/null; echo \'{"cniVersion":"0.2.0","ip4":{"ip":"10.3.0.5/16",'
-                 '"gateway":"10.3.0.1","routes":[{"dst":"0.0.0.0/0"}]}}\'')
+    write_plugin(
+        tmp_path,
+        "fake",
+        'cat >/dev/null; echo \'{"cniVersion":"0.2.0","ip4":{"ip":"10.3.0.5/16",'
+        '"gateway":"10.3.0.1","routes":[{"dst":"0.0.0.0/0"}]}}\'',
+    )
     result = ipam_exec.exec_add(request(tmp_path, version="0.2.0"))
     assert result.ips[0].address == "10.3.0.5/16" and result.ips[0].gateway == "10.3.0.1"
     assert [r.dst for r in result.routes] == ["0.0.0.0/0"]
@@ -168,8 +203,12 @@ def test_exec_add_reads_the_result_in_the_config_version(tmp_path):
 
 def test_exec_passes_environment_and_stdin(tmp_path):
     log = tmp_path / "log"
-    write_plugin(tmp_path, "fake", f'env | grep ^CNI_ | sort > {log}; cat >> {log}; '
-                 'echo \'{"cniVersion":"1.0.0","ips":[{"address":"10.0.0.2/24"}]}\'')
+    write_plugin(
+        tmp_path,
+        "fake",
+        f"env | grep ^CNI_ | sort > {log}; cat >> {log}; "
+        'echo \'{"cniVersion":"1.0.0","ips":[{"address":"10.0.0.2/24"}]}\'',
+    )
     req = request(tmp_path)
     ipam_exec.exec_del(req)
     text = log.read_text()
@@ -207,12 +246,16 @@ def test_in_process_only_for_our_own_host_local(tmp_path):
     ours = tmp_path / "ours"
     ours.mkdir()
     script = ours / "host-local"
-    script.write_text(f"#!/usr/bin/python3 -I\n{registry.LAUNCHER_TAG}host-local\nfrom ipam.host_local import main\nmain()\n")
+    script.write_text(
+        f"#!/usr/bin/python3 -I\n{registry.LAUNCHER_TAG}host-local\nfrom ipam.host_local import main\nmain()\n"
+    )
     script.chmod(0o755)
     assert registry.own_plugin(str(script)) == "host-local"
     legacy = ours / "legacy"
-    legacy.write_text("#!/usr/bin/python3 -I\n# Generated by `pycni install`: the pycni 'host-local' CNI plugin.\n"
-                      "import sys\nfrom ipam.host_local import main\nsys.exit(main())\n")
+    legacy.write_text(
+        "#!/usr/bin/python3 -I\n# Generated by `pycni install`: the pycni 'host-local' CNI plugin.\n"
+        "import sys\nfrom ipam.host_local import main\nsys.exit(main())\n"
+    )
     assert registry.own_plugin(str(legacy)) == "host-local"
     (ours / "bash-lookalike").write_text("#!/bin/sh\n# mentions ipam.host_local but is not ours\n")
     assert registry.own_plugin(str(ours / "bash-lookalike")) is None
@@ -229,11 +272,27 @@ def test_in_process_host_local_gives_the_executed_result(tmp_path):
     results = []
     for mode in ("inprocess", "exec"):
         data = tmp_path / mode
-        cfg = conf(cniVersion="0.3.1", ipam={"type": "host-local", "subnet": "10.7.0.0/24", "dataDir": str(data),
-                                             "routes": [{"dst": "0.0.0.0/0"}]})
+        cfg = conf(
+            cniVersion="0.3.1",
+            ipam={
+                "type": "host-local",
+                "subnet": "10.7.0.0/24",
+                "dataDir": str(data),
+                "routes": [{"dst": "0.0.0.0/0"}],
+            },
+        )
         environ = {"PATH": os.environ["PATH"], **({"PYCNI_NO_INPROCESS": "1"} if mode == "exec" else {})}
-        req = CmdArgs(command="ADD", container_id="c1", netns="/run/netns/x", ifname="eth0", path=str(bindir),
-                      stdin_data=json.dumps(cfg).encode(), conf=cfg, cni_version="0.3.1", environ=environ)
+        req = CmdArgs(
+            command="ADD",
+            container_id="c1",
+            netns="/run/netns/x",
+            ifname="eth0",
+            path=str(bindir),
+            stdin_data=json.dumps(cfg).encode(),
+            conf=cfg,
+            cni_version="0.3.1",
+            environ=environ,
+        )
         served_in_process = []
         original = registry.funcs
         registry.funcs = lambda name: served_in_process.append(name) or original(name)
@@ -257,14 +316,18 @@ def test_routes_without_gateway_keep_none():
 
 # ---- VLAN entries (the kernel here lacks VLAN filtering, so the calls are checked) -------
 
+
 @pytest.fixture
 def vlan_calls(monkeypatch):
     from cni_plugins.kernel import ip
 
     calls = []
     monkeypatch.setattr(ip, "remove_port_vlans", lambda ipr, port: calls.append(("clear", port)))
-    monkeypatch.setattr(ip, "bridge_vlan_add", lambda ipr, port, vid, pvid=False, untagged=False:
-                        calls.append(("add", port, vid, pvid, untagged)))
+    monkeypatch.setattr(
+        ip,
+        "bridge_vlan_add",
+        lambda ipr, port, vid, pvid=False, untagged=False: calls.append(("add", port, vid, pvid, untagged)),
+    )
     return calls
 
 
@@ -280,8 +343,12 @@ def test_access_port_keeps_default_vlan_when_asked(vlan_calls):
 
 def test_trunk_port_vlans_with_native_vlan_1(vlan_calls):
     bridge._setup_port_vlans(None, bridge.load_conf(conf(vlanTrunk=[{"minID": 5, "maxID": 6}]), ""), 7, "v")
-    assert vlan_calls == [("clear", 7), ("add", 7, 5, False, False), ("add", 7, 6, False, False),
-                          ("add", 7, 1, True, True)]
+    assert vlan_calls == [
+        ("clear", 7),
+        ("add", 7, 5, False, False),
+        ("add", 7, 6, False, False),
+        ("add", 7, 1, True, True),
+    ]
 
 
 def test_no_vlan_no_calls(vlan_calls):
@@ -292,15 +359,26 @@ def test_no_vlan_no_calls(vlan_calls):
 def test_spoof_check_names_are_per_network_and_attachment():
     from cni_plugins.shared import spoofchk
 
-    ids = {spoofchk.attachment_id(net, cid, ifname)
-           for net in ("a", "b") for cid in ("c1", "c2") for ifname in ("eth0", "net1")}
+    ids = {
+        spoofchk.attachment_id(net, cid, ifname)
+        for net in ("a", "b")
+        for cid in ("c1", "c2")
+        for ifname in ("eth0", "net1")
+    }
     assert len(ids) == 8
     assert spoofchk.network_tag("a") != spoofchk.network_tag("b")
 
 
-@pytest.mark.parametrize("iface,mac", [('veth" drop', "0a:58:00:00:00:01"), ("veth1;", "0a:58:00:00:00:01"),
-                                       ("", "0a:58:00:00:00:01"), ("veth1", "0a:58:00:00:00:01 drop"),
-                                       ("veth1", "zz:58:00:00:00:01")])
+@pytest.mark.parametrize(
+    "iface,mac",
+    [
+        ('veth" drop', "0a:58:00:00:00:01"),
+        ("veth1;", "0a:58:00:00:00:01"),
+        ("", "0a:58:00:00:00:01"),
+        ("veth1", "0a:58:00:00:00:01 drop"),
+        ("veth1", "zz:58:00:00:00:01"),
+    ],
+)
 def test_spoof_check_refuses_rule_syntax_before_touching_nftables(iface, mac, monkeypatch):
     from cni_plugins.kernel import nft
     from cni_plugins.shared import spoofchk
@@ -322,8 +400,11 @@ def test_masq_backend_names_agree_with_the_masq_module():
 
 # Derived by the VTEP MAC code before stable_mac was shared: every node's published VTEP MAC
 # depends on these values staying byte-identical.
-KNOWN_MACS = {"pycni-test-seed": "aa:a0:71:ce:11:75", "": "e2:b0:c4:42:98:fc",
-              "pycni-bridge|0123456789abcdef0123456789abcdef|cni0": "fa:cd:f3:35:3d:35"}
+KNOWN_MACS = {
+    "pycni-test-seed": "aa:a0:71:ce:11:75",
+    "": "e2:b0:c4:42:98:fc",
+    "pycni-bridge|0123456789abcdef0123456789abcdef|cni0": "fa:cd:f3:35:3d:35",
+}
 
 
 @pytest.mark.parametrize("seed", sorted(KNOWN_MACS))
@@ -356,8 +437,15 @@ def test_bridge_mac_seed_names_the_node_and_the_bridge():
     assert stable_bridge_mac("cni0", "node-a") != stable_bridge_mac("cni1", "node-a")
 
 
-@pytest.mark.parametrize("content, expected", [("3d1219c7c4c5404aaa1f6d2a48adfda4\n", "3d1219c7c4c5404aaa1f6d2a48adfda4"),
-                                               ("", None), ("uninitialized\n", None), (" \n", None)])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("3d1219c7c4c5404aaa1f6d2a48adfda4\n", "3d1219c7c4c5404aaa1f6d2a48adfda4"),
+        ("", None),
+        ("uninitialized\n", None),
+        (" \n", None),
+    ],
+)
 def test_node_identity_is_the_machine_id_else_the_host_name(tmp_path, content, expected):
     import socket
 

@@ -1,4 +1,5 @@
 """The `pycni` command line (click's test runner; fake plugins, no namespaces)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -47,8 +48,9 @@ def setup(tmp_path, monkeypatch):
     monkeypatch.setenv("CNI_CACHE_DIR", str(cache_dir))
 
     def network(name="clinet", version="1.0.0", **plugin_extra):
-        (conf_dir / f"{name}.conflist").write_text(json.dumps(
-            {"cniVersion": version, "name": name, "plugins": [{"type": "fake", **plugin_extra}]}))
+        (conf_dir / f"{name}.conflist").write_text(
+            json.dumps({"cniVersion": version, "name": name, "plugins": [{"type": "fake", **plugin_extra}]})
+        )
 
     def log_lines():
         return log.read_text().splitlines() if log.exists() else []
@@ -117,8 +119,9 @@ def test_plugin_error_goes_to_stderr_with_code(setup):
 
 
 def test_config_errors_are_reported(setup):
-    (setup["conf"] / "bad.conflist").write_text(json.dumps(
-        {"cniVersion": "1.0.0", "name": "badnet", "plugins": [{"type": "../../bin/sh"}]}))
+    (setup["conf"] / "bad.conflist").write_text(
+        json.dumps({"cniVersion": "1.0.0", "name": "badnet", "plugins": [{"type": "../../bin/sh"}]})
+    )
     result = run("add", "badnet", "pod1")
     assert result.exit_code == 1 and result.stdout == ""
     assert "field 'plugins[0].type'" in result.stderr and "(CNI code 7)" in result.stderr
@@ -212,18 +215,20 @@ def test_status_exit_codes_tell_ready_from_not_ready_from_could_not_ask(setup):
     assert old.exit_code == 2 and "STATUS not supported" in old.stderr and "1.1.0" in old.stderr
     missing = run("status", "nonet")
     assert missing.exit_code == 2 and "no network named 'nonet'" in missing.stderr
-    (setup["conf"] / "ghost.conflist").write_text(json.dumps(
-        {"cniVersion": "1.1.0", "name": "ghost", "plugins": [{"type": "nosuchplugin"}]}))
+    (setup["conf"] / "ghost.conflist").write_text(
+        json.dumps({"cniVersion": "1.1.0", "name": "ghost", "plugins": [{"type": "nosuchplugin"}]})
+    )
     ghost = run("status", "ghost")
     assert ghost.exit_code == 2 and "nosuchplugin" in ghost.stderr
     broken = setup["bin"] / "broken"
     broken.write_text("#!/nonexistent/interpreter\n")
     broken.chmod(0o755)
-    (setup["conf"] / "broken.conflist").write_text(json.dumps(
-        {"cniVersion": "1.1.0", "name": "broken", "plugins": [{"type": "broken"}]}))
+    (setup["conf"] / "broken.conflist").write_text(
+        json.dumps({"cniVersion": "1.1.0", "name": "broken", "plugins": [{"type": "broken"}]})
+    )
     result = run("status", "broken")
     assert result.exit_code == 2 and "cannot execute" in result.stderr
-    assert [line.split()[0] for line in setup["log"]()] == ["STATUS"] * 3   # clinet, down and crash only
+    assert [line.split()[0] for line in setup["log"]()] == ["STATUS"] * 3  # clinet, down and crash only
 
 
 def test_status_help_lists_the_exit_codes():
@@ -234,6 +239,7 @@ def test_status_help_lists_the_exit_codes():
 
 
 # ---- install -------------------------------------------------------------
+
 
 def test_install_writes_executable_wrappers(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
@@ -247,8 +253,9 @@ def test_install_writes_executable_wrappers(tmp_path, monkeypatch):
     assert first_line == f"#!{sys.executable} -IS"  # a shim (pycni/agent/shim.py): isolated, no site
     assert not [n for n in os.listdir(target) if n.startswith(".")]
     # The wrapper is a working plugin: VERSION needs no namespace.
-    proc = subprocess.run([str(loopback)], input=b"{}", env={"CNI_COMMAND": "VERSION"}, capture_output=True,
-                          check=False)
+    proc = subprocess.run(
+        [str(loopback)], input=b"{}", env={"CNI_COMMAND": "VERSION"}, capture_output=True, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     assert "1.1.0" in json.loads(proc.stdout)["supportedVersions"]
     # Installing again replaces our own files.
@@ -285,12 +292,18 @@ def test_install_native_shim_builds_one_binary_the_plugin_files_run(tmp_path, mo
     loopback = target / "loopback"
     text = loopback.read_text()
     assert text.splitlines()[0] == f"#!{shim}" and "socket=/run/x/agent.sock" in text
-    assert own_plugin(str(loopback)) == "loopback"   # in-process delegation still recognises it
+    assert own_plugin(str(loopback)) == "loopback"  # in-process delegation still recognises it
     assert own_plugin(str(shim)) is None
-    proc = subprocess.run([str(loopback)], input=b"{}", env={"CNI_COMMAND": "VERSION"}, capture_output=True,
-                          check=False)
-    cold = subprocess.run([sys.executable, "-I", "-c", "from cni_plugins.loopback import main; main()"],
-                          input=b"{}", env={"CNI_COMMAND": "VERSION"}, capture_output=True, check=False)
+    proc = subprocess.run(
+        [str(loopback)], input=b"{}", env={"CNI_COMMAND": "VERSION"}, capture_output=True, check=False
+    )
+    cold = subprocess.run(
+        [sys.executable, "-I", "-c", "from cni_plugins.loopback import main; main()"],
+        input=b"{}",
+        env={"CNI_COMMAND": "VERSION"},
+        capture_output=True,
+        check=False,
+    )
     assert (proc.returncode, proc.stdout) == (cold.returncode, cold.stdout) == (0, cold.stdout)
     # Run by hand, the binary says what it is for.
     alone = subprocess.run([str(shim)], capture_output=True, text=True, check=False)
@@ -307,7 +320,7 @@ def test_install_native_shim_says_what_it_lacks(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     result = run("install", "--cni-bin-dir", str(tmp_path / "a"), "--native-shim", "--no-agent")
     assert result.exit_code == 1 and "needs an agent socket" in result.stderr
-    monkeypatch.setenv("PATH", str(tmp_path))        # no cc or gcc on it
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc or gcc on it
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr("pycni.install.packaged_shim", lambda: str(tmp_path / "not-built" / "pycni-shim"))
     result = run("install", "--cni-bin-dir", str(tmp_path / "b"), "--native-shim")

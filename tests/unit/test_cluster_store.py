@@ -3,6 +3,7 @@
 Everything runs against a real file store in a temporary directory; the etcd
 backend runs the same lease tests in tests/integration/test_cluster_etcd.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,9 +66,20 @@ def cfg(store):
 # -- open_store ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("url", ["ftp://10.0.0.1:2379", "10.0.0.1:2379", "", "file://relative/dir",
-                                 "etcd://", "etcd://host:notaport", "etcd://host:70000", "etcd://h:1/path",
-                                 "etcd://::1:2379"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://10.0.0.1:2379",
+        "10.0.0.1:2379",
+        "",
+        "file://relative/dir",
+        "etcd://",
+        "etcd://host:notaport",
+        "etcd://host:70000",
+        "etcd://h:1/path",
+        "etcd://::1:2379",
+    ],
+)
 def test_open_store_rejects_bad_urls(url):
     with pytest.raises(StoreError) as exc:
         open_store(url)
@@ -82,53 +94,71 @@ def test_open_store_error_lists_the_accepted_forms():
 def test_open_store_parses_etcd_endpoints():
     store = open_store("etcd://10.0.0.1:2379,[fd00::1]:3379,node-c", prefix="/x")
     try:
-        assert [(e.host, e.port) for e in store.endpoints] == [("10.0.0.1", 2379), ("fd00::1", 3379),
-                                                               ("node-c", 2379)]
+        assert [(e.host, e.port) for e in store.endpoints] == [("10.0.0.1", 2379), ("fd00::1", 3379), ("node-c", 2379)]
         assert store.url() == "etcd://10.0.0.1:2379,[fd00::1]:3379,node-c:2379"
     finally:
         store.close()
 
 
-@pytest.mark.parametrize("url, scheme, endpoints", [
-    ("http://10.0.0.1:2379", "http", [("10.0.0.1", 2379)]),
-    ("http://10.0.0.1:2379,http://10.0.0.2:2379", "http", [("10.0.0.1", 2379), ("10.0.0.2", 2379)]),
-    ("HTTPS://10.0.0.1:2379/, https://[fd00::2]:3379/", "https", [("10.0.0.1", 2379), ("fd00::2", 3379)]),
-    ("https://node-a,node-b:2381", "https", [("node-a", 2379), ("node-b", 2381)]),
-    ("etcd://10.0.0.1:2379,etcd://10.0.0.2", "http", [("10.0.0.1", 2379), ("10.0.0.2", 2379)]),
-])
+@pytest.mark.parametrize(
+    "url, scheme, endpoints",
+    [
+        ("http://10.0.0.1:2379", "http", [("10.0.0.1", 2379)]),
+        ("http://10.0.0.1:2379,http://10.0.0.2:2379", "http", [("10.0.0.1", 2379), ("10.0.0.2", 2379)]),
+        ("HTTPS://10.0.0.1:2379/, https://[fd00::2]:3379/", "https", [("10.0.0.1", 2379), ("fd00::2", 3379)]),
+        ("https://node-a,node-b:2381", "https", [("node-a", 2379), ("node-b", 2381)]),
+        ("etcd://10.0.0.1:2379,etcd://10.0.0.2", "http", [("10.0.0.1", 2379), ("10.0.0.2", 2379)]),
+    ],
+)
 def test_open_store_takes_flannels_endpoint_lists(url, scheme, endpoints):
     store = open_store(url)
     try:
         assert [(e.host, e.port) for e in store.endpoints] == endpoints
-        assert store._scheme == scheme   # https: TLS with the system's CAs (no TLS files given)
+        assert store._scheme == scheme  # https: TLS with the system's CAs (no TLS files given)
         assert (store._ssl is not None) == (scheme == "https")
     finally:
         store.close()
 
 
 def test_an_endpoint_list_keeps_its_form_in_messages():
-    for url, shown in [("http://a:2379,http://b", "http://a:2379,http://b:2379"),
-                       ("https://a,b", "https://a:2379,https://b:2379"), ("etcd://a,b:1", "etcd://a:2379,b:1")]:
+    for url, shown in [
+        ("http://a:2379,http://b", "http://a:2379,http://b:2379"),
+        ("https://a,b", "https://a:2379,https://b:2379"),
+        ("etcd://a,b:1", "etcd://a:2379,b:1"),
+    ]:
         with open_store(url) as store:
             assert store.url() == shown
 
 
-@pytest.mark.parametrize("url, other", [
-    ("http://10.0.0.1:2379,https://10.0.0.2:2379", "https"), ("https://a:2379,http://b:2379", "http"),
-    ("etcd://a:2379,http://b:2379", "http"), ("http://a:2379,etcd://b:2379", "etcd"),
-    ("http://a:2379,b:2379,file:///x", "file"), ("file:///var/lib/pycni,http://b:2379", "http"),
-])
+@pytest.mark.parametrize(
+    "url, other",
+    [
+        ("http://10.0.0.1:2379,https://10.0.0.2:2379", "https"),
+        ("https://a:2379,http://b:2379", "http"),
+        ("etcd://a:2379,http://b:2379", "http"),
+        ("http://a:2379,etcd://b:2379", "etcd"),
+        ("http://a:2379,b:2379,file:///x", "file"),
+        ("file:///var/lib/pycni,http://b:2379", "http"),
+    ],
+)
 def test_open_store_refuses_mixed_schemes(url, other):
     with pytest.raises(StoreError, match=rf"invalid store URL .*: it mixes \w+:// and {other}:// endpoints"):
         open_store(url)
 
 
-@pytest.mark.parametrize("url, words", [
-    ("http://", "file:///DIR"), ("http://a:2379,", "the host is missing"), ("https://a:99999", "port"),
-    ("http://a:2379/v3", "file:///DIR"), ("http://root:secret@a:2379", "--etcd-username and --etcd-password-file"),
-    ("https://a:2379?x=1", "file:///DIR"), ("http://::1:2379", "IPv6"),
-    ("https://a:2379/v3,https://pycni:secret@b:2379", "'https://a:2379/v3,https://***@b:2379'"),
-])
+@pytest.mark.parametrize(
+    "url, words",
+    [
+        ("http://", "file:///DIR"),
+        ("http://a:2379,", "the host is missing"),
+        ("https://a:99999", "port"),
+        ("http://a:2379/v3", "file:///DIR"),
+        ("http://root:secret@a:2379", "--etcd-username and --etcd-password-file"),
+        ("https://a:2379?x=1", "file:///DIR"),
+        ("http://::1:2379", "IPv6"),
+        ("https://a:2379/v3,https://pycni:secret@b:2379", "'https://a:2379/v3,https://***@b:2379'"),
+    ],
+)
 def test_open_store_rejects_bad_endpoint_lists(url, words):
     with pytest.raises(StoreError) as exc:
         open_store(url)
@@ -138,8 +168,13 @@ def test_open_store_rejects_bad_endpoint_lists(url, words):
 def test_accepted_urls_name_every_form():
     with pytest.raises(StoreError) as exc:
         open_store("consul://x:8500")
-    for form in ("file:///DIR", "etcd://HOST:PORT[,HOST:PORT...]", "http://HOST:PORT[,http://HOST:PORT...]",
-                 "https://HOST:PORT[,https://HOST:PORT...]", "--etcd-endpoints"):
+    for form in (
+        "file:///DIR",
+        "etcd://HOST:PORT[,HOST:PORT...]",
+        "http://HOST:PORT[,http://HOST:PORT...]",
+        "https://HOST:PORT[,https://HOST:PORT...]",
+        "--etcd-endpoints",
+    ):
         assert form in str(exc.value)
 
 
@@ -226,11 +261,15 @@ def test_list_by_prefix_is_sorted_and_reports_the_revision(store):
     entries, rev = store.list("subnets/")
     assert [e.key for e in entries] == ["subnets/10.244.1.0-24", "subnets/10.244.2.0-24"]
     assert rev == 5
-    assert [e.key for e in store.list("subnets")[0]] == ["subnets/10.244.1.0-24", "subnets/10.244.2.0-24",
-                                                         "subnetsx"]
+    assert [e.key for e in store.list("subnets")[0]] == ["subnets/10.244.1.0-24", "subnets/10.244.2.0-24", "subnetsx"]
     assert [e.key for e in store.list("subnets/10.244.1")[0]] == ["subnets/10.244.1.0-24"]
-    assert [e.key for e in store.list("")[0]] == ["config", "other/deep/key", "subnets/10.244.1.0-24",
-                                                  "subnets/10.244.2.0-24", "subnetsx"]
+    assert [e.key for e in store.list("")[0]] == [
+        "config",
+        "other/deep/key",
+        "subnets/10.244.1.0-24",
+        "subnets/10.244.2.0-24",
+        "subnetsx",
+    ]
     assert store.list("nothing/")[0] == []
 
 
@@ -268,7 +307,7 @@ def test_refresh_extends_by_the_recorded_ttl_without_a_new_revision(store, clock
     before = store.get("lease")
     clock.now += 8
     assert store.refresh("lease") is True
-    clock.now += 8   # 16 s after the write, 8 s after the refresh
+    clock.now += 8  # 16 s after the write, 8 s after the refresh
     assert store.get("lease") == before
     assert store.list("")[1] == before.mod_revision  # a refresh wakes nobody
     clock.now += 2.1
@@ -338,7 +377,7 @@ def test_the_expiry_index_survives_reopening(store_dir, clock):
     assert [line.split(" ", 1)[1] for line in lines] == ["a", "b"]
     clock.now += 31
     with open_store(f"file://{store_dir}") as s:
-        assert s.wait("", rev, timeout=1) == rev + 1   # reaped by the reopened store's watcher
+        assert s.wait("", rev, timeout=1) == rev + 1  # reaped by the reopened store's watcher
         assert [e.key for e in s.list("")[0]] == ["b", "c"]
     assert [line.split(" ", 1)[1] for line in (store_dir / filestore.EXPIRY_FILE).read_text().splitlines()] == ["b"]
 
@@ -404,8 +443,10 @@ def test_wait_wakes_on_a_change_from_another_thread(store):
 
 def test_wait_ignores_changes_outside_its_prefix(store):
     _, rev = store.list("subnets/")
-    writers = [threading.Timer(0.1, lambda: store.put("config", b"{}")),
-               threading.Timer(0.4, lambda: store.put("subnets/a", b"{}"))]
+    writers = [
+        threading.Timer(0.1, lambda: store.put("config", b"{}")),
+        threading.Timer(0.4, lambda: store.put("subnets/a", b"{}")),
+    ]
     for w in writers:
         w.start()
     try:
@@ -458,11 +499,17 @@ def test_wait_on_a_recreated_store_raises_compacted(store_dir):
 # -- key safety and symlinks ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", ["", "/abs", "../x", "a/../b", "a//b", "a/", ".lock", ".revision",
-                                 "a/.tmp-1", "a\0b", "a\nb", "./a", "x" * 2000])
+@pytest.mark.parametrize(
+    "key",
+    ["", "/abs", "../x", "a/../b", "a//b", "a/", ".lock", ".revision", "a/.tmp-1", "a\0b", "a\nb", "./a", "x" * 2000],
+)
 def test_unsafe_keys_are_refused(store, tmp_path, key):
-    for op in (lambda: store.put(key, b"x"), lambda: store.get(key), lambda: store.create(key, b"x"),
-               lambda: store.delete(key)):
+    for op in (
+        lambda: store.put(key, b"x"),
+        lambda: store.get(key),
+        lambda: store.create(key, b"x"),
+        lambda: store.delete(key),
+    ):
         with pytest.raises(StoreError, match="invalid store key"):
             op()
     assert sorted(os.listdir(tmp_path)) == ["store"]
@@ -472,9 +519,13 @@ def test_leaf_symlink_is_never_followed(store, store_dir, tmp_path):
     target = tmp_path / "outside"
     target.write_text("precious")
     os.symlink(target, store_dir / "config")
-    for op in (lambda: store.get("config"), lambda: store.put("config", b"x"),
-               lambda: store.create("config", b"x"), lambda: store.replace("config", b"x", 1),
-               lambda: store.delete("config")):
+    for op in (
+        lambda: store.get("config"),
+        lambda: store.put("config", b"x"),
+        lambda: store.create("config", b"x"),
+        lambda: store.replace("config", b"x", 1),
+        lambda: store.delete("config"),
+    ):
         with pytest.raises(StoreError, match="symbolic link"):
             op()
     assert target.read_text() == "precious"
@@ -543,25 +594,31 @@ def test_vanished_directory_is_unavailable(store, store_dir):
 
 def test_cluster_config_json_is_flannels_layout():
     c = ClusterConfig("10.244.0.0/16", subnet_len=26, vni=42, port=4789)
-    assert json.loads(c.to_json()) == {"Network": "10.244.0.0/16", "SubnetLen": 26,
-                                       "Backend": {"Type": "vxlan", "VNI": 42, "Port": 4789}}
+    assert json.loads(c.to_json()) == {
+        "Network": "10.244.0.0/16",
+        "SubnetLen": 26,
+        "Backend": {"Type": "vxlan", "VNI": 42, "Port": 4789},
+    }
     assert ClusterConfig.from_json(c.to_json()) == c
     assert ClusterConfig.from_json(b'{"Network": "10.1.0.0/16"}') == ClusterConfig("10.1.0.0/16")
     with pytest.raises(ValueError, match="backend 'host-gw'"):
         ClusterConfig.from_json('{"Network": "10.1.0.0/16", "Backend": {"Type": "host-gw"}}')
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"network": "10.244.0.0"}, None),  # a bare address is a /32: no room for node subnets
-    ({"network": "nonsense"}, "CIDR"),
-    ({"network": "10.244.1.0/16"}, "did you mean 10.244.0.0/16"),
-    ({"network": "10.244.0.0/16", "subnet_len": 16}, "longer than /16"),
-    ({"network": "10.244.0.0/16", "subnet_len": 31}, "at most /30"),
-    ({"network": "10.244.0.0/16", "vni": 0}, "VNI"),
-    ({"network": "10.244.0.0/16", "vni": 2**24}, "VNI"),
-    ({"network": "10.244.0.0/16", "port": 0}, "port"),
-    ({"network": "10.244.0.0/16", "port": 65536}, "port"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"network": "10.244.0.0"}, None),  # a bare address is a /32: no room for node subnets
+        ({"network": "nonsense"}, "CIDR"),
+        ({"network": "10.244.1.0/16"}, "did you mean 10.244.0.0/16"),
+        ({"network": "10.244.0.0/16", "subnet_len": 16}, "longer than /16"),
+        ({"network": "10.244.0.0/16", "subnet_len": 31}, "at most /30"),
+        ({"network": "10.244.0.0/16", "vni": 0}, "VNI"),
+        ({"network": "10.244.0.0/16", "vni": 2**24}, "VNI"),
+        ({"network": "10.244.0.0/16", "port": 0}, "port"),
+        ({"network": "10.244.0.0/16", "port": 65536}, "port"),
+    ],
+)
 def test_cluster_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ClusterConfig(**kwargs)
@@ -596,8 +653,12 @@ def test_lease_keys_follow_flannel():
 
 def test_lease_json_round_trip():
     lease = NodeLease("10.244.1.0/24", "192.168.1.10", MAC_A, "node-a")
-    assert json.loads(lease.to_json()) == {"PublicIP": "192.168.1.10", "BackendType": "vxlan",
-                                           "BackendData": {"VtepMAC": MAC_A}, "NodeName": "node-a"}
+    assert json.loads(lease.to_json()) == {
+        "PublicIP": "192.168.1.10",
+        "BackendType": "vxlan",
+        "BackendData": {"VtepMAC": MAC_A},
+        "NodeName": "node-a",
+    }
     assert NodeLease.from_json("10.244.1.0/24", lease.to_json()) == lease
 
 
@@ -626,8 +687,9 @@ def test_a_renumbered_node_takes_its_own_lease_over(store, cfg):
     old = acquire_lease(store, cfg, "192.168.1.10", MAC_A, node_name="a")
     other = acquire_lease(store, cfg, "192.168.1.11", MAC_B, node_name="b")
     previous = NodeLease(old.subnet, old.public_ip, old.vtep_mac, old.node_name)
-    moved = acquire_lease(store, cfg, "192.168.1.20", MAC_B, node_name="a", preferred_subnet=old.subnet,
-                          previous=previous)
+    moved = acquire_lease(
+        store, cfg, "192.168.1.20", MAC_B, node_name="a", preferred_subnet=old.subnet, previous=previous
+    )
     assert (moved.subnet, moved.public_ip, moved.vtep_mac) == (old.subnet, "192.168.1.20", MAC_B)
     leases = list_leases(store)[0]
     assert [(l.subnet, l.public_ip) for l in leases] == [(old.subnet, "192.168.1.20"), (other.subnet, other.public_ip)]
@@ -674,8 +736,9 @@ def test_exhaustion_says_how_many_and_how_to_grow(store):
 
 def test_malformed_and_foreign_leases_keep_their_subnets(store, cfg):
     store.put("subnets/10.244.0.0-24", b"garbage")
-    store.put("subnets/10.244.1.0-25", b'{"PublicIP": "192.168.9.9", "BackendData": {"VtepMAC": "' +
-              MAC_B.encode() + b'"}}')  # an odd length overlapping 10.244.1.0/24
+    store.put(
+        "subnets/10.244.1.0-25", b'{"PublicIP": "192.168.9.9", "BackendData": {"VtepMAC": "' + MAC_B.encode() + b'"}}'
+    )  # an odd length overlapping 10.244.1.0/24
     lease = acquire_lease(store, cfg, "192.168.1.10", MAC_A)
     assert lease.subnet == "10.244.2.0/24"
     assert [l.subnet for l in list_leases(store)[0]] == ["10.244.1.0/25", "10.244.2.0/24"]
@@ -706,7 +769,7 @@ def test_a_restart_with_another_ttl_rewrites_the_lease_with_it(store, cfg):
     a = acquire_lease(store, cfg, "192.168.1.10", MAC_A, ttl=86400)
     assert store.ttl(a.key) == 86400
     same = acquire_lease(store, cfg, "192.168.1.10", MAC_A, ttl=86400)
-    assert same.mod_revision == a.mod_revision          # unchanged and alive: no write
+    assert same.mod_revision == a.mod_revision  # unchanged and alive: no write
     short = acquire_lease(store, cfg, "192.168.1.10", MAC_A, ttl=3)
     assert short.subnet == a.subnet and store.ttl(a.key) == 3
     assert short.mod_revision > a.mod_revision
@@ -749,8 +812,9 @@ def test_cli_init_is_idempotent_and_refuses_a_conflict(store_dir):
     assert again.exit_code == 0 and "already initialised" in again.output
     conflict = _run("init", "--store", url, "--network", "10.245.0.0/16")
     assert conflict.exit_code == 1
-    assert conflict.output.count("\n") == 1 and "10.244.0.0/16" in conflict.output \
-        and "10.245.0.0/16" in conflict.output
+    assert (
+        conflict.output.count("\n") == 1 and "10.244.0.0/16" in conflict.output and "10.245.0.0/16" in conflict.output
+    )
     with open_store(url) as s:
         assert read_config(s) == ClusterConfig("10.244.0.0/16", vni=7)
 
@@ -759,19 +823,24 @@ def test_cli_init_output_for_an_ipv4_only_cluster_is_unchanged(store_dir):
     url = f"file://{store_dir}"
     assert _run("init", "--store", url, "--network", "10.244.0.0/16", "--vni", "7").output == (
         f"cluster initialised in {url}: network 10.244.0.0/16, /24 per node, VNI 7, UDP port 8472 "
-        f"(room for 256 nodes)\n")
+        f"(room for 256 nodes)\n"
+    )
     with open_store(url) as s:
-        assert s.get("config").value == (b'{"Backend": {"Port": 8472, "Type": "vxlan", "VNI": 7}, '
-                                         b'"Network": "10.244.0.0/16", "SubnetLen": 24}')
+        assert s.get("config").value == (
+            b'{"Backend": {"Port": 8472, "Type": "vxlan", "VNI": 7}, "Network": "10.244.0.0/16", "SubnetLen": 24}'
+        )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--network", "10.244.0.0/33"], "--network"),
-    (["--network", "10.244.0.5/16"], "did you mean 10.244.0.0/16"),
-    (["--network", "10.244.0.0/16", "--subnet-len", "12"], "--subnet-len"),
-    (["--network", "10.244.0.0/16", "--vni", "16777216"], "--vni"),
-    (["--network", "10.244.0.0/16", "--port", "0"], "--port"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--network", "10.244.0.0/33"], "--network"),
+        (["--network", "10.244.0.5/16"], "did you mean 10.244.0.0/16"),
+        (["--network", "10.244.0.0/16", "--subnet-len", "12"], "--subnet-len"),
+        (["--network", "10.244.0.0/16", "--vni", "16777216"], "--vni"),
+        (["--network", "10.244.0.0/16", "--port", "0"], "--port"),
+    ],
+)
 def test_cli_init_validates(store_dir, args, message):
     result = _run("init", "--store", f"file://{store_dir}", *args)
     assert result.exit_code == 2 and message in result.output
@@ -802,8 +871,15 @@ def test_cli_store_from_pycni_store(store_dir, monkeypatch):
 
 def test_cli_help_names_the_environment_variables():
     output = _run("leases", "--help").output
-    for name in ("PYCNI_STORE", "PYCNI_ETCD_PREFIX", "PYCNI_ETCD_CAFILE", "PYCNI_ETCD_CERTFILE",
-                 "PYCNI_ETCD_KEYFILE", "PYCNI_ETCD_USERNAME", "PYCNI_ETCD_PASSWORD_FILE"):
+    for name in (
+        "PYCNI_STORE",
+        "PYCNI_ETCD_PREFIX",
+        "PYCNI_ETCD_CAFILE",
+        "PYCNI_ETCD_CERTFILE",
+        "PYCNI_ETCD_KEYFILE",
+        "PYCNI_ETCD_USERNAME",
+        "PYCNI_ETCD_PASSWORD_FILE",
+    ):
         assert name in output, name
     assert "--etcd-username" in output and "--etcd-password-file" in output and "https://" in output
 
@@ -815,23 +891,36 @@ def _password_file(tmp_path, text="s3cret\n", mode=0o600):
     return str(path)
 
 
-@pytest.mark.parametrize("text, mode, words", [
-    ("s3cret\n", 0o644, "readable by group or others (mode 0644)"),
-    ("s3cret\n", 0o640, "chmod 600"),
-    ("\n", 0o600, "holds no password"),
-    ("s3cret\nmore\n", 0o600, "more than one line"),
-])
+@pytest.mark.parametrize(
+    "text, mode, words",
+    [
+        ("s3cret\n", 0o644, "readable by group or others (mode 0644)"),
+        ("s3cret\n", 0o640, "chmod 600"),
+        ("\n", 0o600, "holds no password"),
+        ("s3cret\nmore\n", 0o600, "more than one line"),
+    ],
+)
 def test_cli_password_file_is_checked(tmp_path, store_dir, text, mode, words):
-    result = _run("leases", "--store", "etcd://127.0.0.1:1", "--etcd-username", "pycni",
-                  "--etcd-password-file", _password_file(tmp_path, text, mode))
+    result = _run(
+        "leases",
+        "--store",
+        "etcd://127.0.0.1:1",
+        "--etcd-username",
+        "pycni",
+        "--etcd-password-file",
+        _password_file(tmp_path, text, mode),
+    )
     assert result.exit_code == 2 and "--etcd-password-file" in result.output and words in result.output
     assert "s3cret" not in result.output
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--etcd-username", "pycni"], "an etcd user needs its password: give --etcd-password-file"),
-    (["--etcd-password-file", "PW"], "needs its user: give --etcd-username"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--etcd-username", "pycni"], "an etcd user needs its password: give --etcd-password-file"),
+        (["--etcd-password-file", "PW"], "needs its user: give --etcd-username"),
+    ],
+)
 def test_cli_user_and_password_come_together(tmp_path, store_dir, args, words):
     args = [_password_file(tmp_path) if arg == "PW" else arg for arg in args]
     result = _run("leases", "--store", f"file://{store_dir}", *args)

@@ -1,4 +1,5 @@
 """Loading and validating network configurations (libcni semantics)."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,15 @@ import os
 import pytest
 
 from cni_plugins.spec.errors import ERR_DECODE, ERR_INCOMPATIBLE_VERSION, ERR_INVALID_CONFIG, CNIError
-from conf import (ConfError, NetworkConfigList, build_plugin_config, conf_dirs, load_conflist,
-                  load_conflist_file, parse_conflist)
+from conf import (
+    ConfError,
+    NetworkConfigList,
+    build_plugin_config,
+    conf_dirs,
+    load_conflist,
+    load_conflist_file,
+    parse_conflist,
+)
 
 
 def write(directory, filename, content) -> str:
@@ -19,13 +27,13 @@ def write(directory, filename, content) -> str:
 
 
 def conflist(name="net1", version="1.0.0", plugins=None, **extra) -> dict:
-    out = {"cniVersion": version, "name": name,
-           "plugins": plugins if plugins is not None else [{"type": "bridge"}]}
+    out = {"cniVersion": version, "name": name, "plugins": plugins if plugins is not None else [{"type": "bridge"}]}
     out.update(extra)
     return out
 
 
 # ---- finding the file ----------------------------------------------------
+
 
 def test_first_conflist_in_lexical_order_wins(tmp_path):
     write(tmp_path, "20-b.conflist", conflist(plugins=[{"type": "second"}]))
@@ -51,8 +59,13 @@ def test_conflist_preferred_over_conf(tmp_path):
 
 @pytest.mark.parametrize("ext", [".conf", ".json"])
 def test_single_plugin_conf_is_wrapped_into_a_list(tmp_path, ext):
-    plugin = {"cniVersion": "0.4.0", "name": "net1", "type": "bridge", "bridge": "br9",
-              "ipam": {"type": "host-local", "subnet": "10.1.0.0/24"}}
+    plugin = {
+        "cniVersion": "0.4.0",
+        "name": "net1",
+        "type": "bridge",
+        "bridge": "br9",
+        "ipam": {"type": "host-local", "subnet": "10.1.0.0/24"},
+    }
     write(tmp_path, "10-net" + ext, plugin)
     netlist = load_conflist("net1", [str(tmp_path)])
     assert netlist.cni_version == "0.4.0"
@@ -111,12 +124,16 @@ def test_requested_name_is_validated(tmp_path):
 
 # ---- versions and flags --------------------------------------------------
 
-@pytest.mark.parametrize("versions,single,expected", [
-    (["0.3.1", "1.0.0", "0.4.0"], None, "1.0.0"),
-    (["1.1.0", "9.9.9"], None, "1.1.0"),          # unsupported ones are ignored
-    (["0.4.0"], "1.0.0", "1.0.0"),                 # cniVersion takes part
-    (["1.1.0"], "0.4.0", "1.1.0"),
-])
+
+@pytest.mark.parametrize(
+    "versions,single,expected",
+    [
+        (["0.3.1", "1.0.0", "0.4.0"], None, "1.0.0"),
+        (["1.1.0", "9.9.9"], None, "1.1.0"),  # unsupported ones are ignored
+        (["0.4.0"], "1.0.0", "1.0.0"),  # cniVersion takes part
+        (["1.1.0"], "0.4.0", "1.1.0"),
+    ],
+)
 def test_cni_versions_pick_highest_supported(tmp_path, versions, single, expected):
     raw = {"name": "net1", "cniVersions": versions, "plugins": [{"type": "x"}]}
     if single:
@@ -133,9 +150,17 @@ def test_cni_versions_none_supported(tmp_path):
     assert "'cniVersions'" in str(info.value) and path in str(info.value)
 
 
-@pytest.mark.parametrize("value,expected", [
-    (True, True), (False, False), ("true", True), ("false", False), ("TRUE", True), ("False", False),
-])
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        (True, True),
+        (False, False),
+        ("true", True),
+        ("false", False),
+        ("TRUE", True),
+        ("False", False),
+    ],
+)
 @pytest.mark.parametrize("key,attr", [("disableCheck", "disable_check"), ("disableGC", "disable_gc")])
 def test_disable_flags_accept_bool_and_strings(tmp_path, key, attr, value, expected):
     path = write(tmp_path, "1.conflist", conflist(**{key: value}))
@@ -175,10 +200,16 @@ MALFORMED = [
     (conflist(plugins=[{"type": "x"}, {"bridge": "br0"}]), "plugins[1].type", ERR_INVALID_CONFIG),
     (conflist(plugins=[{"type": ""}]), "plugins[0].type", ERR_INVALID_CONFIG),
     (conflist(plugins=[{"type": 7}]), "plugins[0].type", ERR_INVALID_CONFIG),
-    (conflist(plugins=[{"type": "x", "capabilities": ["portMappings"]}]), "plugins[0].capabilities",
-     ERR_INVALID_CONFIG),
-    (conflist(plugins=[{"type": "x", "capabilities": {"portMappings": "yes"}}]), "plugins[0].capabilities",
-     ERR_INVALID_CONFIG),
+    (
+        conflist(plugins=[{"type": "x", "capabilities": ["portMappings"]}]),
+        "plugins[0].capabilities",
+        ERR_INVALID_CONFIG,
+    ),
+    (
+        conflist(plugins=[{"type": "x", "capabilities": {"portMappings": "yes"}}]),
+        "plugins[0].capabilities",
+        ERR_INVALID_CONFIG,
+    ),
 ]
 
 
@@ -220,10 +251,19 @@ def test_invalid_network_name_in_file(tmp_path):
     assert info.value.code == ERR_INVALID_CONFIG
 
 
-@pytest.mark.parametrize("name,valid", [
-    ("net1", True), ("a.b_c-d", True), ("9net", True),
-    ("-net", False), (".net", False), ("a/b", False), ("a b", False), ("a;b", False),
-])
+@pytest.mark.parametrize(
+    "name,valid",
+    [
+        ("net1", True),
+        ("a.b_c-d", True),
+        ("9net", True),
+        ("-net", False),
+        (".net", False),
+        ("a/b", False),
+        ("a b", False),
+        ("a;b", False),
+    ],
+)
 def test_network_name_rule_is_the_plugins_rule(name, valid):
     """A file is refused exactly when the plugins (skel) would refuse its name."""
     from cni_plugins.spec.skel import validate_network_name
@@ -246,8 +286,7 @@ def test_single_conf_errors_name_its_fields(tmp_path):
     assert info.value.field == "type" and info.value.path == path
 
 
-@pytest.mark.parametrize("bad_type", ["../../something", "/usr/bin/id", "sub/dir", "..", ".", "a\\b",
-                                      "..\\..\\x"])
+@pytest.mark.parametrize("bad_type", ["../../something", "/usr/bin/id", "sub/dir", "..", ".", "a\\b", "..\\..\\x"])
 def test_plugin_type_with_path_is_refused(tmp_path, bad_type):
     write(tmp_path, "1.conflist", conflist(plugins=[{"type": "loopback"}, {"type": bad_type}]))
     with pytest.raises(ConfError) as info:
@@ -259,17 +298,33 @@ def test_plugin_type_with_path_is_refused(tmp_path, bad_type):
 
 # ---- building a plugin's stdin -------------------------------------------
 
+
 def _netlist(plugins) -> NetworkConfigList:
     return parse_conflist(json.dumps(conflist(name="mynet", version="1.0.0", plugins=plugins)).encode())
 
 
 def test_build_injects_name_version_and_prev_result():
-    netlist = _netlist([{"type": "portmap", "name": "ignored", "cniVersion": "0.1.0",
-                         "args": {"cni": {"ips": ["10.0.0.5"]}}, "snat": True}])
+    netlist = _netlist(
+        [
+            {
+                "type": "portmap",
+                "name": "ignored",
+                "cniVersion": "0.1.0",
+                "args": {"cni": {"ips": ["10.0.0.5"]}},
+                "snat": True,
+            }
+        ]
+    )
     prev = {"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.5/24"}]}
     config = build_plugin_config(netlist, netlist.plugins[0], prev, None)
-    assert config == {"type": "portmap", "name": "mynet", "cniVersion": "1.0.0",
-                      "args": {"cni": {"ips": ["10.0.0.5"]}}, "snat": True, "prevResult": prev}
+    assert config == {
+        "type": "portmap",
+        "name": "mynet",
+        "cniVersion": "1.0.0",
+        "args": {"cni": {"ips": ["10.0.0.5"]}},
+        "snat": True,
+        "prevResult": prev,
+    }
     # The loaded configuration is not modified.
     assert netlist.plugins[0]["name"] == "ignored" and "prevResult" not in netlist.plugins[0]
 
@@ -281,8 +336,11 @@ def test_build_without_prev_result_has_no_key():
 
 def test_only_declared_and_enabled_capabilities_are_injected():
     netlist = _netlist([{"type": "portmap", "capabilities": {"portMappings": True, "bandwidth": False}}])
-    caps = {"portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}],
-            "bandwidth": {"ingressRate": 1}, "ips": ["10.0.0.9/24"]}
+    caps = {
+        "portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}],
+        "bandwidth": {"ingressRate": 1},
+        "ips": ["10.0.0.9/24"],
+    }
     config = build_plugin_config(netlist, netlist.plugins[0], None, caps)
     assert config["runtimeConfig"] == {"portMappings": caps["portMappings"]}
 
@@ -296,8 +354,7 @@ def test_no_capabilities_means_no_runtime_config():
 
 
 def test_injected_runtime_config_replaces_written_one():
-    netlist = _netlist([{"type": "portmap", "capabilities": {"portMappings": True},
-                         "runtimeConfig": {"stale": True}}])
+    netlist = _netlist([{"type": "portmap", "capabilities": {"portMappings": True}, "runtimeConfig": {"stale": True}}])
     config = build_plugin_config(netlist, netlist.plugins[0], None, {"portMappings": []})
     assert config["runtimeConfig"] == {"portMappings": []}
     # Nothing to inject: what the file says stays.

@@ -1,4 +1,5 @@
 """The one decoding layer: Go's key matching, null as absent, strict JSON, types named in errors."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,11 @@ from cni_plugins.spec.decode import COMMON, ListOf, Schema, decode
 from cni_plugins.spec.errors import CNIError
 from cni_plugins.spec.skel import MAX_CONTAINER_ID, MAX_NETWORK_NAME, dispatch
 
-PORTS = COMMON.extend(runtimeConfig=Schema({"portMappings": ListOf(Schema({
-    "hostPort": int, "containerPort": int, "protocol": str, "hostIP": str}))}))
+PORTS = COMMON.extend(
+    runtimeConfig=Schema(
+        {"portMappings": ListOf(Schema({"hostPort": int, "containerPort": int, "protocol": str, "hostIP": str}))}
+    )
+)
 
 
 def test_keys_match_in_any_letter_case_and_exact_wins():
@@ -30,19 +34,21 @@ def test_capability_arguments_in_runtime_letter_case():
 
 
 def test_null_is_absent_and_unknown_keys_stay():
-    out = decode({"mtu": None, "somethingElse": {"X": 1}, "ipam": {"type": "host-local", "Subnet": "x"}},
-                 BRIDGE_SCHEMA)
+    out = decode({"mtu": None, "somethingElse": {"X": 1}, "ipam": {"type": "host-local", "Subnet": "x"}}, BRIDGE_SCHEMA)
     assert out == {"somethingElse": {"X": 1}, "ipam": {"type": "host-local", "Subnet": "x"}}
 
 
-@pytest.mark.parametrize("conf, path", [
-    ({"mtu": "1400"}, "mtu"),
-    ({"isGateway": 1}, "isGateway"),
-    ({"mtu": True}, "mtu"),
-    ({"ipam": {"type": []}}, "ipam.type"),            # issue 14: an empty list is not "no IPAM"
-    ({"vlanTrunk": [{"id": "3"}]}, "vlanTrunk[0].id"),
-    ({"runtimeConfig": {"portMappings": [{"hostPort": 80, "hostIP": []}]}}, "runtimeConfig.portMappings[0].hostIP"),
-])
+@pytest.mark.parametrize(
+    "conf, path",
+    [
+        ({"mtu": "1400"}, "mtu"),
+        ({"isGateway": 1}, "isGateway"),
+        ({"mtu": True}, "mtu"),
+        ({"ipam": {"type": []}}, "ipam.type"),  # issue 14: an empty list is not "no IPAM"
+        ({"vlanTrunk": [{"id": "3"}]}, "vlanTrunk[0].id"),
+        ({"runtimeConfig": {"portMappings": [{"hostPort": 80, "hostIP": []}]}}, "runtimeConfig.portMappings[0].hostIP"),
+    ],
+)
 def test_wrong_type_is_error_7_naming_the_option(conf, path):
     schema = PORTS if "runtimeConfig" in conf else BRIDGE_SCHEMA
     with pytest.raises(CNIError) as err:
@@ -52,17 +58,27 @@ def test_wrong_type_is_error_7_naming_the_option(conf, path):
 
 def test_del_drops_a_bad_value_with_a_warning():
     warnings: list[str] = []
-    out = decode({"runtimeConfig": {"portMappings": [{"hostPort": "x", "containerPort": 80}, "junk"]}},
-                 PORTS, lenient=True, warn=warnings.append)
+    out = decode(
+        {"runtimeConfig": {"portMappings": [{"hostPort": "x", "containerPort": 80}, "junk"]}},
+        PORTS,
+        lenient=True,
+        warn=warnings.append,
+    )
     assert out["runtimeConfig"]["portMappings"] == [{"containerPort": 80}]
     assert len(warnings) == 2 and "hostPort" in warnings[0]
 
 
 # ---- the skeleton: refused before the plugin runs ----------------------------------------
 
+
 def env(command="ADD", **extra):
-    base = {"CNI_COMMAND": command, "CNI_CONTAINERID": "c1", "CNI_NETNS": "/nonexistent/netns",
-            "CNI_IFNAME": "eth0", "CNI_PATH": "/nonexistent"}
+    base = {
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": "c1",
+        "CNI_NETNS": "/nonexistent/netns",
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": "/nonexistent",
+    }
     base.update(extra)
     return base
 
@@ -73,23 +89,29 @@ def run(stdin: bytes | str, command="ADD", **extra):
     return out.exit_code, json.loads(out.stdout) if out.stdout else None, out.stderr
 
 
-@pytest.mark.parametrize("text", [
-    '{"cniVersion":"1.0.0","name":"n","type":"bridge","mtu":NaN}',
-    '{"cniVersion":"1.0.0","name":"n","type":"bridge","mtu":Infinity}',
-    '{"cniVersion":"1.0.0","name":"n","type":"bridge","x":' + "[" * 5000 + "]" * 5000 + "}",
-    '{"cniVersion":"1.0.0","name":"n","type":"bridge","x":' + "[" * 100 + "]" * 100 + "}",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"cniVersion":"1.0.0","name":"n","type":"bridge","mtu":NaN}',
+        '{"cniVersion":"1.0.0","name":"n","type":"bridge","mtu":Infinity}',
+        '{"cniVersion":"1.0.0","name":"n","type":"bridge","x":' + "[" * 5000 + "]" * 5000 + "}",
+        '{"cniVersion":"1.0.0","name":"n","type":"bridge","x":' + "[" * 100 + "]" * 100 + "}",
+    ],
+)
 def test_invalid_json_is_code_6_without_traceback(text):
     code, err, stderr = run(text)
     assert code == 1 and err["code"] == 6 and "Traceback" not in stderr
 
 
-@pytest.mark.parametrize("conf", [
-    {"bridge": "br\u0000x"},
-    {"bridge": "br\ud800"},
-    {"ipam": {"type": "host-local", "dataDir": "/tmp/\u0000"}},
-    {"x\u0000": 1},
-])
+@pytest.mark.parametrize(
+    "conf",
+    [
+        {"bridge": "br\u0000x"},
+        {"bridge": "br\ud800"},
+        {"ipam": {"type": "host-local", "dataDir": "/tmp/\u0000"}},
+        {"x\u0000": 1},
+    ],
+)
 def test_nul_and_unpaired_surrogates_are_code_7(conf):
     text = json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "bridge", **conf})
     code, err, stderr = run(text)

@@ -2,6 +2,7 @@
 
 Fed with what `ip -j`, `tc -j` and `nft list ruleset` print; no root and no namespaces needed.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,8 +20,13 @@ def _link(name, kind="", master=None, flags=("BROADCAST", "UP", "LOWER_UP"), mtu
 
 
 def _addrs(name, *addrs):
-    return {"ifname": name, "addr_info": [{"family": "inet6" if ":" in a else "inet", "local": a.split("/")[0],
-                                           "prefixlen": int(a.split("/")[1])} for a in addrs]}
+    return {
+        "ifname": name,
+        "addr_info": [
+            {"family": "inet6" if ":" in a else "inet", "local": a.split("/")[0], "prefixlen": int(a.split("/")[1])}
+            for a in addrs
+        ],
+    }
 
 
 NFT = """\
@@ -43,8 +49,10 @@ def machine() -> dict:
     return {
         "links": [_link("lo", flags=("LOOPBACK", "UP", "LOWER_UP"), mtu=65536), _link("eth0")],
         "addresses": [_addrs("lo", "127.0.0.1/8"), _addrs("eth0", "192.0.2.2/24")],
-        "routes": [{"dst": "default", "gateway": "192.0.2.1", "dev": "eth0"},
-                   {"dst": "192.0.2.0/24", "dev": "eth0", "protocol": "kernel", "scope": "link"}],
+        "routes": [
+            {"dst": "default", "gateway": "192.0.2.1", "dev": "eth0"},
+            {"dst": "192.0.2.0/24", "dev": "eth0", "protocol": "kernel", "scope": "link"},
+        ],
         "rules": [{"priority": 0, "src": "all", "table": "local"}],
         "qdiscs": [{"kind": "pfifo_fast", "dev": "eth0", "root": True, "refcnt": 2}],
         "nftables": NFT,
@@ -69,18 +77,27 @@ def test_unrelated_churn_is_not_a_change():
     after["addresses"].append(_addrs("docker0", "172.17.0.1/16"))
     after["routes"].append({"dst": "172.17.0.0/16", "dev": "docker0", "protocol": "kernel"})
     after["qdiscs"].append({"kind": "noqueue", "dev": "docker0", "root": True})
-    after["nftables"] = NFT.replace("\t}\n}\ntable inet", "\t\tip saddr 172.18.0.0/16 masquerade\n\t}\n}\n"
-                                    "table inet", 1) + "table ip docker {\n\tchain x {\n\t}\n}\n"
+    after["nftables"] = (
+        NFT.replace("\t}\n}\ntable inet", "\t\tip saddr 172.18.0.0/16 masquerade\n\t}\n}\ntable inet", 1)
+        + "table ip docker {\n\tchain x {\n\t}\n}\n"
+    )
     # A refcount and a privacy address on the watched link come and go by themselves.
     after["qdiscs"][0]["refcnt"] = 5
-    after["addresses"][1]["addr_info"].append({"family": "inet6", "local": "2001:db8::99", "prefixlen": 64,
-                                               "temporary": True, "dynamic": True})
+    after["addresses"][1]["addr_info"].append(
+        {"family": "inet6", "local": "2001:db8::99", "prefixlen": 64, "temporary": True, "dynamic": True}
+    )
     assert diff(before, after) == []
 
 
 def test_a_pod_veth_bridge_or_ifb_in_the_root_namespace_is_flagged():
-    for name, kind in (("veth1a2b3c4d", "veth"), ("cni0", "bridge"), ("e2ebr0", "bridge"), ("bwp5e6f", "ifb"),
-                       ("pycni.1", "vxlan"), ("cni-podman0", "bridge")):
+    for name, kind in (
+        ("veth1a2b3c4d", "veth"),
+        ("cni0", "bridge"),
+        ("e2ebr0", "bridge"),
+        ("bwp5e6f", "ifb"),
+        ("pycni.1", "vxlan"),
+        ("cni-podman0", "bridge"),
+    ):
         after = machine()
         after["links"].append(_link(name, kind))
         changed = diff(machine(), after)
@@ -114,12 +131,18 @@ def test_the_default_route_links_are_watched():
 
 def test_our_nftables_tables_chains_and_jumps_are_flagged_and_others_are_not():
     after = machine()
-    after["nftables"] = NFT.replace("\t\tip saddr 172.17", "\t\tip saddr 10.88.7.2 jump CNI-0a1b2c\n\t\tip saddr 172.17")
-    after["nftables"] += ("table inet pycni_masq {\n\tmap pods4 {\n\t\ttype ipv4_addr : verdict\n\t}\n"
-                          "\tchain postrouting {\n\t\tip saddr vmap @pods4\n\t}\n}\n")
+    after["nftables"] = NFT.replace(
+        "\t\tip saddr 172.17", "\t\tip saddr 10.88.7.2 jump CNI-0a1b2c\n\t\tip saddr 172.17"
+    )
+    after["nftables"] += (
+        "table inet pycni_masq {\n\tmap pods4 {\n\t\ttype ipv4_addr : verdict\n\t}\n"
+        "\tchain postrouting {\n\t\tip saddr vmap @pods4\n\t}\n}\n"
+    )
     changed = diff(machine(), after)
     assert len(changed) == 1 and changed[0].startswith("nftables:")
-    assert "CNI-0a1b2c" in changed[0] and "table inet pycni_masq / chain postrouting: ip saddr vmap @pods4" in changed[0]
+    assert (
+        "CNI-0a1b2c" in changed[0] and "table inet pycni_masq / chain postrouting: ip saddr vmap @pods4" in changed[0]
+    )
     assert "172.17" not in changed[0]
 
 

@@ -9,6 +9,7 @@ import is still a dependency. A module may import its own layer and the
 layers below it; plugin packages never import each other (delegation goes
 through the registry), and nothing under cni_plugins imports ipam or pycni.
 """
+
 from __future__ import annotations
 
 import ast
@@ -74,7 +75,7 @@ def imports_of(module: str, path: pathlib.Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = module.split(".") if is_package else module.split(".")[:-1]
-                base = base[:len(base) - (node.level - 1)]
+                base = base[: len(base) - (node.level - 1)]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""

@@ -2,6 +2,7 @@
 
 `nft` and `iptables` are replaced by fakes that record what would be run.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,13 +16,22 @@ from cni_plugins.kernel import iptables
 from cni_plugins.shared import masq
 from cni_plugins.kernel import nft
 from cni_plugins.spec.errors import CNIError
-from cni_plugins.shared.masq import (Owner, gc_masq, iptables_chain, iptables_comment, parse_addresses, setup_masq,
-                              subnet_chain, teardown_masq)
+from cni_plugins.shared.masq import (
+    Owner,
+    gc_masq,
+    iptables_chain,
+    iptables_comment,
+    parse_addresses,
+    setup_masq,
+    subnet_chain,
+    teardown_masq,
+)
 
 
 @pytest.fixture(autouse=True)
 def no_real_commands(monkeypatch, tmp_path):
     """Fail any real subprocess; take a lock name of this test's own (never the real one)."""
+
     def refuse(*args, **kwargs):
         raise AssertionError(f"unexpected command: {args}")
 
@@ -37,8 +47,11 @@ class FakeNft:
         if elements is not None:
             objs = [{"table": {"family": "inet", "name": masq.TABLE}}]
             for fam, name in masq.POD_MAPS.items():
-                elems = [[{"elem": {"val": ip, "comment": note}}, {"jump": {"target": target}}]
-                         for ip, note, target in elements if (":" in ip) == (fam == 6)]
+                elems = [
+                    [{"elem": {"val": ip, "comment": note}}, {"jump": {"target": target}}]
+                    for ip, note, target in elements
+                    if (":" in ip) == (fam == 6)
+                ]
                 objs.append({"map": {"family": "inet", "table": masq.TABLE, "name": name, "elem": elems}})
             for chain in set(chains) | {t for _, _, t in elements}:
                 objs.append({"chain": {"family": "inet", "table": masq.TABLE, "name": chain}})
@@ -61,6 +74,7 @@ def fake_nft(monkeypatch):
         fake = FakeNft(*args, **kwargs)
         monkeypatch.setattr(nft, "run", fake.run)
         return fake
+
     return install
 
 
@@ -70,25 +84,31 @@ def note(network, cid, ifname):
 
 # ---- validation ------------------------------------------------------------------
 
-@pytest.mark.parametrize("network, cid, ifname, code", [
-    ("net1; flush ruleset", "c", "eth0", 7),
-    ('a"b', "c", "eth0", 7),
-    ("net\n1", "c", "eth0", 7),
-    ("", "c", "eth0", 7),
-    ("net1", 'c"; flush ruleset', "eth0", 4),
-    ("net1", "c}", "eth0", 4),
-    ("net1", "", "eth0", 3),
-    ("net1", "c", 'e"th0', 4),
-    ("net1", "c", "e\\th0", 4),
-    ("net1", "c", "eth;0", 4),
-    ("net1", "c", "eth 0", 4),
-    ("net1", "c", "a/b", 4),
-    ("net1", "c", "x" * 16, 4),
-])
+
+@pytest.mark.parametrize(
+    "network, cid, ifname, code",
+    [
+        ("net1; flush ruleset", "c", "eth0", 7),
+        ('a"b', "c", "eth0", 7),
+        ("net\n1", "c", "eth0", 7),
+        ("", "c", "eth0", 7),
+        ("net1", 'c"; flush ruleset', "eth0", 4),
+        ("net1", "c}", "eth0", 4),
+        ("net1", "", "eth0", 3),
+        ("net1", "c", 'e"th0', 4),
+        ("net1", "c", "e\\th0", 4),
+        ("net1", "c", "eth;0", 4),
+        ("net1", "c", "eth 0", 4),
+        ("net1", "c", "a/b", 4),
+        ("net1", "c", "x" * 16, 4),
+    ],
+)
 def test_bad_names_are_rejected_before_any_command_runs(network, cid, ifname, code):
-    for call in (lambda: setup_masq(network, cid, ifname, ["10.88.0.5/24"]),
-                 lambda: teardown_masq(network, cid, ifname),
-                 lambda: masq.check_masq(network, cid, ifname, ["10.88.0.5/24"], "iptables")):
+    for call in (
+        lambda: setup_masq(network, cid, ifname, ["10.88.0.5/24"]),
+        lambda: teardown_masq(network, cid, ifname),
+        lambda: masq.check_masq(network, cid, ifname, ["10.88.0.5/24"], "iptables"),
+    ):
         with pytest.raises(CNIError) as info:
             call()
         assert info.value.code == code
@@ -98,8 +118,9 @@ def test_a_bare_address_is_a_host_subnet():
     assert parse_addresses(["10.88.0.5"])[0].subnet.prefixlen == 32
 
 
-@pytest.mark.parametrize("addresses", [["10.88.0.5/33"], ["10.88.0.5/24 "], ["fe80::1%eth0/64"],
-                                       ["x"], [None], "10.88.0.5/24", None])
+@pytest.mark.parametrize(
+    "addresses", [["10.88.0.5/33"], ["10.88.0.5/24 "], ["fe80::1%eth0/64"], ["x"], [None], "10.88.0.5/24", None]
+)
 def test_bad_addresses_are_config_errors(addresses):
     with pytest.raises(CNIError) as info:
         setup_masq("net1", "c", "eth0", addresses)
@@ -118,10 +139,13 @@ def test_unknown_backend_is_code_7():
 def test_parse_addresses_keeps_address_and_subnet_and_drops_duplicates():
     pods = parse_addresses(["10.88.0.5/24", "fd00::5/64", "10.88.0.5/24"])
     assert [(str(p.ip), str(p.subnet), p.family) for p in pods] == [
-        ("10.88.0.5", "10.88.0.0/24", 4), ("fd00::5", "fd00::/64", 6)]
+        ("10.88.0.5", "10.88.0.0/24", 4),
+        ("fd00::5", "fd00::/64", 6),
+    ]
 
 
 # ---- names ---------------------------------------------------------------------
+
 
 def test_iptables_names_match_the_reference():
     # Test vectors of the reference's pkg/utils.
@@ -132,6 +156,7 @@ def test_iptables_names_match_the_reference():
 
 def test_subnet_chain_names():
     import ipaddress
+
     assert subnet_chain(ipaddress.ip_network("10.88.0.0/24")) == "net4_0a580000_24"
     assert subnet_chain(ipaddress.ip_network("fd00::/64")) == "net6_fd000000000000000000000000000000_64"
     assert nft.identifier(subnet_chain(ipaddress.ip_network("fd00::/64")))
@@ -145,6 +170,7 @@ def test_owner_tag_starts_with_the_network_and_tells_attachments_apart():
 
 
 # ---- nft helper ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("text", ['a"b', "a;b", "a{b", "a}b", "a\nb", "a#b", "a$b", "a\\b", "a\tb", "é"])
 def test_nft_comment_refuses_what_could_end_the_string(text):
@@ -170,14 +196,23 @@ def test_nft_identifier_refuses_others(name):
 
 
 def test_nft_elements_parses_maps_and_sets():
-    listed = {"elem": [[{"elem": {"val": "10.0.0.1", "comment": "hi"}}, {"jump": {"target": "c1"}}],
-                       ["10.0.0.2", {"goto": {"target": "c2"}}],
-                       [{"elem": {"val": "10.0.0.3"}}, {"accept": None}]]}
+    listed = {
+        "elem": [
+            [{"elem": {"val": "10.0.0.1", "comment": "hi"}}, {"jump": {"target": "c1"}}],
+            ["10.0.0.2", {"goto": {"target": "c2"}}],
+            [{"elem": {"val": "10.0.0.3"}}, {"accept": None}],
+        ]
+    }
     got = nft.elements(listed)
     assert [(e.key, e.comment, e.jump_target) for e in got] == [
-        ("10.0.0.1", "hi", "c1"), ("10.0.0.2", None, "c2"), ("10.0.0.3", None, None)]
+        ("10.0.0.1", "hi", "c1"),
+        ("10.0.0.2", None, "c2"),
+        ("10.0.0.3", None, None),
+    ]
     assert [(e.key, e.comment) for e in nft.elements({"elem": ["10.0.0.9", {"elem": {"val": "10.0.0.8"}}]})] == [
-        ("10.0.0.9", None), ("10.0.0.8", None)]
+        ("10.0.0.9", None),
+        ("10.0.0.8", None),
+    ]
     assert nft.elements({}) == []
 
 
@@ -201,6 +236,7 @@ def test_nft_list_json_maps_not_found_to_none(monkeypatch):
 
 # ---- nftables backend with a fake nft ---------------------------------------------------
 
+
 def test_setup_writes_one_transaction_with_elements_and_shared_rules(fake_nft):
     fake = fake_nft()
     setup_masq("net1", "c1", "eth0", ["10.88.0.5/24", "fd00::5/64"])
@@ -210,15 +246,21 @@ def test_setup_writes_one_transaction_with_elements_and_shared_rules(fake_nft):
     assert "add rule inet pycni_masq postrouting ip6 daddr ff00::/8 return" in lines
     assert "add rule inet pycni_masq postrouting ip saddr vmap @pods4" in lines
     assert "add rule inet pycni_masq net4_0a580000_24 ip daddr != 10.88.0.0/24 masquerade" in lines
-    assert (f'add element inet pycni_masq pods4 {{ 10.88.0.5 comment "{note("net1", "c1", "eth0")}" '
-            f': jump net4_0a580000_24 }}') in lines
+    assert (
+        f'add element inet pycni_masq pods4 {{ 10.88.0.5 comment "{note("net1", "c1", "eth0")}" '
+        f": jump net4_0a580000_24 }}"
+    ) in lines
     assert any(line.startswith("add element inet pycni_masq pods6 { fd00::5 ") for line in lines)
     assert not any(line.startswith("delete") for line in lines)
 
 
 def test_setup_replaces_a_stale_owner_and_its_own_old_addresses(fake_nft):
-    fake = fake_nft([("10.88.0.5", note("net1", "old", "eth0"), "net4_0a580000_24"),
-                     ("10.77.0.9", note("net1", "c1", "eth0"), "net4_0a4d0000_24")])
+    fake = fake_nft(
+        [
+            ("10.88.0.5", note("net1", "old", "eth0"), "net4_0a580000_24"),
+            ("10.77.0.9", note("net1", "c1", "eth0"), "net4_0a4d0000_24"),
+        ]
+    )
     setup_masq("net1", "c1", "eth0", ["10.88.0.5/24"])
     lines = fake.scripts[0].splitlines()
     assert "delete element inet pycni_masq pods4 { 10.88.0.5 }" in lines
@@ -229,11 +271,15 @@ def test_setup_replaces_a_stale_owner_and_its_own_old_addresses(fake_nft):
 
 
 def test_teardown_deletes_only_the_attachments_elements(fake_nft):
-    fake = fake_nft([("10.88.0.5", note("net1", "c1", "eth0"), "net4_0a580000_24"),
-                     ("fd00::5", note("net1", "c1", "eth0"), "net6_fd000000000000000000000000000000_64"),
-                     ("10.88.0.6", note("net1", "c2", "eth0"), "net4_0a580000_24"),
-                     ("10.88.0.7", note("net1", "c1", "net1"), "net4_0a580000_24"),
-                     ("10.88.0.8", note("net2", "c1", "eth0"), "net4_0a580000_24")])
+    fake = fake_nft(
+        [
+            ("10.88.0.5", note("net1", "c1", "eth0"), "net4_0a580000_24"),
+            ("fd00::5", note("net1", "c1", "eth0"), "net6_fd000000000000000000000000000000_64"),
+            ("10.88.0.6", note("net1", "c2", "eth0"), "net4_0a580000_24"),
+            ("10.88.0.7", note("net1", "c1", "net1"), "net4_0a580000_24"),
+            ("10.88.0.8", note("net2", "c1", "eth0"), "net4_0a580000_24"),
+        ]
+    )
     teardown_masq("net1", "c1", "eth0")
     assert fake.scripts[0].splitlines() == [
         "delete element inet pycni_masq pods4 { 10.88.0.5 }",
@@ -257,11 +303,15 @@ def test_teardown_with_nothing_to_do_runs_no_transaction(fake_nft):
 
 
 def test_gc_deletes_the_networks_invalid_attachments(fake_nft):
-    fake = fake_nft([("10.88.0.5", note("net1", "c1", "eth0"), "net4_0a580000_24"),
-                     ("10.88.0.6", note("net1", "c2", "eth0"), "net4_0a580000_24"),
-                     ("10.88.0.7", note("net1", "c2", "net1"), "net4_0a580000_24"),
-                     ("10.88.0.8", note("net2", "c9", "eth0"), "net4_0a580000_24"),
-                     ("10.88.0.9", "someone else's element", "net4_0a580000_24")])
+    fake = fake_nft(
+        [
+            ("10.88.0.5", note("net1", "c1", "eth0"), "net4_0a580000_24"),
+            ("10.88.0.6", note("net1", "c2", "eth0"), "net4_0a580000_24"),
+            ("10.88.0.7", note("net1", "c2", "net1"), "net4_0a580000_24"),
+            ("10.88.0.8", note("net2", "c9", "eth0"), "net4_0a580000_24"),
+            ("10.88.0.9", "someone else's element", "net4_0a580000_24"),
+        ]
+    )
     gc_masq("net1", [("c2", "eth0")])
     assert fake.scripts[0].splitlines() == [
         "delete element inet pycni_masq pods4 { 10.88.0.5 }",
@@ -277,17 +327,21 @@ def test_check_names_what_is_missing(fake_nft):
 
 # ---- iptables helper ---------------------------------------------------------------
 
+
 def test_iptables_listing_parses_quoted_comments():
-    text = "\n".join([
-        "-P POSTROUTING ACCEPT",
-        "-N CNI-abc",
-        '-A POSTROUTING -s 10.88.0.5/32 -m comment --comment "name: \\"net1\\" id: \\"c1\\"" -j CNI-abc',
-        "-A CNI-abc ! -d 224.0.0.0/4 -j MASQUERADE",
-    ])
+    text = "\n".join(
+        [
+            "-P POSTROUTING ACCEPT",
+            "-N CNI-abc",
+            '-A POSTROUTING -s 10.88.0.5/32 -m comment --comment "name: \\"net1\\" id: \\"c1\\"" -j CNI-abc',
+            "-A CNI-abc ! -d 224.0.0.0/4 -j MASQUERADE",
+        ]
+    )
     listing = iptables.parse_listing(text)
     assert listing.chains == {"CNI-abc"}
     assert listing.rules_of("POSTROUTING") == [
-        ["-s", "10.88.0.5/32", "-m", "comment", "--comment", 'name: "net1" id: "c1"', "-j", "CNI-abc"]]
+        ["-s", "10.88.0.5/32", "-m", "comment", "--comment", 'name: "net1" id: "c1"', "-j", "CNI-abc"]
+    ]
     assert listing.rules_of("CNI-abc") == [["!", "-d", "224.0.0.0/4", "-j", "MASQUERADE"]]
     assert listing.rules_of("nope") == []
 
@@ -303,13 +357,16 @@ def test_iptables_rule_line_round_trips_through_shell_quoting():
 def test_iptables_gc_only_touches_chains_named_for_the_network(monkeypatch):
     chain_a, chain_b = iptables_chain("net1", "a"), iptables_chain("net1", "b")
     c = iptables.quote(iptables_comment("net1", "a"))
-    listing = "\n".join([
-        f"-N {chain_a}", f"-N {chain_b}",
-        f"-A POSTROUTING -s 10.88.0.2/32 -m comment --comment {c} -j {chain_a}",
-        f"-A POSTROUTING -s 10.88.0.3/32 -m comment --comment {iptables.quote(iptables_comment('net1', 'b'))} "
-        f"-j {chain_b}",
-        f"-A POSTROUTING -s 10.88.0.4/32 -m comment --comment {c} -j CNI-LOOKALIKE",  # not this layout's chain
-    ])
+    listing = "\n".join(
+        [
+            f"-N {chain_a}",
+            f"-N {chain_b}",
+            f"-A POSTROUTING -s 10.88.0.2/32 -m comment --comment {c} -j {chain_a}",
+            f"-A POSTROUTING -s 10.88.0.3/32 -m comment --comment {iptables.quote(iptables_comment('net1', 'b'))} "
+            f"-j {chain_b}",
+            f"-A POSTROUTING -s 10.88.0.4/32 -m comment --comment {c} -j CNI-LOOKALIKE",  # not this layout's chain
+        ]
+    )
     batches = []
     monkeypatch.setattr(iptables, "run", lambda family, args: listing if family == 4 else "")
     monkeypatch.setattr(iptables, "restore", lambda family, batch: batches.append((family, batch)))
@@ -333,12 +390,12 @@ def test_the_lock_is_the_namespace_s_own_and_no_file(monkeypatch):
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             with pytest.raises(OSError):
-                probe.bind("\0" + masq.LOCK_NAME)   # taken while held
+                probe.bind("\0" + masq.LOCK_NAME)  # taken while held
         finally:
             probe.close()
         with pytest.raises(CNIError) as info:
             with locks.netns_lock(masq.LOCK_NAME, timeout=0.05):
                 pass
         assert info.value.code == 11
-    with masq._locked():   # released again
+    with masq._locked():  # released again
         pass

@@ -3,6 +3,7 @@
 No namespaces are created here; opening the test process's own namespace files
 needs no privileges.
 """
+
 from __future__ import annotations
 
 import errno
@@ -119,6 +120,7 @@ def test_directory_and_fifo_are_not_netns(tmp_path):
 
 def test_fallback_without_ns_get_nstype_ioctl(monkeypatch, tmp_path):
     """Kernels before 4.11 lack NS_GET_NSTYPE: statfs + the fd's link name decide."""
+
     def no_ioctl(fd, request, *args):
         raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY))
 

@@ -3,6 +3,7 @@
 One store event must cost work for that one node only, and the table must always agree with what a full
 reconcile over the same leases would want (wanted_state): checked after every step of random event sequences.
 """
+
 from __future__ import annotations
 
 import random
@@ -55,7 +56,7 @@ def test_an_unchanged_put_costs_nothing_and_a_changed_mac_is_one_swap():
 def test_a_second_claim_of_a_mac_unprograms_both_and_the_first_comes_back_when_it_goes():
     table = RemoteTable(OWN)
     table.update("k1", lease(1))
-    delta = table.update("k2", lease(2, mac=1))          # claims node 1's VTEP MAC
+    delta = table.update("k2", lease(2, mac=1))  # claims node 1's VTEP MAC
     assert delta.remove == [remote(lease(1))] and delta.add == []
     assert any("also claimed by 10.244.2.0/24" in reason for reason in table.skipped())
     delta = table.update("k2", None)
@@ -78,7 +79,7 @@ def test_every_step_of_a_random_history_matches_a_full_reconcile(seed):
     programmed: set[Remote] = set()
     for _ in range(400):
         i = rng.randrange(1, 40)
-        key = f"subnets/10.244.{i}.0-24"      # as in the store: one key per subnet
+        key = f"subnets/10.244.{i}.0-24"  # as in the store: one key per subnet
         if rng.random() < 0.3:
             item = None
         else:
@@ -90,8 +91,9 @@ def test_every_step_of_a_random_history_matches_a_full_reconcile(seed):
             current.pop(key, None)
         else:
             current[key] = item
-        full = wanted_state(current.values(), "192.168.0.10", "10.244.0.0/24", "10.244.0.0/16",
-                            own_vtep_mac="0a:00:00:00:00:0a")
+        full = wanted_state(
+            current.values(), "192.168.0.10", "10.244.0.0/24", "10.244.0.0/16", own_vtep_mac="0a:00:00:00:00:0a"
+        )
         assert programmed == set(table.wanted().remotes)
         assert {(r.fdb, r.neigh, r.route) for r in programmed} == {(r.fdb, r.neigh, r.route) for r in full.remotes}
         assert table.members == full.members
@@ -113,8 +115,7 @@ def test_direct_routing_routes_same_subnet_nodes_via_their_underlay_and_keeps_vx
     assert {f.dst for f in wanted.fdb} == {"192.168.1.200"}
     assert {(r.dst, r.gw) for r in wanted.routes} == {("10.244.200.0/24", "10.244.200.0")}
     assert wanted.members == {"192.168.1.5", "192.168.1.200"}
-    assert set(table.by_subnet) == {"10.244.5.0/24", "10.244.200.0/24"} and \
-        set(table.by_fdb_mac) == {far.vtep_mac}
+    assert set(table.by_subnet) == {"10.244.5.0/24", "10.244.200.0/24"} and set(table.by_fdb_mac) == {far.vtep_mac}
     # The near node moves off the subnet: its direct route goes and its VXLAN entries come, in one delta.
     moved = Lease("10.244.5.0/24", "192.168.1.130", lease(5).vtep_mac, "n5")
     delta = table.update("k5", moved)

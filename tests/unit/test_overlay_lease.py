@@ -3,6 +3,7 @@
 No kernel here: the keeper decides, the node agent applies. Each test is one line of the life cycle drawn
 in the module's docstring.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,11 +55,11 @@ def test_a_lapsed_lease_is_taken_back_when_the_subnet_is_still_free(store, cfg, 
     k = keeper(store, cfg, clock)
     k.take(None, has_pods=True)
     subnet = k.subnet
-    clock.now += TTL + 1                      # the agent could not renew in time: the store dropped it
+    clock.now += TTL + 1  # the agent could not renew in time: the store dropped it
     assert k.check_lapsed() and k.state == LAPSED
-    assert not k.check_lapsed()               # said once
+    assert not k.check_lapsed()  # said once
     assert store.get(k.lease.key) is None
-    assert k.renew(has_pods=True) is False    # no renumbering
+    assert k.renew(has_pods=True) is False  # no renumbering
     assert k.state == VALID and k.subnet == subnet and store.get(k.lease.key) is not None
 
 
@@ -88,12 +89,12 @@ def test_a_lost_node_without_pods_leases_a_free_subnet(store, cfg, clock):
     steal(store, subnet)
     k.renew(has_pods=True)
     assert k.state == LOST
-    assert k.renew(has_pods=False) is True    # nothing runs on the lost subnet: move on
+    assert k.renew(has_pods=False) is True  # nothing runs on the lost subnet: move on
     assert k.state == VALID and k.subnet != subnet
 
 
 def test_exhaustion_while_lost_is_said_once_and_keeps_the_node_lost(store, clock, caplog):
-    cfg = ClusterConfig("10.244.0.0/23", subnet_len=24)   # two subnets
+    cfg = ClusterConfig("10.244.0.0/23", subnet_len=24)  # two subnets
     from ipam.cluster import init_cluster as init
 
     init(store, cfg)
@@ -111,8 +112,7 @@ def test_exhaustion_while_lost_is_said_once_and_keeps_the_node_lost(store, clock
 
 
 def test_a_restart_with_pods_on_a_subnet_another_node_holds_starts_lost(store, cfg, clock):
-    previous = NodeLease(subnet="10.244.5.0/24", public_ip=ME.public_ip, vtep_mac=ME.vtep_mac,
-                         node_name=ME.node_name)
+    previous = NodeLease(subnet="10.244.5.0/24", public_ip=ME.public_ip, vtep_mac=ME.vtep_mac, node_name=ME.node_name)
     steal(store, previous.subnet)
     k = keeper(store, cfg, clock)
     k.take(previous, has_pods=True)

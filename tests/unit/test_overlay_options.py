@@ -1,4 +1,5 @@
 """The overlay's one front door: `pycni agent`'s flags fill one OverlayOptions, with the defaults in one place."""
+
 from __future__ import annotations
 
 import click
@@ -32,22 +33,58 @@ def test_the_flags_fill_one_typed_object_with_the_dataclass_defaults():
 
 
 def test_every_flag_reaches_the_object():
-    done = run("--store", "file:///tmp/x", "--public-ip", "10.0.0.5", "--state-dir", "/run/x", "--bridge", "br9",
-               "--vxlan-device", "vx9", "--underlay-device", "eth9", "--node-name", "n9", "--lease-ttl", "30",
-               "--reconcile-interval", "2", "--disable-tx-checksum-offload", "--no-ip-masq", "--etcd-prefix", "/p")
+    done = run(
+        "--store",
+        "file:///tmp/x",
+        "--public-ip",
+        "10.0.0.5",
+        "--state-dir",
+        "/run/x",
+        "--bridge",
+        "br9",
+        "--vxlan-device",
+        "vx9",
+        "--underlay-device",
+        "eth9",
+        "--node-name",
+        "n9",
+        "--lease-ttl",
+        "30",
+        "--reconcile-interval",
+        "2",
+        "--disable-tx-checksum-offload",
+        "--no-ip-masq",
+        "--etcd-prefix",
+        "/p",
+    )
     assert done.exit_code == 0, done.output
-    assert done.output.strip() == repr(OverlayOptions(
-        store_url="file:///tmp/x", public_ip="10.0.0.5", state_dir="/run/x", etcd_prefix="/p", bridge="br9",
-        vxlan_device="vx9", underlay_device="eth9", node_name="n9", tx_checksum_offload=False, ip_masq=False,
-        lease_ttl=30, reconcile_interval=2.0))
+    assert done.output.strip() == repr(
+        OverlayOptions(
+            store_url="file:///tmp/x",
+            public_ip="10.0.0.5",
+            state_dir="/run/x",
+            etcd_prefix="/p",
+            bridge="br9",
+            vxlan_device="vx9",
+            underlay_device="eth9",
+            node_name="n9",
+            tx_checksum_offload=False,
+            ip_masq=False,
+            lease_ttl=30,
+            reconcile_interval=2.0,
+        )
+    )
 
 
-@pytest.mark.parametrize("args, words", [
-    (("--store", "file:///tmp/x"), "--store needs --public-ip"),
-    (("--public-ip", "10.0.0.5"), "--public-ip is for overlay mode: give --store too"),
-    (("--no-ip-masq", "--node-name", "n1"), "--no-ip-masq, --node-name are for overlay mode"),
-    (("--store", "file:///tmp/x", "--public-ip", "10.0.0.5", "--lease-ttl", "2"), "--lease-ttl"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (("--store", "file:///tmp/x"), "--store needs --public-ip"),
+        (("--public-ip", "10.0.0.5"), "--public-ip is for overlay mode: give --store too"),
+        (("--no-ip-masq", "--node-name", "n1"), "--no-ip-masq, --node-name are for overlay mode"),
+        (("--store", "file:///tmp/x", "--public-ip", "10.0.0.5", "--lease-ttl", "2"), "--lease-ttl"),
+    ],
+)
 def test_usage_errors_say_what_is_missing(args, words):
     done = run(*args)
     assert done.exit_code == 2 and words in done.output, done.output
@@ -57,12 +94,20 @@ def test_usage_errors_say_what_is_missing(args, words):
 
 
 def test_the_agent_flags_come_from_pycni_variables():
-    env = {"PYCNI_STORE": "file:///tmp/x", "PYCNI_PUBLIC_IP": "10.0.0.5", "PYCNI_PUBLIC_IPV6": "fd00::5",
-           "PYCNI_NODE_NAME": "n5", "PYCNI_ETCD_PREFIX": "/p5"}
+    env = {
+        "PYCNI_STORE": "file:///tmp/x",
+        "PYCNI_PUBLIC_IP": "10.0.0.5",
+        "PYCNI_PUBLIC_IPV6": "fd00::5",
+        "PYCNI_NODE_NAME": "n5",
+        "PYCNI_ETCD_PREFIX": "/p5",
+    }
     done = CliRunner().invoke(probe, [], env=env)
     assert done.exit_code == 0, done.output
-    assert done.output.strip() == repr(OverlayOptions(store_url="file:///tmp/x", public_ip="10.0.0.5",
-                                                      public_ipv6="fd00::5", node_name="n5", etcd_prefix="/p5"))
+    assert done.output.strip() == repr(
+        OverlayOptions(
+            store_url="file:///tmp/x", public_ip="10.0.0.5", public_ipv6="fd00::5", node_name="n5", etcd_prefix="/p5"
+        )
+    )
     # A flag wins over its variable.
     done = CliRunner().invoke(probe, ["--public-ip", "10.0.0.6", "--node-name", "n6"], env=env)
     assert "public_ip='10.0.0.6'" in done.output and "node_name='n6'" in done.output
@@ -79,8 +124,16 @@ def test_the_etcd_user_reaches_the_object_and_its_password_stays_hidden(tmp_path
     password = tmp_path / "pw"
     password.write_text("s3cret\n")
     password.chmod(0o600)
-    done = run("--store", "etcd://10.0.0.1:2379", "--public-ip", "10.0.0.5", "--etcd-username", "pycni",
-               "--etcd-password-file", str(password))
+    done = run(
+        "--store",
+        "etcd://10.0.0.1:2379",
+        "--public-ip",
+        "10.0.0.5",
+        "--etcd-username",
+        "pycni",
+        "--etcd-password-file",
+        str(password),
+    )
     assert done.exit_code == 0, done.output
     assert "auth=StoreAuth(username='pycni')" in done.output and "s3cret" not in done.output
 
@@ -100,6 +153,13 @@ def test_the_etcd_user_reaches_the_object_and_its_password_stays_hidden(tmp_path
 
 def test_the_agent_help_names_its_variables():
     output = run("--help").output
-    for name in ("PYCNI_STORE", "PYCNI_PUBLIC_IP", "PYCNI_PUBLIC_IPV6", "PYCNI_NODE_NAME", "PYCNI_ETCD_USERNAME",
-                 "PYCNI_ETCD_PASSWORD_FILE", "PYCNI_ETCD_CAFILE"):
+    for name in (
+        "PYCNI_STORE",
+        "PYCNI_PUBLIC_IP",
+        "PYCNI_PUBLIC_IPV6",
+        "PYCNI_NODE_NAME",
+        "PYCNI_ETCD_USERNAME",
+        "PYCNI_ETCD_PASSWORD_FILE",
+        "PYCNI_ETCD_CAFILE",
+    ):
         assert name in output, name

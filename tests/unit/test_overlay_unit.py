@@ -1,5 +1,6 @@
 """The overlay's pure logic: VTEP MAC derivation, MTU arithmetic, reconcile diffs, the
 state file, the nftables ruleset text and the netlink-notification filter. No root needed."""
+
 from __future__ import annotations
 
 import json
@@ -9,10 +10,23 @@ import struct
 
 import pytest
 
-from cni_plugins.kernel.vxlan import (FdbEntry, NeighEntry, OnlinkRoute, is_local_unicast_mac, overlay_mtu,
-                                      stable_vtep_mac)
-from cni_plugins.shared.overlaystate import (OverlayState, OverlayStateError, lease_problem, read_state,
-                                             remove_state, state_path, write_state)
+from cni_plugins.kernel.vxlan import (
+    FdbEntry,
+    NeighEntry,
+    OnlinkRoute,
+    is_local_unicast_mac,
+    overlay_mtu,
+    stable_vtep_mac,
+)
+from cni_plugins.shared.overlaystate import (
+    OverlayState,
+    OverlayStateError,
+    lease_problem,
+    read_state,
+    remove_state,
+    state_path,
+    write_state,
+)
 from pycni.overlay import firewall
 from pycni.overlay.monitor import RTM_DELNEIGH, RTM_DELROUTE, RTM_NEWLINK, RTM_NEWNEIGH, notifications, relevant_indexes
 from pycni.overlay.node import vtep_mac_seed
@@ -49,8 +63,9 @@ def test_vtep_mac_differs_per_identity_and_is_always_valid():
 # ---- MTU ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("underlay, ipv6, expected", [(1500, False, 1450), (1500, True, 1430), (9000, False, 8950),
-                                                      (1280, True, 1210)])
+@pytest.mark.parametrize(
+    "underlay, ipv6, expected", [(1500, False, 1450), (1500, True, 1430), (9000, False, 8950), (1280, True, 1210)]
+)
 def test_overlay_mtu(underlay, ipv6, expected):
     assert overlay_mtu(underlay, ipv6) == expected
 
@@ -74,7 +89,7 @@ def test_wanted_state_excludes_self_and_derives_entries():
     assert wanted.fdb == {FdbEntry(B.vtep_mac, B.public_ip), FdbEntry(C.vtep_mac, C.public_ip)}
     assert wanted.neigh == {NeighEntry("10.244.1.0", B.vtep_mac), NeighEntry("10.244.2.0", C.vtep_mac)}
     assert wanted.routes == {OnlinkRoute("10.244.1.0/24", "10.244.1.0"), OnlinkRoute("10.244.2.0/24", "10.244.2.0")}
-    assert wanted.members == {B.public_ip, C.public_ip}   # the accepted remotes; the node adds its own address
+    assert wanted.members == {B.public_ip, C.public_ip}  # the accepted remotes; the node adds its own address
     assert wanted.skipped == []
 
 
@@ -82,7 +97,7 @@ def test_wanted_state_skips_unusable_leases():
     outside = Lease("10.99.0.0/24", "192.168.100.20", "0a:00:00:00:00:20")
     same_mac = Lease("10.244.3.0/24", "192.168.100.13", B.vtep_mac)
     v6_underlay = Lease("10.244.4.0/24", "fd00::14", "0a:00:00:00:00:14")
-    stale_self = Lease("10.244.9.0/24", A.public_ip, A.vtep_mac)   # an older lease of this very node
+    stale_self = Lease("10.244.9.0/24", A.public_ip, A.vtep_mac)  # an older lease of this very node
     wanted = wanted_state([A, B, C, outside, same_mac, v6_underlay, stale_self], A.public_ip, A.subnet, NET)
     # B and same_mac claim one VTEP MAC: neither is programmed (which one is genuine cannot be told).
     assert [r.subnet for r in wanted.remotes] == [C.subnet]
@@ -108,12 +123,14 @@ def test_plan_nothing_to_do_when_in_step():
 def test_plan_repairs_deleted_and_changed_entries():
     wanted = wanted_state([A, B, C], A.public_ip, A.subnet, NET)
     b, c = Remote(B.subnet, B.public_ip, B.vtep_mac), Remote(C.subnet, C.public_ip, C.vtep_mac)
-    old_c = FdbEntry("0a:00:00:00:00:99", C.public_ip)              # C restarted with another MAC (old agent)
-    gone = Remote("10.244.7.0/24", "192.168.100.17", "0a:00:00:00:00:17")   # a node that left
-    todo = plan(wanted,
-                fdb=[b.fdb, old_c, gone.fdb],                        # C's current FDB entry missing
-                neigh=[b.neigh, NeighEntry(c.vtep_address, "0a:00:00:00:00:99"), gone.neigh],
-                routes=[b.route, gone.route])                         # C's route deleted by hand
+    old_c = FdbEntry("0a:00:00:00:00:99", C.public_ip)  # C restarted with another MAC (old agent)
+    gone = Remote("10.244.7.0/24", "192.168.100.17", "0a:00:00:00:00:17")  # a node that left
+    todo = plan(
+        wanted,
+        fdb=[b.fdb, old_c, gone.fdb],  # C's current FDB entry missing
+        neigh=[b.neigh, NeighEntry(c.vtep_address, "0a:00:00:00:00:99"), gone.neigh],
+        routes=[b.route, gone.route],
+    )  # C's route deleted by hand
     assert todo.fdb.add == [c.fdb] and sorted(todo.fdb.remove) == sorted([old_c, gone.fdb])
     assert todo.neigh.add == [c.neigh]
     assert sorted(todo.neigh.remove) == sorted([NeighEntry(c.vtep_address, "0a:00:00:00:00:99"), gone.neigh])
@@ -131,9 +148,18 @@ def test_remote_entries_follow_flannel_layout():
 
 # ---- state file ---------------------------------------------------------------------------
 
-STATE = OverlayState(network="10.244.0.0/16", subnet="10.244.3.0/24", gateway="10.244.3.1", mtu=1450,
-                     bridge="pycni0", vxlan_device="pycni.1", vni=1, public_ip="192.168.100.11",
-                     vtep_mac="0a:58:0a:f4:03:00", node_name="node-3")
+STATE = OverlayState(
+    network="10.244.0.0/16",
+    subnet="10.244.3.0/24",
+    gateway="10.244.3.1",
+    mtu=1450,
+    bridge="pycni0",
+    vxlan_device="pycni.1",
+    vni=1,
+    public_ip="192.168.100.11",
+    vtep_mac="0a:58:0a:f4:03:00",
+    node_name="node-3",
+)
 
 
 def test_lease_problem_says_lapsed_or_lost_and_nothing_for_a_valid_lease():
@@ -141,7 +167,7 @@ def test_lease_problem_says_lapsed_or_lost_and_nothing_for_a_valid_lease():
 
     valid = replace(STATE, lease_expires=1000.0)
     assert lease_problem(valid, now=999.0) == ""
-    assert lease_problem(STATE, now=1e10) == ""            # an older agent's state: no expiry known
+    assert lease_problem(STATE, now=1e10) == ""  # an older agent's state: no expiry known
     lapsed = lease_problem(valid, now=1030.0)
     assert "10.244.3.0/24 lapsed 30 s ago" in lapsed and "is it running" in lapsed
     lost = lease_problem(replace(valid, lease_lost="the subnet is now leased to 192.168.100.99"), now=999.0)
@@ -165,11 +191,11 @@ def test_state_round_trip(tmp_path):
     path = write_state(str(directory), STATE)
     assert path == state_path(str(directory))
     assert read_state(str(directory)) == STATE
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600     # root's alone (tests/unit/test_state_trust.py)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # root's alone (tests/unit/test_state_trust.py)
     assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
     doc = json.loads(open(path).read())
     assert doc["vxlanDevice"] == "pycni.1" and doc["publicIP"] == "192.168.100.11" and doc["vtepMAC"]
-    assert [n for n in os.listdir(directory)] == ["overlay.json"]   # no temp files left behind
+    assert [n for n in os.listdir(directory)] == ["overlay.json"]  # no temp files left behind
     assert remove_state(str(directory)) is True
     assert read_state(str(directory)) is None
     assert remove_state(str(directory)) is False
@@ -197,14 +223,17 @@ def test_state_write_replaces_a_symlink_instead_of_following_it(tmp_path):
     assert not os.path.islink(tmp_path / "d" / "overlay.json")
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"subnet": "10.245.3.0/24"}, "not inside network"),
-    ({"gateway": "10.244.4.1"}, "not inside subnet"),
-    ({"mtu": 20}, "mtu"),
-    ({"bridge": "a;b c"}, "interface name"),
-    ({"vtepMAC": "zz"}, "vtepMAC"),
-    ({"vni": "1"}, "integer"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"subnet": "10.245.3.0/24"}, "not inside network"),
+        ({"gateway": "10.244.4.1"}, "not inside subnet"),
+        ({"mtu": 20}, "mtu"),
+        ({"bridge": "a;b c"}, "interface name"),
+        ({"vtepMAC": "zz"}, "vtepMAC"),
+        ({"vni": "1"}, "integer"),
+    ],
+)
 def test_state_rejects_invalid_content(tmp_path, change, message):
     doc = STATE.to_dict()
     doc.update(change)

@@ -1,4 +1,5 @@
 """portmap: configuration parsing, address choice, ownership and the nftables script."""
+
 import hashlib
 import json
 import subprocess
@@ -18,14 +19,22 @@ from cni_plugins.spec.types import Result
 PREV = {
     "cniVersion": "1.0.0",
     "interfaces": [{"name": "cni0"}, {"name": "veth1"}, {"name": "eth0", "sandbox": "/var/run/netns/p"}],
-    "ips": [{"address": "10.1.0.1/24", "interface": 0}, {"address": "10.88.0.5/24", "interface": 2},
-            {"address": "10.88.0.6/24", "interface": 2}, {"address": "fd88::5/64", "interface": 2}],
+    "ips": [
+        {"address": "10.1.0.1/24", "interface": 0},
+        {"address": "10.88.0.5/24", "interface": 2},
+        {"address": "10.88.0.6/24", "interface": 2},
+        {"address": "fd88::5/64", "interface": 2},
+    ],
 }
 
 
 def conf(**extra):
-    base = {"cniVersion": "1.0.0", "name": "net1", "type": "portmap",
-            "runtimeConfig": {"portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]}}
+    base = {
+        "cniVersion": "1.0.0",
+        "name": "net1",
+        "type": "portmap",
+        "runtimeConfig": {"portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]},
+    }
     base.update(extra)
     return base
 
@@ -44,49 +53,70 @@ def test_defaults_follow_the_reference():
 
 
 def test_protocol_is_case_insensitive_and_defaults_to_tcp():
-    cfg = portmap.parse_config(conf(runtimeConfig={"portMappings": [
-        {"hostPort": 1, "containerPort": 2, "protocol": "UDP"}, {"hostPort": 3, "containerPort": 4}]}))
+    cfg = portmap.parse_config(
+        conf(
+            runtimeConfig={
+                "portMappings": [
+                    {"hostPort": 1, "containerPort": 2, "protocol": "UDP"},
+                    {"hostPort": 3, "containerPort": 4},
+                ]
+            }
+        )
+    )
     assert [m.protocol for m in cfg.mappings] == ["udp", "tcp"]
 
 
 def test_duplicate_mapping_keeps_the_first():
-    maps = [{"hostPort": 1, "containerPort": 2, "protocol": "tcp"}, {"hostPort": 1, "containerPort": 3, "protocol": "tcp"}]
+    maps = [
+        {"hostPort": 1, "containerPort": 2, "protocol": "tcp"},
+        {"hostPort": 1, "containerPort": 3, "protocol": "tcp"},
+    ]
     cfg = portmap.parse_config(conf(runtimeConfig={"portMappings": maps}))
     assert [m.container_port for m in cfg.mappings] == [2]
 
 
 def test_host_ip_is_normalised_and_wildcards_recognised():
-    cfg = portmap.parse_config(conf(runtimeConfig={"portMappings": [
-        {"hostPort": 1, "containerPort": 2, "protocol": "tcp", "hostIP": "FD00:0::1"},
-        {"hostPort": 1, "containerPort": 2, "protocol": "tcp", "hostIP": "0.0.0.0"}]}))
+    cfg = portmap.parse_config(
+        conf(
+            runtimeConfig={
+                "portMappings": [
+                    {"hostPort": 1, "containerPort": 2, "protocol": "tcp", "hostIP": "FD00:0::1"},
+                    {"hostPort": 1, "containerPort": 2, "protocol": "tcp", "hostIP": "0.0.0.0"},
+                ]
+            }
+        )
+    )
     v6, any4 = cfg.mappings
     assert v6.host_ip == "fd00::1" and not v6.wildcard() and v6.applies_to(6) and not v6.applies_to(4)
     assert any4.wildcard() and any4.applies_to(4) and not any4.applies_to(6)
 
 
-@pytest.mark.parametrize("extra, code", [
-    ({"markMasqBit": 32}, 7),
-    ({"markMasqBit": True}, 7),
-    ({"markMasqBit": 1, "externalSetMarkChain": "X"}, 7),
-    ({"snat": "yes"}, 7),
-    ({"backend": "ipfw"}, 7),
-    ({"backend": "nftables", "externalSetMarkChain": "KUBE-MARK-MASQ"}, 7),
-    ({"backend": "iptables", "conditionsV4": ["ip saddr 1.2.3.4"]}, 7),
-    ({"externalSetMarkChain": "A B"}, 7),
-    ({"conditionsV4": "ip saddr 1.2.3.4"}, 7),
-    ({"conditionsV4": ["ip saddr 1.2.3.4;", "flush ruleset"]}, 7),
-    ({"conditionsV6": ["ip6 saddr ::1 # comment"]}, 7),
-    ({"conditionsV4": ["ip saddr 1.2.3.4 jump elsewhere"]}, 7),
-    ({"conditionsV4": ['meta iifname "eth0']}, 7),
-    ({"backend": "iptables", "conditionsV4": ["-s", "1.2.3.4", "--jump", "ACCEPT"]}, 7),
-    ({"runtimeConfig": {"portMappings": [{"hostPort": 0, "containerPort": 80}]}}, 7),
-    ({"runtimeConfig": {"portMappings": [{"hostPort": 65536, "containerPort": 80}]}}, 7),
-    ({"runtimeConfig": {"portMappings": [{"hostPort": 80, "containerPort": 80, "protocol": "icmp"}]}}, 2),
-    ({"runtimeConfig": {"portMappings": [{"hostPort": 80, "containerPort": 80, "hostIP": "1.2.3.4 }"}]}}, 7),
-    ({"runtimeConfig": {"portMappings": [{"hostPort": 80, "containerPort": 80, "hostIP": "fe80::1%eth0"}]}}, 7),
-    ({"runtimeConfig": {"portMappings": "80:80"}}, 7),
-    ({"runtimeConfig": {"portMappings": ["80:80"]}}, 7),
-])
+@pytest.mark.parametrize(
+    "extra, code",
+    [
+        ({"markMasqBit": 32}, 7),
+        ({"markMasqBit": True}, 7),
+        ({"markMasqBit": 1, "externalSetMarkChain": "X"}, 7),
+        ({"snat": "yes"}, 7),
+        ({"backend": "ipfw"}, 7),
+        ({"backend": "nftables", "externalSetMarkChain": "KUBE-MARK-MASQ"}, 7),
+        ({"backend": "iptables", "conditionsV4": ["ip saddr 1.2.3.4"]}, 7),
+        ({"externalSetMarkChain": "A B"}, 7),
+        ({"conditionsV4": "ip saddr 1.2.3.4"}, 7),
+        ({"conditionsV4": ["ip saddr 1.2.3.4;", "flush ruleset"]}, 7),
+        ({"conditionsV6": ["ip6 saddr ::1 # comment"]}, 7),
+        ({"conditionsV4": ["ip saddr 1.2.3.4 jump elsewhere"]}, 7),
+        ({"conditionsV4": ['meta iifname "eth0']}, 7),
+        ({"backend": "iptables", "conditionsV4": ["-s", "1.2.3.4", "--jump", "ACCEPT"]}, 7),
+        ({"runtimeConfig": {"portMappings": [{"hostPort": 0, "containerPort": 80}]}}, 7),
+        ({"runtimeConfig": {"portMappings": [{"hostPort": 65536, "containerPort": 80}]}}, 7),
+        ({"runtimeConfig": {"portMappings": [{"hostPort": 80, "containerPort": 80, "protocol": "icmp"}]}}, 2),
+        ({"runtimeConfig": {"portMappings": [{"hostPort": 80, "containerPort": 80, "hostIP": "1.2.3.4 }"}]}}, 7),
+        ({"runtimeConfig": {"portMappings": [{"hostPort": 80, "containerPort": 80, "hostIP": "fe80::1%eth0"}]}}, 7),
+        ({"runtimeConfig": {"portMappings": "80:80"}}, 7),
+        ({"runtimeConfig": {"portMappings": ["80:80"]}}, 7),
+    ],
+)
 def test_bad_options_are_rejected(extra, code):
     assert code_of(conf(**extra)) == code
 
@@ -116,25 +146,29 @@ def test_owner_comment_is_keyed_safe_and_short():
 
 
 def test_nft_network_rules_carry_conditions_mark_and_masquerade():
-    cfg = portmap.parse_config(conf(conditionsV4=["iifname != \"lo\""], markMasqBit=4))
+    cfg = portmap.parse_config(conf(conditionsV4=['iifname != "lo"'], markMasqBit=4))
     lines = portmap_nft._network_rules(cfg, portmap_nft.Names("0123456789ab"))
     text = "\n".join(lines)
     assert 'meta nfproto ipv4 iifname != "lo" ip saddr @n0123456789ab_src4' in text
     assert "meta mark set meta mark | 0x10" in text
     assert "meta mark and 0x10 == 0x10 masquerade" in text
     assert all("iifname" not in line for line in lines if "ipv6" in line)
-    no_snat = "\n".join(portmap_nft._network_rules(portmap.parse_config(conf(snat=False)),
-                                                   portmap_nft.Names("0123456789ab")))
+    no_snat = "\n".join(
+        portmap_nft._network_rules(portmap.parse_config(conf(snat=False)), portmap_nft.Names("0123456789ab"))
+    )
     assert "masquerade" not in no_snat and "mark" not in no_snat
-    masq_all = "\n".join(portmap_nft._network_rules(portmap.parse_config(conf(masqAll=True)),
-                                                    portmap_nft.Names("0123456789ab")))
+    masq_all = "\n".join(
+        portmap_nft._network_rules(portmap.parse_config(conf(masqAll=True)), portmap_nft.Names("0123456789ab"))
+    )
     assert "saddr @" not in masq_all and "meta mark set" in masq_all
 
 
 def test_nft_desired_elements_split_by_host_ip():
-    maps = [{"hostPort": 1, "containerPort": 2, "protocol": "tcp"},
-            {"hostPort": 3, "containerPort": 4, "protocol": "udp", "hostIP": "192.0.2.1"},
-            {"hostPort": 5, "containerPort": 6, "protocol": "sctp", "hostIP": "2001:db8::1"}]
+    maps = [
+        {"hostPort": 1, "containerPort": 2, "protocol": "tcp"},
+        {"hostPort": 3, "containerPort": 4, "protocol": "udp", "hostIP": "192.0.2.1"},
+        {"hostPort": 5, "containerPort": 6, "protocol": "sctp", "hostIP": "2001:db8::1"},
+    ]
     cfg = portmap.parse_config(conf(runtimeConfig={"portMappings": maps}))
     names = portmap_nft.Names("0123456789ab")
     wanted = portmap_nft._desired_elements(cfg, names, portmap.container_targets(Result.from_dict(PREV), "eth0"))
@@ -145,7 +179,9 @@ def test_nft_desired_elements_split_by_host_ip():
         names.any(6): [E(("tcp", "1"), ("fd88::5", "2"))],
         names.hip(6): [E(("2001:db8::1", "sctp", "5"), ("fd88::5", "6"))],
     }
-    assert portmap_nft._elem_text(("tcp", "1"), ("10.88.0.5", "2"), "k x") == '{ tcp . 1 comment "k x" : 10.88.0.5 . 2 }'
+    assert (
+        portmap_nft._elem_text(("tcp", "1"), ("10.88.0.5", "2"), "k x") == '{ tcp . 1 comment "k x" : 10.88.0.5 . 2 }'
+    )
 
 
 def _listed(item):
@@ -155,8 +191,10 @@ def _listed(item):
 
 
 def test_nft_listing_is_parsed():
-    item = [{"elem": {"val": {"concat": ["10.1.1.1", "tcp", 8080]}, "comment": "abcd net/c/eth0"}},
-            {"concat": ["10.22.0.5", 80]}]
+    item = [
+        {"elem": {"val": {"concat": ["10.1.1.1", "tcp", 8080]}, "comment": "abcd net/c/eth0"}},
+        {"concat": ["10.22.0.5", 80]},
+    ]
     assert _listed(item) == portmap_nft.Element(("10.1.1.1", "tcp", "8080"), ("10.22.0.5", "80"), "abcd")
     assert _listed({"prefix": {"addr": "10.0.0.0", "len": 8}}).key == ("10.0.0.0/8",)
     with pytest.raises(ValueError):
@@ -179,12 +217,15 @@ def _tool_error(**kwargs):
     return hostcmd.HostToolError("conntrack failed", **kwargs)
 
 
-@pytest.mark.parametrize("error, warnings", [
-    (None, 0),
-    (_tool_error(returncode=1, stderr="0 flow entries have been deleted."), 0),
-    (_tool_error(returncode=2, stderr="bad"), 2),  # one per UDP port, and the next port is tried
-    (_tool_error(missing=True), 1),  # the next port would fare no better
-])
+@pytest.mark.parametrize(
+    "error, warnings",
+    [
+        (None, 0),
+        (_tool_error(returncode=1, stderr="0 flow entries have been deleted."), 0),
+        (_tool_error(returncode=2, stderr="bad"), 2),  # one per UDP port, and the next port is tried
+        (_tool_error(missing=True), 1),  # the next port would fare no better
+    ],
+)
 def test_conntrack_flush_failures_are_request_diagnostics(monkeypatch, error, warnings):
     calls = []
 
@@ -195,12 +236,13 @@ def test_conntrack_flush_failures_are_request_diagnostics(monkeypatch, error, wa
         return ""
 
     monkeypatch.setattr(hostcmd, "run", run)
-    maps = [{"hostPort": 53, "containerPort": 53, "protocol": "udp"},
-            {"hostPort": 54, "containerPort": 54, "protocol": "udp"},
-            {"hostPort": 80, "containerPort": 80, "protocol": "tcp"}]
+    maps = [
+        {"hostPort": 53, "containerPort": 53, "protocol": "udp"},
+        {"hostPort": 54, "containerPort": 54, "protocol": "udp"},
+        {"hostPort": 80, "containerPort": 80, "protocol": "tcp"},
+    ]
     said = []
-    hostside.flush_udp_conntrack(portmap.parse_config(conf(runtimeConfig={"portMappings": maps})), 4,
-                                       said.append)
+    hostside.flush_udp_conntrack(portmap.parse_config(conf(runtimeConfig={"portMappings": maps})), 4, said.append)
     assert len(said) == warnings
     assert calls[0] == ["conntrack", "-D", "-f", "ipv4", "-p", "udp", "--orig-port-dst", "53"]
     assert len(calls) == (1 if error is not None and error.missing else 2)
@@ -208,35 +250,68 @@ def test_conntrack_flush_failures_are_request_diagnostics(monkeypatch, error, wa
 
 def test_backends_import_the_configuration_not_the_plugin():
     """No import cycle: each backend stands on portmap.config alone."""
-    code = ("import sys\n"
-            "import cni_plugins.portmap.nft, cni_plugins.portmap.ipt\n"
-            "assert 'cni_plugins.portmap.plugin' not in sys.modules\n")
+    code = (
+        "import sys\n"
+        "import cni_plugins.portmap.nft, cni_plugins.portmap.ipt\n"
+        "assert 'cni_plugins.portmap.plugin' not in sys.modules\n"
+    )
     subprocess.run([sys.executable, "-I", "-c", code], check=True, timeout=30)
 
 
 def test_iptables_container_chain_rules():
-    maps = [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
-            {"hostPort": 53, "containerPort": 5353, "protocol": "udp", "hostIP": "192.0.2.1"}]
-    cfg = portmap.parse_config(conf(backend="iptables", runtimeConfig={"portMappings": maps},
-                                    conditionsV4=["-i", "eth0"]))
+    maps = [
+        {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
+        {"hostPort": 53, "containerPort": 5353, "protocol": "udp", "hostIP": "192.0.2.1"},
+    ]
+    cfg = portmap.parse_config(
+        conf(backend="iptables", runtimeConfig={"portMappings": maps}, conditionsV4=["-i", "eth0"])
+    )
     owner = Owner("net1", "ctr", "eth0")
     targets = portmap.container_targets(Result.from_dict(PREV), "eth0")
     chain = portmap_ipt._container_chain(cfg, owner, 4, targets.v4)
     assert chain.entry_rules == [
-        ["-m", "comment", "--comment", 'dnat name: "net1" id: "ctr"', "-m", "multiport", "-p", "tcp",
-         "--destination-ports", "8080", "-i", "eth0"],
-        ["-m", "comment", "--comment", 'dnat name: "net1" id: "ctr"', "-m", "multiport", "-p", "udp",
-         "--destination-ports", "53", "-i", "eth0"]]
+        [
+            "-m",
+            "comment",
+            "--comment",
+            'dnat name: "net1" id: "ctr"',
+            "-m",
+            "multiport",
+            "-p",
+            "tcp",
+            "--destination-ports",
+            "8080",
+            "-i",
+            "eth0",
+        ],
+        [
+            "-m",
+            "comment",
+            "--comment",
+            'dnat name: "net1" id: "ctr"',
+            "-m",
+            "multiport",
+            "-p",
+            "udp",
+            "--destination-ports",
+            "53",
+            "-i",
+            "eth0",
+        ],
+    ]
     assert chain.rules == [
         ["-p", "tcp", "--dport", "8080", "-s", "10.88.0.0/24", "-j", "CNI-HOSTPORT-SETMARK"],
         ["-p", "tcp", "--dport", "8080", "-s", "127.0.0.1", "-j", "CNI-HOSTPORT-SETMARK"],
         ["-p", "tcp", "--dport", "8080", "-j", "DNAT", "--to-destination", "10.88.0.5:80"],
         ["-p", "udp", "--dport", "53", "-d", "192.0.2.1", "-s", "10.88.0.0/24", "-j", "CNI-HOSTPORT-SETMARK"],
         ["-p", "udp", "--dport", "53", "-d", "192.0.2.1", "-s", "127.0.0.1", "-j", "CNI-HOSTPORT-SETMARK"],
-        ["-p", "udp", "--dport", "53", "-d", "192.0.2.1", "-j", "DNAT", "--to-destination", "10.88.0.5:5353"]]
+        ["-p", "udp", "--dport", "53", "-d", "192.0.2.1", "-j", "DNAT", "--to-destination", "10.88.0.5:5353"],
+    ]
     v6 = portmap_ipt._container_chain(cfg, owner, 6, targets.v6)
-    assert v6.rules == [["-p", "tcp", "--dport", "8080", "-s", "fd88::/64", "-j", "CNI-HOSTPORT-SETMARK"],
-                        ["-p", "tcp", "--dport", "8080", "-j", "DNAT", "--to-destination", "[fd88::5]:80"]]
+    assert v6.rules == [
+        ["-p", "tcp", "--dport", "8080", "-s", "fd88::/64", "-j", "CNI-HOSTPORT-SETMARK"],
+        ["-p", "tcp", "--dport", "8080", "-j", "DNAT", "--to-destination", "[fd88::5]:80"],
+    ]
 
 
 def test_multiport_lists_hold_at_most_fifteen_ports():
@@ -249,16 +324,18 @@ def test_multiport_lists_hold_at_most_fifteen_ports():
 
 def test_version_loads_no_backend_or_tool_modules():
     """VERSION is start-up cost only: no firewall backend, subprocess, logging, hashing or addresses."""
-    code = ("import sys\n"
-            "from cni_plugins.spec.skel import dispatch\n"
-            "from cni_plugins import portmap\n"
-            "out = dispatch(portmap.FUNCS, {'CNI_COMMAND': 'VERSION'}, b'')\n"
-            "assert out.exit_code == 0 and '1.1.0' in out.stdout, out\n"
-            "heavy = ('cni_plugins.portmap.plugin', 'cni_plugins.portmap.config', 'cni_plugins.portmap.hostside',\n"
-            "         'cni_plugins.portmap.nft', 'cni_plugins.portmap.ipt', 'cni_plugins.kernel.nft', 'subprocess',\n"
-            "         'logging', 'hashlib', 'ipaddress')\n"
-            "loaded = [m for m in heavy if m in sys.modules]\n"
-            "assert not loaded, loaded\n")
+    code = (
+        "import sys\n"
+        "from cni_plugins.spec.skel import dispatch\n"
+        "from cni_plugins import portmap\n"
+        "out = dispatch(portmap.FUNCS, {'CNI_COMMAND': 'VERSION'}, b'')\n"
+        "assert out.exit_code == 0 and '1.1.0' in out.stdout, out\n"
+        "heavy = ('cni_plugins.portmap.plugin', 'cni_plugins.portmap.config', 'cni_plugins.portmap.hostside',\n"
+        "         'cni_plugins.portmap.nft', 'cni_plugins.portmap.ipt', 'cni_plugins.kernel.nft', 'subprocess',\n"
+        "         'logging', 'hashlib', 'ipaddress')\n"
+        "loaded = [m for m in heavy if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
     subprocess.run([sys.executable, "-I", "-c", code], check=True, timeout=30)
 
 
@@ -267,11 +344,23 @@ def test_nft_read_state_reads_maps_and_tolerates_merged_source_ranges(monkeypatc
     names = portmap_nft.Names("0123456789ab")
     listing = [
         {"chain": {"name": names.dnat}},
-        {"set": {"name": names.src(4), "elem": [{"range": ["10.88.0.0", "10.88.2.255"]},
-                                                {"prefix": {"addr": "127.0.0.0", "len": 8}}]}},
-        {"map": {"name": names.any(4), "elem": [[{"elem": {"val": {"concat": ["tcp", 8080]},
-                                                           "comment": "k1 pmnet/c/eth0"}},
-                                                  {"concat": ["10.88.0.5", 80]}]]}},
+        {
+            "set": {
+                "name": names.src(4),
+                "elem": [{"range": ["10.88.0.0", "10.88.2.255"]}, {"prefix": {"addr": "127.0.0.0", "len": 8}}],
+            }
+        },
+        {
+            "map": {
+                "name": names.any(4),
+                "elem": [
+                    [
+                        {"elem": {"val": {"concat": ["tcp", 8080]}, "comment": "k1 pmnet/c/eth0"}},
+                        {"concat": ["10.88.0.5", 80]},
+                    ]
+                ],
+            }
+        },
         {"rule": {"chain": "prerouting", "expr": [{"jump": {"target": names.dnat}}]}},
     ]
     monkeypatch.setattr(nft, "list_json", lambda *what: listing)
@@ -286,17 +375,24 @@ def test_nft_read_state_reads_maps_and_tolerates_merged_source_ranges(monkeypatc
 def test_add_without_mappings_loads_no_backend():
     """portmap's most common call (a pod without host ports) passes prevResult through without
     loading the backends, host tools, hashing or subprocess."""
-    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/var/run/netns/nowhere",
-           "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni"}
+    env = {
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": "c1",
+        "CNI_NETNS": "/var/run/netns/nowhere",
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": "/usr/lib/cni",
+    }
     stdin = json.dumps(conf(runtimeConfig={}, prevResult=PREV)).encode()
-    code = ("import json, sys\n"
-            "from cni_plugins.spec.skel import dispatch\n"
-            "from cni_plugins import portmap\n"
-            f"out = dispatch(portmap.FUNCS, {env!r}, {stdin!r})\n"
-            f"assert out.exit_code == 0 and json.loads(out.stdout)['ips'] == {PREV['ips']!r}, out\n"
-            "assert 'cni_plugins.portmap.plugin' in sys.modules\n"
-            "heavy = ('cni_plugins.portmap.hostside', 'cni_plugins.portmap.nft', 'cni_plugins.portmap.ipt',\n"
-            "         'cni_plugins.portmap.owner', 'subprocess', 'hashlib', 'logging')\n"
-            "loaded = [m for m in heavy if m in sys.modules]\n"
-            "assert not loaded, loaded\n")
+    code = (
+        "import json, sys\n"
+        "from cni_plugins.spec.skel import dispatch\n"
+        "from cni_plugins import portmap\n"
+        f"out = dispatch(portmap.FUNCS, {env!r}, {stdin!r})\n"
+        f"assert out.exit_code == 0 and json.loads(out.stdout)['ips'] == {PREV['ips']!r}, out\n"
+        "assert 'cni_plugins.portmap.plugin' in sys.modules\n"
+        "heavy = ('cni_plugins.portmap.hostside', 'cni_plugins.portmap.nft', 'cni_plugins.portmap.ipt',\n"
+        "         'cni_plugins.portmap.owner', 'subprocess', 'hashlib', 'logging')\n"
+        "loaded = [m for m in heavy if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
     subprocess.run([sys.executable, "-I", "-c", code], check=True, timeout=30)

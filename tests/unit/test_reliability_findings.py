@@ -4,6 +4,7 @@ Stdin that is not plain UTF-8 JSON, bridge names the kernel refuses, and a
 route gateway with a zone index were accepted (or answered 999); they are
 refused with the right code now.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,13 @@ import pytest
 from cni_plugins.spec.errors import CNIError
 
 
-@pytest.mark.parametrize("data", [b'\xef\xbb\xbf{"cniVersion": "1.0.0", "name": "n", "type": "x"}',
-                                  '{"cniVersion": "1.0.0", "name": "n", "type": "x"}'.encode("utf-16-le")])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'\xef\xbb\xbf{"cniVersion": "1.0.0", "name": "n", "type": "x"}',
+        '{"cniVersion": "1.0.0", "name": "n", "type": "x"}'.encode("utf-16-le"),
+    ],
+)
 def test_stdin_that_is_not_plain_utf8_json_is_code_6(data):
     from cni_plugins.spec.skel import parse_config
 

@@ -1,4 +1,5 @@
 """The plugin skeleton: environment and config validation, dispatch, error objects."""
+
 import json
 import os
 import subprocess
@@ -29,14 +30,23 @@ def _crash(req):
     raise ValueError("boom")
 
 
-FUNCS = PluginFuncs(add=_add, delete=lambda req: calls.append(("DEL", req)),
-                    check=lambda req: calls.append(("CHECK", req)),
-                    gc=lambda req: calls.append(("GC", req)), status=lambda req: calls.append(("STATUS", req)))
+FUNCS = PluginFuncs(
+    add=_add,
+    delete=lambda req: calls.append(("DEL", req)),
+    check=lambda req: calls.append(("CHECK", req)),
+    gc=lambda req: calls.append(("GC", req)),
+    status=lambda req: calls.append(("STATUS", req)),
+)
 
 
 def env(command="ADD", **extra):
-    e = {"CNI_COMMAND": command, "CNI_CONTAINERID": "abc123", "CNI_NETNS": "/var/run/netns/nothere",
-         "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin"}
+    e = {
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": "abc123",
+        "CNI_NETNS": "/var/run/netns/nothere",
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": "/opt/cni/bin",
+    }
     e.update(extra)
     return {k: v for k, v in e.items() if v is not None}
 
@@ -65,27 +75,33 @@ def test_add_prints_result_in_config_version():
 
 def test_add_result_in_legacy_version():
     out = run(env(), {**CONF, "cniVersion": "0.2.0"})
-    assert json.loads(out.stdout) == {"cniVersion": "0.2.0", "ip4": {"ip": "10.0.0.2/24", "gateway": "10.0.0.1"},
-                                      "dns": {}}
+    assert json.loads(out.stdout) == {
+        "cniVersion": "0.2.0",
+        "ip4": {"ip": "10.0.0.2/24", "gateway": "10.0.0.1"},
+        "dns": {},
+    }
 
 
-@pytest.mark.parametrize("environ,code,fragment", [
-    (env(command=None), 4, "CNI_COMMAND"),
-    (env(command="FROB"), 4, "unknown CNI_COMMAND"),
-    (env(CNI_NETNS=None), 4, "[CNI_NETNS]"),
-    (env(CNI_CONTAINERID=None, CNI_IFNAME=None), 4, "[CNI_CONTAINERID,CNI_IFNAME]"),
-    (env(CNI_PATH=None), 4, "CNI_PATH"),
-    (env(command="DEL", CNI_PATH=None), 4, "CNI_PATH"),
-    (env(CNI_CONTAINERID="-bad"), 4, "containerID"),
-    (env(CNI_CONTAINERID="a b"), 4, "containerID"),
-    (env(CNI_CONTAINERID="a;rm"), 4, "containerID"),
-    (env(CNI_IFNAME="x" * 16), 4, "too long"),
-    (env(CNI_IFNAME="."), 4, ". or .."),
-    (env(CNI_IFNAME=".."), 4, ". or .."),
-    (env(CNI_IFNAME="et/h0"), 4, "whitespace"),
-    (env(CNI_IFNAME="eth:0"), 4, "whitespace"),
-    (env(CNI_IFNAME="eth 0"), 4, "whitespace"),
-])
+@pytest.mark.parametrize(
+    "environ,code,fragment",
+    [
+        (env(command=None), 4, "CNI_COMMAND"),
+        (env(command="FROB"), 4, "unknown CNI_COMMAND"),
+        (env(CNI_NETNS=None), 4, "[CNI_NETNS]"),
+        (env(CNI_CONTAINERID=None, CNI_IFNAME=None), 4, "[CNI_CONTAINERID,CNI_IFNAME]"),
+        (env(CNI_PATH=None), 4, "CNI_PATH"),
+        (env(command="DEL", CNI_PATH=None), 4, "CNI_PATH"),
+        (env(CNI_CONTAINERID="-bad"), 4, "containerID"),
+        (env(CNI_CONTAINERID="a b"), 4, "containerID"),
+        (env(CNI_CONTAINERID="a;rm"), 4, "containerID"),
+        (env(CNI_IFNAME="x" * 16), 4, "too long"),
+        (env(CNI_IFNAME="."), 4, ". or .."),
+        (env(CNI_IFNAME=".."), 4, ". or .."),
+        (env(CNI_IFNAME="et/h0"), 4, "whitespace"),
+        (env(CNI_IFNAME="eth:0"), 4, "whitespace"),
+        (env(CNI_IFNAME="eth 0"), 4, "whitespace"),
+    ],
+)
 def test_bad_environment(environ, code, fragment):
     err = error_of(run(environ))
     assert err["code"] == code
@@ -99,20 +115,23 @@ def test_del_needs_no_netns():
     assert calls[0][0] == "DEL"
 
 
-@pytest.mark.parametrize("conf,code,fragment", [
-    (b"{not json", 6, "decoding"),
-    (b"", 6, "decoding"),
-    (b"[1, 2]", 6, "JSON object"),
-    ({"cniVersion": "1.0.0", "type": "x"}, 7, "missing network name"),
-    ({"cniVersion": "1.0.0", "name": "bad name", "type": "x"}, 7, "network name"),
-    ({"cniVersion": "1.0.0", "name": "_x", "type": "x"}, 7, "network name"),
-    ({"cniVersion": "1.0.0", "name": 5, "type": "x"}, 7, "network name"),
-    ({"cniVersion": "2.0.0", "name": "n", "type": "x"}, 1, "incompatible"),
-    # Unparseable: pycni says 6 (cannot decode), the v1.1.1 reference 1 (incompatible version);
-    # compared side by side in tests/integration/test_codes_where_pycni_differs.py.
-    ({"cniVersion": "one", "name": "n", "type": "x"}, 6, "version"),
-    ({"cniVersion": 1, "name": "n", "type": "x"}, 6, "cniVersion"),
-])
+@pytest.mark.parametrize(
+    "conf,code,fragment",
+    [
+        (b"{not json", 6, "decoding"),
+        (b"", 6, "decoding"),
+        (b"[1, 2]", 6, "JSON object"),
+        ({"cniVersion": "1.0.0", "type": "x"}, 7, "missing network name"),
+        ({"cniVersion": "1.0.0", "name": "bad name", "type": "x"}, 7, "network name"),
+        ({"cniVersion": "1.0.0", "name": "_x", "type": "x"}, 7, "network name"),
+        ({"cniVersion": "1.0.0", "name": 5, "type": "x"}, 7, "network name"),
+        ({"cniVersion": "2.0.0", "name": "n", "type": "x"}, 1, "incompatible"),
+        # Unparseable: pycni says 6 (cannot decode), the v1.1.1 reference 1 (incompatible version);
+        # compared side by side in tests/integration/test_codes_where_pycni_differs.py.
+        ({"cniVersion": "one", "name": "n", "type": "x"}, 6, "version"),
+        ({"cniVersion": 1, "name": "n", "type": "x"}, 6, "cniVersion"),
+    ],
+)
 def test_bad_config(conf, code, fragment):
     err = error_of(run(env(), conf))
     assert err["code"] == code
@@ -125,11 +144,18 @@ def test_missing_cni_version_means_010():
     assert json.loads(out.stdout)["cniVersion"] == "0.1.0"
 
 
-@pytest.mark.parametrize("command,version,allowed", [
-    ("CHECK", "0.3.1", False), ("CHECK", "0.4.0", True), ("CHECK", "1.1.0", True),
-    ("GC", "1.0.0", False), ("GC", "1.1.0", True),
-    ("STATUS", "0.4.0", False), ("STATUS", "1.1.0", True),
-])
+@pytest.mark.parametrize(
+    "command,version,allowed",
+    [
+        ("CHECK", "0.3.1", False),
+        ("CHECK", "0.4.0", True),
+        ("CHECK", "1.1.0", True),
+        ("GC", "1.0.0", False),
+        ("GC", "1.1.0", True),
+        ("STATUS", "0.4.0", False),
+        ("STATUS", "1.1.0", True),
+    ],
+)
 def test_command_gating(command, version, allowed):
     out = run(env(command=command), {**CONF, "cniVersion": version})
     if allowed:
@@ -200,9 +226,13 @@ def test_cni_args():
 
 
 def _run_plugin(environ, stdin=b""):
-    return subprocess.run([sys.executable, "-X", "importtime", "-m", "cni_plugins.loopback"],
-                          input=stdin, env={"PATH": os.environ["PATH"], **environ},
-                          capture_output=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "cni_plugins.loopback"],
+        input=stdin,
+        env={"PATH": os.environ["PATH"], **environ},
+        capture_output=True,
+        timeout=30,
+    )
 
 
 def test_version_does_not_import_netlink_code():
@@ -221,7 +251,15 @@ def test_no_command_prints_about_on_stderr():
 
 
 def test_process_error_exit_and_json_on_stdout():
-    proc = _run_plugin({"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "x", "CNI_NETNS": "/nonexistent",
-                        "CNI_IFNAME": "eth0", "CNI_PATH": "/x"}, b"{bad")
+    proc = _run_plugin(
+        {
+            "CNI_COMMAND": "ADD",
+            "CNI_CONTAINERID": "x",
+            "CNI_NETNS": "/nonexistent",
+            "CNI_IFNAME": "eth0",
+            "CNI_PATH": "/x",
+        },
+        b"{bad",
+    )
     assert proc.returncode == 1
     assert json.loads(proc.stdout)["code"] == 6

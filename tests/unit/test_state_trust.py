@@ -9,6 +9,7 @@ to do, by the agent with a warning (its previous lease is not reused) or an
 error (it will not write there). Another uid is simulated with os.chown to
 65534 (nobody); no user is added. Runs as root (the files are chowned).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,7 @@ import stat
 
 import pytest
 
-from cni_plugins.shared.overlaystate import (OverlayState, OverlayStateError, read_state, state_path,
-                                             write_state)
+from cni_plugins.shared.overlaystate import OverlayState, OverlayStateError, read_state, state_path, write_state
 from cni_plugins.spec.errors import ERR_IO, ERR_PLUGIN_NOT_AVAILABLE, CNIError
 from cni_plugins.spec.skel import CmdArgs, dispatch
 from cni_plugins.vxlan import FUNCS as VXLAN_FUNCS
@@ -30,9 +30,17 @@ from cni_plugins.vxlan import plugin as vxlan_plugin
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (files are chowned to another uid)")
 
 NOBODY = 65534
-STATE = OverlayState(network="10.244.0.0/16", subnet="10.244.3.0/24", gateway="10.244.3.1", mtu=1450,
-                     bridge="pycni0", vxlan_device="pycni.1", vni=1, public_ip="192.168.100.11",
-                     vtep_mac="0a:00:00:00:00:0b")
+STATE = OverlayState(
+    network="10.244.0.0/16",
+    subnet="10.244.3.0/24",
+    gateway="10.244.3.1",
+    mtu=1450,
+    bridge="pycni0",
+    vxlan_device="pycni.1",
+    vni=1,
+    public_ip="192.168.100.11",
+    vtep_mac="0a:00:00:00:00:0b",
+)
 
 
 def mode(path) -> int:
@@ -40,14 +48,27 @@ def mode(path) -> int:
 
 
 def conf(tmp_path) -> dict:
-    return {"cniVersion": "1.0.0", "name": "overlay", "type": "vxlan",
-            "stateDir": str(tmp_path / "state"), "dataDir": str(tmp_path / "data")}
+    return {
+        "cniVersion": "1.0.0",
+        "name": "overlay",
+        "type": "vxlan",
+        "stateDir": str(tmp_path / "state"),
+        "dataDir": str(tmp_path / "data"),
+    }
 
 
 def request(tmp_path, command="ADD") -> CmdArgs:
     c = conf(tmp_path)
-    return CmdArgs(command=command, container_id="ctr1", netns="/run/netns/pod", ifname="eth0",
-                   path="/opt/cni/bin", stdin_data=json.dumps(c).encode(), conf=c, cni_version="1.0.0")
+    return CmdArgs(
+        command=command,
+        container_id="ctr1",
+        netns="/run/netns/pod",
+        ifname="eth0",
+        path="/opt/cni/bin",
+        stdin_data=json.dumps(c).encode(),
+        conf=c,
+        cni_version="1.0.0",
+    )
 
 
 @pytest.fixture
@@ -59,8 +80,11 @@ def no_bridge(monkeypatch):
         calls.append(command)
         if command == "ADD":
             from cni_plugins.spec.types import Result
-            return Result.from_dict({"cniVersion": conf["cniVersion"], "ips": [
-                {"address": "10.244.3.2/24", "gateway": "10.244.3.1"}]}, conf["cniVersion"])
+
+            return Result.from_dict(
+                {"cniVersion": conf["cniVersion"], "ips": [{"address": "10.244.3.2/24", "gateway": "10.244.3.1"}]},
+                conf["cniVersion"],
+            )
         return None
 
     monkeypatch.setattr(vxlan_plugin, "run_in_process", fake)
@@ -75,7 +99,7 @@ def test_the_state_is_written_0600_in_a_0700_directory(tmp_path):
     path = write_state(str(state_dir), STATE)
     assert mode(state_dir) == 0o700
     assert mode(path) == 0o600
-    write_state(str(state_dir), STATE)   # a rewrite keeps them
+    write_state(str(state_dir), STATE)  # a rewrite keeps them
     assert (mode(state_dir), mode(path)) == (0o700, 0o600)
 
 
@@ -93,15 +117,16 @@ def test_an_older_0755_state_directory_of_root_is_tightened_not_refused(tmp_path
     os.chmod(state_dir, 0o755)
     (state_dir / "vxlan").mkdir()
     os.chmod(state_dir / "vxlan", 0o755)
-    old = state_dir / "overlay.json"             # an older agent's 0644 file is still read...
+    old = state_dir / "overlay.json"  # an older agent's 0644 file is still read...
     old.write_text(json.dumps(STATE.to_dict()))
     os.chmod(old, 0o644)
     assert read_state(str(state_dir)) == STATE
     with caplog.at_level(logging.WARNING, logger="pycni.state"):
-        write_state(str(state_dir), STATE)        # ...and replaced by a 0600 one
+        write_state(str(state_dir), STATE)  # ...and replaced by a 0600 one
     assert (mode(state_dir), mode(old)) == (0o700, 0o600)
-    assert any("tightened the state directory" in r.getMessage() and str(state_dir) in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "tightened the state directory" in r.getMessage() and str(state_dir) in r.getMessage() for r in caplog.records
+    )
     cache.save(str(state_dir), "overlay", "ctr1", "eth0", {"type": "bridge"})
     assert mode(state_dir / "vxlan") == 0o700
 
@@ -116,11 +141,14 @@ def _foreign_state_file(tmp_path):
     return state_dir, path
 
 
-@pytest.mark.parametrize("tamper, problem", [
-    (lambda p: os.chown(p, NOBODY, -1), f"is owned by uid {NOBODY}, not by root"),
-    (lambda p: os.chmod(p, 0o620), "is writable by group (mode 0620)"),
-    (lambda p: os.chmod(p, 0o646), "is writable by others (mode 0646)"),
-])
+@pytest.mark.parametrize(
+    "tamper, problem",
+    [
+        (lambda p: os.chown(p, NOBODY, -1), f"is owned by uid {NOBODY}, not by root"),
+        (lambda p: os.chmod(p, 0o620), "is writable by group (mode 0620)"),
+        (lambda p: os.chmod(p, 0o646), "is writable by others (mode 0646)"),
+    ],
+)
 def test_a_state_file_someone_else_could_write_is_refused(tmp_path, tamper, problem):
     state_dir = tmp_path / "state"
     path = write_state(str(state_dir), STATE)
@@ -128,13 +156,16 @@ def test_a_state_file_someone_else_could_write_is_refused(tmp_path, tamper, prob
     with pytest.raises(OverlayStateError) as info:
         read_state(str(state_dir))
     assert f"{path} {problem}" in str(info.value)
-    assert "remove" in str(info.value) and "node agent" in str(info.value)   # what to do
+    assert "remove" in str(info.value) and "node agent" in str(info.value)  # what to do
 
 
-@pytest.mark.parametrize("tamper, problem", [
-    (lambda p: os.chown(p, NOBODY, -1), f"is owned by uid {NOBODY}, not by root"),
-    (lambda p: os.chmod(p, 0o777), "is writable by group and others (mode 0777)"),
-])
+@pytest.mark.parametrize(
+    "tamper, problem",
+    [
+        (lambda p: os.chown(p, NOBODY, -1), f"is owned by uid {NOBODY}, not by root"),
+        (lambda p: os.chmod(p, 0o777), "is writable by group and others (mode 0777)"),
+    ],
+)
 def test_a_state_directory_someone_else_could_write_is_refused_by_reader_and_writer(tmp_path, tamper, problem):
     state_dir = tmp_path / "state"
     write_state(str(state_dir), STATE)
@@ -177,8 +208,9 @@ def test_the_agent_does_not_reuse_a_foreign_state_file(tmp_path, caplog):
     from pycni.overlay.node import OverlayNode, OverlayOptions
 
     state_dir, path = _foreign_state_file(tmp_path)
-    node = OverlayNode(OverlayOptions(store_url="file:///nonexistent", public_ip="192.168.100.11",
-                                      state_dir=str(state_dir)))
+    node = OverlayNode(
+        OverlayOptions(store_url="file:///nonexistent", public_ip="192.168.100.11", state_dir=str(state_dir))
+    )
     with caplog.at_level(logging.WARNING, logger="pycni.overlay"):
         assert node._previous_lease(ClusterConfig(network="10.244.0.0/16")) is None
     assert any(f"{path} is owned by uid {NOBODY}" in r.getMessage() for r in caplog.records)
@@ -192,25 +224,30 @@ def test_the_agent_does_not_reuse_a_foreign_state_file(tmp_path, caplog):
 # ---- the delegate cache ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tamper, problem", [
-    (lambda p: os.chown(p, NOBODY, -1), f"is owned by uid {NOBODY}, not by root"),
-    (lambda p: os.chmod(p, 0o666), "is writable by group and others (mode 0666)"),
-])
+@pytest.mark.parametrize(
+    "tamper, problem",
+    [
+        (lambda p: os.chown(p, NOBODY, -1), f"is owned by uid {NOBODY}, not by root"),
+        (lambda p: os.chmod(p, 0o666), "is writable by group and others (mode 0666)"),
+    ],
+)
 def test_a_cached_delegate_someone_else_could_write_is_refused(tmp_path, no_bridge, tamper, problem):
     state_dir = tmp_path / "state"
     write_state(str(state_dir), STATE)
     vxlan_plugin.cmd_add(request(tmp_path))
     entry = cache.load(str(state_dir), "overlay", "ctr1", "eth0")
     tamper(entry.path)
-    for call in (lambda: vxlan_plugin.cmd_del(request(tmp_path, "DEL")),
-                 lambda: cache.load(str(state_dir), "overlay", "ctr1", "eth0"),
-                 lambda: list(cache.entries(str(state_dir), "overlay"))):
+    for call in (
+        lambda: vxlan_plugin.cmd_del(request(tmp_path, "DEL")),
+        lambda: cache.load(str(state_dir), "overlay", "ctr1", "eth0"),
+        lambda: list(cache.entries(str(state_dir), "overlay")),
+    ):
         with pytest.raises(CNIError) as info:
             call()
         assert info.value.code == ERR_IO
         assert f"{entry.path} {problem}" in info.value.msg
         assert f"remove {entry.path}" in info.value.details
-    assert no_bridge == ["ADD"]   # DEL never ran the bridge with a delegate someone else may have written
+    assert no_bridge == ["ADD"]  # DEL never ran the bridge with a delegate someone else may have written
 
 
 def test_a_cache_directory_of_another_uid_is_refused(tmp_path, no_bridge):

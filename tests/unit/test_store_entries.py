@@ -10,6 +10,7 @@
 No root needed; the same entries written into a real etcd are in
 tests/integration/test_store_entries_etcd.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,8 +70,9 @@ def cfg(store):
 # ---- the bounded decoder -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("data", [DEEP, b'{"a": ' * 5000 + b"1" + b"}" * 5000, b"[{" * 2500,
-                                  b'{"PublicIP": ' + b"[" * 5000, "[" * 5000])
+@pytest.mark.parametrize(
+    "data", [DEEP, b'{"a": ' * 5000 + b"1" + b"}" * 5000, b"[{" * 2500, b'{"PublicIP": ' + b"[" * 5000, "[" * 5000]
+)
 def test_deep_nesting_is_refused_without_recursion(data):
     start = time.monotonic()
     with pytest.raises(ValueError, match="nests deeper than 8 levels"):
@@ -93,7 +95,7 @@ def test_the_depth_limit_is_exact_and_counts_arrays_and_objects():
 
 
 def test_brackets_inside_strings_do_not_count():
-    text = json.dumps({"a": "[[[[[[[[[[{{{{{{{{{{", "b": ["\\\"[[[[[[[[[[\"", "x\\"]})
+    text = json.dumps({"a": "[[[[[[[[[[{{{{{{{{{{", "b": ['\\"[[[[[[[[[["', "x\\"]})
     assert boundedjson.loads(text, max_bytes=1000, max_depth=2) == json.loads(text)
     # An unterminated string is the parser's to report, not a depth problem.
     with pytest.raises(ValueError, match="not JSON"):
@@ -123,18 +125,21 @@ def test_a_large_wide_document_costs_linear_time():
     assert time.monotonic() - start < 2
 
 
-@pytest.mark.parametrize("data, message", [
-    (b"\xff\xfe{}", "not UTF-8"),
-    ("\ud800", "not UTF-8"),
-    (b"\xef\xbb\xbf{}", "byte-order mark"),
-    (b"[1, NaN]", "NaN"),
-    (b'{"a": Infinity}', "Infinity"),
-    (b"-Infinity", "Infinity"),
-    (b"garbage", "not JSON"),
-    (b"{} {}", "not JSON"),
-    (b"", "not JSON"),
-    (12, "bytes or str"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"\xff\xfe{}", "not UTF-8"),
+        ("\ud800", "not UTF-8"),
+        (b"\xef\xbb\xbf{}", "byte-order mark"),
+        (b"[1, NaN]", "NaN"),
+        (b'{"a": Infinity}', "Infinity"),
+        (b"-Infinity", "Infinity"),
+        (b"garbage", "not JSON"),
+        (b"{} {}", "not JSON"),
+        (b"", "not JSON"),
+        (12, "bytes or str"),
+    ],
+)
 def test_other_refusals_are_value_errors_that_say_why(data, message):
     with pytest.raises(ValueError, match=message):
         boundedjson.loads(data, max_bytes=100, max_depth=8)
@@ -143,19 +148,22 @@ def test_other_refusals_are_value_errors_that_say_why(data, message):
 # ---- the cluster configuration ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("data, message", [
-    (DEEP, "nests deeper than 8"),
-    (b'{"Network": "10.244.0.0/16", "pad": "' + b"x" * 70000 + b'"}', "larger than the 65536"),
-    (b'{"Network": 167772160}', '"Network" must be a string'),
-    (b'{"Network": "10.244.0.0/16", "SubnetLen": "24"}', '"SubnetLen" must be a whole number'),
-    (b'{"Network": "10.244.0.0/16", "SubnetLen": true}', '"SubnetLen" must be a whole number'),
-    (b'{"Network": "10.244.0.0/16", "SubnetLen": 24.0}', '"SubnetLen" must be a whole number'),
-    (b'{"Network": "10.244.0.0/16", "Backend": {"VNI": false}}', '"Backend.VNI" must be a whole number'),
-    (b'{"Network": "10.244.0.0/16", "Backend": {"Port": "8472"}}', '"Backend.Port" must be a whole number'),
-    (b'{"Network": "10.244.0.0/16", "Backend": []}', '"Backend" must be an object'),
-    (b'["Network"]', "must be a JSON object"),
-    (b'{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": NaN}}', "NaN"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (DEEP, "nests deeper than 8"),
+        (b'{"Network": "10.244.0.0/16", "pad": "' + b"x" * 70000 + b'"}', "larger than the 65536"),
+        (b'{"Network": 167772160}', '"Network" must be a string'),
+        (b'{"Network": "10.244.0.0/16", "SubnetLen": "24"}', '"SubnetLen" must be a whole number'),
+        (b'{"Network": "10.244.0.0/16", "SubnetLen": true}', '"SubnetLen" must be a whole number'),
+        (b'{"Network": "10.244.0.0/16", "SubnetLen": 24.0}', '"SubnetLen" must be a whole number'),
+        (b'{"Network": "10.244.0.0/16", "Backend": {"VNI": false}}', '"Backend.VNI" must be a whole number'),
+        (b'{"Network": "10.244.0.0/16", "Backend": {"Port": "8472"}}', '"Backend.Port" must be a whole number'),
+        (b'{"Network": "10.244.0.0/16", "Backend": []}', '"Backend" must be an object'),
+        (b'["Network"]', "must be a JSON object"),
+        (b'{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": NaN}}', "NaN"),
+    ],
+)
 def test_bad_cluster_configurations_are_value_errors(data, message):
     with pytest.raises(ValueError, match=message):
         ClusterConfig.from_json(data)
@@ -178,8 +186,8 @@ KEY = "subnets/10.244.1.0-24"
 
 BAD_VALUES = [
     ("not JSON", b"garbage", "the value cannot be decoded: not JSON"),
-    ("deep nesting", b'{"PublicIP": ' + b"[" * 3000, "nests deeper than 8"),        # RecursionError in json
-    ("5000-deep nesting", b"[" * 5000 + b"]" * 5000, "larger than the 4096"),     # refused by its size first
+    ("deep nesting", b'{"PublicIP": ' + b"[" * 3000, "nests deeper than 8"),  # RecursionError in json
+    ("5000-deep nesting", b"[" * 5000 + b"]" * 5000, "larger than the 4096"),  # refused by its size first
     ("too large", lease_value(pad="x" * 5000), "larger than the 4096"),
     ("not an object", b'["192.168.1.10"]', "must be a JSON object"),
     ("no PublicIP", b'{"BackendData": {"VtepMAC": "0a:58:0a:00:00:0a"}}', "PublicIP is missing"),
@@ -209,8 +217,11 @@ BAD_VALUES = [
     ("NodeName with C1 control", lease_value(NodeName="a\u0085b"), "contains control characters"),
     ("BackendType host-gw", lease_value(BackendType="host-gw"), "BackendType 'host-gw' is not 'vxlan'"),
     ("BackendType a number", lease_value(BackendType=1), "BackendType 1 is not 'vxlan'"),
-    ("Subnet of another key", lease_value(Subnet="10.244.2.0/24"),
-     "Subnet '10.244.2.0/24' does not match the key's subnet 10.244.1.0/24"),
+    (
+        "Subnet of another key",
+        lease_value(Subnet="10.244.2.0/24"),
+        "Subnet '10.244.2.0/24' does not match the key's subnet 10.244.1.0/24",
+    ),
     ("subnet, lower case", lease_value(subnet="10.244.1.0/25"), "subnet '10.244.1.0/25' does not match"),
     ("Subnet a number", lease_value(Subnet=24), "Subnet must be a string"),
 ]
@@ -235,7 +246,7 @@ def test_bad_lease_values_are_rejected_with_the_key_and_the_field(store, cfg, va
 BAD_KEYS = [
     ("subnets/10.244.1.0-024", "not the canonical key of the subnet 10.244.1.0/24 \\(that is subnets/10.244.1.0-24\\)"),
     ("subnets/garbage", "not a subnet lease key"),
-    ("subnets/10.244.1.5-24", "not a subnet lease key"),          # host bits set
+    ("subnets/10.244.1.5-24", "not a subnet lease key"),  # host bits set
     ("subnets/10.99.0.0-24", "the subnet 10.99.0.0/24 is outside the cluster network 10.244.0.0/16"),
     ("subnets/10.244.1.0-25", "the subnet 10.244.1.0/25 is a /25; this cluster leases /24 subnets"),
     ("subnets/fd00:10::-64", "the subnet fd00:10::/64 is IPv6, the cluster network 10.244.0.0/16 is IPv4"),
@@ -254,15 +265,22 @@ def test_bad_lease_keys_are_rejected(store, cfg, key, reason):
 def test_a_public_ip_inside_the_cluster_network_is_a_pod_address(store, cfg):
     store.put(KEY, lease_value("10.244.7.7", MAC_A))
     scan = scan_leases(store, cfg)
-    assert scan.leases == [] and scan.rejected == [RejectedLease(KEY, store.get(KEY).mod_revision, (
-        f"{KEY}: PublicIP 10.244.7.7 is inside the cluster network 10.244.0.0/16 (a pod address, not a node's "
-        f"underlay address)"))]
+    assert scan.leases == [] and scan.rejected == [
+        RejectedLease(
+            KEY,
+            store.get(KEY).mod_revision,
+            (
+                f"{KEY}: PublicIP 10.244.7.7 is inside the cluster network 10.244.0.0/16 (a pod address, not a node's "
+                f"underlay address)"
+            ),
+        )
+    ]
     with pytest.raises(ValueError, match="inside the cluster network"):
         acquire_lease(store, cfg, "10.244.7.8", MAC_B)
 
 
 def test_without_a_configuration_only_the_configuration_free_checks_apply(store, cfg):
-    store.put("subnets/10.99.0.0-24", lease_value("192.168.1.20", MAC_C))   # outside 10.244.0.0/16
+    store.put("subnets/10.99.0.0-24", lease_value("192.168.1.20", MAC_C))  # outside 10.244.0.0/16
     store.put("subnets/10.244.1.0-24", lease_value("192.0.2.77%eth0", MAC_A))
     scan = scan_leases(store, None)
     assert [lease.subnet for lease in scan.leases] == ["10.99.0.0/24"]
@@ -273,8 +291,12 @@ def test_without_a_configuration_only_the_configuration_free_checks_apply(store,
 def test_good_leases_are_normalised_and_sorted(store, cfg):
     store.put("subnets/10.244.10.0-24", lease_value("192.168.1.12", "0A-58-0A-00-00-0C"))
     store.put("subnets/10.244.2.0-24", lease_value("fd00::0:12", MAC_B, NodeName="b", Subnet="10.244.2.0/24"))
-    store.put("subnets/10.244.3.0-24", b'{"PublicIP": "192.168.1.13", "BackendData": {"VtepMAC": "'
-              + MAC_A.encode() + b'"}, "NodeName": null, "BackendType": null, "Extra": {"x": 1}}')
+    store.put(
+        "subnets/10.244.3.0-24",
+        b'{"PublicIP": "192.168.1.13", "BackendData": {"VtepMAC": "'
+        + MAC_A.encode()
+        + b'"}, "NodeName": null, "BackendType": null, "Extra": {"x": 1}}',
+    )
     scan = scan_leases(store, cfg)
     assert scan.rejected == []
     assert [(l.subnet, l.public_ip, l.vtep_mac, l.node_name) for l in scan.leases] == [
@@ -299,14 +321,17 @@ def test_a_deep_lease_does_not_break_the_listing_or_the_allocator(store, cfg):
     store.put("subnets/10.244.1.0-24", lease_value("192.168.1.11", MAC_B))
     assert [lease.subnet for lease in list_leases(store)[0]] == ["10.244.1.0/24"]
     lease = acquire_lease(store, cfg, "192.168.1.12", MAC_C)
-    assert lease.subnet == "10.244.2.0/24"   # the unreadable key's subnet stays taken
+    assert lease.subnet == "10.244.2.0/24"  # the unreadable key's subnet stays taken
 
 
 def test_acquire_never_hands_out_a_subnet_whose_key_exists(store, cfg):
-    for key, value in [("subnets/10.244.0.0-24", b"garbage"), ("subnets/10.244.1.0-24", DEEP),
-                       ("subnets/10.244.2.0-24", lease_value("192.0.2.77%eth0")),
-                       ("subnets/10.244.3.0-24", lease_value("10.244.9.9")),
-                       ("subnets/10.244.4.0-024", lease_value("192.168.1.50", MAC_C))]:
+    for key, value in [
+        ("subnets/10.244.0.0-24", b"garbage"),
+        ("subnets/10.244.1.0-24", DEEP),
+        ("subnets/10.244.2.0-24", lease_value("192.0.2.77%eth0")),
+        ("subnets/10.244.3.0-24", lease_value("10.244.9.9")),
+        ("subnets/10.244.4.0-024", lease_value("192.168.1.50", MAC_C)),
+    ]:
         store.put(key, value)
     lease = acquire_lease(store, cfg, "192.168.1.12", MAC_C)
     assert lease.subnet == "10.244.5.0/24"
@@ -320,18 +345,25 @@ def test_a_public_ip_held_by_another_node_name_is_a_conflict(store, cfg):
     with pytest.raises(NodeConflict) as exc:
         acquire_lease(store, cfg, "192.168.1.10", MAC_B, node_name="node-b")
     message = str(exc.value)
-    for part in ("'node-a'", "'node-b'", "192.168.1.10", a.subnet, "stop its agent",
-                 "pycni agent leave --store URL --public-ip 192.168.1.10", "its own --public-ip"):
+    for part in (
+        "'node-a'",
+        "'node-b'",
+        "192.168.1.10",
+        a.subnet,
+        "stop its agent",
+        "pycni agent leave --store URL --public-ip 192.168.1.10",
+        "its own --public-ip",
+    ):
         assert part in message, (part, message)
     assert isinstance(exc.value, StoreError)
-    assert store.get(a.key).value == a.to_json().encode()   # untouched
+    assert store.get(a.key).value == a.to_json().encode()  # untouched
     # The same node, or a caller that names no node, still gets it back.
     assert acquire_lease(store, cfg, "192.168.1.10", MAC_A, node_name="node-a") == a
     assert acquire_lease(store, cfg, "192.168.1.10", MAC_A).subnet == a.subnet
 
 
 def test_an_unnamed_lease_is_adopted(store, cfg):
-    store.put("subnets/10.244.4.0-24", lease_value("192.168.1.10", MAC_A))   # flannel or an older pycni
+    store.put("subnets/10.244.4.0-24", lease_value("192.168.1.10", MAC_A))  # flannel or an older pycni
     lease = acquire_lease(store, cfg, "192.168.1.10", MAC_B, node_name="node-a")
     assert (lease.subnet, lease.node_name, lease.vtep_mac) == ("10.244.4.0/24", "node-a", MAC_B)
     assert json.loads(store.get(lease.key).value)["NodeName"] == "node-a"
@@ -352,7 +384,7 @@ def test_renewing_a_lease_now_named_for_another_node_is_lost(store, cfg):
     store.put(a.key, lease_value("192.168.1.10", MAC_A, NodeName="node-z"))
     with pytest.raises(LeaseLost, match="node-z"):
         renew_lease(store, a, ttl=30)
-    store.put(a.key, lease_value("192.168.1.10", MAC_A))   # unnamed: still this node's
+    store.put(a.key, lease_value("192.168.1.10", MAC_A))  # unnamed: still this node's
     assert renew_lease(store, a, ttl=30).subnet == a.subnet
 
 
@@ -449,7 +481,7 @@ def test_members_are_the_accepted_remotes_only():
     outside = Lease("10.99.0.0/24", "192.168.100.20", "0a:00:00:00:00:20")
     w = wanted([ME, B, zone, pod_address, bad_mac, outside])
     assert [r.subnet for r in w.remotes] == [B.subnet]
-    assert w.members == {B.public_ip}          # neither this node nor any skipped lease
+    assert w.members == {B.public_ip}  # neither this node nor any skipped lease
     assert len(w.skipped) == 4
     assert any(s.startswith("10.244.7.0/24: underlay address 'fd00::7%eth0'") for s in w.skipped)
     assert any(s.startswith("10.244.8.0/24: underlay 10.244.200.1 is inside the cluster network") for s in w.skipped)
@@ -458,9 +490,16 @@ def test_members_are_the_accepted_remotes_only():
 
 
 def test_skipped_is_sorted_and_the_same_for_the_same_leases_in_any_order():
-    leases = [ME, B, C, D, Lease("10.244.5.0/24", "192.168.100.15", C.vtep_mac),
-              Lease("10.99.0.0/24", "192.168.100.20", "0a:00:00:00:00:20"),
-              Lease("10.244.4.0/24", "fd00::14", "0a:00:00:00:00:14"), Lease("bogus", "x", "y")]
+    leases = [
+        ME,
+        B,
+        C,
+        D,
+        Lease("10.244.5.0/24", "192.168.100.15", C.vtep_mac),
+        Lease("10.99.0.0/24", "192.168.100.20", "0a:00:00:00:00:20"),
+        Lease("10.244.4.0/24", "fd00::14", "0a:00:00:00:00:14"),
+        Lease("bogus", "x", "y"),
+    ]
     first = wanted(leases)
     assert first.skipped == sorted(first.skipped) and len(first.skipped) == 5
     rng = random.Random(7)
@@ -488,17 +527,21 @@ def test_scanned_leases_with_one_mac_reach_no_kernel_entry(store, cfg):
 BAD_RECORDS = [
     ("bad JSON", b"not json"),
     ("deep nesting", b'{"value": ' + DEEP + b"}"),
-    ("wrong field types", json.dumps({"value": "x", "mod_revision": "1", "create_revision": 1,
-                                      "version": 1}).encode()),
-    ("a boolean revision", json.dumps({"value": "x", "mod_revision": True, "create_revision": 1,
-                                       "version": 1}).encode()),
-    ("a value that is not text", json.dumps({"value": 5, "mod_revision": 1, "create_revision": 1,
-                                             "version": 1}).encode()),
-    ("bad base64", json.dumps({"value_base64": "@@", "mod_revision": 1, "create_revision": 1,
-                               "version": 1}).encode()),
+    ("wrong field types", json.dumps({"value": "x", "mod_revision": "1", "create_revision": 1, "version": 1}).encode()),
+    (
+        "a boolean revision",
+        json.dumps({"value": "x", "mod_revision": True, "create_revision": 1, "version": 1}).encode(),
+    ),
+    (
+        "a value that is not text",
+        json.dumps({"value": 5, "mod_revision": 1, "create_revision": 1, "version": 1}).encode(),
+    ),
+    ("bad base64", json.dumps({"value_base64": "@@", "mod_revision": 1, "create_revision": 1, "version": 1}).encode()),
     ("missing fields", b'{"value": "x"}'),
-    ("a bad expiry", json.dumps({"value": "x", "mod_revision": 1, "create_revision": 1, "version": 1,
-                                 "expires": "soon"}).encode()),
+    (
+        "a bad expiry",
+        json.dumps({"value": "x", "mod_revision": 1, "create_revision": 1, "version": 1, "expires": "soon"}).encode(),
+    ),
     ("too big", b'{"value": "' + b"x" * (filestore.MAX_RECORD_BYTES + 10) + b'"}'),
 ]
 
@@ -595,10 +638,10 @@ def test_wait_only_stats_the_index_while_nothing_changes(store, clock, monkeypat
     monkeypatch.setattr(filestore.FileStore, "_read_record", count_record)
     monkeypatch.setattr(filestore.FileStore, "_read_expiry", count_index)
     assert store.wait("subnets/", rev, timeout=0.4) is None
-    assert reads == {"record": 0, "index": 1}     # read once, then only stat()ed
+    assert reads == {"record": 0, "index": 1}  # read once, then only stat()ed
     clock.now += 101
     assert store.wait("subnets/", rev, timeout=1) == rev + 1
-    assert reads["record"] == 1                    # the reaper re-checked the one due record
+    assert reads["record"] == 1  # the reaper re-checked the one due record
 
 
 def test_a_broken_index_is_rebuilt_from_the_records(store, tmp_path, clock, caplog):
@@ -616,10 +659,11 @@ def test_a_broken_index_is_rebuilt_from_the_records(store, tmp_path, clock, capl
 
 
 def test_records_of_older_versions_with_a_ttl_but_no_expiry_live_until_refreshed(store, tmp_path, clock):
-    (tmp_path / "store" / "old").write_text(json.dumps({"key": "old", "value": "x", "mod_revision": 1,
-                                                         "create_revision": 1, "version": 1, "ttl": 5}))
+    (tmp_path / "store" / "old").write_text(
+        json.dumps({"key": "old", "value": "x", "mod_revision": 1, "create_revision": 1, "version": 1, "ttl": 5})
+    )
     clock.now += 1000
     assert store.get("old").value == b"x"
-    assert store.refresh("old") is True      # now it has an expiry
+    assert store.refresh("old") is True  # now it has an expiry
     clock.now += 6
     assert store.get("old") is None

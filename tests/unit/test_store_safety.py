@@ -7,6 +7,7 @@ Links planted in the data directory (the lock, the network's directory, a
 reservation's name) are refused with a clear error and nothing is written
 through them.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,6 +44,7 @@ def dead_pid() -> int:
 
 
 # ---- temporary files are removed on every path ---------------------------------------------
+
 
 def test_refused_request_leaves_no_temp_file(tmp_path):
     conf = conf_for(tmp_path)
@@ -109,8 +111,8 @@ def test_gc_removes_temp_files_of_dead_writers_and_old_ones_only(tmp_path):
     host_local.allocate(conf, "c1", "eth0")
     net = tmp_path / "net1"
     dead = net / f"{TMP_PREFIX}{dead_pid()}-0001"
-    old = net / f"{TMP_PREFIX}1-0002"          # PID 1 runs, but nothing takes minutes to write
-    garbage = net / f"{TMP_PREFIX}notapid"     # not one of ours by name: stale
+    old = net / f"{TMP_PREFIX}1-0002"  # PID 1 runs, but nothing takes minutes to write
+    garbage = net / f"{TMP_PREFIX}notapid"  # not one of ours by name: stale
     live = net / f"{TMP_PREFIX}{os.getpid()}-0003"  # a live writer's fresh file stays
     for path in (dead, old, garbage, live):
         path.write_text("10.10.0.9")
@@ -125,6 +127,7 @@ def test_gc_removes_temp_files_of_dead_writers_and_old_ones_only(tmp_path):
 
 # ---- nothing is opened through a link ------------------------------------------------------
 
+
 def test_symlinked_lock_file_is_refused_and_nothing_is_written_through_it(tmp_path):
     net = tmp_path / "net1"
     net.mkdir()
@@ -133,9 +136,11 @@ def test_symlinked_lock_file_is_refused_and_nothing_is_written_through_it(tmp_pa
     os.chmod(victim, 0o600)
     (net / "lock").symlink_to(victim)
     stat_before = os.stat(victim)
-    for call in (lambda: host_local.allocate(conf_for(tmp_path), "c1", "eth0"),
-                 lambda: host_local.release(conf_for(tmp_path), "c1", "eth0"),
-                 lambda: host_local.gc(conf_for(tmp_path), [])):
+    for call in (
+        lambda: host_local.allocate(conf_for(tmp_path), "c1", "eth0"),
+        lambda: host_local.release(conf_for(tmp_path), "c1", "eth0"),
+        lambda: host_local.gc(conf_for(tmp_path), []),
+    ):
         with pytest.raises(CNIError) as info:
             call()
         assert info.value.code == ERR_IO
@@ -151,9 +156,11 @@ def test_symlinked_network_directory_is_refused(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "net1").symlink_to(elsewhere, target_is_directory=True)
-    for call in (lambda: host_local.allocate(conf_for(data), "c1", "eth0"),
-                 lambda: host_local.release(conf_for(data), "c1", "eth0"),
-                 lambda: host_local.check(conf_for(data), "c1", "eth0")):
+    for call in (
+        lambda: host_local.allocate(conf_for(data), "c1", "eth0"),
+        lambda: host_local.release(conf_for(data), "c1", "eth0"),
+        lambda: host_local.check(conf_for(data), "c1", "eth0"),
+    ):
         with pytest.raises(CNIError) as info:
             call()
         assert info.value.code == ERR_IO and "symbolic link" in info.value.msg, info.value.msg
@@ -178,7 +185,7 @@ def test_planted_links_in_the_store_are_not_followed(tmp_path):
     net = tmp_path / "net1"
     victim = tmp_path / "victim"
     victim.write_bytes(b"c1\r\neth0")
-    (net / "10.10.0.3").symlink_to(victim)           # a "reservation" pointing elsewhere
+    (net / "10.10.0.3").symlink_to(victim)  # a "reservation" pointing elsewhere
     os.unlink(net / "last_reserved_ip.0")
     (net / "last_reserved_ip.0").symlink_to(victim)  # the round-robin file too
     store = DiskStore("net1", str(tmp_path))

@@ -7,6 +7,7 @@ records are delete events; a trimmed log or a re-created store is Compacted.
 The etcd stream's HTTP chunking, message bound and silence limit are checked
 over a socketpair (the real thing: tests/integration/test_etcd_watch.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,12 @@ def test_puts_and_deletes_arrive_in_order_with_values(store):
     last = store.list("")[1]
     events = _drain(watch, last)
     # a changed twice between polls is reported once, at its last change (its state is what counts)
-    assert [(e.kind, e.key, e.value, e.version) for e in events if e.key == "subnets/a"][-1] == \
-        ("put", "subnets/a", bytes(range(256)), 2)
+    assert [(e.kind, e.key, e.value, e.version) for e in events if e.key == "subnets/a"][-1] == (
+        "put",
+        "subnets/a",
+        bytes(range(256)),
+        2,
+    )
     assert [e.mod_revision for e in events] == sorted(e.mod_revision for e in events)
     assert events[-1] == Event("delete", "subnets/b", b"", last, 0)
     assert all(e.key.startswith("subnets/") for e in events)
@@ -111,7 +116,7 @@ def test_an_unreadable_record_is_a_delete_event_as_list_skips_it(store, store_di
     watch = store.watch("", rev)
     store.put("k", b"fine")
     store.put("k", b"fine again")
-    (store_dir / "k").write_text("{ not json")   # damaged behind the store's back, after the change
+    (store_dir / "k").write_text("{ not json")  # damaged behind the store's back, after the change
     events = _drain(watch, store.list("")[1])
     assert events == [Event("delete", "k", b"", rev + 2, 0)]
     assert store.list("")[0] == []
@@ -126,7 +131,7 @@ def test_compacted_after_the_log_was_trimmed(store, monkeypatch):
     with pytest.raises(Compacted, match="list again") as exc:
         watch.next(timeout=1)
     assert exc.value.compact_revision > rev
-    with pytest.raises(Compacted):   # it stays compacted: the caller re-lists and opens a new watch
+    with pytest.raises(Compacted):  # it stays compacted: the caller re-lists and opens a new watch
         watch.next(timeout=0)
     entries, rev2 = store.list("")
     assert len(entries) == 30
@@ -158,6 +163,7 @@ def test_idle_costs_one_revision_read_per_poll_and_no_record_or_log_read(store, 
         def wrapper(*args, **kwargs):
             calls[name] += 1
             return real(*args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(store, "_read_record", counting("record", store._read_record))
@@ -207,7 +213,7 @@ def test_an_unavailable_store_backs_off_then_recovers(store, store_dir, monkeypa
     with pytest.raises(StoreUnavailable, match="Input/output error"):
         watch.next(timeout=1)
     start = time.monotonic()
-    with pytest.raises(StoreUnavailable):   # the back-off (0.2 s +-20 %) is waited out first
+    with pytest.raises(StoreUnavailable):  # the back-off (0.2 s +-20 %) is waited out first
         watch.next(timeout=1)
     assert time.monotonic() - start >= 0.15
     broken["on"] = False
@@ -262,12 +268,15 @@ def _chunk(data: bytes) -> bytes:
 
 def test_stream_messages_survive_any_chunking(stream):
     s, peer, _ = stream
-    messages = [{"result": {"created": True}}, {"result": {"events": [{"kv": {"key": "YQ==", "mod_revision": "5"}}]}},
-                {"result": {"header": {"revision": "9"}}}]
+    messages = [
+        {"result": {"created": True}},
+        {"result": {"events": [{"kv": {"key": "YQ==", "mod_revision": "5"}}]}},
+        {"result": {"header": {"revision": "9"}}},
+    ]
     body = b"".join(json.dumps(m).encode() + b"\n" for m in messages)
     framed = _chunk(body[:7]) + _chunk(body[7:50]) + _chunk(body[50:])
-    for i in range(0, len(framed), 3):   # three bytes at a time
-        peer.sendall(framed[i:i + 3])
+    for i in range(0, len(framed), 3):  # three bytes at a time
+        peer.sendall(framed[i : i + 3])
     got = []
     deadline = time.monotonic() + 5
     while len(got) < 3 and time.monotonic() < deadline:

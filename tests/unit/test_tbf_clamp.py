@@ -4,12 +4,17 @@ The reference accepts it (its buffer field wraps around); pycni clamps the
 burst to the most a tbf buffer holds at that rate and says so, instead of
 refusing every annotated pod.
 """
+
 from cni_plugins.bandwidth.config import parse_bandwidth
 from cni_plugins.bandwidth.shaping import token_buckets
 from cni_plugins.kernel.tc import U32_MAX, TokenBucket
 
-CONTAINERD = {"IngressRate": 10_000_000, "IngressBurst": 4294967295, "EgressRate": 20_000_000,
-              "EgressBurst": 4294967295}
+CONTAINERD = {
+    "IngressRate": 10_000_000,
+    "IngressBurst": 4294967295,
+    "EgressRate": 20_000_000,
+    "EgressBurst": 4294967295,
+}
 
 
 def test_burst_too_long_for_the_buffer_is_clamped_not_refused():

@@ -1,4 +1,5 @@
 """Result conversion between every pair of CNI spec versions."""
+
 import itertools
 import json
 
@@ -15,8 +16,10 @@ LEGACY = [v for v in SUPPORTED_VERSIONS if is_legacy(v)]
 def dual_stack() -> Result:
     return Result(
         cni_version="1.1.0",
-        interfaces=[Interface("cni0", "aa:bb:cc:dd:ee:01"),
-                    Interface("eth0", "aa:bb:cc:dd:ee:02", mtu=1400, sandbox="/var/run/netns/p")],
+        interfaces=[
+            Interface("cni0", "aa:bb:cc:dd:ee:01"),
+            Interface("eth0", "aa:bb:cc:dd:ee:02", mtu=1400, sandbox="/var/run/netns/p"),
+        ],
         ips=[IPConfig("10.1.0.5/24", "10.1.0.1", 1), IPConfig("fd00::5/64", "fd00::1", 1)],
         routes=[Route("0.0.0.0/0", "10.1.0.1"), Route("::/0", "fd00::1", mtu=1300)],
         dns=DNS(["10.1.0.53"], "cluster.local", ["svc.cluster.local"], ["ndots:5"]),
@@ -48,8 +51,7 @@ def test_every_pair_of_versions_round_trips(source, target):
 def test_legacy_shape(version):
     d = dual_stack().to_dict(version)
     assert set(d) == {"cniVersion", "ip4", "ip6", "dns"}
-    assert d["ip4"] == {"ip": "10.1.0.5/24", "gateway": "10.1.0.1",
-                        "routes": [{"dst": "0.0.0.0/0", "gw": "10.1.0.1"}]}
+    assert d["ip4"] == {"ip": "10.1.0.5/24", "gateway": "10.1.0.1", "routes": [{"dst": "0.0.0.0/0", "gw": "10.1.0.1"}]}
     assert d["ip6"]["routes"] == [{"dst": "::/0", "gw": "fd00::1"}]
 
 
@@ -89,15 +91,18 @@ def test_empty_dns_is_written_as_empty_object():
     assert Result(ips=[IPConfig("10.0.0.2/24")]).to_dict("1.0.0")["dns"] == {}
 
 
-@pytest.mark.parametrize("bad,version", [
-    ({"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.300/24"}]}, "1.0.0"),
-    ({"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.3"}]}, "1.0.0"),
-    ({"cniVersion": "1.0.0", "ips": "nope"}, "1.0.0"),
-    ({"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.3/24", "interface": 2}]}, "1.0.0"),
-    ({"cniVersion": "0.2.0", "ip4": {"ip": "bogus"}}, "0.2.0"),
-    ({"cniVersion": "1.0.0", "routes": [{"dst": "10.0.0.0/8", "gw": "x"}]}, "1.0.0"),
-    ([], "1.0.0"),
-])
+@pytest.mark.parametrize(
+    "bad,version",
+    [
+        ({"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.300/24"}]}, "1.0.0"),
+        ({"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.3"}]}, "1.0.0"),
+        ({"cniVersion": "1.0.0", "ips": "nope"}, "1.0.0"),
+        ({"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.3/24", "interface": 2}]}, "1.0.0"),
+        ({"cniVersion": "0.2.0", "ip4": {"ip": "bogus"}}, "0.2.0"),
+        ({"cniVersion": "1.0.0", "routes": [{"dst": "10.0.0.0/8", "gw": "x"}]}, "1.0.0"),
+        ([], "1.0.0"),
+    ],
+)
 def test_malformed_results_are_decode_errors(bad, version):
     with pytest.raises(CNIError) as exc:
         Result.from_dict(bad, version)

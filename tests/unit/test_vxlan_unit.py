@@ -3,6 +3,7 @@
 No namespaces here: the bridge delegate is replaced by a recorder, so these
 tests show what the plugin asks of the bridge and in which order.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,38 +16,75 @@ from cni_plugins.spec.errors import CNIError
 from cni_plugins.spec.skel import CmdArgs
 from cni_plugins.vxlan import cache
 from cni_plugins.vxlan import plugin as vxlan_plugin
-from cni_plugins.vxlan.netconf import (PLACEHOLDER_SUBNET, delegate_request, delegate_subnet, derive_delegate,
-                                       fallback_delegate, load_conf)
+from cni_plugins.vxlan.netconf import (
+    PLACEHOLDER_SUBNET,
+    delegate_request,
+    delegate_subnet,
+    derive_delegate,
+    fallback_delegate,
+    load_conf,
+)
 
-STATE = OverlayState(network="10.244.0.0/16", subnet="10.244.3.0/24", gateway="10.244.3.1", mtu=1450,
-                     bridge="pycni0", vxlan_device="pycni.1", vni=1, public_ip="192.168.100.11",
-                     vtep_mac="0a:00:00:00:00:0b")
+STATE = OverlayState(
+    network="10.244.0.0/16",
+    subnet="10.244.3.0/24",
+    gateway="10.244.3.1",
+    mtu=1450,
+    bridge="pycni0",
+    vxlan_device="pycni.1",
+    vni=1,
+    public_ip="192.168.100.11",
+    vtep_mac="0a:00:00:00:00:0b",
+)
 
 
 def conf(tmp_path, **options):
-    base = {"cniVersion": "1.0.0", "name": "overlay", "type": "vxlan",
-            "stateDir": str(tmp_path / "state"), "dataDir": str(tmp_path / "data")}
+    base = {
+        "cniVersion": "1.0.0",
+        "name": "overlay",
+        "type": "vxlan",
+        "stateDir": str(tmp_path / "state"),
+        "dataDir": str(tmp_path / "data"),
+    }
     base.update(options)
     return base
 
 
 def request(tmp_path, command="ADD", container_id="ctr1", ifname="eth0", **options):
     c = conf(tmp_path, **options)
-    return CmdArgs(command=command, container_id=container_id, netns="/run/netns/pod", ifname=ifname,
-                   path="/opt/cni/bin", stdin_data=json.dumps(c).encode(), conf=c,
-                   cni_version=c["cniVersion"])
+    return CmdArgs(
+        command=command,
+        container_id=container_id,
+        netns="/run/netns/pod",
+        ifname=ifname,
+        path="/opt/cni/bin",
+        stdin_data=json.dumps(c).encode(),
+        conf=c,
+        cni_version=c["cniVersion"],
+    )
 
 
 # ---- configuration and derivation --------------------------------------------------
 
+
 def test_derived_delegate_is_flannels_bridge_configuration(tmp_path):
     n = load_conf(conf(tmp_path), "1.0.0")
     assert derive_delegate(n, STATE) == {
-        "cniVersion": "1.0.0", "name": "overlay", "type": "bridge", "bridge": "pycni0",
-        "isGateway": True, "isDefaultGateway": True, "ipMasq": False, "mtu": 1450, "hairpinMode": True,
-        "ipam": {"type": "host-local", "dataDir": str(tmp_path / "data"),
-                 "ranges": [[{"subnet": "10.244.3.0/24", "gateway": "10.244.3.1"}]],
-                 "routes": [{"dst": "10.244.0.0/16"}]},
+        "cniVersion": "1.0.0",
+        "name": "overlay",
+        "type": "bridge",
+        "bridge": "pycni0",
+        "isGateway": True,
+        "isDefaultGateway": True,
+        "ipMasq": False,
+        "mtu": 1450,
+        "hairpinMode": True,
+        "ipam": {
+            "type": "host-local",
+            "dataDir": str(tmp_path / "data"),
+            "ranges": [[{"subnet": "10.244.3.0/24", "gateway": "10.244.3.1"}]],
+            "routes": [{"dst": "10.244.0.0/16"}],
+        },
     }
 
 
@@ -57,10 +95,19 @@ def test_defaults(tmp_path):
 
 
 def test_options_and_delegate_override_the_derived_keys(tmp_path):
-    n = load_conf(conf(tmp_path, mtu=1400, hairpinMode=False, isDefaultGateway=False, bridge="br9",
-                       dns={"nameservers": ["10.96.0.10"]},
-                       ipam={"routes": [{"dst": "10.96.0.0/12"}], "resolvConf": "/etc/r.conf"},
-                       delegate={"type": "bridge", "ipMasq": True, "macspoofchk": True}), "1.0.0")
+    n = load_conf(
+        conf(
+            tmp_path,
+            mtu=1400,
+            hairpinMode=False,
+            isDefaultGateway=False,
+            bridge="br9",
+            dns={"nameservers": ["10.96.0.10"]},
+            ipam={"routes": [{"dst": "10.96.0.0/12"}], "resolvConf": "/etc/r.conf"},
+            delegate={"type": "bridge", "ipMasq": True, "macspoofchk": True},
+        ),
+        "1.0.0",
+    )
     d = derive_delegate(n, STATE)
     assert (d["mtu"], d["hairpinMode"], d["isDefaultGateway"], d["bridge"]) == (1400, False, False, "br9")
     assert d["ipMasq"] is True and d["macspoofchk"] is True and d["type"] == "bridge"
@@ -76,19 +123,22 @@ def test_data_dir_may_come_from_the_ipam_section(tmp_path):
     assert n.data_dir == "/a"
 
 
-@pytest.mark.parametrize("options, code, words", [
-    ({"mtu": 10}, 7, "MTU"),
-    ({"mtu": "1400"}, 6, "integer"),
-    ({"hairpinMode": 1}, 6, "hairpinMode"),
-    ({"stateDir": "run/pycni"}, 7, "absolute"),
-    ({"dataDir": "leases"}, 7, "absolute"),
-    ({"bridge": "a-very-long-bridge-name"}, 7, "bridge name"),
-    ({"delegate": {"type": "ptp"}}, 7, "not supported"),
-    ({"delegate": {"ipam": {}}}, 7, "delegate.ipam"),
-    ({"delegate": []}, 6, "delegate"),
-    ({"ipam": {"ranges": [[{"subnet": "10.0.0.0/8"}]]}}, 7, "ipam.ranges"),
-    ({"ipam": {"type": 5}}, 7, "ipam.type"),
-])
+@pytest.mark.parametrize(
+    "options, code, words",
+    [
+        ({"mtu": 10}, 7, "MTU"),
+        ({"mtu": "1400"}, 6, "integer"),
+        ({"hairpinMode": 1}, 6, "hairpinMode"),
+        ({"stateDir": "run/pycni"}, 7, "absolute"),
+        ({"dataDir": "leases"}, 7, "absolute"),
+        ({"bridge": "a-very-long-bridge-name"}, 7, "bridge name"),
+        ({"delegate": {"type": "ptp"}}, 7, "not supported"),
+        ({"delegate": {"ipam": {}}}, 7, "delegate.ipam"),
+        ({"delegate": []}, 6, "delegate"),
+        ({"ipam": {"ranges": [[{"subnet": "10.0.0.0/8"}]]}}, 7, "ipam.ranges"),
+        ({"ipam": {"type": 5}}, 7, "ipam.type"),
+    ],
+)
 def test_invalid_options(tmp_path, options, code, words):
     with pytest.raises(CNIError) as err:
         load_conf(conf(tmp_path, **options), "1.0.0")
@@ -99,14 +149,22 @@ def test_invalid_options(tmp_path, options, code, words):
 def test_fallback_delegate_can_release_by_container_id(tmp_path):
     d = fallback_delegate(load_conf(conf(tmp_path), "1.0.0"))
     assert d["type"] == "bridge" and d["ipMasq"] is False and d["name"] == "overlay"
-    assert d["ipam"] == {"type": "host-local", "dataDir": str(tmp_path / "data"),
-                         "ranges": [[{"subnet": PLACEHOLDER_SUBNET}]]}
+    assert d["ipam"] == {
+        "type": "host-local",
+        "dataDir": str(tmp_path / "data"),
+        "ranges": [[{"subnet": PLACEHOLDER_SUBNET}]],
+    }
 
 
 def test_delegate_request_carries_the_runtime_keys_and_version():
     delegate = {"cniVersion": "0.4.0", "name": "n", "type": "bridge"}
-    request_conf = {"runtimeConfig": {"mac": "0a:58:00:00:00:01"}, "prevResult": {"cniVersion": "1.0.0"},
-                    "cni.dev/valid-attachments": [], "mtu": 9000, "args": {"cni": {"ips": ["10.0.0.5"]}}}
+    request_conf = {
+        "runtimeConfig": {"mac": "0a:58:00:00:00:01"},
+        "prevResult": {"cniVersion": "1.0.0"},
+        "cni.dev/valid-attachments": [],
+        "mtu": 9000,
+        "args": {"cni": {"ips": ["10.0.0.5"]}},
+    }
     out = delegate_request(delegate, request_conf, "1.0.0")
     assert out["cniVersion"] == "1.0.0"
     assert out["runtimeConfig"] == {"mac": "0a:58:00:00:00:01"} and "prevResult" in out and "args" in out
@@ -118,11 +176,12 @@ def test_delegate_request_carries_the_runtime_keys_and_version():
 
 # ---- the cache ----------------------------------------------------------------------
 
+
 def test_cache_round_trip_and_file_name(tmp_path):
     state_dir = str(tmp_path)
     path = cache.save(state_dir, "overlay", "ctr1", "eth0", {"type": "bridge"})
     assert path == os.path.join(state_dir, "vxlan", "overlay-ctr1-eth0.json")
-    assert oct(os.stat(path).st_mode & 0o777) == "0o600"   # root's alone (tests/unit/test_state_trust.py)
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"  # root's alone (tests/unit/test_state_trust.py)
     entry = cache.load(state_dir, "overlay", "ctr1", "eth0")
     assert entry.delegate == {"type": "bridge"} and entry.attachment == ("ctr1", "eth0")
     assert cache.load(state_dir, "overlay", "ctr1", "eth1") is None
@@ -134,7 +193,7 @@ def test_cache_round_trip_and_file_name(tmp_path):
 def test_cache_names_that_clash_get_a_hashed_file(tmp_path):
     state_dir = str(tmp_path)
     first = cache.save(state_dir, "a-b", "c", "eth0", {"n": 1})
-    second = cache.save(state_dir, "a", "b-c", "eth0", {"n": 2})   # same plain name "a-b-c-eth0.json"
+    second = cache.save(state_dir, "a", "b-c", "eth0", {"n": 2})  # same plain name "a-b-c-eth0.json"
     assert first != second and os.path.basename(second).startswith("a-h")
     assert cache.load(state_dir, "a-b", "c", "eth0").delegate == {"n": 1}
     assert cache.load(state_dir, "a", "b-c", "eth0").delegate == {"n": 2}
@@ -161,11 +220,11 @@ def test_remove_stale_keeps_valid_attachments_and_other_networks(tmp_path):
     cache.save(state_dir, "other", "drop", "eth0", {})
     removed = cache.remove_stale(state_dir, "overlay", [("keep", "eth0")])
     assert [e.container_id for e in removed] == ["drop"]
-    assert sorted(os.listdir(os.path.join(state_dir, "vxlan"))) == ["other-drop-eth0.json",
-                                                                     "overlay-keep-eth0.json"]
+    assert sorted(os.listdir(os.path.join(state_dir, "vxlan"))) == ["other-drop-eth0.json", "overlay-keep-eth0.json"]
 
 
 # ---- the commands, with the bridge replaced by a recorder ----------------------------------
+
 
 @pytest.fixture
 def bridge_calls(monkeypatch):
@@ -175,8 +234,11 @@ def bridge_calls(monkeypatch):
         calls.append((command, plugin_type, conf))
         if command == "ADD":
             from cni_plugins.spec.types import Result
-            return Result.from_dict({"cniVersion": conf["cniVersion"], "ips": [
-                {"address": "10.244.3.2/24", "gateway": "10.244.3.1"}]}, conf["cniVersion"])
+
+            return Result.from_dict(
+                {"cniVersion": conf["cniVersion"], "ips": [{"address": "10.244.3.2/24", "gateway": "10.244.3.1"}]},
+                conf["cniVersion"],
+            )
         return None
 
     monkeypatch.setattr(vxlan_plugin, "run_in_process", fake)
@@ -193,8 +255,10 @@ def test_add_caches_then_delegates_and_del_uses_the_cache(tmp_path, bridge_calls
     assert cache.load(str(tmp_path / "state"), "overlay", "ctr1", "eth0").delegate["mtu"] == 1450
 
     # The lease changes; DEL still uses what ADD used.
-    write_state(str(tmp_path / "state"), OverlayState(**{**STATE.__dict__, "subnet": "10.244.7.0/24",
-                                                         "gateway": "10.244.7.1", "extra": {}}))
+    write_state(
+        str(tmp_path / "state"),
+        OverlayState(**{**STATE.__dict__, "subnet": "10.244.7.0/24", "gateway": "10.244.7.1", "extra": {}}),
+    )
     vxlan_plugin.cmd_del(request(tmp_path, "DEL"))
     command, _, delegated = bridge_calls[-1]
     assert command == "DEL" and delegate_subnet(delegated) == "10.244.3.0/24"
@@ -217,8 +281,9 @@ def test_a_failed_repeat_add_keeps_the_live_attachments_entry(tmp_path, monkeypa
     state_dir = str(tmp_path / "state")
     write_state(state_dir, STATE)
     vxlan_plugin.cmd_add(request(tmp_path))
-    write_state(state_dir, OverlayState(**{**STATE.__dict__, "subnet": "10.244.7.0/24",
-                                           "gateway": "10.244.7.1", "extra": {}}))
+    write_state(
+        state_dir, OverlayState(**{**STATE.__dict__, "subnet": "10.244.7.0/24", "gateway": "10.244.7.1", "extra": {}})
+    )
 
     def failing(req, plugin_type, conf, command=None):
         raise CNIError(999, "container already has eth0")
@@ -299,8 +364,10 @@ def test_check_refuses_a_pod_from_an_old_subnet(tmp_path, bridge_calls):
     vxlan_plugin.cmd_add(request(tmp_path))
     vxlan_plugin.cmd_check(request(tmp_path, "CHECK", prevResult={"cniVersion": "1.0.0"}))
     assert bridge_calls[-1][0] == "CHECK" and "prevResult" in bridge_calls[-1][2]
-    write_state(str(tmp_path / "state"), OverlayState(**{**STATE.__dict__, "subnet": "10.244.7.0/24",
-                                                         "gateway": "10.244.7.1", "extra": {}}))
+    write_state(
+        str(tmp_path / "state"),
+        OverlayState(**{**STATE.__dict__, "subnet": "10.244.7.0/24", "gateway": "10.244.7.1", "extra": {}}),
+    )
     with pytest.raises(CNIError) as err:
         vxlan_plugin.cmd_check(request(tmp_path, "CHECK", prevResult={"cniVersion": "1.0.0"}))
     assert "10.244.3.0/24" in err.value.msg
@@ -310,10 +377,12 @@ def test_version_does_not_import_the_plugin_module():
     import subprocess
     import sys
 
-    code = ("import os, sys, io; os.environ['CNI_COMMAND'] = 'VERSION'\n"
-            "from cni_plugins.vxlan import main\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "sys.stderr.write(str(sorted(m for m in sys.modules if m.startswith('cni_plugins.vxlan'))))")
+    code = (
+        "import os, sys, io; os.environ['CNI_COMMAND'] = 'VERSION'\n"
+        "from cni_plugins.vxlan import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "sys.stderr.write(str(sorted(m for m in sys.modules if m.startswith('cni_plugins.vxlan'))))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert json.loads(proc.stdout)["supportedVersions"][-1] == "1.1.0"
     assert "cni_plugins.vxlan.plugin" not in proc.stderr
@@ -341,7 +410,7 @@ def test_del_and_gc_remove_what_a_killed_add_left_and_spare_a_writer_at_work(tmp
 
     state_dir = str(tmp_path)
     cache.save(state_dir, "net", "c1", "eth0", {"type": "bridge"})
-    dead_pid = subprocess.Popen(["true"])   # a process that has ended and been reaped: its PID names nobody now
+    dead_pid = subprocess.Popen(["true"])  # a process that has ended and been reaped: its PID names nobody now
     dead_pid.wait()
     directory = cache.cache_dir(state_dir)
     orphan = os.path.join(directory, f"{cache.TMP_PREFIX}{dead_pid.pid}-abcd.tmp")

@@ -8,6 +8,7 @@ Stderr passes straight through. The runtime is pointed at wrap_dir, so
 ``CNI_PATH`` names wrap_dir too and a delegated IPAM plugin is logged as well.
 ``requests(log_dir)`` reads them back in call order.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,9 @@ def wrap(real_dir: str | os.PathLike[str], wrap_dir: str | os.PathLike[str], log
         if not (entry.is_file() and os.access(entry, os.X_OK)):
             continue
         target = wrap_dir / entry.name
-        target.write_text(_WRAPPER.format(log=shlex.quote(str(log_dir)), name=entry.name,
-                                          real=shlex.quote(str(entry.resolve()))))
+        target.write_text(
+            _WRAPPER.format(log=shlex.quote(str(log_dir)), name=entry.name, real=shlex.quote(str(entry.resolve())))
+        )
         target.chmod(target.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return wrap_dir
 
@@ -77,8 +79,10 @@ class Request:
 
     def summary(self) -> str:
         status = "ok" if self.rc == 0 else f"exit {self.rc}: {self.stdout_text.strip()[:600]}"
-        return (f"{self.plugin} {self.command} container={self.env.get('CNI_CONTAINERID', '')[:12]} "
-                f"netns={self.env.get('CNI_NETNS', '')!r} -> {status}")
+        return (
+            f"{self.plugin} {self.command} container={self.env.get('CNI_CONTAINERID', '')[:12]} "
+            f"netns={self.env.get('CNI_NETNS', '')!r} -> {status}"
+        )
 
 
 def requests(log_dir: str | os.PathLike[str]) -> list[Request]:
@@ -88,15 +92,24 @@ def requests(log_dir: str | os.PathLike[str]) -> list[Request]:
         return []
     found = []
     for entry in sorted(log_dir.iterdir(), key=lambda p: (int(p.name.split("-", 1)[0]), p.name)):
+
         def read(name: str) -> str:
             try:
                 return (entry / name).read_text()
             except OSError:
                 return ""
+
         env = dict(line.split("=", 1) for line in read("env").splitlines() if "=" in line)
         rc_text = read("rc").strip()
-        found.append(Request(entry.name.split("-", 2)[2], env, read("stdin"), read("stdout"),
-                             int(rc_text) if rc_text.lstrip("-").isdigit() else None))
+        found.append(
+            Request(
+                entry.name.split("-", 2)[2],
+                env,
+                read("stdin"),
+                read("stdout"),
+                int(rc_text) if rc_text.lstrip("-").isdigit() else None,
+            )
+        )
     return found
 
 

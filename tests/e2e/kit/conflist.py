@@ -1,4 +1,5 @@
 """The network every suite runs: bridge + portmap + bandwidth, host-local IPAM with a private dataDir."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ NETWORK = "e2enet"
 BRIDGE = "e2ebr0"
 SUBNET = "10.88.7.0/24"
 GATEWAY = "10.88.7.1"
-CNI_VERSION = "1.0.0"   # what containerd 1.6, podman 4.3 (libcni 1.1) and the reference v1.1.1 all speak
+CNI_VERSION = "1.0.0"  # what containerd 1.6, podman 4.3 (libcni 1.1) and the reference v1.1.1 all speak
 
 
 def conflist(data_dir: str | Path, *, name: str = NETWORK, cni_version: str = CNI_VERSION) -> dict[str, Any]:
@@ -17,9 +18,19 @@ def conflist(data_dir: str | Path, *, name: str = NETWORK, cni_version: str = CN
         "cniVersion": cni_version,
         "name": name,
         "plugins": [
-            {"type": "bridge", "bridge": BRIDGE, "isGateway": True, "ipMasq": True, "hairpinMode": True,
-             "ipam": {"type": "host-local", "ranges": [[{"subnet": SUBNET, "gateway": GATEWAY}]],
-                      "routes": [{"dst": "0.0.0.0/0"}], "dataDir": str(data_dir)}},
+            {
+                "type": "bridge",
+                "bridge": BRIDGE,
+                "isGateway": True,
+                "ipMasq": True,
+                "hairpinMode": True,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": SUBNET, "gateway": GATEWAY}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": str(data_dir),
+                },
+            },
             {"type": "portmap", "capabilities": {"portMappings": True}},
             {"type": "bandwidth", "capabilities": {"bandwidth": True}},
         ],

@@ -8,6 +8,7 @@ parent of the test's own. Stopping removes every sandbox through the CRI (so
 the plugins' DEL runs), then stops containerd and anything it left (shims,
 containers) by PID.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -104,8 +105,11 @@ class Containerd:
         config = self.root / "config.toml"
         config.write_text(config_toml(self.root, bin_dir=self.bin_dir, conf_dir=self.conf_dir))
         self.proc = self.host.popen([CONTAINERD, "--config", str(config)], log=self.log)
-        wait_for(lambda: self.socket.exists() or self.proc.poll() is not None, timeout=START_TIMEOUT,
-                 what=f"containerd's socket ({self.log_tail()})")
+        wait_for(
+            lambda: self.socket.exists() or self.proc.poll() is not None,
+            timeout=START_TIMEOUT,
+            what=f"containerd's socket ({self.log_tail()})",
+        )
         if self.proc.poll() is not None:
             raise RuntimeError(f"containerd exited ({self.proc.returncode}): {self.log_tail()}")
         self.client = cri.CRIClient(self.socket, self.api_cache)
@@ -116,6 +120,7 @@ class Containerd:
             except Exception:  # the CRI service comes up after the socket
                 return False
             return all(conditions.get(c, (False, ""))[0] for c in ("RuntimeReady", "NetworkReady"))
+
         wait_for(ready, timeout=START_TIMEOUT, what=f"the CRI runtime and network to be ready ({self.log_tail()})")
         return self
 
@@ -126,14 +131,18 @@ class Containerd:
             return "(no log)"
 
     def ctr(self, *args: str, timeout: float = 120) -> str:
-        return self.host.run(CTR, "--address", str(self.socket), "--namespace", NAMESPACE, *args,
-                             timeout=timeout).stdout
+        return self.host.run(
+            CTR, "--address", str(self.socket), "--namespace", NAMESPACE, *args, timeout=timeout
+        ).stdout
 
     def import_image(self, archive: Path) -> None:
         self.ctr("images", "import", "--snapshotter", "native", "--no-unpack", str(archive))
 
-        wait_for(lambda: all(self.client.has_image(tag) for tag in image.TAGS), timeout=30,
-                 what="the CRI plugin to know the imported images")
+        wait_for(
+            lambda: all(self.client.has_image(tag) for tag in image.TAGS),
+            timeout=30,
+            what="the CRI plugin to know the imported images",
+        )
 
     def remove_all_pods(self) -> list[str]:
         """Stop and remove every sandbox (the plugins' DEL runs); the errors, if any."""

@@ -4,6 +4,7 @@ The messages come from ``cri_api.proto`` (next to this file), compiled with
 grpcio-tools into a cache directory on first use (``load_api``), so nothing
 generated is checked in.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,8 +44,16 @@ def load_api(cache_dir: str | os.PathLike[str]) -> tuple[ModuleType, ModuleType]
         proto_copy = out / PROTO.name
         proto_copy.write_bytes(source)
         include = Path(grpc_tools.__file__).parent / "_proto"
-        rc = protoc.main(["grpc_tools.protoc", f"-I{out}", f"-I{include}", f"--python_out={out}",
-                          f"--grpc_python_out={out}", str(proto_copy)])
+        rc = protoc.main(
+            [
+                "grpc_tools.protoc",
+                f"-I{out}",
+                f"-I{include}",
+                f"--python_out={out}",
+                f"--grpc_python_out={out}",
+                str(proto_copy),
+            ]
+        )
         if rc != 0:
             raise RuntimeError(f"protoc failed ({rc}) on {PROTO}")
     if str(out) not in sys.path:
@@ -63,8 +72,7 @@ class Pod:
 
 
 class CRIClient:
-    def __init__(self, socket_path: str | os.PathLike[str], api_cache: str | os.PathLike[str], *,
-                 timeout: float = 60):
+    def __init__(self, socket_path: str | os.PathLike[str], api_cache: str | os.PathLike[str], *, timeout: float = 60):
         import grpc
 
         self.pb, grpc_mod = load_api(api_cache)
@@ -93,21 +101,35 @@ class CRIClient:
         return bool(reply.image.id)
 
     # ---- sandboxes ------------------------------------------------------------------
-    def sandbox_config(self, name: str, *, port_mappings: list[tuple[int, int, str]] = (),
-                       annotations: dict[str, str] | None = None, cgroup_parent: str = "",
-                       log_directory: str = "", namespace: str = "e2e") -> Any:
+    def sandbox_config(
+        self,
+        name: str,
+        *,
+        port_mappings: list[tuple[int, int, str]] = (),
+        annotations: dict[str, str] | None = None,
+        cgroup_parent: str = "",
+        log_directory: str = "",
+        namespace: str = "e2e",
+    ) -> Any:
         pb = self.pb
         protocols = {"tcp": pb.TCP, "udp": pb.UDP, "sctp": pb.SCTP}
         return pb.PodSandboxConfig(
             metadata=pb.PodSandboxMetadata(name=name, uid=str(uuid.uuid4()), namespace=namespace, attempt=0),
-            hostname=name, log_directory=log_directory,
-            port_mappings=[pb.PortMapping(protocol=protocols[proto], container_port=cport, host_port=hport)
-                           for hport, cport, proto in port_mappings],
-            labels={"app": "pycni-e2e", "pod": name}, annotations=annotations or {},
+            hostname=name,
+            log_directory=log_directory,
+            port_mappings=[
+                pb.PortMapping(protocol=protocols[proto], container_port=cport, host_port=hport)
+                for hport, cport, proto in port_mappings
+            ],
+            labels={"app": "pycni-e2e", "pod": name},
+            annotations=annotations or {},
             linux=pb.LinuxPodSandboxConfig(
                 cgroup_parent=cgroup_parent,
                 security_context=pb.LinuxSandboxSecurityContext(
-                    namespace_options=pb.NamespaceOption(network=pb.POD, pid=pb.CONTAINER, ipc=pb.POD))))
+                    namespace_options=pb.NamespaceOption(network=pb.POD, pid=pb.CONTAINER, ipc=pb.POD)
+                ),
+            ),
+        )
 
     def run_pod(self, name: str, **config: Any) -> Pod:
         sandbox = self.sandbox_config(name, **config)
@@ -138,12 +160,20 @@ class CRIClient:
     def start_container(self, pod: Pod, name: str, image: str, command: list[str]) -> str:
         pb = self.pb
         config = pb.ContainerConfig(
-            metadata=pb.ContainerMetadata(name=name, attempt=0), image=pb.ImageSpec(image=image),
-            command=command, log_path=f"{name}.log",
-            linux=pb.LinuxContainerConfig(security_context=pb.LinuxContainerSecurityContext(
-                namespace_options=pb.NamespaceOption(network=pb.POD, pid=pb.CONTAINER, ipc=pb.POD))))
-        reply = self._call("CreateContainer", pb.CreateContainerRequest(
-            pod_sandbox_id=pod.id, config=config, sandbox_config=pod.config))
+            metadata=pb.ContainerMetadata(name=name, attempt=0),
+            image=pb.ImageSpec(image=image),
+            command=command,
+            log_path=f"{name}.log",
+            linux=pb.LinuxContainerConfig(
+                security_context=pb.LinuxContainerSecurityContext(
+                    namespace_options=pb.NamespaceOption(network=pb.POD, pid=pb.CONTAINER, ipc=pb.POD)
+                )
+            ),
+        )
+        reply = self._call(
+            "CreateContainer",
+            pb.CreateContainerRequest(pod_sandbox_id=pod.id, config=config, sandbox_config=pod.config),
+        )
         self._call("StartContainer", pb.StartContainerRequest(container_id=reply.container_id))
         pod.containers.append(reply.container_id)
         return reply.container_id
@@ -152,6 +182,9 @@ class CRIClient:
         return self._call("ContainerStatus", self.pb.ContainerStatusRequest(container_id=container_id)).status
 
     def exec_sync(self, container_id: str, cmd: list[str], timeout: int = 10) -> tuple[int, str, str]:
-        reply = self._call("ExecSync", self.pb.ExecSyncRequest(container_id=container_id, cmd=cmd, timeout=timeout),
-                           timeout=timeout + 10)
+        reply = self._call(
+            "ExecSync",
+            self.pb.ExecSyncRequest(container_id=container_id, cmd=cmd, timeout=timeout),
+            timeout=timeout + 10,
+        )
         return reply.exit_code, reply.stdout.decode(errors="replace"), reply.stderr.decode(errors="replace")

@@ -19,6 +19,7 @@ Nothing here touches the machine's root network namespace: links are created
 with ``ip -n HOST``, and the only link crosses from the host to the outside
 namespace.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,7 +36,7 @@ from . import procs
 
 HOST_IP = "10.250.0.1"
 OUTSIDE_IP = "10.250.0.2"
-OUTSIDE_LINK = "e2e-out"   # the host's end of the link to the outside namespace
+OUTSIDE_LINK = "e2e-out"  # the host's end of the link to the outside namespace
 
 # Run by the holder, already in the host's network namespace and in a new mount namespace.
 _HOLDER_SCRIPT = r"""
@@ -103,18 +104,35 @@ class Host:
         assert self.holder is not None
         return ["nsenter", "-t", str(self.holder.pid), "-m", "-n", "--", *argv]
 
-    def run(self, *argv: str, check: bool = True, timeout: float = 60, input: str | None = None,
-            env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self,
+        *argv: str,
+        check: bool = True,
+        timeout: float = 60,
+        input: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """Run a command in the host (its network and mount namespaces)."""
         return procs.run(self.argv(*argv), check=check, timeout=timeout, input=input, env=env)
 
-    def popen(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, log: Path | None = None,
-              ) -> subprocess.Popen:
+    def popen(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        log: Path | None = None,
+    ) -> subprocess.Popen:
         """Start a long-lived command in the host; its output goes to log (or nowhere)."""
         out = open(log, "ab") if log is not None else subprocess.DEVNULL
         try:
-            return subprocess.Popen(self.argv(*argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    env=None if env is None else dict(env), start_new_session=True)
+            return subprocess.Popen(
+                self.argv(*argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=None if env is None else dict(env),
+                start_new_session=True,
+            )
         finally:
             if log is not None:
                 out.close()
@@ -138,10 +156,29 @@ class Host:
 
     # ---- set-up and tear-down -----------------------------------------------------
     def _start_holder(self) -> None:
-        argv = ["nsenter", f"--net={self.ns.path}", "--", "unshare", "--mount", "--propagation", "private",
-                "--", "sh", "-c", _HOLDER_SCRIPT, "holder", str(self.workdir)]
-        self.holder = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True, start_new_session=True)
+        argv = [
+            "nsenter",
+            f"--net={self.ns.path}",
+            "--",
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            _HOLDER_SCRIPT,
+            "holder",
+            str(self.workdir),
+        ]
+        self.holder = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         line = self.holder.stdout.readline() if self.holder.stdout else ""
         if line.strip() != "ready":
             procs.stop_popen(self.holder)
@@ -152,8 +189,7 @@ class Host:
     def _link_outside(self) -> None:
         ip = ["ip", "-n", self.name]
         procs.run([*ip, "link", "set", "lo", "up"])
-        procs.run([*ip, "link", "add", OUTSIDE_LINK, "type", "veth", "peer", "name", "eth0",
-                   "netns", self.outside])
+        procs.run([*ip, "link", "add", OUTSIDE_LINK, "type", "veth", "peer", "name", "eth0", "netns", self.outside])
         procs.run([*ip, "addr", "add", f"{HOST_IP}/24", "dev", OUTSIDE_LINK])
         procs.run([*ip, "link", "set", OUTSIDE_LINK, "up"])
         out = ["ip", "-n", self.outside]
@@ -193,8 +229,11 @@ class Host:
 
 def http_get(url: str, *, ns: str, timeout: float = 3) -> str | None:
     """GET url from inside the test namespace ns (an `ip netns` name): the body, or None."""
-    proc = procs.run(["ip", "netns", "exec", ns, sys.executable, "-c", _HTTP_GET, url, str(timeout)],
-                     check=False, timeout=timeout + 15)
+    proc = procs.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", _HTTP_GET, url, str(timeout)],
+        check=False,
+        timeout=timeout + 15,
+    )
     return proc.stdout if proc.returncode == 0 else None
 
 

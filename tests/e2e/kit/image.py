@@ -7,6 +7,7 @@ an image config, the layer) is the ``docker save`` format that both
 the workload image and the CRI sandbox ("pause") image are the same busybox,
 whose default command sleeps.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,8 +38,15 @@ def _applets() -> list[str]:
     return sorted({name for name in out.split() if name and "/" not in name and name != "busybox"})
 
 
-def _add(tar: tarfile.TarFile, name: str, *, kind: bytes = tarfile.REGTYPE, data: bytes = b"",
-         mode: int = 0o644, link: str = "") -> None:
+def _add(
+    tar: tarfile.TarFile,
+    name: str,
+    *,
+    kind: bytes = tarfile.REGTYPE,
+    data: bytes = b"",
+    mode: int = 0o644,
+    link: str = "",
+) -> None:
     info = tarfile.TarInfo(name)
     info.type, info.mode, info.mtime, info.uid, info.gid = kind, mode, 0, 0, 0
     if kind == tarfile.SYMTYPE:
@@ -54,9 +62,17 @@ def rootfs_layer() -> bytes:
     """The layer tarball (uncompressed): busybox and its applets, /etc, mount points."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for directory, mode in (("bin", 0o755), ("etc", 0o755), ("dev", 0o755), ("proc", 0o755),
-                                ("sys", 0o755), ("root", 0o700), ("tmp", 0o1777), ("var", 0o755),
-                                ("www", 0o755)):
+        for directory, mode in (
+            ("bin", 0o755),
+            ("etc", 0o755),
+            ("dev", 0o755),
+            ("proc", 0o755),
+            ("sys", 0o755),
+            ("root", 0o700),
+            ("tmp", 0o1777),
+            ("var", 0o755),
+            ("www", 0o755),
+        ):
             _add(tar, directory, kind=tarfile.DIRTYPE, mode=mode)
         _add(tar, "bin/busybox", data=Path(BUSYBOX).read_bytes(), mode=0o755)
         for applet in _applets():
@@ -75,7 +91,9 @@ def docker_archive(path: str | os.PathLike[str], tags: tuple[str, ...] = TAGS) -
     layer = rootfs_layer()
     layer_digest = hashlib.sha256(layer).hexdigest()
     config = {
-        "architecture": "amd64", "os": "linux", "created": "2024-01-01T00:00:00Z",
+        "architecture": "amd64",
+        "os": "linux",
+        "created": "2024-01-01T00:00:00Z",
         "config": {"Env": ["PATH=/bin"], "Cmd": PAUSE_COMMAND, "WorkingDir": "/"},
         "rootfs": {"type": "layers", "diff_ids": [f"sha256:{layer_digest}"]},
         "history": [{"created": "2024-01-01T00:00:00Z", "created_by": "pycni tests/e2e: busybox-static rootfs"}],

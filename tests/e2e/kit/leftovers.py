@@ -7,6 +7,7 @@ name a pod address or container ID (nftables and iptables-nft alike), result
 cache entries of the network, and pod namespaces a runtime still pins. An empty
 list is a clean host.
 """
+
 from __future__ import annotations
 
 import os
@@ -77,8 +78,16 @@ def pinned_netns(netns_dir: Path) -> list[str]:
         return []
 
 
-def find(host: Host, *, data_dir: Path, cache_dir: Path | None = None, netns_dir: Path | None = None,
-         ids: Iterable[str] = (), ips: Iterable[str] = (), tolerated_rule=None) -> list[str]:
+def find(
+    host: Host,
+    *,
+    data_dir: Path,
+    cache_dir: Path | None = None,
+    netns_dir: Path | None = None,
+    ids: Iterable[str] = (),
+    ips: Iterable[str] = (),
+    tolerated_rule=None,
+) -> list[str]:
     """Everything left; tolerated_rule(line) -> True leaves a firewall line out (a documented reference gap)."""
     problems = []
     if held := leases(data_dir):

@@ -5,6 +5,7 @@
 gets without the agent) and adds, as symlinks, any reference plugin the suites
 need that pycni does not provide, listing them so the report can say so.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,18 +29,25 @@ def reference_dir() -> Path:
 
 def reference_missing() -> str | None:
     absent = [p for p in NEEDED if not os.access(REFERENCE_DIR / p, os.X_OK)]
-    return f"reference plugins missing from {REFERENCE_DIR}: {', '.join(absent)} " \
-           "(Debian package containernetworking-plugins)" if absent else None
+    return (
+        f"reference plugins missing from {REFERENCE_DIR}: {', '.join(absent)} "
+        "(Debian package containernetworking-plugins)"
+        if absent
+        else None
+    )
 
 
-def install_pycni(target: str | os.PathLike[str], agent_socket: str | None = None,
-                  native: bool = False) -> tuple[Path, list[str]]:
+def install_pycni(
+    target: str | os.PathLike[str], agent_socket: str | None = None, native: bool = False
+) -> tuple[Path, list[str]]:
     """pycni's plugins in target (cold, or shims for agent_socket: compiled ones with native);
     (target, the reference plugins borrowed because pycni lacks them)."""
     target = Path(target)
     agent = ["--agent-socket", agent_socket] if agent_socket else ["--no-agent"]
-    procs.run([pycni_command(), "install", "--cni-bin-dir", str(target), *agent,
-               *(["--native-shim"] if native else [])], timeout=120)
+    procs.run(
+        [pycni_command(), "install", "--cni-bin-dir", str(target), *agent, *(["--native-shim"] if native else [])],
+        timeout=120,
+    )
     borrowed = []
     for plugin in NEEDED:
         if not (target / plugin).exists():

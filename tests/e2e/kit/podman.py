@@ -10,6 +10,7 @@ Containers go under a cgroup parent of the test's own. The run root and tmp
 dir live in the host's private /run (podman refuses a run root longer than 50
 characters, too short for a test's temporary directory).
 """
+
 from __future__ import annotations
 
 import json
@@ -77,28 +78,45 @@ no_pivot_root = false
 class Podman:
     """podman commands in a Host with a private configuration under root."""
 
-    def __init__(self, host: Host, root: Path, *, bin_dir: Path, conf_dir: Path, network: str,
-                 cgroup_parent: str):
+    def __init__(self, host: Host, root: Path, *, bin_dir: Path, conf_dir: Path, network: str, cgroup_parent: str):
         self.host, self.root = host, Path(root)
         self.network, self.cgroup_parent = network, cgroup_parent
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "containers.conf").write_text(
-            containers_conf(self.root, bin_dir=Path(bin_dir), conf_dir=Path(conf_dir), network=network))
+            containers_conf(self.root, bin_dir=Path(bin_dir), conf_dir=Path(conf_dir), network=network)
+        )
         (self.root / "storage.conf").write_text(
             f'[storage]\ndriver = "vfs"\ngraphroot = {json.dumps(str(self.root / "storage"))}\n'
-            f'runroot = {json.dumps(RUN_ROOT)}\n')
+            f"runroot = {json.dumps(RUN_ROOT)}\n"
+        )
         (self.root / "registries.conf").write_text("unqualified-search-registries = []\n")
         (self.root / "policy.json").write_text(json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
-        self.env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                    "HOME": str(self.root), "XDG_CONFIG_HOME": str(self.root / "xdg"),
-                    "CONTAINERS_CONF": str(self.root / "containers.conf"),
-                    "CONTAINERS_STORAGE_CONF": str(self.root / "storage.conf"),
-                    "CONTAINERS_REGISTRIES_CONF": str(self.root / "registries.conf")}
+        self.env = {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": str(self.root),
+            "XDG_CONFIG_HOME": str(self.root / "xdg"),
+            "CONTAINERS_CONF": str(self.root / "containers.conf"),
+            "CONTAINERS_STORAGE_CONF": str(self.root / "storage.conf"),
+            "CONTAINERS_REGISTRIES_CONF": str(self.root / "registries.conf"),
+        }
 
     def argv(self, *args: str) -> list[str]:
-        return [PODMAN, "--root", str(self.root / "storage"), "--runroot", RUN_ROOT,
-                "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs", "--events-backend", "file",
-                "--tmpdir", TMP_DIR, *args]
+        return [
+            PODMAN,
+            "--root",
+            str(self.root / "storage"),
+            "--runroot",
+            RUN_ROOT,
+            "--storage-driver",
+            "vfs",
+            "--cgroup-manager",
+            "cgroupfs",
+            "--events-backend",
+            "file",
+            "--tmpdir",
+            TMP_DIR,
+            *args,
+        ]
 
     def __call__(self, *args: str, check: bool = True, timeout: float = 120):
         return self.host.run(*self.argv(*args), check=check, timeout=timeout, env=self.env)
@@ -106,10 +124,23 @@ class Podman:
     def load_image(self, archive: Path) -> None:
         self("load", "--signature-policy", str(self.root / "policy.json"), "--input", str(archive))
 
-    def run_detached(self, name: str, command: Sequence[str], *, publish: Sequence[str] = (),
-                     extra: Sequence[str] = ()) -> str:
-        args = ["run", "-d", "--name", name, "--hostname", name, "--network", self.network,
-                "--cgroup-parent", self.cgroup_parent, "--pull", "never"]
+    def run_detached(
+        self, name: str, command: Sequence[str], *, publish: Sequence[str] = (), extra: Sequence[str] = ()
+    ) -> str:
+        args = [
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--hostname",
+            name,
+            "--network",
+            self.network,
+            "--cgroup-parent",
+            self.cgroup_parent,
+            "--pull",
+            "never",
+        ]
         for spec in publish:
             args += ["-p", spec]
         out = self(*args, *extra, image.IMAGE, *command).stdout

@@ -6,6 +6,7 @@ namespace (every process a runtime starts inside the host shares it) and the
 cgroup parent the test gives its containers. Both are ours alone, so killing
 their members by PID touches nothing else on the machine.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,14 +19,29 @@ from typing import Iterable, Mapping, Sequence
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def run(argv: Sequence[str], *, check: bool = True, timeout: float = 60, input: str | None = None,
-        env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float = 60,
+    input: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run a command (text in and out, both streams captured); raise with its output on failure."""
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, input=input,
-                          env=None if env is None else dict(env), check=False)
+    proc = subprocess.run(
+        list(argv),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+        env=None if env is None else dict(env),
+        check=False,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"command failed (exit {proc.returncode}): {' '.join(argv)}\n"
-                             f"stdout: {proc.stdout[-3000:]}\nstderr: {proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"command failed (exit {proc.returncode}): {' '.join(argv)}\n"
+            f"stdout: {proc.stdout[-3000:]}\nstderr: {proc.stderr[-3000:]}"
+        )
     return proc
 
 

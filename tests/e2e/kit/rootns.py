@@ -21,6 +21,7 @@ two snapshots differ only where the test or pycni could be the cause:
 
 Everything else (other links, other tables, other processes' routes) is left out.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -38,12 +39,16 @@ from .host import HOST_IP
 OWNED_NAME_PREFIXES = ("veth", "bwp", "cni", "pycni", "e2e", "flannel")
 OWNED_SUBNETS = (
     conflist.SUBNET,
-    "10.88.0.0/16",     # podman's default network and the bridge docs' examples
-    "10.244.0.0/16",    # the shipped examples' cluster network (conf/examples, test_examples)
-    str(ipaddress.ip_interface(f"{HOST_IP}/24").network),   # the host <-> outside link
+    "10.88.0.0/16",  # podman's default network and the bridge docs' examples
+    "10.244.0.0/16",  # the shipped examples' cluster network (conf/examples, test_examples)
+    str(ipaddress.ip_interface(f"{HOST_IP}/24").network),  # the host <-> outside link
 )
-SYSCTLS = ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding", "net.ipv4.conf.all.route_localnet",
-           "net.bridge.bridge-nf-call-iptables")
+SYSCTLS = (
+    "net.ipv4.ip_forward",
+    "net.ipv6.conf.all.forwarding",
+    "net.ipv4.conf.all.route_localnet",
+    "net.bridge.bridge-nf-call-iptables",
+)
 _ROUTE_FIELDS = ("type", "dst", "gateway", "dev", "table", "protocol", "scope", "prefsrc", "metric")
 _ADDRESS_RE = re.compile(r"(?<![\w.:])(\d{1,3}(?:\.\d{1,3}){3})(?:/\d{1,2})?(?![\w.])")
 
@@ -85,12 +90,13 @@ DEFAULT = Ownership()
 class Snapshot:
     """The attributable part of the root namespace: category -> sorted record lines."""
 
-    watch: tuple[str, ...]                     # the links carrying the default routes, and lo
+    watch: tuple[str, ...]  # the links carrying the default routes, and lo
     parts: dict[str, list[str]] = field(default_factory=dict)
     sysctls: dict[str, str] = field(default_factory=dict)
 
 
 # ---- reading ------------------------------------------------------------------
+
 
 def _run(argv: Sequence[str]) -> tuple[int, str]:
     if shutil.which(argv[0]) is None:
@@ -121,11 +127,12 @@ def read() -> dict[str, Any]:
     for key in SYSCTLS:
         code, out = _run(["sysctl", "-n", key])
         if code == 0 and out.strip():
-            raw["sysctl"][key] = out.strip()   # a key missing (no br_netfilter loaded) is left out
+            raw["sysctl"][key] = out.strip()  # a key missing (no br_netfilter loaded) is left out
     return raw
 
 
 # ---- attribution ---------------------------------------------------------------
+
 
 def default_devices(raw: dict[str, Any]) -> tuple[str, ...]:
     devs = {r.get("dev") for r in raw["routes"] if r.get("dst") == "default" and r.get("dev")}
@@ -136,18 +143,30 @@ def attribute(raw: dict[str, Any], watch: Iterable[str] | None = None, own: Owne
     """Keep what could be ours (or is watched) out of a ``read()``."""
     watch = tuple(sorted(watch)) if watch is not None else default_devices(raw)
     links: dict[str, dict[str, Any]] = {l["ifname"]: l for l in raw["links"] if "ifname" in l}
-    ours = {name for name, link in links.items()
-            if own.name(name) or own.name(link.get("master")) or "pycni" in (link.get("ifalias") or "").lower()}
+    ours = {
+        name
+        for name, link in links.items()
+        if own.name(name) or own.name(link.get("master")) or "pycni" in (link.get("ifalias") or "").lower()
+    }
     seen = ours | set(watch)
     snap = Snapshot(watch)
 
     rows = []
     for name in sorted(seen & set(links)):
         link = links[name]
-        rows.append(json.dumps({"ifname": name, "kind": link.get("linkinfo", {}).get("info_kind", ""),
-                                "master": link.get("master", ""), "mtu": link.get("mtu"),
-                                "up": "UP" in link.get("flags", []), "alias": link.get("ifalias", "")},
-                               sort_keys=True))
+        rows.append(
+            json.dumps(
+                {
+                    "ifname": name,
+                    "kind": link.get("linkinfo", {}).get("info_kind", ""),
+                    "master": link.get("master", ""),
+                    "mtu": link.get("mtu"),
+                    "up": "UP" in link.get("flags", []),
+                    "alias": link.get("ifalias", ""),
+                },
+                sort_keys=True,
+            )
+        )
     rows += [json.dumps({"ifname": name, "missing": True}) for name in sorted(set(watch) - set(links))]
     snap.parts["links"] = rows
 
@@ -164,15 +183,19 @@ def attribute(raw: dict[str, Any], watch: Iterable[str] | None = None, own: Owne
     rows = []
     for route in raw["routes"]:
         main_default = route.get("dst") == "default" and route.get("table", "main") == "main"
-        if route.get("dev") in ours or main_default or any(own.address(route.get(k))
-                                                           for k in ("dst", "gateway", "prefsrc")):
+        if (
+            route.get("dev") in ours
+            or main_default
+            or any(own.address(route.get(k)) for k in ("dst", "gateway", "prefsrc"))
+        ):
             rows.append(json.dumps({k: route.get(k) for k in _ROUTE_FIELDS}, sort_keys=True))
     snap.parts["routes"] = sorted(rows)
 
     rows = []
     for rule in raw["rules"]:
-        if any(own.address(rule.get(k)) for k in ("src", "dst")) or \
-                any(own.name(rule.get(k)) for k in ("iif", "oif", "table")):
+        if any(own.address(rule.get(k)) for k in ("src", "dst")) or any(
+            own.name(rule.get(k)) for k in ("iif", "oif", "table")
+        ):
             rows.append(json.dumps(rule, sort_keys=True))
     snap.parts["rules"] = sorted(rows)
 
@@ -229,8 +252,11 @@ def differences(before: Snapshot, after: Snapshot) -> list[str]:
         old, new = set(before.parts.get(name, [])), set(after.parts.get(name, []))
         if old != new:
             out.append(f"{name}: gone {sorted(old - new)} new {sorted(new - old)}")
-    changed = {k: (before.sysctls[k], after.sysctls[k]) for k in before.sysctls
-               if k in after.sysctls and before.sysctls[k] != after.sysctls[k]}
+    changed = {
+        k: (before.sysctls[k], after.sysctls[k])
+        for k in before.sysctls
+        if k in after.sysctls and before.sysctls[k] != after.sysctls[k]
+    }
     gone = sorted(set(before.sysctls) - set(after.sysctls))
     if changed or gone:
         out.append(f"sysctl: changed {changed} gone {gone}")

@@ -1,4 +1,5 @@
 """Reading the bandwidth plugin's work: tbf rates on a pod's host veth (ingress) and on ifb devices (egress)."""
+
 from __future__ import annotations
 
 import re
