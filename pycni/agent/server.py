@@ -383,7 +383,7 @@ class Agent:
                 except _Oversized as exc:
                     self.stats.count("refused")
                     self.log.warning("refused a request from pid %d: %s", pid, exc)
-                    _send(conn, protocol.answer(protocol.REFUSED, str(exc).encode()))
+                    _send(conn, protocol.answer(protocol.REFUSED, _said(str(exc))))
                     _hang_up(conn)
                     return
                 except (protocol.ProtocolError, EOFError, OSError) as exc:
@@ -398,7 +398,7 @@ class Agent:
                 if refusal:
                     self.stats.count("refused")
                     self.log.info("refused a request from pid %d: %s", pid, refusal)
-                    _send(conn, protocol.answer(protocol.REFUSED, refusal.encode()))
+                    _send(conn, protocol.answer(protocol.REFUSED, _said(refusal)))
                     return
                 try:
                     job = self._prepare(plugin_type.decode(), env_block, stdin, fds)
@@ -414,7 +414,7 @@ class Agent:
                         pid,
                         job.refusal,
                     )
-                    _send(conn, protocol.answer(protocol.REFUSED, job.refusal.encode()))
+                    _send(conn, protocol.answer(protocol.REFUSED, _said(job.refusal)))
                     return
                 self._serve_cni(conn, pid, job)
         except Exception:  # never let one connection take the agent down
@@ -649,7 +649,7 @@ class Agent:
                 refused = str(exc) or "the request needs an executable the agent may not run"
                 if job.netns is not None:
                     refused = job.netns.shown(refused.encode(), b"")[0].decode("utf-8", "replace")
-                job.answer = protocol.answer(protocol.REFUSED, refused.encode())
+                job.answer = protocol.answer(protocol.REFUSED, _said(refused))
             except BaseException as exc:  # entering the namespace failed, or a plugin called sys.exit
                 self.log.error("%s: %s: %s", what, type(exc).__name__, exc)
                 from cni_plugins.spec.errors import ERR_INTERNAL, CNIError
@@ -790,6 +790,12 @@ def _exec() -> Any:
     from cni_plugins.spec import exec as exec_module
 
     return exec_module
+
+
+def _said(text: str) -> bytes:
+    """A message for the caller as UTF-8. It may quote the request (a CNI_NETNS or CNI_IFNAME that was not valid
+    UTF-8 arrives as lone surrogates): those are written as backslash escapes instead of failing the answer."""
+    return text.encode("utf-8", "backslashreplace")
 
 
 def _close_all(fds: list[int]) -> None:
@@ -982,7 +988,7 @@ def _try_again(cni_version: str, msg: str, details: str) -> bytes:
     from cni_plugins.spec.errors import ERR_TRY_AGAIN, CNIError
 
     text = CNIError(ERR_TRY_AGAIN, msg, details).to_json(cni_version) + "\n"
-    return protocol.answer(protocol.DONE, b"1", text.encode(), b"")
+    return protocol.answer(protocol.DONE, b"1", _said(text), b"")
 
 
 def _prepare_directory(directory: str) -> None:
