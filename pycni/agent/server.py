@@ -225,7 +225,9 @@ class Agent:
         poller.register(self._wake_r, select.POLLIN)
         try:
             while not self._stopping.is_set():
-                for fd, _ in poller.poll():
+                # Bounded: a signal delivered to another thread interrupts no syscall here, and its Python
+                # handler (stop()) runs only once this thread runs Python code again.
+                for fd, _ in poller.poll(POLL_INTERVAL_MS):
                     if fd == self._wake_r:
                         continue
                     self._accept_ready()
@@ -790,6 +792,9 @@ def _exec() -> Any:
     from cni_plugins.spec import exec as exec_module
 
     return exec_module
+
+
+POLL_INTERVAL_MS = 500  # the accept loop's longest sleep: how late a SIGTERM delivered to another thread acts
 
 
 def _said(text: str) -> bytes:

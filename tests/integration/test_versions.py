@@ -25,6 +25,8 @@ def test_supported_versions_cover_the_reference(plugin_type):
     ours = version_info([sys.executable, "-I", "-c", f"from {module} import {function}; {function}()"])
     assert ours["cniVersion"] == "1.1.0"
     ref = reference(plugin_type)
+    if plugin_type == "vxlan":
+        pytest.skip("the reference plugins have no vxlan plugin (it is pycni's own)")
     if not os.path.exists(ref):
         pytest.skip(f"no reference plugin {ref} (install containernetworking-plugins)")
     theirs = version_info([ref])
