@@ -90,6 +90,62 @@ class PodCluster:
         assert state, f"{node.name} has no overlay state"
         return state["subnet"]
 
+    def conformance_runs(
+        self,
+        nodes: Sequence[Node] | None = None,
+        args: Callable[[Node], Sequence[str]] = lambda _node: (),
+        cni_paths: dict[str, str] | None = None,
+        timeout: float = 90,
+    ) -> dict[str, tuple[int, str, str]]:
+        """`pycni conformance run` on every node (or ``nodes``) at once, each with ``args(node)`` after the
+        network and state directory; {node name: (exit status, stdout, stderr)}. Each run is stopped by PID
+        if it outlives ``timeout``.
+
+        nsenter switches only the network namespace: `ip netns exec` would also give the run a private
+        mount namespace, where the probe pods' pins under /run/netns are invisible to the node agent.
+        """
+        procs = []
+        for node in self.nodes if nodes is None else nodes:
+            command = [
+                "nsenter",
+                f"--net={node.path}",
+                PYCNI,
+                "conformance",
+                "run",
+                "--store",
+                self.store_url,
+                "--network",
+                NET_NAME,
+                "--state-dir",
+                node.state_dir,
+                *args(node),
+            ]
+            env = self.env(node, (cni_paths or {}).get(node.name))
+            procs.append(
+                (
+                    node,
+                    subprocess.Popen(
+                        command,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                    ),
+                )
+            )
+        outputs: dict[str, tuple[int, str, str]] = {}
+        try:
+            for node, proc in procs:
+                out, err = proc.communicate(timeout=timeout)
+                outputs[node.name] = (proc.returncode, out, err)
+        finally:
+            for _node, proc in procs:
+                if proc.poll() is None:
+                    proc.kill()  # by PID: the process we started
+                    proc.wait(timeout=10)
+        return outputs
+
 
 def example_conflist(node: Node, ipam_dir: str) -> dict:
     with open(EXAMPLE) as fh:

@@ -86,28 +86,9 @@ def conformance_everywhere(
     nodes: Sequence[Node] | None = None,
 ) -> dict:
     """`pycni conformance run` on every node (or ``nodes``) concurrently, then the report (JSON) and its exit status."""
-    procs = []
-    for node in cluster.nodes if nodes is None else nodes:
-        args = conformance_command(cluster, node, "--wait", "60", *extra)
-        env = cluster.env(node, (cni_paths or {}).get(node.name))
-        procs.append(
-            (
-                node,
-                subprocess.Popen(
-                    args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL
-                ),
-            )
-        )
-    outputs = {}
-    try:
-        for node, proc in procs:
-            out, err = proc.communicate(timeout=RUN_TIMEOUT)
-            outputs[node.name] = (proc.returncode, out, err)
-    finally:
-        for _node, proc in procs:
-            if proc.poll() is None:
-                proc.kill()  # by PID: the process we started
-                proc.wait(timeout=10)
+    outputs = cluster.conformance_runs(
+        nodes, lambda _node: ("--check-timeout", CHECK_TIMEOUT, "--wait", "60", *extra), cni_paths, RUN_TIMEOUT
+    )
     for rc, out, err in outputs.values():
         assert rc in (0, 1), f"conformance run crashed (exit {rc}):\n{out}\n{err}"
     done = cluster.pycni(cluster.nodes[0], "conformance", "report", "--store", cluster.store_url, "--json")

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import netns  # noqa: E402
 from pycni.conformance.probe import probe_netns_names  # noqa: E402
-from pod_cluster import NET_NAME, PYCNI, PodCluster, pod_cluster  # noqa: E402
+from pod_cluster import PYCNI, PodCluster, pod_cluster  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.multinode]
 
@@ -41,50 +41,9 @@ RUN_TIMEOUT = 90
 
 def run_everywhere(cluster: PodCluster, per_node: dict[str, Sequence[str]], wait: str = "30") -> dict[str, tuple]:
     """`conformance run` on every node at once, with each node's extra flags; {node name: (rc, out, err)}."""
-    procs = []
-    for node in cluster.nodes:
-        args = [
-            "nsenter",
-            f"--net={node.path}",
-            PYCNI,
-            "conformance",
-            "run",
-            "--store",
-            cluster.store_url,
-            "--network",
-            NET_NAME,
-            "--state-dir",
-            node.state_dir,
-            "--check-timeout",
-            "2",
-            "--wait",
-            wait,
-            *per_node.get(node.name, ()),
-        ]
-        procs.append(
-            (
-                node,
-                subprocess.Popen(
-                    args,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    env=cluster.env(node),
-                    stdin=subprocess.DEVNULL,
-                ),
-            )
-        )
-    outputs = {}
-    try:
-        for node, proc in procs:
-            out, err = proc.communicate(timeout=RUN_TIMEOUT)
-            outputs[node.name] = (proc.returncode, out, err)
-    finally:
-        for _node, proc in procs:
-            if proc.poll() is None:
-                proc.kill()  # by PID: the process we started
-                proc.wait(timeout=10)
-    return outputs
+    return cluster.conformance_runs(
+        args=lambda node: ("--check-timeout", "2", "--wait", wait, *per_node.get(node.name, ())), timeout=RUN_TIMEOUT
+    )
 
 
 def clean(cluster: PodCluster, node, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -221,45 +221,8 @@ def test_a_direct_route_deleted_by_hand_comes_back(cluster):
 
 
 def test_conformance_passes_on_the_mixed_cluster(cluster):
-    procs = []
-    for node in cluster.nodes:
-        args = [
-            "nsenter",
-            f"--net={node.path}",
-            PYCNI,
-            "conformance",
-            "run",
-            "--store",
-            cluster.store_url,
-            "--network",
-            NET_NAME,
-            "--state-dir",
-            node.state_dir,
-            "--check-timeout",
-            "2",
-            "--wait",
-            "60",
-        ]
-        procs.append(
-            subprocess.Popen(
-                args,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=cluster.env(node),
-                stdin=subprocess.DEVNULL,
-            )
-        )
-    outputs = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=RUN_TIMEOUT)
-            outputs.append((proc.returncode, out, err))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
+    runs = cluster.conformance_runs(args=lambda _node: ("--check-timeout", "2", "--wait", "60"), timeout=RUN_TIMEOUT)
+    outputs = list(runs.values())
     assert all(code == 0 for code, _o, _e in outputs), outputs
     logged = "".join(out + err for _code, out, err in outputs)
     node = cluster.nodes[0]
