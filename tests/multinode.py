@@ -41,6 +41,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -373,11 +374,19 @@ class Topology:
 
 
 def wait_agent_ready(handle: AgentHandle, timeout: float = AGENT_START_TIMEOUT) -> None:
-    """Wait (bounded) until the agent has (re)written its state file since it started; raise if it exits."""
+    """Wait (bounded) until the agent has (re)written its state file and listens on its socket, both since it
+    started; raise if it exits. (It programs the other nodes' entries while it starts, and listens once that is
+    done: the state file alone can come a moment before the socket.)"""
     deadline = time.monotonic() + timeout
     for _ in range(int(timeout / 0.05) + 1):
         try:
-            if os.stat(handle.node.state_file).st_mtime >= handle.started - 0.01:
+            state = os.stat(handle.node.state_file)
+            sock = os.stat(handle.node.socket)
+            if (
+                state.st_mtime >= handle.started - 0.01
+                and stat.S_ISSOCK(sock.st_mode)
+                and sock.st_ctime >= handle.started - 0.01
+            ):
                 return
         except FileNotFoundError:
             pass
@@ -389,7 +398,10 @@ def wait_agent_ready(handle: AgentHandle, timeout: float = AGENT_START_TIMEOUT) 
         if time.monotonic() >= deadline:
             break
         time.sleep(0.05)
-    raise RuntimeError(f"agent on {handle.node.name} wrote no state file within {timeout} s:\n{handle.log_tail()}")
+    raise RuntimeError(
+        f"agent on {handle.node.name} wrote no state file or did not listen on {handle.node.socket} within "
+        f"{timeout} s:\n{handle.log_tail()}"
+    )
 
 
 def state_subnets(state: dict) -> list[str]:
