@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from typing import Callable, Iterator
 
 import pytest
@@ -35,6 +37,45 @@ NEEDS_ROOT = ("integration", "e2e", "multinode", "etcd")
 def pytest_configure(config: pytest.Config) -> None:
     for name, meaning in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {meaning}")
+    # A run stopped with SIGTERM (a timeout, a supervisor, tools/mutate.py) tears its fixtures down as on
+    # Ctrl-C: namespaces, agents and etcd go, instead of staying pinned on the machine.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+# SIGTERM: a test being set up or run is interrupted (KeyboardInterrupt: pytest then tears everything
+# down); one arriving while fixtures are torn down lets that teardown finish and stops the session after
+# it. Only the first counts: another must not cut a teardown short.
+_SIGTERM = {"session": None, "tearing_down": False}
+
+
+def _on_sigterm(signum: int, _frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    why = f"pytest got {signal.Signals(signum).name}"
+    session = _SIGTERM["session"]
+    if _SIGTERM["tearing_down"] and session is not None:
+        session.shouldstop = why
+        return
+    raise KeyboardInterrupt(why)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _SIGTERM["session"] = session
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    _SIGTERM["tearing_down"] = True  # module and session fixtures end here too, with their last test
+    try:
+        yield
+    finally:
+        _SIGTERM["tearing_down"] = False
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_sessionfinish() -> Iterator[None]:
+    _SIGTERM["tearing_down"] = True  # what is still set up is torn down now
+    yield
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

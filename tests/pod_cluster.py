@@ -141,9 +141,7 @@ class PodCluster:
                 outputs[node.name] = (proc.returncode, out, err)
         finally:
             for _node, proc in procs:
-                if proc.poll() is None:
-                    proc.kill()  # by PID: the process we started
-                    proc.wait(timeout=10)
+                stop_run(proc)
         return outputs
 
 
@@ -221,6 +219,9 @@ def pod_cluster(
             stack.callback(member.stop)
             store_url = member.url
         cluster = PodCluster(topo, store_url, store_dir)
+        # Before the nodes go: probe pods that a conformance run left (one that was killed, or failed) are
+        # namespaces of their own, pinned beside the nodes, so the topology's teardown would not take them.
+        stack.callback(remove_leftover_probes, cluster)
         init = (["--network", network] if network else []) + (["--ipv6-network", ipv6_network] if ipv6_network else [])
         done = cluster.pycni(topo.nodes[0], "cluster", "init", "--store", store_url, *init, *init_args)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -243,6 +244,46 @@ def pod_cluster(
             with open(os.path.join(cluster.dir(node, "netd"), f"10-{NET_NAME}.conflist"), "w") as fh:
                 json.dump(example_conflist(node, cluster.dir(node, "ipam")), fh)
         yield cluster
+
+
+def stop_run(proc: subprocess.Popen) -> None:
+    """Stop a conformance run we started, by PID: SIGTERM first (the run then removes its probe pods), SIGKILL
+    if it has not ended 20 s later."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def remove_leftover_probes(cluster: "PodCluster") -> None:
+    """`pycni conformance clean` on every node whose conformance record still names probe pods: a run
+    removes its own on exit and on SIGTERM, this covers one that was killed or cut short. clean runs in
+    the node's network namespace (nsenter: the probe pins must stay visible), DELs each probe through
+    the CNI runtime (its address, veth and port mappings go), deletes its namespace, and stops the echo
+    services. Whatever it could not remove fails the teardown, naming it."""
+    from pycni.conformance.probe import Record
+
+    problems = []
+    for node in cluster.nodes:
+        record = Record.load(node.state_dir)
+        if record is None or not (record.probes or record.echo_pids):
+            continue
+        done = subprocess.run(
+            ["nsenter", f"--net={node.path}", PYCNI, "conformance", "clean", "--store", cluster.store_url,
+             "--state-dir", node.state_dir],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=cluster.env(node),
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        if done.returncode != 0:
+            problems.append(f"{node.name}: {done.stdout}{done.stderr}")
+    assert not problems, "conformance probes left behind:\n" + "\n".join(problems)
 
 
 def _lock_free(lock_path: str) -> bool:

@@ -516,8 +516,7 @@ def _remove_probes(pods, state_dir: str, log: Callable[[str], None]) -> None:
 
 def clean_node(state_dir: str, log: Callable[[str], None]) -> int:
     """Remove what a run on this node left: echo services (by recorded PID), probe pods, the record."""
-    import os
-    import signal
+    from pycni import procs
 
     from .probe import Record, delete_probe, is_echo_process
 
@@ -526,11 +525,8 @@ def clean_node(state_dir: str, log: Callable[[str], None]) -> int:
         return 0
     for pid in record.echo_pids:
         if is_echo_process(pid):
-            try:
-                os.kill(pid, signal.SIGTERM)
-                log(f"stopped echo service (pid {pid})")
-            except ProcessLookupError:
-                pass
+            procs.stop_pid(pid, is_echo_process)
+            log(f"stopped echo service (pid {pid})")
     removed = 0
     runtime = netlist = None
     try:

@@ -46,7 +46,15 @@ from pycni.conformance.probe import is_echo_process, probe_netns_names
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from multinode import Node, wait_for  # noqa: E402
-from pod_cluster import CLUSTER_NETWORK, NET_NAME, PYCNI, PodCluster, agent_paused, pod_cluster  # noqa: E402
+from pod_cluster import (  # noqa: E402
+    CLUSTER_NETWORK,
+    NET_NAME,
+    PYCNI,
+    PodCluster,
+    agent_paused,
+    pod_cluster,
+    remove_leftover_probes,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.multinode]
 
@@ -386,6 +394,47 @@ def test_a_node_that_cannot_attach_its_probe_says_why(file_cluster):
     rows = json.loads(report.stdout)["checks"]
     assert rows[0]["check"] == "probe-pod" and rows[0]["result"] == "fail" and rows[0]["from"] == "n0"
     assert "cannot attach a probe pod to network 'no-such-network'" in rows[0]["message"]
+    no_leftovers(c)
+
+
+def test_what_a_killed_run_left_goes_with_the_cluster(file_cluster):
+    """SIGKILL gives a run no chance to remove its probe pods; the cluster's teardown (remove_leftover_probes,
+    a callback of pod_cluster) removes them as the run's record names them: DEL, namespace, echo services."""
+    c = file_cluster
+    n0 = c.nodes[0]
+    proc = subprocess.Popen(
+        conformance_command(c, n0, "--wait", "60"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        env=c.env(n0),
+    )
+    try:
+        key = os.path.join(c.store_dir, "conformance", "n0")
+        wait_for(lambda: os.path.exists(key) or proc.poll() is not None, 30, what="the run to publish its probe")
+        assert proc.poll() is None
+        proc.kill()  # by PID: the run we started
+        proc.wait(timeout=10)
+        with open(os.path.join(n0.state_dir, "conformance.json")) as fh:
+            record = json.load(fh)
+        left = {os.path.basename(p["netns"]) for p in record["probes"]}
+        assert len(left) == 2 and left <= set(netns.list_names())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    remove_leftover_probes(c)
+    assert not left & set(netns.list_names())
+    for pid in record["echo_pids"]:
+        assert not is_echo_process(pid), f"echo service {pid} still runs"
+    # DEL ran for each probe: host-local holds no address for them any more.
+    held = [
+        name
+        for root, _dirs, names in os.walk(c.dir(n0, "ipam"))
+        for name in names
+        if "pycni-conformance-" in open(os.path.join(root, name), errors="replace").read()
+    ]
+    assert not held, held
     no_leftovers(c)
 
 
