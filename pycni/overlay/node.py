@@ -181,6 +181,7 @@ class OverlayNode:
         self._run_done = threading.Event()
         self._run_done.set()
         self._started = False
+        self._start_retries = 0  # start_retrying's attempts so far that found the store not ready
         self._store: Any = None
         self._ipr: Any = None
         self._home_fd = -1
@@ -247,13 +248,15 @@ class OverlayNode:
         delay, attempt = START_RETRY_MIN, 0
         while not stop.is_set():
             try:
+                self._start_retries = attempt
                 self.start()
-                if attempt:
-                    self.log.info("the cluster store answered after %d retries: the overlay is up", attempt)
                 return True
             except StoreNotReady as exc:
                 attempt += 1
-                self._status.store_reachable, self._status.store_error = False, str(exc)
+                st = self._status
+                if not st.store_down_since:
+                    st.store_down_since = time.monotonic()
+                st.store_reachable, st.store_error = False, str(exc)
                 wait = delay * random.uniform(0.9, 1.1)
                 self.log.warning("%s; retry %d in %.0f s", exc, attempt, wait)
                 stop.wait(wait)
@@ -276,6 +279,15 @@ class OverlayNode:
             raise StoreNotReady(f"the cluster store {opts.store_url} does not answer: {exc}") from None
         except StoreError as exc:
             raise OverlayError(f"cannot read the cluster configuration from {opts.store_url}: {exc}") from None
+        if self._start_retries:
+            # Said here, before any thread can report the node healthy: the log tells the story in order.
+            waited = time.monotonic() - self._status.store_down_since
+            self.log.info(
+                "the cluster store answered after %d retries (%.1f s): the overlay is starting",
+                self._start_retries,
+                waited,
+            )
+        self._store_up(quiet=True)
         self._cfg = cfg
         self._node_name = opts.node_name or socket.gethostname()
         self._lanes = self._plan_lanes(cfg)
@@ -898,10 +910,10 @@ class OverlayNode:
                 "ignoring the store entry %s (revision %d): %s", entry.key, entry.mod_revision, entry.reason
             )
 
-    def _store_up(self) -> None:
+    def _store_up(self, quiet: bool = False) -> None:
         st = self._status
         if not st.store_reachable:
-            if st.store_error:
+            if st.store_error and not quiet:
                 self.log.info(
                     "the cluster store is reachable again (after %.1f s)", time.monotonic() - st.store_down_since
                 )

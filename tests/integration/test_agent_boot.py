@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import subprocess
 import sys
 import time
@@ -108,7 +109,14 @@ def test_an_agent_started_20_s_before_etcd_serves_meanwhile_and_joins_once_etcd_
             state = node.read_state()
             assert state["subnet"].startswith("10.244.")
             wait_for(lambda: healthz(node.path)[0] == 200, 20, interval=0.2, what="/healthz 200")
-            assert "answered after" in open(node.log_path).read()
+            # One line says when the store answered, measured from the first failed attempt (not from boot of the
+            # machine), written before the node could report itself healthy.
+            log = open(node.log_path).read()
+            answered = re.search(r"the cluster store answered after (\d+) retries \(([\d.]+) s\)", log)
+            assert answered, log[-2000:]
+            assert int(answered.group(1)) >= 3
+            assert 15 <= float(answered.group(2)) <= time.time() - handle.started + 1, answered.group(0)
+            assert "reachable again" not in log, log[-2000:]
         finally:
             handle.stop()
             if member is not None:
