@@ -46,6 +46,7 @@ seconds for accepted ones to finish.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -202,18 +203,24 @@ class Agent:
             pass
         except OSError as exc:
             raise AgentError(f"cannot remove the stale socket {path}: {exc.strerror}") from None
+        # Bound and listening under a private name first, then renamed into place: a client that finds the
+        # socket can connect at once (never a refusal between bind and listen), and finds it root's only.
+        staging = f"{path}.{os.getpid()}.new"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            listener.bind(path)
-            # Connecting needs write permission on the socket file: with the usual umask nobody else
-            # has it even before this chmod (and the directory may already be root's only).
-            os.chmod(path, 0o600)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staging)
+            listener.bind(staging)
+            os.chmod(staging, 0o600)
+            listener.listen(max(128, self.options.max_concurrency * 8))
+            st = os.stat(staging)
+            os.rename(staging, path)
         except OSError as exc:
             listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(staging)
             raise AgentError(f"cannot listen on {path}: {exc.strerror}") from None
-        st = os.stat(path)
         self._socket_id = (st.st_dev, st.st_ino)
-        listener.listen(max(128, self.options.max_concurrency * 8))
         listener.setblocking(False)
         self._listener = listener
 

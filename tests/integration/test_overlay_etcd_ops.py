@@ -61,21 +61,9 @@ class TLSCluster:
         self.agents: dict[str, object] = {}
 
     def start(self, node):
+        # start_agent waits until the agent has written its state and listens on its socket.
         self.agents[node.name] = self.topo.start_agent(node, self.url, extra_args=self.tls_args)
-        # Ready when it answers on its socket (it starts listening once its node is set up: entries can
-        # already be programmed a moment before).
-        wait_for(lambda: self._answers(node), 20, what=f"{node.name}'s agent to answer on {node.socket}")
         return self.agents[node.name]
-
-    @staticmethod
-    def _answers(node) -> bool:
-        from pycni.agent.client import status
-
-        try:
-            status(node.socket, timeout=2.0)
-        except Exception:  # not listening yet (or not answering yet): not ready
-            return False
-        return True
 
     def status(self, node) -> dict:
         from pycni.agent.client import status

@@ -444,6 +444,8 @@ def test_stopping_removes_the_socket_only_and_a_new_agent_may_start(tmp_path, re
     with served(tmp_path) as agent:
         assert (tmp_path / "run").stat().st_mode & 0o777 == 0o700
         assert socket_path.stat().st_mode & 0o777 == 0o600
+        # Published by a rename once listening: no staging name is left beside it.
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["agent.sock", "agent.sock.lock"]
         with pytest.raises(AgentError, match="another pycni agent"):
             Agent(AgentOptions(socket_path=str(socket_path), warm_up=False)).start()
         assert status(str(socket_path))["pid"] == os.getpid()
