@@ -22,6 +22,8 @@ from typing import Callable, Iterator, Sequence
 
 import pytest
 
+from pycni.procs import stop as stop_process
+
 from multinode import (
     UNDERLAY_BRIDGE,
     UNDERLAY_GATEWAY,
@@ -141,7 +143,8 @@ class PodCluster:
                 outputs[node.name] = (proc.returncode, out, err)
         finally:
             for _node, proc in procs:
-                stop_run(proc)
+                # SIGTERM first: the run then removes its probe pods; SIGKILL if it has not ended 20 s later.
+                stop_process(proc, 20)
         return outputs
 
 
@@ -244,19 +247,6 @@ def pod_cluster(
             with open(os.path.join(cluster.dir(node, "netd"), f"10-{NET_NAME}.conflist"), "w") as fh:
                 json.dump(example_conflist(node, cluster.dir(node, "ipam")), fh)
         yield cluster
-
-
-def stop_run(proc: subprocess.Popen) -> None:
-    """Stop a conformance run we started, by PID: SIGTERM first (the run then removes its probe pods), SIGKILL
-    if it has not ended 20 s later."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 def remove_leftover_probes(cluster: "PodCluster") -> None:
