@@ -135,8 +135,20 @@ def _of_version(version: int, *values: str) -> str:
     return ""
 
 
+class _Leased:
+    """What a node and its results share: the underlay address of the node's lease (its identity among the
+    leases), which is --public-ip unless the lease names another one."""
+
+    public_ip: str
+    lease_ip: str
+
+    @property
+    def lease_address(self) -> str:
+        return self.lease_ip or self.public_ip
+
+
 @dataclass
-class Party:
+class Party(_Leased):
     """One node taking part in a conformance run, as it publishes itself.
 
     The plain fields are the node's first pod family, as in its overlay state
@@ -171,11 +183,6 @@ class Party:
     # (`conformance run --public-ip`); "" when they are the same. The rendezvous, the datapath facts and the
     # VXLAN lanes go by the lease's address: that is where the other agents send this node's traffic.
     lease_ip: str = ""
-
-    @property
-    def lease_address(self) -> str:
-        """The underlay address of this node's lease (its identity among the leases)."""
-        return self.lease_ip or self.public_ip
 
     # ---- per family ------------------------------------------------------------------------
     @property
@@ -352,7 +359,7 @@ class Check:
 
 
 @dataclass
-class NodeResults:
+class NodeResults(_Leased):
     """What one node measured in one run."""
 
     node: str
@@ -363,10 +370,6 @@ class NodeResults:
     checks: list[Check] = field(default_factory=list)
     peers: dict[str, str] = field(default_factory=dict)  # node -> session of every peer it measured
     lease_ip: str = ""  # the lease's address when --public-ip named another one (see Party.lease_ip)
-
-    @property
-    def lease_address(self) -> str:
-        return self.lease_ip or self.public_ip
 
     def to_json(self) -> bytes:
         data = {
