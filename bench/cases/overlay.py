@@ -10,11 +10,23 @@ processes inside their node namespaces and are stopped by PID.
   run and in alternating rounds against (1) a hand-built vxlan pair: two
   namespaces whose VXLAN devices carry the addresses themselves (the ceiling)
   and (2) the same pod-bridge-vxlan path built by hand with `ip` (flannel's
-  data path without the agent's firewall). Ratios are of medians. Also
+  data path without the agent's firewall). Ratios are per round (medians of
+  the rounds' ratios). Also
   pycni with `cluster init --direct-routing` (the two nodes share the
   underlay subnet, so pods are routed without VXLAN) against (3) that path
   built by hand (flannel's host-gw: pod - veth - bridge - route via the
   other node), and IPv6 pods of a dual-stack pycni cluster next to IPv4.
+
+  Masquerade and conntrack: by default an agent masquerades pod traffic that
+  leaves the cluster network (flannel's --ip-masq does the same). A nat chain
+  turns connection tracking on for every packet of the node, pod to pod
+  included (not to rewrite it: to know which connections were rewritten). So
+  the default is also measured against (4) the hand-built path with
+  flannel's masquerade rules (nft, same matches), and `pycni agent
+  --no-ip-masq` (no nat chain, no conntrack) against (2). Untracking pod to
+  pod traffic is no way out: a Service's DNAT on one node needs the
+  connection tracked there for the replies coming back from another node's
+  pod, and so do policy engines' "established" rules.
 - convergence: with N-1 agents running, another node's agent starts (join)
   and later its lease is released (leave). The time runs from the lease
   appearing in the store (the lease file's mtime) or disappearing from it (the
@@ -27,7 +39,7 @@ processes inside their node namespaces and are stopped by PID.
   an agent starting on a node with 1000 leases already in the store, and the
   1000 being removed again.
 
-`run(ctx)` returns the figures; bench/__main__.py does not list this case yet.
+`run(ctx)` returns the figures.
 """
 
 from __future__ import annotations
@@ -273,16 +285,21 @@ def _routes(ns: str) -> set[str]:
 
 
 def _overlay_pods(
-    ctx: Context, underlay: Underlay, version: int = 4, init_args: tuple[str, ...] = ()
+    ctx: Context,
+    underlay: Underlay,
+    version: int = 4,
+    init_args: tuple[str, ...] = (),
+    agent_args: tuple[str, ...] = (),
 ) -> tuple[str, str, str]:
     """Two nodes with agents, a pod on each through the vxlan plugin: (pod_b, ip_b, pod_a); ``version``: which
-    of the pods' addresses the figure uses (6: the cluster is dual-stack); ``init_args`` for `cluster init`."""
+    of the pods' addresses the figure uses (6: the cluster is dual-stack); ``init_args`` for `cluster init`,
+    ``agent_args`` for each `pycni agent`."""
     workdir = ctx.cleanup.directory("overlay")
     store = "file://" + os.path.join(workdir, "store")
     _init_cluster(store, CLUSTER_NETWORK, (("--ipv6-network", CLUSTER_NETWORK6) if version == 6 else ()) + init_args)
     agents = [_new_agent(ctx, workdir, *underlay.host("ovnode")) for _ in range(2)]
     for agent in agents:
-        _start(ctx, agent, store)
+        _start(ctx, agent, store, agent_args)
     _wait_ready(agents)
     subnets = [agent.state().subnet for agent in agents]
     _poll(
@@ -377,89 +394,107 @@ def _hand_vxlan_pair(ctx: Context, underlay: Underlay) -> tuple[str, str, str]:
     return ends[1][0], "10.250.0.2", ends[0][0]
 
 
-def _hand_overlay(ctx: Context, underlay: Underlay) -> tuple[str, str, str]:
-    """Flannel's data path built with `ip`: pod - veth - bridge - route - vxlan, per node: (pod_b, ip_b, pod_a)."""
-    nodes = [underlay.host("hvnode") for _ in range(2)]
-    pods = []
-    for i, (ns, local) in enumerate(nodes):
-        subprocess.run([IP, "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True, timeout=30)
-        topology.bridge(ns, "br0")
-        topology.ip(ns, "link", "set", "br0", "mtu", str(OVERLAY_MTU))
-        topology.add_address(ns, "br0", f"10.251.{i}.1/24")
+def _hand_node(ctx: Context, underlay: Underlay, role: str, octet: int, i: int) -> tuple[str, str, str]:
+    """One node of a hand-built path: forwarding on, bridge br0 holding 10.<octet>.<i>.1/24, a pod on it at
+    .2 with its default route through the bridge, all at the overlay's pod MTU: (node ns, its underlay address,
+    pod ns)."""
+    ns, local = underlay.host(role)
+    subprocess.run([IP, "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True, timeout=30)
+    topology.bridge(ns, "br0")
+    topology.ip(ns, "link", "set", "br0", "mtu", str(OVERLAY_MTU))
+    topology.add_address(ns, "br0", f"10.{octet}.{i}.1/24")
+    pod = ctx.cleanup.namespace(role.replace("node", "pod"))
+    topology.ip(
+        ns, "link", "add", "veth0", "mtu", str(OVERLAY_MTU), "type", "veth", "peer", "name", "eth0", "netns", pod
+    )
+    topology.enslave(ns, "veth0", "br0")
+    topology.set_up(ns, "veth0")
+    topology.ip(pod, "link", "set", "eth0", "mtu", str(OVERLAY_MTU))
+    topology.add_address(pod, "eth0", f"10.{octet}.{i}.2/24")
+    topology.set_up(pod, "eth0")
+    topology.ip(pod, "route", "add", "default", "via", f"10.{octet}.{i}.1")
+    return ns, local, pod
+
+
+# Masquerade for pods leaving the hand-built network 10.<octet>.0.0/16, in nft: the agent's rules, which do what
+# flannel's --ip-masq does (its FLANNEL-POSTRTG chain).
+HAND_MASQUERADE = """table ip hand_masq {{
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        ip saddr 10.{octet}.0.0/16 ip daddr 10.{octet}.0.0/16 return
+        ip saddr 10.{octet}.0.0/16 ip daddr 224.0.0.0/4 return
+        ip saddr 10.{octet}.0.0/16 masquerade fully-random
+    }}
+}}
+"""
+
+
+def _hand_masquerade(ns: str, octet: int) -> None:
+    subprocess.run(
+        [IP, "netns", "exec", ns, "nft", "-f", "-"],
+        input=HAND_MASQUERADE.format(octet=octet),
+        text=True,
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+
+
+def _hand_overlay(ctx: Context, underlay: Underlay, masquerade: bool = False) -> tuple[str, str, str]:
+    """Flannel's data path built with `ip`: pod - veth - bridge - route - vxlan, per node: (pod_b, ip_b, pod_a);
+    with ``masquerade`` also flannel's --ip-masq rules on each node."""
+    octet = 253 if masquerade else 251
+    nodes = [_hand_node(ctx, underlay, "hmnode" if masquerade else "hvnode", octet, i) for i in range(2)]
+    for i, (ns, local, _pod) in enumerate(nodes):
         _vxlan_device(ns, "vx0", 43, local, OVERLAY_MTU)
-        topology.ip(ns, "link", "set", "vx0", "address", f"0a:58:0a:fb:0{i}:00")
-        topology.add_address(ns, "vx0", f"10.251.{i}.0/32")
-        pod = ctx.cleanup.namespace("hvpod")
-        topology.ip(
-            ns, "link", "add", "veth0", "mtu", str(OVERLAY_MTU), "type", "veth", "peer", "name", "eth0", "netns", pod
-        )
-        topology.enslave(ns, "veth0", "br0")
-        topology.set_up(ns, "veth0")
-        topology.ip(pod, "link", "set", "eth0", "mtu", str(OVERLAY_MTU))
-        topology.add_address(pod, "eth0", f"10.251.{i}.2/24")
-        topology.set_up(pod, "eth0")
-        topology.ip(pod, "route", "add", "default", "via", f"10.251.{i}.1")
-        pods.append(pod)
-    for i, (ns, _local) in enumerate(nodes):
+        topology.ip(ns, "link", "set", "vx0", "address", f"0a:58:0a:{octet:02x}:0{i}:00")
+        topology.add_address(ns, "vx0", f"10.{octet}.{i}.0/32")
+        if masquerade:
+            _hand_masquerade(ns, octet)
+    for i, (ns, _local, _pod) in enumerate(nodes):
         j = 1 - i
-        peer_mac = f"0a:58:0a:fb:0{j}:00"
-        topology.ip(ns, "neigh", "add", f"10.251.{j}.0", "lladdr", peer_mac, "dev", "vx0", "nud", "permanent")
+        peer_mac = f"0a:58:0a:{octet:02x}:0{j}:00"
+        topology.ip(ns, "neigh", "add", f"10.{octet}.{j}.0", "lladdr", peer_mac, "dev", "vx0", "nud", "permanent")
         subprocess.run(
-            [
-                IP,
-                "netns",
-                "exec",
-                ns,
-                "bridge",
-                "fdb",
-                "append",
-                peer_mac,
-                "dev",
-                "vx0",
-                "dst",
-                nodes[j][1],
-                "self",
-                "permanent",
-            ],
+            [IP, "netns", "exec", ns, "bridge", "fdb", "append", peer_mac, "dev", "vx0"]
+            + ["dst", nodes[j][1], "self", "permanent"],
             check=True,
             capture_output=True,
             timeout=30,
         )
-        topology.ip(ns, "route", "add", f"10.251.{j}.0/24", "via", f"10.251.{j}.0", "dev", "vx0", "onlink")
-    return pods[1], "10.251.1.2", pods[0]
+        topology.ip(ns, "route", "add", f"10.{octet}.{j}.0/24", "via", f"10.{octet}.{j}.0", "dev", "vx0", "onlink")
+    return nodes[1][2], f"10.{octet}.1.2", nodes[0][2]
 
 
-def _hand_direct(ctx: Context, underlay: Underlay) -> tuple[str, str, str]:
+def _hand_direct(ctx: Context, underlay: Underlay, masquerade: bool = False) -> tuple[str, str, str]:
     """The same-subnet path without VXLAN built with `ip` (flannel's host-gw): pod - veth - bridge - route via the
-    other node's underlay address - eth0, per node: (pod_b, ip_b, pod_a). Pod MTU as the overlay's pods have."""
-    nodes = [underlay.host("hdnode") for _ in range(2)]
-    pods = []
-    for i, (ns, _local) in enumerate(nodes):
-        subprocess.run([IP, "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True, timeout=30)
-        topology.bridge(ns, "br0")
-        topology.ip(ns, "link", "set", "br0", "mtu", str(OVERLAY_MTU))
-        topology.add_address(ns, "br0", f"10.252.{i}.1/24")
-        pod = ctx.cleanup.namespace("hdpod")
-        topology.ip(
-            ns, "link", "add", "veth0", "mtu", str(OVERLAY_MTU), "type", "veth", "peer", "name", "eth0", "netns", pod
-        )
-        topology.enslave(ns, "veth0", "br0")
-        topology.set_up(ns, "veth0")
-        topology.ip(pod, "link", "set", "eth0", "mtu", str(OVERLAY_MTU))
-        topology.add_address(pod, "eth0", f"10.252.{i}.2/24")
-        topology.set_up(pod, "eth0")
-        topology.ip(pod, "route", "add", "default", "via", f"10.252.{i}.1")
-        pods.append(pod)
-    for i, (ns, _local) in enumerate(nodes):
-        topology.ip(ns, "route", "add", f"10.252.{1 - i}.0/24", "via", nodes[1 - i][1], "dev", "eth0")
-    return pods[1], "10.252.1.2", pods[0]
+    other node's underlay address - eth0, per node: (pod_b, ip_b, pod_a). Pod MTU as the overlay's pods have;
+    with ``masquerade`` also the masquerade rules on each node."""
+    octet = 254 if masquerade else 252
+    nodes = [_hand_node(ctx, underlay, "hmdnode" if masquerade else "hdnode", octet, i) for i in range(2)]
+    for i, (ns, _local, _pod) in enumerate(nodes):
+        topology.ip(ns, "route", "add", f"10.{octet}.{1 - i}.0/24", "via", nodes[1 - i][1], "dev", "eth0")
+        if masquerade:
+            _hand_masquerade(ns, octet)
+    return nodes[1][2], f"10.{octet}.1.2", nodes[0][2]
 
 
 # (figure, reference, ratio name): each pycni path against the hand-built path it should match.
 RATIOS = (
     ("pycni overlay (vxlan plugin + agents)", "hand-built vxlan pair", "ratio vs vxlan pair"),
     ("pycni overlay (vxlan plugin + agents)", "hand-built overlay path", "ratio vs hand-built overlay"),
+    (
+        "pycni overlay (vxlan plugin + agents)",
+        "hand-built overlay path + masquerade",
+        "ratio vs hand-built overlay with masquerade (like for like)",
+    ),
+    ("pycni overlay, --no-ip-masq", "hand-built overlay path", "--no-ip-masq ratio vs hand-built overlay"),
     ("pycni overlay, direct routing", "hand-built direct path", "direct routing ratio vs hand-built direct"),
+    (
+        "pycni overlay, direct routing",
+        "hand-built direct path + masquerade",
+        "direct routing ratio vs hand-built direct with masquerade (like for like)",
+    ),
     ("pycni overlay, IPv6 pods", "pycni overlay (vxlan plugin + agents)", "IPv6 pods ratio vs IPv4 pods"),
 )
 
@@ -470,16 +505,20 @@ def _throughput(ctx: Context) -> dict[str, Any]:
         "pycni overlay (vxlan plugin + agents)": _overlay_pods(ctx, underlay),
         "hand-built vxlan pair": _hand_vxlan_pair(ctx, underlay),
         "hand-built overlay path": _hand_overlay(ctx, underlay),
+        "hand-built overlay path + masquerade": _hand_overlay(ctx, underlay, masquerade=True),
+        "pycni overlay, --no-ip-masq": _overlay_pods(ctx, underlay, agent_args=("--no-ip-masq",)),
         "pycni overlay, direct routing": _overlay_pods(ctx, underlay, init_args=("--direct-routing",)),
         "hand-built direct path": _hand_direct(ctx, underlay),
+        "hand-built direct path + masquerade": _hand_direct(ctx, underlay, masquerade=True),
         "pycni overlay, IPv6 pods": _overlay_pods(ctx, underlay, version=6),
     }
     gbits = iperf_rounds(ctx, topologies)
     out: dict[str, Any] = {name: summary(values, "Gbit/s") for name, values in gbits.items()}
     for ours_name, ref_name, key in RATIOS:
-        ours, ref = out[ours_name].get("median"), out[ref_name].get("median")
-        # A one-value summary, so that the bench table lists it with the other figures.
-        out[key] = summary([round(ours / ref, 2)], "x") if ours and ref else None
+        # Paired by round (the two measured within one pass over the topologies): the machine's drift between
+        # rounds cancels, and min..max shows how far single rounds scatter.
+        pairs = [round(ours / ref, 3) for ours, ref in zip(gbits[ours_name], gbits[ref_name]) if ours and ref]
+        out[key] = summary(pairs, "x") if pairs else None
     return out
 
 
