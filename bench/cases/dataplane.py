@@ -58,12 +58,14 @@ def _scoped(ctx: Context, measure: Callable[[Context], dict[str, Any]]) -> dict[
 # ---- iperf3 between two namespaces ----------------------------------------------
 
 
-def iperf_rounds(ctx: Context, topologies: dict[str, tuple[str, str, str]]) -> dict[str, list[float]]:
-    """Gbit/s per topology (server namespace, server address, client namespace) over the dataplane rounds,
-    every round in the opposite order of the last, so that none always goes first."""
+def iperf_rounds(
+    ctx: Context, topologies: dict[str, tuple[str, str, str]], rounds: int | None = None
+) -> dict[str, list[float]]:
+    """Gbit/s per topology (server namespace, server address, client namespace) over ``rounds`` (default: the
+    mode's dataplane rounds), every round in the opposite order of the last, so that none always goes first."""
     gbits: dict[str, list[float]] = {name: [] for name in topologies}
     names = list(topologies)
-    for round_no in range(ctx.settings.dataplane_rounds):
+    for round_no in range(ctx.settings.dataplane_rounds if rounds is None else rounds):
         for name in names if round_no % 2 == 0 else names[::-1]:
             server, server_ip, client = topologies[name]
             gbits[name].append(iperf(ctx, server, server_ip, client) / 1e9)

@@ -7,21 +7,25 @@ processes inside their node namespaces and are stopped by PID.
 
 - throughput: iperf3 TCP from a pod on node A to a pod on node B, both
   attached by the vxlan plugin with an agent per node, measured in the same
-  run and in alternating rounds against (1) a hand-built vxlan pair: two
-  namespaces whose VXLAN devices carry the addresses themselves (the ceiling)
+  run and in alternating rounds (7 in full mode) against (1) a hand-built
+  vxlan pair: two namespaces whose VXLAN devices carry the addresses
+  themselves (the ceiling)
   and (2) the same pod-bridge-vxlan path built by hand with `ip` (flannel's
   data path without the agent's firewall). Ratios are per round (medians of
   the rounds' ratios). Also
   pycni with `cluster init --direct-routing` (the two nodes share the
   underlay subnet, so pods are routed without VXLAN) against (3) that path
   built by hand (flannel's host-gw: pod - veth - bridge - route via the
-  other node), and IPv6 pods of a dual-stack pycni cluster next to IPv4.
+  other node) and against (4) a bare veth path: two namespaces on the
+  underlay talking over their own addresses (that path's ceiling, as the
+  vxlan pair is the overlay's); and IPv6 pods of a dual-stack pycni cluster
+  next to IPv4.
 
   Masquerade and conntrack: by default an agent masquerades pod traffic that
   leaves the cluster network (flannel's --ip-masq does the same). A nat chain
   turns connection tracking on for every packet of the node, pod to pod
   included (not to rewrite it: to know which connections were rewritten). So
-  the default is also measured against (4) the hand-built path with
+  the default is also measured against the hand-built paths with
   flannel's masquerade rules (nft, same matches), and `pycni agent
   --no-ip-masq` (no nat chain, no conntrack) against (2). Untracking pod to
   pod traffic is no way out: a Service's DNAT on one node needs the
@@ -77,6 +81,7 @@ STOP_TIMEOUT = 10.0
 SCALE_NODES = 1000
 SMOKE_SCALE_NODES = 50  # --smoke checks the case works, not the scale
 CONVERGENCE_SIZES = (3, 20)
+OVERLAY_FULL_ROUNDS = 7  # iperf3 rounds over the throughput paths in full mode
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -348,6 +353,13 @@ def _vxlan_device(ns: str, name: str, vni: int, local: str, mtu: int) -> None:
     topology.set_up(ns, name)
 
 
+def _bare_veth_path(ctx: Context, underlay: Underlay) -> tuple[str, str, str]:
+    """Two namespaces on the underlay talking over their own eth0 addresses (veth - bridge - veth, no pods, no
+    routing hop): the ceiling of the direct-routing path. (server, ip, client)."""
+    ends = [underlay.host("vepair") for _ in range(2)]
+    return ends[1][0], ends[1][1], ends[0][0]
+
+
 def _hand_vxlan_pair(ctx: Context, underlay: Underlay) -> tuple[str, str, str]:
     """Two namespaces whose VXLAN devices hold the addresses: (server, ip, client)."""
     ends = [underlay.host("vxpair") for _ in range(2)]
@@ -490,6 +502,7 @@ RATIOS = (
     ),
     ("pycni overlay, --no-ip-masq", "hand-built overlay path", "--no-ip-masq ratio vs hand-built overlay"),
     ("pycni overlay, direct routing", "hand-built direct path", "direct routing ratio vs hand-built direct"),
+    ("pycni overlay, direct routing", "bare veth path", "direct routing ratio vs bare veth path"),
     (
         "pycni overlay, direct routing",
         "hand-built direct path + masquerade",
@@ -509,10 +522,14 @@ def _throughput(ctx: Context) -> dict[str, Any]:
         "pycni overlay, --no-ip-masq": _overlay_pods(ctx, underlay, agent_args=("--no-ip-masq",)),
         "pycni overlay, direct routing": _overlay_pods(ctx, underlay, init_args=("--direct-routing",)),
         "hand-built direct path": _hand_direct(ctx, underlay),
+        "bare veth path": _bare_veth_path(ctx, underlay),
         "hand-built direct path + masquerade": _hand_direct(ctx, underlay, masquerade=True),
         "pycni overlay, IPv6 pods": _overlay_pods(ctx, underlay, version=6),
     }
-    gbits = iperf_rounds(ctx, topologies)
+    # Rounds of one path scatter by up to 30 % on a small VM: full mode takes more of them than the dataplane
+    # case, so that the per-round ratios' median means something (~8 minutes for the ten paths).
+    rounds = OVERLAY_FULL_ROUNDS if ctx.settings.mode == "full" else None
+    gbits = iperf_rounds(ctx, topologies, rounds)
     out: dict[str, Any] = {name: summary(values, "Gbit/s") for name, values in gbits.items()}
     for ours_name, ref_name, key in RATIOS:
         # Paired by round (the two measured within one pass over the topologies): the machine's drift between
