@@ -92,6 +92,25 @@ class PodCluster:
         assert state, f"{node.name} has no overlay state"
         return state["subnet"]
 
+    def conformance_command(self, node: Node, *extra: str) -> list[str]:
+        """`pycni conformance run` for ``node`` against this cluster, ``extra`` after the network and state
+        directory. nsenter switches only the network namespace: `ip netns exec` would also give the run a
+        private mount namespace, where the probe pods' pins under /run/netns are invisible to the node agent."""
+        return [
+            "nsenter",
+            f"--net={node.path}",
+            PYCNI,
+            "conformance",
+            "run",
+            "--store",
+            self.store_url,
+            "--network",
+            NET_NAME,
+            "--state-dir",
+            node.state_dir,
+            *extra,
+        ]
+
     def conformance_runs(
         self,
         nodes: Sequence[Node] | None = None,
@@ -101,27 +120,10 @@ class PodCluster:
     ) -> dict[str, tuple[int, str, str]]:
         """`pycni conformance run` on every node (or ``nodes``) at once, each with ``args(node)`` after the
         network and state directory; {node name: (exit status, stdout, stderr)}. Each run is stopped by PID
-        if it outlives ``timeout``.
-
-        nsenter switches only the network namespace: `ip netns exec` would also give the run a private
-        mount namespace, where the probe pods' pins under /run/netns are invisible to the node agent.
-        """
+        if it outlives ``timeout``."""
         procs = []
         for node in self.nodes if nodes is None else nodes:
-            command = [
-                "nsenter",
-                f"--net={node.path}",
-                PYCNI,
-                "conformance",
-                "run",
-                "--store",
-                self.store_url,
-                "--network",
-                NET_NAME,
-                "--state-dir",
-                node.state_dir,
-                *args(node),
-            ]
+            command = self.conformance_command(node, *args(node))
             env = self.env(node, (cni_paths or {}).get(node.name))
             procs.append(
                 (

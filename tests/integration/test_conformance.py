@@ -67,24 +67,7 @@ RUN_TIMEOUT = 120
 
 
 def conformance_command(cluster: PodCluster, node: Node, *extra: str) -> list[str]:
-    # nsenter switches only the network namespace: `ip netns exec` would also give the run a private
-    # mount namespace, where the probe pods' pins under /run/netns are invisible to the node agent.
-    return [
-        "nsenter",
-        f"--net={node.path}",
-        PYCNI,
-        "conformance",
-        "run",
-        "--store",
-        cluster.store_url,
-        "--network",
-        NET_NAME,
-        "--state-dir",
-        node.state_dir,
-        "--check-timeout",
-        CHECK_TIMEOUT,
-        *extra,
-    ]
+    return cluster.conformance_command(node, "--check-timeout", CHECK_TIMEOUT, *extra)
 
 
 def conformance_everywhere(
