@@ -457,6 +457,28 @@ def test_stopping_removes_the_socket_only_and_a_new_agent_may_start(tmp_path, re
         assert status(agent.options.socket_path)["alive"]
 
 
+@needs_root
+def test_the_socket_appears_only_once_it_accepts(tmp_path, monkeypatch):
+    """Runtimes take the socket's presence as readiness: it must not exist before listen() (a connect in
+    between is refused), and must be there, listening, when start() returns."""
+    from pycni.agent import server
+
+    path = tmp_path / "run" / "agent.sock"
+    seen_at_listen: list[bool] = []
+
+    class Watched(socket.socket):
+        def listen(self, *args: Any) -> None:
+            seen_at_listen.append(path.exists())
+            super().listen(*args)
+
+    monkeypatch.setattr(server.socket, "socket", Watched)
+    with served(tmp_path):
+        monkeypatch.undo()
+        assert seen_at_listen == [False]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(path))
+
+
 def test_unsafe_socket_directories_are_refused(tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
