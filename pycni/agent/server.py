@@ -71,6 +71,7 @@ _MAX_FDS = 4
 _RECORD_MAX = 64 * 1024
 # Plugins that delegate to the IPAM plugin their configuration names: type -> the IPAM type when none is named.
 _IPAM_DELEGATORS = {"bridge": "", "vxlan": "host-local"}
+POLL_INTERVAL_MS = 500  # the accept loop's longest sleep: how late a SIGTERM delivered to another thread acts
 
 
 @dataclass
@@ -799,9 +800,6 @@ def _exec() -> Any:
     from cni_plugins.spec import exec as exec_module
 
     return exec_module
-
-
-POLL_INTERVAL_MS = 500  # the accept loop's longest sleep: how late a SIGTERM delivered to another thread acts
 
 
 def _said(text: str) -> bytes:
